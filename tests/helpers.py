@@ -1,0 +1,36 @@
+"""One tolerance rule for every parity test (style.md): a result's error against the float64 reference may
+be at most twice the error plain PyTorch makes in the same dtype, plus a small dtype-scaled atol."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+# atol relative to the largest magnitude of the expected tensor
+ATOL = {
+    torch.float64: 1e-12,
+    torch.float32: 2e-6,
+    torch.float16: 2e-3,
+    torch.bfloat16: 1.6e-2,
+}
+
+
+def max_error(actual: Tensor, expected: Tensor) -> float:
+    return (actual.double() - expected.double()).abs().max().item() if expected.numel() else 0.0
+
+
+def assert_close_to_reference(
+    actual: Tensor, expected: Tensor, baseline: Tensor | None, name: str, dtype: torch.dtype | None = None
+) -> None:
+    """``actual`` vs ``expected`` (float64 ground truth); ``baseline`` is plain PyTorch in ``dtype``."""
+    dtype = dtype or actual.dtype
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert torch.isfinite(actual).all(), f"{name}: non-finite values"
+    magnitude = max(expected.abs().max().item(), 1.0) if expected.numel() else 1.0
+    err = max_error(actual, expected)
+    base_err = 0.0 if baseline is None else max_error(baseline, expected)
+    bound = 2.0 * base_err + ATOL[dtype] * magnitude
+    assert err <= bound, (
+        f"{name} ({dtype}): max abs error {err:.3e} > bound {bound:.3e} "
+        f"(2 × baseline error {base_err:.3e} + atol {ATOL[dtype]:.1e} × magnitude {magnitude:.3e})"
+    )

@@ -1,0 +1,163 @@
+"""``tied_lora_linear``: the functional entry point — input checks, backend dispatch and the torch path.
+
+Both backends compute ``y = x Wᵀ + b + scale · (v ⊙ ((u ⊙ (x Aᵀ)) Bᵀ))`` (see ``reference.py``):
+
+- ``"torch"``: plain PyTorch, what CPU users run. No copy of W, no ``[M, N]`` temporary beyond the output:
+  the rank-R product is accumulated into the base output in place (``addmm_``), with ``v`` folded into the
+  ``[N, R]`` matrix B. Adapters stored in float32 (master weights) are cast to the compute dtype (an
+  ``[R, K]`` and an ``[N, R]`` copy, the only copies made).
+- ``"triton"``: the fused kernels of ``tied_lora_kernels.kernels``.
+- ``"auto"``: triton for CUDA tensors when triton is importable, torch otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Real
+
+import torch
+from torch import Tensor
+
+__all__ = ["tied_lora_linear", "BACKENDS", "resolve_backend"]
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+def tied_lora_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    A: Tensor,
+    B: Tensor,
+    u: Tensor | None = None,
+    v: Tensor | None = None,
+    scale: float = 1.0,
+    *,
+    backend: str = "auto",
+    deterministic: bool | None = None,
+) -> Tensor:
+    """Tied-LoRA linear layer ``x Wᵀ + b + scale · (v ⊙ ((u ⊙ (x Aᵀ)) Bᵀ))`` on any leading dims of ``x``.
+
+    Shapes: ``x [..., K]``, ``weight [N, K]``, ``bias [N]`` or None, ``A [R, K]``, ``B [N, R]``,
+    ``u [R]`` or None (ones, frozen), ``v [N]`` or None (ones, frozen). ``weight`` and ``bias`` have
+    ``x``'s dtype; each of ``A, B, u, v`` has ``x``'s dtype or float32 (master weights). Gradients flow
+    to every input that requires them. ``deterministic`` (triton only) picks per-program partial sums
+    over atomics for the reductions over tokens; ``None`` follows
+    ``torch.are_deterministic_algorithms_enabled()``.
+    """
+    _check_inputs(x, weight, bias, A, B, u, v, scale)
+    backend = resolve_backend(backend, x)
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
+
+    if torch.is_autocast_enabled(x.device.type):
+        # Autocast has no rule for a custom op: cast x, W and b to the autocast dtype as F.linear would,
+        # keep the adapters as they are (float32 masters stay float32), and run with autocast off.
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            return _dispatch(backend, x, weight, bias, A, B, u, v, float(scale), deterministic)
+    return _dispatch(backend, x, weight, bias, A, B, u, v, float(scale), deterministic)
+
+
+def resolve_backend(backend: str, x: Tensor) -> str:
+    """The backend ``"auto"`` stands for on ``x``'s device, after checking the requested one can run."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "torch":
+        return "torch"
+    from tied_lora_kernels import kernels
+
+    reason = kernels.unavailable_reason(x.device)
+    if backend == "auto":
+        return "torch" if reason else "triton"
+    if reason:
+        raise RuntimeError(f"backend='triton' cannot run here: {reason}. Use backend='torch' or 'auto'.")
+    return "triton"
+
+
+def _dispatch(backend, x, weight, bias, A, B, u, v, scale, deterministic):
+    lead, K, N = x.shape[:-1], x.shape[-1], weight.shape[0]
+    x2d = x.reshape(-1, K)
+    if backend == "triton":
+        from tied_lora_kernels import kernels
+
+        y2d = kernels.tied_lora_linear_triton(
+            x2d, weight, bias, A, B, u, v, scale, deterministic=deterministic
+        )
+    else:
+        y2d = _torch_path(x2d, weight, bias, A, B, u, v, scale)
+    return y2d.reshape(*lead, N)
+
+
+def _torch_path(x2d, weight, bias, A, B, u, v, scale):
+    dtype = x2d.dtype
+    y = torch.nn.functional.linear(x2d, weight, bias)  # [M, N]  base, the only [M, N] tensor
+    s = x2d @ A.to(dtype).t()  # [M, R]  T = x Aᵀ
+    if u is not None:
+        s = s * u.to(dtype)  # [M, R]  S = u ⊙ T
+    b = B.to(dtype)
+    if v is not None:
+        b = b * v.to(dtype)[:, None]  # [N, R]  v ⊙ B, so that (S Bᵀ) ⊙ v = S (v ⊙ B)ᵀ
+    return y.addmm_(s, b.t(), alpha=scale)  # y += scale · S (v ⊙ B)ᵀ, in place
+
+
+# ---------------------------------------------------------------------------------------------------------
+# input checks: every bad input gets an error that names the problem, before any kernel runs
+
+
+def _check_inputs(x, weight, bias, A, B, u, v, scale) -> None:
+    named = {"x": x, "weight": weight, "A": A, "B": B, "bias": bias, "u": u, "v": v}
+    for name, t in named.items():
+        if t is not None and not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
+    for name in ("x", "weight", "A", "B"):
+        if named[name] is None:
+            raise TypeError(f"{name} is required, got None")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
+    if isinstance(scale, Tensor) or not isinstance(scale, Real) or not math.isfinite(scale):
+        raise TypeError(f"scale must be a finite Python number, got {scale!r}")
+
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D [out_features, in_features], got shape {tuple(weight.shape)}")
+    N, K = weight.shape
+    if x.dim() < 1 or x.shape[-1] != K:
+        raise ValueError(f"x's last dim must be in_features={K} (weight is [{N}, {K}]), got shape {tuple(x.shape)}")
+    if A.dim() != 2 or A.shape[1] != K:
+        raise ValueError(f"A must be [rank, in_features={K}], got shape {tuple(A.shape)}")
+    R = A.shape[0]
+    check_rank(R, K, N)
+    if B.dim() != 2 or tuple(B.shape) != (N, R):
+        raise ValueError(f"B must be [out_features={N}, rank={R}], got shape {tuple(B.shape)}")
+    for name, t, n in (("bias", bias, N), ("u", u, R), ("v", v, N)):
+        if t is not None and tuple(t.shape) != (n,):
+            raise ValueError(f"{name} must be 1-D of length {n}, got shape {tuple(t.shape)}")
+
+    for name in ("weight", "bias"):
+        t = named[name]
+        if t is not None and t.dtype != x.dtype:
+            raise TypeError(f"{name} is {t.dtype} but x is {x.dtype}: the base layer and its input must share a dtype")
+    for name in ("A", "B", "u", "v"):
+        t = named[name]
+        if t is not None and t.dtype not in (x.dtype, torch.float32):
+            raise TypeError(
+                f"{name} is {t.dtype} but x is {x.dtype}: adapters must be float32 or x's dtype"
+            )
+    for name, t in named.items():
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}: all inputs must share a device")
+
+
+def check_rank(rank, in_features: int, out_features: int) -> None:
+    """A rank must be a positive int no larger than ``min(in_features, out_features)``."""
+    if isinstance(rank, bool) or not isinstance(rank, int):
+        raise TypeError(f"rank must be an int, got {rank!r}")
+    if rank <= 0:
+        raise ValueError(f"rank must be positive, got {rank}")
+    if rank > min(in_features, out_features):
+        raise ValueError(
+            f"rank {rank} exceeds min(in_features={in_features}, out_features={out_features}): "
+            "the update could not have that rank"
+        )

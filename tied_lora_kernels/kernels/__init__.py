@@ -1,0 +1,34 @@
+"""Fused Triton kernels for Tied-LoRA (design.md §3-§7).
+
+``unavailable_reason(device)`` says why the kernels cannot run on a device (None when they can);
+``tied_lora_linear_triton`` is what ``tied_lora_linear(..., backend="triton")`` calls.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+__all__ = ["unavailable_reason", "interpreting"]
+
+
+def interpreting() -> bool:
+    """True when triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``, set before import)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def unavailable_reason(device: torch.device) -> str | None:
+    """Why the fused kernels cannot run on ``device``, or None when they can."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "triton is not installed"
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        if major < 8:
+            return f"the kernels need compute capability 8.0 or newer, {device} has {major}.{minor}"
+        return None
+    if device.type == "cpu" and interpreting():
+        return None
+    return f"the kernels run on CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), got a {device.type} tensor"
