@@ -1,0 +1,42 @@
+"""Tied-LoRA (arXiv 2311.09578) for PyTorch: fused Triton kernels, a drop-in ``nn.Linear`` and model helpers.
+
+y = x Wᵀ + b + s · v ⊙ (B (u ⊙ (A x)))        A [r, in], B [out, r] shared by all layers; u [r], v [out] per layer
+"""
+
+from tied_lora_kernels import reference
+from tied_lora_kernels.config import PRESETS, QKV, TiedLoRAConfig
+from tied_lora_kernels.functional import tied_lora_linear
+from tied_lora_kernels.layer import TiedLoRALinear
+from tied_lora_kernels.model import (
+    ParameterCount,
+    apply_tied_lora,
+    count_parameters,
+    load_tied_lora,
+    merge_tied_lora,
+    save_tied_lora,
+    tied_lora_layers,
+    tied_lora_state_dict,
+    unmerge_tied_lora,
+)
+from tied_lora_kernels.shared import TiedLoRAShared
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PRESETS",
+    "QKV",
+    "ParameterCount",
+    "TiedLoRAConfig",
+    "TiedLoRALinear",
+    "TiedLoRAShared",
+    "apply_tied_lora",
+    "count_parameters",
+    "load_tied_lora",
+    "merge_tied_lora",
+    "reference",
+    "save_tied_lora",
+    "tied_lora_layers",
+    "tied_lora_linear",
+    "tied_lora_state_dict",
+    "unmerge_tied_lora",
+]

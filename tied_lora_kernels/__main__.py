@@ -1,0 +1,20 @@
+"""``python -m tied_lora_kernels`` runs the self-check; ``python -m tied_lora_kernels bench [...]`` the benchmarks."""
+
+import sys
+
+
+def main(argv: list[str]) -> int:
+    if argv and argv[0] == "bench":
+        from tied_lora_kernels.bench import main as bench_main
+
+        return bench_main(argv[1:])
+    if argv and argv[0] not in ("selfcheck",):
+        print(__doc__.strip(), file=sys.stderr)
+        return 2
+    from tied_lora_kernels.selfcheck import main as selfcheck_main
+
+    return selfcheck_main()
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

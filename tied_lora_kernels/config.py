@@ -1,0 +1,135 @@
+"""``TiedLoRAConfig``: which layers to adapt and which of ``A, B, u, v`` train, tie and how they start.
+
+Presets (the paper's Table 1 and its two neighbours; any other combination is set with the flags):
+
+| preset | A, B tied | A | B | u | v | init (where from) |
+|---|---|---|---|---|---|---|
+| ``lora`` | no  | trained | trained | 1, frozen | 1, frozen | A kaiming-uniform, B = 0 (PEFT/Microsoft LoRA) |
+| ``tl5``  | yes | trained | trained | 1, frozen | 1, frozen | A kaiming-uniform, B = 0 (zero start needs B = 0) |
+| ``tl6``  | yes | trained | trained | trained   | trained   | A, B ~ N(0, 1), u = 1, v = 0 (authors' NeMo code) |
+| ``vera`` | yes | frozen  | frozen  | trained   | trained   | A, B kaiming-uniform, u = 0.1, v = 0 (VeRA paper, PEFT) |
+
+Zero start, for every combination of flags: a trained ``v`` starts at 0; otherwise ``v`` is 1 and the first
+trained of ``B``, ``u``, ``A`` starts at 0. A model right after ``apply_tied_lora`` computes exactly what the
+base model computed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from tied_lora_kernels.functional import BACKENDS
+from tied_lora_kernels.shared import INITS
+
+__all__ = ["TiedLoRAConfig", "PRESETS", "QKV"]
+
+QKV = ("q_proj", "k_proj", "v_proj")
+
+# preset -> (tie, train_A, train_B, train_u, train_v, init, u_init)
+PRESETS: dict[str, tuple[bool, bool, bool, bool, bool, str, float]] = {
+    "lora": (False, True, True, False, False, "kaiming", 1.0),
+    "tl5": (True, True, True, False, False, "kaiming", 1.0),
+    "tl6": (True, True, True, True, True, "gaussian", 1.0),
+    "vera": (True, False, False, True, True, "kaiming", 0.1),
+}
+
+
+@dataclass
+class TiedLoRAConfig:
+    """How ``apply_tied_lora`` adapts a model.
+
+    ``target_modules``: module names (a qualified name matches when it equals a target or ends with
+    ``"." + target``) or a callable ``(module, qualified_name) -> bool``; only ``nn.Linear`` layers are
+    adapted. ``groups``: tuples of target names that, within one parent module, share one ``A`` and one
+    ``u`` and stack their ``B`` and ``v`` (q, k and v of a layer: the paper's fused-QKV setup). ``tie``:
+    one ``A``/``B`` across all layers of a group or target (per shape) instead of one per layer.
+    ``train_*``, ``tie``, ``init`` and ``u_init`` default to the preset's; ``dtype`` is the adapters' dtype
+    (float32 master weights by default, whatever the model's dtype).
+    """
+
+    rank: int = 8
+    alpha: float | None = None
+    target_modules: Sequence[str] | Callable[[nn.Module, str], bool] = QKV
+    preset: str = "tl6"
+    groups: Sequence[Sequence[str]] = (QKV,)
+    tie: bool | None = None
+    train_A: bool | None = None
+    train_B: bool | None = None
+    train_u: bool | None = None
+    train_v: bool | None = None
+    init: str | None = None
+    u_init: float | None = None
+    seed: int = 0
+    dtype: torch.dtype = torch.float32
+    backend: str = "auto"
+    # filled by __post_init__: the resolved flags
+    resolved: dict = field(init=False, repr=False, compare=False, default_factory=dict)
+
+    def __post_init__(self):
+        if self.preset not in PRESETS:
+            raise ValueError(f"preset must be one of {tuple(PRESETS)}, got {self.preset!r}")
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
+            raise ValueError(f"rank must be a positive int, got {self.rank!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if isinstance(self.dtype, str):
+            self.dtype = getattr(torch, self.dtype)
+        if not isinstance(self.dtype, torch.dtype) or not self.dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating-point torch.dtype, got {self.dtype!r}")
+        if isinstance(self.target_modules, str):
+            self.target_modules = (self.target_modules,)
+        if not callable(self.target_modules):
+            self.target_modules = tuple(self.target_modules)
+            if not self.target_modules:
+                raise ValueError("target_modules is empty")
+        self.groups = tuple(tuple(g) for g in self.groups)
+        seen = set()
+        for g in self.groups:
+            if len(g) < 2:
+                raise ValueError(f"a group needs at least two target names, got {g}")
+            if seen & set(g):
+                raise ValueError(f"a target name can be in one group only: {sorted(seen & set(g))}")
+            seen |= set(g)
+
+        tie, train_A, train_B, train_u, train_v, init, u_init = PRESETS[self.preset]
+        pick = lambda given, default: default if given is None else given  # noqa: E731
+        r = dict(
+            tie=pick(self.tie, tie),
+            train_A=pick(self.train_A, train_A),
+            train_B=pick(self.train_B, train_B),
+            train_u=pick(self.train_u, train_u),
+            train_v=pick(self.train_v, train_v),
+            init=pick(self.init, init),
+            u_init=float(pick(self.u_init, u_init)),
+        )
+        if r["init"] not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {r['init']!r}")
+        if not any(r[k] for k in ("train_A", "train_B", "train_u", "train_v")):
+            raise ValueError("this configuration trains none of A, B, u, v")
+        # the zero start: exactly one factor of ΔW starts at zero (see the module docstring)
+        r["v_init"] = 0.0 if r["train_v"] else 1.0
+        zero = None if r["train_v"] else next(k for k in ("B", "u", "A") if r[f"train_{k}"])
+        r["zero_B"], r["zero_A"] = zero == "B", zero == "A"
+        if zero == "u":
+            r["u_init"] = 0.0
+        self.resolved = r
+
+    @property
+    def scale(self) -> float:
+        return (self.rank if self.alpha is None else self.alpha) / self.rank
+
+    def to_dict(self) -> dict:
+        """A JSON-able description (a callable ``target_modules`` is recorded by name only)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "resolved"}
+        out["dtype"] = str(self.dtype).removeprefix("torch.")
+        if callable(self.target_modules):
+            out["target_modules"] = getattr(self.target_modules, "__name__", "callable")
+        else:
+            out["target_modules"] = list(self.target_modules)
+        out["groups"] = [list(g) for g in self.groups]
+        return out
