@@ -83,9 +83,7 @@ def _dispatch(backend, x, weight, bias, A, B, u, v, scale, deterministic):
     if backend == "triton":
         from tied_lora_kernels import kernels
 
-        y2d = kernels.tied_lora_linear_triton(
-            x2d, weight, bias, A, B, u, v, scale, deterministic=deterministic
-        )
+        y2d = kernels.tied_lora_linear_triton(x2d, weight, bias, A, B, u, v, scale, deterministic=deterministic)
     else:
         y2d = _torch_path(x2d, weight, bias, A, B, u, v, scale)
     return y2d.reshape(*lead, N)
@@ -124,9 +122,7 @@ def _check_inputs(x, weight, bias, A, B, u, v, scale) -> None:
         raise ValueError(f"weight must be 2-D [out_features, in_features], got shape {tuple(weight.shape)}")
     N, K = weight.shape
     if x.dim() < 1 or x.shape[-1] != K:
-        raise ValueError(
-            f"x's last dim must be in_features={K} (weight is [{N}, {K}]), got shape {tuple(x.shape)}"
-        )
+        raise ValueError(f"x's last dim must be in_features={K} (weight is [{N}, {K}]), got shape {tuple(x.shape)}")
     if A.dim() != 2 or A.shape[1] != K:
         raise ValueError(f"A must be [rank, in_features={K}], got shape {tuple(A.shape)}")
     R = A.shape[0]
@@ -140,18 +136,14 @@ def _check_inputs(x, weight, bias, A, B, u, v, scale) -> None:
     for name in ("weight", "bias"):
         t = named[name]
         if t is not None and t.dtype != x.dtype:
-            raise TypeError(
-                f"{name} is {t.dtype} but x is {x.dtype}: the base layer and its input must share a dtype"
-            )
+            raise TypeError(f"{name} is {t.dtype} but x is {x.dtype}: the base layer and its input must share a dtype")
     for name in ("A", "B", "u", "v"):
         t = named[name]
         if t is not None and t.dtype not in (x.dtype, torch.float32):
             raise TypeError(f"{name} is {t.dtype} but x is {x.dtype}: adapters must be float32 or x's dtype")
     for name, t in named.items():
         if t is not None and t.device != x.device:
-            raise ValueError(
-                f"{name} is on {t.device} but x is on {x.device}: all inputs must share a device"
-            )
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}: all inputs must share a device")
 
 
 def check_rank(rank, in_features: int, out_features: int) -> None:

@@ -114,9 +114,7 @@ class TiedLoRALinear(nn.Linear):
                 raise ValueError(f"the u passed in {state}, but train_u={train_u}")
             self.lora_u = u
         elif train_u or u_init != 1.0:
-            self.lora_u = nn.Parameter(
-                torch.full((shared.rank,), float(u_init), **factory), requires_grad=train_u
-            )
+            self.lora_u = nn.Parameter(torch.full((shared.rank,), float(u_init), **factory), requires_grad=train_u)
         else:
             self.register_parameter("lora_u", None)
         if train_v or v_init != 1.0:

@@ -82,9 +82,7 @@ def apply_tied_lora(model: nn.Module, config: TiedLoRAConfig) -> nn.Module:
                 dtype=config.dtype,
             )
         elif shared.A.device != device:
-            raise ValueError(
-                f"tied layers live on several devices ({shared.A.device} and {device}): {members}"
-            )
+            raise ValueError(f"tied layers live on several devices ({shared.A.device} and {device}): {members}")
         u = None
         if r["train_u"] or r["u_init"] != 1.0:
             u = nn.Parameter(
@@ -92,7 +90,7 @@ def apply_tied_lora(model: nn.Module, config: TiedLoRAConfig) -> nn.Module:
                 requires_grad=r["train_u"],
             )
         start = 0
-        for name, lin in zip(members, linears):
+        for name, lin in zip(members, linears, strict=True):
             stop = start + lin.out_features
             layer = TiedLoRALinear.from_linear(
                 lin,
@@ -122,9 +120,7 @@ def _find_targets(model: nn.Module, config: TiedLoRAConfig) -> dict[str, nn.Line
         if not hit:
             continue
         if type(module) is not nn.Linear:
-            raise TypeError(
-                f"target {name!r} is a {type(module).__name__}; only nn.Linear layers can be adapted"
-            )
+            raise TypeError(f"target {name!r} is a {type(module).__name__}; only nn.Linear layers can be adapted")
         targets[name] = module
     if not targets:
         linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
@@ -148,9 +144,7 @@ def _group_instances(targets: dict[str, nn.Linear], config: TiedLoRAConfig) -> d
         instances.setdefault(key, []).append(name)
     for key, members in instances.items():
         if key[1].startswith("group:"):
-            order = {
-                role: i for i, role in enumerate(config.groups[role_group[members[0].rpartition(".")[2]]])
-            }
+            order = {role: i for i, role in enumerate(config.groups[role_group[members[0].rpartition(".")[2]]])}
             members.sort(key=lambda n: order[n.rpartition(".")[2]])
     return instances
 
@@ -175,9 +169,7 @@ def merge_tied_lora(model: nn.Module, *, unload: bool = False) -> nn.Module:
         layer.merge()
     if unload:
         for name, layer in layers.items():
-            plain = nn.Linear(
-                layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta"
-            )
+            plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
             plain.weight, plain.bias = layer.weight, layer.bias
             _set_submodule(model, name, plain)
         del model.tied_lora_config
@@ -217,7 +209,7 @@ def _layout(model: nn.Module) -> dict[str, dict]:
             "out_features": layer.out_features,
             "rank": layer.rank,
             "alpha": layer.alpha,
-            "trains": [k for k, p in zip("ABuv", _factors(layer)) if p is not None and p.requires_grad],
+            "trains": [k for k, p in zip("ABuv", _factors(layer), strict=True) if p is not None and p.requires_grad],
             "shared": shared_names[id(layer.shared.A)],
             "b_rows": list(layer.b_rows) if layer.b_rows else None,
         }
@@ -273,9 +265,7 @@ def load_tied_lora(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
         )
     for name, tensor in state.items():
         if tensor.shape != expected[name].shape:
-            raise ValueError(
-                f"{name}: saved shape {tuple(tensor.shape)}, model has {tuple(expected[name].shape)}"
-            )
+            raise ValueError(f"{name}: saved shape {tuple(tensor.shape)}, model has {tuple(expected[name].shape)}")
     with torch.no_grad():
         for name, tensor in state.items():
             params[name].copy_(tensor)

@@ -53,9 +53,7 @@ def tied_lora_forward(
     return y + scale * delta
 
 
-def delta_weight(
-    A: Tensor, B: Tensor, u: Tensor | None, v: Tensor | None, scale: float = 1.0, *, dtype=None
-) -> Tensor:
+def delta_weight(A: Tensor, B: Tensor, u: Tensor | None, v: Tensor | None, scale: float = 1.0, *, dtype=None) -> Tensor:
     """``ΔW = scale · diag(v) · B · diag(u) · A`` as an ``[N, K]`` matrix (``dtype`` defaults to A's)."""
     dtype = dtype or A.dtype
     A, B = A.to(dtype), B.to(dtype)

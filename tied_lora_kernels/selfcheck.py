@@ -28,9 +28,7 @@ def parity(backend: str, device: str, dtype: torch.dtype, seed: int = 0) -> floa
     g = torch.Generator().manual_seed(seed)
     M, K, N, R = 37, 48, 40, 8
     shapes = {"x": (M, K), "weight": (N, K), "bias": (N,), "A": (R, K), "B": (N, R), "u": (R,), "v": (N,)}
-    base = {
-        k: torch.randn(s, generator=g) / (K**0.5 if k in ("weight", "A") else 1) for k, s in shapes.items()
-    }
+    base = {k: torch.randn(s, generator=g) / (K**0.5 if k in ("weight", "A") else 1) for k, s in shapes.items()}
     dy = torch.randn(M, N, generator=g)
 
     def run(dt, fn, **kw):
@@ -48,7 +46,7 @@ def parity(backend: str, device: str, dtype: torch.dtype, seed: int = 0) -> floa
     want = run(torch.float64, reference.tied_lora_forward, upcast=True)
     return max(
         ((a.double() - b.double()).abs().max() / b.abs().max().clamp(min=1.0)).item()
-        for a, b in zip(got, want)
+        for a, b in zip(got, want, strict=True)
     )
 
 
@@ -69,9 +67,7 @@ def qkv_skeleton(layers: int = 32, d: int = 4096) -> nn.Module:
     def attention():
         return nn.ModuleDict({name: nn.Linear(d, d, bias=False, device="meta") for name in QKV})
 
-    return nn.ModuleDict(
-        {"layers": nn.ModuleList(nn.ModuleDict({"self_attn": attention()}) for _ in range(layers))}
-    )
+    return nn.ModuleDict({"layers": nn.ModuleList(nn.ModuleDict({"self_attn": attention()}) for _ in range(layers))})
 
 
 def main() -> int:
@@ -102,9 +98,7 @@ def main() -> int:
             err = float(_interpreter_parity())
             ok = err <= TOLERANCE[torch.float32]
             failures += not ok
-            print(
-                f"  {'triton (interpreter)':<22} {'cpu':<6} {'float32':<9} {err:>9.2e}  {'ok' if ok else 'FAIL'}"
-            )
+            print(f"  {'triton (interpreter)':<22} {'cpu':<6} {'float32':<9} {err:>9.2e}  {'ok' if ok else 'FAIL'}")
         except Exception as exc:  # noqa: BLE001 - report, don't hide: counted as a failure
             failures += 1
             print(f"  {'triton (interpreter)':<22} {'cpu':<6} {'float32':<9} {'-':>9}  FAIL: {exc}")
@@ -119,8 +113,6 @@ def main() -> int:
         r = config.resolved
         trains = "".join(k for k in "ABuv" if r[f"train_{k}"])
         pct = 100 * counts[preset] / counts["lora"]
-        print(
-            f"  {preset:<7} {'yes' if r['tie'] else 'no':<5} {trains:<8} {counts[preset]:>11,} {pct:>9.2f}%"
-        )
+        print(f"  {preset:<7} {'yes' if r['tie'] else 'no':<5} {trains:<8} {counts[preset]:>11,} {pct:>9.2f}%")
     print("\nall checks passed" if not failures else f"\n{failures} check(s) FAILED")
     return 1 if failures else 0

@@ -55,18 +55,12 @@ class TiedLoRAShared(nn.Module):
             raise TypeError(f"adapter dtype must be floating point, got {dtype}")
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
         self.init = init
-        self.A = nn.Parameter(
-            torch.empty(rank, in_features, device=device, dtype=dtype), requires_grad=train_A
-        )
-        self.B = nn.Parameter(
-            torch.empty(out_features, rank, device=device, dtype=dtype), requires_grad=train_B
-        )
+        self.A = nn.Parameter(torch.empty(rank, in_features, device=device, dtype=dtype), requires_grad=train_A)
+        self.B = nn.Parameter(torch.empty(out_features, rank, device=device, dtype=dtype), requires_grad=train_B)
         self.reset_parameters(seed=seed, zero_A=zero_A, zero_B=zero_B)
 
     @torch.no_grad()
-    def reset_parameters(
-        self, *, seed: int | None = None, zero_A: bool = False, zero_B: bool = False
-    ) -> None:
+    def reset_parameters(self, *, seed: int | None = None, zero_A: bool = False, zero_B: bool = False) -> None:
         if self.A.is_meta:
             return
         generator = torch.Generator().manual_seed(seed) if seed is not None else None

@@ -25,6 +25,8 @@ def unavailable_reason(device: torch.device) -> str | None:
     except ImportError:
         return "triton is not installed"
     if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return "no CUDA device is available"
         major, minor = torch.cuda.get_device_capability(device)
         if major < 8:
             return f"the kernels need compute capability 8.0 or newer, {device} has {major}.{minor}"
