@@ -1,0 +1,206 @@
+"""``tied_lora_linear`` on the torch backend: parity with the float64 reference for every configuration,
+its memory promises (no [M, N] temporary, no copy of the shared weights), and every input error."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from tests.helpers import assert_close_to_reference
+from tied_lora_kernels import reference, tied_lora_linear
+
+# (u, v, A trains, B trains): the paper's configurations as they reach the functional form
+CONFIGS = {
+    "lora": (False, False, True, True),
+    "tl5": (False, False, True, True),
+    "tl6": (True, True, True, True),
+    "vera": (True, True, False, False),
+    "u_only": (True, False, False, False),
+    "v_only_frozen_AB": (False, True, False, False),
+}
+
+
+def make_inputs(
+    M,
+    K,
+    N,
+    R,
+    *,
+    dtype=torch.float32,
+    adapter_dtype=torch.float32,
+    bias=True,
+    u=True,
+    v=True,
+    train_A=True,
+    train_B=True,
+    lead=(),
+    seed=0,
+):
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale=1.0):
+        return torch.randn(*shape, generator=g, dtype=torch.float64) * scale
+
+    t = {
+        "x": rnd(*lead, M, K).to(dtype),
+        "weight": rnd(N, K, scale=K**-0.5).to(dtype),
+        "bias": rnd(N).to(dtype) if bias else None,
+        "A": rnd(R, K, scale=K**-0.5).to(adapter_dtype),
+        "B": rnd(N, R).to(adapter_dtype),
+        "u": rnd(R).to(adapter_dtype) if u else None,
+        "v": rnd(N).to(adapter_dtype) if v else None,
+    }
+    train = {"x": True, "weight": False, "bias": bias, "A": train_A, "B": train_B, "u": u, "v": v}
+    for name, tensor in t.items():
+        if tensor is not None and train[name]:
+            tensor.requires_grad_()
+    return t
+
+
+def run(fn, t, scale, dy, **kw):
+    """Output and the gradient of every input that requires one."""
+    y = fn(t["x"], t["weight"], t["bias"], t["A"], t["B"], t["u"], t["v"], scale, **kw)
+    leaves = {k: v for k, v in t.items() if v is not None and v.requires_grad}
+    grads = torch.autograd.grad(y, list(leaves.values()), dy.to(y.dtype))
+    return y, dict(zip(leaves, grads, strict=True))
+
+
+def check_parity(t, scale=0.5, dtype=None, **kw):
+    """torch backend vs float64 reference, with plain reference in the same dtype as the baseline."""
+    dy = torch.randn(*t["x"].shape[:-1], t["weight"].shape[0], generator=torch.Generator().manual_seed(1))
+    y, grads = run(tied_lora_linear, t, scale, dy, backend="torch", **kw)
+    y64, grads64 = run(reference.tied_lora_forward, t, scale, dy, upcast=True)
+    yb, gradsb = run(reference.tied_lora_forward, t, scale, dy)
+    assert y.dtype == t["x"].dtype
+    assert_close_to_reference(y, y64, yb, "y", dtype)
+    assert grads.keys() == grads64.keys()
+    for name in grads:
+        assert grads[name].dtype == t[name].dtype, name
+        assert_close_to_reference(grads[name], grads64[name], gradsb[name], f"d{name}", dtype)
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+@pytest.mark.parametrize("bias", [True, False])
+def test_parity_every_configuration(config, bias):
+    u, v, train_A, train_B = CONFIGS[config]
+    check_parity(make_inputs(33, 24, 20, 5, bias=bias, u=u, v=v, train_A=train_A, train_B=train_B))
+
+
+@pytest.mark.parametrize(
+    "M,K,N,R,lead",
+    [(0, 8, 6, 2, ()), (1, 8, 6, 1, ()), (5, 17, 19, 17, ()), (4, 9, 7, 3, (2, 3)), (37, 64, 48, 16, ())],
+)
+def test_parity_shapes(M, K, N, R, lead):
+    check_parity(make_inputs(M, K, N, R, lead=lead))
+
+
+def test_float64_matches_reference_exactly():
+    t = make_inputs(9, 12, 10, 4, dtype=torch.float64, adapter_dtype=torch.float64)
+    check_parity(t, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("adapter_dtype", [torch.float32, torch.bfloat16])
+def test_parity_bfloat16(adapter_dtype):
+    check_parity(make_inputs(16, 32, 24, 4, dtype=torch.bfloat16, adapter_dtype=adapter_dtype), dtype=torch.bfloat16)
+
+
+def test_autocast_bfloat16_keeps_float32_masters():
+    t = make_inputs(16, 32, 24, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = tied_lora_linear(t["x"], t["weight"], t["bias"], t["A"], t["B"], t["u"], t["v"], backend="torch")
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert t["A"].grad.dtype == torch.float32 and t["x"].grad.dtype == torch.float32
+    bf = {k: (v.detach().bfloat16() if k in ("x", "weight", "bias") else v.detach()) for k, v in t.items()}
+    expected = reference.tied_lora_forward(**{k: bf[k] for k in ("x", "weight", "bias", "A", "B", "u", "v")})
+    assert_close_to_reference(y, reference.tied_lora_forward(**bf, upcast=True), expected, "y", torch.bfloat16)
+
+
+def test_noncontiguous_input():
+    t = make_inputs(12, 16, 10, 3)
+    x = torch.randn(16, 12, dtype=torch.float32).t().requires_grad_()  # [12, 16], column-major
+    t["x"] = x
+    check_parity(t)
+
+
+class _Allocations(TorchDispatchMode):
+    """Records each non-view, out-of-place op with its output shape."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        if not func.is_view and not name.endswith("_") and isinstance(out, torch.Tensor):
+            self.ops.append((name, tuple(out.shape)))
+        return out
+
+
+def test_torch_path_makes_one_MN_tensor_and_no_weight_copy():
+    M, K, N, R = 64, 32, 48, 4
+    t = make_inputs(M, K, N, R)
+    with _Allocations() as mode:
+        tied_lora_linear(t["x"], t["weight"], t["bias"], t["A"], t["B"], t["u"], t["v"], 0.5, backend="torch")
+    mn = [op for op in mode.ops if op[1] == (M, N)]
+    assert len(mn) == 1, f"expected only the output to be [M, N], got {mn}"
+    copies = [op for op in mode.ops if op[0] in ("_to_copy", "clone", "contiguous") and op[1] in ((R, K), (N, K))]
+    assert not copies, f"shared or base weights copied: {copies}"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# bad input: each a clear error naming the problem
+
+
+def _call(**overrides):
+    t = make_inputs(4, 8, 6, 2)
+    t.update(overrides)
+    scale = t.pop("scale", 1.0)
+    backend = t.pop("backend", "torch")
+    return tied_lora_linear(t["x"], t["weight"], t["bias"], t["A"], t["B"], t["u"], t["v"], scale, backend=backend)
+
+
+@pytest.mark.parametrize(
+    "overrides,error,match",
+    [
+        ({"x": torch.randn(4, 9)}, ValueError, "in_features=8"),
+        ({"weight": torch.randn(6, 8, 1)}, ValueError, "weight must be 2-D"),
+        ({"A": torch.randn(2, 9)}, ValueError, "A must be"),
+        ({"B": torch.randn(6, 3)}, ValueError, "B must be"),
+        ({"B": torch.randn(5, 2)}, ValueError, "B must be"),
+        ({"bias": torch.randn(5)}, ValueError, "bias must be 1-D of length 6"),
+        ({"u": torch.randn(3)}, ValueError, "u must be 1-D of length 2"),
+        ({"v": torch.randn(6, 1)}, ValueError, "v must be 1-D of length 6"),
+        ({"A": torch.randn(0, 8), "B": torch.randn(6, 0), "u": None}, ValueError, "rank must be positive"),
+        ({"A": torch.randn(7, 8), "B": torch.randn(6, 7), "u": None}, ValueError, "exceeds min"),
+        ({"x": torch.ones(4, 8, dtype=torch.int64)}, TypeError, "floating-point"),
+        ({"weight": torch.randn(6, 8, dtype=torch.float64)}, TypeError, "weight is torch.float64 but x"),
+        ({"bias": torch.randn(6, dtype=torch.float16)}, TypeError, "bias is torch.float16"),
+        ({"A": torch.randn(2, 8, dtype=torch.float16)}, TypeError, "adapters must be float32 or x's dtype"),
+        ({"A": torch.randn(2, 8, device="meta")}, ValueError, "A is on meta but x is on cpu"),
+        ({"x": None}, TypeError, "x is required"),
+        ({"u": [1.0, 2.0]}, TypeError, "u must be a torch.Tensor"),
+        ({"scale": float("nan")}, TypeError, "scale must be a finite"),
+        ({"scale": torch.tensor(1.0)}, TypeError, "scale must be a finite"),
+        ({"backend": "cuda"}, ValueError, "backend must be one of"),
+    ],
+    ids=lambda p: p if isinstance(p, str) else None,
+)
+def test_bad_input_raises_clear_error(overrides, error, match):
+    with pytest.raises(error, match=match):
+        _call(**overrides)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only error")
+def test_triton_backend_on_cpu_without_interpreter_says_why(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="backend='triton' cannot run here"):
+        _call(backend="triton")
+
+
+def test_auto_backend_on_cpu_is_torch():
+    from tied_lora_kernels.functional import resolve_backend
+
+    assert resolve_backend("auto", torch.zeros(1, device="cpu")) == "torch"

@@ -1,0 +1,338 @@
+"""Model-level behaviour: apply, the paper's parameter counts, zero start, real tying, tied gradients summed
+across layers, merge/unmerge, save/load, and the errors a user can run into."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from tests.helpers import assert_close_to_reference
+from tied_lora_kernels import (
+    QKV,
+    TiedLoRAConfig,
+    TiedLoRALinear,
+    apply_tied_lora,
+    count_parameters,
+    load_tied_lora,
+    merge_tied_lora,
+    reference,
+    save_tied_lora,
+    tied_lora_layers,
+    tied_lora_state_dict,
+    unmerge_tied_lora,
+)
+
+transformers = pytest.importorskip("transformers")
+
+# every configuration: the presets, and flag combinations off the presets (tying off with scaling vectors,
+# frozen B, frozen A, u alone)
+CONFIGS = {
+    "lora": dict(preset="lora"),
+    "tl5": dict(preset="tl5"),
+    "tl6": dict(preset="tl6"),
+    "vera": dict(preset="vera"),
+    "tl6_untied": dict(preset="tl6", tie=False),
+    "frozen_B": dict(preset="tl6", train_B=False),
+    "frozen_A_v_frozen": dict(preset="tl5", train_A=False, train_u=True),
+    "A_only": dict(preset="tl5", train_B=False),
+    "u_only": dict(preset="vera", train_v=False),
+}
+
+
+class Block(nn.Module):
+    def __init__(self, d, kv):
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj = nn.Linear(d, d), nn.Linear(d, kv), nn.Linear(d, kv)
+        self.o_proj = nn.Linear(kv, d, bias=False)
+
+    def forward(self, h):
+        q, k, v = self.q_proj(h), self.k_proj(h), self.v_proj(h)
+        return h + self.o_proj(torch.tanh(q[..., : k.shape[-1]]) * k + v)
+
+
+class Toy(nn.Module):
+    """A few attention-shaped blocks (GQA: k/v narrower than q), so groups and ties are exercised."""
+
+    def __init__(self, d=24, kv=16, layers=3, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.layers = nn.ModuleList(Block(d, kv) for _ in range(layers))
+
+    def forward(self, h):
+        for block in self.layers:
+            h = block(h)
+        return h
+
+
+def randomise_adapters(model, seed=1):
+    """Give every adapter factor non-zero values (a zero start hides gradient bugs)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in tied_lora_state_dict(model).values():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+def tiny_llama(seed=0, **kw):
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=97,
+        max_position_embeddings=64,
+        **kw,
+    )
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the paper's numbers (design.md §1), counted on meta-device models built from the real configs
+
+
+def _llama2_7b():
+    config = transformers.LlamaConfig(
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32000,
+    )
+    with torch.device("meta"):
+        return transformers.LlamaForCausalLM(config)
+
+
+def test_paper_numbers_llama2_7b_qkv_grouped():
+    lora = count_parameters(apply_tied_lora(_llama2_7b(), TiedLoRAConfig(rank=8, preset="lora"))).trainable
+    tl6 = count_parameters(apply_tied_lora(_llama2_7b(), TiedLoRAConfig(rank=8, preset="tl6"))).trainable
+    assert lora == 4_194_304
+    assert tl6 == 524_544
+    assert round(100 * tl6 / lora, 1) == 12.5
+
+
+def test_paper_numbers_gpt_2b_fused_qkv():
+    """GPT-2B's shape (24 layers, d = 2048) with one fused QKV linear per layer, as in the paper."""
+    config = transformers.GPTNeoXConfig(
+        hidden_size=2048, num_hidden_layers=24, num_attention_heads=16, intermediate_size=5440, vocab_size=256000
+    )
+
+    def count(preset):
+        with torch.device("meta"):
+            model = transformers.GPTNeoXForCausalLM(config)
+        cfg = TiedLoRAConfig(rank=8, preset=preset, target_modules=["query_key_value"], groups=())
+        return count_parameters(apply_tied_lora(model, cfg)).trainable
+
+    lora, tl6 = count("lora"), count("tl6")
+    assert lora == 24 * (8 * 2048 + 3 * 2048 * 8)
+    assert tl6 == 8 * 2048 + 3 * 2048 * 8 + 24 * (8 + 3 * 2048)
+    assert round(100 * tl6 / lora, 2) == 13.55
+
+
+# ---------------------------------------------------------------------------------------------------------
+# zero start, tying
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_zero_start_every_configuration(name):
+    model = tiny_llama()
+    ids = torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        before = model(ids).logits
+        apply_tied_lora(model, TiedLoRAConfig(rank=4, target_modules=QKV + ("o_proj", "down_proj"), **CONFIGS[name]))
+        after = model(ids).logits
+    assert torch.equal(before, after)
+
+
+def test_apply_freezes_base_and_trains_only_the_adapter():
+    model = apply_tied_lora(tiny_llama(), TiedLoRAConfig(rank=4, preset="tl6"))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".shared." in n or ".lora_" in n for n in trainable)
+
+
+def test_tying_is_real():
+    model = apply_tied_lora(Toy(layers=4), TiedLoRAConfig(rank=4, preset="tl6"))
+    layers = tied_lora_layers(model)
+    q = [m for n, m in layers.items() if n.endswith("q_proj")]
+    k = [m for n, m in layers.items() if n.endswith("k_proj")]
+    assert len({id(m.shared) for m in layers.values()}) == 1  # q, k, v of every layer: one A, one stacked B
+    assert all(m.shared.A.data_ptr() == q[0].shared.A.data_ptr() for m in layers.values())
+    assert q[0].b_rows == (0, 24) and k[0].b_rows == (24, 40)
+    assert all(a.lora_u is b.lora_u for a, b in zip(q, k, strict=True))  # u shared within a layer's group
+    assert len({id(m.lora_u) for m in q}) == 4  # ... and per layer
+
+    randomise_adapters(model)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    adapter_tensors = len(opt.param_groups[0]["params"])
+    assert adapter_tensors == 2 + 4 * (1 + 3)  # A, B + per layer (u + three v)
+    model(torch.randn(3, 24)).sum().backward()
+    before = q[0].shared.A.detach().clone()
+    opt.step()
+    assert not torch.equal(before, q[3].shared.A)  # one step, one tensor, seen by every layer
+    model.double()
+    assert all(m.shared.A is q[0].shared.A and m.shared.A.dtype == torch.float64 for m in layers.values())
+
+
+def test_tie_off_gives_one_pair_per_layer_and_group():
+    model = apply_tied_lora(Toy(layers=3), TiedLoRAConfig(rank=4, preset="lora", target_modules=QKV + ("o_proj",)))
+    shared = {id(m.shared) for m in tied_lora_layers(model).values()}
+    assert len(shared) == 3 * 2  # per layer: the qkv group and o_proj
+
+
+# ---------------------------------------------------------------------------------------------------------
+# gradients of the torch path equal autograd on the float64 reference, tied ones summed across layers
+
+
+def _reference_forward(self, x):
+    return reference.tied_lora_forward(
+        x, self.weight, self.bias, self.shared.A, self.lora_B, self.lora_u, self.lora_v, self.scale, upcast=True
+    )
+
+
+def _plain_forward(self, x):
+    return reference.tied_lora_forward(
+        x, self.weight, self.bias, self.shared.A, self.lora_B, self.lora_u, self.lora_v, self.scale
+    )
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_gradients_match_float64_reference(name, monkeypatch):
+    model = apply_tied_lora(Toy(), TiedLoRAConfig(rank=4, alpha=2.0, target_modules=QKV + ("o_proj",), **CONFIGS[name]))
+    randomise_adapters(model)
+    x = torch.randn(2, 5, 24, generator=torch.Generator().manual_seed(2))
+
+    def grads(forward=None):
+        model.zero_grad()
+        if forward is not None:
+            monkeypatch.setattr(TiedLoRALinear, "forward", forward)
+        y = model(x)
+        monkeypatch.undo()
+        (y.double() * torch.linspace(-1, 1, y.shape[-1], dtype=torch.float64)).sum().backward()
+        return y, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    y, got = grads()
+    y64, want = grads(_reference_forward)
+    yb, base = grads(_plain_forward)
+    assert_close_to_reference(y, y64, yb, "y")
+    assert got.keys() == want.keys() and got
+    for n in got:
+        assert_close_to_reference(got[n], want[n], base[n], f"grad {n}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# merge, save, load
+
+
+def test_merge_unmerge_unload_model():
+    model = apply_tied_lora(Toy(), TiedLoRAConfig(rank=4, target_modules=QKV + ("o_proj",)))
+    randomise_adapters(model)
+    x = torch.randn(4, 24)
+    base_weight = model.layers[0].q_proj.weight.detach().clone()
+    y = model(x)
+    merge_tied_lora(model)
+    assert_close_to_reference(model(x), y.double(), None, "merged")
+    with pytest.raises(RuntimeError, match="already merged"):
+        merge_tied_lora(model)
+    unmerge_tied_lora(model)
+    torch.testing.assert_close(model.layers[0].q_proj.weight, base_weight, rtol=0, atol=1e-6)
+    merge_tied_lora(model, unload=True)
+    assert not tied_lora_layers(model) and type(model.layers[0].q_proj) is nn.Linear
+    assert_close_to_reference(model(x), y.double(), None, "unloaded")
+
+
+def test_save_load_bit_for_bit(tmp_path):
+    model = apply_tied_lora(tiny_llama(), TiedLoRAConfig(rank=4, preset="tl6", target_modules=QKV + ("o_proj",)))
+    randomise_adapters(model)
+    ids = torch.randint(0, 97, (2, 7))
+    with torch.no_grad():
+        expected = model(ids).logits
+    save_tied_lora(model, tmp_path)
+
+    from safetensors.torch import load_file
+
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    shared_keys = [k for k in saved if ".shared." in k]
+    assert len(shared_keys) == 2 * 2  # qkv pair + o_proj pair, each stored once for both layers
+    fresh = tiny_llama()
+    load_tied_lora(fresh, tmp_path)
+    with torch.no_grad():
+        assert torch.equal(fresh(ids).logits, expected)
+    adapted = apply_tied_lora(tiny_llama(), TiedLoRAConfig(rank=4, preset="tl6", target_modules=QKV + ("o_proj",)))
+    load_tied_lora(adapted, tmp_path)
+    with torch.no_grad():
+        assert torch.equal(adapted(ids).logits, expected)
+
+
+def test_load_errors(tmp_path):
+    model = apply_tied_lora(tiny_llama(), TiedLoRAConfig(rank=4, preset="tl6"))
+    save_tied_lora(model, tmp_path)
+    with pytest.raises(ValueError, match="saved for"):
+        load_tied_lora(tiny_llama(hidden_act="silu", head_dim=16), tmp_path)  # q_proj is [64, 32] here
+    other_rank = apply_tied_lora(tiny_llama(), TiedLoRAConfig(rank=2, preset="tl6"))
+    with pytest.raises(ValueError, match="does not fit this model"):
+        load_tied_lora(other_rank, tmp_path)
+    other_preset = apply_tied_lora(tiny_llama(), TiedLoRAConfig(rank=4, preset="vera"))
+    with pytest.raises(ValueError, match="does not fit this model"):
+        load_tied_lora(other_preset, tmp_path)
+    other_alpha = apply_tied_lora(tiny_llama(), TiedLoRAConfig(rank=4, preset="tl6", alpha=8))
+    with pytest.raises(ValueError, match="does not fit this model"):
+        load_tied_lora(other_alpha, tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# configuration errors
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="preset must be one of"):
+        TiedLoRAConfig(preset="tl9")
+    with pytest.raises(ValueError, match="rank must be a positive int"):
+        TiedLoRAConfig(rank=0)
+    with pytest.raises(ValueError, match="trains none"):
+        TiedLoRAConfig(preset="vera", train_u=False, train_v=False)
+    with pytest.raises(ValueError, match="one group only"):
+        TiedLoRAConfig(groups=[("q_proj", "k_proj"), ("k_proj", "v_proj")])
+    with pytest.raises(TypeError, match="floating-point"):
+        TiedLoRAConfig(dtype=torch.int8)
+
+
+def test_apply_errors():
+    with pytest.raises(ValueError, match="matched no nn.Linear"):
+        apply_tied_lora(Toy(), TiedLoRAConfig(target_modules=["query_key_value"]))
+    with pytest.raises(TypeError, match="only nn.Linear"):
+        apply_tied_lora(nn.ModuleDict({"q_proj": nn.Conv1d(4, 4, 1)}), TiedLoRAConfig(target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="exceeds min"):
+        apply_tied_lora(Toy(d=8, kv=4), TiedLoRAConfig(rank=6, groups=(), target_modules=["k_proj"]))
+    model = apply_tied_lora(Toy(), TiedLoRAConfig())
+    with pytest.raises(RuntimeError, match="already has Tied-LoRA adapters"):
+        apply_tied_lora(model, TiedLoRAConfig())
+    with pytest.raises(ValueError, match="no Tied-LoRA adapters"):
+        merge_tied_lora(Toy())
+
+
+def test_callable_targets_and_quick_start_flow(tmp_path):
+    """The README's quick start: adapt a Hugging Face model, train, save, load, merge."""
+    model = tiny_llama().train()
+    config = TiedLoRAConfig(rank=4, preset="tl6", target_modules=lambda m, name: name.endswith(("q_proj", "v_proj")))
+    apply_tied_lora(model, config)
+    assert len(tied_lora_layers(model)) == 4
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ids = torch.randint(0, 97, (4, 12), generator=torch.Generator().manual_seed(0))
+    losses = []
+    for _ in range(5):
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    model.eval()
+    save_tied_lora(model, tmp_path)
+    restored = load_tied_lora(tiny_llama(), tmp_path)
+    with torch.no_grad():
+        expected = model(ids).logits
+        assert torch.equal(restored(ids).logits, expected)
+        merge_tied_lora(restored)
+        assert_close_to_reference(restored(ids).logits, expected.double(), None, "merged logits")

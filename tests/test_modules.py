@@ -1,0 +1,167 @@
+"""``TiedLoRAShared`` and ``TiedLoRALinear``: drop-in behaviour, merge/unmerge, tying and clear errors."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from tests.helpers import assert_close_to_reference
+from tied_lora_kernels import TiedLoRALinear, TiedLoRAShared, reference
+
+
+def _randomised(shared: TiedLoRAShared, layer: TiedLoRALinear, seed=0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in (shared.A, shared.B, layer.lora_u, layer.lora_v):
+            if p is not None:
+                p.copy_(torch.randn(p.shape, generator=g))
+
+
+def test_shared_shapes_flags_and_seed():
+    a = TiedLoRAShared(16, 12, 4, train_A=False, seed=3)
+    b = TiedLoRAShared(16, 12, 4, train_A=False, seed=3)
+    assert a.A.shape == (4, 16) and a.B.shape == (12, 4) and a.A.dtype == torch.float32
+    assert not a.A.requires_grad and a.B.requires_grad
+    assert torch.equal(a.A, b.A) and torch.equal(a.B, b.B)
+    k = TiedLoRAShared(16, 12, 4, init="kaiming", zero_B=True, seed=0)
+    assert k.A.abs().max() <= 16**-0.5 and torch.count_nonzero(k.B) == 0
+
+
+@pytest.mark.parametrize(
+    "args,kwargs,error,match",
+    [
+        ((16, 12, 0), {}, ValueError, "rank must be positive"),
+        ((16, 12, -2), {}, ValueError, "rank must be positive"),
+        ((16, 12, 13), {}, ValueError, "exceeds min"),
+        ((16, 12, 2.0), {}, TypeError, "rank must be an int"),
+        ((16, 12, 2), {"init": "xavier"}, ValueError, "init must be one of"),
+        ((16, 12, 2), {"dtype": torch.int32}, TypeError, "floating point"),
+    ],
+)
+def test_shared_bad_arguments(args, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        TiedLoRAShared(*args, **kwargs)
+
+
+def test_constructed_like_linear():
+    shared = TiedLoRAShared(10, 6, 2)
+    layer = TiedLoRALinear(10, 6, bias=False, shared=shared)
+    assert isinstance(layer, nn.Linear) and layer.bias is None and layer.weight.shape == (6, 10)
+    assert layer.lora_u.shape == (2,) and layer.lora_v.shape == (6,)
+    x = torch.randn(3, 10)
+    assert torch.equal(layer(x), nn.functional.linear(x, layer.weight))  # v starts at zero
+
+
+def test_from_linear_reuses_weight_and_keeps_state_dict_keys():
+    linear = nn.Linear(10, 6)
+    keys = set(linear.state_dict())
+    layer = TiedLoRALinear.from_linear(linear, TiedLoRAShared(10, 6, 2))
+    assert layer.weight is linear.weight and layer.bias is linear.bias
+    assert keys <= set(layer.state_dict())
+    x = torch.randn(2, 3, 10)
+    # v starts at zero: the adapted layer computes what the base computed, on any leading dims
+    assert torch.equal(layer(x), linear(x))
+
+
+def test_forward_matches_reference_and_gradients_reach_shared():
+    shared = TiedLoRAShared(12, 8, 3)
+    layer = TiedLoRALinear.from_linear(nn.Linear(12, 8), shared, alpha=6.0)
+    _randomised(shared, layer)
+    x = torch.randn(5, 12)
+    y = layer(x)
+    args = (x, layer.weight, layer.bias, shared.A, shared.B, layer.lora_u, layer.lora_v, 2.0)
+    assert_close_to_reference(
+        y, reference.tied_lora_forward(*args, upcast=True), reference.tied_lora_forward(*args), "y"
+    )
+    y.sum().backward()
+    assert shared.A.grad is not None and shared.B.grad is not None and layer.weight.grad is not None
+
+
+def test_merge_unmerge():
+    linear = nn.Linear(12, 8)
+    base = linear.weight.detach().clone()
+    shared = TiedLoRAShared(12, 8, 3)
+    layer = TiedLoRALinear.from_linear(linear, shared)
+    _randomised(shared, layer)
+    x = torch.randn(4, 12)
+    unmerged = layer(x)
+    layer.merge()
+    assert layer.merged
+    assert_close_to_reference(layer(x), unmerged.double(), None, "merged forward")
+    torch.testing.assert_close(layer.weight, base + layer.delta_weight(), rtol=0, atol=1e-6)
+    with pytest.raises(RuntimeError, match="already merged"):
+        layer.merge()
+    layer.unmerge()
+    torch.testing.assert_close(layer.weight, base, rtol=0, atol=4 * torch.finfo(torch.float32).eps * 8)
+    with pytest.raises(RuntimeError, match="not merged"):
+        layer.unmerge()
+
+
+def test_merge_bfloat16_rounds_once():
+    linear = nn.Linear(32, 16).bfloat16()
+    base = linear.weight.detach().clone()
+    shared = TiedLoRAShared(32, 16, 4)
+    layer = TiedLoRALinear.from_linear(linear, shared)
+    _randomised(shared, layer)
+    layer.merge()
+    exact = base.float() + layer.delta_weight()
+    assert torch.equal(layer.weight, exact.bfloat16())
+
+
+def test_delta_weight_and_extra_repr():
+    shared = TiedLoRAShared(12, 8, 3, train_A=False, train_B=False)
+    layer = TiedLoRALinear.from_linear(nn.Linear(12, 8), shared, train_u=True, train_v=True)
+    _randomised(shared, layer)
+    expected = torch.diag(layer.lora_v) @ shared.B @ torch.diag(layer.lora_u) @ shared.A
+    torch.testing.assert_close(layer.delta_weight(), expected)
+    text = repr(layer)
+    assert "rank=3" in text and "trains=u+v" in text and "merged=False" in text
+
+
+def test_frozen_unit_vectors_cost_no_memory():
+    layer = TiedLoRALinear.from_linear(
+        nn.Linear(6, 4), TiedLoRAShared(6, 4, 2), train_u=False, train_v=False, v_init=1.0
+    )
+    assert layer.lora_u is None and layer.lora_v is None
+
+
+def test_layers_sharing_one_pair_stay_tied_through_conversions():
+    shared = TiedLoRAShared(8, 8, 2)
+    model = nn.Sequential(*(TiedLoRALinear.from_linear(nn.Linear(8, 8), shared) for _ in range(3)))
+    assert sum(p is shared.A for p in model.parameters()) == 1
+    model.double()
+    assert all(layer.shared.A is model[0].shared.A for layer in model)
+    assert model[0].shared.A.dtype == torch.float64
+    clone = copy.deepcopy(model)
+    assert clone[1].shared.A is clone[2].shared.A and clone[1].shared.A is not model[1].shared.A
+    model.half()
+    assert model[2].shared.B.dtype == torch.float16 and model[2].shared.B is model[0].shared.B
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"b_rows": (0, 5)}, "reads rows"),
+        ({"backend": "gpu"}, "backend must be one of"),
+        ({"u": nn.Parameter(torch.ones(3))}, "u must be"),
+        ({"u": nn.Parameter(torch.ones(2), requires_grad=False)}, "u passed in is frozen, but train_u=True"),
+    ],
+)
+def test_layer_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        TiedLoRALinear.from_linear(nn.Linear(6, 4), TiedLoRAShared(6, 4, 2), **kwargs)
+
+
+def test_layer_type_errors():
+    with pytest.raises(TypeError, match="needs an nn.Linear"):
+        TiedLoRALinear.from_linear(nn.Conv1d(6, 4, 1), TiedLoRAShared(6, 4, 2))
+    with pytest.raises(TypeError, match="shared must be a TiedLoRAShared"):
+        TiedLoRALinear.from_linear(nn.Linear(6, 4), nn.Linear(6, 4))
+    with pytest.raises(ValueError, match="in_features=7"):
+        TiedLoRALinear.from_linear(nn.Linear(7, 4), TiedLoRAShared(6, 4, 2))
+    layer = TiedLoRALinear.from_linear(nn.Linear(6, 4), TiedLoRAShared(6, 4, 2))
+    with pytest.raises(TypeError, match="already has a Tied-LoRA adapter"):
+        TiedLoRALinear.from_linear(layer, TiedLoRAShared(6, 4, 2))
