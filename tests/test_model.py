@@ -336,3 +336,18 @@ def test_callable_targets_and_quick_start_flow(tmp_path):
         assert torch.equal(restored(ids).logits, expected)
         merge_tied_lora(restored)
         assert_close_to_reference(restored(ids).logits, expected.double(), None, "merged logits")
+
+
+def test_unloaded_model_saves_with_hugging_face(tmp_path):
+    """A merged and unloaded model is a plain Hugging Face model again (save_pretrained refuses the adapted
+    one: tied tensors appear under several names in its state dict — save the adapter with save_tied_lora)."""
+    model = apply_tied_lora(tiny_llama(), TiedLoRAConfig(rank=4))
+    randomise_adapters(model)
+    ids = torch.randint(0, 97, (1, 6))
+    with torch.no_grad():
+        expected = model(ids).logits
+    merge_tied_lora(model, unload=True)
+    model.save_pretrained(tmp_path)
+    restored = transformers.LlamaForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert_close_to_reference(restored(ids).logits, expected.double(), None, "exported logits")
