@@ -139,6 +139,8 @@ def test_layers_sharing_one_pair_stay_tied_through_conversions():
     assert clone[1].shared.A is clone[2].shared.A and clone[1].shared.A is not model[1].shared.A
     model.half()
     assert model[2].shared.B.dtype == torch.float16 and model[2].shared.B is model[0].shared.B
+    model.to("meta")  # a device move (as .cuda() would be) keeps the parameter objects, hence the tie
+    assert model[1].shared.A.is_meta and model[1].shared.A is model[0].shared.A
 
 
 @pytest.mark.parametrize(

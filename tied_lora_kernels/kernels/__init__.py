@@ -10,7 +10,7 @@ import os
 
 import torch
 
-__all__ = ["unavailable_reason", "interpreting"]
+__all__ = ["unavailable_reason", "interpreting", "tied_lora_linear_triton"]
 
 
 def interpreting() -> bool:
@@ -34,3 +34,10 @@ def unavailable_reason(device: torch.device) -> str | None:
     if device.type == "cpu" and interpreting():
         return None
     return f"the kernels run on CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), got a {device.type} tensor"
+
+
+def tied_lora_linear_triton(x2d, weight, bias, A, B, u, v, scale: float, *, deterministic: bool):
+    """The triton backend of ``tied_lora_linear`` on 2-D ``x`` (see ``function.py``; imports triton lazily)."""
+    from .function import tied_lora_linear_triton as impl
+
+    return impl(x2d, weight, bias, A, B, u, v, scale, deterministic=deterministic)
