@@ -1,0 +1,64 @@
+"""Activation memory kept for backward per layer (issue 3): at most x plus 4·M·R bytes when A trains, at
+most 4·M·R bytes when A is frozen (VeRA-style), counted with ``saved_tensors_hooks``.
+
+Parameters (W, b, A, B, u, v) are saved by reference and cost no memory; everything else the layer keeps
+for backward is counted.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.conftest import DEVICE
+from tied_lora_kernels.functional import tied_lora_linear
+
+M, K, N, R = 33, 40, 56, 8
+
+
+def saved_activation_bytes(x, params) -> tuple[int, list]:
+    """Bytes of the tensors one forward saves for backward, parameters excluded."""
+    param_ptrs = {(p.data_ptr(), p.numel(), p.dtype) for p in params.values() if p is not None}
+    saved = []
+
+    def pack(t):
+        if (t.data_ptr(), t.numel(), t.dtype) not in param_ptrs:
+            saved.append((tuple(t.shape), t.dtype))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = tied_lora_linear(x, *(params[k] for k in ("weight", "bias", "A", "B", "u", "v")), backend="triton")
+    y.sum().backward()  # the saved tensors are usable
+    nbytes = sum(torch.Size(shape).numel() * torch.empty((), dtype=dt).element_size() for shape, dt in saved)
+    return nbytes, saved
+
+
+@pytest.mark.parametrize(
+    "train,bound",
+    [
+        (("A", "B", "u", "v"), "x+T"),  # TL6
+        (("A", "B"), "x+T"),  # TL5 / LoRA
+        (("u", "v"), "T"),  # VeRA: A frozen, x not kept
+        (("B",), "T"),  # A frozen, B trained
+        (("A",), "x+T"),
+        ((), "none"),  # only x trains: nothing but parameters is kept
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_saved_for_backward(train, bound, dtype):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(M, K, generator=g).to(dtype).to(DEVICE).requires_grad_(True)
+    params = {
+        "weight": torch.randn(N, K, generator=g).to(dtype).to(DEVICE),
+        "bias": torch.randn(N, generator=g).to(dtype).to(DEVICE),
+        "A": torch.randn(R, K, generator=g).to(DEVICE),
+        "B": torch.randn(N, R, generator=g).to(DEVICE),
+        "u": torch.randn(R, generator=g).to(DEVICE),
+        "v": torch.randn(N, generator=g).to(DEVICE),
+    }
+    for name in train:
+        params[name].requires_grad_(True)
+    nbytes, saved = saved_activation_bytes(x, params)
+    x_bytes, t_bytes = x.numel() * x.element_size(), 4 * M * R
+    limit = {"x+T": x_bytes + t_bytes, "T": t_bytes, "none": 0}[bound]
+    assert nbytes <= limit, f"saved {nbytes} bytes > {limit} ({saved})"

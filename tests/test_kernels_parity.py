@@ -1,0 +1,253 @@
+"""Parity of the triton backend against the float64 reference: forward and every gradient.
+
+Without a GPU the kernels run in triton's interpreter (tests/conftest.py). Shapes are small and chosen to
+break kernels: M = 0, 1 and odd sizes, K and N that are multiples of no block size, ranks 1 to 128, 3-D
+and strided inputs, bias on and off, every configuration, fp32, fp16, bf16 and autocast.
+
+How bf16 is covered honestly (design.md §6). The interpreter's bf16 arithmetic is wrong, so when
+interpreting bf16 the kernels load tiles as fp32 and round every value the GPU rounds to bf16 with
+round-to-nearest-even (``kernels/common.py``, switch ``UPCAST``; never set on a GPU). That models the GPU's
+arithmetic (bf16 products are exact in fp32, tensor cores accumulate in fp32), so the CPU run checks
+indexing, masking and every rounding point of the bf16 path; on a GPU the same tests run the real bf16
+kernels. ``test_small_integers_are_exact`` adds an arithmetic-independent check: with small-integer inputs
+every intermediate is exactly representable, so forward and every gradient must equal the float64
+reference bit for bit, in the interpreter and on the GPU alike (design.md §7's ptxas epilogue-dot trap).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.conftest import DEVICE
+from tests.helpers import assert_close_to_reference
+from tied_lora_kernels.functional import tied_lora_linear
+from tied_lora_kernels.kernels import configs
+from tied_lora_kernels.kernels.backward import rank_grad
+from tied_lora_kernels.kernels.forward import fused_lora_mm
+from tied_lora_kernels.reference import tied_lora_forward
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+# which of (A, B, u, v, weight) train; u/v = "none" means not passed (ones, frozen)
+CONFIGS = {
+    "lora": dict(train=("A", "B"), uv="none"),
+    "tl5": dict(train=("A", "B"), uv="frozen"),
+    "tl6": dict(train=("A", "B", "u", "v"), uv="trained"),
+    "vera": dict(train=("u", "v"), uv="trained"),
+    "full": dict(train=("A", "B", "u", "v", "weight", "bias"), uv="trained"),
+}
+
+
+def make_inputs(config, M, K, N, R, dtype, *, bias=True, lead=None, strided=False, adapter_dtype=torch.float32):
+    """Inputs of one layer on DEVICE; ``lead`` replaces (M,) by leading dims; ``strided`` gives a non-contiguous x."""
+    spec = CONFIGS[config]
+    g = torch.Generator().manual_seed(1234 + M + 7 * K + 13 * N + R)
+
+    def randn(*shape, dt=dtype, std=1.0):
+        return (torch.randn(*shape, generator=g) * std).to(dt).to(DEVICE)
+
+    lead = lead or (M,)
+    if strided:  # every other column of a wider tensor, then a transpose-free row stride
+        x = randn(*lead, 2 * K)[..., ::2]
+        assert not x.is_contiguous()
+    else:
+        x = randn(*lead, K)
+    params = {
+        "weight": randn(N, K, std=K**-0.5),
+        "bias": randn(N) if bias else None,
+        "A": randn(R, K, dt=adapter_dtype, std=K**-0.5),
+        "B": randn(N, R, dt=adapter_dtype, std=R**-0.5),
+        "u": None if spec["uv"] == "none" else 1.0 + randn(R, dt=adapter_dtype, std=0.5),
+        "v": None if spec["uv"] == "none" else randn(N, dt=adapter_dtype),
+    }
+    x.requires_grad_(True)
+    for name, t in params.items():
+        if t is not None and name in spec["train"]:
+            t.requires_grad_(True)
+    return x, params
+
+
+def grads_of(y, dy, inputs):
+    wanted = {k: t for k, t in inputs.items() if t is not None and t.requires_grad}
+    grads = torch.autograd.grad(y, list(wanted.values()), dy, allow_unused=False)
+    return dict(zip(wanted, grads, strict=True))
+
+
+def check_parity(x, params, scale=0.5, *, deterministic=False, autocast_dtype=None):
+    """Triton forward and every gradient vs float64, with plain PyTorch in the compute dtype as baseline."""
+    dtype = autocast_dtype or x.dtype
+    args = [params[k] for k in ("weight", "bias", "A", "B", "u", "v")]
+    inputs = {"x": x, **params}
+    if autocast_dtype is None:
+        y = tied_lora_linear(x, *args, scale, backend="triton", deterministic=deterministic)
+    else:
+        with torch.autocast(DEVICE.type, dtype=autocast_dtype):
+            y = tied_lora_linear(x, *args, scale, backend="triton", deterministic=deterministic)
+    assert y.dtype == dtype and y.shape == (*x.shape[:-1], params["weight"].shape[0])
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(7)).to(dtype).to(DEVICE)
+
+    expected = tied_lora_forward(x, *args, scale, upcast=True)
+    # baseline: the same math in plain PyTorch in the compute dtype (x, W, b cast as autocast would)
+    cast = {k: (t.to(dtype) if t is not None and k in ("x", "weight", "bias") else t) for k, t in inputs.items()}
+    baseline = tied_lora_forward(cast["x"], *[cast[k] for k in ("weight", "bias", "A", "B", "u", "v")], scale)
+
+    assert_close_to_reference(y, expected, baseline, "y", dtype)
+    got = grads_of(y, dy, inputs)
+    ref = grads_of(expected, dy.double(), inputs)
+    base = grads_of(baseline, dy, inputs)
+    for name in got:
+        assert got[name].dtype == inputs[name].dtype, f"d{name} dtype"
+        assert_close_to_reference(got[name], ref[name], base[name], f"d{name}", dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_configurations(config, dtype):
+    x, params = make_inputs(config, M=37, K=40, N=70, R=8, dtype=dtype, bias=config != "lora")
+    check_parity(x, params)
+
+
+# shape cases, each run in fp32 and bf16 for TL6 (every input trains except the base)
+SHAPES = {
+    "M0": dict(M=0, K=40, N=70, R=8),
+    "M1": dict(M=1, K=40, N=70, R=8),
+    "rank1": dict(M=19, K=33, N=45, R=1),
+    "rank16": dict(M=19, K=33, N=45, R=16),
+    "rank64-mid": dict(M=70, K=81, N=67, R=64),
+    "rank128": dict(M=20, K=130, N=136, R=128),
+    "prefill": dict(M=300, K=72, N=90, R=8),
+    "3d": dict(M=21, lead=(3, 7), K=40, N=70, R=8),
+    "strided": dict(M=21, K=40, N=70, R=8, strided=True),
+    "nobias": dict(M=21, K=40, N=70, R=8, bias=False),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", list(SHAPES))
+def test_shapes(case, dtype):
+    x, params = make_inputs("tl6", dtype=dtype, **SHAPES[case])
+    check_parity(x, params)
+
+
+@pytest.mark.parametrize("config", ["tl6", "full"])
+def test_adapters_in_compute_dtype(config):
+    x, params = make_inputs(config, M=23, K=40, N=70, R=8, dtype=torch.float16, adapter_dtype=torch.float16)
+    check_parity(x, params)
+
+
+def test_deterministic_parity():
+    x, params = make_inputs("tl6", M=37, K=40, N=70, R=8, dtype=torch.float32)
+    check_parity(x, params, deterministic=True)
+
+
+def test_autocast():
+    # fp32 layer and fp32 master adapters under autocast: x, W, b run in the autocast dtype
+    x, params = make_inputs("full", M=29, K=40, N=70, R=8, dtype=torch.float32)
+    check_parity(x, params, autocast_dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_small_integers_are_exact(dtype):
+    # |every intermediate| <= 160 < 256: exactly representable in bf16 and fp16 and in fp32 accumulation
+    M, K, N, R = 37, 32, 24, 4
+    g = torch.Generator().manual_seed(0)
+
+    def ints(*shape, lo=-1, hi=2, dt=dtype):
+        return torch.randint(lo, hi, shape, generator=g).to(dt).to(DEVICE)
+
+    x = ints(M, K).requires_grad_(True)
+    weight, bias = ints(N, K).requires_grad_(True), ints(N).requires_grad_(True)
+    A, B = ints(R, K, dt=torch.float32).requires_grad_(True), ints(N, R, dt=torch.float32).requires_grad_(True)
+    u = (2 * ints(R, lo=0, dt=torch.float32) - 1).requires_grad_(True)  # ±1
+    v = (2 * ints(N, lo=0, dt=torch.float32) - 1).requires_grad_(True)
+    dy = ints(M, N)
+    inputs = {"x": x, "weight": weight, "bias": bias, "A": A, "B": B, "u": u, "v": v}
+    for deterministic in (False, True):
+        y = tied_lora_linear(x, weight, bias, A, B, u, v, 1.0, backend="triton", deterministic=deterministic)
+        expected = tied_lora_forward(x, weight, bias, A, B, u, v, 1.0, upcast=True)
+        assert torch.equal(y.double(), expected), "y not exact"
+        got, ref = grads_of(y, dy, inputs), grads_of(expected, dy.double(), inputs)
+        for name in inputs:
+            assert torch.equal(got[name].double(), ref[name]), f"d{name} not exact"
+
+
+def test_fp64_is_rejected():
+    x, params = make_inputs("tl6", M=4, K=16, N=16, R=4, dtype=torch.float64)
+    args = [params[k] for k in ("weight", "bias", "A", "B", "u", "v")]
+    with pytest.raises(TypeError, match=r"float64.*backend='torch'"):
+        tied_lora_linear(x, *args, backend="triton")
+
+
+def test_rank_above_max_is_rejected():
+    R = configs.MAX_RANK + 1
+    x, params = make_inputs("tl6", M=4, K=R + 3, N=R + 5, R=R, dtype=torch.float32)
+    args = [params[k] for k in ("weight", "bias", "A", "B", "u", "v")]
+    with pytest.raises(ValueError, match=rf"ranks up to {configs.MAX_RANK}, got rank {R}"):
+        tied_lora_linear(x, *args, backend="triton")
+
+
+# every shipped config (both architectures' tables), forced, on a shape that is ragged for all of them
+def _family_dtype(wide: bool) -> torch.dtype:
+    return torch.float32 if wide else torch.bfloat16
+
+
+@pytest.mark.parametrize(
+    "arch,cfg,block_r,wide", configs.all_fused_configs(), ids=[c[1].name for c in configs.all_fused_configs()]
+)
+def test_every_fused_config(arch, cfg, block_r, wide):
+    dtype = _family_dtype(wide)
+    M, K, N, R = 45, 70, 150, block_r - 3 if block_r > 16 else 5
+    g = torch.Generator().manual_seed(block_r)
+    a = torch.randn(M, K, generator=g).to(dtype).to(DEVICE)
+    w, down = torch.randn(K, N, generator=g).to(dtype).to(DEVICE), torch.randn(K, R, generator=g).to(dtype).to(DEVICE)
+    up, bias = torch.randn(R, N, generator=g).to(dtype).to(DEVICE), torch.randn(N, generator=g).to(dtype).to(DEVICE)
+    rscale = torch.randn(R, generator=g).to(DEVICE)
+    out, t = fused_lora_mm(a, w, down, up, rscale, bias, write_t=True, config=cfg)
+
+    a64, w64, d64, up64 = a.double(), w.double(), down.double(), up.double()
+    t_ref = a64 @ d64
+    out_ref = a64 @ w64 + (t_ref * rscale.double()) @ up64 + bias.double()
+    t_base = (a @ down).float()
+    out_base = (a @ w + (t_base * rscale).to(dtype) @ up + bias).to(dtype)
+    assert_close_to_reference(t, t_ref, t_base, "t", dtype)
+    assert_close_to_reference(out, out_ref, out_base, "out", dtype)
+
+
+@pytest.mark.parametrize(
+    "arch,cfg,block_r,wide", configs.all_rank_grad_configs(), ids=[c[1].name for c in configs.all_rank_grad_configs()]
+)
+def test_every_rank_grad_config(arch, cfg, block_r, wide):
+    dtype = _family_dtype(wide)
+    M, C, R = 150, 141, block_r - 3 if block_r > 16 else 5
+    g = torch.Generator().manual_seed(block_r)
+    a = torch.randn(M, C, generator=g).to(dtype).to(DEVICE)
+    p, rscale = torch.randn(M, R, generator=g).to(DEVICE), torch.randn(R, generator=g).to(DEVICE)
+    ref = a.double().t() @ (p.double() * rscale.double())
+    base = (a.t() @ (p * rscale).to(dtype)).float()
+    for deterministic in (False, True):
+        out = rank_grad(a, p, rscale, deterministic=deterministic, config=cfg)
+        assert_close_to_reference(out, ref, base, f"out (deterministic={deterministic})", dtype)
+        out_t = rank_grad(a, p, rscale, deterministic=deterministic, transpose_out=True, config=cfg)
+        assert out_t.shape == (R, C) and out_t.is_contiguous()
+        assert_close_to_reference(out_t, ref.t(), base.t(), f"out_t (deterministic={deterministic})", dtype)
+
+
+@pytest.mark.slow
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a 4 GB activation on a GPU")
+def test_int64_offsets():
+    # M·K passes 2³¹: row offsets must be computed in int64 (only the last rows would go wrong)
+    K, N, R = 4096, 32, 8
+    M = 2**31 // K + 100
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    x = torch.randn(M, K, device=DEVICE, dtype=torch.bfloat16, generator=g)
+    w = torch.randn(N, K, device=DEVICE, dtype=torch.bfloat16, generator=g) * K**-0.5
+    A = torch.randn(R, K, device=DEVICE, generator=g) * K**-0.5
+    B, u, v = (torch.randn(*s, device=DEVICE, generator=g) for s in ((N, R), (R,), (N,)))
+    with torch.no_grad():
+        y = tied_lora_linear(x, w, None, A, B, u, v, backend="triton")
+        tail = x[-300:]
+        expected = tied_lora_forward(tail, w, None, A, B, u, v, upcast=True)
+        baseline = tied_lora_forward(tail, w, None, A, B, u, v)
+    assert_close_to_reference(y[-300:], expected, baseline, "y (last rows)", torch.bfloat16)

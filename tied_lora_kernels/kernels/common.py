@@ -1,0 +1,44 @@
+"""Helpers shared by the kernels: dot precision, and the interpreter's bf16 workaround.
+
+bf16 under ``TRITON_INTERPRET=1`` (design.md §6): the interpreter's bf16 ``tl.dot`` and bf16 elementwise
+math operate on raw bit patterns, and its float32 → bf16 conversion truncates. The kernels therefore take
+an ``UPCAST`` switch, set only when interpreting bf16 inputs: every loaded bf16 tile is converted to fp32
+right after the load (exact), and every value that the GPU rounds to bf16 (the epilogue's dot operand, the
+stored output) is rounded to nearest-even in fp32 bit arithmetic (``as_operand``). A bf16 × bf16 product is
+exact in fp32 and tensor cores accumulate in fp32, so the interpreter then computes what the GPU computes,
+up to summation order. On a GPU ``UPCAST`` is False and the code is the plain bf16 kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import interpreting
+
+__all__ = ["as_operand", "upcast_bf16", "dot_precision"]
+
+
+@triton.jit
+def as_operand(x, DTYPE: tl.constexpr, UPCAST: tl.constexpr):
+    """``x`` (fp32) rounded to ``DTYPE``; with ``UPCAST`` rounded to bf16 but kept as fp32 (interpreter)."""
+    if UPCAST:
+        # round to nearest even at bit 16, then drop the low 16 bits: a bf16 value held in fp32
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True)
+    else:
+        return x.to(DTYPE)
+
+
+def upcast_bf16(dtype: torch.dtype) -> bool:
+    """True when bf16 tiles must be computed in fp32 (the interpreter's bf16 gap; never on a GPU)."""
+    return dtype == torch.bfloat16 and interpreting()
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot`` input precision: TF32 for fp32 only when torch allows it for matmuls, else exact IEEE."""
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not interpreting():
+        return "tf32"
+    return "ieee"

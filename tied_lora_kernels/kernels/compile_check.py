@@ -1,0 +1,219 @@
+"""Ahead-of-time compile of every shipped kernel config for sm_90 / sm_80, no GPU needed (design.md §6-§7).
+
+    python -m tied_lora_kernels.kernels.compile_check [--full] [--jobs N] [--json PATH]
+
+For each config of ``configs.py`` (each compiled for the architecture whose table holds it), each launch
+variant and each dtype, compiles with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))``
+and prints registers and spills (triton's bundled ``ptxas -v``), shared memory and whether the PTX uses
+``wgmma``. Launch variants mirror what the launchers pass, with the JIT's specialisations: unit strides
+become constants and pointers, sizes and long strides carry 16-byte divisibility hints.
+
+- ``fwd``: the forward ``y = x Wᵀ + …`` (W read transposed), bias, ``u`` and the ``T`` store on;
+- ``dx``: the backward ``dx = dy W + …`` (W read as stored), no bias;
+- ``G``: ``dyᵀ S`` with atomics (the default); ``dA``: ``xᵀ dT`` into a transposed output, deterministic.
+
+By default 16-bit configs compile for bf16 (fp16 differs only in the MMA instruction's type) and 32-bit
+ones for exact fp32 (torch's default); ``--full`` adds fp16 and TF32. Must run with ``TRITON_INTERPRET``
+unset (the tests run it as a subprocess): under the interpreter ``triton.jit`` gives objects that cannot
+compile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+
+ARCH_NUMBER = {"sm90": 90, "sm80": 80}
+
+# variant -> (kernel, args equal to 1, args with divisibility 16, constexpr switches)
+_VARIANTS = {
+    "fwd": (
+        "fused",
+        ("stride_ak", "stride_wk", "stride_dk", "stride_ur", "stride_on", "stride_tr"),
+        ("N", "K", "stride_am", "stride_wn", "stride_dr", "stride_om"),
+        dict(HAS_RSCALE=True, HAS_BIAS=True, WRITE_T=True),
+    ),
+    "dx": (
+        "fused",
+        ("stride_ak", "stride_wn", "stride_dr", "stride_un", "stride_on", "stride_tr"),
+        ("N", "K", "stride_am", "stride_wk", "stride_ur", "stride_om"),
+        dict(HAS_RSCALE=True, HAS_BIAS=False, WRITE_T=True),
+    ),
+    "G": ("rank", ("stride_ac", "stride_pr", "stride_or"), ("C", "stride_am"), dict(HAS_RSCALE=True, USE_ATOMIC=True)),
+    "dA": (
+        "rank",
+        ("stride_ac", "stride_pr", "stride_oc"),
+        ("C", "stride_am", "stride_os", "stride_or"),
+        dict(HAS_RSCALE=True, USE_ATOMIC=False),
+    ),
+}
+_FP32_POINTERS = {"fused": ("rscale_ptr", "t_ptr"), "rank": ("p_ptr", "rscale_ptr", "out_ptr")}
+_TL_NAME = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+
+
+def jobs(full: bool = False) -> list[dict]:
+    """Every (variant, config, BLOCK_R, dtype, arch) to compile."""
+    from . import configs
+
+    out = []
+    for kernel, table in (("fused", configs.all_fused_configs()), ("rank", configs.all_rank_grad_configs())):
+        for arch, cfg, block_r, wide in table:
+            if wide:  # exact IEEE by default (torch's default), TF32 when torch allows it
+                dtypes = [("float32", "ieee"), ("float32", "tf32")] if full else [("float32", "ieee")]
+            else:
+                dtypes = [("bfloat16", "ieee"), ("float16", "ieee")] if full else [("bfloat16", "ieee")]
+            for variant, spec in _VARIANTS.items():
+                if spec[0] != kernel:
+                    continue
+                for dtype, precision in dtypes:
+                    out.append(
+                        dict(
+                            variant=variant,
+                            config=cfg.__dict__,
+                            block_r=block_r,
+                            dtype=dtype,
+                            precision=precision,
+                            arch=arch,
+                        )
+                    )
+    return out
+
+
+def _ptxas_path(arch: int) -> str:
+    from triton.backends.nvidia import compiler
+
+    try:
+        return compiler.get_ptxas(arch).path  # triton >= 3.5
+    except TypeError:
+        return compiler.get_ptxas().path
+
+
+def compile_one(job: dict) -> dict:
+    """Compile one job; returns the job with registers, spill bytes, shared memory and wgmma count."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from .backward import _rank_grad_kernel
+    from .forward import _fused_lora_mm_kernel
+
+    kernel, ones, divisible, switches = _VARIANTS[job["variant"]]
+    fn = _fused_lora_mm_kernel if kernel == "fused" else _rank_grad_kernel
+    cfg, tl_dtype = job["config"], _TL_NAME[job["dtype"]]
+    tiles = (
+        dict(BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"], GROUP_M=cfg["group_m"])
+        if kernel == "fused"
+        else dict(BLOCK_C=cfg["block_c"], BLOCK_M=cfg["block_m"])
+    )
+    constexprs = dict(switches, UPCAST=False, PRECISION=job["precision"], BLOCK_R=job["block_r"], **tiles)
+    signature, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in ones:
+            signature[name] = "constexpr"
+            constexprs[name] = 1
+        elif name.endswith("_ptr"):
+            signature[name] = "*fp32" if name in _FP32_POINTERS[kernel] else f"*{tl_dtype}"
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            signature[name] = "i32"
+            if name in divisible:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    arch = ARCH_NUMBER[job["arch"]]
+    compiled = triton.compile(
+        ASTSource(fn, signature, constexprs, attrs),
+        target=GPUTarget("cuda", arch, 32),
+        options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]},
+    )
+    ptx = compiled.asm["ptx"]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+        log = subprocess.run(
+            [_ptxas_path(arch), "-v", f"--gpu-name={gpu}", path, "-o", os.path.join(tmp, "kernel.cubin")],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stderr
+    registers = int(re.search(r"Used (\d+) registers", log).group(1))
+    spills = sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", log))
+    return dict(
+        job,
+        name=cfg["name"],
+        registers=registers,
+        spill_bytes=spills,
+        shared=int(compiled.metadata.shared),
+        shared_limit=_shared_limit(job["arch"]),
+        wgmma=ptx.count("wgmma.mma_async"),
+        serialized_wgmma="C7515" in log,
+    )
+
+
+def _key(job: dict) -> tuple:
+    tiles = tuple(sorted((k, v) for k, v in job["config"].items() if k != "name"))
+    return (job["variant"], tiles, job["block_r"], job["dtype"], job["precision"], job["arch"])
+
+
+def _shared_limit(arch: str) -> int:
+    from . import configs
+
+    return configs.SHARED_MEMORY_LIMIT[arch]
+
+
+def format_table(rows: list[dict]) -> str:
+    import triton
+
+    head = f"{'kernel':6} {'config':28} {'BLOCK_R':>7} {'dtype':9} {'arch':5} {'regs':>4} {'spills':>6} "
+    head += f"{'smem':>7} {'wgmma':>5}"
+    lines = [f"triton {triton.__version__}", head]
+    for r in rows:
+        c = r["config"]
+        tiles = f"{r['name']} " + (
+            f"{c['block_m']}x{c['block_n']}x{c['block_k']}" if "block_n" in c else f"{c['block_c']}x{c['block_m']}"
+        )
+        lines.append(
+            f"{r['variant']:6} {tiles:28} {r['block_r']:>7} {r['dtype']:9} {r['arch']:5} {r['registers']:>4} "
+            f"{r['spill_bytes']:>6} {r['shared']:>7} {'yes' if r['wgmma'] else 'no':>5}"
+            + ("  (tf32)" if r["precision"] == "tf32" else "")
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--full", action="store_true", help="also compile fp16 and fp32 with TF32")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compile processes")
+    parser.add_argument("--json", help="also write the rows as JSON to this path")
+    parser.add_argument("--only", help="compile only configs whose name contains this string")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        print("compile_check: unset TRITON_INTERPRET (the interpreter cannot compile)", file=sys.stderr)
+        return 2
+    todo = [j for j in jobs(args.full) if not args.only or args.only in j["config"]["name"]]
+    # configs with equal tiles (e.g. fp32 decode and prefill) compile once; every name gets its row
+    unique = {_key(j): j for j in todo}
+    keys = list(unique)
+    with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        results = dict(zip(keys, pool.map(compile_one, [unique[k] for k in keys]), strict=True))
+    rows = [dict(results[_key(j)], **j, name=j["config"]["name"]) for j in todo]
+    print(format_table(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    bad = [r for r in rows if r["spill_bytes"] or r["shared"] > r["shared_limit"]]
+    for r in bad:
+        print(f"FAIL {r['variant']} {r['name']} {r['dtype']}: {r['spill_bytes']} spill bytes, {r['shared']} B smem")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""The autograd Function joining the fused kernels, and ``tied_lora_linear_triton`` (the triton backend)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import configs
+from .backward import rank_grad
+from .forward import fused_lora_mm
+
+__all__ = ["TiedLoRALinearFunction", "tied_lora_linear_triton", "SUPPORTED_DTYPES"]
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def tied_lora_linear_triton(
+    x2d: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    A: Tensor,
+    B: Tensor,
+    u: Tensor | None,
+    v: Tensor | None,
+    scale: float,
+    *,
+    deterministic: bool,
+) -> Tensor:
+    """``y [M, N] = x Wᵀ + b + scale · (v ⊙ ((u ⊙ (x Aᵀ)) Bᵀ))`` with the fused kernels (inputs pre-checked).
+
+    Shapes as in ``functional.tied_lora_linear`` with ``x2d [M, K]``. Adds the checks only triton needs:
+    the input dtype and the largest supported rank.
+    """
+    if x2d.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"backend='triton' supports float16, bfloat16 and float32 inputs, got {x2d.dtype}; "
+            "use backend='torch' for other dtypes"
+        )
+    rank = A.shape[0]
+    if rank > configs.MAX_RANK:
+        raise ValueError(
+            f"backend='triton' supports ranks up to {configs.MAX_RANK}, got rank {rank}; use backend='torch'"
+        )
+    return TiedLoRALinearFunction.apply(x2d, weight, bias, A, B, u, v, float(scale), bool(deterministic))
+
+
+def _scaled_b(B: Tensor, v: Tensor | None, scale: float, dtype: torch.dtype) -> Tensor:
+    """``s · v ⊙ B`` as ``[N, R]`` in ``dtype``, rounded once from fp32 (design.md §7: fold s·v on the host)."""
+    sv = B.float() * scale if v is None else B.float() * (scale * v.float())[:, None]
+    return sv.to(dtype)
+
+
+def _f32(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.to(torch.float32).contiguous()
+
+
+class TiedLoRALinearFunction(torch.autograd.Function):
+    """Tied-LoRA linear on ``x [M, K]`` with the fused Triton kernels (design.md §3-§4).
+
+    Forward, with ``T = x Aᵀ [M, R]`` and ``S = u ⊙ T`` (``u``, ``v`` = ones when None)::
+
+        y  = x Wᵀ + b + s · (S Bᵀ) ⊙ v                        [M, N]   one fused kernel; saves T (fp32)
+
+    Backward, given ``dy [M, N]``::
+
+        dS = s · dy (v ⊙ B)              [M, R]   fp32, written by the dx kernel
+        dT = dS ⊙ u                      [M, R]
+        dx = dy W + dT A                 [M, K]   the forward kernel again
+        G  = dyᵀ S                       [N, R]   one pass over dy (rank_grad)
+        dB = s · v[:, None] ⊙ G          [N, R]
+        dv = s · rowsum(B ⊙ G)           [N]
+        du = colsum(dS ⊙ T)              [R]
+        dA = dTᵀ x                       [R, K]   (rank_grad)
+        dW = dyᵀ x                       [N, K]   (torch matmul, only if W trains)
+        db = colsum(dy)                  [N]      (only if b trains)
+
+    Saved for backward: ``T`` in fp32 only when ``B``, ``u`` or ``v`` trains, ``x`` only when ``A`` or ``W``
+    trains; the parameters themselves (no casts or copies of them). Work for a frozen input is skipped.
+    ``dA``, ``dB``, ``du``, ``dv`` are fp32 per-layer partials returned in the parameter's dtype: with float32
+    master adapters autograd sums the partials of tied layers in fp32, in place, and fires each hook once.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, A, B, u, v, scale, deterministic):
+        needs_x, needs_w, _, needs_a, needs_b, needs_u, needs_v = ctx.needs_input_grad[:7]
+        dtype = x.dtype
+        keep_t = needs_b or needs_u or needs_v
+        # y = x·Wᵀ + ((x·Aᵀ) ⊙ u)·(s·v ⊙ B)ᵀ + b, T = x·Aᵀ in fp32
+        y, T = fused_lora_mm(
+            x, weight.t(), A.to(dtype).t(), _scaled_b(B, v, scale, dtype).t(), _f32(u), bias, write_t=keep_t
+        )
+        ctx.save_for_backward(x if (needs_a or needs_w) else None, T, weight, A, B, u, v)
+        ctx.scale = scale
+        ctx.deterministic = deterministic
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, T, weight, A, B, u, v = ctx.saved_tensors
+        needs_x, needs_w, needs_bias, needs_a, needs_b, needs_u, needs_v = ctx.needs_input_grad[:7]
+        s, det, dtype = ctx.scale, ctx.deterministic, dy.dtype
+        dx = dw = dbias = dA = dB = du = dv = None
+        u32 = _f32(u)
+        need_ds = needs_a or needs_u
+
+        dS = None
+        if needs_x or need_ds:
+            svB = _scaled_b(B, v, s, dtype)  # [N, R]
+            if needs_x:
+                # dx = dy·W + ((dy·svB) ⊙ u)·A, dS = dy·svB in fp32 from the same kernel
+                dx, dS = fused_lora_mm(dy, weight, svB, A.to(dtype), u32, None, write_t=need_ds)
+            else:
+                dS = torch.mm(dy, svB).float()  # dS = s·dy(v ⊙ B), dx not needed
+        if needs_a:
+            # dA = (dS ⊙ u)ᵀ x   [R, K], fp32
+            dA = rank_grad(x, dS, u32, deterministic=det, transpose_out=True).to(A.dtype)
+        if needs_u:
+            du = (dS * T).sum(0).to(u.dtype)  # du = colsum(dS ⊙ T)
+        if needs_b or needs_v:
+            G = rank_grad(dy, T, u32, deterministic=det)  # G = dyᵀ (T ⊙ u)   [N, R], fp32
+            if needs_b:
+                dB = (G * s if v is None else G * (s * v.float())[:, None]).to(B.dtype)
+            if needs_v:
+                dv = (s * (B.float() * G).sum(1)).to(v.dtype)
+        if needs_w:
+            dw = dy.t().mm(x)  # dW = dyᵀ x   [N, K]
+        if needs_bias:
+            dbias = dy.sum(0)  # db = colsum(dy)   [N]
+        # x, weight, bias, A, B, u, v, scale, deterministic
+        return dx, dw, dbias, dA, dB, du, dv, None, None
