@@ -1,0 +1,68 @@
+"""Benchmark session set-up: device, markers, the default tier, and an optional time budget.
+
+- The grid follows the device: CUDA present -> real model shapes in fp16/bf16 (marked ``gpu``); otherwise
+  scaled-down shapes in fp32 on CPU.
+- Heavy cases carry ``slow`` and are left out unless the ``-m`` expression names ``slow``:
+  ``-m "slow or not slow"`` runs the full grid. (``-m slow`` alone runs only the slow cases, without the
+  ``nn.Linear`` floors they share with the default tier: on GPU their ratios then read "-".)
+- ``BENCH_TIME_BUDGET_S=<seconds>``: once a session has run that long, the remaining benchmarks are
+  skipped (with that reason), so a time-limited run such as gpu_check.sh still writes its JSON.
+- CPU runs use one thread (``BENCH_CPU_THREADS`` to change): on a shared machine, a parallel region waits
+  for its slowest thread, and one descheduled thread turned 50 µs matmuls into 4 ms stalls.
+- ``pytest benchmarks --benchmark-disable`` is the smoke run: every case runs once, untimed.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+HERE = Path(__file__).resolve().parent
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+_START = time.monotonic()
+if DEVICE.type == "cpu":
+    torch.set_num_threads(int(os.environ.get("BENCH_CPU_THREADS", "1")))
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "e2e: end-to-end training step of a small transformers model")
+    for line in config.getini("markers"):
+        if line.startswith(("slow:", "gpu:")):
+            break
+    else:  # run from a tree whose pyproject does not register them
+        config.addinivalue_line("markers", "slow: heavy benchmark cases (select with -m slow)")
+        config.addinivalue_line("markers", "gpu: needs a CUDA device")
+
+
+def pytest_collection_modifyitems(config, items):
+    if "slow" in (config.option.markexpr or ""):
+        return
+    keep, drop = [], []
+    for item in items:
+        ours = HERE in Path(str(item.path)).resolve().parents
+        (drop if ours and item.get_closest_marker("slow") else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
+@pytest.fixture(autouse=True)
+def _time_budget():
+    budget = os.environ.get("BENCH_TIME_BUDGET_S")
+    if budget and time.monotonic() - _START > float(budget):
+        pytest.skip(f"BENCH_TIME_BUDGET_S={budget} spent")
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    return DEVICE
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    from benchmarks.timing import device_info
+
+    machine_info["tied_lora"] = device_info(DEVICE.type)

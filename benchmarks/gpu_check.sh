@@ -1,0 +1,118 @@
+#!/usr/bin/env bash
+# One-shot GPU check: environment, kernel parity tests (fail fast), the benchmark suite, the kernels'
+# register/spill report, and a short summary printed last. Run from anywhere; no installs needed:
+#
+#     bash benchmarks/gpu_check.sh OUT_DIR        # or: OUT=OUT_DIR bash benchmarks/gpu_check.sh
+#
+# Writes OUT_DIR/gpu_check.log (everything printed), bench_linear.json, bench_e2e.json, bench.md,
+# bench.png (when matplotlib is installed), compile_check.txt. Each phase runs under `timeout` so the
+# whole script stays under 8 minutes on an H100 (limits below add up to 455 s); the benchmark phases
+# also get BENCH_TIME_BUDGET_S so they skip what is left and still write their JSON. GPU_CHECK_BENCH_ARGS
+# (e.g. "-k llama3") is passed to both benchmark runs.
+set -euo pipefail
+
+OUT_DIR="${1:-${OUT:-gpu_check_out}}"
+mkdir -p "$OUT_DIR"
+OUT_DIR="$(cd "$OUT_DIR" && pwd)"
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+unset TRITON_INTERPRET # a GPU check runs the compiled kernels, never the CPU interpreter
+LOG="$OUT_DIR/gpu_check.log"
+: >"$LOG"
+exec > >(tee -a "$LOG") 2>&1
+TEE_PID=$!
+
+# close our end of the pipe and let tee write its last lines before the script exits
+finish() {
+    exec 1>&- 2>&-
+    for _ in $(seq 50); do kill -0 "$TEE_PID" 2>/dev/null || break; sleep 0.1; done
+    exit "$1"
+}
+
+PY="${PYTHON:-python}"
+STATUS=()
+FAILED=0
+
+# phase NAME SECONDS CMD...: run CMD under a time limit, record its outcome, never abort the script
+phase() {
+    local name="$1" limit="$2" start rc
+    shift 2
+    echo
+    local cmd="$*"
+    cmd="${cmd//$'\n'/ }"
+    echo "=== $name (limit ${limit}s): ${cmd:0:200}"
+    start=$(date +%s)
+    set +e
+    timeout -k 10 "$limit" "$@"
+    rc=$?
+    set -e
+    local took=$(($(date +%s) - start))
+    local what="ok"
+    if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
+        what="TIMED OUT"
+    elif [ "$rc" -eq 5 ]; then
+        what="NO TESTS (rc=5)"
+    elif [ "$rc" -ne 0 ]; then
+        what="FAILED (rc=$rc)"
+    fi
+    [ "$what" = "ok" ] || FAILED=1
+    echo "=== $name: $what in ${took}s"
+    STATUS+=("$(printf '%-14s %-16s %4ss' "$name" "$what" "$took")")
+}
+
+echo "gpu_check $(date -u +%Y-%m-%dT%H:%M:%SZ) in $(pwd), output in $OUT_DIR"
+
+ENV_PY='
+import platform, subprocess
+try:
+    print(subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10).stdout.strip())
+except (OSError, subprocess.TimeoutExpired) as e:
+    print("nvidia-smi -L: not available:", e)
+import torch
+print("python", platform.python_version(), "| torch", torch.__version__, "| cuda", torch.version.cuda)
+try:
+    import triton
+    print("triton", triton.__version__)
+except ImportError:
+    print("triton: not installed")
+print("cuda available:", torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else "")
+'
+phase env 20 "$PY" -c "$ENV_PY"
+
+# the kernel tests, fail fast; their ahead-of-time compile test is left to the compile-check phase below
+phase parity 90 "$PY" -m pytest tests -x -q -k kernels --ignore=tests/test_kernels_compile.py -p no:cacheprovider
+
+BENCH_TIME_BUDGET_S=140 phase bench-linear 180 "$PY" -m pytest benchmarks/test_bench_linear.py -q \
+    -p no:cacheprovider --benchmark-json="$OUT_DIR/bench_linear.json" --benchmark-columns=min,median,rounds ${GPU_CHECK_BENCH_ARGS:-}
+
+BENCH_TIME_BUDGET_S=40 phase bench-e2e 60 "$PY" -m pytest benchmarks/test_bench_e2e.py -q \
+    -p no:cacheprovider --benchmark-json="$OUT_DIR/bench_e2e.json" --benchmark-columns=min,median,rounds ${GPU_CHECK_BENCH_ARGS:-}
+
+if "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('tied_lora_kernels.kernels.compile_check') is None)" 2>/dev/null; then
+    phase compile-check 60 bash -o pipefail -c "$PY -m tied_lora_kernels.kernels.compile_check | tee '$OUT_DIR/compile_check.txt'"
+else
+    echo
+    echo "=== compile-check: tied_lora_kernels.kernels.compile_check not present, skipped"
+    STATUS+=("$(printf '%-14s %-16s %4ss' compile-check absent 0)")
+fi
+
+JSONS=()
+for f in "$OUT_DIR/bench_linear.json" "$OUT_DIR/bench_e2e.json"; do
+    [ -s "$f" ] && JSONS+=("$f")
+done
+if [ "${#JSONS[@]}" -gt 0 ]; then
+    phase report 25 "$PY" -m tied_lora_kernels.bench --json "${JSONS[@]}" --plot "$OUT_DIR/bench.png" \
+        --markdown "$OUT_DIR/bench.md"
+fi
+
+echo
+echo "=== gpu_check summary ($(date -u +%H:%M:%SZ))"
+printf '%s\n' "${STATUS[@]}"
+if [ "${#JSONS[@]}" -gt 0 ]; then
+    timeout 20 "$PY" -m tied_lora_kernels.bench --json "${JSONS[@]}" --headline --no-plot || true
+else
+    echo "no benchmark JSON was written"
+    FAILED=1
+fi
+finish "$FAILED"

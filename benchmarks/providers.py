@@ -1,0 +1,143 @@
+"""What a user could run instead of our fused kernels, built for one shape: the benchmark providers.
+
+Each provider is one adapted projection ``x [M, K] -> y [M, N]`` with a frozen base weight in the compute
+dtype and a trainable adapter at the same rank:
+
+- ``nn.Linear``: the base layer alone, the floor every ratio is taken against;
+- ``torch``: ``tied_lora_linear(..., backend="torch")``, TL6 (A, B, u, v trained, fp32 masters);
+- ``torch.compile``: the same function under ``torch.compile(dynamic=True)``;
+- ``peft-lora`` / ``peft-vera``: HuggingFace PEFT's LoRA and VeRA layers with PEFT's defaults
+  (``get_peft_model``: adapters upcast to fp32, dropout 0);
+- ``triton``: ``tied_lora_linear(..., backend="triton")``, the fused kernels (CUDA only).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from benchmarks.shapes import Shape
+from tied_lora_kernels import tied_lora_linear
+
+__all__ = ["PROVIDERS", "FLOOR", "Built", "unavailable", "build"]
+
+FLOOR = "nn.Linear"
+PROVIDERS = (FLOOR, "torch", "torch.compile", "peft-lora", "peft-vera", "triton")
+
+
+@dataclass
+class Built:
+    """A provider ready to run: ``fn(x) -> y``, its trainable tensors and the frozen ones it holds."""
+
+    fn: Callable[[Tensor], Tensor]
+    trainable: list[Tensor] = field(default_factory=list)
+    frozen: list[Tensor] = field(default_factory=list)
+    adapter_dtype: str = "-"
+    owner: object = None  # what must stay alive while fn runs (PEFT's model owns VeRA's shared buffers)
+
+
+def unavailable(provider: str, device: torch.device) -> str | None:
+    """Why ``provider`` cannot run on ``device`` (a skip reason), or None."""
+    if provider in ("peft-lora", "peft-vera") and importlib.util.find_spec("peft") is None:
+        return "peft is not installed"
+    if provider == "triton":
+        if device.type != "cuda":
+            return "the fused kernels are benchmarked on CUDA only (the CPU interpreter is not timed)"
+        from tied_lora_kernels import kernels
+
+        reason = kernels.unavailable_reason(device)
+        if reason:
+            return reason
+        if not hasattr(kernels, "tied_lora_linear_triton"):
+            return "tied_lora_kernels.kernels has no tied_lora_linear_triton yet"
+    if provider == "torch.compile" and device.type == "cpu" and not _has_cxx():
+        return "torch.compile on CPU needs a C++ compiler"
+    return None
+
+
+@functools.cache
+def _has_cxx() -> bool:
+    import shutil
+
+    return any(shutil.which(c) for c in ("c++", "g++", "clang++"))
+
+
+def build(provider: str, shape: Shape, rank: int, dtype: torch.dtype, device: torch.device) -> Built:
+    """``provider`` for ``shape`` at ``rank``: base weight in ``dtype`` (frozen, no bias, LLaMA-style)."""
+    gen = torch.Generator(device=device).manual_seed(0)  # on the device: fast for the large GPU shapes
+    K, N = shape.K, shape.N
+    weight = (torch.randn(N, K, generator=gen, device=device) / K**0.5).to(dtype)
+    if provider == FLOOR:
+        return Built(lambda x: nn.functional.linear(x, weight), frozen=[weight])
+    if provider in ("torch", "torch.compile", "triton"):
+        return _build_tied(provider, weight, rank, gen)
+    if provider in ("peft-lora", "peft-vera"):
+        return _build_peft(provider, weight, rank)
+    raise ValueError(f"unknown provider {provider!r}; expected one of {PROVIDERS}")
+
+
+def _build_tied(provider: str, weight: Tensor, rank: int, gen: torch.Generator) -> Built:
+    N, K = weight.shape
+    device = weight.device
+
+    def master(*size, std):  # fp32 master weights, as TiedLoRAConfig keeps them (design.md §4)
+        return (torch.randn(*size, generator=gen, device=device) * std).requires_grad_()
+
+    A, B = master(rank, K, std=K**-0.5), master(N, rank, std=rank**-0.5)
+    u, v = master(rank, std=1.0), master(N, std=0.1)
+    backend = "triton" if provider == "triton" else "torch"
+    fn = _compiled_tied() if provider == "torch.compile" else tied_lora_linear
+
+    def forward(x: Tensor) -> Tensor:
+        return fn(x, weight, None, A, B, u, v, 1.0, backend=backend)
+
+    return Built(forward, trainable=[A, B, u, v], frozen=[weight], adapter_dtype="float32")
+
+
+@functools.cache
+def _compiled_tied():
+    # One compiled callable for every test: dynamic shapes, so new M/K/N/R reuse graphs where dynamo can
+    # (duck sizing and 0/1 specialisation still recompile a few times); a high limit keeps dynamo from
+    # silently falling back to eager after 8 recompiles.
+    import torch._dynamo
+
+    cfg = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(cfg, name):
+            setattr(cfg, name, max(getattr(cfg, name), 256))
+    return torch.compile(tied_lora_linear, dynamic=True)
+
+
+class _Wrap(nn.Module):
+    def __init__(self, weight: Tensor):
+        super().__init__()
+        N, K = weight.shape
+        self.proj = nn.Linear(K, N, bias=False, device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            self.proj.weight.copy_(weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(x)
+
+
+def _build_peft(provider: str, weight: Tensor, rank: int) -> Built:
+    import peft
+
+    if provider == "peft-lora":
+        config = peft.LoraConfig(r=rank, lora_alpha=rank, target_modules=["proj"], lora_dropout=0.0)
+    else:
+        config = peft.VeraConfig(r=rank, target_modules=["proj"], vera_dropout=0.0)
+    model = peft.get_peft_model(_Wrap(weight), config)
+    layer = model.base_model.model.proj  # time the adapted layer itself, not PeftModel's wrapper
+    trainable = [p for p in layer.parameters() if p.requires_grad]
+    frozen = [p for p in layer.parameters() if not p.requires_grad] + list(model.buffers())
+    with torch.no_grad():  # PEFT starts LoRA's B and VeRA's b at zero; give them values like a trained adapter
+        for p in trainable:
+            p.normal_(0, 0.02)
+    dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in trainable})
+    return Built(layer, trainable=trainable, frozen=frozen, adapter_dtype="/".join(dtypes), owner=model)

@@ -1,0 +1,116 @@
+"""One adapted projection, providers × modes × named shapes (Liger-style), timed with pytest-benchmark.
+
+Modes: ``forward`` (inference, under no_grad; the only mode at decode M <= 16), ``backward`` (the
+backward of a training step alone; its forward runs untimed before each round), ``fwd+bwd`` (frozen
+base, trainable adapter, ``x`` requires grad as inside a network). Each result's ``extra_info`` carries
+provider, shape, tokens, FLOPs, bytes, memory, dtype, device and versions, so ``python -m
+tied_lora_kernels bench`` can read it as TFLOP/s, GB/s and a ratio to ``nn.Linear``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from benchmarks import providers, timing
+from benchmarks.conftest import DEVICE
+from benchmarks.shapes import DECODE_MAX_M, flops, linear_cases, min_bytes
+
+CASES = {case.id: case for case in linear_cases(DEVICE.type)}
+
+
+def _params():
+    params, floors = [], set()
+    for case in CASES.values():
+        marks = [pytest.mark.slow] if case.slow else []
+        if DEVICE.type == "cuda":
+            marks.append(pytest.mark.gpu)
+        for provider in providers.PROVIDERS:
+            if provider == providers.FLOOR:  # rank-independent: once per (shape, M, dtype, mode)
+                key = (case.shape, case.M, case.dtype, case.mode)
+                if key in floors:
+                    continue
+                floors.add(key)
+                case_id = case.id.replace(f"-r{case.rank}-", "-")
+            else:
+                case_id = case.id
+            extra = [pytest.mark.gpu] if provider == "triton" and DEVICE.type != "cuda" else []
+            params.append(pytest.param(provider, case.id, id=f"{provider}-{case_id}", marks=marks + extra))
+    return params
+
+
+def _mode_fns(built: providers.Built, x: torch.Tensor, dy: torch.Tensor, mode: str):
+    """``(setup, fn)`` of one round of ``mode`` for a built provider; ``setup`` runs untimed."""
+    if mode == "forward":
+
+        def forward():
+            with torch.no_grad():
+                built.fn(x)
+
+        return None, forward
+
+    def clear_grads():
+        for t in (x, *built.trainable):
+            t.grad = None
+
+    if mode == "fwd+bwd":
+        return clear_grads, lambda: built.fn(x).backward(dy)
+    state = {}
+
+    def forward_untimed():
+        clear_grads()
+        state["y"] = built.fn(x)
+
+    return forward_untimed, lambda: state.pop("y").backward(dy)
+
+
+@pytest.mark.parametrize(("provider", "case_id"), _params())
+def test_linear(benchmark, provider: str, case_id: str):
+    case = CASES[case_id]
+    reason = providers.unavailable(provider, DEVICE)
+    if reason:
+        pytest.skip(reason)
+    shape, M, dtype, mode = case.shape, case.M, case.dtype, case.mode
+    adapter = provider != providers.FLOOR
+    rank = case.rank if adapter else 0
+    built = providers.build(provider, shape, case.rank, dtype, DEVICE)
+    gen = torch.Generator(device=DEVICE).manual_seed(1)
+    x = torch.randn(M, shape.K, generator=gen, device=DEVICE, dtype=dtype).requires_grad_(mode != "forward")
+    dy = torch.randn(M, shape.N, generator=gen, device=DEVICE, dtype=dtype)
+    setup, fn = _mode_fns(built, x, dy, mode)
+    saved = None
+    if mode != "forward":
+        saved = timing.saved_bytes(lambda: built.fn(x), exclude=built.frozen + built.trainable)
+    paired = None
+    if adapter and DEVICE.type == "cpu":  # time nn.Linear beside it, round by round (see timing.run)
+        floor = providers.build(providers.FLOOR, shape, case.rank, dtype, DEVICE)
+        paired = _mode_fns(floor, x, dy, mode)
+
+    benchmark.group = f"{shape.name} {str(dtype).removeprefix('torch.')} {mode} M={M}"  # read by run()
+    how, floor_s = timing.run(
+        benchmark, fn, setup, DEVICE, graph=mode == "forward" and M <= DECODE_MAX_M, paired=paired
+    )
+    peak = timing.cuda_peak_bytes(fn, setup, DEVICE)
+
+    elem = torch.empty((), dtype=dtype).element_size()
+    benchmark.extra_info.update(
+        kind="linear",
+        provider=provider,
+        shape=shape.name,
+        K=shape.K,
+        N=shape.N,
+        M=M,
+        tokens=M,
+        rank=rank,
+        mode=mode,
+        dtype=str(dtype).removeprefix("torch."),
+        flops=flops(M, shape.K, shape.N, rank, mode, adapter),
+        bytes=min_bytes(M, shape.K, shape.N, rank, mode, elem, adapter),
+        saved_bytes=saved,
+        peak_bytes=peak,
+        adapter_dtype=built.adapter_dtype,
+        timing=how,
+        paired_floor=floor_s,
+        tier="slow" if case.slow else "default",
+        **timing.device_info(DEVICE.type),
+    )

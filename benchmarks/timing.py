@@ -1,0 +1,226 @@
+"""How every benchmark is timed and how its memory is counted, the same way for every provider.
+
+- CPU: pytest-benchmark's own timer (``benchmark.pedantic``), an untimed ``setup`` before each round.
+- CUDA: each round is bracketed by CUDA events on the stream, after the L2 cache is flushed (a 256 MiB
+  write), so the weights come from HBM as they would in a model; decode rounds replay a CUDA graph (no
+  launch overhead; eager events when capture fails). The event times are then handed to pytest-benchmark
+  through a replay clock, so the JSON's ``stats`` are GPU times and read the same as CPU results.
+- Memory: bytes saved for backward (saved-tensor hooks, unique storages, parameters and buffers excluded),
+  on any device; on CUDA also the peak allocated above what was live before the call.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import platform
+import statistics
+import time
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import Tensor
+
+__all__ = ["run", "saved_bytes", "cuda_peak_bytes", "device_info"]
+
+CPU_TARGET_S = 0.25  # time spent measuring one CPU case
+CUDA_TARGET_S = 0.10  # time spent measuring one CUDA case
+L2_FLUSH_BYTES = 256 * 2**20
+
+
+def run(
+    benchmark,
+    fn: Callable[[], object],
+    setup: Callable[[], object] | None,
+    device: torch.device,
+    graph: bool = False,
+    paired: tuple[Callable[[], object] | None, Callable[[], object]] | None = None,
+    target_s: float | None = None,
+) -> tuple[str, dict | None]:
+    """Time ``fn`` (``setup`` runs untimed before each round) and record it in ``benchmark``.
+
+    ``paired = (setup, fn)`` of a reference (the floor): on CPU one reference round is timed right before
+    every round of ``fn``, so both see the same machine load and their ratio survives a busy shared
+    machine. Returns how it was timed (``"wall"``, ``"cuda-events"``, ``"cuda-graph"``, ``"disabled"``)
+    and the reference's ``{"median", "min", "mean"}`` seconds (None when not paired). ``target_s``: time
+    to spend measuring (default CPU_TARGET_S / CUDA_TARGET_S).
+    """
+    if benchmark.disabled:  # --benchmark-disable: pedantic makes one untimed call, a smoke test
+        benchmark.pedantic(fn, setup=setup, rounds=1)
+        return "disabled", None
+    if device.type == "cuda":  # CUDA times are stable: no pairing, the floor is its own benchmark
+        times, how = _cuda_times(fn, setup, device, graph, target_s or CUDA_TARGET_S)
+        _replay(benchmark, times)
+        return how, None
+    # warm-up (and compile) outside the timer, then size the run from one timed call
+    for _ in range(2):
+        _call(setup, fn)
+    t = _time_once(setup, fn)
+    rounds = int(min(max((target_s or CPU_TARGET_S) / max(t, 1e-6), 5), 50))
+    reference: list[float] = []
+    if paired:
+        ref_setup, ref_fn = paired
+        _call(ref_setup, ref_fn)
+
+        def paired_setup():
+            reference.append(_time_once(ref_setup, ref_fn))
+            if setup:
+                setup()
+
+    benchmark.pedantic(fn, setup=paired_setup if paired else setup, rounds=rounds, warmup_rounds=1)
+    if not reference:
+        return "wall", None
+    reference = reference[1:]  # the warm-up round's
+    return "wall", {"median": statistics.median(reference), "min": min(reference), "mean": statistics.mean(reference)}
+
+
+def _call(setup, fn):
+    if setup:
+        setup()
+    fn()
+
+
+def _time_once(setup, fn) -> float:
+    if setup:
+        setup()
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+class _ReplayClock:
+    """A clock that only moves when ``tick`` is called: pytest-benchmark reads it before and after a round."""
+
+    def __init__(self, times: Iterable[float]):
+        self.now = 0.0
+        self._times = iter(times)
+
+    def __call__(self) -> float:
+        return self.now
+
+    def tick(self) -> None:
+        self.now += next(self._times)
+
+    def __repr__(self) -> str:  # what the JSON's options.timer says
+        return "cuda-events (replayed)"
+
+
+def _replay(benchmark, times: list[float]) -> None:
+    clock = _ReplayClock(times)
+    # pytest-benchmark has no public hook for externally measured rounds; its runner reads `_timer`.
+    benchmark._timer = clock
+    benchmark.pedantic(clock.tick, rounds=len(times), iterations=1, warmup_rounds=0)
+
+
+@functools.cache
+def _flush_buffer(device: torch.device) -> Tensor:
+    return torch.empty(L2_FLUSH_BYTES, dtype=torch.int8, device=device)
+
+
+def _cuda_times(fn, setup, device, graph: bool, target_s: float) -> tuple[list[float], str]:
+    flush = _flush_buffer(device)
+    for _ in range(3):  # warm-up: compile, autotune, cuBLAS heuristics
+        _call(setup, fn)
+    torch.cuda.synchronize(device)
+    how, target = "cuda-events", fn
+    if graph and setup is None:
+        try:
+            g = torch.cuda.CUDAGraph()
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    fn()
+            torch.cuda.current_stream(device).wait_stream(side)
+            with torch.cuda.graph(g):
+                fn()
+            target, how = g.replay, "cuda-graph"
+        except Exception:  # a provider that cannot be captured is timed eagerly, and says so
+            torch.cuda.synchronize(device)
+            target = fn
+
+    def rounds(n: int) -> list[float]:
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+        for s, e in zip(starts, ends, strict=True):
+            if setup:
+                setup()
+            flush.zero_()
+            s.record()
+            target()
+            e.record()
+        torch.cuda.synchronize(device)
+        return [s.elapsed_time(e) / 1e3 for s, e in zip(starts, ends, strict=True)]
+
+    estimate = min(rounds(5))
+    n = int(min(max(target_s / max(estimate, 1e-7), 10), 200))
+    return rounds(n), how
+
+
+def saved_bytes(forward: Callable[[], object], exclude: Iterable[Tensor]) -> int:
+    """Bytes of the distinct storages ``forward`` saves for backward, not counting ``exclude`` (weights)."""
+    excluded = {t.untyped_storage().data_ptr() for t in exclude}
+    storages: dict[int, int] = {}
+
+    def pack(t: Tensor) -> Tensor:
+        s = t.untyped_storage()
+        if s.data_ptr() not in excluded:
+            storages[s.data_ptr()] = max(storages.get(s.data_ptr(), 0), s.nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = forward()
+    del out
+    return sum(storages.values())
+
+
+def cuda_peak_bytes(fn: Callable[[], object], setup: Callable[[], object] | None, device) -> int | None:
+    """Peak bytes allocated by one ``fn()`` call above what was live before it (CUDA only)."""
+    if device.type != "cuda":
+        return None
+    if setup:
+        setup()
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - before
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+@functools.cache
+def device_info(device_type: str) -> dict:
+    """Device name and the versions that decide the numbers, stored with every result."""
+    info = {
+        "device": device_type,
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+        "peft": _version("peft"),
+        "transformers": _version("transformers"),
+        "python": platform.python_version(),
+    }
+    if device_type == "cuda":
+        info["device_name"] = torch.cuda.get_device_name()
+        info["cuda"] = torch.version.cuda
+    else:
+        info["device_name"] = _cpu_name()
+        info["threads"] = torch.get_num_threads()
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

@@ -1,0 +1,474 @@
+"""``python -m tied_lora_kernels bench``: run the benchmark suite (or read its JSON) and report it.
+
+Usage::
+
+    python -m tied_lora_kernels bench                       # run benchmarks/ (default tier), report
+    python -m tied_lora_kernels bench -- -m "slow or not slow"   # the full grid (args after -- go to pytest)
+    python -m tied_lora_kernels bench --json a.json [b.json] --plot out.png --markdown out.md
+    python -m tied_lora_kernels bench --json a.json --summary   # the short table only
+
+Prints one table per shape (provider, time, TFLOP/s, GB/s, ratio to ``nn.Linear``, memory), the
+end-to-end training steps, and a summary; writes a PNG of the ratio to ``nn.Linear`` against tokens per
+provider (needs matplotlib) and optionally a markdown report. A progress bar (tqdm if installed) while the
+suite runs; pytest's own output goes to ``<out>/pytest.log``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = ["main", "load", "summary_rows"]
+
+FLOOR = "nn.Linear"
+ORDER = (FLOOR, "torch", "torch.compile", "triton", "peft-lora", "peft-vera")
+MODES = ("forward", "backward", "fwd+bwd")
+BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pytest_args = argv[argv.index("--") + 1 :] if "--" in argv else []
+    argv = argv[: argv.index("--")] if "--" in argv else argv
+    p = argparse.ArgumentParser(
+        prog="python -m tied_lora_kernels bench",
+        description="Run the benchmark suite (or read its JSON) and report it. Arguments after -- go to pytest.",
+        epilog="examples:\n" + __doc__.split("Usage::")[1].split("Prints")[0].rstrip(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--json", nargs="+", type=Path, help="read these pytest-benchmark JSON files, run nothing")
+    p.add_argument("--out", type=Path, default=Path("bench-out"), help="folder for JSON, plot, log")
+    p.add_argument("--plot", type=Path, help="PNG path (default <out>/bench.png, or next to --json)")
+    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--markdown", type=Path, help="also write a markdown report here")
+    p.add_argument("--summary", action="store_true", help="print only the summary tables")
+    p.add_argument("--headline", action="store_true", help="print only the headline and end-to-end tables")
+    p.add_argument("--stat", choices=("median", "min", "mean"), default="median", help="time statistic")
+    p.add_argument("--rank", type=int, help="rank shown in the plot (default: 16 if measured)")
+    args = p.parse_args(argv)
+
+    rc = 0
+    if args.json:
+        paths = args.json
+        out_dir = args.json[0].parent
+    else:
+        out_dir = args.out
+        rc, path = _run_suite(out_dir, pytest_args)
+        if not path.exists():
+            print(f"bench: pytest exited with {rc} and wrote no results (see {out_dir / 'pytest.log'})")
+            return rc or 1
+        paths = [path]
+    records = load(paths)
+    if not records:
+        print("bench: no benchmark results in " + ", ".join(map(str, paths)))
+        return rc or 1
+    if not (args.summary or args.headline):
+        for title, headers, rows in _shape_tables(records, args.stat):
+            print(f"\n{title}\n" + _table(headers, rows))
+    for title, headers, rows in _summary_tables(records, args.stat, wide=not args.headline):
+        print(f"\n{title}\n" + _table(headers, rows))
+    plot = None
+    if not args.no_plot:
+        plot = _plot(records, args.plot or out_dir / "bench.png", args.stat, args.rank)
+    if args.markdown:
+        _write_markdown(records, args.markdown, args.stat, plot)
+        print(f"\nbench: wrote {args.markdown}")
+    return rc
+
+
+# ---------------------------------------------------------------------------------------------------------
+# running the suite
+
+
+def _run_suite(out_dir: Path, pytest_args: list[str]) -> tuple[int, Path]:
+    import pytest
+
+    if not BENCH_DIR.is_dir():
+        raise SystemExit(f"bench: no benchmarks folder at {BENCH_DIR} (run from a source checkout)")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path, log = out_dir / "bench.json", out_dir / "pytest.log"
+    progress = _Progress()
+    cmd = [str(BENCH_DIR), f"--benchmark-json={path}", "-q", *pytest_args]
+    print(f"bench: pytest {' '.join(cmd)}  (log: {log})", flush=True)
+    with open(log, "w") as f, contextlib.redirect_stdout(f):
+        rc = int(pytest.main(cmd, plugins=[progress]))
+    progress.close()
+    for nodeid, message in progress.failures:
+        print(f"FAILED {nodeid}: {message}")
+    return rc, path
+
+
+class _Progress:
+    """pytest plugin: a progress bar over the collected benchmarks (tqdm, or a line every 10 %)."""
+
+    def __init__(self):
+        self.total, self.done, self.skipped, self.failures = 0, 0, 0, []
+        self.bar, self.start, self.next_line = None, time.monotonic(), 0.0
+
+    def pytest_collection_finish(self, session):
+        self.total = len(session.items)
+
+    def pytest_runtest_logreport(self, report):
+        if report.failed:
+            self.failures.append((report.nodeid, _first_line(report)))
+        elif report.skipped:
+            self.skipped += 1
+        if report.when != "teardown":
+            return
+        self.done += 1
+        if self.bar is None and sys.__stderr__.isatty():
+            with contextlib.suppress(ImportError):
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=self.total, desc="bench", unit="case", file=sys.__stderr__)
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(skipped=self.skipped, failed=len(self.failures), refresh=False)
+        elif self.done / max(self.total, 1) >= self.next_line or self.done == self.total:
+            self.next_line += 0.1
+            elapsed = time.monotonic() - self.start
+            print(
+                f"bench: {self.done}/{self.total} cases, {self.skipped} skipped, {len(self.failures)} failed, "
+                f"{elapsed:.0f} s",
+                file=sys.__stderr__,
+                flush=True,
+            )
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _first_line(report) -> str:
+    text = getattr(report, "longreprtext", "") or ""
+    lines = [ln for ln in text.splitlines() if ln.startswith("E ")]
+    return (lines[0][1:].strip() if lines else text.strip().splitlines()[-1:] or ["?"])[0][:200]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# reading results
+
+
+def load(paths: Sequence[Path]) -> list[dict]:
+    """Flatten pytest-benchmark JSON files into one record per benchmark (extra_info + stats)."""
+    records = []
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        machine = data.get("machine_info", {}).get("tied_lora", {})
+        for b in data.get("benchmarks", []):
+            info = b.get("extra_info") or {}
+            if "provider" not in info:
+                continue
+            rec = {**machine, **info, "name": b.get("name"), "datetime": data.get("datetime")}
+            for stat in ("median", "min", "mean", "stddev", "rounds"):
+                rec[stat] = b["stats"][stat]
+            rec.setdefault("device_name", rec.get("device", "?"))
+            records.append(rec)
+    return records
+
+
+def _floor_times(records, stat) -> dict:
+    return {
+        (r["device_name"], r["dtype"], r["shape"], r["mode"], r["M"]): r[stat]
+        for r in records
+        if r.get("kind") == "linear" and r["provider"] == FLOOR
+    }
+
+
+def _ratio(r, floors, stat) -> float | None:
+    """Time / time of nn.Linear: against the floor timed round by round beside it when there is one
+    (CPU runs, robust to a busy machine), else against the floor's own benchmark."""
+    paired = r.get("paired_floor")
+    if paired and paired.get(stat):
+        return r[stat] / paired[stat]
+    floor = floors.get((r["device_name"], r["dtype"], r["shape"], r["mode"], r["M"]))
+    return r[stat] / floor if floor else None
+
+
+def _provider_key(p: str):
+    return (ORDER.index(p) if p in ORDER else len(ORDER), p)
+
+
+def _geomean(xs) -> float | None:
+    xs = [x for x in xs if x]
+    return math.exp(sum(map(math.log, xs)) / len(xs)) if xs else None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# tables
+
+
+def _shape_tables(records, stat):
+    floors = _floor_times(records, stat)
+    groups = defaultdict(list)
+    for r in records:
+        if r.get("kind") == "linear":
+            groups[(r["device_name"], r["dtype"], r["shape"], r["K"], r["N"], r["mode"])].append(r)
+    headers = ["M", "provider", "rank", f"time ({stat})", "TFLOP/s", "GB/s", "x nn.Linear", "saved MiB", "peak MiB"]
+    for (dev, dtype, shape, K, N, mode), rs in sorted(groups.items(), key=lambda kv: _group_sort(kv[0])):
+        rs.sort(key=lambda r: (r["M"], r["rank"], _provider_key(r["provider"])))
+        rows = [
+            [
+                r["M"],
+                r["provider"],
+                r["rank"] or "-",
+                _fmt_time(r[stat]),
+                _fmt(r["flops"] / r[stat] / 1e12, 3),
+                _fmt(r["bytes"] / r[stat] / 1e9, 3),
+                _fmt(_ratio(r, floors, stat), 3),
+                _mib(r.get("saved_bytes")),
+                _mib(r.get("peak_bytes")),
+            ]
+            for r in rs
+        ]
+        yield f"{shape} [K={K}, N={N}] {dtype} {mode} on {dev}", headers, rows
+    e2e = [r for r in records if r.get("kind") == "e2e"]
+    if e2e:
+        yield from _e2e_tables(e2e, stat)
+
+
+def _group_sort(key):
+    dev, dtype, shape, K, N, mode = key
+    return (dev, dtype, shape, MODES.index(mode) if mode in MODES else 9)
+
+
+def _e2e_tables(e2e, stat):
+    groups = defaultdict(list)
+    for r in e2e:
+        groups[(r["device_name"], r["dtype"], r["shape"], r["tokens"])].append(r)
+    headers = ["provider", "rank", f"step ({stat})", "tokens/s", "x peft-lora", "trainable", "saved MiB", "peak MiB"]
+    for (dev, dtype, shape, tokens), rs in sorted(groups.items()):
+        rs.sort(key=lambda r: r["provider"])
+        lora = next((r[stat] for r in rs if r["provider"] == "peft-lora"), None)
+
+        def vs_lora(r, lora=lora):  # against PEFT LoRA timed round by round beside it (CPU runs)
+            ref = r.get("paired_reference_s")
+            return r[stat] / ref[stat] if ref and ref.get(stat) else (r[stat] / lora if lora else None)
+
+        rows = [
+            [
+                r["provider"],
+                r["rank"],
+                _fmt_time(r[stat]),
+                f"{tokens / r[stat]:,.0f}",
+                _fmt(vs_lora(r), 3),
+                f"{r['trainable_params']:,}",
+                _mib(r.get("saved_bytes")),
+                _mib(r.get("peak_bytes")),
+            ]
+            for r in rs
+        ]
+        yield f"end-to-end training step: {shape}, {tokens} tokens, {dtype} on {dev}", headers, rows
+
+
+def summary_rows(records, stat="median"):
+    """(shape, dtype, rank, mode, M) -> nn.Linear time and each provider's ratio to it."""
+    floors = _floor_times(records, stat)
+    lin = [r for r in records if r.get("kind") == "linear"]
+    provs = sorted({r["provider"] for r in lin if r["provider"] != FLOOR}, key=_provider_key)
+    cells = defaultdict(dict)
+    for r in lin:
+        if r["provider"] != FLOOR:
+            key = (r["device_name"], r["shape"], r["dtype"], r["rank"], r["mode"], r["M"])
+            cells[key][r["provider"]] = _ratio(r, floors, stat)
+    rows = []
+    for key in sorted(cells, key=lambda k: (k[0], k[1], k[2], k[3], MODES.index(k[4]), k[5])):
+        dev, shape, dtype, rank, mode, M = key
+        floor = floors.get((dev, dtype, shape, mode, M))
+        rows.append([shape, dtype, rank, mode, M, _fmt_time(floor)] + [_fmt(cells[key].get(p), 3) for p in provs])
+    return ["shape", "dtype", "rank", "mode", "M", "nn.Linear"] + [f"x {p}" for p in provs], rows, provs
+
+
+def _summary_tables(records, stat, wide=True):
+    headers, rows, provs = summary_rows(records, stat)
+    if rows and wide:
+        yield f"summary: time of nn.Linear and each provider's ratio to it ({stat})", headers, rows
+    if rows:
+        yield from _headline(records, stat, provs)
+    if wide:
+        yield from _memory_table(records)
+    e2e = [r for r in records if r.get("kind") == "e2e"]
+    if e2e:
+        for title, h, rs in _e2e_tables(e2e, stat):
+            yield "summary: " + title, h, rs
+
+
+def _memory_table(records):
+    """Activation memory of a training step per provider: bytes saved for backward (and CUDA peak)."""
+    lin = [r for r in records if r.get("kind") == "linear" and r["mode"] == "fwd+bwd"]
+    provs = sorted({r["provider"] for r in lin}, key=_provider_key)
+    cells = defaultdict(dict)
+    for r in lin:
+        for key in ((r["device_name"], r["shape"], r["dtype"], r["rank"], r["M"]),) if r["rank"] else ():
+            cells[key][r["provider"]] = r
+    floor = {(r["device_name"], r["shape"], r["dtype"], r["M"]): r for r in lin if r["provider"] == FLOOR}
+    peak = any(r.get("peak_bytes") is not None for r in lin)
+    headers = ["shape", "dtype", "rank", "M"] + [f"{p} saved MiB" for p in provs]
+    headers += [f"{p} peak MiB" for p in provs] if peak else []
+    rows = []
+    for key in sorted(cells):
+        dev, shape, dtype, rank, M = key
+        row_recs = [cells[key].get(p) or (floor.get((dev, shape, dtype, M)) if p == FLOOR else None) for p in provs]
+        row = [shape, dtype, rank, M] + [_mib(r.get("saved_bytes")) if r else "-" for r in row_recs]
+        row += [_mib(r.get("peak_bytes")) if r else "-" for r in row_recs] if peak else []
+        rows.append(row)
+    if rows:
+        yield (
+            "memory of fwd+bwd: bytes saved for backward (weights excluded)" + (", CUDA peak" if peak else ""),
+            headers,
+            rows,
+        )
+
+
+def _headline(records, stat, provs):
+    """Geometric means over shapes and M: each provider vs nn.Linear, and ours vs PEFT at the same rank."""
+    floors = _floor_times(records, stat)
+    ratios = defaultdict(dict)  # (device, shape, dtype, rank, mode, M) -> provider -> time / nn.Linear
+    for r in records:
+        if r.get("kind") == "linear" and r["provider"] != FLOOR:
+            key = (r["device_name"], r["shape"], r["dtype"], r["rank"], r["mode"], r["M"])
+            ratios[key][r["provider"]] = _ratio(r, floors, stat)
+    ours = [p for p in ("torch", "torch.compile", "triton") if p in provs]
+    pairs = [(a, b) for a in ours for b in ("peft-lora", "peft-vera") if b in provs]
+    headers = ["mode", "rank", "cases"] + [f"{p} / nn.Linear" for p in provs] + [f"{a} / {b}" for a, b in pairs]
+    rows = []
+    for mode in MODES:
+        for rank in sorted({k[3] for k in ratios if k[4] == mode}):
+            cells = [ratios[k] for k in ratios if k[4] == mode and k[3] == rank]
+            row = [mode, rank, len(cells)]
+            row += [_fmt(_geomean(c.get(p) for c in cells)) for p in provs]
+            # a / b = (a / nn.Linear) / (b / nn.Linear): each against the floor it was timed beside
+            row += [_fmt(_geomean(c[a] / c[b] for c in cells if c.get(a) and c.get(b))) for a, b in pairs]
+            rows.append(row)
+    if rows:
+        yield f"headline: geometric mean of time ratios over shapes and M ({stat}; below 1 = faster)", headers, rows
+
+
+def _table(headers, rows, markdown=False) -> str:
+    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
+    if markdown:
+        lines = ["| " + " | ".join(r) + " |" for r in cells]
+        lines.insert(1, "|" + "|".join("---" for _ in headers) + "|")
+        return "\n".join(lines)
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _fmt(x, digits=3) -> str:
+    return "-" if x is None else f"{x:.{digits}g}" if abs(x) < 1000 else f"{x:,.0f}"
+
+
+def _fmt_time(t) -> str:
+    if t is None:
+        return "-"
+    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("us", 1e-6)):
+        if t >= scale:
+            return f"{t / scale:.3g} {unit}"
+    return f"{t / 1e-9:.3g} ns"
+
+
+def _mib(b) -> str:
+    return "-" if b is None else f"{b / 2**20:.2f}"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# plot and markdown
+
+
+def _plot(records, path: Path, stat: str, rank: int | None) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("bench: matplotlib is not installed, no plot")
+        return None
+    lin = [r for r in records if r.get("kind") == "linear"]
+    ranks = sorted({r["rank"] for r in lin if r["rank"]})
+    if not ranks:
+        return None
+    rank = rank if rank in ranks else (16 if 16 in ranks else ranks[0])
+    floors = _floor_times(records, stat)
+    dtypes = sorted({r["dtype"] for r in lin})
+    fig, axes = plt.subplots(len(dtypes), 3, figsize=(15, 4.2 * len(dtypes)), squeeze=False)
+    for i, dtype in enumerate(dtypes):
+        for j, mode in enumerate(MODES):
+            ax = axes[i][j]
+            series = defaultdict(lambda: defaultdict(list))
+            for r in lin:
+                if r["dtype"] == dtype and r["mode"] == mode and r["rank"] == rank:
+                    series[r["provider"]][r["M"]].append(_ratio(r, floors, stat))
+            for provider in sorted(series, key=_provider_key):
+                Ms = sorted(series[provider])
+                style = "--" if provider.startswith("peft") else "-"  # ours solid, PEFT dashed
+                ax.plot(Ms, [_geomean(series[provider][m]) for m in Ms], style, marker="o", label=provider)
+            ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
+            ax.set_xscale("log", base=2)
+            ax.set_title(f"{mode}, {dtype}, rank {rank}")
+            ax.set_xlabel("tokens M")
+            ax.set_ylabel(f"time / nn.Linear ({stat}, geomean over shapes)")
+            ax.grid(True, which="both", alpha=0.3)
+            if series:
+                ax.legend(fontsize=8)
+    devs = sorted({r["device_name"] + (f" ({r['threads']} thread)" if r.get("threads") else "") for r in lin})
+    versions = sorted({f"torch {r.get('torch')}, triton {r.get('triton')}" for r in lin})
+    fig.suptitle(f"Tied-LoRA layer vs nn.Linear (floor = 1) on {', '.join(devs)}; {'; '.join(versions)}")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"bench: wrote {path}")
+    return path
+
+
+def _write_markdown(records, path: Path, stat: str, plot: Path | None) -> None:
+    r0 = records[0]
+    devs = sorted({r["device_name"] for r in records})
+    lines = [
+        "# Benchmark results",
+        "",
+        f"- device: {', '.join(devs)}" + (f" ({r0['threads']} CPU thread(s) used)" if r0.get("threads") else ""),
+        f"- torch {r0.get('torch')}, triton {r0.get('triton')}, peft {r0.get('peft')}, "
+        f"transformers {r0.get('transformers')}, python {r0.get('python')}",
+        f"- date: {r0.get('datetime')}",
+        f"- statistic: {stat} of each benchmark's rounds; ratios are time / time of nn.Linear "
+        "(same shape, M, dtype, mode), below 1 = faster",
+    ]
+    if any(r.get("paired_floor") for r in records):
+        lines += [
+            "- paired timing: each provider's rounds alternate with rounds of its reference (nn.Linear of the "
+            "same case; PEFT LoRA for the training steps), and ratios use that reference, so they hold on a busy "
+            "machine; the e2e peft-lora row is a control (a second PEFT LoRA model), expected near 1",
+        ]
+    lines.append("")
+    if plot:
+        lines += [f"![ratio to nn.Linear]({_relative(plot, path.parent)})", ""]
+    order = ("headline", "summary: end-to-end", "memory", "summary: time")
+    tables = sorted(
+        _summary_tables(records, stat), key=lambda t: next(i for i, o in enumerate(order + ("",)) if t[0].startswith(o))
+    )
+    for title, headers, rows in tables:
+        lines += [f"## {title}", "", _table(headers, rows, markdown=True), ""]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines))
+
+
+def _relative(target: Path, base: Path) -> str:
+    try:
+        return str(target.resolve().relative_to(base.resolve()))
+    except ValueError:
+        return str(target)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
