@@ -204,3 +204,27 @@ def test_auto_backend_on_cpu_is_torch():
     from tied_lora_kernels.functional import resolve_backend
 
     assert resolve_backend("auto", torch.zeros(1, device="cpu")) == "torch"
+
+
+def test_autocast_casts_float32_weight_like_linear():
+    """Under autocast a float32 layer fed a bf16 activation (o_proj after an autocast matmul) runs as
+    F.linear would: x, W and b in the autocast dtype."""
+    t = make_inputs(8, 16, 12, 4)
+    x = t["x"].detach().bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = tied_lora_linear(x, t["weight"], t["bias"], t["A"], t["B"], t["u"], t["v"], backend="torch")
+        base = torch.nn.functional.linear(x, t["weight"], t["bias"])
+    assert y.dtype == base.dtype == torch.bfloat16
+
+
+def test_autocast_leaves_float64_alone():
+    t = make_inputs(8, 16, 12, 4, dtype=torch.float64, adapter_dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = tied_lora_linear(t["x"], t["weight"], t["bias"], t["A"], t["B"], t["u"], t["v"], backend="torch")
+    assert y.dtype == torch.float64
+
+
+def test_meta_tensors_give_meta_output():
+    t = {k: (v.detach().to("meta") if v is not None else None) for k, v in make_inputs(5, 8, 6, 2).items()}
+    y = tied_lora_linear(t["x"], t["weight"], t["bias"], t["A"], t["B"], t["u"], t["v"])
+    assert y.is_meta and y.shape == (5, 6)

@@ -3,8 +3,11 @@ across layers, merge/unmerge, save/load, and the errors a user can run into."""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
+import transformers
 from torch import nn
 
 from tests.helpers import assert_close_to_reference
@@ -23,21 +26,12 @@ from tied_lora_kernels import (
     unmerge_tied_lora,
 )
 
-transformers = pytest.importorskip("transformers")
-
-# every configuration: the presets, and flag combinations off the presets (tying off with scaling vectors,
-# frozen B, frozen A, u alone)
-CONFIGS = {
-    "lora": dict(preset="lora"),
-    "tl5": dict(preset="tl5"),
-    "tl6": dict(preset="tl6"),
-    "vera": dict(preset="vera"),
-    "tl6_untied": dict(preset="tl6", tie=False),
-    "frozen_B": dict(preset="tl6", train_B=False),
-    "frozen_A_v_frozen": dict(preset="tl5", train_A=False, train_u=True),
-    "A_only": dict(preset="tl5", train_B=False),
-    "u_only": dict(preset="vera", train_v=False),
-}
+# every configuration: the four presets, and every combination of tying × trained factors (30 of them)
+CONFIGS = {name: dict(preset=name) for name in ("lora", "tl5", "tl6", "vera")}
+for tie, flags in itertools.product((True, False), itertools.product((True, False), repeat=4)):
+    if any(flags):
+        name = ("tied_" if tie else "untied_") + "".join(k for k, f in zip("ABuv", flags, strict=True) if f)
+        CONFIGS[name] = dict(tie=tie, **{f"train_{k}": f for k, f in zip("ABuv", flags, strict=True)})
 
 
 class Block(nn.Module):
@@ -75,7 +69,7 @@ def randomise_adapters(model, seed=1):
 
 def tiny_llama(seed=0, **kw):
     torch.manual_seed(seed)
-    config = transformers.LlamaConfig(
+    shape = dict(
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=2,
@@ -83,8 +77,8 @@ def tiny_llama(seed=0, **kw):
         num_key_value_heads=2,
         vocab_size=97,
         max_position_embeddings=64,
-        **kw,
     )
+    config = transformers.LlamaConfig(**{**shape, **kw})
     return transformers.LlamaForCausalLM(config).eval()
 
 
@@ -106,11 +100,12 @@ def _llama2_7b():
 
 
 def test_paper_numbers_llama2_7b_qkv_grouped():
-    lora = count_parameters(apply_tied_lora(_llama2_7b(), TiedLoRAConfig(rank=8, preset="lora"))).trainable
-    tl6 = count_parameters(apply_tied_lora(_llama2_7b(), TiedLoRAConfig(rank=8, preset="tl6"))).trainable
-    assert lora == 4_194_304
-    assert tl6 == 524_544
-    assert round(100 * tl6 / lora, 1) == 12.5
+    counts = {
+        preset: count_parameters(apply_tied_lora(_llama2_7b(), TiedLoRAConfig(rank=8, preset=preset))).trainable
+        for preset in ("lora", "tl5", "tl6", "vera")
+    }
+    assert counts == {"lora": 4_194_304, "tl5": 131_072, "tl6": 524_544, "vera": 393_472}
+    assert round(100 * counts["tl6"] / counts["lora"], 1) == 12.5
 
 
 def test_paper_numbers_gpt_2b_fused_qkv():
@@ -296,6 +291,20 @@ def test_config_errors():
         TiedLoRAConfig(groups=[("q_proj", "k_proj"), ("k_proj", "v_proj")])
     with pytest.raises(TypeError, match="floating-point"):
         TiedLoRAConfig(dtype=torch.int8)
+    with pytest.raises(TypeError, match="floating-point"):
+        TiedLoRAConfig(dtype="foo")
+    with pytest.raises(ValueError, match="alpha must be a positive"):
+        TiedLoRAConfig(alpha=0)
+    with pytest.raises(ValueError, match="u_init must be a finite"):
+        TiedLoRAConfig(u_init=float("nan"))
+    with pytest.raises(TypeError, match="groups must be a sequence of tuples"):
+        TiedLoRAConfig(groups=QKV)
+    with pytest.raises(TypeError, match="train_A must be True, False or None"):
+        TiedLoRAConfig(train_A="no")
+    with pytest.raises(TypeError, match="seed must be an int"):
+        TiedLoRAConfig(seed="x")
+    with pytest.raises(TypeError, match="target_modules must be names or a callable"):
+        TiedLoRAConfig(target_modules=[1, 2])
 
 
 def test_apply_errors():
@@ -305,6 +314,8 @@ def test_apply_errors():
         apply_tied_lora(nn.ModuleDict({"q_proj": nn.Conv1d(4, 4, 1)}), TiedLoRAConfig(target_modules=["q_proj"]))
     with pytest.raises(ValueError, match="exceeds min"):
         apply_tied_lora(Toy(d=8, kv=4), TiedLoRAConfig(rank=6, groups=(), target_modules=["k_proj"]))
+    with pytest.raises(ValueError, match="the model itself matched"):
+        apply_tied_lora(nn.Linear(8, 8), TiedLoRAConfig(target_modules=lambda m, name: isinstance(m, nn.Linear)))
     model = apply_tied_lora(Toy(), TiedLoRAConfig())
     with pytest.raises(RuntimeError, match="already has Tied-LoRA adapters"):
         apply_tied_lora(model, TiedLoRAConfig())
@@ -351,3 +362,80 @@ def test_unloaded_model_saves_with_hugging_face(tmp_path):
     restored = transformers.LlamaForCausalLM.from_pretrained(tmp_path).eval()
     with torch.no_grad():
         assert_close_to_reference(restored(ids).logits, expected.double(), None, "exported logits")
+
+
+def test_failed_apply_leaves_the_model_untouched():
+    """A rank too large for one grouped projection (k/v are 4 wide) fails before any layer is replaced."""
+    model = Toy(d=16, kv=4)
+    with pytest.raises(ValueError, match="k_proj: rank 8 exceeds"):
+        apply_tied_lora(model, TiedLoRAConfig(rank=8, target_modules=QKV + ("o_proj",)))
+    assert not tied_lora_layers(model) and all(p.requires_grad for p in model.parameters())
+
+
+def test_tied_embedding_weight_is_refused():
+    model = tiny_llama(tie_word_embeddings=True)
+    with pytest.raises(ValueError, match="lm_head.weight is shared with"):
+        apply_tied_lora(model, TiedLoRAConfig(target_modules=["lm_head"], groups=()))
+
+
+def test_unload_on_a_model_adapted_by_hand():
+    from tied_lora_kernels import TiedLoRAShared
+
+    shared = TiedLoRAShared(8, 8, 2)
+    model = nn.Sequential(TiedLoRALinear(8, 8, shared=shared), TiedLoRALinear(8, 8, shared=shared))
+    merge_tied_lora(model, unload=True)
+    assert [type(m) for m in model] == [nn.Linear, nn.Linear]
+
+
+def test_autocast_on_a_float32_model():
+    """fp32 weights under bf16 autocast: o_proj and down_proj receive bf16 activations from autocast ops."""
+    model = apply_tied_lora(tiny_llama(), TiedLoRAConfig(rank=4, target_modules=QKV + ("o_proj", "down_proj")))
+    randomise_adapters(model)
+    ids = torch.randint(0, 97, (2, 8))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(ids).logits
+    with torch.no_grad():
+        expected = model(ids).logits
+    assert logits.isfinite().all()
+    assert (logits.float() - expected).abs().max() <= 0.05 * expected.abs().max()
+
+
+def test_load_refuses_other_layouts(tmp_path):
+    model = apply_tied_lora(tiny_llama(), TiedLoRAConfig(rank=4, preset="tl6"))
+    save_tied_lora(model, tmp_path)
+    for config in (TiedLoRAConfig(rank=4, groups=()), TiedLoRAConfig(rank=4, tie=False)):
+        with pytest.raises(ValueError, match="does not fit this model"):
+            load_tied_lora(apply_tied_lora(tiny_llama(), config), tmp_path)
+    deeper = tiny_llama(num_hidden_layers=3)
+    with pytest.raises(ValueError, match="its targets also match"):
+        load_tied_lora(deeper, tmp_path)
+    assert not tied_lora_layers(deeper)  # left as it was
+    with torch.device("meta"):
+        on_meta = tiny_llama()
+    with pytest.raises(ValueError, match="meta device"):
+        load_tied_lora(on_meta, tmp_path)
+    bf16 = apply_tied_lora(tiny_llama(), TiedLoRAConfig(rank=4, dtype=torch.bfloat16))
+    with pytest.raises(TypeError, match="would round it"):
+        load_tied_lora(bf16, tmp_path)
+    merged = merge_tied_lora(apply_tied_lora(tiny_llama(), TiedLoRAConfig(rank=4)))
+    with pytest.raises(RuntimeError, match="merged"):
+        load_tied_lora(merged, tmp_path)
+
+
+def test_load_refuses_a_file_that_lost_a_tensor(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    save_tied_lora(apply_tied_lora(tiny_llama(), TiedLoRAConfig(rank=4)), tmp_path)
+    state = load_file(tmp_path / "adapter_model.safetensors")
+    state.pop(next(k for k in state if k.endswith("lora_v")))
+    save_file(state, tmp_path / "adapter_model.safetensors")
+    fresh = tiny_llama()
+    with pytest.raises(ValueError, match="adapter tensors differ"):
+        load_tied_lora(fresh, tmp_path)
+    assert not tied_lora_layers(fresh)
+
+
+def test_load_backend_override(tmp_path):
+    save_tied_lora(apply_tied_lora(tiny_llama(), TiedLoRAConfig(rank=4, backend="triton")), tmp_path)
+    model = load_tied_lora(tiny_llama(), tmp_path, backend="torch")
+    assert {layer.backend for layer in tied_lora_layers(model).values()} == {"torch"}

@@ -148,8 +148,11 @@ def test_layers_sharing_one_pair_stay_tied_through_conversions():
     [
         ({"b_rows": (0, 5)}, "reads rows"),
         ({"backend": "gpu"}, "backend must be one of"),
-        ({"u": nn.Parameter(torch.ones(3))}, "u must be"),
-        ({"u": nn.Parameter(torch.ones(2), requires_grad=False)}, "u passed in is frozen, but train_u=True"),
+        ({"share_u_with": "q_proj"}, "share_u_with must be a TiedLoRALinear of the same rank"),
+        ({"alpha": 0.0}, "alpha must be a positive finite number"),
+        ({"alpha": float("nan")}, "alpha must be a positive finite number"),
+        ({"v_init": float("inf")}, "v_init must be finite"),
+        ({"u_init": float("nan")}, "u_init must be finite"),
     ],
 )
 def test_layer_bad_arguments(kwargs, match):
@@ -167,3 +170,47 @@ def test_layer_type_errors():
     layer = TiedLoRALinear.from_linear(nn.Linear(6, 4), TiedLoRAShared(6, 4, 2))
     with pytest.raises(TypeError, match="already has a Tied-LoRA adapter"):
         TiedLoRALinear.from_linear(layer, TiedLoRAShared(6, 4, 2))
+
+
+def test_share_u_with_checks_rank_and_training():
+    frozen = TiedLoRALinear.from_linear(nn.Linear(6, 4), TiedLoRAShared(6, 4, 2), train_u=False, u_init=0.5)
+    with pytest.raises(ValueError, match="share_u_with is frozen, but train_u=True"):
+        TiedLoRALinear.from_linear(nn.Linear(6, 4), TiedLoRAShared(6, 4, 2), share_u_with=frozen)
+    with pytest.raises(ValueError, match="same rank"):
+        TiedLoRALinear.from_linear(nn.Linear(6, 4), TiedLoRAShared(6, 4, 3), share_u_with=frozen, train_u=False)
+    shared = TiedLoRAShared(6, 4, 2)
+    q = TiedLoRALinear.from_linear(nn.Linear(6, 4), shared)
+    k = TiedLoRALinear.from_linear(nn.Linear(6, 4), shared, share_u_with=q)
+    assert k.lora_u is q.lora_u
+
+
+def test_ties_survive_overwrite_on_conversion():
+    """With torch.__future__'s overwrite-on-conversion every module gets new parameter objects: ties hold
+    because tied tensors belong to one module (shared pair, shared u), never to several."""
+    shared = TiedLoRAShared(8, 8, 2)
+    q = TiedLoRALinear.from_linear(nn.Linear(8, 8), shared)
+    k = TiedLoRALinear.from_linear(nn.Linear(8, 8), shared, share_u_with=q)
+    model = nn.ModuleDict({"q": q, "k": k})
+    old = torch.__future__.get_overwrite_module_params_on_conversion()
+    torch.__future__.set_overwrite_module_params_on_conversion(True)
+    try:
+        model.double()
+    finally:
+        torch.__future__.set_overwrite_module_params_on_conversion(old)
+    assert model["q"].lora_u is model["k"].lora_u and model["q"].shared.A is model["k"].shared.A
+    assert model["k"].lora_u.dtype == torch.float64
+
+
+def test_meta_init_then_reset_keeps_the_zero_start():
+    """The meta-device flow (build on meta, to_empty, reset_parameters) restores every start value."""
+    with torch.device("meta"):
+        shared = TiedLoRAShared(8, 6, 2, init="kaiming", zero_B=True, seed=0)
+        layer = TiedLoRALinear(8, 6, shared=shared, train_u=True, train_v=True, u_init=0.5, v_init=0.0)
+    layer.to_empty(device="cpu")
+    for m in layer.modules():
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+    assert torch.count_nonzero(shared.B) == 0 and torch.equal(
+        shared.A, TiedLoRAShared(8, 6, 2, init="kaiming", seed=0).A
+    )
+    assert torch.all(layer.lora_u == 0.5) and torch.all(layer.lora_v == 0)

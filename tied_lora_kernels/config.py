@@ -17,8 +17,10 @@ base model computed.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from numbers import Real
 
 import torch
 from torch import nn
@@ -75,10 +77,19 @@ class TiedLoRAConfig:
             raise ValueError(f"preset must be one of {tuple(PRESETS)}, got {self.preset!r}")
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
             raise ValueError(f"rank must be a positive int, got {self.rank!r}")
+        if self.alpha is not None and not (_is_number(self.alpha) and math.isfinite(self.alpha) and self.alpha > 0):
+            raise ValueError(f"alpha must be a positive finite number or None, got {self.alpha!r}")
+        if self.u_init is not None and not (_is_number(self.u_init) and math.isfinite(self.u_init)):
+            raise ValueError(f"u_init must be a finite number or None, got {self.u_init!r}")
+        for name in ("tie", "train_A", "train_B", "train_u", "train_v"):
+            if getattr(self, name) not in (None, True, False):
+                raise TypeError(f"{name} must be True, False or None, got {getattr(self, name)!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise TypeError(f"seed must be an int, got {self.seed!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         if isinstance(self.dtype, str):
-            self.dtype = getattr(torch, self.dtype)
+            self.dtype = getattr(torch, self.dtype, self.dtype)
         if not isinstance(self.dtype, torch.dtype) or not self.dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating-point torch.dtype, got {self.dtype!r}")
         if isinstance(self.target_modules, str):
@@ -87,10 +98,14 @@ class TiedLoRAConfig:
             self.target_modules = tuple(self.target_modules)
             if not self.target_modules:
                 raise ValueError("target_modules is empty")
+            if not all(isinstance(t, str) for t in self.target_modules):
+                raise TypeError(f"target_modules must be names or a callable, got {self.target_modules!r}")
+        if isinstance(self.groups, str) or any(isinstance(g, str) for g in self.groups):
+            raise TypeError(f"groups must be a sequence of tuples of names, e.g. (QKV,), got {self.groups!r}")
         self.groups = tuple(tuple(g) for g in self.groups)
         seen = set()
         for g in self.groups:
-            if len(g) < 2:
+            if len(g) < 2 or not all(isinstance(t, str) for t in g):
                 raise ValueError(f"a group needs at least two target names, got {g}")
             if seen & set(g):
                 raise ValueError(f"a target name can be in one group only: {sorted(seen & set(g))}")
@@ -119,17 +134,17 @@ class TiedLoRAConfig:
             r["u_init"] = 0.0
         self.resolved = r
 
-    @property
-    def scale(self) -> float:
-        return (self.rank if self.alpha is None else self.alpha) / self.rank
-
     def to_dict(self) -> dict:
         """A JSON-able description (a callable ``target_modules`` is recorded by name only)."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "resolved"}
         out["dtype"] = str(self.dtype).removeprefix("torch.")
         if callable(self.target_modules):
-            out["target_modules"] = getattr(self.target_modules, "__name__", "callable")
+            out["target_modules"] = None  # a callable is not saved: the adapted layers' names stand for it
         else:
             out["target_modules"] = list(self.target_modules)
         out["groups"] = [list(g) for g in self.groups]
         return out
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, Real) and not isinstance(value, bool)

@@ -12,6 +12,7 @@ Both backends compute ``y = x Wᵀ + b + scale · (v ⊙ ((u ⊙ (x Aᵀ)) Bᵀ)
 
 from __future__ import annotations
 
+import functools
 import math
 from numbers import Real
 
@@ -45,36 +46,67 @@ def tied_lora_linear(
     over atomics for the reductions over tokens; ``None`` follows
     ``torch.are_deterministic_algorithms_enabled()``.
     """
+    autocast = _autocast_dtype(x)
+    if autocast is not None:
+        # Autocast has no rule for a custom op: cast x, W and b as it would for F.linear (floating tensors
+        # other than float64 go to the autocast dtype), keep the adapters as they are (float32 masters stay
+        # float32), and run with autocast off.
+        x, weight, bias = (_autocast(t, autocast) for t in (x, weight, bias))
     _check_inputs(x, weight, bias, A, B, u, v, scale)
-    backend = resolve_backend(backend, x)
+    backend = resolve_backend(backend, x, A.shape[0])
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
-
-    if torch.is_autocast_enabled(x.device.type):
-        # Autocast has no rule for a custom op: cast x, W and b to the autocast dtype as F.linear would,
-        # keep the adapters as they are (float32 masters stay float32), and run with autocast off.
-        dtype = torch.get_autocast_dtype(x.device.type)
-        x, weight = x.to(dtype), weight.to(dtype)
-        bias = None if bias is None else bias.to(dtype)
+    if autocast is not None:
         with torch.autocast(x.device.type, enabled=False):
             return _dispatch(backend, x, weight, bias, A, B, u, v, float(scale), deterministic)
     return _dispatch(backend, x, weight, bias, A, B, u, v, float(scale), deterministic)
 
 
-def resolve_backend(backend: str, x: Tensor) -> str:
-    """The backend ``"auto"`` stands for on ``x``'s device, after checking the requested one can run."""
+def _autocast_dtype(x) -> torch.dtype | None:
+    if not isinstance(x, Tensor) or not torch.amp.is_autocast_available(x.device.type):
+        return None
+    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
+
+
+def _autocast(t, dtype: torch.dtype):
+    eligible = isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64
+    return t.to(dtype) if eligible else t
+
+
+def resolve_backend(backend: str, x: Tensor, rank: int = 1) -> str:
+    """The backend ``"auto"`` stands for on ``x``, after checking the requested one can run.
+
+    ``"auto"`` is triton for CUDA tensors the kernels support (their dtypes, rank ≤ their maximum), torch
+    otherwise; it never picks triton's CPU interpreter, which is for tests.
+    """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "torch":
         return "torch"
+    reason = _triton_unavailable(x.device)
+    if backend == "triton":
+        if reason:
+            raise RuntimeError(f"backend='triton' cannot run here: {reason}. Use backend='torch' or 'auto'.")
+        return "triton"
+    if not x.is_cuda or reason:
+        return "torch"
+    from tied_lora_kernels.kernels import configs
+    from tied_lora_kernels.kernels.function import SUPPORTED_DTYPES
+
+    return "triton" if x.dtype in SUPPORTED_DTYPES and rank <= configs.MAX_RANK else "torch"
+
+
+def _triton_unavailable(device: torch.device) -> str | None:
     from tied_lora_kernels import kernels
 
-    reason = kernels.unavailable_reason(x.device)
-    if backend == "auto":  # the interpreter is for tests: auto never picks it for CPU tensors
-        return "triton" if x.is_cuda and reason is None else "torch"
-    if reason:
-        raise RuntimeError(f"backend='triton' cannot run here: {reason}. Use backend='torch' or 'auto'.")
-    return "triton"
+    return _cached_reason(device.type, device.index, kernels.interpreting())
+
+
+@functools.cache
+def _cached_reason(device_type: str, index: int | None, interpreting: bool) -> str | None:
+    from tied_lora_kernels import kernels
+
+    return kernels.unavailable_reason(torch.device(device_type, index))
 
 
 def _dispatch(backend, x, weight, bias, A, B, u, v, scale, deterministic):

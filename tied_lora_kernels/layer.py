@@ -5,13 +5,19 @@ The layer *is* an ``nn.Linear``: it keeps ``weight`` and ``bias`` (the same para
 
 - ``shared``: the ``TiedLoRAShared`` holding the tied ``A`` and ``B`` (registered in every layer that uses
   it; PyTorch yields a shared parameter once);
-- ``lora_u [rank]`` and ``lora_v [out]``: per-layer scaling vectors, ``None`` when frozen at one;
+- ``lora_scale``: the ``UScale`` owning ``u [rank]`` — the layer's own, or the one the grouped projections of a
+  layer share (q, k and v) — and ``lora_v [out]``; a vector frozen at one is ``None`` (no memory, no work);
 - ``b_rows``: the rows of ``shared.B`` this layer reads (grouped projections), ``None`` for all of them.
+
+Shared pieces are modules, never bare parameters registered twice, so ties survive every conversion
+(``.to()``, ``.half()``, ``deepcopy``, even with ``torch.__future__`` overwrite-on-conversion).
 
 Forward: ``y = x Wᵀ + b + scale · (v ⊙ ((u ⊙ (x Aᵀ)) Bᵀ))`` with ``scale = alpha / rank``.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor, nn
@@ -20,16 +26,40 @@ from tied_lora_kernels import reference
 from tied_lora_kernels.functional import BACKENDS, tied_lora_linear
 from tied_lora_kernels.shared import TiedLoRAShared
 
-__all__ = ["TiedLoRALinear"]
+__all__ = ["TiedLoRALinear", "UScale"]
+
+
+class UScale(nn.Module):
+    """Owns one ``u [rank]`` starting at ``init``: a trained parameter, a frozen one, or ``None`` (ones)."""
+
+    def __init__(self, rank: int, *, train: bool, init: float, device=None, dtype=None):
+        super().__init__()
+        if not math.isfinite(init):
+            raise ValueError(f"u_init must be finite, got {init}")
+        self.init = float(init)
+        if train or init != 1.0:
+            self.u = nn.Parameter(torch.empty(rank, device=device, dtype=dtype), requires_grad=train)
+        else:
+            self.register_parameter("u", None)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        if self.u is not None:
+            self.u.fill_(self.init)
 
 
 class TiedLoRALinear(nn.Linear):
     """``nn.Linear`` plus ``scale · diag(v) · B · diag(u) · A`` with ``A``, ``B`` from a ``TiedLoRAShared``.
 
     Build it like ``nn.Linear`` with a ``shared=`` argument, or adapt an existing layer with
-    ``TiedLoRALinear.from_linear(linear, shared)``. ``u_init``/``v_init`` start the trained vectors; a frozen
-    vector starting at one is stored as ``None`` (no memory, no work). Pass ``u=`` to use another layer's
-    ``u`` (the grouping of q, k and v in one layer), ``b_rows=(start, stop)`` to read rows of a grouped B.
+    ``TiedLoRALinear.from_linear(linear, shared)``. Adapter keywords (both constructors):
+
+    - ``alpha`` (default ``rank``; ``scale = alpha / rank``), ``backend`` (``"auto"``, ``"torch"``,
+      ``"triton"``);
+    - ``train_u``, ``train_v`` and their start values ``u_init`` (1), ``v_init`` (0: the zero start);
+    - ``share_u_with``: another ``TiedLoRALinear`` whose ``u`` this layer uses (q, k and v of a layer);
+    - ``b_rows=(start, stop)``: the rows of a grouped ``shared.B`` this layer reads.
     """
 
     def __init__(
@@ -41,34 +71,14 @@ class TiedLoRALinear(nn.Linear):
         dtype=None,
         *,
         shared: TiedLoRAShared,
-        alpha: float | None = None,
-        train_u: bool = True,
-        train_v: bool = True,
-        u_init: float = 1.0,
-        v_init: float = 0.0,
-        u: nn.Parameter | None = None,
-        b_rows: tuple[int, int] | None = None,
-        backend: str = "auto",
+        **adapter,
     ):
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
-        self._init_adapter(shared, alpha, train_u, train_v, u_init, v_init, u, b_rows, backend)
+        self._init_adapter(shared, **adapter)
 
     @classmethod
-    def from_linear(
-        cls,
-        linear: nn.Linear,
-        shared: TiedLoRAShared,
-        *,
-        alpha: float | None = None,
-        train_u: bool = True,
-        train_v: bool = True,
-        u_init: float = 1.0,
-        v_init: float = 0.0,
-        u: nn.Parameter | None = None,
-        b_rows: tuple[int, int] | None = None,
-        backend: str = "auto",
-    ) -> TiedLoRALinear:
-        """Adapt ``linear`` in place of it: its ``weight`` and ``bias`` parameters are reused, not copied."""
+    def from_linear(cls, linear: nn.Linear, shared: TiedLoRAShared, **adapter) -> TiedLoRALinear:
+        """Adapt ``linear``: its ``weight`` and ``bias`` parameters are reused, not copied."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear needs an nn.Linear, got {type(linear).__name__}")
         if isinstance(linear, TiedLoRALinear):
@@ -79,14 +89,31 @@ class TiedLoRALinear(nn.Linear):
         layer.weight = linear.weight
         layer.bias = linear.bias
         layer.training = linear.training
-        layer._init_adapter(shared, alpha, train_u, train_v, u_init, v_init, u, b_rows, backend)
+        layer._init_adapter(shared, **adapter)
         return layer
 
-    def _init_adapter(self, shared, alpha, train_u, train_v, u_init, v_init, u, b_rows, backend):
+    def _init_adapter(
+        self,
+        shared: TiedLoRAShared,
+        *,
+        alpha: float | None = None,
+        train_u: bool = True,
+        train_v: bool = True,
+        u_init: float = 1.0,
+        v_init: float = 0.0,
+        share_u_with: TiedLoRALinear | None = None,
+        b_rows: tuple[int, int] | None = None,
+        backend: str = "auto",
+    ) -> None:
         if not isinstance(shared, TiedLoRAShared):
             raise TypeError(f"shared must be a TiedLoRAShared, got {type(shared).__name__}")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        alpha = float(shared.rank if alpha is None else alpha)
+        if not math.isfinite(alpha) or alpha <= 0:
+            raise ValueError(f"alpha must be a positive finite number, got {alpha}")
+        if not math.isfinite(v_init):
+            raise ValueError(f"v_init must be finite, got {v_init}")
         if shared.in_features != self.in_features:
             raise ValueError(
                 f"shared A is [{shared.rank}, {shared.in_features}] but the layer has in_features={self.in_features}"
@@ -99,36 +126,53 @@ class TiedLoRALinear(nn.Linear):
             )
         self.shared = shared
         self.b_rows = None if (start, stop) == (0, shared.out_features) else (start, stop)
-        self.rank = shared.rank
-        self.alpha = float(shared.rank if alpha is None else alpha)
-        self.scale = self.alpha / shared.rank
+        self.rank, self.alpha, self.scale = shared.rank, alpha, alpha / shared.rank
         self.backend = backend
         self.merged = False
         factory = {"device": shared.A.device, "dtype": shared.A.dtype}
 
-        if u is not None:
-            if tuple(u.shape) != (shared.rank,):
-                raise ValueError(f"u must be [{shared.rank}], got shape {tuple(u.shape)}")
-            if u.requires_grad != train_u:
-                state = "trains" if u.requires_grad else "is frozen"
-                raise ValueError(f"the u passed in {state}, but train_u={train_u}")
-            self.lora_u = u
-        elif train_u or u_init != 1.0:
-            self.lora_u = nn.Parameter(torch.full((shared.rank,), float(u_init), **factory), requires_grad=train_u)
+        if share_u_with is not None:
+            if not isinstance(share_u_with, TiedLoRALinear) or share_u_with.rank != shared.rank:
+                raise ValueError("share_u_with must be a TiedLoRALinear of the same rank")
+            lora_scale = share_u_with.lora_scale
+            if (lora_scale.u is not None and lora_scale.u.requires_grad) != train_u:
+                raise ValueError(
+                    f"the u of share_u_with {'trains' if not train_u else 'is frozen'}, but train_u={train_u}"
+                )
         else:
-            self.register_parameter("lora_u", None)
+            lora_scale = UScale(shared.rank, train=train_u, init=u_init, **factory)
+        self.lora_scale = lora_scale
+        self.v_init = float(v_init)
         if train_v or v_init != 1.0:
-            self.lora_v = nn.Parameter(
-                torch.full((self.out_features,), float(v_init), **factory), requires_grad=train_v
-            )
+            self.lora_v = nn.Parameter(torch.empty(self.out_features, **factory), requires_grad=train_v)
         else:
             self.register_parameter("lora_v", None)
+        self.reset_adapter()
+
+    @property
+    def lora_u(self) -> Tensor | None:
+        """``u [rank]`` (shared with the other projections of a group), ``None`` when frozen at one."""
+        return self.lora_scale.u
 
     @property
     def lora_B(self) -> Tensor:
         """This layer's rows of the shared ``B`` (a view: gradients reach the shared parameter)."""
         B = self.shared.B
         return B if self.b_rows is None else B[self.b_rows[0] : self.b_rows[1]]
+
+    def reset_parameters(self) -> None:
+        """``nn.Linear``'s reset of ``weight``/``bias``, then the adapter's (for meta-device init flows)."""
+        super().reset_parameters()
+        if "lora_scale" in self._modules:  # nn.Linear.__init__ calls this before the adapter exists
+            self.shared.reset_parameters()
+            self.reset_adapter()
+
+    @torch.no_grad()
+    def reset_adapter(self) -> None:
+        """Put ``u`` and ``v`` back at their start values (``shared`` has its own ``reset_parameters``)."""
+        self.lora_scale.reset_parameters()
+        if self.lora_v is not None and not self.lora_v.is_meta:
+            self.lora_v.fill_(self.v_init)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.merged:
@@ -174,11 +218,8 @@ class TiedLoRALinear(nn.Linear):
         self.weight.copy_(self.weight.to(dtype) + delta)
 
     def extra_repr(self) -> str:
-        trained = [
-            n
-            for n, p in (("A", self.shared.A), ("B", self.shared.B), ("u", self.lora_u), ("v", self.lora_v))
-            if p is not None and p.requires_grad
-        ]
+        factors = (("A", self.shared.A), ("B", self.shared.B), ("u", self.lora_u), ("v", self.lora_v))
+        trained = [n for n, p in factors if p is not None and p.requires_grad]
         rows = "" if self.b_rows is None else f", b_rows={self.b_rows}"
         return (
             f"{super().extra_repr()}, rank={self.rank}, alpha={self.alpha:g}, "

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from tied_lora_kernels.config import TiedLoRAConfig
+from tied_lora_kernels.functional import check_rank
 from tied_lora_kernels.layer import TiedLoRALinear
 from tied_lora_kernels.shared import TiedLoRAShared
 
@@ -54,23 +55,18 @@ def apply_tied_lora(model: nn.Module, config: TiedLoRAConfig) -> nn.Module:
         raise RuntimeError("this model already has Tied-LoRA adapters")
     targets = _find_targets(model, config)
     r = config.resolved
+    plan = _plan(targets, config)  # every check runs before the model is touched
+
     for p in model.parameters():
         p.requires_grad_(False)
-
     shared_by_key: dict[tuple, TiedLoRAShared] = {}
-    for key, members in _group_instances(targets, config).items():
+    for tie_key, members in plan:
         linears = [targets[name] for name in members]
-        in_features = {lin.in_features for lin in linears}
-        if len(in_features) > 1:
-            raise ValueError(f"grouped layers {members} must share in_features, got {sorted(in_features)}")
-        out_total = sum(lin.out_features for lin in linears)
-        device = linears[0].weight.device
-        tie_key = (key[1], in_features.pop(), out_total) if r["tie"] else key
         shared = shared_by_key.get(tie_key)
         if shared is None:
             shared = shared_by_key[tie_key] = TiedLoRAShared(
                 linears[0].in_features,
-                out_total,
+                sum(lin.out_features for lin in linears),
                 config.rank,
                 train_A=r["train_A"],
                 train_B=r["train_B"],
@@ -78,18 +74,10 @@ def apply_tied_lora(model: nn.Module, config: TiedLoRAConfig) -> nn.Module:
                 zero_A=r["zero_A"],
                 zero_B=r["zero_B"],
                 seed=config.seed + len(shared_by_key),
-                device=device,
+                device=linears[0].weight.device,
                 dtype=config.dtype,
             )
-        elif shared.A.device != device:
-            raise ValueError(f"tied layers live on several devices ({shared.A.device} and {device}): {members}")
-        u = None
-        if r["train_u"] or r["u_init"] != 1.0:
-            u = nn.Parameter(
-                torch.full((config.rank,), r["u_init"], device=device, dtype=config.dtype),
-                requires_grad=r["train_u"],
-            )
-        start = 0
+        start, first = 0, None
         for name, lin in zip(members, linears, strict=True):
             stop = start + lin.out_features
             layer = TiedLoRALinear.from_linear(
@@ -100,18 +88,42 @@ def apply_tied_lora(model: nn.Module, config: TiedLoRAConfig) -> nn.Module:
                 train_v=r["train_v"],
                 u_init=r["u_init"],
                 v_init=r["v_init"],
-                u=u,
+                share_u_with=first,
                 b_rows=(start, stop),
                 backend=config.backend,
             )
             _set_submodule(model, name, layer)
-            start = stop
+            start, first = stop, first or layer
     model.tied_lora_config = config
     return model
 
 
+def _plan(targets: dict[str, nn.Linear], config: TiedLoRAConfig) -> list[tuple[tuple, list[str]]]:
+    """``(tie key, member names)`` per group instance, after checking shapes, ranks and devices."""
+    plan, devices = [], {}
+    for key, members in _group_instances(targets, config).items():
+        linears = [targets[name] for name in members]
+        in_features = {lin.in_features for lin in linears}
+        if len(in_features) > 1:
+            raise ValueError(f"grouped layers {members} must share in_features, got {sorted(in_features)}")
+        for name, lin in zip(members, linears, strict=True):
+            try:
+                check_rank(config.rank, lin.in_features, lin.out_features)
+            except ValueError as e:
+                raise ValueError(f"{name}: {e}") from None
+        out_total = sum(lin.out_features for lin in linears)
+        tie_key = (key[1], in_features.pop(), out_total) if config.resolved["tie"] else key
+        device = devices.setdefault(tie_key, linears[0].weight.device)
+        if any(lin.weight.device != device for lin in linears):
+            raise ValueError(f"layers tied together live on several devices: {members} and {device}")
+        plan.append((tie_key, members))
+    return plan
+
+
 def _find_targets(model: nn.Module, config: TiedLoRAConfig) -> dict[str, nn.Linear]:
-    targets = {}
+    targets, owners = {}, {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(name)
     for name, module in model.named_modules():
         if callable(config.target_modules):
             hit = bool(config.target_modules(module, name))
@@ -121,6 +133,14 @@ def _find_targets(model: nn.Module, config: TiedLoRAConfig) -> dict[str, nn.Line
             continue
         if type(module) is not nn.Linear:
             raise TypeError(f"target {name!r} is a {type(module).__name__}; only nn.Linear layers can be adapted")
+        if not name:
+            raise ValueError("the model itself matched target_modules: adapt a model that contains the linear")
+        others = [n for n in owners.get(id(module.weight), ()) if n != name + ".weight"]
+        if others:
+            raise ValueError(
+                f"{name}.weight is shared with {others} (tied weights): merging an adapter into it would change "
+                "those too; leave it out of target_modules"
+            )
         targets[name] = module
     if not targets:
         linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
@@ -172,7 +192,7 @@ def merge_tied_lora(model: nn.Module, *, unload: bool = False) -> nn.Module:
             plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
             plain.weight, plain.bias = layer.weight, layer.bias
             _set_submodule(model, name, plain)
-        del model.tied_lora_config
+        model.__dict__.pop("tied_lora_config", None)
     return model
 
 
@@ -227,6 +247,9 @@ def save_tied_lora(model: nn.Module, directory: str | os.PathLike) -> None:
     save_file(state, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
     meta = {
         "format": FORMAT,
+        "tensors": {
+            k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")} for k, v in state.items()
+        },
         "config": config.to_dict() if config is not None else None,
         "layout": _layout(model),
     }
@@ -234,9 +257,13 @@ def save_tied_lora(model: nn.Module, directory: str | os.PathLike) -> None:
         json.dump(meta, f, indent=2)
 
 
-def load_tied_lora(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
-    """Load an adapter saved by ``save_tied_lora``. A model without adapters is adapted first with the saved
-    config; an adapted one must have the same layout. Any mismatch raises before a tensor is copied."""
+def load_tied_lora(model: nn.Module, directory: str | os.PathLike, *, backend: str | None = None) -> nn.Module:
+    """Load an adapter saved by ``save_tied_lora``; ``backend`` overrides the saved one.
+
+    A model without adapters is adapted first with the saved config (same targets, groups, flags); an adapted
+    one must have the same layout (layers, shapes, rank, alpha, trained factors, ties) and adapter dtypes.
+    Every check runs before the model is touched: a mismatch raises and leaves the model as it was.
+    """
     from safetensors.torch import load_file
 
     with open(os.path.join(directory, CONFIG_NAME)) as f:
@@ -244,32 +271,70 @@ def load_tied_lora(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     if meta.get("format") != FORMAT:
         raise ValueError(f"{directory} is not a tied_lora_kernels adapter (format {meta.get('format')!r})")
     layout = meta["layout"]
-    if not tied_lora_layers(model):
+    state = load_file(os.path.join(directory, WEIGHTS_NAME))
+    layers = tied_lora_layers(model)
+    if layers:
+        merged = [name for name, layer in layers.items() if layer.merged]
+        if merged:
+            raise RuntimeError(f"cannot load into merged layers ({merged[:3]}...): unmerge_tied_lora(model) first")
+        if _layout(model) != layout:
+            raise ValueError(
+                f"the adapter in {directory} does not fit this model: {_describe_diff(_layout(model), layout)}"
+            )
+    else:
         if meta["config"] is None:
             raise ValueError("the adapter was saved without a config: adapt the model first, then load")
         _check_base_shapes(model, layout)
-        fields = dict(meta["config"], target_modules=tuple(layout))
-        apply_tied_lora(model, TiedLoRAConfig(**fields))
-    ours = _layout(model)
-    if ours != layout:
-        diff = _describe_diff(ours, layout)
-        raise ValueError(f"the adapter in {directory} does not fit this model: {diff}")
-
-    state = load_file(os.path.join(directory, WEIGHTS_NAME))
-    params = dict(model.named_parameters())
+        fields = dict(meta["config"])
+        fields["target_modules"] = fields["target_modules"] or list(layout)  # None: a callable, not saved
+        if backend is not None:
+            fields["backend"] = backend
+        config = TiedLoRAConfig(**fields)
+        found = sorted(_find_targets(model, config))
+        if found != sorted(layout):
+            extra, missing = sorted(set(found) - set(layout)), sorted(set(layout) - set(found))
+            raise ValueError(
+                f"the adapter in {directory} does not fit this model: its targets also match {extra[:4]} "
+                f"(missing {missing[:4]})"
+            )
+        # the file must match its own description, and the description the config: then the adapter that
+        # apply_tied_lora builds from the same config on the same targets is the one that was saved
+        described = {k: (torch.Size(d["shape"]), getattr(torch, d["dtype"]), False) for k, d in meta["tensors"].items()}
+        _check_tensors(state, described)
+        if any(dtype != config.dtype for _, dtype, _ in described.values()):
+            raise TypeError(f"the adapter's tensors are not all {config.dtype}, its config's dtype")
+        if any(model.get_submodule(name).weight.is_meta for name in layout):
+            raise ValueError("the model is on the meta device: materialise it (to_empty) before loading")
+        apply_tied_lora(model, config)
     expected = tied_lora_state_dict(model)
-    if set(state) != set(expected):
-        raise ValueError(
-            f"adapter tensors differ: missing {sorted(set(expected) - set(state))}, "
-            f"unexpected {sorted(set(state) - set(expected))}"
-        )
-    for name, tensor in state.items():
-        if tensor.shape != expected[name].shape:
-            raise ValueError(f"{name}: saved shape {tuple(tensor.shape)}, model has {tuple(expected[name].shape)}")
+    _check_tensors(state, {k: (t.shape, t.dtype, t.is_meta) for k, t in expected.items()})
+    if backend is not None:
+        for layer in tied_lora_layers(model).values():
+            layer.backend = backend
+    params = dict(model.named_parameters())
     with torch.no_grad():
         for name, tensor in state.items():
             params[name].copy_(tensor)
     return model
+
+
+def _check_tensors(state: dict[str, torch.Tensor], expected: dict[str, tuple]) -> None:
+    if set(state) != set(expected):
+        raise ValueError(
+            f"adapter tensors differ: missing {sorted(set(expected) - set(state))[:4]}, "
+            f"unexpected {sorted(set(state) - set(expected))[:4]}"
+        )
+    for name, tensor in state.items():
+        shape, dtype, is_meta = expected[name]
+        if is_meta:
+            raise ValueError(f"{name} is on the meta device: materialise the model (to_empty) before loading")
+        if tensor.shape != shape:
+            raise ValueError(f"{name}: saved shape {tuple(tensor.shape)}, model has {tuple(shape)}")
+        if tensor.dtype != dtype:
+            raise TypeError(
+                f"{name}: saved as {tensor.dtype}, the model's adapter is {dtype}; loading would round it "
+                "(adapt with TiedLoRAConfig(dtype=...) matching the file)"
+            )
 
 
 def _check_base_shapes(model: nn.Module, layout: dict[str, dict]) -> None:
@@ -290,7 +355,8 @@ def _describe_diff(ours: dict, theirs: dict) -> str:
     if missing or extra:
         return f"layers only in the adapter {missing[:4]}, only in the model {extra[:4]}"
     name = next(n for n in ours if ours[n] != theirs[n])
-    return f"layer {name!r}: model {ours[name]}, adapter {theirs[name]}"
+    key = next(k for k in ours[name] if ours[name][k] != theirs[name].get(k))
+    return f"layer {name!r} has {key}={ours[name][key]!r}, the adapter {key}={theirs[name][key]!r}"
 
 
 def count_parameters(model: nn.Module) -> ParameterCount:

@@ -54,17 +54,19 @@ class TiedLoRAShared(nn.Module):
         if not dtype.is_floating_point:
             raise TypeError(f"adapter dtype must be floating point, got {dtype}")
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
-        self.init = init
+        self.init, self.seed, self.zero_A, self.zero_B = init, seed, zero_A, zero_B
         self.A = nn.Parameter(torch.empty(rank, in_features, device=device, dtype=dtype), requires_grad=train_A)
         self.B = nn.Parameter(torch.empty(out_features, rank, device=device, dtype=dtype), requires_grad=train_B)
-        self.reset_parameters(seed=seed, zero_A=zero_A, zero_B=zero_B)
+        self.reset_parameters()
 
     @torch.no_grad()
-    def reset_parameters(self, *, seed: int | None = None, zero_A: bool = False, zero_B: bool = False) -> None:
+    def reset_parameters(self) -> None:
+        """Draw A and B as at construction (the same values when seeded): also the way to initialise a
+        pair created on the meta device, after ``to_empty()``."""
         if self.A.is_meta:
             return
-        generator = torch.Generator().manual_seed(seed) if seed is not None else None
-        for param, zero in ((self.A, zero_A), (self.B, zero_B)):
+        generator = torch.Generator().manual_seed(self.seed) if self.seed is not None else None
+        for param, zero in ((self.A, self.zero_A), (self.B, self.zero_B)):
             if zero:
                 param.zero_()
                 continue
