@@ -81,14 +81,14 @@ def resolve_backend(backend: str, x: Tensor, rank: int = 1) -> str:
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "torch":
+    if backend == "torch" or (backend == "auto" and not x.is_cuda):
         return "torch"
     reason = _triton_unavailable(x.device)
     if backend == "triton":
         if reason:
             raise RuntimeError(f"backend='triton' cannot run here: {reason}. Use backend='torch' or 'auto'.")
         return "triton"
-    if not x.is_cuda or reason:
+    if reason:
         return "torch"
     from tied_lora_kernels.kernels import configs
     from tied_lora_kernels.kernels.function import SUPPORTED_DTYPES
