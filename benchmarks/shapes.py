@@ -68,36 +68,43 @@ class Case:
 
 MODES = ("forward", "backward", "fwd+bwd")
 
-# (shape names, prefill Ms, decode Ms, ranks, dtypes) per device and tier. The default GPU tier is sized
-# for gpu_check.sh (8 minutes on an H100 for everything); the slow tier is the full grid of the issue.
+# Per device and tier, one or more grids of (shape names, prefill Ms, decode Ms, ranks, dtypes). The default
+# GPU tier is sized for gpu_check.sh (8 minutes on an H100 for everything, with 8 providers): first the
+# headline layer (LLaMA-2-7B q/k/v/o, K = N = 4096) at M = 8192 and decode M = 1, 16, at r = 16 and 64 (the
+# ranks on either side of the one-pass / two-pass crossover that kernels/configs.py estimates), then the
+# other shapes at r = 16; M = 2048 and the rest live in the slow tier, the full grid of the issue.
+_BF16 = (torch.bfloat16,)
 _GRID = {
     ("cuda", "default"): (
-        ("llama2-7b.qkvo", "llama2-7b.gate_up", "llama3-8b.kv", "gpt-2b.qkv_fused"),
-        (2048, 8192),
-        (1, 16),
-        (16,),
-        (torch.bfloat16,),
+        (("llama2-7b.qkvo",), (8192,), (1, 16), (16, 64), _BF16),
+        (("llama2-7b.gate_up", "llama3-8b.kv", "gpt-2b.qkv_fused"), (8192,), (1,), (16,), _BF16),
     ),
     ("cuda", "slow"): (
-        tuple(SHAPES),
-        (512, 1024, 2048, 4096, 8192, 16384),
-        (1, 2, 4, 8, 16),
-        (8, 16, 64),
-        (torch.float16, torch.bfloat16),
+        (
+            tuple(SHAPES),
+            (512, 1024, 2048, 4096, 8192, 16384),
+            (1, 2, 4, 8, 16),
+            (8, 16, 64),
+            (torch.float16, torch.bfloat16),
+        ),
     ),
     ("cpu", "default"): (
-        ("llama2-7b.qkvo/8", "llama3-8b.kv/8", "gpt-2b.qkv_fused/8"),
-        (128, 512),
-        (1, 16),
-        (8, 16),
-        (torch.float32,),
+        (
+            ("llama2-7b.qkvo/8", "llama3-8b.kv/8", "gpt-2b.qkv_fused/8"),
+            (128, 512),
+            (1, 16),
+            (8, 16),
+            (torch.float32,),
+        ),
     ),
     ("cpu", "slow"): (
-        ("llama2-7b.qkvo/8", "llama2-7b.gate_up/8", "llama2-7b.down/8", "llama3-8b.kv/8", "gpt-2b.qkv_fused/8"),
-        (128, 256, 512, 1024),
-        (1, 4, 16),
-        (8, 16, 64),
-        (torch.float32,),
+        (
+            ("llama2-7b.qkvo/8", "llama2-7b.gate_up/8", "llama2-7b.down/8", "llama3-8b.kv/8", "gpt-2b.qkv_fused/8"),
+            (128, 256, 512, 1024),
+            (1, 4, 16),
+            (8, 16, 64),
+            (torch.float32,),
+        ),
     ),
 }
 
@@ -111,8 +118,8 @@ def linear_cases(device_type: str) -> list[Case]:
     """Every case of the device's grid: the default tier, then what only the slow tier adds."""
     seen: set[str] = set()
     cases: list[Case] = []
-    for tier in ("default", "slow"):
-        names, prefill, decode, ranks, dtypes = _GRID[(device_type, tier)]
+    grids = [(tier, grid) for tier in ("default", "slow") for grid in _GRID[(device_type, tier)]]
+    for tier, (names, prefill, decode, ranks, dtypes) in grids:
         for name, dtype, rank in itertools.product(names, dtypes, ranks):
             shape = _shape(name)
             points = [(m, mode) for m in prefill for mode in MODES] + [(m, "forward") for m in decode]

@@ -2,8 +2,9 @@
 
 Runs ``python -m tied_lora_kernels.kernels.compile_check`` in a subprocess with ``TRITON_INTERPRET``
 unset (under the interpreter ``triton.jit`` cannot compile), ahead of time, no GPU needed: each config of
-``kernels/configs.py`` for sm_90 or sm_80 (the table it belongs to), each launch variant (forward, dx, and
-the two rank-gradient reductions), bf16 for the 16-bit configs and fp32 for the 32-bit ones. The table
+``kernels/configs.py`` for sm_90 or sm_80 (the table it belongs to), each launch variant (forward and dx of
+both strategies, their split-K forms at decode, the two-pass shrink of x and of dy, and the two
+rank-gradient reductions), bf16 for the 16-bit configs and fp32 for the 32-bit ones. The table
 (registers, spills, shared memory, wgmma) is printed; run pytest with ``-s`` to see it.
 """
 
@@ -39,7 +40,10 @@ def rows(tmp_path_factory):
 
 def test_every_shipped_config_is_compiled(rows):
     compiled = {(r["name"], r["variant"]) for r in rows}
-    expected = {(cfg.name, v) for _, cfg, _, _ in configs.all_fused_configs() for v in ("fwd", "dx")}
+    expected = set()
+    for _, cfg, _, _ in configs.all_fused_configs():  # both strategies; split-K variants where a config splits
+        expected |= {(cfg.name, v) for v in ("fwd", "dx") + (("fwd-splitk", "dx-splitk") if cfg.split_k else ())}
+    expected |= {(cfg.name, v) for _, cfg, _, _ in configs.all_shrink_configs() for v in ("T", "dS")}
     expected |= {(cfg.name, v) for _, cfg, _, _ in configs.all_rank_grad_configs() for v in ("G", "dA")}
     assert expected <= compiled, f"not compiled: {sorted(expected - compiled)}"
 
@@ -59,7 +63,8 @@ def test_shared_memory_fits(rows):
 
 
 def test_hopper_tiles_use_wgmma(rows):
-    # the 16-bit prefill tiles (64+ rows) must use Hopper's wgmma on sm_90, not the Ampere mma fallback
-    hopper = [r for r in rows if r["arch"] == "sm90" and "prefill-16bit" in r["name"]]
+    # the 16-bit prefill tiles (64+ rows, both strategies) and the 16-bit shrink must use Hopper's wgmma on
+    # sm_90, not the Ampere mma fallback
+    hopper = [r for r in rows if r["arch"] == "sm90" and ("prefill-16bit" in r["name"] or "shrink-16bit" in r["name"])]
     assert hopper
     assert all(r["wgmma"] for r in hopper), [r["name"] for r in hopper if not r["wgmma"]]

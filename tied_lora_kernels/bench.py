@@ -28,7 +28,7 @@ from pathlib import Path
 __all__ = ["main", "load", "summary_rows"]
 
 FLOOR = "nn.Linear"
-ORDER = (FLOOR, "torch", "torch.compile", "triton", "peft-lora", "peft-vera")
+ORDER = (FLOOR, "torch", "torch.compile", "triton", "triton-1pass", "triton-2pass", "peft-lora", "peft-vera")
 MODES = ("forward", "backward", "fwd+bwd")
 BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
 

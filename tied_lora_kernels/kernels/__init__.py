@@ -3,10 +3,13 @@
 ``unavailable_reason(device)`` says why the kernels cannot run on a device (None when they can);
 ``tied_lora_linear_triton`` is what ``tied_lora_linear(..., backend="triton")`` calls.
 
-- ``forward.py``: the one-pass fused GEMM (forward ``y`` and backward ``dx``) and its launcher;
+- ``forward.py``: the fused GEMM (forward ``y`` and backward ``dx``; one-pass or two-pass, split-K at
+  decode) and its launcher;
+- ``shrink.py``: the two-pass strategy's first kernel (``T = x Aᵀ``, ``dS = dy (s·v ⊙ B)`` in fp32);
 - ``backward.py``: the rank-gradient reduction over tokens (``G = dyᵀS``, ``dA = dTᵀx``);
 - ``function.py``: the ``autograd.Function`` joining them (all the math in its docstring);
-- ``configs.py``: every block config a launch can pick; ``compile_check.py`` compiles each for sm_90/sm_80;
+- ``configs.py``: every block config and strategy a launch can pick (and how to force one:
+  ``TIED_LORA_STRATEGY``, ``configs.forced``); ``compile_check.py`` compiles each for sm_90/sm_80;
 - ``common.py``: dot precision and the interpreter's bf16 workaround.
 """
 

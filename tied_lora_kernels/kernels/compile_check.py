@@ -6,10 +6,14 @@ For each config of ``configs.py`` (each compiled for the architecture whose tabl
 variant and each dtype, compiles with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))``
 and prints registers and spills (triton's bundled ``ptxas -v``), shared memory and whether the PTX uses
 ``wgmma``. Launch variants mirror what the launchers pass, with the JIT's specialisations: unit strides
-become constants and pointers, sizes and long strides carry 16-byte divisibility hints.
+become constants and pointers, sizes and long strides carry 16-byte divisibility hints (``s·v ⊙ B``'s row
+stride is padded to 16 elements by ``function._scaled_b``, so it carries one too).
 
-- ``fwd``: the forward ``y = x Wᵀ + …`` (W read transposed), bias, ``u`` and the ``T`` store on;
+- ``fwd``: the forward ``y = x Wᵀ + …`` (W read transposed), bias and ``u`` on; one-pass configs store
+  ``T``, two-pass configs (names ending ``-2pass``, compiled once with their rank chunk) load it;
 - ``dx``: the backward ``dx = dy W + …`` (W read as stored), no bias;
+- ``fwd-splitk`` / ``dx-splitk``: the same with split-K (fp32 partial outputs), 16-bit decode configs only;
+- ``T`` / ``dS``: the two-pass shrink of ``x`` (by ``Aᵀ``) and of ``dy`` (by ``s·v ⊙ B``);
 - ``G``: ``dyᵀ S`` with atomics (the default); ``dA``: ``xᵀ dT`` into a transposed output, deterministic.
 
 By default 16-bit configs compile for bf16 (fp16 differs only in the MMA instruction's type) and 32-bit
@@ -31,20 +35,24 @@ from concurrent.futures import ProcessPoolExecutor
 
 ARCH_NUMBER = {"sm90": 90, "sm80": 80}
 
-# variant -> (kernel, args equal to 1, args with divisibility 16, constexpr switches)
+# variant -> (kernel, args equal to 1, args with divisibility 16, constexpr switches). The fused variants'
+# LOAD_T / WRITE_T follow the config's strategy (``_fused_switches``); "-splitk" adds SPLIT_K (decode only).
 _VARIANTS = {
     "fwd": (
         "fused",
         ("stride_ak", "stride_wk", "stride_dk", "stride_ur", "stride_on", "stride_tr"),
-        ("N", "K", "stride_am", "stride_wn", "stride_dr", "stride_om"),
-        dict(HAS_RSCALE=True, HAS_BIAS=True, WRITE_T=True),
+        ("N", "K", "stride_am", "stride_wn", "stride_dr", "stride_un", "stride_om"),
+        dict(HAS_RSCALE=True, HAS_BIAS=True),
     ),
     "dx": (
         "fused",
         ("stride_ak", "stride_wn", "stride_dr", "stride_un", "stride_on", "stride_tr"),
-        ("N", "K", "stride_am", "stride_wk", "stride_ur", "stride_om"),
-        dict(HAS_RSCALE=True, HAS_BIAS=False, WRITE_T=True),
+        ("N", "K", "stride_am", "stride_wk", "stride_dk", "stride_ur", "stride_om"),
+        dict(HAS_RSCALE=True, HAS_BIAS=False),
     ),
+    # the shrink of x (down = Aᵀ, read transposed) and of dy (down = s·v ⊙ B as stored)
+    "T": ("shrink", ("stride_ak", "stride_dk", "stride_tr"), ("K", "stride_am", "stride_dr"), {}),
+    "dS": ("shrink", ("stride_ak", "stride_dr", "stride_tr"), ("K", "stride_am", "stride_dk"), {}),
     "G": ("rank", ("stride_ac", "stride_pr", "stride_or"), ("C", "stride_am"), dict(HAS_RSCALE=True, USE_ATOMIC=True)),
     "dA": (
         "rank",
@@ -53,8 +61,21 @@ _VARIANTS = {
         dict(HAS_RSCALE=True, USE_ATOMIC=False),
     ),
 }
-_FP32_POINTERS = {"fused": ("rscale_ptr", "t_ptr"), "rank": ("p_ptr", "rscale_ptr", "out_ptr")}
+_FP32_POINTERS = {"fused": ("rscale_ptr", "t_ptr"), "shrink": ("t_ptr",), "rank": ("p_ptr", "rscale_ptr", "out_ptr")}
 _TL_NAME = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+
+
+def variants_of(kernel: str, cfg) -> list[str]:
+    """The launch variants of one config: fused configs add split-K variants in the decode regime."""
+    names = [v for v, spec in _VARIANTS.items() if spec[0] == kernel]
+    if kernel == "fused" and cfg.split_k:
+        names += [f"{v}-splitk" for v in names]
+    return names
+
+
+def _fused_switches(config: dict, split: bool) -> dict:
+    two_pass = config["strategy"] == "two_pass"
+    return dict(WRITE_T=not two_pass, LOAD_T=two_pass, SPLIT_K=split)
 
 
 def jobs(full: bool = False) -> list[dict]:
@@ -62,15 +83,18 @@ def jobs(full: bool = False) -> list[dict]:
     from . import configs
 
     out = []
-    for kernel, table in (("fused", configs.all_fused_configs()), ("rank", configs.all_rank_grad_configs())):
+    tables = (
+        ("fused", configs.all_fused_configs()),
+        ("shrink", configs.all_shrink_configs()),
+        ("rank", configs.all_rank_grad_configs()),
+    )
+    for kernel, table in tables:
         for arch, cfg, block_r, wide in table:
             if wide:  # exact IEEE by default (torch's default), TF32 when torch allows it
                 dtypes = [("float32", "ieee"), ("float32", "tf32")] if full else [("float32", "ieee")]
             else:
                 dtypes = [("bfloat16", "ieee"), ("float16", "ieee")] if full else [("bfloat16", "ieee")]
-            for variant, spec in _VARIANTS.items():
-                if spec[0] != kernel:
-                    continue
+            for variant in variants_of(kernel, cfg):
                 for dtype, precision in dtypes:
                     out.append(
                         dict(
@@ -102,15 +126,23 @@ def compile_one(job: dict) -> dict:
 
     from .backward import _rank_grad_kernel
     from .forward import _fused_lora_mm_kernel
+    from .shrink import _shrink_kernel
 
-    kernel, ones, divisible, switches = _VARIANTS[job["variant"]]
-    fn = _fused_lora_mm_kernel if kernel == "fused" else _rank_grad_kernel
+    base, split = job["variant"].removesuffix("-splitk"), job["variant"].endswith("-splitk")
+    kernel, ones, divisible, switches = _VARIANTS[base]
+    fn = {"fused": _fused_lora_mm_kernel, "shrink": _shrink_kernel, "rank": _rank_grad_kernel}[kernel]
     cfg, tl_dtype = job["config"], _TL_NAME[job["dtype"]]
-    tiles = (
-        dict(BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"], GROUP_M=cfg["group_m"])
-        if kernel == "fused"
-        else dict(BLOCK_C=cfg["block_c"], BLOCK_M=cfg["block_m"])
-    )
+    fp32_pointers = _FP32_POINTERS[kernel]
+    if kernel == "fused":
+        tiles = dict(BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"], GROUP_M=cfg["group_m"])
+        switches = dict(switches, **_fused_switches(cfg, split))
+        divisible = (*divisible, "K_PER_SPLIT")  # whole BLOCK_K steps
+        if split:  # the output is the fp32 partials workspace
+            fp32_pointers = (*fp32_pointers, "out_ptr")
+    elif kernel == "shrink":
+        tiles = dict(BLOCK_M=cfg["block_m"], BLOCK_K=cfg["block_k"])
+    else:
+        tiles = dict(BLOCK_C=cfg["block_c"], BLOCK_M=cfg["block_m"])
     constexprs = dict(switches, UPCAST=False, PRECISION=job["precision"], BLOCK_R=job["block_r"], **tiles)
     signature, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
@@ -120,7 +152,7 @@ def compile_one(job: dict) -> dict:
             signature[name] = "constexpr"
             constexprs[name] = 1
         elif name.endswith("_ptr"):
-            signature[name] = "*fp32" if name in _FP32_POINTERS[kernel] else f"*{tl_dtype}"
+            signature[name] = "*fp32" if name in fp32_pointers else f"*{tl_dtype}"
             attrs[(i,)] = [["tt.divisibility", 16]]
         else:
             signature[name] = "i32"
@@ -159,7 +191,8 @@ def compile_one(job: dict) -> dict:
 
 
 def _key(job: dict) -> tuple:
-    tiles = tuple(sorted((k, v) for k, v in job["config"].items() if k != "name"))
+    # split_k only decides which variants a config has: equal tiles compile once
+    tiles = tuple(sorted((k, v) for k, v in job["config"].items() if k not in ("name", "split_k")))
     return (job["variant"], tiles, job["block_r"], job["dtype"], job["precision"], job["arch"])
 
 
@@ -172,16 +205,20 @@ def _shared_limit(arch: str) -> int:
 def format_table(rows: list[dict]) -> str:
     import triton
 
-    head = f"{'kernel':6} {'config':28} {'BLOCK_R':>7} {'dtype':9} {'arch':5} {'regs':>4} {'spills':>6} "
+    head = f"{'kernel':9} {'config':33} {'BLOCK_R':>7} {'dtype':9} {'arch':5} {'regs':>4} {'spills':>6} "
     head += f"{'smem':>7} {'wgmma':>5}"
     lines = [f"triton {triton.__version__}", head]
     for r in rows:
         c = r["config"]
-        tiles = f"{r['name']} " + (
-            f"{c['block_m']}x{c['block_n']}x{c['block_k']}" if "block_n" in c else f"{c['block_c']}x{c['block_m']}"
-        )
+        if "block_n" in c:
+            tiles = f"{c['block_m']}x{c['block_n']}x{c['block_k']}"
+        elif "block_k" in c:
+            tiles = f"{c['block_m']}x{c['block_k']}"
+        else:
+            tiles = f"{c['block_c']}x{c['block_m']}"
+        tiles = f"{r['name']} {tiles}"
         lines.append(
-            f"{r['variant']:6} {tiles:28} {r['block_r']:>7} {r['dtype']:9} {r['arch']:5} {r['registers']:>4} "
+            f"{r['variant']:9} {tiles:33} {r['block_r']:>7} {r['dtype']:9} {r['arch']:5} {r['registers']:>4} "
             f"{r['spill_bytes']:>6} {r['shared']:>7} {'yes' if r['wgmma'] else 'no':>5}"
             + ("  (tf32)" if r["precision"] == "tf32" else "")
         )

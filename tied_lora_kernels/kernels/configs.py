@@ -1,9 +1,11 @@
-"""Every block configuration the launchers can pick, in one place (the compile check walks the same tables).
+"""Every block configuration and strategy the launchers can pick, in one place (the compile check walks the
+same tables).
 
-Two kernels launch: the fused GEMM (forward ``y``, backward ``dx``; ``forward.py``) and the rank-gradient
-reduction (``G = dyᵀ S`` and ``dAᵀ = xᵀ dT``; ``backward.py``). Configs are picked by shape heuristics, not
-autotuned: no autotune trial can run a kernel twice into an accumulated gradient, and CPU runs (the
-interpreter) see the same choice as the GPU.
+Three kernels launch: the fused GEMM (forward ``y``, backward ``dx``; ``forward.py``), the shrink (``T = x Aᵀ``
+or ``dS = dy (s·v ⊙ B)``, two-pass only; ``shrink.py``) and the rank-gradient reduction (``G = dyᵀ S`` and
+``dAᵀ = xᵀ dT``; ``backward.py``). Configs are picked by shape heuristics, not autotuned: no autotune trial
+can run a kernel twice into an accumulated gradient, and CPU runs (the interpreter) see the same choice as
+the GPU.
 
 Each table is keyed by architecture ("sm90" / "sm80", see ``arch_of``), token regime (decode: M ≤ 16,
 prefill: larger), input width (16-bit or fp32) and the rank tile ``BLOCK_R = max(16, next_pow2(R))``, which
@@ -11,10 +13,40 @@ sets the size of the second accumulator ``t [BLOCK_M, BLOCK_R]`` and hence regis
 as ``BLOCK_R`` grows so that every entry compiles with zero register spills for its architecture, with
 triton 3.6 and 3.9 (``compile_check.py``; design.md §7). fp32 uses small tiles: exact-IEEE dots run on CUDA
 cores and hold their operands in registers.
+
+**Strategy** (design.md §3), per (arch, regime, width, BLOCK_R) in ``_STRATEGY``:
+
+- ``one_pass``: the GEMM's K loop also accumulates ``t = a·down`` (the a tile loaded once, two dots). Extra
+  tensor-core work ``BLOCK_R / BLOCK_N`` of the base GEMM, and the ``t`` accumulator is live through the loop
+  (why the one-pass tiles narrow as R grows: 128x128 at BLOCK_R = 64 on sm_90 is already 50 % extra MMA).
+- ``two_pass`` (LoRAFusion's): the shrink kernel writes ``t`` (fp32 ``[M, R]``) first; the GEMM runs a plain
+  K loop and then adds ``(t ⊙ rscale)·up``, loading ``t`` 16 ranks at a time (``rank_chunk``). Extra cost: one
+  more read of ``a`` and a launch; the GEMM keeps its widest tiles at every rank, one config for all ranks.
+
+**The default table is an estimate, not a measurement** (no GPU has timed either strategy yet): two-pass from
+``BLOCK_R = 32`` up in the 16-bit prefill regime, design.md §7's estimate (one-pass's extra MMA is 12.5 % at
+R = 32 with 256-wide tiles and 50-100 % at R = 64-128 with the narrower tiles it needs, against one extra
+read of x, ~6 % of the GEMM's time at M = 8192, K = N = 4096); one-pass at BLOCK_R = 16 and everywhere in
+decode (a stream over W: recomputing t costs nothing there, a second launch does); two-pass for fp32 prefill
+(32-wide tiles: one-pass's extra work is BLOCK_R / 32 ≥ 50 %). ``benchmarks/gpu_check.sh`` times both
+(providers ``triton-1pass`` / ``triton-2pass``); replace the table with what it measures.
+
+**Forcing** (benchmarks, tests): ``TIED_LORA_STRATEGY=one_pass|two_pass|auto`` in the environment, or the
+``forced(strategy=..., split_k=...)`` context manager (it beats the environment). The autograd Function reads
+the forced choice when its forward runs and uses it again in its backward.
+
+**Split-K at decode** (design.md §7): with M ≤ 16 the GEMM has only ``cdiv(N, BLOCK_N)`` output tiles (64 on
+a 4096-wide layer against 132 SMs). ``split_k_for`` splits K until about ``_TARGET_PROGRAMS`` programs run
+(at least ``_MIN_K_STEPS`` K steps each); the fp32 partials are summed afterwards in a fixed order, so the
+result is deterministic. Split-K is used by the 16-bit decode configs only (forced values too; fp32's 32-wide
+decode tiles already launch 128 programs on a 4096-wide layer).
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -22,12 +54,23 @@ import torch
 __all__ = [
     "MAX_RANK",
     "BLOCK_RS",
+    "DECODE_MAX_M",
+    "STRATEGIES",
+    "STRATEGY_ENV",
     "FusedConfig",
+    "ShrinkConfig",
     "RankGradConfig",
     "block_r_for",
+    "regime_of",
+    "strategy_for",
     "fused_config",
+    "split_k_for",
+    "shrink_config",
     "rank_grad_config",
+    "forced",
+    "forced_choice",
     "all_fused_configs",
+    "all_shrink_configs",
     "all_rank_grad_configs",
     "arch_of",
     "ARCHS",
@@ -43,16 +86,38 @@ BLOCK_RS = (16, 32, 64, 128)
 DECODE_MAX_M = 16
 """Up to this many tokens a launch uses the decode tiles (a read of W, M padded to 16)."""
 
+STRATEGIES = ("one_pass", "two_pass")
+STRATEGY_ENV = "TIED_LORA_STRATEGY"
+"""Environment variable forcing the strategy: ``one_pass``, ``two_pass`` or ``auto`` (the table; default)."""
+
 
 @dataclass(frozen=True)
 class FusedConfig:
-    """Tiles of the fused GEMM ``out = a·w + ((a·down) ⊙ rscale)·up (+ bias)``: out tile ``BLOCK_M × BLOCK_N``."""
+    """Tiles of the fused GEMM ``out = a·w + ((a·down) ⊙ rscale)·up (+ bias)``: out tile ``BLOCK_M × BLOCK_N``.
+
+    ``strategy``: "one_pass" (t accumulated in the K loop, ``BLOCK_R`` = the padded rank) or "two_pass" (t
+    loaded from the shrink kernel, added ``rank_chunk`` ranks at a time: one config serves every rank);
+    ``split_k``: the config may split K (the 16-bit decode configs, ``split_k_for``)."""
 
     name: str
     block_m: int
     block_n: int
     block_k: int
     group_m: int
+    num_warps: int
+    num_stages: int
+    strategy: str = "one_pass"
+    rank_chunk: int = 0
+    split_k: bool = False
+
+
+@dataclass(frozen=True)
+class ShrinkConfig:
+    """Tiles of the shrink ``t [M, R] = a [M, K]·down [K, R]`` (fp32 out): ``BLOCK_M`` rows per program."""
+
+    name: str
+    block_m: int
+    block_k: int
     num_warps: int
     num_stages: int
 
@@ -68,34 +133,72 @@ class RankGradConfig:
     num_stages: int
 
 
-# (arch, regime, is 32-bit, BLOCK_R) -> config. arch "sm90": Hopper and newer; "sm80": Ampere/Ada, whose
-# mma.sync accumulators need more registers and whose shared memory can be 99 KB (sm_86/sm_89).
-_FUSED: dict[tuple[str, str, bool, int], FusedConfig] = {}
+# (arch, regime, is 32-bit, BLOCK_R, strategy) -> config. arch "sm90": Hopper and newer; "sm80": Ampere/Ada,
+# whose mma.sync accumulators need more registers and whose shared memory can be 99 KB (sm_86/sm_89).
+_FUSED: dict[tuple[str, str, bool, int, str], FusedConfig] = {}
 ARCHS = ("sm90", "sm80")
 REGIMES = ("decode", "prefill")
 SHARED_MEMORY_LIMIT = {"sm90": 232448, "sm80": 101376}
 """Bytes of shared memory one program may use: H100 (227 KB), and the smallest of sm_80/86/89 (99 KB)."""
 
 
-def _add_fused(arch, regime, wide, block_rs, bm, bn, bk, warps, stages, group_m=8):
+def _add_fused(arch, regime, wide, block_rs, bm, bn, bk, warps, stages, group_m=8, two_pass=False):
+    family = f"{arch}-{regime}-{'fp32' if wide else '16bit'}"
+    split_k = regime == "decode" and not wide
+    if two_pass:  # one config for every rank: the rank-R term walks the rank in chunks of 16 (32 spills on sm_90)
+        cfg = FusedConfig(f"{family}-2pass", bm, bn, bk, group_m, warps, stages, "two_pass", 16, split_k)
+        for br in block_rs:
+            _FUSED[(arch, regime, wide, br, "two_pass")] = cfg
+        return
     for br in block_rs:
-        name = f"{arch}-{regime}-{'fp32' if wide else '16bit'}-r{br}"
-        _FUSED[(arch, regime, wide, br)] = FusedConfig(name, bm, bn, bk, group_m, warps, stages)
+        cfg = FusedConfig(f"{family}-r{br}", bm, bn, bk, group_m, warps, stages, "one_pass", 0, split_k)
+        _FUSED[(arch, regime, wide, br, "one_pass")] = cfg
 
 
 for _arch in ARCHS:
-    # decode, M <= 16: a stream over W; 16 rows is the smallest tensor-core tile
-    _add_fused(_arch, "decode", False, BLOCK_RS, 16, 64, 64, 4, 3)
-    # fp32 runs exact-IEEE dots on CUDA cores unless TF32 is allowed: small tiles, 8 warps (4 spill at
-    # R = 128 on sm_80), one config for every M
-    for _regime in REGIMES:
-        _add_fused(_arch, _regime, True, BLOCK_RS, 32, 32, 32, 8, 2)
-# prefill / training, M > 16. design.md §7: 128x256x64, 8 warps at small ranks on sm_90; narrower as R grows
+    for _two_pass in (False, True):
+        # decode, M <= 16: a stream over W (split over K, see split_k_for); 16 rows: the smallest MMA tile
+        _add_fused(_arch, "decode", False, BLOCK_RS, 16, 64, 64, 4, 3, two_pass=_two_pass)
+        # fp32 runs exact-IEEE dots on CUDA cores unless TF32 is allowed: small tiles, 8 warps (4 spill at
+        # R = 128 on sm_80), one config for every M; 32-wide tiles already give 128 programs on a 4096-wide
+        # layer at decode, so no split-K
+        for _regime in REGIMES:
+            _add_fused(_arch, _regime, True, BLOCK_RS, 32, 32, 32, 8, 2, two_pass=_two_pass)
+# fp32 one-pass at R = 128 on sm_80: no software pipelining (two stages use 252-255 registers and spill once
+# the JIT knows s·v ⊙ B's row stride is aligned; one stage uses ~120)
+for _regime in REGIMES:
+    _add_fused("sm80", _regime, True, (128,), 32, 32, 32, 8, 1)
+# one-pass prefill / training, M > 16. design.md §7: 128x256x64, 8 warps at small ranks on sm_90; narrower as
+# R grows (the t accumulator is live through the K loop)
 _add_fused("sm90", "prefill", False, (16, 32), 128, 256, 64, 8, 3)
 _add_fused("sm90", "prefill", False, (64,), 128, 128, 64, 8, 3)
 _add_fused("sm90", "prefill", False, (128,), 128, 128, 32, 8, 3)
 _add_fused("sm80", "prefill", False, (16, 32, 64), 128, 128, 32, 8, 3)
 _add_fused("sm80", "prefill", False, (128,), 128, 64, 32, 8, 3)
+# two-pass prefill: no t in the K loop, so the widest tiles at every rank
+_add_fused("sm90", "prefill", False, BLOCK_RS, 128, 256, 64, 8, 3, two_pass=True)
+_add_fused("sm80", "prefill", False, BLOCK_RS, 128, 128, 32, 8, 3, two_pass=True)
+
+# (arch, regime, is 32-bit, BLOCK_R) -> strategy: the default, UNMEASURED (see the module docstring)
+_STRATEGY: dict[tuple[str, str, bool, int], str] = {}
+for _arch in ARCHS:
+    for _br in BLOCK_RS:
+        _STRATEGY[(_arch, "decode", False, _br)] = "one_pass"
+        _STRATEGY[(_arch, "decode", True, _br)] = "one_pass"
+        _STRATEGY[(_arch, "prefill", False, _br)] = "one_pass" if _br < 32 else "two_pass"
+        _STRATEGY[(_arch, "prefill", True, _br)] = "two_pass"
+
+# (arch, is 32-bit, BLOCK_R) -> shrink config. A read of a (x or dy) with a tiny rank-wide output: 64-row
+# tiles (one wgmma / mma per warp group), K steps as long as shared memory allows at large ranks; on sm_80
+# at R = 128 shorter K steps (16-bit) and no pipelining (fp32), which used 244-255 registers otherwise.
+_SHRINK: dict[tuple[str, bool, int], ShrinkConfig] = {}
+for _arch in ARCHS:
+    for _br in BLOCK_RS:
+        _big = _arch == "sm80" and _br == 128
+        _SHRINK[(_arch, False, _br)] = ShrinkConfig(
+            f"{_arch}-shrink-16bit-r{_br}", 64, 128 if _br <= 32 else (32 if _big else 64), 4, 3
+        )
+        _SHRINK[(_arch, True, _br)] = ShrinkConfig(f"{_arch}-shrink-fp32-r{_br}", 32, 32, 4, 1 if _big else 2)
 
 # (arch, is 32-bit, BLOCK_R) -> config
 _RANK_GRAD: dict[tuple[str, bool, int], RankGradConfig] = {}
@@ -107,6 +210,12 @@ for _arch in ARCHS:
         _RANK_GRAD[(_arch, True, _br)] = RankGradConfig(
             f"{_arch}-rankgrad-fp32-r{_br}", 64 if _br <= 32 else 32, 16, 8 if _br == 128 else 4, 2
         )
+
+_TARGET_PROGRAMS = {"sm90": 264, "sm80": 216}
+"""Split-K aims for about two waves of programs: 132 SMs on an H100 SXM, 108 on an A100."""
+
+_MIN_K_STEPS = 4
+"""A split-K program runs at least this many ``BLOCK_K`` steps (below that its prologue dominates)."""
 
 
 def arch_of(device: torch.device) -> str:
@@ -128,10 +237,81 @@ def _is_wide(dtype: torch.dtype) -> bool:
     return dtype == torch.float32
 
 
-def fused_config(M: int, block_r: int, dtype: torch.dtype, device: torch.device) -> FusedConfig:
-    """The fused-GEMM tiles for ``M`` output rows, rank tile ``block_r``, input dtype and device."""
-    regime = "decode" if M <= DECODE_MAX_M else "prefill"
-    return _FUSED[(arch_of(device), regime, _is_wide(dtype), block_r)]
+def regime_of(M: int) -> str:
+    """ "decode" for ``M ≤ DECODE_MAX_M`` tokens, else "prefill"."""
+    return "decode" if M <= DECODE_MAX_M else "prefill"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# forcing a strategy or a split (benchmarks, tests)
+
+_FORCED: dict[str, object] = {"strategy": None, "split_k": None}
+
+
+def _check_strategy(strategy: str | None, what: str) -> str | None:
+    if strategy in (None, "", "auto"):
+        return None
+    if strategy not in STRATEGIES:
+        raise ValueError(f"{what} must be one of {STRATEGIES} or 'auto', got {strategy!r}")
+    return strategy
+
+
+@contextlib.contextmanager
+def forced(strategy: str | None = None, split_k: int | None = None) -> Iterator[None]:
+    """Within the block, launches use ``strategy`` ("one_pass" / "two_pass"; None or "auto": the table) and,
+    in the decode regime, ``split_k`` K slices (None: ``split_k_for``'s choice). Not thread-safe."""
+    strategy = _check_strategy(strategy, "strategy")
+    if split_k is not None and split_k < 1:
+        raise ValueError(f"split_k must be >= 1, got {split_k}")
+    saved = dict(_FORCED)
+    _FORCED.update(strategy=strategy, split_k=split_k)
+    try:
+        yield
+    finally:
+        _FORCED.update(saved)
+
+
+def forced_choice() -> tuple[str | None, int | None]:
+    """``(strategy, split_k)`` forced now, None where the tables decide: ``forced()`` beats ``TIED_LORA_STRATEGY``."""
+    strategy = _FORCED["strategy"] or _check_strategy(os.environ.get(STRATEGY_ENV), STRATEGY_ENV)
+    return strategy, _FORCED["split_k"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the choices a launch makes
+
+
+def strategy_for(M: int, block_r: int, dtype: torch.dtype, device: torch.device, forced: str | None = None) -> str:
+    """ "one_pass" or "two_pass" for ``M`` rows: ``forced`` if given, else the (unmeasured) default table."""
+    if forced is not None:
+        return _check_strategy(forced, "strategy") or strategy_for(M, block_r, dtype, device)
+    return _STRATEGY[(arch_of(device), regime_of(M), _is_wide(dtype), block_r)]
+
+
+def fused_config(
+    M: int, block_r: int, dtype: torch.dtype, device: torch.device, strategy: str = "one_pass"
+) -> FusedConfig:
+    """The fused-GEMM tiles for ``M`` output rows, rank tile ``block_r``, input dtype, device and strategy."""
+    return _FUSED[(arch_of(device), regime_of(M), _is_wide(dtype), block_r, strategy)]
+
+
+def split_k_for(M: int, N: int, K: int, cfg: FusedConfig, device: torch.device, forced: int | None = None) -> int:
+    """How many K slices the fused GEMM splits into: 1 unless ``cfg.split_k`` (16-bit decode); else ``forced`` or enough
+    slices for ~``_TARGET_PROGRAMS`` programs, each at least ``_MIN_K_STEPS`` K steps long. The launcher
+    rounds the slice length up to whole ``BLOCK_K`` steps, so it may launch fewer slices than this."""
+    if not cfg.split_k:
+        return 1
+    if forced is not None:
+        return max(1, forced)
+    tiles = -(-M // cfg.block_m) * -(-N // cfg.block_n)
+    want = -(-_TARGET_PROGRAMS[arch_of(device)] // tiles)
+    most = max(1, K // (cfg.block_k * _MIN_K_STEPS))
+    return max(1, min(want, most))
+
+
+def shrink_config(block_r: int, dtype: torch.dtype, device: torch.device) -> ShrinkConfig:
+    """The shrink tiles for rank tile ``block_r``, input dtype and device."""
+    return _SHRINK[(arch_of(device), _is_wide(dtype), block_r)]
 
 
 def rank_grad_config(block_r: int, dtype: torch.dtype, device: torch.device) -> RankGradConfig:
@@ -140,8 +320,17 @@ def rank_grad_config(block_r: int, dtype: torch.dtype, device: torch.device) -> 
 
 
 def all_fused_configs() -> list[tuple[str, FusedConfig, int, bool]]:
-    """Every ``(arch, config, BLOCK_R, is_fp32)`` that ``fused_config`` can return."""
-    return [(arch, cfg, br, wide) for (arch, _, wide, br), cfg in _FUSED.items()]
+    """Every ``(arch, config, BLOCK_R, is_fp32)`` that ``fused_config`` can return (both strategies; a two-pass
+    config once, with its rank chunk as ``BLOCK_R``)."""
+    out = {}
+    for (arch, _, wide, br, _), cfg in _FUSED.items():
+        out.setdefault(cfg.name, (arch, cfg, cfg.rank_chunk or br, wide))
+    return list(out.values())
+
+
+def all_shrink_configs() -> list[tuple[str, ShrinkConfig, int, bool]]:
+    """Every ``(arch, config, BLOCK_R, is_fp32)`` that ``shrink_config`` can return."""
+    return [(arch, cfg, br, wide) for (arch, wide, br), cfg in _SHRINK.items()]
 
 
 def all_rank_grad_configs() -> list[tuple[str, RankGradConfig, int, bool]]:

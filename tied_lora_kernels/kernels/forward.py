@@ -1,14 +1,25 @@
-"""The one-pass fused GEMM (design.md §3) and its launcher: forward ``y`` and backward ``dx`` both run it.
+"""The fused GEMM (design.md §3) and its launcher: forward ``y`` and backward ``dx`` both run it.
 
     out = a·w + ((a·down) ⊙ rscale)·up (+ bias)      a [M, K], w [K, N], down [K, R], up [R, N], rscale [R]
 
-Forward:  a = x,  w = Wᵀ,  down = Aᵀ,          rscale = u, up = (s·v ⊙ B)ᵀ; writes T = x Aᵀ (fp32).
-Backward: a = dy, w = W,   down = s·v ⊙ B,      rscale = u, up = A;          writes dS = s·dy(v ⊙ B) (fp32),
+Forward:  a = x,  w = Wᵀ,  down = Aᵀ,          rscale = u, up = (s·v ⊙ B)ᵀ; returns T = x Aᵀ (fp32).
+Backward: a = dy, w = W,   down = s·v ⊙ B,      rscale = u, up = A;          returns dS = s·dy(v ⊙ B) (fp32),
           giving dx = dy W + (dS ⊙ u) A.
 
-Each program owns one ``[BLOCK_M, BLOCK_N]`` tile of ``out``; its K loop loads the ``a`` tile once and feeds
-two dots (``acc += a·w``, ``t += a·down``); the epilogue scales ``t`` by ``rscale``, casts it to the input
-dtype and adds ``t·up`` to ``acc``. The N-tile-0 programs also store ``t`` in fp32 for the backward.
+Each program owns one ``[BLOCK_M, BLOCK_N]`` tile of ``out``. Two strategies (``configs.py`` picks one):
+
+- one-pass: the K loop loads the ``a`` tile once and feeds two dots (``acc += a·w``, ``t += a·down``); the
+  epilogue scales ``t`` by ``rscale``, casts it to the input dtype and adds ``t·up`` to ``acc``. The N-tile-0
+  programs also store ``t`` in fp32 for the backward.
+- two-pass (``LOAD_T``): ``t`` was written by the shrink kernel (``shrink.py``); the program runs a plain GEMM
+  K loop, then loads its rows of ``t`` and adds ``(t ⊙ rscale)·up``, walking the rank in chunks of ``BLOCK_R``
+  (the config's ``rank_chunk``), so one two-pass config serves every rank. (Seeding ``acc`` before the loop,
+  as LoRAFusion does, spilled 124-496 bytes at 128x256 on sm_90; so did 32-rank chunks.)
+
+Split-K (``SPLIT_K``, decode): a second grid axis cuts K into slices; each program stores its fp32 partial
+of ``out`` (and, one-pass, of ``t``) in a ``[SPLIT, ...]`` workspace, summed afterwards in a fixed order.
+Everything is linear in the K partials (``Σ_k (t_k ⊙ rscale)·up = (t ⊙ rscale)·up``); the bias (and the
+two-pass rank-R term) goes into slice 0 only.
 """
 
 from __future__ import annotations
@@ -20,8 +31,36 @@ from torch import Tensor
 
 from . import configs
 from .common import as_operand, dot_precision, upcast_bf16
+from .shrink import shrink
 
 __all__ = ["fused_lora_mm"]
+
+
+@triton.jit
+def _add_rank_update(
+    acc,
+    t,
+    rscale_ptr,
+    up_ptr,
+    offs_r,
+    offs_n,
+    mask_r,
+    mask_n,
+    stride_ur,
+    stride_un,
+    HAS_RSCALE: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """``acc + (t ⊙ rscale)·up``: the rank-R expansion, ``t`` rounded to the input dtype as a dot operand."""
+    if HAS_RSCALE:
+        rscale = tl.load(rscale_ptr + offs_r, mask=mask_r, other=0.0).to(tl.float32)
+        t = t * rscale[None, :]
+    up_ptrs = up_ptr + offs_r[:, None] * stride_ur + offs_n[None, :] * stride_un  # [BLOCK_R, BLOCK_N]
+    up = tl.load(up_ptrs, mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+    if UPCAST:
+        up = up.to(tl.float32)
+    return tl.dot(as_operand(t, up_ptr.dtype.element_ty, UPCAST), up, acc, input_precision=PRECISION)
 
 
 @triton.jit
@@ -40,6 +79,7 @@ def _fused_lora_mm_kernel(
     N,
     K,
     R,
+    K_PER_SPLIT,
     # strides
     stride_am,
     stride_ak,
@@ -49,14 +89,18 @@ def _fused_lora_mm_kernel(
     stride_dr,
     stride_ur,
     stride_un,
+    stride_os,
     stride_om,
     stride_on,
+    stride_ts,
     stride_tm,
     stride_tr,
     # compile-time switches and tiles
     HAS_RSCALE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     WRITE_T: tl.constexpr,
+    LOAD_T: tl.constexpr,
+    SPLIT_K: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -88,45 +132,75 @@ def _fused_lora_mm_kernel(
     a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak  # [BLOCK_M, BLOCK_K]
     w_ptrs = w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn  # [BLOCK_K, BLOCK_N]
     d_ptrs = down_ptr + offs_k[:, None] * stride_dk + offs_r[None, :] * stride_dr  # [BLOCK_K, BLOCK_R]
+    t_ptrs = t_ptr + offs_m[:, None] * stride_tm + offs_r[None, :] * stride_tr  # [BLOCK_M, BLOCK_R]
+    mask_t = mask_m[:, None] & mask_r[None, :]
+    k_len = K
+    if SPLIT_K:  # this program reduces K slice pid_k: [pid_k·K_PER_SPLIT, +K_PER_SPLIT)
+        pid_k = tl.program_id(1)
+        k_start = pid_k.to(tl.int64) * K_PER_SPLIT
+        a_ptrs += k_start * stride_ak
+        w_ptrs += k_start * stride_wk
+        d_ptrs += k_start * stride_dk
+        k_len = min(K - k_start, K_PER_SPLIT)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
-        mask_k = offs_k < K - k * BLOCK_K
+    if not LOAD_T:
+        t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k in range(0, tl.cdiv(k_len, BLOCK_K)):
+        mask_k = offs_k < k_len - k * BLOCK_K
         a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        d = tl.load(d_ptrs, mask=mask_k[:, None] & mask_r[None, :], other=0.0)
+        if not LOAD_T:
+            d = tl.load(d_ptrs, mask=mask_k[:, None] & mask_r[None, :], other=0.0)
         if UPCAST:  # interpreter only: its bf16 arithmetic is wrong, bf16 products are exact in fp32
             a = a.to(tl.float32)
             w = w.to(tl.float32)
-            d = d.to(tl.float32)
-        # acc += a·w (the base GEMM); t += a·down (the shrink), from the same a tile
-        acc = tl.dot(a, w, acc, input_precision=PRECISION)
-        t = tl.dot(a, d, t, input_precision=PRECISION)
+            if not LOAD_T:
+                d = d.to(tl.float32)
+        acc = tl.dot(a, w, acc, input_precision=PRECISION)  # acc += a·w (the base GEMM)
+        if not LOAD_T:  # one-pass: t += a·down (the shrink), from the same a tile
+            t = tl.dot(a, d, t, input_precision=PRECISION)
+            d_ptrs += BLOCK_K * stride_dk
         a_ptrs += BLOCK_K * stride_ak
         w_ptrs += BLOCK_K * stride_wk
-        d_ptrs += BLOCK_K * stride_dk
 
-    if WRITE_T:  # t in fp32 for the backward, once per row tile
-        if pid_n == 0:
-            t_ptrs = t_ptr + offs_m[:, None] * stride_tm + offs_r[None, :] * stride_tr
-            tl.store(t_ptrs, t, mask=mask_m[:, None] & mask_r[None, :])
-    if HAS_RSCALE:
-        rscale = tl.load(rscale_ptr + offs_r, mask=mask_r, other=0.0).to(tl.float32)
-        t = t * rscale[None, :]
-    # acc += (t ⊙ rscale)·up: the rank-R expansion, t rounded to the input dtype as a dot operand
-    up_ptrs = up_ptr + offs_r[:, None] * stride_ur + offs_n[None, :] * stride_un  # [BLOCK_R, BLOCK_N]
-    up = tl.load(up_ptrs, mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-    if UPCAST:
-        up = up.to(tl.float32)
-    acc = tl.dot(as_operand(t, up_ptr.dtype.element_ty, UPCAST), up, acc, input_precision=PRECISION)
+    if LOAD_T:
+        # two-pass: t = a·down came from the shrink kernel. acc += (t ⊙ rscale)·up, BLOCK_R ranks at a time
+        # (so the tiles do not depend on the rank), in K slice 0 only
+        for r0 in range(0, R, BLOCK_R):
+            offs_rc = r0 + offs_r
+            mask_rc = offs_rc < R
+            mask_tc = mask_m[:, None] & mask_rc[None, :]
+            if SPLIT_K:  # (a vector compare: the interpreter rejects a scalar bool in a mask)
+                mask_tc = mask_tc & (tl.zeros_like(offs_r) == pid_k)[None, :]
+            t = tl.load(t_ptrs + r0 * stride_tr, mask=mask_tc, other=0.0)
+            acc = _add_rank_update(
+                acc, t, rscale_ptr, up_ptr, offs_rc, offs_n, mask_rc, mask_n, stride_ur, stride_un,
+                HAS_RSCALE, UPCAST, PRECISION,
+            )  # fmt: skip
+    else:
+        if WRITE_T:  # t (this slice's partial under SPLIT_K) in fp32 for the backward, once per row tile
+            if pid_n == 0:
+                if SPLIT_K:
+                    t_ptrs += pid_k * stride_ts
+                tl.store(t_ptrs, t, mask=mask_t)
+        acc = _add_rank_update(
+            acc, t, rscale_ptr, up_ptr, offs_r, offs_n, mask_r, mask_n, stride_ur, stride_un,
+            HAS_RSCALE, UPCAST, PRECISION,
+        )  # fmt: skip
     if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        mask_b = mask_n
+        if SPLIT_K:
+            mask_b = mask_b & (tl.zeros_like(offs_n) == pid_k)
+        bias = tl.load(bias_ptr + offs_n, mask=mask_b, other=0.0).to(tl.float32)
         acc += bias[None, :]
 
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
-    out = as_operand(acc, out_ptr.dtype.element_ty, UPCAST)
-    tl.store(out_ptrs, out, mask=mask_m[:, None] & mask_n[None, :])
+    if SPLIT_K:  # an fp32 partial, summed by the launcher
+        tl.store(out_ptrs + pid_k * stride_os, acc, mask=mask_m[:, None] & mask_n[None, :])
+    else:
+        out = as_operand(acc, out_ptr.dtype.element_ty, UPCAST)
+        tl.store(out_ptrs, out, mask=mask_m[:, None] & mask_n[None, :])
 
 
 def fused_lora_mm(
@@ -138,22 +212,46 @@ def fused_lora_mm(
     bias: Tensor | None,
     *,
     write_t: bool,
+    strategy: str | None = None,
+    split_k: int | None = None,
     config: configs.FusedConfig | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """``out [M, N] = a [M, K]·w [K, N] + ((a·down [K, R]) ⊙ rscale [R])·up [R, N] (+ bias [N])``; returns ``(out, t)``.
 
     ``a, w, down, up, bias`` share one dtype (any strides); ``rscale`` is float32 and contiguous; ``t = a·down``
-    in float32 is returned when ``write_t``.
+    in float32 is returned when ``write_t``. ``strategy`` ("one_pass" / "two_pass") and ``split_k`` (decode
+    only) override the tables' choice when given; ``config`` forces the tiles (and its own strategy).
     """
     M, K = a.shape
     N, R = w.shape[1], down.shape[1]
-    out = torch.empty((M, N), device=a.device, dtype=a.dtype)
-    t = torch.empty((M, R), device=a.device, dtype=torch.float32) if write_t else None
-    if M == 0:
-        return out, t
     block_r = configs.block_r_for(R)
-    cfg = config or configs.fused_config(M, block_r, a.dtype, a.device)
-    grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n),)
+    if config is None:
+        strategy = configs.strategy_for(M, block_r, a.dtype, a.device, strategy)
+        config = configs.fused_config(M, block_r, a.dtype, a.device, strategy)
+    cfg = config
+    two_pass = cfg.strategy == "two_pass"
+    if two_pass:  # the rank-R term runs over the rank in chunks of a fixed size
+        block_r = cfg.rank_chunk
+    if M == 0:
+        out = torch.empty((0, N), device=a.device, dtype=a.dtype)
+        return out, (torch.empty((0, R), device=a.device, dtype=torch.float32) if write_t else None)
+
+    # split-K: slices of whole BLOCK_K steps; the last may be ragged, none is empty
+    split = configs.split_k_for(M, N, K, cfg, a.device, split_k)
+    k_per_split = triton.cdiv(max(1, triton.cdiv(K, cfg.block_k)), split) * cfg.block_k
+    split = max(1, triton.cdiv(K, k_per_split))
+    if split > 1:
+        out = torch.empty((split, M, N), device=a.device, dtype=torch.float32)
+    else:
+        out = torch.empty((M, N), device=a.device, dtype=a.dtype)
+    if two_pass:
+        t = shrink(a, down)  # t = a·down, fp32 [M, R]
+    elif write_t:
+        t = torch.empty((split, M, R) if split > 1 else (M, R), device=a.device, dtype=torch.float32)
+    else:
+        t = None
+
+    grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n), split)
     _fused_lora_mm_kernel[grid](
         a,
         w,
@@ -162,11 +260,12 @@ def fused_lora_mm(
         rscale if rscale is not None else a,  # never read when HAS_RSCALE is False
         bias if bias is not None else a,  # never read when HAS_BIAS is False
         out,
-        t if t is not None else out,  # never written when WRITE_T is False
+        t if t is not None else out,  # never touched when neither WRITE_T nor LOAD_T
         M,
         N,
         K,
         R,
+        k_per_split,
         a.stride(0),
         a.stride(1),
         w.stride(0),
@@ -175,13 +274,17 @@ def fused_lora_mm(
         down.stride(1),
         up.stride(0),
         up.stride(1),
-        out.stride(0),
-        out.stride(1),
-        t.stride(0) if t is not None else 0,
-        t.stride(1) if t is not None else 0,
+        out.stride(0) if split > 1 else 0,
+        out.stride(-2),
+        out.stride(-1),
+        t.stride(0) if t is not None and t.dim() == 3 else 0,
+        t.stride(-2) if t is not None else 0,
+        t.stride(-1) if t is not None else 0,
         HAS_RSCALE=rscale is not None,
         HAS_BIAS=bias is not None,
-        WRITE_T=write_t,
+        WRITE_T=write_t and not two_pass,
+        LOAD_T=two_pass,
+        SPLIT_K=split > 1,
         UPCAST=upcast_bf16(a.dtype),
         PRECISION=dot_precision(a.dtype),
         BLOCK_M=cfg.block_m,
@@ -192,4 +295,8 @@ def fused_lora_mm(
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
-    return out, t
+    if split > 1:  # the partials, summed in a fixed order (deterministic), rounded once
+        out = out.sum(0).to(a.dtype)
+        if t is not None and t.dim() == 3:
+            t = t.sum(0)
+    return out, (t if write_t else None)

@@ -45,9 +45,15 @@ def tied_lora_linear_triton(
 
 
 def _scaled_b(B: Tensor, v: Tensor | None, scale: float, dtype: torch.dtype) -> Tensor:
-    """``s · v ⊙ B`` as ``[N, R]`` in ``dtype``, rounded once from fp32 (design.md §7: fold s·v on the host)."""
+    """``s · v ⊙ B`` as ``[N, R]`` in ``dtype``, rounded once from fp32 (design.md §7: fold s·v on the host).
+
+    A view whose row stride is padded to a multiple of 16 elements: the JIT then specialises the kernels on
+    an aligned stride (what ``compile_check`` assumes), which saves ~90 registers in the dx kernel at R = 128.
+    """
     sv = B.float() * scale if v is None else B.float() * (scale * v.float())[:, None]
-    return sv.to(dtype)
+    N, R = B.shape
+    out = torch.empty((N, -(-R // 16) * 16), device=B.device, dtype=dtype)[:, :R]
+    return out.copy_(sv)
 
 
 def _f32(t: Tensor | None) -> Tensor | None:
@@ -59,11 +65,11 @@ class TiedLoRALinearFunction(torch.autograd.Function):
 
     Forward, with ``T = x Aᵀ [M, R]`` and ``S = u ⊙ T`` (``u``, ``v`` = ones when None)::
 
-        y  = x Wᵀ + b + s · (S Bᵀ) ⊙ v                        [M, N]   one fused kernel; saves T (fp32)
+        y  = x Wᵀ + b + s · (S Bᵀ) ⊙ v                        [M, N]   the fused GEMM; saves T (fp32)
 
     Backward, given ``dy [M, N]``::
 
-        dS = s · dy (v ⊙ B)              [M, R]   fp32, written by the dx kernel
+        dS = s · dy (v ⊙ B)              [M, R]   fp32, written by the dx kernel (two-pass: by the shrink)
         dT = dS ⊙ u                      [M, R]
         dx = dy W + dT A                 [M, K]   the forward kernel again
         G  = dyᵀ S                       [N, R]   one pass over dy (rank_grad)
@@ -73,6 +79,9 @@ class TiedLoRALinearFunction(torch.autograd.Function):
         dA = dTᵀ x                       [R, K]   (rank_grad)
         dW = dyᵀ x                       [N, K]   (torch matmul, only if W trains)
         db = colsum(dy)                  [N]      (only if b trains)
+
+    The fused GEMM is one-pass (``T`` accumulated in its K loop) or two-pass (``T``, resp. ``dS``, written
+    first by the shrink kernel), chosen per shape by ``configs.strategy_for``; at decode it may split K.
 
     Saved for backward: ``T`` in fp32 only when ``B``, ``u`` or ``v`` trains, ``x`` only when ``A`` or ``W``
     trains; the parameters themselves (no casts or copies of them). Work for a frozen input is skipped.
@@ -86,12 +95,23 @@ class TiedLoRALinearFunction(torch.autograd.Function):
         dtype = x.dtype
         keep_t = needs_b or needs_u or needs_v
         # y = x·Wᵀ + ((x·Aᵀ) ⊙ u)·(s·v ⊙ B)ᵀ + b, T = x·Aᵀ in fp32
+        # a forced strategy / split (configs.forced, TIED_LORA_STRATEGY) holds for the backward too
+        strategy, split_k = configs.forced_choice()
         y, T = fused_lora_mm(
-            x, weight.t(), A.to(dtype).t(), _scaled_b(B, v, scale, dtype).t(), _f32(u), bias, write_t=keep_t
+            x,
+            weight.t(),
+            A.to(dtype).t(),
+            _scaled_b(B, v, scale, dtype).t(),
+            _f32(u),
+            bias,
+            write_t=keep_t,
+            strategy=strategy,
+            split_k=split_k,
         )
         ctx.save_for_backward(x if (needs_a or needs_w) else None, T, weight, A, B, u, v)
         ctx.scale = scale
         ctx.deterministic = deterministic
+        ctx.forced = dict(strategy=strategy, split_k=split_k)
         return y
 
     @staticmethod
@@ -108,7 +128,7 @@ class TiedLoRALinearFunction(torch.autograd.Function):
             svB = _scaled_b(B, v, s, dtype)  # [N, R]
             if needs_x:
                 # dx = dy·W + ((dy·svB) ⊙ u)·A, dS = dy·svB in fp32 from the same kernel
-                dx, dS = fused_lora_mm(dy, weight, svB, A.to(dtype), u32, None, write_t=need_ds)
+                dx, dS = fused_lora_mm(dy, weight, svB, A.to(dtype), u32, None, write_t=need_ds, **ctx.forced)
             else:
                 dS = torch.mm(dy, svB).float()  # dS = s·dy(v ⊙ B), dx not needed
         if needs_a:

@@ -1,0 +1,270 @@
+"""Both fused-GEMM strategies and split-K decode, forced, against the float64 reference (design.md §3, §7).
+
+``kernels/configs.py`` picks one-pass or two-pass per shape from an (unmeasured) table and splits K at
+decode; ``test_kernels_parity.py`` runs whatever the table picks. Here each strategy is forced
+(``configs.forced``) through ``tied_lora_linear`` — forward and every gradient, every configuration, fp32,
+fp16 and bf16, ragged shapes, M = 0 and 1, ranks 1, 16 and 128 — and split-K with 3 slices is forced on
+small decode shapes (K and N both cut into three slices, the last ragged, so both ``y`` and ``dx`` split). The
+kernels run in triton's interpreter without a GPU, with bf16 covered as ``test_kernels_parity.py`` explains;
+the same tests run the compiled kernels on a GPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.conftest import DEVICE
+from tests.helpers import assert_close_to_reference
+from tests.test_kernels_parity import CONFIGS, check_parity, grads_of, make_inputs
+from tied_lora_kernels.functional import tied_lora_linear
+from tied_lora_kernels.kernels import configs, forward
+from tied_lora_kernels.kernels.forward import fused_lora_mm
+from tied_lora_kernels.kernels.shrink import shrink
+from tied_lora_kernels.reference import tied_lora_forward
+
+STRATEGIES = list(configs.STRATEGIES)
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+# every configuration in bf16, and every dtype for TL6 and "full" (everything trains): each strategy
+_CONFIG_CASES = [(c, torch.bfloat16) for c in CONFIGS] + [
+    (c, dt) for c in ("tl6", "full") for dt in DTYPES if dt != torch.bfloat16
+]
+
+
+@pytest.mark.parametrize("config,dtype", _CONFIG_CASES, ids=str)
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_configurations(strategy, config, dtype):
+    x, params = make_inputs(config, M=37, K=40, N=70, R=8, dtype=dtype, bias=config != "lora")
+    with configs.forced(strategy=strategy):
+        check_parity(x, params)
+
+
+SHAPES = {
+    "M0": dict(M=0, K=40, N=70, R=8),
+    "M1": dict(M=1, K=40, N=70, R=8),
+    "rank1": dict(M=19, K=33, N=45, R=1),
+    "rank16": dict(M=19, K=33, N=45, R=16),
+    "rank40": dict(M=23, K=50, N=43, R=40),  # three rank chunks in two-pass, the last ragged
+    "rank128": dict(M=20, K=130, N=136, R=128),
+    "prefill": dict(M=80, K=72, N=90, R=24),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", list(SHAPES))
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_shapes(strategy, case, dtype):
+    x, params = make_inputs("tl6", dtype=dtype, **SHAPES[case])
+    with configs.forced(strategy=strategy):
+        check_parity(x, params)
+
+
+# split-K decode with 3 slices of the 64-deep decode tiles' K steps: K = 300 (y) is cut 128 + 128 + 44 and
+# N = 140 (dx's reduction) 64 + 64 + 12
+@pytest.mark.parametrize(
+    "M,config,dtype",
+    [(1, "tl6", torch.bfloat16), (5, "full", torch.float16), (16, "vera", torch.bfloat16), (3, "lora", torch.float16)],
+    ids=str,
+)
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_split_k_decode(strategy, M, config, dtype):
+    x, params = make_inputs(config, M=M, K=300, N=140, R=12, dtype=dtype, bias=config != "lora")
+    with configs.forced(strategy=strategy, split_k=3):
+        check_parity(x, params)
+
+
+class _GridSpy:
+    """Stands in for the fused kernel: records each launch grid, then launches the real kernel."""
+
+    def __init__(self, kernel):
+        self.kernel, self.grids = kernel, []
+
+    def __getitem__(self, grid):
+        self.grids.append(grid)
+        return self.kernel[grid]
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_forced_choice_is_applied_and_kept_for_backward(monkeypatch, strategy):
+    spy = _GridSpy(forward._fused_lora_mm_kernel)
+    monkeypatch.setattr(forward, "_fused_lora_mm_kernel", spy)
+    shrinks = []
+    monkeypatch.setattr(forward, "shrink", lambda *a, **k: shrinks.append(1) or shrink(*a, **k))
+    x, params = make_inputs("tl6", M=4, K=300, N=140, R=12, dtype=torch.bfloat16)
+    args = [params[k] for k in ("weight", "bias", "A", "B", "u", "v")]
+    with configs.forced(strategy=strategy, split_k=3):
+        y = tied_lora_linear(x, *args, backend="triton")
+    y.sum().backward()  # outside the block: the backward keeps the forward's choice
+    assert [g[1] for g in spy.grids] == [3, 3], spy.grids  # forward y and backward dx, both split
+    assert len(shrinks) == (2 if strategy == "two_pass" else 0)  # T, then dS
+
+
+def test_split_k_is_deterministic():
+    x, params = make_inputs("tl6", M=7, K=300, N=140, R=12, dtype=torch.bfloat16)
+    args = [params[k] for k in ("weight", "bias", "A", "B", "u", "v")]
+    inputs = {"x": x, **params}
+    runs = []
+    for _ in range(2):
+        with configs.forced(split_k=3):
+            y = tied_lora_linear(x, *args, backend="triton", deterministic=True)
+        dy = torch.ones_like(y)
+        runs.append([y, *grads_of(y, dy, inputs).values()])
+    for a, b in zip(*runs, strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("M", [37, 5])
+def test_small_integers_are_exact(strategy, M):
+    # as in test_kernels_parity: with integer inputs whose every intermediate stays below 256 in magnitude
+    # (sparse x and dy, checked below), bf16 rounds nothing and the result must equal float64 bit for bit;
+    # K = 200 is long enough to split K at decode (M = 5)
+    K, N, R = 200, 150, 4
+    g = torch.Generator().manual_seed(M)
+
+    def ints(*shape, lo=-1, hi=2, dt=torch.bfloat16, sparse=False):
+        t = torch.randint(lo, hi, shape, generator=g)
+        if sparse:
+            t = t * (torch.randint(0, 8, shape, generator=g) == 0)
+        return t.to(dt).to(DEVICE)
+
+    x = ints(M, K, sparse=True).requires_grad_(True)
+    weight, bias = ints(N, K), ints(N).requires_grad_(True)
+    A, B = ints(R, K, dt=torch.float32).requires_grad_(True), ints(N, R, dt=torch.float32).requires_grad_(True)
+    u = (2 * ints(R, lo=0, dt=torch.float32) - 1).requires_grad_(True)
+    v = (2 * ints(N, lo=0, dt=torch.float32) - 1).requires_grad_(True)
+    dy = ints(M, N, sparse=True)
+    x64, w64, A64, B64, dy64 = x.double(), weight.double(), A.double(), B.double(), dy.double()
+    T, dS = x64 @ A64.t(), dy64 @ B64
+    for name, t in (("T", T), ("dS", dS), ("y", x64 @ w64.t() + T @ B64.t()), ("dx", dy64 @ w64 + dS @ A64)):
+        assert t.abs().max() + N < 256, f"test inputs too large: |{name}| reaches {t.abs().max()}"
+    inputs = {"x": x, "bias": bias, "A": A, "B": B, "u": u, "v": v}
+    with configs.forced(strategy=strategy, split_k=2):
+        y = tied_lora_linear(x, weight, bias, A, B, u, v, 1.0, backend="triton")
+    expected = tied_lora_forward(x, weight, bias, A, B, u, v, 1.0, upcast=True)
+    assert torch.equal(y.double(), expected), "y not exact"
+    got, ref = grads_of(y, dy, inputs), grads_of(expected, dy.double(), inputs)
+    for name in inputs:
+        assert torch.equal(got[name].double(), ref[name]), f"d{name} not exact"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# every shipped config, forced: the split-K launch of each decode config, the multi-chunk rank-R term of each
+# two-pass config, each shrink config
+
+
+def _family_dtype(wide: bool) -> torch.dtype:
+    return torch.float32 if wide else torch.bfloat16
+
+
+def _fused_case(dtype, M, K, N, R, seed):
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, dt=dtype):
+        return torch.randn(*shape, generator=g).to(dt).to(DEVICE)
+
+    a, w, down, up, bias, rscale = randn(M, K), randn(K, N), randn(K, R), randn(R, N), randn(N), randn(R, dt=None)
+    t_ref = a.double() @ down.double()
+    out_ref = a.double() @ w.double() + (t_ref * rscale.double()) @ up.double() + bias.double()
+    t_base = (a @ down).float()
+    out_base = (a @ w + (t_base * rscale).to(dtype) @ up + bias).to(dtype)
+    return (a, w, down, up, rscale, bias), (t_ref, out_ref), (t_base, out_base)
+
+
+_SPLIT = [c for c in configs.all_fused_configs() if c[1].split_k]
+_TWO_PASS = [c for c in configs.all_fused_configs() if c[1].strategy == "two_pass"]
+
+
+def _skip_other_arch(arch: str) -> None:
+    # on a GPU only its own table's configs run (each is a cold JIT compile); the interpreter runs them all,
+    # and compile_check compiles them all for their architecture
+    if DEVICE.type == "cuda" and arch != configs.arch_of(DEVICE):
+        pytest.skip(f"{arch} config: this GPU launches the {configs.arch_of(DEVICE)} table")
+
+
+@pytest.mark.parametrize("arch,cfg,block_r,wide", _SPLIT, ids=[c[1].name for c in _SPLIT])
+def test_every_split_k_config(arch, cfg, block_r, wide):
+    _skip_other_arch(arch)
+    dtype = _family_dtype(wide)
+    R = block_r - 3 if cfg.strategy == "one_pass" else 37  # two-pass: 3 rank chunks
+    inputs, (t_ref, out_ref), (t_base, out_base) = _fused_case(dtype, 9, 4 * cfg.block_k + 5, 150, R, block_r)
+    out, t = fused_lora_mm(*inputs, write_t=True, split_k=3, config=cfg)
+    assert_close_to_reference(t, t_ref, t_base, "t", dtype)
+    assert_close_to_reference(out, out_ref, out_base, "out", dtype)
+
+
+@pytest.mark.parametrize("arch,cfg,block_r,wide", _TWO_PASS, ids=[c[1].name for c in _TWO_PASS])
+def test_every_two_pass_config(arch, cfg, block_r, wide):
+    _skip_other_arch(arch)
+    dtype = _family_dtype(wide)
+    M = 9 if cfg.split_k else 45  # decode configs run decode shapes
+    for R in (1, 2 * cfg.rank_chunk + 3):  # one partial chunk; three chunks, the last ragged
+        inputs, (t_ref, out_ref), (t_base, out_base) = _fused_case(dtype, M, 70, 150, R, R)
+        out, t = fused_lora_mm(*inputs, write_t=True, config=cfg)
+        assert_close_to_reference(t, t_ref, t_base, f"t (R={R})", dtype)
+        assert_close_to_reference(out, out_ref, out_base, f"out (R={R})", dtype)
+
+
+@pytest.mark.parametrize(
+    "arch,cfg,block_r,wide", configs.all_shrink_configs(), ids=[c[1].name for c in configs.all_shrink_configs()]
+)
+def test_every_shrink_config(arch, cfg, block_r, wide):
+    _skip_other_arch(arch)
+    dtype = _family_dtype(wide)
+    M, K, R = 70, 2 * cfg.block_k + 7, block_r - 3 if block_r > 16 else 5
+    g = torch.Generator().manual_seed(block_r)
+    a = torch.randn(M, K, generator=g).to(dtype).to(DEVICE)
+    down = torch.randn(R, K, generator=g).to(dtype).to(DEVICE).t()  # Aᵀ as the forward passes it
+    t = shrink(a, down, config=cfg)
+    assert t.dtype == torch.float32 and t.shape == (M, R)
+    assert_close_to_reference(t, a.double() @ down.double(), (a @ down).float(), "t", dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the choice itself
+
+
+def test_default_table():
+    dev = torch.device("cpu")  # the interpreter uses the sm90 tables
+    assert configs.strategy_for(4096, 16, torch.bfloat16, dev) == "one_pass"
+    assert configs.strategy_for(4096, 32, torch.bfloat16, dev) == "two_pass"
+    assert configs.strategy_for(4096, 128, torch.bfloat16, dev) == "two_pass"
+    assert configs.strategy_for(16, 128, torch.bfloat16, dev) == "one_pass"  # decode
+    assert configs.strategy_for(4096, 16, torch.float32, dev) == "two_pass"
+    for regime_m in (1, 4096):
+        for br in configs.BLOCK_RS:
+            for dtype in (torch.bfloat16, torch.float32):
+                for strategy in STRATEGIES:
+                    assert configs.fused_config(regime_m, br, dtype, dev, strategy).strategy == strategy
+
+
+def test_split_k_choice():
+    dev = torch.device("cpu")
+    cfg = configs.fused_config(1, 16, torch.bfloat16, dev)
+    # 4096-wide layer at decode: 64 N tiles -> 5 slices (320 programs, >= 2 x 132)
+    assert configs.split_k_for(1, 4096, 4096, cfg, dev) == 5
+    assert configs.split_k_for(16, 1024, 4096, cfg, dev) == 16  # 16 N tiles: capped at 4 K steps per slice
+    assert configs.split_k_for(1, 4096, 128, cfg, dev) == 1  # too short to split
+    assert configs.split_k_for(1, 64, 4096, cfg, dev, forced=3) == 3
+    for M, dtype in ((4096, torch.bfloat16), (1, torch.float32)):  # prefill and fp32 never split
+        other = configs.fused_config(M, 16, dtype, dev)
+        assert configs.split_k_for(M, 64, 4096, other, dev) == configs.split_k_for(M, 64, 4096, other, dev, 3) == 1
+
+
+def test_forcing(monkeypatch):
+    monkeypatch.delenv(configs.STRATEGY_ENV, raising=False)
+    assert configs.forced_choice() == (None, None)
+    monkeypatch.setenv(configs.STRATEGY_ENV, "two_pass")
+    assert configs.forced_choice() == ("two_pass", None)
+    with configs.forced(strategy="one_pass", split_k=2):  # the context manager beats the environment
+        assert configs.forced_choice() == ("one_pass", 2)
+    assert configs.forced_choice() == ("two_pass", None)
+    monkeypatch.setenv(configs.STRATEGY_ENV, "auto")
+    assert configs.forced_choice() == (None, None)
+    monkeypatch.setenv(configs.STRATEGY_ENV, "three_pass")
+    with pytest.raises(ValueError, match="TIED_LORA_STRATEGY"):
+        configs.forced_choice()
+    with pytest.raises(ValueError, match="strategy"):
+        configs.forced(strategy="fast").__enter__()
