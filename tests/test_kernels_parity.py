@@ -251,3 +251,57 @@ def test_int64_offsets():
         expected = tied_lora_forward(tail, w, None, A, B, u, v, upcast=True)
         baseline = tied_lora_forward(tail, w, None, A, B, u, v)
     assert_close_to_reference(y[-300:], expected, baseline, "y (last rows)", torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("config", ["tl6", "vera"])
+def test_frozen_input(config, dtype):
+    """The first adapted layer of a model gets an input that needs no gradient: dS then comes from the shrink
+    kernel (fp32) instead of the dx kernel."""
+    x, params = make_inputs(config, M=29, K=40, N=70, R=8, dtype=dtype)
+    x.requires_grad_(False)
+    check_parity(x, params)
+
+
+def test_strided_bias():
+    x, params = make_inputs("full", M=9, K=40, N=70, R=8, dtype=torch.float32)
+    wide = torch.randn(3 * 70, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    params["bias"] = wide[::3].requires_grad_(False)
+    assert not params["bias"].is_contiguous()
+    check_parity(x, params)
+
+
+def test_tf32_setting_read_through_either_api():
+    from tied_lora_kernels.kernels.common import _tf32_allowed
+
+    matmul = torch.backends.cuda.matmul
+    if not hasattr(matmul, "fp32_precision"):
+        pytest.skip("this torch has only the legacy allow_tf32 switch")
+    old = matmul.fp32_precision
+    try:
+        matmul.fp32_precision = "tf32"  # after this, reading the legacy allow_tf32 raises in torch >= 2.9
+        assert _tf32_allowed()
+        matmul.fp32_precision = "ieee"
+        assert not _tf32_allowed()
+    finally:
+        matmul.fp32_precision = old
+
+
+def test_no_T_without_autograd():
+    """Under no_grad the forward keeps nothing for a backward that cannot come: no fp32 T is written."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Empties(TorchDispatchMode):
+        shapes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ in ("empty", "empty_strided", "zeros"):
+                self.shapes.append((tuple(args[0]), (kwargs or {}).get("dtype")))
+            return func(*args, **(kwargs or {}))
+
+    x, params = make_inputs("tl6", M=12, K=40, N=70, R=8, dtype=torch.float32)
+    args = [params[k] for k in ("weight", "bias", "A", "B", "u", "v")]
+    for grad, expect_t in ((False, False), (True, True)):
+        with torch.set_grad_enabled(grad), Empties() as mode:
+            tied_lora_linear(x, *args, 0.5, backend="triton")
+        assert (((12, 8), torch.float32) in mode.shapes) == expect_t, mode.shapes

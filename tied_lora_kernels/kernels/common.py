@@ -39,6 +39,14 @@ def upcast_bf16(dtype: torch.dtype) -> bool:
 
 def dot_precision(dtype: torch.dtype) -> str:
     """``tl.dot`` input precision: TF32 for fp32 only when torch allows it for matmuls, else exact IEEE."""
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not interpreting():
-        return "tf32"
-    return "ieee"
+    if dtype != torch.float32 or interpreting():
+        return "ieee"
+    return "tf32" if _tf32_allowed() else "ieee"
+
+
+def _tf32_allowed() -> bool:
+    # torch ≥ 2.9 has fp32_precision ("tf32" under the legacy and the new settings alike); reading the legacy
+    # allow_tf32 after the new API was used raises, so only older torch reads it
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    return precision == "tf32" if precision is not None else bool(matmul.allow_tf32)

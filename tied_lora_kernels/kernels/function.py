@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor
 
 from . import configs
 from .backward import rank_grad
 from .forward import fused_lora_mm
+from .shrink import shrink
 
 __all__ = ["TiedLoRALinearFunction", "tied_lora_linear_triton", "SUPPORTED_DTYPES"]
 
@@ -41,7 +44,9 @@ def tied_lora_linear_triton(
         raise ValueError(
             f"backend='triton' supports ranks up to {configs.MAX_RANK}, got rank {rank}; use backend='torch'"
         )
-    return TiedLoRALinearFunction.apply(x2d, weight, bias, A, B, u, v, float(scale), bool(deterministic))
+    # grad mode is off inside Function.forward, so whether a backward can follow is decided here
+    keep_t = torch.is_grad_enabled()
+    return TiedLoRALinearFunction.apply(x2d, weight, bias, A, B, u, v, float(scale), bool(deterministic), keep_t)
 
 
 def _scaled_b(B: Tensor, v: Tensor | None, scale: float, dtype: torch.dtype) -> Tensor:
@@ -54,6 +59,11 @@ def _scaled_b(B: Tensor, v: Tensor | None, scale: float, dtype: torch.dtype) -> 
     N, R = B.shape
     out = torch.empty((N, -(-R // 16) * 16), device=B.device, dtype=dtype)[:, :R]
     return out.copy_(sv)
+
+
+def _on_device(t: Tensor):
+    """Launch on ``t``'s GPU and its current stream, whatever the current device (triton uses the latter)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def _f32(t: Tensor | None) -> Tensor | None:
@@ -90,10 +100,24 @@ class TiedLoRALinearFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, A, B, u, v, scale, deterministic):
+    def forward(ctx, x, weight, bias, A, B, u, v, scale, deterministic, grad_enabled):
+        with _on_device(x):
+            return TiedLoRALinearFunction._forward(ctx, x, weight, bias, A, B, u, v, scale, deterministic, grad_enabled)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        with _on_device(dy):
+            return TiedLoRALinearFunction._backward(ctx, dy)
+
+    @staticmethod
+    def _forward(ctx, x, weight, bias, A, B, u, v, scale, deterministic, grad_enabled):
         needs_x, needs_w, _, needs_a, needs_b, needs_u, needs_v = ctx.needs_input_grad[:7]
         dtype = x.dtype
-        keep_t = needs_b or needs_u or needs_v
+        # no T without a backward to use it (needs_input_grad stays True under no_grad)
+        keep_t = grad_enabled and (needs_b or needs_u or needs_v)
+        if bias is not None:
+            bias = bias.contiguous()  # the kernel reads bias with unit stride
         # y = x·Wᵀ + ((x·Aᵀ) ⊙ u)·(s·v ⊙ B)ᵀ + b, T = x·Aᵀ in fp32
         # a forced strategy / split (configs.forced, TIED_LORA_STRATEGY) holds for the backward too
         strategy, split_k = configs.forced_choice()
@@ -115,7 +139,7 @@ class TiedLoRALinearFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    def backward(ctx, dy):
+    def _backward(ctx, dy):
         x, T, weight, A, B, u, v = ctx.saved_tensors
         needs_x, needs_w, needs_bias, needs_a, needs_b, needs_u, needs_v = ctx.needs_input_grad[:7]
         s, det, dtype = ctx.scale, ctx.deterministic, dy.dtype
@@ -130,7 +154,7 @@ class TiedLoRALinearFunction(torch.autograd.Function):
                 # dx = dy·W + ((dy·svB) ⊙ u)·A, dS = dy·svB in fp32 from the same kernel
                 dx, dS = fused_lora_mm(dy, weight, svB, A.to(dtype), u32, None, write_t=need_ds, **ctx.forced)
             else:
-                dS = torch.mm(dy, svB).float()  # dS = s·dy(v ⊙ B), dx not needed
+                dS = shrink(dy, svB)  # dS = s·dy(v ⊙ B) in fp32, dx not needed
         if needs_a:
             # dA = (dS ⊙ u)ᵀ x   [R, K], fp32
             dA = rank_grad(x, dS, u32, deterministic=det, transpose_out=True).to(A.dtype)
@@ -146,5 +170,5 @@ class TiedLoRALinearFunction(torch.autograd.Function):
             dw = dy.t().mm(x)  # dW = dyᵀ x   [N, K]
         if needs_bias:
             dbias = dy.sum(0)  # db = colsum(dy)   [N]
-        # x, weight, bias, A, B, u, v, scale, deterministic
-        return dx, dw, dbias, dA, dB, du, dv, None, None
+        # x, weight, bias, A, B, u, v, scale, deterministic, grad_enabled
+        return dx, dw, dbias, dA, dB, du, dv, None, None, None
