@@ -19,6 +19,8 @@ from numbers import Real
 import torch
 from torch import Tensor
 
+from tied_lora_kernels import kernels  # imports neither triton nor the kernels until they are used
+
 __all__ = ["tied_lora_linear", "BACKENDS", "resolve_backend"]
 
 BACKENDS = ("auto", "torch", "triton")
@@ -91,21 +93,18 @@ def resolve_backend(backend: str, x: Tensor, rank: int = 1) -> str:
     if reason:
         return "torch"
     from tied_lora_kernels.kernels import configs
-    from tied_lora_kernels.kernels.function import SUPPORTED_DTYPES
+    from tied_lora_kernels.kernels.function import SUPPORTED_DTYPES  # imports triton
 
     return "triton" if x.dtype in SUPPORTED_DTYPES and rank <= configs.MAX_RANK else "torch"
 
 
 def _triton_unavailable(device: torch.device) -> str | None:
-    from tied_lora_kernels import kernels
-
     return _cached_reason(device.type, device.index, kernels.interpreting())
 
 
 @functools.cache
 def _cached_reason(device_type: str, index: int | None, interpreting: bool) -> str | None:
-    from tied_lora_kernels import kernels
-
+    # ``interpreting`` is part of the key: the answer for CPU tensors depends on it
     return kernels.unavailable_reason(torch.device(device_type, index))
 
 
@@ -113,8 +112,6 @@ def _dispatch(backend, x, weight, bias, A, B, u, v, scale, deterministic):
     lead, K, N = x.shape[:-1], x.shape[-1], weight.shape[0]
     x2d = x.reshape(-1, K)
     if backend == "triton":
-        from tied_lora_kernels import kernels
-
         y2d = kernels.tied_lora_linear_triton(x2d, weight, bias, A, B, u, v, scale, deterministic=deterministic)
     else:
         y2d = _torch_path(x2d, weight, bias, A, B, u, v, scale)

@@ -153,19 +153,15 @@ def _find_targets(model: nn.Module, config: TiedLoRAConfig) -> dict[str, nn.Line
 
 def _group_instances(targets: dict[str, nn.Linear], config: TiedLoRAConfig) -> dict[tuple, list[str]]:
     """``(parent, label) -> member names``: grouped targets of one parent together, in group order."""
-    role_group = {role: i for i, g in enumerate(config.groups) for role in g}
+    group_of = {role: g for g in config.groups for role in g}
+    position = {role: i for g in config.groups for i, role in enumerate(g)}
     instances: dict[tuple, list[str]] = {}
     for name in targets:
         parent, _, role = name.rpartition(".")
-        if role in role_group:
-            key = (parent, "group:" + "+".join(config.groups[role_group[role]]))
-        else:
-            key = (name, role)
+        key = (parent, "group:" + "+".join(group_of[role])) if role in group_of else (name, role)
         instances.setdefault(key, []).append(name)
-    for key, members in instances.items():
-        if key[1].startswith("group:"):
-            order = {role: i for i, role in enumerate(config.groups[role_group[members[0].rpartition(".")[2]]])}
-            members.sort(key=lambda n: order[n.rpartition(".")[2]])
+    for members in instances.values():  # grouped members in group order (ungrouped ones are alone)
+        members.sort(key=lambda n: position.get(n.rpartition(".")[2], 0))
     return instances
 
 
@@ -277,10 +273,9 @@ def load_tied_lora(model: nn.Module, directory: str | os.PathLike, *, backend: s
         merged = [name for name, layer in layers.items() if layer.merged]
         if merged:
             raise RuntimeError(f"cannot load into merged layers ({merged[:3]}...): unmerge_tied_lora(model) first")
-        if _layout(model) != layout:
-            raise ValueError(
-                f"the adapter in {directory} does not fit this model: {_describe_diff(_layout(model), layout)}"
-            )
+        ours = _layout(model)
+        if ours != layout:
+            raise ValueError(f"the adapter in {directory} does not fit this model: {_describe_diff(ours, layout)}")
     else:
         if meta["config"] is None:
             raise ValueError("the adapter was saved without a config: adapt the model first, then load")
