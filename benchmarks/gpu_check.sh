@@ -4,11 +4,15 @@
 #
 #     bash benchmarks/gpu_check.sh OUT_DIR        # or: OUT=OUT_DIR bash benchmarks/gpu_check.sh
 #
-# Writes OUT_DIR/gpu_check.log (everything printed), bench_linear.json, bench_e2e.json, bench.md,
-# bench.png (when matplotlib is installed), compile_check.txt. Each phase runs under `timeout` so the
-# whole script stays under 8 minutes on an H100 (limits below add up to 475 s); the benchmark phases
-# also get BENCH_TIME_BUDGET_S so they skip what is left and still write their JSON. GPU_CHECK_BENCH_ARGS
-# (e.g. "-k llama3") is passed to both benchmark runs.
+# Writes OUT_DIR/gpu_check.log (everything printed), env.txt, bench_linear.json, bench_e2e.json, bench.md,
+# bench.png (when matplotlib is installed), compile_check.txt. Each phase runs under `timeout`, so one that
+# hangs or runs long costs its limit and no more (the limits add up to 540 s; a warm run takes far less).
+# A cold run JIT-compiles a few hundred kernel specialisations, about a second each on one core, so the
+# parity tests and an untimed warm-up of every benchmark case run as GPU_CHECK_PROCS parallel pytest
+# processes (default nproc/2, at most 8) over slices of the tests (benchmarks/parallel_pytest.py); the
+# timed benchmarks then run alone, from a warm triton and inductor cache, with BENCH_TIME_BUDGET_S so they
+# skip what is left and still write their JSON. GPU_CHECK_BENCH_ARGS (e.g. "-k llama3") is passed to every
+# benchmark run; GPU_CHECK_ONLY="bench-linear report" runs only the phases it names (a short rerun).
 set -euo pipefail
 
 OUT_DIR="${1:-${OUT:-gpu_check_out}}"
@@ -38,6 +42,10 @@ FAILED=0
 phase() {
     local name="$1" limit="$2" start rc
     shift 2
+    if [ -n "${GPU_CHECK_ONLY:-}" ] && [[ " $GPU_CHECK_ONLY " != *" $name "* ]]; then
+        STATUS+=("$(printf '%-14s %-16s %4ss' "$name" "not selected" 0)")
+        return
+    fi
     echo
     local cmd="$*"
     cmd="${cmd//$'\n'/ }"
@@ -64,36 +72,46 @@ phase() {
 echo "gpu_check $(date -u +%Y-%m-%dT%H:%M:%SZ) in $(pwd), output in $OUT_DIR"
 
 ENV_PY='
-import platform, subprocess
+import os, platform, subprocess
+lines = []
 try:
-    print(subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10).stdout.strip())
+    lines.append(subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10).stdout.strip())
 except (OSError, subprocess.TimeoutExpired) as e:
-    print("nvidia-smi -L: not available:", e)
+    lines.append(f"nvidia-smi -L: not available: {e}")
 import torch
-print("python", platform.python_version(), "| torch", torch.__version__, "| cuda", torch.version.cuda)
+lines.append(f"python {platform.python_version()} | torch {torch.__version__} | cuda {torch.version.cuda}")
 try:
     import triton
-    print("triton", triton.__version__)
+    lines.append(f"triton {triton.__version__}")
 except ImportError:
-    print("triton: not installed")
-print("cuda available:", torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else "")
+    lines.append("triton: not installed")
+name = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
+lines.append(f"cuda available: {torch.cuda.is_available()} {name}")
+print("\n".join(lines))
+with open(os.environ["GPU_CHECK_ENV"], "w") as f:
+    f.write("\n".join(lines) + "\n")
 '
-phase env 20 "$PY" -c "$ENV_PY"
+GPU_CHECK_ENV="$OUT_DIR/env.txt" phase env 20 "$PY" -c "$ENV_PY"
 
-# the kernel tests, fail fast, in two phases so a slow cold JIT (a few hundred kernel specialisations) in the
-# second cannot starve the first; the ahead-of-time compile test is left to the compile-check phase below
-phase parity 130 "$PY" -m pytest tests/test_kernels_parity.py tests/test_kernels_autograd.py \
-    tests/test_kernels_memory.py -x -q -p no:cacheprovider
-phase strategies 80 "$PY" -m pytest tests/test_kernels_strategies.py -x -q -p no:cacheprovider
+PROCS="${GPU_CHECK_PROCS:-$(( $(nproc) / 2 > 8 ? 8 : ($(nproc) / 2 < 1 ? 1 : $(nproc) / 2) ))}"
+PARALLEL=("$PY" -m benchmarks.parallel_pytest -n "$PROCS" --)
 
-BENCH_TIME_BUDGET_S=105 phase bench-linear 135 "$PY" -m pytest benchmarks/test_bench_linear.py -q \
+# the kernel tests on the GPU, fail fast (-x in each process); the ahead-of-time compile test is left to the
+# compile-check phase below
+phase parity 170 "${PARALLEL[@]}" tests/test_kernels_parity.py tests/test_kernels_autograd.py \
+    tests/test_kernels_memory.py tests/test_kernels_strategies.py -x -q -p no:cacheprovider
+
+# every benchmark case once, untimed, in parallel: fills the triton and inductor caches for the timed runs
+phase bench-warmup 75 "${PARALLEL[@]}" benchmarks -q -p no:cacheprovider --benchmark-disable ${GPU_CHECK_BENCH_ARGS:-}
+
+BENCH_TIME_BUDGET_S=120 phase bench-linear 150 "$PY" -m pytest benchmarks/test_bench_linear.py -q \
     -p no:cacheprovider --benchmark-json="$OUT_DIR/bench_linear.json" --benchmark-columns=min,median,rounds ${GPU_CHECK_BENCH_ARGS:-}
 
 BENCH_TIME_BUDGET_S=35 phase bench-e2e 45 "$PY" -m pytest benchmarks/test_bench_e2e.py -q \
     -p no:cacheprovider --benchmark-json="$OUT_DIR/bench_e2e.json" --benchmark-columns=min,median,rounds ${GPU_CHECK_BENCH_ARGS:-}
 
 if "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('tied_lora_kernels.kernels.compile_check') is None)" 2>/dev/null; then
-    phase compile-check 45 bash -o pipefail -c "$PY -m tied_lora_kernels.kernels.compile_check --jobs \$(nproc) | tee '$OUT_DIR/compile_check.txt'"
+    phase compile-check 60 bash -o pipefail -c "$PY -m tied_lora_kernels.kernels.compile_check --jobs \$(nproc) | tee '$OUT_DIR/compile_check.txt'"
 else
     echo
     echo "=== compile-check: tied_lora_kernels.kernels.compile_check not present, skipped"
@@ -111,6 +129,7 @@ fi
 
 echo
 echo "=== gpu_check summary ($(date -u +%H:%M:%SZ))"
+[ -s "$OUT_DIR/env.txt" ] && cat "$OUT_DIR/env.txt"
 printf '%s\n' "${STATUS[@]}"
 if [ "${#JSONS[@]}" -gt 0 ]; then
     timeout 20 "$PY" -m tied_lora_kernels.bench --json "${JSONS[@]}" --headline --no-plot || true

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from tied_lora_kernels.bench import main
+from tied_lora_kernels.bench import main, target_rows
 
 RESULTS = sorted((Path(__file__).parent.parent / "benchmarks" / "results").glob("cpu-*.json"))
 
@@ -20,3 +20,28 @@ def test_report_from_committed_json(tmp_path, capsys):
     assert "## headline" in text and "| fwd+bwd | 8 |" in text
     assert main(["--json", str(RESULTS[-1]), "--headline", "--no-plot"]) == 0
     assert "torch / peft-lora" in capsys.readouterr().out
+
+
+def _record(provider, mode, M, seconds, rank=16):
+    return dict(
+        kind="linear", provider=provider, shape="llama2-7b.qkvo", K=4096, N=4096, dtype="bfloat16",
+        rank=0 if provider == "nn.Linear" else rank, mode=mode, M=M, device_name="H100", median=seconds,
+    )  # fmt: skip
+
+
+def test_targets_table_reads_each_target_against_its_bound():
+    floors = [_record("nn.Linear", mode, M, 1.0) for mode, M in (("forward", 8192), ("fwd+bwd", 8192))]
+    floors += [_record("nn.Linear", "forward", M, 1.0) for M in (1, 16)]
+    ours = [
+        _record("triton", "forward", 8192, 1.02),  # <= 1.05: ok
+        _record("triton", "fwd+bwd", 8192, 1.20),  # > 1.15: miss
+        _record("torch", "fwd+bwd", 8192, 1.80),  # torch / ours = 1.5 >= 1.3: ok
+        _record("triton", "forward", 1, 1.01),
+        _record("triton", "forward", 16, 1.10),  # the worst decode point decides: miss
+        _record("triton-2pass", "forward", 8192, 1.04),  # nothing else measured: 1 of 1
+    ]
+    headers, rows = target_rows(floors + ours)
+    assert headers[-1] == "met" and len(rows) == 2
+    assert rows[0][:4] == ["llama2-7b.qkvo", "bfloat16", 16, "triton"]
+    assert rows[0][4:] == ["1.02 ok", "1.2 MISS", "1.5 ok", "1.1 MISS", "2/4 met"]
+    assert rows[1][3:] == ["triton-2pass", "1.04 ok", "-", "-", "-", "1/1 met"]

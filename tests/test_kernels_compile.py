@@ -1,8 +1,9 @@
-"""Every kernel config the library can launch compiles for its GPU architecture with zero register spills.
+"""Every kernel config the library can launch compiles for every GPU it runs on with zero register spills.
 
 Runs ``python -m tied_lora_kernels.kernels.compile_check`` in a subprocess with ``TRITON_INTERPRET``
 unset (under the interpreter ``triton.jit`` cannot compile), ahead of time, no GPU needed: each config of
-``kernels/configs.py`` for sm_90 or sm_80 (the table it belongs to), each launch variant (forward and dx of
+``kernels/configs.py`` for each GPU its table is given to (the sm90 table: Hopper sm_90 and datacenter
+Blackwell sm_100; the sm80 table: Ampere sm_80 and consumer Blackwell sm_120), each launch variant (forward and dx of
 both strategies, their split-K forms at decode, the two-pass shrink of x and of dy, and the two
 rank-gradient reductions), bf16 for the 16-bit configs and fp32 for the 32-bit ones. The table
 (registers, spills, shared memory, wgmma) is printed; run pytest with ``-s`` to see it.
@@ -17,7 +18,7 @@ import sys
 
 import pytest
 
-from tied_lora_kernels.kernels import configs
+from tied_lora_kernels.kernels import compile_check, configs
 
 pytest.importorskip("triton.backends.nvidia", reason="triton's NVIDIA backend (bundled ptxas) is not installed")
 
@@ -38,14 +39,26 @@ def rows(tmp_path_factory):
     return json.loads(out.read_text())
 
 
-def test_every_shipped_config_is_compiled(rows):
-    compiled = {(r["name"], r["variant"]) for r in rows}
+TARGETS = {"sm90": ("sm_90", "sm_100"), "sm80": ("sm_80", "sm_120")}
+
+
+def test_every_shipped_config_is_compiled_for_every_target(rows):
+    compiled = {(r["name"], r["variant"], r["target"]) for r in rows}
     expected = set()
-    for _, cfg, _, _ in configs.all_fused_configs():  # both strategies; split-K variants where a config splits
-        expected |= {(cfg.name, v) for v in ("fwd", "dx") + (("fwd-splitk", "dx-splitk") if cfg.split_k else ())}
-    expected |= {(cfg.name, v) for _, cfg, _, _ in configs.all_shrink_configs() for v in ("T", "dS")}
-    expected |= {(cfg.name, v) for _, cfg, _, _ in configs.all_rank_grad_configs() for v in ("G", "dA")}
+    for arch, cfg, _, _ in configs.all_fused_configs():  # both strategies; split-K variants where a config splits
+        variants = ("fwd", "dx") + (("fwd-splitk", "dx-splitk") if cfg.split_k else ())
+        expected |= {(cfg.name, v, t) for v in variants for t in TARGETS[arch]}
+    for arch, cfg, _, _ in configs.all_shrink_configs():
+        expected |= {(cfg.name, v, t) for v in ("T", "dS") for t in TARGETS[arch]}
+    for arch, cfg, _, _ in configs.all_rank_grad_configs():
+        expected |= {(cfg.name, v, t) for v in ("G", "dA") for t in TARGETS[arch]}
     assert expected <= compiled, f"not compiled: {sorted(expected - compiled)}"
+
+
+def test_tables_cover_the_gpus_they_are_given():
+    # configs.arch_of hands the sm90 table to compute capability 9 and 10, the sm80 table to the rest
+    assert {cc // 10 for cc in compile_check.TARGETS["sm90"]} == {9, 10}
+    assert all(cc // 10 not in (9, 10) for cc in compile_check.TARGETS["sm80"])
 
 
 def test_no_register_spills(rows):
@@ -62,9 +75,10 @@ def test_shared_memory_fits(rows):
     assert not over, "shared memory over the limit:\n" + "\n".join(over)
 
 
-def test_hopper_tiles_use_wgmma(rows):
+@pytest.mark.parametrize("target,instruction", [("sm_90", "wgmma"), ("sm_100", "tcgen05")])
+def test_big_tiles_use_the_architecture_tensor_cores(rows, target, instruction):
     # the 16-bit prefill tiles (64+ rows, both strategies) and the 16-bit shrink must use Hopper's wgmma on
-    # sm_90, not the Ampere mma fallback
-    hopper = [r for r in rows if r["arch"] == "sm90" and ("prefill-16bit" in r["name"] or "shrink-16bit" in r["name"])]
-    assert hopper
-    assert all(r["wgmma"] for r in hopper), [r["name"] for r in hopper if not r["wgmma"]]
+    # sm_90 and Blackwell's tcgen05 on sm_100, not the Ampere mma.sync fallback
+    big = [r for r in rows if r["target"] == target and ("prefill-16bit" in r["name"] or "shrink-16bit" in r["name"])]
+    assert big
+    assert all(r["mma"] == instruction for r in big), [(r["name"], r["mma"]) for r in big if r["mma"] != instruction]

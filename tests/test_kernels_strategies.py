@@ -116,6 +116,23 @@ def test_split_k_is_deterministic():
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
+def test_split_k_partials_that_cancel_are_summed_before_rounding(strategy):
+    # y = t·up with W = 0, t = x·Aᵀ cut into K slices 128 + 128 + 44 whose partials are 129.5, -128 and 0:
+    # 129.5 is not a bf16 number (it would round to 130, giving y = 2), their sum 1.5 is, as is every input
+    K, N = 300, 24
+    a = torch.ones(1, K, dtype=torch.bfloat16, device=DEVICE)
+    down = torch.zeros(K, 1, dtype=torch.bfloat16, device=DEVICE)
+    down[:128] = 1 + 2**-7
+    down[0] += 0.5
+    down[128:256] = -1
+    w = torch.zeros(K, N, dtype=torch.bfloat16, device=DEVICE)
+    up = torch.ones(1, N, dtype=torch.bfloat16, device=DEVICE)
+    out, t = fused_lora_mm(a, w, down, up, None, None, write_t=True, strategy=strategy, split_k=3)
+    assert torch.equal(t, torch.full((1, 1), 1.5, device=DEVICE))
+    assert torch.equal(out, torch.full((1, N), 1.5, dtype=torch.bfloat16, device=DEVICE)), out
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("M", [37, 5])
 def test_small_integers_are_exact(strategy, M):
     # as in test_kernels_parity: with integer inputs whose every intermediate stays below 256 in magnitude

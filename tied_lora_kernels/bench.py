@@ -25,12 +25,21 @@ from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["main", "load", "summary_rows"]
+__all__ = ["main", "load", "summary_rows", "target_rows"]
 
 FLOOR = "nn.Linear"
 ORDER = (FLOOR, "torch", "torch.compile", "triton", "triton-1pass", "triton-2pass", "peft-lora", "peft-vera")
 MODES = ("forward", "backward", "fwd+bwd")
 BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
+# issue 3's speed targets (H100, bf16, K = N = 4096): at M = TARGET_M, forward and forward + backward against
+# nn.Linear, the torch path's time over ours (at least), and the worst decode forward (M <= 16)
+TARGET_M, DECODE_MAX_M = 8192, 16
+TARGETS = (
+    ("forward / nn.Linear", 1.05, "<="),
+    ("fwd+bwd / nn.Linear", 1.15, "<="),
+    ("torch / ours, fwd+bwd", 1.3, ">="),
+    ("decode fwd / nn.Linear", 1.05, "<="),
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -292,6 +301,10 @@ def _summary_tables(records, stat, wide=True):
         yield f"summary: time of nn.Linear and each provider's ratio to it ({stat})", headers, rows
     if rows:
         yield from _headline(records, stat, provs)
+        headers, rows = target_rows(records, stat)
+        if rows:
+            title = f"targets (issue 3) at K = N = 4096: M = {TARGET_M}, decode = worst M <= {DECODE_MAX_M}"
+            yield title, headers, rows
     if wide:
         yield from _memory_table(records)
     e2e = [r for r in records if r.get("kind") == "e2e"]
@@ -325,6 +338,36 @@ def _memory_table(records):
             headers,
             rows,
         )
+
+
+def target_rows(records, stat="median"):
+    """Each fused-kernel provider against issue 3's targets at K = N = 4096: ratio, "ok"/"MISS", and a count."""
+    floors = _floor_times(records, stat)
+    ratios = defaultdict(dict)  # (device, shape, dtype, rank, provider) -> (mode, M) -> time / nn.Linear
+    for r in records:
+        if r.get("kind") == "linear" and r["provider"] != FLOOR and r.get("K") == r.get("N") == 4096:
+            key = (r["device_name"], r["shape"], r["dtype"], r["rank"], r["provider"])
+            ratios[key][(r["mode"], r["M"])] = _ratio(r, floors, stat)
+    headers = ["shape", "dtype", "rank", "provider"] + [f"{name} ({how} {bound})" for name, bound, how in TARGETS]
+    rows = []
+    for key in sorted(ratios, key=lambda k: (*k[:4], _provider_key(k[4]))):
+        if not key[4].startswith("triton"):
+            continue
+        cells, torch_cells = ratios[key], ratios.get((*key[:4], "torch"), {})
+        fwd, both = cells.get(("forward", TARGET_M)), cells.get(("fwd+bwd", TARGET_M))
+        torch_both = torch_cells.get(("fwd+bwd", TARGET_M))
+        decode = [v for (mode, M), v in cells.items() if mode == "forward" and M <= DECODE_MAX_M and v]
+        values = (fwd, both, torch_both / both if torch_both and both else None, max(decode, default=None))
+        row, met, known = list(key[1:]), 0, 0
+        for value, (_, bound, how) in zip(values, TARGETS, strict=True):
+            if value is None:
+                row.append("-")
+                continue
+            ok = value <= bound if how == "<=" else value >= bound
+            met, known = met + ok, known + 1
+            row.append(f"{_fmt(value)} {'ok' if ok else 'MISS'}")
+        rows.append(row + [f"{met}/{known} met"])
+    return headers + ["met"], rows
 
 
 def _headline(records, stat, provs):
@@ -453,7 +496,7 @@ def _write_markdown(records, path: Path, stat: str, plot: Path | None) -> None:
     lines.append("")
     if plot:
         lines += [f"![ratio to nn.Linear]({_relative(plot, path.parent)})", ""]
-    order = ("headline", "summary: end-to-end", "memory", "summary: time")
+    order = ("targets", "headline", "summary: end-to-end", "memory", "summary: time")
     tables = sorted(
         _summary_tables(records, stat), key=lambda t: next(i for i, o in enumerate(order + ("",)) if t[0].startswith(o))
     )

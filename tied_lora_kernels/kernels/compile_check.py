@@ -1,11 +1,14 @@
-"""Ahead-of-time compile of every shipped kernel config for sm_90 / sm_80, no GPU needed (design.md §6-§7).
+"""Ahead-of-time compile of every shipped kernel config for every GPU it runs on, no GPU needed (design.md §6-§7).
 
-    python -m tied_lora_kernels.kernels.compile_check [--full] [--jobs N] [--json PATH]
+    python -m tied_lora_kernels.kernels.compile_check [--full] [--jobs N] [--json PATH] [--targets 90,80]
 
-For each config of ``configs.py`` (each compiled for the architecture whose table holds it), each launch
-variant and each dtype, compiles with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))``
-and prints registers and spills (triton's bundled ``ptxas -v``), shared memory and whether the PTX uses
-``wgmma``. Launch variants mirror what the launchers pass, with the JIT's specialisations: unit strides
+For each config of ``configs.py``, each GPU its table is launched on (``configs.arch_of``: the sm90 table on
+Hopper sm_90 and datacenter Blackwell sm_100, the sm80 table on Ampere sm_80 and consumer Blackwell sm_120;
+Ada's sm_89 runs sm_80's instructions and is not compiled separately), each launch variant and each dtype,
+compiles with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))`` and prints registers and
+spills (triton's bundled ``ptxas -v``), shared memory and which tensor-core instruction the PTX uses
+(``wgmma`` on Hopper, ``tcgen05`` on datacenter Blackwell, ``mma`` (mma.sync) elsewhere, ``-`` for none).
+Launch variants mirror what the launchers pass, with the JIT's specialisations: unit strides
 become constants and pointers, sizes and long strides carry 16-byte divisibility hints (``s·v ⊙ B``'s row
 stride is padded to 16 elements by ``function._scaled_b``, so it carries one too).
 
@@ -33,7 +36,8 @@ import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
 
-ARCH_NUMBER = {"sm90": 90, "sm80": 80}
+TARGETS = {"sm90": (90, 100), "sm80": (80, 120)}
+"""Compute capabilities each config table is compiled for: the GPUs ``configs.arch_of`` gives it to."""
 
 # variant -> (kernel, args equal to 1, args with divisibility 16, constexpr switches). The fused variants'
 # LOAD_T / WRITE_T follow the config's strategy (``_fused_switches``); "-splitk" adds SPLIT_K (decode only).
@@ -78,8 +82,8 @@ def _fused_switches(config: dict, split: bool) -> dict:
     return dict(WRITE_T=not two_pass, LOAD_T=two_pass, SPLIT_K=split)
 
 
-def jobs(full: bool = False) -> list[dict]:
-    """Every (variant, config, BLOCK_R, dtype, arch) to compile."""
+def jobs(full: bool = False, targets: tuple[int, ...] | None = None) -> list[dict]:
+    """Every (variant, config, BLOCK_R, dtype, table, target) to compile; ``targets`` keeps only those ccs."""
     from . import configs
 
     out = []
@@ -94,18 +98,22 @@ def jobs(full: bool = False) -> list[dict]:
                 dtypes = [("float32", "ieee"), ("float32", "tf32")] if full else [("float32", "ieee")]
             else:
                 dtypes = [("bfloat16", "ieee"), ("float16", "ieee")] if full else [("bfloat16", "ieee")]
-            for variant in variants_of(kernel, cfg):
-                for dtype, precision in dtypes:
-                    out.append(
-                        dict(
-                            variant=variant,
-                            config=cfg.__dict__,
-                            block_r=block_r,
-                            dtype=dtype,
-                            precision=precision,
-                            arch=arch,
+            for cc in TARGETS[arch]:
+                if targets and cc not in targets:
+                    continue
+                for variant in variants_of(kernel, cfg):
+                    for dtype, precision in dtypes:
+                        out.append(
+                            dict(
+                                variant=variant,
+                                config=cfg.__dict__,
+                                block_r=block_r,
+                                dtype=dtype,
+                                precision=precision,
+                                arch=arch,
+                                target=f"sm_{cc}",
+                            )
                         )
-                    )
     return out
 
 
@@ -158,7 +166,7 @@ def compile_one(job: dict) -> dict:
             signature[name] = "i32"
             if name in divisible:
                 attrs[(i,)] = [["tt.divisibility", 16]]
-    arch = ARCH_NUMBER[job["arch"]]
+    arch = int(job["target"].removeprefix("sm_"))
     compiled = triton.compile(
         ASTSource(fn, signature, constexprs, attrs),
         target=GPUTarget("cuda", arch, 32),
@@ -186,14 +194,23 @@ def compile_one(job: dict) -> dict:
         shared=int(compiled.metadata.shared),
         shared_limit=_shared_limit(job["arch"]),
         wgmma=ptx.count("wgmma.mma_async"),
+        tcgen05=ptx.count("tcgen05.mma"),
+        mma=_mma_kind(ptx),
         serialized_wgmma="C7515" in log,
     )
+
+
+def _mma_kind(ptx: str) -> str:
+    for kind, instruction in (("wgmma", "wgmma.mma_async"), ("tcgen05", "tcgen05.mma"), ("mma", "mma.sync")):
+        if instruction in ptx:
+            return kind
+    return "-"
 
 
 def _key(job: dict) -> tuple:
     # split_k only decides which variants a config has: equal tiles compile once
     tiles = tuple(sorted((k, v) for k, v in job["config"].items() if k not in ("name", "split_k")))
-    return (job["variant"], tiles, job["block_r"], job["dtype"], job["precision"], job["arch"])
+    return (job["variant"], tiles, job["block_r"], job["dtype"], job["precision"], job["arch"], job["target"])
 
 
 def _shared_limit(arch: str) -> int:
@@ -205,8 +222,8 @@ def _shared_limit(arch: str) -> int:
 def format_table(rows: list[dict]) -> str:
     import triton
 
-    head = f"{'kernel':9} {'config':33} {'BLOCK_R':>7} {'dtype':9} {'arch':5} {'regs':>4} {'spills':>6} "
-    head += f"{'smem':>7} {'wgmma':>5}"
+    head = f"{'kernel':9} {'config':33} {'BLOCK_R':>7} {'dtype':9} {'target':6} {'regs':>4} {'spills':>6} "
+    head += f"{'smem':>7} {'mma':>7}"
     lines = [f"triton {triton.__version__}", head]
     for r in rows:
         c = r["config"]
@@ -218,9 +235,8 @@ def format_table(rows: list[dict]) -> str:
             tiles = f"{c['block_c']}x{c['block_m']}"
         tiles = f"{r['name']} {tiles}"
         lines.append(
-            f"{r['variant']:9} {tiles:33} {r['block_r']:>7} {r['dtype']:9} {r['arch']:5} {r['registers']:>4} "
-            f"{r['spill_bytes']:>6} {r['shared']:>7} {'yes' if r['wgmma'] else 'no':>5}"
-            + ("  (tf32)" if r["precision"] == "tf32" else "")
+            f"{r['variant']:9} {tiles:33} {r['block_r']:>7} {r['dtype']:9} {r['target']:6} {r['registers']:>4} "
+            f"{r['spill_bytes']:>6} {r['shared']:>7} {r['mma']:>7}" + ("  (tf32)" if r["precision"] == "tf32" else "")
         )
     return "\n".join(lines)
 
@@ -231,11 +247,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compile processes")
     parser.add_argument("--json", help="also write the rows as JSON to this path")
     parser.add_argument("--only", help="compile only configs whose name contains this string")
+    parser.add_argument("--targets", help="compile only for these compute capabilities, e.g. 90,80 (default: all)")
     args = parser.parse_args(argv)
+    targets = tuple(int(t) for t in args.targets.split(",")) if args.targets else None
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("compile_check: unset TRITON_INTERPRET (the interpreter cannot compile)", file=sys.stderr)
         return 2
-    todo = [j for j in jobs(args.full) if not args.only or args.only in j["config"]["name"]]
+    todo = [j for j in jobs(args.full, targets) if not args.only or args.only in j["config"]["name"]]
     # configs with equal tiles (e.g. fp32 decode and prefill) compile once; every name gets its row
     unique = {_key(j): j for j in todo}
     keys = list(unique)
@@ -248,7 +266,10 @@ def main(argv: list[str] | None = None) -> int:
             json.dump(rows, f, indent=1)
     bad = [r for r in rows if r["spill_bytes"] or r["shared"] > r["shared_limit"]]
     for r in bad:
-        print(f"FAIL {r['variant']} {r['name']} {r['dtype']}: {r['spill_bytes']} spill bytes, {r['shared']} B smem")
+        print(
+            f"FAIL {r['variant']} {r['name']} {r['dtype']} {r['target']}: {r['spill_bytes']} spill bytes, "
+            f"{r['shared']} B smem"
+        )
     return 1 if bad else 0
 
 

@@ -19,7 +19,8 @@ Each program owns one ``[BLOCK_M, BLOCK_N]`` tile of ``out``. Two strategies (``
 Split-K (``SPLIT_K``, decode): a second grid axis cuts K into slices; each program stores its fp32 partial
 of ``out`` (and, one-pass, of ``t``) in a ``[SPLIT, ...]`` workspace, summed afterwards in a fixed order.
 Everything is linear in the K partials (``Σ_k (t_k ⊙ rscale)·up = (t ⊙ rscale)·up``); the bias (and the
-two-pass rank-R term) goes into slice 0 only.
+two-pass rank-R term) goes into slice 0 only. One-pass split-K passes each slice's partial ``t_k`` to the rank-R
+dot as a hi + lo pair (``T_HI_LO``): rounding each ``t_k`` once before the sum would lose what cancels.
 """
 
 from __future__ import annotations
@@ -51,8 +52,15 @@ def _add_rank_update(
     HAS_RSCALE: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
+    T_HI_LO: tl.constexpr,
 ):
-    """``acc + (t ⊙ rscale)·up``: the rank-R expansion, ``t`` rounded to the input dtype as a dot operand."""
+    """``acc + (t ⊙ rscale)·up``: the rank-R expansion, ``t`` rounded to the input dtype as a dot operand.
+
+    ``T_HI_LO`` (split-K one-pass, where ``t`` is one K slice's partial): ``t`` goes in as two input-dtype
+    terms, ``hi = round(t)`` and ``lo = round(t - hi)``, and two tensor-core dots, so each partial keeps ~16
+    significant bits (bf16) before the slices are summed in fp32; rounding each partial once would lose what
+    cancels between them. (One fp32 dot instead spilled registers at ranks 64 and 128.)
+    """
     if HAS_RSCALE:
         rscale = tl.load(rscale_ptr + offs_r, mask=mask_r, other=0.0).to(tl.float32)
         t = t * rscale[None, :]
@@ -60,7 +68,12 @@ def _add_rank_update(
     up = tl.load(up_ptrs, mask=mask_r[:, None] & mask_n[None, :], other=0.0)
     if UPCAST:
         up = up.to(tl.float32)
-    return tl.dot(as_operand(t, up_ptr.dtype.element_ty, UPCAST), up, acc, input_precision=PRECISION)
+    hi = as_operand(t, up_ptr.dtype.element_ty, UPCAST)
+    acc = tl.dot(hi, up, acc, input_precision=PRECISION)
+    if T_HI_LO:
+        lo = as_operand(t - hi.to(tl.float32), up_ptr.dtype.element_ty, UPCAST)
+        acc = tl.dot(lo, up, acc, input_precision=PRECISION)
+    return acc
 
 
 @triton.jit
@@ -176,7 +189,7 @@ def _fused_lora_mm_kernel(
             t = tl.load(t_ptrs + r0 * stride_tr, mask=mask_tc, other=0.0)
             acc = _add_rank_update(
                 acc, t, rscale_ptr, up_ptr, offs_rc, offs_n, mask_rc, mask_n, stride_ur, stride_un,
-                HAS_RSCALE, UPCAST, PRECISION,
+                HAS_RSCALE, UPCAST, PRECISION, False,
             )  # fmt: skip
     else:
         if WRITE_T:  # t (this slice's partial under SPLIT_K) in fp32 for the backward, once per row tile
@@ -186,7 +199,7 @@ def _fused_lora_mm_kernel(
                 tl.store(t_ptrs, t, mask=mask_t)
         acc = _add_rank_update(
             acc, t, rscale_ptr, up_ptr, offs_r, offs_n, mask_r, mask_n, stride_ur, stride_un,
-            HAS_RSCALE, UPCAST, PRECISION,
+            HAS_RSCALE, UPCAST, PRECISION, SPLIT_K,
         )  # fmt: skip
     if HAS_BIAS:
         mask_b = mask_n
