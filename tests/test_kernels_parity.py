@@ -148,6 +148,14 @@ def test_autocast():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("M", [5, 37], ids=["decode", "prefill"])
+def test_adapter_weights_in_the_input_dtype(M, dtype):
+    # adapters are float32 (the other tests) or x's dtype (here); the kernels read either as stored
+    x, params = make_inputs("tl6", M=M, K=40, N=70, R=8, dtype=dtype, adapter_dtype=dtype)
+    check_parity(x, params)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_small_integers_are_exact(dtype):
     # |every intermediate| <= 160 < 256: exactly representable in bf16 and fp16 and in fp32 accumulation
     M, K, N, R = 37, 32, 24, 4

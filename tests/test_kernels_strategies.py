@@ -18,7 +18,7 @@ from tests.conftest import DEVICE
 from tests.helpers import assert_close_to_reference
 from tests.test_kernels_parity import CONFIGS, check_parity, grads_of, make_inputs
 from tied_lora_kernels.functional import tied_lora_linear
-from tied_lora_kernels.kernels import configs, forward
+from tied_lora_kernels.kernels import configs, forward, function
 from tied_lora_kernels.kernels.forward import fused_lora_mm
 from tied_lora_kernels.kernels.shrink import shrink
 from tied_lora_kernels.reference import tied_lora_forward
@@ -113,6 +113,45 @@ def test_split_k_is_deterministic():
         runs.append([y, *grads_of(y, dy, inputs).values()])
     for a, b in zip(*runs, strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("M", [5, 40], ids=["decode", "prefill"])
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_master_weights_are_rounded_in_the_kernel_as_on_the_host(strategy, M, dtype):
+    # fp32 A and B with s·v folded in the kernel give, bit for bit, what the host's A.to(dtype) and
+    # (s·v ⊙ B).to(dtype) give: the kernel does the same fp32 operations and rounds once, to nearest even
+    x, p = make_inputs("tl6", M=M, K=300, N=140, R=12, dtype=dtype)
+    x, A, B, u, v, s = x.detach(), p["A"].detach(), p["B"].detach(), p["u"].detach(), p["v"].detach(), 0.7
+    weight_t, split = p["weight"].detach().t(), 3 if M <= 16 and dtype != torch.float32 else None
+    kw = dict(write_t=True, strategy=strategy, split_k=split)
+    host = fused_lora_mm(x, weight_t, A.to(dtype).t(), (B * (s * v)[:, None]).to(dtype).t(), u, None, **kw)
+    kernel = fused_lora_mm(x, weight_t, A.t(), B.t(), u, None, scale=s, cscale=v, **kw)
+    assert A.dtype == torch.float32 and torch.equal(host[0], kernel[0]) and torch.equal(host[1], kernel[1])
+
+
+@pytest.mark.parametrize("M", [4, 40], ids=["decode", "prefill"])
+def test_decode_forward_launches_no_host_casts(monkeypatch, M):
+    # at decode the fused kernel reads the fp32 master A and B and folds s·v itself; split-K partials are summed
+    # by one kernel: no cast, scale or sum runs on the host. Prefill casts A and folds s·v ⊙ B on the host.
+    calls, host_folds = [], []
+    real_mm, real_scaled_b = function.fused_lora_mm, function._scaled_b
+    monkeypatch.setattr(function, "fused_lora_mm", lambda *a, **k: calls.append((a, k)) or real_mm(*a, **k))
+    monkeypatch.setattr(function, "_scaled_b", lambda *a, **k: host_folds.append(1) or real_scaled_b(*a, **k))
+    sums = _GridSpy(forward._sum_splits_kernel)
+    monkeypatch.setattr(forward, "_sum_splits_kernel", sums)
+    x, params = make_inputs("tl6", M=M, K=300, N=140, R=12, dtype=torch.bfloat16)
+    args = [params[k] for k in ("weight", "bias", "A", "B", "u", "v")]
+    with torch.no_grad(), configs.forced(split_k=3):
+        tied_lora_linear(x, *args, backend="triton")
+    ((a, k),) = calls
+    down, up = a[2], a[3]
+    if M <= configs.DECODE_MAX_M:
+        assert down.dtype == up.dtype == torch.float32 and k["cscale"] is params["v"] and k["scale"] == 1.0
+        assert not host_folds and len(sums.grids) == 1
+    else:
+        assert down.dtype == up.dtype == torch.bfloat16 and "cscale" not in k and host_folds == [1]
+        assert not sums.grids  # prefill never splits K
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)

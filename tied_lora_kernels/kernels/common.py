@@ -17,7 +17,7 @@ import triton.language as tl
 
 from . import interpreting
 
-__all__ = ["as_operand", "upcast_bf16", "dot_precision"]
+__all__ = ["as_operand", "to_operand", "upcast_bf16", "dot_precision"]
 
 
 @triton.jit
@@ -30,6 +30,19 @@ def as_operand(x, DTYPE: tl.constexpr, UPCAST: tl.constexpr):
         return bits.to(tl.float32, bitcast=True)
     else:
         return x.to(DTYPE)
+
+
+@triton.jit
+def to_operand(x, DTYPE: tl.constexpr, UPCAST: tl.constexpr):
+    """A loaded tile as a dot operand in the input dtype ``DTYPE``: a tile stored in another dtype (an adapter's
+    fp32 master weight) is rounded to ``DTYPE`` once, as ``tensor.to(DTYPE)`` would; with ``UPCAST`` it is
+    kept in fp32 (rounded to bf16 values when it was not bf16 already)."""
+    if x.dtype != DTYPE:
+        return as_operand(x.to(tl.float32), DTYPE, UPCAST)
+    elif UPCAST:
+        return x.to(tl.float32)
+    else:
+        return x
 
 
 def upcast_bf16(dtype: torch.dtype) -> bool:

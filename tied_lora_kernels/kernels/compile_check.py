@@ -12,12 +12,19 @@ Launch variants mirror what the launchers pass, with the JIT's specialisations: 
 become constants and pointers, sizes and long strides carry 16-byte divisibility hints (``s·v ⊙ B``'s row
 stride is padded to 16 elements by ``function._scaled_b``, so it carries one too).
 
-- ``fwd``: the forward ``y = x Wᵀ + …`` (W read transposed), bias and ``u`` on; one-pass configs store
-  ``T``, two-pass configs (names ending ``-2pass``, compiled once with their rank chunk) load it;
-- ``dx``: the backward ``dx = dy W + …`` (W read as stored), no bias;
-- ``fwd-splitk`` / ``dx-splitk``: the same with split-K (fp32 partial outputs), 16-bit decode configs only;
+- ``fwd``: the forward ``y = x Wᵀ + …`` (W read transposed), bias and ``u`` on, as ``function.py`` passes
+  the adapters: prefill with ``A`` cast and ``s·v ⊙ B`` folded on the host (16-aligned rows), decode with the
+  fp32 master ``A`` and ``B`` and ``v`` folded in the kernel — ``fwd`` for a rank that is a multiple of 16,
+  ``fwd-oddR`` for one that is not (``B``'s row stride is then unaligned); one-pass configs store ``T``,
+  two-pass configs (names ending ``-2pass``, compiled once with their rank chunk) load it;
+- ``dx``: the backward ``dx = dy W + …`` (W read as stored, ``A`` the fp32 master), no bias;
+- ``fwd-splitk`` / ``dx-splitk``: the same with split-K (fp32 partial outputs), 16-bit decode configs only,
+  and ``sum``: the split-K sum of the partials;
 - ``T`` / ``dS``: the two-pass shrink of ``x`` (by ``Aᵀ``) and of ``dy`` (by ``s·v ⊙ B``);
 - ``G``: ``dyᵀ S`` with atomics (the default); ``dA``: ``xᵀ dT`` into a transposed output, deterministic.
+
+Adapters kept in the input dtype instead of fp32 (allowed, not the default) change only the element type of
+the ``A``/``B`` loads; those variants are not compiled here.
 
 By default 16-bit configs compile for bf16 (fp16 differs only in the MMA instruction's type) and 32-bit
 ones for exact fp32 (torch's default); ``--full`` adds fp16 and TF32. Must run with ``TRITON_INTERPRET``
@@ -35,6 +42,9 @@ import subprocess
 import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+
+from .forward import SUM_BLOCK, SUM_WARPS
 
 TARGETS = {"sm90": (90, 100), "sm80": (80, 120)}
 """Compute capabilities each config table is compiled for: the GPUs ``configs.arch_of`` gives it to."""
@@ -46,13 +56,13 @@ _VARIANTS = {
         "fused",
         ("stride_ak", "stride_wk", "stride_dk", "stride_ur", "stride_on", "stride_tr"),
         ("N", "K", "stride_am", "stride_wn", "stride_dr", "stride_un", "stride_om"),
-        dict(HAS_RSCALE=True, HAS_BIAS=True),
+        dict(HAS_RSCALE=True, HAS_CSCALE=True, HAS_BIAS=True),
     ),
     "dx": (
         "fused",
         ("stride_ak", "stride_wn", "stride_dr", "stride_un", "stride_on", "stride_tr"),
         ("N", "K", "stride_am", "stride_wk", "stride_dk", "stride_ur", "stride_om"),
-        dict(HAS_RSCALE=True, HAS_BIAS=False),
+        dict(HAS_RSCALE=True, HAS_CSCALE=False, HAS_BIAS=False),
     ),
     # the shrink of x (down = Aᵀ, read transposed) and of dy (down = s·v ⊙ B as stored)
     "T": ("shrink", ("stride_ak", "stride_dk", "stride_tr"), ("K", "stride_am", "stride_dr"), {}),
@@ -64,17 +74,40 @@ _VARIANTS = {
         ("C", "stride_am", "stride_os", "stride_or"),
         dict(HAS_RSCALE=True, USE_ATOMIC=False),
     ),
+    "sum": ("sum", (), ("NUMEL", "stride_ps"), {}),
 }
-_FP32_POINTERS = {"fused": ("rscale_ptr", "t_ptr"), "shrink": ("t_ptr",), "rank": ("p_ptr", "rscale_ptr", "out_ptr")}
+_FP32_POINTERS = {
+    "fused": ("rscale_ptr", "cscale_ptr", "up_ptr", "t_ptr"),  # up: B (forward) or A (dx), fp32 masters
+    "shrink": ("t_ptr",),
+    "rank": ("p_ptr", "rscale_ptr", "out_ptr"),
+    "sum": ("part_ptr",),
+}
+_FLOAT_ARGS = ("scale",)
 _TL_NAME = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 
 
+@dataclass(frozen=True)
+class _SumConfig:
+    """The split-K sum's launch configuration (``forward.SUM_BLOCK``, ``forward.SUM_WARPS``) as a config row."""
+
+    name: str
+    block: int = SUM_BLOCK
+    num_warps: int = SUM_WARPS
+    num_stages: int = 1
+
+
 def variants_of(kernel: str, cfg) -> list[str]:
-    """The launch variants of one config: fused configs add split-K variants in the decode regime."""
+    """The launch variants of one config: decode fused configs add ``fwd-oddR`` and, 16-bit, split-K variants."""
     names = [v for v, spec in _VARIANTS.items() if spec[0] == kernel]
+    if kernel == "fused" and _regime(cfg.name) == "decode":
+        names.insert(1, "fwd-oddR")
     if kernel == "fused" and cfg.split_k:
         names += [f"{v}-splitk" for v in names]
     return names
+
+
+def _regime(name: str) -> str:
+    return name.split("-")[1]  # configs.py names its configs "{arch}-{regime}-..."
 
 
 def _fused_switches(config: dict, split: bool) -> dict:
@@ -92,6 +125,9 @@ def jobs(full: bool = False, targets: tuple[int, ...] | None = None) -> list[dic
         ("shrink", configs.all_shrink_configs()),
         ("rank", configs.all_rank_grad_configs()),
     )
+    # the split-K sum: one launch config, for each table that splits K (16-bit)
+    split_archs = sorted({arch for arch, cfg, _, _ in configs.all_fused_configs() if cfg.split_k})
+    tables += (("sum", [(arch, _SumConfig(f"{arch}-splitk-sum"), 0, False) for arch in split_archs]),)
     for kernel, table in tables:
         for arch, cfg, block_r, wide in table:
             if wide:  # exact IEEE by default (torch's default), TF32 when torch allows it
@@ -133,25 +169,37 @@ def compile_one(job: dict) -> dict:
     from triton.compiler import ASTSource
 
     from .backward import _rank_grad_kernel
-    from .forward import _fused_lora_mm_kernel
+    from .forward import _fused_lora_mm_kernel, _sum_splits_kernel
     from .shrink import _shrink_kernel
 
     base, split = job["variant"].removesuffix("-splitk"), job["variant"].endswith("-splitk")
-    kernel, ones, divisible, switches = _VARIANTS[base]
-    fn = {"fused": _fused_lora_mm_kernel, "shrink": _shrink_kernel, "rank": _rank_grad_kernel}[kernel]
+    odd_rank = base.endswith("-oddR")
+    kernel, ones, divisible, switches = _VARIANTS[base.removesuffix("-oddR")]
+    fn = {"fused": _fused_lora_mm_kernel, "shrink": _shrink_kernel, "rank": _rank_grad_kernel}.get(kernel)
     cfg, tl_dtype = job["config"], _TL_NAME[job["dtype"]]
     fp32_pointers = _FP32_POINTERS[kernel]
+    constexprs = dict(switches, UPCAST=False, PRECISION=job["precision"], BLOCK_R=job["block_r"])
     if kernel == "fused":
-        tiles = dict(BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"], GROUP_M=cfg["group_m"])
-        switches = dict(switches, **_fused_switches(cfg, split))
+        constexprs.update(BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"])
+        constexprs.update(GROUP_M=cfg["group_m"])
+        constexprs.update(_fused_switches(cfg, split))
         divisible = (*divisible, "K_PER_SPLIT")  # whole BLOCK_K steps
         if split:  # the output is the fp32 partials workspace
             fp32_pointers = (*fp32_pointers, "out_ptr")
+        if _reads_masters(job):  # A and B as stored (fp32), v folded in the kernel
+            fp32_pointers = (*fp32_pointers, "down_ptr")
+            constexprs.update(HAS_CSCALE=True)
+        elif base == "fwd":  # s·v ⊙ B prepared on the host in the input dtype
+            constexprs.update(HAS_CSCALE=False)
+            fp32_pointers = tuple(p for p in fp32_pointers if p != "up_ptr")
+        if odd_rank:
+            divisible = tuple(d for d in divisible if d != "stride_un")
     elif kernel == "shrink":
-        tiles = dict(BLOCK_M=cfg["block_m"], BLOCK_K=cfg["block_k"])
-    else:
-        tiles = dict(BLOCK_C=cfg["block_c"], BLOCK_M=cfg["block_m"])
-    constexprs = dict(switches, UPCAST=False, PRECISION=job["precision"], BLOCK_R=job["block_r"], **tiles)
+        constexprs.update(BLOCK_M=cfg["block_m"], BLOCK_K=cfg["block_k"])
+    elif kernel == "rank":
+        constexprs.update(BLOCK_C=cfg["block_c"], BLOCK_M=cfg["block_m"])
+    else:  # the split-K sum: no dot, no rank
+        fn, constexprs = _sum_splits_kernel, dict(UPCAST=False, BLOCK=cfg["block"])
     signature, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in constexprs:
@@ -162,6 +210,8 @@ def compile_one(job: dict) -> dict:
         elif name.endswith("_ptr"):
             signature[name] = "*fp32" if name in fp32_pointers else f"*{tl_dtype}"
             attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name in _FLOAT_ARGS:
+            signature[name] = "fp32"
         else:
             signature[name] = "i32"
             if name in divisible:
@@ -200,6 +250,11 @@ def compile_one(job: dict) -> dict:
     )
 
 
+def _reads_masters(job: dict) -> bool:
+    """The decode forward reads the fp32 master ``A`` and ``B`` (``function.py``); prefill gets them cast."""
+    return job["variant"].startswith("fwd") and _regime(job["config"]["name"]) == "decode"
+
+
 def _mma_kind(ptx: str) -> str:
     for kind, instruction in (("wgmma", "wgmma.mma_async"), ("tcgen05", "tcgen05.mma"), ("mma", "mma.sync")):
         if instruction in ptx:
@@ -210,7 +265,10 @@ def _mma_kind(ptx: str) -> str:
 def _key(job: dict) -> tuple:
     # split_k only decides which variants a config has: equal tiles compile once
     tiles = tuple(sorted((k, v) for k, v in job["config"].items() if k not in ("name", "split_k")))
-    return (job["variant"], tiles, job["block_r"], job["dtype"], job["precision"], job["arch"], job["target"])
+    return (
+        job["variant"], tiles, job["block_r"], job["dtype"], job["precision"], job["arch"], job["target"],
+        _reads_masters(job),
+    )  # fmt: skip
 
 
 def _shared_limit(arch: str) -> int:
@@ -231,8 +289,10 @@ def format_table(rows: list[dict]) -> str:
             tiles = f"{c['block_m']}x{c['block_n']}x{c['block_k']}"
         elif "block_k" in c:
             tiles = f"{c['block_m']}x{c['block_k']}"
-        else:
+        elif "block_c" in c:
             tiles = f"{c['block_c']}x{c['block_m']}"
+        else:
+            tiles = str(c["block"])
         tiles = f"{r['name']} {tiles}"
         lines.append(
             f"{r['variant']:9} {tiles:33} {r['block_r']:>7} {r['dtype']:9} {r['target']:6} {r['registers']:>4} "

@@ -1,10 +1,18 @@
 """The fused GEMM (design.md §3) and its launcher: forward ``y`` and backward ``dx`` both run it.
 
-    out = a·w + ((a·down) ⊙ rscale)·up (+ bias)      a [M, K], w [K, N], down [K, R], up [R, N], rscale [R]
+    out = a·w + ((a·down) ⊙ rscale)·(up ⊙ scale·cscale) (+ bias)
+          a [M, K], w [K, N], down [K, R], up [R, N], rscale [R], cscale [N] (per column of up), scale a float
 
-Forward:  a = x,  w = Wᵀ,  down = Aᵀ,          rscale = u, up = (s·v ⊙ B)ᵀ; returns T = x Aᵀ (fp32).
-Backward: a = dy, w = W,   down = s·v ⊙ B,      rscale = u, up = A;          returns dS = s·dy(v ⊙ B) (fp32),
-          giving dx = dy W + (dS ⊙ u) A.
+Forward:  a = x,  w = Wᵀ, down = Aᵀ,     rscale = u, up = Bᵀ, cscale = v, scale = s; returns T = x Aᵀ (fp32).
+Backward: a = dy, w = W,  down = s·v ⊙ B, rscale = u, up = A;                        returns dS = s·dy(v ⊙ B)
+          (fp32), giving dx = dy W + (dS ⊙ u) A.
+
+``down`` and ``up`` may be stored in fp32 (the adapters' master weights): each tile is rounded to the input
+dtype after it is loaded, exactly as ``tensor.to(dtype)`` rounds, and ``up``'s tile is scaled in fp32 first,
+as ``(s·v ⊙ B).to(dtype)`` would be. The decode forward passes the master weights as they are and launches
+nothing to cast or scale them: there the GEMM takes microseconds and four small launches would cost more than
+the rank-R path. Prefill casts on the host (amortised), into ``s·v ⊙ B`` with a 16-aligned row stride: read
+straight from a ``B`` whose rank is not a multiple of 16, the sm_90 prefill tiles spill registers.
 
 Each program owns one ``[BLOCK_M, BLOCK_N]`` tile of ``out``. Two strategies (``configs.py`` picks one):
 
@@ -31,7 +39,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import configs
-from .common import as_operand, dot_precision, upcast_bf16
+from .common import as_operand, dot_precision, to_operand, upcast_bf16
 from .shrink import shrink
 
 __all__ = ["fused_lora_mm"]
@@ -43,18 +51,23 @@ def _add_rank_update(
     t,
     rscale_ptr,
     up_ptr,
+    cscale_ptr,
+    scale,
     offs_r,
     offs_n,
     mask_r,
     mask_n,
     stride_ur,
     stride_un,
+    DTYPE: tl.constexpr,
     HAS_RSCALE: tl.constexpr,
+    HAS_CSCALE: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
     T_HI_LO: tl.constexpr,
 ):
-    """``acc + (t ⊙ rscale)·up``: the rank-R expansion, ``t`` rounded to the input dtype as a dot operand.
+    """``acc + (t ⊙ rscale)·(up ⊙ scale·cscale)``: the rank-R expansion, ``t`` and the scaled ``up`` rounded to
+    the input dtype ``DTYPE`` as dot operands.
 
     ``T_HI_LO`` (split-K one-pass, where ``t`` is one K slice's partial): ``t`` goes in as two input-dtype
     terms, ``hi = round(t)`` and ``lo = round(t - hi)``, and two tensor-core dots, so each partial keeps ~16
@@ -65,13 +78,18 @@ def _add_rank_update(
         rscale = tl.load(rscale_ptr + offs_r, mask=mask_r, other=0.0).to(tl.float32)
         t = t * rscale[None, :]
     up_ptrs = up_ptr + offs_r[:, None] * stride_ur + offs_n[None, :] * stride_un  # [BLOCK_R, BLOCK_N]
-    up = tl.load(up_ptrs, mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-    if UPCAST:
-        up = up.to(tl.float32)
-    hi = as_operand(t, up_ptr.dtype.element_ty, UPCAST)
+    up = tl.load(up_ptrs, mask=mask_r[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
+    # up ⊙ (scale·cscale) in fp32, rounded once (the host's (s·v ⊙ B).to(dtype), same operations)
+    if HAS_CSCALE:
+        cscale = tl.load(cscale_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        up = up * (scale * cscale)[None, :]
+    else:
+        up = up * scale
+    up = as_operand(up, DTYPE, UPCAST)
+    hi = as_operand(t, DTYPE, UPCAST)
     acc = tl.dot(hi, up, acc, input_precision=PRECISION)
     if T_HI_LO:
-        lo = as_operand(t - hi.to(tl.float32), up_ptr.dtype.element_ty, UPCAST)
+        lo = as_operand(t - hi.to(tl.float32), DTYPE, UPCAST)
         acc = tl.dot(lo, up, acc, input_precision=PRECISION)
     return acc
 
@@ -84,6 +102,7 @@ def _fused_lora_mm_kernel(
     down_ptr,
     up_ptr,
     rscale_ptr,
+    cscale_ptr,
     bias_ptr,
     out_ptr,
     t_ptr,
@@ -108,8 +127,11 @@ def _fused_lora_mm_kernel(
     stride_ts,
     stride_tm,
     stride_tr,
+    # scalars
+    scale,
     # compile-time switches and tiles
     HAS_RSCALE: tl.constexpr,
+    HAS_CSCALE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     WRITE_T: tl.constexpr,
     LOAD_T: tl.constexpr,
@@ -163,13 +185,12 @@ def _fused_lora_mm_kernel(
         mask_k = offs_k < k_len - k * BLOCK_K
         a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        if not LOAD_T:
+        if not LOAD_T:  # (an fp32 master weight is rounded to the input dtype right after the load)
             d = tl.load(d_ptrs, mask=mask_k[:, None] & mask_r[None, :], other=0.0)
+            d = to_operand(d, a_ptr.dtype.element_ty, UPCAST)
         if UPCAST:  # interpreter only: its bf16 arithmetic is wrong, bf16 products are exact in fp32
             a = a.to(tl.float32)
             w = w.to(tl.float32)
-            if not LOAD_T:
-                d = d.to(tl.float32)
         acc = tl.dot(a, w, acc, input_precision=PRECISION)  # acc += a·w (the base GEMM)
         if not LOAD_T:  # one-pass: t += a·down (the shrink), from the same a tile
             t = tl.dot(a, d, t, input_precision=PRECISION)
@@ -188,8 +209,8 @@ def _fused_lora_mm_kernel(
                 mask_tc = mask_tc & (tl.zeros_like(offs_r) == pid_k)[None, :]
             t = tl.load(t_ptrs + r0 * stride_tr, mask=mask_tc, other=0.0)
             acc = _add_rank_update(
-                acc, t, rscale_ptr, up_ptr, offs_rc, offs_n, mask_rc, mask_n, stride_ur, stride_un,
-                HAS_RSCALE, UPCAST, PRECISION, False,
+                acc, t, rscale_ptr, up_ptr, cscale_ptr, scale, offs_rc, offs_n, mask_rc, mask_n, stride_ur,
+                stride_un, a_ptr.dtype.element_ty, HAS_RSCALE, HAS_CSCALE, UPCAST, PRECISION, False,
             )  # fmt: skip
     else:
         if WRITE_T:  # t (this slice's partial under SPLIT_K) in fp32 for the backward, once per row tile
@@ -198,8 +219,8 @@ def _fused_lora_mm_kernel(
                     t_ptrs += pid_k * stride_ts
                 tl.store(t_ptrs, t, mask=mask_t)
         acc = _add_rank_update(
-            acc, t, rscale_ptr, up_ptr, offs_r, offs_n, mask_r, mask_n, stride_ur, stride_un,
-            HAS_RSCALE, UPCAST, PRECISION, SPLIT_K,
+            acc, t, rscale_ptr, up_ptr, cscale_ptr, scale, offs_r, offs_n, mask_r, mask_n, stride_ur, stride_un,
+            a_ptr.dtype.element_ty, HAS_RSCALE, HAS_CSCALE, UPCAST, PRECISION, SPLIT_K,
         )  # fmt: skip
     if HAS_BIAS:
         mask_b = mask_n
@@ -216,6 +237,35 @@ def _fused_lora_mm_kernel(
         tl.store(out_ptrs, out, mask=mask_m[:, None] & mask_n[None, :])
 
 
+@triton.jit
+def _sum_splits_kernel(
+    # pointers
+    part_ptr,
+    out_ptr,
+    # sizes
+    SPLIT,
+    NUMEL,
+    # strides
+    stride_ps,
+    # compile-time switches and tiles
+    UPCAST: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """``out = Σ_s part[s]`` over the split-K partials, in slice order (deterministic), rounded once."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < NUMEL
+    part_ptrs = part_ptr + offs
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for _ in range(0, SPLIT):
+        acc += tl.load(part_ptrs, mask=mask, other=0.0)
+        part_ptrs += stride_ps
+    tl.store(out_ptr + offs, as_operand(acc, out_ptr.dtype.element_ty, UPCAST), mask=mask)
+
+
+SUM_BLOCK, SUM_WARPS = 1024, 4
+"""The split-K sum's tile (elements per program) and warps: a memory-bound copy-like kernel."""
+
+
 def fused_lora_mm(
     a: Tensor,
     w: Tensor,
@@ -224,16 +274,20 @@ def fused_lora_mm(
     rscale: Tensor | None,
     bias: Tensor | None,
     *,
+    scale: float = 1.0,
+    cscale: Tensor | None = None,
     write_t: bool,
     strategy: str | None = None,
     split_k: int | None = None,
     config: configs.FusedConfig | None = None,
 ) -> tuple[Tensor, Tensor | None]:
-    """``out [M, N] = a [M, K]·w [K, N] + ((a·down [K, R]) ⊙ rscale [R])·up [R, N] (+ bias [N])``; returns ``(out, t)``.
+    """``out [M, N] = a·w + ((a·down) ⊙ rscale)·(up ⊙ scale·cscale) (+ bias)``; returns ``(out, t)``.
 
-    ``a, w, down, up, bias`` share one dtype (any strides); ``rscale`` is float32 and contiguous; ``t = a·down``
-    in float32 is returned when ``write_t``. ``strategy`` ("one_pass" / "two_pass") and ``split_k`` (decode
-    only) override the tables' choice when given; ``config`` forces the tiles (and its own strategy).
+    ``a [M, K], w [K, N], bias [N]`` share one dtype; ``down [K, R]`` and ``up [R, N]`` are in that dtype or
+    float32 (rounded in the kernel); any strides. ``rscale [R]`` and ``cscale [N]`` are float32 and
+    contiguous. ``t = a·down`` in float32 is returned when ``write_t``. ``strategy`` ("one_pass" /
+    "two_pass") and ``split_k`` (decode only) override the tables' choice when given; ``config`` forces the
+    tiles (and its own strategy). Launches one kernel (two-pass: two; split-K: plus the sum of the slices).
     """
     M, K = a.shape
     N, R = w.shape[1], down.shape[1]
@@ -271,6 +325,7 @@ def fused_lora_mm(
         down,
         up,
         rscale if rscale is not None else a,  # never read when HAS_RSCALE is False
+        cscale if cscale is not None else a,  # never read when HAS_CSCALE is False
         bias if bias is not None else a,  # never read when HAS_BIAS is False
         out,
         t if t is not None else out,  # never touched when neither WRITE_T nor LOAD_T
@@ -293,7 +348,9 @@ def fused_lora_mm(
         t.stride(0) if t is not None and t.dim() == 3 else 0,
         t.stride(-2) if t is not None else 0,
         t.stride(-1) if t is not None else 0,
+        float(scale),
         HAS_RSCALE=rscale is not None,
+        HAS_CSCALE=cscale is not None,
         HAS_BIAS=bias is not None,
         WRITE_T=write_t and not two_pass,
         LOAD_T=two_pass,
@@ -309,7 +366,10 @@ def fused_lora_mm(
         num_stages=cfg.num_stages,
     )
     if split > 1:  # the partials, summed in a fixed order (deterministic), rounded once
-        out = out.sum(0).to(a.dtype)
+        part, out = out, torch.empty((M, N), device=a.device, dtype=a.dtype)
+        _sum_splits_kernel[(triton.cdiv(M * N, SUM_BLOCK),)](
+            part, out, split, M * N, part.stride(0), UPCAST=upcast_bf16(a.dtype), BLOCK=SUM_BLOCK, num_warps=SUM_WARPS
+        )
         if t is not None and t.dim() == 3:
             t = t.sum(0)
     return out, (t if write_t else None)

@@ -50,7 +50,8 @@ def tied_lora_linear_triton(
 
 
 def _scaled_b(B: Tensor, v: Tensor | None, scale: float, dtype: torch.dtype) -> Tensor:
-    """``s · v ⊙ B`` as ``[N, R]`` in ``dtype``, rounded once from fp32 (design.md §7: fold s·v on the host).
+    """``s · v ⊙ B`` as ``[N, R]`` in ``dtype``, rounded once from fp32 (design.md §7: fold s·v on the host);
+    at decode the forward's kernel does the same from the master weights instead.
 
     A view whose row stride is padded to a multiple of 16 elements: the JIT then specialises the kernels on
     an aligned stride (what ``compile_check`` assumes), which saves ~90 registers in the dx kernel at R = 128.
@@ -118,19 +119,17 @@ class TiedLoRALinearFunction(torch.autograd.Function):
         keep_t = grad_enabled and (needs_b or needs_u or needs_v)
         if bias is not None:
             bias = bias.contiguous()  # the kernel reads bias with unit stride
-        # y = x·Wᵀ + ((x·Aᵀ) ⊙ u)·(s·v ⊙ B)ᵀ + b, T = x·Aᵀ in fp32
+        # y = x·Wᵀ + ((x·Aᵀ) ⊙ u)·(Bᵀ ⊙ s·v) + b, T = x·Aᵀ in fp32. At decode the kernel reads the master A
+        # and B and folds s·v itself (four launches fewer, which cost more than the GEMM there); prefill casts
+        # them here, amortised over a long GEMM, into s·v ⊙ B with a 16-aligned row stride (see _scaled_b)
         # a forced strategy / split (configs.forced, TIED_LORA_STRATEGY) holds for the backward too
         strategy, split_k = configs.forced_choice()
+        if configs.regime_of(x.shape[0]) == "decode":  # adapters are fp32 or x's dtype (functional.py)
+            down, up, fold = A.t(), B.t(), dict(scale=scale, cscale=_f32(v))
+        else:
+            down, up, fold = A.to(dtype).t(), _scaled_b(B, v, scale, dtype).t(), {}
         y, T = fused_lora_mm(
-            x,
-            weight.t(),
-            A.to(dtype).t(),
-            _scaled_b(B, v, scale, dtype).t(),
-            _f32(u),
-            bias,
-            write_t=keep_t,
-            strategy=strategy,
-            split_k=split_k,
+            x, weight.t(), down, up, _f32(u), bias, **fold, write_t=keep_t, strategy=strategy, split_k=split_k
         )
         ctx.save_for_backward(x if (needs_a or needs_w) else None, T, weight, A, B, u, v)
         ctx.scale = scale
@@ -152,7 +151,7 @@ class TiedLoRALinearFunction(torch.autograd.Function):
             svB = _scaled_b(B, v, s, dtype)  # [N, R]
             if needs_x:
                 # dx = dy·W + ((dy·svB) ⊙ u)·A, dS = dy·svB in fp32 from the same kernel
-                dx, dS = fused_lora_mm(dy, weight, svB, A.to(dtype), u32, None, write_t=need_ds, **ctx.forced)
+                dx, dS = fused_lora_mm(dy, weight, svB, A, u32, None, write_t=need_ds, **ctx.forced)
             else:
                 dS = shrink(dy, svB)  # dS = s·dy(v ⊙ B) in fp32, dx not needed
         if needs_a:
