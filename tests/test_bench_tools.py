@@ -28,18 +28,21 @@ def _pytest(*args: str, env: dict | None = None, cwd: Path = ROOT) -> subprocess
     )
 
 
-def _collected(*args: str, shard: str | None = None) -> list[str]:
-    out = _pytest("--collect-only", "-q", "-p", "benchmarks.pytest_shard", *args, env={pytest_shard.ENV: shard or ""})
+def _collected(path: Path, shard: str | None = None) -> list[str]:
+    env = {pytest_shard.ENV: shard or ""}
+    out = _pytest("--collect-only", "-q", "-p", "benchmarks.pytest_shard", str(path), env=env, cwd=path)
     assert out.returncode == 0, out.stdout + out.stderr
     return [line for line in out.stdout.splitlines() if "::" in line]
 
 
-def test_shards_partition_the_collection_into_contiguous_slices():
-    everything = _collected("tests/test_reference.py")
-    assert len(everything) >= 4
-    slices = [_collected("tests/test_reference.py", shard=f"{i}/3") for i in range(3)]
+def test_shards_partition_the_collection_into_contiguous_slices(tmp_path):
+    (tmp_path / "test_a.py").write_text("import pytest\n@pytest.mark.parametrize('i', range(7))\ndef test_a(i): pass\n")
+    (tmp_path / "test_b.py").write_text("def test_b(): pass\n")
+    everything = _collected(tmp_path)
+    assert len(everything) == 8
+    slices = [_collected(tmp_path, shard=f"{i}/3") for i in range(3)]
     assert [t for s in slices for t in s] == everything  # in order, each test exactly once
-    assert max(map(len, slices)) - min(map(len, slices)) <= 1
+    assert sorted(map(len, slices)) == [2, 3, 3]
 
 
 @pytest.mark.parametrize("spec", ["3", "a/b", "3/3", "-1/2", "1/0"])
