@@ -44,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     for i in range(n):
         f = open(logs / f"slice{i}.log", "w+")  # noqa: SIM115 (closed below)
         env = {**os.environ, ENV: f"{i}/{n}"}
-        cmd = [sys.executable, "-m", "pytest", "-p", "benchmarks.pytest_shard", *pytest_args]
+        # every process must collect the tests in the same order: no random-order plugin
+        cmd = [sys.executable, "-m", "pytest", "-p", "benchmarks.pytest_shard", "-p", "no:randomly", *pytest_args]
         procs.append(subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env))
         files.append(f)
     print(f"parallel_pytest: {n} processes: pytest {' '.join(pytest_args)}", flush=True)

@@ -157,7 +157,8 @@ def test_decode_forward_launches_no_host_casts(monkeypatch, M):
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_split_k_partials_that_cancel_are_summed_before_rounding(strategy):
     # y = t·up with W = 0, t = x·Aᵀ cut into K slices 128 + 128 + 44 whose partials are 129.5, -128 and 0:
-    # 129.5 is not a bf16 number (it would round to 130, giving y = 2), their sum 1.5 is, as is every input
+    # 129.5 is not a bf16 number (it would round to 130, giving y = 2), their sum 1.5 is, as is every input.
+    # (Two-pass has no partial t — the shrink sums all of K — but must add its rank term in one slice only.)
     K, N = 300, 24
     a = torch.ones(1, K, dtype=torch.bfloat16, device=DEVICE)
     down = torch.zeros(K, 1, dtype=torch.bfloat16, device=DEVICE)

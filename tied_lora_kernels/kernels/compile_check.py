@@ -23,8 +23,11 @@ stride is padded to 16 elements by ``function._scaled_b``, so it carries one too
 - ``T`` / ``dS``: the two-pass shrink of ``x`` (by ``Aᵀ``) and of ``dy`` (by ``s·v ⊙ B``);
 - ``G``: ``dyᵀ S`` with atomics (the default); ``dA``: ``xᵀ dT`` into a transposed output, deterministic.
 
-Adapters kept in the input dtype instead of fp32 (allowed, not the default) change only the element type of
-the ``A``/``B`` loads; those variants are not compiled here.
+Switches that only remove work are compiled on: the bias, ``u`` and ``v`` (``HAS_BIAS``, ``HAS_RSCALE``,
+``HAS_CSCALE``), so a layer without them (the LoRA preset has neither ``u`` nor ``v``) runs a lighter
+specialisation of a compiled row. Adapters kept in the input dtype instead of fp32 (allowed, not the default)
+change only the element type of the ``A``/``B`` loads; those variants are not compiled here either. A compile
+that fails is reported as an ``ERROR`` row (and a failure), not an exception that loses the other rows.
 
 By default 16-bit configs compile for bf16 (fp16 differs only in the MMA instruction's type) and 32-bit
 ones for exact fp32 (torch's default); ``--full`` adds fp16 and TF32. Must run with ``TRITON_INTERPRET``
@@ -56,13 +59,13 @@ _VARIANTS = {
         "fused",
         ("stride_ak", "stride_wk", "stride_dk", "stride_ur", "stride_on", "stride_tr"),
         ("N", "K", "stride_am", "stride_wn", "stride_dr", "stride_un", "stride_om"),
-        dict(HAS_RSCALE=True, HAS_CSCALE=True, HAS_BIAS=True),
+        dict(HAS_RSCALE=True, HAS_BIAS=True),  # FOLD_UP, HAS_CSCALE: by regime (compile_one)
     ),
     "dx": (
         "fused",
         ("stride_ak", "stride_wn", "stride_dr", "stride_un", "stride_on", "stride_tr"),
         ("N", "K", "stride_am", "stride_wk", "stride_dk", "stride_ur", "stride_om"),
-        dict(HAS_RSCALE=True, HAS_CSCALE=False, HAS_BIAS=False),
+        dict(HAS_RSCALE=True, FOLD_UP=True, HAS_CSCALE=False, HAS_BIAS=False),  # up = A, the fp32 master
     ),
     # the shrink of x (down = Aᵀ, read transposed) and of dy (down = s·v ⊙ B as stored)
     "T": ("shrink", ("stride_ak", "stride_dk", "stride_tr"), ("K", "stride_am", "stride_dr"), {}),
@@ -188,9 +191,9 @@ def compile_one(job: dict) -> dict:
             fp32_pointers = (*fp32_pointers, "out_ptr")
         if _reads_masters(job):  # A and B as stored (fp32), v folded in the kernel
             fp32_pointers = (*fp32_pointers, "down_ptr")
-            constexprs.update(HAS_CSCALE=True)
+            constexprs.update(FOLD_UP=True, HAS_CSCALE=True)
         elif base == "fwd":  # s·v ⊙ B prepared on the host in the input dtype
-            constexprs.update(HAS_CSCALE=False)
+            constexprs.update(FOLD_UP=False, HAS_CSCALE=False)
             fp32_pointers = tuple(p for p in fp32_pointers if p != "up_ptr")
         if odd_rank:
             divisible = tuple(d for d in divisible if d != "stride_un")
@@ -250,6 +253,15 @@ def compile_one(job: dict) -> dict:
     )
 
 
+def _compile_or_error(job: dict) -> dict:
+    try:
+        return compile_one(job)
+    except Exception as e:  # noqa: BLE001 (one failing compile must not lose the other rows)
+        reason = " ".join(f"{type(e).__name__}: {e}".split())[:300]
+        return dict(job, name=job["config"]["name"], registers=0, spill_bytes=0, shared=0, wgmma=0, tcgen05=0,
+                    shared_limit=_shared_limit(job["arch"]), mma="-", serialized_wgmma=False, error=reason)  # fmt: skip
+
+
 def _reads_masters(job: dict) -> bool:
     """The decode forward reads the fp32 master ``A`` and ``B`` (``function.py``); prefill gets them cast."""
     return job["variant"].startswith("fwd") and _regime(job["config"]["name"]) == "decode"
@@ -296,7 +308,9 @@ def format_table(rows: list[dict]) -> str:
         tiles = f"{r['name']} {tiles}"
         lines.append(
             f"{r['variant']:9} {tiles:33} {r['block_r']:>7} {r['dtype']:9} {r['target']:6} {r['registers']:>4} "
-            f"{r['spill_bytes']:>6} {r['shared']:>7} {r['mma']:>7}" + ("  (tf32)" if r["precision"] == "tf32" else "")
+            f"{r['spill_bytes']:>6} {r['shared']:>7} {r['mma']:>7}"
+            + ("  (tf32)" if r["precision"] == "tf32" else "")
+            + ("  ERROR (see FAIL below)" if r.get("error") else "")
         )
     return "\n".join(lines)
 
@@ -318,18 +332,16 @@ def main(argv: list[str] | None = None) -> int:
     unique = {_key(j): j for j in todo}
     keys = list(unique)
     with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        results = dict(zip(keys, pool.map(compile_one, [unique[k] for k in keys]), strict=True))
+        results = dict(zip(keys, pool.map(_compile_or_error, [unique[k] for k in keys]), strict=True))
     rows = [dict(results[_key(j)], **j, name=j["config"]["name"]) for j in todo]
     print(format_table(rows))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
-    bad = [r for r in rows if r["spill_bytes"] or r["shared"] > r["shared_limit"]]
+    bad = [r for r in rows if r["spill_bytes"] or r["shared"] > r["shared_limit"] or r.get("error")]
     for r in bad:
-        print(
-            f"FAIL {r['variant']} {r['name']} {r['dtype']} {r['target']}: {r['spill_bytes']} spill bytes, "
-            f"{r['shared']} B smem"
-        )
+        what = r.get("error") or f"{r['spill_bytes']} spill bytes, {r['shared']} B smem"
+        print(f"FAIL {r['variant']} {r['name']} {r['dtype']} {r['target']}: {what}")
     return 1 if bad else 0
 
 

@@ -7,12 +7,13 @@ Forward:  a = x,  w = Wᵀ, down = Aᵀ,     rscale = u, up = Bᵀ, cscale = v, 
 Backward: a = dy, w = W,  down = s·v ⊙ B, rscale = u, up = A;                        returns dS = s·dy(v ⊙ B)
           (fp32), giving dx = dy W + (dS ⊙ u) A.
 
-``down`` and ``up`` may be stored in fp32 (the adapters' master weights): each tile is rounded to the input
-dtype after it is loaded, exactly as ``tensor.to(dtype)`` rounds, and ``up``'s tile is scaled in fp32 first,
-as ``(s·v ⊙ B).to(dtype)`` would be. The decode forward passes the master weights as they are and launches
-nothing to cast or scale them: there the GEMM takes microseconds and four small launches would cost more than
-the rank-R path. Prefill casts on the host (amortised), into ``s·v ⊙ B`` with a 16-aligned row stride: read
-straight from a ``B`` whose rank is not a multiple of 16, the sm_90 prefill tiles spill registers.
+``down`` and ``up`` may be stored in fp32 (the adapters' master weights; ``down`` in one-pass only): each tile
+is rounded to the input dtype after it is loaded, exactly as ``tensor.to(dtype)`` rounds, and ``up``'s tile is
+scaled in fp32 first, as ``(s·v ⊙ B).to(dtype)`` would be. The decode forward passes the master weights as
+they are and launches nothing to cast or scale them: there the GEMM takes microseconds and four small launches
+would cost more than the rank-R path. Prefill casts on the host (amortised), into ``s·v ⊙ B`` with a
+16-aligned row stride: read straight from a ``B`` whose rank is not a multiple of 16, the sm_90 prefill tiles
+spill registers.
 
 Each program owns one ``[BLOCK_M, BLOCK_N]`` tile of ``out``. Two strategies (``configs.py`` picks one):
 
@@ -61,31 +62,37 @@ def _add_rank_update(
     stride_un,
     DTYPE: tl.constexpr,
     HAS_RSCALE: tl.constexpr,
+    FOLD_UP: tl.constexpr,
     HAS_CSCALE: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
     T_HI_LO: tl.constexpr,
 ):
     """``acc + (t ⊙ rscale)·(up ⊙ scale·cscale)``: the rank-R expansion, ``t`` and the scaled ``up`` rounded to
-    the input dtype ``DTYPE`` as dot operands.
+    the input dtype ``DTYPE`` as dot operands. Without ``FOLD_UP`` (``up`` already in ``DTYPE``, scale 1, no
+    ``cscale``: the prefill forward's host-folded ``s·v ⊙ B``) the tile is used as loaded.
 
     ``T_HI_LO`` (split-K one-pass, where ``t`` is one K slice's partial): ``t`` goes in as two input-dtype
     terms, ``hi = round(t)`` and ``lo = round(t - hi)``, and two tensor-core dots, so each partial keeps ~16
     significant bits (bf16) before the slices are summed in fp32; rounding each partial once would lose what
-    cancels between them. (One fp32 dot instead spilled registers at ranks 64 and 128.)
+    cancels between them. (One fp32 dot instead spilled registers at ranks 64 and 128.) In fp16 a partial
+    beyond fp16's range makes ``hi`` infinite and the result NaN, where the unsplit kernel gives inf.
     """
     if HAS_RSCALE:
         rscale = tl.load(rscale_ptr + offs_r, mask=mask_r, other=0.0).to(tl.float32)
         t = t * rscale[None, :]
     up_ptrs = up_ptr + offs_r[:, None] * stride_ur + offs_n[None, :] * stride_un  # [BLOCK_R, BLOCK_N]
-    up = tl.load(up_ptrs, mask=mask_r[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
-    # up ⊙ (scale·cscale) in fp32, rounded once (the host's (s·v ⊙ B).to(dtype), same operations)
-    if HAS_CSCALE:
-        cscale = tl.load(cscale_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        up = up * (scale * cscale)[None, :]
-    else:
-        up = up * scale
-    up = as_operand(up, DTYPE, UPCAST)
+    up = tl.load(up_ptrs, mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+    if FOLD_UP:  # up ⊙ (scale·cscale) in fp32, rounded once (the host's (s·v ⊙ B).to(dtype), same operations)
+        up = up.to(tl.float32)
+        if HAS_CSCALE:
+            cscale = tl.load(cscale_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            up = up * (scale * cscale)[None, :]
+        else:
+            up = up * scale
+        up = as_operand(up, DTYPE, UPCAST)
+    elif UPCAST:
+        up = up.to(tl.float32)
     hi = as_operand(t, DTYPE, UPCAST)
     acc = tl.dot(hi, up, acc, input_precision=PRECISION)
     if T_HI_LO:
@@ -131,6 +138,7 @@ def _fused_lora_mm_kernel(
     scale,
     # compile-time switches and tiles
     HAS_RSCALE: tl.constexpr,
+    FOLD_UP: tl.constexpr,
     HAS_CSCALE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     WRITE_T: tl.constexpr,
@@ -210,7 +218,7 @@ def _fused_lora_mm_kernel(
             t = tl.load(t_ptrs + r0 * stride_tr, mask=mask_tc, other=0.0)
             acc = _add_rank_update(
                 acc, t, rscale_ptr, up_ptr, cscale_ptr, scale, offs_rc, offs_n, mask_rc, mask_n, stride_ur,
-                stride_un, a_ptr.dtype.element_ty, HAS_RSCALE, HAS_CSCALE, UPCAST, PRECISION, False,
+                stride_un, a_ptr.dtype.element_ty, HAS_RSCALE, FOLD_UP, HAS_CSCALE, UPCAST, PRECISION, False,
             )  # fmt: skip
     else:
         if WRITE_T:  # t (this slice's partial under SPLIT_K) in fp32 for the backward, once per row tile
@@ -220,7 +228,7 @@ def _fused_lora_mm_kernel(
                 tl.store(t_ptrs, t, mask=mask_t)
         acc = _add_rank_update(
             acc, t, rscale_ptr, up_ptr, cscale_ptr, scale, offs_r, offs_n, mask_r, mask_n, stride_ur, stride_un,
-            a_ptr.dtype.element_ty, HAS_RSCALE, HAS_CSCALE, UPCAST, PRECISION, SPLIT_K,
+            a_ptr.dtype.element_ty, HAS_RSCALE, FOLD_UP, HAS_CSCALE, UPCAST, PRECISION, SPLIT_K,
         )  # fmt: skip
     if HAS_BIAS:
         mask_b = mask_n
@@ -311,8 +319,9 @@ def fused_lora_mm(
         out = torch.empty((split, M, N), device=a.device, dtype=torch.float32)
     else:
         out = torch.empty((M, N), device=a.device, dtype=a.dtype)
-    if two_pass:
-        t = shrink(a, down)  # t = a·down, fp32 [M, R]
+    if two_pass:  # t = a·down, fp32 [M, R]; the shrink reads down in the input dtype (a forced two-pass
+        # decode forward, which passes the fp32 master A, casts it here)
+        t = shrink(a, down if down.dtype == a.dtype else down.to(a.dtype))
     elif write_t:
         t = torch.empty((split, M, R) if split > 1 else (M, R), device=a.device, dtype=torch.float32)
     else:
@@ -350,6 +359,7 @@ def fused_lora_mm(
         t.stride(-1) if t is not None else 0,
         float(scale),
         HAS_RSCALE=rscale is not None,
+        FOLD_UP=up.dtype != a.dtype or cscale is not None or scale != 1.0,
         HAS_CSCALE=cscale is not None,
         HAS_BIAS=bias is not None,
         WRITE_T=write_t and not two_pass,

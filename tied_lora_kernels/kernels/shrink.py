@@ -1,6 +1,6 @@
 """The shrink of the two-pass strategy (design.md §3, LoRAFusion's first kernel) and its launcher.
 
-    t [M, R] = a [M, K] · down [K, R]        fp32 out; a in the input dtype, down in it or in fp32
+    t [M, R] = a [M, K] · down [K, R]        fp32 out; a, down in the input dtype
 
 Forward: a = x, down = Aᵀ (t = T); backward: a = dy, down = s·v ⊙ B (t = dS). The fused GEMM then loads
 ``t`` instead of accumulating it in its K loop (``forward.py``, ``LOAD_T``).
@@ -20,7 +20,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import configs
-from .common import dot_precision, to_operand, upcast_bf16
+from .common import dot_precision, upcast_bf16
 
 __all__ = ["shrink"]
 
@@ -63,9 +63,9 @@ def _shrink_kernel(
         mask_k = offs_k < K - k * BLOCK_K
         a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         d = tl.load(d_ptrs, mask=mask_k[:, None] & mask_r[None, :], other=0.0)
-        d = to_operand(d, a_ptr.dtype.element_ty, UPCAST)  # (an fp32 master weight rounded to the input dtype)
         if UPCAST:  # interpreter only (see common.py)
             a = a.to(tl.float32)
+            d = d.to(tl.float32)
         t = tl.dot(a, d, t, input_precision=PRECISION)  # t += a·down
         a_ptrs += BLOCK_K * stride_ak
         d_ptrs += BLOCK_K * stride_dk
@@ -75,7 +75,7 @@ def _shrink_kernel(
 
 
 def shrink(a: Tensor, down: Tensor, *, config: configs.ShrinkConfig | None = None) -> Tensor:
-    """``a [M, K] · down [K, R]`` → fp32 ``[M, R]`` (``down`` in ``a``'s dtype or float32, any strides)."""
+    """``a [M, K] · down [K, R]`` → fp32 ``[M, R]`` (``a`` and ``down`` in one dtype, any strides)."""
     M, K = a.shape
     R = down.shape[1]
     t = torch.empty((M, R), device=a.device, dtype=torch.float32)
