@@ -128,6 +128,7 @@ def test_master_weights_are_rounded_in_the_kernel_as_on_the_host(strategy, M, dt
     host = fused_lora_mm(x, weight_t, A.to(dtype).t(), (B * (s * v)[:, None]).to(dtype).t(), u, None, **kw)
     kernel = fused_lora_mm(x, weight_t, A.t(), B.t(), u, None, scale=s, cscale=v, **kw)
     assert A.dtype == torch.float32 and torch.equal(host[0], kernel[0]) and torch.equal(host[1], kernel[1])
+    assert torch.equal(function._scaled_b(B, v, s, dtype), (B * (s * v)[:, None]).to(dtype))  # the host fold
 
 
 @pytest.mark.parametrize("M", [4, 40], ids=["decode", "prefill"])

@@ -56,10 +56,10 @@ def _scaled_b(B: Tensor, v: Tensor | None, scale: float, dtype: torch.dtype) -> 
     A view whose row stride is padded to a multiple of 16 elements: the JIT then specialises the kernels on
     an aligned stride (what ``compile_check`` assumes), which saves ~90 registers in the dx kernel at R = 128.
     """
-    sv = B.float() * scale if v is None else B.float() * (scale * v.float())[:, None]
     N, R = B.shape
     out = torch.empty((N, -(-R // 16) * 16), device=B.device, dtype=dtype)[:, :R]
-    return out.copy_(sv)
+    factor = scale if v is None else (scale * v.float())[:, None]
+    return torch.mul(B.float(), factor, out=out)  # computed in fp32, rounded to dtype as it is stored
 
 
 def _on_device(t: Tensor):
