@@ -94,8 +94,7 @@ with open(os.environ["GPU_CHECK_ENV"], "w") as f:
 '
 GPU_CHECK_ENV="$OUT_DIR/env.txt" phase env 20 "$PY" -c "$ENV_PY"
 
-PROCS="${GPU_CHECK_PROCS:-$(( $(nproc) / 2 > 8 ? 8 : ($(nproc) / 2 < 1 ? 1 : $(nproc) / 2) ))}"
-PARALLEL=("$PY" -m benchmarks.parallel_pytest -n "$PROCS" --)
+PARALLEL=("$PY" -m benchmarks.parallel_pytest ${GPU_CHECK_PROCS:+-n "$GPU_CHECK_PROCS"} --)
 
 # the kernel tests on the GPU, fail fast (-x in each process); the ahead-of-time compile test is left to the
 # compile-check phase below

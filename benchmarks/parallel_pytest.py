@@ -78,14 +78,15 @@ def main(argv: list[str] | None = None) -> int:
         time.sleep(0.2)
 
     codes = [proc.wait() for proc in procs]
+    texts = []
     for i, f in enumerate(files):
         f.seek(0)
-        text = f.read()
+        texts.append(f.read().strip())
         f.close()
-        print(f"\n----- slice {i}/{n} (exit {codes[i]}) -----\n{text.rstrip()}")
+        print(f"\n----- slice {i}/{n} (exit {codes[i]}) -----\n{texts[i]}")
     print()
-    for i, f in enumerate(files):
-        last = (Path(f.name).read_text().strip().splitlines() or ["(no output)"])[-1]
+    for i, text in enumerate(texts):
+        last = (text.splitlines() or ["(no output)"])[-1]
         print(f"slice {i}/{n}: exit {codes[i]:>3}  {last}")
     shutil.rmtree(logs, ignore_errors=True)
     if stopped:

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from tied_lora_kernels.kernels.configs import DECODE_MAX_M
+
 __all__ = ["Shape", "SHAPES", "Case", "linear_cases", "flops", "min_bytes", "DECODE_MAX_M"]
 
 
@@ -46,7 +48,7 @@ SHAPES: dict[str, Shape] = {
     )
 }
 
-DECODE_MAX_M = 16  # M <= 16: decode, forward (inference) only, timed with CUDA graphs on GPU
+# M <= DECODE_MAX_M (16): decode, the kernels' decode regime; forward (inference) only, timed with CUDA graphs
 
 
 @dataclass(frozen=True)
