@@ -19,7 +19,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import configs
-from .common import as_operand, dot_precision, upcast_bf16
+from .common import FP_FUSION, as_operand, dot_precision, upcast_bf16
 
 __all__ = ["rank_grad"]
 
@@ -144,5 +144,6 @@ def rank_grad(
         BLOCK_R=block_r,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
+        enable_fp_fusion=FP_FUSION,
     )
     return buf.sum(0) if deterministic else buf

@@ -17,7 +17,12 @@ import triton.language as tl
 
 from . import interpreting
 
-__all__ = ["as_operand", "to_operand", "upcast_bf16", "dot_precision"]
+__all__ = ["as_operand", "to_operand", "upcast_bf16", "dot_precision", "FP_FUSION"]
+
+FP_FUSION = True
+"""Passed as ``enable_fp_fusion`` to every launch (and to the compile check): multiply-adds may contract to FMA,
+as they always have. Triton 3.9 warns when the choice is left to its default, which 3.10 turns off; pinning it
+keeps the kernels' numerics and register counts what the tests and the compile check saw, on every version."""
 
 
 @triton.jit

@@ -47,6 +47,7 @@ import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
+from .common import FP_FUSION
 from .forward import SUM_BLOCK, SUM_WARPS
 
 TARGETS = {"sm90": (90, 100), "sm80": (80, 120)}
@@ -223,7 +224,7 @@ def compile_one(job: dict) -> dict:
     compiled = triton.compile(
         ASTSource(fn, signature, constexprs, attrs),
         target=GPUTarget("cuda", arch, 32),
-        options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]},
+        options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"], "enable_fp_fusion": FP_FUSION},
     )
     ptx = compiled.asm["ptx"]
     with tempfile.TemporaryDirectory() as tmp:

@@ -40,7 +40,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import configs
-from .common import as_operand, dot_precision, to_operand, upcast_bf16
+from .common import FP_FUSION, as_operand, dot_precision, to_operand, upcast_bf16
 from .shrink import shrink
 
 __all__ = ["fused_lora_mm"]
@@ -374,12 +374,14 @@ def fused_lora_mm(
         GROUP_M=cfg.group_m,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
+        enable_fp_fusion=FP_FUSION,
     )
     if split > 1:  # the partials, summed in a fixed order (deterministic), rounded once
         part, out = out, torch.empty((M, N), device=a.device, dtype=a.dtype)
         _sum_splits_kernel[(triton.cdiv(M * N, SUM_BLOCK),)](
-            part, out, split, M * N, part.stride(0), UPCAST=upcast_bf16(a.dtype), BLOCK=SUM_BLOCK, num_warps=SUM_WARPS
-        )
+            part, out, split, M * N, part.stride(0), UPCAST=upcast_bf16(a.dtype), BLOCK=SUM_BLOCK, num_warps=SUM_WARPS,
+            enable_fp_fusion=FP_FUSION,
+        )  # fmt: skip
         if t is not None and t.dim() == 3:
             t = t.sum(0)
     return out, (t if write_t else None)

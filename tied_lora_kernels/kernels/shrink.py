@@ -20,7 +20,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import configs
-from .common import dot_precision, upcast_bf16
+from .common import FP_FUSION, dot_precision, upcast_bf16
 
 __all__ = ["shrink"]
 
@@ -103,5 +103,6 @@ def shrink(a: Tensor, down: Tensor, *, config: configs.ShrinkConfig | None = Non
         BLOCK_R=block_r,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
+        enable_fp_fusion=FP_FUSION,
     )
     return t
