@@ -98,6 +98,7 @@ def resolve_backend(backend: str, x: Tensor, rank: int = 1) -> str:
     return "triton" if x.dtype in SUPPORTED_DTYPES and rank <= configs.MAX_RANK else "torch"
 
 
+@torch.compiler.assume_constant_result  # torch.compile: evaluated while tracing, not traced into
 def _triton_unavailable(device: torch.device) -> str | None:
     return _cached_reason(device.type, device.index, kernels.interpreting())
 

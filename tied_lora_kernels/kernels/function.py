@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -44,6 +45,8 @@ def tied_lora_linear_triton(
         raise ValueError(
             f"backend='triton' supports ranks up to {configs.MAX_RANK}, got rank {rank}; use backend='torch'"
         )
+    if torch.compiler.is_compiling():  # torch.compile: the custom op (dynamo cannot trace the launchers)
+        return _compiled_forward(x2d, weight, bias, A, B, u, v, float(scale), bool(deterministic))
     # grad mode is off inside Function.forward, so whether a backward can follow is decided here
     keep_t = torch.is_grad_enabled()
     return TiedLoRALinearFunction.apply(x2d, weight, bias, A, B, u, v, float(scale), bool(deterministic), keep_t)
@@ -69,6 +72,62 @@ def _on_device(t: Tensor):
 
 def _f32(t: Tensor | None) -> Tensor | None:
     return None if t is None else t.to(torch.float32).contiguous()
+
+
+def forward_impl(x, weight, bias, A, B, u, v, scale, *, keep_t, strategy, split_k):
+    """``(y [M, N], T [M, R] fp32 or None)``: the forward of ``TiedLoRALinearFunction`` (and of the custom op)."""
+    dtype = x.dtype
+    if bias is not None:
+        bias = bias.contiguous()  # the kernel reads bias with unit stride
+    # y = x·Wᵀ + ((x·Aᵀ) ⊙ u)·(Bᵀ ⊙ s·v) + b, T = x·Aᵀ in fp32. At decode the kernel reads the master A and B
+    # and folds s·v itself (four launches fewer, which cost more than the GEMM there); prefill casts them
+    # here, amortised over a long GEMM, into s·v ⊙ B with a 16-aligned row stride (see _scaled_b)
+    if configs.regime_of(x.shape[0]) == "decode":  # adapters are fp32 or x's dtype (functional.py)
+        down, up, fold = A.t(), B.t(), dict(scale=scale, cscale=_f32(v))
+    else:
+        down, up, fold = A.to(dtype).t(), _scaled_b(B, v, scale, dtype).t(), {}
+    with _on_device(x):
+        return fused_lora_mm(
+            x, weight.t(), down, up, _f32(u), bias, **fold, write_t=keep_t, strategy=strategy, split_k=split_k
+        )
+
+
+def backward_impl(dy, x, T, weight, A, B, u, v, scale, needs, *, deterministic, strategy, split_k):
+    """``(dx, dW, db, dA, dB, du, dv)`` (None where ``needs``, seven bools in that order, is False): the
+    backward of ``TiedLoRALinearFunction`` (and of the custom op). ``x`` may be None unless A or W trains,
+    ``T`` unless B, u or v trains."""
+    needs_x, needs_w, needs_bias, needs_a, needs_b, needs_u, needs_v = needs
+    s, det, dtype = scale, deterministic, dy.dtype
+    forced = dict(strategy=strategy, split_k=split_k)
+    dx = dw = dbias = dA = dB = du = dv = None
+    u32 = _f32(u)
+    need_ds = needs_a or needs_u
+
+    with _on_device(dy):
+        dS = None
+        if needs_x or need_ds:
+            svB = _scaled_b(B, v, s, dtype)  # [N, R]
+            if needs_x:
+                # dx = dy·W + ((dy·svB) ⊙ u)·A, dS = dy·svB in fp32 from the same kernel
+                dx, dS = fused_lora_mm(dy, weight, svB, A, u32, None, write_t=need_ds, **forced)
+            else:
+                dS = shrink(dy, svB)  # dS = s·dy(v ⊙ B) in fp32, dx not needed
+        if needs_a:
+            # dA = (dS ⊙ u)ᵀ x   [R, K], fp32
+            dA = rank_grad(x, dS, u32, deterministic=det, transpose_out=True).to(A.dtype)
+        if needs_u:
+            du = (dS * T).sum(0).to(u.dtype)  # du = colsum(dS ⊙ T)
+        if needs_b or needs_v:
+            G = rank_grad(dy, T, u32, deterministic=det)  # G = dyᵀ (T ⊙ u)   [N, R], fp32
+            if needs_b:
+                dB = (G * s if v is None else G * (s * v.float())[:, None]).to(B.dtype)
+            if needs_v:
+                dv = (s * (B.float() * G).sum(1)).to(v.dtype)
+        if needs_w:
+            dw = dy.t().mm(x)  # dW = dyᵀ x   [N, K]
+        if needs_bias:
+            dbias = dy.sum(0)  # db = colsum(dy)   [N]
+    return dx, dw, dbias, dA, dB, du, dv
 
 
 class TiedLoRALinearFunction(torch.autograd.Function):
@@ -102,35 +161,12 @@ class TiedLoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, A, B, u, v, scale, deterministic, grad_enabled):
-        with _on_device(x):
-            return TiedLoRALinearFunction._forward(ctx, x, weight, bias, A, B, u, v, scale, deterministic, grad_enabled)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dy):
-        with _on_device(dy):
-            return TiedLoRALinearFunction._backward(ctx, dy)
-
-    @staticmethod
-    def _forward(ctx, x, weight, bias, A, B, u, v, scale, deterministic, grad_enabled):
         needs_x, needs_w, _, needs_a, needs_b, needs_u, needs_v = ctx.needs_input_grad[:7]
-        dtype = x.dtype
-        # no T without a backward to use it (needs_input_grad stays True under no_grad)
-        keep_t = grad_enabled and (needs_b or needs_u or needs_v)
-        if bias is not None:
-            bias = bias.contiguous()  # the kernel reads bias with unit stride
-        # y = x·Wᵀ + ((x·Aᵀ) ⊙ u)·(Bᵀ ⊙ s·v) + b, T = x·Aᵀ in fp32. At decode the kernel reads the master A
-        # and B and folds s·v itself (four launches fewer, which cost more than the GEMM there); prefill casts
-        # them here, amortised over a long GEMM, into s·v ⊙ B with a 16-aligned row stride (see _scaled_b)
         # a forced strategy / split (configs.forced, TIED_LORA_STRATEGY) holds for the backward too
         strategy, split_k = configs.forced_choice()
-        if configs.regime_of(x.shape[0]) == "decode":  # adapters are fp32 or x's dtype (functional.py)
-            down, up, fold = A.t(), B.t(), dict(scale=scale, cscale=_f32(v))
-        else:
-            down, up, fold = A.to(dtype).t(), _scaled_b(B, v, scale, dtype).t(), {}
-        y, T = fused_lora_mm(
-            x, weight.t(), down, up, _f32(u), bias, **fold, write_t=keep_t, strategy=strategy, split_k=split_k
-        )
+        # no T without a backward to use it (needs_input_grad stays True under no_grad)
+        keep_t = grad_enabled and (needs_b or needs_u or needs_v)
+        y, T = forward_impl(x, weight, bias, A, B, u, v, scale, keep_t=keep_t, strategy=strategy, split_k=split_k)
         ctx.save_for_backward(x if (needs_a or needs_w) else None, T, weight, A, B, u, v)
         ctx.scale = scale
         ctx.deterministic = deterministic
@@ -138,36 +174,112 @@ class TiedLoRALinearFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    def _backward(ctx, dy):
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
         x, T, weight, A, B, u, v = ctx.saved_tensors
-        needs_x, needs_w, needs_bias, needs_a, needs_b, needs_u, needs_v = ctx.needs_input_grad[:7]
-        s, det, dtype = ctx.scale, ctx.deterministic, dy.dtype
-        dx = dw = dbias = dA = dB = du = dv = None
-        u32 = _f32(u)
-        need_ds = needs_a or needs_u
+        grads = backward_impl(
+            dy, x, T, weight, A, B, u, v, ctx.scale, ctx.needs_input_grad[:7], deterministic=ctx.deterministic,
+            **ctx.forced,
+        )  # fmt: skip
+        # x, weight, bias, A, B, u, v, then None for scale, deterministic, grad_enabled
+        return *grads, None, None, None
 
-        dS = None
-        if needs_x or need_ds:
-            svB = _scaled_b(B, v, s, dtype)  # [N, R]
-            if needs_x:
-                # dx = dy·W + ((dy·svB) ⊙ u)·A, dS = dy·svB in fp32 from the same kernel
-                dx, dS = fused_lora_mm(dy, weight, svB, A, u32, None, write_t=need_ds, **ctx.forced)
-            else:
-                dS = shrink(dy, svB)  # dS = s·dy(v ⊙ B) in fp32, dx not needed
-        if needs_a:
-            # dA = (dS ⊙ u)ᵀ x   [R, K], fp32
-            dA = rank_grad(x, dS, u32, deterministic=det, transpose_out=True).to(A.dtype)
-        if needs_u:
-            du = (dS * T).sum(0).to(u.dtype)  # du = colsum(dS ⊙ T)
-        if needs_b or needs_v:
-            G = rank_grad(dy, T, u32, deterministic=det)  # G = dyᵀ (T ⊙ u)   [N, R], fp32
-            if needs_b:
-                dB = (G * s if v is None else G * (s * v.float())[:, None]).to(B.dtype)
-            if needs_v:
-                dv = (s * (B.float() * G).sum(1)).to(v.dtype)
-        if needs_w:
-            dw = dy.t().mm(x)  # dW = dyᵀ x   [N, K]
-        if needs_bias:
-            dbias = dy.sum(0)  # db = colsum(dy)   [N]
-        # x, weight, bias, A, B, u, v, scale, deterministic, grad_enabled
-        return dx, dw, dbias, dA, dB, du, dv, None, None, None
+
+# ---------------------------------------------------------------------------------------------------------
+# the same forward and backward as torch.library custom ops: what torch.compile sees
+#
+# Dynamo cannot trace the launchers (host-side views, ``out=`` ops, config tables, triton's launch), so under
+# ``torch.compile`` the fused forward and backward run as two opaque custom ops with fake (shape-only)
+# implementations for tracing and the autograd formula of ``TiedLoRALinearFunction``. Eager calls keep the
+# plain Function: a custom op's dispatch costs ~40 µs more per call on the host (2 CPU cores, torch 2.13),
+# as long as a decode GEMM. Optional results travel as empty tensors (a custom op returns tensors only);
+# a forced strategy is read once, when the graph is traced.
+
+
+def _compiled_forward(x, weight, bias, A, B, u, v, scale, deterministic):
+    strategy, split_k = configs.forced_choice()
+    grad = torch.is_grad_enabled()
+    keep_t = grad and any(t is not None and t.requires_grad for t in (B, u, v))
+    save_x = grad and (A.requires_grad or weight.requires_grad)
+    y, _ = _forward_op(x, weight, bias, A, B, u, v, scale, deterministic, keep_t, save_x, strategy or "", split_k or 0)
+    return y
+
+
+@torch.library.custom_op("tied_lora_kernels::forward", mutates_args=())
+def _forward_op(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],  # noqa: UP045 (custom_op reads the annotations)
+    A: Tensor,
+    B: Tensor,
+    u: Optional[Tensor],  # noqa: UP045
+    v: Optional[Tensor],  # noqa: UP045
+    scale: float,
+    deterministic: bool,
+    keep_t: bool,
+    save_x: bool,
+    strategy: str,
+    split_k: int,
+) -> tuple[Tensor, Tensor]:
+    """``(y, T)``, ``T`` empty unless ``keep_t`` (``deterministic``, ``save_x``: for the backward)."""
+    y, T = forward_impl(
+        x, weight, bias, A, B, u, v, scale, keep_t=keep_t, strategy=strategy or None, split_k=split_k or None
+    )
+    return y, (T if T is not None else x.new_empty(0, dtype=torch.float32))
+
+
+@_forward_op.register_fake
+def _(x, weight, bias, A, B, u, v, scale, deterministic, keep_t, save_x, strategy, split_k):
+    T = x.new_empty((x.shape[0], A.shape[0]) if keep_t else (0,), dtype=torch.float32)
+    return x.new_empty(x.shape[0], weight.shape[0]), T
+
+
+def _setup_forward(ctx, inputs, output):
+    x, weight, bias, A, B, u, v, scale, deterministic, keep_t, save_x, strategy, split_k = inputs
+    T = output[1]
+    ctx.mark_non_differentiable(T)
+    ctx.save_for_backward(x if save_x else None, T if keep_t else None, weight, A, B, u, v)
+    ctx.args = (scale, deterministic, strategy, split_k)
+
+
+def _backward_of_forward_op(ctx, dy, _dT):
+    x, T, weight, A, B, u, v = ctx.saved_tensors
+    needs = list(ctx.needs_input_grad[:7])
+    grads = _backward_op(dy, x, T, weight, A, B, u, v, needs, *ctx.args)
+    # x, weight, bias, A, B, u, v, then None for the six non-tensor arguments
+    return *(g if need else None for g, need in zip(grads, needs, strict=True)), *(None,) * 6
+
+
+_forward_op.register_autograd(_backward_of_forward_op, setup_context=_setup_forward)
+
+
+@torch.library.custom_op("tied_lora_kernels::backward", mutates_args=())
+def _backward_op(
+    dy: Tensor,
+    x: Optional[Tensor],  # noqa: UP045
+    T: Optional[Tensor],  # noqa: UP045
+    weight: Tensor,
+    A: Tensor,
+    B: Tensor,
+    u: Optional[Tensor],  # noqa: UP045
+    v: Optional[Tensor],  # noqa: UP045
+    needs: list[bool],
+    scale: float,
+    deterministic: bool,
+    strategy: str,
+    split_k: int,
+) -> list[Tensor]:
+    """``[dx, dW, db, dA, dB, du, dv]``, each empty where ``needs`` is False."""
+    forced = dict(strategy=strategy or None, split_k=split_k or None)
+    grads = backward_impl(dy, x, T, weight, A, B, u, v, scale, needs, deterministic=deterministic, **forced)
+    return [g if g is not None else dy.new_empty(0) for g in grads]
+
+
+@_backward_op.register_fake
+def _(dy, x, T, weight, A, B, u, v, needs, scale, deterministic, strategy, split_k):
+    (M, N), (R, K) = dy.shape, A.shape
+    shapes = ((M, K, dy.dtype), (N, K, dy.dtype), (N, dy.dtype), (R, K, A.dtype), (N, R, B.dtype))
+    shapes += ((R, u.dtype if u is not None else A.dtype), (N, v.dtype if v is not None else B.dtype))
+    return [
+        dy.new_empty(s[:-1], dtype=s[-1]) if need else dy.new_empty(0) for s, need in zip(shapes, needs, strict=True)
+    ]

@@ -1,0 +1,148 @@
+"""``torch.compile`` over the triton backend.
+
+Dynamo cannot trace the kernels' launchers, so under ``torch.compile`` the fused forward and backward run as
+two custom ops (``tied_lora_kernels::forward`` / ``::backward``, ``kernels/function.py``) with shape-only fake
+implementations. A compiled function or model must trace in one graph (``fullgraph=True``), call those ops,
+and compute what eager computes bit for bit (the same kernels run; deterministic reductions), gradients of
+tied layers included, with each hook on the shared ``A`` firing once per backward.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._dynamo.backends.registry import lookup_backend
+
+from tests.conftest import DEVICE
+from tests.test_kernels_parity import make_inputs
+from tests.test_model import Toy
+from tied_lora_kernels import TiedLoRAConfig, TiedLoRAShared, apply_tied_lora
+from tied_lora_kernels.functional import tied_lora_linear
+from tied_lora_kernels.kernels import function
+
+FORWARD_OP = torch.ops.tied_lora_kernels.forward.default
+
+
+class GraphRecorder:
+    """A dynamo backend that records the ops of each graph it is given, then runs it with ``aot_eager``."""
+
+    def __init__(self):
+        self.graphs = 0
+        self.targets: list = []
+
+    def __call__(self, gm, example_inputs):
+        self.graphs += 1
+        self.targets += [node.target for node in gm.graph.nodes if node.op == "call_function"]
+        return lookup_backend("aot_eager")(gm, example_inputs)
+
+
+def compiled(fn, backend):
+    torch._dynamo.reset()
+    return torch.compile(fn, backend=backend, fullgraph=True)
+
+
+def run(fn, x, inputs):
+    """``fn(x)``, and the gradient of a fixed random projection of it for every input that requires one."""
+    y = fn(x)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(3)).to(y.dtype).to(DEVICE)
+    wanted = [t for t in inputs if t is not None and t.requires_grad]
+    return y, torch.autograd.grad(y, wanted, dy)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("M", [5, 37], ids=["decode", "prefill"])
+@pytest.mark.parametrize("config", ["lora", "tl6", "vera", "full"])
+def test_compiled_function_equals_eager(config, M, dtype):
+    x, params = make_inputs(config, M, 40, 24, 6, dtype, bias=config != "lora")
+    args = [params[k] for k in ("weight", "bias", "A", "B", "u", "v")]
+
+    def f(h):
+        return tied_lora_linear(h, *args, 0.5, backend="triton", deterministic=True)
+
+    y, grads = run(f, x, [x, *args])
+    recorder = GraphRecorder()
+    y_c, grads_c = run(compiled(f, recorder), x, [x, *args])
+    assert recorder.graphs == 1 and FORWARD_OP in recorder.targets
+    assert torch.equal(y_c, y)
+    assert len(grads_c) == len(grads)
+    for got, want in zip(grads_c, grads, strict=True):
+        assert got.dtype == want.dtype and torch.equal(got, want)
+
+
+def test_compiled_no_grad_and_3d_input():
+    x, params = make_inputs("tl6", 6, 40, 24, 6, torch.float32, lead=(2, 3))
+    args = [params[k] for k in ("weight", "bias", "A", "B", "u", "v")]
+
+    def f(h):
+        return tied_lora_linear(h, *args, 0.5, backend="triton")
+
+    with torch.no_grad():
+        y = f(x)
+        y_c = compiled(f, GraphRecorder())(x)
+    assert y_c.shape == (2, 3, 24) and torch.equal(y_c, y)
+
+
+def test_inductor_runs_the_custom_op():
+    x, params = make_inputs("tl6", 37, 40, 24, 6, torch.float32)
+    args = [params[k] for k in ("weight", "bias", "A", "B", "u", "v")]
+
+    def f(h):
+        return tied_lora_linear(h, *args, 0.5, backend="triton", deterministic=True)
+
+    y, grads = run(f, x, [x, *args])
+    y_c, grads_c = run(compiled(f, "inductor"), x, [x, *args])
+    assert torch.equal(y_c, y)
+    for got, want in zip(grads_c, grads, strict=True):
+        assert torch.equal(got, want)
+
+
+def test_compiled_model_with_tied_layers():
+    """A model whose layers share A and B, compiled whole: the same gradients, each hook once per backward."""
+
+    def build():
+        model = Toy().to(DEVICE)
+        return apply_tied_lora(model, TiedLoRAConfig(rank=4, preset="tl6", init="kaiming", backend="triton"))
+
+    def step(model, fn):
+        shared = next(m for m in model.modules() if isinstance(m, TiedLoRAShared))
+        fired = []
+        handle = shared.A.register_post_accumulate_grad_hook(lambda p: fired.append(p.grad.clone()))
+        x = torch.randn(2, 9, 24, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+        fn(x).square().mean().backward()
+        handle.remove()
+        return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}, fired
+
+    eager_model, compiled_model = build(), build()
+    with torch.no_grad():  # v starts at 0 (zero start): give the adapter a non-zero output first
+        for m in (eager_model, compiled_model):
+            torch.manual_seed(1)
+            for p in m.parameters():
+                if p.requires_grad:
+                    p.add_(0.1 * torch.randn_like(p))
+    grads, fired = step(eager_model, eager_model)
+    recorder = GraphRecorder()
+    grads_c, fired_c = step(compiled_model, compiled(compiled_model, recorder))
+    assert recorder.graphs == 1 and recorder.targets.count(FORWARD_OP) == 9  # 3 blocks x q, k, v
+    assert len(fired) == len(fired_c) == 1 and torch.equal(fired_c[0], fired[0])
+    assert grads_c.keys() == grads.keys()
+    for name in grads:
+        assert torch.equal(grads_c[name], grads[name]), name
+
+
+def test_opcheck():
+    """torch.library's own checks of both ops: schema, fake (shape) implementation, autograd registration and
+    tracing with dynamic shapes."""
+    x, params = make_inputs("full", 20, 40, 24, 6, torch.float32)
+    w, b, A, B, u, v = (params[k] for k in ("weight", "bias", "A", "B", "u", "v"))
+    torch.library.opcheck(function._forward_op, (x, w, b, A, B, u, v, 0.5, True, True, True, "", 0))
+    # only x trains (the flags say so): no T kept, no x saved
+    frozen = (w.detach(), None, A.detach(), B.detach(), None, None)
+    torch.library.opcheck(function._forward_op, (x, *frozen, 1.0, True, False, False, "", 0))
+    detached = [t.detach() for t in (x, w, A, B, u, v)]
+    x, w, A, B, u, v = detached
+    T = x @ A.t()
+    dy = torch.randn(20, 24).to(DEVICE)
+    needs = [True] * 7
+    torch.library.opcheck(function._backward_op, (dy, x, T, w, A, B, u, v, needs, 0.5, True, "", 0))
+    needs = [True, False, False, False, True, False, True]  # dx, dB, dv: no x needed
+    torch.library.opcheck(function._backward_op, (dy, None, T, w, A, B, u, v, needs, 0.5, True, "", 0))
