@@ -96,10 +96,10 @@ GPU_CHECK_ENV="$OUT_DIR/env.txt" phase env 20 "$PY" -c "$ENV_PY"
 
 PARALLEL=("$PY" -m benchmarks.parallel_pytest ${GPU_CHECK_PROCS:+-n "$GPU_CHECK_PROCS"} --)
 
-# the kernel tests on the GPU, fail fast (-x in each process); the ahead-of-time compile test is left to the
-# compile-check phase below
+# the kernel tests on the GPU (torch.compile's custom-op path included), fail fast (-x in each process); the
+# ahead-of-time compile test is left to the compile-check phase below
 phase parity 170 "${PARALLEL[@]}" tests/test_kernels_parity.py tests/test_kernels_autograd.py \
-    tests/test_kernels_memory.py tests/test_kernels_strategies.py -x -q -p no:cacheprovider
+    tests/test_kernels_memory.py tests/test_kernels_strategies.py tests/test_torch_compile.py -x -q -p no:cacheprovider
 
 # every benchmark case once, untimed, in parallel: fills the triton and inductor caches for the timed runs
 phase bench-warmup 60 "${PARALLEL[@]}" benchmarks -q -p no:cacheprovider --benchmark-disable ${GPU_CHECK_BENCH_ARGS:-}
