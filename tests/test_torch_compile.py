@@ -82,6 +82,25 @@ def test_compiled_no_grad_and_3d_input():
     assert y_c.shape == (2, 3, 24) and torch.equal(y_c, y)
 
 
+@pytest.mark.parametrize("autocast", [False, True], ids=["plain", "autocast"])
+def test_torch_backend_compiles_in_one_graph(autocast):
+    """The torch path too (what CPU users run): one graph, eager's results."""
+    x, params = make_inputs("tl6", 37, 40, 24, 6, torch.float32)
+    args = [params[k] for k in ("weight", "bias", "A", "B", "u", "v")]
+
+    def f(h):
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=autocast):
+            return tied_lora_linear(h, *args, 0.5, backend="torch")
+
+    y, grads = run(f, x, [x, *args])
+    recorder = GraphRecorder()
+    y_c, grads_c = run(compiled(f, recorder), x, [x, *args])
+    assert recorder.graphs == 1
+    assert y_c.dtype == y.dtype and torch.allclose(y_c, y)
+    for got, want in zip(grads_c, grads, strict=True):
+        assert torch.allclose(got, want)
+
+
 def test_inductor_runs_the_custom_op():
     x, params = make_inputs("tl6", 37, 40, 24, 6, torch.float32)
     args = [params[k] for k in ("weight", "bias", "A", "B", "u", "v")]

@@ -65,9 +65,14 @@ def tied_lora_linear(
 
 
 def _autocast_dtype(x) -> torch.dtype | None:
-    if not isinstance(x, Tensor) or not torch.amp.is_autocast_available(x.device.type):
+    if not isinstance(x, Tensor) or not _autocast_available(x.device.type):
         return None
     return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
+
+
+@torch.compiler.assume_constant_result  # dynamo cannot trace this builtin on torch 2.11 (fullgraph fails)
+def _autocast_available(device_type: str) -> bool:
+    return torch.amp.is_autocast_available(device_type)
 
 
 def _autocast(t, dtype: torch.dtype):
