@@ -10,11 +10,14 @@
 - CPU runs use one thread (``BENCH_CPU_THREADS`` to change): on a shared machine, a parallel region waits
   for its slowest thread, and one descheduled thread turned 50 µs matmuls into 4 ms stalls.
 - ``pytest benchmarks --benchmark-disable`` is the smoke run: every case runs once, untimed.
+- SIGTERM (``timeout`` ending a phase of gpu_check.sh) interrupts the session like Ctrl-C, so pytest finishes
+  it and pytest-benchmark still writes the JSON of what ran (killed outright, it writes nothing).
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -26,6 +29,13 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 _START = time.monotonic()
 if DEVICE.type == "cpu":
     torch.set_num_threads(int(os.environ.get("BENCH_CPU_THREADS", "1")))
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+signal.signal(signal.SIGTERM, _interrupt)
 
 
 def pytest_configure(config):

@@ -98,11 +98,13 @@ PARALLEL=("$PY" -m benchmarks.parallel_pytest ${GPU_CHECK_PROCS:+-n "$GPU_CHECK_
 
 # the kernel tests on the GPU (torch.compile's custom-op path included), fail fast (-x in each process); the
 # ahead-of-time compile test is left to the compile-check phase below
-phase parity 170 "${PARALLEL[@]}" tests/test_kernels_parity.py tests/test_kernels_autograd.py \
+TORCHINDUCTOR_COMPILE_THREADS=1 phase parity 170 "${PARALLEL[@]}" tests/test_kernels_parity.py tests/test_kernels_autograd.py \
     tests/test_kernels_memory.py tests/test_kernels_strategies.py tests/test_torch_compile.py -x -q -p no:cacheprovider
 
-# every benchmark case once, untimed, in parallel: fills the triton and inductor caches for the timed runs
-phase bench-warmup 60 "${PARALLEL[@]}" benchmarks -q -p no:cacheprovider --benchmark-disable ${GPU_CHECK_BENCH_ARGS:-}
+# every benchmark case once, untimed, in parallel: fills the triton and inductor caches for the timed runs.
+# One inductor compile thread per process: with 8 processes its default pool (one worker per core) would
+# put ~128 compile workers on 16 cores
+TORCHINDUCTOR_COMPILE_THREADS=1 phase bench-warmup 80 "${PARALLEL[@]}" benchmarks -q -p no:cacheprovider --benchmark-disable ${GPU_CHECK_BENCH_ARGS:-}
 
 BENCH_TIME_BUDGET_S=120 phase bench-linear 150 "$PY" -m pytest benchmarks/test_bench_linear.py -q \
     -p no:cacheprovider --benchmark-json="$OUT_DIR/bench_linear.json" --benchmark-columns=min,median,rounds ${GPU_CHECK_BENCH_ARGS:-}
@@ -113,7 +115,7 @@ BENCH_TIME_BUDGET_S=35 phase bench-e2e 45 "$PY" -m pytest benchmarks/test_bench_
 if "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('tied_lora_kernels.kernels.compile_check') is None)" 2>/dev/null; then
     # this GPU's architecture family only (sm_90 on an H100/H200); CI compiles every target
     MAJOR="$("$PY" -c 'import torch; print(torch.cuda.get_device_capability()[0])' 2>/dev/null || echo 9)"
-    phase compile-check 60 bash -o pipefail -c "$PY -m tied_lora_kernels.kernels.compile_check --jobs \$(nproc) \
+    phase compile-check 40 bash -o pipefail -c "$PY -m tied_lora_kernels.kernels.compile_check --jobs \$(nproc) \
         --targets $((MAJOR * 10)) | tee '$OUT_DIR/compile_check.txt'"
 else
     echo

@@ -41,7 +41,8 @@ def run(
 
     ``paired = (setup, fn)`` of a reference (the floor): on CPU one reference round is timed right before
     every round of ``fn``, so both see the same machine load and their ratio survives a busy shared
-    machine. Returns how it was timed (``"wall"``, ``"cuda-events"``, ``"cuda-graph"``, ``"disabled"``)
+    machine. Returns how it was timed (``"wall"``, ``"cuda-events"``, ``"cuda-graph"``, ``"disabled"``; a
+    failed graph capture gives ``"cuda-events (graph capture failed: <error>)"``)
     and the reference's ``{"median", "min", "mean"}`` seconds (None when not paired). ``target_s``: time
     to spend measuring (default CPU_TARGET_S / CUDA_TARGET_S).
     """
@@ -135,9 +136,9 @@ def _cuda_times(fn, setup, device, graph: bool, target_s: float) -> tuple[list[f
             with torch.cuda.graph(g):
                 fn()
             target, how = g.replay, "cuda-graph"
-        except Exception:  # a provider that cannot be captured is timed eagerly, and says so
+        except Exception as e:  # a provider that cannot be captured is timed eagerly, and says why
             torch.cuda.synchronize(device)
-            target = fn
+            target, how = fn, f"cuda-events (graph capture failed: {type(e).__name__}: {e})"[:300]
 
     def rounds(n: int) -> list[float]:
         starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]

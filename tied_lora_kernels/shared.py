@@ -70,7 +70,7 @@ class TiedLoRAShared(nn.Module):
             if zero:
                 param.zero_()
                 continue
-            value = torch.empty(param.shape, dtype=torch.float32)
+            value = torch.empty(param.shape, dtype=torch.float32, device="cpu")  # the CPU generator draws
             if self.init == "gaussian":
                 value.normal_(0.0, 1.0, generator=generator)
             else:  # kaiming-uniform with a = sqrt(5): bound = 1 / sqrt(fan_in), fan_in = param.shape[1]

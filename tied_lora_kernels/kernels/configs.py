@@ -45,6 +45,7 @@ decode tiles already launch 128 programs on a 4096-wide layer).
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -223,7 +224,13 @@ def arch_of(device: torch.device) -> str:
     under the interpreter, "sm80" elsewhere (Ampere, Ada and consumer Blackwell have 99-163 KB)."""
     if device.type != "cuda":
         return "sm90"
-    return "sm90" if torch.cuda.get_device_capability(device)[0] in (9, 10) else "sm80"
+    return _cuda_arch(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _cuda_arch(index: int) -> str:
+    # cached: a launch asks for its table several times, and a decode GEMM lasts microseconds
+    return "sm90" if torch.cuda.get_device_capability(index)[0] in (9, 10) else "sm80"
 
 
 def block_r_for(rank: int) -> int:
