@@ -11,7 +11,9 @@ dtype and a trainable adapter at the same rank:
 - ``triton``: ``tied_lora_linear(..., backend="triton")``, the fused kernels (CUDA only), with the strategy
   ``kernels/configs.py`` picks per shape (its table is an unmeasured estimate until these runs replace it);
 - ``triton-1pass`` / ``triton-2pass``: the same with the one-pass or the two-pass (shrink, then the GEMM
-  seeded with the rank-R product) fused GEMM forced, forward and backward alike (design.md §3).
+  seeded with the rank-R product) fused GEMM forced, forward and backward alike (design.md §3);
+- ``triton-ptr``: the same with pointer loads forced where the default loads through TMA descriptors (16-bit
+  prefill on Hopper; prefill cases only, decode never uses TMA), to measure what TMA buys.
 """
 
 from __future__ import annotations
@@ -30,9 +32,16 @@ from tied_lora_kernels import tied_lora_linear
 __all__ = ["PROVIDERS", "FLOOR", "Built", "unavailable", "build"]
 
 FLOOR = "nn.Linear"
-TRITON_STRATEGY = {"triton": None, "triton-1pass": "one_pass", "triton-2pass": "two_pass"}
-"""Each fused-kernel provider and the strategy it forces (None: the table's choice)."""
-PROVIDERS = (FLOOR, "torch", "torch.compile", "peft-lora", "peft-vera", *TRITON_STRATEGY)
+TRITON_FORCED = {
+    "triton": {},
+    "triton-1pass": dict(strategy="one_pass"),
+    "triton-2pass": dict(strategy="two_pass"),
+    "triton-ptr": dict(tma=False),
+}
+"""Each fused-kernel provider and what it forces (``configs.forced``; nothing: the tables' choices)."""
+PREFILL_ONLY = ("triton-ptr",)
+"""Providers that decode cases skip (they would run the same kernel as ``triton`` there)."""
+PROVIDERS = (FLOOR, "torch", "torch.compile", "peft-lora", "peft-vera", *TRITON_FORCED)
 
 
 @dataclass
@@ -50,7 +59,7 @@ def unavailable(provider: str, device: torch.device) -> str | None:
     """Why ``provider`` cannot run on ``device`` (a skip reason), or None."""
     if provider in ("peft-lora", "peft-vera") and importlib.util.find_spec("peft") is None:
         return "peft is not installed"
-    if provider in TRITON_STRATEGY:
+    if provider in TRITON_FORCED:
         if device.type != "cuda":
             return "the fused kernels are benchmarked on CUDA only (the CPU interpreter is not timed)"
         from tied_lora_kernels import kernels
@@ -79,7 +88,7 @@ def build(provider: str, shape: Shape, rank: int, dtype: torch.dtype, device: to
     weight = (torch.randn(N, K, generator=gen, device=device) / K**0.5).to(dtype)
     if provider == FLOOR:
         return Built(lambda x: nn.functional.linear(x, weight), frozen=[weight])
-    if provider in ("torch", "torch.compile", *TRITON_STRATEGY):
+    if provider in ("torch", "torch.compile", *TRITON_FORCED):
         return _build_tied(provider, weight, rank, gen)
     if provider in ("peft-lora", "peft-vera"):
         return _build_peft(provider, weight, rank)
@@ -95,14 +104,14 @@ def _build_tied(provider: str, weight: Tensor, rank: int, gen: torch.Generator) 
 
     A, B = master(rank, K, std=K**-0.5), master(N, rank, std=rank**-0.5)
     u, v = master(rank, std=1.0), master(N, std=0.1)
-    backend = "triton" if provider in TRITON_STRATEGY else "torch"
+    backend = "triton" if provider in TRITON_FORCED else "torch"
     fn = _compiled_tied() if provider == "torch.compile" else tied_lora_linear
-    if TRITON_STRATEGY.get(provider):
+    if TRITON_FORCED.get(provider):
         from tied_lora_kernels.kernels import configs
 
         def forward(x: Tensor) -> Tensor:
-            # the autograd Function keeps the forced strategy for its backward (kernels/function.py)
-            with configs.forced(strategy=TRITON_STRATEGY[provider]):
+            # the autograd Function keeps the forced choice for its backward (kernels/function.py)
+            with configs.forced(**TRITON_FORCED[provider]):
                 return fn(x, weight, None, A, B, u, v, 1.0, backend=backend)
     else:
 

@@ -6,8 +6,9 @@ unset (under the interpreter ``triton.jit`` cannot compile), ahead of time, no G
 Blackwell sm_100; the sm80 table: Ampere sm_80 and consumer Blackwell sm_120), each launch variant (forward
 and dx of both strategies, the decode forward for ranks that are and are not multiples of 16, their split-K
 forms, the split-K sum, the two-pass shrink of x and of dy, the two rank-gradient reductions), bf16 for the
-16-bit configs and fp32 for the 32-bit ones. The table (registers, spills, shared memory, tensor-core
-instruction) is printed; run pytest with ``-s`` to see it.
+16-bit configs and fp32 for the 32-bit ones; the 16-bit prefill configs of the sm90 table also with their
+tiles loaded through TMA descriptors (``-tma``), as the launcher passes them by default. The table
+(registers, spills, shared memory, tensor-core instruction, loads) is printed; run pytest with ``-s`` to see it.
 """
 
 from __future__ import annotations
@@ -53,6 +54,8 @@ def test_every_shipped_config_is_compiled_for_every_target(rows):
             variants.append("fwd-oddR")
         if cfg.split_k:
             variants += [f"{v}-splitk" for v in variants]
+        if "-prefill-16bit" in cfg.name and arch in configs.TMA_ARCHS:  # loaded through TMA descriptors
+            variants += ["fwd-tma", "dx-tma"]
         expected |= {(cfg.name, v, t) for v in variants for t in TARGETS[arch]}
     for arch, cfg, _, _ in configs.all_shrink_configs():
         expected |= {(cfg.name, v, t) for v in ("T", "dS") for t in TARGETS[arch]}
@@ -102,3 +105,13 @@ def test_big_tiles_use_the_architecture_tensor_cores(rows, target, instruction):
     big = [r for r in rows if r["target"] == target and ("prefill-16bit" in r["name"] or "shrink-16bit" in r["name"])]
     assert big
     assert all(r["mma"] == instruction for r in big), [(r["name"], r["mma"]) for r in big if r["mma"] != instruction]
+
+
+def test_tma_variants_load_through_tma(rows):
+    # the -tma rows must issue TMA copies (cp.async.bulk.tensor) and the pointer rows must not, and no sm_90
+    # row may serialize its wgmma (ptxas warning C7515, which costs the pipelining)
+    tma = [r for r in rows if r["variant"].endswith("-tma")]
+    assert tma and all(r["tma"] > 0 for r in tma), [r["name"] for r in tma if not r["tma"]]
+    assert all(r["tma"] == 0 for r in rows if not r["variant"].endswith("-tma"))
+    serialized = [f"{r['variant']} {r['name']}" for r in rows if r["target"] == "sm_90" and r["serialized_wgmma"]]
+    assert not serialized, serialized

@@ -313,16 +313,119 @@ def test_split_k_choice():
 
 def test_forcing(monkeypatch):
     monkeypatch.delenv(configs.STRATEGY_ENV, raising=False)
-    assert configs.forced_choice() == (None, None)
+    monkeypatch.delenv(configs.TMA_ENV, raising=False)
+    assert configs.forced_choice() == (None, None, None)
     monkeypatch.setenv(configs.STRATEGY_ENV, "two_pass")
-    assert configs.forced_choice() == ("two_pass", None)
-    with configs.forced(strategy="one_pass", split_k=2):  # the context manager beats the environment
-        assert configs.forced_choice() == ("one_pass", 2)
-    assert configs.forced_choice() == ("two_pass", None)
+    monkeypatch.setenv(configs.TMA_ENV, "0")
+    assert configs.forced_choice() == ("two_pass", None, False)
+    with configs.forced(strategy="one_pass", split_k=2, tma=True):  # the context manager beats the environment
+        assert configs.forced_choice() == ("one_pass", 2, True)
+    assert configs.forced_choice() == ("two_pass", None, False)
     monkeypatch.setenv(configs.STRATEGY_ENV, "auto")
-    assert configs.forced_choice() == (None, None)
+    monkeypatch.setenv(configs.TMA_ENV, "auto")
+    assert configs.forced_choice() == (None, None, None)
     monkeypatch.setenv(configs.STRATEGY_ENV, "three_pass")
     with pytest.raises(ValueError, match="TIED_LORA_STRATEGY"):
         configs.forced_choice()
+    monkeypatch.delenv(configs.STRATEGY_ENV)
+    monkeypatch.setenv(configs.TMA_ENV, "yes")
+    with pytest.raises(ValueError, match="TIED_LORA_TMA"):
+        configs.forced_choice()
     with pytest.raises(ValueError, match="strategy"):
         configs.forced(strategy="fast").__enter__()
+    with pytest.raises(TypeError, match="tma"):
+        configs.forced(tma="on").__enter__()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# TMA loads (configs.tma_for, forward._descriptors): the fused GEMM's a, w and down tiles through descriptors
+
+
+@pytest.fixture
+def descriptor_calls(monkeypatch):
+    """Whether each launch of the fused GEMM that tried TMA got its descriptors (False: pointer loads)."""
+    calls = []
+    real = forward._descriptors
+
+    def spy(*args, **kwargs):
+        loads = real(*args, **kwargs)
+        calls.append(loads is not None)
+        return loads
+
+    monkeypatch.setattr(forward, "_descriptors", spy)
+    return calls
+
+
+def _operands(orientation, dtype, M, K, N, R):
+    """``a, w, down, up, rscale, bias`` laid out as the autograd Function passes them: the forward reads ``W``
+    and ``A`` transposed, the backward's dx reads ``W`` as stored and ``s·v ⊙ B`` with a 16-padded row."""
+    g = torch.Generator().manual_seed(R)
+
+    def randn(*shape, dt=dtype):
+        return torch.randn(*shape, generator=g).to(dt).to(DEVICE)
+
+    a = randn(M, K)
+    if orientation == "forward":
+        w, down = randn(N, K).t(), randn(R, K).t()
+    else:
+        w, down = randn(K, N), torch.empty(K, -(-R // 16) * 16, dtype=dtype, device=DEVICE)[:, :R]
+        down.copy_(randn(K, R))
+    return a, w, down, randn(R, N), randn(R, dt=torch.float32), randn(N)
+
+
+@pytest.mark.parametrize("R", [3, 29, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("orientation", ["forward", "backward"])
+def test_tma_loads_against_float64_and_pointer_loads(orientation, strategy, dtype, R, descriptor_calls):
+    # ragged against every tile; K and N keep the rows 16-byte aligned, as TMA needs
+    M, K, N = 45, 200, 152
+    ops = _operands(orientation, dtype, M, K, N, R)
+    a, w, down, up, rscale, bias = ops
+    t_ref = a.double() @ down.double()
+    out_ref = a.double() @ w.double() + (t_ref * rscale.double()) @ up.double() + bias.double()
+    t_base = (a @ down).float()  # plain PyTorch in the input dtype
+    out_base = a @ w + (t_base * rscale).to(dtype) @ up + bias
+    for tma in (True, False):
+        out, t = fused_lora_mm(*ops, write_t=True, strategy=strategy, tma=tma)
+        assert_close_to_reference(t, t_ref, t_base, f"t (tma={tma})", dtype)
+        assert_close_to_reference(out, out_ref, out_base, f"out (tma={tma})", dtype)
+    assert descriptor_calls == [True], "TMA was not used"  # the pointer launch does not try
+
+
+def test_tma_falls_back_to_pointers(descriptor_calls):
+    # K = 70: rows of 140 bytes, not 16-byte aligned -> pointer loads, still correct
+    ops = _operands("forward", torch.bfloat16, 45, 70, 152, 8)
+    out, _ = fused_lora_mm(*ops, write_t=False, tma=True)
+    assert descriptor_calls == [False]
+    a, w, down, up, rscale, bias = (t.double() for t in ops)
+    expected = a @ w + ((a @ down) * rscale) @ up + bias
+    assert_close_to_reference(out, expected, None, "out", torch.bfloat16)
+    # a strided x: no unit-stride dim -> pointers
+    fused_lora_mm(ops[0].repeat(1, 2)[:, ::2], *ops[1:], write_t=False, tma=True)
+    assert descriptor_calls == [False, False]
+    # fp32 inputs and split-K never try
+    fused_lora_mm(*(t.float() for t in _operands("forward", torch.float32, 45, 200, 152, 8)), write_t=False, tma=True)
+    fused_lora_mm(*_operands("forward", torch.bfloat16, 5, 400, 152, 8), write_t=False, split_k=3, tma=True)
+    assert descriptor_calls == [False, False]
+
+
+def test_tma_policy(monkeypatch):
+    cpu, bf16 = torch.device("cpu"), torch.bfloat16  # the interpreter gets the sm90 table
+    assert configs.tma_for(4096, bf16, cpu, split=1)  # 16-bit prefill: on by default
+    assert not configs.tma_for(8, bf16, cpu, split=1) and configs.tma_for(8, bf16, cpu, split=1, forced=True)
+    assert not configs.tma_for(4096, bf16, cpu, split=1, forced=False)
+    assert not configs.tma_for(4096, torch.float32, cpu, split=1, forced=True)  # fp32: never
+    assert not configs.tma_for(8, bf16, cpu, split=3, forced=True)  # split-K: never
+    monkeypatch.setattr(configs, "arch_of", lambda device: "sm80")  # no TMA on Ampere / Ada / consumer Blackwell
+    assert not configs.tma_for(4096, bf16, cpu, split=1, forced=True)
+
+
+@pytest.mark.parametrize("tma", [None, False], ids=["default", "forced-off"])
+def test_tma_choice_is_kept_for_backward(tma, descriptor_calls):
+    x, params = make_inputs("tl6", M=40, K=64, N=48, R=8, dtype=torch.bfloat16)
+    args = [params[k] for k in ("weight", "bias", "A", "B", "u", "v")]
+    with configs.forced(tma=tma):
+        y = tied_lora_linear(x, *args, backend="triton")
+    y.backward(torch.randn_like(y))  # outside the block: the backward keeps the forward's choice
+    assert descriptor_calls == ([True, True] if tma is None else [])  # forward y, backward dx

@@ -153,15 +153,15 @@ def test_opcheck():
     tracing with dynamic shapes."""
     x, params = make_inputs("full", 20, 40, 24, 6, torch.float32)
     w, b, A, B, u, v = (params[k] for k in ("weight", "bias", "A", "B", "u", "v"))
-    torch.library.opcheck(function._forward_op, (x, w, b, A, B, u, v, 0.5, True, True, True, "", 0))
+    torch.library.opcheck(function._forward_op, (x, w, b, A, B, u, v, 0.5, True, True, True, "", 0, -1))
     # only x trains (the flags say so): no T kept, no x saved
     frozen = (w.detach(), None, A.detach(), B.detach(), None, None)
-    torch.library.opcheck(function._forward_op, (x, *frozen, 1.0, True, False, False, "", 0))
+    torch.library.opcheck(function._forward_op, (x, *frozen, 1.0, True, False, False, "", 0, -1))
     detached = [t.detach() for t in (x, w, A, B, u, v)]
     x, w, A, B, u, v = detached
     T = x @ A.t()
     dy = torch.randn(20, 24).to(DEVICE)
     needs = [True] * 7
-    torch.library.opcheck(function._backward_op, (dy, x, T, w, A, B, u, v, needs, 0.5, True, "", 0))
+    torch.library.opcheck(function._backward_op, (dy, x, T, w, A, B, u, v, needs, 0.5, True, "", 0, -1))
     needs = [True, False, False, False, True, False, True]  # dx, dB, dv: no x needed
-    torch.library.opcheck(function._backward_op, (dy, None, T, w, A, B, u, v, needs, 0.5, True, "", 0))
+    torch.library.opcheck(function._backward_op, (dy, None, T, w, A, B, u, v, needs, 0.5, True, "", 0, -1))

@@ -30,7 +30,9 @@ from .kernels.configs import DECODE_MAX_M
 __all__ = ["main", "load", "summary_rows", "target_rows"]
 
 FLOOR = "nn.Linear"
-ORDER = (FLOOR, "torch", "torch.compile", "triton", "triton-1pass", "triton-2pass", "peft-lora", "peft-vera")
+ORDER = (
+    FLOOR, "torch", "torch.compile", "triton", "triton-1pass", "triton-2pass", "triton-ptr", "peft-lora", "peft-vera",
+)  # fmt: skip
 MODES = ("forward", "backward", "fwd+bwd")
 BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
 # issue 3's speed targets (H100, bf16, K = N = 4096): at M = TARGET_M, forward and forward + backward against

@@ -101,13 +101,24 @@ class _SumConfig:
 
 
 def variants_of(kernel: str, cfg) -> list[str]:
-    """The launch variants of one config: decode fused configs add ``fwd-oddR`` and, 16-bit, split-K variants."""
+    """The launch variants of one config: decode fused configs add ``fwd-oddR`` and, 16-bit, split-K variants;
+    the prefill configs of tables that load through TMA (``configs.tma_for``) add ``fwd-tma`` and ``dx-tma``."""
     names = [v for v, spec in _VARIANTS.items() if spec[0] == kernel]
     if kernel == "fused" and _regime(cfg.name) == "decode":
         names.insert(1, "fwd-oddR")
     if kernel == "fused" and cfg.split_k:
         names += [f"{v}-splitk" for v in names]
+    if kernel == "fused" and _regime(cfg.name) == "prefill" and _tma_table(cfg.name):
+        names += [f"{v}-tma" for v in names]
     return names
+
+
+def _tma_table(name: str) -> bool:
+    """Whether the launcher loads this config's tiles through TMA by default (``configs.tma_for``)."""
+    from . import configs
+
+    arch, _, width = name.split("-")[:3]
+    return arch in configs.TMA_ARCHS and width == "16bit"
 
 
 def _regime(name: str) -> str:
@@ -176,7 +187,8 @@ def compile_one(job: dict) -> dict:
     from .forward import _fused_lora_mm_kernel, _sum_splits_kernel
     from .shrink import _shrink_kernel
 
-    base, split = job["variant"].removesuffix("-splitk"), job["variant"].endswith("-splitk")
+    variant, tma = job["variant"].removesuffix("-tma"), job["variant"].endswith("-tma")
+    base, split = variant.removesuffix("-splitk"), variant.endswith("-splitk")
     odd_rank = base.endswith("-oddR")
     kernel, ones, divisible, switches = _VARIANTS[base.removesuffix("-oddR")]
     fn = {"fused": _fused_lora_mm_kernel, "shrink": _shrink_kernel, "rank": _rank_grad_kernel}.get(kernel)
@@ -198,15 +210,19 @@ def compile_one(job: dict) -> dict:
             fp32_pointers = tuple(p for p in fp32_pointers if p != "up_ptr")
         if odd_rank:
             divisible = tuple(d for d in divisible if d != "stride_un")
+        constexprs.update(TMA=tma, W_KN=tma and base == "dx", DOWN_KR=tma and base == "dx")
     elif kernel == "shrink":
         constexprs.update(BLOCK_M=cfg["block_m"], BLOCK_K=cfg["block_k"])
     elif kernel == "rank":
         constexprs.update(BLOCK_C=cfg["block_c"], BLOCK_M=cfg["block_m"])
     else:  # the split-K sum: no dot, no rank
         fn, constexprs = _sum_splits_kernel, dict(UPCAST=False, BLOCK=cfg["block"])
+    descriptors = _descriptor_types(job, base, tl_dtype) if tma else {}
     signature, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
-        if name in constexprs:
+        if name in descriptors:
+            signature[name] = descriptors[name]
+        elif name in constexprs:
             signature[name] = "constexpr"
         elif name in ones:
             signature[name] = "constexpr"
@@ -248,10 +264,24 @@ def compile_one(job: dict) -> dict:
         shared=int(compiled.metadata.shared),
         shared_limit=_shared_limit(job["arch"]),
         wgmma=ptx.count("wgmma.mma_async"),
+        tma=ptx.count("cp.async.bulk.tensor"),
         tcgen05=ptx.count("tcgen05.mma"),
         mma=_mma_kind(ptx),
         serialized_wgmma="C7515" in log,
     )
+
+
+def _descriptor_types(job: dict, base: str, tl_dtype: str) -> dict:
+    """The TMA descriptors the launcher passes (``forward._descriptors``): ``a`` as ``[BLOCK_M, BLOCK_K]``;
+    ``W`` stored ``[N, K]`` (forward) or ``[K, N]`` (dx); one-pass ``down`` stored ``[R, K]`` (``A``,
+    forward) or ``[K, R]`` (``s·v ⊙ B``, dx)."""
+    cfg, block_r = job["config"], job["block_r"]
+    bm, bn, bk = cfg["block_m"], cfg["block_n"], cfg["block_k"]
+    fwd = base == "fwd"
+    blocks = {"a_ptr": (bm, bk), "w_ptr": (bn, bk) if fwd else (bk, bn)}
+    if cfg["strategy"] == "one_pass":
+        blocks["down_ptr"] = (block_r, bk) if fwd else (bk, block_r)
+    return {name: f"tensordesc<{tl_dtype}[{r}, {c}]>" for name, (r, c) in blocks.items()}
 
 
 def _compile_or_error(job: dict) -> dict:
@@ -259,7 +289,7 @@ def _compile_or_error(job: dict) -> dict:
         return compile_one(job)
     except Exception as e:  # noqa: BLE001 (one failing compile must not lose the other rows)
         reason = " ".join(f"{type(e).__name__}: {e}".split())[:300]
-        return dict(job, name=job["config"]["name"], registers=0, spill_bytes=0, shared=0, wgmma=0, tcgen05=0,
+        return dict(job, name=job["config"]["name"], registers=0, spill_bytes=0, shared=0, wgmma=0, tma=0, tcgen05=0,
                     shared_limit=_shared_limit(job["arch"]), mma="-", serialized_wgmma=False, error=reason)  # fmt: skip
 
 
@@ -294,7 +324,7 @@ def format_table(rows: list[dict]) -> str:
     import triton
 
     head = f"{'kernel':9} {'config':33} {'BLOCK_R':>7} {'dtype':9} {'target':6} {'regs':>4} {'spills':>6} "
-    head += f"{'smem':>7} {'mma':>7}"
+    head += f"{'smem':>7} {'mma':>7} {'loads':>5}"
     lines = [f"triton {triton.__version__}", head]
     for r in rows:
         c = r["config"]
@@ -309,7 +339,7 @@ def format_table(rows: list[dict]) -> str:
         tiles = f"{r['name']} {tiles}"
         lines.append(
             f"{r['variant']:9} {tiles:33} {r['block_r']:>7} {r['dtype']:9} {r['target']:6} {r['registers']:>4} "
-            f"{r['spill_bytes']:>6} {r['shared']:>7} {r['mma']:>7}"
+            f"{r['spill_bytes']:>6} {r['shared']:>7} {r['mma']:>7} {'tma' if r.get('tma') else 'ptr':>5}"
             + ("  (tf32)" if r["precision"] == "tf32" else "")
             + ("  ERROR (see FAIL below)" if r.get("error") else "")
         )

@@ -58,6 +58,8 @@ __all__ = [
     "DECODE_MAX_M",
     "STRATEGIES",
     "STRATEGY_ENV",
+    "TMA_ARCHS",
+    "TMA_ENV",
     "FusedConfig",
     "ShrinkConfig",
     "RankGradConfig",
@@ -66,6 +68,7 @@ __all__ = [
     "strategy_for",
     "fused_config",
     "split_k_for",
+    "tma_for",
     "shrink_config",
     "rank_grad_config",
     "forced",
@@ -90,6 +93,10 @@ DECODE_MAX_M = 16
 STRATEGIES = ("one_pass", "two_pass")
 STRATEGY_ENV = "TIED_LORA_STRATEGY"
 """Environment variable forcing the strategy: ``one_pass``, ``two_pass`` or ``auto`` (the table; default)."""
+TMA_ARCHS = ("sm90",)
+"""The tables whose GPUs have TMA (Hopper, datacenter Blackwell): their 16-bit prefill loads through it."""
+TMA_ENV = "TIED_LORA_TMA"
+"""Environment variable forcing the fused GEMM's loads: ``1`` TMA where possible, ``0`` pointers, ``auto``."""
 
 
 @dataclass(frozen=True)
@@ -250,9 +257,9 @@ def regime_of(M: int) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# forcing a strategy or a split (benchmarks, tests)
+# forcing a strategy, a split or the loads (benchmarks, tests)
 
-_FORCED: dict[str, object] = {"strategy": None, "split_k": None}
+_FORCED: dict[str, object] = {"strategy": None, "split_k": None, "tma": None}
 
 
 def _check_strategy(strategy: str | None, what: str) -> str | None:
@@ -263,25 +270,38 @@ def _check_strategy(strategy: str | None, what: str) -> str | None:
     return strategy
 
 
+def _check_tma(value: str | None) -> bool | None:
+    if value in (None, "", "auto"):
+        return None
+    if value not in ("0", "1"):
+        raise ValueError(f"{TMA_ENV} must be 0, 1 or 'auto', got {value!r}")
+    return value == "1"
+
+
 @contextlib.contextmanager
-def forced(strategy: str | None = None, split_k: int | None = None) -> Iterator[None]:
-    """Within the block, launches use ``strategy`` ("one_pass" / "two_pass"; None or "auto": the table) and,
-    in the decode regime, ``split_k`` K slices (None: ``split_k_for``'s choice). Not thread-safe."""
+def forced(strategy: str | None = None, split_k: int | None = None, tma: bool | None = None) -> Iterator[None]:
+    """Within the block, launches use ``strategy`` ("one_pass" / "two_pass"; None or "auto": the table), in
+    the decode regime ``split_k`` K slices (None: ``split_k_for``'s choice), and TMA loads where ``tma`` is
+    True and they can run (False: pointer loads; None: ``tma_for``'s default). Not thread-safe."""
     strategy = _check_strategy(strategy, "strategy")
     if split_k is not None and split_k < 1:
         raise ValueError(f"split_k must be >= 1, got {split_k}")
+    if tma is not None and not isinstance(tma, bool):
+        raise TypeError(f"tma must be True, False or None, got {tma!r}")
     saved = dict(_FORCED)
-    _FORCED.update(strategy=strategy, split_k=split_k)
+    _FORCED.update(strategy=strategy, split_k=split_k, tma=tma)
     try:
         yield
     finally:
         _FORCED.update(saved)
 
 
-def forced_choice() -> tuple[str | None, int | None]:
-    """``(strategy, split_k)`` forced now, None where the tables decide: ``forced()`` beats ``TIED_LORA_STRATEGY``."""
+def forced_choice() -> tuple[str | None, int | None, bool | None]:
+    """``(strategy, split_k, tma)`` forced now, None where the tables decide: ``forced()`` beats the environment
+    (``TIED_LORA_STRATEGY``, ``TIED_LORA_TMA``)."""
     strategy = _FORCED["strategy"] or _check_strategy(os.environ.get(STRATEGY_ENV), STRATEGY_ENV)
-    return strategy, _FORCED["split_k"]
+    tma = _FORCED["tma"] if _FORCED["tma"] is not None else _check_tma(os.environ.get(TMA_ENV))
+    return strategy, _FORCED["split_k"], tma
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -314,6 +334,18 @@ def split_k_for(M: int, N: int, K: int, cfg: FusedConfig, device: torch.device, 
     want = -(-_TARGET_PROGRAMS[arch_of(device)] // tiles)
     most = max(1, K // (cfg.block_k * _MIN_K_STEPS))
     return max(1, min(want, most))
+
+
+def tma_for(M: int, dtype: torch.dtype, device: torch.device, split: int, forced: bool | None = None) -> bool:
+    """Whether the fused GEMM loads its tiles through TMA descriptors (the launcher also needs the operands
+    16-byte aligned with a unit-stride dim, else it uses pointers): ``forced`` if given (True still needs a
+    16-bit input and no split-K), else the default, UNMEASURED like the strategy table: on for 16-bit prefill
+    with the sm90 table (Hopper and datacenter Blackwell have TMA; Triton's Hopper GEMMs run faster with it)
+    and under the interpreter (so the CPU tests cover it), off elsewhere."""
+    possible = not _is_wide(dtype) and split == 1 and arch_of(device) in TMA_ARCHS
+    if forced is not None:
+        return forced and possible
+    return possible and regime_of(M) == "prefill"
 
 
 def shrink_config(block_r: int, dtype: torch.dtype, device: torch.device) -> ShrinkConfig:

@@ -144,6 +144,9 @@ def _fused_lora_mm_kernel(
     WRITE_T: tl.constexpr,
     LOAD_T: tl.constexpr,
     SPLIT_K: tl.constexpr,
+    TMA: tl.constexpr,
+    W_KN: tl.constexpr,
+    DOWN_KR: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -163,6 +166,12 @@ def _fused_lora_mm_kernel(
     pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
     pid_n = (pid % num_pid_in_group) // group_size_m
 
+    tl.static_assert(not (TMA and SPLIT_K), "split-K runs with pointer loads only")
+    if TMA:  # a, w and (one-pass) down are descriptors; without split-K, out has the input dtype
+        DTYPE = out_ptr.dtype.element_ty
+    else:
+        DTYPE = a_ptr.dtype.element_ty
+
     # int64 row/column offsets: M·K and N·K may pass 2³¹
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
@@ -172,9 +181,10 @@ def _fused_lora_mm_kernel(
     mask_n = offs_n < N
     mask_r = offs_r < R
 
-    a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak  # [BLOCK_M, BLOCK_K]
-    w_ptrs = w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn  # [BLOCK_K, BLOCK_N]
-    d_ptrs = down_ptr + offs_k[:, None] * stride_dk + offs_r[None, :] * stride_dr  # [BLOCK_K, BLOCK_R]
+    if not TMA:
+        a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak  # [BLOCK_M, BLOCK_K]
+        w_ptrs = w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn  # [BLOCK_K, BLOCK_N]
+        d_ptrs = down_ptr + offs_k[:, None] * stride_dk + offs_r[None, :] * stride_dr  # [BLOCK_K, BLOCK_R]
     t_ptrs = t_ptr + offs_m[:, None] * stride_tm + offs_r[None, :] * stride_tr  # [BLOCK_M, BLOCK_R]
     mask_t = mask_m[:, None] & mask_r[None, :]
     k_len = K
@@ -190,21 +200,35 @@ def _fused_lora_mm_kernel(
     if not LOAD_T:
         t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k in range(0, tl.cdiv(k_len, BLOCK_K)):
-        mask_k = offs_k < k_len - k * BLOCK_K
-        a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        if TMA:  # descriptors (never with split-K): out-of-bounds rows and columns arrive as zeros
+            off_k = k * BLOCK_K
+            a = a_ptr.load([pid_m * BLOCK_M, off_k])
+            if W_KN:  # w stored [K, N] (backward: W)
+                w = w_ptr.load([off_k, pid_n * BLOCK_N])
+            else:  # w stored [N, K] (forward: W, read transposed)
+                w = w_ptr.load([pid_n * BLOCK_N, off_k]).T
+            if not LOAD_T:
+                if DOWN_KR:  # down stored [K, R] (backward: s·v ⊙ B)
+                    d = down_ptr.load([off_k, 0])
+                else:  # down stored [R, K] (forward: A, read transposed)
+                    d = down_ptr.load([0, off_k]).T
+        else:
+            mask_k = offs_k < k_len - k * BLOCK_K
+            a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+            if not LOAD_T:
+                d = tl.load(d_ptrs, mask=mask_k[:, None] & mask_r[None, :], other=0.0)
+                d_ptrs += BLOCK_K * stride_dk
+            a_ptrs += BLOCK_K * stride_ak
+            w_ptrs += BLOCK_K * stride_wk
         if not LOAD_T:  # (an fp32 master weight is rounded to the input dtype right after the load)
-            d = tl.load(d_ptrs, mask=mask_k[:, None] & mask_r[None, :], other=0.0)
-            d = to_operand(d, a_ptr.dtype.element_ty, UPCAST)
+            d = to_operand(d, DTYPE, UPCAST)
         if UPCAST:  # interpreter only: its bf16 arithmetic is wrong, bf16 products are exact in fp32
             a = a.to(tl.float32)
             w = w.to(tl.float32)
         acc = tl.dot(a, w, acc, input_precision=PRECISION)  # acc += a·w (the base GEMM)
         if not LOAD_T:  # one-pass: t += a·down (the shrink), from the same a tile
             t = tl.dot(a, d, t, input_precision=PRECISION)
-            d_ptrs += BLOCK_K * stride_dk
-        a_ptrs += BLOCK_K * stride_ak
-        w_ptrs += BLOCK_K * stride_wk
 
     if LOAD_T:
         # two-pass: t = a·down came from the shrink kernel. acc += (t ⊙ rscale)·up, BLOCK_R ranks at a time
@@ -218,7 +242,7 @@ def _fused_lora_mm_kernel(
             t = tl.load(t_ptrs + r0 * stride_tr, mask=mask_tc, other=0.0)
             acc = _add_rank_update(
                 acc, t, rscale_ptr, up_ptr, cscale_ptr, scale, offs_rc, offs_n, mask_rc, mask_n, stride_ur,
-                stride_un, a_ptr.dtype.element_ty, HAS_RSCALE, FOLD_UP, HAS_CSCALE, UPCAST, PRECISION, False,
+                stride_un, DTYPE, HAS_RSCALE, FOLD_UP, HAS_CSCALE, UPCAST, PRECISION, False,
             )  # fmt: skip
     else:
         if WRITE_T:  # t (this slice's partial under SPLIT_K) in fp32 for the backward, once per row tile
@@ -228,7 +252,7 @@ def _fused_lora_mm_kernel(
                 tl.store(t_ptrs, t, mask=mask_t)
         acc = _add_rank_update(
             acc, t, rscale_ptr, up_ptr, cscale_ptr, scale, offs_r, offs_n, mask_r, mask_n, stride_ur, stride_un,
-            a_ptr.dtype.element_ty, HAS_RSCALE, FOLD_UP, HAS_CSCALE, UPCAST, PRECISION, SPLIT_K,
+            DTYPE, HAS_RSCALE, FOLD_UP, HAS_CSCALE, UPCAST, PRECISION, SPLIT_K,
         )  # fmt: skip
     if HAS_BIAS:
         mask_b = mask_n
@@ -287,6 +311,7 @@ def fused_lora_mm(
     write_t: bool,
     strategy: str | None = None,
     split_k: int | None = None,
+    tma: bool | None = None,
     config: configs.FusedConfig | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """``out [M, N] = a·w + ((a·down) ⊙ rscale)·(up ⊙ scale·cscale) (+ bias)``; returns ``(out, t)``.
@@ -294,8 +319,9 @@ def fused_lora_mm(
     ``a [M, K], w [K, N], bias [N]`` share one dtype; ``down [K, R]`` and ``up [R, N]`` are in that dtype or
     float32 (rounded in the kernel); any strides. ``rscale [R]`` and ``cscale [N]`` are float32 and
     contiguous. ``t = a·down`` in float32 is returned when ``write_t``. ``strategy`` ("one_pass" /
-    "two_pass") and ``split_k`` (decode only) override the tables' choice when given; ``config`` forces the
-    tiles (and its own strategy). Launches one kernel (two-pass: two; split-K: plus the sum of the slices).
+    "two_pass"), ``split_k`` (decode only) and ``tma`` (True: TMA loads where the operands allow them; False:
+    pointer loads) override the tables' choice when given; ``config`` forces the tiles (and its own strategy).
+    Launches one kernel (two-pass: two; split-K: plus the sum of the slices).
     """
     M, K = a.shape
     N, R = w.shape[1], down.shape[1]
@@ -327,11 +353,17 @@ def fused_lora_mm(
     else:
         t = None
 
+    # TMA: a, w and (one-pass) down through descriptors of the stored matrices, when all of them allow it
+    loads = None
+    if configs.tma_for(M, a.dtype, a.device, split, tma):
+        loads = _descriptors(a, w, down, cfg, block_r, load_down=not two_pass)
+    a_arg, w_arg, d_arg, w_kn, down_kr = loads or (a, w, down, False, False)
+
     grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n), split)
     _fused_lora_mm_kernel[grid](
-        a,
-        w,
-        down,
+        a_arg,
+        w_arg,
+        d_arg,
         up,
         rscale if rscale is not None else a,  # never read when HAS_RSCALE is False
         cscale if cscale is not None else a,  # never read when HAS_CSCALE is False
@@ -365,6 +397,9 @@ def fused_lora_mm(
         WRITE_T=write_t and not two_pass,
         LOAD_T=two_pass,
         SPLIT_K=split > 1,
+        TMA=loads is not None,
+        W_KN=w_kn,
+        DOWN_KR=down_kr,
         UPCAST=upcast_bf16(a.dtype),
         PRECISION=dot_precision(a.dtype),
         BLOCK_M=cfg.block_m,
@@ -385,3 +420,25 @@ def fused_lora_mm(
         if t is not None and t.dim() == 3:
             t = t.sum(0)
     return out, (t if write_t else None)
+
+
+def _descriptors(a: Tensor, w: Tensor, down: Tensor, cfg: configs.FusedConfig, block_r: int, *, load_down: bool):
+    """TMA descriptors ``(a, w, down, W_KN, DOWN_KR)`` of the stored matrices behind ``a [M, K]``, ``w [K, N]``
+    and ``down [K, R]`` (passed on as it is unless ``load_down``), or None when one of them cannot be described
+    (TMA needs a unit-stride dim, the other stride and the base 16-byte aligned). ``W_KN`` / ``DOWN_KR``:
+    stored as ``[K, N]`` / ``[K, R]``, else transposed (``[N, K]``: the forward's ``W``; ``[R, K]``: its ``A``)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    def describe(t: Tensor, rows: int, cols: int):  # t [rows-dim, cols-dim] -> (descriptor, stored as is)
+        for stored, block, as_is in ((t, [rows, cols], True), (t.t(), [cols, rows], False)):
+            aligned = stored.data_ptr() % 16 == 0 and stored.stride(0) * stored.element_size() % 16 == 0
+            if stored.stride(1) == 1 and aligned:
+                return TensorDescriptor.from_tensor(stored, block), as_is
+        return None
+
+    a_desc = describe(a, cfg.block_m, cfg.block_k)
+    w_desc = describe(w, cfg.block_k, cfg.block_n)
+    d_desc = describe(down, cfg.block_k, block_r) if load_down else (down, True)
+    if a_desc is None or not a_desc[1] or w_desc is None or d_desc is None:
+        return None
+    return a_desc[0], w_desc[0], d_desc[0], w_desc[1], d_desc[1]

@@ -74,7 +74,7 @@ def _f32(t: Tensor | None) -> Tensor | None:
     return None if t is None else t.to(torch.float32).contiguous()
 
 
-def forward_impl(x, weight, bias, A, B, u, v, scale, *, keep_t, strategy, split_k):
+def forward_impl(x, weight, bias, A, B, u, v, scale, *, keep_t, strategy, split_k, tma):
     """``(y [M, N], T [M, R] fp32 or None)``: the forward of ``TiedLoRALinearFunction`` (and of the custom op)."""
     dtype = x.dtype
     if bias is not None:
@@ -88,17 +88,17 @@ def forward_impl(x, weight, bias, A, B, u, v, scale, *, keep_t, strategy, split_
         down, up, fold = A.to(dtype).t(), _scaled_b(B, v, scale, dtype).t(), {}
     with _on_device(x):
         return fused_lora_mm(
-            x, weight.t(), down, up, _f32(u), bias, **fold, write_t=keep_t, strategy=strategy, split_k=split_k
+            x, weight.t(), down, up, _f32(u), bias, **fold, write_t=keep_t, strategy=strategy, split_k=split_k, tma=tma
         )
 
 
-def backward_impl(dy, x, T, weight, A, B, u, v, scale, needs, *, deterministic, strategy, split_k):
+def backward_impl(dy, x, T, weight, A, B, u, v, scale, needs, *, deterministic, strategy, split_k, tma):
     """``(dx, dW, db, dA, dB, du, dv)`` (None where ``needs``, seven bools in that order, is False): the
     backward of ``TiedLoRALinearFunction`` (and of the custom op). ``x`` may be None unless A or W trains,
     ``T`` unless B, u or v trains."""
     needs_x, needs_w, needs_bias, needs_a, needs_b, needs_u, needs_v = needs
     s, det, dtype = scale, deterministic, dy.dtype
-    forced = dict(strategy=strategy, split_k=split_k)
+    forced = dict(strategy=strategy, split_k=split_k, tma=tma)
     dx = dw = dbias = dA = dB = du = dv = None
     u32 = _f32(u)
     need_ds = needs_a or needs_u
@@ -162,15 +162,17 @@ class TiedLoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, A, B, u, v, scale, deterministic, grad_enabled):
         needs_x, needs_w, _, needs_a, needs_b, needs_u, needs_v = ctx.needs_input_grad[:7]
-        # a forced strategy / split (configs.forced, TIED_LORA_STRATEGY) holds for the backward too
-        strategy, split_k = configs.forced_choice()
+        # a forced strategy / split / load (configs.forced, TIED_LORA_STRATEGY, TIED_LORA_TMA) holds for the
+        # backward too
+        strategy, split_k, tma = configs.forced_choice()
         # no T without a backward to use it (needs_input_grad stays True under no_grad)
         keep_t = grad_enabled and (needs_b or needs_u or needs_v)
-        y, T = forward_impl(x, weight, bias, A, B, u, v, scale, keep_t=keep_t, strategy=strategy, split_k=split_k)
+        forced = dict(strategy=strategy, split_k=split_k, tma=tma)
+        y, T = forward_impl(x, weight, bias, A, B, u, v, scale, keep_t=keep_t, **forced)
         ctx.save_for_backward(x if (needs_a or needs_w) else None, T, weight, A, B, u, v)
         ctx.scale = scale
         ctx.deterministic = deterministic
-        ctx.forced = dict(strategy=strategy, split_k=split_k)
+        ctx.forced = forced
         return y
 
     @staticmethod
@@ -193,16 +195,22 @@ class TiedLoRALinearFunction(torch.autograd.Function):
 # implementations for tracing and the autograd formula of ``TiedLoRALinearFunction``. Eager calls keep the
 # plain Function: a custom op's dispatch costs ~40 µs more per call on the host (2 CPU cores, torch 2.13),
 # as long as a decode GEMM. Optional results travel as empty tensors (a custom op returns tensors only);
-# a forced strategy is read once, when the graph is traced.
+# a forced choice (strategy, split, loads) is read once, when the graph is traced.
 
 
 def _compiled_forward(x, weight, bias, A, B, u, v, scale, deterministic):
-    strategy, split_k = configs.forced_choice()
+    strategy, split_k, tma = configs.forced_choice()
     grad = torch.is_grad_enabled()
     keep_t = grad and any(t is not None and t.requires_grad for t in (B, u, v))
     save_x = grad and (A.requires_grad or weight.requires_grad)
-    y, _ = _forward_op(x, weight, bias, A, B, u, v, scale, deterministic, keep_t, save_x, strategy or "", split_k or 0)
+    forced = (strategy or "", split_k or 0, -1 if tma is None else int(tma))
+    y, _ = _forward_op(x, weight, bias, A, B, u, v, scale, deterministic, keep_t, save_x, *forced)
     return y
+
+
+def _forced(strategy: str, split_k: int, tma: int) -> dict:
+    """The forced choice as the ops receive it ("", 0 and -1 for none) -> ``fused_lora_mm``'s keywords."""
+    return dict(strategy=strategy or None, split_k=split_k or None, tma=None if tma < 0 else bool(tma))
 
 
 @torch.library.custom_op("tied_lora_kernels::forward", mutates_args=())
@@ -220,34 +228,34 @@ def _forward_op(
     save_x: bool,
     strategy: str,
     split_k: int,
+    tma: int,
 ) -> tuple[Tensor, Tensor]:
     """``(y, T)``, ``T`` empty unless ``keep_t`` (``deterministic``, ``save_x``: for the backward)."""
-    y, T = forward_impl(
-        x, weight, bias, A, B, u, v, scale, keep_t=keep_t, strategy=strategy or None, split_k=split_k or None
-    )
+    forced = _forced(strategy, split_k, tma)
+    y, T = forward_impl(x, weight, bias, A, B, u, v, scale, keep_t=keep_t, **forced)
     return y, (T if T is not None else x.new_empty(0, dtype=torch.float32))
 
 
 @_forward_op.register_fake
-def _(x, weight, bias, A, B, u, v, scale, deterministic, keep_t, save_x, strategy, split_k):
+def _(x, weight, bias, A, B, u, v, scale, deterministic, keep_t, save_x, strategy, split_k, tma):
     T = x.new_empty((x.shape[0], A.shape[0]) if keep_t else (0,), dtype=torch.float32)
     return x.new_empty(x.shape[0], weight.shape[0]), T
 
 
 def _setup_forward(ctx, inputs, output):
-    x, weight, bias, A, B, u, v, scale, deterministic, keep_t, save_x, strategy, split_k = inputs
+    x, weight, bias, A, B, u, v, scale, deterministic, keep_t, save_x, *forced = inputs
     T = output[1]
     ctx.mark_non_differentiable(T)
     ctx.save_for_backward(x if save_x else None, T if keep_t else None, weight, A, B, u, v)
-    ctx.args = (scale, deterministic, strategy, split_k)
+    ctx.args = (scale, deterministic, *forced)
 
 
 def _backward_of_forward_op(ctx, dy, _dT):
     x, T, weight, A, B, u, v = ctx.saved_tensors
     needs = list(ctx.needs_input_grad[:7])
     grads = _backward_op(dy, x, T, weight, A, B, u, v, needs, *ctx.args)
-    # x, weight, bias, A, B, u, v, then None for the six non-tensor arguments
-    return *(g if need else None for g, need in zip(grads, needs, strict=True)), *(None,) * 6
+    # x, weight, bias, A, B, u, v, then None for the seven non-tensor arguments
+    return *(g if need else None for g, need in zip(grads, needs, strict=True)), *(None,) * 7
 
 
 _forward_op.register_autograd(_backward_of_forward_op, setup_context=_setup_forward)
@@ -268,15 +276,16 @@ def _backward_op(
     deterministic: bool,
     strategy: str,
     split_k: int,
+    tma: int,
 ) -> list[Tensor]:
     """``[dx, dW, db, dA, dB, du, dv]``, each empty where ``needs`` is False."""
-    forced = dict(strategy=strategy or None, split_k=split_k or None)
+    forced = _forced(strategy, split_k, tma)
     grads = backward_impl(dy, x, T, weight, A, B, u, v, scale, needs, deterministic=deterministic, **forced)
     return [g if g is not None else dy.new_empty(0) for g in grads]
 
 
 @_backward_op.register_fake
-def _(dy, x, T, weight, A, B, u, v, needs, scale, deterministic, strategy, split_k):
+def _(dy, x, T, weight, A, B, u, v, needs, scale, deterministic, strategy, split_k, tma):
     (M, N), (R, K) = dy.shape, A.shape
     shapes = ((M, K, dy.dtype), (N, K, dy.dtype), (N, dy.dtype), (R, K, A.dtype), (N, R, B.dtype))
     shapes += ((R, u.dtype if u is not None else A.dtype), (N, v.dtype if v is not None else B.dtype))
