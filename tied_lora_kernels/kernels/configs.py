@@ -31,9 +31,14 @@ decode (a stream over W: recomputing t costs nothing there, a second launch does
 (32-wide tiles: one-pass's extra work is BLOCK_R / 32 ≥ 50 %). ``benchmarks/gpu_check.sh`` times both
 (providers ``triton-1pass`` / ``triton-2pass``); replace the table with what it measures.
 
-**Forcing** (benchmarks, tests): ``TIED_LORA_STRATEGY=one_pass|two_pass|auto`` in the environment, or the
-``forced(strategy=..., split_k=...)`` context manager (it beats the environment). The autograd Function reads
-the forced choice when its forward runs and uses it again in its backward.
+**Loads** (``tma_for``): the sm90 table's 16-bit prefill loads its tiles through TMA descriptors (the
+launcher falls back to pointers for an operand TMA cannot describe); unmeasured like the strategy table,
+timed against pointer loads by the ``triton-ptr`` provider.
+
+**Forcing** (benchmarks, tests): ``TIED_LORA_STRATEGY=one_pass|two_pass|auto`` and ``TIED_LORA_TMA=0|1|auto``
+in the environment, or the ``forced(strategy=..., split_k=..., tma=...)`` context manager (it beats the
+environment). The autograd Function reads the forced choice when its forward runs and uses it again in its
+backward.
 
 **Split-K at decode** (design.md §7): with M ≤ 16 the GEMM has only ``cdiv(N, BLOCK_N)`` output tiles (64 on
 a 4096-wide layer against 132 SMs). ``split_k_for`` splits K until about ``_TARGET_PROGRAMS`` programs run

@@ -30,6 +30,11 @@ of ``out`` (and, one-pass, of ``t``) in a ``[SPLIT, ...]`` workspace, summed aft
 Everything is linear in the K partials (``Σ_k (t_k ⊙ rscale)·up = (t ⊙ rscale)·up``); the bias (and the
 two-pass rank-R term) goes into slice 0 only. One-pass split-K passes each slice's partial ``t_k`` to the rank-R
 dot as a hi + lo pair (``T_HI_LO``): rounding each ``t_k`` once before the sum would lose what cancels.
+
+TMA (``TMA``, ``configs.tma_for``; never with split-K): ``a``, ``w`` and (one-pass) ``down`` arrive as host
+TensorDescriptors of the matrices as stored, so ``w`` is ``W [N, K]`` in the forward and ``W [K, N]`` in dx
+(``W_KN``), ``down`` is ``A [R, K]`` or ``s·v ⊙ B [K, R]`` (``DOWN_KR``); a transposed tile is a view for the
+dot. The copy engine fills out-of-bounds rows and columns with zeros, so these loads need no masks.
 """
 
 from __future__ import annotations
