@@ -401,13 +401,14 @@ def test_tma_falls_back_to_pointers(descriptor_calls):
     a, w, down, up, rscale, bias = (t.double() for t in ops)
     expected = a @ w + ((a @ down) * rscale) @ up + bias
     assert_close_to_reference(out, expected, None, "out", torch.bfloat16)
-    # a strided x: no unit-stride dim -> pointers
+    # a strided x (no unit-stride dim), a column-major x (a must be row-major) -> pointers
     fused_lora_mm(ops[0].repeat(1, 2)[:, ::2], *ops[1:], write_t=False, tma=True)
-    assert descriptor_calls == [False, False]
+    fused_lora_mm(ops[0].t().contiguous().t(), *ops[1:], write_t=False, tma=True)
+    assert descriptor_calls == [False, False, False]
     # fp32 inputs and split-K never try
     fused_lora_mm(*(t.float() for t in _operands("forward", torch.float32, 45, 200, 152, 8)), write_t=False, tma=True)
     fused_lora_mm(*_operands("forward", torch.bfloat16, 5, 400, 152, 8), write_t=False, split_k=3, tma=True)
-    assert descriptor_calls == [False, False]
+    assert descriptor_calls == [False, False, False]
 
 
 def test_tma_policy(monkeypatch):

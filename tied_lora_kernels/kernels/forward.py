@@ -434,16 +434,17 @@ def _descriptors(a: Tensor, w: Tensor, down: Tensor, cfg: configs.FusedConfig, b
     stored as ``[K, N]`` / ``[K, R]``, else transposed (``[N, K]``: the forward's ``W``; ``[R, K]``: its ``A``)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
-    def describe(t: Tensor, rows: int, cols: int):  # t [rows-dim, cols-dim] -> (descriptor, stored as is)
-        for stored, block, as_is in ((t, [rows, cols], True), (t.t(), [cols, rows], False)):
+    def describe(t: Tensor, rows: int, cols: int, transposed: bool = True):
+        # t [rows-dim, cols-dim] -> (descriptor, stored as is), from t or (when allowed) from tᵀ
+        for stored, block, as_is in ((t, [rows, cols], True), (t.t(), [cols, rows], False))[: 1 + transposed]:
             aligned = stored.data_ptr() % 16 == 0 and stored.stride(0) * stored.element_size() % 16 == 0
             if stored.stride(1) == 1 and aligned:
                 return TensorDescriptor.from_tensor(stored, block), as_is
         return None
 
-    a_desc = describe(a, cfg.block_m, cfg.block_k)
+    a_desc = describe(a, cfg.block_m, cfg.block_k, transposed=False)
     w_desc = describe(w, cfg.block_k, cfg.block_n)
     d_desc = describe(down, cfg.block_k, block_r) if load_down else (down, True)
-    if a_desc is None or not a_desc[1] or w_desc is None or d_desc is None:
+    if a_desc is None or w_desc is None or d_desc is None:
         return None
     return a_desc[0], w_desc[0], d_desc[0], w_desc[1], d_desc[1]
