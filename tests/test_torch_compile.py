@@ -101,6 +101,22 @@ def test_torch_backend_compiles_in_one_graph(autocast):
         assert torch.allclose(got, want)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_dynamic_shapes_and_scale(backend):
+    """``dynamic=True`` makes M and the scale symbolic: still one graph, eager's results for each call."""
+    _, params = make_inputs("tl6", 20, 40, 24, 6, torch.float32)
+    args = [params[k].detach() for k in ("weight", "bias", "A", "B", "u", "v")]
+
+    def f(h, scale):
+        return tied_lora_linear(h, *args, scale, backend=backend, deterministic=True)
+
+    torch._dynamo.reset()
+    f_c = torch.compile(f, backend=GraphRecorder(), dynamic=True, fullgraph=True)
+    for M, scale in ((20, 0.5), (37, 0.7)):
+        x = torch.randn(M, 40, generator=torch.Generator().manual_seed(M)).to(DEVICE)
+        assert torch.equal(f_c(x, scale), f(x, scale))
+
+
 def test_inductor_runs_the_custom_op():
     x, params = make_inputs("tl6", 37, 40, 24, 6, torch.float32)
     args = [params[k] for k in ("weight", "bias", "A", "B", "u", "v")]

@@ -150,7 +150,10 @@ def _check_inputs(x, weight, bias, A, B, u, v, scale) -> None:
             raise TypeError(f"{name} is required, got None")
     if not x.is_floating_point():
         raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
-    if isinstance(scale, Tensor) or not isinstance(scale, Real) or not math.isfinite(scale):
+    if isinstance(scale, Tensor) or not isinstance(scale, Real):
+        raise TypeError(f"scale must be a finite Python number, got {scale!r}")
+    # (under torch.compile(dynamic=True) a float argument is symbolic and cannot be tested while tracing)
+    if not torch.compiler.is_compiling() and not math.isfinite(scale):
         raise TypeError(f"scale must be a finite Python number, got {scale!r}")
 
     if weight.dim() != 2:
