@@ -192,9 +192,17 @@ def _plain_forward(self, x):
     )
 
 
-@pytest.mark.parametrize("name", list(CONFIGS))
-def test_gradients_match_float64_reference(name, monkeypatch):
-    model = apply_tied_lora(Toy(), TiedLoRAConfig(rank=4, alpha=2.0, target_modules=QKV + ("o_proj",), **CONFIGS[name]))
+# every configuration on the torch backend; the presets and an untied one on the triton kernels (the CPU
+# interpreter without a GPU): grouped q/k/v reading rows of one B, tied A and B summed over layers
+_BACKEND_CASES = [(name, "torch") for name in CONFIGS] + [
+    (name, "triton") for name in ("lora", "tl5", "tl6", "vera", "untied_ABuv")
+]
+
+
+@pytest.mark.parametrize("name,backend", _BACKEND_CASES)
+def test_gradients_match_float64_reference(name, backend, monkeypatch):
+    config = TiedLoRAConfig(rank=4, alpha=2.0, target_modules=QKV + ("o_proj",), backend=backend, **CONFIGS[name])
+    model = apply_tied_lora(Toy(), config)
     randomise_adapters(model)
     x = torch.randn(2, 5, 24, generator=torch.Generator().manual_seed(2))
 
