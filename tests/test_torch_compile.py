@@ -103,7 +103,8 @@ def test_torch_backend_compiles_in_one_graph(autocast):
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_dynamic_shapes_and_scale(backend):
-    """``dynamic=True`` makes M and the scale symbolic: still one graph, eager's results for each call."""
+    """``dynamic=True`` makes M and the scale symbolic: no graph break (``fullgraph``), eager's results for each
+    call. (Both backends then specialise on the scale's value: a new scale recompiles, a new M does not.)"""
     _, params = make_inputs("tl6", 20, 40, 24, 6, torch.float32)
     args = [params[k].detach() for k in ("weight", "bias", "A", "B", "u", "v")]
 
@@ -111,10 +112,14 @@ def test_dynamic_shapes_and_scale(backend):
         return tied_lora_linear(h, *args, scale, backend=backend, deterministic=True)
 
     torch._dynamo.reset()
-    f_c = torch.compile(f, backend=GraphRecorder(), dynamic=True, fullgraph=True)
-    for M, scale in ((20, 0.5), (37, 0.7)):
+    recorder = GraphRecorder()
+    f_c = torch.compile(f, backend=recorder, dynamic=True, fullgraph=True)
+    graphs = []
+    for M, scale in ((20, 0.5), (37, 0.5), (29, 0.7)):
         x = torch.randn(M, 40, generator=torch.Generator().manual_seed(M)).to(DEVICE)
         assert torch.equal(f_c(x, scale), f(x, scale))
+        graphs.append(recorder.graphs)
+    assert graphs[0] >= 1 and graphs[1] == graphs[0], graphs  # another M: the same graph
 
 
 def test_inductor_runs_the_custom_op():
