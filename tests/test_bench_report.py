@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from tied_lora_kernels.bench import main, target_rows
+from tied_lora_kernels.bench import choice_rows, main, target_rows
 
 RESULTS = sorted((Path(__file__).parent.parent / "benchmarks" / "results").glob("cpu-*.json"))
 
@@ -45,3 +45,21 @@ def test_targets_table_reads_each_target_against_its_bound():
     assert rows[0][:4] == ["llama2-7b.qkvo", "bfloat16", 16, "triton"]
     assert rows[0][4:] == ["1.02 ok", "1.2 MISS", "1.5 ok", "1.1 MISS", "2/4 met"]
     assert rows[1][3:] == ["triton-2pass", "1.04 ok", "-", "-", "-", "1/1 met"]
+
+
+def test_choice_table_compares_the_forced_providers():
+    recs = [
+        _record("triton-1pass", "forward", 8192, 1.10, rank=64),
+        _record("triton-2pass", "forward", 8192, 0.99, rank=64),  # two-pass wins at BLOCK_R = 64
+        _record("triton", "forward", 8192, 0.99, rank=64),
+        _record("triton-ptr", "forward", 8192, 1.10, rank=64),  # TMA (the default) wins
+        _record("triton-1pass", "forward", 1, 1.0, rank=8),
+        _record("triton-2pass", "forward", 1, 1.2, rank=8),  # one-pass wins at decode, BLOCK_R = 16
+        _record("torch", "forward", 8192, 2.0, rank=64),  # not a forced choice: ignored
+    ]
+    headers, rows = choice_rows(recs)
+    assert headers[5:] == ["2pass / 1pass", "sm90 table picks", "tma / ptr"]
+    assert rows == [
+        ["bfloat16", "decode", 16, "forward", 1, "1.2", "one_pass", "-"],
+        ["bfloat16", "prefill", 64, "forward", 1, "0.9", "two_pass", "0.9"],
+    ]

@@ -25,9 +25,10 @@ from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
+from .kernels import configs
 from .kernels.configs import DECODE_MAX_M
 
-__all__ = ["main", "load", "summary_rows", "target_rows"]
+__all__ = ["main", "load", "summary_rows", "target_rows", "choice_rows"]
 
 FLOOR = "nn.Linear"
 ORDER = (
@@ -312,6 +313,10 @@ def _summary_tables(records, stat, wide=True):
         if rows:
             title = f"targets (issue 3) at K = N = 4096: M = {TARGET_M}, decode = worst M <= {DECODE_MAX_M}"
             yield title, headers, rows
+        headers, rows = choice_rows(records, stat)
+        if rows:
+            title = "the kernels' unmeasured defaults against the measurements (geometric means over shapes and M)"
+            yield title, headers, rows
     if wide:
         yield from _memory_table(records)
     e2e = [r for r in records if r.get("kind") == "e2e"]
@@ -375,6 +380,36 @@ def target_rows(records, stat="median"):
             row.append(f"{_fmt(value)} {'ok' if ok else 'MISS'}")
         rows.append(row + [f"{met}/{known} met"])
     return headers + ["met"], rows
+
+
+def choice_rows(records, stat="median"):
+    """What the forced-choice providers say about ``configs.py``'s defaults, per dtype, regime, rank tile and
+    mode: two-pass over one-pass time (below 1: two-pass wins) beside the strategy the sm90 table picks, and
+    the default (TMA loads on Hopper's 16-bit prefill) over pointer loads (below 1: TMA wins)."""
+    times = defaultdict(dict)  # (dtype, regime, BLOCK_R, mode, device, shape, M) -> provider -> time
+    for r in records:
+        if r.get("kind") == "linear" and r["provider"] in ("triton", "triton-1pass", "triton-2pass", "triton-ptr"):
+            block_r = configs.block_r_for(r["rank"])  # the fused kernels' ranks are 1..MAX_RANK
+            key = (r["dtype"], configs.regime_of(r["M"]), block_r, r["mode"], r["device_name"], r["shape"], r["M"])
+            times[key][r["provider"]] = r[stat]
+    groups = defaultdict(list)
+    for key, cell in times.items():
+        groups[key[:4]].append(cell)
+    headers = ["dtype", "regime", "BLOCK_R", "mode", "cases", "2pass / 1pass", "sm90 table picks", "tma / ptr"]
+    rows = []
+    for (dtype, regime, block_r, mode), cells in sorted(
+        groups.items(), key=lambda kv: (*kv[0][:3], MODES.index(kv[0][3]))
+    ):
+        passes = _geomean(
+            c["triton-2pass"] / c["triton-1pass"] for c in cells if "triton-1pass" in c and "triton-2pass" in c
+        )
+        loads = _geomean(c["triton"] / c["triton-ptr"] for c in cells if "triton" in c and "triton-ptr" in c)
+        if passes is None and loads is None:
+            continue
+        M = DECODE_MAX_M if regime == "decode" else DECODE_MAX_M + 1
+        picks = configs.table_strategy("sm90", M, block_r, dtype == "float32")
+        rows.append([dtype, regime, block_r, mode, len(cells), _fmt(passes), picks, _fmt(loads)])
+    return headers, rows
 
 
 def _headline(records, stat, provs):

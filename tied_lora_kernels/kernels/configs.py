@@ -71,6 +71,7 @@ __all__ = [
     "block_r_for",
     "regime_of",
     "strategy_for",
+    "table_strategy",
     "fused_config",
     "split_k_for",
     "tma_for",
@@ -317,7 +318,12 @@ def strategy_for(M: int, block_r: int, dtype: torch.dtype, device: torch.device,
     """ "one_pass" or "two_pass" for ``M`` rows: ``forced`` if given, else the (unmeasured) default table."""
     if forced is not None:
         return _check_strategy(forced, "strategy") or strategy_for(M, block_r, dtype, device)
-    return _STRATEGY[(arch_of(device), regime_of(M), _is_wide(dtype), block_r)]
+    return table_strategy(arch_of(device), M, block_r, _is_wide(dtype))
+
+
+def table_strategy(arch: str, M: int, block_r: int, wide: bool) -> str:
+    """The default strategy of table ``arch`` ("sm90" / "sm80") for ``M`` rows, rank tile and input width."""
+    return _STRATEGY[(arch, regime_of(M), wide, block_r)]
 
 
 def fused_config(
