@@ -401,14 +401,20 @@ def test_tma_falls_back_to_pointers(descriptor_calls):
     a, w, down, up, rscale, bias = (t.double() for t in ops)
     expected = a @ w + ((a @ down) * rscale) @ up + bias
     assert_close_to_reference(out, expected, None, "out", torch.bfloat16)
-    # a strided x (no unit-stride dim), a column-major x (a must be row-major) -> pointers
-    fused_lora_mm(ops[0].repeat(1, 2)[:, ::2], *ops[1:], write_t=False, tma=True)
-    fused_lora_mm(ops[0].t().contiguous().t(), *ops[1:], write_t=False, tma=True)
-    assert descriptor_calls == [False, False, False]
+    # operands TMA could load (K = 200) but for a: strided (no unit-stride dim), column-major (a must be
+    # row-major), broadcast (row stride 0, as autograd hands dy for y.sum(0)) -> pointers, still correct
+    a, *rest = _operands("backward", torch.bfloat16, 45, 200, 152, 8)
+    for odd in (a.repeat(1, 2)[:, ::2], a.t().contiguous().t(), a[:1].expand(45, 200)):
+        out, _ = fused_lora_mm(odd, *rest, write_t=False, tma=True)
+        w, down, up, rscale, bias = (t.double() for t in rest)
+        x = odd.double()
+        assert_close_to_reference(out, x @ w + ((x @ down) * rscale) @ up + bias, None, "out", torch.bfloat16)
+    fused_lora_mm(a, *rest, write_t=False, tma=True)  # (and the same operands with a row-major a do use TMA)
+    assert descriptor_calls == [False, False, False, False, True]
     # fp32 inputs and split-K never try
     fused_lora_mm(*(t.float() for t in _operands("forward", torch.float32, 45, 200, 152, 8)), write_t=False, tma=True)
     fused_lora_mm(*_operands("forward", torch.bfloat16, 5, 400, 152, 8), write_t=False, split_k=3, tma=True)
-    assert descriptor_calls == [False, False, False]
+    assert len(descriptor_calls) == 5
 
 
 def test_tma_policy(monkeypatch):
@@ -418,8 +424,12 @@ def test_tma_policy(monkeypatch):
     assert not configs.tma_for(4096, bf16, cpu, split=1, forced=False)
     assert not configs.tma_for(4096, torch.float32, cpu, split=1, forced=True)  # fp32: never
     assert not configs.tma_for(8, bf16, cpu, split=3, forced=True)  # split-K: never
-    monkeypatch.setattr(configs, "arch_of", lambda device: "sm80")  # no TMA on Ampere / Ada / consumer Blackwell
-    assert not configs.tma_for(4096, bf16, cpu, split=1, forced=True)
+    # on a GPU: Hopper only (not Ampere, Ada, Blackwell), forced or not
+    for cc, hopper in (((9, 0), True), ((8, 0), False), ((8, 9), False), ((10, 0), False), ((12, 0), False)):
+        monkeypatch.setattr(configs, "_cuda_capability", lambda index, cc=cc: cc)
+        cuda = torch.device("cuda", 0)
+        assert configs.tma_for(4096, bf16, cuda, split=1) is hopper
+        assert configs.tma_for(4096, bf16, cuda, split=1, forced=True) is hopper
 
 
 @pytest.mark.parametrize("tma", [None, False], ids=["default", "forced-off"])

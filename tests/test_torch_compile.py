@@ -174,15 +174,39 @@ def test_opcheck():
     tracing with dynamic shapes."""
     x, params = make_inputs("full", 20, 40, 24, 6, torch.float32)
     w, b, A, B, u, v = (params[k] for k in ("weight", "bias", "A", "B", "u", "v"))
-    torch.library.opcheck(function._forward_op, (x, w, b, A, B, u, v, 0.5, True, True, True, "", 0, -1))
+    torch.library.opcheck(function._forward_op, (x, w, b, A, B, u, v, 0.5, True, True, True, None, None, None))
     # only x trains (the flags say so): no T kept, no x saved
     frozen = (w.detach(), None, A.detach(), B.detach(), None, None)
-    torch.library.opcheck(function._forward_op, (x, *frozen, 1.0, True, False, False, "", 0, -1))
+    torch.library.opcheck(function._forward_op, (x, *frozen, 1.0, True, False, False, None, None, None))
     detached = [t.detach() for t in (x, w, A, B, u, v)]
     x, w, A, B, u, v = detached
     T = x @ A.t()
     dy = torch.randn(20, 24).to(DEVICE)
     needs = [True] * 7
-    torch.library.opcheck(function._backward_op, (dy, x, T, w, A, B, u, v, needs, 0.5, True, "", 0, -1))
+    torch.library.opcheck(function._backward_op, (dy, x, T, w, A, B, u, v, needs, 0.5, True, None, None, None))
     needs = [True, False, False, False, True, False, True]  # dx, dB, dv: no x needed
-    torch.library.opcheck(function._backward_op, (dy, None, T, w, A, B, u, v, needs, 0.5, True, "", 0, -1))
+    torch.library.opcheck(function._backward_op, (dy, None, T, w, A, B, u, v, needs, 0.5, True, None, None, None))
+
+
+def test_forced_choice_reaches_the_custom_ops(monkeypatch):
+    """A forced strategy and pointer loads (read while tracing) reach the kernels of both custom ops."""
+    from tied_lora_kernels.kernels import configs
+
+    seen = []
+    real = function.fused_lora_mm
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs["strategy"], kwargs["tma"]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(function, "fused_lora_mm", spy)
+    x, params = make_inputs("tl6", 37, 40, 24, 6, torch.bfloat16)
+    args = [params[k] for k in ("weight", "bias", "A", "B", "u", "v")]
+
+    def f(h):
+        return tied_lora_linear(h, *args, 0.5, backend="triton")
+
+    with configs.forced(strategy="two_pass", tma=False):
+        y = compiled(f, GraphRecorder())(x)
+    y.backward(torch.ones_like(y))
+    assert seen == [("two_pass", False)] * 2  # forward y, backward dx

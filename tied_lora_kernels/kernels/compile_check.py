@@ -102,7 +102,7 @@ class _SumConfig:
 
 def variants_of(kernel: str, cfg) -> list[str]:
     """The launch variants of one config: decode fused configs add ``fwd-oddR`` and, 16-bit, split-K variants;
-    the prefill configs of tables that load through TMA (``configs.tma_for``) add ``fwd-tma`` and ``dx-tma``."""
+    the 16-bit prefill configs of the table a TMA GPU launches add ``fwd-tma`` and ``dx-tma``."""
     names = [v for v, spec in _VARIANTS.items() if spec[0] == kernel]
     if kernel == "fused" and _regime(cfg.name) == "decode":
         names.insert(1, "fwd-oddR")
@@ -114,11 +114,12 @@ def variants_of(kernel: str, cfg) -> list[str]:
 
 
 def _tma_table(name: str) -> bool:
-    """Whether the launcher loads this config's tiles through TMA by default (``configs.tma_for``)."""
+    """Whether the launcher loads this config's tiles through TMA on some GPU (``configs.tma_for``): 16-bit
+    prefill of a table that a ``TMA_MAJORS`` GPU launches (compiled for those targets only, ``jobs``)."""
     from . import configs
 
     arch, _, width = name.split("-")[:3]
-    return arch in configs.TMA_ARCHS and width == "16bit"
+    return width == "16bit" and arch in {configs.table_for_major(m) for m in configs.TMA_MAJORS}
 
 
 def _regime(name: str) -> str:
@@ -153,6 +154,8 @@ def jobs(full: bool = False, targets: tuple[int, ...] | None = None) -> list[dic
                 if targets and cc not in targets:
                     continue
                 for variant in variants_of(kernel, cfg):
+                    if variant.endswith("-tma") and cc // 10 not in configs.TMA_MAJORS:
+                        continue  # that GPU launches this table with pointer loads
                     for dtype, precision in dtypes:
                         out.append(
                             dict(

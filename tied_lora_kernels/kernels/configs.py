@@ -63,7 +63,7 @@ __all__ = [
     "DECODE_MAX_M",
     "STRATEGIES",
     "STRATEGY_ENV",
-    "TMA_ARCHS",
+    "TMA_MAJORS",
     "TMA_ENV",
     "FusedConfig",
     "ShrinkConfig",
@@ -83,6 +83,7 @@ __all__ = [
     "all_shrink_configs",
     "all_rank_grad_configs",
     "arch_of",
+    "table_for_major",
     "ARCHS",
     "SHARED_MEMORY_LIMIT",
 ]
@@ -99,8 +100,10 @@ DECODE_MAX_M = 16
 STRATEGIES = ("one_pass", "two_pass")
 STRATEGY_ENV = "TIED_LORA_STRATEGY"
 """Environment variable forcing the strategy: ``one_pass``, ``two_pass`` or ``auto`` (the table; default)."""
-TMA_ARCHS = ("sm90",)
-"""The tables whose GPUs have TMA (Hopper, datacenter Blackwell): their 16-bit prefill loads through it."""
+TMA_MAJORS = (9,)
+"""Compute-capability majors whose 16-bit prefill loads through TMA: Hopper. Datacenter Blackwell has TMA too,
+but triton 3.6 lacks the driver workaround 3.9 carries for small non-dense tensors (the padded ``s·v ⊙ B``
+view is one), and nothing has been measured there."""
 TMA_ENV = "TIED_LORA_TMA"
 """Environment variable forcing the fused GEMM's loads: ``1`` TMA where possible, ``0`` pointers, ``auto``."""
 
@@ -237,13 +240,22 @@ def arch_of(device: torch.device) -> str:
     under the interpreter, "sm80" elsewhere (Ampere, Ada and consumer Blackwell have 99-163 KB)."""
     if device.type != "cuda":
         return "sm90"
-    return _cuda_arch(device.index if device.index is not None else torch.cuda.current_device())
+    return table_for_major(_capability(device)[0])
+
+
+def table_for_major(major: int) -> str:
+    """The config table of a compute-capability major: "sm90" for 9 and 10, "sm80" otherwise."""
+    return "sm90" if major in (9, 10) else "sm80"
+
+
+def _capability(device: torch.device) -> tuple[int, int]:
+    return _cuda_capability(device.index if device.index is not None else torch.cuda.current_device())
 
 
 @functools.cache
-def _cuda_arch(index: int) -> str:
+def _cuda_capability(index: int) -> tuple[int, int]:
     # cached: a launch asks for its table several times, and a decode GEMM lasts microseconds
-    return "sm90" if torch.cuda.get_device_capability(index)[0] in (9, 10) else "sm80"
+    return tuple(torch.cuda.get_device_capability(index))
 
 
 def block_r_for(rank: int) -> int:
@@ -350,10 +362,11 @@ def split_k_for(M: int, N: int, K: int, cfg: FusedConfig, device: torch.device, 
 def tma_for(M: int, dtype: torch.dtype, device: torch.device, split: int, forced: bool | None = None) -> bool:
     """Whether the fused GEMM loads its tiles through TMA descriptors (the launcher also needs the operands
     16-byte aligned with a unit-stride dim, else it uses pointers): ``forced`` if given (True still needs a
-    16-bit input and no split-K), else the default, UNMEASURED like the strategy table: on for 16-bit prefill
-    with the sm90 table (Hopper and datacenter Blackwell have TMA; Triton's Hopper GEMMs run faster with it)
-    and under the interpreter (so the CPU tests cover it), off elsewhere."""
-    possible = not _is_wide(dtype) and split == 1 and arch_of(device) in TMA_ARCHS
+    16-bit input, no split-K and a GPU of ``TMA_MAJORS``), else the default, UNMEASURED like the strategy
+    table: on for 16-bit prefill on Hopper (Triton's Hopper GEMMs run faster with TMA) and under the
+    interpreter (CPU tensors: it reads descriptors, so the CPU tests cover the path), off elsewhere."""
+    has_tma = device.type != "cuda" or _capability(device)[0] in TMA_MAJORS
+    possible = not _is_wide(dtype) and split == 1 and has_tma
     if forced is not None:
         return forced and possible
     return possible and regime_of(M) == "prefill"

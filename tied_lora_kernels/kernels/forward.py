@@ -430,21 +430,26 @@ def fused_lora_mm(
 def _descriptors(a: Tensor, w: Tensor, down: Tensor, cfg: configs.FusedConfig, block_r: int, *, load_down: bool):
     """TMA descriptors ``(a, w, down, W_KN, DOWN_KR)`` of the stored matrices behind ``a [M, K]``, ``w [K, N]``
     and ``down [K, R]`` (passed on as it is unless ``load_down``), or None when one of them cannot be described
-    (TMA needs a unit-stride dim, the other stride and the base 16-byte aligned). ``W_KN`` / ``DOWN_KR``:
-    stored as ``[K, N]`` / ``[K, R]``, else transposed (``[N, K]``: the forward's ``W``; ``[R, K]``: its ``A``)."""
+    (TMA needs a unit-stride dim, distinct rows, the other stride and the base 16-byte aligned). ``W_KN`` /
+    ``DOWN_KR``: stored as ``[K, N]`` / ``[K, R]``, else transposed (``[N, K]``: the forward's ``W``;
+    ``[R, K]``: its ``A``)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     def describe(t: Tensor, rows: int, cols: int, transposed: bool = True):
         # t [rows-dim, cols-dim] -> (descriptor, stored as is), from t or (when allowed) from tᵀ
-        for stored, block, as_is in ((t, [rows, cols], True), (t.t(), [cols, rows], False))[: 1 + transposed]:
-            aligned = stored.data_ptr() % 16 == 0 and stored.stride(0) * stored.element_size() % 16 == 0
-            if stored.stride(1) == 1 and aligned:
+        candidates = [(t, [rows, cols], True)]
+        if transposed:
+            candidates.append((t.t(), [cols, rows], False))
+        for stored, block, as_is in candidates:
+            # rows that neither overlap nor repeat (a broadcast dy has row stride 0), 16-byte aligned
+            rows_apart = stored.stride(0) >= stored.shape[1] and stored.stride(0) * stored.element_size() % 16 == 0
+            if stored.stride(1) == 1 and rows_apart and stored.data_ptr() % 16 == 0:
                 return TensorDescriptor.from_tensor(stored, block), as_is
         return None
 
     a_desc = describe(a, cfg.block_m, cfg.block_k, transposed=False)
     w_desc = describe(w, cfg.block_k, cfg.block_n)
-    d_desc = describe(down, cfg.block_k, block_r) if load_down else (down, True)
+    d_desc = describe(down, cfg.block_k, block_r) if load_down else (down, False)  # unloaded: no flag
     if a_desc is None or w_desc is None or d_desc is None:
         return None
     return a_desc[0], w_desc[0], d_desc[0], w_desc[1], d_desc[1]

@@ -203,14 +203,8 @@ def _compiled_forward(x, weight, bias, A, B, u, v, scale, deterministic):
     grad = torch.is_grad_enabled()
     keep_t = grad and any(t is not None and t.requires_grad for t in (B, u, v))
     save_x = grad and (A.requires_grad or weight.requires_grad)
-    forced = (strategy or "", split_k or 0, -1 if tma is None else int(tma))
-    y, _ = _forward_op(x, weight, bias, A, B, u, v, scale, deterministic, keep_t, save_x, *forced)
+    y, _ = _forward_op(x, weight, bias, A, B, u, v, scale, deterministic, keep_t, save_x, strategy, split_k, tma)
     return y
-
-
-def _forced(strategy: str, split_k: int, tma: int) -> dict:
-    """The forced choice as the ops receive it ("", 0 and -1 for none) -> ``fused_lora_mm``'s keywords."""
-    return dict(strategy=strategy or None, split_k=split_k or None, tma=None if tma < 0 else bool(tma))
 
 
 @torch.library.custom_op("tied_lora_kernels::forward", mutates_args=())
@@ -226,13 +220,12 @@ def _forward_op(
     deterministic: bool,
     keep_t: bool,
     save_x: bool,
-    strategy: str,
-    split_k: int,
-    tma: int,
+    strategy: Optional[str],  # noqa: UP045
+    split_k: Optional[int],  # noqa: UP045
+    tma: Optional[bool],  # noqa: UP045
 ) -> tuple[Tensor, Tensor]:
     """``(y, T)``, ``T`` empty unless ``keep_t`` (``deterministic``, ``save_x``: for the backward)."""
-    forced = _forced(strategy, split_k, tma)
-    y, T = forward_impl(x, weight, bias, A, B, u, v, scale, keep_t=keep_t, **forced)
+    y, T = forward_impl(x, weight, bias, A, B, u, v, scale, keep_t=keep_t, strategy=strategy, split_k=split_k, tma=tma)
     return y, (T if T is not None else x.new_empty(0, dtype=torch.float32))
 
 
@@ -274,12 +267,12 @@ def _backward_op(
     needs: list[bool],
     scale: float,
     deterministic: bool,
-    strategy: str,
-    split_k: int,
-    tma: int,
+    strategy: Optional[str],  # noqa: UP045
+    split_k: Optional[int],  # noqa: UP045
+    tma: Optional[bool],  # noqa: UP045
 ) -> list[Tensor]:
     """``[dx, dW, db, dA, dB, du, dv]``, each empty where ``needs`` is False."""
-    forced = _forced(strategy, split_k, tma)
+    forced = dict(strategy=strategy, split_k=split_k, tma=tma)
     grads = backward_impl(dy, x, T, weight, A, B, u, v, scale, needs, deterministic=deterministic, **forced)
     return [g if g is not None else dy.new_empty(0) for g in grads]
 
