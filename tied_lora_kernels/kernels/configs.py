@@ -31,8 +31,8 @@ decode (a stream over W: recomputing t costs nothing there, a second launch does
 (32-wide tiles: one-pass's extra work is BLOCK_R / 32 ≥ 50 %). ``benchmarks/gpu_check.sh`` times both
 (providers ``triton-1pass`` / ``triton-2pass``); replace the table with what it measures.
 
-**Loads** (``tma_for``): the sm90 table's 16-bit prefill loads its tiles through TMA descriptors (the
-launcher falls back to pointers for an operand TMA cannot describe); unmeasured like the strategy table,
+**Loads** (``tma_for``): 16-bit prefill on Hopper (``TMA_MAJORS``) loads its tiles through TMA descriptors
+(the launcher falls back to pointers for an operand TMA cannot describe); unmeasured like the strategy table,
 timed against pointer loads by the ``triton-ptr`` provider.
 
 **Forcing** (benchmarks, tests): ``TIED_LORA_STRATEGY=one_pass|two_pass|auto`` and ``TIED_LORA_TMA=0|1|auto``
