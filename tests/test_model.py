@@ -17,6 +17,7 @@ from tied_lora_kernels import (
     TiedLoRALinear,
     apply_tied_lora,
     count_parameters,
+    disable_tied_lora,
     load_tied_lora,
     merge_tied_lora,
     reference,
@@ -447,3 +448,153 @@ def test_load_backend_override(tmp_path):
     save_tied_lora(apply_tied_lora(tiny_llama(), TiedLoRAConfig(rank=4, backend="triton")), tmp_path)
     model = load_tied_lora(tiny_llama(), tmp_path, backend="torch")
     assert {layer.backend for layer in tied_lora_layers(model).values()} == {"torch"}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# disabling the adapter (a DPO reference model), Hugging Face activation checkpointing
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_disable_gives_the_base_model_bit_for_bit(backend):
+    base = tiny_llama()
+    ids = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = base(ids).logits
+    config = TiedLoRAConfig(rank=4, preset="tl6", target_modules=QKV + ("o_proj",), backend=backend)
+    model = apply_tied_lora(base, config)
+    randomise_adapters(model)
+    with torch.no_grad():
+        adapted = model(ids).logits
+    assert not torch.equal(adapted, expected)  # the adapter changes the output, so the checks below can fail
+
+    with disable_tied_lora(model) as same:
+        assert same is model
+        assert torch.equal(model(ids).logits, expected)
+        assert not model(ids).logits.requires_grad  # the adapter takes no part in the graph (base frozen)
+        with disable_tied_lora(model):  # nested: the outer block still disables on the inner one's exit
+            pass
+        assert torch.equal(model(ids).logits, expected)
+        assert "disabled=True" in repr(model.model.layers[0].self_attn.q_proj)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, adapted)
+    with pytest.raises(KeyError), disable_tied_lora(model):
+        raise KeyError("the state comes back on an exception too")
+    assert not any(layer.disabled for layer in tied_lora_layers(model).values())
+
+
+def test_disable_refuses_merged_adapters():
+    model = apply_tied_lora(Toy(), TiedLoRAConfig(rank=4))
+    with pytest.raises(ValueError, match="no Tied-LoRA adapters"), disable_tied_lora(Toy()):
+        pass
+    merge_tied_lora(model)
+    with pytest.raises(RuntimeError, match="unmerge_tied_lora"), disable_tied_lora(model):
+        pass
+    assert not any(layer.disabled for layer in tied_lora_layers(model).values())
+    layer = model.layers[0].q_proj
+    layer.disabled = True  # set by hand on a merged layer: its weight no longer is the base weight
+    with pytest.raises(RuntimeError, match="disabled but merged"):
+        layer(torch.randn(2, 24))
+
+
+def test_disable_under_torch_compile():
+    model = apply_tied_lora(Toy(), TiedLoRAConfig(rank=4, preset="tl6"))
+    randomise_adapters(model)
+    x = torch.randn(3, 24)
+    with torch.no_grad():
+        adapted = model(x)
+        with disable_tied_lora(model):
+            plain = model(x)
+        compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+        assert torch.equal(compiled(x), adapted)
+        with disable_tied_lora(model):  # the flag is guarded: the graph is traced again, not reused
+            assert torch.equal(compiled(x), plain)
+        assert torch.equal(compiled(x), adapted)
+
+
+def enable_checkpointing(model, reentrant: bool) -> None:
+    kwargs = {"use_reentrant": reentrant}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if reentrant:
+        model.enable_input_require_grads()  # transformers 5 did it already; 4.x did not
+    assert model.model.gradient_checkpointing
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non_reentrant", "reentrant"])
+def test_hugging_face_gradient_checkpointing(reentrant, backend):
+    """Hugging Face activation checkpointing recomputes each decoder layer in backward: the tied A (summed over
+    both layers and q/k/v) and every other adapter gradient equal the run without it. Non-reentrant: the hook
+    on the shared A fires once per backward. Reentrant: once per checkpointed layer, autograd's rule for any
+    parameter that several checkpointed segments use (each runs its own backward; the torch path is the
+    same). Reentrant checkpointing needs inputs that require grad: transformers 5 arranges that itself, 4.x
+    needs ``enable_input_require_grads()``, as with PEFT."""
+    config = TiedLoRAConfig(rank=4, preset="tl6", target_modules=QKV + ("o_proj",), backend=backend)
+    model = apply_tied_lora(tiny_llama(), config)
+    randomise_adapters(model)
+    model.train()
+    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(4))
+    A = model.model.layers[0].self_attn.q_proj.shared.A
+    fired = []
+    A.register_post_accumulate_grad_hook(lambda p: fired.append(p.grad.clone()))
+
+    def grads():
+        model.zero_grad()
+        model(ids, labels=ids).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    want = grads()
+    enable_checkpointing(model, reentrant)
+    # below: the same products summed in another order (up to 3e-6 relative seen), not bit for bit
+    fired.clear()
+    got = grads()
+    assert got.keys() == want.keys() and got
+    for n in got:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-7, msg=lambda m, n=n: f"{n}: {m}")
+    assert len(fired) == (len(model.model.layers) if reentrant else 1)
+    assert torch.equal(fired[-1], got[next(n for n in got if n.endswith("shared.A"))])
+
+
+@pytest.fixture
+def process_group(tmp_path):
+    """A one-process gloo group (CPU): enough for DDP's reducer, which counts on each hook firing once."""
+    dist = pytest.importorskip("torch.distributed")
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        yield dist
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_with_tied_adapters_and_checkpointing(process_group):
+    """DDP over a model whose A and B are tied across layers: gradients equal the plain run's, also under
+    non-reentrant checkpointing. Reentrant checkpointing fires a tied parameter's hook once per layer, which
+    DDP refuses by default and accepts with ``static_graph=True`` (what the README says)."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(5))
+
+    def run(reentrant=None, static_graph=False, ddp=True):
+        model = apply_tied_lora(tiny_llama(), TiedLoRAConfig(rank=4, preset="tl6", target_modules=QKV + ("o_proj",)))
+        randomise_adapters(model)
+        model.train()
+        if reentrant is not None:
+            enable_checkpointing(model, reentrant)
+        wrapped = DDP(model, static_graph=static_graph) if ddp else model
+        for _ in range(2):  # DDP's reducer checks the hooks on every backward
+            wrapped(ids, labels=ids).loss.backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    want = run(ddp=False)
+    for kwargs in (dict(), dict(reentrant=False), dict(reentrant=True, static_graph=True)):
+        got = run(**kwargs)
+        assert got.keys() == want.keys()
+        for n in got:
+            message = f"{kwargs} {n}"
+            torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-7, msg=lambda m, s=message: f"{s}: {m}")
+    with pytest.raises(RuntimeError, match="mark a variable ready only once"):
+        run(reentrant=True)

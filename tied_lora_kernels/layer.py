@@ -7,7 +7,9 @@ The layer *is* an ``nn.Linear``: it keeps ``weight`` and ``bias`` (the same para
   it; PyTorch yields a shared parameter once);
 - ``lora_scale``: the ``UScale`` owning ``u [rank]`` — the layer's own, or the one the grouped projections of a
   layer share (q, k and v) — and ``lora_v [out]``; a vector frozen at one is ``None`` (no memory, no work);
-- ``b_rows``: the rows of ``shared.B`` this layer reads (grouped projections), ``None`` for all of them.
+- ``b_rows``: the rows of ``shared.B`` this layer reads (grouped projections), ``None`` for all of them;
+- ``merged`` (ΔW folded into ``weight``) and ``disabled`` (the adapter skipped: ``disable_tied_lora``); either
+  makes forward a plain ``F.linear``.
 
 Shared pieces are modules, never bare parameters registered twice, so ties survive every conversion
 (``.to()``, ``.half()``, ``deepcopy``, even with ``torch.__future__`` overwrite-on-conversion).
@@ -129,6 +131,7 @@ class TiedLoRALinear(nn.Linear):
         self.rank, self.alpha, self.scale = shared.rank, alpha, alpha / shared.rank
         self.backend = backend
         self.merged = False
+        self.disabled = False  # True: forward is the base linear alone (model.disable_tied_lora)
         factory = {"device": shared.A.device, "dtype": shared.A.dtype}
 
         if share_u_with is not None:
@@ -175,7 +178,9 @@ class TiedLoRALinear(nn.Linear):
             self.lora_v.fill_(self.v_init)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.merged:
+        if self.merged or self.disabled:
+            if self.merged and self.disabled:
+                raise RuntimeError("this TiedLoRALinear is disabled but merged (weight holds ΔW): unmerge() it first")
             return nn.functional.linear(x, self.weight, self.bias)
         return tied_lora_linear(
             x,
@@ -224,4 +229,5 @@ class TiedLoRALinear(nn.Linear):
         return (
             f"{super().extra_repr()}, rank={self.rank}, alpha={self.alpha:g}, "
             f"trains={'+'.join(trained) or 'nothing'}{rows}, backend={self.backend}, merged={self.merged}"
+            + (", disabled=True" if self.disabled else "")
         )

@@ -7,8 +7,10 @@ safetensors file (each shared ``A``/``B`` stored once) and a JSON file with the 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
@@ -23,6 +25,7 @@ __all__ = [
     "apply_tied_lora",
     "merge_tied_lora",
     "unmerge_tied_lora",
+    "disable_tied_lora",
     "tied_lora_state_dict",
     "save_tied_lora",
     "load_tied_lora",
@@ -197,6 +200,28 @@ def unmerge_tied_lora(model: nn.Module) -> nn.Module:
     for layer in _require_layers(model).values():
         layer.unmerge()
     return model
+
+
+@contextlib.contextmanager
+def disable_tied_lora(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block every adapted layer runs its base linear alone: the model computes what it computed
+    before ``apply_tied_lora`` (bit for bit) and the adapter gets no gradient — e.g. a DPO reference model,
+    or an evaluation without the adapter. Merged layers are refused (their weight holds ΔW:
+    ``unmerge_tied_lora`` first). Blocks nest; each layer's previous state returns on exit."""
+    layers = _require_layers(model)
+    merged = [name for name, layer in layers.items() if layer.merged]
+    if merged:
+        raise RuntimeError(
+            f"cannot disable merged adapters ({merged[:3]}...): their weights hold ΔW; unmerge_tied_lora(model) first"
+        )
+    saved = {name: layer.disabled for name, layer in layers.items()}
+    for layer in layers.values():
+        layer.disabled = True
+    try:
+        yield model
+    finally:
+        for name, layer in layers.items():
+            layer.disabled = saved[name]
 
 
 def _factors(layer: TiedLoRALinear) -> tuple:
