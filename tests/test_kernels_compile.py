@@ -5,7 +5,8 @@ unset (under the interpreter ``triton.jit`` cannot compile), ahead of time, no G
 ``kernels/configs.py`` for each GPU its table is given to (the sm90 table: Hopper sm_90 and datacenter
 Blackwell sm_100; the sm80 table: Ampere sm_80 and consumer Blackwell sm_120), each launch variant (forward
 and dx of both strategies, the decode forward for ranks that are and are not multiples of 16, their split-K
-forms, the split-K sum, the two-pass shrink of x and of dy, the two rank-gradient reductions), bf16 for the
+forms, the split-K sum, the two-pass shrink of x and of dy, the two rank-gradient reductions, the adapters'
+preparation), bf16 for the
 16-bit configs and fp32 for the 32-bit ones; the 16-bit prefill configs of the sm90 table also with their
 tiles loaded through TMA descriptors (``-tma``) for Hopper, as the launcher passes them there. The table
 (registers, spills, shared memory, tensor-core instruction, loads) is printed; run pytest with ``-s`` to see it.
@@ -64,6 +65,9 @@ def test_every_shipped_config_is_compiled_for_every_target(rows):
         expected |= {(cfg.name, v, t) for v in ("G", "dA") for t in TARGETS[arch]}
     for arch in {arch for arch, cfg, _, _ in configs.all_fused_configs() if cfg.split_k}:
         expected |= {(f"{arch}-splitk-sum", "sum", t) for t in TARGETS[arch]}
+    for arch in configs.ARCHS:
+        expected |= {(f"{arch}-prepare", "prep", t) for t in TARGETS[arch]}
+    assert {r["dtype"] for r in rows if r["variant"] == "prep"} == {"bfloat16", "float32"}
     assert expected <= compiled, f"not compiled: {sorted(expected - compiled)}"
 
 

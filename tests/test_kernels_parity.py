@@ -233,12 +233,30 @@ def test_every_rank_grad_config(arch, cfg, block_r, wide):
     p, rscale = torch.randn(M, R, generator=g).to(DEVICE), torch.randn(R, generator=g).to(DEVICE)
     ref = a.double().t() @ (p.double() * rscale.double())
     base = (a.t() @ (p * rscale).to(dtype)).float()
+    # the G pass's epilogue: dB = s·v ⊙ G, dv = s·rowsum(B ⊙ G), du = colsum(s·v ⊙ B ⊙ aᵀp) (no rscale)
+    s, ovec, rowmat = 0.37, torch.randn(C, generator=g).to(DEVICE), torch.randn(C, R, generator=g).to(DEVICE)
+    raw, raw_base = a.double().t() @ p.double(), (a.t() @ p.to(dtype)).float()
+    ref_scaled = s * ovec.double()[:, None] * ref
+    ref_rowdot = s * (rowmat.double() * ref).sum(1)
+    ref_coldot = (s * ovec.double()[:, None] * rowmat.double() * raw).sum(0)
+    base_scaled = base * (s * ovec)[:, None]
+    base_rowdot, base_coldot = s * (rowmat * base).sum(1), ((s * ovec)[:, None] * rowmat * raw_base).sum(0)
     for deterministic in (False, True):
+        what = f"(deterministic={deterministic})"
         out = rank_grad(a, p, rscale, deterministic=deterministic, config=cfg)
-        assert_close_to_reference(out, ref, base, f"out (deterministic={deterministic})", dtype)
-        out_t = rank_grad(a, p, rscale, deterministic=deterministic, transpose_out=True, config=cfg)
+        assert out.rowdot is None and out.coldot is None
+        assert_close_to_reference(out.out, ref, base, f"out {what}", dtype)
+        out_t = rank_grad(a, p, rscale, deterministic=deterministic, transpose_out=True, config=cfg).out
         assert out_t.shape == (R, C) and out_t.is_contiguous()
-        assert_close_to_reference(out_t, ref.t(), base.t(), f"out_t (deterministic={deterministic})", dtype)
+        assert_close_to_reference(out_t, ref.t(), base.t(), f"out_t {what}", dtype)
+        kw = dict(deterministic=deterministic, scale=s, ovec=ovec, rowmat=rowmat, config=cfg)
+        full = rank_grad(a, p, rscale, rowdot=True, coldot=True, **kw)
+        assert_close_to_reference(full.out, ref_scaled, base_scaled, f"s·v ⊙ out {what}", dtype)
+        assert_close_to_reference(full.rowdot, ref_rowdot, base_rowdot, f"rowdot {what}", dtype)
+        assert_close_to_reference(full.coldot, ref_coldot, base_coldot, f"coldot {what}", dtype)
+        alone = rank_grad(a, p, rscale, write_out=False, coldot=True, **kw)
+        assert alone.out is None and alone.rowdot is None
+        assert_close_to_reference(alone.coldot, ref_coldot, base_coldot, f"coldot alone {what}", dtype)
 
 
 @pytest.mark.slow

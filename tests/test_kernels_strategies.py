@@ -20,6 +20,7 @@ from tests.test_kernels_parity import CONFIGS, check_parity, grads_of, make_inpu
 from tied_lora_kernels.functional import tied_lora_linear
 from tied_lora_kernels.kernels import configs, forward, function
 from tied_lora_kernels.kernels.forward import fused_lora_mm
+from tied_lora_kernels.kernels.prepare import prepare_adapters
 from tied_lora_kernels.kernels.shrink import shrink
 from tied_lora_kernels.reference import tied_lora_forward
 
@@ -128,17 +129,35 @@ def test_master_weights_are_rounded_in_the_kernel_as_on_the_host(strategy, M, dt
     host = fused_lora_mm(x, weight_t, A.to(dtype).t(), (B * (s * v)[:, None]).to(dtype).t(), u, None, **kw)
     kernel = fused_lora_mm(x, weight_t, A.t(), B.t(), u, None, scale=s, cscale=v, **kw)
     assert A.dtype == torch.float32 and torch.equal(host[0], kernel[0]) and torch.equal(host[1], kernel[1])
-    assert torch.equal(function._scaled_b(B, v, s, dtype), (B * (s * v)[:, None]).to(dtype))  # the host fold
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_prepare_rounds_as_torch(dtype):
+    # one launch gives, bit for bit, torch's A.to(dtype) and (s·v ⊙ B).to(dtype) (fp32 math, rounded once),
+    # from fp32 masters or 16-bit adapters, a grouped layer's rows of B (a strided view) and v = None
+    g = torch.Generator().manual_seed(7)
+    A, B_all, v = torch.randn(12, 300, generator=g), torch.randn(420, 12, generator=g), torch.randn(140, generator=g)
+    A, B_all, v = A.to(DEVICE), B_all.to(DEVICE), v.to(DEVICE)
+    for adapter in {torch.float32, dtype}:
+        A_, B_ = A.to(adapter), B_all.to(adapter)[140:280]  # rows 140-279 of a grouped B
+        for vv, s in ((v.to(adapter), 0.7), (None, 1.3)):
+            A_cast, svB = prepare_adapters(A_, B_, vv, s, dtype, cast_a=True)
+            fold = s if vv is None else (s * vv.float())[:, None]
+            assert torch.equal(A_cast, A_.to(dtype)) and A_cast.is_contiguous()
+            assert torch.equal(svB, (B_.float() * fold).to(dtype)) and svB.stride() == (16, 1)
+            same, _ = prepare_adapters(A_, B_, vv, s, dtype, cast_a=False)
+            assert same is A_
 
 
 @pytest.mark.parametrize("M", [4, 40], ids=["decode", "prefill"])
 def test_decode_forward_launches_no_host_casts(monkeypatch, M):
     # at decode the fused kernel reads the fp32 master A and B and folds s·v itself; split-K partials are summed
-    # by one kernel: no cast, scale or sum runs on the host. Prefill casts A and folds s·v ⊙ B on the host.
+    # by one kernel: no cast, scale or sum runs on the host. Prefill casts A and folds s·v ⊙ B in one launch
+    # before the GEMM (prepare.py).
     calls, host_folds = [], []
-    real_mm, real_scaled_b = function.fused_lora_mm, function._scaled_b
+    real_mm, real_prepare = function.fused_lora_mm, function.prepare_adapters
     monkeypatch.setattr(function, "fused_lora_mm", lambda *a, **k: calls.append((a, k)) or real_mm(*a, **k))
-    monkeypatch.setattr(function, "_scaled_b", lambda *a, **k: host_folds.append(1) or real_scaled_b(*a, **k))
+    monkeypatch.setattr(function, "prepare_adapters", lambda *a, **k: host_folds.append(1) or real_prepare(*a, **k))
     sums = _GridSpy(forward._sum_splits_kernel)
     monkeypatch.setattr(forward, "_sum_splits_kernel", sums)
     x, params = make_inputs("tl6", M=M, K=300, N=140, R=12, dtype=torch.bfloat16)

@@ -1,17 +1,31 @@
 """The rank-gradient reduction over tokens (design.md §4) and its launcher.
 
-    out [C, R] = Σ_m a[m, c] · (p[m, r] · rscale[r])          a [M, C] (input dtype), p [M, R] (fp32)
+    acc [C, R] = Σ_m a[m, c] · p[m, r]            a [M, C] (input dtype), p [M, R] (fp32, rounded as dot operand)
+    out [C, R] = scale · ovec[c] · acc[c, r] · rscale[r]
 
-Backward runs it twice: ``G = dyᵀ S`` (a = dy, p = T, rscale = u; one pass over dy, giving dB and dv) and
-``dAᵀ = xᵀ dT`` (a = x, p = dS, rscale = u). Each program owns ``BLOCK_C`` rows of ``out`` and one of
-``SPLIT`` interleaved slices of the tokens. Two ways to combine the slices:
+Backward runs it twice: ``dAᵀ = xᵀ (dS ⊙ u)`` (a = x, p = dS, rscale = u) and ``dB = s·v ⊙ G`` with
+``G = dyᵀ (T ⊙ u)`` (a = dy, p = T, rscale = u, ovec = v; one pass over dy). With ``rowmat = B`` the second
+also finishes, in its epilogue,
 
-- ``deterministic=False``: fp32 ``atomic_add`` into ``out`` (fast, summation order varies between runs);
-- ``deterministic=True``: each program stores its fp32 partial in ``[SPLIT, C, R]``, summed afterwards in a
-  fixed order — bitwise-identical results across runs.
+    rowdot [C] = scale · rowsum(rowmat ⊙ acc ⊙ rscale)          dv = s · rowsum(B ⊙ G)
+    coldot [R] = colsum(scale · ovec ⊙ rowmat ⊙ acc)            du = colsum(dS ⊙ T) = colsum((s·v ⊙ B) ⊙ dyᵀT)
+
+(the last because ``dS = dy (s·v ⊙ B)``: ``Σ_m dS[m, r] T[m, r] = Σ_n (s·v ⊙ B)[n, r] (dyᵀ T)[n, r]``), so the
+backward's small gradients cost no launches of their own — each would be a few microseconds on a GPU for a
+few kilobytes — and ``du`` needs no ``dS``. ``rscale`` is applied in the epilogue (``p`` enters the dot as
+loaded). Everything is linear in the token slices, so each program finishes its partial before combining it.
+Each program owns ``BLOCK_C`` rows of ``acc`` and one of ``SPLIT`` interleaved slices of the tokens. Two ways
+to combine the partials:
+
+- ``deterministic=False``: fp32 ``atomic_add`` into one zeroed buffer (fast, summation order varies);
+- ``deterministic=True``: each program stores its fp32 partials in its own row of a buffer, summed
+  afterwards in a fixed order — bitwise-identical results across runs.
 """
 
 from __future__ import annotations
+
+import math
+from typing import NamedTuple
 
 import torch
 import triton
@@ -21,7 +35,7 @@ from torch import Tensor
 from . import configs
 from .common import FP_FUSION, as_operand, dot_precision, upcast_bf16
 
-__all__ = ["rank_grad"]
+__all__ = ["rank_grad", "RankGrads"]
 
 _TARGET_PROGRAMS = 264
 """Aim for about two waves of an H100's 132 SMs when splitting the tokens."""
@@ -33,7 +47,11 @@ def _rank_grad_kernel(
     a_ptr,
     p_ptr,
     rscale_ptr,
+    ovec_ptr,
+    rowmat_ptr,
     out_ptr,
+    rowdot_ptr,
+    coldot_ptr,
     # sizes
     M,
     C,
@@ -44,11 +62,22 @@ def _rank_grad_kernel(
     stride_ac,
     stride_pm,
     stride_pr,
+    stride_bc,
+    stride_br,
     stride_os,
     stride_oc,
     stride_or,
+    stride_ds,
+    stride_cs,
+    stride_cc,
+    # scalars
+    scale,
     # compile-time switches and tiles
     HAS_RSCALE: tl.constexpr,
+    HAS_OVEC: tl.constexpr,
+    WRITE_OUT: tl.constexpr,
+    ROWDOT: tl.constexpr,
+    COLDOT: tl.constexpr,
     USE_ATOMIC: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -62,8 +91,6 @@ def _rank_grad_kernel(
     offs_r = tl.arange(0, BLOCK_R)
     mask_c = offs_c < C
     mask_r = offs_r < R
-    if HAS_RSCALE:
-        rscale = tl.load(rscale_ptr + offs_r, mask=mask_r, other=0.0).to(tl.float32)
 
     acc = tl.zeros((BLOCK_C, BLOCK_R), dtype=tl.float32)
     # token tiles pid_s, pid_s + SPLIT, pid_s + 2·SPLIT, ...
@@ -74,20 +101,49 @@ def _rank_grad_kernel(
         p_ptrs = p_ptr + offs_m[:, None] * stride_pm + offs_r[None, :] * stride_pr  # [BLOCK_M, BLOCK_R]
         a_t = tl.load(a_ptrs, mask=mask_c[:, None] & mask_m[None, :], other=0.0)
         p = tl.load(p_ptrs, mask=mask_m[:, None] & mask_r[None, :], other=0.0)
-        if HAS_RSCALE:
-            p = p * rscale[None, :]
         if UPCAST:  # interpreter only (see common.py)
             a_t = a_t.to(tl.float32)
-        # acc += aᵀ·(p ⊙ rscale), p rounded to the input dtype as a dot operand
+        # acc += aᵀ·p, p rounded to the input dtype as a dot operand
         acc = tl.dot(a_t, as_operand(p, a_ptr.dtype.element_ty, UPCAST), acc, input_precision=PRECISION)
 
-    out_ptrs = out_ptr + pid_s * stride_os + offs_c[:, None] * stride_oc + offs_r[None, :] * stride_or
+    # the epilogue: this program's partials of out, rowdot and coldot
     mask = mask_c[:, None] & mask_r[None, :]
-    if USE_ATOMIC:
-        # relaxed: nothing reads out until the kernel has finished, so no ordering between programs is needed
-        tl.atomic_add(out_ptrs, acc, mask=mask, sem="relaxed")
+    g = acc
+    if HAS_RSCALE:
+        g = acc * tl.load(rscale_ptr + offs_r, mask=mask_r, other=0.0).to(tl.float32)[None, :]
+    if HAS_OVEC:  # scale·ovec first, as the host computes s·v
+        cscale = scale * tl.load(ovec_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
     else:
-        tl.store(out_ptrs, acc, mask=mask)
+        cscale = tl.full((BLOCK_C,), scale, tl.float32)
+    if WRITE_OUT:
+        out_ptrs = out_ptr + pid_s * stride_os + offs_c[:, None] * stride_oc + offs_r[None, :] * stride_or
+        _combine(out_ptrs, g * cscale[:, None], mask, USE_ATOMIC)
+    if ROWDOT or COLDOT:
+        rows = tl.load(rowmat_ptr + offs_c[:, None] * stride_bc + offs_r[None, :] * stride_br, mask=mask, other=0.0)
+        rows = rows.to(tl.float32)
+        if ROWDOT:  # scale · rowsum(rowmat ⊙ g)
+            _combine(rowdot_ptr + pid_s * stride_ds + offs_c, scale * tl.sum(rows * g, axis=1), mask_c, USE_ATOMIC)
+        if COLDOT:  # colsum(cscale ⊙ rowmat ⊙ acc) over this program's rows
+            col = tl.sum((rows * cscale[:, None]) * acc, axis=0)
+            _combine(coldot_ptr + pid_s * stride_cs + pid_c * stride_cc + offs_r, col, mask_r, USE_ATOMIC)
+
+
+@triton.jit
+def _combine(ptrs, value, mask, USE_ATOMIC: tl.constexpr):
+    """Add this program's fp32 partial into a zeroed output (atomics), or store it in its slice's row."""
+    if USE_ATOMIC:
+        # relaxed: nothing reads the output until the kernel has finished, so no ordering between programs
+        tl.atomic_add(ptrs, value, mask=mask, sem="relaxed")
+    else:
+        tl.store(ptrs, value, mask=mask)
+
+
+class RankGrads(NamedTuple):
+    """fp32 results of ``rank_grad`` (None where not asked for)."""
+
+    out: Tensor | None = None
+    rowdot: Tensor | None = None
+    coldot: Tensor | None = None
 
 
 def rank_grad(
@@ -96,34 +152,63 @@ def rank_grad(
     rscale: Tensor | None,
     *,
     deterministic: bool,
+    write_out: bool = True,
     transpose_out: bool = False,
+    scale: float = 1.0,
+    ovec: Tensor | None = None,
+    rowmat: Tensor | None = None,
+    rowdot: bool = False,
+    coldot: bool = False,
     config: configs.RankGradConfig | None = None,
-) -> Tensor:
-    """``aᵀ [C, M] · (p [M, R] ⊙ rscale [R])`` → fp32 ``[C, R]`` (``[R, C]`` contiguous when ``transpose_out``).
+) -> RankGrads:
+    """From ``acc = aᵀ p`` ``[C, R]`` and ``G = acc ⊙ rscale``: ``out = scale · ovec ⊙ G`` (``[R, C]`` contiguous
+    when ``transpose_out``; only when ``write_out``), ``rowdot = scale · rowsum(rowmat ⊙ G)`` ``[C]`` and
+    ``coldot = colsum(scale · ovec ⊙ rowmat ⊙ acc)`` ``[R]`` when asked for: fp32, from one launch (plus a
+    zeroing or, when ``deterministic``, the sum of the partials).
 
-    ``a`` in the input dtype (any strides), ``p`` and ``rscale`` float32.
+    ``a [M, C]`` in the input dtype (any strides); ``p [M, R]``, ``rscale [R]``, ``ovec [C]`` float32
+    (``None``: ones); ``rowmat [C, R]`` any float dtype and strides (needed by ``rowdot`` and ``coldot``).
     """
     M, C = a.shape
     R = p.shape[1]
-    shape = (R, C) if transpose_out else (C, R)
-    if M == 0:
-        return torch.zeros(shape, device=a.device, dtype=torch.float32)
+    if (rowdot or coldot) and rowmat is None:
+        raise ValueError("rowdot and coldot need rowmat")
+    results = {"out": (R, C) if transpose_out else (C, R)} if write_out else {}
+    if rowdot:
+        results["rowdot"] = (C,)
+    if coldot:
+        results["coldot"] = (R,)
+    if M == 0 or not results:
+        return RankGrads(**{k: a.new_zeros(shape, dtype=torch.float32) for k, shape in results.items()})
     block_r = configs.block_r_for(R)
     cfg = config or configs.rank_grad_config(block_r, a.dtype, a.device)
     num_c = triton.cdiv(C, cfg.block_c)
     num_m = triton.cdiv(M, cfg.block_m)
     # from the shapes only: the same split (and summation order) on every run
     split = max(1, min(num_m, _TARGET_PROGRAMS // num_c))
+    # every result is a segment of one buffer: one zeroing (atomics) or one sum over the slices
+    # (deterministic; coldot then has a row per program, summed once more)
+    sizes = {k: math.prod(shape) for k, shape in results.items()}
+    if coldot and deterministic:
+        sizes["coldot"] = num_c * R
+    total = sum(sizes.values())
     if deterministic:
-        buf = torch.empty((split, *shape), device=a.device, dtype=torch.float32)
+        buf = torch.empty((split, total), device=a.device, dtype=torch.float32)
     else:
-        buf = torch.zeros(shape, device=a.device, dtype=torch.float32)
-    stride_oc, stride_or = (buf.stride(-1), buf.stride(-2)) if transpose_out else (buf.stride(-2), buf.stride(-1))
+        buf = torch.zeros((1, total), device=a.device, dtype=torch.float32)
+    parts = dict(zip(sizes, torch.split(buf, list(sizes.values()), dim=1), strict=True))
+    stride_oc, stride_or = (1, C) if transpose_out else (R, 1)
+    stride_split = buf.stride(0) if deterministic else 0
+    dummy = buf  # never touched when its switch is off
     _rank_grad_kernel[(num_c, split)](
         a,
         p,
-        rscale if rscale is not None else p,  # never read when HAS_RSCALE is False
-        buf,
+        rscale if rscale is not None else dummy,
+        ovec if ovec is not None else dummy,
+        rowmat if rowmat is not None else dummy,
+        parts.get("out", dummy),
+        parts.get("rowdot", dummy),
+        parts.get("coldot", dummy),
         M,
         C,
         R,
@@ -132,10 +217,20 @@ def rank_grad(
         a.stride(1),
         p.stride(0),
         p.stride(1),
-        buf.stride(0) if deterministic else 0,
+        rowmat.stride(0) if rowmat is not None else 0,
+        rowmat.stride(1) if rowmat is not None else 0,
+        stride_split,
         stride_oc,
         stride_or,
+        stride_split,
+        stride_split,
+        R if deterministic else 0,
+        float(scale),
         HAS_RSCALE=rscale is not None,
+        HAS_OVEC=ovec is not None,
+        WRITE_OUT=write_out,
+        ROWDOT=rowdot,
+        COLDOT=coldot,
         USE_ATOMIC=not deterministic,
         UPCAST=upcast_bf16(a.dtype),
         PRECISION=dot_precision(a.dtype),
@@ -146,4 +241,8 @@ def rank_grad(
         num_stages=cfg.num_stages,
         enable_fp_fusion=FP_FUSION,
     )
-    return buf.sum(0) if deterministic else buf
+    summed = buf.sum(0) if deterministic else buf[0]
+    done = dict(zip(sizes, torch.split(summed, list(sizes.values())), strict=True))
+    if coldot and deterministic:
+        done["coldot"] = done["coldot"].view(num_c, R).sum(0)
+    return RankGrads(**{k: done[k].view(shape) for k, shape in results.items()})

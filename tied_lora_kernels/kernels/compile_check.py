@@ -21,7 +21,9 @@ stride is padded to 16 elements by ``function._scaled_b``, so it carries one too
 - ``fwd-splitk`` / ``dx-splitk``: the same with split-K (fp32 partial outputs), 16-bit decode configs only,
   and ``sum``: the split-K sum of the partials;
 - ``T`` / ``dS``: the two-pass shrink of ``x`` (by ``Aᵀ``) and of ``dy`` (by ``s·v ⊙ B``);
-- ``G``: ``dyᵀ S`` with atomics (the default); ``dA``: ``xᵀ dT`` into a transposed output, deterministic.
+- ``G``: ``dyᵀ S`` with atomics (the default), finished in its epilogue into ``dB``, ``dv`` and ``du`` (every
+  switch on: TL6); ``dA``: ``xᵀ dT`` into a transposed output, deterministic;
+- ``prep``: ``A`` cast and ``s·v ⊙ B`` folded for a prefill launch (``prepare.py``), for each input width.
 
 Switches that only remove work are compiled on: the bias, ``u`` and ``v`` (``HAS_BIAS``, ``HAS_RSCALE``,
 ``HAS_CSCALE``), so a layer without them (the LoRA preset has neither ``u`` nor ``v``) runs a lighter
@@ -49,6 +51,7 @@ from dataclasses import dataclass
 
 from .common import FP_FUSION
 from .forward import SUM_BLOCK, SUM_WARPS
+from .prepare import PREPARE_BLOCK, PREPARE_WARPS
 
 TARGETS = {"sm90": (90, 100), "sm80": (80, 120)}
 """Compute capabilities each config table is compiled for: the GPUs ``configs.arch_of`` gives it to."""
@@ -71,32 +74,40 @@ _VARIANTS = {
     # the shrink of x (down = Aᵀ, read transposed) and of dy (down = s·v ⊙ B as stored)
     "T": ("shrink", ("stride_ak", "stride_dk", "stride_tr"), ("K", "stride_am", "stride_dr"), {}),
     "dS": ("shrink", ("stride_ak", "stride_dr", "stride_tr"), ("K", "stride_am", "stride_dk"), {}),
-    "G": ("rank", ("stride_ac", "stride_pr", "stride_or"), ("C", "stride_am"), dict(HAS_RSCALE=True, USE_ATOMIC=True)),
+    "G": (
+        "rank",
+        ("stride_ac", "stride_pr", "stride_or", "stride_br", "stride_qr"),
+        ("C", "stride_am"),
+        dict(HAS_RSCALE=True, WRITE_OUT=True, HAS_OVEC=True, ROWDOT=True, COLDOT=True, USE_ATOMIC=True),
+    ),
     "dA": (
         "rank",
         ("stride_ac", "stride_pr", "stride_oc"),
         ("C", "stride_am", "stride_os", "stride_or"),
-        dict(HAS_RSCALE=True, USE_ATOMIC=False),
+        dict(HAS_RSCALE=True, WRITE_OUT=True, HAS_OVEC=False, ROWDOT=False, COLDOT=False, USE_ATOMIC=False),
     ),
     "sum": ("sum", (), ("NUMEL", "stride_ps"), {}),
+    "prep": ("prepare", ("stride_ak", "stride_br"), ("stride_bon",), dict(CAST_A=True, HAS_V=True)),
 }
 _FP32_POINTERS = {
     "fused": ("rscale_ptr", "cscale_ptr", "up_ptr", "t_ptr"),  # up: B (forward) or A (dx), fp32 masters
     "shrink": ("t_ptr",),
-    "rank": ("p_ptr", "rscale_ptr", "out_ptr"),
+    "rank": ("p_ptr", "rscale_ptr", "ovec_ptr", "rowmat_ptr", "q_ptr", "out_ptr", "rowdot_ptr", "coldot_ptr"),
     "sum": ("part_ptr",),
+    "prepare": ("a_ptr", "b_ptr", "v_ptr"),  # the fp32 masters in, the input dtype out
 }
 _FLOAT_ARGS = ("scale",)
 _TL_NAME = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 
 
 @dataclass(frozen=True)
-class _SumConfig:
-    """The split-K sum's launch configuration (``forward.SUM_BLOCK``, ``forward.SUM_WARPS``) as a config row."""
+class _ElementwiseConfig:
+    """The launch configuration of an elementwise kernel as a config row: the split-K sum
+    (``forward.SUM_BLOCK``, ``forward.SUM_WARPS``) or the adapters' preparation (``prepare.PREPARE_*``)."""
 
     name: str
-    block: int = SUM_BLOCK
-    num_warps: int = SUM_WARPS
+    block: int
+    num_warps: int
     num_stages: int = 1
 
 
@@ -143,7 +154,11 @@ def jobs(full: bool = False, targets: tuple[int, ...] | None = None) -> list[dic
     )
     # the split-K sum: one launch config, for each table that splits K (16-bit)
     split_archs = sorted({arch for arch, cfg, _, _ in configs.all_fused_configs() if cfg.split_k})
-    tables += (("sum", [(arch, _SumConfig(f"{arch}-splitk-sum"), 0, False) for arch in split_archs]),)
+    tables += (("sum", [(arch, _ElementwiseConfig(f"{arch}-splitk-sum", SUM_BLOCK, SUM_WARPS), 0, False)
+                        for arch in split_archs]),)  # fmt: skip
+    prepare = [(arch, _ElementwiseConfig(f"{arch}-prepare", PREPARE_BLOCK, PREPARE_WARPS), 0, wide)
+               for arch in configs.ARCHS for wide in (False, True)]  # fmt: skip
+    tables += (("prepare", prepare),)
     for kernel, table in tables:
         for arch, cfg, block_r, wide in table:
             if wide:  # exact IEEE by default (torch's default), TF32 when torch allows it
@@ -188,6 +203,7 @@ def compile_one(job: dict) -> dict:
 
     from .backward import _rank_grad_kernel
     from .forward import _fused_lora_mm_kernel, _sum_splits_kernel
+    from .prepare import _prepare_kernel
     from .shrink import _shrink_kernel
 
     variant, tma = job["variant"].removesuffix("-tma"), job["variant"].endswith("-tma")
@@ -218,8 +234,10 @@ def compile_one(job: dict) -> dict:
         constexprs.update(BLOCK_M=cfg["block_m"], BLOCK_K=cfg["block_k"])
     elif kernel == "rank":
         constexprs.update(BLOCK_C=cfg["block_c"], BLOCK_M=cfg["block_m"])
-    else:  # the split-K sum: no dot, no rank
+    elif kernel == "sum":  # the split-K sum: no dot, no rank
         fn, constexprs = _sum_splits_kernel, dict(UPCAST=False, BLOCK=cfg["block"])
+    else:  # the adapters' preparation: no dot, no rank
+        fn, constexprs = _prepare_kernel, dict(switches, UPCAST=False, BLOCK=cfg["block"])
     descriptors = _descriptor_types(job, base, tl_dtype) if tma else {}
     signature, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):

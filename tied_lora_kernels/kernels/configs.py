@@ -224,8 +224,10 @@ for _arch in ARCHS:
         _RANK_GRAD[(_arch, False, _br)] = RankGradConfig(
             f"{_arch}-rankgrad-16bit-r{_br}", 128 if _br <= 32 else 64, 64, 8 if _br == 128 else 4, 3
         )
+        # (8 warps also at R = 32 on sm_80: with 4, ptxas spilled 20 bytes in the dA reduction at 96 registers)
+        _warps = 8 if _br == 128 or (_arch, _br) == ("sm80", 32) else 4
         _RANK_GRAD[(_arch, True, _br)] = RankGradConfig(
-            f"{_arch}-rankgrad-fp32-r{_br}", 64 if _br <= 32 else 32, 16, 8 if _br == 128 else 4, 2
+            f"{_arch}-rankgrad-fp32-r{_br}", 64 if _br <= 32 else 32, 16, _warps, 2
         )
 
 _TARGET_PROGRAMS = {"sm90": 264, "sm80": 216}

@@ -11,6 +11,7 @@ from torch import Tensor
 from . import configs
 from .backward import rank_grad
 from .forward import fused_lora_mm
+from .prepare import prepare_adapters
 from .shrink import shrink
 
 __all__ = ["TiedLoRALinearFunction", "tied_lora_linear_triton", "SUPPORTED_DTYPES"]
@@ -52,19 +53,6 @@ def tied_lora_linear_triton(
     return TiedLoRALinearFunction.apply(x2d, weight, bias, A, B, u, v, float(scale), bool(deterministic), keep_t)
 
 
-def _scaled_b(B: Tensor, v: Tensor | None, scale: float, dtype: torch.dtype) -> Tensor:
-    """``s · v ⊙ B`` as ``[N, R]`` in ``dtype``, rounded once from fp32 (design.md §7: fold s·v on the host);
-    at decode the forward's kernel does the same from the master weights instead.
-
-    A view whose row stride is padded to a multiple of 16 elements: the JIT then specialises the kernels on
-    an aligned stride (what ``compile_check`` assumes), which saves ~90 registers in the dx kernel at R = 128.
-    """
-    N, R = B.shape
-    out = torch.empty((N, -(-R // 16) * 16), device=B.device, dtype=dtype)[:, :R]
-    factor = scale if v is None else (scale * v.float())[:, None]
-    return torch.mul(B.float(), factor, out=out)  # computed in fp32, rounded to dtype as it is stored
-
-
 def _on_device(t: Tensor):
     """Launch on ``t``'s GPU and its current stream, whatever the current device (triton uses the latter)."""
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
@@ -74,19 +62,25 @@ def _f32(t: Tensor | None) -> Tensor | None:
     return None if t is None else t.to(torch.float32).contiguous()
 
 
+def _as(grad: Tensor | None, param: Tensor | None) -> Tensor | None:
+    """An fp32 gradient in its parameter's dtype (no copy for fp32 masters)."""
+    return None if grad is None else grad.to(param.dtype)
+
+
 def forward_impl(x, weight, bias, A, B, u, v, scale, *, keep_t, strategy, split_k, tma):
     """``(y [M, N], T [M, R] fp32 or None)``: the forward of ``TiedLoRALinearFunction`` (and of the custom op)."""
     dtype = x.dtype
     if bias is not None:
         bias = bias.contiguous()  # the kernel reads bias with unit stride
     # y = x·Wᵀ + ((x·Aᵀ) ⊙ u)·(Bᵀ ⊙ s·v) + b, T = x·Aᵀ in fp32. At decode the kernel reads the master A and B
-    # and folds s·v itself (four launches fewer, which cost more than the GEMM there); prefill casts them
-    # here, amortised over a long GEMM, into s·v ⊙ B with a 16-aligned row stride (see _scaled_b)
-    if configs.regime_of(x.shape[0]) == "decode":  # adapters are fp32 or x's dtype (functional.py)
-        down, up, fold = A.t(), B.t(), dict(scale=scale, cscale=_f32(v))
-    else:
-        down, up, fold = A.to(dtype).t(), _scaled_b(B, v, scale, dtype).t(), {}
+    # and folds s·v itself (a launch fewer, which costs as much as the GEMM there); prefill has A cast and
+    # s·v ⊙ B folded by one launch (prepare.py), amortised over a long GEMM
     with _on_device(x):
+        if configs.regime_of(x.shape[0]) == "decode":  # adapters are fp32 or x's dtype (functional.py)
+            down, up, fold = A.t(), B.t(), dict(scale=scale, cscale=_f32(v))
+        else:
+            A_cast, svB = prepare_adapters(A, B, v, scale, dtype, cast_a=True)
+            down, up, fold = A_cast.t(), svB.t(), {}
         return fused_lora_mm(
             x, weight.t(), down, up, _f32(u), bias, **fold, write_t=keep_t, strategy=strategy, split_k=split_k, tma=tma
         )
@@ -101,28 +95,27 @@ def backward_impl(dy, x, T, weight, A, B, u, v, scale, needs, *, deterministic, 
     forced = dict(strategy=strategy, split_k=split_k, tma=tma)
     dx = dw = dbias = dA = dB = du = dv = None
     u32 = _f32(u)
-    need_ds = needs_a or needs_u
 
     with _on_device(dy):
         dS = None
-        if needs_x or need_ds:
-            svB = _scaled_b(B, v, s, dtype)  # [N, R]
+        if needs_x or needs_a:
+            _, svB = prepare_adapters(A, B, v, s, dtype, cast_a=False)  # s·v ⊙ B [N, R] in dy's dtype
             if needs_x:
                 # dx = dy·W + ((dy·svB) ⊙ u)·A, dS = dy·svB in fp32 from the same kernel
-                dx, dS = fused_lora_mm(dy, weight, svB, A, u32, None, write_t=need_ds, **forced)
+                dx, dS = fused_lora_mm(dy, weight, svB, A, u32, None, write_t=needs_a, **forced)
             else:
                 dS = shrink(dy, svB)  # dS = s·dy(v ⊙ B) in fp32, dx not needed
         if needs_a:
             # dA = (dS ⊙ u)ᵀ x   [R, K], fp32
-            dA = rank_grad(x, dS, u32, deterministic=det, transpose_out=True).to(A.dtype)
-        if needs_u:
-            du = (dS * T).sum(0).to(u.dtype)  # du = colsum(dS ⊙ T)
-        if needs_b or needs_v:
-            G = rank_grad(dy, T, u32, deterministic=det)  # G = dyᵀ (T ⊙ u)   [N, R], fp32
-            if needs_b:
-                dB = (G * s if v is None else G * (s * v.float())[:, None]).to(B.dtype)
-            if needs_v:
-                dv = (s * (B.float() * G).sum(1)).to(v.dtype)
+            dA = rank_grad(x, dS, u32, deterministic=det, transpose_out=True).out.to(A.dtype)
+        if needs_b or needs_u or needs_v:
+            # one pass over dy: G = dyᵀ (T ⊙ u) [N, R] in fp32, never stored; its epilogue writes dB = s·v ⊙ G,
+            # dv = s·rowsum(B ⊙ G) and du = colsum(dS ⊙ T) = colsum((s·v ⊙ B) ⊙ dyᵀT) (backward.py)
+            dB, dv, du = rank_grad(
+                dy, T, u32, deterministic=det, write_out=needs_b, scale=s, ovec=_f32(v), rowmat=B,
+                rowdot=needs_v, coldot=needs_u,
+            )  # fmt: skip
+            dB, dv, du = _as(dB, B), _as(dv, v), _as(du, u)
         if needs_w:
             dw = dy.t().mm(x)  # dW = dyᵀ x   [N, K]
         if needs_bias:
@@ -142,10 +135,10 @@ class TiedLoRALinearFunction(torch.autograd.Function):
         dS = s · dy (v ⊙ B)              [M, R]   fp32, written by the dx kernel (two-pass: by the shrink)
         dT = dS ⊙ u                      [M, R]
         dx = dy W + dT A                 [M, K]   the forward kernel again
-        G  = dyᵀ S                       [N, R]   one pass over dy (rank_grad)
-        dB = s · v[:, None] ⊙ G          [N, R]
-        dv = s · rowsum(B ⊙ G)           [N]
-        du = colsum(dS ⊙ T)              [R]
+        G  = dyᵀ S                       [N, R]   one pass over dy (rank_grad), never stored: its
+        dB = s · v[:, None] ⊙ G          [N, R]     epilogue writes dB,
+        dv = s · rowsum(B ⊙ G)           [N]        dv
+        du = colsum(dS ⊙ T)              [R]        and du, as colsum((s·v ⊙ B) ⊙ dyᵀT)
         dA = dTᵀ x                       [R, K]   (rank_grad)
         dW = dyᵀ x                       [N, K]   (torch matmul, only if W trains)
         db = colsum(dy)                  [N]      (only if b trains)
@@ -274,7 +267,17 @@ def _backward_op(
     """``[dx, dW, db, dA, dB, du, dv]``, each empty where ``needs`` is False."""
     forced = dict(strategy=strategy, split_k=split_k, tma=tma)
     grads = backward_impl(dy, x, T, weight, A, B, u, v, scale, needs, deterministic=deterministic, **forced)
-    return [g if g is not None else dy.new_empty(0) for g in grads]
+    # a custom op's outputs may not alias each other: dB, dv and du are segments of one buffer (rank_grad),
+    # so all but the first of those get their own copy (a few kilobytes)
+    out, storages = [], set()
+    for g in grads:
+        if g is None:
+            g = dy.new_empty(0)
+        elif g.untyped_storage().data_ptr() in storages:
+            g = g.clone()
+        storages.add(g.untyped_storage().data_ptr())
+        out.append(g)
+    return out
 
 
 @_backward_op.register_fake

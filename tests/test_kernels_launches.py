@@ -1,0 +1,117 @@
+"""How many kernels one call of the triton path launches: counted, not timed (style.md: speed lives in the
+benchmarks), because on a GPU each small launch costs a few microseconds whatever it computes — as much as
+the whole rank-R path at a few thousand tokens — and the host's time per launch adds up the same way.
+
+Counted: every triton launch and every torch operator that would launch a CUDA kernel (views and
+allocations excluded). The structure these numbers pin down (backward.py, prepare.py):
+
+- prefill forward: ``A`` cast and ``s·v ⊙ B`` folded in one launch, then the fused GEMM (two-pass: the
+  shrink first); decode forward: the fused GEMM alone (plus the split-K sum);
+- backward: ``s·v ⊙ B`` (one launch), the dx GEMM (writing ``dS`` only when ``A`` trains), ``dA``'s reduction,
+  and one pass over ``dy`` whose epilogue writes ``dB``, ``dv`` and ``du`` — each reduction one zeroed buffer
+  (atomics) or one sum of its partials (deterministic).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from tests.test_kernels_parity import make_inputs
+from tied_lora_kernels.functional import tied_lora_linear
+from tied_lora_kernels.kernels import configs
+
+# operators that launch nothing: views, metadata, allocation
+_FREE = {
+    "empty", "empty_strided", "new_empty", "new_empty_strided", "view", "_unsafe_view", "as_strided", "t",
+    "transpose", "permute", "slice", "select", "unsqueeze", "squeeze", "expand", "alias", "detach", "split",
+    "split_with_sizes", "lift_fresh", "resolve_conj", "resolve_neg", "_reshape_alias",
+}  # fmt: skip
+
+
+class _Launches(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.counts = collections.Counter()
+        self.in_triton = False  # the interpreter runs torch operators of its own inside a launch
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name not in _FREE and not self.in_triton:
+            self.counts[f"aten.{name}"] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def count_launches():
+    """Counter of the kernels launched in the block (``triton.<kernel>`` and ``aten.<op>``)."""
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    mode = _Launches()
+    patched = []
+    for cls in (JITFunction, InterpretedFunction):
+        original = cls.run
+
+        def run(self, *args, _original=original, **kwargs):
+            mode.counts[f"triton.{self.fn.__name__ if hasattr(self, 'fn') else self.__name__}"] += 1
+            mode.in_triton = True
+            try:
+                return _original(self, *args, **kwargs)
+            finally:
+                mode.in_triton = False
+
+        cls.run = run
+        patched.append((cls, original))
+    try:
+        with mode:
+            yield mode.counts
+    finally:
+        for cls, original in patched:
+            cls.run = original
+
+
+def _launches(preset, M, *, x_grad=True, deterministic=False, strategy=None, split_k=None):
+    x, params = make_inputs(preset, M=M, K=300, N=96, R=12, dtype=torch.bfloat16)
+    x.requires_grad_(x_grad)
+    args = [params[k] for k in ("weight", "bias", "A", "B", "u", "v")]
+    with configs.forced(strategy=strategy, split_k=split_k):
+        with count_launches() as forward:
+            y = tied_lora_linear(x, *args, backend="triton", deterministic=deterministic)
+        dy = torch.randn_like(y)
+        with count_launches() as backward:
+            y.backward(dy)
+    return forward, backward
+
+
+# (preset, M, options) -> (forward launches, backward launches)
+CASES = {
+    ("tl6", 40, ()): (2, 6),  # prepare + GEMM; prepare + dx + (zeros + reduction) for dA and for dB/dv/du
+    ("tl6", 40, ("deterministic",)): (2, 7),  # the zeroings become sums of partials, plus du's partials
+    ("tl6", 40, ("two_pass",)): (3, 7),  # + the shrink of x, and of dy for dx
+    ("tl6", 4, ()): (1, 6),  # decode: the GEMM reads the fp32 masters (no prepare); K too short to split
+    ("tl6", 4, ("split_k=3",)): (3, 8),  # + the sums of the K slices of y and of T (dx: of dx and dS)
+    ("vera", 40, ()): (2, 4),  # frozen A and B: dx writes no dS, no dA reduction
+    ("vera", 40, ("no_x_grad",)): (2, 2),  # and no dx: du from dy's pass alone, no shrink of dy
+    ("lora", 40, ()): (2, 6),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES), ids=lambda c: "-".join(map(str, (c[0], c[1], *c[2]))))
+def test_launches_per_call(case):
+    preset, M, options = case
+    forward, backward = _launches(
+        preset,
+        M,
+        x_grad="no_x_grad" not in options,
+        deterministic="deterministic" in options,
+        strategy="two_pass" if "two_pass" in options else None,
+        split_k=3 if "split_k=3" in options else None,
+    )
+    want_forward, want_backward = CASES[case]
+    assert sum(forward.values()) == want_forward, dict(forward)
+    assert sum(backward.values()) == want_backward, dict(backward)
