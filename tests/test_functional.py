@@ -200,6 +200,18 @@ def test_triton_backend_on_cpu_without_interpreter_says_why(monkeypatch):
         _call(backend="triton")
 
 
+def test_rocm_is_refused_by_name(monkeypatch):
+    # ROCm reports its gfx version as a CUDA capability (9.4 on MI300): it must not pass for a Hopper
+    from tied_lora_kernels import kernels
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 4))
+    monkeypatch.setattr(torch.version, "hip", "6.2.0", raising=False)
+    assert "ROCm is not supported" in kernels.unavailable_reason(torch.device("cuda", 0))
+    monkeypatch.setattr(torch.version, "hip", None, raising=False)
+    assert kernels.unavailable_reason(torch.device("cuda", 0)) is None
+
+
 def test_auto_backend_on_cpu_is_torch():
     from tied_lora_kernels.functional import resolve_backend
 

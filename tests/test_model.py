@@ -310,6 +310,8 @@ def test_config_errors():
         TiedLoRAConfig(groups=QKV)
     with pytest.raises(TypeError, match="train_A must be True, False or None"):
         TiedLoRAConfig(train_A="no")
+    with pytest.raises(TypeError, match="tie must be True, False or None"):
+        TiedLoRAConfig(tie=1)  # 1 == True, but not a bool
     with pytest.raises(TypeError, match="seed must be an int"):
         TiedLoRAConfig(seed="x")
     with pytest.raises(TypeError, match="target_modules must be names or a callable"):
@@ -598,3 +600,76 @@ def test_ddp_with_tied_adapters_and_checkpointing(process_group):
             torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-7, msg=lambda m, s=message: f"{s}: {m}")
     with pytest.raises(RuntimeError, match="mark a variable ready only once"):
         run(reentrant=True)
+
+
+def test_save_after_conversion_freeze_and_wrappers(tmp_path):
+    """An adapter saved after ``model.to(bf16)`` loads into a bare bf16 model (the file records the dtype its
+    tensors have); a model frozen for inference loads it and keeps its flags; ``torch.compile``'s and DDP's
+    wrappers add no prefix to the file's names and are looked through on load."""
+    ids = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(6))
+    model = apply_tied_lora(tiny_llama(), TiedLoRAConfig(rank=4, preset="tl6", target_modules=QKV + ("o_proj",)))
+    randomise_adapters(model)
+    model.to(torch.bfloat16)
+    with torch.no_grad():
+        expected = model(ids).logits
+    save_tied_lora(torch.compile(model), tmp_path)  # traces nothing: the wrapper is only looked through
+    assert not any(k.startswith("_orig_mod") for k in load_file_keys(tmp_path))
+    fresh = load_tied_lora(tiny_llama().to(torch.bfloat16), tmp_path)
+    with torch.no_grad():
+        assert torch.equal(fresh(ids).logits, expected)
+
+    config = TiedLoRAConfig(rank=4, target_modules=QKV + ("o_proj",), dtype=torch.bfloat16)
+    frozen = apply_tied_lora(tiny_llama().to(torch.bfloat16), config)
+    frozen.requires_grad_(False)
+    load_tied_lora(torch.compile(frozen), tmp_path)
+    assert not any(p.requires_grad for p in frozen.parameters())
+    with torch.no_grad():
+        assert torch.equal(frozen(ids).logits, expected)
+
+
+def load_file_keys(directory):
+    from safetensors.torch import load_file
+
+    return list(load_file(directory / "adapter_model.safetensors"))
+
+
+def test_load_names_a_missing_module(tmp_path):
+    model = apply_tied_lora(tiny_llama(), TiedLoRAConfig(rank=4, target_modules=("q_proj",), groups=()))
+    save_tied_lora(model, tmp_path)
+    other = tiny_llama()
+    other.model.layers[1].self_attn.q_proj = nn.Identity()
+    with pytest.raises(ValueError, match="module there is Identity, not nn.Linear"):
+        load_tied_lora(other, tmp_path)
+    del other.model.layers[1].self_attn.q_proj
+    with pytest.raises(ValueError, match="no module of that name"):
+        load_tied_lora(other, tmp_path)
+
+
+def test_hugging_face_trainer_with_the_adapter_callback(tmp_path):
+    """Trainer's checkpoints call save_pretrained, which refuses tied tensors: the callback refuses to start
+    with them on, saves the adapter every few steps and at the end, and the saved adapter reloads exactly."""
+    pytest.importorskip("accelerate", reason="transformers' Trainer needs accelerate")
+    from tied_lora_kernels.hf import SaveTiedLoRACallback
+
+    model = apply_tied_lora(tiny_llama(), TiedLoRAConfig(rank=4))
+    ids = torch.randint(0, 97, (8, 9), generator=torch.Generator().manual_seed(7))
+    data = [{"input_ids": row, "labels": row} for row in ids]
+    kwargs = dict(max_steps=4, per_device_train_batch_size=2, report_to=[], use_cpu=True, learning_rate=1e-2)
+
+    def trainer(**more):
+        args = transformers.TrainingArguments(str(tmp_path), **kwargs, **more)
+        return transformers.Trainer(model=model, args=args, train_dataset=data, callbacks=[SaveTiedLoRACallback(2)])
+
+    with pytest.raises(ValueError, match="save_strategy='no'"):
+        trainer(save_strategy="steps", save_steps=2).train()
+    trainer(save_strategy="no").train()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("adapter")) == [
+        "adapter-2", "adapter-4", "adapter-final",
+    ]  # fmt: skip
+    model.eval()
+    fresh = load_tied_lora(tiny_llama(), tmp_path / "adapter-final")
+    with torch.no_grad():
+        assert torch.equal(fresh(ids).logits, model(ids).logits)
+        assert not torch.equal(fresh(ids).logits, tiny_llama()(ids).logits)  # it trained
+    with pytest.raises(ValueError, match="positive int"):
+        SaveTiedLoRACallback(0)

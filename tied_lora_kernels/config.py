@@ -82,7 +82,7 @@ class TiedLoRAConfig:
         if self.u_init is not None and not (_is_number(self.u_init) and math.isfinite(self.u_init)):
             raise ValueError(f"u_init must be a finite number or None, got {self.u_init!r}")
         for name in ("tie", "train_A", "train_B", "train_u", "train_v"):
-            if getattr(self, name) not in (None, True, False):
+            if not (getattr(self, name) is None or isinstance(getattr(self, name), bool)):  # (1 == True)
                 raise TypeError(f"{name} must be True, False or None, got {getattr(self, name)!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise TypeError(f"seed must be an int, got {self.seed!r}")

@@ -7,7 +7,8 @@ Both backends compute ``y = x Wᵀ + b + scale · (v ⊙ ((u ⊙ (x Aᵀ)) Bᵀ)
   ``[N, R]`` matrix B. Adapters stored in float32 (master weights) are cast to the compute dtype (an
   ``[R, K]`` and an ``[N, R]`` copy, the only copies made).
 - ``"triton"``: the fused kernels of ``tied_lora_kernels.kernels``.
-- ``"auto"``: triton for CUDA tensors when triton is importable, torch otherwise.
+- ``"auto"``: triton for CUDA tensors the kernels support (an NVIDIA GPU of compute capability ≥ 8.0, triton
+  importable, fp16/bf16/fp32, rank ≤ 128), torch otherwise.
 """
 
 from __future__ import annotations

@@ -232,8 +232,22 @@ def _adapter_params(layers: dict[str, TiedLoRALinear]) -> set[int]:
     return {id(p) for layer in layers.values() for p in _factors(layer) if p is not None}
 
 
+def _unwrapped(model: nn.Module) -> nn.Module:
+    """The model inside ``torch.compile``'s and (Distributed)DataParallel's wrappers, whose names carry a prefix
+    (``_orig_mod.``, ``module.``) that an adapter file must not depend on."""
+    while True:
+        if isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
+            model = model._orig_mod
+        elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        else:
+            return model
+
+
 def tied_lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every adapter tensor once (tied ones under the first name PyTorch gives them), detached."""
+    """Every adapter tensor once (tied ones under the first name PyTorch gives them), detached; names are
+    relative to the model inside a ``torch.compile`` or (Distributed)DataParallel wrapper."""
+    model = _unwrapped(model)
     ids = _adapter_params(_require_layers(model))
     return {name: p.detach() for name, p in model.named_parameters() if id(p) in ids}
 
@@ -259,11 +273,17 @@ def _layout(model: nn.Module) -> dict[str, dict]:
 
 
 def save_tied_lora(model: nn.Module, directory: str | os.PathLike) -> None:
-    """Write ``adapter_model.safetensors`` (each tensor once) and ``adapter_config.json`` to ``directory``."""
+    """Write ``adapter_model.safetensors`` (each tensor once) and ``adapter_config.json`` to ``directory``
+    (from the model inside a ``torch.compile`` or (Distributed)DataParallel wrapper)."""
     from safetensors.torch import save_file
 
+    model = _unwrapped(model)
     state = {k: v.contiguous().cpu() for k, v in tied_lora_state_dict(model).items()}
     config = getattr(model, "tied_lora_config", None)
+    config = config.to_dict() if config is not None else None
+    dtypes = {str(v.dtype).removeprefix("torch.") for v in state.values()}
+    if config is not None and len(dtypes) == 1:  # the adapters as they are now (e.g. after model.to(bf16))
+        config["dtype"] = dtypes.pop()
     os.makedirs(directory, exist_ok=True)
     save_file(state, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
     meta = {
@@ -271,7 +291,7 @@ def save_tied_lora(model: nn.Module, directory: str | os.PathLike) -> None:
         "tensors": {
             k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")} for k, v in state.items()
         },
-        "config": config.to_dict() if config is not None else None,
+        "config": config,
         "layout": _layout(model),
     }
     with open(os.path.join(directory, CONFIG_NAME), "w") as f:
@@ -282,10 +302,15 @@ def load_tied_lora(model: nn.Module, directory: str | os.PathLike, *, backend: s
     """Load an adapter saved by ``save_tied_lora``; ``backend`` overrides the saved one.
 
     A model without adapters is adapted first with the saved config (same targets, groups, flags); an adapted
-    one must have the same layout (layers, shapes, rank, alpha, trained factors, ties) and adapter dtypes.
-    Every check runs before the model is touched: a mismatch raises and leaves the model as it was.
+    one must have the same layout (layers, shapes, rank, alpha, ties), adapter dtypes and configured trained
+    factors, and keeps its own ``requires_grad`` flags (which factors require grad right now is not compared:
+    freezing a model for inference must not stop it loading). Every check runs before the model is touched:
+    a mismatch raises and leaves the model as it was. A ``torch.compile`` or (Distributed)DataParallel wrapper
+    is looked through.
     """
     from safetensors.torch import load_file
+
+    model = _unwrapped(model)
 
     with open(os.path.join(directory, CONFIG_NAME)) as f:
         meta = json.load(f)
@@ -298,9 +323,17 @@ def load_tied_lora(model: nn.Module, directory: str | os.PathLike, *, backend: s
         merged = [name for name, layer in layers.items() if layer.merged]
         if merged:
             raise RuntimeError(f"cannot load into merged layers ({merged[:3]}...): unmerge_tied_lora(model) first")
-        ours = _layout(model)
-        if ours != layout:
-            raise ValueError(f"the adapter in {directory} does not fit this model: {_describe_diff(ours, layout)}")
+        ours, theirs = _fit(_layout(model)), _fit(layout)
+        if ours != theirs:
+            raise ValueError(f"the adapter in {directory} does not fit this model: {_describe_diff(ours, theirs)}")
+        config = getattr(model, "tied_lora_config", None)
+        if config is not None and meta["config"] is not None:  # what each config trains, whatever is frozen now
+            mine, saved = _trained(config.to_dict()), _trained(meta["config"])
+            if mine != saved:
+                raise ValueError(
+                    f"the adapter in {directory} does not fit this model: it was configured to train {saved}, "
+                    f"this model's adapter {mine}"
+                )
     else:
         if meta["config"] is None:
             raise ValueError("the adapter was saved without a config: adapt the model first, then load")
@@ -338,6 +371,18 @@ def load_tied_lora(model: nn.Module, directory: str | os.PathLike, *, backend: s
     return model
 
 
+def _trained(config: dict) -> list[str]:
+    """The factors a saved config trains (its preset's, unless a flag overrides it)."""
+    fields = dict(config, target_modules=config["target_modules"] or ["-"])  # a callable is not saved
+    resolved = TiedLoRAConfig(**fields).resolved
+    return [k for k in "ABuv" if resolved[f"train_{k}"]]
+
+
+def _fit(layout: dict[str, dict]) -> dict[str, dict]:
+    """What must match for an adapter to load into an adapted model: the layout less what trains."""
+    return {name: {k: v for k, v in entry.items() if k != "trains"} for name, entry in layout.items()}
+
+
 def _check_tensors(state: dict[str, torch.Tensor], expected: dict[str, tuple]) -> None:
     if set(state) != set(expected):
         raise ValueError(
@@ -361,8 +406,11 @@ def _check_base_shapes(model: nn.Module, layout: dict[str, dict]) -> None:
     modules = dict(model.named_modules())
     for name, entry in layout.items():
         m = modules.get(name)
+        if m is None:
+            raise ValueError(f"the adapter targets {name!r}, and this model has no module of that name")
         if not isinstance(m, nn.Linear):
-            raise ValueError(f"the adapter targets {name!r}, which is not an nn.Linear in this model")
+            kind = type(m).__name__
+            raise ValueError(f"the adapter targets {name!r}: this model's module there is {kind}, not nn.Linear")
         if (m.in_features, m.out_features) != (entry["in_features"], entry["out_features"]):
             raise ValueError(
                 f"{name}: the adapter was saved for [{entry['out_features']}, {entry['in_features']}], "

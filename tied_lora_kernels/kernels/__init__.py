@@ -5,8 +5,10 @@
 
 - ``forward.py``: the fused GEMM (forward ``y`` and backward ``dx``; one-pass or two-pass, split-K at
   decode) and its launcher;
+- ``prepare.py``: the adapters as a prefill GEMM reads them (``A`` cast, ``s·v ⊙ B`` folded), one launch;
 - ``shrink.py``: the two-pass strategy's first kernel (``T = x Aᵀ``, ``dS = dy (s·v ⊙ B)`` in fp32);
-- ``backward.py``: the rank-gradient reduction over tokens (``G = dyᵀS``, ``dA = dTᵀx``);
+- ``backward.py``: the rank-gradient reduction over tokens (``dA = dTᵀx``; ``G = dyᵀS``, finished in its
+  epilogue into ``dB``, ``dv``, ``du``);
 - ``function.py``: the ``autograd.Function`` joining them (all the math in its docstring);
 - ``configs.py``: every block config and strategy a launch can pick (and how to force one:
   ``TIED_LORA_STRATEGY``, ``configs.forced``); ``compile_check.py`` compiles each for sm_90/sm_80;
@@ -36,6 +38,8 @@ def unavailable_reason(device: torch.device) -> str | None:
     if device.type == "cuda":
         if not torch.cuda.is_available():
             return "no CUDA device is available"
+        if torch.version.hip is not None:  # ROCm reports its gfx version as a "capability" (9.4 on MI300)
+            return "the kernels and their configs are written for NVIDIA GPUs; ROCm is not supported"
         major, minor = torch.cuda.get_device_capability(device)
         if major < 8:
             return f"the kernels need compute capability 8.0 or newer, {device} has {major}.{minor}"

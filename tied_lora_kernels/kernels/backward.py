@@ -106,26 +106,25 @@ def _rank_grad_kernel(
         # acc += aᵀ·p, p rounded to the input dtype as a dot operand
         acc = tl.dot(a_t, as_operand(p, a_ptr.dtype.element_ty, UPCAST), acc, input_precision=PRECISION)
 
-    # the epilogue: this program's partials of out, rowdot and coldot
+    # the epilogue: this program's partials of coldot (from acc), then of rowdot and out (from G = acc ⊙ rscale)
     mask = mask_c[:, None] & mask_r[None, :]
-    g = acc
-    if HAS_RSCALE:
-        g = acc * tl.load(rscale_ptr + offs_r, mask=mask_r, other=0.0).to(tl.float32)[None, :]
     if HAS_OVEC:  # scale·ovec first, as the host computes s·v
         cscale = scale * tl.load(ovec_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
     else:
         cscale = tl.full((BLOCK_C,), scale, tl.float32)
-    if WRITE_OUT:
-        out_ptrs = out_ptr + pid_s * stride_os + offs_c[:, None] * stride_oc + offs_r[None, :] * stride_or
-        _combine(out_ptrs, g * cscale[:, None], mask, USE_ATOMIC)
     if ROWDOT or COLDOT:
         rows = tl.load(rowmat_ptr + offs_c[:, None] * stride_bc + offs_r[None, :] * stride_br, mask=mask, other=0.0)
         rows = rows.to(tl.float32)
-        if ROWDOT:  # scale · rowsum(rowmat ⊙ g)
-            _combine(rowdot_ptr + pid_s * stride_ds + offs_c, scale * tl.sum(rows * g, axis=1), mask_c, USE_ATOMIC)
         if COLDOT:  # colsum(cscale ⊙ rowmat ⊙ acc) over this program's rows
             col = tl.sum((rows * cscale[:, None]) * acc, axis=0)
             _combine(coldot_ptr + pid_s * stride_cs + pid_c * stride_cc + offs_r, col, mask_r, USE_ATOMIC)
+    if HAS_RSCALE:  # acc becomes G
+        acc = acc * tl.load(rscale_ptr + offs_r, mask=mask_r, other=0.0).to(tl.float32)[None, :]
+    if ROWDOT:  # scale · rowsum(rowmat ⊙ G)
+        _combine(rowdot_ptr + pid_s * stride_ds + offs_c, scale * tl.sum(rows * acc, axis=1), mask_c, USE_ATOMIC)
+    if WRITE_OUT:
+        out_ptrs = out_ptr + pid_s * stride_os + offs_c[:, None] * stride_oc + offs_r[None, :] * stride_or
+        _combine(out_ptrs, acc * cscale[:, None], mask, USE_ATOMIC)
 
 
 @triton.jit

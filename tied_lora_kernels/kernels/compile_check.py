@@ -10,7 +10,7 @@ spills (triton's bundled ``ptxas -v``), shared memory and which tensor-core inst
 (``wgmma`` on Hopper, ``tcgen05`` on datacenter Blackwell, ``mma`` (mma.sync) elsewhere, ``-`` for none).
 Launch variants mirror what the launchers pass, with the JIT's specialisations: unit strides
 become constants and pointers, sizes and long strides carry 16-byte divisibility hints (``s·v ⊙ B``'s row
-stride is padded to 16 elements by ``function._scaled_b``, so it carries one too).
+stride is padded to 16 elements by ``prepare.prepare_adapters``, so it carries one too).
 
 - ``fwd``: the forward ``y = x Wᵀ + …`` (W read transposed), bias and ``u`` on, as ``function.py`` passes
   the adapters: prefill with ``A`` cast and ``s·v ⊙ B`` folded on the host (16-aligned rows), decode with the

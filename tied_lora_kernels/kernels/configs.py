@@ -224,10 +224,12 @@ for _arch in ARCHS:
         _RANK_GRAD[(_arch, False, _br)] = RankGradConfig(
             f"{_arch}-rankgrad-16bit-r{_br}", 128 if _br <= 32 else 64, 64, 8 if _br == 128 else 4, 3
         )
-        # (8 warps also at R = 32 on sm_80: with 4, ptxas spilled 20 bytes in the dA reduction at 96 registers)
-        _warps = 8 if _br == 128 or (_arch, _br) == ("sm80", 32) else 4
+        # fp32: 8 warps at R = 128, and on sm_80 from R = 32 up (with 4, ptxas spilled 20-28 bytes at 96
+        # registers); 3 stages on sm_80 at R = 128 (2 spilled 8 bytes for sm_120)
+        _warps = 8 if _br == 128 or (_arch == "sm80" and _br >= 32) else 4
+        _stages = 3 if (_arch, _br) == ("sm80", 128) else 2
         _RANK_GRAD[(_arch, True, _br)] = RankGradConfig(
-            f"{_arch}-rankgrad-fp32-r{_br}", 64 if _br <= 32 else 32, 16, _warps, 2
+            f"{_arch}-rankgrad-fp32-r{_br}", 64 if _br <= 32 else 32, 16, _warps, _stages
         )
 
 _TARGET_PROGRAMS = {"sm90": 264, "sm80": 216}
