@@ -673,3 +673,32 @@ def test_hugging_face_trainer_with_the_adapter_callback(tmp_path):
         assert not torch.equal(fresh(ids).logits, tiny_llama()(ids).logits)  # it trained
     with pytest.raises(ValueError, match="positive int"):
         SaveTiedLoRACallback(0)
+
+
+def test_hooks_on_a_target_carry_over():
+    """Forward and backward hooks registered on a linear before it is adapted keep firing on the adapted layer
+    (and after unload), and their handles still remove them; accelerate's offloading hooks are refused."""
+    model = Toy()
+    q = model.layers[0].q_proj
+    seen = []
+    pre = q.register_forward_pre_hook(lambda m, args: seen.append(("pre", type(m).__name__)))
+    post = q.register_forward_hook(lambda m, args, out: seen.append(("post", out.detach().clone())))
+    q.register_full_backward_hook(lambda m, gin, gout: seen.append(("backward", type(m).__name__)))
+    apply_tied_lora(model, TiedLoRAConfig(rank=4))
+    randomise_adapters(model)
+    adapted = model.layers[0].q_proj
+    x = torch.randn(3, 24, requires_grad=True)
+    model(x).sum().backward()
+    assert [s[0] for s in seen] == ["pre", "post", "backward"] and seen[0][1] == "TiedLoRALinear"
+    assert torch.equal(seen[1][1], adapted(x).detach())  # the hook saw the adapted layer's output
+    pre.remove(), post.remove()
+    seen.clear()
+    merge_tied_lora(model, unload=True)
+    model(x).sum().backward()
+    assert [s[0] for s in seen] == ["backward"]
+
+    offloaded = Toy()
+    offloaded.layers[1].k_proj._hf_hook = object()  # what accelerate's dispatch leaves on an offloaded layer
+    with pytest.raises(ValueError, match="accelerate hook"):
+        apply_tied_lora(offloaded, TiedLoRAConfig(rank=4))
+    assert not tied_lora_layers(offloaded)

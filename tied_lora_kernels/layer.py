@@ -28,7 +28,27 @@ from tied_lora_kernels import reference
 from tied_lora_kernels.functional import BACKENDS, tied_lora_linear
 from tied_lora_kernels.shared import TiedLoRAShared
 
-__all__ = ["TiedLoRALinear", "UScale"]
+__all__ = ["TiedLoRALinear", "UScale", "carry_hooks"]
+
+
+_MODULE_HOOKS = (
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_backward_pre_hooks",
+    "_backward_hooks",
+    "_is_full_backward_hook",
+)
+
+
+def carry_hooks(src: nn.Module, dst: nn.Module) -> None:
+    """Give ``dst`` the forward and backward hooks registered on ``src`` (the same dicts, so the handles that
+    registered them still remove them), as a module that replaces ``src`` in a model should."""
+    for name in _MODULE_HOOKS:
+        if name in vars(src):
+            setattr(dst, name, getattr(src, name))
 
 
 class UScale(nn.Module):
@@ -80,7 +100,8 @@ class TiedLoRALinear(nn.Linear):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, shared: TiedLoRAShared, **adapter) -> TiedLoRALinear:
-        """Adapt ``linear``: its ``weight`` and ``bias`` parameters are reused, not copied."""
+        """Adapt ``linear``: its ``weight`` and ``bias`` parameters are reused, not copied, and its forward and
+        backward hooks carry over."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear needs an nn.Linear, got {type(linear).__name__}")
         if isinstance(linear, TiedLoRALinear):
@@ -91,6 +112,7 @@ class TiedLoRALinear(nn.Linear):
         layer.weight = linear.weight
         layer.bias = linear.bias
         layer.training = linear.training
+        carry_hooks(linear, layer)
         layer._init_adapter(shared, **adapter)
         return layer
 

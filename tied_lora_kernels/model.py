@@ -18,7 +18,7 @@ from torch import nn
 
 from tied_lora_kernels.config import TiedLoRAConfig
 from tied_lora_kernels.functional import check_rank
-from tied_lora_kernels.layer import TiedLoRALinear
+from tied_lora_kernels.layer import TiedLoRALinear, carry_hooks
 from tied_lora_kernels.shared import TiedLoRAShared
 
 __all__ = [
@@ -136,6 +136,11 @@ def _find_targets(model: nn.Module, config: TiedLoRAConfig) -> dict[str, nn.Line
             continue
         if type(module) is not nn.Linear:
             raise TypeError(f"target {name!r} is a {type(module).__name__}; only nn.Linear layers can be adapted")
+        if hasattr(module, "_hf_hook"):  # accelerate's per-layer hooks: offloaded weights, loaded at call time
+            raise ValueError(
+                f"target {name!r} carries an accelerate hook (a device_map with offloading): its weight is loaded "
+                "only while it runs, which an adapted layer cannot follow; load the model onto its devices instead"
+            )
         if not name:
             raise ValueError("the model itself matched target_modules: adapt a model that contains the linear")
         others = [n for n in owners.get(id(module.weight), ()) if n != name + ".weight"]
@@ -190,6 +195,7 @@ def merge_tied_lora(model: nn.Module, *, unload: bool = False) -> nn.Module:
         for name, layer in layers.items():
             plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
             plain.weight, plain.bias = layer.weight, layer.bias
+            carry_hooks(layer, plain)
             _set_submodule(model, name, plain)
         model.__dict__.pop("tied_lora_config", None)
     return model
