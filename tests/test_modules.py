@@ -38,7 +38,8 @@ def test_shared_shapes_flags_and_seed():
         ((16, 12, 13), {}, ValueError, "exceeds min"),
         ((16, 12, 2.0), {}, TypeError, "rank must be an int"),
         ((16, 12, 2), {"init": "xavier"}, ValueError, "init must be one of"),
-        ((16, 12, 2), {"dtype": torch.int32}, TypeError, "floating point"),
+        ((16, 12, 2), {"dtype": torch.int32}, TypeError, "floating-point torch.dtype"),
+        ((16, 12, 2), {"dtype": "float16"}, TypeError, "floating-point torch.dtype"),
     ],
 )
 def test_shared_bad_arguments(args, kwargs, error, match):
@@ -165,6 +166,8 @@ def test_layer_type_errors():
         TiedLoRALinear.from_linear(nn.Conv1d(6, 4, 1), TiedLoRAShared(6, 4, 2))
     with pytest.raises(TypeError, match="shared must be a TiedLoRAShared"):
         TiedLoRALinear.from_linear(nn.Linear(6, 4), nn.Linear(6, 4))
+    with pytest.raises(TypeError, match="alpha must be a number"):
+        TiedLoRALinear.from_linear(nn.Linear(6, 4), TiedLoRAShared(6, 4, 2), alpha="2")
     with pytest.raises(ValueError, match="in_features=7"):
         TiedLoRALinear.from_linear(nn.Linear(7, 4), TiedLoRAShared(6, 4, 2))
     layer = TiedLoRALinear.from_linear(nn.Linear(6, 4), TiedLoRAShared(6, 4, 2))

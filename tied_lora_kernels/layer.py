@@ -20,6 +20,7 @@ Forward: ``y = x Wᵀ + b + scale · (v ⊙ ((u ⊙ (x Aᵀ)) Bᵀ))`` with ``sc
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import Tensor, nn
@@ -133,6 +134,8 @@ class TiedLoRALinear(nn.Linear):
             raise TypeError(f"shared must be a TiedLoRAShared, got {type(shared).__name__}")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, numbers.Real)):
+            raise TypeError(f"alpha must be a number or None, got {alpha!r}")
         alpha = float(shared.rank if alpha is None else alpha)
         if not math.isfinite(alpha) or alpha <= 0:
             raise ValueError(f"alpha must be a positive finite number, got {alpha}")

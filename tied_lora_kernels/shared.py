@@ -51,8 +51,8 @@ class TiedLoRAShared(nn.Module):
         if init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {init!r}")
         dtype = dtype or torch.float32
-        if not dtype.is_floating_point:
-            raise TypeError(f"adapter dtype must be floating point, got {dtype}")
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"adapter dtype must be a floating-point torch.dtype, got {dtype!r}")
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
         self.init, self.seed, self.zero_A, self.zero_B = init, seed, zero_A, zero_B
         self.A = nn.Parameter(torch.empty(rank, in_features, device=device, dtype=dtype), requires_grad=train_A)
