@@ -241,7 +241,10 @@ def test_merge_unmerge_unload_model():
         merge_tied_lora(model)
     unmerge_tied_lora(model)
     torch.testing.assert_close(model.layers[0].q_proj.weight, base_weight, rtol=0, atol=1e-6)
-    merge_tied_lora(model, unload=True)
+    merge_tied_lora(model)
+    merged_weight = model.layers[0].q_proj.weight.detach().clone()
+    merge_tied_lora(model, unload=True)  # merged already: unloaded as it is, not merged twice
+    assert torch.equal(model.layers[0].q_proj.weight, merged_weight)
     assert not tied_lora_layers(model) and type(model.layers[0].q_proj) is nn.Linear
     assert_close_to_reference(model(x), y.double(), None, "unloaded")
 

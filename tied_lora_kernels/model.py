@@ -187,10 +187,12 @@ def _require_layers(model: nn.Module) -> dict[str, TiedLoRALinear]:
 
 def merge_tied_lora(model: nn.Module, *, unload: bool = False) -> nn.Module:
     """Fold every adapter into its base weight. ``unload=True`` then puts plain ``nn.Linear`` layers
-    (sharing the merged weights) back in place, for export; otherwise ``unmerge_tied_lora`` undoes it."""
+    (sharing the merged weights) back in place, for export (layers merged already are unloaded as they are);
+    otherwise ``unmerge_tied_lora`` undoes it, and merging a merged layer again raises."""
     layers = _require_layers(model)
     for layer in layers.values():
-        layer.merge()
+        if not (unload and layer.merged):
+            layer.merge()
     if unload:
         for name, layer in layers.items():
             plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
