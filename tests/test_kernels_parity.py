@@ -108,6 +108,23 @@ def test_configurations(config, dtype):
     check_parity(x, params)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("M", [5, 40], ids=["decode", "prefill"])
+@pytest.mark.parametrize("layout", ["strided", "expanded"])
+def test_strided_and_expanded_vectors(layout, M, dtype):
+    # u and v that are not contiguous reach the kernels as views: their gradients are taken with respect to them
+    x, params = make_inputs("tl6", M=M, K=40, N=70, R=8, dtype=dtype)
+    for name in ("u", "v"):
+        value = params[name].detach()
+        if layout == "strided":  # every other element of a longer tensor, garbage in between
+            store = torch.stack([value, torch.full_like(value, 1e6)], 1).reshape(-1).requires_grad_(True)
+            params[name] = store[::2]
+        else:  # one value broadcast (stride 0)
+            params[name] = value[:1].clone().requires_grad_(True).expand(value.numel())
+        assert not params[name].is_contiguous()
+    check_parity(x, params)
+
+
 # shape cases, each run in fp32 and bf16 for TL6 (every input trains except the base)
 SHAPES = {
     "M0": dict(M=0, K=40, N=70, R=8),

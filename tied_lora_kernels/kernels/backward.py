@@ -165,11 +165,15 @@ def rank_grad(
     ``coldot = colsum(scale · ovec ⊙ rowmat ⊙ acc)`` ``[R]`` when asked for: fp32, from one launch (plus a
     zeroing or, when ``deterministic``, the sum of the partials).
 
-    ``a [M, C]`` in the input dtype (any strides); ``p [M, R]``, ``rscale [R]``, ``ovec [C]`` float32
-    (``None``: ones); ``rowmat [C, R]`` any float dtype and strides (needed by ``rowdot`` and ``coldot``).
+    ``a [M, C]`` in the input dtype (any strides); ``p [M, R]`` float32, ``rscale [R]`` and ``ovec [C]``
+    float32 (``None``: ones; a strided one is copied first); ``rowmat [C, R]`` any float dtype and strides
+    (needed by ``rowdot`` and ``coldot``).
     """
     M, C = a.shape
     R = p.shape[1]
+    # the kernel reads the vectors with unit stride (free when they have one)
+    rscale = rscale.contiguous() if rscale is not None else None
+    ovec = ovec.contiguous() if ovec is not None else None
     if (rowdot or coldot) and rowmat is None:
         raise ValueError("rowdot and coldot need rowmat")
     results = {"out": (R, C) if transpose_out else (C, R)} if write_out else {}

@@ -76,7 +76,7 @@ _VARIANTS = {
     "dS": ("shrink", ("stride_ak", "stride_dr", "stride_tr"), ("K", "stride_am", "stride_dk"), {}),
     "G": (
         "rank",
-        ("stride_ac", "stride_pr", "stride_or", "stride_br", "stride_qr"),
+        ("stride_ac", "stride_pr", "stride_or", "stride_br"),
         ("C", "stride_am"),
         dict(HAS_RSCALE=True, WRITE_OUT=True, HAS_OVEC=True, ROWDOT=True, COLDOT=True, USE_ATOMIC=True),
     ),
@@ -92,7 +92,7 @@ _VARIANTS = {
 _FP32_POINTERS = {
     "fused": ("rscale_ptr", "cscale_ptr", "up_ptr", "t_ptr"),  # up: B (forward) or A (dx), fp32 masters
     "shrink": ("t_ptr",),
-    "rank": ("p_ptr", "rscale_ptr", "ovec_ptr", "rowmat_ptr", "q_ptr", "out_ptr", "rowdot_ptr", "coldot_ptr"),
+    "rank": ("p_ptr", "rscale_ptr", "ovec_ptr", "rowmat_ptr", "out_ptr", "rowdot_ptr", "coldot_ptr"),
     "sum": ("part_ptr",),
     "prepare": ("a_ptr", "b_ptr", "v_ptr"),  # the fp32 masters in, the input dtype out
 }

@@ -77,9 +77,10 @@ def prepare_adapters(
     A: Tensor, B: Tensor, v: Tensor | None, scale: float, dtype: torch.dtype, *, cast_a: bool
 ) -> tuple[Tensor, Tensor]:
     """``(A in dtype, s·v ⊙ B in dtype)`` from ``A [R, K]``, ``B [N, R]``, ``v [N]`` (any float dtypes and
-    strides). ``A`` comes back as it is unless ``cast_a`` and its dtype differs; ``s·v ⊙ B`` is ``[N, R]``
-    with a 16-aligned row stride. One launch."""
+    strides; a strided ``v`` is copied first). ``A`` comes back as it is unless ``cast_a`` and its dtype
+    differs; ``s·v ⊙ B`` is ``[N, R]`` with a 16-aligned row stride. One launch."""
     (R, K), N = A.shape, B.shape[0]
+    v = v.contiguous() if v is not None else None  # the kernel reads v with unit stride (free when it has one)
     b_out = torch.empty((N, -(-R // 16) * 16), device=B.device, dtype=dtype)[:, :R]
     cast = cast_a and A.dtype != dtype
     a_out = torch.empty((R, K), device=A.device, dtype=dtype) if cast else A
