@@ -76,7 +76,7 @@ def count_launches():
 
 
 def _launches(preset, M, *, x_grad=True, deterministic=False, strategy=None, split_k=None):
-    x, params = make_inputs(preset, M=M, K=300, N=96, R=12, dtype=torch.bfloat16)
+    x, params = make_inputs(preset, M=M, K=320, N=96, R=12, dtype=torch.bfloat16)
     x.requires_grad_(x_grad)
     args = [params[k] for k in ("weight", "bias", "A", "B", "u", "v")]
     with configs.forced(strategy=strategy, split_k=split_k):

@@ -397,8 +397,9 @@ def _operands(orientation, dtype, M, K, N, R):
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("orientation", ["forward", "backward"])
 def test_tma_loads_against_float64_and_pointer_loads(orientation, strategy, dtype, R, descriptor_calls):
-    # ragged against every tile; K and N keep the rows 16-byte aligned, as TMA needs
-    M, K, N = 45, 200, 152
+    # ragged against every tile; K and N multiples of 16 (TMA needs 16-byte rows; the launcher gives widths
+    # that are not multiples of 16 its unaligned tiles, compiled for pointer loads)
+    M, K, N = 45, 208, 144
     ops = _operands(orientation, dtype, M, K, N, R)
     a, w, down, up, rscale, bias = ops
     t_ref = a.double() @ down.double()
@@ -413,27 +414,59 @@ def test_tma_loads_against_float64_and_pointer_loads(orientation, strategy, dtyp
 
 
 def test_tma_falls_back_to_pointers(descriptor_calls):
-    # K = 70: rows of 140 bytes, not 16-byte aligned -> pointer loads, still correct
-    ops = _operands("forward", torch.bfloat16, 45, 70, 152, 8)
+    # K = 70 (not a multiple of 16): the unaligned tiles, pointer loads, still correct
+    ops = _operands("forward", torch.bfloat16, 45, 70, 144, 8)
     out, _ = fused_lora_mm(*ops, write_t=False, tma=True)
-    assert descriptor_calls == [False]
+    assert descriptor_calls == []
     a, w, down, up, rscale, bias = (t.double() for t in ops)
     expected = a @ w + ((a @ down) * rscale) @ up + bias
     assert_close_to_reference(out, expected, None, "out", torch.bfloat16)
-    # operands TMA could load (K = 200) but for a: strided (no unit-stride dim), column-major (a must be
-    # row-major), broadcast (row stride 0, as autograd hands dy for y.sum(0)) -> pointers, still correct
-    a, *rest = _operands("backward", torch.bfloat16, 45, 200, 152, 8)
-    for odd in (a.repeat(1, 2)[:, ::2], a.t().contiguous().t(), a[:1].expand(45, 200)):
+    # operands TMA could load (K = 208) but for a: strided (no unit-stride dim) and column-major take the
+    # unaligned tiles; broadcast (row stride 0, as autograd hands dy for y.sum(0)) is refused a descriptor
+    # -> pointers, still correct
+    a, *rest = _operands("backward", torch.bfloat16, 45, 208, 144, 8)
+    for odd in (a.repeat(1, 2)[:, ::2], a.t().contiguous().t(), a[:1].expand(45, 208)):
         out, _ = fused_lora_mm(odd, *rest, write_t=False, tma=True)
         w, down, up, rscale, bias = (t.double() for t in rest)
         x = odd.double()
         assert_close_to_reference(out, x @ w + ((x @ down) * rscale) @ up + bias, None, "out", torch.bfloat16)
     fused_lora_mm(a, *rest, write_t=False, tma=True)  # (and the same operands with a row-major a do use TMA)
-    assert descriptor_calls == [False, False, False, False, True]
+    assert descriptor_calls == [False, True]
     # fp32 inputs and split-K never try
-    fused_lora_mm(*(t.float() for t in _operands("forward", torch.float32, 45, 200, 152, 8)), write_t=False, tma=True)
-    fused_lora_mm(*_operands("forward", torch.bfloat16, 5, 400, 152, 8), write_t=False, split_k=3, tma=True)
-    assert len(descriptor_calls) == 5
+    fused_lora_mm(*(t.float() for t in _operands("forward", torch.float32, 45, 208, 144, 8)), write_t=False, tma=True)
+    fused_lora_mm(*_operands("forward", torch.bfloat16, 5, 400, 144, 8), write_t=False, split_k=3, tma=True)
+    assert len(descriptor_calls) == 2
+
+
+@pytest.mark.parametrize("M", [5, 40], ids=["decode", "prefill"])
+def test_unaligned_widths_get_their_own_tiles(M, monkeypatch):
+    # N, K or x's row stride not a multiple of 16: the tiles compiled without divisibility hints; aligned
+    # widths: the tables' tiles. fp32 has one table for both (its tiles do not spill unhinted)
+    tiles = []
+    real = forward._fused_lora_mm_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                tiles.append((kwargs["BLOCK_M"], kwargs["BLOCK_N"], kwargs["BLOCK_K"]))
+                return real[grid](*args, **kwargs)
+
+            return launch
+
+    monkeypatch.setattr(forward, "_fused_lora_mm_kernel", Spy())
+    cpu, bf16 = torch.device("cpu"), torch.bfloat16
+    strategy = configs.strategy_for(M, 16, bf16, cpu)
+    want = []
+    for K, N, aligned in ((64, 144, True), (72, 144, False), (64, 136, False)):
+        out, _ = fused_lora_mm(*_operands("forward", bf16, M, K, N, 8), write_t=False)
+        assert configs.is_aligned(torch.empty(M, K), N) == aligned and out.shape == (M, N)
+        cfg = configs.fused_config(M, 16, bf16, cpu, strategy, aligned)
+        assert cfg.aligned == aligned
+        want.append((cfg.block_m, cfg.block_n, cfg.block_k))
+    assert tiles == want and want[0] != want[1]
+    assert not configs.is_aligned(torch.empty(M, 128)[:, ::2], 144)  # strided x
+    assert not configs.is_aligned(torch.empty(64, M).t(), 144)  # column-major x
+    assert configs.fused_config(M, 16, torch.float32, cpu, "two_pass", False).aligned  # fp32: one table
 
 
 def test_tma_policy(monkeypatch):

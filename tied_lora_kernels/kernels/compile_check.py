@@ -113,7 +113,12 @@ class _ElementwiseConfig:
 
 def variants_of(kernel: str, cfg) -> list[str]:
     """The launch variants of one config: decode fused configs add ``fwd-oddR`` and, 16-bit, split-K variants;
-    the 16-bit prefill configs of the table a TMA GPU launches add ``fwd-tma`` and ``dx-tma``."""
+    the 16-bit prefill configs of the table a TMA GPU launches add ``fwd-tma`` and ``dx-tma``. The unaligned
+    fused configs compile ``fwd-unaligned`` and ``dx-unaligned`` (no divisibility hints at all; decode: and
+    their split-K forms) instead."""
+    if kernel == "fused" and not cfg.aligned:
+        names = ["fwd-unaligned", "dx-unaligned"]
+        return names + [f"{v}-splitk" for v in names] if cfg.split_k else names
     names = [v for v, spec in _VARIANTS.items() if spec[0] == kernel]
     if kernel == "fused" and _regime(cfg.name) == "decode":
         names.insert(1, "fwd-oddR")
@@ -208,8 +213,11 @@ def compile_one(job: dict) -> dict:
 
     variant, tma = job["variant"].removesuffix("-tma"), job["variant"].endswith("-tma")
     base, split = variant.removesuffix("-splitk"), variant.endswith("-splitk")
-    odd_rank = base.endswith("-oddR")
+    odd_rank, unaligned = base.endswith("-oddR"), base.endswith("-unaligned")
+    base = base.removesuffix("-unaligned")
     kernel, ones, divisible, switches = _VARIANTS[base.removesuffix("-oddR")]
+    if unaligned:  # N, K and the strides not multiples of 16: the JIT gives no divisibility hints
+        divisible = ()
     fn = {"fused": _fused_lora_mm_kernel, "shrink": _shrink_kernel, "rank": _rank_grad_kernel}.get(kernel)
     cfg, tl_dtype = job["config"], _TL_NAME[job["dtype"]]
     fp32_pointers = _FP32_POINTERS[kernel]
@@ -344,7 +352,7 @@ def _shared_limit(arch: str) -> int:
 def format_table(rows: list[dict]) -> str:
     import triton
 
-    head = f"{'kernel':9} {'config':33} {'BLOCK_R':>7} {'dtype':9} {'target':6} {'regs':>4} {'spills':>6} "
+    head = f"{'kernel':20} {'config':40} {'BLOCK_R':>7} {'dtype':9} {'target':6} {'regs':>4} {'spills':>6} "
     head += f"{'smem':>7} {'mma':>7} {'loads':>5}"
     lines = [f"triton {triton.__version__}", head]
     for r in rows:
@@ -359,7 +367,7 @@ def format_table(rows: list[dict]) -> str:
             tiles = str(c["block"])
         tiles = f"{r['name']} {tiles}"
         lines.append(
-            f"{r['variant']:9} {tiles:33} {r['block_r']:>7} {r['dtype']:9} {r['target']:6} {r['registers']:>4} "
+            f"{r['variant']:20} {tiles:40} {r['block_r']:>7} {r['dtype']:9} {r['target']:6} {r['registers']:>4} "
             f"{r['spill_bytes']:>6} {r['shared']:>7} {r['mma']:>7} {'tma' if r.get('tma') else 'ptr':>5}"
             + ("  (tf32)" if r["precision"] == "tf32" else "")
             + ("  ERROR (see FAIL below)" if r.get("error") else "")

@@ -35,6 +35,11 @@ decode (a stream over W: recomputing t costs nothing there, a second launch does
 (the launcher falls back to pointers for an operand TMA cannot describe); unmeasured like the strategy table,
 timed against pointer loads by the ``triton-ptr`` provider.
 
+**Unaligned widths** (``is_aligned``): the tables assume what the JIT specialises on for widths that are
+multiples of 16 (LLM projections): 16-divisible sizes and strides, hence vectorised loads. Otherwise a 16-bit
+launch takes the ``-unaligned`` tiles (``_FUSED_UNALIGNED``: narrower, shallower K steps, pointer loads), which
+compile without spills with no divisibility hints at all; the tables' tiles spilled up to ~5 KB there.
+
 **Forcing** (benchmarks, tests): ``TIED_LORA_STRATEGY=one_pass|two_pass|auto`` and ``TIED_LORA_TMA=0|1|auto``
 in the environment, or the ``forced(strategy=..., split_k=..., tma=...)`` context manager (it beats the
 environment). The autograd Function reads the forced choice when its forward runs and uses it again in its
@@ -56,6 +61,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+from torch import Tensor
 
 __all__ = [
     "MAX_RANK",
@@ -73,6 +79,7 @@ __all__ = [
     "strategy_for",
     "table_strategy",
     "fused_config",
+    "is_aligned",
     "split_k_for",
     "tma_for",
     "shrink_config",
@@ -114,7 +121,8 @@ class FusedConfig:
 
     ``strategy``: "one_pass" (t accumulated in the K loop, ``BLOCK_R`` = the padded rank) or "two_pass" (t
     loaded from the shrink kernel, added ``rank_chunk`` ranks at a time: one config serves every rank);
-    ``split_k``: the config may split K (the 16-bit decode configs, ``split_k_for``)."""
+    ``split_k``: the config may split K (the 16-bit decode configs, ``split_k_for``); ``aligned``: False for
+    the tiles of 16-bit launches whose widths are not multiples of 16 (``fused_config``)."""
 
     name: str
     block_m: int
@@ -126,6 +134,7 @@ class FusedConfig:
     strategy: str = "one_pass"
     rank_chunk: int = 0
     split_k: bool = False
+    aligned: bool = True
 
 
 @dataclass(frozen=True)
@@ -153,23 +162,26 @@ class RankGradConfig:
 # (arch, regime, is 32-bit, BLOCK_R, strategy) -> config. arch "sm90": Hopper and newer; "sm80": Ampere/Ada,
 # whose mma.sync accumulators need more registers and whose shared memory can be 99 KB (sm_86/sm_89).
 _FUSED: dict[tuple[str, str, bool, int, str], FusedConfig] = {}
+_FUSED_UNALIGNED: dict[tuple[str, str, bool, int, str], FusedConfig] = {}
 ARCHS = ("sm90", "sm80")
 REGIMES = ("decode", "prefill")
 SHARED_MEMORY_LIMIT = {"sm90": 232448, "sm80": 101376}
 """Bytes of shared memory one program may use: H100 (227 KB), and the smallest of sm_80/86/89 (99 KB)."""
 
 
-def _add_fused(arch, regime, wide, block_rs, bm, bn, bk, warps, stages, group_m=8, two_pass=False):
+def _add_fused(arch, regime, wide, block_rs, bm, bn, bk, warps, stages, group_m=8, two_pass=False, aligned=True):
     family = f"{arch}-{regime}-{'fp32' if wide else '16bit'}"
     split_k = regime == "decode" and not wide
+    table, suffix = (_FUSED, "") if aligned else (_FUSED_UNALIGNED, "-unaligned")
+    tiles = (bm, bn, bk, group_m, warps, stages)
     if two_pass:  # one config for every rank: the rank-R term walks the rank in chunks of 16 (32 spills on sm_90)
-        cfg = FusedConfig(f"{family}-2pass", bm, bn, bk, group_m, warps, stages, "two_pass", 16, split_k)
+        cfg = FusedConfig(f"{family}-2pass{suffix}", *tiles, "two_pass", 16, split_k, aligned)
         for br in block_rs:
-            _FUSED[(arch, regime, wide, br, "two_pass")] = cfg
+            table[(arch, regime, wide, br, "two_pass")] = cfg
         return
     for br in block_rs:
-        cfg = FusedConfig(f"{family}-r{br}", bm, bn, bk, group_m, warps, stages, "one_pass", 0, split_k)
-        _FUSED[(arch, regime, wide, br, "one_pass")] = cfg
+        cfg = FusedConfig(f"{family}-r{br}{suffix}", *tiles, "one_pass", 0, split_k, aligned)
+        table[(arch, regime, wide, br, "one_pass")] = cfg
 
 
 for _arch in ARCHS:
@@ -195,6 +207,16 @@ _add_fused("sm80", "prefill", False, (128,), 128, 64, 32, 8, 3)
 # two-pass prefill: no t in the K loop, so the widest tiles at every rank
 _add_fused("sm90", "prefill", False, BLOCK_RS, 128, 256, 64, 8, 3, two_pass=True)
 _add_fused("sm80", "prefill", False, BLOCK_RS, 128, 128, 32, 8, 3, two_pass=True)
+
+# 16-bit launches whose widths (N, K or a's row stride) are not multiples of 16: the JIT then drops its
+# divisibility hints, loads lose their vector width and the tiles above spill up to ~5 KB (triton 3.6, sm_90);
+# these compile without spills unhinted on triton 3.6 and 3.9 (compile_check's "-unaligned" variants)
+for _arch in ARCHS:
+    for _two_pass in (False, True):
+        _add_fused(_arch, "decode", False, BLOCK_RS, 16, 64, 32, 4, 2, two_pass=_two_pass, aligned=False)
+    _add_fused(_arch, "prefill", False, (16, 32), 128, 64, 32, 8, 3, aligned=False)
+    _add_fused(_arch, "prefill", False, (64, 128), 64, 64, 32, 8, 3, aligned=False)
+    _add_fused(_arch, "prefill", False, BLOCK_RS, 128, 64, 32, 8, 3, two_pass=True, aligned=False)
 
 # (arch, regime, is 32-bit, BLOCK_R) -> strategy: the default, UNMEASURED (see the module docstring)
 _STRATEGY: dict[tuple[str, str, bool, int], str] = {}
@@ -343,10 +365,21 @@ def table_strategy(arch: str, M: int, block_r: int, wide: bool) -> str:
 
 
 def fused_config(
-    M: int, block_r: int, dtype: torch.dtype, device: torch.device, strategy: str = "one_pass"
+    M: int, block_r: int, dtype: torch.dtype, device: torch.device, strategy: str = "one_pass", aligned: bool = True
 ) -> FusedConfig:
-    """The fused-GEMM tiles for ``M`` output rows, rank tile ``block_r``, input dtype, device and strategy."""
-    return _FUSED[(arch_of(device), regime_of(M), _is_wide(dtype), block_r, strategy)]
+    """The fused-GEMM tiles for ``M`` output rows, rank tile ``block_r``, input dtype, device and strategy;
+    ``aligned=False`` (16-bit only, see ``is_aligned``) gives the smaller tiles that compile without spills
+    when the JIT cannot assume 16-divisible widths."""
+    key = (arch_of(device), regime_of(M), _is_wide(dtype), block_r, strategy)
+    return _FUSED[key] if aligned or key not in _FUSED_UNALIGNED else _FUSED_UNALIGNED[key]
+
+
+def is_aligned(a: Tensor, N: int) -> bool:
+    """Whether a fused-GEMM launch on ``a [M, K]`` with ``N`` output columns gets the 16-divisibility the
+    compiled tables assume: ``N``, ``K`` and ``a``'s row stride multiples of 16, ``a`` unit-stride along K
+    (``w``, ``down`` and ``up`` are the layer's contiguous weights or the launcher's padded copies)."""
+    K = a.shape[1]
+    return N % 16 == 0 and K % 16 == 0 and a.stride(0) % 16 == 0 and a.stride(1) == 1
 
 
 def split_k_for(M: int, N: int, K: int, cfg: FusedConfig, device: torch.device, forced: int | None = None) -> int:
@@ -390,7 +423,7 @@ def all_fused_configs() -> list[tuple[str, FusedConfig, int, bool]]:
     """Every ``(arch, config, BLOCK_R, is_fp32)`` that ``fused_config`` can return (both strategies; a two-pass
     config once, with its rank chunk as ``BLOCK_R``)."""
     out = {}
-    for (arch, _, wide, br, _), cfg in _FUSED.items():
+    for (arch, _, wide, br, _), cfg in [*_FUSED.items(), *_FUSED_UNALIGNED.items()]:
         out.setdefault(cfg.name, (arch, cfg, cfg.rank_chunk or br, wide))
     return list(out.values())
 

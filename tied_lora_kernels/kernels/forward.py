@@ -331,9 +331,9 @@ def fused_lora_mm(
     M, K = a.shape
     N, R = w.shape[1], down.shape[1]
     block_r = configs.block_r_for(R)
-    if config is None:
+    if config is None:  # widths that are not multiples of 16 get tiles that do not spill without the JIT's hints
         strategy = configs.strategy_for(M, block_r, a.dtype, a.device, strategy)
-        config = configs.fused_config(M, block_r, a.dtype, a.device, strategy)
+        config = configs.fused_config(M, block_r, a.dtype, a.device, strategy, configs.is_aligned(a, N))
     cfg = config
     two_pass = cfg.strategy == "two_pass"
     if two_pass:  # the rank-R term runs over the rank in chunks of a fixed size
@@ -360,7 +360,7 @@ def fused_lora_mm(
 
     # TMA: a, w and (one-pass) down through descriptors of the stored matrices, when all of them allow it
     loads = None
-    if configs.tma_for(M, a.dtype, a.device, split, tma):
+    if cfg.aligned and configs.tma_for(M, a.dtype, a.device, split, tma):  # (unaligned tiles: compiled for pointers)
         loads = _descriptors(a, w, down, cfg, block_r, load_down=not two_pass)
     a_arg, w_arg, d_arg, w_kn, down_kr = loads or (a, w, down, False, False)
 
