@@ -6,11 +6,11 @@ unset (under the interpreter ``triton.jit`` cannot compile), ahead of time, no G
 Blackwell sm_100; the sm80 table: Ampere sm_80 and consumer Blackwell sm_120), each launch variant (forward
 and dx of both strategies, the decode forward for ranks that are and are not multiples of 16, their split-K
 forms, the split-K sum, the two-pass shrink of x and of dy, the two rank-gradient reductions, the adapters'
-preparation), bf16 for the
-16-bit configs and fp32 for the 32-bit ones; the 16-bit prefill configs of the sm90 table also with their
-tiles loaded through TMA descriptors (``-tma``) for Hopper, as the launcher passes them there; the tiles for
-widths that are not multiples of 16 with no divisibility hints at all (``-unaligned``). The table
-(registers, spills, shared memory, tensor-core instruction, loads) is printed; run pytest with ``-s`` to see it.
+preparation), bf16 for the 16-bit configs and fp32 for the 32-bit ones; the 16-bit prefill configs of the
+sm90 table also with their tiles loaded through TMA descriptors (``-tma``) for Hopper, as the launcher passes
+them there; the tiles for widths that are not multiples of 16 with no divisibility hints at all
+(``-unaligned``). The table (registers, spills, shared memory, tensor-core instruction, loads) is printed; run
+pytest with ``-s`` to see it.
 """
 
 from __future__ import annotations
