@@ -9,6 +9,7 @@ import pytest
 import torch
 import transformers
 from torch import nn
+from torch.nn.utils import prune
 
 from tests.helpers import assert_close_to_reference
 from tied_lora_kernels import (
@@ -695,8 +696,11 @@ def test_hooks_on_a_target_carry_over():
     assert [s[0] for s in seen] == ["pre", "post", "backward"] and seen[0][1] == "TiedLoRALinear"
     assert torch.equal(seen[1][1], adapted(x).detach())  # the hook saw the adapted layer's output
     pre.remove(), post.remove()
+    q.register_forward_hook(lambda *args: seen.append(("discarded",)))  # moved, not shared: q has none now
     seen.clear()
+    model.eval()
     merge_tied_lora(model, unload=True)
+    assert not model.layers[0].q_proj.training  # the unloaded layer keeps the mode
     model(x).sum().backward()
     assert [s[0] for s in seen] == ["backward"]
 
@@ -705,3 +709,8 @@ def test_hooks_on_a_target_carry_over():
     with pytest.raises(ValueError, match="accelerate hook"):
         apply_tied_lora(offloaded, TiedLoRAConfig(rank=4))
     assert not tied_lora_layers(offloaded)
+    pruned = Toy()
+    prune.l1_unstructured(pruned.layers[0].v_proj, "weight", amount=0.5)
+    with pytest.raises(ValueError, match="computes its weight in a forward pre-hook"):
+        apply_tied_lora(pruned, TiedLoRAConfig(rank=4))
+    assert not tied_lora_layers(pruned)

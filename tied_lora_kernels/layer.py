@@ -45,11 +45,13 @@ _MODULE_HOOKS = (
 
 
 def carry_hooks(src: nn.Module, dst: nn.Module) -> None:
-    """Give ``dst`` the forward and backward hooks registered on ``src`` (the same dicts, so the handles that
-    registered them still remove them), as a module that replaces ``src`` in a model should."""
+    """Move the forward and backward hooks registered on ``src`` to ``dst`` (the same dicts, so the handles that
+    registered them still remove them; ``src`` gets empty ones), as a module that replaces ``src`` should."""
     for name in _MODULE_HOOKS:
         if name in vars(src):
-            setattr(dst, name, getattr(src, name))
+            hooks = getattr(src, name)
+            setattr(dst, name, hooks)
+            setattr(src, name, type(hooks)())
 
 
 class UScale(nn.Module):

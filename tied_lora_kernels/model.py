@@ -136,6 +136,11 @@ def _find_targets(model: nn.Module, config: TiedLoRAConfig) -> dict[str, nn.Line
             continue
         if type(module) is not nn.Linear:
             raise TypeError(f"target {name!r} is a {type(module).__name__}; only nn.Linear layers can be adapted")
+        if "weight" not in module._parameters:  # pruning, old-style weight/spectral norm: rebuilt by a hook
+            raise ValueError(
+                f"target {name!r} computes its weight in a forward pre-hook (pruning or weight/spectral norm): "
+                "remove that first (e.g. torch.nn.utils.prune.remove) so the weight is a plain parameter"
+            )
         if hasattr(module, "_hf_hook"):  # accelerate's per-layer hooks: offloaded weights, loaded at call time
             raise ValueError(
                 f"target {name!r} carries an accelerate hook (a device_map with offloading): its weight is loaded "
@@ -197,6 +202,7 @@ def merge_tied_lora(model: nn.Module, *, unload: bool = False) -> nn.Module:
         for name, layer in layers.items():
             plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
             plain.weight, plain.bias = layer.weight, layer.bias
+            plain.training = layer.training
             carry_hooks(layer, plain)
             _set_submodule(model, name, plain)
         model.__dict__.pop("tied_lora_config", None)

@@ -376,10 +376,12 @@ def fused_config(
 
 def is_aligned(a: Tensor, N: int) -> bool:
     """Whether a fused-GEMM launch on ``a [M, K]`` with ``N`` output columns gets the 16-divisibility the
-    compiled tables assume: ``N``, ``K`` and ``a``'s row stride multiples of 16, ``a`` unit-stride along K
-    (``w``, ``down`` and ``up`` are the layer's contiguous weights or the launcher's padded copies)."""
+    compiled tables assume: ``N``, ``K`` and ``a``'s row stride multiples of 16, ``a`` unit-stride along K and
+    16-byte aligned (``w``, ``down`` and ``up`` are the layer's contiguous weights or the launcher's padded
+    copies)."""
     K = a.shape[1]
-    return N % 16 == 0 and K % 16 == 0 and a.stride(0) % 16 == 0 and a.stride(1) == 1
+    widths = N % 16 == 0 and K % 16 == 0 and a.stride(0) % 16 == 0 and a.stride(1) == 1
+    return widths and a.data_ptr() % 16 == 0  # (a view at an odd offset loses the pointer's hint)
 
 
 def split_k_for(M: int, N: int, K: int, cfg: FusedConfig, device: torch.device, forced: int | None = None) -> int:
