@@ -66,7 +66,8 @@ def test_every_shipped_config_is_compiled_for_every_target(rows):
             tma = [t for t in TARGETS[arch] if int(t.removeprefix("sm_")) // 10 in configs.TMA_MAJORS]
             expected |= {(cfg.name, v, t) for v in ("fwd-tma", "dx-tma") for t in tma}
     for arch, cfg, _, _ in configs.all_shrink_configs():
-        expected |= {(cfg.name, v, t) for v in ("T", "dS") for t in TARGETS[arch]}
+        variants = ("T", "dS") if cfg.aligned else ("T-unaligned", "dS-unaligned")
+        expected |= {(cfg.name, v, t) for v in variants for t in TARGETS[arch]}
     for arch, cfg, _, _ in configs.all_rank_grad_configs():
         expected |= {(cfg.name, v, t) for v in ("G", "dA") for t in TARGETS[arch]}
     for arch in {arch for arch, cfg, _, _ in configs.all_fused_configs() if cfg.split_k}:

@@ -115,10 +115,10 @@ def variants_of(kernel: str, cfg) -> list[str]:
     """The launch variants of one config: decode fused configs add ``fwd-oddR`` and, 16-bit, split-K variants;
     the 16-bit prefill configs of the table a TMA GPU launches add ``fwd-tma`` and ``dx-tma``. The unaligned
     fused configs compile ``fwd-unaligned`` and ``dx-unaligned`` (no divisibility hints at all; decode: and
-    their split-K forms) instead."""
-    if kernel == "fused" and not cfg.aligned:
-        names = ["fwd-unaligned", "dx-unaligned"]
-        return names + [f"{v}-splitk" for v in names] if cfg.split_k else names
+    their split-K forms) instead, the unaligned shrink configs ``T-unaligned`` and ``dS-unaligned``."""
+    if kernel in ("fused", "shrink") and not cfg.aligned:
+        names = ["fwd-unaligned", "dx-unaligned"] if kernel == "fused" else ["T-unaligned", "dS-unaligned"]
+        return names + [f"{v}-splitk" for v in names] if getattr(cfg, "split_k", False) else names
     names = [v for v, spec in _VARIANTS.items() if spec[0] == kernel]
     if kernel == "fused" and _regime(cfg.name) == "decode":
         names.insert(1, "fwd-oddR")

@@ -37,8 +37,9 @@ timed against pointer loads by the ``triton-ptr`` provider.
 
 **Unaligned widths** (``is_aligned``): the tables assume what the JIT specialises on for widths that are
 multiples of 16 (LLM projections): 16-divisible sizes and strides, hence vectorised loads. Otherwise a 16-bit
-launch takes the ``-unaligned`` tiles (``_FUSED_UNALIGNED``: narrower, shallower K steps, pointer loads), which
-compile without spills with no divisibility hints at all; the tables' tiles spilled up to ~5 KB there.
+launch takes the ``-unaligned`` tiles (``_FUSED_UNALIGNED``: narrower, shallower K steps, pointer loads; and
+``_SHRINK_UNALIGNED``), which compile without spills with no divisibility hints at all; the tables' tiles
+spilled up to ~5 KB there.
 
 **Forcing** (benchmarks, tests): ``TIED_LORA_STRATEGY=one_pass|two_pass|auto`` and ``TIED_LORA_TMA=0|1|auto``
 in the environment, or the ``forced(strategy=..., split_k=..., tma=...)`` context manager (it beats the
@@ -146,6 +147,7 @@ class ShrinkConfig:
     block_k: int
     num_warps: int
     num_stages: int
+    aligned: bool = True
 
 
 @dataclass(frozen=True)
@@ -238,6 +240,16 @@ for _arch in ARCHS:
             f"{_arch}-shrink-16bit-r{_br}", 64, 128 if _br <= 32 else (32 if _big else 64), 4, 3
         )
         _SHRINK[(_arch, True, _br)] = ShrinkConfig(f"{_arch}-shrink-fp32-r{_br}", 32, 32, 4, 1 if _big else 2)
+
+# 16-bit shrinks of an ``a`` whose K or row stride is not a multiple of 16 (``is_aligned``): the tiles above
+# spilled up to ~2 KB unhinted (triton 3.6); these compile without spills with no divisibility hints at all
+_SHRINK_UNALIGNED: dict[tuple[str, bool, int], ShrinkConfig] = {
+    (_arch, False, _br): ShrinkConfig(
+        f"{_arch}-shrink-16bit-r{_br}-unaligned", 64, 32, 8 if _br == 128 else 4, 2, aligned=False
+    )
+    for _arch in ARCHS
+    for _br in BLOCK_RS
+}
 
 # (arch, is 32-bit, BLOCK_R) -> config
 _RANK_GRAD: dict[tuple[str, bool, int], RankGradConfig] = {}
@@ -374,8 +386,8 @@ def fused_config(
     return _FUSED[key] if aligned or key not in _FUSED_UNALIGNED else _FUSED_UNALIGNED[key]
 
 
-def is_aligned(a: Tensor, N: int) -> bool:
-    """Whether a fused-GEMM launch on ``a [M, K]`` with ``N`` output columns gets the 16-divisibility the
+def is_aligned(a: Tensor, N: int = 0) -> bool:
+    """Whether a fused-GEMM (or shrink) launch on ``a [M, K]`` with ``N`` output columns gets the divisibility the
     compiled tables assume: ``N``, ``K`` and ``a``'s row stride multiples of 16, ``a`` unit-stride along K and
     16-byte aligned (``w``, ``down`` and ``up`` are the layer's contiguous weights or the launcher's padded
     copies)."""
@@ -411,9 +423,10 @@ def tma_for(M: int, dtype: torch.dtype, device: torch.device, split: int, forced
     return possible and regime_of(M) == "prefill"
 
 
-def shrink_config(block_r: int, dtype: torch.dtype, device: torch.device) -> ShrinkConfig:
-    """The shrink tiles for rank tile ``block_r``, input dtype and device."""
-    return _SHRINK[(arch_of(device), _is_wide(dtype), block_r)]
+def shrink_config(block_r: int, dtype: torch.dtype, device: torch.device, aligned: bool = True) -> ShrinkConfig:
+    """The shrink tiles for rank tile ``block_r``, input dtype and device (``aligned=False``: see ``is_aligned``)."""
+    key = (arch_of(device), _is_wide(dtype), block_r)
+    return _SHRINK[key] if aligned or key not in _SHRINK_UNALIGNED else _SHRINK_UNALIGNED[key]
 
 
 def rank_grad_config(block_r: int, dtype: torch.dtype, device: torch.device) -> RankGradConfig:
@@ -432,7 +445,7 @@ def all_fused_configs() -> list[tuple[str, FusedConfig, int, bool]]:
 
 def all_shrink_configs() -> list[tuple[str, ShrinkConfig, int, bool]]:
     """Every ``(arch, config, BLOCK_R, is_fp32)`` that ``shrink_config`` can return."""
-    return [(arch, cfg, br, wide) for (arch, wide, br), cfg in _SHRINK.items()]
+    return [(arch, cfg, br, wide) for (arch, wide, br), cfg in [*_SHRINK.items(), *_SHRINK_UNALIGNED.items()]]
 
 
 def all_rank_grad_configs() -> list[tuple[str, RankGradConfig, int, bool]]:

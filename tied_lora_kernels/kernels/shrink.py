@@ -82,7 +82,7 @@ def shrink(a: Tensor, down: Tensor, *, config: configs.ShrinkConfig | None = Non
     if M == 0:
         return t
     block_r = configs.block_r_for(R)
-    cfg = config or configs.shrink_config(block_r, a.dtype, a.device)
+    cfg = config or configs.shrink_config(block_r, a.dtype, a.device, configs.is_aligned(a))
     _shrink_kernel[(triton.cdiv(M, cfg.block_m),)](
         a,
         down,
