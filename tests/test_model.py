@@ -16,6 +16,7 @@ from tied_lora_kernels import (
     QKV,
     TiedLoRAConfig,
     TiedLoRALinear,
+    TiedLoRAShared,
     apply_tied_lora,
     count_parameters,
     disable_tied_lora,
@@ -714,3 +715,5 @@ def test_hooks_on_a_target_carry_over():
     with pytest.raises(ValueError, match="computes its weight in a forward pre-hook"):
         apply_tied_lora(pruned, TiedLoRAConfig(rank=4))
     assert not tied_lora_layers(pruned)
+    with pytest.raises(ValueError, match="computes its weight in a forward pre-hook"):
+        TiedLoRALinear.from_linear(pruned.layers[0].v_proj, TiedLoRAShared(24, 16, 4))

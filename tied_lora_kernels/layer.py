@@ -109,6 +109,11 @@ class TiedLoRALinear(nn.Linear):
             raise TypeError(f"from_linear needs an nn.Linear, got {type(linear).__name__}")
         if isinstance(linear, TiedLoRALinear):
             raise TypeError("this layer already has a Tied-LoRA adapter")
+        if "weight" not in linear._parameters:  # pruning, old-style weight/spectral norm: rebuilt by a hook
+            raise ValueError(
+                "this linear computes its weight in a forward pre-hook (pruning or weight/spectral norm): remove "
+                "that first (e.g. torch.nn.utils.prune.remove) so the weight is a plain parameter"
+            )
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         layer.in_features, layer.out_features = linear.in_features, linear.out_features
