@@ -29,7 +29,7 @@ from tied_lora_kernels import reference
 from tied_lora_kernels.functional import BACKENDS, tied_lora_linear
 from tied_lora_kernels.shared import TiedLoRAShared
 
-__all__ = ["TiedLoRALinear", "UScale", "carry_hooks"]
+__all__ = ["TiedLoRALinear", "UScale", "carry_hooks", "check_plain_weight"]
 
 
 _MODULE_HOOKS = (
@@ -42,6 +42,16 @@ _MODULE_HOOKS = (
     "_backward_hooks",
     "_is_full_backward_hook",
 )
+
+
+def check_plain_weight(linear: nn.Linear, what: str) -> None:
+    """Refuse a linear whose ``weight`` a forward pre-hook rebuilds (pruning, old-style weight or spectral norm):
+    the adapted layer would carry the hook but not the parameters it rebuilds the weight from."""
+    if "weight" not in linear._parameters:
+        raise ValueError(
+            f"{what} computes its weight in a forward pre-hook (pruning or weight/spectral norm): remove that "
+            "first (e.g. torch.nn.utils.prune.remove) so the weight is a plain parameter"
+        )
 
 
 def carry_hooks(src: nn.Module, dst: nn.Module) -> None:
@@ -109,11 +119,7 @@ class TiedLoRALinear(nn.Linear):
             raise TypeError(f"from_linear needs an nn.Linear, got {type(linear).__name__}")
         if isinstance(linear, TiedLoRALinear):
             raise TypeError("this layer already has a Tied-LoRA adapter")
-        if "weight" not in linear._parameters:  # pruning, old-style weight/spectral norm: rebuilt by a hook
-            raise ValueError(
-                "this linear computes its weight in a forward pre-hook (pruning or weight/spectral norm): remove "
-                "that first (e.g. torch.nn.utils.prune.remove) so the weight is a plain parameter"
-            )
+        check_plain_weight(linear, "this linear")
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         layer.in_features, layer.out_features = linear.in_features, linear.out_features

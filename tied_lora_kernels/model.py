@@ -18,7 +18,7 @@ from torch import nn
 
 from tied_lora_kernels.config import TiedLoRAConfig
 from tied_lora_kernels.functional import check_rank
-from tied_lora_kernels.layer import TiedLoRALinear, carry_hooks
+from tied_lora_kernels.layer import TiedLoRALinear, carry_hooks, check_plain_weight
 from tied_lora_kernels.shared import TiedLoRAShared
 
 __all__ = [
@@ -136,11 +136,7 @@ def _find_targets(model: nn.Module, config: TiedLoRAConfig) -> dict[str, nn.Line
             continue
         if type(module) is not nn.Linear:
             raise TypeError(f"target {name!r} is a {type(module).__name__}; only nn.Linear layers can be adapted")
-        if "weight" not in module._parameters:  # pruning, old-style weight/spectral norm: rebuilt by a hook
-            raise ValueError(
-                f"target {name!r} computes its weight in a forward pre-hook (pruning or weight/spectral norm): "
-                "remove that first (e.g. torch.nn.utils.prune.remove) so the weight is a plain parameter"
-            )
+        check_plain_weight(module, f"target {name!r}")
         if hasattr(module, "_hf_hook"):  # accelerate's per-layer hooks: offloaded weights, loaded at call time
             raise ValueError(
                 f"target {name!r} carries an accelerate hook (a device_map with offloading): its weight is loaded "
@@ -342,7 +338,7 @@ def load_tied_lora(model: nn.Module, directory: str | os.PathLike, *, backend: s
             raise ValueError(f"the adapter in {directory} does not fit this model: {_describe_diff(ours, theirs)}")
         config = getattr(model, "tied_lora_config", None)
         if config is not None and meta["config"] is not None:  # what each config trains, whatever is frozen now
-            mine, saved = _trained(config.to_dict()), _trained(meta["config"])
+            mine, saved = _trained(config), _trained(_saved_config(meta, layout))
             if mine != saved:
                 raise ValueError(
                     f"the adapter in {directory} does not fit this model: it was configured to train {saved}, "
@@ -352,11 +348,7 @@ def load_tied_lora(model: nn.Module, directory: str | os.PathLike, *, backend: s
         if meta["config"] is None:
             raise ValueError("the adapter was saved without a config: adapt the model first, then load")
         _check_base_shapes(model, layout)
-        fields = dict(meta["config"])
-        fields["target_modules"] = fields["target_modules"] or list(layout)  # None: a callable, not saved
-        if backend is not None:
-            fields["backend"] = backend
-        config = TiedLoRAConfig(**fields)
+        config = _saved_config(meta, layout, backend)
         found = sorted(_find_targets(model, config))
         if found != sorted(layout):
             extra, missing = sorted(set(found) - set(layout)), sorted(set(layout) - set(found))
@@ -385,11 +377,18 @@ def load_tied_lora(model: nn.Module, directory: str | os.PathLike, *, backend: s
     return model
 
 
-def _trained(config: dict) -> list[str]:
-    """The factors a saved config trains (its preset's, unless a flag overrides it)."""
-    fields = dict(config, target_modules=config["target_modules"] or ["-"])  # a callable is not saved
-    resolved = TiedLoRAConfig(**fields).resolved
-    return [k for k in "ABuv" if resolved[f"train_{k}"]]
+def _saved_config(meta: dict, layout: dict[str, dict], backend: str | None = None) -> TiedLoRAConfig:
+    """The config an adapter file was saved with (``backend`` overriding its own)."""
+    fields = dict(meta["config"])
+    fields["target_modules"] = fields["target_modules"] or list(layout)  # None: a callable, not saved
+    if backend is not None:
+        fields["backend"] = backend
+    return TiedLoRAConfig(**fields)
+
+
+def _trained(config: TiedLoRAConfig) -> list[str]:
+    """The factors a config trains (its preset's, unless a flag overrides it)."""
+    return [k for k in "ABuv" if config.resolved[f"train_{k}"]]
 
 
 def _fit(layout: dict[str, dict]) -> dict[str, dict]:

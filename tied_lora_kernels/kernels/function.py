@@ -107,7 +107,7 @@ def backward_impl(dy, x, T, weight, A, B, u, v, scale, needs, *, deterministic, 
                 dS = shrink(dy, svB)  # dS = s·dy(v ⊙ B) in fp32, dx not needed
         if needs_a:
             # dA = (dS ⊙ u)ᵀ x   [R, K], fp32
-            dA = rank_grad(x, dS, u32, deterministic=det, transpose_out=True).out.to(A.dtype)
+            dA = _as(rank_grad(x, dS, u32, deterministic=det, transpose_out=True).out, A)
         if needs_b or needs_u or needs_v:
             # one pass over dy: G = dyᵀ (T ⊙ u) [N, R] in fp32, never stored; its epilogue writes dB = s·v ⊙ G,
             # dv = s·rowsum(B ⊙ G) and du = colsum(dS ⊙ T) = colsum((s·v ⊙ B) ⊙ dyᵀT) (backward.py)
