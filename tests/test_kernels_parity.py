@@ -16,6 +16,10 @@ reference bit for bit, in the interpreter and on the GPU alike (design.md §7's 
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -294,6 +298,67 @@ def test_int64_offsets():
         expected = tied_lora_forward(tail, w, None, A, B, u, v, upcast=True)
         baseline = tied_lora_forward(tail, w, None, A, B, u, v)
     assert_close_to_reference(y[-300:], expected, baseline, "y (last rows)", torch.bfloat16)
+
+
+# Offsets past 2³¹ elements without 4 GB of data: x, dy and W are views with a huge row stride into one
+# mostly untouched allocation (Linux commits only the pages written), so a row offset wraps in int32 beyond
+# row 2³¹ / stride. Triton's interpreter computes int32 like the GPU (it wraps), so a missing int64 cast reads
+# far outside the tensor: it may crash the process, hence a subprocess.
+_INT64_ROWS = 136  # rows of x, dy (prefill) and of W
+_INT64_STRIDE = 2**24 + 2**20  # rows 121 and up start past 2³¹; BLOCK_K × stride stays below 2³¹ (realistic)
+_INT64_DECODE_STRIDE = 150_000_000  # decode (M = 16): row 15 starts past 2³¹
+_INT64_FORCED = {"two_pass": dict(strategy="two_pass"), "pointers": dict(tma=False), "split": dict(split_k=3)}
+
+
+def int64_case(case: str) -> None:
+    """Forward and every gradient of one layer whose operands reach offsets past 2³¹ (run in a subprocess)."""
+    dtype, R = torch.bfloat16, 8
+    decode = case.startswith("decode")
+    M, N, K = (16, 40, 256) if decode else (_INT64_ROWS, _INT64_ROWS, 32)  # decode: K long enough to split
+    stride = _INT64_DECODE_STRIDE if decode else _INT64_STRIDE
+    if "unaligned" in case:
+        stride += 8  # not a multiple of 16: the unaligned tiles and pointer loads
+    rows = max(M, N)
+    # each row of the allocation holds a row of x, then of dy, then of W (decode: W is contiguous)
+    store = torch.empty((rows - 1) * stride + 2 * K + N, dtype=dtype)
+    g = torch.Generator().manual_seed(5)
+    x = store.as_strided((M, K), (stride, 1), 0)
+    dy = store.as_strided((M, N), (stride, 1), K)
+    x.copy_(torch.randn(M, K, generator=g))
+    dy.copy_(torch.randn(M, N, generator=g))
+    if decode:
+        w = torch.randn(N, K, generator=g).to(dtype) * K**-0.5
+    else:
+        w = store.as_strided((N, K), (stride, 1), K + N)
+        w.copy_(torch.randn(N, K, generator=g) * K**-0.5)
+    assert x.storage_offset() + (M - 1) * x.stride(0) >= 2**31
+    params = {
+        "A": torch.randn(R, K, generator=g) * K**-0.5,
+        "B": torch.randn(N, R, generator=g) * R**-0.5,
+        "u": 1.0 + 0.5 * torch.randn(R, generator=g),
+        "v": torch.randn(N, generator=g),
+    }
+    inputs = {"x": x.requires_grad_(True), **{k: t.requires_grad_(True) for k, t in params.items()}}
+    with configs.forced(**_INT64_FORCED.get(case.split("-")[-1], {})):
+        y = tied_lora_linear(x, w, None, *params.values(), 0.5, backend="triton", deterministic="det" in case)
+    expected = tied_lora_forward(x, w, None, *params.values(), 0.5, upcast=True)
+    baseline = tied_lora_forward(x, w, None, *params.values(), 0.5)
+    assert_close_to_reference(y, expected, baseline, f"y {case}", dtype)
+    got, ref, base = grads_of(y, dy, inputs), grads_of(expected, dy.double(), inputs), grads_of(baseline, dy, inputs)
+    for name in inputs:
+        assert_close_to_reference(got[name], ref[name], base[name], f"d{name} {case}", dtype)
+
+
+@pytest.mark.skipif(DEVICE.type == "cuda", reason="interpreter check; test_int64_offsets covers the GPU")
+@pytest.mark.parametrize(
+    "case", ["prefill", "prefill-two_pass", "prefill-pointers", "prefill-unaligned", "prefill-det", "decode",
+             "decode-split"],
+)  # fmt: skip
+def test_int64_offsets_in_the_interpreter(case):
+    code = f"from tests.test_kernels_parity import int64_case; int64_case({case!r})"
+    root = Path(__file__).resolve().parents[1]
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=root)
+    assert run.returncode == 0, f"{case}: exit code {run.returncode}\n{run.stdout}\n{run.stderr[-3000:]}"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
