@@ -25,7 +25,7 @@ from numbers import Real
 import torch
 from torch import nn
 
-from tied_lora_kernels.functional import BACKENDS
+from tied_lora_kernels.functional import BACKENDS, check_dropout
 from tied_lora_kernels.shared import INITS
 
 __all__ = ["TiedLoRAConfig", "PRESETS", "QKV"]
@@ -51,7 +51,9 @@ class TiedLoRAConfig:
     ``u`` and stack their ``B`` and ``v`` (q, k and v of a layer: the paper's fused-QKV setup). ``tie``:
     one ``A``/``B`` across all layers of a group or target (per shape) instead of one per layer.
     ``train_*``, ``tie``, ``init`` and ``u_init`` default to the preset's; ``dtype`` is the adapters' dtype
-    (float32 master weights by default, whatever the model's dtype).
+    (float32 master weights by default, whatever the model's dtype). ``dropout``: dropout on each adapter's input
+    in training mode (PEFT's ``lora_dropout``); the fused kernels take none, so training with ``dropout > 0``
+    runs the torch path.
     """
 
     rank: int = 8
@@ -69,6 +71,7 @@ class TiedLoRAConfig:
     seed: int = 0
     dtype: torch.dtype = torch.float32
     backend: str = "auto"
+    dropout: float = 0.0
     # filled by __post_init__: the resolved flags
     resolved: dict = field(init=False, repr=False, compare=False, default_factory=dict)
 
@@ -88,6 +91,12 @@ class TiedLoRAConfig:
             raise TypeError(f"seed must be an int, got {self.seed!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        check_dropout(self.dropout)
+        if self.dropout and self.backend == "triton":
+            raise ValueError(
+                f"backend='triton' trains without adapter dropout, got dropout={self.dropout}; use dropout=0 or "
+                "backend='auto' / 'torch'"
+            )
         if isinstance(self.dtype, str):
             self.dtype = getattr(torch, self.dtype, self.dtype)
         if not isinstance(self.dtype, torch.dtype) or not self.dtype.is_floating_point:

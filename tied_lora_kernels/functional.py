@@ -8,7 +8,11 @@ Both backends compute ``y = x Wᵀ + b + scale · (v ⊙ ((u ⊙ (x Aᵀ)) Bᵀ)
   ``[R, K]`` and an ``[N, R]`` copy, the only copies made).
 - ``"triton"``: the fused kernels of ``tied_lora_kernels.kernels``.
 - ``"auto"``: triton for CUDA tensors the kernels support (an NVIDIA GPU of compute capability ≥ 8.0, triton
-  importable, fp16/bf16/fp32, rank ≤ 128), torch otherwise.
+  importable, fp16/bf16/fp32, rank ≤ 128, no adapter dropout), torch otherwise.
+
+Adapter dropout (``dropout=p``, PEFT's ``lora_dropout``) drops entries of the adapter's input only — the base
+GEMM sees ``x`` as it is — and runs on the torch path: the fused kernels read one ``x`` tile for both GEMMs,
+so they take ``dropout=0`` (as Unsloth's fast LoRA kernels want), and ``backend="triton"`` refuses ``p > 0``.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ def tied_lora_linear(
     *,
     backend: str = "auto",
     deterministic: bool | None = None,
+    dropout: float = 0.0,
 ) -> Tensor:
     """Tied-LoRA linear layer ``x Wᵀ + b + scale · (v ⊙ ((u ⊙ (x Aᵀ)) Bᵀ))`` on any leading dims of ``x``.
 
@@ -47,7 +52,9 @@ def tied_lora_linear(
     ``x``'s dtype; each of ``A, B, u, v`` has ``x``'s dtype or float32 (master weights). Gradients flow
     to every input that requires them. ``deterministic`` (triton only) picks per-program partial sums
     over atomics for the reductions over tokens; ``None`` follows
-    ``torch.are_deterministic_algorithms_enabled()``.
+    ``torch.are_deterministic_algorithms_enabled()``. ``dropout`` (in [0, 1)) zeroes entries of the adapter's
+    input with that probability and scales the rest by ``1 / (1 - dropout)``, as ``F.dropout`` does, whatever
+    the module's mode: pass 0 for evaluation. ``dropout > 0`` runs the torch path.
     """
     autocast = _autocast_dtype(x)
     if autocast is not None:
@@ -56,13 +63,19 @@ def tied_lora_linear(
         # float32), and run with autocast off.
         x, weight, bias = (_autocast(t, autocast) for t in (x, weight, bias))
     _check_inputs(x, weight, bias, A, B, u, v, scale)
-    backend = resolve_backend(backend, x, A.shape[0])
+    check_dropout(dropout)
+    if dropout and backend == "triton":
+        raise ValueError(
+            f"backend='triton' runs without adapter dropout (the fused kernels read one x for the base and the "
+            f"adapter), got dropout={dropout}; use dropout=0 or backend='torch' / 'auto'"
+        )
+    backend = "torch" if dropout else resolve_backend(backend, x, A.shape[0])
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
     if autocast is not None:
         with torch.autocast(x.device.type, enabled=False):
-            return _dispatch(backend, x, weight, bias, A, B, u, v, float(scale), deterministic)
-    return _dispatch(backend, x, weight, bias, A, B, u, v, float(scale), deterministic)
+            return _dispatch(backend, x, weight, bias, A, B, u, v, float(scale), deterministic, dropout)
+    return _dispatch(backend, x, weight, bias, A, B, u, v, float(scale), deterministic, dropout)
 
 
 def _autocast_dtype(x) -> torch.dtype | None:
@@ -115,19 +128,21 @@ def _cached_reason(device_type: str, index: int | None, interpreting: bool) -> s
     return kernels.unavailable_reason(torch.device(device_type, index))
 
 
-def _dispatch(backend, x, weight, bias, A, B, u, v, scale, deterministic):
+def _dispatch(backend, x, weight, bias, A, B, u, v, scale, deterministic, dropout):
     lead, K, N = x.shape[:-1], x.shape[-1], weight.shape[0]
     x2d = x.reshape(-1, K)
     if backend == "triton":
         y2d = kernels.tied_lora_linear_triton(x2d, weight, bias, A, B, u, v, scale, deterministic=deterministic)
     else:
-        y2d = _torch_path(x2d, weight, bias, A, B, u, v, scale)
+        y2d = _torch_path(x2d, weight, bias, A, B, u, v, scale, dropout)
     return y2d.reshape(*lead, N)
 
 
-def _torch_path(x2d, weight, bias, A, B, u, v, scale):
+def _torch_path(x2d, weight, bias, A, B, u, v, scale, dropout=0.0):
     dtype = x2d.dtype
     y = torch.nn.functional.linear(x2d, weight, bias)  # [M, N]  base, the only [M, N] tensor
+    if dropout:
+        x2d = torch.nn.functional.dropout(x2d, dropout)  # the adapter's input only
     s = x2d @ A.to(dtype).t()  # [M, R]  T = x Aᵀ
     if u is not None:
         s = s * u.to(dtype)  # [M, R]  S = u ⊙ T
@@ -183,6 +198,12 @@ def _check_inputs(x, weight, bias, A, B, u, v, scale) -> None:
     for name, t in named.items():
         if t is not None and t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}: all inputs must share a device")
+
+
+def check_dropout(p) -> None:
+    """A dropout probability must be a number in [0, 1)."""
+    if isinstance(p, bool) or not isinstance(p, Real) or not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout must be a number in [0, 1), got {p!r}")
 
 
 def check_rank(rank, in_features: int, out_features: int) -> None:

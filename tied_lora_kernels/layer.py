@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 
 import torch
 from torch import Tensor, nn
 
 from tied_lora_kernels import reference
-from tied_lora_kernels.functional import BACKENDS, tied_lora_linear
+from tied_lora_kernels.functional import BACKENDS, check_dropout, resolve_backend, tied_lora_linear
 from tied_lora_kernels.shared import TiedLoRAShared
 
 __all__ = ["TiedLoRALinear", "UScale", "carry_hooks", "check_plain_weight"]
@@ -94,7 +95,10 @@ class TiedLoRALinear(nn.Linear):
       ``"triton"``);
     - ``train_u``, ``train_v`` and their start values ``u_init`` (1), ``v_init`` (0: the zero start);
     - ``share_u_with``: another ``TiedLoRALinear`` whose ``u`` this layer uses (q, k and v of a layer);
-    - ``b_rows=(start, stop)``: the rows of a grouped ``shared.B`` this layer reads.
+    - ``b_rows=(start, stop)``: the rows of a grouped ``shared.B`` this layer reads;
+    - ``dropout``: dropout on the adapter's input in training mode (PEFT's ``lora_dropout``; default 0). The
+      fused kernels take no dropout, so a training forward with ``dropout > 0`` runs the torch path
+      (``backend="triton"`` refuses it; ``"auto"`` warns once where it would have run the kernels).
     """
 
     def __init__(
@@ -142,11 +146,18 @@ class TiedLoRALinear(nn.Linear):
         share_u_with: TiedLoRALinear | None = None,
         b_rows: tuple[int, int] | None = None,
         backend: str = "auto",
+        dropout: float = 0.0,
     ) -> None:
         if not isinstance(shared, TiedLoRAShared):
             raise TypeError(f"shared must be a TiedLoRAShared, got {type(shared).__name__}")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        check_dropout(dropout)
+        if dropout and backend == "triton":
+            raise ValueError(
+                f"backend='triton' trains without adapter dropout (the fused kernels read one x for the base and "
+                f"the adapter), got dropout={dropout}; use dropout=0 or backend='auto' / 'torch'"
+            )
         if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, numbers.Real)):
             raise TypeError(f"alpha must be a number or None, got {alpha!r}")
         alpha = float(shared.rank if alpha is None else alpha)
@@ -168,6 +179,7 @@ class TiedLoRALinear(nn.Linear):
         self.b_rows = None if (start, stop) == (0, shared.out_features) else (start, stop)
         self.rank, self.alpha, self.scale = shared.rank, alpha, alpha / shared.rank
         self.backend = backend
+        self.lora_dropout = float(dropout)
         self.merged = False
         self.disabled = False  # True: forward is the base linear alone (model.disable_tied_lora)
         factory = {"device": shared.A.device, "dtype": shared.A.dtype}
@@ -220,6 +232,9 @@ class TiedLoRALinear(nn.Linear):
             if self.merged and self.disabled:
                 raise RuntimeError("this TiedLoRALinear is disabled but merged (weight holds ΔW): unmerge() it first")
             return nn.functional.linear(x, self.weight, self.bias)
+        dropout = self.lora_dropout if self.training else 0.0
+        if dropout and self.backend == "auto" and not torch.compiler.is_compiling():
+            _warn_dropout_once(x, self.rank)
         return tied_lora_linear(
             x,
             self.weight,
@@ -230,6 +245,7 @@ class TiedLoRALinear(nn.Linear):
             self.lora_v,
             self.scale,
             backend=self.backend,
+            dropout=dropout,
         )
 
     def delta_weight(self) -> Tensor:
@@ -267,5 +283,22 @@ class TiedLoRALinear(nn.Linear):
         return (
             f"{super().extra_repr()}, rank={self.rank}, alpha={self.alpha:g}, "
             f"trains={'+'.join(trained) or 'nothing'}{rows}, backend={self.backend}, merged={self.merged}"
+            + (f", dropout={self.lora_dropout:g}" if self.lora_dropout else "")
             + (", disabled=True" if self.disabled else "")
         )
+
+
+_DROPOUT_WARNED = False
+
+
+def _warn_dropout_once(x: Tensor, rank: int) -> None:
+    """Say once per process that adapter dropout sends training from the fused kernels to the torch path."""
+    global _DROPOUT_WARNED
+    if _DROPOUT_WARNED or resolve_backend("auto", x, rank) != "triton":
+        return
+    _DROPOUT_WARNED = True
+    warnings.warn(
+        "Tied-LoRA adapter dropout > 0: training runs the torch path, not the fused triton kernels (they take "
+        "dropout=0; evaluation still runs them). Set dropout=0 for the fused kernels' speed.",
+        stacklevel=3,
+    )

@@ -94,6 +94,7 @@ def apply_tied_lora(model: nn.Module, config: TiedLoRAConfig) -> nn.Module:
                 share_u_with=first,
                 b_rows=(start, stop),
                 backend=config.backend,
+                dropout=config.dropout,
             )
             _set_submodule(model, name, layer)
             start, first = stop, first or layer
