@@ -5,6 +5,7 @@ y = x Wᵀ + b + s · v ⊙ (B (u ⊙ (A x)))        A [r, in], B [out, r] share
 
 from tied_lora_kernels import reference
 from tied_lora_kernels.config import PRESETS, QKV, TiedLoRAConfig
+from tied_lora_kernels.export import export_peft_lora
 from tied_lora_kernels.functional import tied_lora_linear
 from tied_lora_kernels.layer import TiedLoRALinear
 from tied_lora_kernels.model import (
@@ -33,6 +34,7 @@ __all__ = [
     "apply_tied_lora",
     "count_parameters",
     "disable_tied_lora",
+    "export_peft_lora",
     "load_tied_lora",
     "merge_tied_lora",
     "reference",

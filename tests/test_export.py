@@ -1,0 +1,85 @@
+"""``export_peft_lora``: the adapter as a standard PEFT LoRA adapter. Loaded by PEFT into the original model,
+it must compute what the adapted model computes."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+
+from tests.test_model import randomise_adapters, tiny_llama
+from tied_lora_kernels import TiedLoRAConfig, apply_tied_lora, export_peft_lora, merge_tied_lora, tied_lora_layers
+
+peft = pytest.importorskip("peft")
+
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _peft_logits(directory, ids, **model_kw):
+    base = tiny_llama(**model_kw).double()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = peft.PeftModel.from_pretrained(base, directory)
+    assert not [w for w in caught if "missing" in str(w.message).lower()], [str(w.message) for w in caught]
+    return loaded, loaded(ids).logits
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        dict(preset="tl6"),  # q, k, v grouped: A and u shared by the group, rows of a stacked B
+        dict(preset="vera", groups=()),  # frozen u_init 0.1 ... randomised below, trained vectors
+        dict(preset="lora", groups=(), target_modules=ALL_LINEAR),  # untied: PEFT's own layout
+        dict(preset="tl5", train_u=True, target_modules=ALL_LINEAR, alpha=16.0),  # frozen v = 1 (not stored)
+    ],
+    ids=["tl6", "vera", "lora", "tl5_u"],
+)
+def test_peft_loads_the_same_model(tmp_path, config):
+    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(0))
+    model = apply_tied_lora(tiny_llama().double(), TiedLoRAConfig(rank=4, dtype=torch.float64, **config))
+    randomise_adapters(model)
+    expected = model(ids).logits
+    export_peft_lora(model, tmp_path, base_model_name_or_path="tiny-llama")
+
+    loaded, logits = _peft_logits(tmp_path, ids)
+    torch.testing.assert_close(logits, expected, rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(expected, tiny_llama().double()(ids).logits)  # the adapter does something
+    adapted = {n.removeprefix("base_model.model.") for n, m in loaded.named_modules() if hasattr(m, "lora_A")}
+    assert adapted == set(tied_lora_layers(model))
+    meta = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert meta["peft_type"] == "LORA" and meta["r"] == meta["lora_alpha"] == 4
+    assert meta["base_model_name_or_path"] == "tiny-llama"
+    assert meta["target_modules"] == sorted(config.get("target_modules", ("q_proj", "k_proj", "v_proj")))
+
+
+def test_a_subset_of_layers_is_named_in_full(tmp_path):
+    """Short names would also adapt the layers the callable left out: the config lists qualified names."""
+    ids = torch.randint(0, 97, (1, 5), generator=torch.Generator().manual_seed(1))
+    target = lambda module, name: name.endswith("layers.1.self_attn.q_proj")  # noqa: E731
+    model = apply_tied_lora(tiny_llama().double(), TiedLoRAConfig(rank=4, target_modules=target, groups=()))
+    model.double()
+    randomise_adapters(model)
+    export_peft_lora(model, tmp_path)
+    meta = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert meta["target_modules"] == ["model.layers.1.self_attn.q_proj"]
+    _, logits = _peft_logits(tmp_path, ids)
+    torch.testing.assert_close(logits, model(ids).logits, rtol=1e-12, atol=1e-12)
+
+
+def test_dtype_and_refusals(tmp_path):
+    from safetensors.torch import load_file
+
+    model = apply_tied_lora(tiny_llama(), TiedLoRAConfig(rank=4, dropout=0.1))
+    export_peft_lora(model, tmp_path / "bf16", dtype=torch.bfloat16)
+    state = load_file(tmp_path / "bf16" / "adapter_model.safetensors")
+    assert {t.dtype for t in state.values()} == {torch.bfloat16} and len(state) == 2 * 3 * 2  # 2 layers × q, k, v
+    assert json.loads((tmp_path / "bf16" / "adapter_config.json").read_text())["lora_dropout"] == 0.1
+    with pytest.raises(TypeError, match="dtype must be a floating-point torch.dtype"):
+        export_peft_lora(model, tmp_path / "x", dtype="bf16")
+    with pytest.raises(ValueError, match="no Tied-LoRA adapters"):
+        export_peft_lora(tiny_llama(), tmp_path / "x")
+    merge_tied_lora(model)
+    with pytest.raises(RuntimeError, match="cannot export merged layers"):
+        export_peft_lora(model, tmp_path / "x")

@@ -1,0 +1,102 @@
+"""``export_peft_lora``: a Tied-LoRA adapter written as a standard PEFT LoRA adapter, for the tools that serve or
+load LoRA adapters (PEFT's ``PeftModel.from_pretrained``, vLLM's and TGI's multi-LoRA serving, ...).
+
+Every adapted layer's update is already a rank-``r`` product:
+
+    ΔW = s · diag(v) · B · diag(u) · A = B' · A        B' = s · (v ⊙ B) ⊙ u  [out, r],   A  [r, in]
+
+so each layer becomes one LoRA pair, ``lora_A = A`` and ``lora_B = B'``, with ``lora_alpha = r`` (PEFT's scaling
+``lora_alpha / r`` is then 1). ``B'`` is computed in float64 and rounded once to the file's dtype. The ties are
+not kept: the file holds a pair per layer (the tied ``A`` once per layer), so it is larger than
+``save_tied_lora``'s, which remains the way to save an adapter for further training.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from torch import nn
+
+from tied_lora_kernels.model import _require_layers, _unwrapped
+
+__all__ = ["export_peft_lora"]
+
+PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
+PEFT_CONFIG_NAME = "adapter_config.json"
+
+
+def export_peft_lora(
+    model: nn.Module,
+    directory: str | os.PathLike,
+    *,
+    base_model_name_or_path: str | None = None,
+    dtype: torch.dtype | None = None,
+) -> None:
+    """Write ``directory/adapter_model.safetensors`` and ``adapter_config.json`` in PEFT's LoRA format.
+
+    Load it with ``peft.PeftModel.from_pretrained(base, directory)`` where ``base`` is the model ``model`` was
+    adapted from (the same class: module names must match), or serve it as a LoRA adapter. ``dtype``: the
+    tensors' dtype (default: the adapters'). ``base_model_name_or_path`` is recorded in the config, as PEFT
+    does. ``target_modules`` holds the layers' short names (``q_proj``, ...) when every module of the model
+    with those names is adapted, their qualified names otherwise. Refuses merged layers: their ΔW is in the
+    base weights already.
+    """
+    from safetensors.torch import save_file
+
+    model = _unwrapped(model)
+    layers = _require_layers(model)
+    merged = [name for name, layer in layers.items() if layer.merged]
+    if merged:
+        raise RuntimeError(
+            f"cannot export merged layers ({merged[:3]}): their ΔW is in the base weights; unmerge_tied_lora first"
+        )
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+        raise TypeError(f"dtype must be a floating-point torch.dtype or None, got {dtype!r}")
+    ranks = {layer.rank for layer in layers.values()}
+    if len(ranks) > 1:  # one config rank adapts every layer; a hand-built model could mix them
+        raise ValueError(f"the adapted layers have several ranks {sorted(ranks)}: PEFT's LoRA config has one")
+    rank = ranks.pop()
+
+    state = {}
+    for name, layer in layers.items():
+        A = layer.shared.A.detach()
+        B = layer.lora_B.detach().double() * layer.scale
+        if layer.lora_v is not None:
+            B = B * layer.lora_v.detach().double()[:, None]
+        if layer.lora_u is not None:
+            B = B * layer.lora_u.detach().double()[None, :]
+        out = dtype or A.dtype
+        # own copies: safetensors refuses tensors that share memory (the tied A of every layer)
+        state[f"base_model.model.{name}.lora_A.weight"] = A.to("cpu", out, copy=True).contiguous()
+        state[f"base_model.model.{name}.lora_B.weight"] = B.to("cpu", out, copy=True).contiguous()
+
+    config = getattr(model, "tied_lora_config", None)
+    peft_config = {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": rank,
+        "lora_alpha": rank,  # scaling 1: s is folded into lora_B
+        "lora_dropout": config.dropout if config is not None else 0.0,
+        "target_modules": _target_names(model, set(layers)),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+    }
+    os.makedirs(directory, exist_ok=True)
+    save_file(state, os.path.join(directory, PEFT_WEIGHTS_NAME), metadata={"format": "pt"})
+    with open(os.path.join(directory, PEFT_CONFIG_NAME), "w") as f:
+        json.dump(peft_config, f, indent=2)
+
+
+def _target_names(model: nn.Module, adapted: set[str]) -> list[str]:
+    """Short names if they pick out exactly the adapted layers (PEFT matches a name or a ``.name`` suffix)."""
+    short = {name.rpartition(".")[2] for name in adapted}
+    matching = {name for name, _ in model.named_modules() if name.rpartition(".")[2] in short}
+    return sorted(short) if matching == adapted else sorted(adapted)
