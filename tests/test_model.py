@@ -13,6 +13,7 @@ from torch.nn.utils import prune
 
 from tests.helpers import assert_close_to_reference
 from tied_lora_kernels import (
+    ALL_LINEAR,
     QKV,
     TiedLoRAConfig,
     TiedLoRALinear,
@@ -272,6 +273,31 @@ def test_save_load_bit_for_bit(tmp_path):
     load_tied_lora(adapted, tmp_path)
     with torch.no_grad():
         assert torch.equal(adapted(ids).logits, expected)
+
+
+@pytest.mark.parametrize("spelling", ["all-linear", "ALL-LINEAR"])
+def test_all_linear_targets_every_linear_but_the_output_layer(tmp_path, spelling):
+    """PEFT's shorthand: every nn.Linear except lm_head (tied to the embeddings or not); ties per role and shape."""
+    for tied_embeddings in (False, True):
+        model = tiny_llama(tie_word_embeddings=tied_embeddings)
+        linears = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+        apply_tied_lora(model, TiedLoRAConfig(rank=4, target_modules=spelling))
+        assert set(tied_lora_layers(model)) == linears - {"lm_head"}
+        assert model.tied_lora_config.target_modules == ALL_LINEAR
+        # q/k/v grouped, then o, gate, up and down: one tied pair each across the two decoder layers
+        assert len({id(layer.shared) for layer in tied_lora_layers(model).values()}) == 5
+    randomise_adapters(model)
+    ids = torch.randint(0, 97, (2, 7))
+    with torch.no_grad():
+        expected = model(ids).logits
+    save_tied_lora(model, tmp_path)
+    fresh = load_tied_lora(tiny_llama(tie_word_embeddings=True), tmp_path)
+    assert fresh.tied_lora_config.target_modules == ALL_LINEAR
+    with torch.no_grad():
+        assert torch.equal(fresh(ids).logits, expected)
+    # a plain module has no output layer to leave out: every linear is adapted
+    toy = apply_tied_lora(Toy(), TiedLoRAConfig(rank=2, target_modules=ALL_LINEAR))
+    assert set(tied_lora_layers(toy)) == {n for n, m in Toy().named_modules() if isinstance(m, nn.Linear)}
 
 
 def test_load_errors(tmp_path):

@@ -4,7 +4,7 @@ y = x Wᵀ + b + s · v ⊙ (B (u ⊙ (A x)))        A [r, in], B [out, r] share
 """
 
 from tied_lora_kernels import reference
-from tied_lora_kernels.config import PRESETS, QKV, TiedLoRAConfig
+from tied_lora_kernels.config import ALL_LINEAR, PRESETS, QKV, TiedLoRAConfig
 from tied_lora_kernels.export import export_peft_lora
 from tied_lora_kernels.functional import tied_lora_linear
 from tied_lora_kernels.layer import TiedLoRALinear
@@ -25,6 +25,7 @@ from tied_lora_kernels.shared import TiedLoRAShared
 __version__ = "0.1.0"
 
 __all__ = [
+    "ALL_LINEAR",
     "PRESETS",
     "QKV",
     "ParameterCount",

@@ -28,9 +28,11 @@ from torch import nn
 from tied_lora_kernels.functional import BACKENDS, check_dropout
 from tied_lora_kernels.shared import INITS
 
-__all__ = ["TiedLoRAConfig", "PRESETS", "QKV"]
+__all__ = ["TiedLoRAConfig", "PRESETS", "QKV", "ALL_LINEAR"]
 
 QKV = ("q_proj", "k_proj", "v_proj")
+ALL_LINEAR = "all-linear"
+"""``target_modules`` shorthand (PEFT's): every ``nn.Linear`` but the model's output layer."""
 
 # preset -> (tie, train_A, train_B, train_u, train_v, init, u_init)
 PRESETS: dict[str, tuple[bool, bool, bool, bool, bool, str, float]] = {
@@ -46,10 +48,11 @@ class TiedLoRAConfig:
     """How ``apply_tied_lora`` adapts a model.
 
     ``target_modules``: module names (a qualified name matches when it equals a target or ends with
-    ``"." + target``) or a callable ``(module, qualified_name) -> bool``; only ``nn.Linear`` layers are
-    adapted. ``groups``: tuples of target names that, within one parent module, share one ``A`` and one
-    ``u`` and stack their ``B`` and ``v`` (q, k and v of a layer: the paper's fused-QKV setup). ``tie``:
-    one ``A``/``B`` across all layers of a group or target (per shape) instead of one per layer.
+    ``"." + target``), a callable ``(module, qualified_name) -> bool``, or ``"all-linear"`` (PEFT's shorthand:
+    every ``nn.Linear`` except the output layer a Hugging Face model's ``get_output_embeddings()`` names); only
+    ``nn.Linear`` layers are adapted. ``groups``: tuples of target names that, within one parent module, share
+    one ``A`` and one ``u`` and stack their ``B`` and ``v`` (q, k and v of a layer: the paper's fused-QKV setup).
+    ``tie``: one ``A``/``B`` across all layers of a group or target (per shape) instead of one per layer.
     ``train_*``, ``tie``, ``init`` and ``u_init`` default to the preset's; ``dtype`` is the adapters' dtype
     (float32 master weights by default, whatever the model's dtype). ``dropout``: dropout on each adapter's input
     in training mode (PEFT's ``lora_dropout``); the fused kernels take none, so training with ``dropout > 0``
@@ -58,7 +61,7 @@ class TiedLoRAConfig:
 
     rank: int = 8
     alpha: float | None = None
-    target_modules: Sequence[str] | Callable[[nn.Module, str], bool] = QKV
+    target_modules: Sequence[str] | Callable[[nn.Module, str], bool] | str = QKV
     preset: str = "tl6"
     groups: Sequence[Sequence[str]] = (QKV,)
     tie: bool | None = None
@@ -102,8 +105,9 @@ class TiedLoRAConfig:
         if not isinstance(self.dtype, torch.dtype) or not self.dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating-point torch.dtype, got {self.dtype!r}")
         if isinstance(self.target_modules, str):
-            self.target_modules = (self.target_modules,)
-        if not callable(self.target_modules):
+            is_all = self.target_modules.lower() == ALL_LINEAR
+            self.target_modules = ALL_LINEAR if is_all else (self.target_modules,)
+        if not callable(self.target_modules) and self.target_modules != ALL_LINEAR:
             self.target_modules = tuple(self.target_modules)
             if not self.target_modules:
                 raise ValueError("target_modules is empty")
@@ -149,6 +153,8 @@ class TiedLoRAConfig:
         out["dtype"] = str(self.dtype).removeprefix("torch.")
         if callable(self.target_modules):
             out["target_modules"] = None  # a callable is not saved: the adapted layers' names stand for it
+        elif self.target_modules == ALL_LINEAR:
+            out["target_modules"] = ALL_LINEAR
         else:
             out["target_modules"] = list(self.target_modules)
         out["groups"] = [list(g) for g in self.groups]

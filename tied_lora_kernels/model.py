@@ -16,7 +16,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from tied_lora_kernels.config import TiedLoRAConfig
+from tied_lora_kernels.config import ALL_LINEAR, TiedLoRAConfig
 from tied_lora_kernels.functional import check_rank
 from tied_lora_kernels.layer import TiedLoRALinear, carry_hooks, check_plain_weight
 from tied_lora_kernels.shared import TiedLoRAShared
@@ -128,9 +128,12 @@ def _find_targets(model: nn.Module, config: TiedLoRAConfig) -> dict[str, nn.Line
     targets, owners = {}, {}
     for name, p in model.named_parameters(remove_duplicate=False):
         owners.setdefault(id(p), []).append(name)
+    output_layer = _output_layer(model) if config.target_modules == ALL_LINEAR else None
     for name, module in model.named_modules():
         if callable(config.target_modules):
             hit = bool(config.target_modules(module, name))
+        elif config.target_modules == ALL_LINEAR:
+            hit = isinstance(module, nn.Linear) and module is not output_layer
         else:
             hit = any(name == t or name.endswith("." + t) for t in config.target_modules)
         if not hit:
@@ -159,6 +162,13 @@ def _find_targets(model: nn.Module, config: TiedLoRAConfig) -> dict[str, nn.Line
             f"its linear layers include {linears[:8]}"
         )
     return targets
+
+
+def _output_layer(model: nn.Module) -> nn.Module | None:
+    """The layer ``"all-linear"`` leaves out, as PEFT does: a Hugging Face model's output embeddings (lm_head)."""
+    get = getattr(model, "get_output_embeddings", None)
+    layer = get() if callable(get) else None
+    return layer if isinstance(layer, nn.Module) else None
 
 
 def _group_instances(targets: dict[str, nn.Linear], config: TiedLoRAConfig) -> dict[tuple, list[str]]:
