@@ -8,8 +8,8 @@ allocations excluded). The structure these numbers pin down (backward.py, prepar
 - prefill forward: ``A`` cast and ``s·v ⊙ B`` folded in one launch, then the fused GEMM (two-pass: the
   shrink first); decode forward: the fused GEMM alone (plus the split-K sum);
 - backward: ``s·v ⊙ B`` (one launch), the dx GEMM (writing ``dS`` only when ``A`` trains), ``dA``'s reduction,
-  and one pass over ``dy`` whose epilogue writes ``dB``, ``dv`` and ``du`` — each reduction one zeroed buffer
-  (atomics) or one sum of its partials (deterministic).
+  and one pass over ``dy`` whose epilogue writes ``dB``, ``dv`` and ``du`` — both reductions adding into one
+  zeroed buffer (atomics), or each with one sum of its partials (deterministic).
 """
 
 from __future__ import annotations
@@ -90,14 +90,14 @@ def _launches(preset, M, *, x_grad=True, deterministic=False, strategy=None, spl
 
 # (preset, M, options) -> (forward launches, backward launches)
 CASES = {
-    ("tl6", 40, ()): (2, 6),  # prepare + GEMM; prepare + dx + (zeros + reduction) for dA and for dB/dv/du
-    ("tl6", 40, ("deterministic",)): (2, 7),  # the zeroings become sums of partials, plus du's partials
-    ("tl6", 40, ("two_pass",)): (3, 7),  # + the shrink of x, and of dy for dx
-    ("tl6", 4, ()): (1, 6),  # decode: the GEMM reads the fp32 masters (no prepare); K too short to split
-    ("tl6", 4, ("split_k=3",)): (3, 8),  # + the sums of the K slices of y and of T (dx: of dx and dS)
+    ("tl6", 40, ()): (2, 5),  # prepare + GEMM; prepare + dx + one zeroing + the reductions for dA and dB/dv/du
+    ("tl6", 40, ("deterministic",)): (2, 7),  # the zeroing becomes a sum of partials per reduction, plus du's
+    ("tl6", 40, ("two_pass",)): (3, 6),  # + the shrink of x, and of dy for dx
+    ("tl6", 4, ()): (1, 5),  # decode: the GEMM reads the fp32 masters (no prepare); K too short to split
+    ("tl6", 4, ("split_k=3",)): (3, 7),  # + the sums of the K slices of y and of T (dx: of dx and dS)
     ("vera", 40, ()): (2, 4),  # frozen A and B: dx writes no dS, no dA reduction
     ("vera", 40, ("no_x_grad",)): (2, 2),  # and no dx: du from dy's pass alone, no shrink of dy
-    ("lora", 40, ()): (2, 6),
+    ("lora", 40, ()): (2, 5),
 }
 
 

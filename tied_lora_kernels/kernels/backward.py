@@ -17,7 +17,8 @@ loaded). Everything is linear in the token slices, so each program finishes its 
 Each program owns ``BLOCK_C`` rows of ``acc`` and one of ``SPLIT`` interleaved slices of the tokens. Two ways
 to combine the partials:
 
-- ``deterministic=False``: fp32 ``atomic_add`` into one zeroed buffer (fast, summation order varies);
+- ``deterministic=False``: fp32 ``atomic_add`` into one zeroed buffer (fast, summation order varies; the
+  backward hands both reductions segments of one buffer, zeroed once: ``workspace``);
 - ``deterministic=True``: each program stores its fp32 partials in its own row of a buffer, summed
   afterwards in a fixed order — bitwise-identical results across runs.
 """
@@ -35,7 +36,7 @@ from torch import Tensor
 from . import configs
 from .common import FP_FUSION, as_operand, dot_precision, upcast_bf16
 
-__all__ = ["rank_grad", "RankGrads"]
+__all__ = ["rank_grad", "rank_grad_numel", "RankGrads"]
 
 _TARGET_PROGRAMS = 264
 """Aim for about two waves of an H100's 132 SMs when splitting the tokens."""
@@ -145,6 +146,22 @@ class RankGrads(NamedTuple):
     coldot: Tensor | None = None
 
 
+def _result_shapes(C, R, *, write_out, transpose_out, rowdot, coldot) -> dict[str, tuple[int, ...]]:
+    """The shapes of ``rank_grad``'s results, in the order they lie in its buffer."""
+    shapes = {"out": (R, C) if transpose_out else (C, R)} if write_out else {}
+    if rowdot:
+        shapes["rowdot"] = (C,)
+    if coldot:
+        shapes["coldot"] = (R,)
+    return shapes
+
+
+def rank_grad_numel(C: int, R: int, *, write_out: bool = True, rowdot: bool = False, coldot: bool = False) -> int:
+    """Elements of the ``workspace`` of a ``rank_grad`` with atomics on ``a [M, C]``, ``p [M, R]``."""
+    shapes = _result_shapes(C, R, write_out=write_out, transpose_out=False, rowdot=rowdot, coldot=coldot)
+    return sum(math.prod(shape) for shape in shapes.values())
+
+
 def rank_grad(
     a: Tensor,
     p: Tensor,
@@ -159,6 +176,7 @@ def rank_grad(
     rowdot: bool = False,
     coldot: bool = False,
     config: configs.RankGradConfig | None = None,
+    workspace: Tensor | None = None,
 ) -> RankGrads:
     """From ``acc = aᵀ p`` ``[C, R]`` and ``G = acc ⊙ rscale``: ``out = scale · ovec ⊙ G`` (``[R, C]`` contiguous
     when ``transpose_out``; only when ``write_out``), ``rowdot = scale · rowsum(rowmat ⊙ G)`` ``[C]`` and
@@ -167,7 +185,9 @@ def rank_grad(
 
     ``a [M, C]`` in the input dtype (any strides); ``p [M, R]`` float32, ``rscale [R]`` and ``ovec [C]``
     float32 (``None``: ones; a strided one is copied first); ``rowmat [C, R]`` any float dtype and strides
-    (needed by ``rowdot`` and ``coldot``).
+    (needed by ``rowdot`` and ``coldot``). ``workspace``: with atomics only, a zeroed flat fp32 tensor of
+    ``rank_grad_numel`` elements to add into instead of zeroing a buffer of its own, so that several calls
+    share one zeroing (and their results may share storage).
     """
     M, C = a.shape
     R = p.shape[1]
@@ -176,11 +196,9 @@ def rank_grad(
     ovec = ovec.contiguous() if ovec is not None else None
     if (rowdot or coldot) and rowmat is None:
         raise ValueError("rowdot and coldot need rowmat")
-    results = {"out": (R, C) if transpose_out else (C, R)} if write_out else {}
-    if rowdot:
-        results["rowdot"] = (C,)
-    if coldot:
-        results["coldot"] = (R,)
+    results = _result_shapes(C, R, write_out=write_out, transpose_out=transpose_out, rowdot=rowdot, coldot=coldot)
+    if workspace is not None and (deterministic or workspace.numel() != sum(map(math.prod, results.values()))):
+        raise ValueError("a workspace is for atomics only (deterministic=False) and has rank_grad_numel elements")
     if M == 0 or not results:
         return RankGrads(**{k: a.new_zeros(shape, dtype=torch.float32) for k, shape in results.items()})
     block_r = configs.block_r_for(R)
@@ -197,6 +215,8 @@ def rank_grad(
     total = sum(sizes.values())
     if deterministic:
         buf = torch.empty((split, total), device=a.device, dtype=torch.float32)
+    elif workspace is not None:
+        buf = workspace.view(1, total)
     else:
         buf = torch.zeros((1, total), device=a.device, dtype=torch.float32)
     parts = dict(zip(sizes, torch.split(buf, list(sizes.values()), dim=1), strict=True))

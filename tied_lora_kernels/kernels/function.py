@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from . import configs
-from .backward import rank_grad
+from .backward import rank_grad, rank_grad_numel
 from .forward import fused_lora_mm
 from .prepare import prepare_adapters
 from .shrink import shrink
@@ -105,16 +105,22 @@ def backward_impl(dy, x, T, weight, A, B, u, v, scale, needs, *, deterministic, 
                 dx, dS = fused_lora_mm(dy, weight, svB, A, u32, None, write_t=needs_a, **forced)
             else:
                 dS = shrink(dy, svB)  # dS = s·dy(v ⊙ B) in fp32, dx not needed
+        g_results = dict(write_out=needs_b, rowdot=needs_v, coldot=needs_u)  # what the pass over dy writes
+        ws_a = ws_g = None
+        if needs_a and (needs_b or needs_u or needs_v) and not det:
+            # with atomics the two reductions add into segments of one buffer: one zeroing, not two
+            (R, K), N = A.shape, dy.shape[1]
+            sizes = [rank_grad_numel(K, R), rank_grad_numel(N, R, **g_results)]
+            ws_a, ws_g = torch.zeros(sum(sizes), device=dy.device, dtype=torch.float32).split(sizes)
         if needs_a:
             # dA = (dS ⊙ u)ᵀ x   [R, K], fp32
-            dA = _as(rank_grad(x, dS, u32, deterministic=det, transpose_out=True).out, A)
+            dA = _as(rank_grad(x, dS, u32, deterministic=det, transpose_out=True, workspace=ws_a).out, A)
         if needs_b or needs_u or needs_v:
             # one pass over dy: G = dyᵀ (T ⊙ u) [N, R] in fp32, never stored; its epilogue writes dB = s·v ⊙ G,
             # dv = s·rowsum(B ⊙ G) and du = colsum(dS ⊙ T) = colsum((s·v ⊙ B) ⊙ dyᵀT) (backward.py)
             dB, dv, du = rank_grad(
-                dy, T, u32, deterministic=det, write_out=needs_b, scale=s, ovec=_f32(v), rowmat=B,
-                rowdot=needs_v, coldot=needs_u,
-            )  # fmt: skip
+                dy, T, u32, deterministic=det, scale=s, ovec=_f32(v), rowmat=B, **g_results, workspace=ws_g
+            )
             dB, dv, du = _as(dB, B), _as(dv, v), _as(du, u)
         if needs_w:
             dw = dy.t().mm(x)  # dW = dyᵀ x   [N, K]
@@ -268,7 +274,7 @@ def _backward_op(
     forced = dict(strategy=strategy, split_k=split_k, tma=tma)
     grads = backward_impl(dy, x, T, weight, A, B, u, v, scale, needs, deterministic=deterministic, **forced)
     # a custom op's outputs may not alias each other: dB, dv and du are segments of one buffer (rank_grad),
-    # so all but the first of those get their own copy (a few kilobytes)
+    # and so is dA with atomics (backward_impl), so all but the first of those get their own copy (a few kilobytes)
     out, storages = [], set()
     for g in grads:
         if g is None:
