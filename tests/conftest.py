@@ -36,3 +36,17 @@ def pytest_configure(config):
             "install numpy<2.4 (or triton>=3.8) to run the kernel tests without a GPU",
             returncode=4,
         )
+
+
+@pytest.fixture
+def process_group(tmp_path):
+    """A one-process gloo group (CPU): enough for DDP's reducer, which counts on each hook firing once, and for
+    FSDP2."""
+    dist = pytest.importorskip("torch.distributed")
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        yield dist
+    finally:
+        dist.destroy_process_group()

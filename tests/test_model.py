@@ -590,19 +590,6 @@ def test_hugging_face_gradient_checkpointing(reentrant, backend):
     assert torch.equal(fired[-1], got[next(n for n in got if n.endswith("shared.A"))])
 
 
-@pytest.fixture
-def process_group(tmp_path):
-    """A one-process gloo group (CPU): enough for DDP's reducer, which counts on each hook firing once."""
-    dist = pytest.importorskip("torch.distributed")
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
-    try:
-        yield dist
-    finally:
-        dist.destroy_process_group()
-
-
 def test_ddp_with_tied_adapters_and_checkpointing(process_group):
     """DDP over a model whose A and B are tied across layers: gradients equal the plain run's, also under
     non-reentrant checkpointing. Reentrant checkpointing fires a tied parameter's hook once per layer, which

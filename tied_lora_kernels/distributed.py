@@ -1,0 +1,71 @@
+"""Sharded training (FSDP2's ``fully_shard``) of a model with tied adapters.
+
+FSDP shards the parameters of each wrapped block and gathers them around that block's forward. A tied ``A`` and
+``B`` are used by every block, so they belong to none: sharded with the first block that owns them, the next
+block finds them resharded (torch 2.13 fails with "Invariant encountered: value was None"). The adapter is
+small, a few megabytes even for a 70B model, so the sound layout is data parallelism for the adapter and FSDP
+for the base model:
+
+    adapter = set(tied_lora_parameters(model))
+    for block in model.model.layers:
+        fully_shard(block, ignored_params=adapter)
+    fully_shard(model, ignored_params=adapter)
+    ...
+    loss.backward()
+    sync_tied_lora_grads(model)        # average the adapter's gradients across ranks, then step
+
+Ignored parameters are left whole on every rank, where they are: move the model to its GPU first. (DDP needs
+none of this: it averages every gradient itself.)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from tied_lora_kernels.model import _adapter_params, _require_layers, _unwrapped
+
+__all__ = ["tied_lora_parameters", "sync_tied_lora_grads"]
+
+
+def tied_lora_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Every adapter parameter (``A``, ``B``, ``u``, ``v``; trained or frozen) once, in the order of
+    ``model.named_parameters()``, which is the same on every rank."""
+    model = _unwrapped(model)
+    ids = _adapter_params(_require_layers(model))
+    return [p for p in model.parameters() if id(p) in ids]
+
+
+@torch.no_grad()
+def sync_tied_lora_grads(model: nn.Module, group=None) -> None:
+    """Average the trained adapter parameters' gradients across ``group`` (default: every rank), in one
+    all-reduce: call it after the backward of the last micro-batch, before the optimizer step.
+
+    A gradient that is ``None`` on this rank takes part as zeros; a parameter whose gradient is ``None`` on every
+    rank keeps ``None`` (so the optimizer skips it, as it would without sharding). Gradients are summed in
+    float32 and divided by the group's size, as FSDP averages the sharded gradients.
+    """
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("sync_tied_lora_grads needs an initialised torch.distributed process group")
+    params = [p for p in tied_lora_parameters(model) if p.requires_grad]
+    if not params:
+        return
+    device = params[0].device
+    # [flattened gradients | one has-a-gradient flag per parameter], so one collective carries both
+    flat = torch.cat(
+        [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).to(device, torch.float32) for p in params]
+        + [torch.tensor([float(p.grad is not None) for p in params], device=device)]
+    )
+    dist.all_reduce(flat, group=group)
+    flat /= dist.get_world_size(group)
+    grads = flat[: -len(params)].split([p.numel() for p in params])
+    for p, grad, flag in zip(params, grads, flat[-len(params) :].tolist(), strict=True):
+        if flag == 0.0:
+            continue
+        grad = grad.view_as(p).to(p.dtype)
+        if p.grad is None:
+            p.grad = grad.to(p.device)
+        else:
+            p.grad.copy_(grad)
