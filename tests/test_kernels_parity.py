@@ -300,38 +300,48 @@ def test_int64_offsets():
     assert_close_to_reference(y[-300:], expected, baseline, "y (last rows)", torch.bfloat16)
 
 
-# Offsets past 2³¹ elements without 4 GB of data: x, dy and W are views with a huge row stride into one
-# mostly untouched allocation (Linux commits only the pages written), so a row offset wraps in int32 beyond
-# row 2³¹ / stride. Triton's interpreter computes int32 like the GPU (it wraps), so a missing int64 cast reads
-# far outside the tensor: it may crash the process, hence a subprocess.
-_INT64_ROWS = 136  # rows of x, dy (prefill) and of W
-_INT64_STRIDE = 2**24 + 2**20  # rows 121 and up start past 2³¹; BLOCK_K × stride stays below 2³¹ (realistic)
-_INT64_DECODE_STRIDE = 150_000_000  # decode (M = 16): row 15 starts past 2³¹
+# Offsets past 2³¹ elements without 4 GB of data: x, dy and W are views with a huge stride into allocations that
+# stay mostly untouched (Linux commits only the pages written), so an int32 offset wraps beyond row (or column)
+# 2³¹ / stride. Triton's interpreter computes int32 like the GPU (it wraps), so a missing int64 cast reads far
+# outside the tensor: it may crash the process, hence a subprocess. Covered: the row offsets of the fused GEMM
+# (x, dy, and W's rows at prefill and decode), of the shrink and of the reductions over tokens; the column
+# offsets of the reductions (a column-major x); a split-K slice's start (dx at decode over W's rows). The
+# offsets of prepare.py and of the split-K sum index [N, R] and [SPLIT, M ≤ 16, N] buffers: int64 there is
+# defensive only, these cannot reach 2³¹.
+_INT64_STRIDE = 2**24 + 2**20  # rows (columns) 121 and up start past 2³¹; BLOCK_K × stride < 2³¹, as for real layers
+_INT64_DECODE_STRIDE = 150_000_000  # decode (M = 16): x's row 15 starts past 2³¹
 _INT64_FORCED = {"two_pass": dict(strategy="two_pass"), "pointers": dict(tma=False), "split": dict(split_k=3)}
+
+
+def _huge_stride_views(shapes, stride, g, dtype):
+    """Random ``[rows, cols]`` views with row stride ``stride``, side by side in one mostly untouched allocation."""
+    store = torch.empty((max(r for r, _ in shapes) - 1) * stride + sum(c for _, c in shapes), dtype=dtype)
+    views, offset = [], 0
+    for rows, cols in shapes:
+        views.append(store.as_strided((rows, cols), (stride, 1), offset).copy_(torch.randn(rows, cols, generator=g)))
+        offset += cols
+    return views
 
 
 def int64_case(case: str) -> None:
     """Forward and every gradient of one layer whose operands reach offsets past 2³¹ (run in a subprocess)."""
     dtype, R = torch.bfloat16, 8
-    decode = case.startswith("decode")
-    M, N, K = (16, 40, 256) if decode else (_INT64_ROWS, _INT64_ROWS, 32)  # decode: K long enough to split
-    stride = _INT64_DECODE_STRIDE if decode else _INT64_STRIDE
-    if "unaligned" in case:
-        stride += 8  # not a multiple of 16: the unaligned tiles and pointer loads
-    rows = max(M, N)
-    # each row of the allocation holds a row of x, then of dy, then of W (decode: W is contiguous)
-    store = torch.empty((rows - 1) * stride + 2 * K + N, dtype=dtype)
     g = torch.Generator().manual_seed(5)
-    x = store.as_strided((M, K), (stride, 1), 0)
-    dy = store.as_strided((M, N), (stride, 1), K)
-    x.copy_(torch.randn(M, K, generator=g))
-    dy.copy_(torch.randn(M, N, generator=g))
-    if decode:
-        w = torch.randn(N, K, generator=g).to(dtype) * K**-0.5
-    else:
-        w = store.as_strided((N, K), (stride, 1), K + N)
-        w.copy_(torch.randn(N, K, generator=g) * K**-0.5)
-    assert x.storage_offset() + (M - 1) * x.stride(0) >= 2**31
+    stride = _INT64_STRIDE + (8 if "unaligned" in case else 0)  # unaligned: the unaligned tiles, pointer loads
+    if case.startswith("decode"):  # x's rows, W's rows (forward) and dx's K slices over them (split)
+        M, N, K = 16, 144, 256
+        (x,) = _huge_stride_views([(M, K)], _INT64_DECODE_STRIDE, g, dtype)
+        (w,) = _huge_stride_views([(N, K)], stride, g, dtype)
+        dy = torch.randn(M, N, generator=g).to(dtype)
+    elif case.endswith("column_major"):  # x's columns: dA's reduction walks them
+        M, N, K = 144, 32, 144
+        x = _huge_stride_views([(K, M)], stride, g, dtype)[0].t()
+        w, dy = torch.randn(N, K, generator=g).to(dtype), torch.randn(M, N, generator=g).to(dtype)
+    else:  # 144 rows of x, dy and W: aligned, so the default case loads through TMA descriptors
+        M, N, K = 144, 144, 32
+        x, dy, w = _huge_stride_views([(M, K), (M, N), (N, K)], stride, g, dtype)
+    w.mul_(K**-0.5)
+    assert max((t.shape[0] - 1) * t.stride(0) + (t.shape[1] - 1) * t.stride(1) for t in (x, w)) >= 2**31
     params = {
         "A": torch.randn(R, K, generator=g) * K**-0.5,
         "B": torch.randn(N, R, generator=g) * R**-0.5,
@@ -351,8 +361,8 @@ def int64_case(case: str) -> None:
 
 @pytest.mark.skipif(DEVICE.type == "cuda", reason="interpreter check; test_int64_offsets covers the GPU")
 @pytest.mark.parametrize(
-    "case", ["prefill", "prefill-two_pass", "prefill-pointers", "prefill-unaligned", "prefill-det", "decode",
-             "decode-split"],
+    "case", ["prefill", "prefill-two_pass", "prefill-pointers", "prefill-unaligned", "prefill-det",
+             "prefill-column_major", "decode", "decode-split"],
 )  # fmt: skip
 def test_int64_offsets_in_the_interpreter(case):
     code = f"from tests.test_kernels_parity import int64_case; int64_case({case!r})"
