@@ -91,15 +91,36 @@ def test_bad_dropout_is_refused(p):
         TiedLoRAConfig(dropout=p)
 
 
-def test_triton_backend_refuses_dropout():
+def test_numpy_numbers_are_saved_as_floats(tmp_path):
+    np = pytest.importorskip("numpy")
+    config = TiedLoRAConfig(rank=2, target_modules=("q_proj",), dropout=np.float32(0.25), alpha=np.float64(4))
+    save_tied_lora(apply_tied_lora(_Two(), config), tmp_path)
+    assert load_tied_lora(_Two(), tmp_path).tied_lora_config.dropout == 0.25
+
+
+def test_triton_backend_refuses_dropout_in_training_only(tmp_path):
+    """The functional form and a training forward refuse it; a triton layer with dropout evaluates (the fused
+    kernels, under the interpreter here), so an adapter trained with dropout loads onto triton for inference."""
     t = _inputs()
     args = [t[k] for k in ("x", "weight", "bias", "A", "B", "u", "v")]
     with pytest.raises(ValueError, match="without adapter dropout"):
         tied_lora_linear(*args, 0.5, backend="triton", dropout=0.1)
+    with pytest.raises(ValueError, match="backend must be one of"):  # the name is checked whatever the dropout
+        tied_lora_linear(*args, 0.5, backend="bogus", dropout=0.1)
+
+    x = torch.randn(7, 12, generator=torch.Generator().manual_seed(2))
+    layer = _layer(0.5)
+    layer.backend = "triton"
     with pytest.raises(ValueError, match="without adapter dropout"):
-        TiedLoRALinear.from_linear(nn.Linear(6, 4), TiedLoRAShared(6, 4, 2), backend="triton", dropout=0.1)
-    with pytest.raises(ValueError, match="without adapter dropout"):
-        TiedLoRAConfig(backend="triton", dropout=0.1)
+        layer(x)
+    layer.eval()
+    assert_close_to_reference(layer(x), _layer(0.0)(x).double(), None, "eval on triton", torch.float32)
+
+    config = TiedLoRAConfig(rank=2, target_modules=("q_proj", "v_proj"), groups=(), dropout=0.2)
+    save_tied_lora(apply_tied_lora(_Two(), config), tmp_path)
+    fresh = load_tied_lora(_Two(), tmp_path, backend="triton").eval()
+    h = torch.randn(3, 8)
+    torch.testing.assert_close(fresh(h), _Two()(h), rtol=1e-6, atol=1e-6)  # zero start: the base model's output
 
 
 def _layer(dropout):

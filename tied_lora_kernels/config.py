@@ -87,6 +87,9 @@ class TiedLoRAConfig:
             raise ValueError(f"alpha must be a positive finite number or None, got {self.alpha!r}")
         if self.u_init is not None and not (_is_number(self.u_init) and math.isfinite(self.u_init)):
             raise ValueError(f"u_init must be a finite number or None, got {self.u_init!r}")
+        # plain floats: a numpy scalar would not go into the saved JSON
+        self.alpha = None if self.alpha is None else float(self.alpha)
+        self.u_init = None if self.u_init is None else float(self.u_init)
         for name in ("tie", "train_A", "train_B", "train_u", "train_v"):
             if not (getattr(self, name) is None or isinstance(getattr(self, name), bool)):  # (1 == True)
                 raise TypeError(f"{name} must be True, False or None, got {getattr(self, name)!r}")
@@ -95,11 +98,7 @@ class TiedLoRAConfig:
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         check_dropout(self.dropout)
-        if self.dropout and self.backend == "triton":
-            raise ValueError(
-                f"backend='triton' trains without adapter dropout, got dropout={self.dropout}; use dropout=0 or "
-                "backend='auto' / 'torch'"
-            )
+        self.dropout = float(self.dropout)
         if isinstance(self.dtype, str):
             self.dtype = getattr(torch, self.dtype, self.dtype)
         if not isinstance(self.dtype, torch.dtype) or not self.dtype.is_floating_point:

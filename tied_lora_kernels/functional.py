@@ -67,9 +67,11 @@ def tied_lora_linear(
     if dropout and backend == "triton":
         raise ValueError(
             f"backend='triton' runs without adapter dropout (the fused kernels read one x for the base and the "
-            f"adapter), got dropout={dropout}; use dropout=0 or backend='torch' / 'auto'"
+            f"adapter), got dropout={dropout}; use dropout=0, backend='torch' or 'auto' (a layer: or eval mode)"
         )
-    backend = "torch" if dropout else resolve_backend(backend, x, A.shape[0])
+    backend = resolve_backend(backend, x, A.shape[0])
+    if dropout:
+        backend = "torch"
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
     if autocast is not None:

@@ -98,7 +98,7 @@ class TiedLoRALinear(nn.Linear):
     - ``b_rows=(start, stop)``: the rows of a grouped ``shared.B`` this layer reads;
     - ``dropout``: dropout on the adapter's input in training mode (PEFT's ``lora_dropout``; default 0). The
       fused kernels take no dropout, so a training forward with ``dropout > 0`` runs the torch path
-      (``backend="triton"`` refuses it; ``"auto"`` warns once where it would have run the kernels).
+      (with ``backend="triton"`` it raises; ``"auto"`` warns once where it would have run the kernels).
     """
 
     def __init__(
@@ -153,11 +153,6 @@ class TiedLoRALinear(nn.Linear):
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         check_dropout(dropout)
-        if dropout and backend == "triton":
-            raise ValueError(
-                f"backend='triton' trains without adapter dropout (the fused kernels read one x for the base and "
-                f"the adapter), got dropout={dropout}; use dropout=0 or backend='auto' / 'torch'"
-            )
         if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, numbers.Real)):
             raise TypeError(f"alpha must be a number or None, got {alpha!r}")
         alpha = float(shared.rank if alpha is None else alpha)
