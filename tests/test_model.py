@@ -300,6 +300,33 @@ def test_all_linear_targets_every_linear_but_the_output_layer(tmp_path, spelling
     assert set(tied_lora_layers(toy)) == {n for n, m in Toy().named_modules() if isinstance(m, nn.Linear)}
 
 
+def test_all_linear_leaves_out_classification_heads_and_linear_subclasses():
+    shape = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=97, num_labels=2, pad_token_id=0)  # fmt: skip
+    classifier = transformers.LlamaForSequenceClassification(transformers.LlamaConfig(**shape))
+    apply_tied_lora(classifier, TiedLoRAConfig(rank=4, target_modules=ALL_LINEAR))  # score: [2, 32], below rank
+    assert "score" not in tied_lora_layers(classifier) and len(tied_lora_layers(classifier)) == 14
+    # MultiheadAttention's out_proj is a Linear subclass that its parent never calls: adapting it would do nothing
+    model = nn.Sequential(nn.MultiheadAttention(16, 2), nn.Linear(16, 16))
+    apply_tied_lora(model, TiedLoRAConfig(rank=2, target_modules=ALL_LINEAR))
+    assert set(tied_lora_layers(model)) == {"1"}
+
+
+def test_ties_join_the_same_role_across_layers_only():
+    """Layers whose names differ only in their indices share a pair; a same-named, same-shaped layer elsewhere
+    (BERT's pooler.dense beside attention.output.dense) gets its own."""
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList(nn.ModuleDict({"dense": nn.Linear(8, 8)}) for _ in range(3))
+            self.pooler = nn.ModuleDict({"dense": nn.Linear(8, 8)})
+
+    model = apply_tied_lora(Model(), TiedLoRAConfig(rank=2, target_modules=("dense",), groups=()))
+    shared = {name: id(layer.shared) for name, layer in tied_lora_layers(model).items()}
+    assert shared["layers.0.dense"] == shared["layers.1.dense"] == shared["layers.2.dense"] != shared["pooler.dense"]
+
+
 def test_load_errors(tmp_path):
     model = apply_tied_lora(tiny_llama(), TiedLoRAConfig(rank=4, preset="tl6"))
     save_tied_lora(model, tmp_path)

@@ -32,7 +32,7 @@ __all__ = ["TiedLoRAConfig", "PRESETS", "QKV", "ALL_LINEAR"]
 
 QKV = ("q_proj", "k_proj", "v_proj")
 ALL_LINEAR = "all-linear"
-"""``target_modules`` shorthand (PEFT's): every ``nn.Linear`` but the model's output layer."""
+"""``target_modules`` shorthand (PEFT's): every ``nn.Linear`` but the model's output layer or classification head."""
 
 # preset -> (tie, train_A, train_B, train_u, train_v, init, u_init)
 PRESETS: dict[str, tuple[bool, bool, bool, bool, bool, str, float]] = {
@@ -49,8 +49,9 @@ class TiedLoRAConfig:
 
     ``target_modules``: module names (a qualified name matches when it equals a target or ends with
     ``"." + target``), a callable ``(module, qualified_name) -> bool``, or ``"all-linear"`` (PEFT's shorthand:
-    every ``nn.Linear`` except the output layer a Hugging Face model's ``get_output_embeddings()`` names); only
-    ``nn.Linear`` layers are adapted. ``groups``: tuples of target names that, within one parent module, share
+    every module of class ``nn.Linear``, subclasses left out, except the output layer a Hugging Face model's
+    ``get_output_embeddings()`` names or else its ``score``/``classifier`` head); only ``nn.Linear`` layers are
+    adapted. ``groups``: tuples of target names that, within one parent module, share
     one ``A`` and one ``u`` and stack their ``B`` and ``v`` (q, k and v of a layer: the paper's fused-QKV setup).
     ``tie``: one ``A``/``B`` across all layers of a group or target (per shape) instead of one per layer.
     ``train_*``, ``tie``, ``init`` and ``u_init`` default to the preset's; ``dtype`` is the adapters' dtype

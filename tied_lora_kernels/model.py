@@ -1,7 +1,8 @@
 """Model-level helpers: adapt a model in place, merge/unmerge, count, and save/load the tiny adapter.
 
 ``apply_tied_lora`` replaces every targeted ``nn.Linear`` by a ``TiedLoRALinear`` and creates one
-``TiedLoRAShared`` per tie group and shape (per layer instead when ``tie`` is off). The adapter on disk is a
+``TiedLoRAShared`` per tie group and shape (a group: one role, the targets whose names differ only in their
+numeric parts such as layer indices; per layer instead when ``tie`` is off). The adapter on disk is a
 safetensors file (each shared ``A``/``B`` stored once) and a JSON file with the config and the layout.
 """
 
@@ -116,7 +117,8 @@ def _plan(targets: dict[str, nn.Linear], config: TiedLoRAConfig) -> list[tuple[t
             except ValueError as e:
                 raise ValueError(f"{name}: {e}") from None
         out_total = sum(lin.out_features for lin in linears)
-        tie_key = (key[1], in_features.pop(), out_total) if config.resolved["tie"] else key
+        # tied: one pair per role (names equal up to their layer indices) and shape
+        tie_key = (_role(key[0]), key[1], in_features.pop(), out_total) if config.resolved["tie"] else key
         device = devices.setdefault(tie_key, linears[0].weight.device)
         if any(lin.weight.device != device for lin in linears):
             raise ValueError(f"layers tied together live on several devices: {members} and {device}")
@@ -128,12 +130,12 @@ def _find_targets(model: nn.Module, config: TiedLoRAConfig) -> dict[str, nn.Line
     targets, owners = {}, {}
     for name, p in model.named_parameters(remove_duplicate=False):
         owners.setdefault(id(p), []).append(name)
-    output_layer = _output_layer(model) if config.target_modules == ALL_LINEAR else None
+    heads = _heads(model) if config.target_modules == ALL_LINEAR else ()
     for name, module in model.named_modules():
         if callable(config.target_modules):
             hit = bool(config.target_modules(module, name))
-        elif config.target_modules == ALL_LINEAR:
-            hit = isinstance(module, nn.Linear) and module is not output_layer
+        elif config.target_modules == ALL_LINEAR:  # (subclasses, e.g. quantized layers, are left out)
+            hit = type(module) is nn.Linear and not any(name == h or name.startswith(h + ".") for h in heads)
         else:
             hit = any(name == t or name.endswith("." + t) for t in config.target_modules)
         if not hit:
@@ -164,11 +166,19 @@ def _find_targets(model: nn.Module, config: TiedLoRAConfig) -> dict[str, nn.Line
     return targets
 
 
-def _output_layer(model: nn.Module) -> nn.Module | None:
-    """The layer ``"all-linear"`` leaves out, as PEFT does: a Hugging Face model's output embeddings (lm_head)."""
+def _heads(model: nn.Module) -> list[str]:
+    """The modules ``"all-linear"`` leaves out, with what they contain, as PEFT does: a Hugging Face model's output
+    embeddings (lm_head), else its classification head (``score`` or ``classifier``)."""
     get = getattr(model, "get_output_embeddings", None)
-    layer = get() if callable(get) else None
-    return layer if isinstance(layer, nn.Module) else None
+    output = get() if callable(get) else None
+    heads = [output] if output is not None else [getattr(model, name, None) for name in ("score", "classifier")]
+    heads = [head for head in heads if isinstance(head, nn.Module)]
+    return [name for name, module in model.named_modules() if any(module is head for head in heads)]
+
+
+def _role(name: str) -> str:
+    """A module's name with its numeric parts (layer, expert indices) as ``*``: what a tie shares across."""
+    return ".".join("*" if part.isdigit() else part for part in name.split("."))
 
 
 def _group_instances(targets: dict[str, nn.Linear], config: TiedLoRAConfig) -> dict[tuple, list[str]]:
