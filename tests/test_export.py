@@ -9,12 +9,10 @@ import warnings
 import pytest
 import torch
 
-from tests.test_model import randomise_adapters, tiny_llama
+from tests.test_model import QKV, randomise_adapters, tiny_llama
 from tied_lora_kernels import TiedLoRAConfig, apply_tied_lora, export_peft_lora, merge_tied_lora, tied_lora_layers
 
 peft = pytest.importorskip("peft")
-
-ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def _peft_logits(directory, ids, **model_kw):
@@ -31,8 +29,8 @@ def _peft_logits(directory, ids, **model_kw):
     [
         dict(preset="tl6"),  # q, k, v grouped: A and u shared by the group, rows of a stacked B
         dict(preset="vera", groups=()),  # frozen u_init 0.1 ... randomised below, trained vectors
-        dict(preset="lora", groups=(), target_modules=ALL_LINEAR),  # untied: PEFT's own layout
-        dict(preset="tl5", train_u=True, target_modules=ALL_LINEAR, alpha=16.0),  # frozen v = 1 (not stored)
+        dict(preset="lora", groups=(), target_modules=QKV + ("o_proj",)),  # untied: PEFT's own layout
+        dict(preset="tl5", train_u=True, target_modules="all-linear", alpha=16.0),  # frozen v = 1 (not stored)
     ],
     ids=["tl6", "vera", "lora", "tl5_u"],
 )
@@ -51,11 +49,13 @@ def test_peft_loads_the_same_model(tmp_path, config):
     meta = json.loads((tmp_path / "adapter_config.json").read_text())
     assert meta["peft_type"] == "LORA" and meta["r"] == meta["lora_alpha"] == 4
     assert meta["base_model_name_or_path"] == "tiny-llama"
-    assert meta["target_modules"] == sorted(config.get("target_modules", ("q_proj", "k_proj", "v_proj")))
+    short = {name.rpartition(".")[2] for name in tied_lora_layers(model)}
+    assert meta["target_modules"] == sorted(short)
 
 
 def test_a_subset_of_layers_is_named_in_full(tmp_path):
-    """Short names would also adapt the layers the callable left out: the config lists qualified names."""
+    """Short names would also adapt the layers the callable left out: the config holds a regular expression that
+    PEFT full-matches against qualified names (a list would match them as suffixes)."""
     ids = torch.randint(0, 97, (1, 5), generator=torch.Generator().manual_seed(1))
     target = lambda module, name: name.endswith("layers.1.self_attn.q_proj")  # noqa: E731
     model = apply_tied_lora(tiny_llama().double(), TiedLoRAConfig(rank=4, target_modules=target, groups=()))
@@ -63,9 +63,34 @@ def test_a_subset_of_layers_is_named_in_full(tmp_path):
     randomise_adapters(model)
     export_peft_lora(model, tmp_path)
     meta = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert meta["target_modules"] == ["model.layers.1.self_attn.q_proj"]
+    assert meta["target_modules"] == r"model\.layers\.1\.self_attn\.q_proj"
     _, logits = _peft_logits(tmp_path, ids)
     torch.testing.assert_close(logits, model(ids).logits, rtol=1e-12, atol=1e-12)
+
+
+class _Nested(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.proj = torch.nn.Linear(8, 8)
+        self.block = torch.nn.ModuleDict({"proj": torch.nn.Linear(8, 8)})
+
+    def forward(self, h):
+        return self.block["proj"](torch.tanh(self.proj(h)))
+
+
+def test_a_root_name_does_not_match_a_nested_one(tmp_path):
+    """Only the root ``proj`` is adapted: as a list, PEFT would match ``proj`` as a suffix of ``block.proj`` too."""
+    model = apply_tied_lora(_Nested(), TiedLoRAConfig(rank=2, target_modules=lambda m, n: n == "proj", groups=()))
+    randomise_adapters(model)
+    export_peft_lora(model, tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = peft.PeftModel.from_pretrained(_Nested(), tmp_path)
+    assert not [w for w in caught if "missing" in str(w.message).lower()], [str(w.message) for w in caught]
+    h = torch.randn(3, 8)
+    torch.testing.assert_close(loaded(h), model(h), rtol=1e-6, atol=1e-6)
+    assert not hasattr(loaded.base_model.model.block["proj"], "lora_A")
 
 
 def test_dtype_and_refusals(tmp_path):
@@ -83,3 +108,7 @@ def test_dtype_and_refusals(tmp_path):
     merge_tied_lora(model)
     with pytest.raises(RuntimeError, match="cannot export merged layers"):
         export_peft_lora(model, tmp_path / "x")
+    with torch.device("meta"):
+        meta = apply_tied_lora(tiny_llama(), TiedLoRAConfig(rank=4))
+    with pytest.raises(ValueError, match="meta device"):
+        export_peft_lora(meta, tmp_path / "x")

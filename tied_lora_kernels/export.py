@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import torch
 from torch import nn
@@ -40,8 +41,9 @@ def export_peft_lora(
     adapted from (the same class: module names must match), or serve it as a LoRA adapter. ``dtype``: the
     tensors' dtype (default: the adapters'). ``base_model_name_or_path`` is recorded in the config, as PEFT
     does. ``target_modules`` holds the layers' short names (``q_proj``, ...) when every module of the model
-    with those names is adapted, their qualified names otherwise. Refuses merged layers: their ΔW is in the
-    base weights already.
+    with those names is adapted, else a regular expression that matches exactly their qualified names (PEFT
+    matches a list of names as suffixes, a string as a full-match regex). Refuses merged layers, whose ΔW is in
+    the base weights already, and meta-device adapters.
     """
     from safetensors.torch import save_file
 
@@ -52,6 +54,8 @@ def export_peft_lora(
         raise RuntimeError(
             f"cannot export merged layers ({merged[:3]}): their ΔW is in the base weights; unmerge_tied_lora first"
         )
+    if any(layer.shared.A.is_meta for layer in layers.values()):
+        raise ValueError("the adapters are on the meta device: materialise and load them before exporting")
     if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
         raise TypeError(f"dtype must be a floating-point torch.dtype or None, got {dtype!r}")
     ranks = {layer.rank for layer in layers.values()}
@@ -95,8 +99,11 @@ def export_peft_lora(
         json.dump(peft_config, f, indent=2)
 
 
-def _target_names(model: nn.Module, adapted: set[str]) -> list[str]:
-    """Short names if they pick out exactly the adapted layers (PEFT matches a name or a ``.name`` suffix)."""
+def _target_names(model: nn.Module, adapted: set[str]) -> list[str] | str:
+    """Short names if they pick out exactly the adapted layers (PEFT matches a name or a ``.name`` suffix), else
+    a regular expression PEFT full-matches against each qualified name."""
     short = {name.rpartition(".")[2] for name in adapted}
     matching = {name for name, _ in model.named_modules() if name.rpartition(".")[2] in short}
-    return sorted(short) if matching == adapted else sorted(adapted)
+    if matching == adapted:
+        return sorted(short)
+    return "|".join(re.escape(name) for name in sorted(adapted))
