@@ -107,6 +107,13 @@ def test_two_ranks_average_the_adapter_gradients(tmp_path):
             torch.testing.assert_close(grad, want, rtol=1e-5, atol=1e-7, msg=lambda m, w=where: f"{w}: {m}")
 
 
+def test_sync_refuses_a_sharded_adapter(process_group):
+    model = _model()
+    fsdp.fully_shard(model)  # the adapter sharded with the rest: its gradients are FSDP's to reduce
+    with pytest.raises(ValueError, match="pass set\\(tied_lora_parameters\\(model\\)\\) as ignored_params"):
+        sync_tied_lora_grads(model)
+
+
 def test_sync_needs_a_process_group():
     with pytest.raises(RuntimeError, match="initialised torch.distributed process group"):
         sync_tied_lora_grads(_model())

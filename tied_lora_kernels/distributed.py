@@ -52,6 +52,13 @@ def sync_tied_lora_grads(model: nn.Module, group=None) -> None:
     params = [p for p in tied_lora_parameters(model) if p.requires_grad]
     if not params:
         return
+    from torch.distributed.tensor import DTensor
+
+    if any(isinstance(p, DTensor) for p in params):
+        raise ValueError(
+            "the adapter's parameters are sharded (DTensors): pass set(tied_lora_parameters(model)) as "
+            "ignored_params to every fully_shard call, so that each rank holds the whole adapter"
+        )
     device = params[0].device
     # [flattened gradients | one has-a-gradient flag per parameter], so one collective carries both
     flat = torch.cat(
