@@ -26,7 +26,7 @@ from torch import Tensor
 
 from tied_lora_kernels import kernels  # imports neither triton nor the kernels until they are used
 
-__all__ = ["tied_lora_linear", "BACKENDS", "resolve_backend"]
+__all__ = ["tied_lora_linear", "add_adapter", "BACKENDS", "resolve_backend"]
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -141,17 +141,39 @@ def _dispatch(backend, x, weight, bias, A, B, u, v, scale, deterministic, dropou
 
 
 def _torch_path(x2d, weight, bias, A, B, u, v, scale, dropout=0.0):
-    dtype = x2d.dtype
     y = torch.nn.functional.linear(x2d, weight, bias)  # [M, N]  base, the only [M, N] tensor
+    s, b = _rank_factors(x2d, A, B, u, v, dropout)
+    return y.addmm_(s, b.t(), alpha=scale)  # y += scale · S (v ⊙ B)ᵀ, in place
+
+
+def _rank_factors(x2d, A, B, u, v, dropout):
+    """``S = u ⊙ (x Aᵀ)`` ``[M, R]`` and ``v ⊙ B`` ``[N, R]`` in ``x``'s dtype, so that the adapter term is
+    ``scale · S (v ⊙ B)ᵀ`` (``(S Bᵀ) ⊙ v = S (v ⊙ B)ᵀ``); ``dropout`` applies to the adapter's input only."""
+    dtype = x2d.dtype
     if dropout:
-        x2d = torch.nn.functional.dropout(x2d, dropout)  # the adapter's input only
+        x2d = torch.nn.functional.dropout(x2d, dropout)
     s = x2d @ A.to(dtype).t()  # [M, R]  T = x Aᵀ
     if u is not None:
         s = s * u.to(dtype)  # [M, R]  S = u ⊙ T
     b = B.to(dtype)
     if v is not None:
-        b = b * v.to(dtype)[:, None]  # [N, R]  v ⊙ B, so that (S Bᵀ) ⊙ v = S (v ⊙ B)ᵀ
-    return y.addmm_(s, b.t(), alpha=scale)  # y += scale · S (v ⊙ B)ᵀ, in place
+        b = b * v.to(dtype)[:, None]  # [N, R]  v ⊙ B
+    return s, b
+
+
+def add_adapter(y: Tensor, x: Tensor, A, B, u=None, v=None, scale: float = 1.0, *, dropout: float = 0.0) -> Tensor:
+    """``y + scale · (v ⊙ ((u ⊙ (x Aᵀ)) Bᵀ))`` (a new tensor, in ``y``'s dtype) on the torch path: the adapter
+    beside a base layer the fused kernels cannot read, such as a bitsandbytes quantized linear whose output is
+    ``y``. Shapes as in ``tied_lora_linear``, ``y [..., N]`` with ``x``'s leading dims."""
+    check_dropout(dropout)
+    K, (N, R) = x.shape[-1], B.shape
+    if tuple(A.shape) != (R, K) or y.shape != (*x.shape[:-1], N):
+        raise ValueError(
+            f"add_adapter: A must be [{R}, {K}] and y [..., {N}] with x's leading dims, got A {tuple(A.shape)}, "
+            f"x {tuple(x.shape)}, y {tuple(y.shape)}"
+        )
+    s, b = _rank_factors(x.reshape(-1, K), A, B, u, v, dropout)
+    return torch.addmm(y.reshape(-1, N), s.to(y.dtype), b.t().to(y.dtype), alpha=scale).reshape(y.shape)
 
 
 # ---------------------------------------------------------------------------------------------------------

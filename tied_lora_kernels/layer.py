@@ -21,16 +21,17 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 import warnings
 
 import torch
 from torch import Tensor, nn
 
 from tied_lora_kernels import reference
-from tied_lora_kernels.functional import BACKENDS, check_dropout, resolve_backend, tied_lora_linear
+from tied_lora_kernels.functional import BACKENDS, add_adapter, check_dropout, resolve_backend, tied_lora_linear
 from tied_lora_kernels.shared import TiedLoRAShared
 
-__all__ = ["TiedLoRALinear", "UScale", "carry_hooks", "check_plain_weight"]
+__all__ = ["TiedLoRALinear", "UScale", "carry_hooks", "check_plain_weight", "quantized_linear_types"]
 
 
 _MODULE_HOOKS = (
@@ -45,6 +46,16 @@ _MODULE_HOOKS = (
 )
 
 
+def check_linear_type(linear: nn.Module, what: str) -> None:
+    """Refuse an ``nn.Linear`` subclass other than the quantized ones the adapter can run beside: its forward
+    may not be a linear of its weight (``nn.MultiheadAttention``'s ``out_proj`` is not even called)."""
+    if type(linear) is not nn.Linear and type(linear) not in quantized_linear_types():
+        raise TypeError(
+            f"{what} is a {type(linear).__name__}; only nn.Linear layers and bitsandbytes' Linear4bit / "
+            "Linear8bitLt can be adapted"
+        )
+
+
 def check_plain_weight(linear: nn.Linear, what: str) -> None:
     """Refuse a linear whose ``weight`` a forward pre-hook rebuilds (pruning, old-style weight or spectral norm):
     the adapted layer would carry the hook but not the parameters it rebuilds the weight from."""
@@ -53,6 +64,41 @@ def check_plain_weight(linear: nn.Linear, what: str) -> None:
             f"{what} computes its weight in a forward pre-hook (pruning or weight/spectral norm): remove that "
             "first (e.g. torch.nn.utils.prune.remove) so the weight is a plain parameter"
         )
+
+
+def quantized_linear_types() -> tuple[type, ...]:
+    """The ``nn.Linear`` subclasses an adapter can run beside, on the torch path: bitsandbytes' ``Linear4bit``
+    (QLoRA; with its ``LinearNF4``/``LinearFP4``) and ``Linear8bitLt``, once bitsandbytes is imported (a model
+    holding such layers has imported it; this never imports it)."""
+    bnb = sys.modules.get("bitsandbytes")
+    nn_ = getattr(bnb, "nn", None)
+    names = ("Linear4bit", "LinearNF4", "LinearFP4", "Linear8bitLt")
+    return tuple(t for t in (getattr(nn_, name, None) for name in names) if isinstance(t, type))
+
+
+_QUANTIZED_CLASSES: dict[type, type] = {}
+
+
+def _quantized_class(base: type) -> type:
+    """``TiedLoRALinear`` over the quantized ``base`` class: the adapter's code, then ``base``'s forward and
+    state-dict methods (which save and load the quantisation state under the layer's usual keys)."""
+    if base not in _QUANTIZED_CLASSES:
+        name = f"TiedLoRA{base.__name__}"
+        cls = type(name, (TiedLoRALinear, base), {"__module__": __name__, "quantized": True, "base_class": base})
+        globals()[name] = cls  # importable by name, for pickle
+        _QUANTIZED_CLASSES[base] = cls
+    return _QUANTIZED_CLASSES[base]
+
+
+def __getattr__(name: str) -> type:
+    """``TiedLoRALinear4bit`` and the like, made on first use: what a pickled adapted quantized layer names."""
+    if name.startswith("TiedLoRA"):
+        import bitsandbytes  # noqa: F401  (the pickle holds bitsandbytes objects anyway)
+
+        for base in quantized_linear_types():
+            if name == f"TiedLoRA{base.__name__}":
+                return _quantized_class(base)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def carry_hooks(src: nn.Module, dst: nn.Module) -> None:
@@ -99,7 +145,17 @@ class TiedLoRALinear(nn.Linear):
     - ``dropout``: dropout on the adapter's input in training mode (PEFT's ``lora_dropout``; default 0). The
       fused kernels take no dropout, so a training forward with ``dropout > 0`` runs the torch path
       (with ``backend="triton"`` it raises; ``"auto"`` warns once where it would have run the kernels).
+
+    ``from_linear`` also adapts bitsandbytes' quantized linears (``quantized_linear_types``), as an instance of
+    a subclass of both (``TiedLoRALinear4bit``, ...): the base runs the quantized layer's own forward, the
+    adapter is added on the torch path (the fused kernels read a plain weight), and state-dict keys stay the
+    quantized layer's. Such layers cannot merge: ΔW would be rounded into the quantized weight.
     """
+
+    quantized = False
+    """Whether the base is a quantized layer (a class made by ``from_linear``)."""
+    base_class: type = nn.Linear
+    """The class of the adapted layer."""
 
     def __init__(
         self,
@@ -123,9 +179,17 @@ class TiedLoRALinear(nn.Linear):
             raise TypeError(f"from_linear needs an nn.Linear, got {type(linear).__name__}")
         if isinstance(linear, TiedLoRALinear):
             raise TypeError("this layer already has a Tied-LoRA adapter")
+        check_linear_type(linear, "this linear")
         check_plain_weight(linear, "this linear")
+        if type(linear) is not nn.Linear:
+            cls = _quantized_class(type(linear))
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
+        if cls.quantized:  # the quantized layer's own state (compute dtype, quantisation state, state-dict hooks)
+            own = {"_parameters", "_buffers", "_non_persistent_buffers_set", "_modules", *_MODULE_HOOKS}
+            layer.__dict__.update({k: v for k, v in vars(linear).items() if k not in own})
+            for name, buffer in linear._buffers.items():
+                layer.register_buffer(name, buffer, persistent=name not in linear._non_persistent_buffers_set)
         layer.in_features, layer.out_features = linear.in_features, linear.out_features
         layer.weight = linear.weight
         layer.bias = linear.bias
@@ -153,6 +217,11 @@ class TiedLoRALinear(nn.Linear):
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         check_dropout(dropout)
+        if self.quantized and backend == "triton":
+            raise ValueError(
+                f"backend='triton' needs a plain weight; this layer's base is a quantized {self.base_class.__name__}, "
+                "which runs its own forward with the adapter on the torch path: use backend='auto' or 'torch'"
+            )
         if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, numbers.Real)):
             raise TypeError(f"alpha must be a number or None, got {alpha!r}")
         alpha = float(shared.rank if alpha is None else alpha)
@@ -226,8 +295,11 @@ class TiedLoRALinear(nn.Linear):
         if self.merged or self.disabled:
             if self.merged and self.disabled:
                 raise RuntimeError("this TiedLoRALinear is disabled but merged (weight holds ΔW): unmerge() it first")
-            return nn.functional.linear(x, self.weight, self.bias)
+            return super().forward(x)  # nn.Linear's, or the quantized layer's own
         dropout = self.lora_dropout if self.training else 0.0
+        if self.quantized:
+            A, B, u, v = self.shared.A, self.lora_B, self.lora_u, self.lora_v
+            return add_adapter(super().forward(x), x, A, B, u, v, self.scale, dropout=dropout)
         if dropout and self.backend == "auto" and not torch.compiler.is_compiling():
             _warn_dropout_once(x, self.rank)
         return tied_lora_linear(
@@ -252,6 +324,7 @@ class TiedLoRALinear(nn.Linear):
         """Fold ΔW into ``weight`` (computed in float32, rounded once); forward then costs a plain linear."""
         if self.merged:
             raise RuntimeError("this TiedLoRALinear is already merged; unmerge() it first")
+        self.check_mergeable()
         self._add_delta(+1.0)
         self.merged = True
 
@@ -262,6 +335,15 @@ class TiedLoRALinear(nn.Linear):
             raise RuntimeError("this TiedLoRALinear is not merged")
         self._add_delta(-1.0)
         self.merged = False
+
+    def check_mergeable(self) -> None:
+        """Raise unless ΔW can go into ``weight``: not into a quantized one, where it would be rounded away."""
+        if self.quantized:
+            raise RuntimeError(
+                f"cannot merge into a quantized {self.base_class.__name__} weight (ΔW would be rounded into it): "
+                "keep the adapter separate, export it with export_peft_lora, or merge into a dequantized copy of "
+                "the base model"
+            )
 
     def _add_delta(self, sign: float) -> None:
         # weight ± ΔW in at least float32, rounded once to weight's dtype

@@ -19,7 +19,13 @@ from torch import nn
 
 from tied_lora_kernels.config import ALL_LINEAR, TiedLoRAConfig
 from tied_lora_kernels.functional import check_rank
-from tied_lora_kernels.layer import TiedLoRALinear, carry_hooks, check_plain_weight
+from tied_lora_kernels.layer import (
+    TiedLoRALinear,
+    carry_hooks,
+    check_linear_type,
+    check_plain_weight,
+    quantized_linear_types,
+)
 from tied_lora_kernels.shared import TiedLoRAShared
 
 __all__ = [
@@ -131,18 +137,25 @@ def _find_targets(model: nn.Module, config: TiedLoRAConfig) -> dict[str, nn.Line
     for name, p in model.named_parameters(remove_duplicate=False):
         owners.setdefault(id(p), []).append(name)
     heads = _heads(model) if config.target_modules == ALL_LINEAR else ()
+    linear_types = (nn.Linear, *quantized_linear_types())
     for name, module in model.named_modules():
         if callable(config.target_modules):
             hit = bool(config.target_modules(module, name))
-        elif config.target_modules == ALL_LINEAR:  # (subclasses, e.g. quantized layers, are left out)
-            hit = type(module) is nn.Linear and not any(name == h or name.startswith(h + ".") for h in heads)
+        elif config.target_modules == ALL_LINEAR:  # (other subclasses of nn.Linear are left out)
+            hit = type(module) in linear_types and not any(name == h or name.startswith(h + ".") for h in heads)
         else:
             hit = any(name == t or name.endswith("." + t) for t in config.target_modules)
         if not hit:
             continue
-        if type(module) is not nn.Linear:
+        if not isinstance(module, nn.Linear):
             raise TypeError(f"target {name!r} is a {type(module).__name__}; only nn.Linear layers can be adapted")
+        check_linear_type(module, f"target {name!r}")
         check_plain_weight(module, f"target {name!r}")
+        if config.backend == "triton" and type(module) is not nn.Linear:
+            raise ValueError(
+                f"target {name!r} is a quantized {type(module).__name__}: backend='triton' needs plain weights "
+                "(quantized layers run their own forward with the adapter on the torch path); use backend='auto'"
+            )
         if hasattr(module, "_hf_hook"):  # accelerate's per-layer hooks: offloaded weights, loaded at call time
             raise ValueError(
                 f"target {name!r} carries an accelerate hook (a device_map with offloading): its weight is loaded "
@@ -212,6 +225,8 @@ def merge_tied_lora(model: nn.Module, *, unload: bool = False) -> nn.Module:
     (sharing the merged weights) back in place, for export (layers merged already are unloaded as they are);
     otherwise ``unmerge_tied_lora`` undoes it, and merging a merged layer again raises."""
     layers = _require_layers(model)
+    for layer in layers.values():  # before touching any layer
+        layer.check_mergeable()
     for layer in layers.values():
         if not (unload and layer.merged):
             layer.merge()

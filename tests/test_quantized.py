@@ -1,0 +1,168 @@
+"""bitsandbytes' quantized linears (QLoRA): the adapter runs beside the quantized layer's own forward, on the
+torch path, with the layer's state-dict keys kept. On CPU (bitsandbytes ≥ 0.46 quantizes and multiplies there)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from tests.test_model import randomise_adapters, tiny_llama
+from tied_lora_kernels import (
+    TiedLoRAConfig,
+    TiedLoRALinear,
+    TiedLoRAShared,
+    apply_tied_lora,
+    disable_tied_lora,
+    export_peft_lora,
+    load_tied_lora,
+    merge_tied_lora,
+    reference,
+    save_tied_lora,
+    tied_lora_layers,
+)
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    bnb = pytest.importorskip("bitsandbytes")
+
+KINDS = ["4bit", "8bit"]
+
+
+def quantized(linear: nn.Linear, kind: str) -> nn.Linear:
+    """``linear`` as a bitsandbytes layer, quantized on the CPU."""
+    if kind == "4bit":
+        q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                              compute_dtype=torch.float32, quant_type="nf4")  # fmt: skip
+    else:
+        q = bnb.nn.Linear8bitLt(
+            linear.in_features, linear.out_features, bias=linear.bias is not None, has_fp16_weights=False
+        )
+    q.load_state_dict(linear.state_dict())
+    return q.to("cpu")  # quantizes
+
+
+def quantized_llama(kind="4bit", seed=0):
+    model = tiny_llama(seed, hidden_size=64, intermediate_size=128)  # (bitsandbytes' CPU path: in ≥ its block)
+    for name, module in list(model.named_modules()):
+        if type(module) is nn.Linear and name != "lm_head":
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, quantized(module, kind))
+    return model
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_layer_adds_the_adapter_to_the_quantized_output(kind):
+    torch.manual_seed(0)
+    base = quantized(nn.Linear(40, 24), kind)
+    shared = TiedLoRAShared(40, 24, 4, seed=0)
+    layer = TiedLoRALinear.from_linear(base, shared)
+    assert isinstance(layer, type(base)) and type(layer).__name__ == f"TiedLoRA{type(base).__name__}"
+    assert layer.quantized and layer.weight is base.weight
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in (shared.A, shared.B, layer.lora_u, layer.lora_v):
+            p.copy_(torch.randn(p.shape, generator=g))
+    x = torch.randn(3, 5, 40, generator=g, requires_grad=True)
+    dy = torch.randn(3, 5, 24, generator=g)
+    params = [shared.A, shared.B, layer.lora_u, layer.lora_v]
+
+    got = torch.autograd.grad(layer(x), [x, *params], dy)
+    y_ref = base(x) + reference.tied_lora_forward(x, torch.zeros(24, 40), None, *params, layer.scale)
+    want = torch.autograd.grad(y_ref, [x, *params], dy)
+    torch.testing.assert_close(layer(x), y_ref, rtol=1e-5, atol=1e-5)
+    for name, a, b in zip(["x", "A", "B", "u", "v"], got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"d{n}: {m}")
+
+    keys = set(base.state_dict())
+    assert keys <= set(layer.state_dict()) and "weight" in keys
+    for key in keys:
+        assert torch.equal(layer.state_dict()[key], base.state_dict()[key]), key
+    with pytest.raises(RuntimeError, match=f"cannot merge into a quantized {type(base).__name__} weight"):
+        layer.merge()
+    with pytest.raises(ValueError, match="backend='triton' needs a plain weight"):
+        TiedLoRALinear.from_linear(quantized(nn.Linear(40, 24), kind), TiedLoRAShared(40, 24, 4), backend="triton")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_qlora_model_trains_disables_saves_and_loads(kind, tmp_path):
+    ids = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(0))
+    model = quantized_llama(kind)
+    with torch.no_grad():
+        before = model(ids).logits
+    apply_tied_lora(model, TiedLoRAConfig(rank=4, preset="tl6", target_modules="all-linear"))
+    assert len(tied_lora_layers(model)) == 14 and all(layer.quantized for layer in tied_lora_layers(model).values())
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, before)  # the zero start
+    randomise_adapters(model)
+    model.train()
+    model(ids, labels=ids).loss.backward()
+    trained = [p for p in model.parameters() if p.requires_grad]
+    assert trained and all(p.grad is not None and p.grad.abs().sum() > 0 for p in trained)
+    model.eval()
+    with torch.no_grad(), disable_tied_lora(model):
+        disabled = model(ids).logits
+    with torch.no_grad():  # (bitsandbytes' CPU kernels differ between modes: compare in one)
+        for layer in tied_lora_layers(model).values():
+            layer.lora_v.zero_()
+        assert torch.equal(model(ids).logits, disabled)  # a zero adapter adds exact zeros
+    randomise_adapters(model)
+    with pytest.raises(RuntimeError, match="cannot merge into a quantized"):
+        merge_tied_lora(model)
+    assert not any(layer.merged for layer in tied_lora_layers(model).values())  # refused before touching any
+
+    with torch.no_grad():
+        expected = model(ids).logits
+    save_tied_lora(model, tmp_path)
+    fresh = load_tied_lora(quantized_llama(kind), tmp_path)
+    with torch.no_grad():  # bitsandbytes' CPU kernels round differently once a layer has run in training mode
+        fresh(ids)
+    fresh.train()(ids)
+    with torch.no_grad():
+        assert torch.equal(fresh.eval()(ids).logits, expected)
+
+
+def test_adapted_quantized_layers_copy_and_pickle():
+    import copy
+    import pickle
+
+    from tied_lora_kernels import layer as layer_module
+
+    layer = TiedLoRALinear.from_linear(quantized(nn.Linear(64, 32), "4bit"), TiedLoRAShared(64, 32, 4, seed=0))
+    x = torch.randn(3, 64)
+    for twin in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+        assert type(twin) is type(layer)
+        torch.testing.assert_close(twin(x), layer(x), rtol=0, atol=0)
+    # a fresh process unpickling one finds its class by name on the module
+    assert layer_module.__getattr__("TiedLoRALinear8bitLt").base_class is bnb.nn.Linear8bitLt
+    with pytest.raises(AttributeError):
+        layer_module.__getattr__("TiedLoRANotALayer")
+
+
+def test_triton_backend_and_other_subclasses_are_refused_up_front():
+    model = quantized_llama()
+    with pytest.raises(ValueError, match="is a quantized Linear4bit: backend='triton' needs plain weights"):
+        apply_tied_lora(model, TiedLoRAConfig(rank=4, backend="triton"))
+    assert not tied_lora_layers(model)
+    mha = nn.Sequential(nn.MultiheadAttention(16, 2))
+    with pytest.raises(TypeError, match="only nn.Linear layers and bitsandbytes' Linear4bit"):
+        apply_tied_lora(mha, TiedLoRAConfig(rank=2, target_modules=("out_proj",)))
+
+
+def test_export_loads_in_peft_over_the_quantized_model(tmp_path):
+    peft = pytest.importorskip("peft")
+    ids = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(0))
+    model = apply_tied_lora(quantized_llama(), TiedLoRAConfig(rank=4, preset="tl6"))
+    randomise_adapters(model)
+    # training mode (no dropout here): bitsandbytes' CPU inference path rounds activations to bf16
+    with torch.no_grad():
+        expected = model.train()(ids).logits
+        base = quantized_llama().train()(ids).logits
+    export_peft_lora(model, tmp_path)
+    loaded = peft.PeftModel.from_pretrained(quantized_llama(), tmp_path)
+    with torch.no_grad():
+        got = loaded.train()(ids).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert (got - base).abs().max() > 0.1  # the adapter does something
