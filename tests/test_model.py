@@ -327,6 +327,63 @@ def test_ties_join_the_same_role_across_layers_only():
     assert shared["layers.0.dense"] == shared["layers.1.dense"] == shared["layers.2.dense"] != shared["pooler.dense"]
 
 
+def test_merge_and_unmerge_check_every_layer_before_touching_any():
+    model = apply_tied_lora(tiny_llama(), TiedLoRAConfig(rank=4, target_modules=QKV + ("o_proj",)))
+    randomise_adapters(model)
+    layers = list(tied_lora_layers(model).values())
+    layers[3].merge()
+    with pytest.raises(RuntimeError, match="is already merged"):
+        merge_tied_lora(model)
+    with pytest.raises(RuntimeError, match="cannot unmerge layers that are not merged"):
+        unmerge_tied_lora(model)
+    assert [layer.merged for layer in layers] == [i == 3 for i in range(len(layers))]
+    layers[3].unmerge()
+    with disable_tied_lora(model), pytest.raises(RuntimeError, match="disabled"):
+        merge_tied_lora(model)
+    assert not any(layer.merged for layer in layers)
+
+
+def test_load_builds_the_ties_the_file_records(tmp_path):
+    """The file's layout says which layers share a pair: a file whose ties differ from the current rule (say,
+    saved before the rule changed) still loads into a bare model, with its own ties."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.layers = nn.ModuleList(nn.ModuleDict({"dense": nn.Linear(8, 8)}) for _ in range(2))
+            self.pooler = nn.ModuleDict({"dense": nn.Linear(8, 8)})
+
+        def forward(self, h):
+            for layer in self.layers:
+                h = torch.tanh(layer["dense"](h))
+            return self.pooler["dense"](h)
+
+    model = apply_tied_lora(Model(), TiedLoRAConfig(rank=2, target_modules=("dense",), groups=()))
+    randomise_adapters(model)
+    save_tied_lora(model, tmp_path)
+    # rewrite the file as if the pooler had shared the layers' pair
+    meta = json.loads((tmp_path / "adapter_config.json").read_text())
+    state = load_file(tmp_path / "adapter_model.safetensors")
+    ours = meta["layout"]["pooler.dense"]["shared"]
+    meta["layout"]["pooler.dense"]["shared"] = meta["layout"]["layers.0.dense"]["shared"]
+    for key in [k for k in state if k.startswith(ours + ".")]:
+        del state[key], meta["tensors"][key]
+    save_file(state, tmp_path / "adapter_model.safetensors")
+    (tmp_path / "adapter_config.json").write_text(json.dumps(meta))
+
+    fresh = load_tied_lora(Model(), tmp_path)
+    shared = {name: layer.shared for name, layer in tied_lora_layers(fresh).items()}
+    assert shared["pooler.dense"] is shared["layers.0.dense"] is shared["layers.1.dense"]
+    with torch.no_grad():  # the same model as the original with the pooler reading the layers' pair
+        model.pooler["dense"].shared = model.layers[0]["dense"].shared
+        h = torch.randn(3, 8)
+        assert torch.equal(fresh(h), model(h))
+
+
 def test_load_errors(tmp_path):
     model = apply_tied_lora(tiny_llama(), TiedLoRAConfig(rank=4, preset="tl6"))
     save_tied_lora(model, tmp_path)

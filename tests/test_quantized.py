@@ -53,12 +53,13 @@ def quantized_llama(kind="4bit", seed=0):
     return model
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.3], ids=["no_dropout", "dropout"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_layer_adds_the_adapter_to_the_quantized_output(kind):
+def test_layer_adds_the_adapter_to_the_quantized_output(kind, dropout):
     torch.manual_seed(0)
     base = quantized(nn.Linear(40, 24), kind)
     shared = TiedLoRAShared(40, 24, 4, seed=0)
-    layer = TiedLoRALinear.from_linear(base, shared)
+    layer = TiedLoRALinear.from_linear(base, shared, alpha=8.0, dropout=dropout)  # scale 2
     assert isinstance(layer, type(base)) and type(layer).__name__ == f"TiedLoRA{type(base).__name__}"
     assert layer.quantized and layer.weight is base.weight
     g = torch.Generator().manual_seed(1)
@@ -69,10 +70,14 @@ def test_layer_adds_the_adapter_to_the_quantized_output(kind):
     dy = torch.randn(3, 5, 24, generator=g)
     params = [shared.A, shared.B, layer.lora_u, layer.lora_v]
 
-    got = torch.autograd.grad(layer(x), [x, *params], dy)
-    y_ref = base(x) + reference.tied_lora_forward(x, torch.zeros(24, 40), None, *params, layer.scale)
+    torch.manual_seed(3)
+    y = layer(x)
+    got = torch.autograd.grad(y, [x, *params], dy)
+    torch.manual_seed(3)  # the same draw: the adapter's input only is dropped
+    x_adapter = nn.functional.dropout(x, dropout) if dropout else x
+    y_ref = base(x) + reference.tied_lora_forward(x_adapter, torch.zeros(24, 40), None, *params, 2.0)
     want = torch.autograd.grad(y_ref, [x, *params], dy)
-    torch.testing.assert_close(layer(x), y_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
     for name, a, b in zip(["x", "A", "B", "u", "v"], got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"d{n}: {m}")
 
@@ -139,6 +144,59 @@ def test_adapted_quantized_layers_copy_and_pickle():
     assert layer_module.__getattr__("TiedLoRALinear8bitLt").base_class is bnb.nn.Linear8bitLt
     with pytest.raises(AttributeError):
         layer_module.__getattr__("TiedLoRANotALayer")
+
+
+def test_what_is_bound_to_the_old_layer_stays_behind():
+    """An instance-level forward (a patch) or ``module.compile()``'s call is bound to the quantized layer being
+    replaced: copied over, the adapted layer would run the old forward and skip its adapter."""
+    x = torch.randn(3, 64)
+    for prepare in ("patch", "compile"):
+        base = quantized(nn.Linear(64, 32), "4bit")
+        if prepare == "patch":
+            base.forward = base.forward  # what accelerate's hooks and user patches leave on the instance
+        else:
+            base.compile(backend="eager")
+        plain = base(x)
+        layer = TiedLoRALinear.from_linear(base, TiedLoRAShared(64, 32, 4, seed=0))
+        with torch.no_grad():
+            layer.lora_v.fill_(1.0)
+        assert not torch.allclose(layer(x), plain), prepare
+        assert layer.weight.module is layer  # bitsandbytes' Params4bit finds its layer there
+
+
+def test_add_adapter_checks_its_inputs():
+    from tied_lora_kernels.functional import add_adapter
+
+    y, x, A, B = torch.zeros(3, 6), torch.randn(3, 5), torch.randn(2, 5), torch.randn(6, 2)
+    cases = [
+        (dict(u=torch.ones(1)), ValueError, "u must be 1-D of length 2"),
+        (dict(x=x.long()), TypeError, "floating-point"),
+        (dict(A=A.double()), TypeError, "A is torch.float64 but x is torch.float32"),
+        (dict(y=torch.zeros(3, 7)), ValueError, "y must be"),
+        (dict(dropout=1.5), ValueError, "dropout must be"),
+    ]
+    for change, error, match in cases:
+        args = dict(y=y, x=x, A=A, B=B, u=None, v=None) | {k: v for k, v in change.items() if k != "dropout"}
+        with pytest.raises(error, match=match):
+            add_adapter(**args, dropout=change.get("dropout", 0.0))
+
+
+def test_reset_count_and_backend_override():
+    from tied_lora_kernels import count_parameters
+
+    plain = tiny_llama(hidden_size=64, intermediate_size=128)
+    model = apply_tied_lora(quantized_llama(), TiedLoRAConfig(rank=4, target_modules="all-linear"))
+    adapter = count_parameters(model).trainable
+    assert count_parameters(model).total == count_parameters(plain).total + adapter  # 4-bit: two values a byte
+    layer = model.model.layers[0].self_attn.q_proj
+    weight = layer.weight.data.clone()
+    with torch.no_grad():
+        layer.lora_v.fill_(3.0)
+    layer.reset_parameters()  # the adapter only: a quantized weight is not re-initialised
+    assert torch.equal(layer.weight.data, weight) and not layer.lora_v.any()
+    for backend, match in (("bogus", "backend must be one of"), ("triton", "include quantized ones")):
+        with pytest.raises(ValueError, match=match):
+            load_tied_lora(model, "/nonexistent", backend=backend)
 
 
 def test_triton_backend_and_other_subclasses_are_refused_up_front():

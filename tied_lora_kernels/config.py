@@ -49,11 +49,12 @@ class TiedLoRAConfig:
 
     ``target_modules``: module names (a qualified name matches when it equals a target or ends with
     ``"." + target``), a callable ``(module, qualified_name) -> bool``, or ``"all-linear"`` (PEFT's shorthand:
-    every module of class ``nn.Linear``, subclasses left out, except the output layer a Hugging Face model's
-    ``get_output_embeddings()`` names or else its ``score``/``classifier`` head); only ``nn.Linear`` layers are
-    adapted. ``groups``: tuples of target names that, within one parent module, share
-    one ``A`` and one ``u`` and stack their ``B`` and ``v`` (q, k and v of a layer: the paper's fused-QKV setup).
-    ``tie``: one ``A``/``B`` across all layers of a group or target (per shape) instead of one per layer.
+    every ``nn.Linear`` and bitsandbytes quantized linear, other subclasses left out, except the output layer a
+    Hugging Face model's ``get_output_embeddings()`` names or else its ``score``/``classifier`` head); only
+    ``nn.Linear`` layers (and bitsandbytes' quantized ones) are adapted. ``groups``: tuples of target names that,
+    within one parent module, share one ``A`` and one ``u`` and stack their ``B`` and ``v`` (q, k and v of a
+    layer: the paper's fused-QKV setup). ``tie``: one ``A``/``B`` across all layers of a group or target (per
+    shape: the layers whose names differ only in their numeric parts) instead of one per layer.
     ``train_*``, ``tie``, ``init`` and ``u_init`` default to the preset's; ``dtype`` is the adapters' dtype
     (float32 master weights by default, whatever the model's dtype). ``dropout``: dropout on each adapter's input
     in training mode (PEFT's ``lora_dropout``); the fused kernels take none, so training with ``dropout > 0``

@@ -43,7 +43,8 @@ def sync_tied_lora_grads(model: nn.Module, group=None) -> None:
 
     A gradient that is ``None`` on this rank takes part as zeros; a parameter whose gradient is ``None`` on every
     rank keeps ``None`` (so the optimizer skips it, as it would without sharding). Gradients are summed in
-    float32 and divided by the group's size, as FSDP averages the sharded gradients.
+    float32 (float64 if an adapter is float64) and divided by the group's size, as FSDP averages the sharded
+    gradients.
     """
     import torch.distributed as dist
 
@@ -60,10 +61,11 @@ def sync_tied_lora_grads(model: nn.Module, group=None) -> None:
             "ignored_params to every fully_shard call, so that each rank holds the whole adapter"
         )
     device = params[0].device
+    dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
     # [flattened gradients | one has-a-gradient flag per parameter], so one collective carries both
     flat = torch.cat(
-        [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).to(device, torch.float32) for p in params]
-        + [torch.tensor([float(p.grad is not None) for p in params], device=device)]
+        [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).to(device, dtype) for p in params]
+        + [torch.tensor([float(p.grad is not None) for p in params], device=device, dtype=dtype)]
     )
     dist.all_reduce(flat, group=group)
     flat /= dist.get_world_size(group)

@@ -166,12 +166,13 @@ def add_adapter(y: Tensor, x: Tensor, A, B, u=None, v=None, scale: float = 1.0, 
     beside a base layer the fused kernels cannot read, such as a bitsandbytes quantized linear whose output is
     ``y``. Shapes as in ``tied_lora_linear``, ``y [..., N]`` with ``x``'s leading dims."""
     check_dropout(dropout)
-    K, (N, R) = x.shape[-1], B.shape
-    if tuple(A.shape) != (R, K) or y.shape != (*x.shape[:-1], N):
-        raise ValueError(
-            f"add_adapter: A must be [{R}, {K}] and y [..., {N}] with x's leading dims, got A {tuple(A.shape)}, "
-            f"x {tuple(x.shape)}, y {tuple(y.shape)}"
-        )
+    if not isinstance(y, Tensor) or not isinstance(x, Tensor) or not isinstance(B, Tensor) or B.dim() != 2:
+        raise TypeError("add_adapter needs tensors y, x and a 2-D B")
+    K, N = x.shape[-1], B.shape[0]
+    # the checks of tied_lora_linear, with a stand-in [N, K] weight (an expanded scalar: no memory)
+    _check_inputs(x, x.new_empty(()).expand(N, K), None, A, B, u, v, scale)
+    if y.shape != (*x.shape[:-1], N) or y.device != x.device:
+        raise ValueError(f"y must be [..., {N}] with x's leading dims on x's device, got {tuple(y.shape)}, {y.device}")
     s, b = _rank_factors(x.reshape(-1, K), A, B, u, v, dropout)
     return torch.addmm(y.reshape(-1, N), s.to(y.dtype), b.t().to(y.dtype), alpha=scale).reshape(y.shape)
 

@@ -70,10 +70,8 @@ def quantized_linear_types() -> tuple[type, ...]:
     """The ``nn.Linear`` subclasses an adapter can run beside, on the torch path: bitsandbytes' ``Linear4bit``
     (QLoRA; with its ``LinearNF4``/``LinearFP4``) and ``Linear8bitLt``, once bitsandbytes is imported (a model
     holding such layers has imported it; this never imports it)."""
-    bnb = sys.modules.get("bitsandbytes")
-    nn_ = getattr(bnb, "nn", None)
-    names = ("Linear4bit", "LinearNF4", "LinearFP4", "Linear8bitLt")
-    return tuple(t for t in (getattr(nn_, name, None) for name in names) if isinstance(t, type))
+    bnb_nn = getattr(sys.modules.get("bitsandbytes"), "nn", None)
+    return tuple(t for t in (getattr(bnb_nn, name, None) for name in _QUANTIZED_NAMES) if isinstance(t, type))
 
 
 _QUANTIZED_CLASSES: dict[type, type] = {}
@@ -90,11 +88,16 @@ def _quantized_class(base: type) -> type:
     return _QUANTIZED_CLASSES[base]
 
 
+_QUANTIZED_NAMES = ("Linear4bit", "LinearNF4", "LinearFP4", "Linear8bitLt")
+
+
 def __getattr__(name: str) -> type:
     """``TiedLoRALinear4bit`` and the like, made on first use: what a pickled adapted quantized layer names."""
-    if name.startswith("TiedLoRA"):
-        import bitsandbytes  # noqa: F401  (the pickle holds bitsandbytes objects anyway)
-
+    if name.removeprefix("TiedLoRA") in _QUANTIZED_NAMES and name.startswith("TiedLoRA"):
+        try:
+            import bitsandbytes  # noqa: F401  (the pickle holds bitsandbytes objects anyway)
+        except ImportError:
+            raise AttributeError(f"{__name__}.{name} needs bitsandbytes, which is not installed") from None
         for base in quantized_linear_types():
             if name == f"TiedLoRA{base.__name__}":
                 return _quantized_class(base)
@@ -185,14 +188,22 @@ class TiedLoRALinear(nn.Linear):
             cls = _quantized_class(type(linear))
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
-        if cls.quantized:  # the quantized layer's own state (compute dtype, quantisation state, state-dict hooks)
+        if cls.quantized:
+            if hasattr(linear, "_hf_hook"):
+                raise ValueError(
+                    "this layer carries an accelerate hook (offloading): its weight is loaded only while it runs"
+                )
+            # the quantized layer's own state (compute dtype, quantisation state, state-dict hooks), not what is
+            # bound to the discarded module: an instance-level forward (a patch) or module.compile()'s call
             own = {"_parameters", "_buffers", "_non_persistent_buffers_set", "_modules", *_MODULE_HOOKS}
-            layer.__dict__.update({k: v for k, v in vars(linear).items() if k not in own})
+            layer.__dict__.update({k: v for k, v in vars(linear).items() if k not in own and not callable(v)})
             for name, buffer in linear._buffers.items():
                 layer.register_buffer(name, buffer, persistent=name not in linear._non_persistent_buffers_set)
         layer.in_features, layer.out_features = linear.in_features, linear.out_features
         layer.weight = linear.weight
         layer.bias = linear.bias
+        if getattr(layer.weight, "module", None) is linear:  # bitsandbytes' Params4bit finds its layer there
+            layer.weight.module = layer
         layer.training = linear.training
         carry_hooks(linear, layer)
         layer._init_adapter(shared, **adapter)
@@ -278,8 +289,10 @@ class TiedLoRALinear(nn.Linear):
         return B if self.b_rows is None else B[self.b_rows[0] : self.b_rows[1]]
 
     def reset_parameters(self) -> None:
-        """``nn.Linear``'s reset of ``weight``/``bias``, then the adapter's (for meta-device init flows)."""
-        super().reset_parameters()
+        """``nn.Linear``'s reset of ``weight``/``bias`` (not of a quantized one), then the adapter's (for
+        meta-device init flows)."""
+        if not self.quantized:
+            super().reset_parameters()
         if "lora_scale" in self._modules:  # nn.Linear.__init__ calls this before the adapter exists
             self.shared.reset_parameters()
             self.reset_adapter()
@@ -325,6 +338,8 @@ class TiedLoRALinear(nn.Linear):
         if self.merged:
             raise RuntimeError("this TiedLoRALinear is already merged; unmerge() it first")
         self.check_mergeable()
+        if self.disabled:
+            raise RuntimeError("this TiedLoRALinear is disabled (disable_tied_lora): merge it outside that block")
         self._add_delta(+1.0)
         self.merged = True
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from tied_lora_kernels.config import ALL_LINEAR, TiedLoRAConfig
-from tied_lora_kernels.functional import check_rank
+from tied_lora_kernels.functional import BACKENDS, check_rank
 from tied_lora_kernels.layer import (
     TiedLoRALinear,
     carry_hooks,
@@ -59,13 +59,19 @@ def tied_lora_layers(model: nn.Module) -> dict[str, TiedLoRALinear]:
 def apply_tied_lora(model: nn.Module, config: TiedLoRAConfig) -> nn.Module:
     """Adapt ``model`` in place and return it: targeted ``nn.Linear`` layers become ``TiedLoRALinear``,
     the base model is frozen, and only the adapter parameters the config trains require grad."""
+    return _apply(model, config)
+
+
+def _apply(model: nn.Module, config: TiedLoRAConfig, shared_of: dict[str, str] | None = None) -> nn.Module:
+    """``apply_tied_lora``; ``shared_of`` (layer name -> its pair's name, an adapter file's layout) fixes which
+    layers share a pair, instead of the config's rule (files keep loading if that rule changes)."""
     if not isinstance(config, TiedLoRAConfig):
         raise TypeError(f"config must be a TiedLoRAConfig, got {type(config).__name__}")
     if tied_lora_layers(model):
         raise RuntimeError("this model already has Tied-LoRA adapters")
     targets = _find_targets(model, config)
     r = config.resolved
-    plan = _plan(targets, config)  # every check runs before the model is touched
+    plan = _plan(targets, config, shared_of)  # every check runs before the model is touched
 
     for p in model.parameters():
         p.requires_grad_(False)
@@ -109,7 +115,9 @@ def apply_tied_lora(model: nn.Module, config: TiedLoRAConfig) -> nn.Module:
     return model
 
 
-def _plan(targets: dict[str, nn.Linear], config: TiedLoRAConfig) -> list[tuple[tuple, list[str]]]:
+def _plan(
+    targets: dict[str, nn.Linear], config: TiedLoRAConfig, shared_of: dict[str, str] | None = None
+) -> list[tuple[tuple, list[str]]]:
     """``(tie key, member names)`` per group instance, after checking shapes, ranks and devices."""
     plan, devices = [], {}
     for key, members in _group_instances(targets, config).items():
@@ -122,9 +130,13 @@ def _plan(targets: dict[str, nn.Linear], config: TiedLoRAConfig) -> list[tuple[t
                 check_rank(config.rank, lin.in_features, lin.out_features)
             except ValueError as e:
                 raise ValueError(f"{name}: {e}") from None
-        out_total = sum(lin.out_features for lin in linears)
-        # tied: one pair per role (names equal up to their layer indices) and shape
-        tie_key = (_role(key[0]), key[1], in_features.pop(), out_total) if config.resolved["tie"] else key
+        shape = (in_features.pop(), sum(lin.out_features for lin in linears))
+        if shared_of is not None:  # the pairs as an adapter file's layout has them
+            tie_key = ("saved", shared_of[members[0]], *shape)
+        elif config.resolved["tie"]:  # one pair per role (names equal up to their layer indices) and shape
+            tie_key = (_role(key[0]), key[1], *shape)
+        else:
+            tie_key = key
         device = devices.setdefault(tie_key, linears[0].weight.device)
         if any(lin.weight.device != device for lin in linears):
             raise ValueError(f"layers tied together live on several devices: {members} and {device}")
@@ -225,8 +237,12 @@ def merge_tied_lora(model: nn.Module, *, unload: bool = False) -> nn.Module:
     (sharing the merged weights) back in place, for export (layers merged already are unloaded as they are);
     otherwise ``unmerge_tied_lora`` undoes it, and merging a merged layer again raises."""
     layers = _require_layers(model)
-    for layer in layers.values():  # before touching any layer
+    for name, layer in layers.items():  # before touching any layer
         layer.check_mergeable()
+        if layer.disabled:
+            raise RuntimeError(f"{name} is disabled (disable_tied_lora): merge outside that block")
+        if layer.merged and not unload:
+            raise RuntimeError(f"{name} is already merged: unmerge_tied_lora(model) first, or merge with unload=True")
     for layer in layers.values():
         if not (unload and layer.merged):
             layer.merge()
@@ -243,7 +259,11 @@ def merge_tied_lora(model: nn.Module, *, unload: bool = False) -> nn.Module:
 
 def unmerge_tied_lora(model: nn.Module) -> nn.Module:
     """Take every adapter back out of its base weight."""
-    for layer in _require_layers(model).values():
+    layers = _require_layers(model)
+    unmerged = [name for name, layer in layers.items() if not layer.merged]
+    if unmerged:  # before touching any layer
+        raise RuntimeError(f"cannot unmerge layers that are not merged ({unmerged[:3]})")
+    for layer in layers.values():
         layer.unmerge()
     return model
 
@@ -357,6 +377,10 @@ def load_tied_lora(model: nn.Module, directory: str | os.PathLike, *, backend: s
     from safetensors.torch import load_file
 
     model = _unwrapped(model)
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+    if backend == "triton" and any(layer.quantized for layer in tied_lora_layers(model).values()):
+        raise ValueError("backend='triton' needs plain weights; this model's adapted layers include quantized ones")
 
     with open(os.path.join(directory, CONFIG_NAME)) as f:
         meta = json.load(f)
@@ -400,7 +424,7 @@ def load_tied_lora(model: nn.Module, directory: str | os.PathLike, *, backend: s
             raise TypeError(f"the adapter's tensors are not all {config.dtype}, its config's dtype")
         if any(model.get_submodule(name).weight.is_meta for name in layout):
             raise ValueError("the model is on the meta device: materialise it (to_empty) before loading")
-        apply_tied_lora(model, config)
+        _apply(model, config, shared_of={name: entry["shared"] for name, entry in layout.items()})
     expected = tied_lora_state_dict(model)
     _check_tensors(state, {k: (t.shape, t.dtype, t.is_meta) for k, t in expected.items()})
     if backend is not None:
@@ -477,9 +501,11 @@ def _describe_diff(ours: dict, theirs: dict) -> str:
 
 
 def count_parameters(model: nn.Module) -> ParameterCount:
-    """Trainable and total parameters, each tensor counted once however many layers share it."""
+    """Trainable and total parameters, each tensor counted once however many layers share it (a bitsandbytes
+    4-bit weight as the values it packs, two per byte of storage)."""
     trainable = total = 0
     for p in model.parameters():
-        total += p.numel()
-        trainable += p.numel() if p.requires_grad else 0
+        n = p.numel() * (2 * p.element_size() if getattr(p, "bnb_quantized", False) else 1)
+        total += n
+        trainable += n if p.requires_grad else 0
     return ParameterCount(trainable, total)
