@@ -66,6 +66,9 @@ def check_plain_weight(linear: nn.Linear, what: str) -> None:
         )
 
 
+_QUANTIZED_NAMES = ("Linear4bit", "LinearNF4", "LinearFP4", "Linear8bitLt")
+
+
 def quantized_linear_types() -> tuple[type, ...]:
     """The ``nn.Linear`` subclasses an adapter can run beside, on the torch path: bitsandbytes' ``Linear4bit``
     (QLoRA; with its ``LinearNF4``/``LinearFP4``) and ``Linear8bitLt``, once bitsandbytes is imported (a model
@@ -88,12 +91,9 @@ def _quantized_class(base: type) -> type:
     return _QUANTIZED_CLASSES[base]
 
 
-_QUANTIZED_NAMES = ("Linear4bit", "LinearNF4", "LinearFP4", "Linear8bitLt")
-
-
 def __getattr__(name: str) -> type:
     """``TiedLoRALinear4bit`` and the like, made on first use: what a pickled adapted quantized layer names."""
-    if name.removeprefix("TiedLoRA") in _QUANTIZED_NAMES and name.startswith("TiedLoRA"):
+    if name.startswith("TiedLoRA") and name.removeprefix("TiedLoRA") in _QUANTIZED_NAMES:
         try:
             import bitsandbytes  # noqa: F401  (the pickle holds bitsandbytes objects anyway)
         except ImportError:
@@ -184,15 +184,13 @@ class TiedLoRALinear(nn.Linear):
             raise TypeError("this layer already has a Tied-LoRA adapter")
         check_linear_type(linear, "this linear")
         check_plain_weight(linear, "this linear")
+        if hasattr(linear, "_hf_hook"):
+            raise ValueError("this linear carries an accelerate hook (offloading): its weight loads only while it runs")
         if type(linear) is not nn.Linear:
             cls = _quantized_class(type(linear))
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         if cls.quantized:
-            if hasattr(linear, "_hf_hook"):
-                raise ValueError(
-                    "this layer carries an accelerate hook (offloading): its weight is loaded only while it runs"
-                )
             # the quantized layer's own state (compute dtype, quantisation state, state-dict hooks), not what is
             # bound to the discarded module: an instance-level forward (a patch) or module.compile()'s call
             own = {"_parameters", "_buffers", "_non_persistent_buffers_set", "_modules", *_MODULE_HOOKS}
@@ -338,8 +336,6 @@ class TiedLoRALinear(nn.Linear):
         if self.merged:
             raise RuntimeError("this TiedLoRALinear is already merged; unmerge() it first")
         self.check_mergeable()
-        if self.disabled:
-            raise RuntimeError("this TiedLoRALinear is disabled (disable_tied_lora): merge it outside that block")
         self._add_delta(+1.0)
         self.merged = True
 
@@ -352,7 +348,10 @@ class TiedLoRALinear(nn.Linear):
         self.merged = False
 
     def check_mergeable(self) -> None:
-        """Raise unless ΔW can go into ``weight``: not into a quantized one, where it would be rounded away."""
+        """Raise unless ΔW can go into ``weight``: not while disabled (``disable_tied_lora`` promises the base
+        model), not into a quantized weight, where it would be rounded away."""
+        if self.disabled:
+            raise RuntimeError("this TiedLoRALinear is disabled (disable_tied_lora): merge it outside that block")
         if self.quantized:
             raise RuntimeError(
                 f"cannot merge into a quantized {self.base_class.__name__} weight (ΔW would be rounded into it): "

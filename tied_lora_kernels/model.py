@@ -239,8 +239,6 @@ def merge_tied_lora(model: nn.Module, *, unload: bool = False) -> nn.Module:
     layers = _require_layers(model)
     for name, layer in layers.items():  # before touching any layer
         layer.check_mergeable()
-        if layer.disabled:
-            raise RuntimeError(f"{name} is disabled (disable_tied_lora): merge outside that block")
         if layer.merged and not unload:
             raise RuntimeError(f"{name} is already merged: unmerge_tied_lora(model) first, or merge with unload=True")
     for layer in layers.values():
