@@ -384,6 +384,66 @@ def test_load_builds_the_ties_the_file_records(tmp_path):
         assert torch.equal(fresh(h), model(h))
 
 
+def _classifier(head_seed=None):
+    """A tiny Llama classifier; ``head_seed`` redraws its head alone (a fresh head on the same base)."""
+    torch.manual_seed(0)
+    shape = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=97, num_labels=3, pad_token_id=0)  # fmt: skip
+    model = transformers.LlamaForSequenceClassification(transformers.LlamaConfig(**shape)).eval()
+    if head_seed is not None:
+        head = model.score.weight
+        with torch.no_grad():
+            head.copy_(torch.randn(head.shape, generator=torch.Generator().manual_seed(head_seed)))
+    return model
+
+
+def test_modules_to_save_train_in_full_and_travel_with_the_adapter(tmp_path):
+    """A new classification head (PEFT's ``modules_to_save``): trainable, saved and loaded with the adapter,
+    exported as PEFT writes it."""
+    peft = pytest.importorskip("peft")
+    from tied_lora_kernels import export_peft_lora
+
+    ids = torch.randint(1, 97, (2, 7), generator=torch.Generator().manual_seed(0))
+    model = apply_tied_lora(_classifier(), TiedLoRAConfig(rank=4, modules_to_save=("score",)))
+    assert model.score.weight.requires_grad
+    assert not any(p.requires_grad for n, p in model.named_parameters() if "embed" in n or "norm" in n)
+    model(ids).logits.sum().backward()
+    assert model.score.weight.grad is not None
+    with torch.no_grad():
+        randomise_adapters(model)  # the head included: it is in the adapter's state
+        expected = model(ids).logits
+    assert "score.weight" in tied_lora_state_dict(model)
+    save_tied_lora(model, tmp_path / "ours")
+    fresh = load_tied_lora(_classifier(head_seed=1), tmp_path / "ours")  # another head: loaded over
+    with torch.no_grad():
+        assert torch.equal(fresh(ids).logits, expected)
+    assert fresh.score.weight.requires_grad
+
+    export_peft_lora(model, tmp_path / "peft")
+    loaded = peft.PeftModel.from_pretrained(_classifier(head_seed=1), tmp_path / "peft")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, expected, rtol=1e-5, atol=1e-6)
+
+    with pytest.raises(ValueError, match="'nope' matches no module"):
+        apply_tied_lora(_classifier(), TiedLoRAConfig(rank=4, modules_to_save=("nope",)))
+    with pytest.raises(ValueError, match="is or holds adapted targets"):
+        apply_tied_lora(_classifier(), TiedLoRAConfig(rank=4, modules_to_save=("self_attn",)))
+    with pytest.raises(TypeError, match="modules_to_save must be module names"):
+        TiedLoRAConfig(modules_to_save=(3,))
+
+
+def test_a_bf16_head_beside_float32_adapters_saves_and_loads(tmp_path):
+    model = _classifier().to(torch.bfloat16)
+    apply_tied_lora(model, TiedLoRAConfig(rank=4, modules_to_save="score"))  # adapters: float32 masters
+    save_tied_lora(model, tmp_path)
+    fresh = load_tied_lora(_classifier().to(torch.bfloat16), tmp_path)
+    assert (
+        fresh.score.weight.dtype == torch.bfloat16
+        and fresh.model.layers[0].self_attn.q_proj.shared.A.dtype == torch.float32
+    )
+    assert torch.equal(fresh.score.weight, model.score.weight)
+
+
 def test_load_errors(tmp_path):
     model = apply_tied_lora(tiny_llama(), TiedLoRAConfig(rank=4, preset="tl6"))
     save_tied_lora(model, tmp_path)

@@ -58,7 +58,8 @@ class TiedLoRAConfig:
     ``train_*``, ``tie``, ``init`` and ``u_init`` default to the preset's; ``dtype`` is the adapters' dtype
     (float32 master weights by default, whatever the model's dtype). ``dropout``: dropout on each adapter's input
     in training mode (PEFT's ``lora_dropout``); the fused kernels take none, so training with ``dropout > 0``
-    runs the torch path.
+    runs the torch path. ``modules_to_save`` (PEFT's): names of base modules, matched as targets are, that train
+    in full and are saved with the adapter, such as a new classification head (``("score",)``).
     """
 
     rank: int = 8
@@ -77,6 +78,7 @@ class TiedLoRAConfig:
     dtype: torch.dtype = torch.float32
     backend: str = "auto"
     dropout: float = 0.0
+    modules_to_save: Sequence[str] = ()
     # filled by __post_init__: the resolved flags
     resolved: dict = field(init=False, repr=False, compare=False, default_factory=dict)
 
@@ -114,6 +116,11 @@ class TiedLoRAConfig:
                 raise ValueError("target_modules is empty")
             if not all(isinstance(t, str) for t in self.target_modules):
                 raise TypeError(f"target_modules must be names or a callable, got {self.target_modules!r}")
+        if isinstance(self.modules_to_save, str):
+            self.modules_to_save = (self.modules_to_save,)
+        self.modules_to_save = tuple(self.modules_to_save)
+        if not all(isinstance(name, str) and name for name in self.modules_to_save):
+            raise TypeError(f"modules_to_save must be module names, got {self.modules_to_save!r}")
         if isinstance(self.groups, str) or any(isinstance(g, str) for g in self.groups):
             raise TypeError(f"groups must be a sequence of tuples of names, e.g. (QKV,), got {self.groups!r}")
         self.groups = tuple(tuple(g) for g in self.groups)
@@ -159,6 +166,7 @@ class TiedLoRAConfig:
         else:
             out["target_modules"] = list(self.target_modules)
         out["groups"] = [list(g) for g in self.groups]
+        out["modules_to_save"] = list(self.modules_to_save)
         return out
 
 

@@ -20,7 +20,7 @@ import re
 import torch
 from torch import nn
 
-from tied_lora_kernels.model import _require_layers, _unwrapped
+from tied_lora_kernels.model import _in_saved, _require_layers, _unwrapped, tied_lora_state_dict
 
 __all__ = ["export_peft_lora"]
 
@@ -40,10 +40,11 @@ def export_peft_lora(
     Load it with ``peft.PeftModel.from_pretrained(base, directory)`` where ``base`` is the model ``model`` was
     adapted from (the same class: module names must match), or serve it as a LoRA adapter. ``dtype``: the
     tensors' dtype (default: the adapters'). ``base_model_name_or_path`` is recorded in the config, as PEFT
-    does. ``target_modules`` holds the layers' short names (``q_proj``, ...) when every module of the model
-    with those names is adapted, else a regular expression that matches exactly their qualified names (PEFT
-    matches a list of names as suffixes, a string as a full-match regex). Refuses merged layers, whose ΔW is in
-    the base weights already, and meta-device adapters.
+    does. ``modules_to_save`` go in as PEFT writes them (full tensors, in their own dtype). ``target_modules``
+    holds the layers' short names (``q_proj``, ...) when every module of the model with those names is adapted,
+    else a regular expression that matches exactly their qualified names (PEFT matches a list of names as
+    suffixes, a string as a full-match regex). Refuses merged layers, whose ΔW is in the base weights already,
+    and meta-device adapters.
     """
     from safetensors.torch import save_file
 
@@ -77,6 +78,10 @@ def export_peft_lora(
         state[f"base_model.model.{name}.lora_B.weight"] = B.to("cpu", out, copy=True).contiguous()
 
     config = getattr(model, "tied_lora_config", None)
+    saved = config.modules_to_save if config is not None else ()
+    for name, tensor in tied_lora_state_dict(model).items():  # modules trained in full, under their own names
+        if _in_saved(name, config):
+            state[f"base_model.model.{name}"] = tensor.to("cpu", copy=True).contiguous()
     peft_config = {
         "peft_type": "LORA",
         "task_type": None,
@@ -91,7 +96,7 @@ def export_peft_lora(
         "use_dora": False,
         "init_lora_weights": True,
         "inference_mode": True,
-        "modules_to_save": None,
+        "modules_to_save": list(saved) or None,
     }
     os.makedirs(directory, exist_ok=True)
     save_file(state, os.path.join(directory, PEFT_WEIGHTS_NAME), metadata={"format": "pt"})

@@ -70,11 +70,14 @@ def _apply(model: nn.Module, config: TiedLoRAConfig, shared_of: dict[str, str] |
     if tied_lora_layers(model):
         raise RuntimeError("this model already has Tied-LoRA adapters")
     targets = _find_targets(model, config)
+    saved = _saved_modules(model, config, targets)
     r = config.resolved
     plan = _plan(targets, config, shared_of)  # every check runs before the model is touched
 
     for p in model.parameters():
         p.requires_grad_(False)
+    for module in saved.values():  # trained in full, saved with the adapter
+        module.requires_grad_(True)
     shared_by_key: dict[tuple, TiedLoRAShared] = {}
     for tie_key, members in plan:
         linears = [targets[name] for name in members]
@@ -189,6 +192,28 @@ def _find_targets(model: nn.Module, config: TiedLoRAConfig) -> dict[str, nn.Line
             f"its linear layers include {linears[:8]}"
         )
     return targets
+
+
+def _saved_modules(model: nn.Module, config: TiedLoRAConfig, targets: dict[str, nn.Module]) -> dict[str, nn.Module]:
+    """The modules ``config.modules_to_save`` names (matched as targets are), checked: each name matches, and
+    none is or holds an adapted target."""
+    found = {}
+    for wanted in config.modules_to_save:
+        hits = {n: m for n, m in model.named_modules() if n and (n == wanted or n.endswith("." + wanted))}
+        if not hits:
+            raise ValueError(f"modules_to_save: {wanted!r} matches no module of the model")
+        found.update(hits)
+    for name in found:
+        inside = [t for t in targets if t == name or t.startswith(name + ".")]
+        if inside:
+            raise ValueError(f"modules_to_save: {name!r} is or holds adapted targets {inside[:3]}; leave one out")
+    return found
+
+
+def _in_saved(tensor_name: str, config: TiedLoRAConfig | None) -> bool:
+    """Whether a tensor belongs to one of ``config.modules_to_save`` (a base module, not an adapter tensor)."""
+    names = config.modules_to_save if config is not None else ()
+    return any(f".{tensor_name}".find(f".{name}.") != -1 for name in names)
 
 
 def _heads(model: nn.Module) -> list[str]:
@@ -309,10 +334,14 @@ def _unwrapped(model: nn.Module) -> nn.Module:
 
 
 def tied_lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every adapter tensor once (tied ones under the first name PyTorch gives them), detached; names are
-    relative to the model inside a ``torch.compile`` or (Distributed)DataParallel wrapper."""
+    """Every adapter tensor once (tied ones under the first name PyTorch gives them) and those of the config's
+    ``modules_to_save``, detached; names are relative to the model inside a ``torch.compile`` or
+    (Distributed)DataParallel wrapper."""
     model = _unwrapped(model)
     ids = _adapter_params(_require_layers(model))
+    config = getattr(model, "tied_lora_config", None)
+    if config is not None and config.modules_to_save:  # trained in full: saved with the adapter
+        ids |= {id(p) for m in _saved_modules(model, config, {}).values() for p in m.parameters()}
     return {name: p.detach() for name, p in model.named_parameters() if id(p) in ids}
 
 
@@ -344,8 +373,8 @@ def save_tied_lora(model: nn.Module, directory: str | os.PathLike) -> None:
     model = _unwrapped(model)
     state = {k: v.contiguous().cpu() for k, v in tied_lora_state_dict(model).items()}
     config = getattr(model, "tied_lora_config", None)
+    dtypes = {str(v.dtype).removeprefix("torch.") for k, v in state.items() if not _in_saved(k, config)}
     config = config.to_dict() if config is not None else None
-    dtypes = {str(v.dtype).removeprefix("torch.") for v in state.values()}
     if config is not None and len(dtypes) == 1:  # the adapters as they are now (e.g. after model.to(bf16))
         config["dtype"] = dtypes.pop()
     os.makedirs(directory, exist_ok=True)
@@ -418,7 +447,7 @@ def load_tied_lora(model: nn.Module, directory: str | os.PathLike, *, backend: s
         # apply_tied_lora builds from the same config on the same targets is the one that was saved
         described = {k: (torch.Size(d["shape"]), getattr(torch, d["dtype"]), False) for k, d in meta["tensors"].items()}
         _check_tensors(state, described)
-        if any(dtype != config.dtype for _, dtype, _ in described.values()):
+        if any(dtype != config.dtype for k, (_, dtype, _) in described.items() if not _in_saved(k, config)):
             raise TypeError(f"the adapter's tensors are not all {config.dtype}, its config's dtype")
         if any(model.get_submodule(name).weight.is_meta for name in layout):
             raise ValueError("the model is on the meta device: materialise it (to_empty) before loading")
