@@ -20,7 +20,7 @@ import re
 import torch
 from torch import nn
 
-from tied_lora_kernels.model import _in_saved, _require_layers, _unwrapped, tied_lora_state_dict
+from tied_lora_kernels.model import _is_adapter_tensor, _require_layers, _unwrapped, tied_lora_state_dict
 
 __all__ = ["export_peft_lora"]
 
@@ -80,7 +80,7 @@ def export_peft_lora(
     config = getattr(model, "tied_lora_config", None)
     saved = config.modules_to_save if config is not None else ()
     for name, tensor in tied_lora_state_dict(model).items():  # modules trained in full, under their own names
-        if _in_saved(name, config):
+        if not _is_adapter_tensor(name):
             state[f"base_model.model.{name}"] = tensor.to("cpu", copy=True).contiguous()
     peft_config = {
         "peft_type": "LORA",

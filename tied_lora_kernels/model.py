@@ -210,10 +210,13 @@ def _saved_modules(model: nn.Module, config: TiedLoRAConfig, targets: dict[str, 
     return found
 
 
-def _in_saved(tensor_name: str, config: TiedLoRAConfig | None) -> bool:
-    """Whether a tensor belongs to one of ``config.modules_to_save`` (a base module, not an adapter tensor)."""
-    names = config.modules_to_save if config is not None else ()
-    return any(f".{tensor_name}".find(f".{name}.") != -1 for name in names)
+_ADAPTER_TENSORS = (".shared.A", ".shared.B", ".lora_scale.u", ".lora_v")
+"""How the names of adapter tensors end (``TiedLoRAShared``'s pair, ``UScale``'s ``u``, a layer's ``v``); the
+other tensors of an adapter file are those of ``modules_to_save``."""
+
+
+def _is_adapter_tensor(name: str) -> bool:
+    return name.endswith(_ADAPTER_TENSORS)
 
 
 def _heads(model: nn.Module) -> list[str]:
@@ -373,7 +376,7 @@ def save_tied_lora(model: nn.Module, directory: str | os.PathLike) -> None:
     model = _unwrapped(model)
     state = {k: v.contiguous().cpu() for k, v in tied_lora_state_dict(model).items()}
     config = getattr(model, "tied_lora_config", None)
-    dtypes = {str(v.dtype).removeprefix("torch.") for k, v in state.items() if not _in_saved(k, config)}
+    dtypes = {str(v.dtype).removeprefix("torch.") for k, v in state.items() if _is_adapter_tensor(k)}
     config = config.to_dict() if config is not None else None
     if config is not None and len(dtypes) == 1:  # the adapters as they are now (e.g. after model.to(bf16))
         config["dtype"] = dtypes.pop()
@@ -447,7 +450,7 @@ def load_tied_lora(model: nn.Module, directory: str | os.PathLike, *, backend: s
         # apply_tied_lora builds from the same config on the same targets is the one that was saved
         described = {k: (torch.Size(d["shape"]), getattr(torch, d["dtype"]), False) for k, d in meta["tensors"].items()}
         _check_tensors(state, described)
-        if any(dtype != config.dtype for k, (_, dtype, _) in described.items() if not _in_saved(k, config)):
+        if any(dtype != config.dtype for k, (_, dtype, _) in described.items() if _is_adapter_tensor(k)):
             raise TypeError(f"the adapter's tensors are not all {config.dtype}, its config's dtype")
         if any(model.get_submodule(name).weight.is_meta for name in layout):
             raise ValueError("the model is on the meta device: materialise it (to_empty) before loading")
