@@ -807,32 +807,74 @@ def test_load_names_a_missing_module(tmp_path):
         load_tied_lora(other, tmp_path)
 
 
-def test_hugging_face_trainer_with_the_adapter_callback(tmp_path):
-    """Trainer's checkpoints call save_pretrained, which refuses tied tensors: the callback refuses to start
-    with them on, saves the adapter every few steps and at the end, and the saved adapter reloads exactly."""
+def test_save_pretrained_stores_each_tied_tensor_once_and_strict_loading_takes_it(tmp_path):
+    """save_pretrained (Trainer's checkpoints) stores a tensor that layers share once instead of refusing it;
+    load_state_dict, strict, restores it through that one name (also from a module above the adapted one),
+    and a tensor missing under all of its names is still reported missing."""
+    from safetensors.torch import load_file
+
+    config = TiedLoRAConfig(rank=4, groups=(("q_proj", "k_proj", "v_proj"),))
+    model = apply_tied_lora(tiny_llama(), config)
+    randomise_adapters(model)
+    model.save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    aliases = [k for k in state if k.endswith((".shared.A", ".shared.B", ".lora_scale.u"))]
+    assert len(aliases) == 4  # attention's A and B, each layer's group u (the mlp is not adapted)
+    other = apply_tied_lora(tiny_llama(seed=3), config)
+    other.load_state_dict(state)  # strict
+    ids = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(other(ids).logits, model(ids).logits)
+    wrapper = nn.ModuleDict({"inner": apply_tied_lora(tiny_llama(seed=3), config)})
+    wrapper.load_state_dict({f"inner.{k}": v for k, v in state.items()})  # strict, hook one module down
+    with torch.no_grad():
+        assert torch.equal(wrapper["inner"](ids).logits, model(ids).logits)
+    a = next(k for k in aliases if k.endswith("shared.A"))
+    missing = other.load_state_dict({k: v for k, v in state.items() if k != a}, strict=False).missing_keys
+    A = other.get_parameter(a)
+    assert sorted(missing) == sorted(k for k, p in other.named_parameters(remove_duplicate=False) if p is A)
+    assert len(missing) == 6  # every name of that A: 3 projections x 2 layers
+
+
+def test_hugging_face_trainer_checkpoints_resume_and_carry_the_adapter(tmp_path):
+    """Trainer's own checkpoints save an adapted model and resume it: training 4 steps in one go, or 2 steps
+    then resuming from checkpoint-2 on a fresh model, ends with the same adapter. The callback puts the adapter
+    into each checkpoint, saves every few steps when asked and at the end; all reload exactly."""
     pytest.importorskip("accelerate", reason="transformers' Trainer needs accelerate")
     from tied_lora_kernels.hf import SaveTiedLoRACallback
 
-    model = apply_tied_lora(tiny_llama(), TiedLoRAConfig(rank=4))
+    config = TiedLoRAConfig(rank=4, groups=(("q_proj", "k_proj", "v_proj"),))
     ids = torch.randint(0, 97, (8, 9), generator=torch.Generator().manual_seed(7))
     data = [{"input_ids": row, "labels": row} for row in ids]
     kwargs = dict(max_steps=4, per_device_train_batch_size=2, report_to=[], use_cpu=True, learning_rate=1e-2)
 
-    def trainer(**more):
-        args = transformers.TrainingArguments(str(tmp_path), **kwargs, **more)
-        return transformers.Trainer(model=model, args=args, train_dataset=data, callbacks=[SaveTiedLoRACallback(2)])
+    def trainer(model, out, **more):
+        args = transformers.TrainingArguments(str(tmp_path / out), **kwargs, **more)
+        return transformers.Trainer(model=model, args=args, train_dataset=data, callbacks=[SaveTiedLoRACallback(3)])
 
-    with pytest.raises(ValueError, match="save_strategy='no'"):
-        trainer(save_strategy="steps", save_steps=2).train()
-    trainer(save_strategy="no").train()
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("adapter")) == [
-        "adapter-2", "adapter-4", "adapter-final",
-    ]  # fmt: skip
-    model.eval()
-    fresh = load_tied_lora(tiny_llama(), tmp_path / "adapter-final")
-    with torch.no_grad():
-        assert torch.equal(fresh(ids).logits, model(ids).logits)
-        assert not torch.equal(fresh(ids).logits, tiny_llama()(ids).logits)  # it trained
+    whole = apply_tied_lora(tiny_llama(), config)
+    trainer(whole, "whole", save_strategy="steps", save_steps=2).train()
+    listed = sorted(p.name for p in (tmp_path / "whole").iterdir())
+    assert listed == ["adapter-3", "adapter-final", "checkpoint-2", "checkpoint-4"]
+    for name in ("checkpoint-2", "checkpoint-4"):
+        assert {"model.safetensors", "optimizer.pt", "adapter_model.safetensors"} <= {
+            p.name for p in (tmp_path / "whole" / name).iterdir()
+        }
+
+    resumed = apply_tied_lora(tiny_llama(), config)
+    trainer(resumed, "resumed", save_strategy="no").train(resume_from_checkpoint=str(tmp_path / "whole/checkpoint-2"))
+    theirs = tied_lora_state_dict(resumed)
+    for name, tensor in tied_lora_state_dict(whole).items():
+        assert torch.equal(theirs[name], tensor), name
+    untrained = tied_lora_state_dict(apply_tied_lora(tiny_llama(), config))
+    assert all(not torch.equal(theirs[name], tensor) for name, tensor in untrained.items())  # every tensor trained
+    assert sorted(p.name for p in (tmp_path / "resumed").iterdir()) == ["adapter-3", "adapter-final"]
+
+    whole.eval()
+    for name in ("whole/checkpoint-4", "whole/adapter-final"):
+        fresh = load_tied_lora(tiny_llama(), tmp_path / name)
+        with torch.no_grad():
+            assert torch.equal(fresh(ids).logits, whole(ids).logits)
     with pytest.raises(ValueError, match="positive int"):
         SaveTiedLoRACallback(0)
 

@@ -1,13 +1,15 @@
 """Hugging Face ``Trainer`` support (imports transformers; not imported by ``tied_lora_kernels`` itself).
 
-``Trainer``'s own checkpoints call ``save_pretrained``, which refuses a state dict in which one tensor appears
-under several names — the tied ``A`` and ``B`` of every adapted layer. Train with ``save_strategy="no"`` and
-this callback instead: it writes the adapter alone (``save_tied_lora``: each tied tensor once, a few MB) every
-``every`` optimizer steps and when training ends::
+``Trainer``'s own checkpoints work with an adapted model and resume (``train(resume_from_checkpoint=...)``):
+``save_pretrained`` stores each tied tensor once (``TiedLoRALinear._tied_weights_keys``) and loading forgives
+their other names. Those checkpoints hold the whole model, as for any model that is not a ``PeftModel``. This
+callback adds the adapter alone (``save_tied_lora``: a few MB, loaded with ``load_tied_lora``) to every
+checkpoint Trainer writes, to ``{output_dir}/adapter-{step}`` every ``every`` optimizer steps if asked (e.g.
+with ``save_strategy="no"``), and to ``{output_dir}/adapter-final`` when training ends::
 
-    args = TrainingArguments("out", save_strategy="no", ...)
-    Trainer(model=model, args=args, ..., callbacks=[SaveTiedLoRACallback(every=500)]).train()
-    # out/adapter-500/, out/adapter-1000/, ..., out/adapter-final/  (load_tied_lora(model, path))
+    Trainer(model=model, args=TrainingArguments("out", save_steps=500), ...,
+            callbacks=[SaveTiedLoRACallback()]).train()
+    # out/checkpoint-500/ (resumable, and load_tied_lora(model, "out/checkpoint-500")), ..., out/adapter-final/
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import os
 
 from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from tied_lora_kernels.model import save_tied_lora
 
@@ -22,24 +25,24 @@ __all__ = ["SaveTiedLoRACallback"]
 
 
 class SaveTiedLoRACallback(TrainerCallback):
-    """Save the adapter to ``{output_dir}/adapter-{step}`` every ``every`` steps (None: only at the end) and to
-    ``{output_dir}/adapter-final`` when training ends; only the main process writes."""
+    """Save the adapter into each checkpoint ``Trainer`` writes (``{output_dir}/checkpoint-{step}``), to
+    ``{output_dir}/adapter-{step}`` every ``every`` steps (None: never) and to ``{output_dir}/adapter-final``
+    when training ends; only the main process writes."""
 
     def __init__(self, every: int | None = None):
         if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every <= 0):
             raise ValueError(f"every must be a positive int or None, got {every!r}")
         self.every = every
 
-    def on_train_begin(self, args, state, control, **kwargs):
-        if str(getattr(args.save_strategy, "value", args.save_strategy)) != "no":
-            raise ValueError(
-                "Trainer's checkpoints call save_pretrained, which refuses the tensors Tied-LoRA shares between "
-                "layers: set TrainingArguments(save_strategy='no'); SaveTiedLoRACallback saves the adapter"
-            )
-
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if self.every is not None and state.global_step % self.every == 0:
             self._save(args, state, model, f"adapter-{state.global_step}")
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        # Trainer has just written this checkpoint (under a hyperparameter search, elsewhere: then skipped)
+        checkpoint = f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        if os.path.isdir(os.path.join(args.output_dir, checkpoint)):
+            self._save(args, state, model, checkpoint)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         self._save(args, state, model, "adapter-final")

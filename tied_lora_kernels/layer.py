@@ -157,6 +157,10 @@ class TiedLoRALinear(nn.Linear):
 
     quantized = False
     """Whether the base is a quantized layer (a class made by ``from_linear``)."""
+    _tied_weights_keys = {"shared.A": "shared.A", "shared.B": "shared.B", "lora_scale.u": "lora_scale.u"}
+    """Read by transformers' ``save_pretrained`` (hence ``Trainer``'s checkpoints): the tensors that several
+    layers share, stored once under one of their names instead of refused (safetensors stores no aliases).
+    Loading such a file restores them through that name (``apply_tied_lora``'s load hook forgives the rest)."""
     base_class: type = nn.Linear
     """The class of the adapted layer."""
 

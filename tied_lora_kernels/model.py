@@ -115,7 +115,30 @@ def _apply(model: nn.Module, config: TiedLoRAConfig, shared_of: dict[str, str] |
             _set_submodule(model, name, layer)
             start, first = stop, first or layer
     model.tied_lora_config = config
+    if _forgive_tied_aliases not in model._load_state_dict_post_hooks.values():
+        model.register_load_state_dict_post_hook(_forgive_tied_aliases)
     return model
+
+
+def _forgive_tied_aliases(module: nn.Module, incompatible) -> None:
+    """``load_state_dict`` post-hook of an adapted model: an adapter tensor that several layers share (``A``,
+    ``B``, a group's ``u``) is loaded when any one of its names is, so its other names are not missing.
+    ``save_pretrained`` (and ``Trainer``'s checkpoints) store it once; ``strict=True`` loads the file."""
+    missing = set(incompatible.missing_keys)
+    names_of: dict[int, list[str]] = {}
+    for name, p in module.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(p), []).append(name)
+    aliases = {name: names for names in names_of.values() if len(names) > 1 for name in names}
+    forgiven = set()
+    for key in missing:
+        parts = key.split(".")
+        for i in range(len(parts)):  # the key may carry the prefix of a module above this one
+            prefix, name = ".".join(parts[:i] + [""]), ".".join(parts[i:])
+            if name in aliases:
+                if _is_adapter_tensor(name) and any(prefix + other not in missing for other in aliases[name]):
+                    forgiven.add(key)
+                break
+    incompatible.missing_keys[:] = [key for key in incompatible.missing_keys if key not in forgiven]
 
 
 def _plan(
