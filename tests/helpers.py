@@ -3,8 +3,18 @@ be at most twice the error plain PyTorch makes in the same dtype, plus a small d
 
 from __future__ import annotations
 
+import os
+
+import pytest
 import torch
 from torch import Tensor
+
+cpu_triton = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET", "0") in ("", "0"),
+    reason="runs backend='triton' on CPU tensors, in triton's interpreter (TRITON_INTERPRET=1, set by conftest "
+    "when there is no GPU); with a GPU the kernel tests run the kernels on it",
+)
+"""For tests of the model helpers that run the triton path on CPU models: skipped where a GPU is present."""
 
 # atol relative to the largest magnitude of the expected tensor
 ATOL = {

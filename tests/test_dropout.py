@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from tests.helpers import assert_close_to_reference
+from tests.helpers import assert_close_to_reference, cpu_triton
 from tied_lora_kernels import (
     TiedLoRAConfig,
     TiedLoRALinear,
@@ -98,6 +98,7 @@ def test_numpy_numbers_are_saved_as_floats(tmp_path):
     assert load_tied_lora(_Two(), tmp_path).tied_lora_config.dropout == 0.25
 
 
+@cpu_triton
 def test_triton_backend_refuses_dropout_in_training_only(tmp_path):
     """The functional form and a training forward refuse it; a triton layer with dropout evaluates (the fused
     kernels, under the interpreter here), so an adapter trained with dropout loads onto triton for inference."""

@@ -11,7 +11,7 @@ import transformers
 from torch import nn
 from torch.nn.utils import prune
 
-from tests.helpers import assert_close_to_reference
+from tests.helpers import assert_close_to_reference, cpu_triton
 from tied_lora_kernels import (
     ALL_LINEAR,
     QKV,
@@ -199,7 +199,7 @@ def _plain_forward(self, x):
 # every configuration on the torch backend; the presets and an untied one on the triton kernels (the CPU
 # interpreter without a GPU): grouped q/k/v reading rows of one B, tied A and B summed over layers
 _BACKEND_CASES = [(name, "torch") for name in CONFIGS] + [
-    (name, "triton") for name in ("lora", "tl5", "tl6", "vera", "untied_ABuv")
+    pytest.param(name, "triton", marks=cpu_triton) for name in ("lora", "tl5", "tl6", "vera", "untied_ABuv")
 ]
 
 
@@ -631,7 +631,7 @@ def test_load_backend_override(tmp_path):
 # disabling the adapter (a DPO reference model), Hugging Face activation checkpointing
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=cpu_triton)])
 def test_disable_gives_the_base_model_bit_for_bit(backend):
     base = tiny_llama()
     ids = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(3))
@@ -699,7 +699,7 @@ def enable_checkpointing(model, reentrant: bool) -> None:
     assert model.model.gradient_checkpointing
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=cpu_triton)])
 @pytest.mark.parametrize("reentrant", [False, True], ids=["non_reentrant", "reentrant"])
 def test_hugging_face_gradient_checkpointing(reentrant, backend):
     """Hugging Face activation checkpointing recomputes each decoder layer in backward: the tied A (summed over
@@ -732,6 +732,37 @@ def test_hugging_face_gradient_checkpointing(reentrant, backend):
         torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-7, msg=lambda m, n=n: f"{n}: {m}")
     assert len(fired) == (len(model.model.layers) if reentrant else 1)
     assert torch.equal(fired[-1], got[next(n for n in got if n.endswith("shared.A"))])
+
+
+@cpu_triton
+def test_hugging_face_generate_with_the_kv_cache():
+    """Greedy generation, each new token a decode step of M = batch rows through every adapted layer: the triton
+    path (its decode configs) gives the torch path's scores and tokens, with the cache or without it (every
+    step a prefill), and the merged model gives the same tokens."""
+    config = TiedLoRAConfig(rank=4, preset="tl6", target_modules="all-linear", backend="torch")
+    model = apply_tied_lora(tiny_llama(), config)
+    randomise_adapters(model)
+    prompt = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(5))
+    settings = dict(max_new_tokens=4, do_sample=False, return_dict_in_generate=True, output_scores=True)
+
+    def generate(backend, **kwargs):
+        for layer in tied_lora_layers(model).values():
+            layer.backend = backend
+        with torch.no_grad():
+            out = model.generate(prompt, attention_mask=torch.ones_like(prompt), pad_token_id=0, **settings, **kwargs)
+        return out.sequences, torch.stack(out.scores)
+
+    tokens, scores = generate("torch")
+    base_tokens, _ = generate("torch", use_cache=False)
+    assert torch.equal(base_tokens, tokens)
+    for use_cache in (True, False):
+        got_tokens, got_scores = generate("triton", use_cache=use_cache)
+        assert torch.equal(got_tokens, tokens)
+        torch.testing.assert_close(got_scores, scores, rtol=1e-5, atol=1e-5)
+    with disable_tied_lora(model):
+        assert not torch.equal(generate("torch")[1], scores)  # the adapter changes what is generated
+    merge_tied_lora(model)
+    assert torch.equal(generate("torch")[0], tokens)
 
 
 def test_ddp_with_tied_adapters_and_checkpointing(process_group):
