@@ -820,6 +820,29 @@ def test_save_after_conversion_freeze_and_wrappers(tmp_path):
         assert torch.equal(frozen(ids).logits, expected)
 
 
+def test_a_16_bit_adapter_file_loads_into_a_float32_model_as_float32(tmp_path):
+    """An adapter saved after ``model.to(bf16)`` loads into a float32 model as float32 adapters holding exactly
+    the saved values (bf16 adapters cannot run beside float32 activations), bare or already adapted; a float32
+    file into bf16 adapters would round and is still refused."""
+    config = TiedLoRAConfig(rank=4, preset="tl6", target_modules=QKV + ("o_proj",))
+    model = apply_tied_lora(tiny_llama(), config)
+    randomise_adapters(model)
+    model.to(torch.bfloat16)
+    save_tied_lora(model, tmp_path)
+    saved = tied_lora_state_dict(model)
+    ids = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(6))
+    for target in (tiny_llama(), apply_tied_lora(tiny_llama(), config)):
+        fresh = load_tied_lora(target, tmp_path)
+        state = tied_lora_state_dict(fresh)
+        assert {t.dtype for t in state.values()} == {torch.float32}
+        assert all(torch.equal(state[k], saved[k].float()) for k in saved)
+        with torch.no_grad():
+            fresh(ids)  # runs
+    save_tied_lora(fresh, tmp_path / "f32")
+    with pytest.raises(TypeError, match="loading would round it"):
+        load_tied_lora(model, tmp_path / "f32")
+
+
 def load_file_keys(directory):
     from safetensors.torch import load_file
 

@@ -9,6 +9,7 @@ safetensors file (each shared ``A``/``B`` stored once) and a JSON file with the 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 from collections.abc import Iterator
@@ -477,6 +478,12 @@ def load_tied_lora(model: nn.Module, directory: str | os.PathLike, *, backend: s
             raise TypeError(f"the adapter's tensors are not all {config.dtype}, its config's dtype")
         if any(model.get_submodule(name).weight.is_meta for name in layout):
             raise ValueError("the model is on the meta device: materialise it (to_empty) before loading")
+        base_dtypes = {model.get_submodule(name).weight.dtype for name in layout}
+        wide_base = bool(base_dtypes & {torch.float32, torch.float64})
+        if config.dtype.itemsize < 4 and config.dtype not in base_dtypes and wide_base:
+            # a 16-bit adapter file (saved after model.to(bf16)) onto a wider model: float32 adapters, exactly
+            # the saved values (16-bit adapters cannot run beside float32 activations)
+            config = dataclasses.replace(config, dtype=torch.float32)
         _apply(model, config, shared_of={name: entry["shared"] for name, entry in layout.items()})
     expected = tied_lora_state_dict(model)
     _check_tensors(state, {k: (t.shape, t.dtype, t.is_meta) for k, t in expected.items()})
@@ -521,7 +528,7 @@ def _check_tensors(state: dict[str, torch.Tensor], expected: dict[str, tuple]) -
             raise ValueError(f"{name} is on the meta device: materialise the model (to_empty) before loading")
         if tensor.shape != shape:
             raise ValueError(f"{name}: saved shape {tuple(tensor.shape)}, model has {tuple(shape)}")
-        if tensor.dtype != dtype:
+        if tensor.dtype != dtype and torch.promote_types(tensor.dtype, dtype) != dtype:  # widening is exact
             raise TypeError(
                 f"{name}: saved as {tensor.dtype}, the model's adapter is {dtype}; loading would round it "
                 "(adapt with TiedLoRAConfig(dtype=...) matching the file)"
