@@ -91,7 +91,8 @@ def export_peft_lora(
         "lora_dropout": config.dropout if config is not None else 0.0,
         "target_modules": _target_names(model, set(layers)),
         "bias": "none",
-        "fan_in_fan_out": False,
+        # PEFT's flag for GPT-2's Conv1D (weight stored [in, out]); lora_A/lora_B are [r, in]/[out, r] either way
+        "fan_in_fan_out": all(layer.fan_in_fan_out for layer in layers.values()),
         "use_rslora": False,
         "use_dora": False,
         "init_lora_weights": True,

@@ -31,7 +31,16 @@ from tied_lora_kernels import reference
 from tied_lora_kernels.functional import BACKENDS, add_adapter, check_dropout, resolve_backend, tied_lora_linear
 from tied_lora_kernels.shared import TiedLoRAShared
 
-__all__ = ["TiedLoRALinear", "UScale", "carry_hooks", "check_plain_weight", "quantized_linear_types"]
+__all__ = [
+    "TiedLoRAConv1D",
+    "TiedLoRALinear",
+    "UScale",
+    "carry_hooks",
+    "check_plain_weight",
+    "conv1d_type",
+    "linear_features",
+    "quantized_linear_types",
+]
 
 
 _MODULE_HOOKS = (
@@ -47,13 +56,28 @@ _MODULE_HOOKS = (
 
 
 def check_linear_type(linear: nn.Module, what: str) -> None:
-    """Refuse an ``nn.Linear`` subclass other than the quantized ones the adapter can run beside: its forward
-    may not be a linear of its weight (``nn.MultiheadAttention``'s ``out_proj`` is not even called)."""
-    if type(linear) is not nn.Linear and type(linear) not in quantized_linear_types():
+    """Refuse a module other than ``nn.Linear``, transformers' ``Conv1D`` and the quantized linears the adapter
+    can run beside; an ``nn.Linear`` subclass's forward may not be a linear of its weight
+    (``nn.MultiheadAttention``'s ``out_proj`` is not even called)."""
+    if type(linear) not in (nn.Linear, conv1d_type(), *quantized_linear_types()):
         raise TypeError(
-            f"{what} is a {type(linear).__name__}; only nn.Linear layers and bitsandbytes' Linear4bit / "
-            "Linear8bitLt can be adapted"
+            f"{what} is a {type(linear).__name__}; only nn.Linear layers, transformers' Conv1D (GPT-2) and "
+            "bitsandbytes' Linear4bit / Linear8bitLt can be adapted"
         )
+
+
+def conv1d_type() -> type | None:
+    """transformers' ``Conv1D`` (GPT-2's linear, its weight stored ``[in, out]``) once transformers has loaded
+    it (a model holding one has; this never imports transformers), else None."""
+    conv1d = getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
+    return conv1d if isinstance(conv1d, type) else None
+
+
+def linear_features(linear: nn.Module) -> tuple[int, int]:
+    """``(in_features, out_features)`` of an ``nn.Linear`` (or subclass) or a ``Conv1D`` (``nx``, ``nf``)."""
+    if isinstance(linear, nn.Linear):
+        return linear.in_features, linear.out_features
+    return linear.nx, linear.nf
 
 
 def check_plain_weight(linear: nn.Linear, what: str) -> None:
@@ -157,6 +181,8 @@ class TiedLoRALinear(nn.Linear):
 
     quantized = False
     """Whether the base is a quantized layer (a class made by ``from_linear``)."""
+    fan_in_fan_out = False
+    """Whether ``weight`` is stored ``[in, out]`` (``TiedLoRAConv1D``) rather than ``nn.Linear``'s ``[out, in]``."""
     _tied_weights_keys = {"shared.A": "shared.A", "shared.B": "shared.B", "lora_scale.u": "lora_scale.u"}
     """Read by transformers' ``save_pretrained`` (hence ``Trainer``'s checkpoints): the tensors that several
     layers share, stored once under one of their names instead of refused (safetensors stores no aliases).
@@ -180,17 +206,20 @@ class TiedLoRALinear(nn.Linear):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, shared: TiedLoRAShared, **adapter) -> TiedLoRALinear:
-        """Adapt ``linear``: its ``weight`` and ``bias`` parameters are reused, not copied, and its forward and
-        backward hooks carry over."""
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"from_linear needs an nn.Linear, got {type(linear).__name__}")
+        """Adapt ``linear`` (an ``nn.Linear``, a transformers ``Conv1D``: a ``TiedLoRAConv1D``, or a quantized
+        linear): its ``weight`` and ``bias`` parameters are reused, not copied, and its forward and backward
+        hooks carry over."""
         if isinstance(linear, TiedLoRALinear):
             raise TypeError("this layer already has a Tied-LoRA adapter")
+        if not isinstance(linear, nn.Linear) and type(linear) is not conv1d_type():
+            raise TypeError(f"from_linear needs an nn.Linear or a transformers Conv1D, got {type(linear).__name__}")
         check_linear_type(linear, "this linear")
         check_plain_weight(linear, "this linear")
         if hasattr(linear, "_hf_hook"):
             raise ValueError("this linear carries an accelerate hook (offloading): its weight loads only while it runs")
-        if type(linear) is not nn.Linear:
+        if type(linear) is conv1d_type():
+            cls = TiedLoRAConv1D
+        elif type(linear) is not nn.Linear:
             cls = _quantized_class(type(linear))
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
@@ -201,7 +230,7 @@ class TiedLoRALinear(nn.Linear):
             layer.__dict__.update({k: v for k, v in vars(linear).items() if k not in own and not callable(v)})
             for name, buffer in linear._buffers.items():
                 layer.register_buffer(name, buffer, persistent=name not in linear._non_persistent_buffers_set)
-        layer.in_features, layer.out_features = linear.in_features, linear.out_features
+        layer.in_features, layer.out_features = linear_features(linear)
         layer.weight = linear.weight
         layer.bias = linear.bias
         if getattr(layer.weight, "module", None) is linear:  # bitsandbytes' Params4bit finds its layer there
@@ -310,16 +339,16 @@ class TiedLoRALinear(nn.Linear):
         if self.merged or self.disabled:
             if self.merged and self.disabled:
                 raise RuntimeError("this TiedLoRALinear is disabled but merged (weight holds ΔW): unmerge() it first")
-            return super().forward(x)  # nn.Linear's, or the quantized layer's own
+            return self._base_forward(x)
         dropout = self.lora_dropout if self.training else 0.0
         if self.quantized:
             A, B, u, v = self.shared.A, self.lora_B, self.lora_u, self.lora_v
-            return add_adapter(super().forward(x), x, A, B, u, v, self.scale, dropout=dropout)
+            return add_adapter(self._base_forward(x), x, A, B, u, v, self.scale, dropout=dropout)
         if dropout and self.backend == "auto" and not torch.compiler.is_compiling():
             _warn_dropout_once(x, self.rank)
         return tied_lora_linear(
             x,
-            self.weight,
+            self.weight.t() if self.fan_in_fan_out else self.weight,
             self.bias,
             self.shared.A,
             self.lora_B,
@@ -330,8 +359,12 @@ class TiedLoRALinear(nn.Linear):
             dropout=dropout,
         )
 
+    def _base_forward(self, x: Tensor) -> Tensor:
+        return super().forward(x)  # nn.Linear's, or the quantized layer's own
+
     def delta_weight(self) -> Tensor:
-        """``ΔW = scale · diag(v) · B · diag(u) · A``, ``[out, in]``, in the adapter's dtype."""
+        """``ΔW = scale · diag(v) · B · diag(u) · A``, ``[out, in]`` (also for a ``Conv1D``), in the adapter's
+        dtype."""
         return reference.delta_weight(self.shared.A, self.lora_B, self.lora_u, self.lora_v, self.scale)
 
     @torch.no_grad()
@@ -369,7 +402,7 @@ class TiedLoRALinear(nn.Linear):
         delta = reference.delta_weight(
             self.shared.A, self.lora_B, self.lora_u, self.lora_v, sign * self.scale, dtype=dtype
         )
-        self.weight.copy_(self.weight.to(dtype) + delta)
+        self.weight.copy_(self.weight.to(dtype) + (delta.t() if self.fan_in_fan_out else delta))
 
     def extra_repr(self) -> str:
         factors = (("A", self.shared.A), ("B", self.shared.B), ("u", self.lora_u), ("v", self.lora_v))
@@ -381,6 +414,38 @@ class TiedLoRALinear(nn.Linear):
             + (f", dropout={self.lora_dropout:g}" if self.lora_dropout else "")
             + (", disabled=True" if self.disabled else "")
         )
+
+
+class TiedLoRAConv1D(TiedLoRALinear):
+    """A transformers ``Conv1D`` (GPT-2's linear: ``y = x·W + b`` with ``weight`` stored ``[in, out]``) with a
+    Tied-LoRA adapter, made by ``TiedLoRALinear.from_linear(conv1d, shared)``. It keeps the ``Conv1D``'s
+    ``weight`` and ``bias`` (same parameters, same keys and shapes) and its ``nf``/``nx``; the adapter, the
+    kernels (which read ``weight`` through a transposed view, no copy) and ``delta_weight`` use ``nn.Linear``'s
+    ``[out, in]`` convention. Merged or disabled, forward is the ``Conv1D``'s own computation."""
+
+    fan_in_fan_out = True
+
+    def __init__(self, *args, **kwargs):
+        raise TypeError("a TiedLoRAConv1D adapts an existing Conv1D: use TiedLoRALinear.from_linear(conv1d, shared)")
+
+    @property
+    def nf(self) -> int:
+        return self.out_features
+
+    @property
+    def nx(self) -> int:
+        return self.in_features
+
+    def _base_forward(self, x: Tensor) -> Tensor:
+        # exactly Conv1D.forward: bit for bit the layer before it was adapted
+        return torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight).view(*x.shape[:-1], self.nf)
+
+    def reset_parameters(self) -> None:
+        """``Conv1D``'s init of ``weight``/``bias`` (normal, std 0.02; zeros), then the adapter's."""
+        nn.init.normal_(self.weight, std=0.02)
+        nn.init.zeros_(self.bias)
+        self.shared.reset_parameters()
+        self.reset_adapter()
 
 
 _DROPOUT_WARNED = False

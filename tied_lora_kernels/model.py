@@ -25,6 +25,8 @@ from tied_lora_kernels.layer import (
     carry_hooks,
     check_linear_type,
     check_plain_weight,
+    conv1d_type,
+    linear_features,
     quantized_linear_types,
 )
 from tied_lora_kernels.shared import TiedLoRAShared
@@ -85,8 +87,7 @@ def _apply(model: nn.Module, config: TiedLoRAConfig, shared_of: dict[str, str] |
         shared = shared_by_key.get(tie_key)
         if shared is None:
             shared = shared_by_key[tie_key] = TiedLoRAShared(
-                linears[0].in_features,
-                sum(lin.out_features for lin in linears),
+                *_shape(linears),
                 config.rank,
                 train_A=r["train_A"],
                 train_B=r["train_B"],
@@ -99,7 +100,7 @@ def _apply(model: nn.Module, config: TiedLoRAConfig, shared_of: dict[str, str] |
             )
         start, first = 0, None
         for name, lin in zip(members, linears, strict=True):
-            stop = start + lin.out_features
+            stop = start + linear_features(lin)[1]
             layer = TiedLoRALinear.from_linear(
                 lin,
                 shared,
@@ -149,15 +150,15 @@ def _plan(
     plan, devices = [], {}
     for key, members in _group_instances(targets, config).items():
         linears = [targets[name] for name in members]
-        in_features = {lin.in_features for lin in linears}
+        in_features = {linear_features(lin)[0] for lin in linears}
         if len(in_features) > 1:
             raise ValueError(f"grouped layers {members} must share in_features, got {sorted(in_features)}")
         for name, lin in zip(members, linears, strict=True):
             try:
-                check_rank(config.rank, lin.in_features, lin.out_features)
+                check_rank(config.rank, *linear_features(lin))
             except ValueError as e:
                 raise ValueError(f"{name}: {e}") from None
-        shape = (in_features.pop(), sum(lin.out_features for lin in linears))
+        shape = _shape(linears)
         if shared_of is not None:  # the pairs as an adapter file's layout has them
             tie_key = ("saved", shared_of[members[0]], *shape)
         elif config.resolved["tie"]:  # one pair per role (names equal up to their layer indices) and shape
@@ -171,12 +172,22 @@ def _plan(
     return plan
 
 
+def _shape(linears: list[nn.Module]) -> tuple[int, int]:
+    """``(in_features, out_features)`` of the pair that a group's layers share (their outputs stacked)."""
+    return linear_features(linears[0])[0], sum(linear_features(lin)[1] for lin in linears)
+
+
+def _linear_types() -> tuple[type, ...]:
+    """The modules an adapter can take: ``nn.Linear``, transformers' ``Conv1D``, bitsandbytes' quantized linears."""
+    return tuple(t for t in (nn.Linear, conv1d_type(), *quantized_linear_types()) if t is not None)
+
+
 def _find_targets(model: nn.Module, config: TiedLoRAConfig) -> dict[str, nn.Linear]:
     targets, owners = {}, {}
     for name, p in model.named_parameters(remove_duplicate=False):
         owners.setdefault(id(p), []).append(name)
     heads = _heads(model) if config.target_modules == ALL_LINEAR else ()
-    linear_types = (nn.Linear, *quantized_linear_types())
+    linear_types = _linear_types()
     for name, module in model.named_modules():
         if callable(config.target_modules):
             hit = bool(config.target_modules(module, name))
@@ -186,11 +197,9 @@ def _find_targets(model: nn.Module, config: TiedLoRAConfig) -> dict[str, nn.Line
             hit = any(name == t or name.endswith("." + t) for t in config.target_modules)
         if not hit:
             continue
-        if not isinstance(module, nn.Linear):
-            raise TypeError(f"target {name!r} is a {type(module).__name__}; only nn.Linear layers can be adapted")
         check_linear_type(module, f"target {name!r}")
         check_plain_weight(module, f"target {name!r}")
-        if config.backend == "triton" and type(module) is not nn.Linear:
+        if config.backend == "triton" and type(module) in quantized_linear_types():
             raise ValueError(
                 f"target {name!r} is a quantized {type(module).__name__}: backend='triton' needs plain weights "
                 "(quantized layers run their own forward with the adapter on the torch path); use backend='auto'"
@@ -210,7 +219,7 @@ def _find_targets(model: nn.Module, config: TiedLoRAConfig) -> dict[str, nn.Line
             )
         targets[name] = module
     if not targets:
-        linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        linears = [n for n, m in model.named_modules() if isinstance(m, _linear_types())]
         raise ValueError(
             f"target_modules={config.to_dict()['target_modules']} matched no nn.Linear in the model; "
             f"its linear layers include {linears[:8]}"
@@ -298,7 +307,11 @@ def merge_tied_lora(model: nn.Module, *, unload: bool = False) -> nn.Module:
             layer.merge()
     if unload:
         for name, layer in layers.items():
-            plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+            if layer.fan_in_fan_out:  # GPT-2's Conv1D again (its init's allocations on the meta device)
+                with torch.device("meta"):
+                    plain = conv1d_type()(layer.out_features, layer.in_features)
+            else:
+                plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
             plain.weight, plain.bias = layer.weight, layer.bias
             plain.training = layer.training
             carry_hooks(layer, plain)
@@ -541,13 +554,14 @@ def _check_base_shapes(model: nn.Module, layout: dict[str, dict]) -> None:
         m = modules.get(name)
         if m is None:
             raise ValueError(f"the adapter targets {name!r}, and this model has no module of that name")
-        if not isinstance(m, nn.Linear):
+        if not isinstance(m, _linear_types()):
             kind = type(m).__name__
             raise ValueError(f"the adapter targets {name!r}: this model's module there is {kind}, not nn.Linear")
-        if (m.in_features, m.out_features) != (entry["in_features"], entry["out_features"]):
+        if linear_features(m) != (entry["in_features"], entry["out_features"]):
+            (k, n) = linear_features(m)
             raise ValueError(
                 f"{name}: the adapter was saved for [{entry['out_features']}, {entry['in_features']}], "
-                f"this model's layer is [{m.out_features}, {m.in_features}]"
+                f"this model's layer is [{n}, {k}]"
             )
 
 
