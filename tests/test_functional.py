@@ -9,6 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from tests.helpers import assert_close_to_reference
 from tied_lora_kernels import reference, tied_lora_linear
+from tied_lora_kernels.functional import add_adapter
 
 # (u, v, A trains, B trains): the paper's configurations as they reach the functional form
 CONFIGS = {
@@ -184,6 +185,10 @@ def _call(**overrides):
         ({"u": [1.0, 2.0]}, TypeError, "u must be a torch.Tensor"),
         ({"scale": float("nan")}, TypeError, "scale must be a finite"),
         ({"scale": torch.tensor(1.0)}, TypeError, "scale must be a finite"),
+        ({"scale": 1e39}, TypeError, "within float32's range"),
+        ({"scale": True}, TypeError, "scale must be a finite"),
+        ({"weight": torch.randn(6, 8).to_sparse()}, TypeError, "weight is a sparse_coo tensor"),
+        ({"A": torch.randn(2, 8).to_sparse()}, TypeError, "A is a sparse_coo tensor"),
         ({"backend": "cuda"}, ValueError, "backend must be one of"),
     ],
     ids=lambda p: p if isinstance(p, str) else None,
@@ -191,6 +196,22 @@ def _call(**overrides):
 def test_bad_input_raises_clear_error(overrides, error, match):
     with pytest.raises(error, match=match):
         _call(**overrides)
+
+
+def test_more_bad_input():
+    t = make_inputs(4, 8, 6, 2)
+    args = [t[k] for k in ("weight", "bias", "A", "B", "u", "v")]
+    nested = torch.nested.nested_tensor([torch.randn(3, 8), torch.randn(5, 8)], layout=torch.jagged)
+    with pytest.raises(TypeError, match="x is a nested tensor"):
+        tied_lora_linear(nested, *args)
+    with pytest.raises(TypeError, match="deterministic must be True, False or None"):
+        tied_lora_linear(t["x"], *args, deterministic="no")
+    with pytest.raises(TypeError, match="y must be a floating-point tensor"):
+        add_adapter(torch.zeros(4, 6, dtype=torch.int64), t["x"], t["A"], t["B"])
+    # fp16 adapters beside an x that autocast made bf16: the message says autocast did it
+    fp16 = {k: t[k].detach().half() for k in ("x", "weight", "A", "B")}
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(TypeError, match="autocast's torch.bfloat16"):
+        tied_lora_linear(fp16["x"], fp16["weight"], None, fp16["A"], fp16["B"])
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only error")

@@ -167,3 +167,23 @@ def test_deterministic_runs_are_bitwise_identical_on_gpu():
         again = _grads(True, 8192, 1024, 1024, 16, torch.bfloat16)
         for a, b in zip(first, again, strict=True):
             assert torch.equal(a, b)
+
+
+def test_double_backward_is_refused_not_silently_wrong():
+    """An input-gradient penalty differentiates dx = dy W + ((dy (s·v ⊙ B)) ⊙ u) A with respect to A, B, u and v
+    (create_graph=True). The kernels' backward is first-order only: it raises, naming backend='torch', instead
+    of returning a dx whose dependence on the adapter is silently dropped (once_differentiable let that through
+    when dy itself needs no grad). The torch path computes it."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 16, generator=g).to(DEVICE).requires_grad_(True)
+    W, A, B = torch.randn(12, 16, generator=g), torch.randn(4, 16, generator=g), torch.randn(12, 4, generator=g)
+    W, A, B = W.to(DEVICE), A.to(DEVICE).requires_grad_(True), B.to(DEVICE)
+    y = tied_lora_linear(x, W, None, A, B, None, None, 0.5, backend="torch")
+    (gx,) = torch.autograd.grad(y.sum(), x, create_graph=True)
+    (gA,) = torch.autograd.grad(gx.square().sum(), A)
+    assert gA.abs().sum() > 0  # the penalty does depend on A
+    y = tied_lora_linear(x, W, None, A, B, None, None, 0.5, backend="triton")
+    with pytest.raises(RuntimeError, match="first-order gradients only.*backend='torch'"):
+        torch.autograd.grad(y.sum(), x, create_graph=True)
+    (gx,) = torch.autograd.grad(y.sum(), x)  # without create_graph: as before
+    assert not gx.requires_grad

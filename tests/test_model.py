@@ -326,6 +326,12 @@ def test_ties_join_the_same_role_across_layers_only():
     shared = {name: id(layer.shared) for name, layer in tied_lora_layers(model).items()}
     assert shared["layers.0.dense"] == shared["layers.1.dense"] == shared["layers.2.dense"] != shared["pooler.dense"]
 
+    # layers that are themselves list elements (experts.0, experts.1, ...: their own name is the index) tie too
+    experts = nn.Module()
+    experts.experts = nn.ModuleList(nn.Linear(8, 8) for _ in range(3))
+    apply_tied_lora(experts, TiedLoRAConfig(rank=2, target_modules="all-linear", groups=(), tie=True))
+    assert len({id(layer.shared) for layer in tied_lora_layers(experts).values()}) == 1
+
 
 def test_merge_and_unmerge_check_every_layer_before_touching_any():
     model = apply_tied_lora(tiny_llama(), TiedLoRAConfig(rank=4, target_modules=QKV + ("o_proj",)))
@@ -491,11 +497,23 @@ def test_config_errors():
         TiedLoRAConfig(seed="x")
     with pytest.raises(TypeError, match="target_modules must be names or a callable"):
         TiedLoRAConfig(target_modules=[1, 2])
+    for name in ("target_modules", "groups", "modules_to_save"):
+        with pytest.raises(TypeError, match=f"{name} must be a sequence"):
+            TiedLoRAConfig(**{name: None})
+    with pytest.raises(TypeError, match="groups must be a sequence"):
+        TiedLoRAConfig(groups=3)
+    assert TiedLoRAConfig(groups=(g for g in [QKV])).groups == (QKV,)  # a generator is read once, not used up
 
 
 def test_apply_errors():
     with pytest.raises(ValueError, match="matched no nn.Linear"):
         apply_tied_lora(Toy(), TiedLoRAConfig(target_modules=["query_key_value"]))
+
+    def nothing(module, name):
+        return False
+
+    with pytest.raises(ValueError, match="target_modules=the callable 'nothing' matched no nn.Linear"):
+        apply_tied_lora(Toy(), TiedLoRAConfig(target_modules=nothing))
     with pytest.raises(TypeError, match="only nn.Linear"):
         apply_tied_lora(nn.ModuleDict({"q_proj": nn.Conv1d(4, 4, 1)}), TiedLoRAConfig(target_modules=["q_proj"]))
     with pytest.raises(ValueError, match="exceeds min"):

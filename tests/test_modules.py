@@ -40,6 +40,12 @@ def test_shared_shapes_flags_and_seed():
         ((16, 12, 2), {"init": "xavier"}, ValueError, "init must be one of"),
         ((16, 12, 2), {"dtype": torch.int32}, TypeError, "floating-point torch.dtype"),
         ((16, 12, 2), {"dtype": "float16"}, TypeError, "floating-point torch.dtype"),
+        ((8.0, 8, 2), {}, ValueError, "in_features must be a positive int"),
+        ((-3, 8, 2), {}, ValueError, "in_features must be a positive int"),
+        ((8, 0, 2), {}, ValueError, "out_features must be a positive int"),
+        ((16, 12, 2), {"seed": "a"}, TypeError, "seed must be an int or None"),
+        ((16, 12, 2), {"seed": 1.5}, TypeError, "seed must be an int or None"),
+        ((16, 12, 2), {"train_A": "no"}, TypeError, "train_A must be True or False"),
     ],
 )
 def test_shared_bad_arguments(args, kwargs, error, match):
@@ -152,8 +158,10 @@ def test_layers_sharing_one_pair_stay_tied_through_conversions():
         ({"share_u_with": "q_proj"}, "share_u_with must be a TiedLoRALinear of the same rank"),
         ({"alpha": 0.0}, "alpha must be a positive finite number"),
         ({"alpha": float("nan")}, "alpha must be a positive finite number"),
-        ({"v_init": float("inf")}, "v_init must be finite"),
-        ({"u_init": float("nan")}, "u_init must be finite"),
+        ({"alpha": 1e308}, r"alpha / rank within float32"),
+        ({"v_init": float("inf")}, "v_init must be a finite number"),
+        ({"u_init": float("nan")}, "u_init must be a finite number"),
+        ({"u_init": "1"}, "u_init must be a finite number"),
     ],
 )
 def test_layer_bad_arguments(kwargs, match):
@@ -170,6 +178,14 @@ def test_layer_type_errors():
         TiedLoRALinear.from_linear(nn.Linear(6, 4), TiedLoRAShared(6, 4, 2), alpha="2")
     with pytest.raises(ValueError, match="in_features=7"):
         TiedLoRALinear.from_linear(nn.Linear(7, 4), TiedLoRAShared(6, 4, 2))
+    for kwargs, match in (
+        ({"b_rows": (0.0, 4.0)}, "b_rows must be a"),
+        ({"b_rows": (0, 2, 4)}, "b_rows must be a"),
+        ({"train_u": "no"}, "train_u must be True or False"),
+        ({"train_v": "no"}, "train_v must be True or False"),
+    ):
+        with pytest.raises(TypeError, match=match):
+            TiedLoRALinear.from_linear(nn.Linear(6, 4), TiedLoRAShared(6, 4, 2), **kwargs)
     layer = TiedLoRALinear.from_linear(nn.Linear(6, 4), TiedLoRAShared(6, 4, 2))
     with pytest.raises(TypeError, match="already has a Tied-LoRA adapter"):
         TiedLoRALinear.from_linear(layer, TiedLoRAShared(6, 4, 2))
@@ -181,6 +197,10 @@ def test_share_u_with_checks_rank_and_training():
         TiedLoRALinear.from_linear(nn.Linear(6, 4), TiedLoRAShared(6, 4, 2), share_u_with=frozen)
     with pytest.raises(ValueError, match="same rank"):
         TiedLoRALinear.from_linear(nn.Linear(6, 4), TiedLoRAShared(6, 4, 3), share_u_with=frozen, train_u=False)
+    with pytest.raises(ValueError, match="starts at 0.5, but u_init=5.0"):
+        TiedLoRALinear.from_linear(
+            nn.Linear(6, 4), TiedLoRAShared(6, 4, 2), share_u_with=frozen, train_u=False, u_init=5.0
+        )
     shared = TiedLoRAShared(6, 4, 2)
     q = TiedLoRALinear.from_linear(nn.Linear(6, 4), shared)
     k = TiedLoRALinear.from_linear(nn.Linear(6, 4), shared, share_u_with=q)

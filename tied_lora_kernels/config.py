@@ -107,6 +107,9 @@ class TiedLoRAConfig:
             self.dtype = getattr(torch, self.dtype, self.dtype)
         if not isinstance(self.dtype, torch.dtype) or not self.dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating-point torch.dtype, got {self.dtype!r}")
+        for name in ("target_modules", "groups", "modules_to_save"):
+            if getattr(self, name) is None or isinstance(getattr(self, name), (int, float)):
+                raise TypeError(f"{name} must be a sequence (or () for none), got {getattr(self, name)!r}")
         if isinstance(self.target_modules, str):
             is_all = self.target_modules.lower() == ALL_LINEAR
             self.target_modules = ALL_LINEAR if is_all else (self.target_modules,)
@@ -121,6 +124,8 @@ class TiedLoRAConfig:
         self.modules_to_save = tuple(self.modules_to_save)
         if not all(isinstance(name, str) and name for name in self.modules_to_save):
             raise TypeError(f"modules_to_save must be module names, got {self.modules_to_save!r}")
+        if not isinstance(self.groups, str):
+            self.groups = tuple(self.groups)  # once: a generator would be used up by the check below
         if isinstance(self.groups, str) or any(isinstance(g, str) for g in self.groups):
             raise TypeError(f"groups must be a sequence of tuples of names, e.g. (QKV,), got {self.groups!r}")
         self.groups = tuple(tuple(g) for g in self.groups)

@@ -18,7 +18,6 @@ so they take ``dropout=0`` (as Unsloth's fast LoRA kernels want), and ``backend=
 from __future__ import annotations
 
 import functools
-import math
 from numbers import Real
 
 import torch
@@ -74,6 +73,8 @@ def tied_lora_linear(
         backend = "torch"
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
+    elif not isinstance(deterministic, bool):
+        raise TypeError(f"deterministic must be True, False or None, got {deterministic!r}")
     if autocast is not None:
         with torch.autocast(x.device.type, enabled=False):
             return _dispatch(backend, x, weight, bias, A, B, u, v, float(scale), deterministic, dropout)
@@ -168,6 +169,8 @@ def add_adapter(y: Tensor, x: Tensor, A, B, u=None, v=None, scale: float = 1.0, 
     check_dropout(dropout)
     if not isinstance(y, Tensor) or not isinstance(x, Tensor) or not isinstance(B, Tensor) or B.dim() != 2:
         raise TypeError("add_adapter needs tensors y, x and a 2-D B")
+    if not y.is_floating_point():
+        raise TypeError(f"y must be a floating-point tensor (the adapter term is added in its dtype), got {y.dtype}")
     K, N = x.shape[-1], B.shape[0]
     # the checks of tied_lora_linear, with a stand-in [N, K] weight (an expanded scalar: no memory)
     _check_inputs(x, x.new_empty(()).expand(N, K), None, A, B, u, v, scale)
@@ -189,13 +192,17 @@ def _check_inputs(x, weight, bias, A, B, u, v, scale) -> None:
     for name in ("x", "weight", "A", "B"):
         if named[name] is None:
             raise TypeError(f"{name} is required, got None")
+    for name, t in named.items():
+        if t is not None and (t.layout != torch.strided or t.is_nested):
+            kind = "nested" if t.is_nested else str(t.layout).removeprefix("torch.")
+            raise TypeError(f"{name} is a {kind} tensor: tied_lora_linear takes dense (strided) tensors")
     if not x.is_floating_point():
         raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
-    if isinstance(scale, Tensor) or not isinstance(scale, Real):
+    if isinstance(scale, (Tensor, bool)) or not isinstance(scale, Real):
         raise TypeError(f"scale must be a finite Python number, got {scale!r}")
     # (under torch.compile(dynamic=True) a float argument is symbolic and cannot be tested while tracing)
-    if not torch.compiler.is_compiling() and not math.isfinite(scale):
-        raise TypeError(f"scale must be a finite Python number, got {scale!r}")
+    if not torch.compiler.is_compiling() and not abs(scale) <= _FLOAT32_MAX:  # also NaN
+        raise TypeError(f"scale must be a finite Python number within float32's range, got {scale!r}")
 
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D [out_features, in_features], got shape {tuple(weight.shape)}")
@@ -219,10 +226,15 @@ def _check_inputs(x, weight, bias, A, B, u, v, scale) -> None:
     for name in ("A", "B", "u", "v"):
         t = named[name]
         if t is not None and t.dtype not in (x.dtype, torch.float32):
-            raise TypeError(f"{name} is {t.dtype} but x is {x.dtype}: adapters must be float32 or x's dtype")
+            why = f" (autocast's {x.dtype}: adapters then need float32)" if _autocast_dtype(x) is not None else ""
+            raise TypeError(f"{name} is {t.dtype} but x is {x.dtype}{why}: adapters must be float32 or x's dtype")
     for name, t in named.items():
         if t is not None and t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}: all inputs must share a device")
+
+
+_FLOAT32_MAX = torch.finfo(torch.float32).max
+"""The kernels and the torch path's ``addmm_`` take ``scale`` as a float32."""
 
 
 def check_dropout(p) -> None:

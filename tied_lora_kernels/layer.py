@@ -143,8 +143,10 @@ class UScale(nn.Module):
 
     def __init__(self, rank: int, *, train: bool, init: float, device=None, dtype=None):
         super().__init__()
-        if not math.isfinite(init):
-            raise ValueError(f"u_init must be finite, got {init}")
+        if not isinstance(train, bool):
+            raise TypeError(f"train_u must be True or False, got {train!r}")
+        if isinstance(init, bool) or not isinstance(init, numbers.Real) or not math.isfinite(init):
+            raise ValueError(f"u_init must be a finite number, got {init!r}")
         self.init = float(init)
         if train or init != 1.0:
             self.u = nn.Parameter(torch.empty(rank, device=device, dtype=dtype), requires_grad=train)
@@ -267,14 +269,22 @@ class TiedLoRALinear(nn.Linear):
         if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, numbers.Real)):
             raise TypeError(f"alpha must be a number or None, got {alpha!r}")
         alpha = float(shared.rank if alpha is None else alpha)
-        if not math.isfinite(alpha) or alpha <= 0:
-            raise ValueError(f"alpha must be a positive finite number, got {alpha}")
-        if not math.isfinite(v_init):
-            raise ValueError(f"v_init must be finite, got {v_init}")
+        if not math.isfinite(alpha) or alpha <= 0 or alpha / shared.rank > torch.finfo(torch.float32).max:
+            raise ValueError(f"alpha must be a positive finite number (alpha / rank within float32), got {alpha}")
+        if isinstance(v_init, bool) or not isinstance(v_init, numbers.Real) or not math.isfinite(v_init):
+            raise ValueError(f"v_init must be a finite number, got {v_init!r}")
+        if not isinstance(train_v, bool):
+            raise TypeError(f"train_v must be True or False, got {train_v!r}")
         if shared.in_features != self.in_features:
             raise ValueError(
                 f"shared A is [{shared.rank}, {shared.in_features}] but the layer has in_features={self.in_features}"
             )
+        if b_rows is not None and (
+            not isinstance(b_rows, (tuple, list))
+            or len(b_rows) != 2
+            or not all(isinstance(i, int) and not isinstance(i, bool) for i in b_rows)
+        ):
+            raise TypeError(f"b_rows must be a (start, stop) pair of ints or None, got {b_rows!r}")
         start, stop = b_rows if b_rows is not None else (0, shared.out_features)
         if not (0 <= start < stop <= shared.out_features) or stop - start != self.out_features:
             raise ValueError(
@@ -298,6 +308,8 @@ class TiedLoRALinear(nn.Linear):
                 raise ValueError(
                     f"the u of share_u_with {'trains' if not train_u else 'is frozen'}, but train_u={train_u}"
                 )
+            if lora_scale.init != u_init:
+                raise ValueError(f"the u of share_u_with starts at {lora_scale.init:g}, but u_init={u_init!r}")
         else:
             lora_scale = UScale(shared.rank, train=train_u, init=u_init, **factory)
         self.lora_scale = lora_scale

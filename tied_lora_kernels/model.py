@@ -162,7 +162,7 @@ def _plan(
         if shared_of is not None:  # the pairs as an adapter file's layout has them
             tie_key = ("saved", shared_of[members[0]], *shape)
         elif config.resolved["tie"]:  # one pair per role (names equal up to their layer indices) and shape
-            tie_key = (_role(key[0]), key[1], *shape)
+            tie_key = (_role(key[0]), _role(key[1]), *shape)  # key[1]: a group's label, or the layer's own name
         else:
             tie_key = key
         device = devices.setdefault(tie_key, linears[0].weight.device)
@@ -220,9 +220,10 @@ def _find_targets(model: nn.Module, config: TiedLoRAConfig) -> dict[str, nn.Line
         targets[name] = module
     if not targets:
         linears = [n for n, m in model.named_modules() if isinstance(m, _linear_types())]
+        wanted = config.target_modules
+        wanted = f"the callable {getattr(wanted, '__name__', wanted)!r}" if callable(wanted) else repr(wanted)
         raise ValueError(
-            f"target_modules={config.to_dict()['target_modules']} matched no nn.Linear in the model; "
-            f"its linear layers include {linears[:8]}"
+            f"target_modules={wanted} matched no nn.Linear in the model; its linear layers include {linears[:8]}"
         )
     return targets
 

@@ -175,8 +175,14 @@ class TiedLoRALinearFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
+        if torch.is_grad_enabled():  # create_graph=True: the gradients would have to be differentiable
+            # (once_differentiable raises only when dy requires grad: dx's dependence on A, B, u, v was
+            # silently dropped, e.g. in an input-gradient penalty)
+            raise RuntimeError(
+                "backend='triton' computes first-order gradients only; with create_graph=True (double backward: "
+                "gradient penalties, Hessian-vector products) use backend='torch'"
+            )
         x, T, weight, A, B, u, v = ctx.saved_tensors
         grads = backward_impl(
             dy, x, T, weight, A, B, u, v, ctx.scale, ctx.needs_input_grad[:7], deterministic=ctx.deterministic,
