@@ -5,6 +5,8 @@ weight as ``nn.Linear`` stores it, on both backends; a GPT-2 model adapts, ties,
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import transformers
@@ -172,8 +174,8 @@ def test_gpt2_saves_loads_and_exports_to_peft(tmp_path):
         assert torch.equal(fresh(ids).logits, expected)
 
     export_peft_lora(model, tmp_path / "peft")
+    assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["fan_in_fan_out"] is True
     loaded = peft.PeftModel.from_pretrained(tiny_gpt2().double(), tmp_path / "peft")
-    assert loaded.peft_config["default"].fan_in_fan_out
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, expected, rtol=1e-12, atol=1e-12)
         assert not torch.allclose(expected, tiny_gpt2().double()(ids).logits)

@@ -326,11 +326,14 @@ def test_ties_join_the_same_role_across_layers_only():
     shared = {name: id(layer.shared) for name, layer in tied_lora_layers(model).items()}
     assert shared["layers.0.dense"] == shared["layers.1.dense"] == shared["layers.2.dense"] != shared["pooler.dense"]
 
-    # layers that are themselves list elements (experts.0, experts.1, ...: their own name is the index) tie too
+    # layers that are themselves ModuleList elements (experts.0, experts.1, ...) are one role; the positions of a
+    # Sequential are not
     experts = nn.Module()
     experts.experts = nn.ModuleList(nn.Linear(8, 8) for _ in range(3))
+    experts.head = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8))
     apply_tied_lora(experts, TiedLoRAConfig(rank=2, target_modules="all-linear", groups=(), tie=True))
-    assert len({id(layer.shared) for layer in tied_lora_layers(experts).values()}) == 1
+    assert len({id(experts.experts[i].shared) for i in range(3)}) == 1
+    assert experts.head[0].shared is not experts.head[2].shared is not experts.experts[0].shared
 
 
 def test_merge_and_unmerge_check_every_layer_before_touching_any():
@@ -907,6 +910,19 @@ def test_save_pretrained_stores_each_tied_tensor_once_and_strict_loading_takes_i
     assert sorted(missing) == sorted(k for k, p in other.named_parameters(remove_duplicate=False) if p is A)
     assert len(missing) == 6  # every name of that A: 3 projections x 2 layers
 
+    # names of one tied tensor with different values (saved with other ties) would each overwrite it: refused
+    full = {k: v.clone() for k, v in model.state_dict().items()}
+    full["model.layers.0.self_attn.k_proj.shared.A"] += 1
+    with pytest.raises(RuntimeError, match="one tied tensor in this model, but the state dict holds different"):
+        other.load_state_dict(full)
+    # each adapted model fills in its own names only: beside an untied one, a missing key stays missing
+    pair = nn.ModuleDict({"untied": apply_tied_lora(Toy(), TiedLoRAConfig(rank=2, tie=False, groups=()))})
+    pair["tied"] = apply_tied_lora(Toy(), TiedLoRAConfig(rank=2))
+    saved = pair.state_dict()
+    del saved["untied.layers.1.q_proj.shared.A"]
+    missing = pair.load_state_dict(saved, strict=False).missing_keys
+    assert missing == ["untied.layers.1.q_proj.shared.A"]
+
 
 def test_hugging_face_trainer_checkpoints_resume_and_carry_the_adapter(tmp_path):
     """Trainer's own checkpoints save an adapted model and resume it: training 4 steps in one go, or 2 steps
@@ -929,9 +945,11 @@ def test_hugging_face_trainer_checkpoints_resume_and_carry_the_adapter(tmp_path)
     listed = sorted(p.name for p in (tmp_path / "whole").iterdir())
     assert listed == ["adapter-3", "adapter-final", "checkpoint-2", "checkpoint-4"]
     for name in ("checkpoint-2", "checkpoint-4"):
-        assert {"model.safetensors", "optimizer.pt", "adapter_model.safetensors"} <= {
+        assert {"model.safetensors", "optimizer.pt", "tied_lora"} <= {
             p.name for p in (tmp_path / "whole" / name).iterdir()
         }
+    # the checkpoint still loads as a plain Hugging Face model (the adapter's files sit in their own folder)
+    plain = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "whole/checkpoint-4")
 
     resumed = apply_tied_lora(tiny_llama(), config)
     trainer(resumed, "resumed", save_strategy="no").train(resume_from_checkpoint=str(tmp_path / "whole/checkpoint-2"))
@@ -943,12 +961,20 @@ def test_hugging_face_trainer_checkpoints_resume_and_carry_the_adapter(tmp_path)
     assert sorted(p.name for p in (tmp_path / "resumed").iterdir()) == ["adapter-3", "adapter-final"]
 
     whole.eval()
-    for name in ("whole/checkpoint-4", "whole/adapter-final"):
+    with torch.no_grad():
+        assert torch.equal(plain.eval()(ids).logits, tiny_llama()(ids).logits)  # the frozen base
+    for name in ("whole/checkpoint-4/tied_lora", "whole/adapter-final"):
         fresh = load_tied_lora(tiny_llama(), tmp_path / name)
         with torch.no_grad():
             assert torch.equal(fresh(ids).logits, whole(ids).logits)
     with pytest.raises(ValueError, match="positive int"):
         SaveTiedLoRACallback(0)
+    # a model that is not a PreTrainedModel is saved as a plain state dict, which refuses tied tensors: refused
+    # before the first step rather than at the first checkpoint
+    args = transformers.TrainingArguments(str(tmp_path / "toy"), **kwargs, save_strategy="steps", save_steps=2)
+    toy = apply_tied_lora(Toy(), TiedLoRAConfig(rank=4))
+    with pytest.raises(ValueError, match="not a PreTrainedModel"):
+        transformers.Trainer(model=toy, args=args, train_dataset=data, callbacks=[SaveTiedLoRACallback()]).train()
 
 
 def test_hooks_on_a_target_carry_over():

@@ -9,7 +9,14 @@ import torch
 from torch import nn
 
 from tests.helpers import assert_close_to_reference
-from tied_lora_kernels import TiedLoRALinear, TiedLoRAShared, reference
+from tied_lora_kernels import (
+    TiedLoRAConfig,
+    TiedLoRAConv1D,
+    TiedLoRALinear,
+    TiedLoRAShared,
+    reference,
+    tied_lora_linear,
+)
 
 
 def _randomised(shared: TiedLoRAShared, layer: TiedLoRALinear, seed=0) -> None:
@@ -43,8 +50,8 @@ def test_shared_shapes_flags_and_seed():
         ((8.0, 8, 2), {}, ValueError, "in_features must be a positive int"),
         ((-3, 8, 2), {}, ValueError, "in_features must be a positive int"),
         ((8, 0, 2), {}, ValueError, "out_features must be a positive int"),
-        ((16, 12, 2), {"seed": "a"}, TypeError, "seed must be an int or None"),
-        ((16, 12, 2), {"seed": 1.5}, TypeError, "seed must be an int or None"),
+        ((16, 12, 2), {"seed": "a"}, TypeError, "seed must be an int"),
+        ((16, 12, 2), {"seed": 1.5}, TypeError, "seed must be an int"),
         ((16, 12, 2), {"train_A": "no"}, TypeError, "train_A must be True or False"),
     ],
 )
@@ -186,6 +193,13 @@ def test_layer_type_errors():
     ):
         with pytest.raises(TypeError, match=match):
             TiedLoRALinear.from_linear(nn.Linear(6, 4), TiedLoRAShared(6, 4, 2), **kwargs)
+    with pytest.raises(TypeError, match="TiedLoRAConv1D.from_linear got a Linear: use TiedLoRALinear.from_linear"):
+        TiedLoRAConv1D.from_linear(nn.Linear(6, 6), TiedLoRAShared(6, 6, 2))  # would read W transposed
+    linear = nn.Linear(6, 4)
+    linear.register_forward_hook(lambda *args: None)
+    with pytest.raises(ValueError, match="v_init"):
+        TiedLoRALinear.from_linear(linear, TiedLoRAShared(6, 4, 2), v_init=float("inf"))
+    assert len(linear._forward_hooks) == 1  # a refused adapt leaves the linear as it was
     layer = TiedLoRALinear.from_linear(nn.Linear(6, 4), TiedLoRAShared(6, 4, 2))
     with pytest.raises(TypeError, match="already has a Tied-LoRA adapter"):
         TiedLoRALinear.from_linear(layer, TiedLoRAShared(6, 4, 2))
@@ -237,3 +251,17 @@ def test_meta_init_then_reset_keeps_the_zero_start():
         shared.A, TiedLoRAShared(8, 6, 2, init="kaiming", seed=0).A
     )
     assert torch.all(layer.lora_u == 0.5) and torch.all(layer.lora_v == 0)
+
+
+def test_numpy_integers_and_bools_are_accepted():
+    """Sizes, seeds, rows and flags computed with numpy work like Python's (and are stored as Python ints)."""
+    np = pytest.importorskip("numpy")
+    shared = TiedLoRAShared(np.int64(8), np.int64(6), np.int64(2), seed=np.int64(3))
+    assert type(shared.rank) is int and shared.A.shape == (2, 8)
+    layer = TiedLoRALinear.from_linear(nn.Linear(8, 4), shared, b_rows=(np.int64(2), np.int64(6)))
+    assert layer.b_rows == (2, 6)
+    x = torch.randn(3, 8)
+    args = (layer.weight, layer.bias, shared.A, layer.lora_B, layer.lora_u, layer.lora_v)
+    assert torch.equal(tied_lora_linear(x, *args, deterministic=np.bool_(True)), layer(x))
+    config = TiedLoRAConfig(rank=np.int64(4), seed=np.int64(1))
+    assert type(config.rank) is int and type(config.seed) is int

@@ -22,6 +22,7 @@ from tied_lora_kernels import (
     reference,
     save_tied_lora,
     tied_lora_layers,
+    tied_lora_state_dict,
 )
 
 with warnings.catch_warnings():
@@ -127,6 +128,18 @@ def test_qlora_model_trains_disables_saves_and_loads(kind, tmp_path):
     fresh.train()(ids)
     with torch.no_grad():
         assert torch.equal(fresh.eval()(ids).logits, expected)
+
+    # a bf16 adapter file (saved after converting the adapters) goes into float32 adapters beside the quantized
+    # layers, whose inputs are float32 here: exactly the saved values, and it runs
+    for layer in tied_lora_layers(model).values():
+        layer.shared.to(torch.bfloat16), layer.lora_scale.to(torch.bfloat16)
+        layer.lora_v.data = layer.lora_v.data.bfloat16()
+    save_tied_lora(model, tmp_path / "bf16")
+    fresh = load_tied_lora(quantized_llama(kind), tmp_path / "bf16")
+    state, saved = tied_lora_state_dict(fresh), tied_lora_state_dict(model)
+    assert all(t.dtype == torch.float32 and torch.equal(t, saved[k].float()) for k, t in state.items())
+    with torch.no_grad():
+        fresh(ids)
 
 
 def test_adapted_quantized_layers_copy_and_pickle():

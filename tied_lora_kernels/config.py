@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from numbers import Real
@@ -25,7 +26,7 @@ from numbers import Real
 import torch
 from torch import nn
 
-from tied_lora_kernels.functional import BACKENDS, check_dropout
+from tied_lora_kernels.functional import BACKENDS, check_dropout, check_seed
 from tied_lora_kernels.shared import INITS
 
 __all__ = ["TiedLoRAConfig", "PRESETS", "QKV", "ALL_LINEAR"]
@@ -85,10 +86,13 @@ class TiedLoRAConfig:
     def __post_init__(self):
         if self.preset not in PRESETS:
             raise ValueError(f"preset must be one of {tuple(PRESETS)}, got {self.preset!r}")
-        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
+        if isinstance(self.rank, bool) or not isinstance(self.rank, numbers.Integral) or self.rank <= 0:
             raise ValueError(f"rank must be a positive int, got {self.rank!r}")
+        self.rank = int(self.rank)
         if self.alpha is not None and not (_is_number(self.alpha) and math.isfinite(self.alpha) and self.alpha > 0):
             raise ValueError(f"alpha must be a positive finite number or None, got {self.alpha!r}")
+        if self.alpha is not None and self.alpha / self.rank > torch.finfo(torch.float32).max:
+            raise ValueError(f"alpha / rank must be within float32's range, got alpha={self.alpha!r}")
         if self.u_init is not None and not (_is_number(self.u_init) and math.isfinite(self.u_init)):
             raise ValueError(f"u_init must be a finite number or None, got {self.u_init!r}")
         # plain floats: a numpy scalar would not go into the saved JSON
@@ -97,8 +101,8 @@ class TiedLoRAConfig:
         for name in ("tie", "train_A", "train_B", "train_u", "train_v"):
             if not (getattr(self, name) is None or isinstance(getattr(self, name), bool)):  # (1 == True)
                 raise TypeError(f"{name} must be True, False or None, got {getattr(self, name)!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise TypeError(f"seed must be an int, got {self.seed!r}")
+        check_seed(self.seed)
+        self.seed = int(self.seed)
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         check_dropout(self.dropout)

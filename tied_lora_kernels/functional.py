@@ -18,7 +18,7 @@ so they take ``dropout=0`` (as Unsloth's fast LoRA kernels want), and ``backend=
 from __future__ import annotations
 
 import functools
-from numbers import Real
+from numbers import Integral, Real
 
 import torch
 from torch import Tensor
@@ -73,12 +73,17 @@ def tied_lora_linear(
         backend = "torch"
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
-    elif not isinstance(deterministic, bool):
+    elif not (isinstance(deterministic, bool) or _is_numpy_bool(deterministic)):
         raise TypeError(f"deterministic must be True, False or None, got {deterministic!r}")
+    deterministic = bool(deterministic)
     if autocast is not None:
         with torch.autocast(x.device.type, enabled=False):
             return _dispatch(backend, x, weight, bias, A, B, u, v, float(scale), deterministic, dropout)
     return _dispatch(backend, x, weight, bias, A, B, u, v, float(scale), deterministic, dropout)
+
+
+def _is_numpy_bool(flag) -> bool:
+    return type(flag).__module__ == "numpy" and str(getattr(flag, "dtype", "")) == "bool"
 
 
 def _autocast_dtype(x) -> torch.dtype | None:
@@ -243,9 +248,18 @@ def check_dropout(p) -> None:
         raise ValueError(f"dropout must be a number in [0, 1), got {p!r}")
 
 
+def check_seed(seed) -> None:
+    """A seed must be an int (numpy's too) that ``torch.Generator.manual_seed`` takes, with room for the
+    ``apply_tied_lora`` pairs' consecutive seeds."""
+    if isinstance(seed, bool) or not isinstance(seed, Integral):
+        raise TypeError(f"seed must be an int, got {seed!r}")
+    if not -(2**63) <= seed < 2**64 - 2**32:
+        raise ValueError(f"seed must be within [-2**63, 2**64 - 2**32), got {seed}")
+
+
 def check_rank(rank, in_features: int, out_features: int) -> None:
     """A rank must be a positive int no larger than ``min(in_features, out_features)``."""
-    if isinstance(rank, bool) or not isinstance(rank, int):
+    if isinstance(rank, bool) or not isinstance(rank, Integral):
         raise TypeError(f"rank must be an int, got {rank!r}")
     if rank <= 0:
         raise ValueError(f"rank must be positive, got {rank}")

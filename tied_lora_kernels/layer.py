@@ -219,13 +219,16 @@ class TiedLoRALinear(nn.Linear):
         check_plain_weight(linear, "this linear")
         if hasattr(linear, "_hf_hook"):
             raise ValueError("this linear carries an accelerate hook (offloading): its weight loads only while it runs")
-        if type(linear) is conv1d_type():
-            cls = TiedLoRAConv1D
-        elif type(linear) is not nn.Linear:
-            cls = _quantized_class(type(linear))
-        layer = cls.__new__(cls)
+        # the class follows the base alone (TiedLoRAConv1D.from_linear(nn.Linear) would read W transposed)
+        if type(linear) is nn.Linear:
+            kind = TiedLoRALinear
+        else:
+            kind = TiedLoRAConv1D if type(linear) is conv1d_type() else _quantized_class(type(linear))
+        if cls is not TiedLoRALinear and cls is not kind:
+            raise TypeError(f"{cls.__name__}.from_linear got a {type(linear).__name__}: use TiedLoRALinear.from_linear")
+        layer = kind.__new__(kind)
         nn.Module.__init__(layer)
-        if cls.quantized:
+        if kind.quantized:
             # the quantized layer's own state (compute dtype, quantisation state, state-dict hooks), not what is
             # bound to the discarded module: an instance-level forward (a patch) or module.compile()'s call
             own = {"_parameters", "_buffers", "_non_persistent_buffers_set", "_modules", *_MODULE_HOOKS}
@@ -235,11 +238,11 @@ class TiedLoRALinear(nn.Linear):
         layer.in_features, layer.out_features = linear_features(linear)
         layer.weight = linear.weight
         layer.bias = linear.bias
+        layer.training = linear.training
+        layer._init_adapter(shared, **adapter)  # its checks before anything of linear's moves
         if getattr(layer.weight, "module", None) is linear:  # bitsandbytes' Params4bit finds its layer there
             layer.weight.module = layer
-        layer.training = linear.training
         carry_hooks(linear, layer)
-        layer._init_adapter(shared, **adapter)
         return layer
 
     def _init_adapter(
@@ -282,10 +285,10 @@ class TiedLoRALinear(nn.Linear):
         if b_rows is not None and (
             not isinstance(b_rows, (tuple, list))
             or len(b_rows) != 2
-            or not all(isinstance(i, int) and not isinstance(i, bool) for i in b_rows)
+            or not all(isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in b_rows)
         ):
             raise TypeError(f"b_rows must be a (start, stop) pair of ints or None, got {b_rows!r}")
-        start, stop = b_rows if b_rows is not None else (0, shared.out_features)
+        start, stop = (int(b_rows[0]), int(b_rows[1])) if b_rows is not None else (0, shared.out_features)
         if not (0 <= start < stop <= shared.out_features) or stop - start != self.out_features:
             raise ValueError(
                 f"the layer has out_features={self.out_features} but reads rows [{start}, {stop}) of shared B "

@@ -75,7 +75,10 @@ def _apply(model: nn.Module, config: TiedLoRAConfig, shared_of: dict[str, str] |
     targets = _find_targets(model, config)
     saved = _saved_modules(model, config, targets)
     r = config.resolved
-    plan = _plan(targets, config, shared_of)  # every check runs before the model is touched
+    # layers that are ModuleList elements (experts.0, experts.1, ...) are instances of one role; positions in a
+    # Sequential are not
+    listed = {name for name in targets if isinstance(model.get_submodule(name.rpartition(".")[0]), nn.ModuleList)}
+    plan = _plan(targets, config, shared_of, listed)  # every check runs before the model is touched
 
     for p in model.parameters():
         p.requires_grad_(False)
@@ -117,36 +120,58 @@ def _apply(model: nn.Module, config: TiedLoRAConfig, shared_of: dict[str, str] |
             _set_submodule(model, name, layer)
             start, first = stop, first or layer
     model.tied_lora_config = config
-    if _forgive_tied_aliases not in model._load_state_dict_post_hooks.values():
-        model.register_load_state_dict_post_hook(_forgive_tied_aliases)
+    if not any(getattr(h, "hook", None) is _fill_tied_aliases for h in model._load_state_dict_pre_hooks.values()):
+        # (the private form: the public register_load_state_dict_pre_hook needs torch 2.5)
+        model._register_load_state_dict_pre_hook(_fill_tied_aliases, with_module=True)
     return model
 
 
-def _forgive_tied_aliases(module: nn.Module, incompatible) -> None:
-    """``load_state_dict`` post-hook of an adapted model: an adapter tensor that several layers share (``A``,
-    ``B``, a group's ``u``) is loaded when any one of its names is, so its other names are not missing.
-    ``save_pretrained`` (and ``Trainer``'s checkpoints) store it once; ``strict=True`` loads the file."""
-    missing = set(incompatible.missing_keys)
+def _fill_tied_aliases(module: nn.Module, state_dict: dict, prefix: str, *_) -> None:
+    """``load_state_dict`` pre-hook of an adapted model: an adapter tensor that several layers share (``A``,
+    ``B``, a group's ``u``) needs only one of its names in the state dict — ``save_pretrained``, hence
+    ``Trainer``'s checkpoints, keeps one — and its other names are filled from it, so that strict loading
+    passes. Names of one tensor that hold different values raise: they were different tensors when saved
+    (another tie layout), and loading them all into one would silently keep the last."""
     names_of: dict[int, list[str]] = {}
     for name, p in module.named_parameters(remove_duplicate=False):
-        names_of.setdefault(id(p), []).append(name)
-    aliases = {name: names for names in names_of.values() if len(names) > 1 for name in names}
-    forgiven = set()
-    for key in missing:
-        parts = key.split(".")
-        for i in range(len(parts)):  # the key may carry the prefix of a module above this one
-            prefix, name = ".".join(parts[:i] + [""]), ".".join(parts[i:])
-            if name in aliases:
-                if _is_adapter_tensor(name) and any(prefix + other not in missing for other in aliases[name]):
-                    forgiven.add(key)
-                break
-    incompatible.missing_keys[:] = [key for key in incompatible.missing_keys if key not in forgiven]
+        if _is_adapter_tensor(name):
+            names_of.setdefault(id(p), []).append(prefix + name)
+    for names in names_of.values():
+        present = [name for name in names if name in state_dict]
+        if len(names) < 2 or not present:
+            continue
+        first = state_dict[present[0]]
+        clash = [name for name in present[1:] if not _same_values(state_dict[name], first)]
+        if clash:
+            raise RuntimeError(
+                f"{present[0]} and {clash[0]} are one tied tensor in this model, but the state dict holds "
+                "different values for them (saved from a model with other ties?): loading would keep only one"
+            )
+        for name in names:
+            state_dict.setdefault(name, first)
+
+
+def _input_dtype(linear: nn.Module) -> torch.dtype | None:
+    """The dtype a base layer computes in: a quantized one's ``compute_dtype`` (None until bitsandbytes has seen
+    an input), else its weight's; None when unknown."""
+    dtype = getattr(linear, "compute_dtype", None) or linear.weight.dtype
+    return dtype if dtype.is_floating_point else None
+
+
+def _same_values(a, b) -> bool:
+    if a is b or not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor) or a.is_meta or b.is_meta:
+        return True  # nothing to compare: loading reports what is wrong with them
+    return a.shape == b.shape and torch.equal(a, b.to(a.device))
 
 
 def _plan(
-    targets: dict[str, nn.Linear], config: TiedLoRAConfig, shared_of: dict[str, str] | None = None
+    targets: dict[str, nn.Linear],
+    config: TiedLoRAConfig,
+    shared_of: dict[str, str] | None = None,
+    listed: set[str] = frozenset(),
 ) -> list[tuple[tuple, list[str]]]:
-    """``(tie key, member names)`` per group instance, after checking shapes, ranks and devices."""
+    """``(tie key, member names)`` per group instance, after checking shapes, ranks and devices; ``listed``: the
+    targets that are elements of an ``nn.ModuleList``, whose own index does not make a role."""
     plan, devices = [], {}
     for key, members in _group_instances(targets, config).items():
         linears = [targets[name] for name in members]
@@ -162,7 +187,8 @@ def _plan(
         if shared_of is not None:  # the pairs as an adapter file's layout has them
             tie_key = ("saved", shared_of[members[0]], *shape)
         elif config.resolved["tie"]:  # one pair per role (names equal up to their layer indices) and shape
-            tie_key = (_role(key[0]), _role(key[1]), *shape)  # key[1]: a group's label, or the layer's own name
+            label = "*" if members[0] in listed and key[1].isdigit() else key[1]  # a group's label, or the name
+            tie_key = (_role(key[0]), label, *shape)
         else:
             tie_key = key
         device = devices.setdefault(tie_key, linears[0].weight.device)
@@ -492,11 +518,10 @@ def load_tied_lora(model: nn.Module, directory: str | os.PathLike, *, backend: s
             raise TypeError(f"the adapter's tensors are not all {config.dtype}, its config's dtype")
         if any(model.get_submodule(name).weight.is_meta for name in layout):
             raise ValueError("the model is on the meta device: materialise it (to_empty) before loading")
-        base_dtypes = {model.get_submodule(name).weight.dtype for name in layout}
-        wide_base = bool(base_dtypes & {torch.float32, torch.float64})
-        if config.dtype.itemsize < 4 and config.dtype not in base_dtypes and wide_base:
-            # a 16-bit adapter file (saved after model.to(bf16)) onto a wider model: float32 adapters, exactly
-            # the saved values (16-bit adapters cannot run beside float32 activations)
+        if config.dtype.itemsize < 4 and any(_input_dtype(model.get_submodule(n)) != config.dtype for n in layout):
+            # a 16-bit adapter file (saved after model.to(bf16)) onto layers that run in another dtype (a float32
+            # model, fp16, a quantized base whose compute dtype differs or is not known yet): float32 adapters,
+            # which run beside any input, holding exactly the saved values
             config = dataclasses.replace(config, dtype=torch.float32)
         _apply(model, config, shared_of={name: entry["shared"] for name, entry in layout.items()})
     expected = tied_lora_state_dict(model)

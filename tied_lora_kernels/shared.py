@@ -10,11 +10,12 @@ of theirs and each layer reads its own rows of ``B`` — the paper's fused-QKV s
 from __future__ import annotations
 
 import math
+from numbers import Integral
 
 import torch
 from torch import nn
 
-from tied_lora_kernels.functional import check_rank
+from tied_lora_kernels.functional import check_rank, check_seed
 
 __all__ = ["TiedLoRAShared", "INITS"]
 
@@ -48,14 +49,16 @@ class TiedLoRAShared(nn.Module):
     ):
         super().__init__()
         for name, n in (("in_features", in_features), ("out_features", out_features)):
-            if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+            if isinstance(n, bool) or not isinstance(n, Integral) or n <= 0:
                 raise ValueError(f"{name} must be a positive int, got {n!r}")
         check_rank(rank, in_features, out_features)
         for name, flag in (("train_A", train_A), ("train_B", train_B), ("zero_A", zero_A), ("zero_B", zero_B)):
             if not isinstance(flag, bool):
                 raise TypeError(f"{name} must be True or False, got {flag!r}")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise TypeError(f"seed must be an int or None, got {seed!r}")
+        if seed is not None:
+            check_seed(seed)
+        in_features, out_features, rank = int(in_features), int(out_features), int(rank)
+        seed = None if seed is None else int(seed)
         if init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {init!r}")
         dtype = dtype or torch.float32
