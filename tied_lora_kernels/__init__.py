@@ -20,6 +20,7 @@ from tied_lora_kernels.model import (
     tied_lora_state_dict,
     unmerge_tied_lora,
 )
+from tied_lora_kernels.peft_import import load_peft_adapter
 from tied_lora_kernels.shared import TiedLoRAShared
 
 __version__ = "0.1.0"
@@ -37,6 +38,7 @@ __all__ = [
     "count_parameters",
     "disable_tied_lora",
     "export_peft_lora",
+    "load_peft_adapter",
     "load_tied_lora",
     "merge_tied_lora",
     "reference",

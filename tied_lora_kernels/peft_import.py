@@ -1,0 +1,141 @@
+"""``load_peft_adapter``: a PEFT LoRA or VeRA adapter onto a bare model, as the Tied-LoRA configuration that computes
+the same thing — so an adapter trained with PEFT runs (and trains on) this library's kernels.
+
+Both are points of the Tied-LoRA family (``ΔW = s · diag(v) · B · diag(u) · A``):
+
+- **LoRA** (``ΔW = (lora_alpha / r) · lora_B · lora_A``, ``/ sqrt(r)`` with rsLoRA): the untied ``"lora"`` preset,
+  one pair per layer (``tie=False``, ``groups=()``), ``A = lora_A``, ``B = lora_B``, ``u`` and ``v`` frozen at one,
+  ``alpha`` chosen so that ``alpha / r`` is PEFT's scaling;
+- **VeRA** (``ΔW = diag(λ_b) · vera_B[:out] · diag(λ_d) · vera_A[:, :in]``, one frozen pair for the whole model,
+  sliced per layer): the ``"vera"`` preset, ``u = λ_d``, ``v = λ_b``, each role's tied pair the slices of PEFT's.
+
+``export_peft_lora`` goes the other way (any configuration to a LoRA file).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import torch
+from torch import nn
+
+from tied_lora_kernels.config import TiedLoRAConfig
+from tied_lora_kernels.layer import linear_features
+from tied_lora_kernels.model import _apply, _find_targets, tied_lora_layers
+
+__all__ = ["load_peft_adapter"]
+
+_PREFIX = "base_model.model."
+_LORA = (".lora_A.weight", ".lora_B.weight")
+_VERA = (".vera_lambda_d", ".vera_lambda_b")
+
+# PEFT options this mapping cannot represent, with the value that means "not used"
+_UNSUPPORTED = {
+    "use_dora": False,
+    "lora_bias": False,
+    "rank_pattern": {},
+    "alpha_pattern": {},
+    "layer_replication": None,
+    "target_parameters": None,
+    "trainable_token_indices": None,
+    "alora_invocation_tokens": None,
+    "use_qalora": False,
+}
+
+
+def load_peft_adapter(model: nn.Module, directory: str | os.PathLike, *, backend: str = "auto") -> nn.Module:
+    """Adapt ``model`` (the base the PEFT adapter was trained on, the same class: module names must match) with the
+    PEFT LoRA or VeRA adapter saved in ``directory`` and return it; the layers then compute what PEFT's do (tests:
+    logits within 1e-12 of ``PeftModel.from_pretrained`` in float64). The adapter trains as PEFT's did (LoRA:
+    ``A`` and ``B``; VeRA: ``u`` and ``v``) and saves with ``save_tied_lora``; ``modules_to_save`` come along.
+    Adapters are float32 (float64 for a float64 file): widening is exact. Every check runs before the model is
+    touched; refused: an adapted model, other PEFT methods, DoRA, per-layer ranks or alphas, LoRA bias, and a VeRA
+    file saved without its projections (``save_projection=False``)."""
+    from safetensors.torch import load_file
+
+    if tied_lora_layers(model):
+        raise RuntimeError("this model already has Tied-LoRA adapters: load a PEFT adapter onto the bare base model")
+    with open(os.path.join(directory, "adapter_config.json")) as f:
+        meta = json.load(f)
+    kind = meta.get("peft_type")
+    if kind not in ("LORA", "VERA"):
+        raise ValueError(f"{directory} holds a PEFT {kind} adapter; only LORA and VERA map onto Tied-LoRA")
+    used = [k for k, off in _UNSUPPORTED.items() if meta.get(k, off) not in (off, None, {}, [], False)]
+    if used:
+        raise ValueError(f"the PEFT adapter uses {used}, which Tied-LoRA cannot represent")
+    if meta.get("bias", "none") != "none":
+        raise ValueError(f"the PEFT adapter trains biases (bias={meta['bias']!r}), which Tied-LoRA does not")
+    state = load_file(os.path.join(directory, "adapter_model.safetensors"))
+    if any(not k.startswith(_PREFIX) and k not in ("base_model.vera_A", "base_model.vera_B") for k in state):
+        raise ValueError(f"unexpected tensor names in {directory}: not a PEFT model's adapter file")
+
+    ends = _LORA if kind == "LORA" else _VERA
+    layers = sorted({k[len(_PREFIX) : -len(e)] for k in state for e in ends if k.endswith(e)})
+    if not layers:
+        raise ValueError(f"{directory} holds no {kind} layers")
+    rank = int(meta["r"])
+    if kind == "LORA":
+        scaling = meta["lora_alpha"] / (math.sqrt(rank) if meta.get("use_rslora") else rank)
+        alpha, preset, tie, dropout = scaling * rank, "lora", False, meta.get("lora_dropout", 0.0)
+    else:
+        if "base_model.vera_A" not in state or "base_model.vera_B" not in state:
+            raise ValueError("the VeRA file holds no vera_A/vera_B (saved with save_projection=False): cannot rebuild")
+        alpha, preset, tie, dropout = None, "vera", True, meta.get("vera_dropout", 0.0)
+    dtype = torch.float64 if any(t.dtype == torch.float64 for t in state.values()) else torch.float32
+    config = TiedLoRAConfig(
+        rank=rank,
+        alpha=alpha,
+        target_modules=tuple(layers),
+        preset=preset,
+        groups=(),
+        tie=tie,
+        dtype=dtype,
+        backend=backend,
+        dropout=dropout,
+        modules_to_save=tuple(meta.get("modules_to_save") or ()),
+    )
+    targets = _find_targets(model, config)  # checks only
+    missing = sorted(set(layers) - set(targets))
+    if missing or len(targets) != len(layers):
+        raise ValueError(f"the PEFT adapter's layers {missing[:4]} are not linear layers of this model")
+    values = {name: _factors(kind, state, name, *linear_features(targets[name]), rank) for name in layers}
+    saved = {k[len(_PREFIX) :]: t for k, t in state.items() if k.startswith(_PREFIX) and not k.endswith(ends)}
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for name, tensor in saved.items():  # modules_to_save, under the base model's own names
+        if name not in params or params[name].shape != tensor.shape:
+            raise ValueError(f"the PEFT adapter's {name} {tuple(tensor.shape)} does not fit this model")
+
+    _apply(model, config)
+    adapted = tied_lora_layers(model)
+    with torch.no_grad():
+        for name, (A, B, u, v) in values.items():
+            layer = adapted[name]
+            for param, value in ((layer.shared.A, A), (layer.shared.B, B), (layer.lora_u, u), (layer.lora_v, v)):
+                if value is not None:
+                    param.copy_(value)
+        for name, tensor in saved.items():
+            params[name].copy_(tensor)
+    return model
+
+
+def _factors(kind: str, state: dict, name: str, in_features: int, out_features: int, rank: int) -> tuple:
+    """``(A, B, u, v)`` of layer ``name`` from the PEFT file (None: frozen at one), shapes checked."""
+    key = _PREFIX + name
+    if kind == "LORA":
+        A, B = state[key + ".lora_A.weight"], state[key + ".lora_B.weight"]
+        u = v = None
+    else:
+        vera_A, vera_B = state["base_model.vera_A"], state["base_model.vera_B"]
+        if vera_A.shape[1] < in_features or vera_B.shape[0] < out_features:
+            raise ValueError(f"{name}: PEFT's vera_A/vera_B are too small for a [{out_features}, {in_features}] layer")
+        A, B = vera_A[:, :in_features], vera_B[:out_features, :]
+        u, v = state[key + ".vera_lambda_d"], state[key + ".vera_lambda_b"]
+    for what, t, shape in (("A", A, (rank, in_features)), ("B", B, (out_features, rank))):
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name}: the PEFT adapter's {what} is {tuple(t.shape)}, this layer needs {shape}")
+    for what, t, n in (("u", u, rank), ("v", v, out_features)):
+        if t is not None and tuple(t.shape) != (n,):
+            raise ValueError(f"{name}: the PEFT adapter's {what} is {tuple(t.shape)}, this layer needs ({n},)")
+    return A, B, u, v
