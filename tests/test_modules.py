@@ -60,6 +60,24 @@ def test_shared_bad_arguments(args, kwargs, error, match):
         TiedLoRAShared(*args, **kwargs)
 
 
+def test_a_layer_with_a_pair_of_its_own():
+    """``rank=`` instead of ``shared=``: a drop-in nn.Linear that needs nothing else (zero start, float32 pair)."""
+    torch.manual_seed(0)
+    layer = TiedLoRALinear(10, 6, rank=2)
+    assert layer.shared.A.shape == (2, 10) and layer.shared.A.dtype == torch.float32
+    x = torch.randn(3, 10)
+    assert torch.equal(layer(x), nn.functional.linear(x, layer.weight, layer.bias))
+    linear = nn.Linear(10, 6)
+    adapted = TiedLoRALinear.from_linear(linear, rank=4, alpha=8.0)
+    assert adapted.weight is linear.weight and adapted.rank == 4 and adapted.scale == 2.0
+    assert adapted.shared is not layer.shared
+    for kwargs in ({}, {"rank": 2, "shared": TiedLoRAShared(10, 6, 2)}):
+        with pytest.raises(TypeError, match="give the layer shared= .* or rank="):
+            TiedLoRALinear(10, 6, **kwargs)
+        with pytest.raises(TypeError, match="give the layer shared= .* or rank="):
+            TiedLoRALinear.from_linear(nn.Linear(10, 6), **kwargs)
+
+
 def test_constructed_like_linear():
     shared = TiedLoRAShared(10, 6, 2)
     layer = TiedLoRALinear(10, 6, bias=False, shared=shared)

@@ -163,8 +163,9 @@ class UScale(nn.Module):
 class TiedLoRALinear(nn.Linear):
     """``nn.Linear`` plus ``scale · diag(v) · B · diag(u) · A`` with ``A``, ``B`` from a ``TiedLoRAShared``.
 
-    Build it like ``nn.Linear`` with a ``shared=`` argument, or adapt an existing layer with
-    ``TiedLoRALinear.from_linear(linear, shared)``. Adapter keywords (both constructors):
+    Build it like ``nn.Linear`` with a ``shared=`` argument (a pair tied with other layers) or ``rank=`` (a
+    float32 pair of its own), or adapt an existing layer with ``TiedLoRALinear.from_linear(linear, shared)`` (or
+    ``rank=``). Adapter keywords (both constructors):
 
     - ``alpha`` (default ``rank``; ``scale = alpha / rank``), ``backend`` (``"auto"``, ``"torch"``,
       ``"triton"``);
@@ -188,7 +189,7 @@ class TiedLoRALinear(nn.Linear):
     _tied_weights_keys = {"shared.A": "shared.A", "shared.B": "shared.B", "lora_scale.u": "lora_scale.u"}
     """Read by transformers' ``save_pretrained`` (hence ``Trainer``'s checkpoints): the tensors that several
     layers share, stored once under one of their names instead of refused (safetensors stores no aliases).
-    Loading such a file restores them through that name (``apply_tied_lora``'s load hook forgives the rest)."""
+    Loading such a file restores them through that name (``apply_tied_lora``'s load hook fills in the rest)."""
     base_class: type = nn.Linear
     """The class of the adapted layer."""
 
@@ -200,17 +201,20 @@ class TiedLoRALinear(nn.Linear):
         device=None,
         dtype=None,
         *,
-        shared: TiedLoRAShared,
+        shared: TiedLoRAShared | None = None,
+        rank: int | None = None,
         **adapter,
     ):
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
-        self._init_adapter(shared, **adapter)
+        self._init_adapter(_pair(shared, rank, in_features, out_features, device), **adapter)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, shared: TiedLoRAShared, **adapter) -> TiedLoRALinear:
+    def from_linear(
+        cls, linear: nn.Linear, shared: TiedLoRAShared | None = None, *, rank: int | None = None, **adapter
+    ) -> TiedLoRALinear:
         """Adapt ``linear`` (an ``nn.Linear``, a transformers ``Conv1D``: a ``TiedLoRAConv1D``, or a quantized
-        linear): its ``weight`` and ``bias`` parameters are reused, not copied, and its forward and backward
-        hooks carry over."""
+        linear) with the pair ``shared`` or, given ``rank``, a pair of its own: its ``weight`` and ``bias``
+        parameters are reused, not copied, and its forward and backward hooks carry over."""
         if isinstance(linear, TiedLoRALinear):
             raise TypeError("this layer already has a Tied-LoRA adapter")
         if not isinstance(linear, nn.Linear) and type(linear) is not conv1d_type():
@@ -239,7 +243,8 @@ class TiedLoRALinear(nn.Linear):
         layer.weight = linear.weight
         layer.bias = linear.bias
         layer.training = linear.training
-        layer._init_adapter(shared, **adapter)  # its checks before anything of linear's moves
+        pair = _pair(shared, rank, layer.in_features, layer.out_features, linear.weight.device)
+        layer._init_adapter(pair, **adapter)  # its checks before anything of linear's moves
         if getattr(layer.weight, "module", None) is linear:  # bitsandbytes' Params4bit finds its layer there
             layer.weight.module = layer
         carry_hooks(linear, layer)
@@ -429,6 +434,13 @@ class TiedLoRALinear(nn.Linear):
             + (f", dropout={self.lora_dropout:g}" if self.lora_dropout else "")
             + (", disabled=True" if self.disabled else "")
         )
+
+
+def _pair(shared: TiedLoRAShared | None, rank: int | None, in_features: int, out_features: int, device):
+    """``shared``, or a new pair of ``rank`` for one layer: exactly one of them is given."""
+    if (shared is None) == (rank is None):
+        raise TypeError("give the layer shared= (a pair tied with other layers) or rank= (a pair of its own)")
+    return shared if shared is not None else TiedLoRAShared(in_features, out_features, rank, device=device)
 
 
 class TiedLoRAConv1D(TiedLoRALinear):
