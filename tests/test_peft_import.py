@@ -4,6 +4,7 @@ with it (float64, within 1e-12), trains, and round-trips through ``export_peft_l
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -15,6 +16,8 @@ from tied_lora_kernels import (
     apply_tied_lora,
     export_peft_lora,
     load_peft_adapter,
+    load_tied_lora,
+    save_tied_lora,
     tied_lora_layers,
     tied_lora_state_dict,
 )
@@ -26,7 +29,7 @@ IDS = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(0))
 
 def _peft_adapter(directory, config, base=tiny_llama, seed=1):
     """A PEFT adapter with every factor random (PEFT starts lora_B / lambda_b at zero), saved to ``directory``;
-    returns PEFT's logits in float64."""
+    returns the logits of ``PeftModel.from_pretrained`` on a fresh base, in float64."""
     model = peft.get_peft_model(base().double(), config)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -34,16 +37,26 @@ def _peft_adapter(directory, config, base=tiny_llama, seed=1):
             if any(k in name for k in ("lora_", "vera_lambda", "modules_to_save")):
                 p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * 0.3)
     model.save_pretrained(directory)
-    model.eval()
     with torch.no_grad():
-        return model(IDS).logits
+        return peft.PeftModel.from_pretrained(base().double(), directory).eval()(IDS).logits
+
+
+def _round_trip(model, directory, base):
+    """``save_tied_lora`` then ``load_tied_lora`` onto a fresh base: the logits it gives."""
+    save_tied_lora(model, directory)
+    with torch.no_grad():
+        return load_tied_lora(base().double(), directory).eval()(IDS).logits
+
+
+def _same(actual, expected):
+    torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize(
     "config",
     [
         dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], modules_to_save=["lm_head"]),
-        dict(r=4, lora_alpha=3, use_rslora=True, target_modules="all-linear", lora_dropout=0.1),
+        dict(r=3, lora_alpha=13, use_rslora=True, target_modules="all-linear", lora_dropout=0.1),
     ],
     ids=["lora", "rslora_all_linear"],
 )
@@ -52,21 +65,23 @@ def test_lora_computes_what_peft_computes(tmp_path, config):
     model = load_peft_adapter(tiny_llama().double(), tmp_path, backend="torch").eval()
     layers = tied_lora_layers(model)
     assert len({id(layer.shared) for layer in layers.values()}) == len(layers)  # one pair per layer: untied
-    scaling = config["lora_alpha"] / (2.0 if config.get("use_rslora") else 4.0)
-    assert all(
-        layer.scale == scaling and layer.lora_dropout == config.get("lora_dropout", 0.0) for layer in layers.values()
-    )
+    r, alpha = config["r"], config["lora_alpha"]
+    scaling = alpha / (math.sqrt(r) if config.get("use_rslora") else r)  # PEFT's (to within one rounding)
+    dropout = config.get("lora_dropout", 0.0)
+    assert all(math.isclose(layer.scale, scaling, rel_tol=2e-16) for layer in layers.values())
+    assert all(layer.lora_dropout == dropout for layer in layers.values())
     with torch.no_grad():
-        torch.testing.assert_close(model(IDS).logits, expected, rtol=1e-12, atol=1e-12)
+        _same(model(IDS).logits, expected)
     trained = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trained and all(n.endswith(("shared.A", "shared.B")) or n.startswith("lm_head") for n in trained)
     assert ("lm_head.weight" in trained) == ("modules_to_save" in config)
 
-    # and back: the export loads in PEFT with the same logits
+    # saved and loaded as a Tied-LoRA adapter, and exported back to PEFT: the same logits
+    _same(_round_trip(model, tmp_path / "tied", tiny_llama), expected)
     export_peft_lora(model, tmp_path / "again")
     again = peft.PeftModel.from_pretrained(tiny_llama().double(), tmp_path / "again").eval()
     with torch.no_grad():
-        torch.testing.assert_close(again(IDS).logits, expected, rtol=1e-12, atol=1e-12)
+        _same(again(IDS).logits, expected)
 
 
 def test_vera_computes_what_peft_computes(tmp_path):
@@ -76,9 +91,34 @@ def test_vera_computes_what_peft_computes(tmp_path):
     layers = tied_lora_layers(model)
     assert len({id(layer.shared) for layer in layers.values()}) == 3  # one pair per role, tied across layers
     with torch.no_grad():
-        torch.testing.assert_close(model(IDS).logits, expected, rtol=1e-12, atol=1e-12)
+        _same(model(IDS).logits, expected)
     trained = {n.rpartition(".")[2] for n, p in model.named_parameters() if p.requires_grad}
     assert trained == {"u", "lora_v"}  # A and B stay frozen, as in VeRA
+    _same(_round_trip(model, tmp_path / "tied", tiny_llama), expected)
+
+
+def test_saved_modules_come_from_the_file(tmp_path):
+    """The modules whose tensors the file holds, by full name: a sequence-classification head (PEFT's config lists
+    ("classifier", "score")), and every norm that "norm" matched as a plain suffix in PEFT. They train and save
+    with the adapter, so a save/load round trip keeps them."""
+    import transformers
+
+    def classifier():
+        torch.manual_seed(0)
+        config = transformers.LlamaConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=97, num_labels=3, pad_token_id=0,
+        )  # fmt: skip
+        return transformers.LlamaForSequenceClassification(config).eval()
+
+    config = peft.LoraConfig(r=4, target_modules=["q_proj"], task_type="SEQ_CLS", modules_to_save=["norm"])
+    expected = _peft_adapter(tmp_path, config, base=classifier)
+    model = load_peft_adapter(classifier().double(), tmp_path, backend="torch").eval()
+    saved = model.tied_lora_config.modules_to_save
+    assert {"score", "model.norm", "model.layers.1.post_attention_layernorm"} <= set(saved)
+    with torch.no_grad():
+        _same(model(IDS).logits, expected)
+    _same(_round_trip(model, tmp_path / "tied", classifier), expected)
 
 
 def test_gpt2_conv1d_lora(tmp_path):
@@ -87,33 +127,56 @@ def test_gpt2_conv1d_lora(tmp_path):
     expected = _peft_adapter(tmp_path, config, base=tiny_gpt2)
     model = load_peft_adapter(tiny_gpt2().double(), tmp_path, backend="torch").eval()
     with torch.no_grad():
-        torch.testing.assert_close(model(IDS).logits, expected, rtol=1e-12, atol=1e-12)
+        _same(model(IDS).logits, expected)
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _unchanged(model, before) -> bool:
+    after = model.state_dict()
+    return (
+        not tied_lora_layers(model)
+        and after.keys() == before.keys()
+        and all(torch.equal(after[k], v) for k, v in before.items())
+        and all(p.requires_grad for p in model.parameters())
+    )
 
 
 def test_refusals_leave_the_model_untouched(tmp_path):
     _peft_adapter(tmp_path / "dora", peft.LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
-    _peft_adapter(
-        tmp_path / "ia3", peft.IA3Config(target_modules=["q_proj", "down_proj"], feedforward_modules=["down_proj"])
-    )
+    ia3 = peft.IA3Config(target_modules=["q_proj", "down_proj"], feedforward_modules=["down_proj"])
+    _peft_adapter(tmp_path / "ia3", ia3)
     _peft_adapter(tmp_path / "lora", peft.LoraConfig(r=4, target_modules=["q_proj"]))
-    for name, error, match in (
-        ("dora", ValueError, r"uses \['use_dora'\]"),
-        ("ia3", ValueError, "holds a PEFT IA3 adapter"),
-    ):
-        model = tiny_llama().double()
+    _peft_adapter(tmp_path / "embedding", peft.LoraConfig(r=4, target_modules=["q_proj", "embed_tokens"]))
+    head = peft.LoraConfig(r=4, target_modules=["c_attn"], modules_to_save=["lm_head"])
+    _peft_adapter(tmp_path / "head", head, base=tiny_gpt2)
+    (tmp_path / "empty").mkdir()
+    save_tied_lora(apply_tied_lora(tiny_llama(), TiedLoRAConfig(rank=4)), tmp_path / "ours")
+    cases = [
+        ("dora", tiny_llama, ValueError, r"uses \['use_dora'\]"),
+        ("ia3", tiny_llama, ValueError, "holds a PEFT IA3 adapter"),
+        ("embedding", tiny_llama, ValueError, r"a LoRA layer type \(embedding"),
+        ("head", tiny_gpt2, ValueError, "trained lm_head.weight, which this model ties to transformer.wte.weight"),
+        ("empty", tiny_llama, FileNotFoundError, "no adapter_config.json"),
+        ("ours", tiny_llama, ValueError, "holds a tied_lora_kernels adapter: load it with load_tied_lora"),
+        ("lora", lambda: tiny_llama(hidden_size=48), ValueError, r"A is \(4, 32\), this layer needs \(4, 48\)"),
+    ]
+    for name, base, error, match in cases:
+        model = base().double()
+        before = _state(model)
         with pytest.raises(error, match=match):
             load_peft_adapter(model, tmp_path / name)
-        assert not tied_lora_layers(model) and all(p.requires_grad for p in model.parameters())
-    other = tiny_llama(hidden_size=48).double()  # other shapes
-    with pytest.raises(ValueError, match=r"the PEFT adapter's A is \(4, 32\), this layer needs \(4, 48\)"):
-        load_peft_adapter(other, tmp_path / "lora")
-    assert not tied_lora_layers(other)
+        assert _unchanged(model, before), name
     adapted = apply_tied_lora(tiny_llama().double(), TiedLoRAConfig(rank=4))
     with pytest.raises(RuntimeError, match="already has Tied-LoRA adapters"):
         load_peft_adapter(adapted, tmp_path / "lora")
-    # a bf16 file: float32 adapters holding exactly its values
-    meta = json.loads((tmp_path / "lora/adapter_config.json").read_text())
-    assert meta["peft_type"] == "LORA"
+
+
+def test_a_bf16_file_gives_float32_adapters_with_its_values(tmp_path):
+    _peft_adapter(tmp_path / "lora", peft.LoraConfig(r=4, target_modules=["q_proj"]))
+    assert json.loads((tmp_path / "lora/adapter_config.json").read_text())["peft_type"] == "LORA"
     model = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "lora").to(torch.bfloat16)
     model.save_pretrained(tmp_path / "bf16")
     loaded = load_peft_adapter(tiny_llama(), tmp_path / "bf16")

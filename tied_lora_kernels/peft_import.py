@@ -42,6 +42,11 @@ _UNSUPPORTED = {
     "trainable_token_indices": None,
     "alora_invocation_tokens": None,
     "use_qalora": False,
+    "use_bdlora": None,
+    "kasa_config": None,
+    "velora_config": None,
+    "monteclora_config": None,
+    "arrow_config": None,
 }
 
 
@@ -49,25 +54,27 @@ def load_peft_adapter(model: nn.Module, directory: str | os.PathLike, *, backend
     """Adapt ``model`` (the base the PEFT adapter was trained on, the same class: module names must match) with the
     PEFT LoRA or VeRA adapter saved in ``directory`` and return it; the layers then compute what PEFT's do (tests:
     logits within 1e-12 of ``PeftModel.from_pretrained`` in float64). The adapter trains as PEFT's did (LoRA:
-    ``A`` and ``B``; VeRA: ``u`` and ``v``) and saves with ``save_tied_lora``; ``modules_to_save`` come along.
-    Adapters are float32 (float64 for a float64 file): widening is exact. Every check runs before the model is
-    touched; refused: an adapted model, other PEFT methods, DoRA, per-layer ranks or alphas, LoRA bias, and a VeRA
-    file saved without its projections (``save_projection=False``)."""
-    from safetensors.torch import load_file
-
+    ``A`` and ``B``; VeRA: ``u`` and ``v``) and saves with ``save_tied_lora``. The other tensors of the file —
+    ``modules_to_save`` and embedding layers saved with ``save_embedding_layers`` — go into their modules, which
+    become this adapter's ``modules_to_save`` (trained in full and saved with it; PEFT trains the embedding
+    layers only if they are in its ``modules_to_save``). Adapters are float32 (float64 for a float64 file):
+    widening is exact. Every check runs before the model is touched; refused: an adapted model, other PEFT
+    methods, LoRA variants (DoRA, MiCA, KaSA, ...), LoRA on embedding layers, per-layer ranks or alphas, trained
+    biases, a VeRA file saved without its projections, and a saved module whose weight this model ties to
+    another (PEFT unties it)."""
     if tied_lora_layers(model):
         raise RuntimeError("this model already has Tied-LoRA adapters: load a PEFT adapter onto the bare base model")
-    with open(os.path.join(directory, "adapter_config.json")) as f:
-        meta = json.load(f)
+    meta, state = _read(directory)
     kind = meta.get("peft_type")
     if kind not in ("LORA", "VERA"):
         raise ValueError(f"{directory} holds a PEFT {kind} adapter; only LORA and VERA map onto Tied-LoRA")
     used = [k for k, off in _UNSUPPORTED.items() if meta.get(k, off) not in (off, None, {}, [], False)]
+    if meta.get("init_lora_weights") == "mica":  # MiCA freezes lora_B
+        used.append("init_lora_weights='mica'")
     if used:
         raise ValueError(f"the PEFT adapter uses {used}, which Tied-LoRA cannot represent")
     if meta.get("bias", "none") != "none":
         raise ValueError(f"the PEFT adapter trains biases (bias={meta['bias']!r}), which Tied-LoRA does not")
-    state = load_file(os.path.join(directory, "adapter_model.safetensors"))
     if any(not k.startswith(_PREFIX) and k not in ("base_model.vera_A", "base_model.vera_B") for k in state):
         raise ValueError(f"unexpected tensor names in {directory}: not a PEFT model's adapter file")
 
@@ -75,9 +82,18 @@ def load_peft_adapter(model: nn.Module, directory: str | os.PathLike, *, backend
     layers = sorted({k[len(_PREFIX) : -len(e)] for k in state for e in ends if k.endswith(e)})
     if not layers:
         raise ValueError(f"{directory} holds no {kind} layers")
+    saved = {k[len(_PREFIX) :]: t for k, t in state.items() if k.startswith(_PREFIX) and not k.endswith(ends)}
+    strange = [k for k in saved if any(k.startswith(name + ".") for name in layers)]  # inside an adapted layer
+    strange += [k for k in saved if ".lora_" in k or ".vera_" in k or ".base_layer." in k]
+    if strange:
+        raise ValueError(
+            f"the PEFT adapter holds {sorted(set(strange))[:3]}: a LoRA variant or a LoRA layer type (embedding, "
+            "convolution) that Tied-LoRA does not represent"
+        )
     rank = int(meta["r"])
     if kind == "LORA":
         scaling = meta["lora_alpha"] / (math.sqrt(rank) if meta.get("use_rslora") else rank)
+        # (alpha / rank may differ from PEFT's scaling in the last bit: no float alpha gives it for every r)
         alpha, preset, tie, dropout = scaling * rank, "lora", False, meta.get("lora_dropout", 0.0)
     else:
         if "base_model.vera_A" not in state or "base_model.vera_B" not in state:
@@ -94,18 +110,28 @@ def load_peft_adapter(model: nn.Module, directory: str | os.PathLike, *, backend
         dtype=dtype,
         backend=backend,
         dropout=dropout,
-        modules_to_save=tuple(meta.get("modules_to_save") or ()),
+        # the modules the file holds tensors of, by their full names (PEFT's config lists candidates, such as
+        # SEQ_CLS's ("classifier", "score"), and matches them as plain suffixes)
+        modules_to_save=tuple(sorted({name.rpartition(".")[0] for name in saved})),
     )
     targets = _find_targets(model, config)  # checks only
     missing = sorted(set(layers) - set(targets))
     if missing or len(targets) != len(layers):
         raise ValueError(f"the PEFT adapter's layers {missing[:4]} are not linear layers of this model")
     values = {name: _factors(kind, state, name, *linear_features(targets[name]), rank) for name in layers}
-    saved = {k[len(_PREFIX) :]: t for k, t in state.items() if k.startswith(_PREFIX) and not k.endswith(ends)}
     params = dict(model.named_parameters(remove_duplicate=False))
-    for name, tensor in saved.items():  # modules_to_save, under the base model's own names
+    names_of: dict[int, list[str]] = {}
+    for name, p in params.items():
+        names_of.setdefault(id(p), []).append(name)
+    for name, tensor in saved.items():  # under the base model's own names
         if name not in params or params[name].shape != tensor.shape:
             raise ValueError(f"the PEFT adapter's {name} {tuple(tensor.shape)} does not fit this model")
+        tied = [other for other in names_of[id(params[name])] if other != name]
+        if tied and not meta.get("ensure_weight_tying"):
+            raise ValueError(
+                f"the PEFT adapter trained {name}, which this model ties to {tied[0]}: PEFT trained an untied copy; "
+                "untie them first (e.g. give the output layer its own weight) to load it"
+            )
 
     _apply(model, config)
     adapted = tied_lora_layers(model)
@@ -120,9 +146,33 @@ def load_peft_adapter(model: nn.Module, directory: str | os.PathLike, *, backend
     return model
 
 
+def _read(directory) -> tuple[dict, dict]:
+    """The adapter's config and tensors, with errors that say what the directory holds instead."""
+    from safetensors.torch import load_file
+
+    config, weights = (os.path.join(directory, name) for name in ("adapter_config.json", "adapter_model.safetensors"))
+    if not os.path.isfile(config):
+        raise FileNotFoundError(
+            f"no adapter_config.json in {directory} (PEFT saves a non-default adapter in a subfolder of its name)"
+        )
+    with open(config) as f:
+        meta = json.load(f)
+    if str(meta.get("format", "")).startswith("tied_lora_kernels"):
+        raise ValueError(f"{directory} holds a tied_lora_kernels adapter: load it with load_tied_lora")
+    if not os.path.isfile(weights):
+        raise FileNotFoundError(
+            f"no adapter_model.safetensors in {directory}: an adapter_model.bin must be loaded with PEFT and saved "
+            "again with safe_serialization=True"
+        )
+    return meta, load_file(weights)
+
+
 def _factors(kind: str, state: dict, name: str, in_features: int, out_features: int, rank: int) -> tuple:
     """``(A, B, u, v)`` of layer ``name`` from the PEFT file (None: frozen at one), shapes checked."""
     key = _PREFIX + name
+    needed = [key + end for end in (_LORA if kind == "LORA" else _VERA) if key + end not in state]
+    if needed:
+        raise ValueError(f"the PEFT adapter file lacks {needed[0]}")
     if kind == "LORA":
         A, B = state[key + ".lora_A.weight"], state[key + ".lora_B.weight"]
         u = v = None
