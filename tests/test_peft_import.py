@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -153,6 +154,8 @@ def test_refusals_leave_the_model_untouched(tmp_path):
     head = peft.LoraConfig(r=4, target_modules=["c_attn"], modules_to_save=["lm_head"])
     _peft_adapter(tmp_path / "head", head, base=tiny_gpt2)
     (tmp_path / "empty").mkdir()
+    shutil.copytree(tmp_path / "lora", tmp_path / "bin")
+    (tmp_path / "bin/adapter_model.safetensors").rename(tmp_path / "bin/adapter_model.bin")
     save_tied_lora(apply_tied_lora(tiny_llama(), TiedLoRAConfig(rank=4)), tmp_path / "ours")
     cases = [
         ("dora", tiny_llama, ValueError, r"uses \['use_dora'\]"),
@@ -160,6 +163,7 @@ def test_refusals_leave_the_model_untouched(tmp_path):
         ("embedding", tiny_llama, ValueError, r"a LoRA layer type \(embedding"),
         ("head", tiny_gpt2, ValueError, "trained lm_head.weight, which this model ties to transformer.wte.weight"),
         ("empty", tiny_llama, FileNotFoundError, "no adapter_config.json"),
+        ("bin", tiny_llama, FileNotFoundError, "an adapter_model.bin must be loaded with PEFT and saved again"),
         ("ours", tiny_llama, ValueError, "holds a tied_lora_kernels adapter: load it with load_tied_lora"),
         ("lora", lambda: tiny_llama(hidden_size=48), ValueError, r"A is \(4, 32\), this layer needs \(4, 48\)"),
     ]
