@@ -29,6 +29,7 @@ from tied_lora_kernels import (
     save_tied_lora,
     tied_lora_layers,
     tied_lora_state_dict,
+    unload_tied_lora,
     unmerge_tied_lora,
 )
 
@@ -141,6 +142,12 @@ def test_gpt2_adapts_ties_merges_and_unloads_to_conv1d():
         assert type(model.transformer.h[0].attn.c_attn) is Conv1D
         assert model.transformer.h[0].attn.c_attn.weight.shape == (32, 96)
         torch.testing.assert_close(model(ids).logits, adapted, rtol=1e-4, atol=1e-4)
+    fresh = apply_tied_lora(tiny_gpt2(), TiedLoRAConfig(rank=4, target_modules="all-linear"))
+    randomise_adapters(fresh)
+    unload_tied_lora(fresh)  # without merging: the base GPT-2, Conv1D layers, bit for bit
+    assert type(fresh.transformer.h[1].mlp.c_proj) is Conv1D
+    with torch.no_grad():
+        assert torch.equal(fresh(ids).logits, expected)
 
 
 @cpu_triton

@@ -27,6 +27,7 @@ from tied_lora_kernels import (
     save_tied_lora,
     tied_lora_layers,
     tied_lora_state_dict,
+    unload_tied_lora,
     unmerge_tied_lora,
 )
 
@@ -110,6 +111,9 @@ def test_paper_numbers_llama2_7b_qkv_grouped():
     }
     assert counts == {"lora": 4_194_304, "tl5": 131_072, "tl6": 524_544, "vera": 393_472}
     assert round(100 * counts["tl6"] / counts["lora"], 1) == 12.5
+    peft_lora = count_parameters(apply_tied_lora(_llama2_7b(), TiedLoRAConfig(rank=8, preset="lora", groups=())))
+    assert peft_lora.trainable == 6_291_456  # PEFT's LoRA on q, k, v: a pair per projection (README)
+    assert round(100 * counts["tl6"] / peft_lora.trainable, 1) == 8.3
 
 
 def test_paper_numbers_gpt_2b_fused_qkv():
@@ -252,6 +256,31 @@ def test_merge_unmerge_unload_model():
     assert_close_to_reference(model(x), y.double(), None, "unloaded")
 
 
+def test_unload_without_merging_gives_the_base_model_back():
+    """PEFT's unload(): plain nn.Linear layers holding the base weights as they were (bit for bit the base model),
+    the same parameter objects; merged layers are refused."""
+    ids = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = tiny_llama()(ids).logits
+    model = apply_tied_lora(tiny_llama(), TiedLoRAConfig(rank=4, preset="tl6", target_modules=QKV + ("o_proj",)))
+    randomise_adapters(model)
+    weight = model.model.layers[0].self_attn.q_proj.weight
+    merge_tied_lora(model)
+    with pytest.raises(RuntimeError, match="are merged: unmerge_tied_lora"):
+        unload_tied_lora(model)
+    unmerge_tied_lora(model)
+    assert unload_tied_lora(model) is model and not tied_lora_layers(model)
+    q = model.model.layers[0].self_attn.q_proj
+    assert type(q) is nn.Linear and q.weight is weight and not hasattr(model, "tied_lora_config")
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, expected, rtol=0, atol=1e-6)  # unmerge rounds in float32
+    fresh = apply_tied_lora(tiny_llama(), TiedLoRAConfig(rank=4))
+    randomise_adapters(fresh)
+    unload_tied_lora(fresh)
+    with torch.no_grad():
+        assert torch.equal(fresh(ids).logits, expected)  # never merged: bit for bit
+
+
 def test_save_load_bit_for_bit(tmp_path):
     model = apply_tied_lora(tiny_llama(), TiedLoRAConfig(rank=4, preset="tl6", target_modules=QKV + ("o_proj",)))
     randomise_adapters(model)
@@ -298,6 +327,23 @@ def test_all_linear_targets_every_linear_but_the_output_layer(tmp_path, spelling
     # a plain module has no output layer to leave out: every linear is adapted
     toy = apply_tied_lora(Toy(), TiedLoRAConfig(rank=2, target_modules=ALL_LINEAR))
     assert set(tied_lora_layers(toy)) == {n for n, m in Toy().named_modules() if isinstance(m, nn.Linear)}
+
+
+def test_a_regular_expression_string_targets_as_in_peft(tmp_path):
+    """A target_modules string with regular-expression characters is PEFT's full-match regex; it is saved as
+    such, and the file loads onto a bare model."""
+    config = TiedLoRAConfig(rank=4, target_modules=r".*\.(q_proj|v_proj)", groups=())
+    model = apply_tied_lora(tiny_llama(), config)
+    assert sorted(tied_lora_layers(model)) == [
+        f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj")
+    ]
+    assert config.to_dict()["target_modules"] == r".*\.(q_proj|v_proj)"
+    save_tied_lora(model, tmp_path)
+    assert sorted(tied_lora_layers(load_tied_lora(tiny_llama(), tmp_path))) == sorted(tied_lora_layers(model))
+    with pytest.raises(ValueError, match="is not a regular expression"):
+        TiedLoRAConfig(target_modules="(q_proj")
+    with pytest.raises(ValueError, match="a string is a module name unless it holds regular-expression characters"):
+        apply_tied_lora(tiny_llama(), TiedLoRAConfig(target_modules="model.q_proj"))
 
 
 def test_all_linear_leaves_out_classification_heads_and_linear_subclasses():
@@ -432,6 +478,10 @@ def test_modules_to_save_train_in_full_and_travel_with_the_adapter(tmp_path):
     loaded = peft.PeftModel.from_pretrained(_classifier(head_seed=1), tmp_path / "peft")
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, expected, rtol=1e-5, atol=1e-6)
+
+    with pytest.warns(UserWarning, match=r"modules_to_save \['score'\] keep their trained values"):
+        with disable_tied_lora(model):
+            pass
 
     with pytest.raises(ValueError, match="'nope' matches no module"):
         apply_tied_lora(_classifier(), TiedLoRAConfig(rank=4, modules_to_save=("nope",)))
@@ -646,6 +696,11 @@ def test_load_backend_override(tmp_path):
     save_tied_lora(apply_tied_lora(tiny_llama(), TiedLoRAConfig(rank=4, backend="triton")), tmp_path)
     model = load_tied_lora(tiny_llama(), tmp_path, backend="torch")
     assert {layer.backend for layer in tied_lora_layers(model).values()} == {"torch"}
+    assert count_parameters(model).trainable > 0  # training continues by default
+    frozen = load_tied_lora(tiny_llama(), tmp_path, trainable=False)  # PEFT's is_trainable=False
+    assert count_parameters(frozen).trainable == 0
+    with pytest.raises(TypeError, match="trainable must be True or False"):
+        load_tied_lora(tiny_llama(), tmp_path, trainable="no")
 
 
 # ---------------------------------------------------------------------------------------------------------

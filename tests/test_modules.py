@@ -71,6 +71,8 @@ def test_a_layer_with_a_pair_of_its_own():
     adapted = TiedLoRALinear.from_linear(linear, rank=4, alpha=8.0)
     assert adapted.weight is linear.weight and adapted.rank == 4 and adapted.scale == 2.0
     assert adapted.shared is not layer.shared
+    with pytest.raises(TypeError, match=r"bias must be True or False, got 4 \(rank= and shared= are keyword"):
+        TiedLoRALinear(10, 6, 4)
     for kwargs in ({}, {"rank": 2, "shared": TiedLoRAShared(10, 6, 2)}):
         with pytest.raises(TypeError, match="give the layer shared= .* or rank="):
             TiedLoRALinear(10, 6, **kwargs)

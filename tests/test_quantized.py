@@ -23,6 +23,7 @@ from tied_lora_kernels import (
     save_tied_lora,
     tied_lora_layers,
     tied_lora_state_dict,
+    unload_tied_lora,
 )
 
 with warnings.catch_warnings():
@@ -117,6 +118,8 @@ def test_qlora_model_trains_disables_saves_and_loads(kind, tmp_path):
     randomise_adapters(model)
     with pytest.raises(RuntimeError, match="cannot merge into a quantized"):
         merge_tied_lora(model)
+    with pytest.raises(RuntimeError, match="are quantized layers: reload the quantized base model"):
+        unload_tied_lora(model)
     assert not any(layer.merged for layer in tied_lora_layers(model).values())  # refused before touching any
 
     with torch.no_grad():

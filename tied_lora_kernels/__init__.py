@@ -18,6 +18,7 @@ from tied_lora_kernels.model import (
     save_tied_lora,
     tied_lora_layers,
     tied_lora_state_dict,
+    unload_tied_lora,
     unmerge_tied_lora,
 )
 from tied_lora_kernels.peft_import import load_peft_adapter
@@ -46,5 +47,6 @@ __all__ = [
     "tied_lora_layers",
     "tied_lora_linear",
     "tied_lora_state_dict",
+    "unload_tied_lora",
     "unmerge_tied_lora",
 ]

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from numbers import Real
@@ -30,6 +31,9 @@ from tied_lora_kernels.functional import BACKENDS, check_dropout, check_seed
 from tied_lora_kernels.shared import INITS
 
 __all__ = ["TiedLoRAConfig", "PRESETS", "QKV", "ALL_LINEAR"]
+
+_REGEX_CHARS = set("*+?()[]{}|^$\\")
+"""A ``target_modules`` string holding one of these is a regular expression (PEFT's meaning), else a name."""
 
 QKV = ("q_proj", "k_proj", "v_proj")
 ALL_LINEAR = "all-linear"
@@ -49,7 +53,8 @@ class TiedLoRAConfig:
     """How ``apply_tied_lora`` adapts a model.
 
     ``target_modules``: module names (a qualified name matches when it equals a target or ends with
-    ``"." + target``), a callable ``(module, qualified_name) -> bool``, or ``"all-linear"`` (PEFT's shorthand:
+    ``"." + target``), a string with regular-expression characters (PEFT's meaning: full-matched against each
+    qualified name), a callable ``(module, qualified_name) -> bool``, or ``"all-linear"`` (PEFT's shorthand:
     every ``nn.Linear`` and bitsandbytes quantized linear, other subclasses left out, except the output layer a
     Hugging Face model's ``get_output_embeddings()`` names or else its ``score``/``classifier`` head); only
     ``nn.Linear`` layers (and bitsandbytes' quantized ones) are adapted. ``groups``: tuples of target names that,
@@ -115,9 +120,17 @@ class TiedLoRAConfig:
             if getattr(self, name) is None or isinstance(getattr(self, name), (int, float)):
                 raise TypeError(f"{name} must be a sequence (or () for none), got {getattr(self, name)!r}")
         if isinstance(self.target_modules, str):
-            is_all = self.target_modules.lower() == ALL_LINEAR
-            self.target_modules = ALL_LINEAR if is_all else (self.target_modules,)
-        if not callable(self.target_modules) and self.target_modules != ALL_LINEAR:
+            if self.target_modules.lower() == ALL_LINEAR:
+                self.target_modules = ALL_LINEAR
+            elif _REGEX_CHARS & set(self.target_modules):  # PEFT's: a regex full-matched against each name
+                try:
+                    re.compile(self.target_modules)
+                except re.error as e:
+                    wrong = self.target_modules
+                    raise ValueError(f"target_modules {wrong!r} is not a regular expression: {e}") from None
+            else:
+                self.target_modules = (self.target_modules,)
+        if not callable(self.target_modules) and not isinstance(self.target_modules, str):
             self.target_modules = tuple(self.target_modules)
             if not self.target_modules:
                 raise ValueError("target_modules is empty")
@@ -170,8 +183,8 @@ class TiedLoRAConfig:
         out["dtype"] = str(self.dtype).removeprefix("torch.")
         if callable(self.target_modules):
             out["target_modules"] = None  # a callable is not saved: the adapted layers' names stand for it
-        elif self.target_modules == ALL_LINEAR:
-            out["target_modules"] = ALL_LINEAR
+        elif isinstance(self.target_modules, str):  # "all-linear" or a regular expression
+            out["target_modules"] = self.target_modules
         else:
             out["target_modules"] = list(self.target_modules)
         out["groups"] = [list(g) for g in self.groups]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 
 import torch
 from torch import nn
@@ -34,6 +35,7 @@ def export_peft_lora(
     *,
     base_model_name_or_path: str | None = None,
     dtype: torch.dtype | None = None,
+    task_type: str | None = None,
 ) -> None:
     """Write ``directory/adapter_model.safetensors`` and ``adapter_config.json`` in PEFT's LoRA format.
 
@@ -44,7 +46,11 @@ def export_peft_lora(
     holds the layers' short names (``q_proj``, ...) when every module of the model with those names is adapted,
     else a regular expression that matches exactly their qualified names (PEFT matches a list of names as
     suffixes, a string as a full-match regex). Refuses merged layers, whose ΔW is in the base weights already,
-    and meta-device adapters.
+    and meta-device adapters. ``task_type`` (PEFT's: ``"CAUSAL_LM"``, ``"SEQ_CLS"``, ...; what
+    ``AutoPeftModel...`` needs) defaults to the one the model's class implies (``...ForCausalLM``: ``"CAUSAL_LM"``).
+    A model that ``apply_tied_lora`` did not adapt itself, such as the ``.model`` inside an adapted
+    ``LlamaForCausalLM``, gets a warning: its names lack the prefix the full model's have, so PEFT would load
+    nothing into that model.
     """
     from safetensors.torch import save_file
 
@@ -63,6 +69,14 @@ def export_peft_lora(
     if len(ranks) > 1:  # one config rank adapts every layer; a hand-built model could mix them
         raise ValueError(f"the adapted layers have several ranks {sorted(ranks)}: PEFT's LoRA config has one")
     rank = ranks.pop()
+    config = getattr(model, "tied_lora_config", None)
+    if config is None:
+        warnings.warn(
+            f"export_peft_lora: this {type(model).__name__} is not the model apply_tied_lora adapted (it has no "
+            "tied_lora_config): if it is a part of it, such as the .model of a ForCausalLM, the file's names do not "
+            "fit the full model and PEFT loads nothing into it; export the adapted model itself",
+            stacklevel=2,
+        )
 
     state = {}
     for name, layer in layers.items():
@@ -77,14 +91,13 @@ def export_peft_lora(
         state[f"base_model.model.{name}.lora_A.weight"] = A.to("cpu", out, copy=True).contiguous()
         state[f"base_model.model.{name}.lora_B.weight"] = B.to("cpu", out, copy=True).contiguous()
 
-    config = getattr(model, "tied_lora_config", None)
     saved = config.modules_to_save if config is not None else ()
     for name, tensor in tied_lora_state_dict(model).items():  # modules trained in full, under their own names
         if not _is_adapter_tensor(name):
             state[f"base_model.model.{name}"] = tensor.to("cpu", copy=True).contiguous()
     peft_config = {
         "peft_type": "LORA",
-        "task_type": None,
+        "task_type": task_type if task_type is not None else _task_type(model),
         "base_model_name_or_path": base_model_name_or_path,
         "r": rank,
         "lora_alpha": rank,  # scaling 1: s is folded into lora_B
@@ -103,6 +116,22 @@ def export_peft_lora(
     save_file(state, os.path.join(directory, PEFT_WEIGHTS_NAME), metadata={"format": "pt"})
     with open(os.path.join(directory, PEFT_CONFIG_NAME), "w") as f:
         json.dump(peft_config, f, indent=2)
+
+
+_TASK_TYPES = (  # class-name endings and PEFT's task types
+    ("ForCausalLM", "CAUSAL_LM"),
+    ("ForSequenceClassification", "SEQ_CLS"),
+    ("ForTokenClassification", "TOKEN_CLS"),
+    ("ForQuestionAnswering", "QUESTION_ANS"),
+    ("ForSeq2SeqLM", "SEQ_2_SEQ_LM"),
+)
+
+
+def _task_type(model: nn.Module) -> str | None:
+    name = type(model).__name__
+    if name.endswith("ForConditionalGeneration"):  # T5's (encoder-decoder), or a vision-language model's
+        return "SEQ_2_SEQ_LM" if getattr(getattr(model, "config", None), "is_encoder_decoder", False) else None
+    return next((task for ending, task in _TASK_TYPES if name.endswith(ending)), None)
 
 
 def _target_names(model: nn.Module, adapted: set[str]) -> list[str] | str:

@@ -205,6 +205,8 @@ class TiedLoRALinear(nn.Linear):
         rank: int | None = None,
         **adapter,
     ):
+        if not isinstance(bias, bool):  # TiedLoRALinear(16, 8, 4): rank and shared are keywords
+            raise TypeError(f"bias must be True or False, got {bias!r} (rank= and shared= are keyword arguments)")
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         self._init_adapter(_pair(shared, rank, in_features, out_features, device), **adapter)
 

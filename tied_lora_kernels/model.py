@@ -12,6 +12,8 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
+import warnings
 from collections.abc import Iterator
 from typing import NamedTuple
 
@@ -35,6 +37,7 @@ __all__ = [
     "apply_tied_lora",
     "merge_tied_lora",
     "unmerge_tied_lora",
+    "unload_tied_lora",
     "disable_tied_lora",
     "tied_lora_state_dict",
     "save_tied_lora",
@@ -219,6 +222,8 @@ def _find_targets(model: nn.Module, config: TiedLoRAConfig) -> dict[str, nn.Line
             hit = bool(config.target_modules(module, name))
         elif config.target_modules == ALL_LINEAR:  # (other subclasses of nn.Linear are left out)
             hit = type(module) in linear_types and not any(name == h or name.startswith(h + ".") for h in heads)
+        elif isinstance(config.target_modules, str):  # a regular expression, full-matched as PEFT does
+            hit = re.fullmatch(config.target_modules, name) is not None
         else:
             hit = any(name == t or name.endswith("." + t) for t in config.target_modules)
         if not hit:
@@ -249,7 +254,8 @@ def _find_targets(model: nn.Module, config: TiedLoRAConfig) -> dict[str, nn.Line
         wanted = config.target_modules
         wanted = f"the callable {getattr(wanted, '__name__', wanted)!r}" if callable(wanted) else repr(wanted)
         raise ValueError(
-            f"target_modules={wanted} matched no nn.Linear in the model; its linear layers include {linears[:8]}"
+            f"target_modules={wanted} matched no nn.Linear in the model (a string is a module name unless it holds "
+            f"regular-expression characters); its linear layers include {linears[:8]}"
         )
     return targets
 
@@ -333,18 +339,39 @@ def merge_tied_lora(model: nn.Module, *, unload: bool = False) -> nn.Module:
         if not (unload and layer.merged):
             layer.merge()
     if unload:
-        for name, layer in layers.items():
-            if layer.fan_in_fan_out:  # GPT-2's Conv1D again (its init's allocations on the meta device)
-                with torch.device("meta"):
-                    plain = conv1d_type()(layer.out_features, layer.in_features)
-            else:
-                plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
-            plain.weight, plain.bias = layer.weight, layer.bias
-            plain.training = layer.training
-            carry_hooks(layer, plain)
-            _set_submodule(model, name, plain)
-        model.__dict__.pop("tied_lora_config", None)
+        _unload(model, layers)
     return model
+
+
+def unload_tied_lora(model: nn.Module) -> nn.Module:
+    """Take every adapter out without merging it (PEFT's ``unload()``): the plain ``nn.Linear`` (or ``Conv1D``)
+    layers come back with their weights as they are, sharing them, hooks carried over. Merged layers are refused
+    (``unmerge_tied_lora`` first, or keep ΔW with ``merge_tied_lora(unload=True)``), and so are quantized ones
+    (reload the quantized model instead)."""
+    layers = _require_layers(model)
+    merged = [name for name, layer in layers.items() if layer.merged]
+    quantized = [name for name, layer in layers.items() if layer.quantized]
+    if merged:
+        raise RuntimeError(f"{merged[:3]} are merged: unmerge_tied_lora(model) first, or merge_tied_lora(unload=True)")
+    if quantized:
+        raise RuntimeError(f"{quantized[:3]} are quantized layers: reload the quantized base model instead")
+    _unload(model, layers)
+    return model
+
+
+def _unload(model: nn.Module, layers: dict[str, TiedLoRALinear]) -> None:
+    """Put a plain layer holding each adapted layer's weight and bias in its place."""
+    for name, layer in layers.items():
+        if layer.fan_in_fan_out:  # GPT-2's Conv1D again (its init's allocations on the meta device)
+            with torch.device("meta"):
+                plain = conv1d_type()(layer.out_features, layer.in_features)
+        else:
+            plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+        plain.weight, plain.bias = layer.weight, layer.bias
+        plain.training = layer.training
+        carry_hooks(layer, plain)
+        _set_submodule(model, name, plain)
+    model.__dict__.pop("tied_lora_config", None)
 
 
 def unmerge_tied_lora(model: nn.Module) -> nn.Module:
@@ -369,6 +396,13 @@ def disable_tied_lora(model: nn.Module) -> Iterator[nn.Module]:
     if merged:
         raise RuntimeError(
             f"cannot disable merged adapters ({merged[:3]}...): their weights hold ΔW; unmerge_tied_lora(model) first"
+        )
+    config = getattr(_unwrapped(model), "tied_lora_config", None)
+    if config is not None and config.modules_to_save:
+        warnings.warn(
+            f"disable_tied_lora: the modules_to_save {list(config.modules_to_save)} keep their trained values inside "
+            "the block (no untrained copy is kept, unlike PEFT's disable_adapter)",
+            stacklevel=3,
         )
     saved = {name: layer.disabled for name, layer in layers.items()}
     for layer in layers.values():
@@ -458,8 +492,12 @@ def save_tied_lora(model: nn.Module, directory: str | os.PathLike) -> None:
         json.dump(meta, f, indent=2)
 
 
-def load_tied_lora(model: nn.Module, directory: str | os.PathLike, *, backend: str | None = None) -> nn.Module:
-    """Load an adapter saved by ``save_tied_lora``; ``backend`` overrides the saved one.
+def load_tied_lora(
+    model: nn.Module, directory: str | os.PathLike, *, backend: str | None = None, trainable: bool = True
+) -> nn.Module:
+    """Load an adapter saved by ``save_tied_lora``; ``backend`` overrides the saved one. ``trainable=False``
+    freezes the loaded tensors (for inference; PEFT's ``is_trainable=False``, its default); by default a bare
+    model's adapter trains what its config trains, so that training continues.
 
     A model without adapters is adapted first with the saved config (same targets, groups, flags); an adapted
     one must have the same layout (layers, shapes, rank, alpha, ties), adapter dtypes and configured trained
@@ -471,6 +509,8 @@ def load_tied_lora(model: nn.Module, directory: str | os.PathLike, *, backend: s
     from safetensors.torch import load_file
 
     model = _unwrapped(model)
+    if not isinstance(trainable, bool):
+        raise TypeError(f"trainable must be True or False, got {trainable!r}")
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
     if backend == "triton" and any(layer.quantized for layer in tied_lora_layers(model).values()):
@@ -533,6 +573,9 @@ def load_tied_lora(model: nn.Module, directory: str | os.PathLike, *, backend: s
     with torch.no_grad():
         for name, tensor in state.items():
             params[name].copy_(tensor)
+    if not trainable:
+        for name in state:
+            params[name].requires_grad_(False)
     return model
 
 
