@@ -181,7 +181,8 @@ def test_gpt2_saves_loads_and_exports_to_peft(tmp_path):
         assert torch.equal(fresh(ids).logits, expected)
 
     export_peft_lora(model, tmp_path / "peft")
-    assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+    meta = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert meta["fan_in_fan_out"] is True and meta["task_type"] == "CAUSAL_LM"  # GPT2LMHeadModel is a causal LM
     loaded = peft.PeftModel.from_pretrained(tiny_gpt2().double(), tmp_path / "peft")
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, expected, rtol=1e-12, atol=1e-12)

@@ -115,19 +115,23 @@ def test_dtype_and_refusals(tmp_path):
 
 
 def test_task_type_and_a_part_of_the_model(tmp_path):
-    """The file records the task type the model's class implies, so AutoPeftModelForCausalLM can load it; exporting
-    the .model inside the adapted ForCausalLM warns (its names would not fit the full model)."""
+    """The file records the task type of a causal LM, so AutoPeftModelForCausalLM can load it (a classifier gets none:
+    PEFT's classifier types expect their head in the file); exporting the .model inside the adapted ForCausalLM
+    warns (its names would not fit the full model)."""
     ids = torch.randint(0, 97, (1, 6), generator=torch.Generator().manual_seed(2))
     model = apply_tied_lora(tiny_llama().double(), TiedLoRAConfig(rank=4, dtype=torch.float64))
     randomise_adapters(model)
     export_peft_lora(model, tmp_path / "causal")
     assert json.loads((tmp_path / "causal" / "adapter_config.json").read_text())["task_type"] == "CAUSAL_LM"
-    export_peft_lora(model, tmp_path / "none", task_type=None)  # None: inferred, as the default
+    export_peft_lora(model, tmp_path / "none", task_type=None)  # None: none written
+    assert json.loads((tmp_path / "none" / "adapter_config.json").read_text())["task_type"] is None
     export_peft_lora(model, tmp_path / "given", task_type="SEQ_CLS")
     assert json.loads((tmp_path / "given" / "adapter_config.json").read_text())["task_type"] == "SEQ_CLS"
+    with pytest.raises(ValueError, match="task_type must be one of PEFT's"):
+        export_peft_lora(model, tmp_path / "bad", task_type="causal_lm")
     loaded, logits = _peft_logits(tmp_path / "causal", ids)
     assert type(loaded).__name__ == "PeftModelForCausalLM"
     with torch.no_grad():
         torch.testing.assert_close(logits, model(ids).logits, rtol=1e-12, atol=1e-12)
-    with pytest.warns(UserWarning, match="not the model apply_tied_lora adapted"):
+    with pytest.warns(UserWarning, match="has no head and is not the model apply_tied_lora adapted"):
         export_peft_lora(model.model, tmp_path / "part")

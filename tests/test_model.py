@@ -276,7 +276,8 @@ def test_unload_without_merging_gives_the_base_model_back():
         torch.testing.assert_close(model(ids).logits, expected, rtol=0, atol=1e-6)  # unmerge rounds in float32
     fresh = apply_tied_lora(tiny_llama(), TiedLoRAConfig(rank=4))
     randomise_adapters(fresh)
-    unload_tied_lora(fresh)
+    unload_tied_lora(torch.compile(fresh))  # through the wrapper (nothing is traced)
+    assert not tied_lora_layers(fresh) and not hasattr(fresh, "tied_lora_config")
     with torch.no_grad():
         assert torch.equal(fresh(ids).logits, expected)  # never merged: bit for bit
 
@@ -699,8 +700,12 @@ def test_load_backend_override(tmp_path):
     assert count_parameters(model).trainable > 0  # training continues by default
     frozen = load_tied_lora(tiny_llama(), tmp_path, trainable=False)  # PEFT's is_trainable=False
     assert count_parameters(frozen).trainable == 0
-    with pytest.raises(TypeError, match="trainable must be True or False"):
+    with pytest.raises(TypeError, match="trainable must be True, False or None"):
         load_tied_lora(tiny_llama(), tmp_path, trainable="no")
+    load_tied_lora(frozen, tmp_path)  # None: an adapted model keeps its flags
+    assert count_parameters(frozen).trainable == 0
+    load_tied_lora(frozen, tmp_path, trainable=True)  # the config's trained factors train again
+    assert count_parameters(frozen).trainable == count_parameters(model).trainable
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -73,6 +73,7 @@ def test_a_layer_with_a_pair_of_its_own():
     assert adapted.shared is not layer.shared
     with pytest.raises(TypeError, match=r"bias must be True or False, got 4 \(rank= and shared= are keyword"):
         TiedLoRALinear(10, 6, 4)
+    assert TiedLoRALinear(10, 6, 0, rank=2).bias is None  # what nn.Linear takes still works
     for kwargs in ({}, {"rank": 2, "shared": TiedLoRAShared(10, 6, 2)}):
         with pytest.raises(TypeError, match="give the layer shared= .* or rank="):
             TiedLoRALinear(10, 6, **kwargs)

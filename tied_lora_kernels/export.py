@@ -35,7 +35,7 @@ def export_peft_lora(
     *,
     base_model_name_or_path: str | None = None,
     dtype: torch.dtype | None = None,
-    task_type: str | None = None,
+    task_type: str | None = "auto",
 ) -> None:
     """Write ``directory/adapter_model.safetensors`` and ``adapter_config.json`` in PEFT's LoRA format.
 
@@ -47,10 +47,12 @@ def export_peft_lora(
     else a regular expression that matches exactly their qualified names (PEFT matches a list of names as
     suffixes, a string as a full-match regex). Refuses merged layers, whose ΔW is in the base weights already,
     and meta-device adapters. ``task_type`` (PEFT's: ``"CAUSAL_LM"``, ``"SEQ_CLS"``, ...; what
-    ``AutoPeftModel...`` needs) defaults to the one the model's class implies (``...ForCausalLM``: ``"CAUSAL_LM"``).
-    A model that ``apply_tied_lora`` did not adapt itself, such as the ``.model`` inside an adapted
-    ``LlamaForCausalLM``, gets a warning: its names lack the prefix the full model's have, so PEFT would load
-    nothing into that model.
+    ``AutoPeftModel...`` needs; None writes none): ``"auto"`` takes ``"CAUSAL_LM"`` for the classes transformers
+    maps as causal LMs (``LlamaForCausalLM``, ``GPT2LMHeadModel``, ...) and ``"SEQ_2_SEQ_LM"`` for its text
+    seq2seq LMs; other models get none (PEFT's classifier task types expect their head in the file, as
+    ``modules_to_save``: pass ``task_type`` to record one). A headless Hugging Face model that ``apply_tied_lora``
+    did not adapt itself, such as the ``.model`` inside an adapted ``LlamaForCausalLM``, gets a warning: its names
+    lack the prefix the full model's have, so PEFT would load nothing into the full model.
     """
     from safetensors.torch import save_file
 
@@ -70,13 +72,17 @@ def export_peft_lora(
         raise ValueError(f"the adapted layers have several ranks {sorted(ranks)}: PEFT's LoRA config has one")
     rank = ranks.pop()
     config = getattr(model, "tied_lora_config", None)
-    if config is None:
+    if config is None and getattr(model, "base_model", None) is model:  # a headless transformers model
         warnings.warn(
-            f"export_peft_lora: this {type(model).__name__} is not the model apply_tied_lora adapted (it has no "
-            "tied_lora_config): if it is a part of it, such as the .model of a ForCausalLM, the file's names do not "
-            "fit the full model and PEFT loads nothing into it; export the adapted model itself",
+            f"export_peft_lora: this {type(model).__name__} has no head and is not the model apply_tied_lora "
+            "adapted: if it is the .model of an adapted ForCausalLM (or the like), the file's names do not fit the "
+            "full model and PEFT loads nothing into it; export the adapted model itself",
             stacklevel=2,
         )
+    if task_type == "auto":
+        task_type = _task_type(model)
+    elif task_type is not None:
+        _check_task_type(task_type)
 
     state = {}
     for name, layer in layers.items():
@@ -97,7 +103,7 @@ def export_peft_lora(
             state[f"base_model.model.{name}"] = tensor.to("cpu", copy=True).contiguous()
     peft_config = {
         "peft_type": "LORA",
-        "task_type": task_type if task_type is not None else _task_type(model),
+        "task_type": task_type,
         "base_model_name_or_path": base_model_name_or_path,
         "r": rank,
         "lora_alpha": rank,  # scaling 1: s is folded into lora_B
@@ -118,20 +124,30 @@ def export_peft_lora(
         json.dump(peft_config, f, indent=2)
 
 
-_TASK_TYPES = (  # class-name endings and PEFT's task types
-    ("ForCausalLM", "CAUSAL_LM"),
-    ("ForSequenceClassification", "SEQ_CLS"),
-    ("ForTokenClassification", "TOKEN_CLS"),
-    ("ForQuestionAnswering", "QUESTION_ANS"),
-    ("ForSeq2SeqLM", "SEQ_2_SEQ_LM"),
-)
-
-
 def _task_type(model: nn.Module) -> str | None:
+    """PEFT's task type for the model's class, from transformers' auto-class tables: causal LMs and text seq2seq
+    LMs only (a speech seq2seq model's forward does not fit PEFT's ``PeftModelForSeq2SeqLM``)."""
+    try:
+        from transformers.models.auto import modeling_auto as auto
+    except ImportError:
+        return None
     name = type(model).__name__
-    if name.endswith("ForConditionalGeneration"):  # T5's (encoder-decoder), or a vision-language model's
-        return "SEQ_2_SEQ_LM" if getattr(getattr(model, "config", None), "is_encoder_decoder", False) else None
-    return next((task for ending, task in _TASK_TYPES if name.endswith(ending)), None)
+    if name in set(auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()):
+        return "CAUSAL_LM"
+    text = getattr(model, "main_input_name", "input_ids") == "input_ids"
+    if text and name in set(auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES.values()):
+        return "SEQ_2_SEQ_LM"
+    return None
+
+
+def _check_task_type(task_type) -> None:
+    try:
+        from peft import TaskType
+    except ImportError:
+        return
+    known = [t.value for t in TaskType]
+    if task_type not in known:
+        raise ValueError(f"task_type must be one of PEFT's {known}, 'auto' or None, got {task_type!r}")
 
 
 def _target_names(model: nn.Module, adapted: set[str]) -> list[str] | str:

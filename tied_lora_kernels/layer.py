@@ -205,7 +205,8 @@ class TiedLoRALinear(nn.Linear):
         rank: int | None = None,
         **adapter,
     ):
-        if not isinstance(bias, bool):  # TiedLoRALinear(16, 8, 4): rank and shared are keywords
+        if isinstance(bias, numbers.Integral) and not isinstance(bias, bool) and bias not in (0, 1):
+            # TiedLoRALinear(16, 8, 4): rank and shared are keywords (nn.Linear takes any truthy bias)
             raise TypeError(f"bias must be True or False, got {bias!r} (rank= and shared= are keyword arguments)")
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         self._init_adapter(_pair(shared, rank, in_features, out_features, device), **adapter)

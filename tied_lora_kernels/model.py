@@ -345,7 +345,8 @@ def merge_tied_lora(model: nn.Module, *, unload: bool = False) -> nn.Module:
 
 def unload_tied_lora(model: nn.Module) -> nn.Module:
     """Take every adapter out without merging it (PEFT's ``unload()``): the plain ``nn.Linear`` (or ``Conv1D``)
-    layers come back with their weights as they are, sharing them, hooks carried over. Merged layers are refused
+    layers come back with their weights as they are, sharing them, hooks carried over; ``requires_grad`` flags
+    stay as they are (the base frozen, ``modules_to_save`` trainable). Merged layers are refused
     (``unmerge_tied_lora`` first, or keep ΔW with ``merge_tied_lora(unload=True)``), and so are quantized ones
     (reload the quantized model instead)."""
     layers = _require_layers(model)
@@ -371,7 +372,7 @@ def _unload(model: nn.Module, layers: dict[str, TiedLoRALinear]) -> None:
         plain.training = layer.training
         carry_hooks(layer, plain)
         _set_submodule(model, name, plain)
-    model.__dict__.pop("tied_lora_config", None)
+    _unwrapped(model).__dict__.pop("tied_lora_config", None)
 
 
 def unmerge_tied_lora(model: nn.Module) -> nn.Module:
@@ -388,9 +389,10 @@ def unmerge_tied_lora(model: nn.Module) -> nn.Module:
 @contextlib.contextmanager
 def disable_tied_lora(model: nn.Module) -> Iterator[nn.Module]:
     """Within the block every adapted layer runs its base linear alone: the model computes what it computed
-    before ``apply_tied_lora`` (bit for bit) and the adapter gets no gradient — e.g. a DPO reference model,
-    or an evaluation without the adapter. Merged layers are refused (their weight holds ΔW:
-    ``unmerge_tied_lora`` first). Blocks nest; each layer's previous state returns on exit."""
+    before ``apply_tied_lora`` (bit for bit; ``modules_to_save`` keep their trained values, with a warning) and
+    the adapter gets no gradient — e.g. a DPO reference model, or an evaluation without the adapter. Merged
+    layers are refused (their weight holds ΔW: ``unmerge_tied_lora`` first). Blocks nest; each layer's previous
+    state returns on exit."""
     layers = _require_layers(model)
     merged = [name for name, layer in layers.items() if layer.merged]
     if merged:
@@ -493,11 +495,12 @@ def save_tied_lora(model: nn.Module, directory: str | os.PathLike) -> None:
 
 
 def load_tied_lora(
-    model: nn.Module, directory: str | os.PathLike, *, backend: str | None = None, trainable: bool = True
+    model: nn.Module, directory: str | os.PathLike, *, backend: str | None = None, trainable: bool | None = None
 ) -> nn.Module:
-    """Load an adapter saved by ``save_tied_lora``; ``backend`` overrides the saved one. ``trainable=False``
-    freezes the loaded tensors (for inference; PEFT's ``is_trainable=False``, its default); by default a bare
-    model's adapter trains what its config trains, so that training continues.
+    """Load an adapter saved by ``save_tied_lora``; ``backend`` overrides the saved one. ``trainable``: None keeps
+    the flags (a bare model's adapter trains what its config trains, so that training continues; an adapted
+    model keeps its own); False freezes the loaded tensors (for inference: PEFT's ``is_trainable=False``, its
+    default); True makes the config's trained factors and ``modules_to_save`` require grad again.
 
     A model without adapters is adapted first with the saved config (same targets, groups, flags); an adapted
     one must have the same layout (layers, shapes, rank, alpha, ties), adapter dtypes and configured trained
@@ -509,8 +512,8 @@ def load_tied_lora(
     from safetensors.torch import load_file
 
     model = _unwrapped(model)
-    if not isinstance(trainable, bool):
-        raise TypeError(f"trainable must be True or False, got {trainable!r}")
+    if trainable is not None and not isinstance(trainable, bool):
+        raise TypeError(f"trainable must be True, False or None, got {trainable!r}")
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
     if backend == "triton" and any(layer.quantized for layer in tied_lora_layers(model).values()):
@@ -573,9 +576,12 @@ def load_tied_lora(
     with torch.no_grad():
         for name, tensor in state.items():
             params[name].copy_(tensor)
-    if not trainable:
-        for name in state:
-            params[name].requires_grad_(False)
+    if trainable is not None:
+        trained = set(_trained(model.tied_lora_config)) if getattr(model, "tied_lora_config", None) else set("ABuv")
+        factor = {".shared.A": "A", ".shared.B": "B", ".lora_scale.u": "u", ".lora_v": "v"}
+        for name in state:  # an adapter tensor trains if its factor is configured to; a saved module always
+            kind = next((k for end, k in factor.items() if name.endswith(end)), None)
+            params[name].requires_grad_(trainable and (kind is None or kind in trained))
     return model
 
 
