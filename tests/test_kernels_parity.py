@@ -381,6 +381,19 @@ def test_frozen_input(config, dtype):
     check_parity(x, params)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("M", [5, 77], ids=["decode", "prefill"])
+def test_weight_stored_in_out(M, dtype):
+    """GPT-2's Conv1D stores its weight ``[in, out]``: ``TiedLoRAConv1D`` passes ``weight.t()``, a column-major
+    ``[out, in]`` view (the forward then reads ``W`` as ``[K, N]`` row-major, the backward's dx as ``[N, K]``
+    column-major). Forward and every gradient, the weight's included, against float64."""
+    x, params = make_inputs("full", M=M, K=48, N=80, R=8, dtype=dtype)
+    stored = params["weight"].detach().t().contiguous().requires_grad_(True)  # [in, out], as Conv1D keeps it
+    params["weight"] = stored.t()
+    assert not params["weight"].is_contiguous()
+    check_parity(x, params)
+
+
 def test_strided_bias():
     x, params = make_inputs("full", M=9, K=40, N=70, R=8, dtype=torch.float32)
     wide = torch.randn(3 * 70, generator=torch.Generator().manual_seed(3)).to(DEVICE)
