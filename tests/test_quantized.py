@@ -3,6 +3,7 @@ torch path, with the layer's state-dict keys kept. On CPU (bitsandbytes ≥ 0.46
 
 from __future__ import annotations
 
+import pickle
 import warnings
 
 import pytest
@@ -118,8 +119,6 @@ def test_qlora_model_trains_disables_saves_and_loads(kind, tmp_path):
     randomise_adapters(model)
     with pytest.raises(RuntimeError, match="cannot merge into a quantized"):
         merge_tied_lora(model)
-    with pytest.raises(RuntimeError, match="are quantized layers: reload the quantized base model"):
-        unload_tied_lora(model)
     assert not any(layer.merged for layer in tied_lora_layers(model).values())  # refused before touching any
 
     with torch.no_grad():
@@ -144,10 +143,22 @@ def test_qlora_model_trains_disables_saves_and_loads(kind, tmp_path):
     with torch.no_grad():
         fresh(ids)
 
+    # unloaded (PEFT's unload()): the bitsandbytes layers again, same parameters and keys, computing the base
+    with torch.no_grad(), disable_tied_lora(model):
+        disabled = model.eval()(ids).logits
+    q_weight = model.model.layers[0].self_attn.q_proj.weight
+    unload_tied_lora(model)
+    with torch.no_grad():  # (before state_dict(): bitsandbytes repacks CPU 4-bit weights there, which rounds apart)
+        assert torch.equal(model(ids).logits, disabled)
+    q = model.model.layers[0].self_attn.q_proj
+    assert type(q) is type(quantized_llama(kind).model.layers[0].self_attn.q_proj) and q.weight is q_weight
+    assert not tied_lora_layers(model) and set(model.state_dict()) == set(quantized_llama(kind).state_dict())
+    assert not any(hasattr(q, name) for name in ("shared", "lora_v", "rank", "scale"))
+    pickle.loads(pickle.dumps(model))
+
 
 def test_adapted_quantized_layers_copy_and_pickle():
     import copy
-    import pickle
 
     from tied_lora_kernels import layer as layer_module
 

@@ -385,6 +385,30 @@ class TiedLoRALinear(nn.Linear):
     def _base_forward(self, x: Tensor) -> Tensor:
         return super().forward(x)  # nn.Linear's, or the quantized layer's own
 
+    def to_base(self) -> nn.Module:
+        """The layer without its adapter (``weight`` as it is now: merged or not): an ``nn.Linear``, a ``Conv1D``
+        or the quantized layer, holding the same parameters (and quantisation state), with this layer's forward
+        and backward hooks moved over."""
+        if self.quantized:  # the quantized layer's own state back, less the adapter's
+            base = self.base_class.__new__(self.base_class)
+            nn.Module.__init__(base)
+            own = {"_parameters", "_buffers", "_non_persistent_buffers_set", "_modules", *_MODULE_HOOKS}
+            skip = own | _ADAPTER_ATTRIBUTES
+            base.__dict__.update({k: v for k, v in vars(self).items() if k not in skip})
+            for name, buffer in self._buffers.items():
+                base.register_buffer(name, buffer, persistent=name not in self._non_persistent_buffers_set)
+        elif self.fan_in_fan_out:  # GPT-2's Conv1D (its init's allocations on the meta device)
+            with torch.device("meta"):
+                base = conv1d_type()(self.out_features, self.in_features)
+        else:
+            base = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        base.weight, base.bias = self.weight, self.bias
+        if getattr(base.weight, "module", None) is self:  # bitsandbytes' Params4bit finds its layer there
+            base.weight.module = base
+        base.training = self.training
+        carry_hooks(self, base)
+        return base
+
     def delta_weight(self) -> Tensor:
         """``ΔW = scale · diag(v) · B · diag(u) · A``, ``[out, in]`` (also for a ``Conv1D``), in the adapter's
         dtype."""
@@ -437,6 +461,13 @@ class TiedLoRALinear(nn.Linear):
             + (f", dropout={self.lora_dropout:g}" if self.lora_dropout else "")
             + (", disabled=True" if self.disabled else "")
         )
+
+
+_ADAPTER_ATTRIBUTES = frozenset(
+    {"shared", "lora_scale", "lora_v", "b_rows", "rank", "alpha", "scale", "backend", "lora_dropout", "merged",
+     "disabled", "v_init"}
+)  # fmt: skip
+"""What ``_init_adapter`` adds to a layer (``to_base`` leaves it behind)."""
 
 
 def _pair(shared: TiedLoRAShared | None, rank: int | None, in_features: int, out_features: int, device):

@@ -24,7 +24,6 @@ from tied_lora_kernels.config import ALL_LINEAR, TiedLoRAConfig
 from tied_lora_kernels.functional import BACKENDS, check_rank
 from tied_lora_kernels.layer import (
     TiedLoRALinear,
-    carry_hooks,
     check_linear_type,
     check_plain_weight,
     conv1d_type,
@@ -344,34 +343,22 @@ def merge_tied_lora(model: nn.Module, *, unload: bool = False) -> nn.Module:
 
 
 def unload_tied_lora(model: nn.Module) -> nn.Module:
-    """Take every adapter out without merging it (PEFT's ``unload()``): the plain ``nn.Linear`` (or ``Conv1D``)
-    layers come back with their weights as they are, sharing them, hooks carried over; ``requires_grad`` flags
-    stay as they are (the base frozen, ``modules_to_save`` trainable). Merged layers are refused
-    (``unmerge_tied_lora`` first, or keep ΔW with ``merge_tied_lora(unload=True)``), and so are quantized ones
-    (reload the quantized model instead)."""
+    """Take every adapter out without merging it (PEFT's ``unload()``): the ``nn.Linear``, ``Conv1D`` or
+    bitsandbytes layers come back with their weights as they are, sharing them, hooks carried over;
+    ``requires_grad`` flags stay as they are (the base frozen, ``modules_to_save`` trainable). Merged layers are
+    refused (``unmerge_tied_lora`` first, or keep ΔW with ``merge_tied_lora(unload=True)``)."""
     layers = _require_layers(model)
     merged = [name for name, layer in layers.items() if layer.merged]
-    quantized = [name for name, layer in layers.items() if layer.quantized]
     if merged:
         raise RuntimeError(f"{merged[:3]} are merged: unmerge_tied_lora(model) first, or merge_tied_lora(unload=True)")
-    if quantized:
-        raise RuntimeError(f"{quantized[:3]} are quantized layers: reload the quantized base model instead")
     _unload(model, layers)
     return model
 
 
 def _unload(model: nn.Module, layers: dict[str, TiedLoRALinear]) -> None:
-    """Put a plain layer holding each adapted layer's weight and bias in its place."""
+    """Put each adapted layer's base (``TiedLoRALinear.to_base``) in its place."""
     for name, layer in layers.items():
-        if layer.fan_in_fan_out:  # GPT-2's Conv1D again (its init's allocations on the meta device)
-            with torch.device("meta"):
-                plain = conv1d_type()(layer.out_features, layer.in_features)
-        else:
-            plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
-        plain.weight, plain.bias = layer.weight, layer.bias
-        plain.training = layer.training
-        carry_hooks(layer, plain)
-        _set_submodule(model, name, plain)
+        _set_submodule(model, name, layer.to_base())
     _unwrapped(model).__dict__.pop("tied_lora_config", None)
 
 
