@@ -236,12 +236,7 @@ class TiedLoRALinear(nn.Linear):
         layer = kind.__new__(kind)
         nn.Module.__init__(layer)
         if kind.quantized:
-            # the quantized layer's own state (compute dtype, quantisation state, state-dict hooks), not what is
-            # bound to the discarded module: an instance-level forward (a patch) or module.compile()'s call
-            own = {"_parameters", "_buffers", "_non_persistent_buffers_set", "_modules", *_MODULE_HOOKS}
-            layer.__dict__.update({k: v for k, v in vars(linear).items() if k not in own and not callable(v)})
-            for name, buffer in linear._buffers.items():
-                layer.register_buffer(name, buffer, persistent=name not in linear._non_persistent_buffers_set)
+            _copy_state(linear, layer)
         layer.in_features, layer.out_features = linear_features(linear)
         layer.weight = linear.weight
         layer.bias = linear.bias
@@ -392,11 +387,7 @@ class TiedLoRALinear(nn.Linear):
         if self.quantized:  # the quantized layer's own state back, less the adapter's
             base = self.base_class.__new__(self.base_class)
             nn.Module.__init__(base)
-            own = {"_parameters", "_buffers", "_non_persistent_buffers_set", "_modules", *_MODULE_HOOKS}
-            skip = own | _ADAPTER_ATTRIBUTES
-            base.__dict__.update({k: v for k, v in vars(self).items() if k not in skip})
-            for name, buffer in self._buffers.items():
-                base.register_buffer(name, buffer, persistent=name not in self._non_persistent_buffers_set)
+            _copy_state(self, base, skip=_ADAPTER_ATTRIBUTES)
         elif self.fan_in_fan_out:  # GPT-2's Conv1D (its init's allocations on the meta device)
             with torch.device("meta"):
                 base = conv1d_type()(self.out_features, self.in_features)
@@ -461,6 +452,16 @@ class TiedLoRALinear(nn.Linear):
             + (f", dropout={self.lora_dropout:g}" if self.lora_dropout else "")
             + (", disabled=True" if self.disabled else "")
         )
+
+
+def _copy_state(src: nn.Module, dst: nn.Module, skip: frozenset = frozenset()) -> None:
+    """A quantized layer's own state (compute dtype, quantisation state, state-dict hooks, buffers) from ``src``
+    onto the freshly made ``dst``; not its parameters, submodules and forward/backward hooks (the caller's), nor
+    what is bound to ``src`` itself: an instance-level forward (a patch) or ``module.compile()``'s call."""
+    own = {"_parameters", "_buffers", "_non_persistent_buffers_set", "_modules", *_MODULE_HOOKS, *skip}
+    dst.__dict__.update({k: v for k, v in vars(src).items() if k not in own and not callable(v)})
+    for name, buffer in src._buffers.items():
+        dst.register_buffer(name, buffer, persistent=name not in src._non_persistent_buffers_set)
 
 
 _ADAPTER_ATTRIBUTES = frozenset(

@@ -275,13 +275,13 @@ def _saved_modules(model: nn.Module, config: TiedLoRAConfig, targets: dict[str, 
     return found
 
 
-_ADAPTER_TENSORS = (".shared.A", ".shared.B", ".lora_scale.u", ".lora_v")
-"""How the names of adapter tensors end (``TiedLoRAShared``'s pair, ``UScale``'s ``u``, a layer's ``v``); the
-other tensors of an adapter file are those of ``modules_to_save``."""
+_FACTOR_OF = {".shared.A": "A", ".shared.B": "B", ".lora_scale.u": "u", ".lora_v": "v"}
+"""How the names of adapter tensors end (``TiedLoRAShared``'s pair, ``UScale``'s ``u``, a layer's ``v``), and the
+factor each is; the other tensors of an adapter file are those of ``modules_to_save``."""
 
 
 def _is_adapter_tensor(name: str) -> bool:
-    return name.endswith(_ADAPTER_TENSORS)
+    return name.endswith(tuple(_FACTOR_OF))
 
 
 def _heads(model: nn.Module) -> list[str]:
@@ -565,9 +565,8 @@ def load_tied_lora(
             params[name].copy_(tensor)
     if trainable is not None:
         trained = set(_trained(model.tied_lora_config)) if getattr(model, "tied_lora_config", None) else set("ABuv")
-        factor = {".shared.A": "A", ".shared.B": "B", ".lora_scale.u": "u", ".lora_v": "v"}
         for name in state:  # an adapter tensor trains if its factor is configured to; a saved module always
-            kind = next((k for end, k in factor.items() if name.endswith(end)), None)
+            kind = next((k for end, k in _FACTOR_OF.items() if name.endswith(end)), None)
             params[name].requires_grad_(trainable and (kind is None or kind in trained))
     return model
 
