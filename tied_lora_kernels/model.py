@@ -134,11 +134,8 @@ def _fill_tied_aliases(module: nn.Module, state_dict: dict, prefix: str, *_) -> 
     ``Trainer``'s checkpoints, keeps one — and its other names are filled from it, so that strict loading
     passes. Names of one tensor that hold different values raise: they were different tensors when saved
     (another tie layout), and loading them all into one would silently keep the last."""
-    names_of: dict[int, list[str]] = {}
-    for name, p in module.named_parameters(remove_duplicate=False):
-        if _is_adapter_tensor(name):
-            names_of.setdefault(id(p), []).append(prefix + name)
-    for names in names_of.values():
+    for names in _names_of_parameters(module).values():
+        names = [prefix + name for name in names if _is_adapter_tensor(name)]
         present = [name for name in names if name in state_dict]
         if len(names) < 2 or not present:
             continue
@@ -205,15 +202,21 @@ def _shape(linears: list[nn.Module]) -> tuple[int, int]:
     return linear_features(linears[0])[0], sum(linear_features(lin)[1] for lin in linears)
 
 
+def _names_of_parameters(module: nn.Module) -> dict[int, list[str]]:
+    """Every name of each parameter (by ``id``): a tied one has several."""
+    names_of: dict[int, list[str]] = {}
+    for name, p in module.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(p), []).append(name)
+    return names_of
+
+
 def _linear_types() -> tuple[type, ...]:
     """The modules an adapter can take: ``nn.Linear``, transformers' ``Conv1D``, bitsandbytes' quantized linears."""
     return tuple(t for t in (nn.Linear, conv1d_type(), *quantized_linear_types()) if t is not None)
 
 
 def _find_targets(model: nn.Module, config: TiedLoRAConfig) -> dict[str, nn.Linear]:
-    targets, owners = {}, {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        owners.setdefault(id(p), []).append(name)
+    targets, owners = {}, _names_of_parameters(model)
     heads = _heads(model) if config.target_modules == ALL_LINEAR else ()
     linear_types = _linear_types()
     for name, module in model.named_modules():

@@ -23,7 +23,7 @@ from torch import nn
 
 from tied_lora_kernels.config import TiedLoRAConfig
 from tied_lora_kernels.layer import linear_features
-from tied_lora_kernels.model import _apply, _find_targets, tied_lora_layers
+from tied_lora_kernels.model import _apply, _find_targets, _names_of_parameters, tied_lora_layers
 
 __all__ = ["load_peft_adapter"]
 
@@ -120,9 +120,7 @@ def load_peft_adapter(model: nn.Module, directory: str | os.PathLike, *, backend
         raise ValueError(f"the PEFT adapter's layers {missing[:4]} are not linear layers of this model")
     values = {name: _factors(kind, state, name, *linear_features(targets[name]), rank) for name in layers}
     params = dict(model.named_parameters(remove_duplicate=False))
-    names_of: dict[int, list[str]] = {}
-    for name, p in params.items():
-        names_of.setdefault(id(p), []).append(name)
+    names_of = _names_of_parameters(model)
     for name, tensor in saved.items():  # under the base model's own names
         if name not in params or params[name].shape != tensor.shape:
             raise ValueError(f"the PEFT adapter's {name} {tuple(tensor.shape)} does not fit this model")
