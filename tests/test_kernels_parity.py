@@ -418,6 +418,46 @@ def test_tf32_setting_read_through_either_api():
         matmul.fp32_precision = old
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("M", [5, 40], ids=["decode", "prefill"])
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_forward_without_autograd(mode, M, dtype):
+    """Under no_grad and inference_mode the kernels run without an autograd node (kernels/function.py): the
+    output of the forward a backward could follow, bit for bit (the same tiles), and float64's within tolerance."""
+    x, params = make_inputs("tl6", M=M, K=40, N=70, R=8, dtype=dtype)
+    args = [params[k] for k in ("weight", "bias", "A", "B", "u", "v")]
+    y_graph = tied_lora_linear(x, *args, 0.5, backend="triton")
+    with torch.no_grad() if mode == "no_grad" else torch.inference_mode():
+        y = tied_lora_linear(x, *args, 0.5, backend="triton")
+    assert y_graph.grad_fn is not None and y.grad_fn is None and not y.requires_grad
+    assert torch.equal(y, y_graph.detach())
+    expected = tied_lora_forward(x, *args, 0.5, upcast=True)
+    assert_close_to_reference(y, expected, tied_lora_forward(x, *args, 0.5), "y", dtype)
+
+
+def test_func_transforms_and_forward_ad_are_refused_by_name():
+    """The kernels read raw storage: vmap would crash in a launcher and a tangent would be dropped silently."""
+    import torch.autograd.forward_ad as fwAD
+
+    x, params = make_inputs("tl6", M=6, K=40, N=70, R=8, dtype=torch.float32)
+    args = [params[k] for k in ("weight", "bias", "A", "B", "u", "v")]
+    x = x.detach()
+    for transform in (torch.func.vmap, torch.func.jacrev):
+        with pytest.raises(RuntimeError, match="torch.func transforms.*backend='torch'"):
+            transform(lambda t: tied_lora_linear(t, *args, 0.5, backend="triton"))(x)
+    with fwAD.dual_level():
+        for grad_mode in (True, False):  # forward-mode AD ignores grad mode: no_grad must not drop the tangent
+            with torch.set_grad_enabled(grad_mode), pytest.raises(RuntimeError, match="forward-mode AD"):
+                tied_lora_linear(fwAD.make_dual(x, torch.ones_like(x)), *args, 0.5, backend="triton")
+        y = tied_lora_linear(x, *args, 0.5, backend="triton")  # no tangent anywhere: an ordinary call
+    torch.testing.assert_close(y, tied_lora_linear(x, *args, 0.5, backend="triton"), rtol=0, atol=0)
+    # the torch path supports both
+    with fwAD.dual_level():
+        y_dual = tied_lora_linear(fwAD.make_dual(x, torch.ones_like(x)), *args, 0.5, backend="torch")
+        assert fwAD.unpack_dual(y_dual).tangent is not None
+    assert torch.func.vmap(lambda t: tied_lora_linear(t, *args, 0.5, backend="torch"))(x).shape == (6, 70)
+
+
 def test_no_T_without_autograd():
     """Under no_grad the forward keeps nothing for a backward that cannot come: no fp32 T is written."""
     from torch.utils._python_dispatch import TorchDispatchMode

@@ -127,23 +127,23 @@ def resolve_backend(backend: str, x: Tensor, rank: int = 1) -> str:
 
 @torch.compiler.assume_constant_result  # torch.compile: evaluated while tracing, not traced into
 def _triton_unavailable(device: torch.device) -> str | None:
-    return _cached_reason(device.type, device.index, kernels.interpreting())
+    return _cached_reason(device.type, device.index, device.type == "cpu" and kernels.interpreting())
 
 
 @functools.cache
 def _cached_reason(device_type: str, index: int | None, interpreting: bool) -> str | None:
-    # ``interpreting`` is part of the key: the answer for CPU tensors depends on it
+    # ``interpreting`` is part of the key: the answer for CPU tensors depends on it (read for those only)
     return kernels.unavailable_reason(torch.device(device_type, index))
 
 
 def _dispatch(backend, x, weight, bias, A, B, u, v, scale, deterministic, dropout):
-    lead, K, N = x.shape[:-1], x.shape[-1], weight.shape[0]
-    x2d = x.reshape(-1, K)
+    flat = x.dim() == 2  # (a reshape costs as much host time as a check: none for [M, K])
+    x2d = x if flat else x.reshape(-1, x.shape[-1])
     if backend == "triton":
         y2d = kernels.tied_lora_linear_triton(x2d, weight, bias, A, B, u, v, scale, deterministic=deterministic)
     else:
         y2d = _torch_path(x2d, weight, bias, A, B, u, v, scale, dropout)
-    return y2d.reshape(*lead, N)
+    return y2d if flat else y2d.reshape(*x.shape[:-1], weight.shape[0])
 
 
 def _torch_path(x2d, weight, bias, A, B, u, v, scale, dropout=0.0):
@@ -190,15 +190,16 @@ def add_adapter(y: Tensor, x: Tensor, A, B, u=None, v=None, scale: float = 1.0, 
 
 
 def _check_inputs(x, weight, bias, A, B, u, v, scale) -> None:
-    named = {"x": x, "weight": weight, "A": A, "B": B, "bias": bias, "u": u, "v": v}
-    for name, t in named.items():
-        if t is not None and not isinstance(t, Tensor):
+    # (on every call, also at decode: one pass over the inputs for what each must be, then the shapes and the
+    # dtypes and devices they must share)
+    named = (("x", x), ("weight", weight), ("A", A), ("B", B), ("bias", bias), ("u", u), ("v", v))
+    for name, t in named:
+        if t is None:
+            if name in _REQUIRED:
+                raise TypeError(f"{name} is required, got None")
+        elif not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
-    for name in ("x", "weight", "A", "B"):
-        if named[name] is None:
-            raise TypeError(f"{name} is required, got None")
-    for name, t in named.items():
-        if t is not None and (t.layout != torch.strided or t.is_nested):
+        elif t.layout != torch.strided or t.is_nested:
             kind = "nested" if t.is_nested else str(t.layout).removeprefix("torch.")
             raise TypeError(f"{name} is a {kind} tensor: tied_lora_linear takes dense (strided) tensors")
     if not x.is_floating_point():
@@ -218,26 +219,29 @@ def _check_inputs(x, weight, bias, A, B, u, v, scale) -> None:
         raise ValueError(f"A must be [rank, in_features={K}], got shape {tuple(A.shape)}")
     R = A.shape[0]
     check_rank(R, K, N)
-    if B.dim() != 2 or tuple(B.shape) != (N, R):
+    if B.shape != (N, R):
         raise ValueError(f"B must be [out_features={N}, rank={R}], got shape {tuple(B.shape)}")
     for name, t, n in (("bias", bias, N), ("u", u, R), ("v", v, N)):
-        if t is not None and tuple(t.shape) != (n,):
+        if t is not None and t.shape != (n,):
             raise ValueError(f"{name} must be 1-D of length {n}, got shape {tuple(t.shape)}")
 
-    for name in ("weight", "bias"):
-        t = named[name]
-        if t is not None and t.dtype != x.dtype:
-            raise TypeError(f"{name} is {t.dtype} but x is {x.dtype}: the base layer and its input must share a dtype")
-    for name in ("A", "B", "u", "v"):
-        t = named[name]
-        if t is not None and t.dtype not in (x.dtype, torch.float32):
-            why = f" (autocast's {x.dtype}: adapters then need float32)" if _autocast_dtype(x) is not None else ""
-            raise TypeError(f"{name} is {t.dtype} but x is {x.dtype}{why}: adapters must be float32 or x's dtype")
-    for name, t in named.items():
-        if t is not None and t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}: all inputs must share a device")
+    dtype, device = x.dtype, x.device
+    for name, t in named[1:]:
+        if t is None:
+            continue
+        if t.dtype != dtype and (name in _BASE or t.dtype != torch.float32):
+            if name in _BASE:
+                raise TypeError(
+                    f"{name} is {t.dtype} but x is {dtype}: the base layer and its input must share a dtype"
+                )
+            why = f" (autocast's {dtype}: adapters then need float32)" if _autocast_dtype(x) is not None else ""
+            raise TypeError(f"{name} is {t.dtype} but x is {dtype}{why}: adapters must be float32 or x's dtype")
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device} but x is on {device}: all inputs must share a device")
 
 
+_REQUIRED = ("x", "weight", "A", "B")
+_BASE = ("weight", "bias")
 _FLOAT32_MAX = torch.finfo(torch.float32).max
 """The kernels and the torch path's ``addmm_`` take ``scale`` as a float32."""
 

@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -51,6 +52,11 @@ def unavailable_reason(device: torch.device) -> str | None:
 
 def tied_lora_linear_triton(x2d, weight, bias, A, B, u, v, scale: float, *, deterministic: bool):
     """The triton backend of ``tied_lora_linear`` on 2-D ``x`` (see ``function.py``; imports triton lazily)."""
-    from .function import tied_lora_linear_triton as impl
+    return _triton_impl()(x2d, weight, bias, A, B, u, v, scale, deterministic=deterministic)
 
-    return impl(x2d, weight, bias, A, B, u, v, scale, deterministic=deterministic)
+
+@functools.cache
+def _triton_impl():
+    from .function import tied_lora_linear_triton  # (an import statement per call costs a microsecond)
+
+    return tied_lora_linear_triton

@@ -34,7 +34,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import configs
-from .common import FP_FUSION, as_operand, dot_precision, upcast_bf16
+from .common import FP_FUSION, as_operand, cdiv, dot_precision, upcast_bf16
 
 __all__ = ["rank_grad", "rank_grad_numel", "RankGrads"]
 
@@ -203,8 +203,8 @@ def rank_grad(
         return RankGrads(**{k: a.new_zeros(shape, dtype=torch.float32) for k, shape in results.items()})
     block_r = configs.block_r_for(R)
     cfg = config or configs.rank_grad_config(block_r, a.dtype, a.device)
-    num_c = triton.cdiv(C, cfg.block_c)
-    num_m = triton.cdiv(M, cfg.block_m)
+    num_c = cdiv(C, cfg.block_c)
+    num_m = cdiv(M, cfg.block_m)
     # from the shapes only: the same split (and summation order) on every run
     split = max(1, min(num_m, _TARGET_PROGRAMS // num_c))
     # every result is a segment of one buffer: one zeroing (atomics) or one sum over the slices

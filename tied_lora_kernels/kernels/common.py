@@ -17,7 +17,7 @@ import triton.language as tl
 
 from . import interpreting
 
-__all__ = ["as_operand", "to_operand", "upcast_bf16", "dot_precision", "FP_FUSION"]
+__all__ = ["as_operand", "to_operand", "upcast_bf16", "dot_precision", "cdiv", "FP_FUSION"]
 
 FP_FUSION = True
 """Passed as ``enable_fp_fusion`` to every launch (and to the compile check): multiply-adds may contract to FMA,
@@ -50,14 +50,25 @@ def to_operand(x, DTYPE: tl.constexpr, UPCAST: tl.constexpr):
         return x
 
 
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for the launchers' grids and splits (``triton.cdiv`` is a constexpr function in newer
+    triton: about 1.5 µs a call on the host, where this is a few tens of nanoseconds)."""
+    return -(-a // b)
+
+
+INTERPRETING = interpreting()
+"""Whether the kernels below were built for triton's interpreter: ``@triton.jit`` reads ``TRITON_INTERPRET`` when
+it decorates them, at this module's import (read once here, not at every launch)."""
+
+
 def upcast_bf16(dtype: torch.dtype) -> bool:
     """True when bf16 tiles must be computed in fp32 (the interpreter's bf16 gap; never on a GPU)."""
-    return dtype == torch.bfloat16 and interpreting()
+    return dtype == torch.bfloat16 and INTERPRETING
 
 
 def dot_precision(dtype: torch.dtype) -> str:
     """``tl.dot`` input precision: TF32 for fp32 only when torch allows it for matmuls, else exact IEEE."""
-    if dtype != torch.float32 or interpreting():
+    if dtype != torch.float32 or INTERPRETING:
         return "ieee"
     return "tf32" if _tf32_allowed() else "ieee"
 

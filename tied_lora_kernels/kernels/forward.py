@@ -45,7 +45,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import configs
-from .common import FP_FUSION, as_operand, dot_precision, to_operand, upcast_bf16
+from .common import FP_FUSION, as_operand, cdiv, dot_precision, to_operand, upcast_bf16
 from .shrink import shrink
 
 __all__ = ["fused_lora_mm"]
@@ -344,8 +344,8 @@ def fused_lora_mm(
 
     # split-K: slices of whole BLOCK_K steps; the last may be ragged, none is empty
     split = configs.split_k_for(M, N, K, cfg, a.device, split_k)
-    k_per_split = triton.cdiv(max(1, triton.cdiv(K, cfg.block_k)), split) * cfg.block_k
-    split = max(1, triton.cdiv(K, k_per_split))
+    k_per_split = cdiv(max(1, cdiv(K, cfg.block_k)), split) * cfg.block_k
+    split = max(1, cdiv(K, k_per_split))
     if split > 1:
         out = torch.empty((split, M, N), device=a.device, dtype=torch.float32)
     else:
@@ -364,7 +364,7 @@ def fused_lora_mm(
         loads = _descriptors(a, w, down, cfg, block_r, load_down=not two_pass)
     a_arg, w_arg, d_arg, w_kn, down_kr = loads or (a, w, down, False, False)
 
-    grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n), split)
+    grid = (cdiv(M, cfg.block_m) * cdiv(N, cfg.block_n), split)
     _fused_lora_mm_kernel[grid](
         a_arg,
         w_arg,
@@ -380,20 +380,12 @@ def fused_lora_mm(
         K,
         R,
         k_per_split,
-        a.stride(0),
-        a.stride(1),
-        w.stride(0),
-        w.stride(1),
-        down.stride(0),
-        down.stride(1),
-        up.stride(0),
-        up.stride(1),
-        out.stride(0) if split > 1 else 0,
-        out.stride(-2),
-        out.stride(-1),
-        t.stride(0) if t is not None and t.dim() == 3 else 0,
-        t.stride(-2) if t is not None else 0,
-        t.stride(-1) if t is not None else 0,
+        *a.stride(),
+        *w.stride(),
+        *down.stride(),
+        *up.stride(),
+        *_strides3(out),
+        *(_strides3(t) if t is not None else (0, 0, 0)),
         float(scale),
         HAS_RSCALE=rscale is not None,
         FOLD_UP=up.dtype != a.dtype or cscale is not None or scale != 1.0,
@@ -418,13 +410,18 @@ def fused_lora_mm(
     )
     if split > 1:  # the partials, summed in a fixed order (deterministic), rounded once
         part, out = out, torch.empty((M, N), device=a.device, dtype=a.dtype)
-        _sum_splits_kernel[(triton.cdiv(M * N, SUM_BLOCK),)](
+        _sum_splits_kernel[(cdiv(M * N, SUM_BLOCK),)](
             part, out, split, M * N, part.stride(0), UPCAST=upcast_bf16(a.dtype), BLOCK=SUM_BLOCK, num_warps=SUM_WARPS,
             enable_fp_fusion=FP_FUSION,
         )  # fmt: skip
         if t is not None and t.dim() == 3:
             t = t.sum(0)
     return out, (t if write_t else None)
+
+
+def _strides3(t: Tensor) -> tuple[int, ...]:
+    """A 2-D or 3-D (split-K slices) tensor's strides as three, the slice stride 0 when 2-D."""
+    return t.stride() if t.dim() == 3 else (0, *t.stride())
 
 
 def _descriptors(a: Tensor, w: Tensor, down: Tensor, cfg: configs.FusedConfig, block_r: int, *, load_down: bool):

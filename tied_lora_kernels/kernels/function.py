@@ -48,9 +48,29 @@ def tied_lora_linear_triton(
         )
     if torch.compiler.is_compiling():  # torch.compile: the custom op (dynamo cannot trace the launchers)
         return _compiled_forward(x2d, weight, bias, A, B, u, v, float(scale), bool(deterministic))
-    # grad mode is off inside Function.forward, so whether a backward can follow is decided here
-    keep_t = torch.is_grad_enabled()
-    return TiedLoRALinearFunction.apply(x2d, weight, bias, A, B, u, v, float(scale), bool(deterministic), keep_t)
+    _check_no_transform(x2d, weight, bias, A, B, u, v)
+    if not torch.is_grad_enabled():
+        # no backward can follow (inference, generate): the kernels alone, without an autograd node, which
+        # costs as much host time as the whole launch path of a decode step
+        strategy, split_k, tma = configs.forced_choice()
+        y, _ = forward_impl(
+            x2d, weight, bias, A, B, u, v, float(scale), keep_t=False, strategy=strategy, split_k=split_k, tma=tma
+        )
+        return y
+    return TiedLoRALinearFunction.apply(x2d, weight, bias, A, B, u, v, float(scale), bool(deterministic))
+
+
+def _check_no_transform(*tensors: Tensor | None) -> None:
+    """The kernels read raw storage: refuse ``torch.func`` transforms (their wrapped tensors) and forward-mode AD
+    (a tangent would be dropped), naming the backend that supports them."""
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        raise RuntimeError(
+            "backend='triton' does not run under torch.func transforms (vmap, grad, jacrev, jvp, ...); "
+            "use backend='torch'"
+        )
+    if torch.autograd.forward_ad._current_level >= 0:  # inside fwAD.dual_level(): look for a tangent
+        if any(t is not None and torch.autograd.forward_ad.unpack_dual(t).tangent is not None for t in tensors):
+            raise RuntimeError("backend='triton' has no forward-mode AD (an input has a tangent); use backend='torch'")
 
 
 def _on_device(t: Tensor):
@@ -159,13 +179,13 @@ class TiedLoRALinearFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, A, B, u, v, scale, deterministic, grad_enabled):
+    def forward(ctx, x, weight, bias, A, B, u, v, scale, deterministic):
         needs_x, needs_w, _, needs_a, needs_b, needs_u, needs_v = ctx.needs_input_grad[:7]
         # a forced strategy / split / load (configs.forced, TIED_LORA_STRATEGY, TIED_LORA_TMA) holds for the
         # backward too
         strategy, split_k, tma = configs.forced_choice()
-        # no T without a backward to use it (needs_input_grad stays True under no_grad)
-        keep_t = grad_enabled and (needs_b or needs_u or needs_v)
+        # (applied with grad enabled only: tied_lora_linear_triton runs the kernels alone under no_grad)
+        keep_t = needs_b or needs_u or needs_v
         forced = dict(strategy=strategy, split_k=split_k, tma=tma)
         y, T = forward_impl(x, weight, bias, A, B, u, v, scale, keep_t=keep_t, **forced)
         ctx.save_for_backward(x if (needs_a or needs_w) else None, T, weight, A, B, u, v)
@@ -188,8 +208,8 @@ class TiedLoRALinearFunction(torch.autograd.Function):
             dy, x, T, weight, A, B, u, v, ctx.scale, ctx.needs_input_grad[:7], deterministic=ctx.deterministic,
             **ctx.forced,
         )  # fmt: skip
-        # x, weight, bias, A, B, u, v, then None for scale, deterministic, grad_enabled
-        return *grads, None, None, None
+        # x, weight, bias, A, B, u, v, then None for scale and deterministic
+        return *grads, None, None
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import FP_FUSION, as_operand, upcast_bf16
+from .common import FP_FUSION, as_operand, cdiv, upcast_bf16
 
 __all__ = ["prepare_adapters", "PREPARE_BLOCK", "PREPARE_WARPS"]
 
@@ -87,7 +87,7 @@ def prepare_adapters(
     numel = max(N * R, R * K if cast else 0)
     if numel == 0:
         return a_out, b_out
-    _prepare_kernel[(triton.cdiv(numel, PREPARE_BLOCK),)](
+    _prepare_kernel[(cdiv(numel, PREPARE_BLOCK),)](
         A,
         B,
         v if v is not None else B,  # never read when HAS_V is False

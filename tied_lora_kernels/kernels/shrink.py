@@ -20,7 +20,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import configs
-from .common import FP_FUSION, dot_precision, upcast_bf16
+from .common import FP_FUSION, cdiv, dot_precision, upcast_bf16
 
 __all__ = ["shrink"]
 
@@ -83,7 +83,7 @@ def shrink(a: Tensor, down: Tensor, *, config: configs.ShrinkConfig | None = Non
         return t
     block_r = configs.block_r_for(R)
     cfg = config or configs.shrink_config(block_r, a.dtype, a.device, configs.is_aligned(a))
-    _shrink_kernel[(triton.cdiv(M, cfg.block_m),)](
+    _shrink_kernel[(cdiv(M, cfg.block_m),)](
         a,
         down,
         t,
