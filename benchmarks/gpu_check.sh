@@ -4,10 +4,10 @@
 #
 #     bash benchmarks/gpu_check.sh OUT_DIR        # or: OUT=OUT_DIR bash benchmarks/gpu_check.sh
 #
-# Writes OUT_DIR/gpu_check.log (everything printed), env.txt, bench_linear.json, bench_e2e.json, bench.md,
-# bench.png (when matplotlib is installed), compile_check.txt. Each phase runs under `timeout`, so one that
-# hangs or runs long costs its limit and no more (the limits add up to 525 s, plus 20 s for the summary and
-# up to 10 s of grace per phase: at most ~600 s; a warm run takes far less).
+# Writes OUT_DIR/gpu_check.log (everything printed), env.txt, bench_linear.json, bench_e2e.json,
+# bench_eager.json, bench.md, bench.png (when matplotlib is installed), compile_check.txt. Each phase runs under
+# `timeout`, so one that hangs or runs long costs its limit and no more (the limits add up to 530 s, plus 20 s
+# for the summary and up to 10 s of grace per phase: at most ~600 s; a warm run takes far less).
 # A cold run JIT-compiles a few hundred kernel specialisations, about a second each on one core, so the
 # parity tests and an untimed warm-up of every benchmark case run as GPU_CHECK_PROCS parallel pytest
 # processes (default nproc/2, at most 8) over slices of the tests (benchmarks/parallel_pytest.py); the
@@ -105,13 +105,17 @@ TORCHINDUCTOR_COMPILE_THREADS=1 phase parity 170 "${PARALLEL[@]}" tests/test_ker
 # every benchmark case once, untimed, in parallel: fills the triton and inductor caches for the timed runs.
 # One inductor compile thread per process: with 8 processes its default pool (one worker per core) would
 # put ~128 compile workers on 16 cores
-TORCHINDUCTOR_COMPILE_THREADS=1 phase bench-warmup 80 "${PARALLEL[@]}" benchmarks -q -p no:cacheprovider --benchmark-disable ${GPU_CHECK_BENCH_ARGS:-}
+TORCHINDUCTOR_COMPILE_THREADS=1 phase bench-warmup 75 "${PARALLEL[@]}" benchmarks -q -p no:cacheprovider --benchmark-disable ${GPU_CHECK_BENCH_ARGS:-}
 
-BENCH_TIME_BUDGET_S=120 phase bench-linear 150 "$PY" -m pytest benchmarks/test_bench_linear.py -q \
+BENCH_TIME_BUDGET_S=105 phase bench-linear 135 "$PY" -m pytest benchmarks/test_bench_linear.py -q \
     -p no:cacheprovider --benchmark-json="$OUT_DIR/bench_linear.json" --benchmark-columns=min,median,rounds ${GPU_CHECK_BENCH_ARGS:-}
 
 BENCH_TIME_BUDGET_S=35 phase bench-e2e 45 "$PY" -m pytest benchmarks/test_bench_e2e.py -q \
     -p no:cacheprovider --benchmark-json="$OUT_DIR/bench_e2e.json" --benchmark-columns=min,median,rounds ${GPU_CHECK_BENCH_ARGS:-}
+
+# eager decode (no CUDA graph): the host launch path per projection, ours against nn.Linear and PEFT
+BENCH_TIME_BUDGET_S=15 phase bench-eager 25 "$PY" -m pytest benchmarks/test_bench_eager.py -q \
+    -p no:cacheprovider --benchmark-json="$OUT_DIR/bench_eager.json" --benchmark-columns=min,median,rounds
 
 if "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('tied_lora_kernels.kernels.compile_check') is None)" 2>/dev/null; then
     # this GPU's architecture family only (sm_90 on an H100/H200); CI compiles every target
@@ -125,7 +129,7 @@ else
 fi
 
 JSONS=()
-for f in "$OUT_DIR/bench_linear.json" "$OUT_DIR/bench_e2e.json"; do
+for f in "$OUT_DIR/bench_linear.json" "$OUT_DIR/bench_e2e.json" "$OUT_DIR/bench_eager.json"; do
     [ -s "$f" ] && JSONS+=("$f")
 done
 if [ "${#JSONS[@]}" -gt 0 ]; then

@@ -36,6 +36,7 @@ def run(
     graph: bool = False,
     paired: tuple[Callable[[], object] | None, Callable[[], object]] | None = None,
     target_s: float | None = None,
+    idle_start: bool = False,
 ) -> tuple[str, dict | None]:
     """Time ``fn`` (``setup`` runs untimed before each round) and record it in ``benchmark``.
 
@@ -44,13 +45,15 @@ def run(
     machine. Returns how it was timed (``"wall"``, ``"cuda-events"``, ``"cuda-graph"``, ``"disabled"``; a
     failed graph capture gives ``"cuda-events (graph capture failed: <error>)"``)
     and the reference's ``{"median", "min", "mean"}`` seconds (None when not paired). ``target_s``: time
-    to spend measuring (default CPU_TARGET_S / CUDA_TARGET_S).
+    to spend measuring (default CPU_TARGET_S / CUDA_TARGET_S). ``idle_start`` (CUDA): each round starts on an
+    idle GPU, after the L2 flush has finished, so that host time the GPU waits for shows in the round's time
+    (eager decode); otherwise the host queues the round while the flush runs, as a busy model would.
     """
     if benchmark.disabled:  # --benchmark-disable: pedantic makes one untimed call, a smoke test
         benchmark.pedantic(fn, setup=setup, rounds=1)
         return "disabled", None
     if device.type == "cuda":  # CUDA times are stable: no pairing, the floor is its own benchmark
-        times, how = _cuda_times(fn, setup, device, graph, target_s or CUDA_TARGET_S)
+        times, how = _cuda_times(fn, setup, device, graph, target_s or CUDA_TARGET_S, idle_start)
         _replay(benchmark, times)
         return how, None
     # warm-up (and compile) outside the timer, then size the run from one timed call
@@ -118,7 +121,7 @@ def _flush_buffer(device: torch.device) -> Tensor:
     return torch.empty(L2_FLUSH_BYTES, dtype=torch.int8, device=device)
 
 
-def _cuda_times(fn, setup, device, graph: bool, target_s: float) -> tuple[list[float], str]:
+def _cuda_times(fn, setup, device, graph: bool, target_s: float, idle_start: bool) -> tuple[list[float], str]:
     flush = _flush_buffer(device)
     for _ in range(3):  # warm-up: compile, autotune, cuBLAS heuristics
         _call(setup, fn)
@@ -147,6 +150,8 @@ def _cuda_times(fn, setup, device, graph: bool, target_s: float) -> tuple[list[f
             if setup:
                 setup()
             flush.zero_()
+            if idle_start:
+                torch.cuda.synchronize(device)
             s.record()
             target()
             e.record()

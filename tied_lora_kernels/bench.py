@@ -32,7 +32,8 @@ __all__ = ["main", "load", "summary_rows", "target_rows", "choice_rows"]
 
 FLOOR = "nn.Linear"
 ORDER = (
-    FLOOR, "torch", "torch.compile", "triton", "triton-1pass", "triton-2pass", "triton-ptr", "peft-lora", "peft-vera",
+    FLOOR, "torch", "torch.compile", "triton", "triton-1pass", "triton-2pass", "triton-ptr", "triton-host", "peft-lora",
+    "peft-vera",
 )  # fmt: skip
 MODES = ("forward", "backward", "fwd+bwd")
 BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -63,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--markdown", type=Path, help="also write a markdown report here")
     p.add_argument("--summary", action="store_true", help="print only the summary tables")
-    p.add_argument("--headline", action="store_true", help="print only the headline and end-to-end tables")
+    p.add_argument("--headline", action="store_true", help="print only the headline, end-to-end and eager tables")
     p.add_argument("--stat", choices=("median", "min", "mean"), default="median", help="time statistic")
     p.add_argument("--rank", type=int, help="rank shown in the plot (default: 16 if measured)")
     args = p.parse_args(argv)
@@ -249,6 +250,7 @@ def _shape_tables(records, stat):
     e2e = [r for r in records if r.get("kind") == "e2e"]
     if e2e:
         yield from _e2e_tables(e2e, stat)
+    yield from _eager_tables(records, stat)
 
 
 def _group_sort(key):
@@ -283,6 +285,30 @@ def _e2e_tables(e2e, stat):
             for r in rs
         ]
         yield f"end-to-end training step: {shape}, {tokens} tokens, {dtype} on {dev}", headers, rows
+
+
+def _eager_tables(records, stat):
+    """Eager decode (benchmarks/test_bench_eager.py): time per projection of a stack run one token at a time
+    without CUDA graphs, and its ratio to nn.Linear's stack (timed round by round beside it on CPU)."""
+    groups = defaultdict(list)
+    for r in records:
+        if r.get("kind") == "eager":
+            groups[(r["device_name"], r["dtype"], r["shape"], r["layers"])].append(r)
+    headers = ["provider", "rank", f"per projection ({stat})", "x nn.Linear", "timing"]
+    for (dev, dtype, shape, layers), rs in sorted(groups.items()):
+        rs.sort(key=lambda r: _provider_key(r["provider"]))
+        floor = next((r[stat] for r in rs if r["provider"] == FLOOR), None)
+
+        def vs_floor(r, floor=floor):
+            paired = r.get("paired_floor")
+            return r[stat] / paired[stat] if paired and paired.get(stat) else (r[stat] / floor if floor else None)
+
+        rows = [
+            [r["provider"], r["rank"] or "-", _fmt_time(r[stat] / layers), _fmt(vs_floor(r), 3), r.get("timing", "-")]
+            for r in rs
+        ]
+        title = f"eager decode: {layers} x {shape}, M = 1, {dtype} on {dev} (host launch path included)"
+        yield title, headers, rows
 
 
 def summary_rows(records, stat="median"):
@@ -323,6 +349,8 @@ def _summary_tables(records, stat, wide=True):
     if e2e:
         for title, h, rs in _e2e_tables(e2e, stat):
             yield "summary: " + title, h, rs
+    for title, h, rs in _eager_tables(records, stat):
+        yield "summary: " + title, h, rs
 
 
 def _memory_table(records):
@@ -538,7 +566,7 @@ def _write_markdown(records, path: Path, stat: str, plot: Path | None) -> None:
     lines.append("")
     if plot:
         lines += [f"![ratio to nn.Linear]({_relative(plot, path.parent)})", ""]
-    order = ("targets", "headline", "summary: end-to-end", "memory", "summary: time")
+    order = ("targets", "headline", "summary: end-to-end", "summary: eager", "memory", "summary: time")
     tables = sorted(
         _summary_tables(records, stat), key=lambda t: next(i for i, o in enumerate(order + ("",)) if t[0].startswith(o))
     )
