@@ -7,7 +7,8 @@
 # Writes OUT_DIR/gpu_check.log (everything printed), env.txt, bench_linear.json, bench_e2e.json,
 # bench_eager.json, bench.md, bench.png (when matplotlib is installed), compile_check.txt. Each phase runs under
 # `timeout`, so one that hangs or runs long costs its limit and no more (the limits add up to 530 s, plus 20 s
-# for the summary and up to 10 s of grace per phase: at most ~600 s; a warm run takes far less).
+# for the summary and up to 10 s of grace per phase killed: ~630 s if every phase ran out; a warm run takes far
+# less, the CPU dry run 4 minutes).
 # A cold run JIT-compiles a few hundred kernel specialisations, about a second each on one core, so the
 # parity tests and an untimed warm-up of every benchmark case run as GPU_CHECK_PROCS parallel pytest
 # processes (default nproc/2, at most 8) over slices of the tests (benchmarks/parallel_pytest.py); the
@@ -115,7 +116,7 @@ BENCH_TIME_BUDGET_S=35 phase bench-e2e 45 "$PY" -m pytest benchmarks/test_bench_
 
 # eager decode (no CUDA graph): the host launch path per projection, ours against nn.Linear and PEFT
 BENCH_TIME_BUDGET_S=15 phase bench-eager 25 "$PY" -m pytest benchmarks/test_bench_eager.py -q \
-    -p no:cacheprovider --benchmark-json="$OUT_DIR/bench_eager.json" --benchmark-columns=min,median,rounds
+    -p no:cacheprovider --benchmark-json="$OUT_DIR/bench_eager.json" --benchmark-columns=min,median,rounds ${GPU_CHECK_BENCH_ARGS:-}
 
 if "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('tied_lora_kernels.kernels.compile_check') is None)" 2>/dev/null; then
     # this GPU's architecture family only (sm_90 on an H100/H200); CI compiles every target

@@ -13,7 +13,9 @@ dtype and a trainable adapter at the same rank:
 - ``triton-1pass`` / ``triton-2pass``: the same with the one-pass or the two-pass (shrink, then the GEMM
   seeded with the rank-R product) fused GEMM forced, forward and backward alike (design.md §3);
 - ``triton-ptr``: the same with pointer loads forced where the default loads through TMA descriptors (16-bit
-  prefill on Hopper; prefill cases only, decode never uses TMA), to measure what TMA buys.
+  prefill on Hopper; prefill cases only, decode never uses TMA), to measure what TMA buys;
+- ``triton-1launch``: the same with split-K partials summed inside the GEMM's launch by each tile's last K
+  slice instead of by a second launch (``configs.split_reduce``; decode cases only, prefill never splits K).
 """
 
 from __future__ import annotations
@@ -37,10 +39,13 @@ TRITON_FORCED = {
     "triton-1pass": dict(strategy="one_pass"),
     "triton-2pass": dict(strategy="two_pass"),
     "triton-ptr": dict(tma=False),
+    "triton-1launch": dict(reduce="kernel"),
 }
 """Each fused-kernel provider and what it forces (``configs.forced``; nothing: the tables' choices)."""
 PREFILL_ONLY = ("triton-ptr",)
 """Providers that decode cases skip (they would run the same kernel as ``triton`` there)."""
+DECODE_ONLY = ("triton-1launch",)
+"""Providers that prefill cases skip (the same kernels as ``triton`` there)."""
 PROVIDERS = (FLOOR, "torch", "torch.compile", "peft-lora", "peft-vera", *TRITON_FORCED)
 
 

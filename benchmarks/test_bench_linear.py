@@ -28,6 +28,8 @@ def _params():
         for provider in providers.PROVIDERS:
             if provider in providers.PREFILL_ONLY and case.M <= DECODE_MAX_M:
                 continue
+            if provider in providers.DECODE_ONLY and case.M > DECODE_MAX_M:
+                continue
             if provider == providers.FLOOR:  # rank-independent: once per (shape, M, dtype, mode)
                 key = (case.shape, case.M, case.dtype, case.mode)
                 if key in floors:

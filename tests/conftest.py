@@ -13,6 +13,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from tied_lora_kernels import kernels  # noqa: E402 (after TRITON_INTERPRET; imports no triton itself)
+
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -24,7 +26,7 @@ def pytest_configure(config):
     # triton 3.6's interpreter converts size-1 arrays to Python ints, which numpy 2.4 turned into an error
     # (loops with a runtime bound crash in every kernel); triton 3.8 fixed it. Say so instead of failing
     # hundreds of tests with a TypeError deep in the interpreter.
-    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+    if not kernels.interpreting():
         return
     try:
         triton = _version(metadata.version("triton"))

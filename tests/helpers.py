@@ -3,14 +3,14 @@ be at most twice the error plain PyTorch makes in the same dtype, plus a small d
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 from torch import Tensor
 
+from tied_lora_kernels import kernels
+
 cpu_triton = pytest.mark.skipif(
-    os.environ.get("TRITON_INTERPRET", "0") in ("", "0"),
+    not kernels.interpreting(),
     reason="runs backend='triton' on CPU tensors, in triton's interpreter (TRITON_INTERPRET=1, set by conftest "
     "when there is no GPU); with a GPU the kernel tests run the kernels on it",
 )

@@ -55,32 +55,36 @@ def test_choice_table_compares_the_forced_providers():
         _record("triton-ptr", "forward", 8192, 1.10, rank=64),  # TMA (the default) wins
         _record("triton-1pass", "forward", 1, 1.0, rank=8),
         _record("triton-2pass", "forward", 1, 1.2, rank=8),  # one-pass wins at decode, BLOCK_R = 16
+        _record("triton", "forward", 1, 1.0, rank=8),
+        _record("triton-1launch", "forward", 1, 0.8, rank=8),  # the in-kernel split-K sum wins
         _record("torch", "forward", 8192, 2.0, rank=64),  # not a forced choice: ignored
     ]
     headers, rows = choice_rows(recs)
-    assert headers[5:] == ["2pass / 1pass", "sm90 table picks", "tma / ptr"]
+    assert headers[5:] == ["2pass / 1pass", "sm90 table picks", "tma / ptr", "1launch / sum launch"]
     assert rows == [
-        ["bfloat16", "decode", 16, "forward", 1, "1.2", "one_pass", "-"],
-        ["bfloat16", "prefill", 64, "forward", 1, "0.9", "two_pass", "0.9"],
+        ["bfloat16", "decode", 16, "forward", 1, "1.2", "one_pass", "-", "0.8"],
+        ["bfloat16", "prefill", 64, "forward", 1, "0.9", "two_pass", "0.9", "-"],
     ]
 
 
 def test_eager_table_is_per_projection_against_nn_linear():
     from tied_lora_kernels.bench import _eager_tables
 
-    def eager(provider, seconds, paired=None):
+    def eager(provider, seconds):
         return dict(
             kind="eager", provider=provider, shape="llama2-7b.qkvo", dtype="bfloat16", layers=8, device_name="H100",
-            rank=0 if provider == "nn.Linear" else 16, median=seconds, timing="cuda-events", paired_floor=paired,
+            rank=0 if provider == "nn.Linear" else 16, median=seconds, timing="cuda-events",
         )  # fmt: skip
 
-    recs = [eager("nn.Linear", 80e-6), eager("triton", 240e-6), eager("peft-lora", 400e-6, {"median": 100e-6})]
+    recs = [eager("nn.Linear", 80e-6), eager("triton", 240e-6), eager("peft-lora", 400e-6)]
+    recs.append(eager("triton-host", 160e-6))
     (title, headers, rows), *rest = _eager_tables(recs, "median")
     assert not rest and title.startswith("eager decode: 8 x llama2-7b.qkvo")
     assert headers[2:4] == ["per projection (median)", "x nn.Linear"]
-    # per projection: the round over 8; the ratio against the floor's own record, or the floor timed beside it
-    assert [row[:4] for row in rows] == [
-        ["nn.Linear", "-", "10 us", "1"],
-        ["triton", 16, "30 us", "3"],
-        ["peft-lora", 16, "50 us", "4"],
+    # per projection: the round over 8; the ratio against nn.Linear's stack; none for the stubbed host path
+    assert rows == [
+        ["nn.Linear", "-", "10 us", "1", "cuda-events"],
+        ["triton", 16, "30 us", "3", "cuda-events"],
+        ["triton-host", 16, "20 us", "-", "wall, launches stubbed"],
+        ["peft-lora", 16, "50 us", "5", "cuda-events"],
     ]

@@ -1,16 +1,16 @@
 """Every kernel config the library can launch compiles for every GPU it runs on with zero register spills.
 
-Runs ``python -m tied_lora_kernels.kernels.compile_check`` in a subprocess with ``TRITON_INTERPRET``
-unset (under the interpreter ``triton.jit`` cannot compile), ahead of time, no GPU needed: each config of
+Runs ``python -m tied_lora_kernels.kernels.compile_check`` in a subprocess with ``TRITON_INTERPRET`` unset
+(under the interpreter ``triton.jit`` cannot compile), ahead of time, no GPU needed: each config of
 ``kernels/configs.py`` for each GPU its table is given to (the sm90 table: Hopper sm_90 and datacenter
 Blackwell sm_100; the sm80 table: Ampere sm_80 and consumer Blackwell sm_120), each launch variant (forward
 and dx of both strategies, the decode forward for ranks that are and are not multiples of 16, their split-K
-forms, the split-K sum, the two-pass shrink of x and of dy, the two rank-gradient reductions, the adapters'
-preparation), bf16 for the 16-bit configs and fp32 for the 32-bit ones; the 16-bit prefill configs of the
-sm90 table also with their tiles loaded through TMA descriptors (``-tma``) for Hopper, as the launcher passes
-them there; the tiles for widths that are not multiples of 16 with no divisibility hints at all
-(``-unaligned``). The table (registers, spills, shared memory, tensor-core instruction, loads) is printed; run
-pytest with ``-s`` to see it.
+forms with the partials summed by the sum kernel or in the GEMM's own launch (``-reduce``), the split-K sum,
+the two-pass shrink of x and of dy, the two rank-gradient reductions, the adapters' preparation), bf16 for the
+16-bit configs and fp32 for the 32-bit ones; the 16-bit prefill configs of the sm90 table also with their
+tiles loaded through TMA descriptors (``-tma``) for Hopper, as the launcher passes them there; the tiles for
+widths that are not multiples of 16 with no divisibility hints at all (``-unaligned``). The table (registers,
+spills, shared memory, tensor-core instruction, loads) is printed; run pytest with ``-s`` to see it.
 """
 
 from __future__ import annotations
@@ -53,14 +53,14 @@ def test_every_shipped_config_is_compiled_for_every_target(rows):
     for arch, cfg, _, _ in configs.all_fused_configs():  # both strategies
         if not cfg.aligned:  # tiles for widths that are not multiples of 16: compiled without any hints
             variants = ["fwd-unaligned", "dx-unaligned"]
-            variants += [f"{v}-splitk" for v in variants] if cfg.split_k else []
+            variants += [f"{v}-splitk{r}" for r in ("", "-reduce") for v in variants] if cfg.split_k else []
             expected |= {(cfg.name, v, t) for v in variants for t in TARGETS[arch]}
             continue
         variants = ["fwd", "dx"]
         if "-decode-" in cfg.name:  # the decode forward reads B as stored: its row stride may be unaligned
             variants.append("fwd-oddR")
-        if cfg.split_k:
-            variants += [f"{v}-splitk" for v in variants]
+        if cfg.split_k:  # partials summed by the sum launch, or in the kernel by each tile's last slice
+            variants += [f"{v}-splitk{r}" for r in ("", "-reduce") for v in variants]
         expected |= {(cfg.name, v, t) for v in variants for t in TARGETS[arch]}
         if "-prefill-16bit" in cfg.name:  # loaded through TMA descriptors on the GPUs that do
             tma = [t for t in TARGETS[arch] if int(t.removeprefix("sm_")) // 10 in configs.TMA_MAJORS]

@@ -317,6 +317,53 @@ def test_default_table():
                     assert configs.fused_config(regime_m, br, dtype, dev, strategy).strategy == strategy
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("M", [1, 5, 16])
+def test_split_k_summed_in_kernel_equals_the_sum_launch(monkeypatch, M, strategy, dtype):
+    """configs.split_reduce "kernel": the last K slice of each output tile to finish sums the partials in the
+    GEMM's own launch, in slice order as the sum kernel does. Forward and every gradient (dx splits too) equal
+    the launched sum's bit for bit and float64's within tolerance, the sum kernel never launches, and every
+    arrival count is back at zero for the next launch. (The interpreter runs programs one after another; the
+    GPU runs them concurrently, where test_split_k_summed_in_kernel_is_stable_on_gpu repeats the launches.)"""
+    x, params = make_inputs("tl6", M=M, K=300, N=140, R=12, dtype=dtype)
+    args = [params[k] for k in ("weight", "bias", "A", "B", "u", "v")]
+    inputs = {"x": x, **params}
+    dy = torch.randn(M, 140, generator=torch.Generator().manual_seed(3)).to(dtype).to(DEVICE)
+    sums = _GridSpy(forward._sum_splits_kernel)
+    monkeypatch.setattr(forward, "_sum_splits_kernel", sums)
+    results = {}
+    for reduce in configs.SPLIT_REDUCES:
+        sums.grids.clear()
+        with configs.forced(strategy=strategy, split_k=3, reduce=reduce):
+            y = tied_lora_linear(x, *args, 0.5, backend="triton")
+            results[reduce] = (y, grads_of(y, dy, inputs))
+        assert (len(sums.grids) == 0) == (reduce == "kernel"), (reduce, sums.grids)
+    (y0, g0), (y1, g1) = results["launch"], results["kernel"]
+    assert torch.equal(y0, y1)
+    for name in g0:
+        assert torch.equal(g0[name], g1[name]), name
+    assert all(int(locks.count_nonzero()) == 0 for locks in forward._SPLIT_LOCKS.values())
+    with configs.forced(strategy=strategy, split_k=3, reduce="kernel"):
+        check_parity(x, params)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="programs only run concurrently on a GPU")
+def test_split_k_summed_in_kernel_is_stable_on_gpu():
+    # the in-kernel sum's memory ordering: a slice that summed before another's partial was visible, or a count
+    # left non-zero, would change the output between launches; the launched sum is the reference
+    x, params = make_inputs("tl6", M=4, K=4096, N=4096, R=16, dtype=torch.bfloat16)
+    args = [params[k] for k in ("weight", "bias", "A", "B", "u", "v")]
+    with torch.no_grad():
+        with configs.forced(reduce="launch"):
+            want = tied_lora_linear(x, *args, backend="triton")
+        with configs.forced(reduce="kernel"):
+            for _ in range(200):
+                assert torch.equal(tied_lora_linear(x, *args, backend="triton"), want)
+    assert all(int(locks.count_nonzero()) == 0 for locks in forward._SPLIT_LOCKS.values())
+
+
 def test_split_k_choice():
     dev = torch.device("cpu")
     cfg = configs.fused_config(1, 16, torch.bfloat16, dev)
@@ -354,6 +401,22 @@ def test_forcing(monkeypatch):
         configs.forced(strategy="fast").__enter__()
     with pytest.raises(TypeError, match="tma"):
         configs.forced(tma="on").__enter__()
+
+
+def test_split_reduce_choice(monkeypatch):
+    monkeypatch.delenv(configs.SPLIT_REDUCE_ENV, raising=False)
+    assert configs.split_reduce() == configs.DEFAULT_SPLIT_REDUCE == "launch"  # until a GPU has timed both
+    monkeypatch.setenv(configs.SPLIT_REDUCE_ENV, "kernel")
+    assert configs.split_reduce() == "kernel"
+    with configs.forced(reduce="launch"):  # the context manager beats the environment
+        assert configs.split_reduce() == "launch"
+    monkeypatch.setenv(configs.SPLIT_REDUCE_ENV, "auto")
+    assert configs.split_reduce() == "launch"
+    monkeypatch.setenv(configs.SPLIT_REDUCE_ENV, "atomics")
+    with pytest.raises(ValueError, match="TIED_LORA_SPLIT_REDUCE"):
+        configs.split_reduce()
+    with pytest.raises(ValueError, match="reduce"):
+        configs.forced(reduce="atomics").__enter__()
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -32,8 +32,8 @@ __all__ = ["main", "load", "summary_rows", "target_rows", "choice_rows"]
 
 FLOOR = "nn.Linear"
 ORDER = (
-    FLOOR, "torch", "torch.compile", "triton", "triton-1pass", "triton-2pass", "triton-ptr", "triton-host", "peft-lora",
-    "peft-vera",
+    FLOOR, "torch", "torch.compile", "triton", "triton-1pass", "triton-2pass", "triton-ptr", "triton-1launch",
+    "triton-host", "peft-lora", "peft-vera",
 )  # fmt: skip
 MODES = ("forward", "backward", "fwd+bwd")
 BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -288,8 +288,9 @@ def _e2e_tables(e2e, stat):
 
 
 def _eager_tables(records, stat):
-    """Eager decode (benchmarks/test_bench_eager.py): time per projection of a stack run one token at a time
-    without CUDA graphs, and its ratio to nn.Linear's stack (timed round by round beside it on CPU)."""
+    """Eager decode (benchmarks/test_bench_eager.py): time per projection of a stack of modules run one token at a
+    time without CUDA graphs, and its ratio to nn.Linear's stack. ``triton-host`` (CPU) is the triton backend's
+    host path with its launches stubbed: a cost, not a runnable provider, so it gets no ratio."""
     groups = defaultdict(list)
     for r in records:
         if r.get("kind") == "eager":
@@ -298,17 +299,13 @@ def _eager_tables(records, stat):
     for (dev, dtype, shape, layers), rs in sorted(groups.items()):
         rs.sort(key=lambda r: _provider_key(r["provider"]))
         floor = next((r[stat] for r in rs if r["provider"] == FLOOR), None)
-
-        def vs_floor(r, floor=floor):
-            paired = r.get("paired_floor")
-            return r[stat] / paired[stat] if paired and paired.get(stat) else (r[stat] / floor if floor else None)
-
-        rows = [
-            [r["provider"], r["rank"] or "-", _fmt_time(r[stat] / layers), _fmt(vs_floor(r), 3), r.get("timing", "-")]
-            for r in rs
-        ]
-        title = f"eager decode: {layers} x {shape}, M = 1, {dtype} on {dev} (host launch path included)"
-        yield title, headers, rows
+        rows = []
+        for r in rs:
+            host_only = r["provider"] == "triton-host"
+            ratio = None if host_only or not floor else r[stat] / floor
+            how = "wall, launches stubbed" if host_only else r.get("timing", "-")
+            rows.append([r["provider"], r["rank"] or "-", _fmt_time(r[stat] / layers), _fmt(ratio, 3), how])
+        yield f"eager decode: {layers} x {shape} modules, M = 1, {dtype} on {dev} (host time included)", headers, rows
 
 
 def summary_rows(records, stat="median"):
@@ -410,13 +407,17 @@ def target_rows(records, stat="median"):
     return headers + ["met"], rows
 
 
+_FORCED_PROVIDERS = ("triton", "triton-1pass", "triton-2pass", "triton-ptr", "triton-1launch")
+
+
 def choice_rows(records, stat="median"):
     """What the forced-choice providers say about ``configs.py``'s defaults, per dtype, regime, rank tile and
-    mode: two-pass over one-pass time (below 1: two-pass wins) beside the strategy the sm90 table picks, and
-    the default (TMA loads on Hopper's 16-bit prefill) over pointer loads (below 1: TMA wins)."""
+    mode: two-pass over one-pass time (below 1: two-pass wins) beside the strategy the sm90 table picks, the
+    default (TMA loads on Hopper's 16-bit prefill) over pointer loads (below 1: TMA wins), and split-K partials
+    summed in the GEMM's launch over the default second launch (decode; below 1: the in-kernel sum wins)."""
     times = defaultdict(dict)  # (dtype, regime, BLOCK_R, mode, device, shape, M) -> provider -> time
     for r in records:
-        if r.get("kind") == "linear" and r["provider"] in ("triton", "triton-1pass", "triton-2pass", "triton-ptr"):
+        if r.get("kind") == "linear" and r["provider"] in _FORCED_PROVIDERS:
             block_r = configs.block_r_for(r["rank"])  # the fused kernels' ranks are 1..MAX_RANK
             key = (r["dtype"], configs.regime_of(r["M"]), block_r, r["mode"], r["device_name"], r["shape"], r["M"])
             times[key][r["provider"]] = r[stat]
@@ -424,6 +425,7 @@ def choice_rows(records, stat="median"):
     for key, cell in times.items():
         groups[key[:4]].append(cell)
     headers = ["dtype", "regime", "BLOCK_R", "mode", "cases", "2pass / 1pass", "sm90 table picks", "tma / ptr"]
+    headers.append("1launch / sum launch")
     rows = []
     for (dtype, regime, block_r, mode), cells in sorted(
         groups.items(), key=lambda kv: (*kv[0][:3], MODES.index(kv[0][3]))
@@ -432,11 +434,12 @@ def choice_rows(records, stat="median"):
             c["triton-2pass"] / c["triton-1pass"] for c in cells if "triton-1pass" in c and "triton-2pass" in c
         )
         loads = _geomean(c["triton"] / c["triton-ptr"] for c in cells if "triton" in c and "triton-ptr" in c)
-        if passes is None and loads is None:
+        sums = _geomean(c["triton-1launch"] / c["triton"] for c in cells if "triton" in c and "triton-1launch" in c)
+        if passes is None and loads is None and sums is None:
             continue
         M = DECODE_MAX_M if regime == "decode" else DECODE_MAX_M + 1
         picks = configs.table_strategy("sm90", M, block_r, dtype == "float32")
-        rows.append([dtype, regime, block_r, mode, len(cells), _fmt(passes), picks, _fmt(loads)])
+        rows.append([dtype, regime, block_r, mode, len(cells), _fmt(passes), picks, _fmt(loads), _fmt(sums)])
     return headers, rows
 
 

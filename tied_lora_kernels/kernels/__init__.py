@@ -26,8 +26,12 @@ __all__ = ["unavailable_reason", "interpreting", "tied_lora_linear_triton"]
 
 
 def interpreting() -> bool:
-    """True when triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``, set before import)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """True when triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``, set before import): the
+    values triton itself reads as on (``1``, ``true``, ``on``, ``yes``, ``y``, any case; ``false`` or ``2`` are off)."""
+    return os.environ.get("TRITON_INTERPRET", "").lower() in _TRUE
+
+
+_TRUE = ("1", "true", "on", "yes", "y")
 
 
 def unavailable_reason(device: torch.device) -> str | None:

@@ -56,9 +56,12 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-INTERPRETING = interpreting()
-"""Whether the kernels below were built for triton's interpreter: ``@triton.jit`` reads ``TRITON_INTERPRET`` when
-it decorates them, at this module's import (read once here, not at every launch)."""
+try:
+    INTERPRETING = bool(triton.knobs.runtime.interpret)
+except AttributeError:  # triton before 3.4 has no knobs
+    INTERPRETING = interpreting()
+"""Whether the kernels below were built for triton's interpreter: ``@triton.jit`` reads ``TRITON_INTERPRET``
+(``knobs.runtime.interpret``) when it decorates them, at this module's import; read once here, not per launch."""
 
 
 def upcast_bf16(dtype: torch.dtype) -> bool:

@@ -19,7 +19,8 @@ stride is padded to 16 elements by ``prepare.prepare_adapters``, so it carries o
   two-pass configs (names ending ``-2pass``, compiled once with their rank chunk) load it;
 - ``dx``: the backward ``dx = dy W + …`` (W read as stored, ``A`` the fp32 master), no bias;
 - ``fwd-splitk`` / ``dx-splitk``: the same with split-K (fp32 partial outputs), 16-bit decode configs only,
-  and ``sum``: the split-K sum of the partials;
+  and ``sum``: the split-K sum of the partials; ``-splitk-reduce``: split-K with the partials summed by each
+  tile's last slice in the same launch (``configs.split_reduce``: "kernel");
 - ``T`` / ``dS``: the two-pass shrink of ``x`` (by ``Aᵀ``) and of ``dy`` (by ``s·v ⊙ B``);
 - ``G``: ``dyᵀ S`` with atomics (the default), finished in its epilogue into ``dB``, ``dv`` and ``du`` (every
   switch on: TL6); ``dA``: ``xᵀ dT`` into a transposed output, deterministic;
@@ -118,15 +119,20 @@ def variants_of(kernel: str, cfg) -> list[str]:
     their split-K forms) instead, the unaligned shrink configs ``T-unaligned`` and ``dS-unaligned``."""
     if kernel in ("fused", "shrink") and not cfg.aligned:
         names = ["fwd-unaligned", "dx-unaligned"] if kernel == "fused" else ["T-unaligned", "dS-unaligned"]
-        return names + [f"{v}-splitk" for v in names] if getattr(cfg, "split_k", False) else names
+        return names + _split_variants(names) if getattr(cfg, "split_k", False) else names
     names = [v for v, spec in _VARIANTS.items() if spec[0] == kernel]
     if kernel == "fused" and _regime(cfg.name) == "decode":
         names.insert(1, "fwd-oddR")
     if kernel == "fused" and cfg.split_k:
-        names += [f"{v}-splitk" for v in names]
+        names += _split_variants(names)
     if kernel == "fused" and _regime(cfg.name) == "prefill" and _tma_table(cfg.name):
         names += [f"{v}-tma" for v in names]
     return names
+
+
+def _split_variants(names: list[str]) -> list[str]:
+    """Split-K forms of fused variants: partials summed by the sum launch, or in the kernel (``-reduce``)."""
+    return [f"{v}-splitk{reduce}" for reduce in ("", "-reduce") for v in names]
 
 
 def _tma_table(name: str) -> bool:
@@ -212,6 +218,7 @@ def compile_one(job: dict) -> dict:
     from .shrink import _shrink_kernel
 
     variant, tma = job["variant"].removesuffix("-tma"), job["variant"].endswith("-tma")
+    variant, reduce = variant.removesuffix("-reduce"), variant.endswith("-reduce")
     base, split = variant.removesuffix("-splitk"), variant.endswith("-splitk")
     odd_rank, unaligned = base.endswith("-oddR"), base.endswith("-unaligned")
     base = base.removesuffix("-unaligned")
@@ -225,7 +232,7 @@ def compile_one(job: dict) -> dict:
     if kernel == "fused":
         constexprs.update(BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"])
         constexprs.update(GROUP_M=cfg["group_m"])
-        constexprs.update(_fused_switches(cfg, split))
+        constexprs.update(_fused_switches(cfg, split), REDUCE=reduce)
         divisible = (*divisible, "K_PER_SPLIT")  # whole BLOCK_K steps
         if split:  # the output is the fp32 partials workspace
             fp32_pointers = (*fp32_pointers, "out_ptr")
@@ -256,6 +263,9 @@ def compile_one(job: dict) -> dict:
         elif name in ones:
             signature[name] = "constexpr"
             constexprs[name] = 1
+        elif name == "lock_ptr":  # the in-kernel split-K sum's arrival counts
+            signature[name] = "*i32"
+            attrs[(i,)] = [["tt.divisibility", 16]]
         elif name.endswith("_ptr"):
             signature[name] = "*fp32" if name in fp32_pointers else f"*{tl_dtype}"
             attrs[(i,)] = [["tt.divisibility", 16]]

@@ -41,15 +41,18 @@ launch takes the ``-unaligned`` tiles (``_FUSED_UNALIGNED``: narrower, shallower
 ``_SHRINK_UNALIGNED``), which compile without spills with no divisibility hints at all; the tables' tiles
 spilled up to ~5 KB there.
 
-**Forcing** (benchmarks, tests): ``TIED_LORA_STRATEGY=one_pass|two_pass|auto`` and ``TIED_LORA_TMA=0|1|auto``
-in the environment, or the ``forced(strategy=..., split_k=..., tma=...)`` context manager (it beats the
-environment). The autograd Function reads the forced choice when its forward runs and uses it again in its
-backward.
+**Forcing** (benchmarks, tests): ``TIED_LORA_STRATEGY=one_pass|two_pass|auto``, ``TIED_LORA_TMA=0|1|auto``
+and ``TIED_LORA_SPLIT_REDUCE=launch|kernel|auto`` in the environment, or the ``forced(strategy=..., split_k=...,
+tma=..., reduce=...)`` context manager (it beats the environment). The autograd Function reads the forced
+strategy, split and loads when its forward runs and uses them again in its backward (the split-K sum is read
+at each launch: its results do not depend on it).
 
 **Split-K at decode** (design.md §7): with M ≤ 16 the GEMM has only ``cdiv(N, BLOCK_N)`` output tiles (64 on
 a 4096-wide layer against 132 SMs). ``split_k_for`` splits K until about ``_TARGET_PROGRAMS`` programs run
 (at least ``_MIN_K_STEPS`` K steps each); the fp32 partials are summed afterwards in a fixed order, so the
-result is deterministic. Split-K is used by the 16-bit decode configs only (forced values too; fp32's 32-wide
+result is deterministic: by a second launch (the default) or, with ``split_reduce() == "kernel"``, by the last
+of each output tile's slices to finish, in the GEMM's own launch (bit for bit the same result, a launch fewer;
+unmeasured, like the tables). Split-K is used by the 16-bit decode configs only (forced values too; fp32's 32-wide
 decode tiles already launch 128 programs on a 4096-wide layer).
 """
 
@@ -72,6 +75,9 @@ __all__ = [
     "STRATEGY_ENV",
     "TMA_MAJORS",
     "TMA_ENV",
+    "SPLIT_REDUCES",
+    "SPLIT_REDUCE_ENV",
+    "DEFAULT_SPLIT_REDUCE",
     "FusedConfig",
     "ShrinkConfig",
     "RankGradConfig",
@@ -87,6 +93,7 @@ __all__ = [
     "rank_grad_config",
     "forced",
     "forced_choice",
+    "split_reduce",
     "all_fused_configs",
     "all_shrink_configs",
     "all_rank_grad_configs",
@@ -114,6 +121,11 @@ but triton 3.6 lacks the driver workaround 3.9 carries for small non-dense tenso
 view is one), and nothing has been measured there."""
 TMA_ENV = "TIED_LORA_TMA"
 """Environment variable forcing the fused GEMM's loads: ``1`` TMA where possible, ``0`` pointers, ``auto``."""
+SPLIT_REDUCES = ("launch", "kernel")
+SPLIT_REDUCE_ENV = "TIED_LORA_SPLIT_REDUCE"
+"""Environment variable choosing who sums split-K partials: ``launch``, ``kernel`` or ``auto`` (``split_reduce``)."""
+DEFAULT_SPLIT_REDUCE = "launch"
+"""Split-K partials are summed by a second launch unless forced: the in-kernel sum is unmeasured (``split_reduce``)."""
 
 
 @dataclass(frozen=True)
@@ -315,7 +327,7 @@ def regime_of(M: int) -> str:
 # ---------------------------------------------------------------------------------------------------------
 # forcing a strategy, a split or the loads (benchmarks, tests)
 
-_FORCED: dict[str, object] = {"strategy": None, "split_k": None, "tma": None}
+_FORCED: dict[str, object] = {"strategy": None, "split_k": None, "tma": None, "reduce": None}
 
 
 def _check_strategy(strategy: str | None, what: str) -> str | None:
@@ -334,18 +346,30 @@ def _check_tma(value: str | None) -> bool | None:
     return value == "1"
 
 
+def _check_reduce(value: str | None, what: str) -> str | None:
+    if value in (None, "", "auto"):
+        return None
+    if value not in SPLIT_REDUCES:
+        raise ValueError(f"{what} must be one of {SPLIT_REDUCES} or 'auto', got {value!r}")
+    return value
+
+
 @contextlib.contextmanager
-def forced(strategy: str | None = None, split_k: int | None = None, tma: bool | None = None) -> Iterator[None]:
+def forced(
+    strategy: str | None = None, split_k: int | None = None, tma: bool | None = None, reduce: str | None = None
+) -> Iterator[None]:
     """Within the block, launches use ``strategy`` ("one_pass" / "two_pass"; None or "auto": the table), in
-    the decode regime ``split_k`` K slices (None: ``split_k_for``'s choice), and TMA loads where ``tma`` is
-    True and they can run (False: pointer loads; None: ``tma_for``'s default). Not thread-safe."""
+    the decode regime ``split_k`` K slices (None: ``split_k_for``'s choice), TMA loads where ``tma`` is
+    True and they can run (False: pointer loads; None: ``tma_for``'s default), and split-K partials summed
+    by ``reduce`` ("launch" / "kernel"; None or "auto": ``split_reduce``'s default). Not thread-safe."""
     strategy = _check_strategy(strategy, "strategy")
     if split_k is not None and split_k < 1:
         raise ValueError(f"split_k must be >= 1, got {split_k}")
     if tma is not None and not isinstance(tma, bool):
         raise TypeError(f"tma must be True, False or None, got {tma!r}")
+    reduce = _check_reduce(reduce, "reduce")
     saved = dict(_FORCED)
-    _FORCED.update(strategy=strategy, split_k=split_k, tma=tma)
+    _FORCED.update(strategy=strategy, split_k=split_k, tma=tma, reduce=reduce)
     try:
         yield
     finally:
@@ -358,6 +382,18 @@ def forced_choice() -> tuple[str | None, int | None, bool | None]:
     strategy = _FORCED["strategy"] or _check_strategy(os.environ.get(STRATEGY_ENV), STRATEGY_ENV)
     tma = _FORCED["tma"] if _FORCED["tma"] is not None else _check_tma(os.environ.get(TMA_ENV))
     return strategy, _FORCED["split_k"], tma
+
+
+def split_reduce() -> str:
+    """Who sums the fused GEMM's split-K partials (decode): ``"launch"``, a second kernel over the partials, or
+    ``"kernel"``, the last of each output tile's K slices to finish (an arrival count per tile), in the GEMM's
+    own launch. Both add the partials in slice order, so their results are equal bit for bit; "kernel" saves
+    a launch per decode GEMM. ``forced(reduce=...)``, else ``TIED_LORA_SPLIT_REDUCE``, else
+    ``DEFAULT_SPLIT_REDUCE``: "launch" until a GPU has timed both (provider ``triton-1launch``) and run the
+    repeated-launch test of the in-kernel sum's memory ordering. Any choice holds for forward and backward alike
+    (the results do not depend on it)."""
+    env = _check_reduce(os.environ.get(SPLIT_REDUCE_ENV), SPLIT_REDUCE_ENV)
+    return _FORCED["reduce"] or env or DEFAULT_SPLIT_REDUCE
 
 
 # ---------------------------------------------------------------------------------------------------------

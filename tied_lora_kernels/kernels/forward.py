@@ -118,6 +118,8 @@ def _fused_lora_mm_kernel(
     bias_ptr,
     out_ptr,
     t_ptr,
+    y_ptr,
+    lock_ptr,
     # sizes
     M,
     N,
@@ -149,6 +151,7 @@ def _fused_lora_mm_kernel(
     WRITE_T: tl.constexpr,
     LOAD_T: tl.constexpr,
     SPLIT_K: tl.constexpr,
+    REDUCE: tl.constexpr,
     TMA: tl.constexpr,
     W_KN: tl.constexpr,
     DOWN_KR: tl.constexpr,
@@ -267,11 +270,25 @@ def _fused_lora_mm_kernel(
         acc += bias[None, :]
 
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
-    if SPLIT_K:  # an fp32 partial, summed by the launcher
-        tl.store(out_ptrs + pid_k * stride_os, acc, mask=mask_m[:, None] & mask_n[None, :])
+    mask_out = mask_m[:, None] & mask_n[None, :]
+    if SPLIT_K:  # an fp32 partial, summed by the launcher's second kernel or (REDUCE) by this tile's last slice
+        tl.store(out_ptrs + pid_k * stride_os, acc, mask=mask_out)
+        if REDUCE:
+            # every thread's partial is stored before this program's count is released (acq_rel: the last
+            # program then sees all partials); the last of the tile's slices to arrive sums them in slice order,
+            # as _sum_splits_kernel does (the same result, bit for bit), and resets the count for the next launch
+            tl.debug_barrier()
+            arrived = tl.atomic_add(lock_ptr + pid, 1, sem="acq_rel", scope="gpu")
+            if arrived == tl.num_programs(1) - 1:
+                total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                for s in range(0, tl.num_programs(1)):
+                    total += tl.load(out_ptrs + s * stride_os, mask=mask_out, other=0.0, cache_modifier=".cg")
+                y_ptrs = y_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on  # y: a slice's layout
+                tl.store(y_ptrs, as_operand(total, y_ptr.dtype.element_ty, UPCAST), mask=mask_out)
+                tl.atomic_xchg(lock_ptr + pid, 0, sem="relaxed", scope="gpu")
     else:
         out = as_operand(acc, out_ptr.dtype.element_ty, UPCAST)
-        tl.store(out_ptrs, out, mask=mask_m[:, None] & mask_n[None, :])
+        tl.store(out_ptrs, out, mask=mask_out)
 
 
 @triton.jit
@@ -326,7 +343,8 @@ def fused_lora_mm(
     contiguous. ``t = a·down`` in float32 is returned when ``write_t``. ``strategy`` ("one_pass" /
     "two_pass"), ``split_k`` (decode only) and ``tma`` (True: TMA loads where the operands allow them; False:
     pointer loads) override the tables' choice when given; ``config`` forces the tiles (and its own strategy).
-    Launches one kernel (two-pass: two; split-K: plus the sum of the slices).
+    Launches one kernel (two-pass: two; split-K: plus the sum of the slices, unless ``configs.split_reduce``
+    has the kernel sum them).
     """
     M, K = a.shape
     N, R = w.shape[1], down.shape[1]
@@ -350,6 +368,12 @@ def fused_lora_mm(
         out = torch.empty((split, M, N), device=a.device, dtype=torch.float32)
     else:
         out = torch.empty((M, N), device=a.device, dtype=a.dtype)
+    grid = (cdiv(M, cfg.block_m) * cdiv(N, cfg.block_n), split)
+    # split-K partials summed by the GEMM's own programs (configs.split_reduce: "kernel") into y, or by a second
+    # launch
+    reduce = split > 1 and configs.split_reduce() == "kernel"
+    y = torch.empty((M, N), device=a.device, dtype=a.dtype) if reduce else None
+    locks = _split_locks(a.device, grid[0]) if reduce else None
     if two_pass:  # t = a·down, fp32 [M, R]; the shrink reads down in the input dtype (a forced two-pass
         # decode forward, which passes the fp32 master A, casts it here)
         t = shrink(a, down if down.dtype == a.dtype else down.to(a.dtype))
@@ -364,7 +388,6 @@ def fused_lora_mm(
         loads = _descriptors(a, w, down, cfg, block_r, load_down=not two_pass)
     a_arg, w_arg, d_arg, w_kn, down_kr = loads or (a, w, down, False, False)
 
-    grid = (cdiv(M, cfg.block_m) * cdiv(N, cfg.block_n), split)
     _fused_lora_mm_kernel[grid](
         a_arg,
         w_arg,
@@ -375,6 +398,8 @@ def fused_lora_mm(
         bias if bias is not None else a,  # never read when HAS_BIAS is False
         out,
         t if t is not None else out,  # never touched when neither WRITE_T nor LOAD_T
+        y if reduce else out,  # these two only with REDUCE
+        locks if reduce else out,
         M,
         N,
         K,
@@ -394,6 +419,7 @@ def fused_lora_mm(
         WRITE_T=write_t and not two_pass,
         LOAD_T=two_pass,
         SPLIT_K=split > 1,
+        REDUCE=reduce,
         TMA=loads is not None,
         W_KN=w_kn,
         DOWN_KR=down_kr,
@@ -408,15 +434,30 @@ def fused_lora_mm(
         num_stages=cfg.num_stages,
         enable_fp_fusion=FP_FUSION,
     )
-    if split > 1:  # the partials, summed in a fixed order (deterministic), rounded once
+    if reduce:  # the kernel summed the partials into y
+        out = y
+    elif split > 1:  # the partials, summed in a fixed order (deterministic), rounded once
         part, out = out, torch.empty((M, N), device=a.device, dtype=a.dtype)
         _sum_splits_kernel[(cdiv(M * N, SUM_BLOCK),)](
             part, out, split, M * N, part.stride(0), UPCAST=upcast_bf16(a.dtype), BLOCK=SUM_BLOCK, num_warps=SUM_WARPS,
             enable_fp_fusion=FP_FUSION,
         )  # fmt: skip
-        if t is not None and t.dim() == 3:
-            t = t.sum(0)
+    if t is not None and t.dim() == 3:
+        t = t.sum(0)
     return out, (t if write_t else None)
+
+
+_SPLIT_LOCKS: dict[tuple[torch.device, int], Tensor] = {}
+
+
+def _split_locks(device: torch.device, tiles: int) -> Tensor:
+    """Zeroed int32 arrival counts, one per output tile, for split-K partials summed in the kernel (``REDUCE``):
+    kept per device and stream, since launches on one stream run in order and each leaves them at zero again."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    locks = _SPLIT_LOCKS.get((device, stream))
+    if locks is None or locks.numel() < tiles:
+        locks = _SPLIT_LOCKS[(device, stream)] = torch.zeros(max(tiles, 1024), device=device, dtype=torch.int32)
+    return locks
 
 
 def _strides3(t: Tensor) -> tuple[int, ...]:
