@@ -317,19 +317,42 @@ def test_default_table():
                     assert configs.fused_config(regime_m, br, dtype, dev, strategy).strategy == strategy
 
 
+def _arrivals_reversed(monkeypatch) -> None:
+    """Make the interpreter run a grid's K slices last to first, so that slice 0 arrives last at each tile's count
+    (it runs programs one at a time, slice split-1 last otherwise; on a GPU any slice may be last)."""
+    from triton.runtime import interpreter
+
+    builder = getattr(interpreter, "interpreter_builder", None)
+    if not hasattr(type(builder), "set_grid_idx"):
+        pytest.skip("this triton's interpreter has no grid-index hook to reverse")
+    original = type(builder).set_grid_idx
+    monkeypatch.setattr(type(builder), "set_grid_idx", lambda b, x, y, z: original(b, x, b.grid_dim[1] - 1 - y, z))
+
+
+_REDUCE_SHAPES = {"ragged": dict(K=300, N=140), "aligned": dict(K=320, N=192)}  # unaligned tiles, then aligned
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("M", [1, 5, 16])
-def test_split_k_summed_in_kernel_equals_the_sum_launch(monkeypatch, M, strategy, dtype):
+@pytest.mark.parametrize("shape", list(_REDUCE_SHAPES))
+@pytest.mark.parametrize("order", ["in_order", "reversed"])
+def test_split_k_summed_in_kernel_equals_the_sum_launch(monkeypatch, order, shape, M, strategy, dtype):
     """configs.split_reduce "kernel": the last K slice of each output tile to finish sums the partials in the
     GEMM's own launch, in slice order as the sum kernel does. Forward and every gradient (dx splits too) equal
     the launched sum's bit for bit and float64's within tolerance, the sum kernel never launches, and every
-    arrival count is back at zero for the next launch. (The interpreter runs programs one after another; the
-    GPU runs them concurrently, where test_split_k_summed_in_kernel_is_stable_on_gpu repeats the launches.)"""
-    x, params = make_inputs("tl6", M=M, K=300, N=140, R=12, dtype=dtype)
+    arrival count is back at zero for the next launch; with the slices arriving in either order (interpreter).
+    The GPU runs programs concurrently: test_split_k_summed_in_kernel_is_stable_on_gpu."""
+    if order == "reversed":
+        if DEVICE.type == "cuda":
+            pytest.skip("the arrival order is the GPU's own there")
+        _arrivals_reversed(monkeypatch)
+    K, N = _REDUCE_SHAPES[shape]["K"], _REDUCE_SHAPES[shape]["N"]
+    x, params = make_inputs("tl6", M=M, K=K, N=N, R=12, dtype=dtype)
+    assert configs.is_aligned(x, N) == (shape == "aligned")
     args = [params[k] for k in ("weight", "bias", "A", "B", "u", "v")]
     inputs = {"x": x, **params}
-    dy = torch.randn(M, 140, generator=torch.Generator().manual_seed(3)).to(dtype).to(DEVICE)
+    dy = torch.randn(M, N, generator=torch.Generator().manual_seed(3)).to(dtype).to(DEVICE)
     sums = _GridSpy(forward._sum_splits_kernel)
     monkeypatch.setattr(forward, "_sum_splits_kernel", sums)
     results = {}
@@ -344,23 +367,57 @@ def test_split_k_summed_in_kernel_equals_the_sum_launch(monkeypatch, M, strategy
     for name in g0:
         assert torch.equal(g0[name], g1[name]), name
     assert all(int(locks.count_nonzero()) == 0 for locks in forward._SPLIT_LOCKS.values())
-    with configs.forced(strategy=strategy, split_k=3, reduce="kernel"):
-        check_parity(x, params)
+    if order == "in_order" and shape == "ragged":
+        with configs.forced(strategy=strategy, split_k=3, reduce="kernel"):
+            check_parity(x, params)
+
+
+def test_split_k_sum_falls_back_to_a_launch_past_the_counts(monkeypatch):
+    # more output tiles than arrival counts: the launched sum, the same result
+    x, params = make_inputs("tl6", M=2, K=320, N=192, R=12, dtype=torch.bfloat16)
+    args = [params[k] for k in ("weight", "bias", "A", "B", "u", "v")]
+    sums = _GridSpy(forward._sum_splits_kernel)
+    monkeypatch.setattr(forward, "_sum_splits_kernel", sums)
+    with torch.no_grad(), configs.forced(split_k=3, reduce="kernel"):
+        want = tied_lora_linear(x, *args, backend="triton")
+        monkeypatch.setattr(forward, "_SPLIT_LOCK_COUNT", 2)  # 3 tiles of 64 columns
+        got = tied_lora_linear(x, *args, backend="triton")
+    assert len(sums.grids) == 1 and torch.equal(got, want)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="programs only run concurrently on a GPU")
 def test_split_k_summed_in_kernel_is_stable_on_gpu():
-    # the in-kernel sum's memory ordering: a slice that summed before another's partial was visible, or a count
-    # left non-zero, would change the output between launches; the launched sum is the reference
-    x, params = make_inputs("tl6", M=4, K=4096, N=4096, R=16, dtype=torch.bfloat16)
-    args = [params[k] for k in ("weight", "bias", "A", "B", "u", "v")]
-    with torch.no_grad():
-        with configs.forced(reduce="launch"):
-            want = tied_lora_linear(x, *args, backend="triton")
-        with configs.forced(reduce="kernel"):
-            for _ in range(200):
-                assert torch.equal(tied_lora_linear(x, *args, backend="triton"), want)
+    """The in-kernel sum's memory ordering on hardware: a tile summed before another slice's partial was visible,
+    or a count left non-zero, changes an output. Inputs alternate (so a stale read of the previous launch's
+    partials or outputs shows), every output is kept until one synchronize, forward and dx, several shapes and
+    splits, two streams at once; the launched sum is the reference, bit for bit."""
+    cases = [(1, 4096, 4096, None), (7, 8192, 4096, 16), (16, 4096, 1024, None), (3, 8192, 14336, 32)]
+    for M, K, N, split in cases:
+        xs, refs = [], []
+        _, params = make_inputs("tl6", M=M, K=K, N=N, R=16, dtype=torch.bfloat16)
+        args = [params[k] for k in ("weight", "bias", "A", "B", "u", "v")]
+        with configs.forced(split_k=split, reduce="launch"):
+            for seed in range(3):
+                x = torch.randn(M, K, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16).to(DEVICE)
+                x.requires_grad_(True)
+                y = tied_lora_linear(x, *args, backend="triton")
+                (dx,) = torch.autograd.grad(y, x, y.detach())  # dy = y: a split-K dx as well
+                xs.append(x)
+                refs.append((y.detach(), dx))
+        streams = [torch.cuda.current_stream(), torch.cuda.Stream()]
+        streams[1].wait_stream(streams[0])  # the inputs and parameters are ready
+        got = []
+        with configs.forced(split_k=split, reduce="kernel"):
+            for i in range(60):
+                x = xs[i % 3]
+                with torch.cuda.stream(streams[i % 2]):
+                    y = tied_lora_linear(x, *args, backend="triton")
+                    (dx,) = torch.autograd.grad(y, x, y.detach())
+                got.append((i % 3, y.detach(), dx))
+        torch.cuda.synchronize()
+        for i, y, dx in got:
+            assert torch.equal(y, refs[i][0]) and torch.equal(dx, refs[i][1]), (M, K, N, split, i)
     assert all(int(locks.count_nonzero()) == 0 for locks in forward._SPLIT_LOCKS.values())
 
 

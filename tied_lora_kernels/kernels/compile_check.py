@@ -20,7 +20,8 @@ stride is padded to 16 elements by ``prepare.prepare_adapters``, so it carries o
 - ``dx``: the backward ``dx = dy W + …`` (W read as stored, ``A`` the fp32 master), no bias;
 - ``fwd-splitk`` / ``dx-splitk``: the same with split-K (fp32 partial outputs), 16-bit decode configs only,
   and ``sum``: the split-K sum of the partials; ``-splitk-reduce``: split-K with the partials summed by each
-  tile's last slice in the same launch (``configs.split_reduce``: "kernel");
+  tile's last slice in the same launch (``configs.split_reduce``: "kernel"; ``lock_ptr`` is typed int32 and
+  ``y_ptr`` as the input in every row, where the launcher passes the output for those unused pointers);
 - ``T`` / ``dS``: the two-pass shrink of ``x`` (by ``Aᵀ``) and of ``dy`` (by ``s·v ⊙ B``);
 - ``G``: ``dyᵀ S`` with atomics (the default), finished in its epilogue into ``dB``, ``dv`` and ``du`` (every
   switch on: TL6); ``dA``: ``xᵀ dT`` into a transposed output, deterministic;

@@ -390,8 +390,8 @@ def split_reduce() -> str:
     own launch. Both add the partials in slice order, so their results are equal bit for bit; "kernel" saves
     a launch per decode GEMM. ``forced(reduce=...)``, else ``TIED_LORA_SPLIT_REDUCE``, else
     ``DEFAULT_SPLIT_REDUCE``: "launch" until a GPU has timed both (provider ``triton-1launch``) and run the
-    repeated-launch test of the in-kernel sum's memory ordering. Any choice holds for forward and backward alike
-    (the results do not depend on it)."""
+    in-kernel sum's GPU tests. Read at every launch (forward and backward each read it when they run; under
+    ``torch.compile``, when the compiled graph runs), which is safe since the results do not depend on it."""
     env = _check_reduce(os.environ.get(SPLIT_REDUCE_ENV), SPLIT_REDUCE_ENV)
     return _FORCED["reduce"] or env or DEFAULT_SPLIT_REDUCE
 

@@ -175,6 +175,7 @@ def _fused_lora_mm_kernel(
     pid_n = (pid % num_pid_in_group) // group_size_m
 
     tl.static_assert(not (TMA and SPLIT_K), "split-K runs with pointer loads only")
+    tl.static_assert(SPLIT_K or not REDUCE, "the in-kernel sum is of split-K partials")
     if TMA:  # a, w and (one-pass) down are descriptors; without split-K, out has the input dtype
         DTYPE = out_ptr.dtype.element_ty
     else:
@@ -276,7 +277,9 @@ def _fused_lora_mm_kernel(
         if REDUCE:
             # every thread's partial is stored before this program's count is released (acq_rel: the last
             # program then sees all partials); the last of the tile's slices to arrive sums them in slice order,
-            # as _sum_splits_kernel does (the same result, bit for bit), and resets the count for the next launch
+            # as _sum_splits_kernel does (the same result, bit for bit), and resets the count for the next launch.
+            # The barrier is needed: triton 3.6 emits none before the atomic (3.9 adds its own), and one thread
+            # performs it. (CUTLASS's split-K semaphore: __syncthreads, then one thread's gpu-scope release.)
             tl.debug_barrier()
             arrived = tl.atomic_add(lock_ptr + pid, 1, sem="acq_rel", scope="gpu")
             if arrived == tl.num_programs(1) - 1:
@@ -370,10 +373,10 @@ def fused_lora_mm(
         out = torch.empty((M, N), device=a.device, dtype=a.dtype)
     grid = (cdiv(M, cfg.block_m) * cdiv(N, cfg.block_n), split)
     # split-K partials summed by the GEMM's own programs (configs.split_reduce: "kernel") into y, or by a second
-    # launch
-    reduce = split > 1 and configs.split_reduce() == "kernel"
+    # launch (also when the tiles outnumber the arrival counts)
+    locks = _split_locks(a.device, grid[0]) if split > 1 and configs.split_reduce() == "kernel" else None
+    reduce = locks is not None
     y = torch.empty((M, N), device=a.device, dtype=a.dtype) if reduce else None
-    locks = _split_locks(a.device, grid[0]) if reduce else None
     if two_pass:  # t = a·down, fp32 [M, R]; the shrink reads down in the input dtype (a forced two-pass
         # decode forward, which passes the fp32 master A, casts it here)
         t = shrink(a, down if down.dtype == a.dtype else down.to(a.dtype))
@@ -448,15 +451,26 @@ def fused_lora_mm(
 
 
 _SPLIT_LOCKS: dict[tuple[torch.device, int], Tensor] = {}
+_SPLIT_LOCK_COUNT = 4096
+"""Arrival counts per device and stream: output tiles of one split-K launch (``cdiv(M, 16) · cdiv(N, BLOCK_N)``;
+the default split reaches ~260 tiles, a forced one on a layer wider than 262,144 falls back to the sum launch)."""
 
 
-def _split_locks(device: torch.device, tiles: int) -> Tensor:
-    """Zeroed int32 arrival counts, one per output tile, for split-K partials summed in the kernel (``REDUCE``):
-    kept per device and stream, since launches on one stream run in order and each leaves them at zero again."""
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    locks = _SPLIT_LOCKS.get((device, stream))
-    if locks is None or locks.numel() < tiles:
-        locks = _SPLIT_LOCKS[(device, stream)] = torch.zeros(max(tiles, 1024), device=device, dtype=torch.int32)
+def _split_locks(device: torch.device, tiles: int) -> Tensor | None:
+    """Zeroed int32 arrival counts, one per output tile, for split-K partials summed in the kernel (``REDUCE``),
+    or None when there are more tiles than counts. Eager launches share one buffer per device and stream (launches
+    on a stream run in order, and each leaves its counts at zero); it is created once and never replaced, so no
+    launch still in flight loses it. A launch being captured into a CUDA graph gets a buffer of its own, zeroed
+    inside the graph at each replay: a graph replays on whatever stream is current, beside other graphs and eager
+    launches, so it shares counts with none of them."""
+    if tiles > _SPLIT_LOCK_COUNT:
+        return None
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return torch.zeros(tiles, device=device, dtype=torch.int32)
+    key = (device, torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0)
+    locks = _SPLIT_LOCKS.get(key)
+    if locks is None:
+        locks = _SPLIT_LOCKS[key] = torch.zeros(_SPLIT_LOCK_COUNT, device=device, dtype=torch.int32)
     return locks
 
 
