@@ -330,12 +330,14 @@ def regime_of(M: int) -> str:
 _FORCED: dict[str, object] = {"strategy": None, "split_k": None, "tma": None, "reduce": None}
 
 
-def _check_strategy(strategy: str | None, what: str) -> str | None:
-    if strategy in (None, "", "auto"):
+def _check_choice(value: str | None, choices: tuple[str, ...], what: str) -> str | None:
+    """``value`` when it is one of ``choices``, None for "auto" or unset (the default decides), else an error naming
+    ``what`` (an argument or an environment variable)."""
+    if value in (None, "", "auto"):
         return None
-    if strategy not in STRATEGIES:
-        raise ValueError(f"{what} must be one of {STRATEGIES} or 'auto', got {strategy!r}")
-    return strategy
+    if value not in choices:
+        raise ValueError(f"{what} must be one of {choices} or 'auto', got {value!r}")
+    return value
 
 
 def _check_tma(value: str | None) -> bool | None:
@@ -346,14 +348,6 @@ def _check_tma(value: str | None) -> bool | None:
     return value == "1"
 
 
-def _check_reduce(value: str | None, what: str) -> str | None:
-    if value in (None, "", "auto"):
-        return None
-    if value not in SPLIT_REDUCES:
-        raise ValueError(f"{what} must be one of {SPLIT_REDUCES} or 'auto', got {value!r}")
-    return value
-
-
 @contextlib.contextmanager
 def forced(
     strategy: str | None = None, split_k: int | None = None, tma: bool | None = None, reduce: str | None = None
@@ -362,12 +356,12 @@ def forced(
     the decode regime ``split_k`` K slices (None: ``split_k_for``'s choice), TMA loads where ``tma`` is
     True and they can run (False: pointer loads; None: ``tma_for``'s default), and split-K partials summed
     by ``reduce`` ("launch" / "kernel"; None or "auto": ``split_reduce``'s default). Not thread-safe."""
-    strategy = _check_strategy(strategy, "strategy")
+    strategy = _check_choice(strategy, STRATEGIES, "strategy")
     if split_k is not None and split_k < 1:
         raise ValueError(f"split_k must be >= 1, got {split_k}")
     if tma is not None and not isinstance(tma, bool):
         raise TypeError(f"tma must be True, False or None, got {tma!r}")
-    reduce = _check_reduce(reduce, "reduce")
+    reduce = _check_choice(reduce, SPLIT_REDUCES, "reduce")
     saved = dict(_FORCED)
     _FORCED.update(strategy=strategy, split_k=split_k, tma=tma, reduce=reduce)
     try:
@@ -379,7 +373,7 @@ def forced(
 def forced_choice() -> tuple[str | None, int | None, bool | None]:
     """``(strategy, split_k, tma)`` forced now, None where the tables decide: ``forced()`` beats the environment
     (``TIED_LORA_STRATEGY``, ``TIED_LORA_TMA``)."""
-    strategy = _FORCED["strategy"] or _check_strategy(os.environ.get(STRATEGY_ENV), STRATEGY_ENV)
+    strategy = _FORCED["strategy"] or _check_choice(os.environ.get(STRATEGY_ENV), STRATEGIES, STRATEGY_ENV)
     tma = _FORCED["tma"] if _FORCED["tma"] is not None else _check_tma(os.environ.get(TMA_ENV))
     return strategy, _FORCED["split_k"], tma
 
@@ -392,7 +386,7 @@ def split_reduce() -> str:
     ``DEFAULT_SPLIT_REDUCE``: "launch" until a GPU has timed both (provider ``triton-1launch``) and run the
     in-kernel sum's GPU tests. Read at every launch (forward and backward each read it when they run; under
     ``torch.compile``, when the compiled graph runs), which is safe since the results do not depend on it."""
-    env = _check_reduce(os.environ.get(SPLIT_REDUCE_ENV), SPLIT_REDUCE_ENV)
+    env = _check_choice(os.environ.get(SPLIT_REDUCE_ENV), SPLIT_REDUCES, SPLIT_REDUCE_ENV)
     return _FORCED["reduce"] or env or DEFAULT_SPLIT_REDUCE
 
 
@@ -403,7 +397,7 @@ def split_reduce() -> str:
 def strategy_for(M: int, block_r: int, dtype: torch.dtype, device: torch.device, forced: str | None = None) -> str:
     """ "one_pass" or "two_pass" for ``M`` rows: ``forced`` if given, else the (unmeasured) default table."""
     if forced is not None:
-        return _check_strategy(forced, "strategy") or strategy_for(M, block_r, dtype, device)
+        return _check_choice(forced, STRATEGIES, "strategy") or strategy_for(M, block_r, dtype, device)
     return table_strategy(arch_of(device), M, block_r, _is_wide(dtype))
 
 
