@@ -115,7 +115,8 @@ def _build_tied(provider: str, weight: Tensor, rank: int, gen: torch.Generator) 
         from tied_lora_kernels.kernels import configs
 
         def forward(x: Tensor) -> Tensor:
-            # the autograd Function keeps the forced choice for its backward (kernels/function.py)
+            # the autograd Function keeps a forced strategy, split and loads for its backward (kernels/function.py);
+            # the split-K sum is read at each launch (triton-1launch runs decode cases, forward only)
             with configs.forced(**TRITON_FORCED[provider]):
                 return fn(x, weight, None, A, B, u, v, 1.0, backend=backend)
     else:

@@ -28,14 +28,17 @@ from torch import nn
 from benchmarks import providers, timing
 from benchmarks.conftest import DEVICE
 from benchmarks.shapes import SHAPES
+from tied_lora_kernels.kernels import configs
 
 LAYERS = 8
 RANK = 16
 SHAPE = SHAPES["llama2-7b.qkvo"] if DEVICE.type == "cuda" else SHAPES["llama2-7b.qkvo"].scaled(8)
 DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
 HOST_ONLY = "triton-host"
-# the fused kernels second: a phase that runs out of time (BENCH_TIME_BUDGET_S) skips the last providers
-EAGER_PROVIDERS = (providers.FLOOR, "triton" if DEVICE.type == "cuda" else HOST_ONLY, "torch", "peft-lora", "peft-vera")
+# the fused kernels first after the floor: a phase that runs out of time (BENCH_TIME_BUDGET_S) skips the last
+# providers. On CUDA also with the split-K partials summed inside the GEMM's launch (configs.split_reduce)
+FUSED = ("triton", "triton-1launch") if DEVICE.type == "cuda" else (HOST_ONLY,)
+EAGER_PROVIDERS = (providers.FLOOR, *FUSED, "torch", "peft-lora", "peft-vera")
 
 pytestmark = [pytest.mark.gpu] if DEVICE.type == "cuda" else []
 
@@ -79,7 +82,7 @@ def _stack(provider: str) -> tuple[nn.Module, list[nn.Module]]:
         nn.Linear(SHAPE.K, SHAPE.N, bias=False, device=DEVICE, dtype=DTYPE) for _ in range(LAYERS)
     )
     owner.requires_grad_(False)
-    if provider in ("torch", "triton", HOST_ONLY):
+    if provider in ("torch", *FUSED):
         from tied_lora_kernels import TiedLoRAConfig, apply_tied_lora
 
         backend = "torch" if provider == "torch" else "triton"
@@ -119,7 +122,7 @@ def test_eager_decode(benchmark, provider: str):
     owner, layers = _stack(provider)
     x = torch.randn(1, SHAPE.K, generator=torch.Generator(device=DEVICE).manual_seed(1), device=DEVICE, dtype=DTYPE)
     benchmark.group = f"eager decode {SHAPE.name} {str(DTYPE).removeprefix('torch.')} x{LAYERS}"
-    with _no_launches() if host_only else contextlib.nullcontext():
+    with _no_launches() if host_only else configs.forced(**providers.TRITON_FORCED.get(provider, {})):
         how, _ = timing.run(benchmark, _step(layers, x), None, DEVICE, idle_start=True)
     benchmark.extra_info.update(
         kind="eager",

@@ -6,7 +6,8 @@ Counted: every triton launch and every torch operator that would launch a CUDA k
 allocations excluded). The structure these numbers pin down (backward.py, prepare.py):
 
 - prefill forward: ``A`` cast and ``s·v ⊙ B`` folded in one launch, then the fused GEMM (two-pass: the
-  shrink first); decode forward: the fused GEMM alone (plus the split-K sum);
+  shrink first); decode forward: the fused GEMM alone (plus, with K split, the sums of y's slices, unless the
+  kernel sums them, and of T's);
 - backward: ``s·v ⊙ B`` (one launch), the dx GEMM (writing ``dS`` only when ``A`` trains), ``dA``'s reduction,
   and one pass over ``dy`` whose epilogue writes ``dB``, ``dv`` and ``du`` — both reductions adding into one
   zeroed buffer (atomics), or each with one sum of its partials (deterministic).

@@ -472,6 +472,8 @@ def test_split_reduce_choice(monkeypatch):
     monkeypatch.setenv(configs.SPLIT_REDUCE_ENV, "atomics")
     with pytest.raises(ValueError, match="TIED_LORA_SPLIT_REDUCE"):
         configs.split_reduce()
+    with configs.forced(reduce="kernel"):  # forcing wins over the environment, whatever it holds
+        assert configs.split_reduce() == "kernel"
     with pytest.raises(ValueError, match="reduce"):
         configs.forced(reduce="atomics").__enter__()
 

@@ -11,8 +11,9 @@
   epilogue into ``dB``, ``dv``, ``du``);
 - ``function.py``: the ``autograd.Function`` joining them (all the math in its docstring);
 - ``configs.py``: every block config and strategy a launch can pick (and how to force one:
-  ``TIED_LORA_STRATEGY``, ``configs.forced``); ``compile_check.py`` compiles each for sm_90/sm_80;
-- ``common.py``: dot precision and the interpreter's bf16 workaround.
+  ``TIED_LORA_STRATEGY``, ``TIED_LORA_TMA``, ``TIED_LORA_SPLIT_REDUCE``, ``configs.forced``);
+  ``compile_check.py`` compiles each for sm_90/sm_80;
+- ``common.py``: dot precision, the interpreter's bf16 workaround, the host ``cdiv``.
 """
 
 from __future__ import annotations

@@ -51,6 +51,7 @@ import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
+from . import interpreting
 from .common import FP_FUSION
 from .forward import SUM_BLOCK, SUM_WARPS
 from .prepare import PREPARE_BLOCK, PREPARE_WARPS
@@ -395,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--targets", help="compile only for these compute capabilities, e.g. 90,80 (default: all)")
     args = parser.parse_args(argv)
     targets = tuple(int(t) for t in args.targets.split(",")) if args.targets else None
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    if interpreting():
         print("compile_check: unset TRITON_INTERPRET (the interpreter cannot compile)", file=sys.stderr)
         return 2
     todo = [j for j in jobs(args.full, targets) if not args.only or args.only in j["config"]["name"]]

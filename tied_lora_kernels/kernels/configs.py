@@ -386,8 +386,9 @@ def split_reduce() -> str:
     ``DEFAULT_SPLIT_REDUCE``: "launch" until a GPU has timed both (provider ``triton-1launch``) and run the
     in-kernel sum's GPU tests. Read at every launch (forward and backward each read it when they run; under
     ``torch.compile``, when the compiled graph runs), which is safe since the results do not depend on it."""
-    env = _check_choice(os.environ.get(SPLIT_REDUCE_ENV), SPLIT_REDUCES, SPLIT_REDUCE_ENV)
-    return _FORCED["reduce"] or env or DEFAULT_SPLIT_REDUCE
+    if _FORCED["reduce"]:  # (it wins over the environment, whatever that holds)
+        return _FORCED["reduce"]
+    return _check_choice(os.environ.get(SPLIT_REDUCE_ENV), SPLIT_REDUCES, SPLIT_REDUCE_ENV) or DEFAULT_SPLIT_REDUCE
 
 
 # ---------------------------------------------------------------------------------------------------------

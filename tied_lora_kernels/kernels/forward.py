@@ -26,7 +26,9 @@ Each program owns one ``[BLOCK_M, BLOCK_N]`` tile of ``out``. Two strategies (``
   as LoRAFusion does, spilled 124-496 bytes at 128x256 on sm_90; so did 32-rank chunks.)
 
 Split-K (``SPLIT_K``, decode): a second grid axis cuts K into slices; each program stores its fp32 partial
-of ``out`` (and, one-pass, of ``t``) in a ``[SPLIT, ...]`` workspace, summed afterwards in a fixed order.
+of ``out`` (and, one-pass, of ``t``) in a ``[SPLIT, ...]`` workspace, summed afterwards in a fixed order: by
+``_sum_splits_kernel``, or (``REDUCE``, ``configs.split_reduce``) by the last of each output tile's slices to
+arrive at its count, in the same launch and the same order.
 Everything is linear in the K partials (``Σ_k (t_k ⊙ rscale)·up = (t ⊙ rscale)·up``); the bias (and the
 two-pass rank-R term) goes into slice 0 only. One-pass split-K passes each slice's partial ``t_k`` to the rank-R
 dot as a hi + lo pair (``T_HI_LO``): rounding each ``t_k`` once before the sum would lose what cancels.
