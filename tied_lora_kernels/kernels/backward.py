@@ -219,7 +219,7 @@ def rank_grad(
         buf = workspace.view(1, total)
     else:
         buf = torch.zeros((1, total), device=a.device, dtype=torch.float32)
-    parts = dict(zip(sizes, torch.split(buf, list(sizes.values()), dim=1), strict=True))
+    parts = dict(zip(sizes, buf.split_with_sizes(list(sizes.values()), dim=1), strict=True))
     stride_oc, stride_or = (1, C) if transpose_out else (R, 1)
     stride_split = buf.stride(0) if deterministic else 0
     dummy = buf  # never touched when its switch is off
@@ -236,12 +236,9 @@ def rank_grad(
         C,
         R,
         split,
-        a.stride(0),
-        a.stride(1),
-        p.stride(0),
-        p.stride(1),
-        rowmat.stride(0) if rowmat is not None else 0,
-        rowmat.stride(1) if rowmat is not None else 0,
+        *a.stride(),
+        *p.stride(),
+        *(rowmat.stride() if rowmat is not None else (0, 0)),
         stride_split,
         stride_oc,
         stride_or,
@@ -265,7 +262,7 @@ def rank_grad(
         enable_fp_fusion=FP_FUSION,
     )
     summed = buf.sum(0) if deterministic else buf[0]
-    done = dict(zip(sizes, torch.split(summed, list(sizes.values())), strict=True))
+    done = dict(zip(sizes, summed.split_with_sizes(list(sizes.values())), strict=True))
     if coldot and deterministic:
         done["coldot"] = done["coldot"].view(num_c, R).sum(0)
     return RankGrads(**{k: done[k].view(shape) for k, shape in results.items()})

@@ -131,7 +131,7 @@ def backward_impl(dy, x, T, weight, A, B, u, v, scale, needs, *, deterministic, 
             # with atomics the two reductions add into segments of one buffer: one zeroing, not two
             (R, K), N = A.shape, dy.shape[1]
             sizes = [rank_grad_numel(K, R), rank_grad_numel(N, R, **g_results)]
-            ws_a, ws_g = torch.zeros(sum(sizes), device=dy.device, dtype=torch.float32).split(sizes)
+            ws_a, ws_g = torch.zeros(sum(sizes), device=dy.device, dtype=torch.float32).split_with_sizes(sizes)
         if needs_a:
             # dA = (dS ⊙ u)ᵀ x   [R, K], fp32
             dA = _as(rank_grad(x, dS, u32, deterministic=det, transpose_out=True, workspace=ws_a).out, A)
