@@ -15,7 +15,9 @@ dtype and a trainable adapter at the same rank:
 - ``triton-ptr``: the same with pointer loads forced where the default loads through TMA descriptors (16-bit
   prefill on Hopper; prefill cases only, decode never uses TMA), to measure what TMA buys;
 - ``triton-1launch``: the same with split-K partials summed inside the GEMM's launch by each tile's last K
-  slice instead of by a second launch (``configs.split_reduce``; decode cases only, prefill never splits K).
+  slice instead of by a second launch (``configs.split_reduce``; decode cases only, prefill never splits K);
+- ``triton-dropout`` / ``peft-lora-dropout``: ``triton`` and ``peft-lora`` with adapter dropout ``DROPOUT``
+  (the kernels draw their mask in the forward's shrink; PEFT runs ``nn.Dropout`` on ``x``), training modes only.
 """
 
 from __future__ import annotations
@@ -46,7 +48,11 @@ PREFILL_ONLY = ("triton-ptr",)
 """Providers that decode cases skip (they would run the same kernel as ``triton`` there)."""
 DECODE_ONLY = ("triton-1launch",)
 """Providers that prefill cases skip (the same kernels as ``triton`` there)."""
-PROVIDERS = (FLOOR, "torch", "torch.compile", "peft-lora", "peft-vera", *TRITON_FORCED)
+DROPOUT = 0.1
+"""The adapter dropout of the dropout providers (PEFT's examples use 0.05-0.1)."""
+TRAINING_ONLY = ("triton-dropout", "peft-lora-dropout")
+"""Providers that forward (inference) cases skip: dropout is off in evaluation."""
+PROVIDERS = (FLOOR, "torch", "torch.compile", "peft-lora", "peft-vera", *TRITON_FORCED, *TRAINING_ONLY)
 
 
 @dataclass
@@ -62,9 +68,9 @@ class Built:
 
 def unavailable(provider: str, device: torch.device) -> str | None:
     """Why ``provider`` cannot run on ``device`` (a skip reason), or None."""
-    if provider in ("peft-lora", "peft-vera") and importlib.util.find_spec("peft") is None:
+    if provider.startswith("peft-") and importlib.util.find_spec("peft") is None:
         return "peft is not installed"
-    if provider in TRITON_FORCED:
+    if provider in TRITON_FORCED or provider == "triton-dropout":
         if device.type != "cuda":
             return "the fused kernels are benchmarked on CUDA only (the CPU interpreter is not timed)"
         from tied_lora_kernels import kernels
@@ -93,9 +99,9 @@ def build(provider: str, shape: Shape, rank: int, dtype: torch.dtype, device: to
     weight = (torch.randn(N, K, generator=gen, device=device) / K**0.5).to(dtype)
     if provider == FLOOR:
         return Built(lambda x: nn.functional.linear(x, weight), frozen=[weight])
-    if provider in ("torch", "torch.compile", *TRITON_FORCED):
+    if provider in ("torch", "torch.compile", "triton-dropout", *TRITON_FORCED):
         return _build_tied(provider, weight, rank, gen)
-    if provider in ("peft-lora", "peft-vera"):
+    if provider in ("peft-lora", "peft-vera", "peft-lora-dropout"):
         return _build_peft(provider, weight, rank)
     raise ValueError(f"unknown provider {provider!r}; expected one of {PROVIDERS}")
 
@@ -109,7 +115,8 @@ def _build_tied(provider: str, weight: Tensor, rank: int, gen: torch.Generator) 
 
     A, B = master(rank, K, std=K**-0.5), master(N, rank, std=rank**-0.5)
     u, v = master(rank, std=1.0), master(N, std=0.1)
-    backend = "triton" if provider in TRITON_FORCED else "torch"
+    backend = "triton" if provider.startswith("triton") else "torch"
+    dropout = DROPOUT if provider in TRAINING_ONLY else 0.0
     fn = _compiled_tied() if provider == "torch.compile" else tied_lora_linear
     if TRITON_FORCED.get(provider):
         from tied_lora_kernels.kernels import configs
@@ -122,7 +129,7 @@ def _build_tied(provider: str, weight: Tensor, rank: int, gen: torch.Generator) 
     else:
 
         def forward(x: Tensor) -> Tensor:
-            return fn(x, weight, None, A, B, u, v, 1.0, backend=backend)
+            return fn(x, weight, None, A, B, u, v, 1.0, backend=backend, dropout=dropout)
 
     return Built(forward, trainable=[A, B, u, v], frozen=[weight], adapter_dtype="float32")
 
@@ -156,8 +163,9 @@ class _Wrap(nn.Module):
 def _build_peft(provider: str, weight: Tensor, rank: int) -> Built:
     import peft
 
-    if provider == "peft-lora":
-        config = peft.LoraConfig(r=rank, lora_alpha=rank, target_modules=["proj"], lora_dropout=0.0)
+    if provider in ("peft-lora", "peft-lora-dropout"):
+        dropout = DROPOUT if provider in TRAINING_ONLY else 0.0
+        config = peft.LoraConfig(r=rank, lora_alpha=rank, target_modules=["proj"], lora_dropout=dropout)
     else:
         config = peft.VeraConfig(r=rank, target_modules=["proj"], vera_dropout=0.0)
     model = peft.get_peft_model(_Wrap(weight), config)

@@ -30,6 +30,8 @@ def _params():
                 continue
             if provider in providers.DECODE_ONLY and case.M > DECODE_MAX_M:
                 continue
+            if provider in providers.TRAINING_ONLY and case.mode == "forward":
+                continue
             if provider == providers.FLOOR:  # rank-independent: once per (shape, M, dtype, mode)
                 key = (case.shape, case.M, case.dtype, case.mode)
                 if key in floors:

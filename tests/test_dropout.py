@@ -1,9 +1,7 @@
-"""Adapter dropout (PEFT's ``lora_dropout``): only the adapter's input is dropped, on the torch path; the
-fused kernels take none, so ``backend="triton"`` refuses it and ``"auto"`` trains on the torch path."""
+"""Adapter dropout (PEFT's ``lora_dropout``): only the adapter's input is dropped. These tests cover the torch
+path, the argument and the modules; the fused kernels' own mask is tested in ``test_kernels_dropout.py``."""
 
 from __future__ import annotations
-
-import warnings
 
 import pytest
 import torch
@@ -22,7 +20,6 @@ from tied_lora_kernels import (
     tied_lora_layers,
     tied_lora_linear,
 )
-from tied_lora_kernels import layer as layer_module
 
 
 def _inputs(M=33, K=24, N=20, R=5, lead=()):
@@ -99,21 +96,25 @@ def test_numpy_numbers_are_saved_as_floats(tmp_path):
 
 
 @cpu_triton
-def test_triton_backend_refuses_dropout_in_training_only(tmp_path):
-    """The functional form and a training forward refuse it; a triton layer with dropout evaluates (the fused
-    kernels, under the interpreter here), so an adapter trained with dropout loads onto triton for inference."""
+def test_triton_layers_drop_in_training_only(tmp_path):
+    """A triton layer trains with dropout (the fused kernels' mask, under the interpreter here) and evaluates
+    without it, so an adapter trained with dropout loads onto triton for inference."""
     t = _inputs()
     args = [t[k] for k in ("x", "weight", "bias", "A", "B", "u", "v")]
-    with pytest.raises(ValueError, match="without adapter dropout"):
-        tied_lora_linear(*args, 0.5, backend="triton", dropout=0.1)
     with pytest.raises(ValueError, match="backend must be one of"):  # the name is checked whatever the dropout
         tied_lora_linear(*args, 0.5, backend="bogus", dropout=0.1)
 
     x = torch.randn(7, 12, generator=torch.Generator().manual_seed(2))
-    layer = _layer(0.5)
-    layer.backend = "triton"
-    with pytest.raises(ValueError, match="without adapter dropout"):
-        layer(x)
+    layer, plain = _layer(0.5), _layer(0.0)
+    layer.backend = plain.backend = "triton"
+    torch.manual_seed(4)
+    y = layer(x)
+    torch.manual_seed(4)
+    args = (layer.weight, layer.bias, layer.shared.A, layer.lora_B, layer.lora_u, layer.lora_v, layer.scale)
+    assert torch.equal(y, tied_lora_linear(x, *args, backend="triton", dropout=0.5))
+    assert not torch.equal(y, plain(x))
+    y.sum().backward()
+    assert layer.shared.A.grad is not None and layer.lora_v.grad is not None
     layer.eval()
     assert_close_to_reference(layer(x), _layer(0.0)(x).double(), None, "eval on triton", torch.float32)
 
@@ -146,23 +147,6 @@ def test_layer_drops_in_training_mode_only():
     args = (layer.weight, layer.bias, layer.shared.A, layer.lora_B, layer.lora_u, layer.lora_v, layer.scale)
     assert torch.equal(y, tied_lora_linear(x, *args, dropout=0.5))
     assert not torch.equal(y, plain(x))
-
-
-def test_auto_warns_once_where_the_kernels_would_have_run(monkeypatch):
-    x = torch.randn(7, 12)
-    layer = _layer(0.1)
-    with warnings.catch_warnings():  # on this CPU "auto" means torch anyway: nothing to say
-        warnings.simplefilter("error")
-        layer(x)
-    monkeypatch.setattr(layer_module, "_DROPOUT_WARNED", False)
-    monkeypatch.setattr(layer_module, "resolve_backend", lambda backend, x, rank: "triton")
-    with pytest.warns(UserWarning, match="dropout > 0: training runs the torch path"):
-        layer(x)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        layer(x)  # once per process
-        layer.eval()
-        layer(x)  # evaluation: no dropout, the kernels
 
 
 class _Two(nn.Module):

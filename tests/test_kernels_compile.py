@@ -6,7 +6,8 @@ Runs ``python -m tied_lora_kernels.kernels.compile_check`` in a subprocess with 
 Blackwell sm_100; the sm80 table: Ampere sm_80 and consumer Blackwell sm_120), each launch variant (forward
 and dx of both strategies, the decode forward for ranks that are and are not multiples of 16, their split-K
 forms with the partials summed by the sum kernel or in the GEMM's own launch (``-reduce``), the split-K sum,
-the two-pass shrink of x and of dy, the two rank-gradient reductions, the adapters' preparation), bf16 for the
+the two-pass shrink of x and of dy, the two rank-gradient reductions, the adapters' preparation, and with
+adapter dropout (``-dropout``) the shrink drawing the mask, the two-pass dx GEMM and ``dA``), bf16 for the
 16-bit configs and fp32 for the 32-bit ones; the 16-bit prefill configs of the sm90 table also with their
 tiles loaded through TMA descriptors (``-tma``) for Hopper, as the launcher passes them there; the tiles for
 widths that are not multiples of 16 with no divisibility hints at all (``-unaligned``). The table (registers,
@@ -47,10 +48,34 @@ def rows(tmp_path_factory):
 TARGETS = {"sm90": ("sm_90", "sm_100"), "sm80": ("sm_80", "sm_120")}
 
 
-def test_every_shipped_config_is_compiled_for_every_target(rows):
+def _launched(monkeypatch, *, dropout: bool):
+    """``(fused, shrink)``: the ``(arch, config)`` pairs that launches with or without adapter dropout get from
+    ``configs.fused_config`` and ``configs.shrink_config``, over every table, regime, width, rank tile, strategy
+    and alignment."""
+    fused, shrink = set(), set()
+    for arch in configs.ARCHS:
+        monkeypatch.setattr(configs, "arch_of", lambda device, arch=arch: arch)
+        for dtype in (torch.bfloat16, torch.float32):
+            for block_r in configs.BLOCK_RS:
+                for aligned in (True, False):
+                    for M in (1, 64):  # decode, prefill
+                        for strategy in ("two_pass",) if dropout else configs.STRATEGIES:
+                            cfg = configs.fused_config(M, block_r, dtype, DEVICE, strategy, aligned, dropout=dropout)
+                            fused.add((arch, cfg))
+                    shrink.add((arch, configs.shrink_config(block_r, dtype, DEVICE, aligned, dropout=dropout)))
+    monkeypatch.undo()
+    return fused, shrink
+
+
+DEVICE = torch.device("cpu")  # (arch_of is patched: the device only has to exist)
+
+
+def test_every_shipped_config_is_compiled_for_every_target(rows, monkeypatch):
     compiled = {(r["name"], r["variant"], r["target"]) for r in rows}
     expected = set()
-    for arch, cfg, _, _ in configs.all_fused_configs():  # both strategies
+    fused, shrink = _launched(monkeypatch, dropout=False)
+    assert {(arch, cfg) for arch, cfg, _, _ in configs.all_fused_configs()} >= fused
+    for arch, cfg in fused:  # both strategies
         if not cfg.aligned:  # tiles for widths that are not multiples of 16: compiled without any hints
             variants = ["fwd-unaligned", "dx-unaligned"]
             variants += [f"{v}-splitk{r}" for r in ("", "-reduce") for v in variants] if cfg.split_k else []
@@ -65,11 +90,24 @@ def test_every_shipped_config_is_compiled_for_every_target(rows):
         if "-prefill-16bit" in cfg.name:  # loaded through TMA descriptors on the GPUs that do
             tma = [t for t in TARGETS[arch] if int(t.removeprefix("sm_")) // 10 in configs.TMA_MAJORS]
             expected |= {(cfg.name, v, t) for v in ("fwd-tma", "dx-tma") for t in tma}
-    for arch, cfg, _, _ in configs.all_shrink_configs():
+    for arch, cfg in shrink:
         variants = ("T", "dS") if cfg.aligned else ("T-unaligned", "dS-unaligned")
         expected |= {(cfg.name, v, t) for v in variants for t in TARGETS[arch]}
     for arch, cfg, _, _ in configs.all_rank_grad_configs():
-        expected |= {(cfg.name, v, t) for v in ("G", "dA") for t in TARGETS[arch]}
+        expected |= {(cfg.name, v, t) for v in ("G", "dA", "dA-dropout") for t in TARGETS[arch]}
+    # adapter dropout: dx's GEMM masking its rank-R term (two-pass), the shrink drawing the mask
+    fused, shrink = _launched(monkeypatch, dropout=True)
+    for arch, cfg in fused:
+        assert cfg.strategy == "two_pass"
+        variants = ["dx-dropout" if cfg.aligned else "dx-dropout-unaligned"]
+        if cfg.split_k:
+            variants += [f"{variants[0]}-splitk{r}" for r in ("", "-reduce")]
+        expected |= {(cfg.name, v, t) for v in variants for t in TARGETS[arch]}
+        if "-prefill-16bit" in cfg.name and cfg.aligned:
+            tma = [t for t in TARGETS[arch] if int(t.removeprefix("sm_")) // 10 in configs.TMA_MAJORS]
+            expected |= {(cfg.name, "dx-dropout-tma", t) for t in tma}
+    for arch, cfg in shrink:
+        expected |= {(cfg.name, "T-dropout" if cfg.aligned else "T-dropout-unaligned", t) for t in TARGETS[arch]}
     for arch in {arch for arch, cfg, _, _ in configs.all_fused_configs() if cfg.split_k}:
         expected |= {(f"{arch}-splitk-sum", "sum", t) for t in TARGETS[arch]}
     for arch in configs.ARCHS:

@@ -76,19 +76,19 @@ def count_launches():
             cls.run = original
 
 
-def _launches(preset, M, *, x_grad=True, deterministic=False, strategy=None, split_k=None, reduce=None):
+def _launches(preset, M, *, x_grad=True, deterministic=False, strategy=None, split_k=None, reduce=None, dropout=0.0):
     x, params = make_inputs(preset, M=M, K=320, N=96, R=12, dtype=torch.bfloat16)
     x.requires_grad_(x_grad)
     args = [params[k] for k in ("weight", "bias", "A", "B", "u", "v")]
     with configs.forced(strategy=strategy, split_k=split_k, reduce=reduce):
         # once before counting: the in-kernel split-K sum zeroes its stream's arrival counts at its first launch
-        warm = tied_lora_linear(x, *args, backend="triton", deterministic=deterministic)
+        warm = tied_lora_linear(x, *args, backend="triton", deterministic=deterministic, dropout=dropout)
         warm.backward(torch.ones_like(warm))
         for t in (x, *args):
             if t is not None:
                 t.grad = None  # (accumulating into a gradient would add a launch)
         with count_launches() as forward:
-            y = tied_lora_linear(x, *args, backend="triton", deterministic=deterministic)
+            y = tied_lora_linear(x, *args, backend="triton", deterministic=deterministic, dropout=dropout)
         dy = torch.randn_like(y)
         with count_launches() as backward:
             y.backward(dy)
@@ -106,6 +106,10 @@ CASES = {
     ("vera", 40, ()): (2, 4),  # frozen A and B: dx writes no dS, no dA reduction
     ("vera", 40, ("no_x_grad",)): (2, 2),  # and no dx: du from dy's pass alone, no shrink of dy
     ("lora", 40, ()): (2, 5),
+    # adapter dropout: the seed's draw, then two-pass (the shrink draws the mask); the backward reads its bits
+    ("tl6", 40, ("dropout",)): (4, 6),
+    ("tl6", 4, ("dropout",)): (4, 6),  # decode: two-pass casts the fp32 master A for the shrink (and dx: 6 too)
+    ("vera", 40, ("dropout", "no_x_grad")): (4, 2),
 }
 
 
@@ -120,6 +124,7 @@ def test_launches_per_call(case):
         strategy="two_pass" if "two_pass" in options else None,
         split_k=3 if "split_k=3" in options else None,
         reduce="kernel" if "reduce=kernel" in options else None,
+        dropout=0.25 if "dropout" in options else 0.0,
     )
     want_forward, want_backward = CASES[case]
     assert sum(forward.values()) == want_forward, dict(forward)

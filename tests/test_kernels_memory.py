@@ -1,5 +1,6 @@
 """Activation memory kept for backward per layer (issue 3): at most x plus 4·M·R bytes when A trains, at
-most 4·M·R bytes when A is frozen (VeRA-style), counted with ``saved_tensors_hooks``.
+most 4·M·R bytes when A is frozen (VeRA-style), counted with ``saved_tensors_hooks``; adapter dropout adds its
+mask as bits, M·ceil(K/8) bytes, and nothing else.
 
 Parameters (W, b, A, B, u, v) are saved by reference and cost no memory; everything else the layer keeps
 for backward is counted.
@@ -16,7 +17,7 @@ from tied_lora_kernels.functional import tied_lora_linear
 M, K, N, R = 33, 40, 56, 8
 
 
-def saved_activation_bytes(x, params) -> tuple[int, list]:
+def saved_activation_bytes(x, params, dropout=0.0) -> tuple[int, list]:
     """Bytes of the tensors one forward saves for backward, parameters excluded."""
     param_ptrs = {(p.data_ptr(), p.numel(), p.dtype) for p in params.values() if p is not None}
     saved = []
@@ -27,7 +28,8 @@ def saved_activation_bytes(x, params) -> tuple[int, list]:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        y = tied_lora_linear(x, *(params[k] for k in ("weight", "bias", "A", "B", "u", "v")), backend="triton")
+        args = (params[k] for k in ("weight", "bias", "A", "B", "u", "v"))
+        y = tied_lora_linear(x, *args, backend="triton", dropout=dropout)
     y.sum().backward()  # the saved tensors are usable
     nbytes = sum(torch.Size(shape).numel() * torch.empty((), dtype=dt).element_size() for shape, dt in saved)
     return nbytes, saved
@@ -44,8 +46,9 @@ def saved_activation_bytes(x, params) -> tuple[int, list]:
         ((), "none"),  # only x trains: nothing but parameters is kept
     ],
 )
+@pytest.mark.parametrize("dropout", [0.0, 0.25])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
-def test_saved_for_backward(train, bound, dtype):
+def test_saved_for_backward(train, bound, dtype, dropout):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(M, K, generator=g).to(dtype).to(DEVICE).requires_grad_(True)
     params = {
@@ -58,7 +61,8 @@ def test_saved_for_backward(train, bound, dtype):
     }
     for name in train:
         params[name].requires_grad_(True)
-    nbytes, saved = saved_activation_bytes(x, params)
+    nbytes, saved = saved_activation_bytes(x, params, dropout)
     x_bytes, t_bytes = x.numel() * x.element_size(), 4 * M * R
     limit = {"x+T": x_bytes + t_bytes, "T": t_bytes, "none": 0}[bound]
+    limit += M * -(-K // 8) if dropout else 0
     assert nbytes <= limit, f"saved {nbytes} bytes > {limit} ({saved})"

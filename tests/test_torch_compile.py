@@ -69,6 +69,62 @@ def test_compiled_function_equals_eager(config, M, dtype):
         assert got.dtype == want.dtype and torch.equal(got, want)
 
 
+@pytest.mark.parametrize("M", [5, 37], ids=["decode", "prefill"])
+def test_compiled_dropout_equals_eager(M):
+    """The custom ops draw the mask as eager does (the same seed from the same generator) and carry its bits
+    to the backward: output and gradients equal eager's bit for bit."""
+    x, params = make_inputs("tl6", M, 40, 24, 6, torch.bfloat16)
+    args = [params[k] for k in ("weight", "bias", "A", "B", "u", "v")]
+
+    def f(h):
+        return tied_lora_linear(h, *args, 0.5, backend="triton", deterministic=True, dropout=0.3)
+
+    torch.manual_seed(2)
+    y, grads = run(f, x, [x, *args])
+    recorder = GraphRecorder()
+    torch.manual_seed(2)
+    y_c, grads_c = run(compiled(f, recorder), x, [x, *args])
+    assert recorder.graphs == 1 and FORWARD_OP in recorder.targets
+    assert torch.equal(y_c, y)
+    for got, want in zip(grads_c, grads, strict=True):
+        assert torch.equal(got, want)
+
+
+def test_compiled_dropout_draws_a_mask_per_call():
+    """Two identical calls in one compiled graph draw two masks, as in eager (the seed is drawn in the graph,
+    outside the custom op, so the graph's common-subexpression pass cannot merge the calls)."""
+    x, params = make_inputs("tl6", 20, 40, 24, 6, torch.float32)
+    args = [params[k] for k in ("weight", "bias", "A", "B", "u", "v")]
+
+    def f(h):
+        y1 = tied_lora_linear(h, *args, 0.5, backend="triton", dropout=0.5)
+        return y1, tied_lora_linear(h, *args, 0.5, backend="triton", dropout=0.5)
+
+    y1, y2 = compiled(f, "aot_eager")(x)
+    assert not torch.equal(y1, y2)
+
+
+def test_compiled_checkpointed_dropout_equals_eager():
+    """A checkpointed region the compiled graph recomputes for the backward redraws the forward's mask (the
+    seed is an input of the custom op, drawn once in the graph), so the gradients equal eager's bit for bit."""
+    x, params = make_inputs("tl6", 20, 40, 24, 6, torch.float32)
+    args = [params[k] for k in ("weight", "bias", "A", "B", "u", "v")]
+
+    def inner(h):
+        return torch.tanh(tied_lora_linear(h, *args, 0.5, backend="triton", deterministic=True, dropout=0.3))
+
+    def f(h):
+        return torch.utils.checkpoint.checkpoint(inner, h, use_reentrant=False)
+
+    torch.manual_seed(4)
+    y, grads = run(f, x, [x, *args])
+    torch.manual_seed(4)
+    y_c, grads_c = run(compiled(f, "aot_eager"), x, [x, *args])
+    assert torch.equal(y_c, y)
+    for got, want in zip(grads_c, grads, strict=True):
+        assert torch.equal(got, want)
+
+
 def test_compiled_no_grad_and_3d_input():
     x, params = make_inputs("tl6", 6, 40, 24, 6, torch.float32, lead=(2, 3))
     args = [params[k] for k in ("weight", "bias", "A", "B", "u", "v")]
@@ -174,18 +230,25 @@ def test_opcheck():
     tracing with dynamic shapes."""
     x, params = make_inputs("full", 20, 40, 24, 6, torch.float32)
     w, b, A, B, u, v = (params[k] for k in ("weight", "bias", "A", "B", "u", "v"))
-    torch.library.opcheck(function._forward_op, (x, w, b, A, B, u, v, 0.5, True, True, True, None, None, None))
+    forced = (None, None, None)
+    torch.library.opcheck(function._forward_op, (x, w, b, A, B, u, v, 0.5, True, 0.0, None, True, True, *forced))
     # only x trains (the flags say so): no T kept, no x saved
     frozen = (w.detach(), None, A.detach(), B.detach(), None, None)
-    torch.library.opcheck(function._forward_op, (x, *frozen, 1.0, True, False, False, None, None, None))
+    torch.library.opcheck(function._forward_op, (x, *frozen, 1.0, True, 0.0, None, False, False, *forced))
+    # adapter dropout: the mask drawn from the seed passed in, its bits a third output
+    seed = torch.tensor([12345], device=DEVICE)
+    torch.library.opcheck(function._forward_op, (x, w, b, A, B, u, v, 0.5, True, 0.3, seed, True, True, *forced))
     detached = [t.detach() for t in (x, w, A, B, u, v)]
     x, w, A, B, u, v = detached
     T = x @ A.t()
     dy = torch.randn(20, 24).to(DEVICE)
     needs = [True] * 7
-    torch.library.opcheck(function._backward_op, (dy, x, T, w, A, B, u, v, needs, 0.5, True, None, None, None))
+    torch.library.opcheck(function._backward_op, (dy, x, T, w, A, B, u, v, None, needs, 0.5, True, 0.0, *forced))
     needs = [True, False, False, False, True, False, True]  # dx, dB, dv: no x needed
-    torch.library.opcheck(function._backward_op, (dy, None, T, w, A, B, u, v, needs, 0.5, True, None, None, None))
+    torch.library.opcheck(function._backward_op, (dy, None, T, w, A, B, u, v, None, needs, 0.5, True, 0.0, *forced))
+    bits = torch.randint(0, 256, (20, 5), device=DEVICE, dtype=torch.uint8)  # a dropout mask of x [20, 40]
+    needs = [True] * 7
+    torch.library.opcheck(function._backward_op, (dy, x, T, w, A, B, u, v, bits, needs, 0.5, True, 0.3, *forced))
 
 
 def test_forced_choice_reaches_the_custom_ops(monkeypatch):

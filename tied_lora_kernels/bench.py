@@ -33,7 +33,7 @@ __all__ = ["main", "load", "summary_rows", "target_rows", "choice_rows"]
 FLOOR = "nn.Linear"
 ORDER = (
     FLOOR, "torch", "torch.compile", "triton", "triton-1pass", "triton-2pass", "triton-ptr", "triton-1launch",
-    "triton-host", "peft-lora", "peft-vera",
+    "triton-host", "peft-lora", "peft-vera", "triton-dropout", "peft-lora-dropout",
 )  # fmt: skip
 MODES = ("forward", "backward", "fwd+bwd")
 BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -388,7 +388,7 @@ def target_rows(records, stat="median"):
     headers = ["shape", "dtype", "rank", "provider"] + [f"{name} ({how} {bound})" for name, bound, how in TARGETS]
     rows = []
     for key in sorted(ratios, key=lambda k: (*k[:4], _provider_key(k[4]))):
-        if not key[4].startswith("triton"):
+        if not key[4].startswith("triton") or key[4] == "triton-dropout":  # (the targets are without dropout)
             continue
         cells, torch_cells = ratios[key], ratios.get((*key[:4], "torch"), {})
         fwd, both = cells.get(("forward", TARGET_M)), cells.get(("fwd+bwd", TARGET_M))
@@ -453,6 +453,8 @@ def _headline(records, stat, provs):
             ratios[key][r["provider"]] = _ratio(r, floors, stat)
     ours = [p for p in ("torch", "torch.compile", "triton") if p in provs]
     pairs = [(a, b) for a in ours for b in ("peft-lora", "peft-vera") if b in provs]
+    if "triton-dropout" in provs and "peft-lora-dropout" in provs:  # training with adapter dropout
+        pairs.append(("triton-dropout", "peft-lora-dropout"))
     headers = ["mode", "rank", "cases"] + [f"{p} / nn.Linear" for p in provs] + [f"{a} / {b}" for a, b in pairs]
     rows = []
     for mode in MODES:

@@ -63,9 +63,9 @@ class TiedLoRAConfig:
     shape: the layers whose names differ only in their numeric parts) instead of one per layer.
     ``train_*``, ``tie``, ``init`` and ``u_init`` default to the preset's; ``dtype`` is the adapters' dtype
     (float32 master weights by default, whatever the model's dtype). ``dropout``: dropout on each adapter's input
-    in training mode (PEFT's ``lora_dropout``); the fused kernels take none, so training with ``dropout > 0``
-    runs the torch path. ``modules_to_save`` (PEFT's): names of base modules, matched as targets are, that train
-    in full and are saved with the adapter, such as a new classification head (``("score",)``).
+    in training mode (PEFT's ``lora_dropout``), on either backend. ``modules_to_save`` (PEFT's): names of base
+    modules, matched as targets are, that train in full and are saved with the adapter, such as a new
+    classification head (``("score",)``).
     """
 
     rank: int = 8

@@ -8,11 +8,12 @@ Both backends compute ``y = x Wᵀ + b + scale · (v ⊙ ((u ⊙ (x Aᵀ)) Bᵀ)
   ``[R, K]`` and an ``[N, R]`` copy, the only copies made).
 - ``"triton"``: the fused kernels of ``tied_lora_kernels.kernels``.
 - ``"auto"``: triton for CUDA tensors the kernels support (an NVIDIA GPU of compute capability ≥ 8.0, triton
-  importable, fp16/bf16/fp32, rank ≤ 128, no adapter dropout), torch otherwise.
+  importable, fp16/bf16/fp32, rank ≤ 128), torch otherwise.
 
 Adapter dropout (``dropout=p``, PEFT's ``lora_dropout``) drops entries of the adapter's input only — the base
-GEMM sees ``x`` as it is — and runs on the torch path: the fused kernels read one ``x`` tile for both GEMMs,
-so they take ``dropout=0`` (as Unsloth's fast LoRA kernels want), and ``backend="triton"`` refuses ``p > 0``.
+GEMM sees ``x`` as it is. The torch path draws it with ``F.dropout``; the fused kernels draw their own mask
+(``kernels/dropout.py``: Philox from a seed on ``x``'s device generator), so the two backends drop with the
+same probability but not the same entries.
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ def tied_lora_linear(
     over atomics for the reductions over tokens; ``None`` follows
     ``torch.are_deterministic_algorithms_enabled()``. ``dropout`` (in [0, 1)) zeroes entries of the adapter's
     input with that probability and scales the rest by ``1 / (1 - dropout)``, as ``F.dropout`` does, whatever
-    the module's mode: pass 0 for evaluation. ``dropout > 0`` runs the torch path.
+    the module's mode: pass 0 for evaluation. Both backends support it (their masks differ; the triton
+    forward then runs its two-pass strategy and keeps the mask as bits, ``M·K/8`` bytes, for the backward).
     """
     autocast = _autocast_dtype(x)
     if autocast is not None:
@@ -63,14 +65,7 @@ def tied_lora_linear(
         x, weight, bias = (_autocast(t, autocast) for t in (x, weight, bias))
     _check_inputs(x, weight, bias, A, B, u, v, scale)
     check_dropout(dropout)
-    if dropout and backend == "triton":
-        raise ValueError(
-            f"backend='triton' runs without adapter dropout (the fused kernels read one x for the base and the "
-            f"adapter), got dropout={dropout}; use dropout=0, backend='torch' or 'auto' (a layer: or eval mode)"
-        )
     backend = resolve_backend(backend, x, A.shape[0])
-    if dropout:
-        backend = "torch"
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
     elif not (isinstance(deterministic, bool) or _is_numpy_bool(deterministic)):
@@ -140,7 +135,9 @@ def _dispatch(backend, x, weight, bias, A, B, u, v, scale, deterministic, dropou
     flat = x.dim() == 2  # (a reshape costs as much host time as a check: none for [M, K])
     x2d = x if flat else x.reshape(-1, x.shape[-1])
     if backend == "triton":
-        y2d = kernels.tied_lora_linear_triton(x2d, weight, bias, A, B, u, v, scale, deterministic=deterministic)
+        y2d = kernels.tied_lora_linear_triton(
+            x2d, weight, bias, A, B, u, v, scale, deterministic=deterministic, dropout=dropout
+        )
     else:
         y2d = _torch_path(x2d, weight, bias, A, B, u, v, scale, dropout)
     return y2d if flat else y2d.reshape(*x.shape[:-1], weight.shape[0])

@@ -22,13 +22,12 @@ from __future__ import annotations
 import math
 import numbers
 import sys
-import warnings
 
 import torch
 from torch import Tensor, nn
 
 from tied_lora_kernels import reference
-from tied_lora_kernels.functional import BACKENDS, add_adapter, check_dropout, resolve_backend, tied_lora_linear
+from tied_lora_kernels.functional import BACKENDS, add_adapter, check_dropout, tied_lora_linear
 from tied_lora_kernels.shared import TiedLoRAShared
 
 __all__ = [
@@ -172,9 +171,8 @@ class TiedLoRALinear(nn.Linear):
     - ``train_u``, ``train_v`` and their start values ``u_init`` (1), ``v_init`` (0: the zero start);
     - ``share_u_with``: another ``TiedLoRALinear`` whose ``u`` this layer uses (q, k and v of a layer);
     - ``b_rows=(start, stop)``: the rows of a grouped ``shared.B`` this layer reads;
-    - ``dropout``: dropout on the adapter's input in training mode (PEFT's ``lora_dropout``; default 0). The
-      fused kernels take no dropout, so a training forward with ``dropout > 0`` runs the torch path
-      (with ``backend="triton"`` it raises; ``"auto"`` warns once where it would have run the kernels).
+    - ``dropout``: dropout on the adapter's input in training mode (PEFT's ``lora_dropout``; default 0), on
+      either backend (the fused kernels draw it themselves: ``kernels/dropout.py``).
 
     ``from_linear`` also adapts bitsandbytes' quantized linears (``quantized_linear_types``), as an instance of
     a subclass of both (``TiedLoRALinear4bit``, ...): the base runs the quantized layer's own forward, the
@@ -362,8 +360,6 @@ class TiedLoRALinear(nn.Linear):
         if self.quantized:
             A, B, u, v = self.shared.A, self.lora_B, self.lora_u, self.lora_v
             return add_adapter(self._base_forward(x), x, A, B, u, v, self.scale, dropout=dropout)
-        if dropout and self.backend == "auto" and not torch.compiler.is_compiling():
-            _warn_dropout_once(x, self.rank)
         return tied_lora_linear(
             x,
             self.weight.t() if self.fan_in_fan_out else self.weight,
@@ -508,19 +504,3 @@ class TiedLoRAConv1D(TiedLoRALinear):
         nn.init.zeros_(self.bias)
         self.shared.reset_parameters()
         self.reset_adapter()
-
-
-_DROPOUT_WARNED = False
-
-
-def _warn_dropout_once(x: Tensor, rank: int) -> None:
-    """Say once per process that adapter dropout sends training from the fused kernels to the torch path."""
-    global _DROPOUT_WARNED
-    if _DROPOUT_WARNED or resolve_backend("auto", x, rank) != "triton":
-        return
-    _DROPOUT_WARNED = True
-    warnings.warn(
-        "Tied-LoRA adapter dropout > 0: training runs the torch path, not the fused triton kernels (they take "
-        "dropout=0; evaluation still runs them). Set dropout=0 for the fused kernels' speed.",
-        stacklevel=3,
-    )

@@ -7,6 +7,7 @@
   decode) and its launcher;
 - ``prepare.py``: the adapters as a prefill GEMM reads them (``A`` cast, ``s·v ⊙ B`` folded), one launch;
 - ``shrink.py``: the two-pass strategy's first kernel (``T = x Aᵀ``, ``dS = dy (s·v ⊙ B)`` in fp32);
+- ``dropout.py``: adapter dropout's mask (drawn by the shrink, stored as bits, read by dx and ``dA``);
 - ``backward.py``: the rank-gradient reduction over tokens (``dA = dTᵀx``; ``G = dyᵀS``, finished in its
   epilogue into ``dB``, ``dv``, ``du``);
 - ``function.py``: the ``autograd.Function`` joining them (all the math in its docstring);
@@ -55,9 +56,9 @@ def unavailable_reason(device: torch.device) -> str | None:
     return f"the kernels run on CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), got a {device.type} tensor"
 
 
-def tied_lora_linear_triton(x2d, weight, bias, A, B, u, v, scale: float, *, deterministic: bool):
+def tied_lora_linear_triton(x2d, weight, bias, A, B, u, v, scale: float, *, deterministic: bool, dropout: float = 0.0):
     """The triton backend of ``tied_lora_linear`` on 2-D ``x`` (see ``function.py``; imports triton lazily)."""
-    return _triton_impl()(x2d, weight, bias, A, B, u, v, scale, deterministic=deterministic)
+    return _triton_impl()(x2d, weight, bias, A, B, u, v, scale, deterministic=deterministic, dropout=dropout)
 
 
 @functools.cache

@@ -14,6 +14,8 @@ also finishes, in its epilogue,
 backward's small gradients cost no launches of their own — each would be a few microseconds on a GPU for a
 few kilobytes — and ``du`` needs no ``dS``. ``rscale`` is applied in the epilogue (``p`` enters the dot as
 loaded). Everything is linear in the token slices, so each program finishes its partial before combining it.
+With adapter dropout (``DROPOUT``, ``dA`` only: ``dA = c · dTᵀ (m ⊙ x)``, ``dropout.py``) each ``a`` tile is
+masked by the keep bits the forward stored, and ``scale = c = 1 / (1 - p)``.
 Each program owns ``BLOCK_C`` rows of ``acc`` and one of ``SPLIT`` interleaved slices of the tokens. Two ways
 to combine the partials:
 
@@ -35,6 +37,7 @@ from torch import Tensor
 
 from . import configs
 from .common import FP_FUSION, as_operand, cdiv, dot_precision, upcast_bf16
+from .dropout import DropoutMask, load_keep
 
 __all__ = ["rank_grad", "rank_grad_numel", "RankGrads"]
 
@@ -53,6 +56,7 @@ def _rank_grad_kernel(
     out_ptr,
     rowdot_ptr,
     coldot_ptr,
+    bits_ptr,
     # sizes
     M,
     C,
@@ -71,6 +75,7 @@ def _rank_grad_kernel(
     stride_ds,
     stride_cs,
     stride_cc,
+    stride_bm,
     # scalars
     scale,
     # compile-time switches and tiles
@@ -80,6 +85,7 @@ def _rank_grad_kernel(
     ROWDOT: tl.constexpr,
     COLDOT: tl.constexpr,
     USE_ATOMIC: tl.constexpr,
+    DROPOUT: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -100,7 +106,10 @@ def _rank_grad_kernel(
         mask_m = offs_m < M
         a_ptrs = a_ptr + offs_m[None, :] * stride_am + offs_c[:, None] * stride_ac  # [BLOCK_C, BLOCK_M] = aᵀ
         p_ptrs = p_ptr + offs_m[:, None] * stride_pm + offs_r[None, :] * stride_pr  # [BLOCK_M, BLOCK_R]
-        a_t = tl.load(a_ptrs, mask=mask_c[:, None] & mask_m[None, :], other=0.0)
+        mask_a = mask_c[:, None] & mask_m[None, :]
+        if DROPOUT:  # a = x: the entries the forward dropped load as zeros (a_t's rows are x's columns)
+            mask_a = mask_a & load_keep(bits_ptr, stride_bm, offs_m, mask_m, pid_c * BLOCK_C, C, BLOCK_C, True)
+        a_t = tl.load(a_ptrs, mask=mask_a, other=0.0)
         p = tl.load(p_ptrs, mask=mask_m[:, None] & mask_r[None, :], other=0.0)
         if UPCAST:  # interpreter only (see common.py)
             a_t = a_t.to(tl.float32)
@@ -177,6 +186,7 @@ def rank_grad(
     coldot: bool = False,
     config: configs.RankGradConfig | None = None,
     workspace: Tensor | None = None,
+    dropout: DropoutMask | None = None,
 ) -> RankGrads:
     """From ``acc = aᵀ p`` ``[C, R]`` and ``G = acc ⊙ rscale``: ``out = scale · ovec ⊙ G`` (``[R, C]`` contiguous
     when ``transpose_out``; only when ``write_out``), ``rowdot = scale · rowsum(rowmat ⊙ G)`` ``[C]`` and
@@ -187,7 +197,8 @@ def rank_grad(
     float32 (``None``: ones; a strided one is copied first); ``rowmat [C, R]`` any float dtype and strides
     (needed by ``rowdot`` and ``coldot``). ``workspace``: with atomics only, a zeroed flat fp32 tensor of
     ``rank_grad_numel`` elements to add into instead of zeroing a buffer of its own, so that several calls
-    share one zeroing (and their results may share storage).
+    share one zeroing (and their results may share storage). ``dropout``: ``a`` is the forward's ``x``, masked
+    by the bits its shrink stored (the caller passes ``scale = 1 / (1 - p)``).
     """
     M, C = a.shape
     R = p.shape[1]
@@ -232,6 +243,7 @@ def rank_grad(
         parts.get("out", dummy),
         parts.get("rowdot", dummy),
         parts.get("coldot", dummy),
+        dropout.bits if dropout is not None else dummy,
         M,
         C,
         R,
@@ -245,6 +257,7 @@ def rank_grad(
         stride_split,
         stride_split,
         R if deterministic else 0,
+        dropout.bits.stride(0) if dropout is not None else 0,
         float(scale),
         HAS_RSCALE=rscale is not None,
         HAS_OVEC=ovec is not None,
@@ -252,6 +265,7 @@ def rank_grad(
         ROWDOT=rowdot,
         COLDOT=coldot,
         USE_ATOMIC=not deterministic,
+        DROPOUT=dropout is not None,
         UPCAST=upcast_bf16(a.dtype),
         PRECISION=dot_precision(a.dtype),
         BLOCK_C=cfg.block_c,

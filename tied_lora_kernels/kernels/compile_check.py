@@ -25,7 +25,11 @@ stride is padded to 16 elements by ``prepare.prepare_adapters``, so it carries o
 - ``T`` / ``dS``: the two-pass shrink of ``x`` (by ``Aᵀ``) and of ``dy`` (by ``s·v ⊙ B``);
 - ``G``: ``dyᵀ S`` with atomics (the default), finished in its epilogue into ``dB``, ``dv`` and ``du`` (every
   switch on: TL6); ``dA``: ``xᵀ dT`` into a transposed output, deterministic;
-- ``prep``: ``A`` cast and ``s·v ⊙ B`` folded for a prefill launch (``prepare.py``), for each input width.
+- ``prep``: ``A`` cast and ``s·v ⊙ B`` folded for a prefill launch (``prepare.py``), for each input width;
+- ``-dropout`` (adapter dropout, ``dropout.py``): ``T-dropout``, the shrink drawing the keep mask and storing
+  its bits; ``dx-dropout``, two-pass configs only, the rank-R term masked from the bits (and its split-K and
+  TMA forms where the config has them); ``dA-dropout``, ``x``'s tiles masked. The bits' row stride
+  (``ceil(K/8)``) carries no divisibility hint.
 
 Switches that only remove work are compiled on: the bias, ``u`` and ``v`` (``HAS_BIAS``, ``HAS_RSCALE``,
 ``HAS_CSCALE``), so a layer without them (the LoRA preset has neither ``u`` nor ``v``) runs a lighter
@@ -99,7 +103,8 @@ _FP32_POINTERS = {
     "sum": ("part_ptr",),
     "prepare": ("a_ptr", "b_ptr", "v_ptr"),  # the fp32 masters in, the input dtype out
 }
-_FLOAT_ARGS = ("scale",)
+_TYPED_POINTERS = {"lock_ptr": "*i32", "seed_ptr": "*i64", "bits_ptr": "*u8"}
+_FLOAT_ARGS = ("scale", "drop_scale")
 _TL_NAME = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 
 
@@ -118,11 +123,18 @@ def variants_of(kernel: str, cfg) -> list[str]:
     """The launch variants of one config: decode fused configs add ``fwd-oddR`` and, 16-bit, split-K variants;
     the 16-bit prefill configs of the table a TMA GPU launches add ``fwd-tma`` and ``dx-tma``. The unaligned
     fused configs compile ``fwd-unaligned`` and ``dx-unaligned`` (no divisibility hints at all; decode: and
-    their split-K forms) instead, the unaligned shrink configs ``T-unaligned`` and ``dS-unaligned``."""
-    if kernel in ("fused", "shrink") and not cfg.aligned:
+    their split-K forms) instead, the unaligned shrink configs ``T-unaligned`` and ``dS-unaligned``. Dropout
+    adds ``T-dropout``, ``dA-dropout`` and (two-pass) ``dx-dropout`` where ``configs.launches`` says a dropout
+    launch gets the config; a dropout-only config compiles those alone."""
+    if kernel in ("fused", "shrink") and not configs_launches(cfg, dropout=False):
+        names = ["dx-dropout"] if kernel == "fused" else ["T-dropout"]
+    elif kernel in ("fused", "shrink") and not cfg.aligned:
         names = ["fwd-unaligned", "dx-unaligned"] if kernel == "fused" else ["T-unaligned", "dS-unaligned"]
+        names += _dropout_variants(kernel, cfg, names)
         return names + _split_variants(names) if getattr(cfg, "split_k", False) else names
-    names = [v for v, spec in _VARIANTS.items() if spec[0] == kernel]
+    else:
+        names = [v for v, spec in _VARIANTS.items() if spec[0] == kernel]
+        names += _dropout_variants(kernel, cfg, names)
     if kernel == "fused" and _regime(cfg.name) == "decode":
         names.insert(1, "fwd-oddR")
     if kernel == "fused" and cfg.split_k:
@@ -130,6 +142,20 @@ def variants_of(kernel: str, cfg) -> list[str]:
     if kernel == "fused" and _regime(cfg.name) == "prefill" and _tma_table(cfg.name):
         names += [f"{v}-tma" for v in names]
     return names
+
+
+def _dropout_variants(kernel: str, cfg, names: list[str]) -> list[str]:
+    """The dropout forms of a config's variants: the forward's shrink (``T``), ``dA``, and two-pass ``dx``."""
+    base = {"fused": "dx", "shrink": "T", "rank": "dA"}.get(kernel)
+    if base is None or (kernel in ("fused", "shrink") and not configs_launches(cfg, dropout=True)):
+        return []
+    return [v.replace(base, f"{base}-dropout", 1) for v in names if v.split("-")[0] == base]
+
+
+def configs_launches(cfg, *, dropout: bool) -> bool:
+    from . import configs
+
+    return configs.launches(cfg, dropout=dropout)
 
 
 def _split_variants(names: list[str]) -> list[str]:
@@ -224,13 +250,14 @@ def compile_one(job: dict) -> dict:
     base, split = variant.removesuffix("-splitk"), variant.endswith("-splitk")
     odd_rank, unaligned = base.endswith("-oddR"), base.endswith("-unaligned")
     base = base.removesuffix("-unaligned")
+    base, dropout = base.removesuffix("-dropout"), base.endswith("-dropout")
     kernel, ones, divisible, switches = _VARIANTS[base.removesuffix("-oddR")]
     if unaligned:  # N, K and the strides not multiples of 16: the JIT gives no divisibility hints
         divisible = ()
     fn = {"fused": _fused_lora_mm_kernel, "shrink": _shrink_kernel, "rank": _rank_grad_kernel}.get(kernel)
     cfg, tl_dtype = job["config"], _TL_NAME[job["dtype"]]
     fp32_pointers = _FP32_POINTERS[kernel]
-    constexprs = dict(switches, UPCAST=False, PRECISION=job["precision"], BLOCK_R=job["block_r"])
+    constexprs = dict(switches, UPCAST=False, PRECISION=job["precision"], BLOCK_R=job["block_r"], DROPOUT=dropout)
     if kernel == "fused":
         constexprs.update(BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"])
         constexprs.update(GROUP_M=cfg["group_m"])
@@ -265,8 +292,8 @@ def compile_one(job: dict) -> dict:
         elif name in ones:
             signature[name] = "constexpr"
             constexprs[name] = 1
-        elif name == "lock_ptr":  # the in-kernel split-K sum's arrival counts
-            signature[name] = "*i32"
+        elif name in _TYPED_POINTERS:  # the split-K arrival counts, the dropout seed and mask bits
+            signature[name] = _TYPED_POINTERS[name]
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif name.endswith("_ptr"):
             signature[name] = "*fp32" if name in fp32_pointers else f"*{tl_dtype}"

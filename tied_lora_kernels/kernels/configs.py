@@ -54,6 +54,11 @@ result is deterministic: by a second launch (the default) or, with ``split_reduc
 of each output tile's slices to finish, in the GEMM's own launch (bit for bit the same result, a launch fewer;
 unmeasured, like the tables). Split-K is used by the 16-bit decode configs only (forced values too; fp32's 32-wide
 decode tiles already launch 128 programs on a 4096-wide layer).
+
+**Adapter dropout** (``dropout.py``) runs two-pass whatever the table or forcing says (the shrink draws the
+mask); its launches get their own tiles where the usual ones spill: ``_SHRINK_DROPOUT`` for the shrink that
+draws the mask, ``_FUSED_DROPOUT`` for dx's GEMM, which holds a second accumulator (``launches`` says which
+configs a launch with and without dropout can get).
 """
 
 from __future__ import annotations
@@ -97,6 +102,7 @@ __all__ = [
     "all_fused_configs",
     "all_shrink_configs",
     "all_rank_grad_configs",
+    "launches",
     "arch_of",
     "table_for_major",
     "ARCHS",
@@ -200,8 +206,14 @@ def _add_fused(arch, regime, wide, block_rs, bm, bn, bk, warps, stages, group_m=
 
 for _arch in ARCHS:
     for _two_pass in (False, True):
-        # decode, M <= 16: a stream over W (split over K, see split_k_for); 16 rows: the smallest MMA tile
-        _add_fused(_arch, "decode", False, BLOCK_RS, 16, 64, 64, 4, 3, two_pass=_two_pass)
+        # decode, M <= 16: a stream over W (split over K, see split_k_for); 16 rows: the smallest MMA tile. sm_80's
+        # one-pass at R = 128 with two stages: the forward of an odd rank (B's rows unaligned) with the in-kernel
+        # split-K sum sat at 255 registers with three and spilled 8 bytes for sm_120 (triton 3.9) once dx's dropout
+        # arguments came
+        _ranks = (16, 32, 64) if (_arch, _two_pass) == ("sm80", False) else BLOCK_RS
+        _add_fused(_arch, "decode", False, _ranks, 16, 64, 64, 4, 3, two_pass=_two_pass)
+        if _ranks != BLOCK_RS:
+            _add_fused(_arch, "decode", False, (128,), 16, 64, 64, 4, 2)
         # fp32 runs exact-IEEE dots on CUDA cores unless TF32 is allowed: small tiles, 8 warps (4 spill at
         # R = 128 on sm_80), one config for every M; 32-wide tiles already give 128 programs on a 4096-wide
         # layer at decode, so no split-K
@@ -231,6 +243,16 @@ for _arch in ARCHS:
     _add_fused(_arch, "prefill", False, (16, 32), 128, 64, 32, 8, 3, aligned=False)
     _add_fused(_arch, "prefill", False, (64, 128), 64, 64, 32, 8, 3, aligned=False)
     _add_fused(_arch, "prefill", False, BLOCK_RS, 128, 64, 32, 8, 3, two_pass=True, aligned=False)
+
+# two-pass dx with adapter dropout (forward.py, DROPOUT): the rank-R term is summed apart from the GEMM's
+# accumulator, a second [BLOCK_M, BLOCK_N] fp32 tile; sm_90's 128x256 two-pass tiles spilled 0.8-2.8 KB with it
+# (sm_80's 128x128 do not). Aligned widths only: the unaligned tiles are small enough as they are.
+_FUSED_DROPOUT: dict[tuple[str, str, bool, int, str], FusedConfig] = {
+    ("sm90", "prefill", False, _br, "two_pass"): FusedConfig(
+        "sm90-prefill-16bit-2pass-dropout", 128, 128, 64, 8, 8, 3, "two_pass", 16
+    )
+    for _br in BLOCK_RS
+}
 
 # (arch, regime, is 32-bit, BLOCK_R) -> strategy: the default, UNMEASURED (see the module docstring)
 _STRATEGY: dict[tuple[str, str, bool, int], str] = {}
@@ -262,6 +284,17 @@ _SHRINK_UNALIGNED: dict[tuple[str, bool, int], ShrinkConfig] = {
     for _arch in ARCHS
     for _br in BLOCK_RS
 }
+
+# shrinks that draw the dropout mask (shrink.py, DROPOUT): Philox's state for a [BLOCK_M, BLOCK_K] tile lives
+# in registers, so shorter K steps and 8 warps (the tiles above spilled 12 B-1.4 KB drawing it). The unaligned
+# tiles (32-long K steps) draw it without spilling and serve unaligned dropout launches as they are.
+_SHRINK_DROPOUT: dict[tuple[str, bool, int], ShrinkConfig] = {}
+for _arch in ARCHS:
+    for _br in BLOCK_RS:
+        _SHRINK_DROPOUT[(_arch, False, _br)] = ShrinkConfig(f"{_arch}-shrink-16bit-r{_br}-dropout", 64, 32, 8, 3)
+        _SHRINK_DROPOUT[(_arch, True, _br)] = ShrinkConfig(  # (two stages spilled at R = 128)
+            f"{_arch}-shrink-fp32-r{_br}-dropout", 32, 32, 8, 1 if _br == 128 else 2
+        )
 
 # (arch, is 32-bit, BLOCK_R) -> config
 _RANK_GRAD: dict[tuple[str, bool, int], RankGradConfig] = {}
@@ -408,12 +441,22 @@ def table_strategy(arch: str, M: int, block_r: int, wide: bool) -> str:
 
 
 def fused_config(
-    M: int, block_r: int, dtype: torch.dtype, device: torch.device, strategy: str = "one_pass", aligned: bool = True
+    M: int,
+    block_r: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    strategy: str = "one_pass",
+    aligned: bool = True,
+    *,
+    dropout: bool = False,
 ) -> FusedConfig:
     """The fused-GEMM tiles for ``M`` output rows, rank tile ``block_r``, input dtype, device and strategy;
     ``aligned=False`` (16-bit only, see ``is_aligned``) gives the smaller tiles that compile without spills
-    when the JIT cannot assume 16-divisible widths."""
+    when the JIT cannot assume 16-divisible widths; ``dropout`` (two-pass dx with adapter dropout, which holds
+    a second accumulator) the tiles of ``_FUSED_DROPOUT`` where the two-pass ones would spill."""
     key = (arch_of(device), regime_of(M), _is_wide(dtype), block_r, strategy)
+    if dropout and aligned and key in _FUSED_DROPOUT:
+        return _FUSED_DROPOUT[key]
     return _FUSED[key] if aligned or key not in _FUSED_UNALIGNED else _FUSED_UNALIGNED[key]
 
 
@@ -454,10 +497,16 @@ def tma_for(M: int, dtype: torch.dtype, device: torch.device, split: int, forced
     return possible and regime_of(M) == "prefill"
 
 
-def shrink_config(block_r: int, dtype: torch.dtype, device: torch.device, aligned: bool = True) -> ShrinkConfig:
-    """The shrink tiles for rank tile ``block_r``, input dtype and device (``aligned=False``: see ``is_aligned``)."""
+def shrink_config(
+    block_r: int, dtype: torch.dtype, device: torch.device, aligned: bool = True, *, dropout: bool = False
+) -> ShrinkConfig:
+    """The shrink tiles for rank tile ``block_r``, input dtype and device (``aligned=False``: see ``is_aligned``;
+    ``dropout``: a shrink drawing the dropout mask, ``_SHRINK_DROPOUT``'s tiles unless a 16-bit launch is
+    unaligned; fp32 has no unaligned tiles, its small ones compile without spills either way)."""
     key = (arch_of(device), _is_wide(dtype), block_r)
-    return _SHRINK[key] if aligned or key not in _SHRINK_UNALIGNED else _SHRINK_UNALIGNED[key]
+    if not aligned and key in _SHRINK_UNALIGNED:
+        return _SHRINK_UNALIGNED[key]
+    return _SHRINK_DROPOUT[key] if dropout else _SHRINK[key]
 
 
 def rank_grad_config(block_r: int, dtype: torch.dtype, device: torch.device) -> RankGradConfig:
@@ -467,16 +516,33 @@ def rank_grad_config(block_r: int, dtype: torch.dtype, device: torch.device) -> 
 
 def all_fused_configs() -> list[tuple[str, FusedConfig, int, bool]]:
     """Every ``(arch, config, BLOCK_R, is_fp32)`` that ``fused_config`` can return (both strategies; a two-pass
-    config once, with its rank chunk as ``BLOCK_R``)."""
+    config once, with its rank chunk as ``BLOCK_R``; the dropout tiles too)."""
     out = {}
-    for (arch, _, wide, br, _), cfg in [*_FUSED.items(), *_FUSED_UNALIGNED.items()]:
+    for (arch, _, wide, br, _), cfg in [*_FUSED.items(), *_FUSED_UNALIGNED.items(), *_FUSED_DROPOUT.items()]:
         out.setdefault(cfg.name, (arch, cfg, cfg.rank_chunk or br, wide))
     return list(out.values())
 
 
 def all_shrink_configs() -> list[tuple[str, ShrinkConfig, int, bool]]:
-    """Every ``(arch, config, BLOCK_R, is_fp32)`` that ``shrink_config`` can return."""
-    return [(arch, cfg, br, wide) for (arch, wide, br), cfg in [*_SHRINK.items(), *_SHRINK_UNALIGNED.items()]]
+    """Every ``(arch, config, BLOCK_R, is_fp32)`` that ``shrink_config`` can return (the dropout tiles too)."""
+    tables = [*_SHRINK.items(), *_SHRINK_UNALIGNED.items(), *_SHRINK_DROPOUT.items()]
+    return [(arch, cfg, br, wide) for (arch, wide, br), cfg in tables]
+
+
+def launches(cfg: FusedConfig | ShrinkConfig, *, dropout: bool) -> bool:
+    """Whether a launch with (``dropout=True``) or without adapter dropout can get ``cfg`` from ``fused_config``
+    or ``shrink_config``: the dropout tables serve dropout launches only and replace the aligned two-pass and
+    shrink tiles there; one-pass tiles never launch with dropout. (What the compile check compiles.)"""
+    if isinstance(cfg, FusedConfig):
+        if cfg in _FUSED_DROPOUT.values():
+            return dropout
+        if not dropout or cfg.strategy != "two_pass":
+            return not dropout
+        aligned_keys = [key for key, c in _FUSED.items() if c == cfg]
+        return not cfg.aligned or any(key not in _FUSED_DROPOUT for key in aligned_keys)
+    if cfg in _SHRINK_DROPOUT.values():
+        return dropout
+    return not dropout or not cfg.aligned
 
 
 def all_rank_grad_configs() -> list[tuple[str, RankGradConfig, int, bool]]:

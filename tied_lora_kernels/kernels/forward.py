@@ -33,6 +33,11 @@ Everything is linear in the K partials (``Σ_k (t_k ⊙ rscale)·up = (t ⊙ rsc
 two-pass rank-R term) goes into slice 0 only. One-pass split-K passes each slice's partial ``t_k`` to the rank-R
 dot as a hi + lo pair (``T_HI_LO``): rounding each ``t_k`` once before the sum would lose what cancels.
 
+Adapter dropout (``DROPOUT``, two-pass only; ``dropout.py``): in ``dx`` the rank-R term is masked per output
+entry, ``out = a·w + c · m ⊙ ((t ⊙ rscale)·up)``, from the keep bits the forward's shrink stored; it is summed
+apart from ``acc`` and added once (so these tiles hold two accumulators: ``configs.fused_config`` gives the
+dropout launch narrower tiles where the widest would spill). The forward's dropout is all in the shrink.
+
 TMA (``TMA``, ``configs.tma_for``; never with split-K): ``a``, ``w`` and (one-pass) ``down`` arrive as host
 TensorDescriptors of the matrices as stored, so ``w`` is ``W [N, K]`` in the forward and ``W [K, N]`` in dx
 (``W_KN``), ``down`` is ``A [R, K]`` or ``s·v ⊙ B [K, R]`` (``DOWN_KR``); a transposed tile is a view for the
@@ -48,6 +53,7 @@ from torch import Tensor
 
 from . import configs
 from .common import FP_FUSION, as_operand, cdiv, dot_precision, to_operand, upcast_bf16
+from .dropout import DropoutMask, load_keep
 from .shrink import shrink
 
 __all__ = ["fused_lora_mm"]
@@ -122,6 +128,7 @@ def _fused_lora_mm_kernel(
     t_ptr,
     y_ptr,
     lock_ptr,
+    bits_ptr,
     # sizes
     M,
     N,
@@ -143,8 +150,10 @@ def _fused_lora_mm_kernel(
     stride_ts,
     stride_tm,
     stride_tr,
+    stride_bm,
     # scalars
     scale,
+    drop_scale,
     # compile-time switches and tiles
     HAS_RSCALE: tl.constexpr,
     FOLD_UP: tl.constexpr,
@@ -154,6 +163,7 @@ def _fused_lora_mm_kernel(
     LOAD_T: tl.constexpr,
     SPLIT_K: tl.constexpr,
     REDUCE: tl.constexpr,
+    DROPOUT: tl.constexpr,
     TMA: tl.constexpr,
     W_KN: tl.constexpr,
     DOWN_KR: tl.constexpr,
@@ -178,6 +188,7 @@ def _fused_lora_mm_kernel(
 
     tl.static_assert(not (TMA and SPLIT_K), "split-K runs with pointer loads only")
     tl.static_assert(SPLIT_K or not REDUCE, "the in-kernel sum is of split-K partials")
+    tl.static_assert(LOAD_T or not DROPOUT, "the dropout of dx's rank-R term is two-pass")
     if TMA:  # a, w and (one-pass) down are descriptors; without split-K, out has the input dtype
         DTYPE = out_ptr.dtype.element_ty
     else:
@@ -244,6 +255,10 @@ def _fused_lora_mm_kernel(
     if LOAD_T:
         # two-pass: t = a·down came from the shrink kernel. acc += (t ⊙ rscale)·up, BLOCK_R ranks at a time
         # (so the tiles do not depend on the rank), in K slice 0 only
+        if DROPOUT:  # dx: the rank-R term apart, masked and scaled before it joins acc
+            update = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        else:
+            update = acc
         for r0 in range(0, R, BLOCK_R):
             offs_rc = r0 + offs_r
             mask_rc = offs_rc < R
@@ -251,10 +266,15 @@ def _fused_lora_mm_kernel(
             if SPLIT_K:  # (a vector compare: the interpreter rejects a scalar bool in a mask)
                 mask_tc = mask_tc & (tl.zeros_like(offs_r) == pid_k)[None, :]
             t = tl.load(t_ptrs + r0 * stride_tr, mask=mask_tc, other=0.0)
-            acc = _add_rank_update(
-                acc, t, rscale_ptr, up_ptr, cscale_ptr, scale, offs_rc, offs_n, mask_rc, mask_n, stride_ur,
+            update = _add_rank_update(
+                update, t, rscale_ptr, up_ptr, cscale_ptr, scale, offs_rc, offs_n, mask_rc, mask_n, stride_ur,
                 stride_un, DTYPE, HAS_RSCALE, FOLD_UP, HAS_CSCALE, UPCAST, PRECISION, False,
             )  # fmt: skip
+        if DROPOUT:  # out's columns are x's: its entry (m, n) was dropped or kept as x[m, n]
+            keep = load_keep(bits_ptr, stride_bm, offs_m, mask_m, pid_n * BLOCK_N, N, BLOCK_N, False)
+            acc += tl.where(keep, update * drop_scale, 0.0)
+        else:
+            acc = update
     else:
         if WRITE_T:  # t (this slice's partial under SPLIT_K) in fp32 for the backward, once per row tile
             if pid_n == 0:
@@ -340,6 +360,8 @@ def fused_lora_mm(
     split_k: int | None = None,
     tma: bool | None = None,
     config: configs.FusedConfig | None = None,
+    drop_a: DropoutMask | None = None,
+    drop_update: DropoutMask | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """``out [M, N] = a·w + ((a·down) ⊙ rscale)·(up ⊙ scale·cscale) (+ bias)``; returns ``(out, t)``.
 
@@ -348,16 +370,23 @@ def fused_lora_mm(
     contiguous. ``t = a·down`` in float32 is returned when ``write_t``. ``strategy`` ("one_pass" /
     "two_pass"), ``split_k`` (decode only) and ``tma`` (True: TMA loads where the operands allow them; False:
     pointer loads) override the tables' choice when given; ``config`` forces the tiles (and its own strategy).
+    Adapter dropout (``dropout.py``; either makes the launch two-pass, whatever is forced): ``drop_a``, the
+    forward's, has the shrink draw its mask over ``a`` and compute ``t = c · (m ⊙ a)·down``; ``drop_update``,
+    dx's, masks the rank-R term per output entry with a mask drawn before.
     Launches one kernel (two-pass: two; split-K: plus the sum of the slices, unless ``configs.split_reduce``
     has the kernel sum them).
     """
     M, K = a.shape
     N, R = w.shape[1], down.shape[1]
     block_r = configs.block_r_for(R)
+    dropout = drop_a is not None or drop_update is not None
     if config is None:  # widths that are not multiples of 16 get tiles that do not spill without the JIT's hints
-        strategy = configs.strategy_for(M, block_r, a.dtype, a.device, strategy)
-        config = configs.fused_config(M, block_r, a.dtype, a.device, strategy, configs.is_aligned(a, N))
+        strategy = "two_pass" if dropout else configs.strategy_for(M, block_r, a.dtype, a.device, strategy)
+        aligned = configs.is_aligned(a, N)
+        config = configs.fused_config(M, block_r, a.dtype, a.device, strategy, aligned, dropout=drop_update is not None)
     cfg = config
+    if dropout and cfg.strategy != "two_pass":
+        raise ValueError(f"adapter dropout runs the two-pass strategy, got config {cfg.name}")
     two_pass = cfg.strategy == "two_pass"
     if two_pass:  # the rank-R term runs over the rank in chunks of a fixed size
         block_r = cfg.rank_chunk
@@ -381,7 +410,7 @@ def fused_lora_mm(
     y = torch.empty((M, N), device=a.device, dtype=a.dtype) if reduce else None
     if two_pass:  # t = a·down, fp32 [M, R]; the shrink reads down in the input dtype (a forced two-pass
         # decode forward, which passes the fp32 master A, casts it here)
-        t = shrink(a, down if down.dtype == a.dtype else down.to(a.dtype))
+        t = shrink(a, down if down.dtype == a.dtype else down.to(a.dtype), dropout=drop_a)
     elif write_t:
         t = torch.empty((split, M, R) if split > 1 else (M, R), device=a.device, dtype=torch.float32)
     else:
@@ -405,6 +434,7 @@ def fused_lora_mm(
         t if t is not None else out,  # never touched when neither WRITE_T nor LOAD_T
         y if reduce else out,  # these two only with REDUCE
         locks if reduce else out,
+        drop_update.bits if drop_update is not None else out,  # only with DROPOUT
         M,
         N,
         K,
@@ -416,7 +446,9 @@ def fused_lora_mm(
         *up.stride(),
         *_strides3(out),
         *(_strides3(t) if t is not None else (0, 0, 0)),
+        drop_update.bits.stride(0) if drop_update is not None else 0,
         float(scale),
+        drop_update.scale if drop_update is not None else 1.0,
         HAS_RSCALE=rscale is not None,
         FOLD_UP=up.dtype != a.dtype or cscale is not None or scale != 1.0,
         HAS_CSCALE=cscale is not None,
@@ -425,6 +457,7 @@ def fused_lora_mm(
         LOAD_T=two_pass,
         SPLIT_K=split > 1,
         REDUCE=reduce,
+        DROPOUT=drop_update is not None,
         TMA=loads is not None,
         W_KN=w_kn,
         DOWN_KR=down_kr,

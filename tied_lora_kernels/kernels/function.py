@@ -10,6 +10,7 @@ from torch import Tensor
 
 from . import configs
 from .backward import rank_grad, rank_grad_numel
+from .dropout import DropoutMask, draw_seed, new_mask
 from .forward import fused_lora_mm
 from .prepare import prepare_adapters
 from .shrink import shrink
@@ -30,8 +31,10 @@ def tied_lora_linear_triton(
     scale: float,
     *,
     deterministic: bool,
+    dropout: float = 0.0,
 ) -> Tensor:
-    """``y [M, N] = x Wᵀ + b + scale · (v ⊙ ((u ⊙ (x Aᵀ)) Bᵀ))`` with the fused kernels (inputs pre-checked).
+    """``y [M, N] = x Wᵀ + b + scale · (v ⊙ ((u ⊙ (x Aᵀ)) Bᵀ))`` with the fused kernels (inputs pre-checked;
+    ``dropout`` in [0, 1): adapter dropout drawn in the kernels, ``dropout.py``).
 
     Shapes as in ``functional.tied_lora_linear`` with ``x2d [M, K]``. Adds the checks only triton needs:
     the input dtype and the largest supported rank.
@@ -46,18 +49,18 @@ def tied_lora_linear_triton(
         raise ValueError(
             f"backend='triton' supports ranks up to {configs.MAX_RANK}, got rank {rank}; use backend='torch'"
         )
+    dropout = float(dropout)
     if torch.compiler.is_compiling():  # torch.compile: the custom op (dynamo cannot trace the launchers)
-        return _compiled_forward(x2d, weight, bias, A, B, u, v, float(scale), bool(deterministic))
+        return _compiled_forward(x2d, weight, bias, A, B, u, v, float(scale), bool(deterministic), dropout)
     _check_no_transform(x2d, weight, bias, A, B, u, v)
     if not torch.is_grad_enabled():
         # no backward can follow (inference, generate): the kernels alone, without an autograd node, which
         # costs as much host time as the whole launch path of a decode step
         strategy, split_k, tma = configs.forced_choice()
-        y, _ = forward_impl(
-            x2d, weight, bias, A, B, u, v, float(scale), keep_t=False, strategy=strategy, split_k=split_k, tma=tma
-        )
+        forced = dict(strategy=strategy, split_k=split_k, tma=tma)
+        y, _, _ = forward_impl(x2d, weight, bias, A, B, u, v, float(scale), keep_t=False, dropout=dropout, **forced)
         return y
-    return TiedLoRALinearFunction.apply(x2d, weight, bias, A, B, u, v, float(scale), bool(deterministic))
+    return TiedLoRALinearFunction.apply(x2d, weight, bias, A, B, u, v, float(scale), bool(deterministic), dropout)
 
 
 def _check_no_transform(*tensors: Tensor | None) -> None:
@@ -87,9 +90,12 @@ def _as(grad: Tensor | None, param: Tensor | None) -> Tensor | None:
     return None if grad is None else grad.to(param.dtype)
 
 
-def forward_impl(x, weight, bias, A, B, u, v, scale, *, keep_t, strategy, split_k, tma):
-    """``(y [M, N], T [M, R] fp32 or None)``: the forward of ``TiedLoRALinearFunction`` (and of the custom op)."""
+def forward_impl(x, weight, bias, A, B, u, v, scale, *, keep_t, strategy, split_k, tma, dropout=0.0, seed=None):
+    """``(y [M, N], T [M, R] fp32 or None, dropout bits or None)``: the forward of ``TiedLoRALinearFunction`` (and
+    of the custom op). With ``dropout > 0`` the shrink draws a keep mask from ``seed`` (None: a new one) and
+    returns it as bits."""
     dtype = x.dtype
+    drop = new_mask(dropout, *x.shape, x.device, seed) if dropout else None
     if bias is not None:
         bias = bias.contiguous()  # the kernel reads bias with unit stride
     # y = x·Wᵀ + ((x·Aᵀ) ⊙ u)·(Bᵀ ⊙ s·v) + b, T = x·Aᵀ in fp32. At decode the kernel reads the master A and B
@@ -101,20 +107,25 @@ def forward_impl(x, weight, bias, A, B, u, v, scale, *, keep_t, strategy, split_
         else:
             A_cast, svB = prepare_adapters(A, B, v, scale, dtype, cast_a=True)
             down, up, fold = A_cast.t(), svB.t(), {}
-        return fused_lora_mm(
-            x, weight.t(), down, up, _f32(u), bias, **fold, write_t=keep_t, strategy=strategy, split_k=split_k, tma=tma
-        )
+        y, T = fused_lora_mm(
+            x, weight.t(), down, up, _f32(u), bias, **fold, write_t=keep_t, strategy=strategy, split_k=split_k, tma=tma,
+            drop_a=drop,
+        )  # fmt: skip
+    return y, T, (drop.bits if drop is not None else None)
 
 
-def backward_impl(dy, x, T, weight, A, B, u, v, scale, needs, *, deterministic, strategy, split_k, tma):
+def backward_impl(
+    dy, x, T, weight, A, B, u, v, scale, needs, *, deterministic, strategy, split_k, tma, bits=None, dropout=0.0
+):
     """``(dx, dW, db, dA, dB, du, dv)`` (None where ``needs``, seven bools in that order, is False): the
     backward of ``TiedLoRALinearFunction`` (and of the custom op). ``x`` may be None unless A or W trains,
-    ``T`` unless B, u or v trains."""
+    ``T`` unless B, u or v trains; ``bits``: the forward's dropout mask (with its ``dropout``), else None."""
     needs_x, needs_w, needs_bias, needs_a, needs_b, needs_u, needs_v = needs
     s, det, dtype = scale, deterministic, dy.dtype
     forced = dict(strategy=strategy, split_k=split_k, tma=tma)
     dx = dw = dbias = dA = dB = du = dv = None
     u32 = _f32(u)
+    drop = DropoutMask(dropout, None, bits) if bits is not None else None  # (the seed drew it: not needed again)
 
     with _on_device(dy):
         dS = None
@@ -122,7 +133,7 @@ def backward_impl(dy, x, T, weight, A, B, u, v, scale, needs, *, deterministic, 
             _, svB = prepare_adapters(A, B, v, s, dtype, cast_a=False)  # s·v ⊙ B [N, R] in dy's dtype
             if needs_x:
                 # dx = dy·W + ((dy·svB) ⊙ u)·A, dS = dy·svB in fp32 from the same kernel
-                dx, dS = fused_lora_mm(dy, weight, svB, A, u32, None, write_t=needs_a, **forced)
+                dx, dS = fused_lora_mm(dy, weight, svB, A, u32, None, write_t=needs_a, **forced, drop_update=drop)
             else:
                 dS = shrink(dy, svB)  # dS = s·dy(v ⊙ B) in fp32, dx not needed
         g_results = dict(write_out=needs_b, rowdot=needs_v, coldot=needs_u)  # what the pass over dy writes
@@ -133,8 +144,10 @@ def backward_impl(dy, x, T, weight, A, B, u, v, scale, needs, *, deterministic, 
             sizes = [rank_grad_numel(K, R), rank_grad_numel(N, R, **g_results)]
             ws_a, ws_g = torch.zeros(sum(sizes), device=dy.device, dtype=torch.float32).split_with_sizes(sizes)
         if needs_a:
-            # dA = (dS ⊙ u)ᵀ x   [R, K], fp32
-            dA = _as(rank_grad(x, dS, u32, deterministic=det, transpose_out=True, workspace=ws_a).out, A)
+            # dA = (dS ⊙ u)ᵀ x   [R, K], fp32 (with dropout: c · (dS ⊙ u)ᵀ (m ⊙ x))
+            c = drop.scale if drop is not None else 1.0
+            dA = rank_grad(x, dS, u32, deterministic=det, transpose_out=True, scale=c, workspace=ws_a, dropout=drop)
+            dA = _as(dA.out, A)
         if needs_b or needs_u or needs_v:
             # one pass over dy: G = dyᵀ (T ⊙ u) [N, R] in fp32, never stored; its epilogue writes dB = s·v ⊙ G,
             # dv = s·rowsum(B ⊙ G) and du = colsum(dS ⊙ T) = colsum((s·v ⊙ B) ⊙ dyᵀT) (backward.py)
@@ -173,13 +186,14 @@ class TiedLoRALinearFunction(torch.autograd.Function):
     first by the shrink kernel), chosen per shape by ``configs.strategy_for``; at decode it may split K.
 
     Saved for backward: ``T`` in fp32 only when ``B``, ``u`` or ``v`` trains, ``x`` only when ``A`` or ``W``
-    trains; the parameters themselves (no casts or copies of them). Work for a frozen input is skipped.
+    trains; the parameters themselves (no casts or copies of them); with adapter dropout the keep mask as bits
+    (``M·K/8`` bytes; ``dropout.py`` has the math). Work for a frozen input is skipped.
     ``dA``, ``dB``, ``du``, ``dv`` are fp32 per-layer partials returned in the parameter's dtype: with float32
     master adapters autograd sums the partials of tied layers in fp32, in place, and fires each hook once.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, A, B, u, v, scale, deterministic):
+    def forward(ctx, x, weight, bias, A, B, u, v, scale, deterministic, dropout):
         needs_x, needs_w, _, needs_a, needs_b, needs_u, needs_v = ctx.needs_input_grad[:7]
         # a forced strategy / split / load (configs.forced, TIED_LORA_STRATEGY, TIED_LORA_TMA) holds for the
         # backward too
@@ -187,9 +201,11 @@ class TiedLoRALinearFunction(torch.autograd.Function):
         # (applied with grad enabled only: tied_lora_linear_triton runs the kernels alone under no_grad)
         keep_t = needs_b or needs_u or needs_v
         forced = dict(strategy=strategy, split_k=split_k, tma=tma)
-        y, T = forward_impl(x, weight, bias, A, B, u, v, scale, keep_t=keep_t, **forced)
-        ctx.save_for_backward(x if (needs_a or needs_w) else None, T, weight, A, B, u, v)
+        y, T, bits = forward_impl(x, weight, bias, A, B, u, v, scale, keep_t=keep_t, dropout=dropout, **forced)
+        bits = bits if (needs_x or needs_a) else None  # the mask's readers: dx and dA
+        ctx.save_for_backward(x if (needs_a or needs_w) else None, T, weight, A, B, u, v, bits)
         ctx.scale = scale
+        ctx.dropout = dropout
         ctx.deterministic = deterministic
         ctx.forced = forced
         return y
@@ -203,13 +219,13 @@ class TiedLoRALinearFunction(torch.autograd.Function):
                 "backend='triton' computes first-order gradients only; with create_graph=True (double backward: "
                 "gradient penalties, Hessian-vector products) use backend='torch'"
             )
-        x, T, weight, A, B, u, v = ctx.saved_tensors
+        x, T, weight, A, B, u, v, bits = ctx.saved_tensors
         grads = backward_impl(
             dy, x, T, weight, A, B, u, v, ctx.scale, ctx.needs_input_grad[:7], deterministic=ctx.deterministic,
-            **ctx.forced,
+            **ctx.forced, bits=bits, dropout=ctx.dropout,
         )  # fmt: skip
-        # x, weight, bias, A, B, u, v, then None for scale and deterministic
-        return *grads, None, None
+        # x, weight, bias, A, B, u, v, then None for scale, deterministic and dropout
+        return *grads, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -223,12 +239,14 @@ class TiedLoRALinearFunction(torch.autograd.Function):
 # a forced choice (strategy, split, loads) is read once, when the graph is traced.
 
 
-def _compiled_forward(x, weight, bias, A, B, u, v, scale, deterministic):
+def _compiled_forward(x, weight, bias, A, B, u, v, scale, deterministic, dropout):
     strategy, split_k, tma = configs.forced_choice()
     grad = torch.is_grad_enabled()
     keep_t = grad and any(t is not None and t.requires_grad for t in (B, u, v))
     save_x = grad and (A.requires_grad or weight.requires_grad)
-    y, _ = _forward_op(x, weight, bias, A, B, u, v, scale, deterministic, keep_t, save_x, strategy, split_k, tma)
+    forced = (strategy, split_k, tma)
+    seed = draw_seed(x.device) if dropout else None  # traced into the graph: see dropout.py
+    y, _, _ = _forward_op(x, weight, bias, A, B, u, v, scale, deterministic, dropout, seed, keep_t, save_x, *forced)
     return y
 
 
@@ -243,37 +261,43 @@ def _forward_op(
     v: Optional[Tensor],  # noqa: UP045
     scale: float,
     deterministic: bool,
+    dropout: float,
+    seed: Optional[Tensor],  # noqa: UP045
     keep_t: bool,
     save_x: bool,
     strategy: Optional[str],  # noqa: UP045
     split_k: Optional[int],  # noqa: UP045
     tma: Optional[bool],  # noqa: UP045
-) -> tuple[Tensor, Tensor]:
-    """``(y, T)``, ``T`` empty unless ``keep_t`` (``deterministic``, ``save_x``: for the backward)."""
-    y, T = forward_impl(x, weight, bias, A, B, u, v, scale, keep_t=keep_t, strategy=strategy, split_k=split_k, tma=tma)
-    return y, (T if T is not None else x.new_empty(0, dtype=torch.float32))
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(y, T, bits)``, ``T`` empty unless ``keep_t``, ``bits`` (the dropout mask, drawn from ``seed``) unless
+    ``dropout`` (``deterministic``, ``save_x``: for the backward)."""
+    forced = dict(strategy=strategy, split_k=split_k, tma=tma)
+    y, T, bits = forward_impl(x, weight, bias, A, B, u, v, scale, keep_t=keep_t, dropout=dropout, seed=seed, **forced)
+    empty = x.new_empty(0, dtype=torch.float32)
+    return y, (T if T is not None else empty), (bits if bits is not None else empty.to(torch.uint8))
 
 
 @_forward_op.register_fake
-def _(x, weight, bias, A, B, u, v, scale, deterministic, keep_t, save_x, strategy, split_k, tma):
+def _(x, weight, bias, A, B, u, v, scale, deterministic, dropout, seed, keep_t, save_x, strategy, split_k, tma):
     T = x.new_empty((x.shape[0], A.shape[0]) if keep_t else (0,), dtype=torch.float32)
-    return x.new_empty(x.shape[0], weight.shape[0]), T
+    bits = x.new_empty((x.shape[0], (x.shape[1] + 7) // 8) if dropout else (0,), dtype=torch.uint8)
+    return x.new_empty(x.shape[0], weight.shape[0]), T, bits
 
 
 def _setup_forward(ctx, inputs, output):
-    x, weight, bias, A, B, u, v, scale, deterministic, keep_t, save_x, *forced = inputs
-    T = output[1]
-    ctx.mark_non_differentiable(T)
-    ctx.save_for_backward(x if save_x else None, T if keep_t else None, weight, A, B, u, v)
-    ctx.args = (scale, deterministic, *forced)
+    x, weight, bias, A, B, u, v, scale, deterministic, dropout, seed, keep_t, save_x, *forced = inputs
+    _, T, bits = output
+    ctx.mark_non_differentiable(T, bits)
+    ctx.save_for_backward(x if save_x else None, T if keep_t else None, weight, A, B, u, v, bits if dropout else None)
+    ctx.args = (scale, deterministic, dropout, *forced)
 
 
-def _backward_of_forward_op(ctx, dy, _dT):
-    x, T, weight, A, B, u, v = ctx.saved_tensors
+def _backward_of_forward_op(ctx, dy, _dT, _dbits):
+    x, T, weight, A, B, u, v, bits = ctx.saved_tensors
     needs = list(ctx.needs_input_grad[:7])
-    grads = _backward_op(dy, x, T, weight, A, B, u, v, needs, *ctx.args)
-    # x, weight, bias, A, B, u, v, then None for the seven non-tensor arguments
-    return *(g if need else None for g, need in zip(grads, needs, strict=True)), *(None,) * 7
+    grads = _backward_op(dy, x, T, weight, A, B, u, v, bits, needs, *ctx.args)
+    # x, weight, bias, A, B, u, v, then None for the nine other arguments (the seed's included)
+    return *(g if need else None for g, need in zip(grads, needs, strict=True)), *(None,) * 9
 
 
 _forward_op.register_autograd(_backward_of_forward_op, setup_context=_setup_forward)
@@ -289,16 +313,20 @@ def _backward_op(
     B: Tensor,
     u: Optional[Tensor],  # noqa: UP045
     v: Optional[Tensor],  # noqa: UP045
+    bits: Optional[Tensor],  # noqa: UP045
     needs: list[bool],
     scale: float,
     deterministic: bool,
+    dropout: float,
     strategy: Optional[str],  # noqa: UP045
     split_k: Optional[int],  # noqa: UP045
     tma: Optional[bool],  # noqa: UP045
 ) -> list[Tensor]:
     """``[dx, dW, db, dA, dB, du, dv]``, each empty where ``needs`` is False."""
     forced = dict(strategy=strategy, split_k=split_k, tma=tma)
-    grads = backward_impl(dy, x, T, weight, A, B, u, v, scale, needs, deterministic=deterministic, **forced)
+    grads = backward_impl(
+        dy, x, T, weight, A, B, u, v, scale, needs, deterministic=deterministic, **forced, bits=bits, dropout=dropout
+    )
     # a custom op's outputs may not alias each other: dB, dv and du are segments of one buffer (rank_grad),
     # and so is dA with atomics (backward_impl), so all but the first of those get their own copy (a few kilobytes)
     out, storages = [], set()
@@ -313,7 +341,7 @@ def _backward_op(
 
 
 @_backward_op.register_fake
-def _(dy, x, T, weight, A, B, u, v, needs, scale, deterministic, strategy, split_k, tma):
+def _(dy, x, T, weight, A, B, u, v, bits, needs, scale, deterministic, dropout, strategy, split_k, tma):
     (M, N), (R, K) = dy.shape, A.shape
     shapes = ((M, K, dy.dtype), (N, K, dy.dtype), (N, dy.dtype), (R, K, A.dtype), (N, R, B.dtype))
     shapes += ((R, u.dtype if u is not None else A.dtype), (N, v.dtype if v is not None else B.dtype))
