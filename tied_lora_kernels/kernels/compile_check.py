@@ -126,7 +126,7 @@ def variants_of(kernel: str, cfg) -> list[str]:
     their split-K forms) instead, the unaligned shrink configs ``T-unaligned`` and ``dS-unaligned``. Dropout
     adds ``T-dropout``, ``dA-dropout`` and (two-pass) ``dx-dropout`` where ``configs.launches`` says a dropout
     launch gets the config; a dropout-only config compiles those alone."""
-    if kernel in ("fused", "shrink") and not configs_launches(cfg, dropout=False):
+    if kernel in ("fused", "shrink") and not _launched(cfg, dropout=False):
         names = ["dx-dropout"] if kernel == "fused" else ["T-dropout"]
     elif kernel in ("fused", "shrink") and not cfg.aligned:
         names = ["fwd-unaligned", "dx-unaligned"] if kernel == "fused" else ["T-unaligned", "dS-unaligned"]
@@ -135,7 +135,7 @@ def variants_of(kernel: str, cfg) -> list[str]:
     else:
         names = [v for v, spec in _VARIANTS.items() if spec[0] == kernel]
         names += _dropout_variants(kernel, cfg, names)
-    if kernel == "fused" and _regime(cfg.name) == "decode":
+    if kernel == "fused" and _regime(cfg.name) == "decode" and "fwd" in names:
         names.insert(1, "fwd-oddR")
     if kernel == "fused" and cfg.split_k:
         names += _split_variants(names)
@@ -147,12 +147,13 @@ def variants_of(kernel: str, cfg) -> list[str]:
 def _dropout_variants(kernel: str, cfg, names: list[str]) -> list[str]:
     """The dropout forms of a config's variants: the forward's shrink (``T``), ``dA``, and two-pass ``dx``."""
     base = {"fused": "dx", "shrink": "T", "rank": "dA"}.get(kernel)
-    if base is None or (kernel in ("fused", "shrink") and not configs_launches(cfg, dropout=True)):
+    if base is None or (kernel in ("fused", "shrink") and not _launched(cfg, dropout=True)):
         return []
     return [v.replace(base, f"{base}-dropout", 1) for v in names if v.split("-")[0] == base]
 
 
-def configs_launches(cfg, *, dropout: bool) -> bool:
+def _launched(cfg, *, dropout: bool) -> bool:
+    """Whether a launch with or without adapter dropout can get ``cfg`` (``configs.launches``)."""
     from . import configs
 
     return configs.launches(cfg, dropout=dropout)
