@@ -174,6 +174,36 @@ def test_same_seed_same_result_and_fresh_draws():
         assert torch.equal(tied_lora_linear(x, *args, 0.5, backend="triton", dropout=0.5), y1)
 
 
+@pytest.mark.parametrize("x_grad", [True, False])
+def test_mask_kept_only_for_dx_and_da(x_grad):
+    """The bits are kept for a backward that computes dx or dA (their readers) and only then: VeRA (A frozen)
+    keeps them while x needs a gradient, and keeps nothing but T without."""
+    from tests.test_kernels_memory import saved_activation_bytes
+
+    x, params = make_inputs("vera", M=33, K=40, N=24, R=4, dtype=torch.bfloat16)
+    x.requires_grad_(x_grad)
+    nbytes, saved = saved_activation_bytes(x, params, dropout=0.3)
+    assert nbytes == 4 * 33 * 4 + (33 * 5 if x_grad else 0), saved  # T in fp32, then the bits [33, ceil(40/8)]
+
+
+def test_no_grad_forward_keeps_no_mask(monkeypatch):
+    from tied_lora_kernels.kernels import function
+
+    masks = []
+
+    def spy(*args, **kwargs):
+        masks.append(new_mask(*args, **kwargs))
+        return masks[-1]
+
+    monkeypatch.setattr(function, "new_mask", spy)
+    x, params = make_inputs("tl6", M=20, K=48, N=32, R=4, dtype=torch.float32)
+    args = [params[k] for k in ARGS]
+    with torch.no_grad():
+        tied_lora_linear(x, *args, 0.5, backend="triton", dropout=0.5)
+    tied_lora_linear(x, *args, 0.5, backend="triton", dropout=0.5)
+    assert [m.bits is None for m in masks] == [True, False]
+
+
 @pytest.mark.parametrize("use_reentrant", [False, True])
 def test_activation_checkpointing_redraws_the_same_mask(use_reentrant):
     """``torch.utils.checkpoint`` restores the generator before recomputing: the same mask, the same gradients."""

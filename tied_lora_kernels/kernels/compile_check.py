@@ -275,8 +275,8 @@ def compile_one(job: dict) -> dict:
         if odd_rank:
             divisible = tuple(d for d in divisible if d != "stride_un")
         constexprs.update(TMA=tma, W_KN=tma and base == "dx", DOWN_KR=tma and base == "dx")
-    elif kernel == "shrink":
-        constexprs.update(BLOCK_M=cfg["block_m"], BLOCK_K=cfg["block_k"])
+    elif kernel == "shrink":  # (a dropout forward under no_grad stores no bits: work removed, not compiled)
+        constexprs.update(BLOCK_M=cfg["block_m"], BLOCK_K=cfg["block_k"], STORE_BITS=dropout)
     elif kernel == "rank":
         constexprs.update(BLOCK_C=cfg["block_c"], BLOCK_M=cfg["block_m"])
     elif kernel == "sum":  # the split-K sum: no dot, no rank

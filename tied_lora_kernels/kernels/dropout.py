@@ -46,7 +46,7 @@ __all__ = ["DropoutMask", "new_mask", "draw_seed", "keep_threshold"]
 
 class DropoutMask(NamedTuple):
     """One forward's dropout: probability ``p``, the ``seed`` it draws with (int64 ``[1]`` on the device) and
-    the ``bits`` the shrink writes (uint8 ``[M, ceil(K/8)]``)."""
+    the ``bits`` the shrink writes (uint8 ``[M, ceil(K/8)]``; None when no backward will read them)."""
 
     p: float
     seed: Tensor
@@ -58,9 +58,12 @@ class DropoutMask(NamedTuple):
         return 1.0 / (1.0 - self.p)
 
 
-def new_mask(p: float, M: int, K: int, device: torch.device, seed: Tensor | None = None) -> DropoutMask:
-    """A mask to draw for ``x [M, K]`` from ``seed`` (None: a fresh one, ``draw_seed``), bits not yet written."""
-    bits = torch.empty((M, cdiv(K, 8)), device=device, dtype=torch.uint8)
+def new_mask(
+    p: float, M: int, K: int, device: torch.device, seed: Tensor | None = None, *, keep: bool = True
+) -> DropoutMask:
+    """A mask to draw for ``x [M, K]`` from ``seed`` (None: a fresh one, ``draw_seed``), bits not yet written
+    (``keep=False``: none, the draw is not kept)."""
+    bits = torch.empty((M, cdiv(K, 8)), device=device, dtype=torch.uint8) if keep else None
     return DropoutMask(float(p), draw_seed(device) if seed is None else seed, bits)
 
 

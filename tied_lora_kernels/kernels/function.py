@@ -58,7 +58,9 @@ def tied_lora_linear_triton(
         # costs as much host time as the whole launch path of a decode step
         strategy, split_k, tma = configs.forced_choice()
         forced = dict(strategy=strategy, split_k=split_k, tma=tma)
-        y, _, _ = forward_impl(x2d, weight, bias, A, B, u, v, float(scale), keep_t=False, dropout=dropout, **forced)
+        y, _, _ = forward_impl(
+            x2d, weight, bias, A, B, u, v, float(scale), keep_t=False, dropout=dropout, keep_mask=False, **forced
+        )
         return y
     return TiedLoRALinearFunction.apply(x2d, weight, bias, A, B, u, v, float(scale), bool(deterministic), dropout)
 
@@ -90,12 +92,14 @@ def _as(grad: Tensor | None, param: Tensor | None) -> Tensor | None:
     return None if grad is None else grad.to(param.dtype)
 
 
-def forward_impl(x, weight, bias, A, B, u, v, scale, *, keep_t, strategy, split_k, tma, dropout=0.0, seed=None):
+def forward_impl(
+    x, weight, bias, A, B, u, v, scale, *, keep_t, strategy, split_k, tma, dropout=0.0, seed=None, keep_mask=True
+):
     """``(y [M, N], T [M, R] fp32 or None, dropout bits or None)``: the forward of ``TiedLoRALinearFunction`` (and
     of the custom op). With ``dropout > 0`` the shrink draws a keep mask from ``seed`` (None: a new one) and
-    returns it as bits."""
+    returns it as bits when ``keep_mask`` (for a backward that computes dx or dA)."""
     dtype = x.dtype
-    drop = new_mask(dropout, *x.shape, x.device, seed) if dropout else None
+    drop = new_mask(dropout, *x.shape, x.device, seed, keep=keep_mask) if dropout else None
     if bias is not None:
         bias = bias.contiguous()  # the kernel reads bias with unit stride
     # y = x·Wᵀ + ((x·Aᵀ) ⊙ u)·(Bᵀ ⊙ s·v) + b, T = x·Aᵀ in fp32. At decode the kernel reads the master A and B
@@ -111,7 +115,7 @@ def forward_impl(x, weight, bias, A, B, u, v, scale, *, keep_t, strategy, split_
             x, weight.t(), down, up, _f32(u), bias, **fold, write_t=keep_t, strategy=strategy, split_k=split_k, tma=tma,
             drop_a=drop,
         )  # fmt: skip
-    return y, T, (drop.bits if drop is not None else None)
+    return y, T, (drop.bits if drop is not None else None)  # (None unless keep_mask)
 
 
 def backward_impl(
@@ -201,8 +205,10 @@ class TiedLoRALinearFunction(torch.autograd.Function):
         # (applied with grad enabled only: tied_lora_linear_triton runs the kernels alone under no_grad)
         keep_t = needs_b or needs_u or needs_v
         forced = dict(strategy=strategy, split_k=split_k, tma=tma)
-        y, T, bits = forward_impl(x, weight, bias, A, B, u, v, scale, keep_t=keep_t, dropout=dropout, **forced)
-        bits = bits if (needs_x or needs_a) else None  # the mask's readers: dx and dA
+        keep_mask = needs_x or needs_a  # the mask's readers: dx and dA
+        y, T, bits = forward_impl(
+            x, weight, bias, A, B, u, v, scale, keep_t=keep_t, dropout=dropout, keep_mask=keep_mask, **forced
+        )
         ctx.save_for_backward(x if (needs_a or needs_w) else None, T, weight, A, B, u, v, bits)
         ctx.scale = scale
         ctx.dropout = dropout

@@ -5,7 +5,8 @@
 Forward: a = x, down = Aᵀ (t = T); backward: a = dy, down = s·v ⊙ B (t = dS). The fused GEMM then loads
 ``t`` instead of accumulating it in its K loop (``forward.py``, ``LOAD_T``). With adapter dropout
 (``DROPOUT``, forward only) the kernel draws the keep mask of each ``a`` tile it loads, zeroes the dropped
-entries, stores the mask as bits and scales ``t`` by ``1 / (1 - p)`` at the end (``dropout.py``).
+entries, stores the mask as bits (``STORE_BITS``: when a backward will read them) and scales ``t`` by
+``1 / (1 - p)`` at the end (``dropout.py``).
 
 Why a Triton kernel and not ``torch.mm``: the GEMM and the backward need ``t`` in fp32 (the one-pass
 kernel's ``t`` is an fp32 accumulator, and ``du = colsum(dS ⊙ T)`` sums over tokens). ``torch.mm`` on bf16
@@ -53,6 +54,7 @@ def _shrink_kernel(
     drop_scale,
     # compile-time switches and tiles
     DROPOUT: tl.constexpr,
+    STORE_BITS: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -80,9 +82,10 @@ def _shrink_kernel(
         if DROPOUT:  # dropped entries of a load as zeros (their scale comes after the loop); the mask kept as bits
             keep = draw_keep(seed, offs_m, k * BLOCK_K, K, threshold, BLOCK_K) & mask_k[None, :]
             mask_a = mask_a & keep
-            mask_b = mask_m[:, None] & (offs_byte < tl.cdiv(K - k * BLOCK_K, 8))[None, :]
-            tl.store(b_ptrs, pack_bits(keep, BLOCK_M, BLOCK_K), mask=mask_b)
-            b_ptrs += BLOCK_K // 8
+            if STORE_BITS:
+                mask_b = mask_m[:, None] & (offs_byte < tl.cdiv(K - k * BLOCK_K, 8))[None, :]
+                tl.store(b_ptrs, pack_bits(keep, BLOCK_M, BLOCK_K), mask=mask_b)
+                b_ptrs += BLOCK_K // 8
         a = tl.load(a_ptrs, mask=mask_a, other=0.0)
         d = tl.load(d_ptrs, mask=mask_k[:, None] & mask_r[None, :], other=0.0)
         if UPCAST:  # interpreter only (see common.py)
@@ -102,7 +105,8 @@ def shrink(
     a: Tensor, down: Tensor, *, config: configs.ShrinkConfig | None = None, dropout: DropoutMask | None = None
 ) -> Tensor:
     """``a [M, K] · down [K, R]`` → fp32 ``[M, R]`` (``a`` and ``down`` in one dtype, any strides); with
-    ``dropout``, ``(1 / (1 - p)) · (m ⊙ a) · down``, the keep mask ``m`` drawn from its seed into its bits."""
+    ``dropout``, ``(1 / (1 - p)) · (m ⊙ a) · down``, the keep mask ``m`` drawn from its seed (into its bits,
+    unless they are None)."""
     M, K = a.shape
     R = down.shape[1]
     t = torch.empty((M, R), device=a.device, dtype=torch.float32)
@@ -116,7 +120,7 @@ def shrink(
         down,
         t,
         dropout.seed if dropout is not None else t,  # these two only with DROPOUT
-        dropout.bits if dropout is not None else t,
+        dropout.bits if dropout is not None and dropout.bits is not None else t,
         M,
         K,
         R,
@@ -126,10 +130,11 @@ def shrink(
         down.stride(1),
         t.stride(0),
         t.stride(1),
-        dropout.bits.stride(0) if dropout is not None else 0,
+        dropout.bits.stride(0) if dropout is not None and dropout.bits is not None else 0,
         keep_threshold(dropout.p) if dropout is not None else 0,
         dropout.scale if dropout is not None else 1.0,
         DROPOUT=dropout is not None,
+        STORE_BITS=dropout is not None and dropout.bits is not None,
         UPCAST=upcast_bf16(a.dtype),
         PRECISION=dot_precision(a.dtype),
         BLOCK_M=cfg.block_m,
