@@ -49,8 +49,8 @@ class DropoutMask(NamedTuple):
     the ``bits`` the shrink writes (uint8 ``[M, ceil(K/8)]``; None when no backward will read them)."""
 
     p: float
-    seed: Tensor
-    bits: Tensor
+    seed: Tensor | None  # (None in the backward, which reads the bits)
+    bits: Tensor | None
 
     @property
     def scale(self) -> float:

@@ -113,14 +113,16 @@ def shrink(
     if M == 0:
         return t
     block_r = configs.block_r_for(R)
-    aligned = configs.is_aligned(a)
-    cfg = config or configs.shrink_config(block_r, a.dtype, a.device, aligned, dropout=dropout is not None)
+    if config is None:
+        config = configs.shrink_config(block_r, a.dtype, a.device, configs.is_aligned(a), dropout=dropout is not None)
+    cfg = config
+    bits = dropout.bits if dropout is not None else None  # (None too when the draw is not kept)
     _shrink_kernel[(cdiv(M, cfg.block_m),)](
         a,
         down,
         t,
         dropout.seed if dropout is not None else t,  # these two only with DROPOUT
-        dropout.bits if dropout is not None and dropout.bits is not None else t,
+        bits if bits is not None else t,
         M,
         K,
         R,
@@ -130,11 +132,11 @@ def shrink(
         down.stride(1),
         t.stride(0),
         t.stride(1),
-        dropout.bits.stride(0) if dropout is not None and dropout.bits is not None else 0,
+        bits.stride(0) if bits is not None else 0,
         keep_threshold(dropout.p) if dropout is not None else 0,
         dropout.scale if dropout is not None else 1.0,
         DROPOUT=dropout is not None,
-        STORE_BITS=dropout is not None and dropout.bits is not None,
+        STORE_BITS=bits is not None,
         UPCAST=upcast_bf16(a.dtype),
         PRECISION=dot_precision(a.dtype),
         BLOCK_M=cfg.block_m,
