@@ -14,7 +14,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from tests.helpers import assert_close_to_reference, cpu_triton
-from tests.test_model import randomise_adapters
+from tests.models import randomise_adapters
 from tied_lora_kernels import (
     TiedLoRAConfig,
     TiedLoRAConv1D,

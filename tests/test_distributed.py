@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.test_model import QKV, randomise_adapters, tiny_llama
-from tied_lora_kernels import TiedLoRAConfig, apply_tied_lora
+from tests.models import randomise_adapters, tiny_llama
+from tied_lora_kernels import QKV, TiedLoRAConfig, apply_tied_lora
 from tied_lora_kernels.distributed import sync_tied_lora_grads, tied_lora_parameters
 
 fsdp = pytest.importorskip("torch.distributed.fsdp")

@@ -9,8 +9,8 @@ import warnings
 import pytest
 import torch
 
-from tests.test_model import QKV, randomise_adapters, tiny_llama
-from tied_lora_kernels import TiedLoRAConfig, apply_tied_lora, export_peft_lora, merge_tied_lora, tied_lora_layers
+from tests.models import randomise_adapters, tiny_llama
+from tied_lora_kernels import QKV, TiedLoRAConfig, apply_tied_lora, export_peft_lora, merge_tied_lora, tied_lora_layers
 
 peft = pytest.importorskip("peft")
 

@@ -1,9 +1,8 @@
 """Model-level behaviour: apply, the paper's parameter counts, zero start, real tying, tied gradients summed
-across layers, merge/unmerge, save/load, and the errors a user can run into."""
+across layers, merge/unmerge/unload, targets, disabling, hooks, and the errors a user can run into (saving and
+loading: ``test_save_load.py``; Hugging Face training: ``test_hf_integration.py``)."""
 
 from __future__ import annotations
-
-import itertools
 
 import pytest
 import torch
@@ -12,6 +11,7 @@ from torch import nn
 from torch.nn.utils import prune
 
 from tests.helpers import assert_close_to_reference, cpu_triton
+from tests.models import CONFIGS, Toy, randomise_adapters, tiny_llama
 from tied_lora_kernels import (
     ALL_LINEAR,
     QKV,
@@ -26,66 +26,9 @@ from tied_lora_kernels import (
     reference,
     save_tied_lora,
     tied_lora_layers,
-    tied_lora_state_dict,
     unload_tied_lora,
     unmerge_tied_lora,
 )
-
-# every configuration: the four presets, and every combination of tying × trained factors (30 of them)
-CONFIGS = {name: dict(preset=name) for name in ("lora", "tl5", "tl6", "vera")}
-for tie, flags in itertools.product((True, False), itertools.product((True, False), repeat=4)):
-    if any(flags):
-        name = ("tied_" if tie else "untied_") + "".join(k for k, f in zip("ABuv", flags, strict=True) if f)
-        CONFIGS[name] = dict(tie=tie, **{f"train_{k}": f for k, f in zip("ABuv", flags, strict=True)})
-
-
-class Block(nn.Module):
-    def __init__(self, d, kv):
-        super().__init__()
-        self.q_proj, self.k_proj, self.v_proj = nn.Linear(d, d), nn.Linear(d, kv), nn.Linear(d, kv)
-        self.o_proj = nn.Linear(kv, d, bias=False)
-
-    def forward(self, h):
-        q, k, v = self.q_proj(h), self.k_proj(h), self.v_proj(h)
-        return h + self.o_proj(torch.tanh(q[..., : k.shape[-1]]) * k + v)
-
-
-class Toy(nn.Module):
-    """A few attention-shaped blocks (GQA: k/v narrower than q), so groups and ties are exercised."""
-
-    def __init__(self, d=24, kv=16, layers=3, seed=0):
-        super().__init__()
-        torch.manual_seed(seed)
-        self.layers = nn.ModuleList(Block(d, kv) for _ in range(layers))
-
-    def forward(self, h):
-        for block in self.layers:
-            h = block(h)
-        return h
-
-
-def randomise_adapters(model, seed=1):
-    """Give every adapter factor non-zero values (a zero start hides gradient bugs)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in tied_lora_state_dict(model).values():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-
-
-def tiny_llama(seed=0, **kw):
-    torch.manual_seed(seed)
-    shape = dict(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=97,
-        max_position_embeddings=64,
-    )
-    config = transformers.LlamaConfig(**{**shape, **kw})
-    return transformers.LlamaForCausalLM(config).eval()
-
 
 # ---------------------------------------------------------------------------------------------------------
 # the paper's numbers (design.md §1), counted on meta-device models built from the real configs
@@ -233,7 +176,7 @@ def test_gradients_match_float64_reference(name, backend, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# merge, save, load
+# merge, unload, targets
 
 
 def test_merge_unmerge_unload_model():
@@ -280,29 +223,6 @@ def test_unload_without_merging_gives_the_base_model_back():
     assert not tied_lora_layers(fresh) and not hasattr(fresh, "tied_lora_config")
     with torch.no_grad():
         assert torch.equal(fresh(ids).logits, expected)  # never merged: bit for bit
-
-
-def test_save_load_bit_for_bit(tmp_path):
-    model = apply_tied_lora(tiny_llama(), TiedLoRAConfig(rank=4, preset="tl6", target_modules=QKV + ("o_proj",)))
-    randomise_adapters(model)
-    ids = torch.randint(0, 97, (2, 7))
-    with torch.no_grad():
-        expected = model(ids).logits
-    save_tied_lora(model, tmp_path)
-
-    from safetensors.torch import load_file
-
-    saved = load_file(tmp_path / "adapter_model.safetensors")
-    shared_keys = [k for k in saved if ".shared." in k]
-    assert len(shared_keys) == 2 * 2  # qkv pair + o_proj pair, each stored once for both layers
-    fresh = tiny_llama()
-    load_tied_lora(fresh, tmp_path)
-    with torch.no_grad():
-        assert torch.equal(fresh(ids).logits, expected)
-    adapted = apply_tied_lora(tiny_llama(), TiedLoRAConfig(rank=4, preset="tl6", target_modules=QKV + ("o_proj",)))
-    load_tied_lora(adapted, tmp_path)
-    with torch.no_grad():
-        assert torch.equal(adapted(ids).logits, expected)
 
 
 @pytest.mark.parametrize("spelling", ["all-linear", "ALL-LINEAR"])
@@ -397,127 +317,6 @@ def test_merge_and_unmerge_check_every_layer_before_touching_any():
     with disable_tied_lora(model), pytest.raises(RuntimeError, match="disabled"):
         merge_tied_lora(model)
     assert not any(layer.merged for layer in layers)
-
-
-def test_load_builds_the_ties_the_file_records(tmp_path):
-    """The file's layout says which layers share a pair: a file whose ties differ from the current rule (say,
-    saved before the rule changed) still loads into a bare model, with its own ties."""
-    import json
-
-    from safetensors.torch import load_file, save_file
-
-    class Model(nn.Module):
-        def __init__(self):
-            super().__init__()
-            torch.manual_seed(0)
-            self.layers = nn.ModuleList(nn.ModuleDict({"dense": nn.Linear(8, 8)}) for _ in range(2))
-            self.pooler = nn.ModuleDict({"dense": nn.Linear(8, 8)})
-
-        def forward(self, h):
-            for layer in self.layers:
-                h = torch.tanh(layer["dense"](h))
-            return self.pooler["dense"](h)
-
-    model = apply_tied_lora(Model(), TiedLoRAConfig(rank=2, target_modules=("dense",), groups=()))
-    randomise_adapters(model)
-    save_tied_lora(model, tmp_path)
-    # rewrite the file as if the pooler had shared the layers' pair
-    meta = json.loads((tmp_path / "adapter_config.json").read_text())
-    state = load_file(tmp_path / "adapter_model.safetensors")
-    ours = meta["layout"]["pooler.dense"]["shared"]
-    meta["layout"]["pooler.dense"]["shared"] = meta["layout"]["layers.0.dense"]["shared"]
-    for key in [k for k in state if k.startswith(ours + ".")]:
-        del state[key], meta["tensors"][key]
-    save_file(state, tmp_path / "adapter_model.safetensors")
-    (tmp_path / "adapter_config.json").write_text(json.dumps(meta))
-
-    fresh = load_tied_lora(Model(), tmp_path)
-    shared = {name: layer.shared for name, layer in tied_lora_layers(fresh).items()}
-    assert shared["pooler.dense"] is shared["layers.0.dense"] is shared["layers.1.dense"]
-    with torch.no_grad():  # the same model as the original with the pooler reading the layers' pair
-        model.pooler["dense"].shared = model.layers[0]["dense"].shared
-        h = torch.randn(3, 8)
-        assert torch.equal(fresh(h), model(h))
-
-
-def _classifier(head_seed=None):
-    """A tiny Llama classifier; ``head_seed`` redraws its head alone (a fresh head on the same base)."""
-    torch.manual_seed(0)
-    shape = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=97, num_labels=3, pad_token_id=0)  # fmt: skip
-    model = transformers.LlamaForSequenceClassification(transformers.LlamaConfig(**shape)).eval()
-    if head_seed is not None:
-        head = model.score.weight
-        with torch.no_grad():
-            head.copy_(torch.randn(head.shape, generator=torch.Generator().manual_seed(head_seed)))
-    return model
-
-
-def test_modules_to_save_train_in_full_and_travel_with_the_adapter(tmp_path):
-    """A new classification head (PEFT's ``modules_to_save``): trainable, saved and loaded with the adapter,
-    exported as PEFT writes it."""
-    peft = pytest.importorskip("peft")
-    from tied_lora_kernels import export_peft_lora
-
-    ids = torch.randint(1, 97, (2, 7), generator=torch.Generator().manual_seed(0))
-    model = apply_tied_lora(_classifier(), TiedLoRAConfig(rank=4, modules_to_save=("score",)))
-    assert model.score.weight.requires_grad
-    assert not any(p.requires_grad for n, p in model.named_parameters() if "embed" in n or "norm" in n)
-    model(ids).logits.sum().backward()
-    assert model.score.weight.grad is not None
-    with torch.no_grad():
-        randomise_adapters(model)  # the head included: it is in the adapter's state
-        expected = model(ids).logits
-    assert "score.weight" in tied_lora_state_dict(model)
-    save_tied_lora(model, tmp_path / "ours")
-    fresh = load_tied_lora(_classifier(head_seed=1), tmp_path / "ours")  # another head: loaded over
-    with torch.no_grad():
-        assert torch.equal(fresh(ids).logits, expected)
-    assert fresh.score.weight.requires_grad
-
-    export_peft_lora(model, tmp_path / "peft")
-    loaded = peft.PeftModel.from_pretrained(_classifier(head_seed=1), tmp_path / "peft")
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(ids).logits, expected, rtol=1e-5, atol=1e-6)
-
-    with pytest.warns(UserWarning, match=r"modules_to_save \['score'\] keep their trained values"):
-        with disable_tied_lora(model):
-            pass
-
-    with pytest.raises(ValueError, match="'nope' matches no module"):
-        apply_tied_lora(_classifier(), TiedLoRAConfig(rank=4, modules_to_save=("nope",)))
-    with pytest.raises(ValueError, match="is or holds adapted targets"):
-        apply_tied_lora(_classifier(), TiedLoRAConfig(rank=4, modules_to_save=("self_attn",)))
-    with pytest.raises(TypeError, match="modules_to_save must be module names"):
-        TiedLoRAConfig(modules_to_save=(3,))
-
-
-def test_a_bf16_head_beside_float32_adapters_saves_and_loads(tmp_path):
-    model = _classifier().to(torch.bfloat16)
-    apply_tied_lora(model, TiedLoRAConfig(rank=4, modules_to_save="score"))  # adapters: float32 masters
-    save_tied_lora(model, tmp_path)
-    fresh = load_tied_lora(_classifier().to(torch.bfloat16), tmp_path)
-    assert (
-        fresh.score.weight.dtype == torch.bfloat16
-        and fresh.model.layers[0].self_attn.q_proj.shared.A.dtype == torch.float32
-    )
-    assert torch.equal(fresh.score.weight, model.score.weight)
-
-
-def test_load_errors(tmp_path):
-    model = apply_tied_lora(tiny_llama(), TiedLoRAConfig(rank=4, preset="tl6"))
-    save_tied_lora(model, tmp_path)
-    with pytest.raises(ValueError, match="saved for"):
-        load_tied_lora(tiny_llama(hidden_act="silu", head_dim=16), tmp_path)  # q_proj is [64, 32] here
-    other_rank = apply_tied_lora(tiny_llama(), TiedLoRAConfig(rank=2, preset="tl6"))
-    with pytest.raises(ValueError, match="does not fit this model"):
-        load_tied_lora(other_rank, tmp_path)
-    other_preset = apply_tied_lora(tiny_llama(), TiedLoRAConfig(rank=4, preset="vera"))
-    with pytest.raises(ValueError, match="does not fit this model"):
-        load_tied_lora(other_preset, tmp_path)
-    other_alpha = apply_tied_lora(tiny_llama(), TiedLoRAConfig(rank=4, preset="tl6", alpha=8))
-    with pytest.raises(ValueError, match="does not fit this model"):
-        load_tied_lora(other_alpha, tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -658,58 +457,8 @@ def test_autocast_on_a_float32_model():
     assert (logits.float() - expected).abs().max() <= 0.05 * expected.abs().max()
 
 
-def test_load_refuses_other_layouts(tmp_path):
-    model = apply_tied_lora(tiny_llama(), TiedLoRAConfig(rank=4, preset="tl6"))
-    save_tied_lora(model, tmp_path)
-    for config in (TiedLoRAConfig(rank=4, groups=()), TiedLoRAConfig(rank=4, tie=False)):
-        with pytest.raises(ValueError, match="does not fit this model"):
-            load_tied_lora(apply_tied_lora(tiny_llama(), config), tmp_path)
-    deeper = tiny_llama(num_hidden_layers=3)
-    with pytest.raises(ValueError, match="its targets also match"):
-        load_tied_lora(deeper, tmp_path)
-    assert not tied_lora_layers(deeper)  # left as it was
-    with torch.device("meta"):
-        on_meta = tiny_llama()
-    with pytest.raises(ValueError, match="meta device"):
-        load_tied_lora(on_meta, tmp_path)
-    bf16 = apply_tied_lora(tiny_llama(), TiedLoRAConfig(rank=4, dtype=torch.bfloat16))
-    with pytest.raises(TypeError, match="would round it"):
-        load_tied_lora(bf16, tmp_path)
-    merged = merge_tied_lora(apply_tied_lora(tiny_llama(), TiedLoRAConfig(rank=4)))
-    with pytest.raises(RuntimeError, match="merged"):
-        load_tied_lora(merged, tmp_path)
-
-
-def test_load_refuses_a_file_that_lost_a_tensor(tmp_path):
-    from safetensors.torch import load_file, save_file
-
-    save_tied_lora(apply_tied_lora(tiny_llama(), TiedLoRAConfig(rank=4)), tmp_path)
-    state = load_file(tmp_path / "adapter_model.safetensors")
-    state.pop(next(k for k in state if k.endswith("lora_v")))
-    save_file(state, tmp_path / "adapter_model.safetensors")
-    fresh = tiny_llama()
-    with pytest.raises(ValueError, match="adapter tensors differ"):
-        load_tied_lora(fresh, tmp_path)
-    assert not tied_lora_layers(fresh)
-
-
-def test_load_backend_override(tmp_path):
-    save_tied_lora(apply_tied_lora(tiny_llama(), TiedLoRAConfig(rank=4, backend="triton")), tmp_path)
-    model = load_tied_lora(tiny_llama(), tmp_path, backend="torch")
-    assert {layer.backend for layer in tied_lora_layers(model).values()} == {"torch"}
-    assert count_parameters(model).trainable > 0  # training continues by default
-    frozen = load_tied_lora(tiny_llama(), tmp_path, trainable=False)  # PEFT's is_trainable=False
-    assert count_parameters(frozen).trainable == 0
-    with pytest.raises(TypeError, match="trainable must be True, False or None"):
-        load_tied_lora(tiny_llama(), tmp_path, trainable="no")
-    load_tied_lora(frozen, tmp_path)  # None: an adapted model keeps its flags
-    assert count_parameters(frozen).trainable == 0
-    load_tied_lora(frozen, tmp_path, trainable=True)  # the config's trained factors train again
-    assert count_parameters(frozen).trainable == count_parameters(model).trainable
-
-
 # ---------------------------------------------------------------------------------------------------------
-# disabling the adapter (a DPO reference model), Hugging Face activation checkpointing
+# disabling the adapter (a DPO reference model), hooks
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=cpu_triton)])
@@ -767,274 +516,6 @@ def test_disable_under_torch_compile():
         with disable_tied_lora(model):  # the flag is guarded: the graph is traced again, not reused
             assert torch.equal(compiled(x), plain)
         assert torch.equal(compiled(x), adapted)
-
-
-def enable_checkpointing(model, reentrant: bool) -> None:
-    kwargs = {"use_reentrant": reentrant}
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    if reentrant:
-        model.enable_input_require_grads()  # transformers 5 did it already; 4.x did not
-    assert model.model.gradient_checkpointing
-
-
-@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=cpu_triton)])
-@pytest.mark.parametrize("reentrant", [False, True], ids=["non_reentrant", "reentrant"])
-def test_hugging_face_gradient_checkpointing(reentrant, backend):
-    """Hugging Face activation checkpointing recomputes each decoder layer in backward: the tied A (summed over
-    both layers and q/k/v) and every other adapter gradient equal the run without it. Non-reentrant: the hook
-    on the shared A fires once per backward. Reentrant: once per checkpointed layer, autograd's rule for any
-    parameter that several checkpointed segments use (each runs its own backward; the torch path is the
-    same). Reentrant checkpointing needs inputs that require grad: transformers 5 arranges that itself, 4.x
-    needs ``enable_input_require_grads()``, as with PEFT."""
-    config = TiedLoRAConfig(rank=4, preset="tl6", target_modules=QKV + ("o_proj",), backend=backend)
-    model = apply_tied_lora(tiny_llama(), config)
-    randomise_adapters(model)
-    model.train()
-    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(4))
-    A = model.model.layers[0].self_attn.q_proj.shared.A
-    fired = []
-    A.register_post_accumulate_grad_hook(lambda p: fired.append(p.grad.clone()))
-
-    def grads():
-        model.zero_grad()
-        model(ids, labels=ids).loss.backward()
-        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-
-    want = grads()
-    enable_checkpointing(model, reentrant)
-    # below: the same products summed in another order (up to 3e-6 relative seen), not bit for bit
-    fired.clear()
-    got = grads()
-    assert got.keys() == want.keys() and got
-    for n in got:
-        torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-7, msg=lambda m, n=n: f"{n}: {m}")
-    assert len(fired) == (len(model.model.layers) if reentrant else 1)
-    assert torch.equal(fired[-1], got[next(n for n in got if n.endswith("shared.A"))])
-
-
-@cpu_triton
-def test_hugging_face_generate_with_the_kv_cache():
-    """Greedy generation, each new token a decode step of M = batch rows through every adapted layer: the triton
-    path (its decode configs) gives the torch path's scores and tokens, with the cache or without it (every
-    step a prefill), and the merged model gives the same tokens."""
-    config = TiedLoRAConfig(rank=4, preset="tl6", target_modules="all-linear", backend="torch")
-    model = apply_tied_lora(tiny_llama(), config)
-    randomise_adapters(model)
-    prompt = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(5))
-    settings = dict(max_new_tokens=4, do_sample=False, return_dict_in_generate=True, output_scores=True)
-
-    def generate(backend, **kwargs):
-        for layer in tied_lora_layers(model).values():
-            layer.backend = backend
-        with torch.no_grad():
-            out = model.generate(prompt, attention_mask=torch.ones_like(prompt), pad_token_id=0, **settings, **kwargs)
-        return out.sequences, torch.stack(out.scores)
-
-    tokens, scores = generate("torch")
-    base_tokens, _ = generate("torch", use_cache=False)
-    assert torch.equal(base_tokens, tokens)
-    for use_cache in (True, False):
-        got_tokens, got_scores = generate("triton", use_cache=use_cache)
-        assert torch.equal(got_tokens, tokens)
-        torch.testing.assert_close(got_scores, scores, rtol=1e-5, atol=1e-5)
-    with disable_tied_lora(model):
-        assert not torch.equal(generate("torch")[1], scores)  # the adapter changes what is generated
-    merge_tied_lora(model)
-    assert torch.equal(generate("torch")[0], tokens)
-
-
-def test_ddp_with_tied_adapters_and_checkpointing(process_group):
-    """DDP over a model whose A and B are tied across layers: gradients equal the plain run's, also under
-    non-reentrant checkpointing. Reentrant checkpointing fires a tied parameter's hook once per layer, which
-    DDP refuses by default and accepts with ``static_graph=True`` (what the README says)."""
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(5))
-
-    def run(reentrant=None, static_graph=False, ddp=True):
-        model = apply_tied_lora(tiny_llama(), TiedLoRAConfig(rank=4, preset="tl6", target_modules=QKV + ("o_proj",)))
-        randomise_adapters(model)
-        model.train()
-        if reentrant is not None:
-            enable_checkpointing(model, reentrant)
-        wrapped = DDP(model, static_graph=static_graph) if ddp else model
-        for _ in range(2):  # DDP's reducer checks the hooks on every backward
-            wrapped(ids, labels=ids).loss.backward()
-        return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
-
-    want = run(ddp=False)
-    for kwargs in (dict(), dict(reentrant=False), dict(reentrant=True, static_graph=True)):
-        got = run(**kwargs)
-        assert got.keys() == want.keys()
-        for n in got:
-            message = f"{kwargs} {n}"
-            torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-7, msg=lambda m, s=message: f"{s}: {m}")
-    with pytest.raises(RuntimeError, match="mark a variable ready only once"):
-        run(reentrant=True)
-
-
-def test_save_after_conversion_freeze_and_wrappers(tmp_path):
-    """An adapter saved after ``model.to(bf16)`` loads into a bare bf16 model (the file records the dtype its
-    tensors have); a model frozen for inference loads it and keeps its flags; ``torch.compile``'s and DDP's
-    wrappers add no prefix to the file's names and are looked through on load."""
-    ids = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(6))
-    model = apply_tied_lora(tiny_llama(), TiedLoRAConfig(rank=4, preset="tl6", target_modules=QKV + ("o_proj",)))
-    randomise_adapters(model)
-    model.to(torch.bfloat16)
-    with torch.no_grad():
-        expected = model(ids).logits
-    save_tied_lora(torch.compile(model), tmp_path)  # traces nothing: the wrapper is only looked through
-    assert not any(k.startswith("_orig_mod") for k in load_file_keys(tmp_path))
-    fresh = load_tied_lora(tiny_llama().to(torch.bfloat16), tmp_path)
-    with torch.no_grad():
-        assert torch.equal(fresh(ids).logits, expected)
-
-    config = TiedLoRAConfig(rank=4, target_modules=QKV + ("o_proj",), dtype=torch.bfloat16)
-    frozen = apply_tied_lora(tiny_llama().to(torch.bfloat16), config)
-    frozen.requires_grad_(False)
-    load_tied_lora(torch.compile(frozen), tmp_path)
-    assert not any(p.requires_grad for p in frozen.parameters())
-    with torch.no_grad():
-        assert torch.equal(frozen(ids).logits, expected)
-
-
-def test_a_16_bit_adapter_file_loads_into_a_float32_model_as_float32(tmp_path):
-    """An adapter saved after ``model.to(bf16)`` loads into a float32 model as float32 adapters holding exactly
-    the saved values (bf16 adapters cannot run beside float32 activations), bare or already adapted; a float32
-    file into bf16 adapters would round and is still refused."""
-    config = TiedLoRAConfig(rank=4, preset="tl6", target_modules=QKV + ("o_proj",))
-    model = apply_tied_lora(tiny_llama(), config)
-    randomise_adapters(model)
-    model.to(torch.bfloat16)
-    save_tied_lora(model, tmp_path)
-    saved = tied_lora_state_dict(model)
-    ids = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(6))
-    for target in (tiny_llama(), apply_tied_lora(tiny_llama(), config)):
-        fresh = load_tied_lora(target, tmp_path)
-        state = tied_lora_state_dict(fresh)
-        assert {t.dtype for t in state.values()} == {torch.float32}
-        assert all(torch.equal(state[k], saved[k].float()) for k in saved)
-        with torch.no_grad():
-            fresh(ids)  # runs
-    save_tied_lora(fresh, tmp_path / "f32")
-    with pytest.raises(TypeError, match="loading would round it"):
-        load_tied_lora(model, tmp_path / "f32")
-
-
-def load_file_keys(directory):
-    from safetensors.torch import load_file
-
-    return list(load_file(directory / "adapter_model.safetensors"))
-
-
-def test_load_names_a_missing_module(tmp_path):
-    model = apply_tied_lora(tiny_llama(), TiedLoRAConfig(rank=4, target_modules=("q_proj",), groups=()))
-    save_tied_lora(model, tmp_path)
-    other = tiny_llama()
-    other.model.layers[1].self_attn.q_proj = nn.Identity()
-    with pytest.raises(ValueError, match="module there is Identity, not nn.Linear"):
-        load_tied_lora(other, tmp_path)
-    del other.model.layers[1].self_attn.q_proj
-    with pytest.raises(ValueError, match="no module of that name"):
-        load_tied_lora(other, tmp_path)
-
-
-def test_save_pretrained_stores_each_tied_tensor_once_and_strict_loading_takes_it(tmp_path):
-    """save_pretrained (Trainer's checkpoints) stores a tensor that layers share once instead of refusing it;
-    load_state_dict, strict, restores it through that one name (also from a module above the adapted one),
-    and a tensor missing under all of its names is still reported missing."""
-    from safetensors.torch import load_file
-
-    config = TiedLoRAConfig(rank=4, groups=(("q_proj", "k_proj", "v_proj"),))
-    model = apply_tied_lora(tiny_llama(), config)
-    randomise_adapters(model)
-    model.save_pretrained(tmp_path)
-    state = load_file(tmp_path / "model.safetensors")
-    aliases = [k for k in state if k.endswith((".shared.A", ".shared.B", ".lora_scale.u"))]
-    assert len(aliases) == 4  # attention's A and B, each layer's group u (the mlp is not adapted)
-    other = apply_tied_lora(tiny_llama(seed=3), config)
-    other.load_state_dict(state)  # strict
-    ids = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        assert torch.equal(other(ids).logits, model(ids).logits)
-    wrapper = nn.ModuleDict({"inner": apply_tied_lora(tiny_llama(seed=3), config)})
-    wrapper.load_state_dict({f"inner.{k}": v for k, v in state.items()})  # strict, hook one module down
-    with torch.no_grad():
-        assert torch.equal(wrapper["inner"](ids).logits, model(ids).logits)
-    a = next(k for k in aliases if k.endswith("shared.A"))
-    missing = other.load_state_dict({k: v for k, v in state.items() if k != a}, strict=False).missing_keys
-    A = other.get_parameter(a)
-    assert sorted(missing) == sorted(k for k, p in other.named_parameters(remove_duplicate=False) if p is A)
-    assert len(missing) == 6  # every name of that A: 3 projections x 2 layers
-
-    # names of one tied tensor with different values (saved with other ties) would each overwrite it: refused
-    full = {k: v.clone() for k, v in model.state_dict().items()}
-    full["model.layers.0.self_attn.k_proj.shared.A"] += 1
-    with pytest.raises(RuntimeError, match="one tied tensor in this model, but the state dict holds different"):
-        other.load_state_dict(full)
-    # each adapted model fills in its own names only: beside an untied one, a missing key stays missing
-    pair = nn.ModuleDict({"untied": apply_tied_lora(Toy(), TiedLoRAConfig(rank=2, tie=False, groups=()))})
-    pair["tied"] = apply_tied_lora(Toy(), TiedLoRAConfig(rank=2))
-    saved = pair.state_dict()
-    del saved["untied.layers.1.q_proj.shared.A"]
-    missing = pair.load_state_dict(saved, strict=False).missing_keys
-    assert missing == ["untied.layers.1.q_proj.shared.A"]
-
-
-def test_hugging_face_trainer_checkpoints_resume_and_carry_the_adapter(tmp_path):
-    """Trainer's own checkpoints save an adapted model and resume it: training 4 steps in one go, or 2 steps
-    then resuming from checkpoint-2 on a fresh model, ends with the same adapter. The callback puts the adapter
-    into each checkpoint, saves every few steps when asked and at the end; all reload exactly."""
-    pytest.importorskip("accelerate", reason="transformers' Trainer needs accelerate")
-    from tied_lora_kernels.hf import SaveTiedLoRACallback
-
-    config = TiedLoRAConfig(rank=4, groups=(("q_proj", "k_proj", "v_proj"),))
-    ids = torch.randint(0, 97, (8, 9), generator=torch.Generator().manual_seed(7))
-    data = [{"input_ids": row, "labels": row} for row in ids]
-    kwargs = dict(max_steps=4, per_device_train_batch_size=2, report_to=[], use_cpu=True, learning_rate=1e-2)
-
-    def trainer(model, out, **more):
-        args = transformers.TrainingArguments(str(tmp_path / out), **kwargs, **more)
-        return transformers.Trainer(model=model, args=args, train_dataset=data, callbacks=[SaveTiedLoRACallback(3)])
-
-    whole = apply_tied_lora(tiny_llama(), config)
-    trainer(whole, "whole", save_strategy="steps", save_steps=2).train()
-    listed = sorted(p.name for p in (tmp_path / "whole").iterdir())
-    assert listed == ["adapter-3", "adapter-final", "checkpoint-2", "checkpoint-4"]
-    for name in ("checkpoint-2", "checkpoint-4"):
-        assert {"model.safetensors", "optimizer.pt", "tied_lora"} <= {
-            p.name for p in (tmp_path / "whole" / name).iterdir()
-        }
-    # the checkpoint still loads as a plain Hugging Face model (the adapter's files sit in their own folder)
-    plain = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "whole/checkpoint-4")
-
-    resumed = apply_tied_lora(tiny_llama(), config)
-    trainer(resumed, "resumed", save_strategy="no").train(resume_from_checkpoint=str(tmp_path / "whole/checkpoint-2"))
-    theirs = tied_lora_state_dict(resumed)
-    for name, tensor in tied_lora_state_dict(whole).items():
-        assert torch.equal(theirs[name], tensor), name
-    untrained = tied_lora_state_dict(apply_tied_lora(tiny_llama(), config))
-    assert all(not torch.equal(theirs[name], tensor) for name, tensor in untrained.items())  # every tensor trained
-    assert sorted(p.name for p in (tmp_path / "resumed").iterdir()) == ["adapter-3", "adapter-final"]
-
-    whole.eval()
-    with torch.no_grad():
-        assert torch.equal(plain.eval()(ids).logits, tiny_llama()(ids).logits)  # the frozen base
-    for name in ("whole/checkpoint-4/tied_lora", "whole/adapter-final"):
-        fresh = load_tied_lora(tiny_llama(), tmp_path / name)
-        with torch.no_grad():
-            assert torch.equal(fresh(ids).logits, whole(ids).logits)
-    with pytest.raises(ValueError, match="positive int"):
-        SaveTiedLoRACallback(0)
-    # a model that is not a PreTrainedModel is saved as a plain state dict, which refuses tied tensors: refused
-    # before the first step rather than at the first checkpoint
-    args = transformers.TrainingArguments(str(tmp_path / "toy"), **kwargs, save_strategy="steps", save_steps=2)
-    toy = apply_tied_lora(Toy(), TiedLoRAConfig(rank=4))
-    with pytest.raises(ValueError, match="not a PreTrainedModel"):
-        transformers.Trainer(model=toy, args=args, train_dataset=data, callbacks=[SaveTiedLoRACallback()]).train()
 
 
 def test_hooks_on_a_target_carry_over():

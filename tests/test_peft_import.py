@@ -10,8 +10,8 @@ import shutil
 import pytest
 import torch
 
+from tests.models import tiny_llama
 from tests.test_conv1d import tiny_gpt2
-from tests.test_model import tiny_llama
 from tied_lora_kernels import (
     TiedLoRAConfig,
     apply_tied_lora,

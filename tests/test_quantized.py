@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from tests.test_model import randomise_adapters, tiny_llama
+from tests.models import randomise_adapters, tiny_llama
 from tied_lora_kernels import (
     TiedLoRAConfig,
     TiedLoRALinear,

@@ -14,8 +14,8 @@ import torch
 from torch._dynamo.backends.registry import lookup_backend
 
 from tests.conftest import DEVICE
+from tests.models import Toy
 from tests.test_kernels_parity import make_inputs
-from tests.test_model import Toy
 from tied_lora_kernels import TiedLoRAConfig, TiedLoRAShared, apply_tied_lora
 from tied_lora_kernels.functional import tied_lora_linear
 from tied_lora_kernels.kernels import function

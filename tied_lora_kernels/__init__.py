@@ -13,15 +13,13 @@ from tied_lora_kernels.model import (
     apply_tied_lora,
     count_parameters,
     disable_tied_lora,
-    load_tied_lora,
     merge_tied_lora,
-    save_tied_lora,
     tied_lora_layers,
-    tied_lora_state_dict,
     unload_tied_lora,
     unmerge_tied_lora,
 )
 from tied_lora_kernels.peft_import import load_peft_adapter
+from tied_lora_kernels.save_load import load_tied_lora, save_tied_lora, tied_lora_state_dict
 from tied_lora_kernels.shared import TiedLoRAShared
 
 __version__ = "0.1.0"

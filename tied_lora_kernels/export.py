@@ -21,7 +21,8 @@ import warnings
 import torch
 from torch import nn
 
-from tied_lora_kernels.model import _is_adapter_tensor, _require_layers, _unwrapped, tied_lora_state_dict
+from tied_lora_kernels.model import _is_adapter_tensor, _require_layers, _unwrapped
+from tied_lora_kernels.save_load import tied_lora_state_dict
 
 __all__ = ["export_peft_lora"]
 

@@ -22,7 +22,8 @@ import os
 from transformers import PreTrainedModel, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from tied_lora_kernels.model import _unwrapped, save_tied_lora
+from tied_lora_kernels.model import _unwrapped
+from tied_lora_kernels.save_load import save_tied_lora
 
 __all__ = ["SaveTiedLoRACallback"]
 

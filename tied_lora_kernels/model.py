@@ -1,17 +1,14 @@
-"""Model-level helpers: adapt a model in place, merge/unmerge, count, and save/load the tiny adapter.
+"""Model-level helpers: adapt a model in place, merge/unmerge/unload, disable, count.
 
 ``apply_tied_lora`` replaces every targeted ``nn.Linear`` by a ``TiedLoRALinear`` and creates one
 ``TiedLoRAShared`` per tie group and shape (a group: one role, the targets whose names differ only in their
-numeric parts such as layer indices; per layer instead when ``tie`` is off). The adapter on disk is a
-safetensors file (each shared ``A``/``B`` stored once) and a JSON file with the config and the layout.
+numeric parts such as layer indices; per layer instead when ``tie`` is off). Saving and loading the adapter:
+``save_load.py``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import json
-import os
 import re
 import warnings
 from collections.abc import Iterator
@@ -21,7 +18,7 @@ import torch
 from torch import nn
 
 from tied_lora_kernels.config import ALL_LINEAR, TiedLoRAConfig
-from tied_lora_kernels.functional import BACKENDS, check_rank
+from tied_lora_kernels.functional import check_rank
 from tied_lora_kernels.layer import (
     TiedLoRALinear,
     check_linear_type,
@@ -38,17 +35,10 @@ __all__ = [
     "unmerge_tied_lora",
     "unload_tied_lora",
     "disable_tied_lora",
-    "tied_lora_state_dict",
-    "save_tied_lora",
-    "load_tied_lora",
     "count_parameters",
     "ParameterCount",
     "tied_lora_layers",
 ]
-
-WEIGHTS_NAME = "adapter_model.safetensors"
-CONFIG_NAME = "adapter_config.json"
-FORMAT = "tied_lora_kernels/1"
 
 
 class ParameterCount(NamedTuple):
@@ -424,218 +414,6 @@ def _unwrapped(model: nn.Module) -> nn.Module:
             model = model.module
         else:
             return model
-
-
-def tied_lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every adapter tensor once (tied ones under the first name PyTorch gives them) and those of the config's
-    ``modules_to_save``, detached; names are relative to the model inside a ``torch.compile`` or
-    (Distributed)DataParallel wrapper."""
-    model = _unwrapped(model)
-    ids = _adapter_params(_require_layers(model))
-    config = getattr(model, "tied_lora_config", None)
-    if config is not None and config.modules_to_save:  # trained in full: saved with the adapter
-        ids |= {id(p) for m in _saved_modules(model, config, {}).values() for p in m.parameters()}
-    return {name: p.detach() for name, p in model.named_parameters() if id(p) in ids}
-
-
-def _layout(model: nn.Module) -> dict[str, dict]:
-    """What an adapter file must match: each adapted layer's shapes and where its shared pair lives."""
-    layers = tied_lora_layers(model)
-    shared_names = {}
-    for name, p in model.named_parameters():
-        shared_names.setdefault(id(p), name.rpartition(".")[0])
-    return {
-        name: {
-            "in_features": layer.in_features,
-            "out_features": layer.out_features,
-            "rank": layer.rank,
-            "alpha": layer.alpha,
-            "trains": [k for k, p in zip("ABuv", _factors(layer), strict=True) if p is not None and p.requires_grad],
-            "shared": shared_names[id(layer.shared.A)],
-            "b_rows": list(layer.b_rows) if layer.b_rows else None,
-        }
-        for name, layer in layers.items()
-    }
-
-
-def save_tied_lora(model: nn.Module, directory: str | os.PathLike) -> None:
-    """Write ``adapter_model.safetensors`` (each tensor once) and ``adapter_config.json`` to ``directory``
-    (from the model inside a ``torch.compile`` or (Distributed)DataParallel wrapper)."""
-    from safetensors.torch import save_file
-
-    model = _unwrapped(model)
-    state = {k: v.contiguous().cpu() for k, v in tied_lora_state_dict(model).items()}
-    config = getattr(model, "tied_lora_config", None)
-    dtypes = {str(v.dtype).removeprefix("torch.") for k, v in state.items() if _is_adapter_tensor(k)}
-    config = config.to_dict() if config is not None else None
-    if config is not None and len(dtypes) == 1:  # the adapters as they are now (e.g. after model.to(bf16))
-        config["dtype"] = dtypes.pop()
-    os.makedirs(directory, exist_ok=True)
-    save_file(state, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
-    meta = {
-        "format": FORMAT,
-        "tensors": {
-            k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")} for k, v in state.items()
-        },
-        "config": config,
-        "layout": _layout(model),
-    }
-    with open(os.path.join(directory, CONFIG_NAME), "w") as f:
-        json.dump(meta, f, indent=2)
-
-
-def load_tied_lora(
-    model: nn.Module, directory: str | os.PathLike, *, backend: str | None = None, trainable: bool | None = None
-) -> nn.Module:
-    """Load an adapter saved by ``save_tied_lora``; ``backend`` overrides the saved one. ``trainable``: None keeps
-    the flags (a bare model's adapter trains what its config trains, so that training continues; an adapted
-    model keeps its own); False freezes the loaded tensors (for inference: PEFT's ``is_trainable=False``, its
-    default); True makes the config's trained factors and ``modules_to_save`` require grad again.
-
-    A model without adapters is adapted first with the saved config (same targets, groups, flags); an adapted
-    one must have the same layout (layers, shapes, rank, alpha, ties), adapter dtypes and configured trained
-    factors, and keeps its own ``requires_grad`` flags (which factors require grad right now is not compared:
-    freezing a model for inference must not stop it loading). Every check runs before the model is touched:
-    a mismatch raises and leaves the model as it was. A ``torch.compile`` or (Distributed)DataParallel wrapper
-    is looked through.
-    """
-    from safetensors.torch import load_file
-
-    model = _unwrapped(model)
-    if trainable is not None and not isinstance(trainable, bool):
-        raise TypeError(f"trainable must be True, False or None, got {trainable!r}")
-    if backend is not None and backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
-    if backend == "triton" and any(layer.quantized for layer in tied_lora_layers(model).values()):
-        raise ValueError("backend='triton' needs plain weights; this model's adapted layers include quantized ones")
-
-    with open(os.path.join(directory, CONFIG_NAME)) as f:
-        meta = json.load(f)
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{directory} is not a tied_lora_kernels adapter (format {meta.get('format')!r})")
-    layout = meta["layout"]
-    state = load_file(os.path.join(directory, WEIGHTS_NAME))
-    layers = tied_lora_layers(model)
-    if layers:
-        merged = [name for name, layer in layers.items() if layer.merged]
-        if merged:
-            raise RuntimeError(f"cannot load into merged layers ({merged[:3]}...): unmerge_tied_lora(model) first")
-        ours, theirs = _fit(_layout(model)), _fit(layout)
-        if ours != theirs:
-            raise ValueError(f"the adapter in {directory} does not fit this model: {_describe_diff(ours, theirs)}")
-        config = getattr(model, "tied_lora_config", None)
-        if config is not None and meta["config"] is not None:  # what each config trains, whatever is frozen now
-            mine, saved = _trained(config), _trained(_saved_config(meta, layout))
-            if mine != saved:
-                raise ValueError(
-                    f"the adapter in {directory} does not fit this model: it was configured to train {saved}, "
-                    f"this model's adapter {mine}"
-                )
-    else:
-        if meta["config"] is None:
-            raise ValueError("the adapter was saved without a config: adapt the model first, then load")
-        _check_base_shapes(model, layout)
-        config = _saved_config(meta, layout, backend)
-        found = sorted(_find_targets(model, config))
-        if found != sorted(layout):
-            extra, missing = sorted(set(found) - set(layout)), sorted(set(layout) - set(found))
-            raise ValueError(
-                f"the adapter in {directory} does not fit this model: its targets also match {extra[:4]} "
-                f"(missing {missing[:4]})"
-            )
-        # the file must match its own description, and the description the config: then the adapter that
-        # apply_tied_lora builds from the same config on the same targets is the one that was saved
-        described = {k: (torch.Size(d["shape"]), getattr(torch, d["dtype"]), False) for k, d in meta["tensors"].items()}
-        _check_tensors(state, described)
-        if any(dtype != config.dtype for k, (_, dtype, _) in described.items() if _is_adapter_tensor(k)):
-            raise TypeError(f"the adapter's tensors are not all {config.dtype}, its config's dtype")
-        if any(model.get_submodule(name).weight.is_meta for name in layout):
-            raise ValueError("the model is on the meta device: materialise it (to_empty) before loading")
-        if config.dtype.itemsize < 4 and any(_input_dtype(model.get_submodule(n)) != config.dtype for n in layout):
-            # a 16-bit adapter file (saved after model.to(bf16)) onto layers that run in another dtype (a float32
-            # model, fp16, a quantized base whose compute dtype differs or is not known yet): float32 adapters,
-            # which run beside any input, holding exactly the saved values
-            config = dataclasses.replace(config, dtype=torch.float32)
-        _apply(model, config, shared_of={name: entry["shared"] for name, entry in layout.items()})
-    expected = tied_lora_state_dict(model)
-    _check_tensors(state, {k: (t.shape, t.dtype, t.is_meta) for k, t in expected.items()})
-    if backend is not None:
-        for layer in tied_lora_layers(model).values():
-            layer.backend = backend
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, tensor in state.items():
-            params[name].copy_(tensor)
-    if trainable is not None:
-        trained = set(_trained(model.tied_lora_config)) if getattr(model, "tied_lora_config", None) else set("ABuv")
-        for name in state:  # an adapter tensor trains if its factor is configured to; a saved module always
-            kind = next((k for end, k in _FACTOR_OF.items() if name.endswith(end)), None)
-            params[name].requires_grad_(trainable and (kind is None or kind in trained))
-    return model
-
-
-def _saved_config(meta: dict, layout: dict[str, dict], backend: str | None = None) -> TiedLoRAConfig:
-    """The config an adapter file was saved with (``backend`` overriding its own)."""
-    fields = dict(meta["config"])
-    fields["target_modules"] = fields["target_modules"] or list(layout)  # None: a callable, not saved
-    if backend is not None:
-        fields["backend"] = backend
-    return TiedLoRAConfig(**fields)
-
-
-def _trained(config: TiedLoRAConfig) -> list[str]:
-    """The factors a config trains (its preset's, unless a flag overrides it)."""
-    return [k for k in "ABuv" if config.resolved[f"train_{k}"]]
-
-
-def _fit(layout: dict[str, dict]) -> dict[str, dict]:
-    """What must match for an adapter to load into an adapted model: the layout less what trains."""
-    return {name: {k: v for k, v in entry.items() if k != "trains"} for name, entry in layout.items()}
-
-
-def _check_tensors(state: dict[str, torch.Tensor], expected: dict[str, tuple]) -> None:
-    if set(state) != set(expected):
-        raise ValueError(
-            f"adapter tensors differ: missing {sorted(set(expected) - set(state))[:4]}, "
-            f"unexpected {sorted(set(state) - set(expected))[:4]}"
-        )
-    for name, tensor in state.items():
-        shape, dtype, is_meta = expected[name]
-        if is_meta:
-            raise ValueError(f"{name} is on the meta device: materialise the model (to_empty) before loading")
-        if tensor.shape != shape:
-            raise ValueError(f"{name}: saved shape {tuple(tensor.shape)}, model has {tuple(shape)}")
-        if tensor.dtype != dtype and torch.promote_types(tensor.dtype, dtype) != dtype:  # widening is exact
-            raise TypeError(
-                f"{name}: saved as {tensor.dtype}, the model's adapter is {dtype}; loading would round it "
-                "(adapt with TiedLoRAConfig(dtype=...) matching the file)"
-            )
-
-
-def _check_base_shapes(model: nn.Module, layout: dict[str, dict]) -> None:
-    modules = dict(model.named_modules())
-    for name, entry in layout.items():
-        m = modules.get(name)
-        if m is None:
-            raise ValueError(f"the adapter targets {name!r}, and this model has no module of that name")
-        if not isinstance(m, _linear_types()):
-            kind = type(m).__name__
-            raise ValueError(f"the adapter targets {name!r}: this model's module there is {kind}, not nn.Linear")
-        if linear_features(m) != (entry["in_features"], entry["out_features"]):
-            (k, n) = linear_features(m)
-            raise ValueError(
-                f"{name}: the adapter was saved for [{entry['out_features']}, {entry['in_features']}], "
-                f"this model's layer is [{n}, {k}]"
-            )
-
-
-def _describe_diff(ours: dict, theirs: dict) -> str:
-    missing, extra = sorted(set(theirs) - set(ours)), sorted(set(ours) - set(theirs))
-    if missing or extra:
-        return f"layers only in the adapter {missing[:4]}, only in the model {extra[:4]}"
-    name = next(n for n in ours if ours[n] != theirs[n])
-    key = next(k for k in ours[name] if ours[name][k] != theirs[name].get(k))
-    return f"layer {name!r} has {key}={ours[name][key]!r}, the adapter {key}={theirs[name][key]!r}"
 
 
 def count_parameters(model: nn.Module) -> ParameterCount:

@@ -1,0 +1,182 @@
+"""Training a Hugging Face model with the adapter: activation checkpointing (both kinds, both backends), greedy
+``generate`` through the KV cache, DDP (a one-process gloo group), and ``Trainer``'s checkpoints with
+``SaveTiedLoRACallback``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+from tests.helpers import cpu_triton
+from tests.models import Toy, randomise_adapters, tiny_llama
+from tied_lora_kernels import (
+    QKV,
+    TiedLoRAConfig,
+    apply_tied_lora,
+    disable_tied_lora,
+    load_tied_lora,
+    merge_tied_lora,
+    tied_lora_layers,
+    tied_lora_state_dict,
+)
+
+
+def enable_checkpointing(model, reentrant: bool) -> None:
+    kwargs = {"use_reentrant": reentrant}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if reentrant:
+        model.enable_input_require_grads()  # transformers 5 did it already; 4.x did not
+    assert model.model.gradient_checkpointing
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=cpu_triton)])
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non_reentrant", "reentrant"])
+def test_hugging_face_gradient_checkpointing(reentrant, backend):
+    """Hugging Face activation checkpointing recomputes each decoder layer in backward: the tied A (summed over
+    both layers and q/k/v) and every other adapter gradient equal the run without it. Non-reentrant: the hook
+    on the shared A fires once per backward. Reentrant: once per checkpointed layer, autograd's rule for any
+    parameter that several checkpointed segments use (each runs its own backward; the torch path is the
+    same). Reentrant checkpointing needs inputs that require grad: transformers 5 arranges that itself, 4.x
+    needs ``enable_input_require_grads()``, as with PEFT."""
+    config = TiedLoRAConfig(rank=4, preset="tl6", target_modules=QKV + ("o_proj",), backend=backend)
+    model = apply_tied_lora(tiny_llama(), config)
+    randomise_adapters(model)
+    model.train()
+    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(4))
+    A = model.model.layers[0].self_attn.q_proj.shared.A
+    fired = []
+    A.register_post_accumulate_grad_hook(lambda p: fired.append(p.grad.clone()))
+
+    def grads():
+        model.zero_grad()
+        model(ids, labels=ids).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    want = grads()
+    enable_checkpointing(model, reentrant)
+    # below: the same products summed in another order (up to 3e-6 relative seen), not bit for bit
+    fired.clear()
+    got = grads()
+    assert got.keys() == want.keys() and got
+    for n in got:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-7, msg=lambda m, n=n: f"{n}: {m}")
+    assert len(fired) == (len(model.model.layers) if reentrant else 1)
+    assert torch.equal(fired[-1], got[next(n for n in got if n.endswith("shared.A"))])
+
+
+@cpu_triton
+def test_hugging_face_generate_with_the_kv_cache():
+    """Greedy generation, each new token a decode step of M = batch rows through every adapted layer: the triton
+    path (its decode configs) gives the torch path's scores and tokens, with the cache or without it (every
+    step a prefill), and the merged model gives the same tokens."""
+    config = TiedLoRAConfig(rank=4, preset="tl6", target_modules="all-linear", backend="torch")
+    model = apply_tied_lora(tiny_llama(), config)
+    randomise_adapters(model)
+    prompt = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(5))
+    settings = dict(max_new_tokens=4, do_sample=False, return_dict_in_generate=True, output_scores=True)
+
+    def generate(backend, **kwargs):
+        for layer in tied_lora_layers(model).values():
+            layer.backend = backend
+        with torch.no_grad():
+            out = model.generate(prompt, attention_mask=torch.ones_like(prompt), pad_token_id=0, **settings, **kwargs)
+        return out.sequences, torch.stack(out.scores)
+
+    tokens, scores = generate("torch")
+    base_tokens, _ = generate("torch", use_cache=False)
+    assert torch.equal(base_tokens, tokens)
+    for use_cache in (True, False):
+        got_tokens, got_scores = generate("triton", use_cache=use_cache)
+        assert torch.equal(got_tokens, tokens)
+        torch.testing.assert_close(got_scores, scores, rtol=1e-5, atol=1e-5)
+    with disable_tied_lora(model):
+        assert not torch.equal(generate("torch")[1], scores)  # the adapter changes what is generated
+    merge_tied_lora(model)
+    assert torch.equal(generate("torch")[0], tokens)
+
+
+def test_ddp_with_tied_adapters_and_checkpointing(process_group):
+    """DDP over a model whose A and B are tied across layers: gradients equal the plain run's, also under
+    non-reentrant checkpointing. Reentrant checkpointing fires a tied parameter's hook once per layer, which
+    DDP refuses by default and accepts with ``static_graph=True`` (what the README says)."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(5))
+
+    def run(reentrant=None, static_graph=False, ddp=True):
+        model = apply_tied_lora(tiny_llama(), TiedLoRAConfig(rank=4, preset="tl6", target_modules=QKV + ("o_proj",)))
+        randomise_adapters(model)
+        model.train()
+        if reentrant is not None:
+            enable_checkpointing(model, reentrant)
+        wrapped = DDP(model, static_graph=static_graph) if ddp else model
+        for _ in range(2):  # DDP's reducer checks the hooks on every backward
+            wrapped(ids, labels=ids).loss.backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    want = run(ddp=False)
+    for kwargs in (dict(), dict(reentrant=False), dict(reentrant=True, static_graph=True)):
+        got = run(**kwargs)
+        assert got.keys() == want.keys()
+        for n in got:
+            message = f"{kwargs} {n}"
+            torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-7, msg=lambda m, s=message: f"{s}: {m}")
+    with pytest.raises(RuntimeError, match="mark a variable ready only once"):
+        run(reentrant=True)
+
+
+def test_hugging_face_trainer_checkpoints_resume_and_carry_the_adapter(tmp_path):
+    """Trainer's own checkpoints save an adapted model and resume it: training 4 steps in one go, or 2 steps
+    then resuming from checkpoint-2 on a fresh model, ends with the same adapter. The callback puts the adapter
+    into each checkpoint, saves every few steps when asked and at the end; all reload exactly."""
+    pytest.importorskip("accelerate", reason="transformers' Trainer needs accelerate")
+    from tied_lora_kernels.hf import SaveTiedLoRACallback
+
+    config = TiedLoRAConfig(rank=4, groups=(("q_proj", "k_proj", "v_proj"),))
+    ids = torch.randint(0, 97, (8, 9), generator=torch.Generator().manual_seed(7))
+    data = [{"input_ids": row, "labels": row} for row in ids]
+    kwargs = dict(max_steps=4, per_device_train_batch_size=2, report_to=[], use_cpu=True, learning_rate=1e-2)
+
+    def trainer(model, out, **more):
+        args = transformers.TrainingArguments(str(tmp_path / out), **kwargs, **more)
+        return transformers.Trainer(model=model, args=args, train_dataset=data, callbacks=[SaveTiedLoRACallback(3)])
+
+    whole = apply_tied_lora(tiny_llama(), config)
+    trainer(whole, "whole", save_strategy="steps", save_steps=2).train()
+    listed = sorted(p.name for p in (tmp_path / "whole").iterdir())
+    assert listed == ["adapter-3", "adapter-final", "checkpoint-2", "checkpoint-4"]
+    for name in ("checkpoint-2", "checkpoint-4"):
+        assert {"model.safetensors", "optimizer.pt", "tied_lora"} <= {
+            p.name for p in (tmp_path / "whole" / name).iterdir()
+        }
+    # the checkpoint still loads as a plain Hugging Face model (the adapter's files sit in their own folder)
+    plain = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "whole/checkpoint-4")
+
+    resumed = apply_tied_lora(tiny_llama(), config)
+    trainer(resumed, "resumed", save_strategy="no").train(resume_from_checkpoint=str(tmp_path / "whole/checkpoint-2"))
+    theirs = tied_lora_state_dict(resumed)
+    for name, tensor in tied_lora_state_dict(whole).items():
+        assert torch.equal(theirs[name], tensor), name
+    untrained = tied_lora_state_dict(apply_tied_lora(tiny_llama(), config))
+    assert all(not torch.equal(theirs[name], tensor) for name, tensor in untrained.items())  # every tensor trained
+    assert sorted(p.name for p in (tmp_path / "resumed").iterdir()) == ["adapter-3", "adapter-final"]
+
+    whole.eval()
+    with torch.no_grad():
+        assert torch.equal(plain.eval()(ids).logits, tiny_llama()(ids).logits)  # the frozen base
+    for name in ("whole/checkpoint-4/tied_lora", "whole/adapter-final"):
+        fresh = load_tied_lora(tiny_llama(), tmp_path / name)
+        with torch.no_grad():
+            assert torch.equal(fresh(ids).logits, whole(ids).logits)
+    with pytest.raises(ValueError, match="positive int"):
+        SaveTiedLoRACallback(0)
+    # a model that is not a PreTrainedModel is saved as a plain state dict, which refuses tied tensors: refused
+    # before the first step rather than at the first checkpoint
+    args = transformers.TrainingArguments(str(tmp_path / "toy"), **kwargs, save_strategy="steps", save_steps=2)
+    toy = apply_tied_lora(Toy(), TiedLoRAConfig(rank=4))
+    with pytest.raises(ValueError, match="not a PreTrainedModel"):
+        transformers.Trainer(model=toy, args=args, train_dataset=data, callbacks=[SaveTiedLoRACallback()]).train()

@@ -1,0 +1,317 @@
+"""Saving and loading the adapter (``save_tied_lora`` / ``load_tied_lora``): bit-for-bit round trips, the ties
+and dtypes a file records, ``modules_to_save``, wrappers looked through, Hugging Face's ``save_pretrained``, and
+every file that must be refused before the model is touched."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from tests.models import Toy, randomise_adapters, tiny_llama
+from tied_lora_kernels import (
+    QKV,
+    TiedLoRAConfig,
+    apply_tied_lora,
+    count_parameters,
+    disable_tied_lora,
+    load_tied_lora,
+    merge_tied_lora,
+    save_tied_lora,
+    tied_lora_layers,
+    tied_lora_state_dict,
+)
+
+
+def test_save_load_bit_for_bit(tmp_path):
+    model = apply_tied_lora(tiny_llama(), TiedLoRAConfig(rank=4, preset="tl6", target_modules=QKV + ("o_proj",)))
+    randomise_adapters(model)
+    ids = torch.randint(0, 97, (2, 7))
+    with torch.no_grad():
+        expected = model(ids).logits
+    save_tied_lora(model, tmp_path)
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    shared_keys = [k for k in saved if ".shared." in k]
+    assert len(shared_keys) == 2 * 2  # qkv pair + o_proj pair, each stored once for both layers
+    fresh = tiny_llama()
+    load_tied_lora(fresh, tmp_path)
+    with torch.no_grad():
+        assert torch.equal(fresh(ids).logits, expected)
+    adapted = apply_tied_lora(tiny_llama(), TiedLoRAConfig(rank=4, preset="tl6", target_modules=QKV + ("o_proj",)))
+    load_tied_lora(adapted, tmp_path)
+    with torch.no_grad():
+        assert torch.equal(adapted(ids).logits, expected)
+
+
+def test_load_builds_the_ties_the_file_records(tmp_path):
+    """The file's layout says which layers share a pair: a file whose ties differ from the current rule (say,
+    saved before the rule changed) still loads into a bare model, with its own ties."""
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.layers = nn.ModuleList(nn.ModuleDict({"dense": nn.Linear(8, 8)}) for _ in range(2))
+            self.pooler = nn.ModuleDict({"dense": nn.Linear(8, 8)})
+
+        def forward(self, h):
+            for layer in self.layers:
+                h = torch.tanh(layer["dense"](h))
+            return self.pooler["dense"](h)
+
+    model = apply_tied_lora(Model(), TiedLoRAConfig(rank=2, target_modules=("dense",), groups=()))
+    randomise_adapters(model)
+    save_tied_lora(model, tmp_path)
+    # rewrite the file as if the pooler had shared the layers' pair
+    meta = json.loads((tmp_path / "adapter_config.json").read_text())
+    state = load_file(tmp_path / "adapter_model.safetensors")
+    ours = meta["layout"]["pooler.dense"]["shared"]
+    meta["layout"]["pooler.dense"]["shared"] = meta["layout"]["layers.0.dense"]["shared"]
+    for key in [k for k in state if k.startswith(ours + ".")]:
+        del state[key], meta["tensors"][key]
+    save_file(state, tmp_path / "adapter_model.safetensors")
+    (tmp_path / "adapter_config.json").write_text(json.dumps(meta))
+
+    fresh = load_tied_lora(Model(), tmp_path)
+    shared = {name: layer.shared for name, layer in tied_lora_layers(fresh).items()}
+    assert shared["pooler.dense"] is shared["layers.0.dense"] is shared["layers.1.dense"]
+    with torch.no_grad():  # the same model as the original with the pooler reading the layers' pair
+        model.pooler["dense"].shared = model.layers[0]["dense"].shared
+        h = torch.randn(3, 8)
+        assert torch.equal(fresh(h), model(h))
+
+
+def _classifier(head_seed=None):
+    """A tiny Llama classifier; ``head_seed`` redraws its head alone (a fresh head on the same base)."""
+    torch.manual_seed(0)
+    shape = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=97, num_labels=3, pad_token_id=0)  # fmt: skip
+    model = transformers.LlamaForSequenceClassification(transformers.LlamaConfig(**shape)).eval()
+    if head_seed is not None:
+        head = model.score.weight
+        with torch.no_grad():
+            head.copy_(torch.randn(head.shape, generator=torch.Generator().manual_seed(head_seed)))
+    return model
+
+
+def test_modules_to_save_train_in_full_and_travel_with_the_adapter(tmp_path):
+    """A new classification head (PEFT's ``modules_to_save``): trainable, saved and loaded with the adapter,
+    exported as PEFT writes it."""
+    peft = pytest.importorskip("peft")
+    from tied_lora_kernels import export_peft_lora
+
+    ids = torch.randint(1, 97, (2, 7), generator=torch.Generator().manual_seed(0))
+    model = apply_tied_lora(_classifier(), TiedLoRAConfig(rank=4, modules_to_save=("score",)))
+    assert model.score.weight.requires_grad
+    assert not any(p.requires_grad for n, p in model.named_parameters() if "embed" in n or "norm" in n)
+    model(ids).logits.sum().backward()
+    assert model.score.weight.grad is not None
+    with torch.no_grad():
+        randomise_adapters(model)  # the head included: it is in the adapter's state
+        expected = model(ids).logits
+    assert "score.weight" in tied_lora_state_dict(model)
+    save_tied_lora(model, tmp_path / "ours")
+    fresh = load_tied_lora(_classifier(head_seed=1), tmp_path / "ours")  # another head: loaded over
+    with torch.no_grad():
+        assert torch.equal(fresh(ids).logits, expected)
+    assert fresh.score.weight.requires_grad
+
+    export_peft_lora(model, tmp_path / "peft")
+    loaded = peft.PeftModel.from_pretrained(_classifier(head_seed=1), tmp_path / "peft")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, expected, rtol=1e-5, atol=1e-6)
+
+    with pytest.warns(UserWarning, match=r"modules_to_save \['score'\] keep their trained values"):
+        with disable_tied_lora(model):
+            pass
+
+    with pytest.raises(ValueError, match="'nope' matches no module"):
+        apply_tied_lora(_classifier(), TiedLoRAConfig(rank=4, modules_to_save=("nope",)))
+    with pytest.raises(ValueError, match="is or holds adapted targets"):
+        apply_tied_lora(_classifier(), TiedLoRAConfig(rank=4, modules_to_save=("self_attn",)))
+    with pytest.raises(TypeError, match="modules_to_save must be module names"):
+        TiedLoRAConfig(modules_to_save=(3,))
+
+
+def test_a_bf16_head_beside_float32_adapters_saves_and_loads(tmp_path):
+    model = _classifier().to(torch.bfloat16)
+    apply_tied_lora(model, TiedLoRAConfig(rank=4, modules_to_save="score"))  # adapters: float32 masters
+    save_tied_lora(model, tmp_path)
+    fresh = load_tied_lora(_classifier().to(torch.bfloat16), tmp_path)
+    assert (
+        fresh.score.weight.dtype == torch.bfloat16
+        and fresh.model.layers[0].self_attn.q_proj.shared.A.dtype == torch.float32
+    )
+    assert torch.equal(fresh.score.weight, model.score.weight)
+
+
+def test_load_errors(tmp_path):
+    model = apply_tied_lora(tiny_llama(), TiedLoRAConfig(rank=4, preset="tl6"))
+    save_tied_lora(model, tmp_path)
+    with pytest.raises(ValueError, match="saved for"):
+        load_tied_lora(tiny_llama(hidden_act="silu", head_dim=16), tmp_path)  # q_proj is [64, 32] here
+    other_rank = apply_tied_lora(tiny_llama(), TiedLoRAConfig(rank=2, preset="tl6"))
+    with pytest.raises(ValueError, match="does not fit this model"):
+        load_tied_lora(other_rank, tmp_path)
+    other_preset = apply_tied_lora(tiny_llama(), TiedLoRAConfig(rank=4, preset="vera"))
+    with pytest.raises(ValueError, match="does not fit this model"):
+        load_tied_lora(other_preset, tmp_path)
+    other_alpha = apply_tied_lora(tiny_llama(), TiedLoRAConfig(rank=4, preset="tl6", alpha=8))
+    with pytest.raises(ValueError, match="does not fit this model"):
+        load_tied_lora(other_alpha, tmp_path)
+
+
+def test_load_refuses_other_layouts(tmp_path):
+    model = apply_tied_lora(tiny_llama(), TiedLoRAConfig(rank=4, preset="tl6"))
+    save_tied_lora(model, tmp_path)
+    for config in (TiedLoRAConfig(rank=4, groups=()), TiedLoRAConfig(rank=4, tie=False)):
+        with pytest.raises(ValueError, match="does not fit this model"):
+            load_tied_lora(apply_tied_lora(tiny_llama(), config), tmp_path)
+    deeper = tiny_llama(num_hidden_layers=3)
+    with pytest.raises(ValueError, match="its targets also match"):
+        load_tied_lora(deeper, tmp_path)
+    assert not tied_lora_layers(deeper)  # left as it was
+    with torch.device("meta"):
+        on_meta = tiny_llama()
+    with pytest.raises(ValueError, match="meta device"):
+        load_tied_lora(on_meta, tmp_path)
+    bf16 = apply_tied_lora(tiny_llama(), TiedLoRAConfig(rank=4, dtype=torch.bfloat16))
+    with pytest.raises(TypeError, match="would round it"):
+        load_tied_lora(bf16, tmp_path)
+    merged = merge_tied_lora(apply_tied_lora(tiny_llama(), TiedLoRAConfig(rank=4)))
+    with pytest.raises(RuntimeError, match="merged"):
+        load_tied_lora(merged, tmp_path)
+
+
+def test_load_refuses_a_file_that_lost_a_tensor(tmp_path):
+    save_tied_lora(apply_tied_lora(tiny_llama(), TiedLoRAConfig(rank=4)), tmp_path)
+    state = load_file(tmp_path / "adapter_model.safetensors")
+    state.pop(next(k for k in state if k.endswith("lora_v")))
+    save_file(state, tmp_path / "adapter_model.safetensors")
+    fresh = tiny_llama()
+    with pytest.raises(ValueError, match="adapter tensors differ"):
+        load_tied_lora(fresh, tmp_path)
+    assert not tied_lora_layers(fresh)
+
+
+def test_load_backend_override(tmp_path):
+    save_tied_lora(apply_tied_lora(tiny_llama(), TiedLoRAConfig(rank=4, backend="triton")), tmp_path)
+    model = load_tied_lora(tiny_llama(), tmp_path, backend="torch")
+    assert {layer.backend for layer in tied_lora_layers(model).values()} == {"torch"}
+    assert count_parameters(model).trainable > 0  # training continues by default
+    frozen = load_tied_lora(tiny_llama(), tmp_path, trainable=False)  # PEFT's is_trainable=False
+    assert count_parameters(frozen).trainable == 0
+    with pytest.raises(TypeError, match="trainable must be True, False or None"):
+        load_tied_lora(tiny_llama(), tmp_path, trainable="no")
+    load_tied_lora(frozen, tmp_path)  # None: an adapted model keeps its flags
+    assert count_parameters(frozen).trainable == 0
+    load_tied_lora(frozen, tmp_path, trainable=True)  # the config's trained factors train again
+    assert count_parameters(frozen).trainable == count_parameters(model).trainable
+
+
+def test_save_after_conversion_freeze_and_wrappers(tmp_path):
+    """An adapter saved after ``model.to(bf16)`` loads into a bare bf16 model (the file records the dtype its
+    tensors have); a model frozen for inference loads it and keeps its flags; ``torch.compile``'s and DDP's
+    wrappers add no prefix to the file's names and are looked through on load."""
+    ids = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(6))
+    model = apply_tied_lora(tiny_llama(), TiedLoRAConfig(rank=4, preset="tl6", target_modules=QKV + ("o_proj",)))
+    randomise_adapters(model)
+    model.to(torch.bfloat16)
+    with torch.no_grad():
+        expected = model(ids).logits
+    save_tied_lora(torch.compile(model), tmp_path)  # traces nothing: the wrapper is only looked through
+    assert not any(k.startswith("_orig_mod") for k in load_file_keys(tmp_path))
+    fresh = load_tied_lora(tiny_llama().to(torch.bfloat16), tmp_path)
+    with torch.no_grad():
+        assert torch.equal(fresh(ids).logits, expected)
+
+    config = TiedLoRAConfig(rank=4, target_modules=QKV + ("o_proj",), dtype=torch.bfloat16)
+    frozen = apply_tied_lora(tiny_llama().to(torch.bfloat16), config)
+    frozen.requires_grad_(False)
+    load_tied_lora(torch.compile(frozen), tmp_path)
+    assert not any(p.requires_grad for p in frozen.parameters())
+    with torch.no_grad():
+        assert torch.equal(frozen(ids).logits, expected)
+
+
+def test_a_16_bit_adapter_file_loads_into_a_float32_model_as_float32(tmp_path):
+    """An adapter saved after ``model.to(bf16)`` loads into a float32 model as float32 adapters holding exactly
+    the saved values (bf16 adapters cannot run beside float32 activations), bare or already adapted; a float32
+    file into bf16 adapters would round and is still refused."""
+    config = TiedLoRAConfig(rank=4, preset="tl6", target_modules=QKV + ("o_proj",))
+    model = apply_tied_lora(tiny_llama(), config)
+    randomise_adapters(model)
+    model.to(torch.bfloat16)
+    save_tied_lora(model, tmp_path)
+    saved = tied_lora_state_dict(model)
+    ids = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(6))
+    for target in (tiny_llama(), apply_tied_lora(tiny_llama(), config)):
+        fresh = load_tied_lora(target, tmp_path)
+        state = tied_lora_state_dict(fresh)
+        assert {t.dtype for t in state.values()} == {torch.float32}
+        assert all(torch.equal(state[k], saved[k].float()) for k in saved)
+        with torch.no_grad():
+            fresh(ids)  # runs
+    save_tied_lora(fresh, tmp_path / "f32")
+    with pytest.raises(TypeError, match="loading would round it"):
+        load_tied_lora(model, tmp_path / "f32")
+
+
+def load_file_keys(directory):
+    return list(load_file(directory / "adapter_model.safetensors"))
+
+
+def test_load_names_a_missing_module(tmp_path):
+    model = apply_tied_lora(tiny_llama(), TiedLoRAConfig(rank=4, target_modules=("q_proj",), groups=()))
+    save_tied_lora(model, tmp_path)
+    other = tiny_llama()
+    other.model.layers[1].self_attn.q_proj = nn.Identity()
+    with pytest.raises(ValueError, match="module there is Identity, not nn.Linear"):
+        load_tied_lora(other, tmp_path)
+    del other.model.layers[1].self_attn.q_proj
+    with pytest.raises(ValueError, match="no module of that name"):
+        load_tied_lora(other, tmp_path)
+
+
+def test_save_pretrained_stores_each_tied_tensor_once_and_strict_loading_takes_it(tmp_path):
+    """save_pretrained (Trainer's checkpoints) stores a tensor that layers share once instead of refusing it;
+    load_state_dict, strict, restores it through that one name (also from a module above the adapted one),
+    and a tensor missing under all of its names is still reported missing."""
+    config = TiedLoRAConfig(rank=4, groups=(("q_proj", "k_proj", "v_proj"),))
+    model = apply_tied_lora(tiny_llama(), config)
+    randomise_adapters(model)
+    model.save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    aliases = [k for k in state if k.endswith((".shared.A", ".shared.B", ".lora_scale.u"))]
+    assert len(aliases) == 4  # attention's A and B, each layer's group u (the mlp is not adapted)
+    other = apply_tied_lora(tiny_llama(seed=3), config)
+    other.load_state_dict(state)  # strict
+    ids = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(other(ids).logits, model(ids).logits)
+    wrapper = nn.ModuleDict({"inner": apply_tied_lora(tiny_llama(seed=3), config)})
+    wrapper.load_state_dict({f"inner.{k}": v for k, v in state.items()})  # strict, hook one module down
+    with torch.no_grad():
+        assert torch.equal(wrapper["inner"](ids).logits, model(ids).logits)
+    a = next(k for k in aliases if k.endswith("shared.A"))
+    missing = other.load_state_dict({k: v for k, v in state.items() if k != a}, strict=False).missing_keys
+    A = other.get_parameter(a)
+    assert sorted(missing) == sorted(k for k, p in other.named_parameters(remove_duplicate=False) if p is A)
+    assert len(missing) == 6  # every name of that A: 3 projections x 2 layers
+
+    # names of one tied tensor with different values (saved with other ties) would each overwrite it: refused
+    full = {k: v.clone() for k, v in model.state_dict().items()}
+    full["model.layers.0.self_attn.k_proj.shared.A"] += 1
+    with pytest.raises(RuntimeError, match="one tied tensor in this model, but the state dict holds different"):
+        other.load_state_dict(full)
+    # each adapted model fills in its own names only: beside an untied one, a missing key stays missing
+    pair = nn.ModuleDict({"untied": apply_tied_lora(Toy(), TiedLoRAConfig(rank=2, tie=False, groups=()))})
+    pair["tied"] = apply_tied_lora(Toy(), TiedLoRAConfig(rank=2))
+    saved = pair.state_dict()
+    del saved["untied.layers.1.q_proj.shared.A"]
+    missing = pair.load_state_dict(saved, strict=False).missing_keys
+    assert missing == ["untied.layers.1.q_proj.shared.A"]
