@@ -149,6 +149,50 @@ def test_a_bf16_head_beside_float32_adapters_saves_and_loads(tmp_path):
     assert torch.equal(fresh.score.weight, model.score.weight)
 
 
+def test_a_saved_module_that_does_not_fit_leaves_a_bare_model_untouched(tmp_path):
+    """A file's ``modules_to_save`` tensors are checked against the bare model's parameters before it is adapted:
+    a head of another dtype (loading would round it), of another shape, or missing is refused, and the model is
+    left as it was (no adapted layer, no config, its own ``requires_grad`` flags)."""
+    model = apply_tied_lora(tiny_llama(), TiedLoRAConfig(rank=4, modules_to_save=("lm_head",)))
+    save_tied_lora(model, tmp_path)
+    cases = [
+        (lambda: tiny_llama().to(torch.bfloat16), TypeError, r"lm_head.weight: saved as torch.float32, the model's is "
+         r"torch.bfloat16; loading would round it \(load into the model in the file's dtype, then convert it\)"),
+        (lambda: tiny_llama(vocab_size=98), ValueError, r"lm_head.weight: saved shape \(97, 32\), model has \(98, "),
+    ]  # fmt: skip
+    for make, error, match in cases:
+        bare = make()
+        flags = [p.requires_grad for p in bare.parameters()]
+        with pytest.raises(error, match=match):
+            load_tied_lora(bare, tmp_path)
+        assert not tied_lora_layers(bare) and not hasattr(bare, "tied_lora_config")
+        assert [p.requires_grad for p in bare.parameters()] == flags
+    # (an fp32 model whose head is the widening of a bf16 file's loads: covered with the classifier above)
+
+    state = load_file(tmp_path / "adapter_model.safetensors")
+    state["lm_head.extra"] = state.pop("lm_head.weight")
+    save_file(state, tmp_path / "adapter_model.safetensors")
+    meta = json.loads((tmp_path / "adapter_config.json").read_text())
+    meta["tensors"]["lm_head.extra"] = meta["tensors"].pop("lm_head.weight")
+    (tmp_path / "adapter_config.json").write_text(json.dumps(meta))
+    bare = tiny_llama()
+    with pytest.raises(ValueError, match=r"holds \['lm_head.extra'\] \(modules_to_save\), which this model has no"):
+        load_tied_lora(bare, tmp_path)
+    assert not tied_lora_layers(bare)
+
+
+def test_a_tied_module_to_save_is_refused():
+    """``modules_to_save`` naming a module whose weight is tied to one left out (a language model's ``lm_head``
+    and its input embeddings): training it in place would train the embeddings too, and the file would hold it
+    under the embeddings' name, which PEFT cannot load; both saved together are allowed."""
+    model = tiny_llama(tie_word_embeddings=True)
+    with pytest.raises(ValueError, match=r"lm_head.weight is shared with \['model.embed_tokens.weight'\]"):
+        apply_tied_lora(model, TiedLoRAConfig(rank=4, modules_to_save=("lm_head",)))
+    assert not tied_lora_layers(model) and model.model.embed_tokens.weight.requires_grad
+    both = apply_tied_lora(model, TiedLoRAConfig(rank=4, modules_to_save=("lm_head", "embed_tokens")))
+    assert both.lm_head.weight.requires_grad and "model.embed_tokens.weight" in tied_lora_state_dict(both)
+
+
 def test_load_errors(tmp_path):
     model = apply_tied_lora(tiny_llama(), TiedLoRAConfig(rank=4, preset="tl6"))
     save_tied_lora(model, tmp_path)

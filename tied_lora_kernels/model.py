@@ -261,10 +261,21 @@ def _saved_modules(model: nn.Module, config: TiedLoRAConfig, targets: dict[str, 
         if not hits:
             raise ValueError(f"modules_to_save: {wanted!r} matches no module of the model")
         found.update(hits)
-    for name in found:
+    owners = _names_of_parameters(model)
+    within = tuple(name + "." for name in found)
+    for name, module in found.items():
         inside = [t for t in targets if t == name or t.startswith(name + ".")]
         if inside:
             raise ValueError(f"modules_to_save: {name!r} is or holds adapted targets {inside[:3]}; leave one out")
+        for p_name, p in module.named_parameters():
+            # a weight tied to a module left out (a language model's lm_head and its input embeddings) would train
+            # that module too, and the file would hold it under the other module's name
+            others = [n for n in owners[id(p)] if not n.startswith(within)]
+            if others:
+                raise ValueError(
+                    f"modules_to_save: {name}.{p_name} is shared with {others[:3]} (tied weights): training it "
+                    "would train those too; untie them first or save those modules as well"
+                )
     return found
 
 

@@ -165,6 +165,16 @@ def load_tied_lora(
             raise TypeError(f"the adapter's tensors are not all {config.dtype}, its config's dtype")
         if any(model.get_submodule(name).weight.is_meta for name in layout):
             raise ValueError("the model is on the meta device: materialise it (to_empty) before loading")
+        # the modules_to_save tensors load into the bare model's own parameters (same names): check them too,
+        # before _apply adapts the model
+        params = dict(model.named_parameters())
+        saved = {k for k in state if not _is_adapter_tensor(k)}
+        if not saved <= params.keys():
+            raise ValueError(
+                f"the adapter in {directory} does not fit this model: it holds {sorted(saved - params.keys())[:4]} "
+                "(modules_to_save), which this model has no parameter of that name for"
+            )
+        _check_tensors({k: state[k] for k in saved}, {k: (params[k].shape, params[k].dtype, False) for k in saved})
         if config.dtype.itemsize < 4 and any(_input_dtype(model.get_submodule(n)) != config.dtype for n in layout):
             # a 16-bit adapter file (saved after model.to(bf16)) onto layers that run in another dtype (a float32
             # model, fp16, a quantized base whose compute dtype differs or is not known yet): float32 adapters,
@@ -220,10 +230,13 @@ def _check_tensors(state: dict[str, torch.Tensor], expected: dict[str, tuple]) -
         if tensor.shape != shape:
             raise ValueError(f"{name}: saved shape {tuple(tensor.shape)}, model has {tuple(shape)}")
         if tensor.dtype != dtype and torch.promote_types(tensor.dtype, dtype) != dtype:  # widening is exact
-            raise TypeError(
-                f"{name}: saved as {tensor.dtype}, the model's adapter is {dtype}; loading would round it "
-                "(adapt with TiedLoRAConfig(dtype=...) matching the file)"
-            )
+            if _is_adapter_tensor(name):
+                fix = "adapt with TiedLoRAConfig(dtype=...) matching the file"
+                ours = f"the model's adapter is {dtype}"
+            else:  # a modules_to_save tensor: the model's own parameter
+                fix = "load into the model in the file's dtype, then convert it"
+                ours = f"the model's is {dtype}"
+            raise TypeError(f"{name}: saved as {tensor.dtype}, {ours}; loading would round it ({fix})")
 
 
 def _check_base_shapes(model: nn.Module, layout: dict[str, dict]) -> None:
