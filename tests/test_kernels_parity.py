@@ -78,8 +78,9 @@ def grads_of(y, dy, inputs):
     return dict(zip(wanted, grads, strict=True))
 
 
-def check_parity(x, params, scale=0.5, *, deterministic=False, autocast_dtype=None):
-    """Triton forward and every gradient vs float64, with plain PyTorch in the compute dtype as baseline."""
+def check_parity(x, params, scale=0.5, *, deterministic=False, autocast_dtype=None, dy_view=None):
+    """Triton forward and every gradient vs float64, with plain PyTorch in the compute dtype as baseline
+    (``dy_view``: applied to the output's gradient before the backward)."""
     dtype = autocast_dtype or x.dtype
     args = [params[k] for k in ("weight", "bias", "A", "B", "u", "v")]
     inputs = {"x": x, **params}
@@ -90,6 +91,8 @@ def check_parity(x, params, scale=0.5, *, deterministic=False, autocast_dtype=No
             y = tied_lora_linear(x, *args, scale, backend="triton", deterministic=deterministic)
     assert y.dtype == dtype and y.shape == (*x.shape[:-1], params["weight"].shape[0])
     dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(7)).to(dtype).to(DEVICE)
+    if dy_view is not None:
+        dy = dy_view(dy)
 
     expected = tied_lora_forward(x, *args, scale, upcast=True)
     # baseline: the same math in plain PyTorch in the compute dtype (x, W, b cast as autocast would)
@@ -392,6 +395,28 @@ def test_weight_stored_in_out(M, dtype):
     params["weight"] = stored.t()
     assert not params["weight"].is_contiguous()
     check_parity(x, params)
+
+
+def _neg_view(t):
+    """``t``'s values as a view with the negative bit set over their negation (as ``z.conj().imag`` is): its storage
+    holds ``-t``; gradients reach a leaf of their own."""
+    view = torch._neg_view((-t.detach()).requires_grad_(t.requires_grad))
+    assert view.is_neg() and torch.equal(view, t)
+    return view
+
+
+@pytest.mark.parametrize("M", [5, 40], ids=["decode", "prefill"])
+@pytest.mark.parametrize("name", ["x", "weight", "bias", "A", "B", "u", "v", "dy"])
+def test_an_input_with_the_negative_bit(name, M):
+    """A tensor with the negative bit set is read as its values, not as its storage (which holds their negation):
+    each input in turn (one at a time: two negated factors of one product would cancel), and the output's
+    gradient."""
+    x, params = make_inputs("full", M=M, K=40, N=70, R=8, dtype=torch.float32)
+    if name == "x":
+        x = _neg_view(x)
+    elif name != "dy":
+        params[name] = _neg_view(params[name])
+    check_parity(x, params, dy_view=_neg_view if name == "dy" else None)
 
 
 def test_strided_bias():

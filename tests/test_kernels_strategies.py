@@ -11,6 +11,7 @@ the same tests run the compiled kernels on a GPU.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -458,6 +459,14 @@ def test_forcing(monkeypatch):
         configs.forced(strategy="fast").__enter__()
     with pytest.raises(TypeError, match="tma"):
         configs.forced(tma="on").__enter__()
+    for bad in (2.5, "3", True, torch.tensor(3)):  # (each used to fail deep in a launcher, or True to mean 1)
+        with pytest.raises(TypeError, match="split_k must be an int or None"):
+            configs.forced(split_k=bad).__enter__()
+    with pytest.raises(ValueError, match="split_k must be >= 1"):
+        configs.forced(split_k=0).__enter__()
+    monkeypatch.delenv(configs.TMA_ENV)
+    with configs.forced(split_k=np.int64(3)):  # numpy's ints are ints, passed on as Python's
+        assert type(configs.forced_choice()[1]) is int
 
 
 def test_split_reduce_choice(monkeypatch):

@@ -68,6 +68,7 @@ import functools
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from numbers import Integral
 
 import torch
 from torch import Tensor
@@ -390,8 +391,12 @@ def forced(
     True and they can run (False: pointer loads; None: ``tma_for``'s default), and split-K partials summed
     by ``reduce`` ("launch" / "kernel"; None or "auto": ``split_reduce``'s default). Not thread-safe."""
     strategy = _check_choice(strategy, STRATEGIES, "strategy")
-    if split_k is not None and split_k < 1:
-        raise ValueError(f"split_k must be >= 1, got {split_k}")
+    if split_k is not None:
+        if isinstance(split_k, bool) or not isinstance(split_k, Integral):  # (numpy's ints are Integral)
+            raise TypeError(f"split_k must be an int or None, got {split_k!r}")
+        if split_k < 1:
+            raise ValueError(f"split_k must be >= 1, got {split_k}")
+        split_k = int(split_k)
     if tma is not None and not isinstance(tma, bool):
         raise TypeError(f"tma must be True, False or None, got {tma!r}")
     reduce = _check_choice(reduce, SPLIT_REDUCES, "reduce")

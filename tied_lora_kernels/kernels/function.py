@@ -83,6 +83,12 @@ def _on_device(t: Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
+def _resolved(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
+    """The tensors with their negative bit (a lazy negation, as in ``z.conj().imag``) applied: the kernels read raw
+    storage, which holds the negated values. Free for a tensor without the bit (itself)."""
+    return tuple(t if t is None else t.resolve_neg() for t in tensors)
+
+
 def _f32(t: Tensor | None) -> Tensor | None:
     return None if t is None else t.to(torch.float32).contiguous()
 
@@ -98,6 +104,7 @@ def forward_impl(
     """``(y [M, N], T [M, R] fp32 or None, dropout bits or None)``: the forward of ``TiedLoRALinearFunction`` (and
     of the custom op). With ``dropout > 0`` the shrink draws a keep mask from ``seed`` (None: a new one) and
     returns it as bits when ``keep_mask`` (for a backward that computes dx or dA)."""
+    x, weight, bias, A, B, u, v = _resolved(x, weight, bias, A, B, u, v)
     dtype = x.dtype
     drop = new_mask(dropout, *x.shape, x.device, seed, keep=keep_mask) if dropout else None
     if bias is not None:
@@ -125,6 +132,7 @@ def backward_impl(
     backward of ``TiedLoRALinearFunction`` (and of the custom op). ``x`` may be None unless A or W trains,
     ``T`` unless B, u or v trains; ``bits``: the forward's dropout mask (with its ``dropout``), else None."""
     needs_x, needs_w, needs_bias, needs_a, needs_b, needs_u, needs_v = needs
+    dy, x, weight, A, B, u, v = _resolved(dy, x, weight, A, B, u, v)
     s, det, dtype = scale, deterministic, dy.dtype
     forced = dict(strategy=strategy, split_k=split_k, tma=tma)
     dx = dw = dbias = dA = dB = du = dv = None
