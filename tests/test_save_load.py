@@ -167,7 +167,11 @@ def test_a_saved_module_that_does_not_fit_leaves_a_bare_model_untouched(tmp_path
             load_tied_lora(bare, tmp_path)
         assert not tied_lora_layers(bare) and not hasattr(bare, "tied_lora_config")
         assert [p.requires_grad for p in bare.parameters()] == flags
-    # (an fp32 model whose head is the widening of a bf16 file's loads: covered with the classifier above)
+    # the other way, widening, is exact and loads: a bf16 head into a float32 model
+    half = apply_tied_lora(tiny_llama().to(torch.bfloat16), TiedLoRAConfig(rank=4, modules_to_save=("lm_head",)))
+    save_tied_lora(half, tmp_path / "bf16")
+    widened = load_tied_lora(tiny_llama(), tmp_path / "bf16")
+    assert widened.lm_head.weight.dtype == torch.float32 and torch.equal(widened.lm_head.weight, half.lm_head.weight)
 
     state = load_file(tmp_path / "adapter_model.safetensors")
     state["lm_head.extra"] = state.pop("lm_head.weight")
