@@ -369,6 +369,12 @@ def test_apply_errors():
         apply_tied_lora(Toy(), TiedLoRAConfig(target_modules=nothing))
     with pytest.raises(TypeError, match="only nn.Linear"):
         apply_tied_lora(nn.ModuleDict({"q_proj": nn.Conv1d(4, 4, 1)}), TiedLoRAConfig(target_modules=["q_proj"]))
+
+    class FalconLinear(nn.Linear):  # as Falcon's: "all-linear" leaves it out, and the error says why
+        pass
+
+    with pytest.raises(ValueError, match=r"subclasses of nn.Linear cannot be adapted: \['q_proj \(FalconLinear\)'\]"):
+        apply_tied_lora(nn.ModuleDict({"q_proj": FalconLinear(4, 4)}), TiedLoRAConfig(target_modules=ALL_LINEAR))
     with pytest.raises(ValueError, match="exceeds min"):
         apply_tied_lora(Toy(d=8, kv=4), TiedLoRAConfig(rank=6, groups=(), target_modules=["k_proj"]))
     with pytest.raises(ValueError, match="the model itself matched"):

@@ -249,12 +249,20 @@ def _find_targets(model: nn.Module, config: TiedLoRAConfig) -> dict[str, nn.Line
             )
         targets[name] = module
     if not targets:
-        linears = [n for n, m in model.named_modules() if isinstance(m, _linear_types())]
+        linears = [n for n, m in model.named_modules() if type(m) in linear_types]
         wanted = config.target_modules
         wanted = f"the callable {getattr(wanted, '__name__', wanted)!r}" if callable(wanted) else repr(wanted)
+        found = f"its linear layers include {linears[:8]}"
+        if heads:
+            found += f" ('all-linear' leaves out {heads[0]!r})"
+        # (subclasses of nn.Linear, such as Falcon's FalconLinear, are refused by name)
+        subclasses = [f"{n} ({type(m).__name__})" for n, m in model.named_modules() if isinstance(m, linear_types)]
+        subclasses = [name for name in subclasses if name.partition(" ")[0] not in linears]
+        if subclasses:
+            found += f"; subclasses of nn.Linear cannot be adapted: {subclasses[:4]}"
         raise ValueError(
             f"target_modules={wanted} matched no nn.Linear in the model (a string is a module name unless it holds "
-            f"regular-expression characters); its linear layers include {linears[:8]}"
+            f"regular-expression characters); {found}"
         )
     return targets
 
