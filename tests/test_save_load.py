@@ -227,7 +227,7 @@ def test_load_refuses_other_layouts(tmp_path):
         on_meta = tiny_llama()
     with pytest.raises(ValueError, match="meta device"):
         load_tied_lora(on_meta, tmp_path)
-    bf16 = apply_tied_lora(tiny_llama().to(torch.bfloat16), TiedLoRAConfig(rank=4, dtype=torch.bfloat16))
+    bf16 = apply_tied_lora(tiny_llama(), TiedLoRAConfig(rank=4, dtype=torch.bfloat16))
     with pytest.raises(TypeError, match="would round it"):
         load_tied_lora(bf16, tmp_path)
     merged = merge_tied_lora(apply_tied_lora(tiny_llama(), TiedLoRAConfig(rank=4)))

@@ -172,13 +172,6 @@ def _plan(
                 check_rank(config.rank, *linear_features(lin))
             except ValueError as e:
                 raise ValueError(f"{name}: {e}") from None
-            computes = _input_dtype(lin)
-            if computes is not None and config.dtype not in (torch.float32, computes):  # (what functional.py runs)
-                raise TypeError(
-                    f"{name} computes in {computes}: adapters of dtype {config.dtype} cannot run beside it (they must "
-                    "be float32 or the layer's dtype); keep dtype=torch.float32, or convert the model first "
-                    "(model.to(dtype) after apply_tied_lora converts the adapters too)"
-                )
         shape = _shape(linears)
         if shared_of is not None:  # the pairs as an adapter file's layout has them
             tie_key = ("saved", shared_of[members[0]], *shape)
