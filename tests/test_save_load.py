@@ -27,6 +27,15 @@ from tied_lora_kernels import (
 )
 
 
+def test_the_names_that_moved_still_import_from_model():
+    from tied_lora_kernels import model, save_load
+    from tied_lora_kernels.model import load_tied_lora as moved
+
+    assert moved is load_tied_lora and model.WEIGHTS_NAME == save_load.WEIGHTS_NAME
+    with pytest.raises(AttributeError, match="has no attribute 'nope'"):
+        model.nope  # noqa: B018
+
+
 def test_save_load_bit_for_bit(tmp_path):
     model = apply_tied_lora(tiny_llama(), TiedLoRAConfig(rank=4, preset="tl6", target_modules=QKV + ("o_proj",)))
     randomise_adapters(model)
@@ -150,15 +159,31 @@ def test_a_bf16_head_beside_float32_adapters_saves_and_loads(tmp_path):
 
 
 def test_a_saved_module_that_does_not_fit_leaves_a_bare_model_untouched(tmp_path):
-    """A file's ``modules_to_save`` tensors are checked against the bare model's parameters before it is adapted:
-    a head of another dtype (loading would round it), of another shape, or missing is refused, and the model is
-    left as it was (no adapted layer, no config, its own ``requires_grad`` flags)."""
+    """A file's ``modules_to_save`` tensors are checked against the bare model's saved modules before it is adapted:
+    a head of another dtype (loading would round it) or shape, a parameter the file lacks (a bias) or holds in
+    excess, a head on the meta device, or one tied to the input embeddings is refused, and the model is left as it
+    was (no adapted layer, no config, its own ``requires_grad`` flags)."""
     model = apply_tied_lora(tiny_llama(), TiedLoRAConfig(rank=4, modules_to_save=("lm_head",)))
     save_tied_lora(model, tmp_path)
+
+    def with_head_bias():
+        bare = tiny_llama()
+        bare.lm_head.bias = nn.Parameter(torch.zeros(97))
+        return bare
+
+    def with_head_on_meta():
+        bare = tiny_llama()
+        bare.lm_head.to("meta")
+        return bare
+
     cases = [
         (lambda: tiny_llama().to(torch.bfloat16), TypeError, r"lm_head.weight: saved as torch.float32, the model's is "
          r"torch.bfloat16; loading would round it \(load into the model in the file's dtype, then convert it\)"),
         (lambda: tiny_llama(vocab_size=98), ValueError, r"lm_head.weight: saved shape \(97, 32\), model has \(98, "),
+        (with_head_bias, ValueError, r"adapter tensors differ: missing \['lm_head.bias'\], unexpected \[\]"),
+        (with_head_on_meta, ValueError, r"lm_head.weight is on the meta device"),
+        (lambda: tiny_llama(tie_word_embeddings=True), ValueError, r"lm_head.weight is shared with "
+         r"\['model.embed_tokens.weight'\] \(tied weights\)"),
     ]  # fmt: skip
     for make, error, match in cases:
         bare = make()
@@ -180,7 +205,7 @@ def test_a_saved_module_that_does_not_fit_leaves_a_bare_model_untouched(tmp_path
     meta["tensors"]["lm_head.extra"] = meta["tensors"].pop("lm_head.weight")
     (tmp_path / "adapter_config.json").write_text(json.dumps(meta))
     bare = tiny_llama()
-    with pytest.raises(ValueError, match=r"holds \['lm_head.extra'\] \(modules_to_save\), which this model has no"):
+    with pytest.raises(ValueError, match=r"missing \['lm_head.weight'\], unexpected \['lm_head.extra'\]"):
         load_tied_lora(bare, tmp_path)
     assert not tied_lora_layers(bare)
 

@@ -41,6 +41,18 @@ __all__ = [
 ]
 
 
+_MOVED = ("save_tied_lora", "load_tied_lora", "tied_lora_state_dict", "WEIGHTS_NAME", "CONFIG_NAME", "FORMAT")
+
+
+def __getattr__(name: str):
+    """Saving and loading moved to ``save_load.py``: their names still import from here."""
+    if name in _MOVED:
+        from tied_lora_kernels import save_load
+
+        return getattr(save_load, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 class ParameterCount(NamedTuple):
     trainable: int
     total: int

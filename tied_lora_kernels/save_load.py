@@ -150,9 +150,9 @@ def load_tied_lora(
             raise ValueError("the adapter was saved without a config: adapt the model first, then load")
         _check_base_shapes(model, layout)
         config = _saved_config(meta, layout, backend)
-        found = sorted(_find_targets(model, config))
-        if found != sorted(layout):
-            extra, missing = sorted(set(found) - set(layout)), sorted(set(layout) - set(found))
+        targets = _find_targets(model, config)
+        if sorted(targets) != sorted(layout):
+            extra, missing = sorted(set(targets) - set(layout)), sorted(set(layout) - set(targets))
             raise ValueError(
                 f"the adapter in {directory} does not fit this model: its targets also match {extra[:4]} "
                 f"(missing {missing[:4]})"
@@ -165,16 +165,15 @@ def load_tied_lora(
             raise TypeError(f"the adapter's tensors are not all {config.dtype}, its config's dtype")
         if any(model.get_submodule(name).weight.is_meta for name in layout):
             raise ValueError("the model is on the meta device: materialise it (to_empty) before loading")
-        # the modules_to_save tensors load into the bare model's own parameters (same names): check them too,
-        # before _apply adapts the model
-        params = dict(model.named_parameters())
-        saved = {k for k in state if not _is_adapter_tensor(k)}
-        if not saved <= params.keys():
-            raise ValueError(
-                f"the adapter in {directory} does not fit this model: it holds {sorted(saved - params.keys())[:4]} "
-                "(modules_to_save), which this model has no parameter of that name for"
-            )
-        _check_tensors({k: state[k] for k in saved}, {k: (params[k].shape, params[k].dtype, False) for k in saved})
+        # the modules_to_save tensors load into the bare model's own parameters, under the names they will have
+        # (tied_lora_state_dict's): the file must hold exactly those, in shapes and dtypes that load, before _apply
+        # adapts the model (_saved_modules refuses a module tied to one left out)
+        ids = {id(p) for m in _saved_modules(model, config, targets).values() for p in m.parameters()}
+        own = {name: p for name, p in model.named_parameters() if id(p) in ids}
+        _check_tensors(
+            {k: t for k, t in state.items() if not _is_adapter_tensor(k)},
+            {k: (p.shape, p.dtype, p.is_meta) for k, p in own.items()},
+        )
         if config.dtype.itemsize < 4 and any(_input_dtype(model.get_submodule(n)) != config.dtype for n in layout):
             # a 16-bit adapter file (saved after model.to(bf16)) onto layers that run in another dtype (a float32
             # model, fp16, a quantized base whose compute dtype differs or is not known yet): float32 adapters,
