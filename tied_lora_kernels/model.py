@@ -261,8 +261,11 @@ def _find_targets(model: nn.Module, config: TiedLoRAConfig) -> dict[str, nn.Line
         if heads:
             found += f" ('all-linear' leaves out {heads[0]!r})"
         # (subclasses of nn.Linear, such as Falcon's FalconLinear, are refused by name)
-        subclasses = [f"{n} ({type(m).__name__})" for n, m in model.named_modules() if isinstance(m, linear_types)]
-        subclasses = [name for name in subclasses if name.partition(" ")[0] not in linears]
+        subclasses = [
+            f"{n} ({type(m).__name__})"
+            for n, m in model.named_modules()
+            if isinstance(m, linear_types) and type(m) not in linear_types
+        ]
         if subclasses:
             found += f"; subclasses of nn.Linear cannot be adapted: {subclasses[:4]}"
         raise ValueError(
