@@ -121,6 +121,26 @@ def test_tying_is_real():
     assert all(m.shared.A is q[0].shared.A and m.shared.A.dtype == torch.float64 for m in layers.values())
 
 
+def test_functional_call_with_untied_weights_leaves_the_model_intact():
+    # every layer of a tie group registers one TiedLoRAShared module; torch.func.functional_call's default
+    # tie_weights=True then restores the wrong tensors (pytorch#164759), so the README says tie_weights=False:
+    # one name per tied tensor computes with it in every layer, and the model keeps its parameters
+    from torch.func import functional_call
+
+    model = apply_tied_lora(Toy(), TiedLoRAConfig(rank=4, preset="tl6"))
+    randomise_adapters(model)
+    before = dict(model.named_parameters())
+    params = {k: v.detach() * (2 if k.endswith("shared.A") else 1) for k, v in before.items()}
+    x = torch.randn(3, 24)
+    out = functional_call(model, params, (x,), tie_weights=False)
+    assert dict(model.named_parameters()) == before and all(type(p) is nn.Parameter for p in before.values())
+    with torch.no_grad():
+        for name, p in model.named_parameters():  # (each tensor once)
+            if name.endswith("shared.A"):
+                p.mul_(2)
+        assert torch.equal(out, model(x))
+
+
 def test_tie_off_gives_one_pair_per_layer_and_group():
     model = apply_tied_lora(Toy(layers=3), TiedLoRAConfig(rank=4, preset="lora", target_modules=QKV + ("o_proj",)))
     shared = {id(m.shared) for m in tied_lora_layers(model).values()}
@@ -382,6 +402,23 @@ def test_apply_errors():
     model = apply_tied_lora(Toy(), TiedLoRAConfig())
     with pytest.raises(RuntimeError, match="already has Tied-LoRA adapters"):
         apply_tied_lora(model, TiedLoRAConfig())
+    pruned = apply_tied_lora(Toy(), TiedLoRAConfig())
+    prune.l1_unstructured(pruned.layers[0].v_proj, "weight", amount=0.5)  # after adapting: merging would lose ΔW
+    for unload in (False, True):
+        with pytest.raises(RuntimeError, match="weight is computed .*before you merge"):
+            merge_tied_lora(pruned, unload=unload)
+    assert not any(layer.merged for layer in tied_lora_layers(pruned).values())
+
+
+def test_a_peft_model_is_refused():
+    # "all-linear" would adapt PEFT's base layers and its lora_A / lora_B alike, and freeze PEFT's adapter
+    peft = pytest.importorskip("peft")
+    wrapped = peft.get_peft_model(Toy(), peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    for targets in (ALL_LINEAR, ["q_proj"]):
+        with pytest.raises(ValueError, match=r"'base_model\.model\.layers\.0\.q_proj' is a PEFT adapter layer"):
+            apply_tied_lora(wrapped, TiedLoRAConfig(target_modules=targets))
+    assert not tied_lora_layers(wrapped)
+    assert wrapped.base_model.model.layers[0].q_proj.lora_A["default"].weight.requires_grad  # PEFT's, untouched
     with pytest.raises(ValueError, match="no Tied-LoRA adapters"):
         merge_tied_lora(Toy())
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -135,6 +136,37 @@ def test_merge_unmerge():
         layer.unmerge()
 
 
+def test_torch_jit_trace():
+    # torch.jit.trace (and the TorchScript ONNX exporter built on it) records sizes as tensors: the checks take them
+    layer = TiedLoRALinear.from_linear(nn.Linear(12, 8), TiedLoRAShared(12, 8, 3)).eval()
+    _randomised(layer.shared, layer)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # the checks' Python branches, as expected
+        traced = torch.jit.trace(layer, (torch.randn(4, 12),))
+    x = torch.randn(5, 12)
+    assert torch.equal(traced(x), layer(x))
+
+
+def test_merge_refuses_a_computed_weight():
+    # a parametrization (or pruning's pre-hook) added after adapting recomputes `weight` at every forward: ΔW
+    # written into it would vanish while merged says True, and unloading could not hand back a parameter
+    from torch.nn.utils import parametrizations
+
+    layer = TiedLoRALinear.from_linear(nn.Linear(12, 8), TiedLoRAShared(12, 8, 3))
+    _randomised(layer.shared, layer)
+    layer.merge()
+    parametrizations.weight_norm(layer)
+    for method, what in ((layer.unmerge, "unmerge"), (layer.to_base, "unload it")):
+        with pytest.raises(RuntimeError, match=f"weight is computed .*remove that before you {what}"):
+            method()
+    assert layer.merged
+    layer = TiedLoRALinear.from_linear(nn.Linear(12, 8), TiedLoRAShared(12, 8, 3))
+    parametrizations.weight_norm(layer)
+    with pytest.raises(RuntimeError, match="weight is computed .*remove that before you merge"):
+        layer.merge()
+    assert not layer.merged
+
+
 def test_merge_bfloat16_rounds_once():
     linear = nn.Linear(32, 16).bfloat16()
     base = linear.weight.detach().clone()
@@ -200,6 +232,12 @@ def test_layer_bad_arguments(kwargs, match):
 def test_layer_type_errors():
     with pytest.raises(TypeError, match="needs an nn.Linear"):
         TiedLoRALinear.from_linear(nn.Conv1d(6, 4, 1), TiedLoRAShared(6, 4, 2))
+
+    class Linear(nn.Module):  # another library's "Linear" (PEFT's LoRA layer is one): named in full
+        pass
+
+    with pytest.raises(TypeError, match=r"got \S*test_modules\.test_layer_type_errors\.<locals>\.Linear"):
+        TiedLoRALinear.from_linear(Linear(), TiedLoRAShared(6, 4, 2))
     with pytest.raises(TypeError, match="shared must be a TiedLoRAShared"):
         TiedLoRALinear.from_linear(nn.Linear(6, 4), nn.Linear(6, 4))
     with pytest.raises(TypeError, match="alpha must be a number"):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import safetensors.torch as safetensors_torch
 import torch
 import transformers
 from safetensors.torch import load_file, save_file
@@ -238,6 +239,22 @@ def test_load_errors(tmp_path):
         load_tied_lora(other_alpha, tmp_path)
 
 
+def test_save_refuses_a_submodule_adapted_apart(tmp_path):
+    # the file holds one config, which does not target what a second apply_tied_lora on a submodule adapted:
+    # loading it would adapt the first set of layers only, so saving refuses (the submodule saves on its own)
+    model = nn.ModuleDict(
+        {name: nn.ModuleDict({proj: nn.Linear(8, 8)}) for name, proj in (("a", "q_proj"), ("b", "k_proj"))}
+    )
+    apply_tied_lora(model, TiedLoRAConfig(rank=2, target_modules=["q_proj"]))
+    apply_tied_lora(model["b"], TiedLoRAConfig(rank=2, target_modules=["k_proj"]))
+    with pytest.raises(ValueError, match=r"'b' was adapted by an apply_tied_lora call of its own"):
+        save_tied_lora(model, tmp_path / "whole")
+    assert not (tmp_path / "whole").exists()
+    save_tied_lora(model["b"], tmp_path / "b")
+    fresh = nn.ModuleDict({"k_proj": nn.Linear(8, 8)})
+    assert list(tied_lora_layers(load_tied_lora(fresh, tmp_path / "b"))) == ["k_proj"]
+
+
 def test_load_refuses_other_layouts(tmp_path):
     model = apply_tied_lora(tiny_llama(), TiedLoRAConfig(rank=4, preset="tl6"))
     save_tied_lora(model, tmp_path)
@@ -375,6 +392,14 @@ def test_save_pretrained_stores_each_tied_tensor_once_and_strict_loading_takes_i
     A = other.get_parameter(a)
     assert sorted(missing) == sorted(k for k, p in other.named_parameters(remove_duplicate=False) if p is A)
     assert len(missing) == 6  # every name of that A: 3 projections x 2 layers
+
+    # safetensors' own save_model / load_model: load_model expects the names save_model left out to come back
+    # missing, which the hook fills in, so it takes strict=False on an adapted model (README)
+    safetensors_torch.save_model(model, tmp_path / "st.safetensors")
+    third = apply_tied_lora(tiny_llama(seed=3), config)
+    safetensors_torch.load_model(third, tmp_path / "st.safetensors", strict=False)
+    with torch.no_grad():
+        assert torch.equal(third(ids).logits, model(ids).logits)
 
     # names of one tied tensor with different values (saved with other ties) would each overwrite it: refused
     full = {k: v.clone() for k, v in model.state_dict().items()}

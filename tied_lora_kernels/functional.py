@@ -215,7 +215,7 @@ def _check_inputs(x, weight, bias, A, B, u, v, scale) -> None:
     if A.dim() != 2 or A.shape[1] != K:
         raise ValueError(f"A must be [rank, in_features={K}], got shape {tuple(A.shape)}")
     R = A.shape[0]
-    check_rank(R, K, N)
+    check_rank(int(R) if torch.jit.is_tracing() else R, K, N)  # (torch.jit.trace records sizes as tensors)
     if B.shape != (N, R):
         raise ValueError(f"B must be [out_features={N}, rank={R}], got shape {tuple(B.shape)}")
     for name, t, n in (("bias", bias, N), ("u", u, R), ("v", v, N)):

@@ -60,9 +60,17 @@ def check_linear_type(linear: nn.Module, what: str) -> None:
     (``nn.MultiheadAttention``'s ``out_proj`` is not even called)."""
     if type(linear) not in (nn.Linear, conv1d_type(), *quantized_linear_types()):
         raise TypeError(
-            f"{what} is a {type(linear).__name__}; only nn.Linear layers, transformers' Conv1D (GPT-2) and "
+            f"{what} is a {class_label(type(linear))}; only nn.Linear layers, transformers' Conv1D (GPT-2) and "
             "bitsandbytes' Linear4bit / Linear8bitLt can be adapted"
         )
+
+
+def class_label(cls: type) -> str:
+    """A class's name for an error message: qualified with its module when the bare name is one of the classes
+    that can be adapted (PEFT's LoRA layer is a ``Linear`` too)."""
+    if cls.__name__ in ("Linear", "Conv1D", *_QUANTIZED_NAMES):
+        return f"{cls.__module__}.{cls.__qualname__}"
+    return cls.__name__
 
 
 def conv1d_type() -> type | None:
@@ -219,7 +227,7 @@ class TiedLoRALinear(nn.Linear):
         if isinstance(linear, TiedLoRALinear):
             raise TypeError("this layer already has a Tied-LoRA adapter")
         if not isinstance(linear, nn.Linear) and type(linear) is not conv1d_type():
-            raise TypeError(f"from_linear needs an nn.Linear or a transformers Conv1D, got {type(linear).__name__}")
+            raise TypeError(f"from_linear needs an nn.Linear or a transformers Conv1D, got {class_label(type(linear))}")
         check_linear_type(linear, "this linear")
         check_plain_weight(linear, "this linear")
         if hasattr(linear, "_hf_hook"):
@@ -380,6 +388,7 @@ class TiedLoRALinear(nn.Linear):
         """The layer without its adapter (``weight`` as it is now: merged or not): an ``nn.Linear``, a ``Conv1D``
         or the quantized layer, holding the same parameters (and quantisation state), with this layer's forward
         and backward hooks moved over."""
+        self._check_weight_stored("unload it")
         if self.quantized:  # the quantized layer's own state back, less the adapter's
             base = self.base_class.__new__(self.base_class)
             nn.Module.__init__(base)
@@ -415,19 +424,31 @@ class TiedLoRALinear(nn.Linear):
         """Take ΔW back out of ``weight``: exact up to the rounding of ``weight``'s dtype."""
         if not self.merged:
             raise RuntimeError("this TiedLoRALinear is not merged")
+        self._check_weight_stored("unmerge")
         self._add_delta(-1.0)
         self.merged = False
 
     def check_mergeable(self) -> None:
         """Raise unless ΔW can go into ``weight``: not while disabled (``disable_tied_lora`` promises the base
-        model), not into a quantized weight, where it would be rounded away."""
+        model), not into a quantized weight, where it would be rounded away, nor into a computed one."""
         if self.disabled:
             raise RuntimeError("this TiedLoRALinear is disabled (disable_tied_lora): merge it outside that block")
+        self._check_weight_stored("merge")
         if self.quantized:
             raise RuntimeError(
                 f"cannot merge into a quantized {self.base_class.__name__} weight (ΔW would be rounded into it): "
                 "keep the adapter separate, export it with export_peft_lora, or merge into a dequantized copy of "
                 "the base model"
+            )
+
+    def _check_weight_stored(self, what: str) -> None:
+        # a parametrization or a forward pre-hook (pruning, weight norm) computes `weight` from other tensors:
+        # ΔW written into it would be lost at the next forward, and it is no parameter to hand back
+        if "weight" not in self._parameters:
+            raise RuntimeError(
+                "this TiedLoRALinear's weight is computed (by a parametrization, or a forward pre-hook: pruning, "
+                f"weight or spectral norm): remove that before you {what} "
+                "(torch.nn.utils.parametrize.remove_parametrizations, torch.nn.utils.prune.remove)"
             )
 
     def _add_delta(self, sign: float) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import sys
 import warnings
 from collections.abc import Iterator
 from typing import NamedTuple
@@ -76,6 +77,15 @@ def _apply(model: nn.Module, config: TiedLoRAConfig, shared_of: dict[str, str] |
         raise TypeError(f"config must be a TiedLoRAConfig, got {type(config).__name__}")
     if tied_lora_layers(model):
         raise RuntimeError("this model already has Tied-LoRA adapters")
+    peft_layer = _peft_layer(model)
+    if peft_layer is not None:
+        name, cls = peft_layer
+        raise ValueError(
+            f"{f'{name!r}' if name else 'the model'} is a PEFT adapter layer ({cls}): apply_tied_lora adapts a bare "
+            "base model (it would adapt PEFT's base and adapter layers alike). Take PEFT's adapter off first "
+            "(merge_and_unload() or unload()), or bring a saved PEFT LoRA or VeRA adapter over with "
+            "load_peft_adapter(base_model, path)"
+        )
     targets = _find_targets(model, config)
     saved = _saved_modules(model, config, targets)
     r = config.resolved
@@ -128,6 +138,17 @@ def _apply(model: nn.Module, config: TiedLoRAConfig, shared_of: dict[str, str] |
         # (the private form: the public register_load_state_dict_pre_hook needs torch 2.5)
         model._register_load_state_dict_pre_hook(_fill_tied_aliases, with_module=True)
     return model
+
+
+def _peft_layer(model: nn.Module) -> tuple[str, str] | None:
+    """``(name, class)`` of the first PEFT adapter layer in ``model`` (PEFT's ``BaseTunerLayer``, known once peft
+    is imported; this never imports it), or None."""
+    tuner = getattr(sys.modules.get("peft.tuners.tuners_utils"), "BaseTunerLayer", None)
+    if isinstance(tuner, type):
+        for name, module in model.named_modules():
+            if isinstance(module, tuner):
+                return name, f"{type(module).__module__}.{type(module).__qualname__}"
+    return None
 
 
 def _fill_tied_aliases(module: nn.Module, state_dict: dict, prefix: str, *_) -> None:

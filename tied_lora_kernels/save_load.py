@@ -80,6 +80,17 @@ def save_tied_lora(model: nn.Module, directory: str | os.PathLike) -> None:
     model = _unwrapped(model)
     state = {k: v.contiguous().cpu() for k, v in tied_lora_state_dict(model).items()}
     config = getattr(model, "tied_lora_config", None)
+    nested = [
+        name
+        for name, module in model.named_modules()
+        if name and getattr(module, "tied_lora_config", None) is not None and tied_lora_layers(module)
+    ]
+    if config is not None and nested:  # the file holds one config: loading would adapt only what it targets
+        raise ValueError(
+            f"{nested[0]!r} was adapted by an apply_tied_lora call of its own, which this model's config does not "
+            f"describe: save it apart (save_tied_lora(model.get_submodule({nested[0]!r}), ...)) or adapt the model "
+            "in one call"
+        )
     dtypes = {str(v.dtype).removeprefix("torch.") for k, v in state.items() if _is_adapter_tensor(k)}
     config = config.to_dict() if config is not None else None
     if config is not None and len(dtypes) == 1:  # the adapters as they are now (e.g. after model.to(bf16))
