@@ -117,7 +117,9 @@ def forward_impl(
             down, up, fold = A.t(), B.t(), dict(scale=scale, cscale=_f32(v))
         else:
             A_cast, svB = prepare_adapters(A, B, v, scale, dtype, cast_a=True)
-            down, up, fold = A_cast.t(), svB.t(), {}
+            # (contiguous: a TMA descriptor of A then has rows of K elements, never a column-major A's R
+            # columns followed by padding whose contents are unknown; prepare.py)
+            down, up, fold = A_cast.contiguous().t(), svB.t(), {}
         y, T = fused_lora_mm(
             x, weight.t(), down, up, _f32(u), bias, **fold, write_t=keep_t, strategy=strategy, split_k=split_k, tma=tma,
             drop_a=drop,

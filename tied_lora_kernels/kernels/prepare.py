@@ -11,7 +11,11 @@ microseconds on a GPU for a few kilobytes; this kernel is one. It rounds exactly
 
 ``b_out`` is a view whose row stride is padded to a multiple of 16 elements: the JIT then specialises the
 kernels that read it on an aligned stride (what ``compile_check`` assumes), which saves ~90 registers in the
-dx kernel at R = 128, and a TMA descriptor can describe it.
+dx kernel at R = 128, and a TMA descriptor can describe it. The padding columns are written as zeros: a TMA
+load of a box wider than ``R`` (the dx GEMM's ``[BLOCK_K, 16]`` tiles at ranks that are not multiples of 8)
+must read zeros there, and should the hardware fetch the row's next 16-byte sector from memory rather than
+fill it (known of TMA stores, not ruled out for loads), uninitialised memory there could hold NaN, and NaN·0
+is NaN in every row of the tile.
 """
 
 from __future__ import annotations
@@ -61,16 +65,19 @@ def _prepare_kernel(
         mask_a = offs < R * K
         a = tl.load(a_ptr + (offs // K) * stride_ar + (offs % K) * stride_ak, mask=mask_a, other=0.0)
         tl.store(a_out_ptr + offs, as_operand(a.to(tl.float32), DTYPE, UPCAST), mask=mask_a)
-    # b_out = s·v ⊙ B: (s·v) first, then the product, both in fp32, rounded once (torch's order)
-    n, r = offs // R, offs % R
-    mask_b = offs < N * R
-    b = tl.load(b_ptr + n * stride_bn + r * stride_br, mask=mask_b, other=0.0).to(tl.float32)
+    # b_out = s·v ⊙ B: (s·v) first, then the product, both in fp32, rounded once (torch's order); over the padded
+    # rows (stride_bon wide), the padding columns R.. set to zero
+    n, r = offs // stride_bon, offs % stride_bon
+    mask_b = offs < N * stride_bon
+    mask_r = mask_b & (r < R)
+    b = tl.load(b_ptr + n * stride_bn + r * stride_br, mask=mask_r, other=0.0).to(tl.float32)
     if HAS_V:
-        v = tl.load(v_ptr + n, mask=mask_b, other=0.0).to(tl.float32)
+        v = tl.load(v_ptr + n, mask=mask_r, other=0.0).to(tl.float32)
         b = b * (scale * v)
     else:
         b = b * scale
-    tl.store(b_out_ptr + n * stride_bon + r, as_operand(b, DTYPE, UPCAST), mask=mask_b)
+    b = tl.where(mask_r, b, 0.0)  # (a pad column's s·v may be inf: inf·0 would be NaN)
+    tl.store(b_out_ptr + offs, as_operand(b, DTYPE, UPCAST), mask=mask_b)
 
 
 def prepare_adapters(
@@ -81,10 +88,11 @@ def prepare_adapters(
     differs; ``s·v ⊙ B`` is ``[N, R]`` with a 16-aligned row stride. One launch."""
     (R, K), N = A.shape, B.shape[0]
     v = v.contiguous() if v is not None else None  # the kernel reads v with unit stride (free when it has one)
-    b_out = torch.empty((N, -(-R // 16) * 16), device=B.device, dtype=dtype)[:, :R]
+    padded = torch.empty((N, -(-R // 16) * 16), device=B.device, dtype=dtype)
+    b_out = padded[:, :R]
     cast = cast_a and A.dtype != dtype
     a_out = torch.empty((R, K), device=A.device, dtype=dtype) if cast else A
-    numel = max(N * R, R * K if cast else 0)
+    numel = max(padded.numel(), R * K if cast else 0)
     if numel == 0:
         return a_out, b_out
     _prepare_kernel[(cdiv(numel, PREPARE_BLOCK),)](
