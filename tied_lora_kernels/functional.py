@@ -228,8 +228,10 @@ def _check_inputs(x, weight, bias, A, B, u, v, scale) -> None:
             continue
         if t.dtype != dtype and (name in _BASE or t.dtype != torch.float32):
             if name in _BASE:
+                autocast = _autocast_dtype(x)
+                why = f" (under autocast to {autocast}, which leaves float64 as it is)" if autocast is not None else ""
                 raise TypeError(
-                    f"{name} is {t.dtype} but x is {dtype}: the base layer and its input must share a dtype"
+                    f"{name} is {t.dtype}{why} but x is {dtype}: the base layer and its input must share a dtype"
                 )
             why = f" (autocast's {dtype}: adapters then need float32)" if _autocast_dtype(x) is not None else ""
             raise TypeError(f"{name} is {t.dtype} but x is {dtype}{why}: adapters must be float32 or x's dtype")
