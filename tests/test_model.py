@@ -402,25 +402,44 @@ def test_apply_errors():
     model = apply_tied_lora(Toy(), TiedLoRAConfig())
     with pytest.raises(RuntimeError, match="already has Tied-LoRA adapters"):
         apply_tied_lora(model, TiedLoRAConfig())
+    # pruning added after adapting computes v_proj's weight: merging would lose ΔW, unloading could not hand the
+    # parameter back; every layer is checked before any is touched, and the error names the layer
     pruned = apply_tied_lora(Toy(), TiedLoRAConfig())
-    prune.l1_unstructured(pruned.layers[0].v_proj, "weight", amount=0.5)  # after adapting: merging would lose ΔW
+    prune.l1_unstructured(pruned.layers[2].v_proj, "weight", amount=0.5)
+    layers = tied_lora_layers(pruned)
     for unload in (False, True):
-        with pytest.raises(RuntimeError, match="weight is computed .*before you merge"):
+        with pytest.raises(RuntimeError, match=r"layers\.2\.v_proj: .*weight is computed .*before you merge"):
             merge_tied_lora(pruned, unload=unload)
-    assert not any(layer.merged for layer in tied_lora_layers(pruned).values())
+    assert not any(layer.merged for layer in layers.values())
+    with pytest.raises(RuntimeError, match=r"layers\.2\.v_proj: .*weight is computed .*before you unload it"):
+        unload_tied_lora(pruned)
+    assert tied_lora_layers(pruned) == layers
+    for layer in layers.values():
+        if layer is not layers["layers.2.v_proj"]:
+            layer.merge()
+    layers["layers.2.v_proj"].merged = True  # (as if merged before the pruning)
+    for call, what in ((unmerge_tied_lora, "unmerge"), (lambda m: merge_tied_lora(m, unload=True), "unload it")):
+        with pytest.raises(RuntimeError, match=rf"layers\.2\.v_proj: .*weight is computed .*before you {what}"):
+            call(pruned)
+        assert tied_lora_layers(pruned) == layers and all(layer.merged for layer in layers.values())
+    with pytest.raises(ValueError, match="no Tied-LoRA adapters"):
+        merge_tied_lora(Toy())
 
 
 def test_a_peft_model_is_refused():
-    # "all-linear" would adapt PEFT's base layers and its lora_A / lora_B alike, and freeze PEFT's adapter
+    # "all-linear" would adapt PEFT's base layers and its lora_A / lora_B alike, and freeze PEFT's adapter; the
+    # PeftModel is refused, and so is the model inside it, which holds PEFT's layers
     peft = pytest.importorskip("peft")
     wrapped = peft.get_peft_model(Toy(), peft.LoraConfig(r=2, target_modules=["q_proj"]))
-    for targets in (ALL_LINEAR, ["q_proj"]):
-        with pytest.raises(ValueError, match=r"'base_model\.model\.layers\.0\.q_proj' is a PEFT adapter layer"):
-            apply_tied_lora(wrapped, TiedLoRAConfig(target_modules=targets))
+    for model, match in (
+        (wrapped, r"the model is a PEFT model or adapter layer \(peft\.peft_model\.PeftModel\)"),
+        (wrapped.base_model.model, r"'layers\.0\.q_proj' is a PEFT model or adapter layer \(peft\.tuners\.lora"),
+    ):
+        for targets in (ALL_LINEAR, ["q_proj"]):
+            with pytest.raises(ValueError, match=match):
+                apply_tied_lora(model, TiedLoRAConfig(target_modules=targets))
     assert not tied_lora_layers(wrapped)
     assert wrapped.base_model.model.layers[0].q_proj.lora_A["default"].weight.requires_grad  # PEFT's, untouched
-    with pytest.raises(ValueError, match="no Tied-LoRA adapters"):
-        merge_tied_lora(Toy())
 
 
 def test_callable_targets_and_quick_start_flow(tmp_path):

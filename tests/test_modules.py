@@ -145,6 +145,9 @@ def test_torch_jit_trace():
         traced = torch.jit.trace(layer, (torch.randn(4, 12),))
     x = torch.randn(5, 12)
     assert torch.equal(traced(x), layer(x))
+    layer.backend = "triton"  # ("auto" traces the torch path on a GPU too)
+    with pytest.raises(RuntimeError, match="backend='triton' cannot be traced by torch.jit.trace"):
+        torch.jit.trace(layer, (x,))
 
 
 def test_merge_refuses_a_computed_weight():

@@ -254,6 +254,22 @@ def test_save_refuses_a_submodule_adapted_apart(tmp_path):
     fresh = nn.ModuleDict({"k_proj": nn.Linear(8, 8)})
     assert list(tied_lora_layers(load_tied_lora(fresh, tmp_path / "b"))) == ["k_proj"]
 
+    class Forwarding(nn.Module):  # as FSDP1's wrapper: what it lacks, such as the config, comes from the model
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def __getattr__(self, name):
+            try:
+                return super().__getattr__(name)
+            except AttributeError:
+                return getattr(self.module, name)
+
+    inner = apply_tied_lora(nn.ModuleDict({"q_proj": nn.Linear(8, 8)}), TiedLoRAConfig(rank=2, target_modules=QKV))
+    save_tied_lora(Forwarding(inner), tmp_path / "wrapped")  # one adaptation, seen twice: not refused
+    loaded = load_tied_lora(Forwarding(nn.ModuleDict({"q_proj": nn.Linear(8, 8)})), tmp_path / "wrapped")
+    assert list(tied_lora_layers(loaded)) == ["module.q_proj"]
+
 
 def test_load_refuses_other_layouts(tmp_path):
     model = apply_tied_lora(tiny_llama(), TiedLoRAConfig(rank=4, preset="tl6"))

@@ -101,10 +101,14 @@ def resolve_backend(backend: str, x: Tensor, rank: int = 1) -> str:
     """The backend ``"auto"`` stands for on ``x``, after checking the requested one can run.
 
     ``"auto"`` is triton for CUDA tensors the kernels support (their dtypes, rank ≤ their maximum), torch
-    otherwise; it never picks triton's CPU interpreter, which is for tests.
+    otherwise (also under ``torch.jit.trace``); it never picks triton's CPU interpreter, which is for tests.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if torch.jit.is_tracing():  # (TorchScript records the torch path's ops; the launchers take traced sizes)
+        if backend == "triton":
+            raise RuntimeError("backend='triton' cannot be traced by torch.jit.trace; use backend='torch' or 'auto'")
+        return "torch"
     if backend == "torch" or (backend == "auto" and not x.is_cuda):
         return "torch"
     reason = _triton_unavailable(x.device)
@@ -229,9 +233,13 @@ def _check_inputs(x, weight, bias, A, B, u, v, scale) -> None:
         if t.dtype != dtype and (name in _BASE or t.dtype != torch.float32):
             if name in _BASE:
                 autocast = _autocast_dtype(x)
-                why = f" (under autocast to {autocast}, which leaves float64 as it is)" if autocast is not None else ""
+                why = ""
+                if autocast is not None and dtype == torch.float64 and t.is_floating_point():
+                    why = (
+                        f" (autocast to {autocast} casts float32 and float16 tensors, not float64 ones, as F.linear's)"
+                    )
                 raise TypeError(
-                    f"{name} is {t.dtype}{why} but x is {dtype}: the base layer and its input must share a dtype"
+                    f"{name} is {t.dtype} but x is {dtype}{why}: the base layer and its input must share a dtype"
                 )
             why = f" (autocast's {dtype}: adapters then need float32)" if _autocast_dtype(x) is not None else ""
             raise TypeError(f"{name} is {t.dtype} but x is {dtype}{why}: adapters must be float32 or x's dtype")

@@ -81,10 +81,9 @@ def _apply(model: nn.Module, config: TiedLoRAConfig, shared_of: dict[str, str] |
     if peft_layer is not None:
         name, cls = peft_layer
         raise ValueError(
-            f"{f'{name!r}' if name else 'the model'} is a PEFT adapter layer ({cls}): apply_tied_lora adapts a bare "
-            "base model (it would adapt PEFT's base and adapter layers alike). Take PEFT's adapter off first "
-            "(merge_and_unload() or unload()), or bring a saved PEFT LoRA or VeRA adapter over with "
-            "load_peft_adapter(base_model, path)"
+            f"{f'{name!r}' if name else 'the model'} is a PEFT model or adapter layer ({cls}): apply_tied_lora adapts "
+            "a bare base model. Take PEFT's adapter off first (merge_and_unload() or unload()), or bring a saved PEFT "
+            "LoRA or VeRA adapter over with load_peft_adapter(base_model, path)"
         )
     targets = _find_targets(model, config)
     saved = _saved_modules(model, config, targets)
@@ -141,12 +140,15 @@ def _apply(model: nn.Module, config: TiedLoRAConfig, shared_of: dict[str, str] |
 
 
 def _peft_layer(model: nn.Module) -> tuple[str, str] | None:
-    """``(name, class)`` of the first PEFT adapter layer in ``model`` (PEFT's ``BaseTunerLayer``, known once peft
-    is imported; this never imports it), or None."""
-    tuner = getattr(sys.modules.get("peft.tuners.tuners_utils"), "BaseTunerLayer", None)
-    if isinstance(tuner, type):
+    """``(name, class)`` of the first PEFT model or adapter layer in ``model`` (PEFT's ``PeftModel``,
+    ``PeftMixedModel`` and ``BaseTunerLayer``, known once peft is imported; this never imports it), or None."""
+    peft = sys.modules.get("peft")
+    kinds = [getattr(peft, kind, None) for kind in ("PeftModel", "PeftMixedModel")]
+    kinds.append(getattr(sys.modules.get("peft.tuners.tuners_utils"), "BaseTunerLayer", None))
+    kinds = tuple(kind for kind in kinds if isinstance(kind, type))
+    if kinds:
         for name, module in model.named_modules():
-            if isinstance(module, tuner):
+            if isinstance(module, kinds):
                 return name, f"{type(module).__module__}.{type(module).__qualname__}"
     return None
 
@@ -379,9 +381,12 @@ def merge_tied_lora(model: nn.Module, *, unload: bool = False) -> nn.Module:
     otherwise ``unmerge_tied_lora`` undoes it, and merging a merged layer again raises."""
     layers = _require_layers(model)
     for name, layer in layers.items():  # before touching any layer
-        layer.check_mergeable()
         if layer.merged and not unload:
             raise RuntimeError(f"{name} is already merged: unmerge_tied_lora(model) first, or merge with unload=True")
+        if layer.merged:
+            _named(name, layer._check_weight_stored, "unload it")
+        else:
+            _named(name, layer.check_mergeable)
     for layer in layers.values():
         if not (unload and layer.merged):
             layer.merge()
@@ -399,8 +404,18 @@ def unload_tied_lora(model: nn.Module) -> nn.Module:
     merged = [name for name, layer in layers.items() if layer.merged]
     if merged:
         raise RuntimeError(f"{merged[:3]} are merged: unmerge_tied_lora(model) first, or merge_tied_lora(unload=True)")
+    for name, layer in layers.items():  # before touching any layer
+        _named(name, layer._check_weight_stored, "unload it")
     _unload(model, layers)
     return model
+
+
+def _named(name: str, check, *args) -> None:
+    """``check(*args)``, its RuntimeError prefixed with the layer's name."""
+    try:
+        check(*args)
+    except RuntimeError as e:
+        raise RuntimeError(f"{name}: {e}") from None
 
 
 def _unload(model: nn.Module, layers: dict[str, TiedLoRALinear]) -> None:
@@ -416,6 +431,8 @@ def unmerge_tied_lora(model: nn.Module) -> nn.Module:
     unmerged = [name for name, layer in layers.items() if not layer.merged]
     if unmerged:  # before touching any layer
         raise RuntimeError(f"cannot unmerge layers that are not merged ({unmerged[:3]})")
+    for name, layer in layers.items():
+        _named(name, layer._check_weight_stored, "unmerge")
     for layer in layers.values():
         layer.unmerge()
     return model

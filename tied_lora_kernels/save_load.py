@@ -83,8 +83,8 @@ def save_tied_lora(model: nn.Module, directory: str | os.PathLike) -> None:
     nested = [
         name
         for name, module in model.named_modules()
-        if name and getattr(module, "tied_lora_config", None) is not None and tied_lora_layers(module)
-    ]
+        if name and getattr(module, "tied_lora_config", config) is not config and tied_lora_layers(module)
+    ]  # (a wrapper such as FSDP1's forwards the wrapped model's attributes: its config is the same object)
     if config is not None and nested:  # the file holds one config: loading would adapt only what it targets
         raise ValueError(
             f"{nested[0]!r} was adapted by an apply_tied_lora call of its own, which this model's config does not "

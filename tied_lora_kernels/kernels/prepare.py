@@ -75,8 +75,7 @@ def _prepare_kernel(
         v = tl.load(v_ptr + n, mask=mask_r, other=0.0).to(tl.float32)
         b = b * (scale * v)
     else:
-        b = b * scale
-    b = tl.where(mask_r, b, 0.0)  # (a pad column's s·v may be inf: inf·0 would be NaN)
+        b = b * scale  # (a padding column: 0 · scale, finite since scale is)
     tl.store(b_out_ptr + offs, as_operand(b, DTYPE, UPCAST), mask=mask_b)
 
 
