@@ -159,6 +159,27 @@ def test_deterministic_runs_are_identical():
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_deterministic_backward_launches_no_atomics(monkeypatch, deterministic):
+    # what makes the GPU's gradients reproducible: every token reduction (G, du and dv's row sums, dA) writes
+    # per-program partials instead of adding atomically; the default adds atomically
+    from tied_lora_kernels.kernels import backward
+
+    real, atomic = backward._rank_grad_kernel, []
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                atomic.append(kwargs["USE_ATOMIC"])
+                return real[grid](*args, **kwargs)
+
+            return launch
+
+    monkeypatch.setattr(backward, "_rank_grad_kernel", Spy())
+    _grads(deterministic, 70, 40, 36, 8, torch.float32)
+    assert len(atomic) == 2 and all(a is not deterministic for a in atomic)  # (G and dS's sums, then dA)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="atomics only race on a GPU")
 def test_deterministic_runs_are_bitwise_identical_on_gpu():

@@ -50,6 +50,21 @@ def test_shrink_draws_the_reference_mask(M, K, p, dtype):
     assert_close_to_reference(t, expected, baseline, "T", dtype)
 
 
+def test_keep_threshold_at_an_entrys_own_draw():
+    """An entry is kept when its 31-bit draw reaches ``round(p · 2³¹)``: kept at ``p = draw / 2³¹``, dropped a
+    three-quarter step above (which rounds up to the next threshold), in the kernels as in the reference."""
+    from tied_lora_kernels.reference import _philox4x32_10
+
+    seed, M, K = 12345, 4, 16
+    zero = torch.zeros(1, dtype=torch.int64)
+    draw = int(_philox4x32_10(zero, zero, zero, zero, seed)[0]) >> 1  # entry (0, 0): counter 0, output 0
+    for p, kept in ((draw / 2**31, True), ((draw + 0.75) / 2**31, False)):
+        drop = new_mask(p, M, K, DEVICE, torch.tensor([seed], device=DEVICE))
+        shrink(torch.ones(M, K, device=DEVICE), torch.ones(16, K, device=DEVICE).t(), dropout=drop)
+        keep = reference.dropout_keep(seed, M, K, p)
+        assert bool(keep[0, 0]) == kept and torch.equal(unpack(drop.bits, K)[:, :K].cpu(), keep)
+
+
 def test_reference_philox_known_answers():
     """``reference.dropout_keep``'s generator is Philox4x32-10: Random123's known-answer vectors (kat_vectors)."""
     from tied_lora_kernels.reference import _philox4x32_10

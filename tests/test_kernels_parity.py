@@ -40,6 +40,9 @@ CONFIGS = {
     "tl6": dict(train=("A", "B", "u", "v"), uv="trained"),
     "vera": dict(train=("u", "v"), uv="trained"),
     "full": dict(train=("A", "B", "u", "v", "weight", "bias"), uv="trained"),
+    # subsets where one gradient needs a tensor the others do not: dv alone needs T, dW alone needs x
+    "v_only": dict(train=("v",), uv="trained"),
+    "base_only": dict(train=("weight", "bias"), uv="trained"),
 }
 
 
@@ -173,9 +176,11 @@ def test_autocast():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("M", [5, 37], ids=["decode", "prefill"])
-def test_adapter_weights_in_the_input_dtype(M, dtype):
-    # adapters are float32 (the other tests) or x's dtype (here); the kernels read either as stored
-    x, params = make_inputs("tl6", M=M, K=40, N=70, R=8, dtype=dtype, adapter_dtype=dtype)
+@pytest.mark.parametrize("config", ["tl6", "lora"])
+def test_adapter_weights_in_the_input_dtype(config, M, dtype):
+    # adapters are float32 (the other tests) or x's dtype (here); the kernels read either as stored. LoRA (no u, v)
+    # at decode then reads B as it is, and only the scale (0.5) is left to fold in the kernel
+    x, params = make_inputs(config, M=M, K=40, N=70, R=8, dtype=dtype, adapter_dtype=dtype)
     check_parity(x, params)
 
 

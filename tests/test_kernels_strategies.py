@@ -611,6 +611,7 @@ def test_unaligned_widths_get_their_own_tiles(M, monkeypatch):
     assert tiles == want and want[0] != want[1]
     assert not configs.is_aligned(torch.empty(M, 128)[:, ::2], 144)  # strided x
     assert not configs.is_aligned(torch.empty(64, M).t(), 144)  # column-major x
+    assert not configs.is_aligned(torch.empty(M, 72)[:, :64], 144)  # a row stride of 72
     assert not configs.is_aligned(torch.empty(M * 64 + 1, dtype=bf16)[1:].view(M, 64), 144)  # odd address
     assert configs.fused_config(M, 16, torch.float32, cpu, "two_pass", False).aligned  # fp32: one table
 

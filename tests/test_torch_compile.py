@@ -51,7 +51,7 @@ def run(fn, x, inputs):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("M", [5, 37], ids=["decode", "prefill"])
-@pytest.mark.parametrize("config", ["lora", "tl6", "vera", "full"])
+@pytest.mark.parametrize("config", ["lora", "tl6", "vera", "full", "v_only", "base_only"])
 def test_compiled_function_equals_eager(config, M, dtype):
     x, params = make_inputs(config, M, 40, 24, 6, dtype, bias=config != "lora")
     args = [params[k] for k in ("weight", "bias", "A", "B", "u", "v")]
