@@ -14,7 +14,8 @@
 # processes (default nproc/2, at most 8) over slices of the tests (benchmarks/parallel_pytest.py); the
 # timed benchmarks then run alone, from a warm triton and inductor cache, with BENCH_TIME_BUDGET_S so they
 # skip what is left and still write their JSON. GPU_CHECK_BENCH_ARGS (e.g. "-k llama3") is passed to every
-# benchmark run; GPU_CHECK_ONLY="bench-linear report" runs only the phases it names (a short rerun).
+# benchmark run; GPU_CHECK_ONLY="bench-linear report" runs only the phases it names (a short rerun);
+# GPU_CHECK_SANITIZE=1 (or GPU_CHECK_ONLY="sanitize") adds a compute-sanitizer memcheck of the kernel tests.
 set -euo pipefail
 
 OUT_DIR="${1:-${OUT:-gpu_check_out}}"
@@ -133,6 +134,23 @@ else
     STATUS+=("$(printf '%-14s %-16s %4ss' compile-check absent 0)")
 fi
 
+# opt-in (GPU_CHECK_SANITIZE=1, or GPU_CHECK_ONLY="sanitize": a second, short call when device time is left): bf16
+# kernel tests at small, ragged shapes under compute-sanitizer's memcheck, which reports reads and writes outside
+# an allocation (a load that lost its mask reads past a tensor without changing any result the tests compare).
+# PyTorch's caching allocator is off so that each tensor is an allocation of its own
+if [ "${GPU_CHECK_SANITIZE:-0}" = 1 ] || [[ " ${GPU_CHECK_ONLY:-} " == *" sanitize "* ]]; then
+    SANITIZER="$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)"
+    if [ -n "$SANITIZER" ]; then
+        PYTORCH_NO_CUDA_MEMORY_CACHING=1 phase sanitize 150 "$SANITIZER" --tool memcheck --error-exitcode 1 \
+            --print-limit 20 "$PY" -m pytest tests/test_kernels_parity.py tests/test_kernels_strategies.py -x -q \
+            -p no:cacheprovider -k "(test_configurations or test_shapes) and bfloat16"
+    else
+        echo
+        echo "=== sanitize: compute-sanitizer not found (PATH, /usr/local/cuda/bin), skipped"
+        STATUS+=("$(printf '%-14s %-16s %4ss' sanitize absent 0)")
+    fi
+fi
+
 JSONS=()
 for f in "$OUT_DIR/bench_linear.json" "$OUT_DIR/bench_e2e.json" "$OUT_DIR/bench_eager.json"; do
     [ -s "$f" ] && JSONS+=("$f")
@@ -148,6 +166,8 @@ echo "=== gpu_check summary ($(date -u +%H:%M:%SZ))"
 printf '%s\n' "${STATUS[@]}"
 if [ "${#JSONS[@]}" -gt 0 ]; then
     timeout 20 "$PY" -m tied_lora_kernels.bench --json "${JSONS[@]}" --headline --no-plot || true
+elif [ -n "${GPU_CHECK_ONLY:-}" ]; then
+    echo "no benchmark JSON (GPU_CHECK_ONLY=\"$GPU_CHECK_ONLY\")"
 else
     echo "no benchmark JSON was written"
     FAILED=1
