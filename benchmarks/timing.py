@@ -128,6 +128,7 @@ def _cuda_times(fn, setup, device, graph: bool, target_s: float, idle_start: boo
     torch.cuda.synchronize(device)
     how, target = "cuda-events", fn
     if graph and setup is None:
+        stream = torch.cuda.current_stream(device)
         try:
             g = torch.cuda.CUDAGraph()
             side = torch.cuda.Stream(device)
@@ -140,6 +141,8 @@ def _cuda_times(fn, setup, device, graph: bool, target_s: float, idle_start: boo
                 fn()
             target, how = g.replay, "cuda-graph"
         except Exception as e:  # a provider that cannot be captured is timed eagerly, and says why
+            # (a capture that fails in torch.cuda.graph's exit leaves its capture stream current: put ours back)
+            torch.cuda.set_stream(stream)
             torch.cuda.synchronize(device)
             target, how = fn, f"cuda-events (graph capture failed: {type(e).__name__}: {e})"[:300]
 

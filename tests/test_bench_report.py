@@ -1,11 +1,12 @@
 """The benchmark report (``python -m tied_lora_kernels bench --json ...``) reads a committed pytest-benchmark
 JSON and prints the tables the GPU check ends with; the benchmarks themselves run outside the test suite."""
 
+import json
 from pathlib import Path
 
 import pytest
 
-from tied_lora_kernels.bench import choice_rows, main, target_rows
+from tied_lora_kernels.bench import choice_rows, load, main, target_rows
 
 RESULTS = sorted((Path(__file__).parent.parent / "benchmarks" / "results").glob("cpu-*.json"))
 
@@ -45,6 +46,25 @@ def test_targets_table_reads_each_target_against_its_bound():
     assert rows[0][:4] == ["llama2-7b.qkvo", "bfloat16", 16, "triton"]
     assert rows[0][4:] == ["1.02 ok", "1.2 MISS", "1.5 ok", "1.1 MISS", "2/4 met"]
     assert rows[1][3:] == ["triton-2pass", "1.04 ok", "-", "-", "-", "1/1 met"]
+    # decode measured at M = 1 only, where the floor has 1 and 16: marked, and an "ok" there is not counted as met
+    headers, rows = target_rows(floors + [_record("triton-1pass", "forward", 1, 1.01)] + ours[:1])
+    assert rows[1][3:] == ["triton-1pass", "-", "-", "-", "1.01 (1 of 2 M)", "0/0 met"]
+    headers, rows = target_rows(floors + [_record("triton-1pass", "forward", 1, 1.0523)])
+    assert rows[0][7:] == ["1.052 MISS (1 of 2 M)", "0/1 met"]  # a miss is one whatever else was measured
+
+
+def test_load_names_benchmarks_without_a_provider_record(tmp_path, capsys):
+    # a case that was timed and then failed before its extra_info was written would vanish from every table
+    stats = dict(median=1.0, min=1.0, mean=1.0, stddev=0.0, rounds=1)
+    data = {
+        "benchmarks": [
+            dict(name="test_linear[a]", stats=stats, extra_info={}),
+            dict(name="test_linear[b]", stats=stats, extra_info=_record("nn.Linear", "forward", 1, 1.0)),
+        ]
+    }
+    (tmp_path / "b.json").write_text(json.dumps(data))
+    assert len(load([tmp_path / "b.json"])) == 1
+    assert "1 benchmarks without a provider record left out: ['test_linear[a]']" in capsys.readouterr().err
 
 
 def test_choice_table_compares_the_forced_providers():
@@ -60,11 +80,17 @@ def test_choice_table_compares_the_forced_providers():
         _record("torch", "forward", 8192, 2.0, rank=64),  # not a forced choice: ignored
     ]
     headers, rows = choice_rows(recs)
-    assert headers[5:] == ["2pass / 1pass", "sm90 table picks", "tma / ptr", "1launch / sum launch"]
+    assert headers[5:] == ["2pass / 1pass", "sm90 table picks", "tma / ptr", "1launch / sum launch (graph)"]
     assert rows == [
         ["bfloat16", "decode", 16, "forward", 1, "1.2", "one_pass", "-", "0.8"],
         ["bfloat16", "prefill", 64, "forward", 1, "0.9", "two_pass", "0.9", "-"],
     ]
+    # ranks 8 and 16 share BLOCK_R = 16 but are two cells: rank 16's two-pass time is not set against rank 8's
+    # one-pass time, and neither overwrites the other
+    recs += [_record("triton-2pass", "forward", 1, 0.9, rank=16)]
+    assert choice_rows(recs)[1][0] == ["bfloat16", "decode", 16, "forward", 2, "1.2", "one_pass", "-", "0.8"]
+    recs += [_record("triton-1pass", "forward", 1, 1.2, rank=16)]  # 0.75 at rank 16
+    assert choice_rows(recs)[1][0][4:6] == [2, "0.949"]  # the geometric mean of 1.2 and 0.75
 
 
 def test_eager_table_is_per_projection_against_nn_linear():
