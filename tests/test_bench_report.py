@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tied_lora_kernels.bench import choice_rows, load, main, target_rows
+from tied_lora_kernels.bench import _headline, choice_rows, load, main, target_rows
 
 RESULTS = sorted((Path(__file__).parent.parent / "benchmarks" / "results").glob("cpu-*.json"))
 
@@ -51,6 +51,18 @@ def test_targets_table_reads_each_target_against_its_bound():
     assert rows[1][3:] == ["triton-1pass", "-", "-", "-", "1.01 (1 of 2 M)", "0/0 met"]
     headers, rows = target_rows(floors + [_record("triton-1pass", "forward", 1, 1.0523)])
     assert rows[0][7:] == ["1.052 MISS (1 of 2 M)", "0/1 met"]  # a miss is one whatever else was measured
+
+
+def test_headline_keeps_decode_apart():
+    # triton-1launch runs at decode only and triton-ptr at prefill only: in one "forward" row their means would be
+    # over other cases than triton's (decode 1.3 and prefill 1.0 averaged, against 1launch's decode 1.25 alone)
+    floors = [_record("nn.Linear", "forward", M, 1.0) for M in (1, 8192)]
+    ours = [_record("triton", "forward", 1, 1.3), _record("triton-1launch", "forward", 1, 1.25)]
+    ours += [_record("triton", "forward", 8192, 1.0), _record("triton-ptr", "forward", 8192, 1.1)]
+    ((_, headers, rows),) = _headline(floors + ours, "median", ["triton", "triton-1launch", "triton-ptr"])
+    assert headers[:6] == ["mode", "rank", "cases", "triton / nn.Linear", "triton-1launch / nn.Linear",
+                           "triton-ptr / nn.Linear"]  # fmt: skip
+    assert rows == [["decode", 16, 1, "1.3", "1.25", "-"], ["forward", 16, 1, "1", "-", "1.1"]]
 
 
 def test_load_names_benchmarks_without_a_provider_record(tmp_path, capsys):

@@ -463,12 +463,15 @@ def choice_rows(records, stat="median"):
 
 
 def _headline(records, stat, provs):
-    """Geometric means over shapes and M: each provider vs nn.Linear, and ours vs PEFT at the same rank."""
+    """Geometric means over shapes and M: each provider vs nn.Linear, and ours vs PEFT at the same rank. Decode
+    (forward at M ≤ 16, timed as CUDA graphs on a GPU) is a row of its own: providers that run only at decode or
+    only at prefill (``triton-1launch``, ``triton-ptr``) then average over the same cases as the others."""
     floors = _floor_times(records, stat)
     ratios = defaultdict(dict)  # (device, shape, dtype, rank, mode, M) -> provider -> time / nn.Linear
     for r in records:
         if r.get("kind") == "linear" and r["provider"] != FLOOR:
-            key = (r["device_name"], r["shape"], r["dtype"], r["rank"], r["mode"], r["M"])
+            mode = "decode" if r["mode"] == "forward" and r["M"] <= DECODE_MAX_M else r["mode"]
+            key = (r["device_name"], r["shape"], r["dtype"], r["rank"], mode, r["M"])
             ratios[key][r["provider"]] = _ratio(r, floors, stat)
     ours = [p for p in ("torch", "torch.compile", "triton") if p in provs]
     pairs = [(a, b) for a in ours for b in ("peft-lora", "peft-vera") if b in provs]
@@ -476,7 +479,7 @@ def _headline(records, stat, provs):
         pairs.append(("triton-dropout", "peft-lora-dropout"))
     headers = ["mode", "rank", "cases"] + [f"{p} / nn.Linear" for p in provs] + [f"{a} / {b}" for a, b in pairs]
     rows = []
-    for mode in MODES:
+    for mode in ("decode", *MODES):
         for rank in sorted({k[3] for k in ratios if k[4] == mode}):
             cells = [ratios[k] for k in ratios if k[4] == mode and k[3] == rank]
             row = [mode, rank, len(cells)]
