@@ -68,9 +68,12 @@ def check_linear_type(linear: nn.Module, what: str) -> None:
 def class_label(cls: type) -> str:
     """A class's name for an error message: qualified with its module when the bare name is one of the classes
     that can be adapted (PEFT's LoRA layer is a ``Linear`` too)."""
-    if cls.__name__ in ("Linear", "Conv1D", *_QUANTIZED_NAMES):
-        return f"{cls.__module__}.{cls.__qualname__}"
-    return cls.__name__
+    return qualified_name(cls) if cls.__name__ in ("Linear", "Conv1D", *_QUANTIZED_NAMES) else cls.__name__
+
+
+def qualified_name(cls: type) -> str:
+    """``module.QualifiedName`` of a class."""
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def conv1d_type() -> type | None:

@@ -26,6 +26,7 @@ from tied_lora_kernels.layer import (
     check_plain_weight,
     conv1d_type,
     linear_features,
+    qualified_name,
     quantized_linear_types,
 )
 from tied_lora_kernels.shared import TiedLoRAShared
@@ -149,7 +150,7 @@ def _peft_layer(model: nn.Module) -> tuple[str, str] | None:
     if kinds:
         for name, module in model.named_modules():
             if isinstance(module, kinds):
-                return name, f"{type(module).__module__}.{type(module).__qualname__}"
+                return name, qualified_name(type(module))
     return None
 
 
