@@ -83,6 +83,7 @@ def _two_ranks(rank, init, out):
             o_proj_u.grad = None  # a gradient missing on one rank takes part as zeros
         sync_tied_lora_grads(model)
         torch.save(_adapter_grads(model), f"{out}.{rank}")
+        dist.barrier()  # neither rank tears gloo down while the other may still be finishing the all-reduce
     finally:
         dist.destroy_process_group()
 
