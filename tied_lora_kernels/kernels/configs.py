@@ -27,9 +27,20 @@ cores and hold their operands in registers.
 ``BLOCK_R = 32`` up in the 16-bit prefill regime, design.md §7's estimate (one-pass's extra MMA is 12.5 % at
 R = 32 with 256-wide tiles and 50-100 % at R = 64-128 with the narrower tiles it needs, against one extra
 read of x, ~6 % of the GEMM's time at M = 8192, K = N = 4096); one-pass at BLOCK_R = 16 and everywhere in
-decode (a stream over W: recomputing t costs nothing there, a second launch does); two-pass for fp32 prefill
+decode (a stream over W, where a second launch costs as much as the GEMM); two-pass for fp32 prefill
 (32-wide tiles: one-pass's extra work is BLOCK_R / 32 ≥ 50 %). ``benchmarks/gpu_check.sh`` times both
 (providers ``triton-1pass`` / ``triton-2pass``); replace the table with what it measures.
+
+Decode's one-pass is not free, though (an estimate to check first on a GPU): each of the ``N / BLOCK_N`` output
+tiles (``BLOCK_N`` = 64) recomputes its K slice's ``t``, so an fp32 master ``A`` (read as it is, see
+``function.py``) is read ``N / 64`` times, from L2 (it is 0.25-2 MB at K = 4096): ``2·BLOCK_R / BLOCK_N`` bytes
+of ``A`` per byte of a 16-bit ``W``, 0.5× at BLOCK_R = 16 and 2× at 64. Against H100's ~3.3 TB/s HBM and
+roughly twice that from L2, the first probably hides behind W's read and the second probably does not (~1.5×
+W's time at r = 64). If ``triton`` misses the decode
+target at r = 64 while ``triton-2pass`` is no better (its shrink runs ``cdiv(M, 64)`` programs: one at decode,
+reading all of ``A`` alone), the candidates are wider decode tiles at large ranks (fewer re-reads; fewer output
+tiles, so more K slices) and ``t`` computed once per K slice by programs of its own and expanded in the split-K
+sum, which reads ``A`` and ``B`` once.
 
 **Loads** (``tma_for``): 16-bit prefill on Hopper (``TMA_MAJORS``) loads its tiles through TMA descriptors
 (the launcher falls back to pointers for an operand TMA cannot describe); unmeasured like the strategy table,
