@@ -11,7 +11,7 @@ dtype and a trainable adapter at the same rank:
 - ``triton``: ``tied_lora_linear(..., backend="triton")``, the fused kernels (CUDA only), with the strategy
   ``kernels/configs.py`` picks per shape (its table is an unmeasured estimate until these runs replace it);
 - ``triton-1pass`` / ``triton-2pass``: the same with the one-pass or the two-pass (shrink, then the GEMM
-  seeded with the rank-R product) fused GEMM forced, forward and backward alike (design.md §3);
+  seeded with the rank-R product) fused GEMM forced, forward and backward alike (docs/design.md §3);
 - ``triton-ptr``: the same with pointer loads forced where the default loads through TMA descriptors (16-bit
   prefill on Hopper; prefill cases only, decode never uses TMA), to measure what TMA buys;
 - ``triton-1launch``: the same with split-K partials summed inside the GEMM's launch by each tile's last K
@@ -110,7 +110,7 @@ def _build_tied(provider: str, weight: Tensor, rank: int, gen: torch.Generator) 
     N, K = weight.shape
     device = weight.device
 
-    def master(*size, std):  # fp32 master weights, as TiedLoRAConfig keeps them (design.md §4)
+    def master(*size, std):  # fp32 master weights, as TiedLoRAConfig keeps them (docs/design.md §4)
         return (torch.randn(*size, generator=gen, device=device) * std).requires_grad_()
 
     A, B = master(rank, K, std=K**-0.5), master(N, rank, std=rank**-0.5)

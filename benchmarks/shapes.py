@@ -32,7 +32,7 @@ class Shape:
 
 # LLaMA-2-7B: d = 4096, 32 heads (no GQA), SwiGLU FFN 11008. q/k/v/o share one shape, gate/up another.
 # LLaMA-3-8B: d = 4096, 8 KV heads of 128 (GQA: k/v are 4096 -> 1024), FFN 14336.
-# GPT-2B (NeMo, the paper's second model): d = 2048, 24 layers, fused QKV 2048 -> 6144 (design.md §1).
+# GPT-2B (NeMo, the paper's second model): d = 2048, 24 layers, fused QKV 2048 -> 6144 (docs/design.md §1).
 SHAPES: dict[str, Shape] = {
     s.name: s
     for s in (

@@ -1,4 +1,4 @@
-"""Tied gradients through the triton backend keep autograd's answer (design.md §4).
+"""Tied gradients through the triton backend keep autograd's answer (docs/design.md §4).
 
 Several layers share one ``A`` and one ``B`` (float32 masters) with per-layer ``W, b, u, v``. Each layer's
 backward returns its fp32 partial for ``A`` and ``B``; autograd sums them. Every scenario the issue lists —

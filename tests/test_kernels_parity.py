@@ -4,14 +4,14 @@ Without a GPU the kernels run in triton's interpreter (tests/conftest.py). Shape
 break kernels: M = 0, 1 and odd sizes, K and N that are multiples of no block size, ranks 1 to 128, 3-D
 and strided inputs, bias on and off, every configuration, fp32, fp16, bf16 and autocast.
 
-How bf16 is covered honestly (design.md §6). The interpreter's bf16 arithmetic is wrong, so when
+How bf16 is covered honestly (docs/design.md §6). The interpreter's bf16 arithmetic is wrong, so when
 interpreting bf16 the kernels load tiles as fp32 and round every value the GPU rounds to bf16 with
 round-to-nearest-even (``kernels/common.py``, switch ``UPCAST``; never set on a GPU). That models the GPU's
 arithmetic (bf16 products are exact in fp32, tensor cores accumulate in fp32), so the CPU run checks
 indexing, masking and every rounding point of the bf16 path; on a GPU the same tests run the real bf16
 kernels. ``test_small_integers_are_exact`` adds an arithmetic-independent check: with small-integer inputs
 every intermediate is exactly representable, so forward and every gradient must equal the float64
-reference bit for bit, in the interpreter and on the GPU alike (design.md §7's ptxas epilogue-dot trap).
+reference bit for bit, in the interpreter and on the GPU alike (docs/design.md §7's ptxas epilogue-dot trap).
 """
 
 from __future__ import annotations

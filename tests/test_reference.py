@@ -1,4 +1,4 @@
-"""The specification itself: the forward, the delta weight and design.md §4's backward identities agree."""
+"""The specification itself: the forward, the delta weight and docs/design.md §4's backward identities agree."""
 
 import pytest
 import torch
@@ -47,7 +47,7 @@ def test_upcast_gives_float64_from_any_dtype():
 
 @pytest.mark.parametrize("scale", [1.0, 0.25])
 def test_backward_identities_match_autograd(scale):
-    """design.md §4: G = dyᵀS, dB = s·v⊙G, dv = s·rowsum(B⊙G), dS = s·dy(v⊙B), du = colsum(dS⊙T),
+    """docs/design.md §4: G = dyᵀS, dB = s·v⊙G, dv = s·rowsum(B⊙G), dS = s·dy(v⊙B), du = colsum(dS⊙T),
     dT = dS⊙u, dA = dTᵀx, dx = dyW + dTA, db = colsum(dy) — to 1e-13 in float64."""
     p = {k: v.requires_grad_() for k, v in _problem(M=9, K=10, N=12, R=4).items()}
     y = reference.tied_lora_forward(p["x"], p["W"], p["b"], p["A"], p["B"], p["u"], p["v"], scale)

@@ -1,6 +1,6 @@
 """The readable specification of Tied-LoRA: every kernel, test and benchmark is checked against this.
 
-One adapted layer computes (design.md §1-§3)::
+One adapted layer computes (docs/design.md §1-§3)::
 
     y  = x Wᵀ + b + s · v ⊙ (B (u ⊙ (A x)))          x [..., K], W [N, K], b [N]
     ΔW = s · diag(v) · B · diag(u) · A               A [R, K], B [N, R], u [R], v [N]

@@ -1,4 +1,4 @@
-"""Fused Triton kernels for Tied-LoRA (design.md §3-§7).
+"""Fused Triton kernels for Tied-LoRA (docs/design.md §3-§7).
 
 ``unavailable_reason(device)`` says why the kernels cannot run on a device (None when they can);
 ``tied_lora_linear_triton`` is what ``tied_lora_linear(..., backend="triton")`` calls.

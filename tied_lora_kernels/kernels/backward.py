@@ -1,4 +1,4 @@
-"""The rank-gradient reduction over tokens (design.md §4) and its launcher.
+"""The rank-gradient reduction over tokens (docs/design.md §4) and its launcher.
 
     acc [C, R] = Σ_m a[m, c] · p[m, r]            a [M, C] (input dtype), p [M, R] (fp32, rounded as dot operand)
     out [C, R] = scale · ovec[c] · acc[c, r] · rscale[r]

@@ -1,6 +1,6 @@
 """Helpers shared by the kernels: dot precision, and the interpreter's bf16 workaround.
 
-bf16 under ``TRITON_INTERPRET=1`` (design.md §6): the interpreter's bf16 ``tl.dot`` and bf16 elementwise
+bf16 under ``TRITON_INTERPRET=1`` (docs/design.md §6): the interpreter's bf16 ``tl.dot`` and bf16 elementwise
 math operate on raw bit patterns, and its float32 → bf16 conversion truncates. The kernels therefore take
 an ``UPCAST`` switch, set only when interpreting bf16 inputs: every loaded bf16 tile is converted to fp32
 right after the load (exact), and every value that the GPU rounds to bf16 (the epilogue's dot operand, the

@@ -1,4 +1,4 @@
-"""Ahead-of-time compile of every shipped kernel config for every GPU it runs on, no GPU needed (design.md §6-§7).
+"""Ahead-of-time compile of every shipped kernel config for every GPU it runs on, no GPU needed (docs/design.md §6-§7).
 
     python -m tied_lora_kernels.kernels.compile_check [--full] [--jobs N] [--json PATH] [--targets 90,80]
 

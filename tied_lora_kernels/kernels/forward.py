@@ -1,4 +1,4 @@
-"""The fused GEMM (design.md §3) and its launcher: forward ``y`` and backward ``dx`` both run it.
+"""The fused GEMM (docs/design.md §3) and its launcher: forward ``y`` and backward ``dx`` both run it.
 
     out = a·w + ((a·down) ⊙ rscale)·(up ⊙ scale·cscale) (+ bias)
           a [M, K], w [K, N], down [K, R], up [R, N], rscale [R], cscale [N] (per column of up), scale a float

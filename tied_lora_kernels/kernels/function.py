@@ -177,7 +177,7 @@ def backward_impl(
 
 
 class TiedLoRALinearFunction(torch.autograd.Function):
-    """Tied-LoRA linear on ``x [M, K]`` with the fused Triton kernels (design.md §3-§4).
+    """Tied-LoRA linear on ``x [M, K]`` with the fused Triton kernels (docs/design.md §3-§4).
 
     Forward, with ``T = x Aᵀ [M, R]`` and ``S = u ⊙ T`` (``u``, ``v`` = ones when None)::
 

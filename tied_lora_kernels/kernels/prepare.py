@@ -3,7 +3,7 @@
     a_out [R, K] = A.to(dtype)                      (only when asked: the forward's ``down``)
     b_out [N, R] = (s · v[:, None] ⊙ B).to(dtype)   (computed in fp32, rounded once; v = ones when None)
 
-The forward's one-pass GEMM and the shrinks read both in the input dtype (design.md §7: folding ``s·v`` into
+The forward's one-pass GEMM and the shrinks read both in the input dtype (docs/design.md §7: folding ``s·v`` into
 ``B`` inside the GEMM costs registers its prefill tiles do not have), and the backward's ``dx`` GEMM reads
 ``s·v ⊙ B``. Done with torch these were three launches in the forward and two in the backward, each a few
 microseconds on a GPU for a few kilobytes; this kernel is one. It rounds exactly as the torch expressions

@@ -1,4 +1,4 @@
-"""The shrink of the two-pass strategy (design.md §3, LoRAFusion's first kernel) and its launcher.
+"""The shrink of the two-pass strategy (docs/design.md §3, LoRAFusion's first kernel) and its launcher.
 
     t [M, R] = a [M, K] · down [K, R]        fp32 out; a, down in the input dtype
 
