@@ -1,4 +1,4 @@
-"""Both fused-GEMM strategies and split-K decode, forced, against the float64 reference (design.md §3, §7).
+"""Both fused-GEMM strategies and split-K decode, forced, against the float64 reference (docs/design.md §3, §7).
 
 ``kernels/configs.py`` picks one-pass or two-pass per shape from an (unmeasured) table and splits K at
 decode; ``test_kernels_parity.py`` runs whatever the table picks. Here each strategy is forced
@@ -471,7 +471,7 @@ def test_forcing(monkeypatch):
         configs.forced_choice()
     with pytest.raises(ValueError, match="strategy"):
         configs.forced(strategy="fast").__enter__()
-    with pytest.raises(TypeError, match="tma"):
+    with pytest.raises(TypeError, match="tma must be True, False, 'auto' or None"):
         configs.forced(tma="on").__enter__()
     for bad in (2.5, "3", True, torch.tensor(3)):  # (each used to fail deep in a launcher, or True to mean 1)
         with pytest.raises(TypeError, match="split_k must be an int or None"):
@@ -481,6 +481,28 @@ def test_forcing(monkeypatch):
     monkeypatch.delenv(configs.TMA_ENV)
     with configs.forced(split_k=np.int64(3)):  # numpy's ints are ints, passed on as Python's
         assert type(configs.forced_choice()[1]) is int
+
+
+def test_forcing_auto_beats_the_environment_and_none_keeps_the_enclosing_choice(monkeypatch):
+    """``forced(strategy="auto")`` means the table's default even where the environment forces another; None
+    leaves a choice as it is outside the block, so a nested ``forced(split_k=...)`` keeps the outer strategy."""
+    monkeypatch.setenv(configs.STRATEGY_ENV, "two_pass")
+    monkeypatch.setenv(configs.TMA_ENV, "0")
+    monkeypatch.setenv(configs.SPLIT_REDUCE_ENV, "kernel")
+    with configs.forced(strategy="auto", tma="auto", reduce="auto"):
+        assert configs.forced_choice() == (None, None, None)
+        assert configs.split_reduce() == configs.DEFAULT_SPLIT_REDUCE
+    with configs.forced(split_k=2):  # the environment still decides what is not given
+        assert configs.forced_choice() == ("two_pass", 2, False)
+        assert configs.split_reduce() == "kernel"
+    with configs.forced(strategy="one_pass", tma=True, reduce="launch"):
+        with configs.forced(split_k=3):
+            assert configs.forced_choice() == ("one_pass", 3, True)
+            assert configs.split_reduce() == "launch"
+        with configs.forced(strategy="auto"):
+            assert configs.forced_choice() == (None, None, True)
+        assert configs.forced_choice() == ("one_pass", None, True)
+    assert configs.forced_choice() == ("two_pass", None, False)
 
 
 def test_split_reduce_choice(monkeypatch):

@@ -11,10 +11,10 @@ Each table is keyed by architecture ("sm90" / "sm80", see ``arch_of``), token re
 prefill: larger), input width (16-bit or fp32) and the rank tile ``BLOCK_R = max(16, next_pow2(R))``, which
 sets the size of the second accumulator ``t [BLOCK_M, BLOCK_R]`` and hence register pressure. Tiles shrink
 as ``BLOCK_R`` grows so that every entry compiles with zero register spills for its architecture, with
-triton 3.6 and 3.9 (``compile_check.py``; design.md §7). fp32 uses small tiles: exact-IEEE dots run on CUDA
+triton 3.6 and 3.9 (``compile_check.py``; docs/design.md §7). fp32 uses small tiles: exact-IEEE dots run on CUDA
 cores and hold their operands in registers.
 
-**Strategy** (design.md §3), per (arch, regime, width, BLOCK_R) in ``_STRATEGY``:
+**Strategy** (docs/design.md §3), per (arch, regime, width, BLOCK_R) in ``_STRATEGY``:
 
 - ``one_pass``: the GEMM's K loop also accumulates ``t = a·down`` (the a tile loaded once, two dots). Extra
   tensor-core work ``BLOCK_R / BLOCK_N`` of the base GEMM, and the ``t`` accumulator is live through the loop
@@ -24,7 +24,7 @@ cores and hold their operands in registers.
   more read of ``a`` and a launch; the GEMM keeps its widest tiles at every rank, one config for all ranks.
 
 **The default table is an estimate, not a measurement** (no GPU has timed either strategy yet): two-pass from
-``BLOCK_R = 32`` up in the 16-bit prefill regime, design.md §7's estimate (one-pass's extra MMA is 12.5 % at
+``BLOCK_R = 32`` up in the 16-bit prefill regime, docs/design.md §7's estimate (one-pass's extra MMA is 12.5 % at
 R = 32 with 256-wide tiles and 50-100 % at R = 64-128 with the narrower tiles it needs, against one extra
 read of x, ~6 % of the GEMM's time at M = 8192, K = N = 4096); one-pass at BLOCK_R = 16 and everywhere in
 decode (a stream over W, where a second launch costs as much as the GEMM); two-pass for fp32 prefill
@@ -58,7 +58,7 @@ tma=..., reduce=...)`` context manager (it beats the environment). The autograd 
 strategy, split and loads when its forward runs and uses them again in its backward (the split-K sum is read
 at each launch: its results do not depend on it).
 
-**Split-K at decode** (design.md §7): with M ≤ 16 the GEMM has only ``cdiv(N, BLOCK_N)`` output tiles (64 on
+**Split-K at decode** (docs/design.md §7): with M ≤ 16 the GEMM has only ``cdiv(N, BLOCK_N)`` output tiles (64 on
 a 4096-wide layer against 132 SMs). ``split_k_for`` splits K until about ``_TARGET_PROGRAMS`` programs run
 (at least ``_MIN_K_STEPS`` K steps each); the fp32 partials are summed afterwards in a fixed order, so the
 result is deterministic: by a second launch (the default) or, with ``split_reduce() == "kernel"``, by the last
@@ -77,7 +77,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from numbers import Integral
 
@@ -235,7 +235,7 @@ for _arch in ARCHS:
 # the JIT knows s·v ⊙ B's row stride is aligned; one stage uses ~120)
 for _regime in REGIMES:
     _add_fused("sm80", _regime, True, (128,), 32, 32, 32, 8, 1)
-# one-pass prefill / training, M > 16. design.md §7: 128x256x64, 8 warps at small ranks on sm_90; narrower as
+# one-pass prefill / training, M > 16. docs/design.md §7: 128x256x64, 8 warps at small ranks on sm_90; narrower as
 # R grows (the t accumulator is live through the K loop)
 _add_fused("sm90", "prefill", False, (16, 32), 128, 256, 64, 8, 3)
 _add_fused("sm90", "prefill", False, (64,), 128, 128, 64, 8, 3)
@@ -395,35 +395,57 @@ def _check_tma(value: str | None) -> bool | None:
 
 @contextlib.contextmanager
 def forced(
-    strategy: str | None = None, split_k: int | None = None, tma: bool | None = None, reduce: str | None = None
+    strategy: str | None = None,
+    split_k: int | None = None,
+    tma: bool | str | None = None,
+    reduce: str | None = None,
 ) -> Iterator[None]:
-    """Within the block, launches use ``strategy`` ("one_pass" / "two_pass"; None or "auto": the table), in
-    the decode regime ``split_k`` K slices (None: ``split_k_for``'s choice), TMA loads where ``tma`` is
-    True and they can run (False: pointer loads; None: ``tma_for``'s default), and split-K partials summed
-    by ``reduce`` ("launch" / "kernel"; None or "auto": ``split_reduce``'s default). Not thread-safe."""
-    strategy = _check_choice(strategy, STRATEGIES, "strategy")
+    """Within the block, launches use ``strategy`` ("one_pass" / "two_pass"), in the decode regime ``split_k`` K
+    slices, TMA loads where ``tma`` is True and they can run (False: pointer loads), and split-K partials summed
+    by ``reduce`` ("launch" / "kernel"). ``"auto"`` (``strategy``, ``tma``, ``reduce``) means the tables' default,
+    whatever the environment or an enclosing ``forced`` says; None leaves that choice as it is outside the block
+    (an enclosing ``forced``, else the environment, else the default; ``split_k``: ``split_k_for``'s choice).
+    Not thread-safe."""
+    given: dict[str, object] = {}
+    if strategy is not None:
+        given["strategy"] = _check_choice(strategy, STRATEGIES, "strategy") or _AUTO
     if split_k is not None:
         if isinstance(split_k, bool) or not isinstance(split_k, Integral):  # (numpy's ints are Integral)
             raise TypeError(f"split_k must be an int or None, got {split_k!r}")
         if split_k < 1:
             raise ValueError(f"split_k must be >= 1, got {split_k}")
-        split_k = int(split_k)
-    if tma is not None and not isinstance(tma, bool):
-        raise TypeError(f"tma must be True, False or None, got {tma!r}")
-    reduce = _check_choice(reduce, SPLIT_REDUCES, "reduce")
+        given["split_k"] = int(split_k)
+    if tma is not None:
+        if not isinstance(tma, bool) and tma != _AUTO:
+            raise TypeError(f"tma must be True, False, 'auto' or None, got {tma!r}")
+        given["tma"] = tma
+    if reduce is not None:
+        given["reduce"] = _check_choice(reduce, SPLIT_REDUCES, "reduce") or _AUTO
     saved = dict(_FORCED)
-    _FORCED.update(strategy=strategy, split_k=split_k, tma=tma, reduce=reduce)
+    _FORCED.update(given)
     try:
         yield
     finally:
         _FORCED.update(saved)
 
 
+_AUTO = "auto"
+"""What ``forced`` records for an explicit "auto": the default, beating the environment."""
+
+
+def _forced_or_env(name: str, from_env: Callable[[], object]) -> object:
+    """A choice forced now (None for a forced "auto"), else what ``from_env()`` reads from the environment."""
+    value = _FORCED[name]
+    if value is None:
+        return from_env()
+    return None if value == _AUTO else value
+
+
 def forced_choice() -> tuple[str | None, int | None, bool | None]:
     """``(strategy, split_k, tma)`` forced now, None where the tables decide: ``forced()`` beats the environment
     (``TIED_LORA_STRATEGY``, ``TIED_LORA_TMA``)."""
-    strategy = _FORCED["strategy"] or _check_choice(os.environ.get(STRATEGY_ENV), STRATEGIES, STRATEGY_ENV)
-    tma = _FORCED["tma"] if _FORCED["tma"] is not None else _check_tma(os.environ.get(TMA_ENV))
+    strategy = _forced_or_env("strategy", lambda: _check_choice(os.environ.get(STRATEGY_ENV), STRATEGIES, STRATEGY_ENV))
+    tma = _forced_or_env("tma", lambda: _check_tma(os.environ.get(TMA_ENV)))
     return strategy, _FORCED["split_k"], tma
 
 
@@ -435,9 +457,11 @@ def split_reduce() -> str:
     ``DEFAULT_SPLIT_REDUCE``: "launch" until a GPU has timed both (provider ``triton-1launch``) and run the
     in-kernel sum's GPU tests. Read at every launch (forward and backward each read it when they run; under
     ``torch.compile``, when the compiled graph runs), which is safe since the results do not depend on it."""
-    if _FORCED["reduce"]:  # (it wins over the environment, whatever that holds)
-        return _FORCED["reduce"]
-    return _check_choice(os.environ.get(SPLIT_REDUCE_ENV), SPLIT_REDUCES, SPLIT_REDUCE_ENV) or DEFAULT_SPLIT_REDUCE
+
+    def from_env() -> str | None:
+        return _check_choice(os.environ.get(SPLIT_REDUCE_ENV), SPLIT_REDUCES, SPLIT_REDUCE_ENV)
+
+    return _forced_or_env("reduce", from_env) or DEFAULT_SPLIT_REDUCE
 
 
 # ---------------------------------------------------------------------------------------------------------
