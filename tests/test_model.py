@@ -31,7 +31,7 @@ from tied_lora_kernels import (
 )
 
 # ---------------------------------------------------------------------------------------------------------
-# the paper's numbers (design.md §1), counted on meta-device models built from the real configs
+# the paper's numbers (docs/design.md §1), counted on meta-device models built from the real configs
 
 
 def _llama2_7b():
@@ -341,6 +341,31 @@ def test_merge_and_unmerge_check_every_layer_before_touching_any():
 
 # ---------------------------------------------------------------------------------------------------------
 # configuration errors
+
+
+@pytest.mark.parametrize(
+    ("model_dtype", "adapter_dtype", "runs"),
+    [
+        (torch.float32, torch.bfloat16, False),
+        (torch.float32, torch.float64, False),
+        (torch.bfloat16, torch.float16, False),
+        (torch.bfloat16, torch.bfloat16, True),
+        (torch.bfloat16, torch.float32, True),
+        (torch.float64, torch.float64, True),
+    ],
+)
+def test_adapters_of_a_dtype_that_cannot_run_beside_the_layer_are_refused_up_front(model_dtype, adapter_dtype, runs):
+    """Adapters in another 16- or 64-bit dtype than the layer computes in would fail at every forward
+    ("adapters must be float32 or x's dtype"): ``apply_tied_lora`` refuses them before touching the model."""
+    model = Toy().to(model_dtype)
+    config = TiedLoRAConfig(rank=4, dtype=adapter_dtype)
+    if runs:
+        apply_tied_lora(model, config)
+        model(torch.randn(2, 24, dtype=model_dtype))
+        return
+    with pytest.raises(TypeError, match=f"computes in {model_dtype} and the adapters would be {adapter_dtype}"):
+        apply_tied_lora(model, config)
+    assert not tied_lora_layers(model) and all(p.requires_grad for p in model.parameters())  # untouched
 
 
 def test_config_errors():

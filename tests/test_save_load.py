@@ -285,12 +285,24 @@ def test_load_refuses_other_layouts(tmp_path):
         on_meta = tiny_llama()
     with pytest.raises(ValueError, match="meta device"):
         load_tied_lora(on_meta, tmp_path)
-    bf16 = apply_tied_lora(tiny_llama(), TiedLoRAConfig(rank=4, dtype=torch.bfloat16))
+    bf16 = apply_tied_lora(tiny_llama().to(torch.bfloat16), TiedLoRAConfig(rank=4, dtype=torch.bfloat16))
     with pytest.raises(TypeError, match="would round it"):
         load_tied_lora(bf16, tmp_path)
     merged = merge_tied_lora(apply_tied_lora(tiny_llama(), TiedLoRAConfig(rank=4)))
     with pytest.raises(RuntimeError, match="merged"):
         load_tied_lora(merged, tmp_path)
+
+
+def test_a_float64_adapter_file_is_refused_by_a_float32_model(tmp_path):
+    """float64 adapters cannot run beside float32 layers and rounding them to float32 would not load what was saved:
+    the bare model is left untouched (it used to load them, and every forward then raised)."""
+    model = apply_tied_lora(Toy().double(), TiedLoRAConfig(rank=4, dtype=torch.float64))
+    save_tied_lora(model, tmp_path)
+    bare = Toy()
+    with pytest.raises(TypeError, match="computes in torch.float32 and the adapters would be torch.float64"):
+        load_tied_lora(bare, tmp_path)
+    assert not tied_lora_layers(bare)
+    assert tied_lora_layers(load_tied_lora(Toy().double(), tmp_path))
 
 
 def test_load_refuses_a_file_that_lost_a_tensor(tmp_path):

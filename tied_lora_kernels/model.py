@@ -208,6 +208,13 @@ def _plan(
                 check_rank(config.rank, *linear_features(lin))
             except ValueError as e:
                 raise ValueError(f"{name}: {e}") from None
+            computes = _input_dtype(lin)  # (None: a quantized layer that has not run yet)
+            if config.dtype not in (torch.float32, computes) and computes is not None:
+                raise TypeError(
+                    f"{name} computes in {computes} and the adapters would be {config.dtype}: adapters run beside "
+                    f"inputs of their own dtype, or float32 ones beside any. Convert the model to {config.dtype} "
+                    "first, or keep float32 adapters (TiedLoRAConfig's default dtype)"
+                )
         shape = _shape(linears)
         if shared_of is not None:  # the pairs as an adapter file's layout has them
             tie_key = ("saved", shared_of[members[0]], *shape)
@@ -377,8 +384,8 @@ def _require_layers(model: nn.Module) -> dict[str, TiedLoRALinear]:
 
 
 def merge_tied_lora(model: nn.Module, *, unload: bool = False) -> nn.Module:
-    """Fold every adapter into its base weight. ``unload=True`` then puts plain ``nn.Linear`` layers
-    (sharing the merged weights) back in place, for export (layers merged already are unloaded as they are);
+    """Fold every adapter into its base weight. ``unload=True`` then puts the base layers (``nn.Linear``,
+    ``Conv1D``; sharing the merged weights) back in place, for export (layers merged already are unloaded as they are);
     otherwise ``unmerge_tied_lora`` undoes it, and merging a merged layer again raises."""
     layers = _require_layers(model)
     for name, layer in layers.items():  # before touching any layer
