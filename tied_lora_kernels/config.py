@@ -55,14 +55,15 @@ class TiedLoRAConfig:
     ``target_modules``: module names (a qualified name matches when it equals a target or ends with
     ``"." + target``), a string with regular-expression characters (PEFT's meaning: full-matched against each
     qualified name), a callable ``(module, qualified_name) -> bool``, or ``"all-linear"`` (PEFT's shorthand:
-    every ``nn.Linear`` and bitsandbytes quantized linear, other subclasses left out, except the output layer a
-    Hugging Face model's ``get_output_embeddings()`` names or else its ``score``/``classifier`` head); only
-    ``nn.Linear`` layers (and bitsandbytes' quantized ones) are adapted. ``groups``: tuples of target names that,
+    every ``nn.Linear``, transformers' ``Conv1D`` (GPT-2) and bitsandbytes quantized linear, other subclasses left
+    out, except the output layer a Hugging Face model's ``get_output_embeddings()`` names or else its
+    ``score``/``classifier`` head); only those layer types are adapted. ``groups``: tuples of target names that,
     within one parent module, share one ``A`` and one ``u`` and stack their ``B`` and ``v`` (q, k and v of a
     layer: the paper's fused-QKV setup). ``tie``: one ``A``/``B`` across all layers of a group or target (per
     shape: the layers whose names differ only in their numeric parts) instead of one per layer.
     ``train_*``, ``tie``, ``init`` and ``u_init`` default to the preset's; ``dtype`` is the adapters' dtype
-    (float32 master weights by default, whatever the model's dtype). ``dropout``: dropout on each adapter's input
+    (float32 master weights by default, which run beside any model dtype; another dtype must be the one each
+    targeted layer computes in, or ``apply_tied_lora`` refuses it). ``dropout``: dropout on each adapter's input
     in training mode (PEFT's ``lora_dropout``), on either backend. ``modules_to_save`` (PEFT's): names of base
     modules, matched as targets are, that train in full and are saved with the adapter, such as a new
     classification head (``("score",)``).
@@ -178,7 +179,8 @@ class TiedLoRAConfig:
         self.resolved = r
 
     def to_dict(self) -> dict:
-        """A JSON-able description (a callable ``target_modules`` is recorded by name only)."""
+        """A JSON-able description (a callable ``target_modules`` is recorded as None: a saved adapter's layout,
+        the adapted layers' names, stands for it)."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "resolved"}
         out["dtype"] = str(self.dtype).removeprefix("torch.")
         if callable(self.target_modules):

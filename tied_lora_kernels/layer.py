@@ -415,7 +415,8 @@ class TiedLoRALinear(nn.Linear):
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Fold ΔW into ``weight`` (computed in float32, rounded once); forward then costs a plain linear."""
+        """Fold ΔW into ``weight`` (computed in float32, or float64 for a float64 weight, and rounded once);
+        forward then costs a plain linear."""
         if self.merged:
             raise RuntimeError("this TiedLoRALinear is already merged; unmerge() it first")
         self.check_mergeable()
