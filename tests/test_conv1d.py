@@ -198,3 +198,14 @@ def test_a_saved_gpt2_adapter_refuses_a_model_with_other_shapes(tmp_path):
     other.transformer.h[0].attn.c_attn = nn.Identity()
     with pytest.raises(ValueError, match="module there is Identity"):
         load_tied_lora(other, tmp_path)
+
+
+def test_conv1d_layer_reset_parameters_is_conv1d_s_init():
+    """reset_parameters (the meta-device flow) gives a TiedLoRAConv1D Conv1D's own init: weight ~ N(0, 0.02²),
+    bias zero, and the adapter's zero start."""
+    with torch.device("meta"):
+        layer = TiedLoRALinear.from_linear(Conv1D(64, 64), TiedLoRAShared(64, 64, 4, seed=0))
+    layer.to_empty(device="cpu")
+    layer.reset_parameters()
+    assert 0.018 < layer.weight.std().item() < 0.022 and torch.count_nonzero(layer.bias) == 0
+    assert torch.count_nonzero(layer.lora_v) == 0

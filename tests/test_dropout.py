@@ -190,3 +190,12 @@ def test_dropout_under_torch_compile():
     assert y.shape == (7, 10) and not torch.equal(y, _layer(0.0)(x))
     layer.eval()
     assert torch.equal(compiled(x), _layer(0.0)(x))
+
+
+def test_numpy_float32_alpha_is_stored_as_a_python_float(tmp_path):
+    """A numpy float32 alpha (not a float subclass, unlike float64) is stored as a float, so the config saves."""
+    np = pytest.importorskip("numpy")
+    config = TiedLoRAConfig(rank=2, target_modules=("q_proj",), alpha=np.float32(4))
+    assert type(config.alpha) is float
+    save_tied_lora(apply_tied_lora(_Two(), config), tmp_path)
+    assert load_tied_lora(_Two(), tmp_path).tied_lora_config.alpha == 4.0

@@ -135,3 +135,18 @@ def test_task_type_and_a_part_of_the_model(tmp_path):
         torch.testing.assert_close(logits, model(ids).logits, rtol=1e-12, atol=1e-12)
     with pytest.warns(UserWarning, match="has no head and is not the model apply_tied_lora adapted"):
         export_peft_lora(model.model, tmp_path / "part")
+
+
+def test_modules_to_save_are_listed_in_the_peft_config(tmp_path):
+    """A trained-in-full module goes into the file under PEFT's name and is listed as PEFT's modules_to_save (so
+    PEFT wraps and trains it, and saves it again), and PEFT computes what the adapted model computes."""
+    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(0))
+    config = TiedLoRAConfig(rank=4, dtype=torch.float64, modules_to_save=("lm_head",))
+    model = apply_tied_lora(tiny_llama().double(), config)
+    randomise_adapters(model)
+    expected = model(ids).logits
+    export_peft_lora(model, tmp_path)
+    meta = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert meta["modules_to_save"] == ["lm_head"]
+    _, logits = _peft_logits(tmp_path, ids)
+    torch.testing.assert_close(logits, expected, rtol=1e-12, atol=1e-12)

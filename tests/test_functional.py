@@ -264,3 +264,14 @@ def test_meta_tensors_give_meta_output():
     t = {k: (v.detach().to("meta") if v is not None else None) for k, v in make_inputs(5, 8, 6, 2).items()}
     y = tied_lora_linear(t["x"], t["weight"], t["bias"], t["A"], t["B"], t["u"], t["v"])
     assert y.is_meta and y.shape == (5, 6)
+
+
+def test_a_float32_base_beside_a_16_bit_input_is_refused_by_name():
+    """Only the adapters may stay float32 beside a 16-bit x (master weights): a float32 weight or bias is refused
+    with an error that names it, before any GEMM."""
+    t = make_inputs(4, 8, 6, 2, dtype=torch.bfloat16)
+    adapters = (t["A"], t["B"], t["u"], t["v"])
+    with pytest.raises(TypeError, match="weight is torch.float32 but x is torch.bfloat16"):
+        tied_lora_linear(t["x"], t["weight"].float(), t["bias"], *adapters, backend="torch")
+    with pytest.raises(TypeError, match="bias is torch.float32 but x is torch.bfloat16"):
+        tied_lora_linear(t["x"], t["weight"], t["bias"].float(), *adapters, backend="torch")

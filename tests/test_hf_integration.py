@@ -180,3 +180,18 @@ def test_hugging_face_trainer_checkpoints_resume_and_carry_the_adapter(tmp_path)
     toy = apply_tied_lora(Toy(), TiedLoRAConfig(rank=4))
     with pytest.raises(ValueError, match="not a PreTrainedModel"):
         transformers.Trainer(model=toy, args=args, train_dataset=data, callbacks=[SaveTiedLoRACallback()]).train()
+
+
+def test_only_the_main_process_saves_the_adapter(tmp_path):
+    """SaveTiedLoRACallback writes on the main process only: the other ranks of a multi-process run write nothing."""
+    from types import SimpleNamespace
+
+    from tied_lora_kernels.hf import SaveTiedLoRACallback
+
+    model = apply_tied_lora(Toy(), TiedLoRAConfig(rank=4))
+    args = SimpleNamespace(output_dir=str(tmp_path))
+    callback = SaveTiedLoRACallback()
+    callback.on_train_end(args, SimpleNamespace(is_world_process_zero=False, global_step=3), None, model=model)
+    assert not (tmp_path / "adapter-final").exists()
+    callback.on_train_end(args, SimpleNamespace(is_world_process_zero=True, global_step=3), None, model=model)
+    assert (tmp_path / "adapter-final" / "adapter_model.safetensors").is_file()

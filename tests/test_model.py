@@ -642,3 +642,67 @@ def test_hooks_on_a_target_carry_over():
     assert not tied_lora_layers(pruned)
     with pytest.raises(ValueError, match="computes its weight in a forward pre-hook"):
         TiedLoRALinear.from_linear(pruned.layers[0].v_proj, TiedLoRAShared(24, 16, 4))
+
+
+def test_untied_pairs_of_one_shape_start_from_different_draws():
+    """Each pair apply_tied_lora makes gets its own seed (config.seed, +1, ...): untied layers of one shape do not
+    start from the same A and B, and the same config draws the same values again."""
+    config = TiedLoRAConfig(rank=4, preset="tl6", tie=False, groups=(), target_modules=("q_proj",))
+    model = apply_tied_lora(Toy(), config)
+    first, second = model.layers[0].q_proj.shared, model.layers[1].q_proj.shared
+    assert first is not second and not torch.equal(first.A, second.A) and not torch.equal(first.B, second.B)
+    again = apply_tied_lora(Toy(), config)
+    assert torch.equal(again.layers[1].q_proj.shared.A, second.A)
+
+
+def test_a_regular_expression_is_full_matched_and_a_name_matches_whole_parts():
+    """A regex target must match a module's whole qualified name (PEFT's re.fullmatch), not a part of it; a plain
+    name matches a whole name or a ``.name`` suffix, never the tail of a longer name."""
+    with pytest.raises(ValueError, match="matched no nn.Linear"):
+        apply_tied_lora(tiny_llama(), TiedLoRAConfig(rank=4, target_modules=r"self_attn\.(q_proj|v_proj)", groups=()))
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj, self.out_proj = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    model = apply_tied_lora(Model(), TiedLoRAConfig(rank=2, target_modules=("proj",), groups=()))
+    assert set(tied_lora_layers(model)) == {"proj"}
+
+
+def test_grouped_layers_take_their_rows_of_b_in_group_order():
+    """A group's rows of B follow the group's order (q, k, v), not the order the parent defines its layers in."""
+
+    class Reversed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.v_proj, self.k_proj, self.q_proj = nn.Linear(8, 4), nn.Linear(8, 4), nn.Linear(8, 6)
+
+    model = apply_tied_lora(Reversed(), TiedLoRAConfig(rank=2, target_modules=QKV))
+    assert (model.q_proj.b_rows, model.k_proj.b_rows, model.v_proj.b_rows) == ((0, 6), (6, 10), (10, 14))
+    assert model.k_proj.lora_u is model.q_proj.lora_u
+
+
+@pytest.mark.parametrize(
+    "preset,zero,u_init",
+    [("lora", "B", 1.0), ("tl5", "B", 1.0), ("tl6", "v", 1.0), ("vera", "v", 0.1)],
+)
+def test_presets_start_as_their_sources_do(preset, zero, u_init):
+    """Which factor is the zero start and where u starts, per preset (the table in config.py): LoRA's B = 0 beside
+    a drawn A (PEFT's init), a trained v = 0 otherwise, and VeRA's u = 0.1 (VeRA's d_initial)."""
+    layer = apply_tied_lora(Toy(), TiedLoRAConfig(rank=4, preset=preset)).layers[0].q_proj
+    factors = {"A": layer.shared.A, "B": layer.shared.B, "v": layer.lora_v}
+    assert torch.count_nonzero(factors[zero]) == 0
+    assert all(torch.count_nonzero(t) == t.numel() for k, t in factors.items() if k != zero and t is not None)
+    u = layer.lora_u if layer.lora_u is not None else torch.ones(4)
+    assert torch.all(u == torch.tensor(u_init, dtype=u.dtype))
+
+
+def test_tied_layers_on_several_devices_are_refused():
+    """Layers that would share one pair but live on different devices (here cpu and meta) are refused before the
+    model is touched: one pair can live on one device only."""
+    model = Toy()
+    model.layers[1].to("meta")
+    with pytest.raises(ValueError, match="live on several devices"):
+        apply_tied_lora(model, TiedLoRAConfig(rank=4))
+    assert not tied_lora_layers(model)

@@ -327,3 +327,53 @@ def test_numpy_integers_and_bools_are_accepted():
     assert torch.equal(tied_lora_linear(x, *args, deterministic=np.bool_(True)), layer(x))
     config = TiedLoRAConfig(rank=np.int64(4), seed=np.int64(1))
     assert type(config.rank) is int and type(config.seed) is int
+
+
+def test_frozen_u_and_v_that_are_not_one_are_kept_and_applied():
+    """train_u/train_v=False with a start value other than one keeps a frozen vector holding it (only a vector
+    frozen at exactly one is None), and ΔW applies it."""
+    layer = TiedLoRALinear.from_linear(
+        nn.Linear(6, 4), TiedLoRAShared(6, 4, 2), train_u=False, u_init=0.5, train_v=False, v_init=2.0
+    )
+    assert layer.lora_u is not None and not layer.lora_u.requires_grad and torch.all(layer.lora_u == 0.5)
+    assert layer.lora_v is not None and not layer.lora_v.requires_grad and torch.all(layer.lora_v == 2.0)
+    unit = reference.delta_weight(layer.shared.A, layer.shared.B, None, None, layer.scale)
+    torch.testing.assert_close(layer.delta_weight(), 0.5 * 2.0 * unit)
+
+
+def test_from_linear_and_to_base_keep_the_module_mode():
+    """An eval-mode linear gives an eval-mode layer (its adapter dropout stays off), and unloading keeps the mode."""
+    layer = TiedLoRALinear.from_linear(nn.Linear(6, 4).eval(), TiedLoRAShared(6, 4, 2), dropout=0.5)
+    assert not layer.training
+    assert not layer.to_base().training
+    layer = TiedLoRALinear.from_linear(nn.Linear(6, 4).eval(), TiedLoRAShared(6, 4, 2)).train()
+    assert layer.to_base().training
+
+
+def test_layer_reset_parameters_redraws_its_pair():
+    """A layer's own reset_parameters (the meta-device flow, called on the layer alone) draws its shared pair
+    again, not only u and v."""
+    with torch.device("meta"):
+        layer = TiedLoRALinear(8, 6, shared=TiedLoRAShared(8, 6, 2, seed=5))
+    layer.to_empty(device="cpu")
+    layer.reset_parameters()
+    fresh = TiedLoRAShared(8, 6, 2, seed=5)
+    assert torch.equal(layer.shared.A, fresh.A) and torch.equal(layer.shared.B, fresh.B)
+    assert torch.all(layer.lora_u == 1) and torch.all(layer.lora_v == 0)
+
+
+def test_gaussian_and_kaiming_draws_have_their_scales():
+    """init="gaussian" draws N(0, 1) (the Tied-LoRA authors' code); "kaiming" is uniform within 1/sqrt(in)."""
+    g = TiedLoRAShared(64, 64, 16, init="gaussian", seed=0)
+    for t in (g.A, g.B):
+        assert abs(t.mean().item()) < 0.1 and 0.9 < t.std().item() < 1.1
+    k = TiedLoRAShared(64, 64, 16, init="kaiming", seed=0)
+    assert 0.9 * 64**-0.5 < k.A.abs().max() <= 64**-0.5 and 0.9 * 16**-0.5 < k.B.abs().max() <= 16**-0.5
+
+
+def test_b_rows_must_span_exactly_out_features():
+    """b_rows inside shared B but of another width than the layer's out_features is refused when the layer is
+    built, not at its first forward."""
+    for rows in ((0, 3), (1, 4), (2, 2)):
+        with pytest.raises(ValueError, match="reads rows"):
+            TiedLoRALinear.from_linear(nn.Linear(6, 4), TiedLoRAShared(6, 8, 2), b_rows=rows)

@@ -188,3 +188,13 @@ def test_a_bf16_file_gives_float32_adapters_with_its_values(tmp_path):
     assert {t.dtype for t in state.values()} == {torch.float32}
     A = state["model.layers.0.self_attn.q_proj.shared.A"]
     assert torch.equal(A, model.base_model.model.model.layers[0].self_attn.q_proj.lora_A.default.weight.float())
+
+
+def test_a_saved_module_of_another_shape_is_refused_before_adapting(tmp_path):
+    """A modules_to_save tensor whose shape does not fit the model's module (another vocabulary size) is refused
+    by name before the model is adapted, not half-way through loading."""
+    _peft_adapter(tmp_path, peft.LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    model = tiny_llama(vocab_size=98).double()
+    with pytest.raises(ValueError, match=r"lm_head.weight \(97, 32\) does not fit this model"):
+        load_peft_adapter(model, tmp_path)
+    assert not tied_lora_layers(model)

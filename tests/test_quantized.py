@@ -251,3 +251,22 @@ def test_export_loads_in_peft_over_the_quantized_model(tmp_path):
         got = loaded.train()(ids).logits
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert (got - base).abs().max() > 0.1  # the adapter does something
+
+
+def test_a_bf16_adapter_file_stays_bf16_beside_4bit_layers_that_compute_in_bf16(tmp_path):
+    """A 16-bit adapter file loads in its own dtype where the quantized layers compute in it (Linear4bit's
+    compute_dtype, its weight being packed uint8), and as float32 beside layers that compute in float32."""
+
+    def model(compute_dtype):
+        m = quantized_llama("4bit")
+        for layer in m.modules():
+            if isinstance(layer, bnb.nn.Linear4bit):
+                layer.compute_dtype = compute_dtype
+        return m
+
+    config = TiedLoRAConfig(rank=4, preset="tl6", dtype=torch.bfloat16)
+    save_tied_lora(apply_tied_lora(model(torch.bfloat16), config), tmp_path)
+    loaded = load_tied_lora(model(torch.bfloat16), tmp_path)
+    assert {t.dtype for t in tied_lora_state_dict(loaded).values()} == {torch.bfloat16}
+    loaded = load_tied_lora(model(torch.float32), tmp_path)
+    assert {t.dtype for t in tied_lora_state_dict(loaded).values()} == {torch.float32}

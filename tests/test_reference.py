@@ -71,3 +71,13 @@ def test_backward_identities_match_autograd(scale):
         }
     for name, want in expected.items():
         torch.testing.assert_close(p[name].grad, want, rtol=1e-13, atol=1e-13, msg=f"d{name}")
+
+
+def test_dropout_keep_keeps_a_draw_equal_to_the_threshold():
+    """An entry is kept when its 31-bit draw is *at least* round(p · 2³¹): a draw exactly at the threshold stays."""
+    zero = torch.zeros(1, dtype=torch.int64)
+    draw = int(reference._philox4x32_10(zero, zero, zero, zero, 7)[0].item()) >> 1
+    p = draw / 2**31
+    assert round(p * 2**31) == draw
+    assert reference.dropout_keep(7, 1, 1, p)[0, 0]
+    assert not reference.dropout_keep(7, 1, 1, (draw + 1) / 2**31)[0, 0]

@@ -441,3 +441,43 @@ def test_save_pretrained_stores_each_tied_tensor_once_and_strict_loading_takes_i
     del saved["untied.layers.1.q_proj.shared.A"]
     missing = pair.load_state_dict(saved, strict=False).missing_keys
     assert missing == ["untied.layers.1.q_proj.shared.A"]
+
+
+def test_the_state_dict_is_detached():
+    """tied_lora_state_dict hands out detached tensors (the parameters' storage, no autograd): editing them in
+    place needs no torch.no_grad()."""
+    model = apply_tied_lora(Toy(), TiedLoRAConfig(rank=4))
+    state = tied_lora_state_dict(model)
+    assert state and not any(t.requires_grad or isinstance(t, nn.Parameter) for t in state.values())
+    state["layers.0.q_proj.shared.A"].zero_()
+    assert torch.count_nonzero(model.layers[0].q_proj.shared.A) == 0
+
+
+def test_backend_override_reaches_an_adapted_model(tmp_path):
+    """load_tied_lora(backend=...) sets the backend of a model that is adapted already, as of a bare one."""
+    save_tied_lora(apply_tied_lora(Toy(), TiedLoRAConfig(rank=4)), tmp_path)
+    adapted = apply_tied_lora(Toy(), TiedLoRAConfig(rank=4))
+    load_tied_lora(adapted, tmp_path, backend="torch")
+    assert {layer.backend for layer in tied_lora_layers(adapted).values()} == {"torch"}
+
+
+def test_trainable_true_trains_only_the_configured_factors(tmp_path):
+    """trainable=True makes the factors the config trains require grad, and leaves the frozen ones (VeRA's tied A
+    and B) frozen."""
+    save_tied_lora(apply_tied_lora(Toy(), TiedLoRAConfig(rank=4, preset="vera")), tmp_path)
+    model = load_tied_lora(Toy(), tmp_path, trainable=True)
+    layer = model.layers[0].q_proj
+    assert not layer.shared.A.requires_grad and not layer.shared.B.requires_grad
+    assert layer.lora_u.requires_grad and layer.lora_v.requires_grad
+
+
+def test_a_file_with_adapters_of_mixed_dtypes_is_refused_by_a_bare_model(tmp_path):
+    """A file whose adapter tensors are not all its config's dtype (one pair converted by hand) does not adapt a
+    bare model: the config could not rebuild the adapter that was saved."""
+    model = apply_tied_lora(Toy(), TiedLoRAConfig(rank=4, target_modules=QKV + ("o_proj",)))
+    model.layers[0].o_proj.shared.to(torch.bfloat16)
+    save_tied_lora(model, tmp_path)
+    bare = Toy()
+    with pytest.raises(TypeError, match="not all torch.float32, its config's dtype"):
+        load_tied_lora(bare, tmp_path)
+    assert not tied_lora_layers(bare)
