@@ -57,7 +57,7 @@ from dataclasses import dataclass
 
 from . import interpreting
 from .common import FP_FUSION
-from .forward import SUM_BLOCK, SUM_WARPS
+from .forward import RANK_APART_BLOCK_R, SUM_BLOCK, SUM_WARPS
 from .prepare import PREPARE_BLOCK, PREPARE_WARPS
 
 TARGETS = {"sm90": (90, 100), "sm80": (80, 120)}
@@ -94,6 +94,19 @@ _VARIANTS = {
         dict(HAS_RSCALE=True, WRITE_OUT=True, HAS_OVEC=False, ROWDOT=False, COLDOT=False, USE_ATOMIC=False),
     ),
     "sum": ("sum", (), ("NUMEL", "stride_ps"), {}),
+    # the rank-apart sum (``-apart-sum``) after the decode forward (up = B as stored, bias) and dx (up = A)
+    "fwd-rank-sum": (
+        "rank_sum",
+        ("stride_ur",),
+        ("N", "R", "stride_ps", "stride_pm", "stride_tm", "stride_un", "stride_om", "stride_sm"),
+        dict(HAS_RSCALE=True, FOLD_UP=True, HAS_CSCALE=True, HAS_BIAS=True, WRITE_T=True),
+    ),
+    "dx-rank-sum": (
+        "rank_sum",
+        ("stride_un",),
+        ("N", "R", "stride_ps", "stride_pm", "stride_tm", "stride_ur", "stride_om", "stride_sm"),
+        dict(HAS_RSCALE=True, FOLD_UP=True, HAS_CSCALE=False, HAS_BIAS=False, WRITE_T=True),
+    ),
     "prep": ("prepare", ("stride_ak", "stride_br"), ("stride_bon",), dict(CAST_A=True, HAS_V=True)),
 }
 _FP32_POINTERS = {
@@ -101,6 +114,7 @@ _FP32_POINTERS = {
     "shrink": ("t_ptr",),
     "rank": ("p_ptr", "rscale_ptr", "ovec_ptr", "rowmat_ptr", "out_ptr", "rowdot_ptr", "coldot_ptr"),
     "sum": ("part_ptr",),
+    "rank_sum": ("part_ptr", "t_ptr", "rscale_ptr", "up_ptr", "cscale_ptr", "tsum_ptr"),
     "prepare": ("a_ptr", "b_ptr", "v_ptr"),  # the fp32 masters in, the input dtype out
 }
 _TYPED_POINTERS = {"lock_ptr": "*i32", "seed_ptr": "*i64", "bits_ptr": "*u8"}
@@ -131,14 +145,14 @@ def variants_of(kernel: str, cfg) -> list[str]:
     elif kernel in ("fused", "shrink") and not cfg.aligned:
         names = ["fwd-unaligned", "dx-unaligned"] if kernel == "fused" else ["T-unaligned", "dS-unaligned"]
         names += _dropout_variants(kernel, cfg, names)
-        return names + _split_variants(names) if getattr(cfg, "split_k", False) else names
+        return names + _split_variants(names, cfg) if getattr(cfg, "split_k", False) else names
     else:
         names = [v for v, spec in _VARIANTS.items() if spec[0] == kernel]
         names += _dropout_variants(kernel, cfg, names)
     if kernel == "fused" and _regime(cfg.name) == "decode" and "fwd" in names:
         names.insert(1, "fwd-oddR")
     if kernel == "fused" and cfg.split_k:
-        names += _split_variants(names)
+        names += _split_variants(names, cfg)
     if kernel == "fused" and _regime(cfg.name) == "prefill" and _tma_table(cfg.name):
         names += [f"{v}-tma" for v in names]
     return names
@@ -159,9 +173,13 @@ def _launched(cfg, *, dropout: bool) -> bool:
     return configs.launches(cfg, dropout=dropout)
 
 
-def _split_variants(names: list[str]) -> list[str]:
-    """Split-K forms of fused variants: partials summed by the sum launch, or in the kernel (``-reduce``)."""
-    return [f"{v}-splitk{reduce}" for reduce in ("", "-reduce") for v in names]
+def _split_variants(names: list[str], cfg) -> list[str]:
+    """Split-K forms of fused variants: partials summed by the sum launch, or in the kernel (``-reduce``); for
+    one-pass configs also the rank-apart GEMM and its sum launch (``-apart``, ``-apart-sum``)."""
+    out = [f"{v}-splitk{reduce}" for reduce in ("", "-reduce") for v in names]
+    if cfg.strategy == "one_pass":
+        out += [f"{v}-splitk-apart{sum_}" for sum_ in ("", "-sum") for v in names]
+    return out
 
 
 def _tma_table(name: str) -> bool:
@@ -242,27 +260,38 @@ def compile_one(job: dict) -> dict:
     from triton.compiler import ASTSource
 
     from .backward import _rank_grad_kernel
-    from .forward import _fused_lora_mm_kernel, _sum_splits_kernel
+    from .forward import _fused_lora_mm_kernel, _sum_splits_kernel, _sum_splits_rank_kernel
     from .prepare import _prepare_kernel
     from .shrink import _shrink_kernel
 
     variant, tma = job["variant"].removesuffix("-tma"), job["variant"].endswith("-tma")
+    variant, rank_sum = variant.removesuffix("-apart-sum"), variant.endswith("-apart-sum")
+    variant, apart = variant.removesuffix("-apart"), variant.endswith("-apart")
     variant, reduce = variant.removesuffix("-reduce"), variant.endswith("-reduce")
     base, split = variant.removesuffix("-splitk"), variant.endswith("-splitk")
     odd_rank, unaligned = base.endswith("-oddR"), base.endswith("-unaligned")
     base = base.removesuffix("-unaligned")
     base, dropout = base.removesuffix("-dropout"), base.endswith("-dropout")
-    kernel, ones, divisible, switches = _VARIANTS[base.removesuffix("-oddR")]
+    if rank_sum:  # the sum launch after the rank-apart GEMM of variant base (fwd, fwd-oddR, dx)
+        kernel, ones, divisible, switches = _VARIANTS[f"{base.removesuffix('-oddR')}-rank-sum"]
+        if odd_rank:  # t's and B's rows unaligned
+            divisible = tuple(d for d in divisible if d not in ("R", "stride_tm", "stride_un", "stride_sm"))
+    else:
+        kernel, ones, divisible, switches = _VARIANTS[base.removesuffix("-oddR")]
     if unaligned:  # N, K and the strides not multiples of 16: the JIT gives no divisibility hints
         divisible = ()
     fn = {"fused": _fused_lora_mm_kernel, "shrink": _shrink_kernel, "rank": _rank_grad_kernel}.get(kernel)
+    fn = _sum_splits_rank_kernel if kernel == "rank_sum" else fn
     cfg, tl_dtype = job["config"], _TL_NAME[job["dtype"]]
     fp32_pointers = _FP32_POINTERS[kernel]
     constexprs = dict(switches, UPCAST=False, PRECISION=job["precision"], BLOCK_R=job["block_r"], DROPOUT=dropout)
     if kernel == "fused":
         constexprs.update(BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"])
         constexprs.update(GROUP_M=cfg["group_m"])
-        constexprs.update(_fused_switches(cfg, split), REDUCE=reduce)
+        constexprs.update(_fused_switches(cfg, split), REDUCE=reduce, RANK_APART=apart)
+        constexprs.update(BLOCK_TR=min(job["block_r"], RANK_APART_BLOCK_R))
+        if apart:  # t stored per K slice by the rank programs; the rank-R term and the bias in the sum launch
+            constexprs.update(WRITE_T=False, HAS_BIAS=False)
         divisible = (*divisible, "K_PER_SPLIT")  # whole BLOCK_K steps
         if split:  # the output is the fp32 partials workspace
             fp32_pointers = (*fp32_pointers, "out_ptr")
@@ -279,6 +308,9 @@ def compile_one(job: dict) -> dict:
         constexprs.update(BLOCK_M=cfg["block_m"], BLOCK_K=cfg["block_k"], STORE_BITS=dropout)
     elif kernel == "rank":
         constexprs.update(BLOCK_C=cfg["block_c"], BLOCK_M=cfg["block_m"])
+    elif kernel == "rank_sum":  # the output tile of the GEMM it follows, in the input dtype
+        constexprs.update(BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"])
+        constexprs.pop("DROPOUT")
     elif kernel == "sum":  # the split-K sum: no dot, no rank
         fn, constexprs = _sum_splits_kernel, dict(UPCAST=False, BLOCK=cfg["block"])
     else:  # the adapters' preparation: no dot, no rank

@@ -95,6 +95,9 @@ __all__ = [
     "SPLIT_REDUCES",
     "SPLIT_REDUCE_ENV",
     "DEFAULT_SPLIT_REDUCE",
+    "SPLIT_RANKS",
+    "SPLIT_RANK_ENV",
+    "DEFAULT_SPLIT_RANK",
     "FusedConfig",
     "ShrinkConfig",
     "RankGradConfig",
@@ -111,6 +114,7 @@ __all__ = [
     "forced",
     "forced_choice",
     "split_reduce",
+    "split_rank",
     "all_fused_configs",
     "all_shrink_configs",
     "all_rank_grad_configs",
@@ -144,6 +148,12 @@ SPLIT_REDUCE_ENV = "TIED_LORA_SPLIT_REDUCE"
 """Environment variable choosing who sums split-K partials: ``launch``, ``kernel`` or ``auto`` (``split_reduce``)."""
 DEFAULT_SPLIT_REDUCE = "launch"
 """Split-K partials are summed by a second launch unless forced: the in-kernel sum is unmeasured (``split_reduce``)."""
+SPLIT_RANKS = ("apart", "in_tile")
+SPLIT_RANK_ENV = "TIED_LORA_SPLIT_RANK"
+"""Environment variable choosing where one-pass split-K computes the rank-R term: ``apart``, ``in_tile`` or
+``auto`` (``split_rank``)."""
+DEFAULT_SPLIT_RANK = "apart"
+"""One-pass split-K summed by a launch computes ``t`` apart unless forced: an estimate from bytes moved (``split_rank``)."""
 
 
 @dataclass(frozen=True)
@@ -372,7 +382,7 @@ def regime_of(M: int) -> str:
 # ---------------------------------------------------------------------------------------------------------
 # forcing a strategy, a split or the loads (benchmarks, tests)
 
-_FORCED: dict[str, object] = {"strategy": None, "split_k": None, "tma": None, "reduce": None}
+_FORCED: dict[str, object] = {"strategy": None, "split_k": None, "tma": None, "reduce": None, "split_rank": None}
 
 
 def _check_choice(value: str | None, choices: tuple[str, ...], what: str) -> str | None:
@@ -399,10 +409,12 @@ def forced(
     split_k: int | None = None,
     tma: bool | str | None = None,
     reduce: str | None = None,
+    split_rank: str | None = None,
 ) -> Iterator[None]:
     """Within the block, launches use ``strategy`` ("one_pass" / "two_pass"), in the decode regime ``split_k`` K
-    slices, TMA loads where ``tma`` is True and they can run (False: pointer loads), and split-K partials summed
-    by ``reduce`` ("launch" / "kernel"). ``"auto"`` (``strategy``, ``tma``, ``reduce``) means the tables' default,
+    slices, TMA loads where ``tma`` is True and they can run (False: pointer loads), split-K partials summed
+    by ``reduce`` ("launch" / "kernel") and one-pass split-K's rank-R term computed ``split_rank`` ("apart" /
+    "in_tile"). ``"auto"`` (``strategy``, ``tma``, ``reduce``, ``split_rank``) means the tables' default,
     whatever the environment or an enclosing ``forced`` says; None leaves that choice as it is outside the block
     (an enclosing ``forced``, else the environment, else the default; ``split_k``: ``split_k_for``'s choice).
     Not thread-safe."""
@@ -421,6 +433,8 @@ def forced(
         given["tma"] = tma
     if reduce is not None:
         given["reduce"] = _check_choice(reduce, SPLIT_REDUCES, "reduce") or _AUTO
+    if split_rank is not None:
+        given["split_rank"] = _check_choice(split_rank, SPLIT_RANKS, "split_rank") or _AUTO
     saved = dict(_FORCED)
     _FORCED.update(given)
     try:
@@ -462,6 +476,23 @@ def split_reduce() -> str:
         return _check_choice(os.environ.get(SPLIT_REDUCE_ENV), SPLIT_REDUCES, SPLIT_REDUCE_ENV)
 
     return _forced_or_env("reduce", from_env) or DEFAULT_SPLIT_REDUCE
+
+
+def split_rank() -> str:
+    """Where one-pass split-K (decode) computes its rank-R term when a second launch sums the partials
+    (``split_reduce() == "launch"``; the in-kernel sum always has it in the tiles): ``"apart"``, ``t`` computed
+    once per K slice by programs of their own in the GEMM's launch and expanded by the sum launch, which reads
+    ``down`` and ``up`` once; or ``"in_tile"``, each output tile's programs computing their slice's ``t`` and
+    expanding it (``down`` read once per column tile, ``up`` once per slice). The two round differently (apart
+    rounds the complete ``t`` once, as an unsplit launch does; in-tile each slice's ``t`` as a hi + lo pair),
+    so their results are close, not equal. ``forced(split_rank=...)``, else ``TIED_LORA_SPLIT_RANK``, else
+    ``DEFAULT_SPLIT_RANK``: "apart", an estimate from bytes moved (module docstring), unmeasured. Read at
+    every launch, like ``split_reduce``: forward and backward each read it when they run."""
+
+    def from_env() -> str | None:
+        return _check_choice(os.environ.get(SPLIT_RANK_ENV), SPLIT_RANKS, SPLIT_RANK_ENV)
+
+    return _forced_or_env("split_rank", from_env) or DEFAULT_SPLIT_RANK
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -117,6 +117,61 @@ def _add_rank_update(
 
 
 @triton.jit
+def _store_slice_t(
+    a_ptr,
+    down_ptr,
+    t_ptr,
+    pid,
+    M,
+    K,
+    R,
+    K_PER_SPLIT,
+    stride_am,
+    stride_ak,
+    stride_dk,
+    stride_dr,
+    stride_ts,
+    stride_tm,
+    stride_tr,
+    DTYPE: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_TR: tl.constexpr,
+):
+    """A rank program of ``RANK_APART``: ``t[s] = a_s·down_s`` in fp32 over K slice ``s = program_id(1)``, for
+    the ``[BLOCK_M, BLOCK_TR]`` tile ``pid`` of ``t [M, R]`` (row tiles outer, rank tiles inner). ``down``'s
+    tile is rounded to the input dtype after its load, as in the one-pass K loop."""
+    num_pid_r = tl.cdiv(R, BLOCK_TR)
+    pid_m = pid // num_pid_r
+    pid_r = pid % num_pid_r
+    pid_k = tl.program_id(1)
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_r = pid_r * BLOCK_TR + tl.arange(0, BLOCK_TR)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_r = offs_r < R
+    k_start = pid_k.to(tl.int64) * K_PER_SPLIT
+    k_len = min(K - k_start, K_PER_SPLIT)
+    a_ptrs = a_ptr + offs_m[:, None] * stride_am + (k_start + offs_k[None, :]) * stride_ak  # [BLOCK_M, BLOCK_K]
+    d_ptrs = down_ptr + (k_start + offs_k[:, None]) * stride_dk + offs_r[None, :] * stride_dr  # [BLOCK_K, BLOCK_TR]
+    t = tl.zeros((BLOCK_M, BLOCK_TR), dtype=tl.float32)
+    for k in range(0, tl.cdiv(k_len, BLOCK_K)):
+        mask_k = offs_k < k_len - k * BLOCK_K
+        a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        d = tl.load(d_ptrs, mask=mask_k[:, None] & mask_r[None, :], other=0.0)
+        d = to_operand(d, DTYPE, UPCAST)
+        if UPCAST:
+            a = a.to(tl.float32)
+        t = tl.dot(a, d, t, input_precision=PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        d_ptrs += BLOCK_K * stride_dk
+    t_ptrs = t_ptr + pid_k * stride_ts + offs_m[:, None] * stride_tm + offs_r[None, :] * stride_tr
+    tl.store(t_ptrs, t, mask=mask_m[:, None] & mask_r[None, :])
+
+
+@triton.jit
 def _fused_lora_mm_kernel(
     # pointers
     a_ptr,
@@ -165,6 +220,7 @@ def _fused_lora_mm_kernel(
     LOAD_T: tl.constexpr,
     SPLIT_K: tl.constexpr,
     REDUCE: tl.constexpr,
+    RANK_APART: tl.constexpr,
     DROPOUT: tl.constexpr,
     TMA: tl.constexpr,
     W_KN: tl.constexpr,
@@ -175,10 +231,32 @@ def _fused_lora_mm_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr,
+    BLOCK_TR: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    # grouped ordering: GROUP_M row tiles share the W column tiles they read while those are in L2
+    tl.static_assert(not (TMA and SPLIT_K), "split-K runs with pointer loads only")
+    tl.static_assert(SPLIT_K or not REDUCE, "the in-kernel sum is of split-K partials")
+    tl.static_assert(LOAD_T or not DROPOUT, "the dropout of dx's rank-R term is two-pass")
+    tl.static_assert(
+        not RANK_APART or (SPLIT_K and not (LOAD_T or WRITE_T or REDUCE or HAS_BIAS)),
+        "rank apart: split-K one-pass partials, t, the rank-R term and the bias left to the sum launch",
+    )
+    if TMA:  # a, w and (one-pass) down are descriptors; without split-K, out has the input dtype
+        DTYPE = out_ptr.dtype.element_ty
+    else:
+        DTYPE = a_ptr.dtype.element_ty
+
     pid = tl.program_id(0)
+    if RANK_APART:  # the first programs of each K slice compute its t, the others its base partial
+        rank_programs = tl.cdiv(M, BLOCK_M) * tl.cdiv(R, BLOCK_TR)
+        if pid < rank_programs:
+            _store_slice_t(
+                a_ptr, down_ptr, t_ptr, pid, M, K, R, K_PER_SPLIT, stride_am, stride_ak, stride_dk, stride_dr,
+                stride_ts, stride_tm, stride_tr, DTYPE, UPCAST, PRECISION, BLOCK_M, BLOCK_K, BLOCK_TR,
+            )  # fmt: skip
+            return
+        pid -= rank_programs
+    # grouped ordering: GROUP_M row tiles share the W column tiles they read while those are in L2
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     num_pid_in_group = GROUP_M * num_pid_n
@@ -187,14 +265,6 @@ def _fused_lora_mm_kernel(
     group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
     pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
     pid_n = (pid % num_pid_in_group) // group_size_m
-
-    tl.static_assert(not (TMA and SPLIT_K), "split-K runs with pointer loads only")
-    tl.static_assert(SPLIT_K or not REDUCE, "the in-kernel sum is of split-K partials")
-    tl.static_assert(LOAD_T or not DROPOUT, "the dropout of dx's rank-R term is two-pass")
-    if TMA:  # a, w and (one-pass) down are descriptors; without split-K, out has the input dtype
-        DTYPE = out_ptr.dtype.element_ty
-    else:
-        DTYPE = a_ptr.dtype.element_ty
 
     # int64 row/column offsets: M·K and N·K may pass 2³¹
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
@@ -221,7 +291,7 @@ def _fused_lora_mm_kernel(
         k_len = min(K - k_start, K_PER_SPLIT)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if not LOAD_T:
+    if not (LOAD_T or RANK_APART):
         t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k in range(0, tl.cdiv(k_len, BLOCK_K)):
         if TMA:  # descriptors (never with split-K): out-of-bounds rows and columns arrive as zeros
@@ -231,7 +301,7 @@ def _fused_lora_mm_kernel(
                 w = w_ptr.load([off_k, pid_n * BLOCK_N])
             else:  # w stored [N, K] (forward: W, read transposed)
                 w = w_ptr.load([pid_n * BLOCK_N, off_k]).T
-            if not LOAD_T:
+            if not (LOAD_T or RANK_APART):
                 if DOWN_KR:  # down stored [K, R] (backward: s·v ⊙ B)
                     d = down_ptr.load([off_k, 0])
                 else:  # down stored [R, K] (forward: A, read transposed)
@@ -240,18 +310,18 @@ def _fused_lora_mm_kernel(
             mask_k = offs_k < k_len - k * BLOCK_K
             a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
             w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-            if not LOAD_T:
+            if not (LOAD_T or RANK_APART):
                 d = tl.load(d_ptrs, mask=mask_k[:, None] & mask_r[None, :], other=0.0)
                 d_ptrs += BLOCK_K * stride_dk
             a_ptrs += BLOCK_K * stride_ak
             w_ptrs += BLOCK_K * stride_wk
-        if not LOAD_T:  # (an fp32 master weight is rounded to the input dtype right after the load)
+        if not (LOAD_T or RANK_APART):  # (an fp32 master weight is rounded to the input dtype right after the load)
             d = to_operand(d, DTYPE, UPCAST)
         if UPCAST:  # interpreter only: its bf16 arithmetic is wrong, bf16 products are exact in fp32
             a = a.to(tl.float32)
             w = w.to(tl.float32)
         acc = tl.dot(a, w, acc, input_precision=PRECISION)  # acc += a·w (the base GEMM)
-        if not LOAD_T:  # one-pass: t += a·down (the shrink), from the same a tile
+        if not (LOAD_T or RANK_APART):  # one-pass: t += a·down (the shrink), from the same a tile
             t = tl.dot(a, d, t, input_precision=PRECISION)
 
     if LOAD_T:
@@ -277,7 +347,7 @@ def _fused_lora_mm_kernel(
             acc += tl.where(keep, update * drop_scale, 0.0)
         else:
             acc = update
-    else:
+    elif not (LOAD_T or RANK_APART):
         if WRITE_T:  # t (this slice's partial under SPLIT_K) in fp32 for the backward, once per row tile
             if pid_n == 0:
                 if SPLIT_K:
@@ -343,8 +413,91 @@ def _sum_splits_kernel(
     tl.store(out_ptr + offs, as_operand(acc, out_ptr.dtype.element_ty, UPCAST), mask=mask)
 
 
+@triton.jit
+def _sum_splits_rank_kernel(
+    # pointers
+    part_ptr,
+    t_ptr,
+    rscale_ptr,
+    up_ptr,
+    cscale_ptr,
+    bias_ptr,
+    out_ptr,
+    tsum_ptr,
+    # sizes
+    M,
+    N,
+    R,
+    SPLIT,
+    # strides (the launcher's workspaces and outputs are contiguous: unit strides along N and R)
+    stride_ps,
+    stride_pm,
+    stride_ts,
+    stride_tm,
+    stride_ur,
+    stride_un,
+    stride_om,
+    stride_sm,
+    # scalars
+    scale,
+    # compile-time switches and tiles
+    HAS_RSCALE: tl.constexpr,
+    FOLD_UP: tl.constexpr,
+    HAS_CSCALE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    WRITE_T: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    """The split-K sum of ``RANK_APART``, per ``[BLOCK_M, BLOCK_N]`` tile of ``out``: the base partials and
+    ``t``'s slices each summed in slice order (fp32, deterministic), then ``out = Σ part + (t ⊙ rscale)·(up ⊙
+    scale·cscale) + bias`` rounded once. ``t`` is complete here, so it is rounded once as the dot operand, as in
+    an unsplit launch. ``WRITE_T``: the column-tile-0 programs also store ``t``'s sum (fp32) in ``tsum``."""
+    pid = tl.program_id(0)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    pid_m = pid // num_pid_n
+    pid_n = pid % num_pid_n
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    mask_r = offs_r < R
+    mask_out = mask_m[:, None] & mask_n[None, :]
+    mask_t = mask_m[:, None] & mask_r[None, :]
+    part_ptrs = part_ptr + offs_m[:, None] * stride_pm + offs_n[None, :]
+    t_ptrs = t_ptr + offs_m[:, None] * stride_tm + offs_r[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for _ in range(0, SPLIT):
+        acc += tl.load(part_ptrs, mask=mask_out, other=0.0)
+        t += tl.load(t_ptrs, mask=mask_t, other=0.0)
+        part_ptrs += stride_ps
+        t_ptrs += stride_ts
+    if WRITE_T:
+        if pid_n == 0:
+            tl.store(tsum_ptr + offs_m[:, None] * stride_sm + offs_r[None, :], t, mask=mask_t)
+    DTYPE = out_ptr.dtype.element_ty
+    acc = _add_rank_update(
+        acc, t, rscale_ptr, up_ptr, cscale_ptr, scale, offs_r, offs_n, mask_r, mask_n, stride_ur, stride_un, DTYPE,
+        HAS_RSCALE, FOLD_UP, HAS_CSCALE, UPCAST, PRECISION, False,
+    )  # fmt: skip
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    out = as_operand(acc, DTYPE, UPCAST)
+    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], out, mask=mask_out)
+
+
 SUM_BLOCK, SUM_WARPS = 1024, 4
 """The split-K sum's tile (elements per program) and warps: a memory-bound copy-like kernel."""
+
+RANK_APART_BLOCK_R = 32
+"""Ranks per rank program of ``RANK_APART`` (fewer when the rank tile is narrower): 32 fp32 columns of ``down``
+are 128 bytes per K row, as many as a 64-wide tile of a 16-bit ``w``, so a rank program streams as much as a
+base program of the same K slice (the decode tiles are 64 wide) and does not outlast them at large ranks."""
 
 
 def fused_lora_mm(
@@ -404,16 +557,22 @@ def fused_lora_mm(
         out = torch.empty((split, M, N), device=a.device, dtype=torch.float32)
     else:
         out = torch.empty((M, N), device=a.device, dtype=a.dtype)
-    grid = (cdiv(M, cfg.block_m) * cdiv(N, cfg.block_n), split)
+    tiles = cdiv(M, cfg.block_m) * cdiv(N, cfg.block_n)
     # split-K partials summed by the GEMM's own programs (configs.split_reduce: "kernel") into y, or by a second
     # launch (also when the tiles outnumber the arrival counts)
-    locks = _split_locks(a.device, grid[0]) if split > 1 and configs.split_reduce() == "kernel" else None
+    locks = _split_locks(a.device, tiles) if split > 1 and configs.split_reduce() == "kernel" else None
     reduce = locks is not None
     y = torch.empty((M, N), device=a.device, dtype=a.dtype) if reduce else None
+    # rank apart (configs.split_rank): one-pass split-K summed by a launch has t computed once per K slice by
+    # rank programs of its own, and the rank-R term, with the bias, added by the sum launch
+    apart = split > 1 and not two_pass and not reduce and configs.split_rank() == "apart"
+    block_tr = min(block_r, RANK_APART_BLOCK_R)
+    rank_programs = cdiv(M, cfg.block_m) * cdiv(R, block_tr) if apart else 0
+    grid = (rank_programs + tiles, split)
     if two_pass:  # t = a·down, fp32 [M, R]; the shrink reads down in the input dtype (a forced two-pass
         # decode forward, which passes the fp32 master A, casts it here)
         t = shrink(a, down if down.dtype == a.dtype else down.to(a.dtype), dropout=drop_a)
-    elif write_t:
+    elif write_t or apart:  # (rank apart: the slices' t, summed by the sum launch)
         t = torch.empty((split, M, R) if split > 1 else (M, R), device=a.device, dtype=torch.float32)
     else:
         t = None
@@ -454,11 +613,12 @@ def fused_lora_mm(
         HAS_RSCALE=rscale is not None,
         FOLD_UP=up.dtype != a.dtype or cscale is not None or scale != 1.0,
         HAS_CSCALE=cscale is not None,
-        HAS_BIAS=bias is not None,
-        WRITE_T=write_t and not two_pass,
+        HAS_BIAS=bias is not None and not apart,
+        WRITE_T=write_t and not (two_pass or apart),
         LOAD_T=two_pass,
         SPLIT_K=split > 1,
         REDUCE=reduce,
+        RANK_APART=apart,
         DROPOUT=drop_update is not None,
         TMA=loads is not None,
         W_KN=w_kn,
@@ -469,6 +629,7 @@ def fused_lora_mm(
         BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k,
         BLOCK_R=block_r,
+        BLOCK_TR=block_tr,
         GROUP_M=cfg.group_m,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
@@ -476,6 +637,42 @@ def fused_lora_mm(
     )
     if reduce:  # the kernel summed the partials into y
         out = y
+    elif apart:  # the partials and t's slices, summed in a fixed order (deterministic), and the rank-R term
+        part, out = out, torch.empty((M, N), device=a.device, dtype=a.dtype)
+        t_part, t = t, (torch.empty((M, R), device=a.device, dtype=torch.float32) if write_t else None)
+        _sum_splits_rank_kernel[(cdiv(M, cfg.block_m) * max(1, cdiv(N, cfg.block_n)),)](
+            part,
+            t_part,
+            rscale if rscale is not None else part,  # never read when HAS_RSCALE is False
+            up,
+            cscale if cscale is not None else part,  # never read when HAS_CSCALE is False
+            bias if bias is not None else out,  # never read when HAS_BIAS is False
+            out,
+            t if t is not None else part,  # never written when WRITE_T is False
+            M,
+            N,
+            R,
+            split,
+            *part.stride()[:2],
+            *t_part.stride()[:2],
+            *up.stride(),
+            out.stride(0),
+            R,
+            float(scale),
+            HAS_RSCALE=rscale is not None,
+            FOLD_UP=up.dtype != a.dtype or cscale is not None or scale != 1.0,
+            HAS_CSCALE=cscale is not None,
+            HAS_BIAS=bias is not None,
+            WRITE_T=write_t,
+            UPCAST=upcast_bf16(a.dtype),
+            PRECISION=dot_precision(a.dtype),
+            BLOCK_M=cfg.block_m,
+            BLOCK_N=cfg.block_n,
+            BLOCK_R=block_r,
+            num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
+            enable_fp_fusion=FP_FUSION,
+        )
     elif split > 1:  # the partials, summed in a fixed order (deterministic), rounded once
         part, out = out, torch.empty((M, N), device=a.device, dtype=a.dtype)
         _sum_splits_kernel[(cdiv(M * N, SUM_BLOCK),)](
