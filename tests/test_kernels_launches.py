@@ -6,8 +6,9 @@ Counted: every triton launch and every torch operator that would launch a CUDA k
 allocations excluded). The structure these numbers pin down (backward.py, prepare.py):
 
 - prefill forward: ``A`` cast and ``s·v ⊙ B`` folded in one launch, then the fused GEMM (two-pass: the
-  shrink first); decode forward: the fused GEMM alone (plus, with K split, the sums of y's slices, unless the
-  kernel sums them, and of T's);
+  shrink first); decode forward: the fused GEMM alone, plus, with K split, the sum of y's slices, which also
+  sums T's (``configs.split_rank`` "apart", the default); with "in_tile" T's slices are summed by a launch
+  of their own, and when the kernel sums y's (in-tile) that launch is the only one after it;
 - backward: ``s·v ⊙ B`` (one launch), the dx GEMM (writing ``dS`` only when ``A`` trains), ``dA``'s reduction,
   and one pass over ``dy`` whose epilogue writes ``dB``, ``dv`` and ``du`` — both reductions adding into one
   zeroed buffer (atomics), or each with one sum of its partials (deterministic).
@@ -76,11 +77,13 @@ def count_launches():
             cls.run = original
 
 
-def _launches(preset, M, *, x_grad=True, deterministic=False, strategy=None, split_k=None, reduce=None, dropout=0.0):
+def _launches(
+    preset, M, *, x_grad=True, deterministic=False, strategy=None, split_k=None, reduce=None, split_rank=None, dropout=0.0
+):
     x, params = make_inputs(preset, M=M, K=320, N=96, R=12, dtype=torch.bfloat16)
     x.requires_grad_(x_grad)
     args = [params[k] for k in ("weight", "bias", "A", "B", "u", "v")]
-    with configs.forced(strategy=strategy, split_k=split_k, reduce=reduce):
+    with configs.forced(strategy=strategy, split_k=split_k, reduce=reduce, split_rank=split_rank):
         # once before counting: the in-kernel split-K sum zeroes its stream's arrival counts at its first launch
         warm = tied_lora_linear(x, *args, backend="triton", deterministic=deterministic, dropout=dropout)
         warm.backward(torch.ones_like(warm))
@@ -101,8 +104,9 @@ CASES = {
     ("tl6", 40, ("deterministic",)): (2, 7),  # the zeroing becomes a sum of partials per reduction, plus du's
     ("tl6", 40, ("two_pass",)): (3, 6),  # + the shrink of x, and of dy for dx
     ("tl6", 4, ()): (1, 5),  # decode: the GEMM reads the fp32 masters (no prepare); K too short to split
-    ("tl6", 4, ("split_k=3",)): (3, 7),  # + the sums of the K slices of y and of T (dx: of dx and dS)
-    ("tl6", 4, ("split_k=3", "reduce=kernel")): (2, 6),  # y and dx summed by their GEMM's last slices
+    ("tl6", 4, ("split_k=3",)): (2, 6),  # + one sum of the K slices of y and T, adding y's rank term (dx: dx and dS)
+    ("tl6", 4, ("split_k=3", "in_tile")): (3, 7),  # + the sums of the K slices of y and of T (dx: of dx and dS)
+    ("tl6", 4, ("split_k=3", "reduce=kernel")): (2, 6),  # y and dx summed by their GEMM's last slices (in-tile)
     ("vera", 40, ()): (2, 4),  # frozen A and B: dx writes no dS, no dA reduction
     ("vera", 40, ("no_x_grad",)): (2, 2),  # and no dx: du from dy's pass alone, no shrink of dy
     ("lora", 40, ()): (2, 5),
@@ -124,6 +128,7 @@ def test_launches_per_call(case):
         strategy="two_pass" if "two_pass" in options else None,
         split_k=3 if "split_k=3" in options else None,
         reduce="kernel" if "reduce=kernel" in options else None,
+        split_rank="in_tile" if "in_tile" in options else None,
         dropout=0.25 if "dropout" in options else 0.0,
     )
     want_forward, want_backward = CASES[case]

@@ -175,6 +175,8 @@ def test_decode_forward_launches_no_host_casts(monkeypatch, M):
     monkeypatch.setattr(function, "prepare_adapters", lambda *a, **k: host_folds.append(1) or real_prepare(*a, **k))
     sums = _GridSpy(forward._sum_splits_kernel)
     monkeypatch.setattr(forward, "_sum_splits_kernel", sums)
+    rank_sums = _GridSpy(forward._sum_splits_rank_kernel)  # (configs.split_rank "apart", the default)
+    monkeypatch.setattr(forward, "_sum_splits_rank_kernel", rank_sums)
     x, params = make_inputs("tl6", M=M, K=300, N=140, R=12, dtype=torch.bfloat16)
     args = [params[k] for k in ("weight", "bias", "A", "B", "u", "v")]
     with torch.no_grad(), configs.forced(split_k=3):
@@ -183,17 +185,19 @@ def test_decode_forward_launches_no_host_casts(monkeypatch, M):
     down, up = a[2], a[3]
     if M <= configs.DECODE_MAX_M:
         assert down.dtype == up.dtype == torch.float32 and k["cscale"] is params["v"] and k["scale"] == 1.0
-        assert not host_folds and len(sums.grids) == 1
+        assert not host_folds and not sums.grids and len(rank_sums.grids) == 1
     else:
         assert down.dtype == up.dtype == torch.bfloat16 and "cscale" not in k and host_folds == [1]
-        assert not sums.grids  # prefill never splits K
+        assert not sums.grids and not rank_sums.grids  # prefill never splits K
 
 
+@pytest.mark.parametrize("split_rank", configs.SPLIT_RANKS)
 @pytest.mark.parametrize("strategy", STRATEGIES)
-def test_split_k_partials_that_cancel_are_summed_before_rounding(strategy):
+def test_split_k_partials_that_cancel_are_summed_before_rounding(strategy, split_rank):
     # y = t·up with W = 0, t = x·Aᵀ cut into K slices 128 + 128 + 44 whose partials are 129.5, -128 and 0:
     # 129.5 is not a bf16 number (it would round to 130, giving y = 2), their sum 1.5 is, as is every input.
-    # (Two-pass has no partial t — the shrink sums all of K — but must add its rank term in one slice only.)
+    # (Two-pass has no partial t — the shrink sums all of K — but must add its rank term in one slice only;
+    # one-pass "apart" sums the partials in fp32 before rounding, "in_tile" passes each as a hi + lo pair.)
     K, N = 300, 24
     a = torch.ones(1, K, dtype=torch.bfloat16, device=DEVICE)
     down = torch.zeros(K, 1, dtype=torch.bfloat16, device=DEVICE)
@@ -202,14 +206,16 @@ def test_split_k_partials_that_cancel_are_summed_before_rounding(strategy):
     down[128:256] = -1
     w = torch.zeros(K, N, dtype=torch.bfloat16, device=DEVICE)
     up = torch.ones(1, N, dtype=torch.bfloat16, device=DEVICE)
-    out, t = fused_lora_mm(a, w, down, up, None, None, write_t=True, strategy=strategy, split_k=3)
+    with configs.forced(split_rank=split_rank):
+        out, t = fused_lora_mm(a, w, down, up, None, None, write_t=True, strategy=strategy, split_k=3)
     assert torch.equal(t, torch.full((1, 1), 1.5, device=DEVICE))
     assert torch.equal(out, torch.full((1, N), 1.5, dtype=torch.bfloat16, device=DEVICE)), out
 
 
+@pytest.mark.parametrize("split_rank", configs.SPLIT_RANKS)
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("M", [37, 5])
-def test_small_integers_are_exact(strategy, M):
+def test_small_integers_are_exact(strategy, M, split_rank):
     # as in test_kernels_parity: with integer inputs whose every intermediate stays below 256 in magnitude
     # (sparse x and dy, checked below), bf16 rounds nothing and the result must equal float64 bit for bit;
     # K = 200 is long enough to split K at decode (M = 5)
@@ -233,11 +239,12 @@ def test_small_integers_are_exact(strategy, M):
     for name, t in (("T", T), ("dS", dS), ("y", x64 @ w64.t() + T @ B64.t()), ("dx", dy64 @ w64 + dS @ A64)):
         assert t.abs().max() + N < 256, f"test inputs too large: |{name}| reaches {t.abs().max()}"
     inputs = {"x": x, "bias": bias, "A": A, "B": B, "u": u, "v": v}
-    with configs.forced(strategy=strategy, split_k=2):
+    with configs.forced(strategy=strategy, split_k=2, split_rank=split_rank):
         y = tied_lora_linear(x, weight, bias, A, B, u, v, 1.0, backend="triton")
+        got = grads_of(y, dy, inputs)
     expected = tied_lora_forward(x, weight, bias, A, B, u, v, 1.0, upcast=True)
     assert torch.equal(y.double(), expected), "y not exact"
-    got, ref = grads_of(y, dy, inputs), grads_of(expected, dy.double(), inputs)
+    ref = grads_of(expected, dy.double(), inputs)
     for name in inputs:
         assert torch.equal(got[name].double(), ref[name]), f"d{name} not exact"
 
@@ -282,9 +289,11 @@ def test_every_split_k_config(arch, cfg, block_r, wide):
     dtype = _family_dtype(wide)
     R = block_r - 3 if cfg.strategy == "one_pass" else 37  # two-pass: 3 rank chunks
     inputs, (t_ref, out_ref), (t_base, out_base) = _fused_case(dtype, 9, 4 * cfg.block_k + 5, 150, R, block_r)
-    out, t = fused_lora_mm(*inputs, write_t=True, split_k=3, config=cfg)
-    assert_close_to_reference(t, t_ref, t_base, "t", dtype)
-    assert_close_to_reference(out, out_ref, out_base, "out", dtype)
+    for split_rank in configs.SPLIT_RANKS if cfg.strategy == "one_pass" else ("auto",):
+        with configs.forced(split_rank=split_rank):
+            out, t = fused_lora_mm(*inputs, write_t=True, split_k=3, config=cfg)
+        assert_close_to_reference(t, t_ref, t_base, f"t ({split_rank})", dtype)
+        assert_close_to_reference(out, out_ref, out_base, f"out ({split_rank})", dtype)
 
 
 @pytest.mark.parametrize("arch,cfg,block_r,wide", _TWO_PASS, ids=[c[1].name for c in _TWO_PASS])
@@ -354,7 +363,8 @@ _REDUCE_SHAPES = {"ragged": dict(K=300, N=140), "aligned": dict(K=320, N=192)}  
 @pytest.mark.parametrize("order", ["in_order", "reversed"])
 def test_split_k_summed_in_kernel_equals_the_sum_launch(monkeypatch, order, shape, M, strategy, dtype):
     """configs.split_reduce "kernel": the last K slice of each output tile to finish sums the partials in the
-    GEMM's own launch, in slice order as the sum kernel does. Forward and every gradient (dx splits too) equal
+    GEMM's own launch, in slice order as the sum kernel does after the in-tile GEMM (configs.split_rank
+    "in_tile"; the in-kernel sum is always in-tile). Forward and every gradient (dx splits too) equal
     the launched sum's bit for bit and float64's within tolerance, the sum kernel never launches, and every
     arrival count is back at zero for the next launch; with the slices arriving in either order (interpreter).
     The GPU runs programs concurrently: test_split_k_summed_in_kernel_is_stable_on_gpu."""
@@ -373,7 +383,7 @@ def test_split_k_summed_in_kernel_equals_the_sum_launch(monkeypatch, order, shap
     results = {}
     for reduce in configs.SPLIT_REDUCES:
         sums.grids.clear()
-        with configs.forced(strategy=strategy, split_k=3, reduce=reduce):
+        with configs.forced(strategy=strategy, split_k=3, reduce=reduce, split_rank="in_tile"):
             y = tied_lora_linear(x, *args, 0.5, backend="triton")
             results[reduce] = (y, grads_of(y, dy, inputs))
         assert (len(sums.grids) == 0) == (reduce == "kernel"), (reduce, sums.grids)
@@ -412,7 +422,7 @@ def test_split_k_summed_in_kernel_is_stable_on_gpu():
         xs, refs = [], []
         _, params = make_inputs("tl6", M=M, K=K, N=N, R=16, dtype=torch.bfloat16)
         args = [params[k] for k in ("weight", "bias", "A", "B", "u", "v")]
-        with configs.forced(split_k=split, reduce="launch"):
+        with configs.forced(split_k=split, reduce="launch", split_rank="in_tile"):  # (as the in-kernel sum)
             for seed in range(3):
                 x = torch.randn(M, K, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16).to(DEVICE)
                 x.requires_grad_(True)

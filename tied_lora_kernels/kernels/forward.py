@@ -560,12 +560,14 @@ def fused_lora_mm(
     tiles = cdiv(M, cfg.block_m) * cdiv(N, cfg.block_n)
     # split-K partials summed by the GEMM's own programs (configs.split_reduce: "kernel") into y, or by a second
     # launch (also when the tiles outnumber the arrival counts)
-    locks = _split_locks(a.device, tiles) if split > 1 and configs.split_reduce() == "kernel" else None
+    sum_in_kernel = split > 1 and configs.split_reduce() == "kernel"
+    locks = _split_locks(a.device, tiles) if sum_in_kernel else None
     reduce = locks is not None
     y = torch.empty((M, N), device=a.device, dtype=a.dtype) if reduce else None
     # rank apart (configs.split_rank): one-pass split-K summed by a launch has t computed once per K slice by
-    # rank programs of its own, and the rank-R term, with the bias, added by the sum launch
-    apart = split > 1 and not two_pass and not reduce and configs.split_rank() == "apart"
+    # rank programs of its own, and the rank-R term, with the bias, added by the sum launch (not where the
+    # in-kernel sum falls back to a launch: that one gives the in-kernel sum's result)
+    apart = split > 1 and not (two_pass or sum_in_kernel) and configs.split_rank() == "apart"
     block_tr = min(block_r, RANK_APART_BLOCK_R)
     rank_programs = cdiv(M, cfg.block_m) * cdiv(R, block_tr) if apart else 0
     grid = (rank_programs + tiles, split)

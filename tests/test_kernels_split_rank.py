@@ -1,0 +1,129 @@
+"""Where one-pass split-K decode computes its rank-R term (``configs.split_rank``), against the float64 reference.
+
+"apart" (the default): rank programs in the GEMM's launch compute each K slice's ``t = a_s·down_s`` once, the
+other programs only the base partials ``a_s·w_s``, and the sum launch adds the partials and ``t``'s slices in
+slice order and then the rank-R term and the bias, rounding the complete ``t`` once (as an unsplit launch
+does). "in_tile": every output tile's programs compute and expand their slice's ``t`` (a hi + lo pair). The two
+round differently, so each is held to the reference (``tests/helpers.py``'s rule), not to the other. Decode
+shapes: M = 1, 5 and 16, K and N multiples of no block (K = 300 is cut 128 + 128 + 44 by three slices, 192 +
+108 by two; dx's N = 140 likewise), ranks 1 to 128 (one to four rank programs per slice), fp16 and bf16, with
+and without bias, u and v; forward, dx (the same kernels) and every adapter gradient.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.conftest import DEVICE
+from tests.helpers import assert_close_to_reference
+from tests.test_kernels_parity import check_parity, make_inputs
+from tied_lora_kernels.functional import tied_lora_linear
+from tied_lora_kernels.kernels import configs, forward
+from tied_lora_kernels.kernels.common import cdiv
+from tied_lora_kernels.kernels.forward import fused_lora_mm
+
+# (M, R, dtype, split, preset): every M, rank, dtype and split at least twice; "full" trains W and b as well,
+# "lora" has no u, v or bias, "vera" trains u and v only (no dS, no dA)
+CASES = [
+    (1, 1, torch.bfloat16, 3, "tl6"),
+    (5, 12, torch.float16, 3, "full"),
+    (16, 64, torch.bfloat16, 3, "tl6"),
+    (5, 128, torch.float16, 2, "tl6"),
+    (16, 12, torch.float16, 2, "lora"),
+    (1, 64, torch.float16, 3, "vera"),
+    (5, 1, torch.bfloat16, 2, "lora"),
+    (16, 128, torch.bfloat16, 3, "full"),
+    (1, 12, torch.bfloat16, 2, "tl6"),
+]
+
+
+@pytest.mark.parametrize("split_rank", configs.SPLIT_RANKS)
+@pytest.mark.parametrize("M,R,dtype,split,preset", CASES, ids=str)
+def test_decode_parity(M, R, dtype, split, preset, split_rank):
+    x, params = make_inputs(preset, M=M, K=300, N=140, R=R, dtype=dtype, bias=preset != "lora")
+    with configs.forced(split_k=split, split_rank=split_rank):
+        check_parity(x, params)
+
+
+class _GridSpy:
+    """Stands in for a kernel: records each launch grid, then launches the real kernel."""
+
+    def __init__(self, kernel):
+        self.kernel, self.grids = kernel, []
+
+    def __getitem__(self, grid):
+        self.grids.append(grid)
+        return self.kernel[grid]
+
+
+@pytest.mark.parametrize("R", [12, 64, 128])
+def test_rank_apart_is_the_default_and_what_it_launches(monkeypatch, R):
+    # forward y and backward dx both split: apart, the GEMM's grid has cdiv(R, 32) rank programs per K slice
+    # before its 3 column tiles (N = 140; dx: K = 300, 5 tiles) and the rank sum follows it; the in-kernel
+    # sum and a forced "in_tile" keep every program's t and the plain sum launch
+    gemms, sums, rank_sums = (_GridSpy(getattr(forward, k)) for k in _KERNELS)
+    for name, spy in zip(_KERNELS, (gemms, sums, rank_sums), strict=True):
+        monkeypatch.setattr(forward, name, spy)
+    x, params = make_inputs("tl6", M=4, K=300, N=140, R=R, dtype=torch.bfloat16)
+    args = [params[k] for k in ("weight", "bias", "A", "B", "u", "v")]
+    rank_programs = cdiv(R, min(configs.block_r_for(R), forward.RANK_APART_BLOCK_R))
+    for forced, apart in ((dict(), True), (dict(split_rank="in_tile"), False), (dict(reduce="kernel"), False)):
+        for spy in (gemms, sums, rank_sums):
+            spy.grids.clear()
+        with configs.forced(split_k=3, **forced):
+            y = tied_lora_linear(x, *args, backend="triton")
+            y.sum().backward()
+        extra = rank_programs if apart else 0
+        assert gemms.grids == [(extra + 3, 3), (extra + 5, 3)], (forced, gemms.grids)
+        assert len(rank_sums.grids) == (2 if apart else 0), forced
+        assert len(sums.grids) == (0 if apart or "reduce" in forced else 2), forced
+    assert configs.DEFAULT_SPLIT_RANK == "apart"
+
+
+_KERNELS = ("_fused_lora_mm_kernel", "_sum_splits_kernel", "_sum_splits_rank_kernel")
+
+
+@pytest.mark.parametrize("split_rank", configs.SPLIT_RANKS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("R", [1, 12, 64, 128])
+def test_fused_mm_decode_t_and_out(R, dtype, split_rank):
+    # the launcher alone, fp32 masters folded in the kernel (the decode forward's arguments), T returned: T is
+    # the sum of t's slices (apart: written by the sum launch), y within tolerance of float64
+    g = torch.Generator().manual_seed(R)
+    M, K, N, s = 7, 300, 140, 0.7
+
+    def randn(*shape, dt=dtype, std=1.0):
+        return (torch.randn(*shape, generator=g) * std).to(dt).to(DEVICE)
+
+    a, w, bias = randn(M, K), randn(K, N, std=K**-0.5), randn(N)
+    A, B = randn(R, K, dt=torch.float32, std=K**-0.5), randn(N, R, dt=torch.float32, std=R**-0.5)
+    u, v = 1 + randn(R, dt=torch.float32, std=0.5), randn(N, dt=torch.float32)
+    with configs.forced(split_rank=split_rank):
+        out, t = fused_lora_mm(a, w, A.t(), B.t(), u, bias, scale=s, cscale=v, write_t=True, split_k=3)
+    A_in, svB_in = A.to(dtype).double(), (B * (s * v)[:, None]).to(dtype).double()  # the operands as rounded
+    t_ref = a.double() @ A_in.t()
+    out_ref = a.double() @ w.double() + (t_ref * u.double()) @ svB_in.t() + bias.double()
+    t_base = (a @ A.to(dtype).t()).float()
+    out_base = (a @ w + (t_base * u).to(dtype) @ svB_in.t().to(dtype) + bias).to(dtype)
+    assert t.dtype == torch.float32 and t.shape == (M, R)
+    assert_close_to_reference(t, t_ref, t_base, "t", dtype)
+    assert_close_to_reference(out, out_ref, out_base, "out", dtype)
+
+
+def test_forcing_split_rank(monkeypatch):
+    monkeypatch.delenv(configs.SPLIT_RANK_ENV, raising=False)
+    assert configs.split_rank() == configs.DEFAULT_SPLIT_RANK == "apart"  # an estimate from bytes moved
+    monkeypatch.setenv(configs.SPLIT_RANK_ENV, "in_tile")
+    assert configs.split_rank() == "in_tile"
+    with configs.forced(split_rank="apart"):  # the context manager beats the environment
+        assert configs.split_rank() == "apart"
+        with configs.forced(split_k=2):  # None keeps the enclosing choice
+            assert configs.split_rank() == "apart"
+    with configs.forced(split_rank="auto"):  # "auto": the default, whatever the environment says
+        assert configs.split_rank() == "apart"
+    monkeypatch.setenv(configs.SPLIT_RANK_ENV, "sometimes")
+    with pytest.raises(ValueError, match="TIED_LORA_SPLIT_RANK"):
+        configs.split_rank()
+    with pytest.raises(ValueError, match="split_rank"):
+        configs.forced(split_rank="both").__enter__()
