@@ -5,9 +5,10 @@ Runs ``python -m tied_lora_kernels.kernels.compile_check`` in a subprocess with 
 ``kernels/configs.py`` for each GPU its table is given to (the sm90 table: Hopper sm_90 and datacenter
 Blackwell sm_100; the sm80 table: Ampere sm_80 and consumer Blackwell sm_120), each launch variant (forward
 and dx of both strategies, the decode forward for ranks that are and are not multiples of 16, their split-K
-forms with the partials summed by the sum kernel or in the GEMM's own launch (``-reduce``), the split-K sum,
-the two-pass shrink of x and of dy, the two rank-gradient reductions, the adapters' preparation, and with
-adapter dropout (``-dropout``) the shrink drawing the mask, the two-pass dx GEMM and ``dA``), bf16 for the
+forms with the partials summed by the sum kernel or in the GEMM's own launch (``-reduce``) and, one-pass, with
+the rank-R term apart (``-apart``: rank programs store each slice's ``t``; ``-apart-sum``: the sum launch that
+expands it), the split-K sum, the two-pass shrink of x and of dy, the two rank-gradient reductions, the
+adapters' preparation, and with adapter dropout (``-dropout``) the shrink drawing the mask, the two-pass dx GEMM and ``dA``), bf16 for the
 16-bit configs and fp32 for the 32-bit ones; the 16-bit prefill configs of the sm90 table also with their
 tiles loaded through TMA descriptors (``-tma``) for Hopper, as the launcher passes them there; the tiles for
 widths that are not multiples of 16 with no divisibility hints at all (``-unaligned``). The table (registers,
@@ -70,6 +71,15 @@ def _launched(monkeypatch, *, dropout: bool):
 DEVICE = torch.device("cpu")  # (arch_of is patched: the device only has to exist)
 
 
+def _split_variants(cfg, variants: list[str]) -> list[str]:
+    """Split-K forms: partials summed by the sum launch, or in the kernel by each tile's last slice; one-pass
+    also with the rank-R term apart (``configs.split_rank``): the GEMM and its sum launch."""
+    out = [f"{v}-splitk{r}" for r in ("", "-reduce") for v in variants]
+    if cfg.strategy == "one_pass":
+        out += [f"{v}-splitk-apart{r}" for r in ("", "-sum") for v in variants]
+    return out
+
+
 def test_every_shipped_config_is_compiled_for_every_target(rows, monkeypatch):
     compiled = {(r["name"], r["variant"], r["target"]) for r in rows}
     expected = set()
@@ -78,14 +88,14 @@ def test_every_shipped_config_is_compiled_for_every_target(rows, monkeypatch):
     for arch, cfg in fused:  # both strategies
         if not cfg.aligned:  # tiles for widths that are not multiples of 16: compiled without any hints
             variants = ["fwd-unaligned", "dx-unaligned"]
-            variants += [f"{v}-splitk{r}" for r in ("", "-reduce") for v in variants] if cfg.split_k else []
+            variants += _split_variants(cfg, variants) if cfg.split_k else []
             expected |= {(cfg.name, v, t) for v in variants for t in TARGETS[arch]}
             continue
         variants = ["fwd", "dx"]
         if "-decode-" in cfg.name:  # the decode forward reads B as stored: its row stride may be unaligned
             variants.append("fwd-oddR")
-        if cfg.split_k:  # partials summed by the sum launch, or in the kernel by each tile's last slice
-            variants += [f"{v}-splitk{r}" for r in ("", "-reduce") for v in variants]
+        if cfg.split_k:
+            variants += _split_variants(cfg, variants)
         expected |= {(cfg.name, v, t) for v in variants for t in TARGETS[arch]}
         if "-prefill-16bit" in cfg.name:  # loaded through TMA descriptors on the GPUs that do
             tma = [t for t in TARGETS[arch] if int(t.removeprefix("sm_")) // 10 in configs.TMA_MAJORS]

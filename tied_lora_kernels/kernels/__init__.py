@@ -12,7 +12,8 @@
   epilogue into ``dB``, ``dv``, ``du``);
 - ``function.py``: the ``autograd.Function`` joining them (all the math in its docstring);
 - ``configs.py``: every block config and strategy a launch can pick (and how to force one:
-  ``TIED_LORA_STRATEGY``, ``TIED_LORA_TMA``, ``TIED_LORA_SPLIT_REDUCE``, ``configs.forced``);
+  ``TIED_LORA_STRATEGY``, ``TIED_LORA_TMA``, ``TIED_LORA_SPLIT_REDUCE``, ``TIED_LORA_SPLIT_RANK``,
+  ``configs.forced``);
   ``compile_check.py`` compiles each for sm_90/sm_80;
 - ``common.py``: dot precision, the interpreter's bf16 workaround, the host ``cdiv``.
 """

@@ -22,6 +22,11 @@ stride is padded to 16 elements by ``prepare.prepare_adapters``, so it carries o
   and ``sum``: the split-K sum of the partials; ``-splitk-reduce``: split-K with the partials summed by each
   tile's last slice in the same launch (``configs.split_reduce``: "kernel"; ``lock_ptr`` is typed int32 and
   ``y_ptr`` as the input in every row, where the launcher passes the output for those unused pointers);
+  ``-splitk-apart`` (one-pass configs): the rank-apart GEMM (``configs.split_rank``: "apart", the default),
+  base partials and per-slice ``t`` from rank programs, no bias, and ``-splitk-apart-sum`` its sum launch
+  (``_sum_splits_rank_kernel`` with the GEMM's output tile: partials and ``t`` summed, the rank-R term from the
+  fp32 master ``B`` (forward, with bias and ``v``) or ``A`` (dx), ``T`` stored; ``fwd-oddR``: ``t``'s and
+  ``B``'s rows without divisibility hints);
 - ``T`` / ``dS``: the two-pass shrink of ``x`` (by ``Aᵀ``) and of ``dy`` (by ``s·v ⊙ B``);
 - ``G``: ``dyᵀ S`` with atomics (the default), finished in its epilogue into ``dB``, ``dv`` and ``du`` (every
   switch on: TL6); ``dA``: ``xᵀ dT`` into a transposed output, deterministic;

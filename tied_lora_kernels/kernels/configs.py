@@ -31,16 +31,23 @@ decode (a stream over W, where a second launch costs as much as the GEMM); two-p
 (32-wide tiles: one-pass's extra work is BLOCK_R / 32 ≥ 50 %). ``benchmarks/gpu_check.sh`` times both
 (providers ``triton-1pass`` / ``triton-2pass``); replace the table with what it measures.
 
-Decode's one-pass is not free, though (an estimate to check first on a GPU): each of the ``N / BLOCK_N`` output
-tiles (``BLOCK_N`` = 64) recomputes its K slice's ``t``, so an fp32 master ``A`` (read as it is, see
-``function.py``) is read ``N / 64`` times, from L2 (it is 0.25-2 MB at K = 4096): ``2·BLOCK_R / BLOCK_N`` bytes
-of ``A`` per byte of a 16-bit ``W``, 0.5× at BLOCK_R = 16 and 2× at 64. Against H100's ~3.3 TB/s HBM and
-roughly twice that from L2, the first probably hides behind W's read and the second probably does not (~1.5×
-W's time at r = 64). If ``triton`` misses the decode
-target at r = 64 while ``triton-2pass`` is no better (its shrink runs ``cdiv(M, 64)`` programs: one at decode,
-reading all of ``A`` alone), the candidates are wider decode tiles at large ranks (fewer re-reads; fewer output
-tiles, so more K slices) and ``t`` computed once per K slice by programs of its own and expanded in the split-K
-sum, which reads ``A`` and ``B`` once.
+Decode's one-pass is not free, though, when every output tile computes its own ``t`` (``split_rank()`` "in_tile"):
+each of the ``N / BLOCK_N`` output tiles (``BLOCK_N`` = 64) recomputes its K slice's ``t``, so an fp32 master
+``A`` (read as it is, see ``function.py``) is read ``N / 64`` times, from L2 (it is 0.25-2 MB at K = 4096):
+``2·BLOCK_R / BLOCK_N`` bytes of ``A`` per byte of a 16-bit ``W``, 0.5× at BLOCK_R = 16 and 2× at 64; and each
+slice's programs read their ``up`` tile (``s·v ⊙ B`` from the fp32 master ``B``) again. Against H100's
+~3.3 TB/s HBM and roughly twice that from L2, the first probably hides behind W's read and the second
+probably does not (~1.5× W's time at r = 64). Hence the default, ``split_rank()`` "apart" (``forward.py``,
+``RANK_APART``): when a launch sums the split-K partials, ``t`` is computed once per K slice by rank programs of
+its own in the GEMM's launch (``A`` read once in all; each reads 32 fp32 ranks per K row, as many bytes as a
+base program's 64-wide tile of ``W``) and expanded by the sum launch, which reads ``B`` once; still two
+launches. At K = N = 4096 (5 slices) and M = 1 a decode forward then reads ~35-36 MB into the SMs (``W``:
+33.6 MB; ``A`` and ``B`` 0.26 MB each at r = 16, 1 MB at r = 64) against ~52 MB (r = 16) and ~107 MB (r = 64)
+in-tile; at M = 16, with ``x`` re-read per column tile (8 MB) and the partials' round trip (2.6 MB) in both,
+~46-48 MB against ~63-117 MB. The re-reads come from L2 (HBM traffic is about ``W``'s either way): **this
+default is an estimate from bytes moved, unmeasured** like the tables above (``triton-intile`` times the
+other). If ``triton`` still misses the decode target at r = 64, the next
+candidates are wider decode tiles at large ranks and fewer K slices (the partials' round trip).
 
 **Loads** (``tma_for``): 16-bit prefill on Hopper (``TMA_MAJORS``) loads its tiles through TMA descriptors
 (the launcher falls back to pointers for an operand TMA cannot describe); unmeasured like the strategy table,
@@ -52,18 +59,19 @@ launch takes the ``-unaligned`` tiles (``_FUSED_UNALIGNED``: narrower, shallower
 ``_SHRINK_UNALIGNED``), which compile without spills with no divisibility hints at all; the tables' tiles
 spilled up to ~5 KB there.
 
-**Forcing** (benchmarks, tests): ``TIED_LORA_STRATEGY=one_pass|two_pass|auto``, ``TIED_LORA_TMA=0|1|auto``
-and ``TIED_LORA_SPLIT_REDUCE=launch|kernel|auto`` in the environment, or the ``forced(strategy=..., split_k=...,
-tma=..., reduce=...)`` context manager (it beats the environment). The autograd Function reads the forced
-strategy, split and loads when its forward runs and uses them again in its backward (the split-K sum is read
-at each launch: its results do not depend on it).
+**Forcing** (benchmarks, tests): ``TIED_LORA_STRATEGY=one_pass|two_pass|auto``, ``TIED_LORA_TMA=0|1|auto``,
+``TIED_LORA_SPLIT_REDUCE=launch|kernel|auto`` and ``TIED_LORA_SPLIT_RANK=apart|in_tile|auto`` in the environment,
+or the ``forced(strategy=..., split_k=..., tma=..., reduce=..., split_rank=...)`` context manager (it beats the
+environment). The autograd Function reads the forced strategy, split and loads when its forward runs and uses
+them again in its backward (the split-K sum and ``split_rank`` are read at each launch: the first does not
+change results, the second only their rounding).
 
 **Split-K at decode** (docs/design.md §7): with M ≤ 16 the GEMM has only ``cdiv(N, BLOCK_N)`` output tiles (64 on
 a 4096-wide layer against 132 SMs). ``split_k_for`` splits K until about ``_TARGET_PROGRAMS`` programs run
 (at least ``_MIN_K_STEPS`` K steps each); the fp32 partials are summed afterwards in a fixed order, so the
-result is deterministic: by a second launch (the default) or, with ``split_reduce() == "kernel"``, by the last
-of each output tile's slices to finish, in the GEMM's own launch (bit for bit the same result, a launch fewer;
-unmeasured, like the tables). Split-K is used by the 16-bit decode configs only (forced values too; fp32's 32-wide
+result is deterministic: by a second launch (the default; one-pass: with the rank-R term apart, above) or, with
+``split_reduce() == "kernel"``, by the last of each output tile's slices to finish, in the GEMM's own launch
+(in-tile, and bit for bit the in-tile launch's result, a launch fewer; unmeasured, like the tables). Split-K is used by the 16-bit decode configs only (forced values too; fp32's 32-wide
 decode tiles already launch 128 programs on a 4096-wide layer).
 
 **Adapter dropout** (``dropout.py``) runs two-pass whatever the table or forcing says (the shrink draws the

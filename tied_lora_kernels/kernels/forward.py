@@ -33,6 +33,14 @@ Everything is linear in the K partials (``Σ_k (t_k ⊙ rscale)·up = (t ⊙ rsc
 two-pass rank-R term) goes into slice 0 only. One-pass split-K passes each slice's partial ``t_k`` to the rank-R
 dot as a hi + lo pair (``T_HI_LO``): rounding each ``t_k`` once before the sum would lose what cancels.
 
+Rank apart (``RANK_APART``, one-pass split-K summed by a launch; ``configs.split_rank``, the default): each K
+slice's first ``cdiv(M, BLOCK_M)·cdiv(R, BLOCK_TR)`` programs are rank programs, which compute that slice's
+``t_k = a_k·down_k`` alone and store it in fp32 (``[SPLIT, M, R]``); the others run the plain K loop and store
+base partials. ``down`` is then read once per launch instead of once per column tile, and ``up`` once (by
+``_sum_splits_rank_kernel``, which sums the partials and ``t``'s slices per output tile in slice order and adds
+``(t ⊙ rscale)·up`` and the bias) instead of once per slice. ``t`` is complete when it is rounded, so there is
+no hi + lo pair. Still two launches (the sum also writes ``T`` for the backward: no separate sum of its slices).
+
 Adapter dropout (``DROPOUT``, two-pass only; ``dropout.py``): in ``dx`` the rank-R term is masked per output
 entry, ``out = a·w + c · m ⊙ ((t ⊙ rscale)·up)``, from the keep bits the forward's shrink stored; it is summed
 apart from ``acc`` and added once (so these tiles hold two accumulators: ``configs.fused_config`` gives the
@@ -529,7 +537,8 @@ def fused_lora_mm(
     forward's, has the shrink draw its mask over ``a`` and compute ``t = c · (m ⊙ a)·down``; ``drop_update``,
     dx's, masks the rank-R term per output entry with a mask drawn before.
     Launches one kernel (two-pass: two; split-K: plus the sum of the slices, unless ``configs.split_reduce``
-    has the kernel sum them).
+    has the kernel sum them; one-pass split-K with ``configs.split_rank`` "apart", the default, computes ``t``
+    apart and has the sum add the rank-R term).
     """
     M, K = a.shape
     N, R = w.shape[1], down.shape[1]
