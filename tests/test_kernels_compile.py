@@ -2,14 +2,14 @@
 
 Runs ``python -m tied_lora_kernels.kernels.compile_check`` in a subprocess with ``TRITON_INTERPRET`` unset
 (under the interpreter ``triton.jit`` cannot compile), ahead of time, no GPU needed: each config of
-``kernels/configs.py`` for each GPU its table is given to (the sm90 table: Hopper sm_90 and datacenter
-Blackwell sm_100; the sm80 table: Ampere sm_80 and consumer Blackwell sm_120), each launch variant (forward
-and dx of both strategies, the decode forward for ranks that are and are not multiples of 16, their split-K
-forms with the partials summed by the sum kernel or in the GEMM's own launch (``-reduce``) and, one-pass, with
-the rank-R term apart (``-apart``: rank programs store each slice's ``t``; ``-apart-sum``: the sum launch that
-expands it), the split-K sum, the two-pass shrink of x and of dy, the two rank-gradient reductions, the
-adapters' preparation, and with adapter dropout (``-dropout``) the shrink drawing the mask, the two-pass dx GEMM and ``dA``), bf16 for the
-16-bit configs and fp32 for the 32-bit ones; the 16-bit prefill configs of the sm90 table also with their
+``kernels/configs.py`` for each GPU its table is given to (the sm90 table: Hopper sm_90 and datacenter Blackwell
+sm_100; the sm80 table: Ampere sm_80 and consumer Blackwell sm_120), each launch variant (forward and dx of both
+strategies, the decode forward for ranks that are and are not multiples of 16, their split-K forms with the
+partials summed by the sum kernel or in the GEMM's own launch (``-reduce``) and, one-pass, with the rank-R term
+apart (``-apart``: rank programs store each slice's ``t``; ``-apart-sum``: the sum launch that expands it), the
+split-K sum, the two-pass shrink of x and of dy, the two rank-gradient reductions, the adapters' preparation,
+and with adapter dropout (``-dropout``) the shrink drawing the mask, the two-pass dx GEMM and ``dA``), bf16 for
+the 16-bit configs and fp32 for the 32-bit ones; the 16-bit prefill configs of the sm90 table also with their
 tiles loaded through TMA descriptors (``-tma``) for Hopper, as the launcher passes them there; the tiles for
 widths that are not multiples of 16 with no divisibility hints at all (``-unaligned``). The table (registers,
 spills, shared memory, tensor-core instruction, loads) is printed; run pytest with ``-s`` to see it.

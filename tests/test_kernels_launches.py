@@ -78,8 +78,9 @@ def count_launches():
 
 
 def _launches(
-    preset, M, *, x_grad=True, deterministic=False, strategy=None, split_k=None, reduce=None, split_rank=None, dropout=0.0
-):
+    preset, M, *, x_grad=True, deterministic=False, strategy=None, split_k=None, reduce=None, split_rank=None,
+    dropout=0.0,
+):  # fmt: skip
     x, params = make_inputs(preset, M=M, K=320, N=96, R=12, dtype=torch.bfloat16)
     x.requires_grad_(x_grad)
     args = [params[k] for k in ("weight", "bias", "A", "B", "u", "v")]

@@ -66,13 +66,14 @@ environment). The autograd Function reads the forced strategy, split and loads w
 them again in its backward (the split-K sum and ``split_rank`` are read at each launch: the first does not
 change results, the second only their rounding).
 
-**Split-K at decode** (docs/design.md §7): with M ≤ 16 the GEMM has only ``cdiv(N, BLOCK_N)`` output tiles (64 on
-a 4096-wide layer against 132 SMs). ``split_k_for`` splits K until about ``_TARGET_PROGRAMS`` programs run
+**Split-K at decode** (docs/design.md §7): with M ≤ 16 the GEMM has only ``cdiv(N, BLOCK_N)`` output tiles (64
+on a 4096-wide layer against 132 SMs). ``split_k_for`` splits K until about ``_TARGET_PROGRAMS`` programs run
 (at least ``_MIN_K_STEPS`` K steps each); the fp32 partials are summed afterwards in a fixed order, so the
 result is deterministic: by a second launch (the default; one-pass: with the rank-R term apart, above) or, with
 ``split_reduce() == "kernel"``, by the last of each output tile's slices to finish, in the GEMM's own launch
-(in-tile, and bit for bit the in-tile launch's result, a launch fewer; unmeasured, like the tables). Split-K is used by the 16-bit decode configs only (forced values too; fp32's 32-wide
-decode tiles already launch 128 programs on a 4096-wide layer).
+(in-tile, and bit for bit the in-tile launch's result, a launch fewer; unmeasured, like the tables). Split-K is
+used by the 16-bit decode configs only (forced values too; fp32's 32-wide decode tiles already launch 128
+programs on a 4096-wide layer).
 
 **Adapter dropout** (``dropout.py``) runs two-pass whatever the table or forcing says (the shrink draws the
 mask); its launches get their own tiles where the usual ones spill: ``_SHRINK_DROPOUT`` for the shrink that
@@ -161,7 +162,8 @@ SPLIT_RANK_ENV = "TIED_LORA_SPLIT_RANK"
 """Environment variable choosing where one-pass split-K computes the rank-R term: ``apart``, ``in_tile`` or
 ``auto`` (``split_rank``)."""
 DEFAULT_SPLIT_RANK = "apart"
-"""One-pass split-K summed by a launch computes ``t`` apart unless forced: an estimate from bytes moved (``split_rank``)."""
+"""One-pass split-K summed by a launch computes ``t`` apart unless forced: estimated from bytes moved
+(``split_rank``)."""
 
 
 @dataclass(frozen=True)
