@@ -89,18 +89,21 @@ def test_choice_table_compares_the_forced_providers():
         _record("triton-2pass", "forward", 1, 1.2, rank=8),  # one-pass wins at decode, BLOCK_R = 16
         _record("triton", "forward", 1, 1.0, rank=8),
         _record("triton-1launch", "forward", 1, 0.8, rank=8),  # the in-kernel split-K sum wins
+        _record("triton-intile", "forward", 1, 1.25, rank=8),  # the rank-R term apart (the default) wins
         _record("torch", "forward", 8192, 2.0, rank=64),  # not a forced choice: ignored
     ]
     headers, rows = choice_rows(recs)
-    assert headers[5:] == ["2pass / 1pass", "sm90 table picks", "tma / ptr", "1launch / sum launch (graph)"]
+    assert headers[5:] == [
+        "2pass / 1pass", "sm90 table picks", "tma / ptr", "1launch / sum launch (graph)", "apart / in-tile"
+    ]  # fmt: skip
     assert rows == [
-        ["bfloat16", "decode", 16, "forward", 1, "1.2", "one_pass", "-", "0.8"],
-        ["bfloat16", "prefill", 64, "forward", 1, "0.9", "two_pass", "0.9", "-"],
+        ["bfloat16", "decode", 16, "forward", 1, "1.2", "one_pass", "-", "0.8", "0.8"],
+        ["bfloat16", "prefill", 64, "forward", 1, "0.9", "two_pass", "0.9", "-", "-"],
     ]
     # ranks 8 and 16 share BLOCK_R = 16 but are two cells: rank 16's two-pass time is not set against rank 8's
     # one-pass time, and neither overwrites the other
     recs += [_record("triton-2pass", "forward", 1, 0.9, rank=16)]
-    assert choice_rows(recs)[1][0] == ["bfloat16", "decode", 16, "forward", 2, "1.2", "one_pass", "-", "0.8"]
+    assert choice_rows(recs)[1][0] == ["bfloat16", "decode", 16, "forward", 2, "1.2", "one_pass", "-", "0.8", "0.8"]
     recs += [_record("triton-1pass", "forward", 1, 1.2, rank=16)]  # 0.75 at rank 16
     assert choice_rows(recs)[1][0][4:6] == [2, "0.949"]  # the geometric mean of 1.2 and 0.75
 

@@ -33,7 +33,7 @@ __all__ = ["main", "load", "summary_rows", "target_rows", "choice_rows"]
 FLOOR = "nn.Linear"
 ORDER = (
     FLOOR, "torch", "torch.compile", "triton", "triton-1pass", "triton-2pass", "triton-ptr", "triton-1launch",
-    "triton-host", "peft-lora", "peft-vera", "triton-dropout", "peft-lora-dropout",
+    "triton-intile", "triton-host", "peft-lora", "peft-vera", "triton-dropout", "peft-lora-dropout",
 )  # fmt: skip
 MODES = ("forward", "backward", "fwd+bwd")
 BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -424,7 +424,7 @@ def target_rows(records, stat="median"):
     return headers + ["met"], rows
 
 
-_FORCED_PROVIDERS = ("triton", "triton-1pass", "triton-2pass", "triton-ptr", "triton-1launch")
+_FORCED_PROVIDERS = ("triton", "triton-1pass", "triton-2pass", "triton-ptr", "triton-1launch", "triton-intile")
 
 
 def choice_rows(records, stat="median"):
@@ -432,8 +432,10 @@ def choice_rows(records, stat="median"):
     mode: two-pass over one-pass time (below 1: two-pass wins) beside the strategy the sm90 table picks, the
     default (TMA loads on Hopper's 16-bit prefill) over pointer loads (below 1: TMA wins), and split-K partials
     summed in the GEMM's launch over the default second launch (decode, timed as CUDA graphs, where the in-kernel
-    sum also replays the zeroing of its arrival counts and the launch it saves costs little; below 1: it wins).
-    Each cell is one shape, M and rank (ranks 8 and 16 share a rank tile)."""
+    sum also replays the zeroing of its arrival counts and the launch it saves costs little; below 1: it wins),
+    and decode's rank-R term computed apart (the default, ``configs.split_rank``) over in every output tile
+    (``triton-intile``; below 1: apart wins). Each cell is one shape, M and rank (ranks 8 and 16 share a rank
+    tile)."""
     times = defaultdict(dict)  # (dtype, regime, BLOCK_R, mode, device, shape, M, rank) -> provider -> time
     for r in records:
         if r.get("kind") == "linear" and r["provider"] in _FORCED_PROVIDERS:
@@ -445,6 +447,7 @@ def choice_rows(records, stat="median"):
         groups[key[:4]].append(cell)
     headers = ["dtype", "regime", "BLOCK_R", "mode", "cases", "2pass / 1pass", "sm90 table picks", "tma / ptr"]
     headers.append("1launch / sum launch (graph)")  # decode runs as a CUDA graph: eager launches are the eager table's
+    headers.append("apart / in-tile")
     rows = []
     for (dtype, regime, block_r, mode), cells in sorted(
         groups.items(), key=lambda kv: (*kv[0][:3], MODES.index(kv[0][3]))
@@ -454,11 +457,13 @@ def choice_rows(records, stat="median"):
         )
         loads = _geomean(c["triton"] / c["triton-ptr"] for c in cells if "triton" in c and "triton-ptr" in c)
         sums = _geomean(c["triton-1launch"] / c["triton"] for c in cells if "triton" in c and "triton-1launch" in c)
-        if passes is None and loads is None and sums is None:
+        apart = _geomean(c["triton"] / c["triton-intile"] for c in cells if "triton" in c and "triton-intile" in c)
+        if passes is None and loads is None and sums is None and apart is None:
             continue
         M = DECODE_MAX_M if regime == "decode" else DECODE_MAX_M + 1
         picks = configs.table_strategy("sm90", M, block_r, dtype == "float32")
-        rows.append([dtype, regime, block_r, mode, len(cells), _fmt(passes), picks, _fmt(loads), _fmt(sums)])
+        row = [dtype, regime, block_r, mode, len(cells), _fmt(passes), picks, _fmt(loads), _fmt(sums), _fmt(apart)]
+        rows.append(row)
     return headers, rows
 
 
