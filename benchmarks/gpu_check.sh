@@ -105,8 +105,8 @@ PARALLEL=("$PY" -m benchmarks.parallel_pytest ${GPU_CHECK_PROCS:+-n "$GPU_CHECK_
 # the kernel tests on the GPU (torch.compile's custom-op path included), fail fast (-x in each process); the
 # ahead-of-time compile test is left to the compile-check phase below
 TORCHINDUCTOR_COMPILE_THREADS=1 phase parity 170 "${PARALLEL[@]}" tests/test_kernels_parity.py tests/test_kernels_autograd.py \
-    tests/test_kernels_memory.py tests/test_kernels_strategies.py tests/test_kernels_launches.py tests/test_torch_compile.py \
-    tests/test_kernels_dropout.py -x -q -p no:cacheprovider
+    tests/test_kernels_memory.py tests/test_kernels_strategies.py tests/test_kernels_split_rank.py \
+    tests/test_kernels_launches.py tests/test_torch_compile.py tests/test_kernels_dropout.py -x -q -p no:cacheprovider
 
 # every benchmark case once, untimed, in parallel: fills the triton and inductor caches for the timed runs.
 # One inductor compile thread per process: with 8 processes its default pool (one worker per core) would
@@ -142,8 +142,9 @@ if [ "${GPU_CHECK_SANITIZE:-0}" = 1 ] || [[ " ${GPU_CHECK_ONLY:-} " == *" saniti
     SANITIZER="$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)"
     if [ -n "$SANITIZER" ]; then
         PYTORCH_NO_CUDA_MEMORY_CACHING=1 phase sanitize 150 "$SANITIZER" --tool memcheck --error-exitcode 1 \
-            --print-limit 20 "$PY" -m pytest tests/test_kernels_parity.py tests/test_kernels_strategies.py -x -q \
-            -p no:cacheprovider -k "(test_configurations or test_shapes) and bfloat16"
+            --print-limit 20 "$PY" -m pytest tests/test_kernels_parity.py tests/test_kernels_strategies.py \
+            tests/test_kernels_split_rank.py -x -q -p no:cacheprovider \
+            -k "(test_configurations or test_shapes or test_fused_mm_decode) and bfloat16"
     else
         echo
         echo "=== sanitize: compute-sanitizer not found (PATH, /usr/local/cuda/bin), skipped"

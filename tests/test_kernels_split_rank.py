@@ -127,3 +127,19 @@ def test_forcing_split_rank(monkeypatch):
         configs.split_rank()
     with pytest.raises(ValueError, match="split_rank"):
         configs.forced(split_rank="both").__enter__()
+
+
+def test_no_output_columns_still_give_t():
+    # N = 0 (never from a layer, whose rank is at most its width): no GEMM tile to launch, the rank-apart sum's
+    # grid would be empty and its tile arithmetic divide by zero; the launcher returns an empty y and T from the
+    # shrink (the in-tile path returned an unwritten T)
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(3, 256, generator=g).to(torch.bfloat16).to(DEVICE)
+    A = (torch.randn(16, 256, generator=g) / 16).to(DEVICE)
+    for split_rank in configs.SPLIT_RANKS:
+        with configs.forced(split_rank=split_rank):
+            out, t = fused_lora_mm(a, a.new_empty(256, 0), A.t(), a.new_empty(16, 0).float(), None, None,
+                                   write_t=True, split_k=2)  # fmt: skip
+        assert out.shape == (3, 0)
+        t_ref = a.double() @ A.to(torch.bfloat16).double().t()
+        torch.testing.assert_close(t.double(), t_ref, rtol=1e-5, atol=1e-5)

@@ -290,6 +290,8 @@ def compile_one(job: dict) -> dict:
     cfg, tl_dtype = job["config"], _TL_NAME[job["dtype"]]
     fp32_pointers = _FP32_POINTERS[kernel]
     constexprs = dict(switches, UPCAST=False, PRECISION=job["precision"], BLOCK_R=job["block_r"], DROPOUT=dropout)
+    if rank_sum:  # it walks the rank in chunks of the rank programs' width (forward.py's launcher)
+        constexprs.update(BLOCK_R=min(job["block_r"], RANK_APART_BLOCK_R))
     if kernel == "fused":
         constexprs.update(BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"])
         constexprs.update(GROUP_M=cfg["group_m"])
@@ -343,10 +345,11 @@ def compile_one(job: dict) -> dict:
             if name in divisible:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     arch = int(job["target"].removeprefix("sm_"))
+    stages = 1 if rank_sum else cfg["num_stages"]  # (the rank-apart sum has no dot to pipeline: forward.py)
     compiled = triton.compile(
         ASTSource(fn, signature, constexprs, attrs),
         target=GPUTarget("cuda", arch, 32),
-        options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"], "enable_fp_fusion": FP_FUSION},
+        options=dict(num_warps=cfg["num_warps"], num_stages=stages, enable_fp_fusion=FP_FUSION),
     )
     ptx = compiled.asm["ptx"]
     with tempfile.TemporaryDirectory() as tmp:

@@ -463,7 +463,9 @@ def _sum_splits_rank_kernel(
     """The split-K sum of ``RANK_APART``, per ``[BLOCK_M, BLOCK_N]`` tile of ``out``: the base partials and
     ``t``'s slices each summed in slice order (fp32, deterministic), then ``out = Σ part + (t ⊙ rscale)·(up ⊙
     scale·cscale) + bias`` rounded once. ``t`` is complete here, so it is rounded once as the dot operand, as in
-    an unsplit launch. ``WRITE_T``: the column-tile-0 programs also store ``t``'s sum (fp32) in ``tsum``."""
+    an unsplit launch. The rank is walked ``BLOCK_R`` at a time (a whole-rank ``up`` tile held 242 registers at
+    R = 128 with unaligned widths). ``WRITE_T``: the column-tile-0 programs also store ``t``'s sum (fp32) in
+    ``tsum``."""
     pid = tl.program_id(0)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     pid_m = pid // num_pid_n
@@ -473,26 +475,29 @@ def _sum_splits_rank_kernel(
     offs_r = tl.arange(0, BLOCK_R)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    mask_r = offs_r < R
     mask_out = mask_m[:, None] & mask_n[None, :]
-    mask_t = mask_m[:, None] & mask_r[None, :]
     part_ptrs = part_ptr + offs_m[:, None] * stride_pm + offs_n[None, :]
-    t_ptrs = t_ptr + offs_m[:, None] * stride_tm + offs_r[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for _ in range(0, SPLIT):
         acc += tl.load(part_ptrs, mask=mask_out, other=0.0)
-        t += tl.load(t_ptrs, mask=mask_t, other=0.0)
         part_ptrs += stride_ps
-        t_ptrs += stride_ts
-    if WRITE_T:
-        if pid_n == 0:
-            tl.store(tsum_ptr + offs_m[:, None] * stride_sm + offs_r[None, :], t, mask=mask_t)
     DTYPE = out_ptr.dtype.element_ty
-    acc = _add_rank_update(
-        acc, t, rscale_ptr, up_ptr, cscale_ptr, scale, offs_r, offs_n, mask_r, mask_n, stride_ur, stride_un, DTYPE,
-        HAS_RSCALE, FOLD_UP, HAS_CSCALE, UPCAST, PRECISION, False,
-    )  # fmt: skip
+    for r0 in range(0, R, BLOCK_R):  # ranks r0 .. r0 + BLOCK_R: t's slices summed, then expanded
+        offs_rc = r0 + offs_r
+        mask_rc = offs_rc < R
+        mask_t = mask_m[:, None] & mask_rc[None, :]
+        t_ptrs = t_ptr + offs_m[:, None] * stride_tm + offs_rc[None, :]
+        t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for _ in range(0, SPLIT):
+            t += tl.load(t_ptrs, mask=mask_t, other=0.0)
+            t_ptrs += stride_ts
+        if WRITE_T:
+            if pid_n == 0:
+                tl.store(tsum_ptr + offs_m[:, None] * stride_sm + offs_rc[None, :], t, mask=mask_t)
+        acc = _add_rank_update(
+            acc, t, rscale_ptr, up_ptr, cscale_ptr, scale, offs_rc, offs_n, mask_rc, mask_n, stride_ur, stride_un,
+            DTYPE, HAS_RSCALE, FOLD_UP, HAS_CSCALE, UPCAST, PRECISION, False,
+        )  # fmt: skip
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     out = as_operand(acc, DTYPE, UPCAST)
@@ -554,9 +559,11 @@ def fused_lora_mm(
     two_pass = cfg.strategy == "two_pass"
     if two_pass:  # the rank-R term runs over the rank in chunks of a fixed size
         block_r = cfg.rank_chunk
-    if M == 0:
-        out = torch.empty((0, N), device=a.device, dtype=a.dtype)
-        return out, (torch.empty((0, R), device=a.device, dtype=torch.float32) if write_t else None)
+    if M == 0 or N == 0:  # no output tile to launch for (N = 0: t alone, from the shrink)
+        out = torch.empty((M, N), device=a.device, dtype=a.dtype)
+        if not write_t or M == 0:
+            return out, (torch.empty((0, R), device=a.device, dtype=torch.float32) if write_t else None)
+        return out, shrink(a, down if down.dtype == a.dtype else down.to(a.dtype))
 
     # split-K: slices of whole BLOCK_K steps; the last may be ragged, none is empty
     split = configs.split_k_for(M, N, K, cfg, a.device, split_k)
@@ -651,7 +658,7 @@ def fused_lora_mm(
     elif apart:  # the partials and t's slices, summed in a fixed order (deterministic), and the rank-R term
         part, out = out, torch.empty((M, N), device=a.device, dtype=a.dtype)
         t_part, t = t, (torch.empty((M, R), device=a.device, dtype=torch.float32) if write_t else None)
-        _sum_splits_rank_kernel[(cdiv(M, cfg.block_m) * max(1, cdiv(N, cfg.block_n)),)](
+        _sum_splits_rank_kernel[(cdiv(M, cfg.block_m) * cdiv(N, cfg.block_n),)](
             part,
             t_part,
             rscale if rscale is not None else part,  # never read when HAS_RSCALE is False
@@ -679,9 +686,9 @@ def fused_lora_mm(
             PRECISION=dot_precision(a.dtype),
             BLOCK_M=cfg.block_m,
             BLOCK_N=cfg.block_n,
-            BLOCK_R=block_r,
+            BLOCK_R=block_tr,  # (the rank in chunks of the rank programs' width)
             num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages,
+            num_stages=1,  # (no dot in its loops: nothing to pipeline)
             enable_fp_fusion=FP_FUSION,
         )
     elif split > 1:  # the partials, summed in a fixed order (deterministic), rounded once
