@@ -62,7 +62,7 @@ from dataclasses import dataclass
 
 from . import interpreting
 from .common import FP_FUSION
-from .forward import RANK_APART_BLOCK_R, SUM_BLOCK, SUM_WARPS
+from .forward import RANK_APART_BLOCK_R, RANK_SUM_CHUNK, SUM_BLOCK, SUM_WARPS
 from .prepare import PREPARE_BLOCK, PREPARE_WARPS
 
 TARGETS = {"sm90": (90, 100), "sm80": (80, 120)}
@@ -290,8 +290,8 @@ def compile_one(job: dict) -> dict:
     cfg, tl_dtype = job["config"], _TL_NAME[job["dtype"]]
     fp32_pointers = _FP32_POINTERS[kernel]
     constexprs = dict(switches, UPCAST=False, PRECISION=job["precision"], BLOCK_R=job["block_r"], DROPOUT=dropout)
-    if rank_sum:  # it walks the rank in chunks of the rank programs' width (forward.py's launcher)
-        constexprs.update(BLOCK_R=min(job["block_r"], RANK_APART_BLOCK_R))
+    if rank_sum:  # it walks the rank in fixed chunks (forward.py's launcher)
+        constexprs.update(BLOCK_R=RANK_SUM_CHUNK)
     if kernel == "fused":
         constexprs.update(BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"])
         constexprs.update(GROUP_M=cfg["group_m"])

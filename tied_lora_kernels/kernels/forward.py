@@ -463,9 +463,8 @@ def _sum_splits_rank_kernel(
     """The split-K sum of ``RANK_APART``, per ``[BLOCK_M, BLOCK_N]`` tile of ``out``: the base partials and
     ``t``'s slices each summed in slice order (fp32, deterministic), then ``out = Σ part + (t ⊙ rscale)·(up ⊙
     scale·cscale) + bias`` rounded once. ``t`` is complete here, so it is rounded once as the dot operand, as in
-    an unsplit launch. The rank is walked ``BLOCK_R`` at a time (a whole-rank ``up`` tile held 242 registers at
-    R = 128 with unaligned widths). ``WRITE_T``: the column-tile-0 programs also store ``t``'s sum (fp32) in
-    ``tsum``."""
+    an unsplit launch. The rank is walked ``BLOCK_R`` at a time (``RANK_SUM_CHUNK``). ``WRITE_T``: the
+    column-tile-0 programs also store ``t``'s sum (fp32) in ``tsum``."""
     pid = tl.program_id(0)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     pid_m = pid // num_pid_n
@@ -506,6 +505,11 @@ def _sum_splits_rank_kernel(
 
 SUM_BLOCK, SUM_WARPS = 1024, 4
 """The split-K sum's tile (elements per program) and warps: a memory-bound copy-like kernel."""
+
+RANK_SUM_CHUNK = 16
+"""Ranks per step of the rank-apart sum's rank-R term: a whole-rank ``up`` tile held up to 242 registers at R = 128
+with unaligned widths, and 32-rank steps spilled 8 bytes (at 96 registers) in dx's unaligned sum on sm_80
+(triton 3.9)."""
 
 RANK_APART_BLOCK_R = 32
 """Ranks per rank program of ``RANK_APART`` (fewer when the rank tile is narrower): 32 fp32 columns of ``down``
@@ -686,7 +690,7 @@ def fused_lora_mm(
             PRECISION=dot_precision(a.dtype),
             BLOCK_M=cfg.block_m,
             BLOCK_N=cfg.block_n,
-            BLOCK_R=block_tr,  # (the rank in chunks of the rank programs' width)
+            BLOCK_R=RANK_SUM_CHUNK,
             num_warps=cfg.num_warps,
             num_stages=1,  # (no dot in its loops: nothing to pipeline)
             enable_fp_fusion=FP_FUSION,
