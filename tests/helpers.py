@@ -44,3 +44,15 @@ def assert_close_to_reference(
         f"{name} ({dtype}): max abs error {err:.3e} > bound {bound:.3e} "
         f"(2 × baseline error {base_err:.3e} + atol {ATOL[dtype]:.1e} × magnitude {magnitude:.3e})"
     )
+
+
+class GridSpy:
+    """Stands in for a kernel (``monkeypatch.setattr(module, name, GridSpy(kernel))``): records each launch grid,
+    then launches the real kernel."""
+
+    def __init__(self, kernel):
+        self.kernel, self.grids = kernel, []
+
+    def __getitem__(self, grid):
+        self.grids.append(grid)
+        return self.kernel[grid]

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from tests.conftest import DEVICE
-from tests.helpers import assert_close_to_reference
+from tests.helpers import GridSpy, assert_close_to_reference
 from tests.test_kernels_parity import check_parity, make_inputs
 from tied_lora_kernels.functional import tied_lora_linear
 from tied_lora_kernels.kernels import configs, forward
@@ -46,23 +46,12 @@ def test_decode_parity(M, R, dtype, split, preset, split_rank):
         check_parity(x, params)
 
 
-class _GridSpy:
-    """Stands in for a kernel: records each launch grid, then launches the real kernel."""
-
-    def __init__(self, kernel):
-        self.kernel, self.grids = kernel, []
-
-    def __getitem__(self, grid):
-        self.grids.append(grid)
-        return self.kernel[grid]
-
-
 @pytest.mark.parametrize("R", [12, 64, 128])
 def test_rank_apart_is_the_default_and_what_it_launches(monkeypatch, R):
     # forward y and backward dx both split: apart, the GEMM's grid has cdiv(R, 32) rank programs per K slice
     # before its 3 column tiles (N = 140; dx: K = 300, 5 tiles) and the rank sum follows it; the in-kernel
     # sum and a forced "in_tile" keep every program's t and the plain sum launch
-    gemms, sums, rank_sums = (_GridSpy(getattr(forward, k)) for k in _KERNELS)
+    gemms, sums, rank_sums = (GridSpy(getattr(forward, k)) for k in _KERNELS)
     for name, spy in zip(_KERNELS, (gemms, sums, rank_sums), strict=True):
         monkeypatch.setattr(forward, name, spy)
     x, params = make_inputs("tl6", M=4, K=300, N=140, R=R, dtype=torch.bfloat16)

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from tests.conftest import DEVICE
-from tests.helpers import assert_close_to_reference
+from tests.helpers import GridSpy, assert_close_to_reference
 from tests.test_kernels_parity import CONFIGS, check_parity, grads_of, make_inputs
 from tied_lora_kernels.functional import tied_lora_linear
 from tied_lora_kernels.kernels import configs, forward, function
@@ -77,20 +77,9 @@ def test_split_k_decode(strategy, M, config, dtype):
         check_parity(x, params)
 
 
-class _GridSpy:
-    """Stands in for the fused kernel: records each launch grid, then launches the real kernel."""
-
-    def __init__(self, kernel):
-        self.kernel, self.grids = kernel, []
-
-    def __getitem__(self, grid):
-        self.grids.append(grid)
-        return self.kernel[grid]
-
-
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_forced_choice_is_applied_and_kept_for_backward(monkeypatch, strategy):
-    spy = _GridSpy(forward._fused_lora_mm_kernel)
+    spy = GridSpy(forward._fused_lora_mm_kernel)
     monkeypatch.setattr(forward, "_fused_lora_mm_kernel", spy)
     shrinks = []
     monkeypatch.setattr(forward, "shrink", lambda *a, **k: shrinks.append(1) or shrink(*a, **k))
@@ -173,9 +162,9 @@ def test_decode_forward_launches_no_host_casts(monkeypatch, M):
     real_mm, real_prepare = function.fused_lora_mm, function.prepare_adapters
     monkeypatch.setattr(function, "fused_lora_mm", lambda *a, **k: calls.append((a, k)) or real_mm(*a, **k))
     monkeypatch.setattr(function, "prepare_adapters", lambda *a, **k: host_folds.append(1) or real_prepare(*a, **k))
-    sums = _GridSpy(forward._sum_splits_kernel)
+    sums = GridSpy(forward._sum_splits_kernel)
     monkeypatch.setattr(forward, "_sum_splits_kernel", sums)
-    rank_sums = _GridSpy(forward._sum_splits_rank_kernel)  # (configs.split_rank "apart", the default)
+    rank_sums = GridSpy(forward._sum_splits_rank_kernel)  # (configs.split_rank "apart", the default)
     monkeypatch.setattr(forward, "_sum_splits_rank_kernel", rank_sums)
     x, params = make_inputs("tl6", M=M, K=300, N=140, R=12, dtype=torch.bfloat16)
     args = [params[k] for k in ("weight", "bias", "A", "B", "u", "v")]
@@ -378,7 +367,7 @@ def test_split_k_summed_in_kernel_equals_the_sum_launch(monkeypatch, order, shap
     args = [params[k] for k in ("weight", "bias", "A", "B", "u", "v")]
     inputs = {"x": x, **params}
     dy = torch.randn(M, N, generator=torch.Generator().manual_seed(3)).to(dtype).to(DEVICE)
-    sums = _GridSpy(forward._sum_splits_kernel)
+    sums = GridSpy(forward._sum_splits_kernel)
     monkeypatch.setattr(forward, "_sum_splits_kernel", sums)
     results = {}
     for reduce in configs.SPLIT_REDUCES:
@@ -401,7 +390,7 @@ def test_split_k_sum_falls_back_to_a_launch_past_the_counts(monkeypatch):
     # more output tiles than arrival counts: the launched sum, the same result
     x, params = make_inputs("tl6", M=2, K=320, N=192, R=12, dtype=torch.bfloat16)
     args = [params[k] for k in ("weight", "bias", "A", "B", "u", "v")]
-    sums = _GridSpy(forward._sum_splits_kernel)
+    sums = GridSpy(forward._sum_splits_kernel)
     monkeypatch.setattr(forward, "_sum_splits_kernel", sums)
     with torch.no_grad(), configs.forced(split_k=3, reduce="kernel"):
         want = tied_lora_linear(x, *args, backend="triton")
