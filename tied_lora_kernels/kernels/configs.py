@@ -86,7 +86,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from numbers import Integral
 
@@ -405,14 +405,6 @@ def _check_choice(value: str | None, choices: tuple[str, ...], what: str) -> str
     return value
 
 
-def _check_tma(value: str | None) -> bool | None:
-    if value in (None, "", "auto"):
-        return None
-    if value not in ("0", "1"):
-        raise ValueError(f"{TMA_ENV} must be 0, 1 or 'auto', got {value!r}")
-    return value == "1"
-
-
 @contextlib.contextmanager
 def forced(
     strategy: str | None = None,
@@ -457,20 +449,30 @@ _AUTO = "auto"
 """What ``forced`` records for an explicit "auto": the default, beating the environment."""
 
 
-def _forced_or_env(name: str, from_env: Callable[[], object]) -> object:
-    """A choice forced now (None for a forced "auto"), else what ``from_env()`` reads from the environment."""
+_ENVIRONMENT = {
+    "strategy": (STRATEGY_ENV, STRATEGIES),
+    "tma": (TMA_ENV, ("0", "1")),
+    "reduce": (SPLIT_REDUCE_ENV, SPLIT_REDUCES),
+    "split_rank": (SPLIT_RANK_ENV, SPLIT_RANKS),
+}
+"""Each forcible choice's environment variable and the values it takes (besides "auto")."""
+
+
+def _forced_or_env(name: str) -> object:
+    """A choice forced now (None for a forced "auto"), else its environment variable's value (None: unset or
+    "auto")."""
     value = _FORCED[name]
     if value is None:
-        return from_env()
+        env, choices = _ENVIRONMENT[name]
+        return _check_choice(os.environ.get(env), choices, env)
     return None if value == _AUTO else value
 
 
 def forced_choice() -> tuple[str | None, int | None, bool | None]:
     """``(strategy, split_k, tma)`` forced now, None where the tables decide: ``forced()`` beats the environment
     (``TIED_LORA_STRATEGY``, ``TIED_LORA_TMA``)."""
-    strategy = _forced_or_env("strategy", lambda: _check_choice(os.environ.get(STRATEGY_ENV), STRATEGIES, STRATEGY_ENV))
-    tma = _forced_or_env("tma", lambda: _check_tma(os.environ.get(TMA_ENV)))
-    return strategy, _FORCED["split_k"], tma
+    tma = _forced_or_env("tma")
+    return _forced_or_env("strategy"), _FORCED["split_k"], tma == "1" if isinstance(tma, str) else tma
 
 
 def split_reduce() -> str:
@@ -481,11 +483,7 @@ def split_reduce() -> str:
     ``DEFAULT_SPLIT_REDUCE``: "launch" until a GPU has timed both (provider ``triton-1launch``) and run the
     in-kernel sum's GPU tests. Read at every launch (forward and backward each read it when they run; under
     ``torch.compile``, when the compiled graph runs), which is safe since the results do not depend on it."""
-
-    def from_env() -> str | None:
-        return _check_choice(os.environ.get(SPLIT_REDUCE_ENV), SPLIT_REDUCES, SPLIT_REDUCE_ENV)
-
-    return _forced_or_env("reduce", from_env) or DEFAULT_SPLIT_REDUCE
+    return _forced_or_env("reduce") or DEFAULT_SPLIT_REDUCE
 
 
 def split_rank() -> str:
@@ -498,11 +496,7 @@ def split_rank() -> str:
     so their results are close, not equal. ``forced(split_rank=...)``, else ``TIED_LORA_SPLIT_RANK``, else
     ``DEFAULT_SPLIT_RANK``: "apart", an estimate from bytes moved (module docstring), unmeasured. Read at
     every launch, like ``split_reduce``: forward and backward each read it when they run."""
-
-    def from_env() -> str | None:
-        return _check_choice(os.environ.get(SPLIT_RANK_ENV), SPLIT_RANKS, SPLIT_RANK_ENV)
-
-    return _forced_or_env("split_rank", from_env) or DEFAULT_SPLIT_RANK
+    return _forced_or_env("split_rank") or DEFAULT_SPLIT_RANK
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -604,6 +604,8 @@ def fused_lora_mm(
     if cfg.aligned and configs.tma_for(M, a.dtype, a.device, split, tma):  # (unaligned tiles: compiled for pointers)
         loads = _descriptors(a, w, down, cfg, block_r, load_down=not two_pass)
     a_arg, w_arg, d_arg, w_kn, down_kr = loads or (a, w, down, False, False)
+    # up scaled by scale·cscale in the kernel (by the GEMM, or with the rank term apart by the sum launch)
+    fold_up = up.dtype != a.dtype or cscale is not None or scale != 1.0
 
     _fused_lora_mm_kernel[grid](
         a_arg,
@@ -633,7 +635,7 @@ def fused_lora_mm(
         float(scale),
         drop_update.scale if drop_update is not None else 1.0,
         HAS_RSCALE=rscale is not None,
-        FOLD_UP=up.dtype != a.dtype or cscale is not None or scale != 1.0,
+        FOLD_UP=fold_up,
         HAS_CSCALE=cscale is not None,
         HAS_BIAS=bias is not None and not apart,
         WRITE_T=write_t and not (two_pass or apart),
@@ -682,7 +684,7 @@ def fused_lora_mm(
             R,
             float(scale),
             HAS_RSCALE=rscale is not None,
-            FOLD_UP=up.dtype != a.dtype or cscale is not None or scale != 1.0,
+            FOLD_UP=fold_up,
             HAS_CSCALE=cscale is not None,
             HAS_BIAS=bias is not None,
             WRITE_T=write_t,
