@@ -9,13 +9,14 @@
 # `timeout`, so one that hangs or runs long costs its limit and no more (the limits add up to 530 s, plus 20 s
 # for the summary and up to 10 s of grace per phase killed: ~630 s if every phase ran out; a warm run takes far
 # less, the CPU dry run 4 minutes).
-# A cold run JIT-compiles a few hundred kernel specialisations, about a second each on one core, so the
+# A cold run JIT-compiles about a thousand kernel specialisations, about a second each on one core, so the
 # parity tests and an untimed warm-up of every benchmark case run as GPU_CHECK_PROCS parallel pytest
-# processes (default nproc/2, at most 8) over slices of the tests (benchmarks/parallel_pytest.py); the
-# timed benchmarks then run alone, from a warm triton and inductor cache, with BENCH_TIME_BUDGET_S so they
-# skip what is left and still write their JSON. GPU_CHECK_BENCH_ARGS (e.g. "-k llama3") is passed to every
-# benchmark run; GPU_CHECK_ONLY="bench-linear report" runs only the phases it names (a short rerun);
-# GPU_CHECK_SANITIZE=1 (or GPU_CHECK_ONLY="sanitize") adds a compute-sanitizer memcheck of the kernel tests.
+# processes (default one per core, at most 16) taking the tests from a shared queue
+# (benchmarks/parallel_pytest.py); the timed benchmarks then run alone, from a warm triton and inductor
+# cache, with BENCH_TIME_BUDGET_S so they skip what is left and still write their JSON.
+# GPU_CHECK_BENCH_ARGS (e.g. "-k llama3") is passed to every benchmark run; GPU_CHECK_ONLY="bench-linear
+# report" runs only the phases it names (a short rerun); GPU_CHECK_SANITIZE=1 (or GPU_CHECK_ONLY="sanitize")
+# adds a compute-sanitizer memcheck of the kernel tests.
 set -euo pipefail
 
 OUT_DIR="${1:-${OUT:-gpu_check_out}}"
@@ -102,15 +103,15 @@ GPU_CHECK_ENV="$OUT_DIR/env.txt" phase env 20 "$PY" -c "$ENV_PY"
 
 PARALLEL=("$PY" -m benchmarks.parallel_pytest ${GPU_CHECK_PROCS:+-n "$GPU_CHECK_PROCS"} --)
 
-# the kernel tests on the GPU (torch.compile's custom-op path included), fail fast (-x in each process); the
+# the kernel tests on the GPU (torch.compile's custom-op path included), fail fast (-x: the first failure stops every process); the
 # ahead-of-time compile test is left to the compile-check phase below
 TORCHINDUCTOR_COMPILE_THREADS=1 phase parity 170 "${PARALLEL[@]}" tests/test_kernels_parity.py tests/test_kernels_autograd.py \
     tests/test_kernels_memory.py tests/test_kernels_strategies.py tests/test_kernels_split_rank.py \
     tests/test_kernels_launches.py tests/test_torch_compile.py tests/test_kernels_dropout.py -x -q -p no:cacheprovider
 
 # every benchmark case once, untimed, in parallel: fills the triton and inductor caches for the timed runs.
-# One inductor compile thread per process: with 8 processes its default pool (one worker per core) would
-# put ~128 compile workers on 16 cores
+# One inductor compile thread per process: with 16 processes its default pool (one worker per core) would
+# put ~256 compile workers on 16 cores
 TORCHINDUCTOR_COMPILE_THREADS=1 phase bench-warmup 75 "${PARALLEL[@]}" benchmarks -q -p no:cacheprovider --benchmark-disable ${GPU_CHECK_BENCH_ARGS:-}
 
 BENCH_TIME_BUDGET_S=105 phase bench-linear 135 "$PY" -m pytest benchmarks/test_bench_linear.py -q \

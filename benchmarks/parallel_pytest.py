@@ -1,14 +1,17 @@
-"""Run one pytest invocation as N processes, each on a contiguous slice of the tests (``pytest_shard.py``).
+"""Run one pytest invocation as N processes that share its tests through a queue (``pytest_queue.py``).
 
-    python -m benchmarks.parallel_pytest -n 8 -- tests/test_kernels_parity.py -x -q
+    python -m benchmarks.parallel_pytest -n 16 -- tests/test_kernels_parity.py -x -q
 
-Why: a cold GPU run JIT-compiles a few hundred kernel specialisations, about a second each on one CPU core,
+Why: a cold GPU run JIT-compiles about a thousand kernel specialisations, about a second each on one CPU core,
 which is most of a parity run's time; N processes on N cores compile in parallel (the triton cache is shared
-on disk). The tests share the GPU, which parity tests do not mind — never use this for timings.
+on disk). The tests share the GPU, which parity tests do not mind — never use this for timings. The default
+is one process per core, at most 16: compiling is one core's work per process.
 
 Each process writes its own log; when all have finished (or on SIGTERM/SIGINT, e.g. from ``timeout``, which
-stops them all) the logs are printed in slice order with one summary line per slice. Exit status: 0 when every
-slice passed or had nothing to run (pytest's 5), else the first failing slice's status (124 when stopped).
+stops them all) the logs are printed in process order, with one summary line per process and a count of the
+tests taken against those collected. Exit status: 0 when every process passed or had nothing to run (pytest's
+5) and every collected test was taken, else the first failing process's status (1 when tests were left over,
+124 when stopped).
 """
 
 from __future__ import annotations
@@ -23,14 +26,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.pytest_shard import ENV
+from benchmarks import pytest_queue
 
 NO_TESTS = 5
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("-n", "--processes", type=int, default=max(1, min(8, (os.cpu_count() or 2) // 2)))
+    p.add_argument("-n", "--processes", type=int, default=max(1, min(16, os.cpu_count() or 1)))
     p.add_argument("pytest_args", nargs=argparse.REMAINDER, help="after --: the pytest arguments")
     args = p.parse_args(argv)
     pytest_args = args.pytest_args[1:] if args.pytest_args[:1] == ["--"] else args.pytest_args
@@ -38,14 +41,16 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--processes must be at least 1")
 
     n = args.processes
-    logs = Path(tempfile.mkdtemp(prefix="parallel_pytest_"))
+    work = Path(tempfile.mkdtemp(prefix="parallel_pytest_"))
+    queue = work / "queue"
+    queue.mkdir()
     procs, files = [], []
     start = time.monotonic()
     for i in range(n):
-        f = open(logs / f"slice{i}.log", "w+")  # noqa: SIM115 (closed below)
-        env = {**os.environ, ENV: f"{i}/{n}"}
+        f = open(work / f"process{i}.log", "w+")  # noqa: SIM115 (closed below)
+        env = {**os.environ, pytest_queue.ENV: str(queue)}
         # every process must collect the tests in the same order: no random-order plugin
-        cmd = [sys.executable, "-m", "pytest", "-p", "benchmarks.pytest_shard", "-p", "no:randomly", *pytest_args]
+        cmd = [sys.executable, "-m", "pytest", "-p", "benchmarks.pytest_queue", "-p", "no:randomly", *pytest_args]
         procs.append(subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env))
         files.append(f)
     print(f"parallel_pytest: {n} processes: pytest {' '.join(pytest_args)}", flush=True)
@@ -66,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
             rc = procs[i].poll()
             if rc is not None:
                 pending.discard(i)
-                print(f"parallel_pytest: slice {i}/{n} exit {rc} after {time.monotonic() - start:.0f}s", flush=True)
+                print(f"parallel_pytest: process {i}/{n} exit {rc} after {time.monotonic() - start:.0f}s", flush=True)
         if stopped:
             deadline = time.monotonic() + 5
             for proc in procs:
@@ -83,18 +88,24 @@ def main(argv: list[str] | None = None) -> int:
         f.seek(0)
         texts.append(f.read().strip())
         f.close()
-        print(f"\n----- slice {i}/{n} (exit {codes[i]}) -----\n{texts[i]}")
+        print(f"\n----- process {i}/{n} (exit {codes[i]}) -----\n{texts[i]}")
     print()
     for i, text in enumerate(texts):
         last = (text.splitlines() or ["(no output)"])[-1]
-        print(f"slice {i}/{n}: exit {codes[i]:>3}  {last}")
-    shutil.rmtree(logs, ignore_errors=True)
+        print(f"process {i}/{n}: exit {codes[i]:>3}  {last}")
+    total = pytest_queue.collected(queue)
+    took = pytest_queue.taken(queue)
+    print(f"parallel_pytest: {took} of {total if total is not None else 'no'} collected tests taken")
+    shutil.rmtree(work, ignore_errors=True)
     if stopped:
         print(f"parallel_pytest: stopped by signal {stopped[0]}")
         return 124
     bad = [c for c in codes if c not in (0, NO_TESTS)]
     if bad:
         return bad[0]
+    if total is not None and took != total:
+        print(f"parallel_pytest: {total - took} collected tests were never taken")
+        return 1
     return NO_TESTS if all(c == NO_TESTS for c in codes) else 0
 
 

@@ -1,4 +1,4 @@
-"""The benchmark tooling that only a GPU run exercises for real, checked here on CPU: the slicing plugin and
+"""The benchmark tooling that only a GPU run exercises for real, checked here on CPU: the test queue and
 parallel runner gpu_check.sh uses for its parity phase, and the replay of CUDA event times into
 pytest-benchmark's statistics (a private attribute of pytest-benchmark, so pinned by a test)."""
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import pytest_shard, timing
+from benchmarks import pytest_queue, timing
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,48 +28,87 @@ def _pytest(*args: str, env: dict | None = None, cwd: Path = ROOT) -> subprocess
     )
 
 
-def _collected(path: Path, shard: str | None = None) -> list[str]:
-    env = {pytest_shard.ENV: shard or ""}
-    out = _pytest("--collect-only", "-q", "-p", "benchmarks.pytest_shard", str(path), env=env, cwd=path)
-    assert out.returncode == 0, out.stdout + out.stderr
-    return [line for line in out.stdout.splitlines() if "::" in line]
+def _queued(path: Path, queue: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {pytest_queue.ENV: str(queue)}
+    return _pytest("-q", "-p", "benchmarks.pytest_queue", "-p", "no:randomly", *args, str(path), env=env, cwd=path)
 
 
-def test_shards_partition_the_collection_into_contiguous_slices(tmp_path):
-    (tmp_path / "test_a.py").write_text("import pytest\n@pytest.mark.parametrize('i', range(7))\ndef test_a(i): pass\n")
-    (tmp_path / "test_b.py").write_text("def test_b(): pass\n")
-    everything = _collected(tmp_path)
-    assert len(everything) == 8
-    slices = [_collected(tmp_path, shard=f"{i}/3") for i in range(3)]
-    assert [t for s in slices for t in s] == everything  # in order, each test exactly once
-    assert sorted(map(len, slices)) == [2, 3, 3]
+_RECORDING_TESTS = """
+import os, time, pytest
+LOG = os.path.join(os.path.dirname(__file__), "ran.log")
+
+@pytest.mark.parametrize("i", range({count}))
+def test_recorded(i):
+    with open(LOG, "a") as f:
+        f.write(f"{{i}} {{os.getpid()}}\\n")
+    # hold the test until a second process has run one: a queue shared by several processes must let it
+    deadline = time.monotonic() + 60
+    while len({{line.split()[1] for line in open(LOG)}}) < 2:
+        assert time.monotonic() < deadline, "no second process took a test"
+        time.sleep(0.05)
+    assert i != {fail}, "the planted failure"
+"""
 
 
-@pytest.mark.parametrize("spec", ["3", "a/b", "3/3", "-1/2", "1/0"])
-def test_bad_shard_spec_is_named(spec):
-    with pytest.raises(ValueError, match="PYTEST_SHARD"):
-        pytest_shard.parse(spec)
+def _ran(path: Path) -> list[tuple[int, int]]:
+    return [tuple(map(int, line.split())) for line in (path / "ran.log").read_text().splitlines()]
 
 
-def test_parallel_runner_reports_a_failing_slice(tmp_path):
-    (tmp_path / "test_some.py").write_text(
-        "import pytest\n"
-        "@pytest.mark.parametrize('i', range(6))\n"
-        "def test_value(i):\n"
-        "    assert i != 4, 'the planted failure'\n"
-    )
+def test_queue_runs_every_test_once_across_processes(tmp_path):
+    (tmp_path / "test_q.py").write_text(_RECORDING_TESTS.format(count=9, fail=-1))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "benchmarks.parallel_pytest", "-n", "3", "--", "-q", "-p", "no:cacheprovider"]
-    out = subprocess.run([*cmd, str(tmp_path)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    out = subprocess.run([*cmd, str(tmp_path)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert sorted(i for i, _ in _ran(tmp_path)) == list(range(9))  # each test once
+    assert len({pid for _, pid in _ran(tmp_path)}) >= 2
+    assert "9 of 9 collected tests taken" in out.stdout
+
+
+def test_parallel_runner_reports_a_failing_process(tmp_path):
+    (tmp_path / "test_q.py").write_text(_RECORDING_TESTS.format(count=6, fail=4))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "benchmarks.parallel_pytest", "-n", "3", "--", "-q", "-p", "no:cacheprovider"]
+    out = subprocess.run([*cmd, str(tmp_path)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert out.returncode == 1, out.stdout + out.stderr
     assert "the planted failure" in out.stdout
-    summary = [line for line in out.stdout.splitlines() if line.startswith("slice ")]
-    assert [line.split()[3] for line in summary] == ["0", "0", "1"], summary  # i = 4 is in the last slice
-    assert "1 failed, 1 passed" in summary[2]
+    summary = [line for line in out.stdout.splitlines() if line.startswith("process ")]
+    assert len(summary) == 3 and sum(line.split()[3] == "1" for line in summary) == 1, summary
+    assert "6 of 6 collected tests taken" in out.stdout
 
-    (tmp_path / "test_some.py").write_text("def test_ok():\n    pass\n")
-    out = subprocess.run([*cmd, str(tmp_path)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
-    assert out.returncode == 0, out.stdout + out.stderr  # two slices have nothing to run: not a failure
+    (tmp_path / "test_q.py").write_text("def test_ok():\n    pass\n")
+    out = subprocess.run([*cmd, str(tmp_path)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr  # two processes have nothing to run: not a failure
+
+
+def test_a_failure_under_x_stops_the_other_processes(tmp_path):
+    """One process after another on the same queue: the first fails its 3rd test under -x and stops; the second
+    then takes nothing, and the test the first had taken next is given back (not counted as taken)."""
+    tests = "import pytest\n@pytest.mark.parametrize('i', range(6))\ndef test_x(i):\n    assert i != 2\n"
+    (tmp_path / "test_x.py").write_text(tests)
+    queue = tmp_path / "queue"
+    queue.mkdir()
+    first = _queued(tmp_path, queue, "-x")
+    assert first.returncode == 1 and "1 failed, 2 passed" in first.stdout, first.stdout
+    assert pytest_queue.taken(queue) == 3 and pytest_queue.collected(queue) == 6
+    second = _queued(tmp_path, queue, "-x")
+    assert second.returncode == 0 and "no tests ran" in second.stdout, second.stdout
+
+
+def test_processes_that_collect_differently_are_refused(tmp_path):
+    (tmp_path / "test_c.py").write_text("def test_one(): pass\ndef test_two(): pass\n")
+    queue = tmp_path / "queue"
+    queue.mkdir()
+    assert _queued(tmp_path, queue, "-k", "one").returncode == 0
+    other = _queued(tmp_path, queue)
+    assert other.returncode != 0
+    assert "PYTEST_QUEUE" in other.stdout + other.stderr and "same pytest arguments" in other.stdout + other.stderr
+
+
+def test_queue_must_name_a_directory(tmp_path):
+    (tmp_path / "test_c.py").write_text("def test_one(): pass\n")
+    out = _queued(tmp_path, tmp_path / "missing")
+    assert out.returncode != 0 and "PYTEST_QUEUE" in out.stdout + out.stderr
 
 
 def test_replayed_event_times_become_the_benchmark_statistics(benchmark):
