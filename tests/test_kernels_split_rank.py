@@ -57,14 +57,21 @@ def test_rank_apart_is_the_default_and_what_it_launches(monkeypatch, R):
     x, params = make_inputs("tl6", M=4, K=300, N=140, R=R, dtype=torch.bfloat16)
     args = [params[k] for k in ("weight", "bias", "A", "B", "u", "v")]
     rank_programs = cdiv(R, min(configs.block_r_for(R), forward.RANK_APART_BLOCK_R))
+    counted = []  # the rank programs split_k_for is told of, per launch
+    split_k_for = configs.split_k_for
+    monkeypatch.setattr(
+        configs, "split_k_for", lambda *a, rank_programs=0: counted.append(rank_programs) or split_k_for(*a)
+    )
     for forced, apart in ((dict(), True), (dict(split_rank="in_tile"), False), (dict(reduce="kernel"), False)):
         for spy in (gemms, sums, rank_sums):
             spy.grids.clear()
+        counted.clear()
         with configs.forced(split_k=3, **forced):
             y = tied_lora_linear(x, *args, backend="triton")
             y.sum().backward()
         extra = rank_programs if apart else 0
         assert gemms.grids == [(extra + 3, 3), (extra + 5, 3)], (forced, gemms.grids)
+        assert counted == [extra, extra], forced
         assert len(rank_sums.grids) == (2 if apart else 0), forced
         assert len(sums.grids) == (0 if apart or "reduce" in forced else 2), forced
     assert configs.DEFAULT_SPLIT_RANK == "apart"

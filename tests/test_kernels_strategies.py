@@ -440,6 +440,8 @@ def test_split_k_choice():
     cfg = configs.fused_config(1, 16, torch.bfloat16, dev)
     # 4096-wide layer at decode: 64 N tiles -> 5 slices (320 programs, >= 2 x 132)
     assert configs.split_k_for(1, 4096, 4096, cfg, dev) == 5
+    # r = 64 apart: 2 rank programs per slice besides the 64 tiles -> 4 slices (264 programs)
+    assert configs.split_k_for(1, 4096, 4096, cfg, dev, rank_programs=2) == 4
     assert configs.split_k_for(16, 1024, 4096, cfg, dev) == 16  # 16 N tiles: capped at 4 K steps per slice
     assert configs.split_k_for(1, 4096, 128, cfg, dev) == 1  # too short to split
     assert configs.split_k_for(1, 64, 4096, cfg, dev, forced=3) == 3

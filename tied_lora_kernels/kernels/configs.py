@@ -41,13 +41,13 @@ probably does not (~1.5× W's time at r = 64). Hence the default, ``split_rank()
 ``RANK_APART``): when a launch sums the split-K partials, ``t`` is computed once per K slice by rank programs of
 its own in the GEMM's launch (``A`` read once in all; each reads 32 fp32 ranks per K row, as many bytes as a
 base program's 64-wide tile of ``W``) and expanded by the sum launch, which reads ``B`` once; still two
-launches. At K = N = 4096 (5 slices) and M = 1 a decode forward then reads ~35-36 MB into the SMs (``W``:
-33.6 MB; ``A`` and ``B`` 0.26 MB each at r = 16, 1 MB at r = 64) against ~52 MB (r = 16) and ~107 MB (r = 64)
-in-tile; at M = 16, with ``x`` re-read per column tile (8 MB) and the partials' round trip (2.6 MB) in both,
-~46-48 MB against ~63-117 MB. The re-reads come from L2 (HBM traffic is about ``W``'s either way): **this
-default is an estimate from bytes moved, unmeasured** like the tables above (``triton-intile`` times the
-other). If ``triton`` still misses the decode target at r = 64, the next
-candidates are wider decode tiles at large ranks and fewer K slices (the partials' round trip).
+launches. At K = N = 4096 (5 slices at r = 16, 4 at r = 64: ``split_k_for`` counts the rank programs) and M = 1 a
+decode forward then reads ~35-36 MB into the SMs (``W``: 33.6 MB; ``A`` and ``B`` 0.26 MB each at r = 16, 1 MB at
+r = 64) against ~52 MB (r = 16) and ~107 MB (r = 64) in-tile; at M = 16, with ``x`` re-read per column tile (8 MB)
+and the partials' round trip (2.6 MB) in both, ~46-48 MB against ~63-117 MB. The re-reads come from L2 (HBM traffic
+is about ``W``'s either way): **this default is an estimate from bytes moved, unmeasured** like the tables above
+(``triton-intile`` times the other). If ``triton`` still misses the decode target at r = 64, the next candidates are
+wider decode tiles at large ranks and fewer K slices (the partials' round trip).
 
 **Loads** (``tma_for``): 16-bit prefill on Hopper (``TMA_MAJORS``) loads its tiles through TMA descriptors
 (the launcher falls back to pointers for an operand TMA cannot describe); unmeasured like the strategy table,
@@ -545,16 +545,26 @@ def is_aligned(a: Tensor, N: int = 0) -> bool:
     return widths and a.data_ptr() % 16 == 0  # (a view at an odd offset loses the pointer's hint)
 
 
-def split_k_for(M: int, N: int, K: int, cfg: FusedConfig, device: torch.device, forced: int | None = None) -> int:
+def split_k_for(
+    M: int,
+    N: int,
+    K: int,
+    cfg: FusedConfig,
+    device: torch.device,
+    forced: int | None = None,
+    rank_programs: int = 0,
+) -> int:
     """How many K slices the fused GEMM splits into: 1 unless ``cfg.split_k`` (16-bit decode); else ``forced`` or enough
-    slices for ~``_TARGET_PROGRAMS`` programs, each at least ``_MIN_K_STEPS`` K steps long. The launcher
-    rounds the slice length up to whole ``BLOCK_K`` steps, so it may launch fewer slices than this."""
+    slices for ~``_TARGET_PROGRAMS`` programs, each at least ``_MIN_K_STEPS`` K steps long, counting per slice the
+    output tiles and ``rank_programs`` (the rank-apart launch's, which stream as many bytes per K step as an
+    output tile's). The launcher rounds the slice length up to whole ``BLOCK_K`` steps, so it may launch fewer
+    slices than this."""
     if not cfg.split_k:
         return 1
     if forced is not None:
         return max(1, forced)
-    tiles = -(-M // cfg.block_m) * -(-N // cfg.block_n)
-    want = -(-_TARGET_PROGRAMS[arch_of(device)] // tiles)
+    per_slice = -(-M // cfg.block_m) * -(-N // cfg.block_n) + rank_programs
+    want = -(-_TARGET_PROGRAMS[arch_of(device)] // per_slice)
     most = max(1, K // (cfg.block_k * _MIN_K_STEPS))
     return max(1, min(want, most))
 

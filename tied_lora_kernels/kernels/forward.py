@@ -569,8 +569,18 @@ def fused_lora_mm(
             return out, (torch.empty((0, R), device=a.device, dtype=torch.float32) if write_t else None)
         return out, shrink(a, down if down.dtype == a.dtype else down.to(a.dtype))
 
+    # split-K partials summed by the GEMM's own programs (configs.split_reduce: "kernel") into y, or by a second
+    # launch (also when the tiles outnumber the arrival counts). Rank apart (configs.split_rank): one-pass
+    # split-K summed by a launch has t computed once per K slice by rank programs of its own, and the rank-R
+    # term, with the bias, added by the sum launch (not where the in-kernel sum falls back to a launch: that one
+    # gives the in-kernel sum's result)
+    sums_in_kernel = configs.split_reduce() == "kernel"
+    apart_if_split = not (two_pass or sums_in_kernel) and configs.split_rank() == "apart"
+    block_tr = min(block_r, RANK_APART_BLOCK_R)
+    rank_tiles = cdiv(M, cfg.block_m) * cdiv(R, block_tr) if apart_if_split else 0
+
     # split-K: slices of whole BLOCK_K steps; the last may be ragged, none is empty
-    split = configs.split_k_for(M, N, K, cfg, a.device, split_k)
+    split = configs.split_k_for(M, N, K, cfg, a.device, split_k, rank_programs=rank_tiles)
     k_per_split = cdiv(max(1, cdiv(K, cfg.block_k)), split) * cfg.block_k
     split = max(1, cdiv(K, k_per_split))
     if split > 1:
@@ -578,18 +588,11 @@ def fused_lora_mm(
     else:
         out = torch.empty((M, N), device=a.device, dtype=a.dtype)
     tiles = cdiv(M, cfg.block_m) * cdiv(N, cfg.block_n)
-    # split-K partials summed by the GEMM's own programs (configs.split_reduce: "kernel") into y, or by a second
-    # launch (also when the tiles outnumber the arrival counts)
-    sum_in_kernel = split > 1 and configs.split_reduce() == "kernel"
-    locks = _split_locks(a.device, tiles) if sum_in_kernel else None
+    locks = _split_locks(a.device, tiles) if split > 1 and sums_in_kernel else None
     reduce = locks is not None
     y = torch.empty((M, N), device=a.device, dtype=a.dtype) if reduce else None
-    # rank apart (configs.split_rank): one-pass split-K summed by a launch has t computed once per K slice by
-    # rank programs of its own, and the rank-R term, with the bias, added by the sum launch (not where the
-    # in-kernel sum falls back to a launch: that one gives the in-kernel sum's result)
-    apart = split > 1 and not (two_pass or sum_in_kernel) and configs.split_rank() == "apart"
-    block_tr = min(block_r, RANK_APART_BLOCK_R)
-    rank_programs = cdiv(M, cfg.block_m) * cdiv(R, block_tr) if apart else 0
+    apart = split > 1 and apart_if_split
+    rank_programs = rank_tiles if apart else 0
     grid = (rank_programs + tiles, split)
     if two_pass:  # t = a·down, fp32 [M, R]; the shrink reads down in the input dtype (a forced two-pass
         # decode forward, which passes the fp32 master A, casts it here)
