@@ -50,6 +50,14 @@ def test_shrink_draws_the_reference_mask(M, K, p, dtype):
     assert_close_to_reference(t, expected, baseline, "T", dtype)
 
 
+def test_a_mask_drawn_without_its_bits_refuses_to_be_read_back():
+    drop = new_mask(0.5, 4, 16, DEVICE, keep=False)
+    assert drop.bits is None
+    with pytest.raises(RuntimeError, match="without keeping its bits"):
+        drop.kept_bits()
+    assert new_mask(0.5, 4, 16, DEVICE).kept_bits().shape == (4, 2)
+
+
 def test_keep_threshold_at_an_entrys_own_draw():
     """An entry is kept when its 31-bit draw reaches ``round(p · 2³¹)``: kept at ``p = draw / 2³¹``, dropped a
     three-quarter step above (which rounds up to the next threshold), in the kernels as in the reference."""

@@ -441,7 +441,7 @@ def choice_rows(records, stat="median"):
         if r.get("kind") == "linear" and r["provider"] in _FORCED_PROVIDERS:
             block_r = configs.block_r_for(r["rank"])  # the fused kernels' ranks are 1..MAX_RANK
             key = (r["dtype"], configs.regime_of(r["M"]), block_r, r["mode"], r["device_name"], r["shape"], r["M"])
-            times[(*key, r["rank"])][r["provider"]] = r[stat]  # (ranks 8 and 16 share BLOCK_R 16: two cells)
+            times[key + (r["rank"],)][r["provider"]] = r[stat]  # (ranks 8 and 16 share BLOCK_R 16: two cells)
     groups = defaultdict(list)
     for key, cell in times.items():
         groups[key[:4]].append(cell)
@@ -549,7 +549,7 @@ def _plot(records, path: Path, stat: str, rank: int | None) -> Path | None:
     for i, dtype in enumerate(dtypes):
         for j, mode in enumerate(MODES):
             ax = axes[i][j]
-            series = defaultdict(lambda: defaultdict(list))
+            series: dict[str, dict[int, list[float | None]]] = defaultdict(lambda: defaultdict(list))
             for r in lin:
                 if r["dtype"] == dtype and r["mode"] == mode and r["rank"] == rank:
                     series[r["provider"]][r["M"]].append(_ratio(r, floors, stat))

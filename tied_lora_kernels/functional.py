@@ -132,7 +132,7 @@ def _triton_unavailable(device: torch.device) -> str | None:
 @functools.cache
 def _cached_reason(device_type: str, index: int | None, interpreting: bool) -> str | None:
     # ``interpreting`` is part of the key: the answer for CPU tensors depends on it (read for those only)
-    return kernels.unavailable_reason(torch.device(device_type, index))
+    return kernels.unavailable_reason(torch.device(device_type) if index is None else torch.device(device_type, index))
 
 
 def _dispatch(backend, x, weight, bias, A, B, u, v, scale, deterministic, dropout):
@@ -190,7 +190,7 @@ def add_adapter(y: Tensor, x: Tensor, A, B, u=None, v=None, scale: float = 1.0, 
 # input checks: every bad input gets an error that names the problem, before any kernel runs
 
 
-def _check_inputs(x, weight, bias, A, B, u, v, scale) -> None:
+def _check_inputs(x, weight, bias, A, B, u, v, scale: float) -> None:
     # (on every call, also at decode: one pass over the inputs for what each must be, then the shapes and the
     # dtypes and devices they must share)
     named = (("x", x), ("weight", weight), ("A", A), ("B", B), ("bias", bias), ("u", u), ("v", v))
@@ -253,13 +253,13 @@ _FLOAT32_MAX = torch.finfo(torch.float32).max
 """The kernels and the torch path's ``addmm_`` take ``scale`` as a float32."""
 
 
-def check_dropout(p) -> None:
+def check_dropout(p: float) -> None:
     """A dropout probability must be a number in [0, 1)."""
     if isinstance(p, bool) or not isinstance(p, Real) or not 0.0 <= p < 1.0:
         raise ValueError(f"dropout must be a number in [0, 1), got {p!r}")
 
 
-def check_seed(seed) -> None:
+def check_seed(seed: int) -> None:
     """A seed must be an int (numpy's too) that ``torch.Generator.manual_seed`` takes, with room for the
     ``apply_tied_lora`` pairs' consecutive seeds."""
     if isinstance(seed, bool) or not isinstance(seed, Integral):
@@ -268,7 +268,7 @@ def check_seed(seed) -> None:
         raise ValueError(f"seed must be within [-2**63, 2**64 - 2**32), got {seed}")
 
 
-def check_rank(rank, in_features: int, out_features: int) -> None:
+def check_rank(rank: int, in_features: int, out_features: int) -> None:
     """A rank must be a positive int no larger than ``min(in_features, out_features)``."""
     if isinstance(rank, bool) or not isinstance(rank, Integral):
         raise TypeError(f"rank must be an int, got {rank!r}")

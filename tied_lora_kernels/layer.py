@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import numbers
 import sys
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -87,7 +88,8 @@ def linear_features(linear: nn.Module) -> tuple[int, int]:
     """``(in_features, out_features)`` of an ``nn.Linear`` (or subclass) or a ``Conv1D`` (``nx``, ``nf``)."""
     if isinstance(linear, nn.Linear):
         return linear.in_features, linear.out_features
-    return linear.nx, linear.nf
+    conv1d: Any = linear  # (nn.Module's attribute lookup is typed Tensor | Module)
+    return conv1d.nx, conv1d.nf
 
 
 def check_plain_weight(linear: nn.Linear, what: str) -> None:
@@ -114,7 +116,7 @@ def quantized_linear_types() -> tuple[type, ...]:
 _QUANTIZED_CLASSES: dict[type, type] = {}
 
 
-def _quantized_class(base: type) -> type:
+def _quantized_class(base: type) -> type[TiedLoRALinear]:
     """``TiedLoRALinear`` over the quantized ``base`` class: the adapter's code, then ``base``'s forward and
     state-dict methods (which save and load the quantisation state under the layer's usual keys)."""
     if base not in _QUANTIZED_CLASSES:
@@ -150,6 +152,9 @@ def carry_hooks(src: nn.Module, dst: nn.Module) -> None:
 
 class UScale(nn.Module):
     """Owns one ``u [rank]`` starting at ``init``: a trained parameter, a frozen one, or ``None`` (ones)."""
+
+    u: nn.Parameter | None
+    init: float
 
     def __init__(self, rank: int, *, train: bool, init: float, device=None, dtype=None):
         super().__init__()
@@ -199,8 +204,22 @@ class TiedLoRALinear(nn.Linear):
     """Read by transformers' ``save_pretrained`` (hence ``Trainer``'s checkpoints): the tensors that several
     layers share, stored once under one of their names instead of refused (safetensors stores no aliases).
     Loading such a file restores them through that name (``apply_tied_lora``'s load hook fills in the rest)."""
-    base_class: type = nn.Linear
+    base_class: type[nn.Module] = nn.Linear
     """The class of the adapted layer."""
+
+    # the adapter's attributes (set by _init_adapter; annotated here for type checkers)
+    shared: TiedLoRAShared
+    b_rows: tuple[int, int] | None
+    rank: int
+    alpha: float
+    scale: float
+    backend: str
+    lora_dropout: float
+    merged: bool
+    disabled: bool
+    lora_scale: UScale
+    v_init: float
+    lora_v: nn.Parameter | None
 
     def __init__(
         self,
@@ -236,6 +255,7 @@ class TiedLoRALinear(nn.Linear):
         if hasattr(linear, "_hf_hook"):
             raise ValueError("this linear carries an accelerate hook (offloading): its weight loads only while it runs")
         # the class follows the base alone (TiedLoRAConv1D.from_linear(nn.Linear) would read W transposed)
+        kind: type[TiedLoRALinear]
         if type(linear) is nn.Linear:
             kind = TiedLoRALinear
         else:
@@ -252,8 +272,9 @@ class TiedLoRALinear(nn.Linear):
         layer.training = linear.training
         pair = _pair(shared, rank, layer.in_features, layer.out_features, linear.weight.device)
         layer._init_adapter(pair, **adapter)  # its checks before anything of linear's moves
-        if getattr(layer.weight, "module", None) is linear:  # bitsandbytes' Params4bit finds its layer there
-            layer.weight.module = layer
+        weight: Any = layer.weight
+        if getattr(weight, "module", None) is linear:  # bitsandbytes' Params4bit finds its layer there
+            weight.module = layer
         carry_hooks(linear, layer)
         return layer
 
@@ -392,13 +413,16 @@ class TiedLoRALinear(nn.Linear):
         or the quantized layer, holding the same parameters (and quantisation state), with this layer's forward
         and backward hooks moved over."""
         self._check_weight_stored("unload it")
+        base: Any  # (an nn.Linear, a Conv1D or a quantized layer, whose weight may carry bitsandbytes' .module)
         if self.quantized:  # the quantized layer's own state back, less the adapter's
             base = self.base_class.__new__(self.base_class)
             nn.Module.__init__(base)
             _copy_state(self, base, skip=_ADAPTER_ATTRIBUTES)
         elif self.fan_in_fan_out:  # GPT-2's Conv1D (its init's allocations on the meta device)
+            conv1d = conv1d_type()
+            assert conv1d is not None  # (a TiedLoRAConv1D exists once transformers has loaded Conv1D)
             with torch.device("meta"):
-                base = conv1d_type()(self.out_features, self.in_features)
+                base = conv1d(self.out_features, self.in_features)
         else:
             base = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
         base.weight, base.bias = self.weight, self.bias
@@ -494,9 +518,11 @@ _ADAPTER_ATTRIBUTES = frozenset(
 
 def _pair(shared: TiedLoRAShared | None, rank: int | None, in_features: int, out_features: int, device):
     """``shared``, or a new pair of ``rank`` for one layer: exactly one of them is given."""
-    if (shared is None) == (rank is None):
-        raise TypeError("give the layer shared= (a pair tied with other layers) or rank= (a pair of its own)")
-    return shared if shared is not None else TiedLoRAShared(in_features, out_features, rank, device=device)
+    if shared is not None and rank is None:
+        return shared
+    if shared is None and rank is not None:
+        return TiedLoRAShared(in_features, out_features, rank, device=device)
+    raise TypeError("give the layer shared= (a pair tied with other layers) or rank= (a pair of its own)")
 
 
 class TiedLoRAConv1D(TiedLoRALinear):

@@ -12,8 +12,8 @@ import contextlib
 import re
 import sys
 import warnings
-from collections.abc import Iterator
-from typing import NamedTuple
+from collections.abc import Iterator, Mapping, Sequence, Set
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -133,7 +133,7 @@ def _apply(model: nn.Module, config: TiedLoRAConfig, shared_of: dict[str, str] |
             )
             _set_submodule(model, name, layer)
             start, first = stop, first or layer
-    model.tied_lora_config = config
+    model.tied_lora_config = config  # type: ignore[assignment]  # (torch types module attributes Tensor | Module)
     if not any(getattr(h, "hook", None) is _fill_tied_aliases for h in model._load_state_dict_pre_hooks.values()):
         # (the private form: the public register_load_state_dict_pre_hook needs torch 2.5)
         model._register_load_state_dict_pre_hook(_fill_tied_aliases, with_module=True)
@@ -144,9 +144,9 @@ def _peft_layer(model: nn.Module) -> tuple[str, str] | None:
     """``(name, class)`` of the first PEFT model or adapter layer in ``model`` (PEFT's ``PeftModel``,
     ``PeftMixedModel`` and ``BaseTunerLayer``, known once peft is imported; this never imports it), or None."""
     peft = sys.modules.get("peft")
-    kinds = [getattr(peft, kind, None) for kind in ("PeftModel", "PeftMixedModel")]
-    kinds.append(getattr(sys.modules.get("peft.tuners.tuners_utils"), "BaseTunerLayer", None))
-    kinds = tuple(kind for kind in kinds if isinstance(kind, type))
+    found = [getattr(peft, kind, None) for kind in ("PeftModel", "PeftMixedModel")]
+    found.append(getattr(sys.modules.get("peft.tuners.tuners_utils"), "BaseTunerLayer", None))
+    kinds = tuple(kind for kind in found if isinstance(kind, type))
     if kinds:
         for name, module in model.named_modules():
             if isinstance(module, kinds):
@@ -179,7 +179,8 @@ def _fill_tied_aliases(module: nn.Module, state_dict: dict, prefix: str, *_) -> 
 def _input_dtype(linear: nn.Module) -> torch.dtype | None:
     """The dtype a base layer computes in: a quantized one's ``compute_dtype`` (None until bitsandbytes has seen
     an input), else its weight's; None when unknown."""
-    dtype = getattr(linear, "compute_dtype", None) or linear.weight.dtype
+    weight: Any = linear.weight
+    dtype: torch.dtype = getattr(linear, "compute_dtype", None) or weight.dtype
     return dtype if dtype.is_floating_point else None
 
 
@@ -193,11 +194,12 @@ def _plan(
     targets: dict[str, nn.Linear],
     config: TiedLoRAConfig,
     shared_of: dict[str, str] | None = None,
-    listed: set[str] = frozenset(),
+    listed: Set[str] = frozenset(),
 ) -> list[tuple[tuple, list[str]]]:
     """``(tie key, member names)`` per group instance, after checking shapes, ranks and devices; ``listed``: the
     targets that are elements of an ``nn.ModuleList``, whose own index does not make a role."""
-    plan, devices = [], {}
+    plan: list[tuple[tuple, list[str]]] = []
+    devices: dict[tuple, torch.device] = {}
     for key, members in _group_instances(targets, config).items():
         linears = [targets[name] for name in members]
         in_features = {linear_features(lin)[0] for lin in linears}
@@ -230,7 +232,7 @@ def _plan(
     return plan
 
 
-def _shape(linears: list[nn.Module]) -> tuple[int, int]:
+def _shape(linears: Sequence[nn.Module]) -> tuple[int, int]:
     """``(in_features, out_features)`` of the pair that a group's layers share (their outputs stacked)."""
     return linear_features(linears[0])[0], sum(linear_features(lin)[1] for lin in linears)
 
@@ -243,7 +245,7 @@ def _names_of_parameters(module: nn.Module) -> dict[int, list[str]]:
     return names_of
 
 
-def _linear_types() -> tuple[type, ...]:
+def _linear_types() -> tuple[type[nn.Module], ...]:
     """The modules an adapter can take: ``nn.Linear``, transformers' ``Conv1D``, bitsandbytes' quantized linears."""
     return tuple(t for t in (nn.Linear, conv1d_type(), *quantized_linear_types()) if t is not None)
 
@@ -306,7 +308,7 @@ def _find_targets(model: nn.Module, config: TiedLoRAConfig) -> dict[str, nn.Line
     return targets
 
 
-def _saved_modules(model: nn.Module, config: TiedLoRAConfig, targets: dict[str, nn.Module]) -> dict[str, nn.Module]:
+def _saved_modules(model: nn.Module, config: TiedLoRAConfig, targets: Mapping[str, nn.Module]) -> dict[str, nn.Module]:
     """The modules ``config.modules_to_save`` names (matched as targets are), checked: each name matches, and
     none is or holds an adapted target."""
     found = {}
@@ -488,8 +490,9 @@ def _unwrapped(model: nn.Module) -> nn.Module:
     """The model inside ``torch.compile``'s and (Distributed)DataParallel's wrappers, whose names carry a prefix
     (``_orig_mod.``, ``module.``) that an adapter file must not depend on."""
     while True:
-        if isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
-            model = model._orig_mod
+        inner = getattr(model, "_orig_mod", None)
+        if isinstance(inner, nn.Module):  # torch.compile's OptimizedModule
+            model = inner
         elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
             model = model.module
         else:

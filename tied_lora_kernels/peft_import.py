@@ -138,6 +138,7 @@ def load_peft_adapter(model: nn.Module, directory: str | os.PathLike, *, backend
             layer = adapted[name]
             for param, value in ((layer.shared.A, A), (layer.shared.B, B), (layer.lora_u, u), (layer.lora_v, v)):
                 if value is not None:
+                    assert param is not None, name  # (the config made from the file stores what it holds)
                     param.copy_(value)
         for name, tensor in saved.items():
             params[name].copy_(tensor)

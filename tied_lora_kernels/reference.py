@@ -37,10 +37,8 @@ def tied_lora_forward(
     """
     dtype = torch.float64 if upcast else x.dtype
 
-    def cast(t: Tensor | None) -> Tensor | None:
-        return None if t is None else t.to(dtype)
-
-    x, weight, bias, A, B, u, v = map(cast, (x, weight, bias, A, B, u, v))
+    x, weight, A, B = (t.to(dtype) for t in (x, weight, A, B))
+    bias, u, v = (None if t is None else t.to(dtype) for t in (bias, u, v))
     t = x @ A.t()  # [..., R]     shrink: T = x Aᵀ
     if u is not None:
         t = t * u  # [..., R]     S = u ⊙ T

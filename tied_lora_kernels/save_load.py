@@ -55,7 +55,7 @@ def tied_lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def _layout(model: nn.Module) -> dict[str, dict]:
     """What an adapter file must match: each adapted layer's shapes and where its shared pair lives."""
     layers = tied_lora_layers(model)
-    shared_names = {}
+    shared_names: dict[int, str] = {}
     for name, p in model.named_parameters():
         shared_names.setdefault(id(p), name.rpartition(".")[0])
     return {
@@ -201,7 +201,8 @@ def load_tied_lora(
         for name, tensor in state.items():
             params[name].copy_(tensor)
     if trainable is not None:
-        trained = set(_trained(model.tied_lora_config)) if getattr(model, "tied_lora_config", None) else set("ABuv")
+        config = getattr(model, "tied_lora_config", None)
+        trained = set(_trained(config)) if config else set("ABuv")
         for name in state:  # an adapter tensor trains if its factor is configured to; a saved module always
             kind = next((k for end, k in _FACTOR_OF.items() if name.endswith(end)), None)
             params[name].requires_grad_(trainable and (kind is None or kind in trained))

@@ -157,7 +157,7 @@ class RankGrads(NamedTuple):
 
 def _result_shapes(C, R, *, write_out, transpose_out, rowdot, coldot) -> dict[str, tuple[int, ...]]:
     """The shapes of ``rank_grad``'s results, in the order they lie in its buffer."""
-    shapes = {"out": (R, C) if transpose_out else (C, R)} if write_out else {}
+    shapes: dict[str, tuple[int, ...]] = {"out": (R, C) if transpose_out else (C, R)} if write_out else {}
     if rowdot:
         shapes["rowdot"] = (C,)
     if coldot:
@@ -234,6 +234,7 @@ def rank_grad(
     stride_oc, stride_or = (1, C) if transpose_out else (R, 1)
     stride_split = buf.stride(0) if deterministic else 0
     dummy = buf  # never touched when its switch is off
+    bits = dropout.kept_bits() if dropout is not None else None
     _rank_grad_kernel[(num_c, split)](
         a,
         p,
@@ -243,7 +244,7 @@ def rank_grad(
         parts.get("out", dummy),
         parts.get("rowdot", dummy),
         parts.get("coldot", dummy),
-        dropout.bits if dropout is not None else dummy,
+        bits if bits is not None else dummy,
         M,
         C,
         R,
@@ -257,7 +258,7 @@ def rank_grad(
         stride_split,
         stride_split,
         R if deterministic else 0,
-        dropout.bits.stride(0) if dropout is not None else 0,
+        bits.stride(0) if bits is not None else 0,
         float(scale),
         HAS_RSCALE=rscale is not None,
         HAS_OVEC=ovec is not None,

@@ -59,6 +59,7 @@ import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 from . import interpreting
 from .common import FP_FUSION
@@ -210,7 +211,7 @@ def jobs(full: bool = False, targets: tuple[int, ...] | None = None) -> list[dic
     from . import configs
 
     out = []
-    tables = (
+    tables: tuple[tuple[str, list], ...] = (
         ("fused", configs.all_fused_configs()),
         ("shrink", configs.all_shrink_configs()),
         ("rank", configs.all_rank_grad_configs()),
@@ -285,7 +286,7 @@ def compile_one(job: dict) -> dict:
         kernel, ones, divisible, switches = _VARIANTS[base.removesuffix("-oddR")]
     if unaligned:  # N, K and the strides not multiples of 16: the JIT gives no divisibility hints
         divisible = ()
-    fn = {"fused": _fused_lora_mm_kernel, "shrink": _shrink_kernel, "rank": _rank_grad_kernel}.get(kernel)
+    fn: Any = {"fused": _fused_lora_mm_kernel, "shrink": _shrink_kernel, "rank": _rank_grad_kernel}.get(kernel)
     fn = _sum_splits_rank_kernel if kernel == "rank_sum" else fn
     cfg, tl_dtype = job["config"], _TL_NAME[job["dtype"]]
     fp32_pointers = _FP32_POINTERS[kernel]
@@ -363,7 +364,10 @@ def compile_one(job: dict) -> dict:
             text=True,
             check=True,
         ).stderr
-    registers = int(re.search(r"Used (\d+) registers", log).group(1))
+    used = re.search(r"Used (\d+) registers", log)
+    if used is None:
+        raise RuntimeError(f"ptxas -v printed no register count for {job['config']['name']}:\n{log[-2000:]}")
+    registers = int(used.group(1))
     spills = sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", log))
     return dict(
         job,

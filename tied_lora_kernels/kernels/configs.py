@@ -89,6 +89,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from numbers import Integral
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -370,7 +371,8 @@ def _capability(device: torch.device) -> tuple[int, int]:
 @functools.cache
 def _cuda_capability(index: int) -> tuple[int, int]:
     # cached: a launch asks for its table several times, and a decode GEMM lasts microseconds
-    return tuple(torch.cuda.get_device_capability(index))
+    major, minor = torch.cuda.get_device_capability(index)
+    return major, minor
 
 
 def block_r_for(rank: int) -> int:
@@ -392,7 +394,7 @@ def regime_of(M: int) -> str:
 # ---------------------------------------------------------------------------------------------------------
 # forcing a strategy, a split or the loads (benchmarks, tests)
 
-_FORCED: dict[str, object] = {"strategy": None, "split_k": None, "tma": None, "reduce": None, "split_rank": None}
+_FORCED: dict[str, Any] = {"strategy": None, "split_k": None, "tma": None, "reduce": None, "split_rank": None}
 
 
 def _check_choice(value: str | None, choices: tuple[str, ...], what: str) -> str | None:
@@ -458,7 +460,7 @@ _ENVIRONMENT = {
 """Each forcible choice's environment variable and the values it takes (besides "auto")."""
 
 
-def _forced_or_env(name: str) -> object:
+def _forced_or_env(name: str) -> Any:
     """A choice forced now (None for a forced "auto"), else its environment variable's value (None: unset or
     "auto")."""
     value = _FORCED[name]
@@ -602,7 +604,7 @@ def rank_grad_config(block_r: int, dtype: torch.dtype, device: torch.device) -> 
 def all_fused_configs() -> list[tuple[str, FusedConfig, int, bool]]:
     """Every ``(arch, config, BLOCK_R, is_fp32)`` that ``fused_config`` can return (both strategies; a two-pass
     config once, with its rank chunk as ``BLOCK_R``; the dropout tiles too)."""
-    out = {}
+    out: dict[str, tuple[str, FusedConfig, int, bool]] = {}
     for (arch, _, wide, br, _), cfg in [*_FUSED.items(), *_FUSED_UNALIGNED.items(), *_FUSED_DROPOUT.items()]:
         out.setdefault(cfg.name, (arch, cfg, cfg.rank_chunk or br, wide))
     return list(out.values())

@@ -57,6 +57,12 @@ class DropoutMask(NamedTuple):
         """``1 / (1 - p)``: what a kept entry is multiplied by."""
         return 1.0 / (1.0 - self.p)
 
+    def kept_bits(self) -> Tensor:
+        """``bits``, for a launch that reads the mask back (a backward's); an error if the draw was not kept."""
+        if self.bits is None:
+            raise RuntimeError("this dropout mask was drawn without keeping its bits: no backward can read it")
+        return self.bits
+
 
 def new_mask(
     p: float, M: int, K: int, device: torch.device, seed: Tensor | None = None, *, keep: bool = True

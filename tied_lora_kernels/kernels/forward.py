@@ -609,6 +609,7 @@ def fused_lora_mm(
     a_arg, w_arg, d_arg, w_kn, down_kr = loads or (a, w, down, False, False)
     # up scaled by scale·cscale in the kernel (by the GEMM, or with the rank term apart by the sum launch)
     fold_up = up.dtype != a.dtype or cscale is not None or scale != 1.0
+    update_bits = drop_update.kept_bits() if drop_update is not None else None
 
     _fused_lora_mm_kernel[grid](
         a_arg,
@@ -622,7 +623,7 @@ def fused_lora_mm(
         t if t is not None else out,  # never touched when neither WRITE_T nor LOAD_T
         y if reduce else out,  # these two only with REDUCE
         locks if reduce else out,
-        drop_update.bits if drop_update is not None else out,  # only with DROPOUT
+        update_bits if update_bits is not None else out,  # only with DROPOUT
         M,
         N,
         K,
@@ -634,7 +635,7 @@ def fused_lora_mm(
         *up.stride(),
         *_strides3(out),
         *(_strides3(t) if t is not None else (0, 0, 0)),
-        drop_update.bits.stride(0) if drop_update is not None else 0,
+        update_bits.stride(0) if update_bits is not None else 0,
         float(scale),
         drop_update.scale if drop_update is not None else 1.0,
         HAS_RSCALE=rscale is not None,
@@ -662,11 +663,12 @@ def fused_lora_mm(
         num_stages=cfg.num_stages,
         enable_fp_fusion=FP_FUSION,
     )
-    if reduce:  # the kernel summed the partials into y
+    if y is not None:  # (reduce) the kernel summed the partials into y
         out = y
     elif apart:  # the partials and t's slices, summed in a fixed order (deterministic), and the rank-R term
         part, out = out, torch.empty((M, N), device=a.device, dtype=a.dtype)
         t_part, t = t, (torch.empty((M, R), device=a.device, dtype=torch.float32) if write_t else None)
+        assert t_part is not None  # (the slices' t, allocated above whenever the rank term is apart)
         _sum_splits_rank_kernel[(cdiv(M, cfg.block_m) * cdiv(N, cfg.block_n),)](
             part,
             t_part,

@@ -95,7 +95,7 @@ def _f32(t: Tensor | None) -> Tensor | None:
 
 def _as(grad: Tensor | None, param: Tensor | None) -> Tensor | None:
     """An fp32 gradient in its parameter's dtype (no copy for fp32 masters)."""
-    return None if grad is None else grad.to(param.dtype)
+    return None if grad is None or param is None else grad.to(param.dtype)
 
 
 def forward_impl(
