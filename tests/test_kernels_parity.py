@@ -209,6 +209,41 @@ def test_small_integers_are_exact(dtype):
             assert torch.equal(got[name].double(), ref[name]), f"d{name} not exact"
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # (numpy, in the interpreter)
+@pytest.mark.parametrize("where", ["x", "dy", "dy-deterministic", "A"])
+@pytest.mark.parametrize("M,split", [(37, None), (5, 3)], ids=["prefill", "decode-split"])
+@pytest.mark.parametrize("config", ["tl6", "vera"])
+def test_non_finite_values_land_where_the_torch_path_puts_them(config, M, split, where):
+    """A NaN or an inf in x, dy or A (a diverging run) gives NaN and inf in exactly the outputs and gradients
+    where the torch path gives them: no masked or padded lane hides one, and none leaks into another row."""
+    x, params = make_inputs(config, M=M, K=96, N=80, R=16, dtype=torch.bfloat16)
+    x, dy = x.detach().clone(), torch.ones(M, 80, dtype=torch.bfloat16, device=DEVICE)
+    if where == "x":
+        x[3, 7], x[4, 2] = float("nan"), float("inf")
+    elif where == "A":
+        params["A"] = params["A"].detach().clone().requires_grad_(params["A"].requires_grad)
+        params["A"].data[1, 3] = float("inf")
+    else:
+        dy[2, 5], dy[4, 1] = float("nan"), float("-inf")
+    deterministic = where == "dy-deterministic"
+
+    def run(backend):
+        xs = x.clone().requires_grad_(True)
+        ps = {k: t if t is None else t.detach().clone().requires_grad_(t.requires_grad) for k, t in params.items()}
+        with configs.forced(split_k=split):
+            y = tied_lora_linear(xs, *ps.values(), 0.5, backend=backend, deterministic=deterministic)
+        inputs = {"x": xs, **ps}
+        return {"y": y.detach(), **grads_of(y, dy, inputs)}
+
+    ref, got = run("torch"), run("triton")
+    assert ref.keys() == got.keys()
+    hit = ref["x" if where.startswith("dy") else "y"]  # (dx, or y)
+    assert not hit.isfinite().all()  # (the case puts non-finite values where they are compared)
+    for name in ref:
+        assert torch.equal(got[name].isnan(), ref[name].isnan()), f"{name}: NaN elsewhere than the torch path's"
+        assert torch.equal(got[name].isinf(), ref[name].isinf()), f"{name}: inf elsewhere than the torch path's"
+
+
 def test_fp64_is_rejected():
     x, params = make_inputs("tl6", M=4, K=16, N=16, R=4, dtype=torch.float64)
     args = [params[k] for k in ("weight", "bias", "A", "B", "u", "v")]
