@@ -8,10 +8,11 @@ on disk). The tests share the GPU, which parity tests do not mind — never use 
 is one process per core, at most 16: compiling is one core's work per process.
 
 Each process writes its own log; when all have finished (or on SIGTERM/SIGINT, e.g. from ``timeout``, which
-stops them all) the logs are printed in process order, with one summary line per process and a count of the
-tests taken against those collected. Exit status: 0 when every process passed or had nothing to run (pytest's
-5) and every collected test was taken, else the first failing process's status (1 when tests were left over,
-124 when stopped).
+stops them all) the logs are printed in process order, with one summary line per process, a count of the
+tests run against those collected, and the tests taken but never finished (what a time limit interrupted, or
+what a process died in). Exit status: 0 when every process passed or had nothing to run (pytest's 5) and
+every collected test ran, else the first failing process's status (1 when tests were not run, 124 when
+stopped).
 """
 
 from __future__ import annotations
@@ -93,9 +94,14 @@ def main(argv: list[str] | None = None) -> int:
     for i, text in enumerate(texts):
         last = (text.splitlines() or ["(no output)"])[-1]
         print(f"process {i}/{n}: exit {codes[i]:>3}  {last}")
-    total = pytest_queue.collected(queue)
-    took = pytest_queue.taken(queue)
-    print(f"parallel_pytest: {took} of {total if total is not None else 'no'} collected tests taken")
+    ids = pytest_queue.collected(queue)
+    run = len(pytest_queue.finished(queue))
+    lost = pytest_queue.unfinished(queue)
+    if ids is not None:  # (None: nothing was published, e.g. --collect-only)
+        print(f"parallel_pytest: {run} of {len(ids)} collected tests run")
+    if lost:  # what a time limit stopped, or a process died in (an abort, the OOM killer) or before
+        print(f"parallel_pytest: {len(lost)} taken but never finished:")
+        print("\n".join(f"    {nodeid}" for nodeid in lost))
     shutil.rmtree(work, ignore_errors=True)
     if stopped:
         print(f"parallel_pytest: stopped by signal {stopped[0]}")
@@ -103,8 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     bad = [c for c in codes if c not in (0, NO_TESTS)]
     if bad:
         return bad[0]
-    if total is not None and took != total:
-        print(f"parallel_pytest: {total - took} collected tests were never taken")
+    if lost or (ids is not None and run != len(ids)):  # (a process that died with status 0, or a lost test)
+        print(f"parallel_pytest: {len(ids or []) - run} collected tests were not run")
         return 1
     return NO_TESTS if all(c == NO_TESTS for c in codes) else 0
 

@@ -12,9 +12,13 @@ others load.
 
 Every process must collect the same tests in the same order (no random-order plugin): the first to collect
 writes the list to ``DIR/collection``, the others check theirs against it and stop with an error if it
-differs. A test is taken by creating ``DIR/<its index>`` (exclusive create: one process wins); each process
-walks forward through the list, so it sets up a module's fixtures at most once. With ``-x`` (or
-``--maxfail``) a process that stops creates ``DIR/stop`` and the others take nothing more.
+differs. A test is taken by creating ``DIR/<its index>`` (exclusive create: one process wins) and marked
+finished by ``DIR/<its index>.done``; each process takes the test after the one it runs before running it
+(pytest tears fixtures down towards the next test), and walks forward through the list, so it sets up a
+module's fixtures at most once. A test taken and never finished (a process killed or crashed, e.g. by a
+time limit, an abort or the OOM killer) is named by ``unfinished``. With ``-x`` (or ``--maxfail``, counted
+per process) a process that stops creates ``DIR/stop``; the others finish at most the test they run and the
+one they have taken, and take nothing more.
 """
 
 from __future__ import annotations
@@ -27,17 +31,29 @@ import pytest
 ENV = "PYTEST_QUEUE"
 COLLECTION = "collection"
 STOP = "stop"
+DONE = ".done"
 
 
-def taken(queue: Path) -> int:
-    """How many tests of the queue in ``queue`` some process has taken."""
-    return sum(1 for p in queue.iterdir() if p.name.isdigit())
-
-
-def collected(queue: Path) -> int | None:
-    """How many tests the processes sharing ``queue`` collected (None: none has collected yet)."""
+def collected(queue: Path) -> list[str] | None:
+    """The tests the processes sharing ``queue`` collected, in order (None: none has collected yet)."""
     path = queue / COLLECTION
-    return len(path.read_text().splitlines()) if path.exists() else None
+    return path.read_text().splitlines() if path.exists() else None
+
+
+def taken(queue: Path) -> set[int]:
+    """The indices of the tests some process has taken."""
+    return {int(p.name) for p in queue.iterdir() if p.name.isdigit()}
+
+
+def finished(queue: Path) -> set[int]:
+    """The indices of the tests some process has run to the end (passed, failed or skipped)."""
+    return {int(p.name.removesuffix(DONE)) for p in queue.iterdir() if p.name.endswith(DONE)}
+
+
+def unfinished(queue: Path) -> list[str]:
+    """The tests taken but never finished: a process died running them or before it could."""
+    ids = collected(queue) or []
+    return [ids[i] for i in sorted(taken(queue) - finished(queue))]
 
 
 def _publish(queue: Path, ids: list[str]) -> None:
@@ -81,11 +97,11 @@ def _queue(config: pytest.Config) -> Path | None:
     return queue
 
 
-@pytest.hookimpl(trylast=True)
-def pytest_collection_modifyitems(config, items):
-    queue = _queue(config)
-    if queue is not None:
-        _publish(queue, [item.nodeid for item in items])
+def pytest_collection_finish(session):
+    # (after every plugin has reordered and deselected: the list this process will walk)
+    queue = _queue(session.config)
+    if queue is not None and not session.config.option.collectonly:
+        _publish(queue, [item.nodeid for item in session.items])
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -104,6 +120,7 @@ def pytest_runtestloop(session):
         items[index].config.hook.pytest_runtest_protocol(
             item=items[index], nextitem=items[following] if following is not None else None
         )
+        (queue / f"{index}{DONE}").touch()
         if session.shouldfail or session.shouldstop:
             (queue / STOP).touch()
             if following is not None:  # taken but not run: give it back (no other process takes more anyway)

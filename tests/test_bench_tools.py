@@ -62,7 +62,7 @@ def test_queue_runs_every_test_once_across_processes(tmp_path):
     assert out.returncode == 0, out.stdout + out.stderr
     assert sorted(i for i, _ in _ran(tmp_path)) == list(range(9))  # each test once
     assert len({pid for _, pid in _ran(tmp_path)}) >= 2
-    assert "9 of 9 collected tests taken" in out.stdout
+    assert "9 of 9 collected tests run" in out.stdout
 
 
 def test_parallel_runner_reports_a_failing_process(tmp_path):
@@ -74,7 +74,7 @@ def test_parallel_runner_reports_a_failing_process(tmp_path):
     assert "the planted failure" in out.stdout
     summary = [line for line in out.stdout.splitlines() if line.startswith("process ")]
     assert len(summary) == 3 and sum(line.split()[3] == "1" for line in summary) == 1, summary
-    assert "6 of 6 collected tests taken" in out.stdout
+    assert "6 of 6 collected tests run" in out.stdout
 
     (tmp_path / "test_q.py").write_text("def test_ok():\n    pass\n")
     out = subprocess.run([*cmd, str(tmp_path)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
@@ -90,9 +90,33 @@ def test_a_failure_under_x_stops_the_other_processes(tmp_path):
     queue.mkdir()
     first = _queued(tmp_path, queue, "-x")
     assert first.returncode == 1 and "1 failed, 2 passed" in first.stdout, first.stdout
-    assert pytest_queue.taken(queue) == 3 and pytest_queue.collected(queue) == 6
+    assert pytest_queue.taken(queue) == pytest_queue.finished(queue) == {0, 1, 2}
+    assert len(pytest_queue.collected(queue) or []) == 6
     second = _queued(tmp_path, queue, "-x")
     assert second.returncode == 0 and "no tests ran" in second.stdout, second.stdout
+
+
+def test_a_process_that_dies_leaves_its_tests_named(tmp_path):
+    """A process that dies in a test (here with status 0, which would otherwise read as a pass) leaves that test,
+    and the one it had taken next, unfinished: the runner names them and fails."""
+    tests = "import os\ndef test_a(): pass\ndef test_dies(): os._exit(0)\ndef test_c(): pass\ndef test_d(): pass\n"
+    (tmp_path / "test_d.py").write_text(tests)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "benchmarks.parallel_pytest", "-n", "1", "--", "-q", "-p", "no:cacheprovider"]
+    out = subprocess.run([*cmd, str(tmp_path)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "1 of 4 collected tests run" in out.stdout
+    assert "2 taken but never finished" in out.stdout
+    assert "test_d.py::test_dies" in out.stdout and "test_d.py::test_c" in out.stdout
+
+
+def test_collect_only_through_the_runner(tmp_path):
+    (tmp_path / "test_c.py").write_text("def test_one(): pass\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "benchmarks.parallel_pytest", "-n", "2", "--", "-q", "--collect-only"]
+    out = subprocess.run([*cmd, str(tmp_path)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "test_c.py::test_one" in out.stdout
 
 
 def test_processes_that_collect_differently_are_refused(tmp_path):

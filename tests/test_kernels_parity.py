@@ -210,19 +210,20 @@ def test_small_integers_are_exact(dtype):
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # (numpy, in the interpreter)
-@pytest.mark.parametrize("where", ["x", "dy", "dy-deterministic", "A"])
+@pytest.mark.parametrize("where", ["x", "dy", "dy-deterministic", "A", "B", "weight"])
 @pytest.mark.parametrize("M,split", [(37, None), (5, 3)], ids=["prefill", "decode-split"])
 @pytest.mark.parametrize("config", ["tl6", "vera"])
 def test_non_finite_values_land_where_the_torch_path_puts_them(config, M, split, where):
-    """A NaN or an inf in x, dy or A (a diverging run) gives NaN and inf in exactly the outputs and gradients
-    where the torch path gives them: no masked or padded lane hides one, and none leaks into another row."""
+    """A NaN or an inf in x, dy, A, B or W (a diverging run) gives NaN and inf in exactly the outputs and
+    gradients where the torch path gives them: no masked or padded lane hides one, and none leaks into another
+    row. B's reach y through the rank-R term alone, W's through the base GEMM alone (x's and dy's through both)."""
     x, params = make_inputs(config, M=M, K=96, N=80, R=16, dtype=torch.bfloat16)
     x, dy = x.detach().clone(), torch.ones(M, 80, dtype=torch.bfloat16, device=DEVICE)
     if where == "x":
         x[3, 7], x[4, 2] = float("nan"), float("inf")
-    elif where == "A":
-        params["A"] = params["A"].detach().clone().requires_grad_(params["A"].requires_grad)
-        params["A"].data[1, 3] = float("inf")
+    elif where in ("A", "B", "weight"):
+        params[where] = params[where].detach().clone().requires_grad_(params[where].requires_grad)
+        params[where].data[1, 3] = float("inf") if where == "A" else float("nan")
     else:
         dy[2, 5], dy[4, 1] = float("nan"), float("-inf")
     deterministic = where == "dy-deterministic"

@@ -574,8 +574,10 @@ def fused_lora_mm(
     # split-K summed by a launch has t computed once per K slice by rank programs of its own, and the rank-R
     # term, with the bias, added by the sum launch (not where the in-kernel sum falls back to a launch: that one
     # gives the in-kernel sum's result)
-    sums_in_kernel = configs.split_reduce() == "kernel"
-    apart_if_split = not (two_pass or sums_in_kernel) and configs.split_rank() == "apart"
+    sums_in_kernel = apart_if_split = False  # (both settings read only by the configs that may split K)
+    if cfg.split_k:
+        sums_in_kernel = configs.split_reduce() == "kernel"
+        apart_if_split = not (two_pass or sums_in_kernel) and configs.split_rank() == "apart"
     block_tr = min(block_r, RANK_APART_BLOCK_R)
     rank_tiles = cdiv(M, cfg.block_m) * cdiv(R, block_tr) if apart_if_split else 0
 
