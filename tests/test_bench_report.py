@@ -94,18 +94,34 @@ def test_choice_table_compares_the_forced_providers():
     ]
     headers, rows = choice_rows(recs)
     assert headers[5:] == [
-        "2pass / 1pass", "sm90 table picks", "tma / ptr", "1launch / sum launch (graph)", "apart / in-tile"
+        "2pass / 1pass", "sm90 table picks", "tma / ptr", "1launch / sum launch (graph)", "apart / in-tile",
+        "times prefer",
     ]  # fmt: skip
     assert rows == [
-        ["bfloat16", "decode", 16, "forward", 1, "1.2", "one_pass", "-", "0.8", "0.8"],
-        ["bfloat16", "prefill", 64, "forward", 1, "0.9", "two_pass", "0.9", "-", "-"],
+        ["bfloat16", "decode", 16, "forward", 1, "1.2", "one_pass", "-", "0.8", "0.8", "reduce=kernel"],
+        ["bfloat16", "prefill", 64, "forward", 1, "0.9", "two_pass", "0.9", "-", "-", "-"],
     ]
     # ranks 8 and 16 share BLOCK_R = 16 but are two cells: rank 16's two-pass time is not set against rank 8's
     # one-pass time, and neither overwrites the other
     recs += [_record("triton-2pass", "forward", 1, 0.9, rank=16)]
-    assert choice_rows(recs)[1][0] == ["bfloat16", "decode", 16, "forward", 2, "1.2", "one_pass", "-", "0.8", "0.8"]
+    assert choice_rows(recs)[1][0][4:10] == [2, "1.2", "one_pass", "-", "0.8", "0.8"]
     recs += [_record("triton-1pass", "forward", 1, 1.2, rank=16)]  # 0.75 at rank 16
     assert choice_rows(recs)[1][0][4:6] == [2, "0.949"]  # the geometric mean of 1.2 and 0.75
+
+
+def test_choice_table_names_the_defaults_the_times_contradict():
+    recs = [
+        _record("triton-1pass", "forward", 8192, 1.0, rank=8),
+        _record("triton-2pass", "forward", 8192, 0.9, rank=8),  # two-pass wins where the table picks one-pass
+        _record("triton", "forward", 8192, 1.1, rank=8),
+        _record("triton-ptr", "forward", 8192, 1.0, rank=8),  # pointer loads beat the default's TMA
+        _record("triton", "forward", 1, 1.0, rank=8),
+        _record("triton-1launch", "forward", 1, 0.99, rank=8),  # within the noise: a tie
+        _record("triton-intile", "forward", 1, 0.9, rank=8),  # the rank-R term in every tile wins
+    ]
+    _, rows = choice_rows(recs)
+    assert [row[6] for row in rows] == ["one_pass", "one_pass"]
+    assert [row[-1] for row in rows] == ["split_rank=in_tile", "two_pass, pointer loads"]
 
 
 def test_eager_table_is_per_projection_against_nn_linear():

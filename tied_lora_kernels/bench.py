@@ -435,7 +435,9 @@ def choice_rows(records, stat="median"):
     sum also replays the zeroing of its arrival counts and the launch it saves costs little; below 1: it wins),
     and decode's rank-R term computed apart (the default, ``configs.split_rank``) over in every output tile
     (``triton-intile``; below 1: apart wins). Each cell is one shape, M and rank (ranks 8 and 16 share a rank
-    tile)."""
+    tile). The last column names each default the row's times contradict by more than ``_NOISE`` (what to change
+    in ``configs.py``: ``_STRATEGY``, ``TMA_MAJORS``, ``DEFAULT_SPLIT_REDUCE``, ``DEFAULT_SPLIT_RANK``), "-" when
+    none."""
     times = defaultdict(dict)  # (dtype, regime, BLOCK_R, mode, device, shape, M, rank) -> provider -> time
     for r in records:
         if r.get("kind") == "linear" and r["provider"] in _FORCED_PROVIDERS:
@@ -447,7 +449,7 @@ def choice_rows(records, stat="median"):
         groups[key[:4]].append(cell)
     headers = ["dtype", "regime", "BLOCK_R", "mode", "cases", "2pass / 1pass", "sm90 table picks", "tma / ptr"]
     headers.append("1launch / sum launch (graph)")  # decode runs as a CUDA graph: eager launches are the eager table's
-    headers.append("apart / in-tile")
+    headers += ["apart / in-tile", "times prefer"]
     rows = []
     for (dtype, regime, block_r, mode), cells in sorted(
         groups.items(), key=lambda kv: (*kv[0][:3], MODES.index(kv[0][3]))
@@ -463,8 +465,28 @@ def choice_rows(records, stat="median"):
         M = DECODE_MAX_M if regime == "decode" else DECODE_MAX_M + 1
         picks = configs.table_strategy("sm90", M, block_r, dtype == "float32")
         row = [dtype, regime, block_r, mode, len(cells), _fmt(passes), picks, _fmt(loads), _fmt(sums), _fmt(apart)]
-        rows.append(row)
+        rows.append([*row, ", ".join(_contradicted(passes, picks, loads, sums, apart)) or "-"])
     return headers, rows
+
+
+_NOISE = 1.03
+"""Ratios within 3 % of 1 are taken as a tie: a default changes on a clearer difference than that."""
+
+
+def _contradicted(passes, picks, loads, sums, apart) -> list[str]:
+    """The defaults a ``choice_rows`` row's ratios contradict, as the choice that won."""
+    out = []
+    if passes is not None and max(passes, 1 / passes) > _NOISE:
+        won = "two_pass" if passes < 1 else "one_pass"
+        if won != picks:
+            out.append(won)
+    if loads is not None and loads > _NOISE:  # the default's loads (TMA on Hopper's 16-bit prefill) lost
+        out.append("pointer loads")
+    if sums is not None and sums < 1 / _NOISE and configs.DEFAULT_SPLIT_REDUCE == "launch":
+        out.append("reduce=kernel")
+    if apart is not None and apart > _NOISE and configs.DEFAULT_SPLIT_RANK == "apart":
+        out.append("split_rank=in_tile")
+    return out
 
 
 def _headline(records, stat, provs):
