@@ -8,11 +8,12 @@
 # bench_eager.json, bench.md, bench.png (when matplotlib is installed), compile_check.txt. Each phase runs under
 # `timeout`, so one that hangs or runs long costs its limit and no more (the limits add up to 530 s, plus 20 s
 # for the summary and up to 10 s of grace per phase killed: ~630 s if every phase ran out; a warm run takes far
-# less, the CPU dry run 4 minutes).
+# less; the CPU dry run, GPU_CHECK_PROCS=2, ~6 minutes).
 # A cold run JIT-compiles about a thousand kernel specialisations, about a second each on one core, so the
 # parity tests and an untimed warm-up of every benchmark case run as GPU_CHECK_PROCS parallel pytest
 # processes (default one per core, at most 16) taking the tests from a shared queue
-# (benchmarks/parallel_pytest.py); the timed benchmarks then run alone, from a warm triton and inductor
+# (benchmarks/parallel_pytest.py; benchmarks/count_specialisations.py estimates on a CPU how long the parity
+# phase compiles); the timed benchmarks then run alone, from a warm triton and inductor
 # cache, with BENCH_TIME_BUDGET_S so they skip what is left and still write their JSON.
 # GPU_CHECK_BENCH_ARGS (e.g. "-k llama3") is passed to every benchmark run; GPU_CHECK_ONLY="bench-linear
 # report" runs only the phases it names (a short rerun); GPU_CHECK_SANITIZE=1 (or GPU_CHECK_ONLY="sanitize")

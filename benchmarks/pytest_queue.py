@@ -3,8 +3,8 @@ no process has taken yet (``benchmarks/parallel_pytest.py`` starts the processes
 
     PYTEST_QUEUE=/tmp/q python -m pytest -p benchmarks.pytest_queue tests/...   # in each of N processes
 
-Why a queue and not fixed slices: a cold GPU run's time is JIT compiling (the kernel tests launch 974 kernel
-specialisations in 653 tests, counted under the interpreter, ~1 s each to compile on one core), and the tests
+Why a queue and not fixed slices: a cold GPU run's time is JIT compiling (the kernel tests launch 988 kernel
+specialisations in 678 tests, ~1 s each to compile on one core: ``count_specialisations.py``), and the tests
 that need new ones come in runs (a test per kernel config). Fixed contiguous slices gave the busiest of 8
 processes about twice an even share of the compiling; taking the tests one at a time from a queue evens it out
 (the same count, simulated: 1.3x). The triton cache is shared on disk: what one process has compiled, the

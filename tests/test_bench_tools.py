@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from benchmarks import pytest_queue, timing
 
@@ -133,6 +134,30 @@ def test_queue_must_name_a_directory(tmp_path):
     (tmp_path / "test_c.py").write_text("def test_one(): pass\n")
     out = _queued(tmp_path, tmp_path / "missing")
     assert out.returncode != 0 and "PYTEST_QUEUE" in out.stdout + out.stderr
+
+
+def test_compile_simulation_shares_what_is_done():
+    from benchmarks.count_specialisations import OTHER_SECONDS, busiest
+
+    a, b, c, d = ((("_k",), ("x", i)) for i in range(4))  # four specialisations of a kernel without a timing
+    assert busiest([{a}, {b}, {c}, {d}], 2) == pytest.approx(2 * OTHER_SECONDS)  # two each
+    assert busiest([{a}, {a}, {a}], 3) == pytest.approx(OTHER_SECONDS)  # compiled three times at once
+    assert busiest([{a, b}, {a}], 1) == pytest.approx(2 * OTHER_SECONDS)  # the second test finds a done
+    # the second process starts on {a} at 0 s, before the first has a (0.3 s): both compile it
+    assert busiest([{a, b, c}, {a}, {d}], 2) == pytest.approx(3 * OTHER_SECONDS)
+    assert busiest([{a}, {b}, {a}, {a}, {a}], 2) == pytest.approx(OTHER_SECONDS)  # from 0.3 s a is in the cache
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="counts under the CPU interpreter")
+def test_specialisations_are_counted_under_the_interpreter():
+    cmd = [sys.executable, "-m", "benchmarks.count_specialisations", "-n", "1,2", "--", "-p", "no:cacheprovider"]
+    cmd += ["tests/test_kernels_parity.py", "-k", "test_shapes and (M1 or M0)"]
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT)
+    assert out.returncode == 0, out.stdout + out.stderr
+    counts = out.stdout.split("4 tests, ")[1].split()
+    launches, distinct = int(counts[0]), int(counts[2])
+    assert 0 < distinct < launches and "_fused_lora_mm_kernel" in out.stdout
+    assert "busiest of 1 queue processes" in out.stdout and "busiest of 2 queue processes" in out.stdout
 
 
 def test_replayed_event_times_become_the_benchmark_statistics(benchmark):
