@@ -139,6 +139,8 @@ def test_strided_and_expanded_vectors(layout, M, dtype):
 SHAPES = {
     "M0": dict(M=0, K=40, N=70, R=8),
     "M1": dict(M=1, K=40, N=70, R=8),
+    "width1": dict(M=17, K=1, N=1, R=1),  # (a GPU specialises ints equal to 1)
+    "narrow": dict(M=3, K=3, N=5, R=2),
     "rank1": dict(M=19, K=33, N=45, R=1),
     "rank16": dict(M=19, K=33, N=45, R=16),
     "rank64-mid": dict(M=70, K=81, N=67, R=64),
