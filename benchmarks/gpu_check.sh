@@ -108,7 +108,8 @@ PARALLEL=("$PY" -m benchmarks.parallel_pytest ${GPU_CHECK_PROCS:+-n "$GPU_CHECK_
 # ahead-of-time compile test is left to the compile-check phase below
 TORCHINDUCTOR_COMPILE_THREADS=1 phase parity 170 "${PARALLEL[@]}" tests/test_kernels_parity.py tests/test_kernels_autograd.py \
     tests/test_kernels_memory.py tests/test_kernels_strategies.py tests/test_kernels_split_rank.py \
-    tests/test_kernels_launches.py tests/test_torch_compile.py tests/test_kernels_dropout.py -x -q -p no:cacheprovider
+    tests/test_kernels_launches.py tests/test_torch_compile.py tests/test_kernels_dropout.py tests/test_cuda_graphs.py \
+    -x -q -p no:cacheprovider
 
 # every benchmark case once, untimed, in parallel: fills the triton and inductor caches for the timed runs.
 # One inductor compile thread per process: with 16 processes its default pool (one worker per core) would

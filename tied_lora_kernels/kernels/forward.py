@@ -727,7 +727,10 @@ def _split_locks(device: torch.device, tiles: int) -> Tensor | None:
     on a stream run in order, and each leaves its counts at zero); it is created once and never replaced, so no
     launch still in flight loses it. A launch being captured into a CUDA graph gets a buffer of its own, zeroed
     inside the graph at each replay: a graph replays on whatever stream is current, beside other graphs and eager
-    launches, so it shares counts with none of them."""
+    launches, so it shares counts with none of them. The shared buffer is allocated on the device's default
+    stream, which the current one then waits for: ``torch.compile(mode="reduce-overhead")`` warms a graph up
+    eagerly on a stream whose allocations go to the graph's memory pool, which must not hold a buffer that
+    outlives the graph (its checks refuse one; unchecked, the pool could hand the memory out again)."""
     if tiles > _SPLIT_LOCK_COUNT:
         return None
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
@@ -735,7 +738,14 @@ def _split_locks(device: torch.device, tiles: int) -> Tensor | None:
     key = (device, torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0)
     locks = _SPLIT_LOCKS.get(key)
     if locks is None:
-        locks = _SPLIT_LOCKS[key] = torch.zeros(_SPLIT_LOCK_COUNT, device=device, dtype=torch.int32)
+        if device.type == "cuda":
+            current, default = torch.cuda.current_stream(device), torch.cuda.default_stream(device)
+            with torch.cuda.stream(default):
+                locks = torch.zeros(_SPLIT_LOCK_COUNT, device=device, dtype=torch.int32)
+            current.wait_stream(default)
+        else:
+            locks = torch.zeros(_SPLIT_LOCK_COUNT, device=device, dtype=torch.int32)
+        _SPLIT_LOCKS[key] = locks
     return locks
 
 

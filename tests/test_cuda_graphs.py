@@ -1,0 +1,58 @@
+"""CUDA graphs over the fused kernels (GPU only): a split-K decode captured by hand and under
+``torch.compile(mode="reduce-overhead")`` computes what eager computes. Last in gpu_check.sh's parity phase:
+new on hardware, so a failure here (which stops the phase's other processes under -x) comes after the rest."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.conftest import DEVICE
+from tests.test_kernels_parity import make_inputs
+from tied_lora_kernels.functional import tied_lora_linear
+from tied_lora_kernels.kernels import configs
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(DEVICE.type != "cuda", reason="CUDA graphs need a GPU")]
+
+
+@pytest.mark.parametrize("reduce", configs.SPLIT_REDUCES)
+def test_cuda_graph_replays_a_split_decode_as_eager_runs_it(reduce):
+    """A split-K decode forward captured in a CUDA graph (the decode benchmarks' timing, a user's graphed
+    generate) computes at each replay, for the inputs copied in, what an eager launch computes: bit for bit (the
+    same kernels). With the in-kernel sum, the capture's own arrival counts are zeroed inside the graph."""
+    _, params = make_inputs("tl6", M=1, K=4096, N=4096, R=16, dtype=torch.bfloat16)
+    args = [params[k].detach() if params[k] is not None else None for k in ("weight", "bias", "A", "B", "u", "v")]
+    inputs = [torch.randn(1, 4096, generator=torch.Generator().manual_seed(i)).to(torch.bfloat16) for i in range(3)]
+    inputs = [x.to(DEVICE) for x in inputs]
+    with torch.no_grad(), configs.forced(reduce=reduce):
+        want = [tied_lora_linear(x, *args, backend="triton") for x in inputs]
+        x = inputs[0].clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm up off the capture's stream, as torch.cuda.graphs asks
+            tied_lora_linear(x, *args, backend="triton")
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y = tied_lora_linear(x, *args, backend="triton")
+        for i in (1, 2, 0, 1):
+            x.copy_(inputs[i])
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(y, want[i]), (reduce, i)
+
+
+@pytest.mark.parametrize("reduce", ["launch", "kernel"])
+def test_reduce_overhead_mode_runs_a_split_decode(reduce):
+    """``torch.compile(mode="reduce-overhead")`` (CUDA graphs of the compiled graph) over a split-K decode: its
+    warm-up, capture and replays run the custom op and give eager's result. The in-kernel sum's shared arrival
+    counts are made outside the graph's memory pool (its checks refuse a buffer that outlives the graph)."""
+    _, params = make_inputs("tl6", M=1, K=4096, N=4096, R=16, dtype=torch.bfloat16)
+    args = [params[k].detach() if params[k] is not None else None for k in ("weight", "bias", "A", "B", "u", "v")]
+    torch._dynamo.reset()
+    layer = torch.compile(lambda x: tied_lora_linear(x, *args, backend="triton"), mode="reduce-overhead")
+    with torch.no_grad(), configs.forced(reduce=reduce):
+        for i in range(4):
+            x = torch.randn(1, 4096, generator=torch.Generator().manual_seed(i)).to(torch.bfloat16).to(DEVICE)
+            got = layer(x).clone()
+            torch.testing.assert_close(got, tied_lora_linear(x, *args, backend="triton"), rtol=0, atol=0)
