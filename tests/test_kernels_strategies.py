@@ -435,6 +435,22 @@ def test_split_k_summed_in_kernel_is_stable_on_gpu():
     assert all(int(locks.count_nonzero()) == 0 for locks in forward._SPLIT_LOCKS.values())
 
 
+def test_split_k_is_capped_where_slice_offsets_would_overflow_int32(monkeypatch):
+    # the GEMM offsets slice s's partials by s·M·N in int32: a forced split is capped so that split·M·N fits
+    # (here a cap of 3·M·N elements stands for 2³¹, which only a huge layer reaches)
+    gemms = GridSpy(forward._fused_lora_mm_kernel)
+    monkeypatch.setattr(forward, "_fused_lora_mm_kernel", gemms)
+    x, params = make_inputs("tl6", M=4, K=768, N=70, R=8, dtype=torch.bfloat16)
+    args = [params[k] for k in ("weight", "bias", "A", "B", "u", "v")]
+    with torch.no_grad(), configs.forced(split_k=6):
+        tied_lora_linear(x, *args, backend="triton")
+        monkeypatch.setattr(forward, "SPLIT_ELEMENTS_MAX", 3 * 4 * 70 + 1)
+        got = tied_lora_linear(x, *args, backend="triton")
+        baseline = tied_lora_linear(x, *args, backend="torch")
+    assert [grid[1] for grid in gemms.grids] == [6, 3]
+    assert_close_to_reference(got, tied_lora_forward(x, *args, upcast=True), baseline, "y", torch.bfloat16)
+
+
 def test_split_k_choice():
     dev = torch.device("cpu")
     cfg = configs.fused_config(1, 16, torch.bfloat16, dev)

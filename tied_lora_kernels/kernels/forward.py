@@ -511,6 +511,10 @@ RANK_SUM_CHUNK = 16
 with unaligned widths, and 32-rank steps spilled 8 bytes (at 96 registers) in dx's unaligned sum on sm_80
 (triton 3.9)."""
 
+SPLIT_ELEMENTS_MAX = 2**31 - 1
+"""The GEMM offsets a split-K slice's partials by ``slice · M · N`` in int32: the launcher caps the split below
+that (only a split forced on a huge layer reaches it: M ≤ 16 at decode)."""
+
 RANK_APART_BLOCK_R = 32
 """Ranks per rank program of ``RANK_APART`` (fewer when the rank tile is narrower): 32 fp32 columns of ``down``
 are 128 bytes per K row, as many as a 64-wide tile of a 16-bit ``w``, so a rank program streams as much as a
@@ -583,6 +587,7 @@ def fused_lora_mm(
 
     # split-K: slices of whole BLOCK_K steps; the last may be ragged, none is empty
     split = configs.split_k_for(M, N, K, cfg, a.device, split_k, rank_programs=rank_tiles)
+    split = min(split, max(1, SPLIT_ELEMENTS_MAX // (M * N)))  # (int32 slice offsets)
     k_per_split = cdiv(max(1, cdiv(K, cfg.block_k)), split) * cfg.block_k
     split = max(1, cdiv(K, k_per_split))
     if split > 1:
