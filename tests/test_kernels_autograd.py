@@ -15,6 +15,7 @@ from torch.utils.checkpoint import checkpoint
 
 from tests.conftest import DEVICE
 from tests.helpers import assert_close_to_reference
+from tests.test_kernels_parity import make_inputs
 from tied_lora_kernels.functional import tied_lora_linear
 
 L, D, R, M = 3, 24, 4, 13
@@ -208,3 +209,18 @@ def test_double_backward_is_refused_not_silently_wrong():
         torch.autograd.grad(y.sum(), x, create_graph=True)
     (gx,) = torch.autograd.grad(y.sum(), x)  # without create_graph: as before
     assert not gx.requires_grad
+
+
+@pytest.mark.parametrize("M", [5, 40], ids=["decode", "prefill"])
+@pytest.mark.parametrize("name", ["x", "weight", "A", "B", "u", "v"])
+def test_an_input_modified_in_place_before_backward_is_refused(name, M):
+    """The backward reads what the forward saved through autograd's version checks: an input changed in place
+    between forward and backward is refused, as on the torch path, never differentiated with its new values."""
+    for backend in ("torch", "triton"):
+        x, params = make_inputs("full", M=M, K=48, N=40, R=8, dtype=torch.float32)
+        args = [params[k] for k in ("weight", "bias", "A", "B", "u", "v")]
+        y = tied_lora_linear(x, *args, 0.5, backend=backend)
+        with torch.no_grad():
+            (x if name == "x" else params[name]).add_(1.0)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            y.sum().backward()
