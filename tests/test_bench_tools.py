@@ -29,6 +29,13 @@ def _pytest(*args: str, env: dict | None = None, cwd: Path = ROOT) -> subprocess
     )
 
 
+def _parallel(path: Path, processes: int, *args: str) -> subprocess.CompletedProcess:
+    """``parallel_pytest`` with ``processes`` over the tests in ``path``."""
+    cmd = [sys.executable, "-m", "benchmarks.parallel_pytest", "-n", str(processes), "--", "-q", *args, str(path)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=path, timeout=300)
+
+
 def _queued(path: Path, queue: Path, *args: str) -> subprocess.CompletedProcess:
     env = {pytest_queue.ENV: str(queue)}
     return _pytest("-q", "-p", "benchmarks.pytest_queue", "-p", "no:randomly", *args, str(path), env=env, cwd=path)
@@ -57,9 +64,7 @@ def _ran(path: Path) -> list[tuple[int, int]]:
 
 def test_queue_runs_every_test_once_across_processes(tmp_path):
     (tmp_path / "test_q.py").write_text(_RECORDING_TESTS.format(count=9, fail=-1))
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "benchmarks.parallel_pytest", "-n", "3", "--", "-q", "-p", "no:cacheprovider"]
-    out = subprocess.run([*cmd, str(tmp_path)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    out = _parallel(tmp_path, 3, "-p", "no:cacheprovider")
     assert out.returncode == 0, out.stdout + out.stderr
     assert sorted(i for i, _ in _ran(tmp_path)) == list(range(9))  # each test once
     assert len({pid for _, pid in _ran(tmp_path)}) >= 2
@@ -68,9 +73,7 @@ def test_queue_runs_every_test_once_across_processes(tmp_path):
 
 def test_parallel_runner_reports_a_failing_process(tmp_path):
     (tmp_path / "test_q.py").write_text(_RECORDING_TESTS.format(count=6, fail=4))
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "benchmarks.parallel_pytest", "-n", "3", "--", "-q", "-p", "no:cacheprovider"]
-    out = subprocess.run([*cmd, str(tmp_path)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    out = _parallel(tmp_path, 3, "-p", "no:cacheprovider")
     assert out.returncode == 1, out.stdout + out.stderr
     assert "the planted failure" in out.stdout
     summary = [line for line in out.stdout.splitlines() if line.startswith("process ")]
@@ -78,7 +81,7 @@ def test_parallel_runner_reports_a_failing_process(tmp_path):
     assert "6 of 6 collected tests run" in out.stdout
 
     (tmp_path / "test_q.py").write_text("def test_ok():\n    pass\n")
-    out = subprocess.run([*cmd, str(tmp_path)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    out = _parallel(tmp_path, 3, "-p", "no:cacheprovider")
     assert out.returncode == 0, out.stdout + out.stderr  # two processes have nothing to run: not a failure
 
 
@@ -102,9 +105,7 @@ def test_a_process_that_dies_leaves_its_tests_named(tmp_path):
     and the one it had taken next, unfinished: the runner names them and fails."""
     tests = "import os\ndef test_a(): pass\ndef test_dies(): os._exit(0)\ndef test_c(): pass\ndef test_d(): pass\n"
     (tmp_path / "test_d.py").write_text(tests)
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "benchmarks.parallel_pytest", "-n", "1", "--", "-q", "-p", "no:cacheprovider"]
-    out = subprocess.run([*cmd, str(tmp_path)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    out = _parallel(tmp_path, 1, "-p", "no:cacheprovider")
     assert out.returncode == 1, out.stdout + out.stderr
     assert "1 of 4 collected tests run" in out.stdout
     assert "2 taken but never finished" in out.stdout
@@ -113,9 +114,7 @@ def test_a_process_that_dies_leaves_its_tests_named(tmp_path):
 
 def test_collect_only_through_the_runner(tmp_path):
     (tmp_path / "test_c.py").write_text("def test_one(): pass\n")
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "benchmarks.parallel_pytest", "-n", "2", "--", "-q", "--collect-only"]
-    out = subprocess.run([*cmd, str(tmp_path)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    out = _parallel(tmp_path, 2, "--collect-only")
     assert out.returncode == 0, out.stdout + out.stderr
     assert "test_c.py::test_one" in out.stdout
 

@@ -15,13 +15,18 @@ from tied_lora_kernels.kernels import configs
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(DEVICE.type != "cuda", reason="CUDA graphs need a GPU")]
 
 
+def _decode_layer() -> list:
+    """``weight, bias, A, B, u, v`` of a 4096-wide TL6 layer in bf16 (fp32 adapters), as a split-K decode runs."""
+    _, params = make_inputs("tl6", M=1, K=4096, N=4096, R=16, dtype=torch.bfloat16)
+    return [params[k].detach() if params[k] is not None else None for k in ("weight", "bias", "A", "B", "u", "v")]
+
+
 @pytest.mark.parametrize("reduce", configs.SPLIT_REDUCES)
 def test_cuda_graph_replays_a_split_decode_as_eager_runs_it(reduce):
     """A split-K decode forward captured in a CUDA graph (the decode benchmarks' timing, a user's graphed
     generate) computes at each replay, for the inputs copied in, what an eager launch computes: bit for bit (the
     same kernels). With the in-kernel sum, the capture's own arrival counts are zeroed inside the graph."""
-    _, params = make_inputs("tl6", M=1, K=4096, N=4096, R=16, dtype=torch.bfloat16)
-    args = [params[k].detach() if params[k] is not None else None for k in ("weight", "bias", "A", "B", "u", "v")]
+    args = _decode_layer()
     inputs = [torch.randn(1, 4096, generator=torch.Generator().manual_seed(i)).to(torch.bfloat16) for i in range(3)]
     inputs = [x.to(DEVICE) for x in inputs]
     with torch.no_grad(), configs.forced(reduce=reduce):
@@ -42,13 +47,12 @@ def test_cuda_graph_replays_a_split_decode_as_eager_runs_it(reduce):
             assert torch.equal(y, want[i]), (reduce, i)
 
 
-@pytest.mark.parametrize("reduce", ["launch", "kernel"])
+@pytest.mark.parametrize("reduce", configs.SPLIT_REDUCES)
 def test_reduce_overhead_mode_runs_a_split_decode(reduce):
     """``torch.compile(mode="reduce-overhead")`` (CUDA graphs of the compiled graph) over a split-K decode: its
     warm-up, capture and replays run the custom op and give eager's result. The in-kernel sum's shared arrival
     counts are made outside the graph's memory pool (its checks refuse a buffer that outlives the graph)."""
-    _, params = make_inputs("tl6", M=1, K=4096, N=4096, R=16, dtype=torch.bfloat16)
-    args = [params[k].detach() if params[k] is not None else None for k in ("weight", "bias", "A", "B", "u", "v")]
+    args = _decode_layer()
     torch._dynamo.reset()
     layer = torch.compile(lambda x: tied_lora_linear(x, *args, backend="triton"), mode="reduce-overhead")
     with torch.no_grad(), configs.forced(reduce=reduce):
