@@ -19,7 +19,7 @@ from tests.conftest import DEVICE
 from tests.helpers import GridSpy, assert_close_to_reference
 from tests.test_kernels_parity import CONFIGS, check_parity, grads_of, make_inputs
 from tied_lora_kernels.functional import tied_lora_linear
-from tied_lora_kernels.kernels import configs, forward, function
+from tied_lora_kernels.kernels import backward, configs, forward, function
 from tied_lora_kernels.kernels.forward import fused_lora_mm
 from tied_lora_kernels.kernels.prepare import prepare_adapters
 from tied_lora_kernels.kernels.shrink import shrink
@@ -464,6 +464,39 @@ def test_split_k_choice():
     for M, dtype in ((4096, torch.bfloat16), (1, torch.float32)):  # prefill and fp32 never split
         other = configs.fused_config(M, 16, dtype, dev)
         assert configs.split_k_for(M, 64, 4096, other, dev) == configs.split_k_for(M, 64, 4096, other, dev, 3) == 1
+
+
+def test_split_k_follows_the_sm_count(monkeypatch):
+    """Split-K sizes itself by the GPU's SM count (two waves), not one table per architecture: an H100 PCIe (114
+    SMs) splits less than an H200 (132), a GB200 (148) more. Off a GPU it assumes an H100 SXM's 132."""
+    assert configs.target_programs(torch.device("cpu")) == 264
+    cfg = configs.fused_config(1, 16, torch.bfloat16, torch.device("cpu"))
+    monkeypatch.setattr(configs, "_capability", lambda device: (9, 0))
+    for sms, slices in ((114, 4), (132, 5), (148, 5), (66, 3)):
+        monkeypatch.setattr(configs, "_cuda_sm_count", lambda index, sms=sms: sms)
+        cuda = torch.device("cuda", 0)
+        assert configs.target_programs(cuda) == 2 * sms
+        assert configs.split_k_for(1, 4096, 4096, cfg, cuda) == slices, sms
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_rank_grad_token_split_follows_target_programs(monkeypatch, deterministic):
+    """The reduction over tokens splits them into about ``target_programs // column tiles`` slices (each summed by
+    atomics, or by a fixed-order sum of per-slice partials), whatever that count, and the result is the same sum."""
+    M, C, R = 600, 16, 8
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(M, C, generator=g).to(DEVICE)
+    p = torch.randn(M, R, generator=g).to(DEVICE)
+    ref = a.double().t() @ p.double()
+    kernel = GridSpy(backward._rank_grad_kernel)
+    monkeypatch.setattr(backward, "_rank_grad_kernel", kernel)
+    outs = []
+    for programs in (3, 1000):
+        monkeypatch.setattr(configs, "target_programs", lambda device, programs=programs: programs)
+        outs.append(backward.rank_grad(a, p, None, deterministic=deterministic).out)
+        assert_close_to_reference(outs[-1], ref, (a.t() @ p), f"out ({programs} programs)", torch.float32)
+    num_m = -(-M // configs.rank_grad_config(16, a.dtype, a.device).block_m)
+    assert [grid[1] for grid in kernel.grids] == [3, num_m]
 
 
 def test_forcing(monkeypatch):

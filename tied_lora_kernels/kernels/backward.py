@@ -41,9 +41,6 @@ from .dropout import DropoutMask, load_keep
 
 __all__ = ["rank_grad", "rank_grad_numel", "RankGrads"]
 
-_TARGET_PROGRAMS = 264
-"""Aim for about two waves of an H100's 132 SMs when splitting the tokens."""
-
 
 @triton.jit
 def _rank_grad_kernel(
@@ -216,8 +213,8 @@ def rank_grad(
     cfg = config or configs.rank_grad_config(block_r, a.dtype, a.device)
     num_c = cdiv(C, cfg.block_c)
     num_m = cdiv(M, cfg.block_m)
-    # from the shapes only: the same split (and summation order) on every run
-    split = max(1, min(num_m, _TARGET_PROGRAMS // num_c))
+    # from the shapes and the GPU only: the same split (and summation order) on every run on one kind of GPU
+    split = max(1, min(num_m, configs.target_programs(a.device) // num_c))
     # every result is a segment of one buffer: one zeroing (atomics) or one sum over the slices
     # (deterministic; coldot then has a row per program, summed once more)
     sizes = {k: math.prod(shape) for k, shape in results.items()}

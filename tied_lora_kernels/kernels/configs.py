@@ -67,7 +67,7 @@ them again in its backward (the split-K sum and ``split_rank`` are read at each 
 change results, the second only their rounding).
 
 **Split-K at decode** (docs/design.md §7): with M ≤ 16 the GEMM has only ``cdiv(N, BLOCK_N)`` output tiles (64
-on a 4096-wide layer against 132 SMs). ``split_k_for`` splits K until about ``_TARGET_PROGRAMS`` programs run
+on a 4096-wide layer against 132 SMs). ``split_k_for`` splits K until about ``target_programs`` programs run
 (at least ``_MIN_K_STEPS`` K steps each); the fp32 partials are summed afterwards in a fixed order, so the
 result is deterministic: by a second launch (the default; one-pass: with the rank-R term apart, above) or, with
 ``split_reduce() == "kernel"``, by the last of each output tile's slices to finish, in the GEMM's own launch
@@ -344,8 +344,8 @@ for _arch in ARCHS:
             f"{_arch}-rankgrad-fp32-r{_br}", 64 if _br <= 32 else 32, 16, _warps, _stages
         )
 
-_TARGET_PROGRAMS = {"sm90": 264, "sm80": 216}
-"""Split-K aims for about two waves of programs: 132 SMs on an H100 SXM, 108 on an A100."""
+_INTERPRETER_SMS = 132
+"""The SM count assumed off a GPU (the interpreter's CPU tensors): an H100 SXM's, as the sm90 table."""
 
 _MIN_K_STEPS = 4
 """A split-K program runs at least this many ``BLOCK_K`` steps (below that its prologue dominates)."""
@@ -362,6 +362,20 @@ def arch_of(device: torch.device) -> str:
 def table_for_major(major: int) -> str:
     """The config table of a compute-capability major: "sm90" for 9 and 10, "sm80" otherwise."""
     return "sm90" if major in (9, 10) else "sm80"
+
+
+def target_programs(device: torch.device) -> int:
+    """How many programs a launch split for parallelism aims at: about two waves, twice the GPU's SM count
+    (264 on an H100 SXM or H200, 228 on an H100 PCIe, 216 on an A100; 264 off a GPU). Split-K at decode and
+    the token split of the rank gradients' reduction (``backward.rank_grad``) size themselves by it."""
+    if device.type != "cuda":
+        return 2 * _INTERPRETER_SMS
+    return 2 * _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _capability(device: torch.device) -> tuple[int, int]:
@@ -556,17 +570,17 @@ def split_k_for(
     forced: int | None = None,
     rank_programs: int = 0,
 ) -> int:
-    """How many K slices the fused GEMM splits into: 1 unless ``cfg.split_k`` (16-bit decode); else ``forced`` or enough
-    slices for ~``_TARGET_PROGRAMS`` programs, each at least ``_MIN_K_STEPS`` K steps long, counting per slice the
-    output tiles and ``rank_programs`` (the rank-apart launch's, which stream as many bytes per K step as an
-    output tile's). The launcher rounds the slice length up to whole ``BLOCK_K`` steps, so it may launch fewer
+    """How many K slices the fused GEMM splits into: 1 unless ``cfg.split_k`` (16-bit decode); else ``forced`` or
+    enough slices for ~``target_programs(device)`` programs, each at least ``_MIN_K_STEPS`` K steps long, counting
+    per slice the output tiles and ``rank_programs`` (the rank-apart launch's, which stream as many bytes per K step
+    as an output tile's). The launcher rounds the slice length up to whole ``BLOCK_K`` steps, so it may launch fewer
     slices than this."""
     if not cfg.split_k:
         return 1
     if forced is not None:
         return max(1, forced)
     per_slice = -(-M // cfg.block_m) * -(-N // cfg.block_n) + rank_programs
-    want = -(-_TARGET_PROGRAMS[arch_of(device)] // per_slice)
+    want = -(-target_programs(device) // per_slice)
     most = max(1, K // (cfg.block_k * _MIN_K_STEPS))
     return max(1, min(want, most))
 
