@@ -5,10 +5,10 @@
 #     bash benchmarks/gpu_check.sh OUT_DIR        # or: OUT=OUT_DIR bash benchmarks/gpu_check.sh
 #
 # Writes OUT_DIR/gpu_check.log (everything printed), env.txt, bench_linear.json, bench_e2e.json,
-# bench_eager.json, bench.md, bench.png (when matplotlib is installed), compile_check.txt. Each phase runs under
-# `timeout`, so one that hangs or runs long costs its limit and no more (the limits add up to 530 s, plus 20 s
-# for the summary and up to 10 s of grace per phase killed: ~630 s if every phase ran out; a warm run takes far
-# less; the CPU dry run, GPU_CHECK_PROCS=2, ~6 minutes).
+# bench_eager.json, bench.md, bench.png (when matplotlib is installed), compile_check.txt and
+# compile_check.partial.jsonl. Each phase runs under `timeout`, so one that hangs or runs long costs its limit
+# and no more (the limits add up to 530 s, plus 20 s for the summary and up to 10 s of grace per phase killed:
+# ~630 s if every phase ran out; a warm run takes far less; the CPU dry run, GPU_CHECK_PROCS=2, ~6 minutes).
 # A cold run JIT-compiles about a thousand kernel specialisations, about a second each on one core, so the
 # parity tests and an untimed warm-up of every benchmark case run as GPU_CHECK_PROCS parallel pytest
 # processes (default one per core, at most 16) taking the tests from a shared queue
@@ -129,8 +129,9 @@ BENCH_TIME_BUDGET_S=15 phase bench-eager 25 "$PY" -m pytest benchmarks/test_benc
 if "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('tied_lora_kernels.kernels.compile_check') is None)" 2>/dev/null; then
     # this GPU's architecture family only (sm_90 on an H100/H200); CI compiles every target
     MAJOR="$("$PY" -c 'import torch; print(torch.cuda.get_device_capability()[0])' 2>/dev/null || echo 9)"
+    # compile_check.partial.jsonl gets each row as its compile finishes: what is left if the limit stops it
     phase compile-check 40 bash -o pipefail -c "$PY -m tied_lora_kernels.kernels.compile_check --jobs \$(nproc) \
-        --targets $((MAJOR * 10)) | tee '$OUT_DIR/compile_check.txt'"
+        --targets $((MAJOR * 10)) --partial '$OUT_DIR/compile_check.partial.jsonl' | tee '$OUT_DIR/compile_check.txt'"
 else
     echo
     echo "=== compile-check: tied_lora_kernels.kernels.compile_check not present, skipped"

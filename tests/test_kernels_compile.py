@@ -32,10 +32,11 @@ pytest.importorskip("triton.backends.nvidia", reason="triton's NVIDIA backend (b
 
 @pytest.fixture(scope="module")
 def rows(tmp_path_factory):
-    out = tmp_path_factory.mktemp("compile") / "rows.json"
+    out, partial = (tmp_path_factory.mktemp("compile") / name for name in ("rows.json", "partial.jsonl"))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    command = ["--jobs", "2", "--json", str(out), "--partial", str(partial)]
     proc = subprocess.run(
-        [sys.executable, "-m", "tied_lora_kernels.kernels.compile_check", "--jobs", "2", "--json", str(out)],
+        [sys.executable, "-m", "tied_lora_kernels.kernels.compile_check", *command],
         env=env,
         capture_output=True,
         text=True,
@@ -43,7 +44,11 @@ def rows(tmp_path_factory):
     )
     print(proc.stdout)
     assert out.exists(), f"compile check produced no rows (exit {proc.returncode}):\n{proc.stderr[-4000:]}"
-    return json.loads(out.read_text())
+    rows = json.loads(out.read_text())
+    # --partial: the same rows, one line each as its compile finished (what a time limit leaves)
+    finished = [json.loads(line) for line in partial.read_text().splitlines()]
+    assert sorted(map(json.dumps, finished)) == sorted(map(json.dumps, rows))
+    return rows
 
 
 TARGETS = {"sm90": ("sm_90", "sm_100"), "sm80": ("sm_80", "sm_120")}

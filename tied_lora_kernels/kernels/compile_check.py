@@ -1,6 +1,7 @@
 """Ahead-of-time compile of every shipped kernel config for every GPU it runs on, no GPU needed (docs/design.md §6-§7).
 
-    python -m tied_lora_kernels.kernels.compile_check [--full] [--jobs N] [--json PATH] [--targets 90,80]
+    python -m tied_lora_kernels.kernels.compile_check [--full] [--jobs N] [--json PATH] [--partial PATH]
+        [--targets 90,80] [--only NAME]
 
 For each config of ``configs.py``, each GPU its table is launched on (``configs.arch_of``: the sm90 table on
 Hopper sm_90 and datacenter Blackwell sm_100, the sm80 table on Ampere sm_80 and consumer Blackwell sm_120;
@@ -51,13 +52,14 @@ compile.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
 import subprocess
 import sys
 import tempfile
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from typing import Any
 
@@ -433,6 +435,10 @@ def _shared_limit(arch: str) -> int:
     return configs.SHARED_MEMORY_LIMIT[arch]
 
 
+def _row(result: dict, job: dict) -> dict:
+    return dict(result, **job, name=job["config"]["name"])
+
+
 def format_table(rows: list[dict]) -> str:
     import triton
 
@@ -464,6 +470,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--full", action="store_true", help="also compile fp16 and fp32 with TF32")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compile processes")
     parser.add_argument("--json", help="also write the rows as JSON to this path")
+    parser.add_argument(
+        "--partial",
+        help="append each row to this path as a line of JSON as soon as its compile finishes (the table and --json "
+        "come at the end; this keeps what finished when a time limit stops the run)",
+    )
     parser.add_argument("--only", help="compile only configs whose name contains this string")
     parser.add_argument("--targets", help="compile only for these compute capabilities, e.g. 90,80 (default: all)")
     args = parser.parse_args(argv)
@@ -473,11 +484,20 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     todo = [j for j in jobs(args.full, targets) if not args.only or args.only in j["config"]["name"]]
     # configs with equal tiles (e.g. fp32 decode and prefill) compile once; every name gets its row
-    unique = {_key(j): j for j in todo}
-    keys = list(unique)
-    with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        results = dict(zip(keys, pool.map(_compile_or_error, [unique[k] for k in keys]), strict=True))
-    rows = [dict(results[_key(j)], **j, name=j["config"]["name"]) for j in todo]
+    named: dict[tuple, list[dict]] = {}
+    for job in todo:
+        named.setdefault(_key(job), []).append(job)
+    results = {}
+    with contextlib.ExitStack() as stack:
+        partial = stack.enter_context(open(args.partial, "a", buffering=1)) if args.partial else None
+        pool = stack.enter_context(ProcessPoolExecutor(max_workers=max(1, args.jobs)))
+        futures = {pool.submit(_compile_or_error, same[0]): key for key, same in named.items()}
+        for done in as_completed(futures):
+            key = futures[done]
+            results[key] = done.result()
+            if partial is not None:
+                partial.writelines(json.dumps(_row(results[key], job)) + "\n" for job in named[key])
+    rows = [_row(results[_key(j)], j) for j in todo]
     print(format_table(rows))
     if args.json:
         with open(args.json, "w") as f:
