@@ -10,8 +10,9 @@ Presets (the paper's Table 1 and its two neighbours; any other combination is se
 | ``vera`` | yes | frozen  | frozen  | trained   | trained   | A, B kaiming-uniform, u = 0.1, v = 0 (VeRA paper, PEFT) |
 
 Zero start, for every combination of flags: a trained ``v`` starts at 0; otherwise ``v`` is 1 and the first
-trained of ``B``, ``u``, ``A`` starts at 0. A model right after ``apply_tied_lora`` computes exactly what the
-base model computed.
+trained of ``B``, ``u``, ``A`` starts at 0. A model right after ``apply_tied_lora`` computes what the
+base model computed: bit for bit on the torch path; on the triton path the adapter term is exactly zero, but the
+fused kernel's base GEMM may round differently from cuBLAS.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@
 - ``configs.py``: every block config and strategy a launch can pick (and how to force one:
   ``TIED_LORA_STRATEGY``, ``TIED_LORA_TMA``, ``TIED_LORA_SPLIT_REDUCE``, ``TIED_LORA_SPLIT_RANK``,
   ``configs.forced``);
-  ``compile_check.py`` compiles each for sm_90/sm_80;
+  ``compile_check.py`` compiles each for the GPUs its table serves (sm_90 and sm_100; sm_80 and sm_120);
 - ``common.py``: dot precision, the interpreter's bf16 workaround, the host ``cdiv``.
 """
 
