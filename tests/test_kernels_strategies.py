@@ -567,6 +567,16 @@ def test_split_reduce_choice(monkeypatch):
     monkeypatch.setenv(configs.SPLIT_REDUCE_ENV, "atomics")
     with pytest.raises(ValueError, match="TIED_LORA_SPLIT_REDUCE"):
         configs.split_reduce()
+    # every triton call checks it (forced_choice), not only a launch that splits K: an fp32 prefill too
+    x, params = make_inputs("tl6", M=40, K=32, N=24, R=4, dtype=torch.float32)
+    args = [params[k] for k in ("weight", "bias", "A", "B", "u", "v")]
+    with pytest.raises(ValueError, match="TIED_LORA_SPLIT_REDUCE"):
+        tied_lora_linear(x, *args, backend="triton")
+    monkeypatch.delenv(configs.SPLIT_REDUCE_ENV)
+    monkeypatch.setenv(configs.SPLIT_RANK_ENV, "both")
+    with pytest.raises(ValueError, match="TIED_LORA_SPLIT_RANK"):
+        tied_lora_linear(x, *args, backend="triton")
+    monkeypatch.setenv(configs.SPLIT_REDUCE_ENV, "atomics")
     with configs.forced(reduce="kernel"):  # forcing wins over the environment, whatever it holds
         assert configs.split_reduce() == "kernel"
     with pytest.raises(ValueError, match="reduce"):

@@ -377,3 +377,7 @@ def test_b_rows_must_span_exactly_out_features():
     for rows in ((0, 3), (1, 4), (2, 2)):
         with pytest.raises(ValueError, match="reads rows"):
             TiedLoRALinear.from_linear(nn.Linear(6, 4), TiedLoRAShared(6, 8, 2), b_rows=rows)
+    # rows of a grouped B narrower than the shared rank: the update could not have that rank (every forward
+    # refuses it), so neither can the layer be built
+    with pytest.raises(ValueError, match=r"rank 8 exceeds min\(in_features=32, out_features=4\)"):
+        TiedLoRALinear.from_linear(nn.Linear(32, 4), TiedLoRAShared(32, 24, 8), b_rows=(0, 4))
