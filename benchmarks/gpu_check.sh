@@ -5,8 +5,8 @@
 #     bash benchmarks/gpu_check.sh OUT_DIR        # or: OUT=OUT_DIR bash benchmarks/gpu_check.sh
 #
 # Writes OUT_DIR/gpu_check.log (everything printed), env.txt, bench_linear.json, bench_e2e.json,
-# bench_eager.json, bench.md, bench.png (when matplotlib is installed), compile_check.txt and
-# compile_check.partial.jsonl. Each phase runs under `timeout`, so one that hangs or runs long costs its limit
+# bench_eager.json, bench.md, bench.png (when matplotlib is installed), compile_check.txt,
+# compile_check.partial.jsonl and parity_margins.jsonl. Each phase runs under `timeout`, so one that hangs or runs long costs its limit
 # and no more (the limits add up to 530 s, plus 20 s for the summary and up to 10 s of grace per phase killed:
 # ~630 s if every phase ran out; a warm run takes far less; the CPU dry run, GPU_CHECK_PROCS=2, ~6 minutes).
 # A cold run JIT-compiles about a thousand kernel specialisations, about a second each on one core, so the
@@ -105,8 +105,12 @@ GPU_CHECK_ENV="$OUT_DIR/env.txt" phase env 20 "$PY" -c "$ENV_PY"
 PARALLEL=("$PY" -m benchmarks.parallel_pytest ${GPU_CHECK_PROCS:+-n "$GPU_CHECK_PROCS"} --)
 
 # the kernel tests on the GPU (torch.compile's custom-op path included), fail fast (-x: the first failure stops every process); the
-# ahead-of-time compile test is left to the compile-check phase below
-TORCHINDUCTOR_COMPILE_THREADS=1 phase parity 170 "${PARALLEL[@]}" tests/test_kernels_parity.py tests/test_kernels_autograd.py \
+# ahead-of-time compile test is left to the compile-check phase below. parity_margins.jsonl gets each comparison's
+# error / bound (benchmarks/parity_margins.py): how close the GPU's rounding comes to the tests' bounds
+MARGINS="$OUT_DIR/parity_margins.jsonl"
+rm -f "$MARGINS"
+PARITY_MARGINS="$MARGINS" TORCHINDUCTOR_COMPILE_THREADS=1 phase parity 170 "${PARALLEL[@]}" -p benchmarks.parity_margins \
+    tests/test_kernels_parity.py tests/test_kernels_autograd.py \
     tests/test_kernels_memory.py tests/test_kernels_strategies.py tests/test_kernels_split_rank.py \
     tests/test_kernels_launches.py tests/test_torch_compile.py tests/test_kernels_dropout.py tests/test_cuda_graphs.py \
     -x -q -p no:cacheprovider
@@ -169,6 +173,7 @@ echo
 echo "=== gpu_check summary ($(date -u +%H:%M:%SZ))"
 [ -s "$OUT_DIR/env.txt" ] && cat "$OUT_DIR/env.txt"
 printf '%s\n' "${STATUS[@]}"
+[ -s "$MARGINS" ] && { timeout 20 "$PY" -m benchmarks.parity_margins "$MARGINS" --worst 5 || true; }
 if [ "${#JSONS[@]}" -gt 0 ]; then
     timeout 20 "$PY" -m tied_lora_kernels.bench --json "${JSONS[@]}" --headline --no-plot || true
 elif [ -n "${GPU_CHECK_ONLY:-}" ]; then

@@ -4,6 +4,7 @@ pytest-benchmark's statistics (a private attribute of pytest-benchmark, so pinne
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import pytest_queue, timing
+from benchmarks import parity_margins, pytest_queue, timing
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -168,3 +169,32 @@ def test_replayed_event_times_become_the_benchmark_statistics(benchmark):
     assert stats.rounds == 4
     assert stats.min == pytest.approx(1e-3) and stats.max == pytest.approx(4e-3)
     assert stats.median == pytest.approx(2.5e-3) and stats.mean == pytest.approx(2.5e-3)
+
+
+def test_parity_margins_records_each_comparison_and_keeps_the_check(tmp_path):
+    """``benchmarks.parity_margins`` (gpu_check's parity phase) writes each comparison's error / bound and still
+    fails a test whose comparison is out of bounds; its summary lists the closest first."""
+    (tmp_path / "test_cmp.py").write_text(
+        "import torch\n"
+        "from tests.helpers import assert_close_to_reference\n"
+        "ref = torch.ones(3, dtype=torch.float64)\n"
+        "def test_inside():\n"
+        "    assert_close_to_reference(torch.ones(3) + 1e-6, ref, torch.ones(3), 'y')\n"
+        "def test_outside():\n"
+        "    assert_close_to_reference(torch.ones(3) + 1e-3, ref, torch.ones(3), 'dx')\n"
+    )
+    log = tmp_path / "margins.jsonl"
+    proc = _pytest(
+        "-p", "benchmarks.parity_margins", "-q", str(tmp_path), env={"PARITY_MARGINS": str(log)}, cwd=tmp_path
+    )
+    assert proc.returncode == 1 and "1 failed, 1 passed" in proc.stdout, proc.stdout + proc.stderr
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [(r["test"].split("::")[1], r["name"], r["dtype"]) for r in rows] == [
+        ("test_inside", "y", "float32"),
+        ("test_outside", "dx", "float32"),
+    ]
+    assert rows[0]["bound"] == pytest.approx(2e-6) and rows[0]["ratio"] == pytest.approx(0.5, rel=0.1)
+    assert rows[1]["ratio"] == pytest.approx(500, rel=0.1)
+    lines = parity_margins.summary(rows).splitlines()
+    assert lines[0].startswith("parity margins: 2 comparisons") and "float32" in lines[1], lines
+    assert "test_outside" in lines[2] and "test_inside" in lines[3], lines  # the closest to its bound first
