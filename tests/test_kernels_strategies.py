@@ -468,13 +468,13 @@ def test_split_k_choice():
 
 def test_split_k_follows_the_sm_count(monkeypatch):
     """Split-K sizes itself by the GPU's SM count (two waves), not one table per architecture: an H100 PCIe (114
-    SMs) splits less than an H200 (132), a GB200 (148) more. Off a GPU it assumes an H100 SXM's 132."""
+    SMs) splits less than an H200 (132), a B200 (148) more. Off a GPU it assumes an H100 SXM's 132."""
     assert configs.target_programs(torch.device("cpu")) == 264
     cfg = configs.fused_config(1, 16, torch.bfloat16, torch.device("cpu"))
     monkeypatch.setattr(configs, "_capability", lambda device: (9, 0))
+    cuda = torch.device("cuda", 0)
     for sms, slices in ((114, 4), (132, 5), (148, 5), (66, 3)):
         monkeypatch.setattr(configs, "_cuda_sm_count", lambda index, sms=sms: sms)
-        cuda = torch.device("cuda", 0)
         assert configs.target_programs(cuda) == 2 * sms
         assert configs.split_k_for(1, 4096, 4096, cfg, cuda) == slices, sms
 
@@ -490,11 +490,10 @@ def test_rank_grad_token_split_follows_target_programs(monkeypatch, deterministi
     ref = a.double().t() @ p.double()
     kernel = GridSpy(backward._rank_grad_kernel)
     monkeypatch.setattr(backward, "_rank_grad_kernel", kernel)
-    outs = []
     for programs in (3, 1000):
         monkeypatch.setattr(configs, "target_programs", lambda device, programs=programs: programs)
-        outs.append(backward.rank_grad(a, p, None, deterministic=deterministic).out)
-        assert_close_to_reference(outs[-1], ref, (a.t() @ p), f"out ({programs} programs)", torch.float32)
+        out = backward.rank_grad(a, p, None, deterministic=deterministic).out
+        assert_close_to_reference(out, ref, a.t() @ p, f"out ({programs} programs)", torch.float32)
     num_m = -(-M // configs.rank_grad_config(16, a.dtype, a.device).block_m)
     assert [grid[1] for grid in kernel.grids] == [3, num_m]
 
@@ -576,6 +575,7 @@ def test_split_reduce_choice(monkeypatch):
     monkeypatch.setenv(configs.SPLIT_RANK_ENV, "both")
     with pytest.raises(ValueError, match="TIED_LORA_SPLIT_RANK"):
         tied_lora_linear(x, *args, backend="triton")
+    monkeypatch.delenv(configs.SPLIT_RANK_ENV)
     monkeypatch.setenv(configs.SPLIT_REDUCE_ENV, "atomics")
     with configs.forced(reduce="kernel"):  # forcing wins over the environment, whatever it holds
         assert configs.split_reduce() == "kernel"

@@ -489,7 +489,8 @@ def forced_choice() -> tuple[str | None, int | None, bool | None]:
     (``TIED_LORA_STRATEGY``, ``TIED_LORA_TMA``). Also checks the split-K settings (``split_reduce``,
     ``split_rank``, read only by a launch that splits K), so that a bad value in the environment fails every
     triton call, not only a 16-bit decode."""
-    _forced_or_env("reduce"), _forced_or_env("split_rank")
+    for checked_only in ("reduce", "split_rank"):
+        _forced_or_env(checked_only)
     tma = _forced_or_env("tma")
     return _forced_or_env("strategy"), _FORCED["split_k"], tma == "1" if isinstance(tma, str) else tma
 
