@@ -37,10 +37,7 @@ def pytest_configure(config) -> None:
     def recording(actual, expected, baseline, name, dtype=None):
         row = {"test": _test["id"], "name": name, "dtype": str(dtype or actual.dtype).removeprefix("torch.")}
         try:
-            magnitude = max(expected.abs().max().item(), 1.0) if expected.numel() else 1.0
-            err = helpers.max_error(actual, expected)
-            base = 0.0 if baseline is None else helpers.max_error(baseline, expected)
-            bound = 2.0 * base + helpers.ATOL[dtype or actual.dtype] * magnitude
+            err, base, _, bound = helpers.error_and_bound(actual, expected, baseline, dtype or actual.dtype)
             row.update(err=err, baseline=base, bound=bound, ratio=err / bound if bound else 0.0)
         except Exception as e:  # noqa: BLE001 (the real check below reports what is wrong)
             row.update(error=f"{type(e).__name__}: {e}"[:200])

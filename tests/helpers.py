@@ -29,6 +29,16 @@ def max_error(actual: Tensor, expected: Tensor) -> float:
     return (actual.double() - expected.double()).abs().max().item() if expected.numel() else 0.0
 
 
+def error_and_bound(
+    actual: Tensor, expected: Tensor, baseline: Tensor | None, dtype: torch.dtype
+) -> tuple[float, float, float, float]:
+    """``(error, baseline error, magnitude, bound)`` of ``actual`` against ``expected`` by the rule above."""
+    magnitude = max(expected.abs().max().item(), 1.0) if expected.numel() else 1.0
+    err = max_error(actual, expected)
+    base_err = 0.0 if baseline is None else max_error(baseline, expected)
+    return err, base_err, magnitude, 2.0 * base_err + ATOL[dtype] * magnitude
+
+
 def assert_close_to_reference(
     actual: Tensor, expected: Tensor, baseline: Tensor | None, name: str, dtype: torch.dtype | None = None
 ) -> None:
@@ -36,10 +46,7 @@ def assert_close_to_reference(
     dtype = dtype or actual.dtype
     assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     assert torch.isfinite(actual).all(), f"{name}: non-finite values"
-    magnitude = max(expected.abs().max().item(), 1.0) if expected.numel() else 1.0
-    err = max_error(actual, expected)
-    base_err = 0.0 if baseline is None else max_error(baseline, expected)
-    bound = 2.0 * base_err + ATOL[dtype] * magnitude
+    err, base_err, magnitude, bound = error_and_bound(actual, expected, baseline, dtype)
     assert err <= bound, (
         f"{name} ({dtype}): max abs error {err:.3e} > bound {bound:.3e} "
         f"(2 × baseline error {base_err:.3e} + atol {ATOL[dtype]:.1e} × magnitude {magnitude:.3e})"
