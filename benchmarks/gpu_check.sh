@@ -6,9 +6,10 @@
 #
 # Writes OUT_DIR/gpu_check.log (everything printed), env.txt, bench_linear.json, bench_e2e.json,
 # bench_eager.json, bench.md, bench.png (when matplotlib is installed), compile_check.txt,
-# compile_check.partial.jsonl and parity_margins.jsonl. Each phase runs under `timeout`, so one that hangs or runs long costs its limit
-# and no more (the limits add up to 530 s, plus 20 s for the summary and up to 10 s of grace per phase killed:
-# ~630 s if every phase ran out; a warm run takes far less; the CPU dry run, GPU_CHECK_PROCS=2, ~6 minutes).
+# compile_check.partial.jsonl and parity_margins.jsonl. Each phase runs under `timeout`, so one that hangs or
+# runs long costs its limit and no more (the limits add up to 530 s, plus 20 s for the summary and up to 10 s of
+# grace per phase killed: ~630 s if every phase ran out; a warm run takes far less; the CPU dry run,
+# GPU_CHECK_PROCS=2, ~6 minutes).
 # A cold run JIT-compiles about a thousand kernel specialisations, about a second each on one core, so the
 # parity tests and an untimed warm-up of every benchmark case run as GPU_CHECK_PROCS parallel pytest
 # processes (default one per core, at most 16) taking the tests from a shared queue
@@ -109,8 +110,8 @@ PARALLEL=("$PY" -m benchmarks.parallel_pytest ${GPU_CHECK_PROCS:+-n "$GPU_CHECK_
 # error / bound (benchmarks/parity_margins.py): how close the GPU's rounding comes to the tests' bounds
 MARGINS="$OUT_DIR/parity_margins.jsonl"
 rm -f "$MARGINS"
-PARITY_MARGINS="$MARGINS" TORCHINDUCTOR_COMPILE_THREADS=1 phase parity 170 "${PARALLEL[@]}" -p benchmarks.parity_margins \
-    tests/test_kernels_parity.py tests/test_kernels_autograd.py \
+PARITY_MARGINS="$MARGINS" TORCHINDUCTOR_COMPILE_THREADS=1 phase parity 170 "${PARALLEL[@]}" \
+    -p benchmarks.parity_margins tests/test_kernels_parity.py tests/test_kernels_autograd.py \
     tests/test_kernels_memory.py tests/test_kernels_strategies.py tests/test_kernels_split_rank.py \
     tests/test_kernels_launches.py tests/test_torch_compile.py tests/test_kernels_dropout.py tests/test_cuda_graphs.py \
     -x -q -p no:cacheprovider
