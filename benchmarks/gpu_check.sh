@@ -40,7 +40,8 @@ finish() {
     exit "$1"
 }
 
-PY="${PYTHON:-python}"
+# the GPU image's interpreter is python3 (a plain "python" may not exist there)
+PY="${PYTHON:-$(command -v python3 || echo python)}"
 STATUS=()
 FAILED=0
 

@@ -27,16 +27,17 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
-from benchmarks.shapes import Shape
+from benchmarks.shapes import DECODE_MAX_M, Case, Shape
 from tied_lora_kernels import tied_lora_linear
+from tied_lora_kernels.bench import TARGET_K
 
-__all__ = ["PROVIDERS", "FLOOR", "Built", "unavailable", "build"]
+__all__ = ["PROVIDERS", "FLOOR", "Built", "schedule", "unavailable", "build", "rotating"]
 
 FLOOR = "nn.Linear"
 TRITON_FORCED = {
@@ -59,6 +60,38 @@ TRAINING_ONLY = ("triton-dropout", "peft-lora-dropout")
 PROVIDERS = (FLOOR, "torch", "torch.compile", "peft-lora", "peft-vera", *TRITON_FORCED, *TRAINING_ONLY)
 
 
+def schedule(cases: Iterable[Case]) -> list[tuple[str, Case, str]]:
+    """``(provider, case, test id)`` of every linear benchmark, in the order they run: at issue 3's targets' shape
+    (K = N = TARGET_K) first what the targets table reads (nn.Linear, the torch path, the fused kernels as the
+    tables choose), then the forced-choice providers, then the rest (torch.compile, PEFT, dropout), then the other
+    shapes, the slow tier last; the grid's order within each. A time budget (gpu_check.sh) then cuts what matters
+    least. ``nn.Linear`` runs once per shape, M, dtype and mode (its id without the rank)."""
+    runs, floors = [], set()
+    for case in cases:
+        for provider in PROVIDERS:
+            if provider in PREFILL_ONLY and case.M <= DECODE_MAX_M:
+                continue
+            if provider in DECODE_ONLY and case.M > DECODE_MAX_M:
+                continue
+            if provider in TRAINING_ONLY and case.mode == "forward":
+                continue
+            test_id = f"{provider}-{case.id}"
+            if provider == FLOOR:  # rank-independent
+                key = (case.shape, case.M, case.dtype, case.mode)
+                if key in floors:
+                    continue
+                floors.add(key)
+                test_id = test_id.replace(f"-r{case.rank}-", "-")
+            if case.shape.K != TARGET_K or case.shape.N != TARGET_K:
+                group = 3
+            elif provider in (FLOOR, "torch", "triton"):
+                group = 0
+            else:
+                group = 1 if provider in TRITON_FORCED else 2
+            runs.append(((case.slow, group), (provider, case, test_id)))
+    return [run for _, run in sorted(runs, key=lambda pair: pair[0])]  # (a stable sort)
+
+
 @dataclass
 class Built:
     """A provider ready to run: ``fn(x) -> y``, its trainable tensors and the frozen ones it holds."""
@@ -68,6 +101,25 @@ class Built:
     frozen: list[Tensor] = field(default_factory=list)
     adapter_dtype: str = "-"
     owner: object = None  # what must stay alive while fn runs (PEFT's model owns VeRA's shared buffers)
+
+
+def rotating(builts: list[Built]) -> Built:
+    """One provider's copies called in turn on the same ``x`` (a decode round over weights of their own, as a
+    model's layers): returns the last output."""
+
+    def fn(x: Tensor) -> Tensor:
+        for b in builts:
+            y = b.fn(x)
+        return y
+
+    first = builts[0]
+    return Built(
+        fn,
+        trainable=[t for b in builts for t in b.trainable],
+        frozen=[t for b in builts for t in b.frozen],
+        adapter_dtype=first.adapter_dtype,
+        owner=[b.owner for b in builts],
+    )
 
 
 def unavailable(provider: str, device: torch.device) -> str | None:

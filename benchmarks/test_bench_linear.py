@@ -20,28 +20,12 @@ CASES = {case.id: case for case in linear_cases(DEVICE.type)}
 
 
 def _params():
-    params, floors = [], set()
-    for case in CASES.values():
+    params = []
+    for provider, case, test_id in providers.schedule(CASES.values()):
         marks = [pytest.mark.slow] if case.slow else []
-        if DEVICE.type == "cuda":
+        if DEVICE.type == "cuda" or provider == "triton":
             marks.append(pytest.mark.gpu)
-        for provider in providers.PROVIDERS:
-            if provider in providers.PREFILL_ONLY and case.M <= DECODE_MAX_M:
-                continue
-            if provider in providers.DECODE_ONLY and case.M > DECODE_MAX_M:
-                continue
-            if provider in providers.TRAINING_ONLY and case.mode == "forward":
-                continue
-            if provider == providers.FLOOR:  # rank-independent: once per (shape, M, dtype, mode)
-                key = (case.shape, case.M, case.dtype, case.mode)
-                if key in floors:
-                    continue
-                floors.add(key)
-                case_id = case.id.replace(f"-r{case.rank}-", "-")
-            else:
-                case_id = case.id
-            extra = [pytest.mark.gpu] if provider == "triton" and DEVICE.type != "cuda" else []
-            params.append(pytest.param(provider, case.id, id=f"{provider}-{case_id}", marks=marks + extra))
+        params.append(pytest.param(provider, case.id, id=test_id, marks=marks))
     return params
 
 
@@ -80,6 +64,14 @@ def test_linear(benchmark, provider: str, case_id: str):
     adapter = provider != providers.FLOOR
     rank = case.rank if adapter else 0
     built = providers.build(provider, shape, case.rank, dtype, DEVICE)
+    elem = torch.empty((), dtype=dtype).element_size()
+    graph = mode == "forward" and M <= DECODE_MAX_M
+    # decode on CUDA: a round runs `copies` projections, each with a weight of its own (see timing.py)
+    copies = timing.weight_copies(shape.N * shape.K * elem, DEVICE) if graph and not benchmark.disabled else 1
+    single = built
+    if copies > 1:
+        rest = [providers.build(provider, shape, case.rank, dtype, DEVICE) for _ in range(copies - 1)]
+        built = providers.rotating([built, *rest])
     gen = torch.Generator(device=DEVICE).manual_seed(1)
     x = torch.randn(M, shape.K, generator=gen, device=DEVICE, dtype=dtype).requires_grad_(mode != "forward")
     dy = torch.randn(M, shape.N, generator=gen, device=DEVICE, dtype=dtype)
@@ -93,12 +85,10 @@ def test_linear(benchmark, provider: str, case_id: str):
         paired = _mode_fns(floor, x, dy, mode)
 
     benchmark.group = f"{shape.name} {str(dtype).removeprefix('torch.')} {mode} M={M}"  # read by run()
-    how, floor_s = timing.run(
-        benchmark, fn, setup, DEVICE, graph=mode == "forward" and M <= DECODE_MAX_M, paired=paired
-    )
-    peak = timing.cuda_peak_bytes(fn, setup, DEVICE)
+    how, floor_s = timing.run(benchmark, fn, setup, DEVICE, graph=graph, paired=paired, calls=copies)
+    one_setup, one_fn = _mode_fns(single, x, dy, mode)
+    peak = timing.cuda_peak_bytes(one_fn, one_setup, DEVICE)  # one projection's
 
-    elem = torch.empty((), dtype=dtype).element_size()
     benchmark.extra_info.update(
         kind="linear",
         provider=provider,
@@ -116,6 +106,7 @@ def test_linear(benchmark, provider: str, case_id: str):
         peak_bytes=peak,
         adapter_dtype=built.adapter_dtype,
         timing=how,
+        weight_copies=copies,
         paired_floor=floor_s,
         tier="slow" if case.slow else "default",
         **timing.device_info(DEVICE.type),

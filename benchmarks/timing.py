@@ -2,9 +2,13 @@
 
 - CPU: pytest-benchmark's own timer (``benchmark.pedantic``), an untimed ``setup`` before each round.
 - CUDA: each round is bracketed by CUDA events on the stream, after the L2 cache is flushed (a 256 MiB
-  write), so the weights come from HBM as they would in a model; decode rounds replay a CUDA graph (no
-  launch overhead; eager events when capture fails). The event times are then handed to pytest-benchmark
-  through a replay clock, so the JSON's ``stats`` are GPU times and read the same as CPU results.
+  read: a write would leave L2 full of dirty lines whose write-back the timed kernel would pay while it reads
+  its weight), so the weights come from HBM as they would in a model; decode rounds replay a CUDA graph (no
+  launch overhead; eager events when capture fails) of ``calls`` projections, each with a weight of its own
+  (``weight_copies``: together several times the L2, as a model's layers are), and a round's time is divided by
+  ``calls``: one projection at decode lasts a few microseconds, near the events' resolution (~0.5 µs). The
+  event times are then handed to pytest-benchmark through a replay clock, so the JSON's ``stats`` are GPU
+  times and read the same as CPU results.
 - Memory: bytes saved for backward (saved-tensor hooks, unique storages, parameters and buffers excluded),
   on any device; on CUDA also the peak allocated above what was live before the call.
 """
@@ -13,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import importlib.metadata
+import math
 import platform
 import statistics
 import time
@@ -21,11 +26,13 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import Tensor
 
-__all__ = ["run", "saved_bytes", "cuda_peak_bytes", "device_info"]
+__all__ = ["run", "weight_copies", "saved_bytes", "cuda_peak_bytes", "device_info"]
 
 CPU_TARGET_S = 0.25  # time spent measuring one CPU case
 CUDA_TARGET_S = 0.10  # time spent measuring one CUDA case
 L2_FLUSH_BYTES = 256 * 2**20
+ROTATION_L2S = 4  # decode: the rotated weights hold together at least this many L2 caches
+MAX_WEIGHT_COPIES = 32
 
 
 def run(
@@ -37,6 +44,7 @@ def run(
     paired: tuple[Callable[[], object] | None, Callable[[], object]] | None = None,
     target_s: float | None = None,
     idle_start: bool = False,
+    calls: int = 1,
 ) -> tuple[str, dict | None]:
     """Time ``fn`` (``setup`` runs untimed before each round) and record it in ``benchmark``.
 
@@ -48,13 +56,16 @@ def run(
     to spend measuring (default CPU_TARGET_S / CUDA_TARGET_S). ``idle_start`` (CUDA): each round starts on an
     idle GPU, after the L2 flush has finished, so that host time the GPU waits for shows in the round's time
     (eager decode); otherwise the host queues the round while the flush runs, as a busy model would.
+    ``calls`` (CUDA): how many projections one ``fn()`` runs; each round's time is divided by it.
     """
+    if calls != 1 and device.type != "cuda":
+        raise ValueError("calls > 1 (a round of several projections) is timed on CUDA only")
     if benchmark.disabled:  # --benchmark-disable: pedantic makes one untimed call, a smoke test
         benchmark.pedantic(fn, setup=setup, rounds=1)
         return "disabled", None
     if device.type == "cuda":  # CUDA times are stable: no pairing, the floor is its own benchmark
         times, how = _cuda_times(fn, setup, device, graph, target_s or CUDA_TARGET_S, idle_start)
-        _replay(benchmark, times)
+        _replay(benchmark, [t / calls for t in times])
         return how, None
     # warm-up (and compile) outside the timer, then size the run from one timed call
     for _ in range(2):
@@ -116,9 +127,25 @@ def _replay(benchmark, times: list[float]) -> None:
     benchmark.pedantic(clock.tick, rounds=len(times), iterations=1, warmup_rounds=0)
 
 
+def weight_copies(weight_bytes: int, device: torch.device) -> int:
+    """How many copies of a ``weight_bytes`` weight a decode round rotates through on ``device``: enough to fill
+    ``ROTATION_L2S`` L2 caches (so each projection reads its weight from HBM, as in a model), at most
+    ``MAX_WEIGHT_COPIES``; 1 off CUDA."""
+    if device.type != "cuda":
+        return 1
+    l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or 50 * 2**20
+    return max(1, min(MAX_WEIGHT_COPIES, math.ceil(ROTATION_L2S * l2 / max(weight_bytes, 1))))
+
+
 @functools.cache
 def _flush_buffer(device: torch.device) -> Tensor:
-    return torch.empty(L2_FLUSH_BYTES, dtype=torch.int8, device=device)
+    return torch.zeros(L2_FLUSH_BYTES // 4, dtype=torch.float32, device=device)
+
+
+def _evict_l2(flush: Tensor) -> None:
+    """Read the flush buffer (several L2s): it leaves clean lines behind, which the next round's loads evict for
+    free."""
+    flush.sum()
 
 
 def _cuda_times(fn, setup, device, graph: bool, target_s: float, idle_start: bool) -> tuple[list[float], str]:
@@ -152,7 +179,7 @@ def _cuda_times(fn, setup, device, graph: bool, target_s: float, idle_start: boo
         for s, e in zip(starts, ends, strict=True):
             if setup:
                 setup()
-            flush.zero_()
+            _evict_l2(flush)
             if idle_start:
                 torch.cuda.synchronize(device)
             s.record()

@@ -51,6 +51,11 @@ def test_targets_table_reads_each_target_against_its_bound():
     assert rows[1][3:] == ["triton-1pass", "-", "-", "-", "1.01 (1 of 2 M)", "0/0 met"]
     headers, rows = target_rows(floors + [_record("triton-1pass", "forward", 1, 1.0523)])
     assert rows[0][7:] == ["1.052 MISS (1 of 2 M)", "0/1 met"]  # a miss is one whatever else was measured
+    # a decode whose graph capture failed ran eagerly, against a floor timed as a graph: the cell says so
+    failed = [dict(r, timing="cuda-events (graph capture failed: RuntimeError: ...)") for r in ours[3:5]]
+    headers, rows = target_rows(floors + failed)
+    assert headers[7] == "decode fwd / nn.Linear, CUDA graph (<= 1.05)"
+    assert rows[0][7:] == ["1.1 MISS (eager)", "0/1 met"]
 
 
 def test_headline_keeps_decode_apart():
@@ -94,7 +99,7 @@ def test_choice_table_compares_the_forced_providers():
     ]
     headers, rows = choice_rows(recs)
     assert headers[5:] == [
-        "2pass / 1pass", "sm90 table picks", "tma / ptr", "1launch / sum launch (graph)", "apart / in-tile",
+        "2pass / 1pass", "sm90 table picks", "tma / ptr", "1launch+in-tile / default (graph)", "apart / in-tile",
         "times prefer",
     ]  # fmt: skip
     assert rows == [

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import parity_margins, pytest_queue, timing
+from benchmarks import parity_margins, providers, pytest_queue, timing
+from benchmarks.shapes import linear_cases
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -169,6 +170,61 @@ def test_replayed_event_times_become_the_benchmark_statistics(benchmark):
     assert stats.rounds == 4
     assert stats.min == pytest.approx(1e-3) and stats.max == pytest.approx(4e-3)
     assert stats.median == pytest.approx(2.5e-3) and stats.mean == pytest.approx(2.5e-3)
+
+
+def test_a_round_of_several_projections_is_recorded_per_projection(benchmark, monkeypatch):
+    if benchmark.disabled:
+        pytest.skip("--benchmark-disable records no statistics")
+    monkeypatch.setattr(timing, "_cuda_times", lambda *args: ([8e-6, 4e-6, 6e-6], "cuda-graph"))
+    how, _ = timing.run(benchmark, lambda: None, None, torch.device("cuda"), graph=True, calls=4)
+    assert how == "cuda-graph" and benchmark.stats.stats.median == pytest.approx(1.5e-6)
+    with pytest.raises(ValueError, match="CUDA only"):
+        timing.run(benchmark, lambda: None, None, torch.device("cpu"), calls=2)
+
+
+def test_decode_rotates_through_weights_that_fill_several_l2_caches(monkeypatch):
+    class Properties:
+        L2_cache_size = 50 * 2**20  # an H100's
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: Properties())
+    cuda = torch.device("cuda")
+    assert timing.weight_copies(4096 * 4096 * 2, cuda) == 7  # 7 x 32 MiB >= 4 x 50 MiB
+    assert timing.weight_copies(4096 * 1024 * 2, cuda) == 25
+    assert timing.weight_copies(1024, cuda) == timing.MAX_WEIGHT_COPIES
+    assert timing.weight_copies(4096 * 14336 * 2, cuda) == 2
+    assert timing.weight_copies(2**31, cuda) == 1
+    assert timing.weight_copies(1024, torch.device("cpu")) == 1  # (CPU rounds are one call)
+
+    calls = []
+    copies = [providers.Built(lambda x, i=i: calls.append(i) or x + i, trainable=[torch.ones(i + 1)]) for i in range(3)]
+    built = providers.rotating(copies)
+    assert built.fn(torch.zeros(())) == 2 and calls == [0, 1, 2]  # each in turn, the last one's output
+    assert [t.numel() for t in built.trainable] == [1, 2, 3]
+
+
+def test_benchmarks_run_what_the_targets_read_first():
+    """gpu_check.sh's bench-linear phase has a time budget: the targets' rows (nn.Linear, torch, triton at K = N =
+    4096, every rank and mode) come first, then the forced-choice providers there, then the rest there, then
+    the other shapes."""
+    runs = providers.schedule([case for case in linear_cases("cuda") if not case.slow])
+    groups = []
+    for provider, case, _ in runs:
+        if (case.shape.K, case.shape.N) != (4096, 4096):
+            groups.append(3)
+        elif provider in (providers.FLOOR, "torch", "triton"):
+            groups.append(0)
+        else:
+            groups.append(1 if provider in providers.TRITON_FORCED else 2)
+    assert groups == sorted(groups) and groups[0] == 0 and groups[-1] == 3
+    first = [(provider, case) for (provider, case, _), group in zip(runs, groups, strict=True) if group == 0]
+    assert {case.rank for _, case in first} == {8, 16, 64}  # the issue's ranks
+    assert {(case.mode, case.M) for _, case in first} == {
+        ("forward", 8192), ("backward", 8192), ("fwd+bwd", 8192), ("forward", 1), ("forward", 16),
+    }  # fmt: skip
+    ids = [test_id for _, _, test_id in runs]
+    assert len(ids) == len(set(ids))
+    floors = [(case.shape, case.M, case.mode) for provider, case, _ in runs if provider == providers.FLOOR]
+    assert len(floors) == len(set(floors))  # once per shape, M and mode, whatever the ranks
 
 
 def test_parity_margins_records_each_comparison_and_keeps_the_check(tmp_path):
