@@ -198,3 +198,28 @@ def test_a_saved_module_of_another_shape_is_refused_before_adapting(tmp_path):
     with pytest.raises(ValueError, match=r"lm_head.weight \(97, 32\) does not fit this model"):
         load_peft_adapter(model, tmp_path)
     assert not tied_lora_layers(model)
+
+
+def test_lora_on_lm_head_with_its_saved_base_weight(tmp_path):
+    """LoRA on an untied ``lm_head``: PEFT's ``save_embedding_layers`` (on by default for it) also writes the head's
+    base weight. Equal to the model's, it is accepted and the logits are PEFT's; another model's is refused by name,
+    the model untouched. On a head tied to the embeddings the adapter is refused as ``apply_tied_lora`` refuses
+    such a target (a merge would change the embeddings)."""
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"])
+    expected = _peft_adapter(tmp_path, config)
+    model = load_peft_adapter(tiny_llama().double(), tmp_path, backend="torch").eval()
+    assert {"lm_head", "model.layers.0.self_attn.q_proj"} <= set(tied_lora_layers(model))
+    with torch.no_grad():
+        _same(model(IDS).logits, expected)
+    assert not model.lm_head.weight.requires_grad
+    _same(_round_trip(model, tmp_path / "tied", tiny_llama), expected)
+
+    for other, match in (
+        (tiny_llama(seed=5), r"holds lm_head's base weight \(save_embedding_layers\), which is not this model's"),
+        (tiny_llama(tie_word_embeddings=True), r"lm_head.weight is shared with \['model.embed_tokens.weight'\]"),
+    ):
+        other = other.double()
+        before = _state(other)
+        with pytest.raises(ValueError, match=match):
+            load_peft_adapter(other, tmp_path)
+        assert not tied_lora_layers(other) and _unchanged(other, before)

@@ -237,6 +237,13 @@ def test_load_errors(tmp_path):
     other_alpha = apply_tied_lora(tiny_llama(), TiedLoRAConfig(rank=4, preset="tl6", alpha=8))
     with pytest.raises(ValueError, match="does not fit this model"):
         load_tied_lora(other_alpha, tmp_path)
+    # VeRA's frozen u starts at 0.1 and is saved; a TL6 model's frozen u starts at one and is no tensor at all
+    vera = apply_tied_lora(tiny_llama(), TiedLoRAConfig(rank=4, preset="vera", train_u=False))
+    save_tied_lora(vera, tmp_path / "vera")
+    frozen_u = TiedLoRAConfig(rank=4, preset="tl6", train_A=False, train_B=False, train_u=False)
+    frozen = apply_tied_lora(tiny_llama(), frozen_u)
+    with pytest.raises(ValueError, match=r"unexpected \[.*lora_scale.u.*\] \(only u and v differ: a frozen u or v"):
+        load_tied_lora(frozen, tmp_path / "vera")
 
 
 def test_save_refuses_a_submodule_adapted_apart(tmp_path):
@@ -441,6 +448,27 @@ def test_save_pretrained_stores_each_tied_tensor_once_and_strict_loading_takes_i
     del saved["untied.layers.1.q_proj.shared.A"]
     missing = pair.load_state_dict(saved, strict=False).missing_keys
     assert missing == ["untied.layers.1.q_proj.shared.A"]
+
+
+def test_a_sharded_save_pretrained_loads_through_transformers(tmp_path):
+    """A checkpoint in shards (save_pretrained's max_shard_size, as large models and Trainer write them) loads the
+    adapter bit for bit through transformers' load_sharded_checkpoint (Trainer's resume), which lists the tied
+    tensors' other names as missing: it compares the index with the model's keys before loading (README)."""
+    from transformers.trainer_utils import load_sharded_checkpoint
+
+    config = TiedLoRAConfig(rank=4)
+    model = apply_tied_lora(tiny_llama(), config)
+    randomise_adapters(model)
+    model.save_pretrained(tmp_path, max_shard_size="20KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    other = apply_tied_lora(tiny_llama(seed=3), config)
+    result = load_sharded_checkpoint(other, tmp_path, strict=False)
+    ids = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(other(ids).logits, model(ids).logits)
+    tied = ("shared.A", "shared.B", "lora_scale.u")
+    assert result.missing_keys and all(k.endswith(tied) for k in result.missing_keys)
+    assert not result.unexpected_keys
 
 
 def test_the_state_dict_is_detached():

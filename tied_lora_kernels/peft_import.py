@@ -57,11 +57,13 @@ def load_peft_adapter(model: nn.Module, directory: str | os.PathLike, *, backend
     ``A`` and ``B``; VeRA: ``u`` and ``v``) and saves with ``save_tied_lora``. The other tensors of the file —
     ``modules_to_save`` and embedding layers saved with ``save_embedding_layers`` — go into their modules, which
     become this adapter's ``modules_to_save`` (trained in full and saved with it; PEFT trains the embedding
-    layers only if they are in its ``modules_to_save``). Adapters are float32 (float64 for a float64 file):
-    widening is exact. Every check runs before the model is touched; refused: an adapted model, other PEFT
-    methods, LoRA variants (DoRA, MiCA, KaSA, ...), LoRA on embedding layers, per-layer ranks or alphas, trained
-    biases, a VeRA file saved without its projections, and a saved module whose weight this model ties to
-    another (PEFT unties it)."""
+    layers only if they are in its ``modules_to_save``); the base weight of an adapted layer that
+    ``save_embedding_layers`` wrote (LoRA on ``lm_head``) must equal the model's. Adapters are float32 (float64
+    for a float64 file): widening is exact. Every check runs before the model is touched; refused: an adapted
+    model, other PEFT methods, LoRA variants (DoRA, MiCA, KaSA, ...), LoRA on embedding layers, per-layer ranks
+    or alphas, trained biases, a VeRA file saved without its projections, a saved module whose weight this model
+    ties to another (PEFT unties it), LoRA on a layer whose weight is tied to another (``lm_head`` with tied
+    embeddings), and a layer whose width is below the rank (PEFT accepts one)."""
     if tied_lora_layers(model):
         raise RuntimeError("this model already has Tied-LoRA adapters: load a PEFT adapter onto the bare base model")
     meta, state = _read(directory)
@@ -83,6 +85,13 @@ def load_peft_adapter(model: nn.Module, directory: str | os.PathLike, *, backend
     if not layers:
         raise ValueError(f"{directory} holds no {kind} layers")
     saved = {k[len(_PREFIX) :]: t for k, t in state.items() if k.startswith(_PREFIX) and not k.endswith(ends)}
+    # an adapted layer's own weight (and bias), which save_embedding_layers writes when lm_head is a target: it must
+    # be this model's (PEFT would load it over the model's; the adapter saved from here would not carry it)
+    bases = {}
+    for k in list(saved):
+        name, sep, what = k.rpartition(".base_layer.")
+        if sep and name in layers and what in ("weight", "bias"):
+            bases[(name, what)] = saved.pop(k)
     strange = [k for k in saved if any(k.startswith(name + ".") for name in layers)]  # inside an adapted layer
     strange += [k for k in saved if ".lora_" in k or ".vera_" in k or ".base_layer." in k]
     if strange:
@@ -118,6 +127,13 @@ def load_peft_adapter(model: nn.Module, directory: str | os.PathLike, *, backend
     missing = sorted(set(layers) - set(targets))
     if missing or len(targets) != len(layers):
         raise ValueError(f"the PEFT adapter's layers {missing[:4]} are not linear layers of this model")
+    for (name, what), tensor in bases.items():
+        own = getattr(targets[name], what, None)
+        if own is None or own.shape != tensor.shape or not torch.equal(tensor.to(own.device, own.dtype), own):
+            raise ValueError(
+                f"the PEFT adapter holds {name}'s base {what} (save_embedding_layers), which is not this model's "
+                f"{name}.{what}: load the base model the adapter was trained on (e.g. with its resized vocabulary)"
+            )
     values = {name: _factors(kind, state, name, *linear_features(targets[name]), rank) for name in layers}
     params = dict(model.named_parameters(remove_duplicate=False))
     names_of = _names_of_parameters(model)

@@ -230,9 +230,17 @@ def _fit(layout: dict[str, dict]) -> dict[str, dict]:
 
 def _check_tensors(state: dict[str, torch.Tensor], expected: dict[str, tuple]) -> None:
     if set(state) != set(expected):
+        differ = set(state) ^ set(expected)
+        hint = ""
+        if all(k.endswith((".lora_scale.u", ".lora_v")) for k in differ):
+            # (a u or v frozen at one is no tensor at all: it is neither kept nor saved)
+            hint = (
+                " (only u and v differ: a frozen u or v is a tensor only when it does not start at one, so the "
+                "file's train_u / train_v / u_init and this model's differ)"
+            )
         raise ValueError(
             f"adapter tensors differ: missing {sorted(set(expected) - set(state))[:4]}, "
-            f"unexpected {sorted(set(state) - set(expected))[:4]}"
+            f"unexpected {sorted(set(state) - set(expected))[:4]}{hint}"
         )
     for name, tensor in state.items():
         shape, dtype, is_meta = expected[name]
