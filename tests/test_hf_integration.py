@@ -195,3 +195,100 @@ def test_only_the_main_process_saves_the_adapter(tmp_path):
     assert not (tmp_path / "adapter-final").exists()
     callback.on_train_end(args, SimpleNamespace(is_world_process_zero=True, global_step=3), None, model=model)
     assert (tmp_path / "adapter-final" / "adapter_model.safetensors").is_file()
+
+
+def test_tied_lora_trainer_checkpoints_hold_the_adapter_alone(tmp_path):
+    """TiedLoRATrainer's checkpoints hold the adapter (save_tied_lora's files) beside Trainer's optimizer and state,
+    not the model, and resume from them: 4 steps in one go, or 2 then a resume on a fresh model, end with the
+    same adapter bit for bit; so does a resume from a plain Trainer's whole-model checkpoint. load_best_model_at_end
+    loads the best checkpoint's adapter; a model that is not a PreTrainedModel trains and saves the same way."""
+    pytest.importorskip("accelerate", reason="transformers' Trainer needs accelerate")
+    from tied_lora_kernels.hf import SaveTiedLoRACallback, TiedLoRATrainer
+
+    config = TiedLoRAConfig(rank=4, groups=(("q_proj", "k_proj", "v_proj"),))
+    ids = torch.randint(0, 97, (8, 9), generator=torch.Generator().manual_seed(7))
+    data = [{"input_ids": row, "labels": row} for row in ids]
+    kwargs = dict(max_steps=4, per_device_train_batch_size=2, report_to=[], use_cpu=True, learning_rate=1e-2)
+
+    def args(out, **more):
+        return transformers.TrainingArguments(str(tmp_path / out), **{**kwargs, **more})
+
+    whole = apply_tied_lora(tiny_llama(), config)
+    TiedLoRATrainer(
+        model=whole,
+        args=args("whole", save_strategy="steps", save_steps=2),
+        train_dataset=data,
+        callbacks=[SaveTiedLoRACallback()],
+    ).train()
+    checkpoint = tmp_path / "whole/checkpoint-2"
+    files = {p.name for p in checkpoint.iterdir()}
+    assert {"adapter_model.safetensors", "adapter_config.json", "optimizer.pt", "trainer_state.json"} <= files
+    assert not [f for f in files if f.startswith("model")] and "tied_lora" not in files  # the checkpoint is the adapter
+    assert (tmp_path / "whole/adapter-final/adapter_model.safetensors").is_file()  # the callback's own save
+
+    def same_adapter(model):
+        theirs = tied_lora_state_dict(model)
+        return all(torch.equal(theirs[name], t) for name, t in tied_lora_state_dict(whole).items())
+
+    resumed = apply_tied_lora(tiny_llama(), config)
+    TiedLoRATrainer(model=resumed, args=args("resumed", save_strategy="no"), train_dataset=data).train(
+        resume_from_checkpoint=str(checkpoint)
+    )
+    assert same_adapter(resumed)
+    untrained = tied_lora_state_dict(apply_tied_lora(tiny_llama(), config))
+    assert all(not torch.equal(tied_lora_state_dict(resumed)[k], t) for k, t in untrained.items())
+    whole.eval()
+    fresh = load_tied_lora(tiny_llama(), tmp_path / "whole/checkpoint-4")
+    with torch.no_grad():
+        assert torch.equal(fresh(ids).logits, whole(ids).logits)
+
+    # a plain Trainer's checkpoint (the whole model) resumes through Trainer's own loading
+    plain = apply_tied_lora(tiny_llama(), config)
+    transformers.Trainer(
+        model=plain, args=args("plain", save_strategy="steps", save_steps=2), train_dataset=data
+    ).train()
+    from_plain = apply_tied_lora(tiny_llama(), config)
+    TiedLoRATrainer(model=from_plain, args=args("from_plain", save_strategy="no"), train_dataset=data).train(
+        resume_from_checkpoint=str(tmp_path / "plain/checkpoint-2")
+    )
+    assert same_adapter(from_plain)
+
+    # the best checkpoint's adapter is loaded at the end ("best" = the highest loss here: not the last checkpoint)
+    best = apply_tied_lora(tiny_llama(), config)
+    every_step = dict(save_strategy="steps", save_steps=1, eval_strategy="steps", eval_steps=1)
+    worst = dict(load_best_model_at_end=True, metric_for_best_model="loss", greater_is_better=True)
+    trainer = TiedLoRATrainer(
+        model=best,
+        args=args("best", **every_step, **worst),
+        train_dataset=data,
+        eval_dataset=data[:2],
+    )
+    trainer.train()
+    assert trainer.state.best_model_checkpoint.endswith("checkpoint-1")
+    expected = load_tied_lora(tiny_llama(), trainer.state.best_model_checkpoint)
+    theirs = tied_lora_state_dict(best)
+    assert all(torch.equal(theirs[k], t) for k, t in tied_lora_state_dict(expected).items())
+
+    # not a PreTrainedModel: saved as the adapter all the same (a plain Trainer refuses its tied tensors)
+    class Regression(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.toy = apply_tied_lora(Toy(), TiedLoRAConfig(rank=4))
+
+        def forward(self, h, target):
+            return {"loss": (self.toy(h) - target).pow(2).mean()}
+
+    g = torch.Generator().manual_seed(3)
+    rows = [{"h": torch.randn(5, 24, generator=g), "target": torch.randn(5, 24, generator=g)} for _ in range(4)]
+    toy = Regression()
+    TiedLoRATrainer(
+        model=toy, args=args("toy", save_strategy="steps", save_steps=2), train_dataset=rows,
+        callbacks=[SaveTiedLoRACallback()],
+    ).train()  # fmt: skip
+    loaded = load_tied_lora(Regression(), tmp_path / "toy/checkpoint-4")  # (its config is the inner model's)
+    theirs = tied_lora_state_dict(loaded)
+    assert all(torch.equal(theirs[k], t) for k, t in tied_lora_state_dict(toy).items())
+    assert not all(torch.equal(theirs[k], t) for k, t in tied_lora_state_dict(Regression()).items())
+
+    with pytest.raises(ValueError, match="this model has no Tied-LoRA adapter"):
+        TiedLoRATrainer(model=tiny_llama(), args=args("bare", save_strategy="no"), train_dataset=data).save_model()

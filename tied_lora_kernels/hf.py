@@ -3,29 +3,38 @@
 ``Trainer``'s own checkpoints work with an adapted Hugging Face model (a ``PreTrainedModel``) and resume
 (``train(resume_from_checkpoint=...)``): ``save_pretrained`` stores each tied tensor once
 (``TiedLoRALinear._tied_weights_keys``) and loading fills in their other names. Those checkpoints hold the
-whole model, as for any model that is not a ``PeftModel``. This callback adds the adapter alone
-(``save_tied_lora``: a few MB, loaded with ``load_tied_lora``) to every checkpoint Trainer writes, in a
-``tied_lora/`` subfolder (its ``adapter_config.json`` beside ``config.json`` would make ``from_pretrained`` take
-the checkpoint for a PEFT adapter), to ``{output_dir}/adapter-{step}`` every ``every`` optimizer steps if asked
-(e.g. with ``save_strategy="no"``), and to ``{output_dir}/adapter-final`` when training ends::
+whole model, as for any model that is not a ``PeftModel``. ``TiedLoRATrainer`` writes checkpoints that hold
+the adapter alone instead (with the optimizer, scheduler and trainer state, as PEFT's do) and resumes from them.
+``SaveTiedLoRACallback`` adds the adapter alone (``save_tied_lora``: a few MB, loaded with ``load_tied_lora``) to
+every checkpoint Trainer writes, in a ``tied_lora/`` subfolder (its ``adapter_config.json`` beside ``config.json``
+would make ``from_pretrained`` take the checkpoint for a PEFT adapter), to ``{output_dir}/adapter-{step}`` every
+``every`` optimizer steps if asked (e.g. with ``save_strategy="no"``), and to ``{output_dir}/adapter-final`` when
+training ends::
 
     Trainer(model=model, args=TrainingArguments("out", save_steps=500), ...,
             callbacks=[SaveTiedLoRACallback()]).train()
     # out/checkpoint-500/ (resumable; load_tied_lora(model, "out/checkpoint-500/tied_lora")), ...,
     # out/adapter-final/
+
+    TiedLoRATrainer(model=model, args=TrainingArguments("out", save_steps=500), ...).train()
+    # out/checkpoint-500/: the adapter (load_tied_lora(model, "out/checkpoint-500")), optimizer and trainer state
 """
 
 from __future__ import annotations
 
+import json
 import os
 
-from transformers import PreTrainedModel, TrainerCallback
+import torch
+from torch import nn
+from transformers import PreTrainedModel, Trainer, TrainerCallback
+from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from tied_lora_kernels.model import _unwrapped
-from tied_lora_kernels.save_load import save_tied_lora
+from tied_lora_kernels.model import _unwrapped, tied_lora_layers
+from tied_lora_kernels.save_load import CONFIG_NAME, FORMAT, load_tied_lora, save_tied_lora
 
-__all__ = ["SaveTiedLoRACallback"]
+__all__ = ["SaveTiedLoRACallback", "TiedLoRATrainer"]
 
 
 CHECKPOINT_SUBFOLDER = "tied_lora"
@@ -41,9 +50,12 @@ class SaveTiedLoRACallback(TrainerCallback):
         if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every <= 0):
             raise ValueError(f"every must be a positive int or None, got {every!r}")
         self.every = every
+        self.checkpoints_hold_adapter = False  # set by TiedLoRATrainer: its checkpoints are the adapter
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         saves = str(getattr(args.save_strategy, "value", args.save_strategy)) != "no"
+        if self.checkpoints_hold_adapter:
+            return
         if saves and model is not None and not isinstance(_unwrapped(model), PreTrainedModel):
             raise ValueError(
                 f"Trainer saves a {type(_unwrapped(model)).__name__}, which is not a PreTrainedModel, as a plain "
@@ -58,7 +70,7 @@ class SaveTiedLoRACallback(TrainerCallback):
     def on_save(self, args, state, control, model=None, **kwargs):
         # Trainer has just written this checkpoint (under a hyperparameter search, elsewhere: then skipped)
         checkpoint = f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
-        if os.path.isdir(os.path.join(args.output_dir, checkpoint)):
+        if not self.checkpoints_hold_adapter and os.path.isdir(os.path.join(args.output_dir, checkpoint)):
             self._save(args, state, model, os.path.join(checkpoint, CHECKPOINT_SUBFOLDER))
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
@@ -68,3 +80,73 @@ class SaveTiedLoRACallback(TrainerCallback):
     def _save(args, state, model, name: str) -> None:
         if state.is_world_process_zero:
             save_tied_lora(model, os.path.join(args.output_dir, name))
+
+
+class TiedLoRATrainer(Trainer):
+    """A ``transformers.Trainer`` whose checkpoints hold the adapter alone, as a PEFT model's do: each
+    ``checkpoint-N/`` gets ``save_tied_lora``'s two files (a few MB, where the whole model is ~13 GB at 7B in bf16)
+    beside the optimizer, scheduler, RNG and trainer state Trainer writes, and ``train(resume_from_checkpoint=...)``
+    loads the adapter back into the adapted model (``load_tied_lora``); ``save_model`` saves the adapter too, and
+    ``load_best_model_at_end`` loads the best checkpoint's. Any adapted model, a ``PreTrainedModel`` or not. Load
+    a checkpoint elsewhere with ``load_tied_lora(base_model, "out/checkpoint-N")``.
+
+    It overrides three of ``Trainer``'s private methods (``_save``, ``_load_from_checkpoint``, ``_load_best_model``;
+    the ones PEFT's support sits in), tested with the installed transformers; a checkpoint that holds no adapter
+    (e.g. written by a plain ``Trainer``) resumes through ``Trainer``'s own code. A ``SaveTiedLoRACallback`` still
+    writes its ``adapter-N/`` snapshots and ``adapter-final/``, and no ``tied_lora/`` subfolder (the checkpoint is
+    the adapter). Untested: FSDP and DeepSpeed."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for callback in self.callback_handler.callbacks:
+            self._mark(callback)
+
+    def add_callback(self, callback) -> None:
+        super().add_callback(callback)
+        for added in self.callback_handler.callbacks:
+            self._mark(added)
+
+    @staticmethod
+    def _mark(callback) -> None:
+        if isinstance(callback, SaveTiedLoRACallback):
+            callback.checkpoints_hold_adapter = True
+
+    def _adapted(self) -> nn.Module:
+        model = self.model
+        if model is None or not tied_lora_layers(_unwrapped(model)):
+            raise ValueError(
+                "TiedLoRATrainer saves and loads the adapter alone, but this model has no Tied-LoRA adapter"
+            )
+        return model
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        directory = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save or directory is None:
+            return
+        save_tied_lora(self._adapted(), directory)
+        processor = getattr(self, "processing_class", None) or getattr(self, "tokenizer", None)
+        if processor is not None:
+            processor.save_pretrained(directory)
+        torch.save(self.args, os.path.join(directory, TRAINING_ARGS_NAME))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        if not _holds_adapter(resume_from_checkpoint):
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+            return
+        load_tied_lora(model if model is not None else self._adapted(), resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        best = self.state.best_model_checkpoint
+        if best is None or not _holds_adapter(best):
+            super()._load_best_model()
+            return
+        load_tied_lora(self._adapted(), best)
+
+
+def _holds_adapter(directory: str) -> bool:
+    """Whether ``directory`` holds a ``save_tied_lora`` adapter."""
+    path = os.path.join(directory, CONFIG_NAME)
+    if not os.path.isfile(path):
+        return False
+    with open(path) as f:
+        return json.load(f).get("format") == FORMAT
