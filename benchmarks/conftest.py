@@ -72,7 +72,8 @@ def _time_budget():
 def _gpu_busy_first(request):
     """CUDA, timed runs: a second of matmuls before the first benchmark, so that the first floor is not timed on a
     GPU still raising its clocks after the process's idle start (imports, collection)."""
-    if DEVICE.type != "cuda" or request.config.getoption("benchmark_disable", False):
+    option = request.config.getoption
+    if DEVICE.type != "cuda" or (option("benchmark_disable", False) and not option("benchmark_enable", False)):
         return
     a = torch.randn(4096, 4096, device=DEVICE, dtype=torch.bfloat16)
     end = time.monotonic() + 1.0

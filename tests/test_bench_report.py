@@ -56,6 +56,8 @@ def test_targets_table_reads_each_target_against_its_bound():
     headers, rows = target_rows(floors + failed)
     assert headers[7] == "decode fwd / nn.Linear, CUDA graph (<= 1.05)"
     assert rows[0][7:] == ["1.1 MISS (eager)", "0/1 met"]
+    headers, rows = target_rows(floors + failed[:1])  # one decode M of two, eager: both said
+    assert rows[0][7:] == ["1.01 (1 of 2 M) (eager)", "0/0 met"]
 
 
 def test_headline_keeps_decode_apart():

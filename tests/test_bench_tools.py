@@ -223,8 +223,18 @@ def test_benchmarks_run_what_the_targets_read_first():
     }  # fmt: skip
     ids = [test_id for _, _, test_id in runs]
     assert len(ids) == len(set(ids))
+    # every case gets every provider its mode and M allow (nn.Linear once per shape, M, dtype and mode)
+    by_case = {}
+    for provider, case, _ in runs:
+        by_case.setdefault(case.id, set()).add(provider)
+    for case in {case.id: case for _, case, _ in runs}.values():
+        allowed = set(providers.PROVIDERS) - {providers.FLOOR}
+        allowed -= set(providers.DECODE_ONLY if case.M > 16 else providers.PREFILL_ONLY)
+        allowed -= set(providers.TRAINING_ONLY) if case.mode == "forward" else set()
+        assert by_case[case.id] - {providers.FLOOR} == allowed, case.id
     floors = [(case.shape, case.M, case.mode) for provider, case, _ in runs if provider == providers.FLOOR]
     assert len(floors) == len(set(floors))  # once per shape, M and mode, whatever the ranks
+    assert set(floors) == {(case.shape, case.M, case.mode) for _, case, _ in runs}
 
 
 def test_parity_margins_records_each_comparison_and_keeps_the_check(tmp_path):

@@ -214,12 +214,11 @@ def test_tied_lora_trainer_checkpoints_hold_the_adapter_alone(tmp_path):
         return transformers.TrainingArguments(str(tmp_path / out), **{**kwargs, **more})
 
     whole = apply_tied_lora(tiny_llama(), config)
+    callback = SaveTiedLoRACallback()
     TiedLoRATrainer(
-        model=whole,
-        args=args("whole", save_strategy="steps", save_steps=2),
-        train_dataset=data,
-        callbacks=[SaveTiedLoRACallback()],
+        model=whole, args=args("whole", save_strategy="steps", save_steps=2), train_dataset=data, callbacks=[callback]
     ).train()
+    assert not callback.checkpoints_hold_adapter  # (only while TiedLoRATrainer trains: reusable with Trainer)
     checkpoint = tmp_path / "whole/checkpoint-2"
     files = {p.name for p in checkpoint.iterdir()}
     assert {"adapter_model.safetensors", "adapter_config.json", "optimizer.pt", "trainer_state.json"} <= files
@@ -290,5 +289,7 @@ def test_tied_lora_trainer_checkpoints_hold_the_adapter_alone(tmp_path):
     assert all(torch.equal(theirs[k], t) for k, t in tied_lora_state_dict(toy).items())
     assert not all(torch.equal(theirs[k], t) for k, t in tied_lora_state_dict(Regression()).items())
 
+    with pytest.raises(ValueError, match="does not push to the Hub"):
+        TiedLoRATrainer(model=whole, args=args("hub", push_to_hub=True), train_dataset=data)
     with pytest.raises(ValueError, match="this model has no Tied-LoRA adapter"):
         TiedLoRATrainer(model=tiny_llama(), args=args("bare", save_strategy="no"), train_dataset=data).save_model()

@@ -151,6 +151,7 @@ def test_refusals_leave_the_model_untouched(tmp_path):
     _peft_adapter(tmp_path / "ia3", ia3)
     _peft_adapter(tmp_path / "lora", peft.LoraConfig(r=4, target_modules=["q_proj"]))
     _peft_adapter(tmp_path / "embedding", peft.LoraConfig(r=4, target_modules=["q_proj", "embed_tokens"]))
+    _peft_adapter(tmp_path / "wide", peft.LoraConfig(r=40, target_modules=["q_proj"]))  # q_proj is 32 wide
     head = peft.LoraConfig(r=4, target_modules=["c_attn"], modules_to_save=["lm_head"])
     _peft_adapter(tmp_path / "head", head, base=tiny_gpt2)
     (tmp_path / "empty").mkdir()
@@ -161,6 +162,7 @@ def test_refusals_leave_the_model_untouched(tmp_path):
         ("dora", tiny_llama, ValueError, r"uses \['use_dora'\]"),
         ("ia3", tiny_llama, ValueError, "holds a PEFT IA3 adapter"),
         ("embedding", tiny_llama, ValueError, r"a LoRA layer type \(embedding"),
+        ("wide", tiny_llama, ValueError, r"rank 40 exceeds min\(in_features=32, out_features=32\)"),
         ("head", tiny_gpt2, ValueError, "trained lm_head.weight, which this model ties to transformer.wte.weight"),
         ("empty", tiny_llama, FileNotFoundError, "no adapter_config.json"),
         ("bin", tiny_llama, FileNotFoundError, "an adapter_model.bin must be loaded with PEFT and saved again"),

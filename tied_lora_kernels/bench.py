@@ -417,13 +417,13 @@ def target_rows(records, stat="median"):
             ok = value <= bound if how == "<=" else value >= bound
             # (4 digits: 1.052 is no "1.05 MISS"); the decode target is the worst of every decode M the floor has
             cell = f"{_fmt(value, 4)} {'ok' if ok else 'MISS'}"
-            if i == len(TARGETS) - 1 and key in eager:
-                cell += " (eager)"
             if i == len(TARGETS) - 1 and len(decode) < wanted:
                 cell = f"{_fmt(value, 4)}{'' if ok else ' MISS'} ({len(decode)} of {wanted} M)"
-                if ok:  # an unmeasured M may miss: neither met nor known
-                    row.append(cell)
-                    continue
+            if i == len(TARGETS) - 1 and key in eager:
+                cell += " (eager)"
+            if i == len(TARGETS) - 1 and len(decode) < wanted and ok:  # an unmeasured M may miss: not counted
+                row.append(cell)
+                continue
             met, known = met + ok, known + 1
             row.append(cell)
         rows.append(row + [f"{met}/{known} met"])

@@ -93,23 +93,45 @@ class TiedLoRATrainer(Trainer):
     It overrides three of ``Trainer``'s private methods (``_save``, ``_load_from_checkpoint``, ``_load_best_model``;
     the ones PEFT's support sits in), tested with the installed transformers; a checkpoint that holds no adapter
     (e.g. written by a plain ``Trainer``) resumes through ``Trainer``'s own code. A ``SaveTiedLoRACallback`` still
-    writes its ``adapter-N/`` snapshots and ``adapter-final/``, and no ``tied_lora/`` subfolder (the checkpoint is
-    the adapter). Untested: FSDP and DeepSpeed."""
+    writes its ``adapter-N/`` snapshots and ``adapter-final/`` during ``train()``, and no ``tied_lora/`` subfolder
+    (the checkpoint is the adapter). Refused when built: FSDP, DeepSpeed or tensor-parallel loading (the adapter
+    would be saved from sharded parameters; untested) and ``push_to_hub`` (the pushed ``adapter_config.json`` would
+    be read as PEFT's: push ``export_peft_lora``'s folder instead)."""
 
     def __init__(self, *args, **kwargs):
+        training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
+        if getattr(training_args, "push_to_hub", False):  # (before Trainer's init, which creates the Hub repo)
+            raise ValueError(
+                "TiedLoRATrainer does not push to the Hub: its checkpoints' adapter_config.json would be read as "
+                "PEFT's; push the folder export_peft_lora(model, ...) writes instead"
+            )
         super().__init__(*args, **kwargs)
-        for callback in self.callback_handler.callbacks:
-            self._mark(callback)
+        sharded = [
+            name
+            for name in ("is_fsdp_enabled", "is_deepspeed_enabled", "is_distributed_loading_by_transformers")
+            if getattr(self, name, False)
+        ]
+        if sharded:
+            raise ValueError(
+                f"TiedLoRATrainer saves the adapter from the model's own parameters, which are sharded here "
+                f"({sharded[0]}); use Trainer with SaveTiedLoRACallback (also untested with sharding)"
+            )
 
-    def add_callback(self, callback) -> None:
-        super().add_callback(callback)
-        for added in self.callback_handler.callbacks:
-            self._mark(added)
-
-    @staticmethod
-    def _mark(callback) -> None:
-        if isinstance(callback, SaveTiedLoRACallback):
+    def train(self, *args, **kwargs):
+        # while it trains, SaveTiedLoRACallback knows each checkpoint is the adapter already (and that a model
+        # which is not a PreTrainedModel saves fine); the callback is left as it was for another trainer
+        marked = [
+            c
+            for c in self.callback_handler.callbacks
+            if isinstance(c, SaveTiedLoRACallback) and not c.checkpoints_hold_adapter
+        ]
+        for callback in marked:
             callback.checkpoints_hold_adapter = True
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            for callback in marked:
+                callback.checkpoints_hold_adapter = False
 
     def _adapted(self) -> nn.Module:
         model = self.model
@@ -125,6 +147,8 @@ class TiedLoRATrainer(Trainer):
             return
         save_tied_lora(self._adapted(), directory)
         processor = getattr(self, "processing_class", None) or getattr(self, "tokenizer", None)
+        if processor is None:  # (as Trainer: the data collator's tokenizer)
+            processor = getattr(self.data_collator, "tokenizer", None)
         if processor is not None:
             processor.save_pretrained(directory)
         torch.save(self.args, os.path.join(directory, TRAINING_ARGS_NAME))
