@@ -59,8 +59,9 @@ class SaveTiedLoRACallback(TrainerCallback):
         if saves and model is not None and not isinstance(_unwrapped(model), PreTrainedModel):
             raise ValueError(
                 f"Trainer saves a {type(_unwrapped(model)).__name__}, which is not a PreTrainedModel, as a plain "
-                "safetensors state dict, which refuses the tensors Tied-LoRA shares between layers: set "
-                "TrainingArguments(save_strategy='no') and let SaveTiedLoRACallback(every=...) save the adapter"
+                "safetensors state dict, which refuses the tensors Tied-LoRA shares between layers: train with "
+                "TiedLoRATrainer, whose checkpoints hold the adapter alone, or set TrainingArguments(save_strategy="
+                "'no') and let SaveTiedLoRACallback(every=...) save the adapter"
             )
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
