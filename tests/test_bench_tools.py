@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from benchmarks import parity_margins, providers, pytest_queue, timing
-from benchmarks.shapes import linear_cases
+from benchmarks.shapes import DECODE_MAX_M, linear_cases
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -229,7 +229,7 @@ def test_benchmarks_run_what_the_targets_read_first():
         by_case.setdefault(case.id, set()).add(provider)
     for case in {case.id: case for _, case, _ in runs}.values():
         allowed = set(providers.PROVIDERS) - {providers.FLOOR}
-        allowed -= set(providers.DECODE_ONLY if case.M > 16 else providers.PREFILL_ONLY)
+        allowed -= set(providers.DECODE_ONLY if case.M > DECODE_MAX_M else providers.PREFILL_ONLY)
         allowed -= set(providers.TRAINING_ONLY) if case.mode == "forward" else set()
         assert by_case[case.id] - {providers.FLOOR} == allowed, case.id
     floors = [(case.shape, case.M, case.mode) for provider, case, _ in runs if provider == providers.FLOOR]

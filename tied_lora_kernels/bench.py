@@ -417,11 +417,13 @@ def target_rows(records, stat="median"):
             ok = value <= bound if how == "<=" else value >= bound
             # (4 digits: 1.052 is no "1.05 MISS"); the decode target is the worst of every decode M the floor has
             cell = f"{_fmt(value, 4)} {'ok' if ok else 'MISS'}"
-            if i == len(TARGETS) - 1 and len(decode) < wanted:
+            is_decode = i == len(TARGETS) - 1
+            partly = is_decode and len(decode) < wanted  # measured at fewer decode Ms than the floor
+            if partly:
                 cell = f"{_fmt(value, 4)}{'' if ok else ' MISS'} ({len(decode)} of {wanted} M)"
-            if i == len(TARGETS) - 1 and key in eager:
+            if is_decode and key in eager:
                 cell += " (eager)"
-            if i == len(TARGETS) - 1 and len(decode) < wanted and ok:  # an unmeasured M may miss: not counted
+            if partly and ok:  # an unmeasured M may miss: neither met nor known
                 row.append(cell)
                 continue
             met, known = met + ok, known + 1

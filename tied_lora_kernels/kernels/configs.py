@@ -370,7 +370,7 @@ def target_programs(device: torch.device) -> int:
     the token split of the rank gradients' reduction (``backward.rank_grad``) size themselves by it."""
     if device.type != "cuda":
         return 2 * _INTERPRETER_SMS
-    return 2 * _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return 2 * _cuda_sm_count(_index(device))
 
 
 @functools.cache
@@ -378,8 +378,12 @@ def _cuda_sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+def _index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def _capability(device: torch.device) -> tuple[int, int]:
-    return _cuda_capability(device.index if device.index is not None else torch.cuda.current_device())
+    return _cuda_capability(_index(device))
 
 
 @functools.cache
