@@ -9,6 +9,8 @@ tied layers included, with each hook on the shared ``A`` firing once per backwar
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch._dynamo.backends.registry import lookup_backend
@@ -136,6 +138,21 @@ def test_compiled_no_grad_and_3d_input():
         y = f(x)
         y_c = compiled(f, GraphRecorder())(x)
     assert y_c.shape == (2, 3, 24) and torch.equal(y_c, y)
+
+
+def test_compiling_warns_nothing():
+    """Dynamo says nothing about the library's code while tracing it (a ``functools.cache`` on the path to the
+    kernels once made it warn at every compile that it traced through the cache)."""
+    x, params = make_inputs("tl6", 37, 40, 24, 6, torch.float32)
+    args = [params[k] for k in ("weight", "bias", "A", "B", "u", "v")]
+
+    def f(h):
+        return tied_lora_linear(h, *args, 0.5, backend="triton")
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run(compiled(f, GraphRecorder()), x, [x, *args])
+    assert [str(w.message) for w in caught if "_dynamo" in w.filename] == []
 
 
 @pytest.mark.parametrize("autocast", [False, True], ids=["plain", "autocast"])

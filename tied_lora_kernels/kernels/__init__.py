@@ -20,7 +20,6 @@
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -59,11 +58,18 @@ def unavailable_reason(device: torch.device) -> str | None:
 
 def tied_lora_linear_triton(x2d, weight, bias, A, B, u, v, scale: float, *, deterministic: bool, dropout: float = 0.0):
     """The triton backend of ``tied_lora_linear`` on 2-D ``x`` (see ``function.py``; imports triton lazily)."""
-    return _triton_impl()(x2d, weight, bias, A, B, u, v, scale, deterministic=deterministic, dropout=dropout)
+    impl = _triton_impl if _triton_impl is not None else _import_triton_impl()
+    return impl(x2d, weight, bias, A, B, u, v, scale, deterministic=deterministic, dropout=dropout)
 
 
-@functools.cache
-def _triton_impl():
-    from .function import tied_lora_linear_triton  # (an import statement per call costs a microsecond)
+_triton_impl = None
+"""``function.tied_lora_linear_triton`` once imported: an import statement per call costs a microsecond, and
+a ``functools.cache`` around the import made torch.compile warn at every compile that it traces through it."""
 
+
+def _import_triton_impl():
+    global _triton_impl
+    from .function import tied_lora_linear_triton
+
+    _triton_impl = tied_lora_linear_triton
     return tied_lora_linear_triton
