@@ -90,7 +90,9 @@ def _resolved(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
 
 
 def _f32(t: Tensor | None) -> Tensor | None:
-    return None if t is None else t.to(torch.float32).contiguous()
+    if t is None or (t.dtype == torch.float32 and t.is_contiguous()):  # (fp32 masters: a microsecond less)
+        return t
+    return t.to(torch.float32).contiguous()
 
 
 def _as(grad: Tensor | None, param: Tensor | None) -> Tensor | None:
