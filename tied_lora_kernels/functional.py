@@ -150,6 +150,8 @@ def _dispatch(backend, x, weight, bias, A, B, u, v, scale, deterministic, dropou
 def _torch_path(x2d, weight, bias, A, B, u, v, scale, dropout=0.0):
     y = torch.nn.functional.linear(x2d, weight, bias)  # [M, N]  base, the only [M, N] tensor
     s, b = _rank_factors(x2d, A, B, u, v, dropout)
+    if torch._C._functorch.peek_interpreter_stack() is not None:  # vmap has a batching rule for addmm, not addmm_
+        return torch.addmm(y, s, b.t(), alpha=scale)
     return y.addmm_(s, b.t(), alpha=scale)  # y += scale · S (v ⊙ B)ᵀ, in place
 
 
