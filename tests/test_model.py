@@ -700,9 +700,11 @@ def test_presets_start_as_their_sources_do(preset, zero, u_init):
 
 def test_tied_layers_on_several_devices_are_refused():
     """Layers that would share one pair but live on different devices (here cpu and meta) are refused before the
-    model is touched: one pair can live on one device only."""
+    model is touched: one pair can live on one device only. Untied, they apply."""
     model = Toy()
     model.layers[1].to("meta")
-    with pytest.raises(ValueError, match="live on several devices"):
+    with pytest.raises(ValueError, match=r"live on several devices \(cpu and meta; .*device_map=.*tie=False"):
         apply_tied_lora(model, TiedLoRAConfig(rank=4))
     assert not tied_lora_layers(model)
+    apply_tied_lora(model, TiedLoRAConfig(rank=4, tie=False))  # the way out the message names: a pair per layer
+    assert {layer.shared.A.device.type for layer in tied_lora_layers(model).values()} == {"cpu", "meta"}

@@ -226,8 +226,13 @@ def _plan(
         else:
             tie_key = key
         device = devices.setdefault(tie_key, linears[0].weight.device)
-        if any(lin.weight.device != device for lin in linears):
-            raise ValueError(f"layers tied together live on several devices: {members} and {device}")
+        other = next((lin.weight.device for lin in linears if lin.weight.device != device), None)
+        if other is not None:
+            raise ValueError(
+                f"layers tied together live on several devices ({device} and {other}; {members} among them): a "
+                "tied pair lives on one device. Load the model onto one device (device_map={'': 0} rather than "
+                "'auto'), or leave the layers untied (TiedLoRAConfig(tie=False), as preset='lora' is)"
+            )
         plan.append((tie_key, members))
     return plan
 
