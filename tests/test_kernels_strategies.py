@@ -11,6 +11,8 @@ the same tests run the compiled kernels on a GPU.
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -397,6 +399,27 @@ def test_split_k_sum_falls_back_to_a_launch_past_the_counts(monkeypatch):
         monkeypatch.setattr(forward, "_SPLIT_LOCK_COUNT", 2)  # 3 tiles of 64 columns
         got = tied_lora_linear(x, *args, backend="triton")
     assert len(sums.grids) == 1 and torch.equal(got, want)
+
+
+def test_split_k_counts_are_made_by_a_thread_of_their_own(monkeypatch):
+    """The shared arrival counts are allocated by another thread: torch.compile's CUDA-graph warm-up routes every
+    allocation of its own thread to the graph's memory pool, which must not keep a buffer past the graph (on a
+    GPU, ``tests/test_cuda_graphs.py`` runs that warm-up). Its exception reaches the caller."""
+    made_by = []
+    zeros = torch.zeros
+
+    def spy(*args, **kwargs):
+        made_by.append(threading.get_ident())
+        return zeros(*args, **kwargs)
+
+    monkeypatch.setattr(forward, "_SPLIT_LOCKS", {})
+    monkeypatch.setattr(torch, "zeros", spy)
+    locks = forward._split_locks(DEVICE, 3)
+    monkeypatch.undo()
+    assert locks.dtype == torch.int32 and int(locks.count_nonzero()) == 0
+    assert len(made_by) == 1 and made_by[0] != threading.get_ident()
+    with pytest.raises(ZeroDivisionError):
+        forward._in_own_thread(lambda: 1 // 0)
 
 
 @pytest.mark.gpu

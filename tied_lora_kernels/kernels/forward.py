@@ -56,6 +56,9 @@ columns hold zeros (``prepare.py``), so a load that fetched them rather than fil
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
+
 import torch
 import triton
 import triton.language as tl
@@ -732,10 +735,11 @@ def _split_locks(device: torch.device, tiles: int) -> Tensor | None:
     on a stream run in order, and each leaves its counts at zero); it is created once and never replaced, so no
     launch still in flight loses it. A launch being captured into a CUDA graph gets a buffer of its own, zeroed
     inside the graph at each replay: a graph replays on whatever stream is current, beside other graphs and eager
-    launches, so it shares counts with none of them. The shared buffer is allocated on the device's default
-    stream, which the current one then waits for: ``torch.compile(mode="reduce-overhead")`` warms a graph up
-    eagerly on a stream whose allocations go to the graph's memory pool, which must not hold a buffer that
-    outlives the graph (its checks refuse one; unchecked, the pool could hand the memory out again)."""
+    launches, so it shares counts with none of them. The shared buffer is allocated by a thread of its own, on the
+    device's default stream, which the current one then waits for: ``torch.compile(mode="reduce-overhead")`` warms
+    a graph up eagerly with every allocation of the warming thread routed to the graph's memory pool (torch ≥ 2.8
+    routes by thread; earlier versions by stream), which must not hold a buffer that outlives the graph (its checks
+    refuse one; unchecked, the pool could hand the memory out again)."""
     if tiles > _SPLIT_LOCK_COUNT:
         return None
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
@@ -743,15 +747,31 @@ def _split_locks(device: torch.device, tiles: int) -> Tensor | None:
     key = (device, torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0)
     locks = _SPLIT_LOCKS.get(key)
     if locks is None:
-        if device.type == "cuda":
-            current, default = torch.cuda.current_stream(device), torch.cuda.default_stream(device)
-            with torch.cuda.stream(default):
-                locks = torch.zeros(_SPLIT_LOCK_COUNT, device=device, dtype=torch.int32)
-            current.wait_stream(default)
-        else:
-            locks = torch.zeros(_SPLIT_LOCK_COUNT, device=device, dtype=torch.int32)
+        locks = _in_own_thread(lambda: torch.zeros(_SPLIT_LOCK_COUNT, device=device, dtype=torch.int32))
+        if device.type == "cuda":  # (a new thread's current stream is the default stream)
+            torch.cuda.current_stream(device).wait_stream(torch.cuda.default_stream(device))
         _SPLIT_LOCKS[key] = locks
     return locks
+
+
+def _in_own_thread(make: Callable[[], Tensor]) -> Tensor:
+    """``make()`` run by a new thread, whose allocations no CUDA-graph memory pool claims; its exception is raised
+    here."""
+    result: list[Tensor] = []
+    error: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            result.append(make())
+        except BaseException as e:  # (raised again in the calling thread)
+            error.append(e)
+
+    worker = threading.Thread(target=run, name="tied_lora_kernels-split-locks")
+    worker.start()
+    worker.join()
+    if error:
+        raise error[0]
+    return result[0]
 
 
 def _strides3(t: Tensor) -> tuple[int, ...]:
