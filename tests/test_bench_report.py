@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tied_lora_kernels.bench import _headline, choice_rows, load, main, target_rows
+from tied_lora_kernels.bench import _headline, _write_markdown, choice_rows, load, main, target_rows
 
 RESULTS = sorted((Path(__file__).parent.parent / "benchmarks" / "results").glob("cpu-*.json"))
 
@@ -58,6 +58,21 @@ def test_targets_table_reads_each_target_against_its_bound():
     assert rows[0][7:] == ["1.1 MISS (eager)", "0/1 met"]
     headers, rows = target_rows(floors + failed[:1])  # one decode M of two, eager: both said
     assert rows[0][7:] == ["1.01 (1 of 2 M) (eager)", "0/0 met"]
+
+
+def test_an_eager_floor_gives_no_ratios_and_the_markdown_says_so(tmp_path):
+    # nn.Linear's decode timed eagerly (its capture failed) against ours as a graph would read too fast: no ratio
+    failed = "cuda-events (graph capture failed: RuntimeError: ...)"
+    floors = [_record("nn.Linear", "forward", 1, 1.0), dict(_record("nn.Linear", "forward", 16, 1.0), timing=failed)]
+    ours = [_record("triton", "forward", 1, 1.01), _record("triton", "forward", 16, 0.5)]
+    records = [dict(r, name=f"test_linear[{r['provider']}-M{r['M']}]") for r in floors + ours]
+    headers, rows = target_rows(records)
+    assert rows[0][7:] == ["1.01 (1 of 2 M)", "0/0 met"]  # M = 16 has no ratio: neither met nor known
+    ((_, headers, rows),) = _headline(records, "median", ["triton"])
+    assert rows[0][:4] == ["decode", 16, 2, "1.01"]
+    path = tmp_path / "bench.md"
+    _write_markdown(records, path, "median", None)
+    assert f"test_linear[nn.Linear-M16] was timed without a CUDA graph: {failed}" in path.read_text()
 
 
 def test_headline_keeps_decode_apart():
