@@ -150,6 +150,11 @@ SHAPES = {
     "3d": dict(M=21, lead=(3, 7), K=40, N=70, R=8),
     "strided": dict(M=21, K=40, N=70, R=8, strided=True),
     "nobias": dict(M=21, K=40, N=70, R=8, bias=False),
+    # a rank above a layer's width (accepted, as PEFT accepts it): rank tiles wider than the K and N tiles' data
+    "wide_in": dict(M=19, K=4, N=45, R=16),
+    "wide_out": dict(M=19, K=33, N=3, R=16),
+    "wide_both": dict(M=300, K=5, N=6, R=64),
+    "wide_decode": dict(M=1, K=4, N=36, R=8),
 }
 
 

@@ -58,8 +58,9 @@ def _same(actual, expected):
     [
         dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], modules_to_save=["lm_head"]),
         dict(r=3, lora_alpha=13, use_rslora=True, target_modules="all-linear", lora_dropout=0.1),
+        dict(r=40, lora_alpha=16, target_modules=["q_proj", "down_proj"]),  # rank above the widths (32): as PEFT
     ],
-    ids=["lora", "rslora_all_linear"],
+    ids=["lora", "rslora_all_linear", "rank_above_width"],
 )
 def test_lora_computes_what_peft_computes(tmp_path, config):
     expected = _peft_adapter(tmp_path, peft.LoraConfig(**config))
@@ -151,7 +152,6 @@ def test_refusals_leave_the_model_untouched(tmp_path):
     _peft_adapter(tmp_path / "ia3", ia3)
     _peft_adapter(tmp_path / "lora", peft.LoraConfig(r=4, target_modules=["q_proj"]))
     _peft_adapter(tmp_path / "embedding", peft.LoraConfig(r=4, target_modules=["q_proj", "embed_tokens"]))
-    _peft_adapter(tmp_path / "wide", peft.LoraConfig(r=40, target_modules=["q_proj"]))  # q_proj is 32 wide
     head = peft.LoraConfig(r=4, target_modules=["c_attn"], modules_to_save=["lm_head"])
     _peft_adapter(tmp_path / "head", head, base=tiny_gpt2)
     (tmp_path / "empty").mkdir()
@@ -162,7 +162,6 @@ def test_refusals_leave_the_model_untouched(tmp_path):
         ("dora", tiny_llama, ValueError, r"uses \['use_dora'\]"),
         ("ia3", tiny_llama, ValueError, "holds a PEFT IA3 adapter"),
         ("embedding", tiny_llama, ValueError, r"a LoRA layer type \(embedding"),
-        ("wide", tiny_llama, ValueError, r"rank 40 exceeds min\(in_features=32, out_features=32\)"),
         ("head", tiny_gpt2, ValueError, "trained lm_head.weight, which this model ties to transformer.wte.weight"),
         ("empty", tiny_llama, FileNotFoundError, "no adapter_config.json"),
         ("bin", tiny_llama, FileNotFoundError, "an adapter_model.bin must be loaded with PEFT and saved again"),

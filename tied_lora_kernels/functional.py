@@ -221,7 +221,7 @@ def _check_inputs(x, weight, bias, A, B, u, v, scale: float) -> None:
     if A.dim() != 2 or A.shape[1] != K:
         raise ValueError(f"A must be [rank, in_features={K}], got shape {tuple(A.shape)}")
     R = A.shape[0]
-    check_rank(int(R) if torch.jit.is_tracing() else R, K, N)  # (torch.jit.trace records sizes as tensors)
+    check_rank(int(R) if torch.jit.is_tracing() else R)  # (torch.jit.trace records sizes as tensors)
     if B.shape != (N, R):
         raise ValueError(f"B must be [out_features={N}, rank={R}], got shape {tuple(B.shape)}")
     for name, t, n in (("bias", bias, N), ("u", u, R), ("v", v, N)):
@@ -270,14 +270,11 @@ def check_seed(seed: int) -> None:
         raise ValueError(f"seed must be within [-2**63, 2**64 - 2**32), got {seed}")
 
 
-def check_rank(rank: int, in_features: int, out_features: int) -> None:
-    """A rank must be a positive int no larger than ``min(in_features, out_features)``."""
+def check_rank(rank: int) -> None:
+    """A rank must be a positive int. One above a layer's width is allowed, as PEFT allows it (a narrow layer such
+    as a question-answering head then has a pair like the others'): the update's rank is at most
+    ``min(in_features, out_features)``, and the factors train as they would otherwise."""
     if isinstance(rank, bool) or not isinstance(rank, Integral):
         raise TypeError(f"rank must be an int, got {rank!r}")
     if rank <= 0:
         raise ValueError(f"rank must be positive, got {rank}")
-    if rank > min(in_features, out_features):
-        raise ValueError(
-            f"rank {rank} exceeds min(in_features={in_features}, out_features={out_features}): "
-            "the update could not have that rank"
-        )

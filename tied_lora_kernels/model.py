@@ -19,7 +19,6 @@ import torch
 from torch import nn
 
 from tied_lora_kernels.config import ALL_LINEAR, TiedLoRAConfig
-from tied_lora_kernels.functional import check_rank
 from tied_lora_kernels.layer import (
     TiedLoRALinear,
     check_linear_type,
@@ -206,10 +205,6 @@ def _plan(
         if len(in_features) > 1:
             raise ValueError(f"grouped layers {members} must share in_features, got {sorted(in_features)}")
         for name, lin in zip(members, linears, strict=True):
-            try:
-                check_rank(config.rank, *linear_features(lin))
-            except ValueError as e:
-                raise ValueError(f"{name}: {e}") from None
             computes = _input_dtype(lin)  # (None: a quantized layer that has not run yet)
             if config.dtype not in (torch.float32, computes) and computes is not None:
                 raise TypeError(

@@ -62,8 +62,8 @@ def load_peft_adapter(model: nn.Module, directory: str | os.PathLike, *, backend
     for a float64 file): widening is exact. Every check runs before the model is touched; refused: an adapted
     model, other PEFT methods, LoRA variants (DoRA, MiCA, KaSA, ...), LoRA on embedding layers, per-layer ranks
     or alphas, trained biases, a VeRA file saved without its projections, a saved module whose weight this model
-    ties to another (PEFT unties it), LoRA on a layer whose weight is tied to another (``lm_head`` with tied
-    embeddings), and a layer whose width is below the rank (PEFT accepts one)."""
+    ties to another (PEFT unties it), and LoRA on a layer whose weight is tied to another (``lm_head`` with tied
+    embeddings)."""
     if tied_lora_layers(model):
         raise RuntimeError("this model already has Tied-LoRA adapters: load a PEFT adapter onto the bare base model")
     meta, state = _read(directory)

@@ -51,7 +51,7 @@ class TiedLoRAShared(nn.Module):
         for name, n in (("in_features", in_features), ("out_features", out_features)):
             if isinstance(n, bool) or not isinstance(n, Integral) or n <= 0:
                 raise ValueError(f"{name} must be a positive int, got {n!r}")
-        check_rank(rank, in_features, out_features)
+        check_rank(rank)
         for name, flag in (("train_A", train_A), ("train_B", train_B), ("zero_A", zero_A), ("zero_B", zero_B)):
             if not isinstance(flag, bool):
                 raise TypeError(f"{name} must be True or False, got {flag!r}")
