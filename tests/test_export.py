@@ -150,3 +150,33 @@ def test_modules_to_save_are_listed_in_the_peft_config(tmp_path):
     assert meta["modules_to_save"] == ["lm_head"]
     _, logits = _peft_logits(tmp_path, ids)
     torch.testing.assert_close(logits, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_layers_peft_would_read_as_moe_experts_are_named_in_a_warning(tmp_path):
+    """Under transformers 5, PEFT rewrites ``gate_proj``/``up_proj``/``down_proj`` of Qwen2-MoE-like model types
+    (DeepSeek-V3 here) into the fused experts' parameters, also where they name a dense MLP's or a shared expert's
+    linear: the export warns, naming exactly the layers ``PeftModel.from_pretrained`` then leaves out."""
+    transformers = pytest.importorskip("transformers")
+    from peft.utils import transformers_weight_conversion  # noqa: F401 (PEFT without it converts nothing)
+
+    def deepseek():
+        torch.manual_seed(0)
+        shape = dict(vocab_size=96, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
+                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4,
+                     num_experts_per_tok=2, n_group=1, topk_group=1, first_k_dense_replace=1, q_lora_rank=None,
+                     kv_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8)  # fmt: skip
+        return transformers.DeepseekV3ForCausalLM(transformers.DeepseekV3Config(**shape)).double()
+
+    model = apply_tied_lora(deepseek(), TiedLoRAConfig(rank=4, preset="lora", target_modules="all-linear"))
+    with pytest.warns(UserWarning, match=r"reads the names \['down_proj', 'gate_proj', 'up_proj'\]") as caught:
+        export_peft_lora(model, tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (PEFT's own: missing expert keys, unmatched patterns)
+        loaded = peft.PeftModel.from_pretrained(deepseek(), tmp_path)
+    left_out = sorted(set(tied_lora_layers(model)) - set(loaded.base_model.targeted_module_names))
+    message = next(str(w.message) for w in caught if "reads the names" in str(w.message))
+    assert len(left_out) == 6 and f"of {len(left_out)} adapted layers ({', '.join(left_out[:3])}, ...)" in message
+    # a model PEFT converts nothing of: no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        export_peft_lora(apply_tied_lora(tiny_llama(), TiedLoRAConfig(rank=4, target_modules="all-linear")), tmp_path)

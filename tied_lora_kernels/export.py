@@ -53,7 +53,8 @@ def export_peft_lora(
     seq2seq LMs; other models get none (PEFT's classifier task types expect their head in the file, as
     ``modules_to_save``: pass ``task_type`` to record one). A headless Hugging Face model that ``apply_tied_lora``
     did not adapt itself, such as the ``.model`` inside an adapted ``LlamaForCausalLM``, gets a warning: its names
-    lack the prefix the full model's have, so PEFT would load nothing into the full model.
+    lack the prefix the full model's have, so PEFT would load nothing into the full model. So do adapted layers
+    that PEFT's loader would leave out of this model (``_dropped_by_peft``: some MoE models' dense MLPs).
     """
     from safetensors.torch import save_file
 
@@ -102,6 +103,7 @@ def export_peft_lora(
     for name, tensor in tied_lora_state_dict(model).items():  # modules trained in full, under their own names
         if not _is_adapter_tensor(name):
             state[f"base_model.model.{name}"] = tensor.to("cpu", copy=True).contiguous()
+    targets = _target_names(model, set(layers))
     peft_config = {
         "peft_type": "LORA",
         "task_type": task_type,
@@ -109,7 +111,7 @@ def export_peft_lora(
         "r": rank,
         "lora_alpha": rank,  # scaling 1: s is folded into lora_B
         "lora_dropout": config.dropout if config is not None else 0.0,
-        "target_modules": _target_names(model, set(layers)),
+        "target_modules": targets,
         "bias": "none",
         # PEFT's flag for GPT-2's Conv1D (weight stored [in, out]); lora_A/lora_B are [r, in]/[out, r] either way
         "fan_in_fan_out": all(layer.fan_in_fan_out for layer in layers.values()),
@@ -119,10 +121,44 @@ def export_peft_lora(
         "inference_mode": True,
         "modules_to_save": list(saved) or None,
     }
+    dropped = _dropped_by_peft(model, targets, set(layers))
+    if dropped:
+        kind = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+        warnings.warn(
+            f"export_peft_lora: PEFT reads the names {sorted({n.rpartition('.')[2] for n in dropped})} of this "
+            f"{kind} model as its fused MoE experts (its conversion of adapters trained with "
+            f"transformers 4), whatever module they name, so PeftModel.from_pretrained would not load the pairs of "
+            f"{len(dropped)} adapted layers ({', '.join(dropped[:3])}{', ...' if len(dropped) > 3 else ''}) and "
+            "would give the experts zero-initialised ones instead. The file is written as for any model (the rewrite "
+            "is PEFT's loader's); for PEFT, adapt without those layers, or merge_tied_lora",
+            stacklevel=2,
+        )
     os.makedirs(directory, exist_ok=True)
     save_file(state, os.path.join(directory, PEFT_WEIGHTS_NAME), metadata={"format": "pt"})
     with open(os.path.join(directory, PEFT_CONFIG_NAME), "w") as f:
         json.dump(peft_config, f, indent=2)
+
+
+def _dropped_by_peft(model: nn.Module, target_modules: list[str] | str, adapted: set[str]) -> list[str]:
+    """The adapted layers whose pairs ``PeftModel.from_pretrained`` would not load into this model, as the
+    installed PEFT's own config conversion decides (none without PEFT): under transformers 5, PEFT rewrites the
+    transformers-4 expert names of some MoE model types (``gate_proj``, ``up_proj``, ``down_proj`` of Qwen2-MoE-like
+    models such as DeepSeek-V3, Mixtral's ``w1``/``w2``/``w3``) into the fused experts' parameters, which takes
+    those names from a dense MLP or a shared expert too; no spelling of ``target_modules`` escapes it."""
+    try:
+        import peft
+        from peft.utils.transformers_weight_conversion import convert_peft_config_for_transformers
+    except ImportError:  # (no PEFT, or one from before transformers 5)
+        return []
+    probe = peft.LoraConfig(r=1, target_modules=target_modules)
+    try:
+        convert_peft_config_for_transformers(probe, model=model, conversions=None)
+    except Exception:  # a private function of PEFT's: if it changed, there is nothing to say
+        return []
+    if not probe.target_parameters:
+        return []
+    kept = {probe.target_modules} if isinstance(probe.target_modules, str) else set(probe.target_modules or ())
+    return sorted(n for n in adapted if not any(n == k or n.endswith("." + k) for k in kept))
 
 
 def _task_type(model: nn.Module) -> str | None:
