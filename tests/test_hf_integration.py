@@ -22,15 +22,15 @@ from tied_lora_kernels import (
 )
 
 
-def enable_checkpointing(model, reentrant: bool) -> None:
+def enable_checkpointing(model, reentrant: bool, input_grads: bool = True) -> None:
     kwargs = {"use_reentrant": reentrant}
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.18
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    if reentrant:
-        model.enable_input_require_grads()  # transformers 5 did it already; 4.x did not
-    assert model.model.gradient_checkpointing
+    if reentrant and input_grads:
+        model.enable_input_require_grads()  # transformers 5 did it already for token ids; 4.x did not
+    assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=cpu_triton)])
@@ -66,6 +66,39 @@ def test_hugging_face_gradient_checkpointing(reentrant, backend):
         torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-7, msg=lambda m, n=n: f"{n}: {m}")
     assert len(fired) == (len(model.model.layers) if reentrant else 1)
     assert torch.equal(fired[-1], got[next(n for n in got if n.endswith("shared.A"))])
+
+
+def test_reentrant_checkpointing_of_a_model_whose_input_is_not_token_ids():
+    """Whisper's main input is ``input_features``, so transformers does not make its embeddings' output require grad
+    under reentrant checkpointing, and the frozen base gives the first checkpointed layer no input that does: its
+    adapters would get no gradient (here backward raised). ``apply_tied_lora`` on a model that checkpoints already
+    calls ``enable_input_require_grads()``, as PEFT does when it wraps one: gradients equal the run without
+    checkpointing. A model that does not checkpoint gets no such hook."""
+
+    def whisper():
+        torch.manual_seed(0)
+        shape = dict(vocab_size=96, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                     decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48, num_mel_bins=8,
+                     max_source_positions=16, max_target_positions=32, decoder_start_token_id=1, pad_token_id=0,
+                     eos_token_id=2, bos_token_id=1)  # fmt: skip
+        return transformers.WhisperForConditionalGeneration(transformers.WhisperConfig(**shape)).train()
+
+    features, labels = torch.randn(2, 8, 32), torch.randint(3, 96, (2, 5))
+
+    def grads(checkpointing):
+        model = whisper()
+        if checkpointing:
+            enable_checkpointing(model, reentrant=True, input_grads=False)
+        apply_tied_lora(model, TiedLoRAConfig(rank=4, backend="torch"))
+        assert bool(getattr(model, "_require_grads_hooks", None)) == checkpointing
+        randomise_adapters(model)
+        model(input_features=features, labels=labels).loss.backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    want, got = grads(False), grads(True)
+    assert want.keys() == got.keys() and any("encoder" in n for n in want)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], msg=name)
 
 
 @cpu_triton

@@ -136,6 +136,13 @@ def _apply(model: nn.Module, config: TiedLoRAConfig, shared_of: dict[str, str] |
     if not any(getattr(h, "hook", None) is _fill_tied_aliases for h in model._load_state_dict_pre_hooks.values()):
         # (the private form: the public register_load_state_dict_pre_hook needs torch 2.5)
         model._register_load_state_dict_pre_hook(_fill_tied_aliases, with_module=True)
+    checkpointing = any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+    enable_input_grads = getattr(model, "enable_input_require_grads", None)  # (a transformers PreTrainedModel's)
+    if checkpointing and callable(enable_input_grads) and not getattr(model, "_require_grads_hooks", None):
+        # as PEFT does when it wraps a checkpointing model: reentrant checkpointing gives no gradient to a layer
+        # whose input does not require one, and transformers makes the input embeddings' output require it only
+        # for models whose main input is input_ids (not Whisper's input_features, say)
+        enable_input_grads()
     return model
 
 
