@@ -152,6 +152,9 @@ def test_refusals_leave_the_model_untouched(tmp_path):
     _peft_adapter(tmp_path / "ia3", ia3)
     _peft_adapter(tmp_path / "lora", peft.LoraConfig(r=4, target_modules=["q_proj"]))
     _peft_adapter(tmp_path / "embedding", peft.LoraConfig(r=4, target_modules=["q_proj", "embed_tokens"]))
+    # (what PEFT's all-linear writes by itself for the fused experts of an MoE model)
+    parameters = peft.LoraConfig(r=4, target_modules=["q_proj"], target_parameters=["down_proj.weight"])
+    _peft_adapter(tmp_path / "parameters", parameters)
     head = peft.LoraConfig(r=4, target_modules=["c_attn"], modules_to_save=["lm_head"])
     _peft_adapter(tmp_path / "head", head, base=tiny_gpt2)
     (tmp_path / "empty").mkdir()
@@ -160,6 +163,7 @@ def test_refusals_leave_the_model_untouched(tmp_path):
     save_tied_lora(apply_tied_lora(tiny_llama(), TiedLoRAConfig(rank=4)), tmp_path / "ours")
     cases = [
         ("dora", tiny_llama, ValueError, r"uses \['use_dora'\]"),
+        ("parameters", tiny_llama, ValueError, r"uses \['target_parameters'\].*PEFT adds by itself for 'all-linear'"),
         ("ia3", tiny_llama, ValueError, "holds a PEFT IA3 adapter"),
         ("embedding", tiny_llama, ValueError, r"a LoRA layer type \(embedding"),
         ("head", tiny_gpt2, ValueError, "trained lm_head.weight, which this model ties to transformer.wte.weight"),

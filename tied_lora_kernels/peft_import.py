@@ -74,7 +74,14 @@ def load_peft_adapter(model: nn.Module, directory: str | os.PathLike, *, backend
     if meta.get("init_lora_weights") == "mica":  # MiCA freezes lora_B
         used.append("init_lora_weights='mica'")
     if used:
-        raise ValueError(f"the PEFT adapter uses {used}, which Tied-LoRA cannot represent")
+        why = ""
+        if "target_parameters" in used:  # (the user may not have set it: PEFT does, with the patterns)
+            why = (
+                " (target_parameters is LoRA on parameters, such as the fused experts of transformers 5's MoE "
+                "models, which PEFT adds by itself for 'all-linear' on such a model, with a rank_pattern and "
+                "alpha_pattern for the fused ones)"
+            )
+        raise ValueError(f"the PEFT adapter uses {used}, which Tied-LoRA cannot represent{why}")
     if meta.get("bias", "none") != "none":
         raise ValueError(f"the PEFT adapter trains biases (bias={meta['bias']!r}), which Tied-LoRA does not")
     if any(not k.startswith(_PREFIX) and k not in ("base_model.vera_A", "base_model.vera_B") for k in state):
