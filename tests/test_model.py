@@ -21,6 +21,8 @@ from tied_lora_kernels import (
     apply_tied_lora,
     count_parameters,
     disable_tied_lora,
+    export_peft_lora,
+    load_peft_adapter,
     load_tied_lora,
     merge_tied_lora,
     reference,
@@ -319,6 +321,47 @@ def test_all_linear_adapts_a_layer_narrower_than_the_rank():
         torch.testing.assert_close(model(ids).start_logits, merged.start_logits, rtol=1e-12, atol=1e-12)
 
 
+def test_falcon_adapts_trains_merges_and_goes_to_peft_and_back(tmp_path):
+    """Falcon's linears are transformers' FalconLinear (bias added apart, see test_modules): "all-linear" adapts all
+    four kinds; the adapted model computes what its merged weights do and what PEFT computes with the exported
+    adapter, a PEFT LoRA loads onto it, and unloading or merging with unload gives FalconLinear layers back."""
+    peft = pytest.importorskip("peft")
+    falcon_linear = pytest.importorskip("transformers.models.falcon.modeling_falcon").FalconLinear
+
+    def falcon():
+        torch.manual_seed(0)
+        shape = dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, bias=True)
+        return transformers.FalconForCausalLM(transformers.FalconConfig(**shape)).double().eval()
+
+    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(0))
+    model = apply_tied_lora(falcon(), TiedLoRAConfig(rank=4, target_modules=ALL_LINEAR, dtype=torch.float64))
+    roles = {name.rpartition(".")[2] for name in tied_lora_layers(model)}
+    assert roles == {"query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"} and len(tied_lora_layers(model)) == 8
+    assert torch.equal(model(ids).logits, falcon()(ids).logits)
+    randomise_adapters(model)
+    expected = model(ids).logits
+    expected.sum().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+    export_peft_lora(model, tmp_path / "peft")
+    served = peft.PeftModel.from_pretrained(falcon(), tmp_path / "peft")
+    with torch.no_grad():
+        torch.testing.assert_close(served(ids).logits, expected, rtol=1e-12, atol=1e-12)
+        lora = peft.get_peft_model(falcon(), peft.LoraConfig(r=4, target_modules=["dense"], init_lora_weights=False))
+        lora.save_pretrained(tmp_path / "lora")
+        loaded = load_peft_adapter(falcon(), tmp_path / "lora")
+        torch.testing.assert_close(loaded(ids).logits, lora(ids).logits, rtol=1e-12, atol=1e-12)
+
+        merge_tied_lora(model, unload=True)
+        torch.testing.assert_close(model(ids).logits, expected, rtol=1e-12, atol=1e-12)
+    kinds = {type(m) for name, m in model.named_modules() if "dense" in name or "query_key_value" in name}
+    assert kinds == {falcon_linear}
+    assert {type(m) for m in unload_tied_lora(loaded).modules() if isinstance(m, nn.Linear)} == {
+        falcon_linear,
+        nn.Linear,  # lm_head
+    }
+
+
 def test_ties_join_the_same_role_across_layers_only():
     """Layers whose names differ only in their indices share a pair; a same-named, same-shaped layer elsewhere
     (BERT's pooler.dense beside attention.output.dense) gets its own."""
@@ -435,11 +478,11 @@ def test_apply_errors():
     with pytest.raises(TypeError, match="only nn.Linear"):
         apply_tied_lora(nn.ModuleDict({"q_proj": nn.Conv1d(4, 4, 1)}), TiedLoRAConfig(target_modules=["q_proj"]))
 
-    class FalconLinear(nn.Linear):  # as Falcon's: "all-linear" leaves it out, and the error says why
+    class Router(nn.Linear):  # as Llama 4's: "all-linear" leaves it out, and the error says why
         pass
 
-    with pytest.raises(ValueError, match=r"subclasses of nn.Linear cannot be adapted: \['q_proj \(FalconLinear\)'\]"):
-        apply_tied_lora(nn.ModuleDict({"q_proj": FalconLinear(4, 4)}), TiedLoRAConfig(target_modules=ALL_LINEAR))
+    with pytest.raises(ValueError, match=r"subclasses of nn.Linear cannot be adapted: \['q_proj \(Router\)'\]"):
+        apply_tied_lora(nn.ModuleDict({"q_proj": Router(4, 4)}), TiedLoRAConfig(target_modules=ALL_LINEAR))
     with pytest.raises(ValueError, match="the model itself matched"):
         apply_tied_lora(nn.Linear(8, 8), TiedLoRAConfig(target_modules=lambda m, name: isinstance(m, nn.Linear)))
     model = apply_tied_lora(Toy(), TiedLoRAConfig())

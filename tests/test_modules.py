@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from tests.helpers import assert_close_to_reference
+from tests.helpers import assert_close_to_reference, cpu_triton
 from tied_lora_kernels import (
     TiedLoRAConfig,
     TiedLoRAConv1D,
@@ -385,3 +385,41 @@ def test_b_rows_must_span_exactly_out_features():
         x, layer.weight, layer.bias, shared.A, shared.B[20:24], layer.lora_u, layer.lora_v
     )
     torch.testing.assert_close(layer(x), expected)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=cpu_triton)])
+def test_falcon_linear_keeps_its_bias_apart(backend):
+    """transformers' FalconLinear adds its bias after the product is rounded (two roundings, kept on purpose):
+    adapted, with the adapter at zero, it computes the FalconLinear bit for bit on the torch path (F.linear, one
+    rounding, would not: checked on the same data); with an adapter, output and gradients match the reference
+    with the bias added apart, and unloading gives a FalconLinear back."""
+    falcon_linear = pytest.importorskip("transformers.models.falcon.modeling_falcon").FalconLinear
+    torch.manual_seed(0)
+    base = falcon_linear(256, 128, bias=True)
+    with torch.no_grad():
+        base.bias.mul_(10)
+    x = torch.randn(3, 64, 256)
+    for dtype in (torch.bfloat16, torch.float32):
+        linear = copy.deepcopy(base).to(dtype)
+        layer = TiedLoRALinear.from_linear(copy.deepcopy(linear), rank=4, backend="torch")
+        assert type(layer).__name__ == "TiedLoRAFalconLinear" and layer.lora_v is not None
+        expected = linear(x.to(dtype))
+        assert torch.equal(layer(x.to(dtype)), expected)
+        assert not torch.equal(torch.nn.functional.linear(x.to(dtype), linear.weight, linear.bias), expected)
+
+    layer = TiedLoRALinear.from_linear(copy.deepcopy(base), rank=4, backend=backend)
+    _randomised(layer.shared, layer)
+    xg = x[0].clone().requires_grad_(True)
+    y = layer(xg)
+    dy = torch.randn_like(y)
+    names = ("x", "A", "B", "u", "v")
+    tensors = (xg, layer.shared.A, layer.shared.B, layer.lora_u, layer.lora_v)
+    got = torch.autograd.grad(y, tensors, dy)
+    args = (layer.weight, None, layer.shared.A, layer.shared.B, layer.lora_u, layer.lora_v, layer.scale)
+    ref = reference.tied_lora_forward(xg.double(), *(t.double() if t is not None else t for t in args[:-1]), args[-1])
+    ref = ref + layer.bias.double()
+    assert_close_to_reference(y, ref, None, "y")
+    want = torch.autograd.grad(ref, tensors, dy.double())
+    for name, g, w in zip(names, got, want, strict=True):
+        assert_close_to_reference(g, w, None, f"d{name}")
+    assert type(layer.to_base()) is falcon_linear

@@ -232,7 +232,7 @@ def test_triton_backend_and_other_subclasses_are_refused_up_front():
         apply_tied_lora(model, TiedLoRAConfig(rank=4, backend="triton"))
     assert not tied_lora_layers(model)
     mha = nn.Sequential(nn.MultiheadAttention(16, 2))
-    with pytest.raises(TypeError, match=r"only nn.Linear layers, transformers' Conv1D \(GPT-2\) and bitsandbytes'"):
+    with pytest.raises(TypeError, match=r"only nn.Linear layers, transformers' Conv1D \(GPT-2\) and FalconLinear, and"):
         apply_tied_lora(mha, TiedLoRAConfig(rank=2, target_modules=("out_proj",)))
 
 

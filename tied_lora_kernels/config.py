@@ -56,10 +56,10 @@ class TiedLoRAConfig:
     ``target_modules``: module names (a qualified name matches when it equals a target or ends with
     ``"." + target``), a string with regular-expression characters (PEFT's meaning: full-matched against each
     qualified name), a callable ``(module, qualified_name) -> bool``, or ``"all-linear"`` (PEFT's shorthand:
-    every ``nn.Linear``, transformers' ``Conv1D`` (GPT-2) and bitsandbytes quantized linear, other subclasses left
-    out, except the output layer a Hugging Face model's ``get_output_embeddings()`` names or else its
-    ``score``/``classifier`` head); only those layer types are adapted. ``groups``: tuples of target names that,
-    within one parent module, share one ``A`` and one ``u`` and stack their ``B`` and ``v`` (q, k and v of a
+    every ``nn.Linear``, transformers' ``Conv1D`` (GPT-2) and ``FalconLinear``, and bitsandbytes quantized linear,
+    other subclasses left out, except the output layer a Hugging Face model's ``get_output_embeddings()`` names or
+    else its ``score``/``classifier`` head); only those layer types are adapted. ``groups``: tuples of target names
+    that, within one parent module, share one ``A`` and one ``u`` and stack their ``B`` and ``v`` (q, k and v of a
     layer: the paper's fused-QKV setup). ``tie``: one ``A``/``B`` across all layers of a group or target (per
     shape: the layers whose names differ only in their numeric parts) instead of one per layer.
     ``train_*``, ``tie``, ``init`` and ``u_init`` default to the preset's; ``dtype`` is the adapters' dtype

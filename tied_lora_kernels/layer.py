@@ -9,7 +9,10 @@ The layer *is* an ``nn.Linear``: it keeps ``weight`` and ``bias`` (the same para
   layer share (q, k and v) — and ``lora_v [out]``; a vector frozen at one is ``None`` (no memory, no work);
 - ``b_rows``: the rows of ``shared.B`` this layer reads (grouped projections), ``None`` for all of them;
 - ``merged`` (ΔW folded into ``weight``) and ``disabled`` (the adapter skipped: ``disable_tied_lora``); either
-  makes forward a plain ``F.linear``.
+  makes forward the base layer's own (a plain ``F.linear`` for an ``nn.Linear``).
+
+Subclasses keep other bases' computation: ``TiedLoRAConv1D`` (GPT-2's ``Conv1D``, weight ``[in, out]``),
+``TiedLoRAFalconLinear`` (Falcon's linear, bias added apart) and the quantized ``TiedLoRALinear4bit``, ... .
 
 Shared pieces are modules, never bare parameters registered twice, so ties survive every conversion
 (``.to()``, ``.half()``, ``deepcopy``, even with ``torch.__future__`` overwrite-on-conversion).
@@ -19,6 +22,7 @@ Forward: ``y = x Wᵀ + b + scale · (v ⊙ ((u ⊙ (x Aᵀ)) Bᵀ))`` with ``sc
 
 from __future__ import annotations
 
+import importlib
 import math
 import numbers
 import sys
@@ -33,11 +37,13 @@ from tied_lora_kernels.shared import TiedLoRAShared
 
 __all__ = [
     "TiedLoRAConv1D",
+    "TiedLoRAFalconLinear",
     "TiedLoRALinear",
     "UScale",
     "carry_hooks",
     "check_plain_weight",
     "conv1d_type",
+    "falcon_linear_type",
     "linear_features",
     "quantized_linear_types",
 ]
@@ -56,13 +62,13 @@ _MODULE_HOOKS = (
 
 
 def check_linear_type(linear: nn.Module, what: str) -> None:
-    """Refuse a module other than ``nn.Linear``, transformers' ``Conv1D`` and the quantized linears the adapter
-    can run beside; an ``nn.Linear`` subclass's forward may not be a linear of its weight
+    """Refuse a module other than ``nn.Linear``, transformers' ``Conv1D`` and ``FalconLinear`` and the quantized
+    linears the adapter can run beside; another ``nn.Linear`` subclass's forward may not be a linear of its weight
     (``nn.MultiheadAttention``'s ``out_proj`` is not even called)."""
-    if type(linear) not in (nn.Linear, conv1d_type(), *quantized_linear_types()):
+    if type(linear) not in (nn.Linear, conv1d_type(), falcon_linear_type(), *quantized_linear_types()):
         raise TypeError(
             f"{what} is a {class_label(type(linear))}; only nn.Linear layers, transformers' Conv1D (GPT-2) and "
-            "bitsandbytes' Linear4bit / Linear8bitLt can be adapted"
+            "FalconLinear, and bitsandbytes' Linear4bit / Linear8bitLt can be adapted"
         )
 
 
@@ -82,6 +88,14 @@ def conv1d_type() -> type | None:
     it (a model holding one has; this never imports transformers), else None."""
     conv1d = getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
     return conv1d if isinstance(conv1d, type) else None
+
+
+def falcon_linear_type() -> type | None:
+    """transformers' ``FalconLinear`` (Falcon's linear: ``x Wᵀ``, then ``+ b``, rounded apart as Falcon was
+    trained) once transformers has loaded it (a model holding one has; this never imports transformers), else
+    None."""
+    falcon = getattr(sys.modules.get("transformers.models.falcon.modeling_falcon"), "FalconLinear", None)
+    return falcon if isinstance(falcon, type) else None
 
 
 def linear_features(linear: nn.Module) -> tuple[int, int]:
@@ -200,6 +214,8 @@ class TiedLoRALinear(nn.Linear):
     """Whether the base is a quantized layer (a class made by ``from_linear``)."""
     fan_in_fan_out = False
     """Whether ``weight`` is stored ``[in, out]`` (``TiedLoRAConv1D``) rather than ``nn.Linear``'s ``[out, in]``."""
+    bias_apart = False
+    """Whether ``bias`` is added after the rest, rounded apart (``TiedLoRAFalconLinear``), not in the GEMM."""
     _tied_weights_keys = {"shared.A": "shared.A", "shared.B": "shared.B", "lora_scale.u": "lora_scale.u"}
     """Read by transformers' ``save_pretrained`` (hence ``Trainer``'s checkpoints): the tensors that several
     layers share, stored once under one of their names instead of refused (safetensors stores no aliases).
@@ -258,6 +274,8 @@ class TiedLoRALinear(nn.Linear):
         kind: type[TiedLoRALinear]
         if type(linear) is nn.Linear:
             kind = TiedLoRALinear
+        elif type(linear) is falcon_linear_type():
+            kind = TiedLoRAFalconLinear
         else:
             kind = TiedLoRAConv1D if type(linear) is conv1d_type() else _quantized_class(type(linear))
         if cls is not TiedLoRALinear and cls is not kind:
@@ -392,10 +410,10 @@ class TiedLoRALinear(nn.Linear):
         if self.quantized:
             A, B, u, v = self.shared.A, self.lora_B, self.lora_u, self.lora_v
             return add_adapter(self._base_forward(x), x, A, B, u, v, self.scale, dropout=dropout)
-        return tied_lora_linear(
+        y = tied_lora_linear(
             x,
             self.weight.t() if self.fan_in_fan_out else self.weight,
-            self.bias,
+            None if self.bias_apart else self.bias,
             self.shared.A,
             self.lora_B,
             self.lora_u,
@@ -404,6 +422,7 @@ class TiedLoRALinear(nn.Linear):
             backend=self.backend,
             dropout=dropout,
         )
+        return y + self.bias if self.bias_apart and self.bias is not None else y
 
     def _base_forward(self, x: Tensor) -> Tensor:
         return super().forward(x)  # nn.Linear's, or the quantized layer's own
@@ -423,6 +442,9 @@ class TiedLoRALinear(nn.Linear):
             assert conv1d is not None  # (a TiedLoRAConv1D exists once transformers has loaded Conv1D)
             with torch.device("meta"):
                 base = conv1d(self.out_features, self.in_features)
+        elif self.bias_apart:  # Falcon's FalconLinear (an unpickled layer may come before transformers' import)
+            falcon = importlib.import_module("transformers.models.falcon.modeling_falcon").FalconLinear
+            base = falcon(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
         else:
             base = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
         base.weight, base.bias = self.weight, self.bias
@@ -555,3 +577,22 @@ class TiedLoRAConv1D(TiedLoRALinear):
         nn.init.zeros_(self.bias)
         self.shared.reset_parameters()
         self.reset_adapter()
+
+
+class TiedLoRAFalconLinear(TiedLoRALinear):
+    """transformers' ``FalconLinear`` (``y = x Wᵀ``, then ``+ b``: the bias is added after the product is rounded,
+    as Falcon was trained and as transformers keeps it) with a Tied-LoRA adapter, made by
+    ``TiedLoRALinear.from_linear(falcon_linear, shared)``. The adapter term goes in with the product (either
+    backend) and the bias after it, so a zero adapter computes the ``FalconLinear`` bit for bit on the torch path;
+    merged or disabled, forward is the ``FalconLinear``'s own computation."""
+
+    bias_apart = True
+
+    def __init__(self, *args, **kwargs):
+        raise TypeError(
+            "a TiedLoRAFalconLinear adapts an existing FalconLinear: use TiedLoRALinear.from_linear(linear, shared)"
+        )
+
+    def _base_forward(self, x: Tensor) -> Tensor:
+        y = x @ self.weight.T  # exactly FalconLinear.forward
+        return y if self.bias is None else y + self.bias

@@ -24,6 +24,7 @@ from tied_lora_kernels.layer import (
     check_linear_type,
     check_plain_weight,
     conv1d_type,
+    falcon_linear_type,
     linear_features,
     qualified_name,
     quantized_linear_types,
@@ -253,8 +254,10 @@ def _names_of_parameters(module: nn.Module) -> dict[int, list[str]]:
 
 
 def _linear_types() -> tuple[type[nn.Module], ...]:
-    """The modules an adapter can take: ``nn.Linear``, transformers' ``Conv1D``, bitsandbytes' quantized linears."""
-    return tuple(t for t in (nn.Linear, conv1d_type(), *quantized_linear_types()) if t is not None)
+    """The modules an adapter can take: ``nn.Linear``, transformers' ``Conv1D`` and ``FalconLinear``, bitsandbytes'
+    quantized linears."""
+    types = (nn.Linear, conv1d_type(), falcon_linear_type(), *quantized_linear_types())
+    return tuple(t for t in types if t is not None)
 
 
 def _find_targets(model: nn.Module, config: TiedLoRAConfig) -> dict[str, nn.Linear]:
@@ -300,7 +303,7 @@ def _find_targets(model: nn.Module, config: TiedLoRAConfig) -> dict[str, nn.Line
         found = f"its linear layers include {linears[:8]}"
         if heads:
             found += f" ('all-linear' leaves out {heads[0]!r})"
-        # (subclasses of nn.Linear, such as Falcon's FalconLinear, are refused by name)
+        # (other subclasses of nn.Linear, such as Llama 4's router, are refused by name)
         subclasses = [
             f"{n} ({type(m).__name__})"
             for n, m in model.named_modules()
@@ -394,8 +397,8 @@ def _require_layers(model: nn.Module) -> dict[str, TiedLoRALinear]:
 
 def merge_tied_lora(model: nn.Module, *, unload: bool = False) -> nn.Module:
     """Fold every adapter into its base weight. ``unload=True`` then puts the base layers (``nn.Linear``,
-    ``Conv1D``; sharing the merged weights) back in place, for export (layers merged already are unloaded as they are);
-    otherwise ``unmerge_tied_lora`` undoes it, and merging a merged layer again raises."""
+    ``Conv1D``, ``FalconLinear``; sharing the merged weights) back in place, for export (layers merged already are
+    unloaded as they are); otherwise ``unmerge_tied_lora`` undoes it, and merging a merged layer again raises."""
     layers = _require_layers(model)
     for name, layer in layers.items():  # before touching any layer
         if layer.merged and not unload:
@@ -413,8 +416,8 @@ def merge_tied_lora(model: nn.Module, *, unload: bool = False) -> nn.Module:
 
 
 def unload_tied_lora(model: nn.Module) -> nn.Module:
-    """Take every adapter out without merging it (PEFT's ``unload()``): the ``nn.Linear``, ``Conv1D`` or
-    bitsandbytes layers come back with their weights as they are, sharing them, hooks carried over;
+    """Take every adapter out without merging it (PEFT's ``unload()``): the ``nn.Linear``, ``Conv1D``,
+    ``FalconLinear`` or bitsandbytes layers come back with their weights as they are, sharing them, hooks carried over;
     ``requires_grad`` flags stay as they are (the base frozen, ``modules_to_save`` trainable). Merged layers are
     refused (``unmerge_tied_lora`` first, or keep ΔW with ``merge_tied_lora(unload=True)``)."""
     layers = _require_layers(model)
