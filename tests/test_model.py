@@ -362,6 +362,35 @@ def test_falcon_adapts_trains_merges_and_goes_to_peft_and_back(tmp_path):
     }
 
 
+def test_layers_whose_weight_the_model_reads_itself_are_left_out_or_refused():
+    """WavLM's attention hands q/k/v/out_proj's weights to F.multi_head_attention_forward, Mamba's mixer multiplies by
+    dt_proj.weight (and gives x_proj's and out_proj's to its CUDA kernels when training): an adapter there would do
+    nothing. "all-linear" leaves them out, and every layer it adapts gets a gradient; naming one is refused."""
+    torch.manual_seed(0)
+    shape = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=48, conv_dim=(16, 16),
+                 conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=16,
+                 num_conv_pos_embedding_groups=4)  # fmt: skip
+    wavlm = transformers.WavLMModel(transformers.WavLMConfig(**shape))
+    mamba = transformers.MambaForCausalLM(
+        transformers.MambaConfig(vocab_size=50, hidden_size=32, state_size=4, num_hidden_layers=2, expand=2)
+    )
+    with pytest.raises(ValueError, match=r"'encoder.layers.0.attention.k_proj': its parent WavLMAttention reads k_p"):
+        apply_tied_lora(wavlm, TiedLoRAConfig(rank=4))
+    with pytest.raises(ValueError, match=r"'backbone.layers.0.mixer.dt_proj': its parent MambaMixer reads dt_proj"):
+        apply_tied_lora(mamba, TiedLoRAConfig(rank=4, target_modules=["in_proj", "dt_proj"]))
+    inputs = {wavlm: dict(input_values=torch.randn(1, 400)), mamba: dict(input_ids=torch.randint(0, 50, (1, 7)))}
+    for model, expected in (
+        (wavlm, {"intermediate_dense", "output_dense", "projection", "gru_rel_pos_linear"}),
+        (mamba, {"in_proj"}),
+    ):
+        apply_tied_lora(model, TiedLoRAConfig(rank=4, target_modules=ALL_LINEAR))
+        assert {name.rpartition(".")[2] for name in tied_lora_layers(model)} == expected
+        randomise_adapters(model)
+        out = model(**inputs[model])
+        (out.logits if hasattr(out, "logits") else out.last_hidden_state).square().sum().backward()
+        assert all(layer.lora_v.grad is not None for layer in tied_lora_layers(model).values())
+
+
 def test_ties_join_the_same_role_across_layers_only():
     """Layers whose names differ only in their indices share a pair; a same-named, same-shaped layer elsewhere
     (BERT's pooler.dense beside attention.output.dense) gets its own."""

@@ -260,6 +260,33 @@ def _linear_types() -> tuple[type[nn.Module], ...]:
     return tuple(t for t in types if t is not None)
 
 
+_WEIGHT_READ_BY_PARENT = {
+    "MambaMixer": ("x_proj", "dt_proj", "out_proj"),
+    "FalconMambaMixer": ("x_proj", "dt_proj", "out_proj"),
+    "JambaMambaMixer": ("dt_proj",),
+    "Mamba2Mixer": ("out_proj",),
+    "BambaMixer": ("out_proj",),
+    "FalconH1Mixer": ("out_proj",),
+    "GraniteMoeHybridMambaLayer": ("out_proj",),
+    "NemotronHMamba2Mixer": ("out_proj",),
+    "Zamba2MambaMixer": ("out_proj",),
+    "WavLMAttention": ("q_proj", "k_proj", "v_proj", "out_proj"),
+    "LongcatFlashTopkRouter": ("classifier",),
+}
+"""transformers modules (5.24) that read these child linears' weights themselves, instead of calling the layers:
+a matmul of ``dt_proj.weight`` (Mamba, Falcon-Mamba, Jamba), the weights handed to the fused CUDA kernels of
+training (the Mamba and Mamba-2 mixers' ``x_proj``/``out_proj``; PEFT refuses ``out_proj`` of Mamba-based models for
+this), ``F.multi_head_attention_forward`` (WavLM) or ``F.linear`` (LongCat-Flash's router). An adapter there would
+be skipped, without an error: ``"all-linear"`` leaves them out and a target naming one is refused."""
+
+
+def _read_by_parent(model: nn.Module, name: str) -> str | None:
+    """The class name of the module that reads ``name``'s weight itself (``_WEIGHT_READ_BY_PARENT``), else None."""
+    parent, _, attribute = name.rpartition(".")
+    kind = type(model.get_submodule(parent)).__name__
+    return kind if attribute in _WEIGHT_READ_BY_PARENT.get(kind, ()) else None
+
+
 def _find_targets(model: nn.Module, config: TiedLoRAConfig) -> dict[str, nn.Linear]:
     targets, owners = {}, _names_of_parameters(model)
     heads = _heads(model) if config.target_modules == ALL_LINEAR else ()
@@ -275,6 +302,15 @@ def _find_targets(model: nn.Module, config: TiedLoRAConfig) -> dict[str, nn.Line
             hit = any(name == t or name.endswith("." + t) for t in config.target_modules)
         if not hit:
             continue
+        reader = _read_by_parent(model, name) if name else None
+        if reader is not None and config.target_modules == ALL_LINEAR:
+            continue
+        if reader is not None:
+            raise ValueError(
+                f"target {name!r}: its parent {reader} reads {name.rpartition('.')[2]}.weight itself instead of "
+                "calling the layer (in every path, or in its CUDA kernels' training path), so an adapter there would "
+                "be skipped without an error; leave it out of target_modules ('all-linear' does)"
+            )
         check_linear_type(module, f"target {name!r}")
         check_plain_weight(module, f"target {name!r}")
         if config.backend == "triton" and type(module) in quantized_linear_types():
