@@ -259,9 +259,10 @@ class TiedLoRALinear(nn.Linear):
     def from_linear(
         cls, linear: nn.Linear, shared: TiedLoRAShared | None = None, *, rank: int | None = None, **adapter
     ) -> TiedLoRALinear:
-        """Adapt ``linear`` (an ``nn.Linear``, a transformers ``Conv1D``: a ``TiedLoRAConv1D``, or a quantized
-        linear) with the pair ``shared`` or, given ``rank``, a pair of its own: its ``weight`` and ``bias``
-        parameters are reused, not copied, and its forward and backward hooks carry over."""
+        """Adapt ``linear`` (an ``nn.Linear``, a transformers ``Conv1D``: a ``TiedLoRAConv1D``, a ``FalconLinear``: a
+        ``TiedLoRAFalconLinear``, or a quantized linear) with the pair ``shared`` or, given ``rank``, a pair of its
+        own: its ``weight`` and ``bias`` parameters are reused, not copied, and its forward and backward hooks carry
+        over."""
         if isinstance(linear, TiedLoRALinear):
             raise TypeError("this layer already has a Tied-LoRA adapter")
         if not isinstance(linear, nn.Linear) and type(linear) is not conv1d_type():
