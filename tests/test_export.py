@@ -157,7 +157,7 @@ def test_layers_peft_would_read_as_moe_experts_are_named_in_a_warning(tmp_path):
     (DeepSeek-V3 here) into the fused experts' parameters, also where they name a dense MLP's or a shared expert's
     linear: the export warns, naming exactly the layers ``PeftModel.from_pretrained`` then leaves out."""
     transformers = pytest.importorskip("transformers")
-    from peft.utils import transformers_weight_conversion  # noqa: F401 (PEFT without it converts nothing)
+    pytest.importorskip("peft.utils.transformers_weight_conversion")  # (a PEFT without it converts nothing)
 
     def deepseek():
         torch.manual_seed(0)
