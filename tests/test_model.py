@@ -391,6 +391,23 @@ def test_layers_whose_weight_the_model_reads_itself_are_left_out_or_refused():
         assert all(layer.lora_v.grad is not None for layer in tied_lora_layers(model).values())
 
 
+def test_all_linear_leaves_out_linears_whose_weight_is_tied_to_another_module():
+    """Zamba2's hybrid layers share one transformer block through tied weights (distinct modules, one parameter):
+    "all-linear" leaves those linears out (an adapter on each would merge into the one weight) instead of refusing
+    the model; naming one is refused, as any tied weight is."""
+    torch.manual_seed(0)
+    shape = dict(vocab_size=97, hidden_size=32, num_hidden_layers=3, layers_block_type=["hybrid", "mamba", "hybrid"],
+                 mamba_d_state=4, n_mamba_heads=2, num_attention_heads=4, num_key_value_heads=4, intermediate_size=48,
+                 use_mamba_kernels=False, chunk_size=8, adapter_rank=4, num_mem_blocks=1)  # fmt: skip
+    model = transformers.Zamba2ForCausalLM(transformers.Zamba2Config(**shape))
+    with pytest.raises(ValueError, match=r"shared_transformer.self_attn.q_proj.weight is shared with .*tied weights"):
+        apply_tied_lora(model, TiedLoRAConfig(rank=4, target_modules=["q_proj"], groups=()))
+    apply_tied_lora(model, TiedLoRAConfig(rank=4, target_modules=ALL_LINEAR))
+    names = set(tied_lora_layers(model))
+    assert names and not any("shared_transformer" in n for n in names)
+    assert {n.rpartition(".")[2] for n in names} == {"in_proj", "linear"}  # (the mixers' out_proj: the table above)
+
+
 def test_ties_join_the_same_role_across_layers_only():
     """Layers whose names differ only in their indices share a pair; a same-named, same-shaped layer elsewhere
     (BERT's pooler.dense beside attention.output.dense) gets its own."""

@@ -55,19 +55,19 @@ class TiedLoRAConfig:
 
     ``target_modules``: module names (a qualified name matches when it equals a target or ends with
     ``"." + target``), a string with regular-expression characters (PEFT's meaning: full-matched against each
-    qualified name), a callable ``(module, qualified_name) -> bool``, or ``"all-linear"`` (PEFT's shorthand:
-    every ``nn.Linear``, transformers' ``Conv1D`` (GPT-2) and ``FalconLinear``, and bitsandbytes quantized linear,
-    other subclasses left out, except the output layer a Hugging Face model's ``get_output_embeddings()`` names or
-    else its ``score``/``classifier`` head, and the layers whose weight their parent reads itself
-    (``model._WEIGHT_READ_BY_PARENT``); only those layer types are adapted. ``groups``: tuples of target names
-    that, within one parent module, share one ``A`` and one ``u`` and stack their ``B`` and ``v`` (q, k and v of a
-    layer: the paper's fused-QKV setup). ``tie``: one ``A``/``B`` across all layers of a group or target (per
-    shape: the layers whose names differ only in their numeric parts) instead of one per layer.
-    ``train_*``, ``tie``, ``init`` and ``u_init`` default to the preset's; ``dtype`` is the adapters' dtype
-    (float32 master weights by default, which run beside any model dtype; another dtype must be the one each
-    targeted layer computes in, or ``apply_tied_lora`` refuses it). ``dropout``: dropout on each adapter's input
-    in training mode (PEFT's ``lora_dropout``), on either backend. ``modules_to_save`` (PEFT's): names of base
-    modules, matched as targets are, that train in full and are saved with the adapter, such as a new
+    qualified name), a callable ``(module, qualified_name) -> bool``, or ``"all-linear"`` (PEFT's shorthand: every
+    ``nn.Linear``, transformers' ``Conv1D`` (GPT-2) and ``FalconLinear``, and bitsandbytes quantized linear, other
+    subclasses left out, except the output layer a Hugging Face model's ``get_output_embeddings()`` names or else
+    its ``score``/``classifier`` head, the layers whose weight their parent reads itself
+    (``model._WEIGHT_READ_BY_PARENT``) and those whose weight is tied to another module's; only those layer types
+    are adapted. ``groups``: tuples of target names that, within one parent module, share one ``A`` and one ``u``
+    and stack their ``B`` and ``v`` (q, k and v of a layer: the paper's fused-QKV setup). ``tie``: one ``A``/``B``
+    across all layers of a group or target (per shape: the layers whose names differ only in their numeric parts)
+    instead of one per layer. ``train_*``, ``tie``, ``init`` and ``u_init`` default to the preset's; ``dtype`` is
+    the adapters' dtype (float32 master weights by default, which run beside any model dtype; another dtype must be
+    the one each targeted layer computes in, or ``apply_tied_lora`` refuses it). ``dropout``: dropout on each
+    adapter's input in training mode (PEFT's ``lora_dropout``), on either backend. ``modules_to_save`` (PEFT's):
+    names of base modules, matched as targets are, that train in full and are saved with the adapter, such as a new
     classification head (``("score",)``).
     """
 

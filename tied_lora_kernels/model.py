@@ -326,6 +326,8 @@ def _find_targets(model: nn.Module, config: TiedLoRAConfig) -> dict[str, nn.Line
         if not name:
             raise ValueError("the model itself matched target_modules: adapt a model that contains the linear")
         others = [n for n in owners.get(id(module.weight), ()) if n != name + ".weight"]
+        if others and config.target_modules == ALL_LINEAR:  # (Zamba2's shared transformer: tied across layers)
+            continue
         if others:
             raise ValueError(
                 f"{name}.weight is shared with {others} (tied weights): merging an adapter into it would change "
