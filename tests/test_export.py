@@ -155,7 +155,8 @@ def test_modules_to_save_are_listed_in_the_peft_config(tmp_path):
 def test_layers_peft_would_read_as_moe_experts_are_named_in_a_warning(tmp_path):
     """Under transformers 5, PEFT rewrites ``gate_proj``/``up_proj``/``down_proj`` of Qwen2-MoE-like model types
     (DeepSeek-V3 here) into the fused experts' parameters, also where they name a dense MLP's or a shared expert's
-    linear: the export warns, naming exactly the layers ``PeftModel.from_pretrained`` then leaves out."""
+    linear: the export warns, naming exactly the layers ``PeftModel.from_pretrained`` then leaves out, or saying
+    that PEFT refuses the file (a part of a fused pair alone)."""
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("peft.utils.transformers_weight_conversion")  # (a PEFT without it converts nothing)
 
@@ -176,6 +177,13 @@ def test_layers_peft_would_read_as_moe_experts_are_named_in_a_warning(tmp_path):
     left_out = sorted(set(tied_lora_layers(model)) - set(loaded.base_model.targeted_module_names))
     message = next(str(w.message) for w in caught if "reads the names" in str(w.message))
     assert len(left_out) == 6 and f"of {len(left_out)} adapted layers ({', '.join(left_out[:3])}, ...)" in message
+    # a part of a fused pair alone (gate_proj without up_proj): PEFT refuses the file, and the export says so
+    model = apply_tied_lora(deepseek(), TiedLoRAConfig(rank=4, preset="lora", target_modules=["gate_proj"]))
+    with pytest.warns(UserWarning, match="PEFT would refuse to load it into this deepseek_v3 model"):
+        export_peft_lora(model, tmp_path / "part")
+    with pytest.raises(ValueError, match="without also targeting up_proj"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft.PeftModel.from_pretrained(deepseek(), tmp_path / "part")
     # a model PEFT converts nothing of: no warning
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -71,9 +71,9 @@ def test_hugging_face_gradient_checkpointing(reentrant, backend):
 def test_reentrant_checkpointing_of_a_model_whose_input_is_not_token_ids():
     """Whisper's main input is ``input_features``, so transformers does not make its embeddings' output require grad
     under reentrant checkpointing, and the frozen base gives the first checkpointed layer no input that does: its
-    adapters would get no gradient (here backward raised). ``apply_tied_lora`` on a model that checkpoints already
-    calls ``enable_input_require_grads()``, as PEFT does when it wraps one: gradients equal the run without
-    checkpointing. A model that does not checkpoint gets no such hook."""
+    adapters would get no gradient (here backward raised). ``apply_tied_lora`` on a model that checkpoints already,
+    reentrantly, calls ``enable_input_require_grads()``, as PEFT does when it wraps one: gradients equal the run
+    without checkpointing. A model that does not checkpoint, or not reentrantly, gets no such hook."""
 
     def whisper():
         torch.manual_seed(0)
@@ -99,6 +99,9 @@ def test_reentrant_checkpointing_of_a_model_whose_input_is_not_token_ids():
     assert want.keys() == got.keys() and any("encoder" in n for n in want)
     for name in want:
         torch.testing.assert_close(got[name], want[name], msg=name)
+    model = whisper()  # non-reentrant checkpointing needs no such hook, and gets none
+    enable_checkpointing(model, reentrant=False)
+    assert not getattr(apply_tied_lora(model, TiedLoRAConfig(rank=4)), "_require_grads_hooks", None)
 
 
 @cpu_triton

@@ -402,6 +402,23 @@ def test_load_names_a_missing_module(tmp_path):
         load_tied_lora(other, tmp_path)
 
 
+def test_a_file_that_adapted_a_layer_whose_weight_its_parent_reads_says_why_it_no_longer_loads(tmp_path, monkeypatch):
+    """A file saved before apply_tied_lora learnt which layers their parent reads the weight of (Mamba's dt_proj,
+    x_proj, out_proj under "all-linear"): the refusal to load it names those layers and the reason."""
+    from tied_lora_kernels import model as model_module
+
+    def mamba():
+        torch.manual_seed(0)
+        shape = dict(vocab_size=50, hidden_size=32, state_size=4, num_hidden_layers=1, expand=2)
+        return transformers.MambaForCausalLM(transformers.MambaConfig(**shape))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(model_module, "_WEIGHT_READ_BY_PARENT", {})
+        save_tied_lora(apply_tied_lora(mamba(), TiedLoRAConfig(rank=4, target_modules="all-linear")), tmp_path)
+    with pytest.raises(ValueError, match=r"\['backbone.layers.0.mixer.dt_proj', .*\] are layers whose weight their pa"):
+        load_tied_lora(mamba(), tmp_path)
+
+
 def test_save_pretrained_stores_each_tied_tensor_once_and_strict_loading_takes_it(tmp_path):
     """save_pretrained (Trainer's checkpoints) stores a tensor that layers share once instead of refusing it;
     load_state_dict, strict, restores it through that one name (also from a module above the adapted one),

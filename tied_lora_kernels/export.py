@@ -54,7 +54,8 @@ def export_peft_lora(
     ``modules_to_save``: pass ``task_type`` to record one). A headless Hugging Face model that ``apply_tied_lora``
     did not adapt itself, such as the ``.model`` inside an adapted ``LlamaForCausalLM``, gets a warning: its names
     lack the prefix the full model's have, so PEFT would load nothing into the full model. So do adapted layers
-    that PEFT's loader would leave out of this model (``_dropped_by_peft``: some MoE models' dense MLPs).
+    that PEFT's loader would leave out of this model, or a file it would refuse (``_peft_load_problem``: some MoE
+    models' dense MLPs).
     """
     from safetensors.torch import save_file
 
@@ -121,16 +122,11 @@ def export_peft_lora(
         "inference_mode": True,
         "modules_to_save": list(saved) or None,
     }
-    dropped = _dropped_by_peft(model, targets, set(layers))
-    if dropped:
-        kind = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+    problem = _peft_load_problem(model, targets, set(layers))
+    if problem:
         warnings.warn(
-            f"export_peft_lora: PEFT reads the names {sorted({n.rpartition('.')[2] for n in dropped})} of this "
-            f"{kind} model as its fused MoE experts (its conversion of adapters trained with "
-            f"transformers 4), whatever module they name, so PeftModel.from_pretrained would not load the pairs of "
-            f"{len(dropped)} adapted layers ({', '.join(dropped[:3])}{', ...' if len(dropped) > 3 else ''}) and "
-            "would give the experts zero-initialised ones instead. The file is written as for any model (the rewrite "
-            "is PEFT's loader's); for PEFT, adapt without those layers, or merge_tied_lora",
+            f"export_peft_lora: {problem}. The file is written as for any model (PEFT's loader converts these names "
+            "for adapters trained with transformers 4); for PEFT, adapt without those layers, or merge_tied_lora",
             stacklevel=2,
         )
     os.makedirs(directory, exist_ok=True)
@@ -139,26 +135,37 @@ def export_peft_lora(
         json.dump(peft_config, f, indent=2)
 
 
-def _dropped_by_peft(model: nn.Module, target_modules: list[str] | str, adapted: set[str]) -> list[str]:
-    """The adapted layers whose pairs ``PeftModel.from_pretrained`` would not load into this model, as the
-    installed PEFT's own config conversion decides (none without PEFT): under transformers 5, PEFT rewrites the
+def _peft_load_problem(model: nn.Module, target_modules: list[str] | str, adapted: set[str]) -> str | None:
+    """What ``PeftModel.from_pretrained`` would do wrong with the exported adapter on this model, as the installed
+    PEFT's own config conversion decides (None without PEFT): under transformers 5, PEFT rewrites the
     transformers-4 expert names of some MoE model types (``gate_proj``, ``up_proj``, ``down_proj`` of Qwen2-MoE-like
     models such as DeepSeek-V3, Mixtral's ``w1``/``w2``/``w3``) into the fused experts' parameters, which takes
-    those names from a dense MLP or a shared expert too; no spelling of ``target_modules`` escapes it."""
+    those names from a dense MLP or a shared expert too (their pairs are not loaded), and refuses a part of a fused
+    pair alone (``gate_proj`` without ``up_proj``); no spelling of ``target_modules`` escapes it."""
     try:
         import peft
         from peft.utils.transformers_weight_conversion import convert_peft_config_for_transformers
     except ImportError:  # (no PEFT, or one from before transformers 5)
-        return []
+        return None
     probe = peft.LoraConfig(r=1, target_modules=target_modules)
+    kind = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
     try:
         convert_peft_config_for_transformers(probe, model=model, conversions=None)
+    except ValueError as e:  # PEFT's refusal, which from_pretrained would raise
+        return f"PEFT would refuse to load it into this {kind} model ({e})"
     except Exception:  # a private function of PEFT's: if it changed, there is nothing to say
-        return []
+        return None
     if not probe.target_parameters:
-        return []
+        return None
     kept = {probe.target_modules} if isinstance(probe.target_modules, str) else set(probe.target_modules or ())
-    return sorted(n for n in adapted if not any(n == k or n.endswith("." + k) for k in kept))
+    dropped = sorted(n for n in adapted if not any(n == k or n.endswith("." + k) for k in kept))
+    names = sorted({n.rpartition(".")[2] for n in dropped})
+    shown = ", ".join(dropped[:3]) + (", ..." if len(dropped) > 3 else "")
+    return (
+        f"PEFT reads the names {names} of this {kind} model as its fused MoE experts, whatever module they name, so "
+        f"PeftModel.from_pretrained would not load the pairs of {len(dropped)} adapted layers ({shown}) and would "
+        "give the experts zero-initialised ones instead"
+    )
 
 
 def _task_type(model: nn.Module) -> str | None:

@@ -60,6 +60,17 @@ class ParameterCount(NamedTuple):
     total: int
 
 
+def _reentrant_checkpointing(model: nn.Module) -> bool:
+    """Whether a module of ``model`` runs transformers' activation checkpointing of the reentrant kind (or of a kind
+    not recorded, counted as reentrant)."""
+    for m in model.modules():
+        if getattr(m, "gradient_checkpointing", False) is True:
+            kwargs = getattr(getattr(m, "_gradient_checkpointing_func", None), "keywords", None) or {}
+            if kwargs.get("use_reentrant", True):
+                return True
+    return False
+
+
 def tied_lora_layers(model: nn.Module) -> dict[str, TiedLoRALinear]:
     """Every ``TiedLoRALinear`` in ``model`` by qualified name."""
     return {name: m for name, m in model.named_modules() if isinstance(m, TiedLoRALinear)}
@@ -137,9 +148,9 @@ def _apply(model: nn.Module, config: TiedLoRAConfig, shared_of: dict[str, str] |
     if not any(getattr(h, "hook", None) is _fill_tied_aliases for h in model._load_state_dict_pre_hooks.values()):
         # (the private form: the public register_load_state_dict_pre_hook needs torch 2.5)
         model._register_load_state_dict_pre_hook(_fill_tied_aliases, with_module=True)
-    checkpointing = any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
     enable_input_grads = getattr(model, "enable_input_require_grads", None)  # (a transformers PreTrainedModel's)
-    if checkpointing and callable(enable_input_grads) and not getattr(model, "_require_grads_hooks", None):
+    hooked = getattr(model, "_require_grads_hooks", None)  # (what enable_input_require_grads registered)
+    if _reentrant_checkpointing(model) and callable(enable_input_grads) and not hooked:
         # as PEFT does when it wraps a checkpointing model: reentrant checkpointing gives no gradient to a layer
         # whose input does not require one, and transformers makes the input embeddings' output require it only
         # for models whose main input is input_ids (not Whisper's input_features, say)
@@ -281,10 +292,13 @@ be skipped, without an error: ``"all-linear"`` leaves them out and a target nami
 
 
 def _read_by_parent(model: nn.Module, name: str) -> str | None:
-    """The class name of the module that reads ``name``'s weight itself (``_WEIGHT_READ_BY_PARENT``), else None."""
+    """The class name of the transformers module that reads ``name``'s weight itself (``_WEIGHT_READ_BY_PARENT``),
+    else None."""
     parent, _, attribute = name.rpartition(".")
-    kind = type(model.get_submodule(parent)).__name__
-    return kind if attribute in _WEIGHT_READ_BY_PARENT.get(kind, ()) else None
+    kind = type(model.get_submodule(parent))
+    if not kind.__module__.startswith("transformers."):  # (a model's own MambaMixer is not transformers')
+        return None
+    return kind.__name__ if attribute in _WEIGHT_READ_BY_PARENT.get(kind.__name__, ()) else None
 
 
 def _find_targets(model: nn.Module, config: TiedLoRAConfig) -> dict[str, nn.Linear]:

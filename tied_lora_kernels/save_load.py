@@ -27,6 +27,7 @@ from tied_lora_kernels.model import (
     _input_dtype,
     _is_adapter_tensor,
     _linear_types,
+    _read_by_parent,
     _require_layers,
     _saved_modules,
     _unwrapped,
@@ -164,9 +165,16 @@ def load_tied_lora(
         targets = _find_targets(model, config)
         if sorted(targets) != sorted(layout):
             extra, missing = sorted(set(targets) - set(layout)), sorted(set(layout) - set(targets))
+            read = [n for n in missing if n in dict(model.named_modules()) and _read_by_parent(model, n)]
+            why = (
+                f"; {read[:4]} are layers whose weight their parent reads itself, which apply_tied_lora no longer "
+                "adapts (model._WEIGHT_READ_BY_PARENT: the adapter was skipped there on some paths)"
+                if read
+                else ""
+            )
             raise ValueError(
                 f"the adapter in {directory} does not fit this model: its targets also match {extra[:4]} "
-                f"(missing {missing[:4]})"
+                f"(missing {missing[:4]}){why}"
             )
         # the file must match its own description, and the description the config: then the adapter that
         # apply_tied_lora builds from the same config on the same targets is the one that was saved
