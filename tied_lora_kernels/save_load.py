@@ -165,7 +165,8 @@ def load_tied_lora(
         targets = _find_targets(model, config)
         if sorted(targets) != sorted(layout):
             extra, missing = sorted(set(targets) - set(layout)), sorted(set(layout) - set(targets))
-            read = [n for n in missing if n in dict(model.named_modules()) and _read_by_parent(model, n)]
+            modules = dict(model.named_modules())
+            read = [n for n in missing if n in modules and _read_by_parent(model, n)]
             why = (
                 f"; {read[:4]} are layers whose weight their parent reads itself, which apply_tied_lora no longer "
                 "adapts (model._WEIGHT_READ_BY_PARENT: the adapter was skipped there on some paths)"
