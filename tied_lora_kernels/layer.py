@@ -40,6 +40,7 @@ __all__ = [
     "TiedLoRAFalconLinear",
     "TiedLoRALinear",
     "UScale",
+    "adaptable_types",
     "carry_hooks",
     "check_plain_weight",
     "conv1d_type",
@@ -65,11 +66,18 @@ def check_linear_type(linear: nn.Module, what: str) -> None:
     """Refuse a module other than ``nn.Linear``, transformers' ``Conv1D`` and ``FalconLinear`` and the quantized
     linears the adapter can run beside; another ``nn.Linear`` subclass's forward may not be a linear of its weight
     (``nn.MultiheadAttention``'s ``out_proj`` is not even called)."""
-    if type(linear) not in (nn.Linear, conv1d_type(), falcon_linear_type(), *quantized_linear_types()):
+    if type(linear) not in adaptable_types():
         raise TypeError(
             f"{what} is a {class_label(type(linear))}; only nn.Linear layers, transformers' Conv1D (GPT-2) and "
             "FalconLinear, and bitsandbytes' Linear4bit / Linear8bitLt can be adapted"
         )
+
+
+def adaptable_types() -> tuple[type[nn.Module], ...]:
+    """The layer types an adapter can take: ``nn.Linear``, transformers' ``Conv1D`` and ``FalconLinear`` (once
+    transformers has loaded them), bitsandbytes' quantized linears (once bitsandbytes has)."""
+    types = (nn.Linear, conv1d_type(), falcon_linear_type(), *quantized_linear_types())
+    return tuple(t for t in types if t is not None)
 
 
 def class_label(cls: type) -> str:

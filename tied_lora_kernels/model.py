@@ -21,10 +21,9 @@ from torch import nn
 from tied_lora_kernels.config import ALL_LINEAR, TiedLoRAConfig
 from tied_lora_kernels.layer import (
     TiedLoRALinear,
+    adaptable_types,
     check_linear_type,
     check_plain_weight,
-    conv1d_type,
-    falcon_linear_type,
     linear_features,
     qualified_name,
     quantized_linear_types,
@@ -264,13 +263,6 @@ def _names_of_parameters(module: nn.Module) -> dict[int, list[str]]:
     return names_of
 
 
-def _linear_types() -> tuple[type[nn.Module], ...]:
-    """The modules an adapter can take: ``nn.Linear``, transformers' ``Conv1D`` and ``FalconLinear``, bitsandbytes'
-    quantized linears."""
-    types = (nn.Linear, conv1d_type(), falcon_linear_type(), *quantized_linear_types())
-    return tuple(t for t in types if t is not None)
-
-
 _WEIGHT_READ_BY_PARENT = {
     "MambaMixer": ("x_proj", "dt_proj", "out_proj"),
     "FalconMambaMixer": ("x_proj", "dt_proj", "out_proj"),
@@ -304,7 +296,7 @@ def _read_by_parent(model: nn.Module, name: str) -> str | None:
 def _find_targets(model: nn.Module, config: TiedLoRAConfig) -> dict[str, nn.Linear]:
     targets, owners = {}, _names_of_parameters(model)
     heads = _heads(model) if config.target_modules == ALL_LINEAR else ()
-    linear_types = _linear_types()
+    linear_types = adaptable_types()
     for name, module in model.named_modules():
         if callable(config.target_modules):
             hit = bool(config.target_modules(module, name))

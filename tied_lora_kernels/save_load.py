@@ -17,7 +17,7 @@ from torch import nn
 
 from tied_lora_kernels.config import TiedLoRAConfig
 from tied_lora_kernels.functional import BACKENDS
-from tied_lora_kernels.layer import linear_features
+from tied_lora_kernels.layer import adaptable_types, linear_features
 from tied_lora_kernels.model import (
     _FACTOR_OF,
     _adapter_params,
@@ -26,7 +26,6 @@ from tied_lora_kernels.model import (
     _find_targets,
     _input_dtype,
     _is_adapter_tensor,
-    _linear_types,
     _read_by_parent,
     _require_layers,
     _saved_modules,
@@ -165,8 +164,7 @@ def load_tied_lora(
         targets = _find_targets(model, config)
         if sorted(targets) != sorted(layout):
             extra, missing = sorted(set(targets) - set(layout)), sorted(set(layout) - set(targets))
-            modules = dict(model.named_modules())
-            read = [n for n in missing if n in modules and _read_by_parent(model, n)]
+            read = [n for n in missing if _read_by_parent(model, n)]  # (_check_base_shapes found each of them)
             why = (
                 f"; {read[:4]} are layers whose weight their parent reads itself, which apply_tied_lora no longer "
                 "adapts (model._WEIGHT_READ_BY_PARENT: the adapter was skipped there on some paths)"
@@ -273,7 +271,7 @@ def _check_base_shapes(model: nn.Module, layout: dict[str, dict]) -> None:
         m = modules.get(name)
         if m is None:
             raise ValueError(f"the adapter targets {name!r}, and this model has no module of that name")
-        if not isinstance(m, _linear_types()):
+        if not isinstance(m, adaptable_types()):
             kind = type(m).__name__
             raise ValueError(f"the adapter targets {name!r}: this model's module there is {kind}, not nn.Linear")
         if linear_features(m) != (entry["in_features"], entry["out_features"]):
