@@ -64,3 +64,14 @@ def tiny_llama(seed=0, **kw):
     )
     config = transformers.LlamaConfig(**{**shape, **kw})
     return transformers.LlamaForCausalLM(config).eval()
+
+
+def enable_checkpointing(model, reentrant: bool, input_grads: bool = True) -> None:
+    kwargs = {"use_reentrant": reentrant}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.18
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if reentrant and input_grads:
+        model.enable_input_require_grads()  # transformers 5 did it already for token ids; 4.x did not
+    assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules())

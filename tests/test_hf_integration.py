@@ -9,7 +9,7 @@ import torch
 import transformers
 
 from tests.helpers import cpu_triton
-from tests.models import Toy, randomise_adapters, tiny_llama
+from tests.models import Toy, enable_checkpointing, randomise_adapters, tiny_llama
 from tied_lora_kernels import (
     QKV,
     TiedLoRAConfig,
@@ -20,17 +20,6 @@ from tied_lora_kernels import (
     tied_lora_layers,
     tied_lora_state_dict,
 )
-
-
-def enable_checkpointing(model, reentrant: bool, input_grads: bool = True) -> None:
-    kwargs = {"use_reentrant": reentrant}
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.18
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    if reentrant and input_grads:
-        model.enable_input_require_grads()  # transformers 5 did it already for token ids; 4.x did not
-    assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=cpu_triton)])

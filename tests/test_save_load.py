@@ -13,7 +13,7 @@ import transformers
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from tests.models import Toy, randomise_adapters, tiny_llama
+from tests.models import Toy, enable_checkpointing, randomise_adapters, tiny_llama
 from tied_lora_kernels import (
     QKV,
     TiedLoRAConfig,
@@ -321,6 +321,39 @@ def test_load_refuses_a_file_that_lost_a_tensor(tmp_path):
     with pytest.raises(ValueError, match="adapter tensors differ"):
         load_tied_lora(fresh, tmp_path)
     assert not tied_lora_layers(fresh)
+
+
+def test_a_file_that_does_not_fit_its_own_config_leaves_a_bare_model_as_it_was(tmp_path):
+    """Tensors that match the file's description but not the adapter its config builds (here ``u`` gone from both,
+    while the config trains it: a file edited by hand, or written by another version) can only be checked once the
+    model is adapted: the refusal puts the bare model back, its own modules with their hooks, ``requires_grad``
+    flags, attributes and hooks (the input-grad hook that reentrant checkpointing gets here included)."""
+    save_tied_lora(apply_tied_lora(tiny_llama(), TiedLoRAConfig(rank=4, preset="tl6")), tmp_path)
+    state, meta = (
+        load_file(tmp_path / "adapter_model.safetensors"),
+        json.loads((tmp_path / "adapter_config.json").read_text()),
+    )
+    for key in [k for k in state if k.endswith(".lora_scale.u")]:
+        del state[key], meta["tensors"][key]
+    save_file(state, tmp_path / "adapter_model.safetensors")
+    (tmp_path / "adapter_config.json").write_text(json.dumps(meta))
+
+    bare = tiny_llama()
+    enable_checkpointing(bare, reentrant=True, input_grads=False)
+    bare.disable_input_require_grads()  # (so that adapting it registers the hook, as for Whisper)
+    bare.model.embed_tokens.weight.requires_grad_(False)
+    modules, flags = dict(bare.named_modules()), [(n, p.requires_grad) for n, p in bare.named_parameters()]
+    attributes, load_hooks = dict(vars(bare)), dict(bare._load_state_dict_pre_hooks)
+    calls = []
+    bare.model.layers[0].self_attn.q_proj.register_forward_hook(lambda *_: calls.append(1))
+    with pytest.raises(ValueError, match=r"missing \['model.layers.0.self_attn.q_proj.lora_scale.u'"):
+        load_tied_lora(bare, tmp_path)
+    assert dict(bare.named_modules()) == modules and not tied_lora_layers(bare)
+    assert [(n, p.requires_grad) for n, p in bare.named_parameters()] == flags
+    assert vars(bare) == attributes and dict(bare._load_state_dict_pre_hooks) == load_hooks
+    assert not bare._require_grads_hooks and not bare.model.embed_tokens._forward_hooks
+    bare(torch.randint(0, 97, (1, 5)))
+    assert calls == [1]  # the hook is back on the layer it was registered on
 
 
 def test_load_backend_override(tmp_path):

@@ -22,6 +22,7 @@ from tied_lora_kernels.config import ALL_LINEAR, TiedLoRAConfig
 from tied_lora_kernels.layer import (
     TiedLoRALinear,
     adaptable_types,
+    carry_hooks,
     check_linear_type,
     check_plain_weight,
     linear_features,
@@ -155,6 +156,39 @@ def _apply(model: nn.Module, config: TiedLoRAConfig, shared_of: dict[str, str] |
         # for models whose main input is input_ids (not Whisper's input_features, say)
         enable_input_grads()
     return model
+
+
+@contextlib.contextmanager
+def _undone_on_error(model: nn.Module, names: Iterator[str] | Sequence[str]) -> Iterator[None]:
+    """Put a bare ``model`` back as it was if the block (``_apply`` on the layers ``names``, then checks that need
+    the adapted model) raises: its own modules (their hooks moved back), ``requires_grad`` flags, attributes and
+    hooks."""
+    originals = {name: model.get_submodule(name) for name in names}
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    attributes = ("tied_lora_config", "_require_grads_hooks", "_require_grads_hook")
+    before = {k: model.__dict__[k] for k in attributes if k in model.__dict__}
+    load_hooks = set(model._load_state_dict_pre_hooks)
+    try:
+        yield
+    except BaseException:
+        for name, original in originals.items():
+            layer = model.get_submodule(name)
+            if layer is not original:
+                carry_hooks(layer, original)
+                if getattr(original.weight, "module", None) is layer:  # (bitsandbytes' Params4bit: from_linear)
+                    original.weight.module = original  # type: ignore[union-attr]
+                _set_submodule(model, name, original)
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        if model.__dict__.get("_require_grads_hooks") is not before.get("_require_grads_hooks"):
+            for handle in model.__dict__["_require_grads_hooks"]:  # (enable_input_require_grads, called by _apply)
+                handle.remove()
+        for k in attributes:
+            model.__dict__.pop(k, None)
+        model.__dict__.update(before)
+        for key in set(model._load_state_dict_pre_hooks) - load_hooks:
+            del model._load_state_dict_pre_hooks[key]
+        raise
 
 
 def _peft_layer(model: nn.Module) -> tuple[str, str] | None:

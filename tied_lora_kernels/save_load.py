@@ -29,6 +29,7 @@ from tied_lora_kernels.model import (
     _read_by_parent,
     _require_layers,
     _saved_modules,
+    _undone_on_error,
     _unwrapped,
     tied_lora_layers,
 )
@@ -156,6 +157,7 @@ def load_tied_lora(
                     f"the adapter in {directory} does not fit this model: it was configured to train {saved}, "
                     f"this model's adapter {mine}"
                 )
+        _check_state(state, model)
     else:
         if meta["config"] is None:
             raise ValueError("the adapter was saved without a config: adapt the model first, then load")
@@ -197,9 +199,11 @@ def load_tied_lora(
             # model, fp16, a quantized base whose compute dtype differs or is not known yet): float32 adapters,
             # which run beside any input, holding exactly the saved values
             config = dataclasses.replace(config, dtype=torch.float32)
-        _apply(model, config, shared_of={name: entry["shared"] for name, entry in layout.items()})
-    expected = tied_lora_state_dict(model)
-    _check_tensors(state, {k: (t.shape, t.dtype, t.is_meta) for k, t in expected.items()})
+        # the file's tensors are checked against the adapter that apply_tied_lora builds: if they do not fit (a file
+        # edited by hand, or written by another version), the model is put back as it was
+        with _undone_on_error(model, layout):
+            _apply(model, config, shared_of={name: entry["shared"] for name, entry in layout.items()})
+            _check_state(state, model)
     if backend is not None:
         for layer in tied_lora_layers(model).values():
             layer.backend = backend
@@ -214,6 +218,11 @@ def load_tied_lora(
             kind = next((k for end, k in _FACTOR_OF.items() if name.endswith(end)), None)
             params[name].requires_grad_(trainable and (kind is None or kind in trained))
     return model
+
+
+def _check_state(state: dict[str, torch.Tensor], model: nn.Module) -> None:
+    """A file's tensors against the adapted ``model``'s: the same names, and shapes and dtypes that load."""
+    _check_tensors(state, {k: (t.shape, t.dtype, t.is_meta) for k, t in tied_lora_state_dict(model).items()})
 
 
 def _saved_config(meta: dict, layout: dict[str, dict], backend: str | None = None) -> TiedLoRAConfig:
