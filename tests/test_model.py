@@ -751,6 +751,13 @@ def test_hooks_on_a_target_carry_over():
     assert not tied_lora_layers(pruned)
     with pytest.raises(ValueError, match="computes its weight in a forward pre-hook"):
         TiedLoRALinear.from_linear(pruned.layers[0].v_proj, TiedLoRAShared(24, 16, 4))
+    normed = Toy()  # a parametrization (torch.nn.utils.parametrizations) makes the layer a ParametrizedLinear
+    torch.nn.utils.parametrizations.weight_norm(normed.layers[0].v_proj)
+    with pytest.raises(
+        TypeError, match=r"'layers.0.v_proj' has a parametrization of weight \(weight norm.*remove it first"
+    ):
+        apply_tied_lora(normed, TiedLoRAConfig(rank=4))
+    assert not tied_lora_layers(normed)
 
 
 def test_untied_pairs_of_one_shape_start_from_different_draws():

@@ -67,6 +67,12 @@ def check_linear_type(linear: nn.Module, what: str) -> None:
     linears the adapter can run beside; another ``nn.Linear`` subclass's forward may not be a linear of its weight
     (``nn.MultiheadAttention``'s ``out_proj`` is not even called)."""
     if type(linear) not in adaptable_types():
+        if torch.nn.utils.parametrize.is_parametrized(linear):  # (the class is ParametrizedLinear)
+            raise TypeError(
+                f"{what} has a parametrization of {', '.join(linear.parametrizations)} (weight norm, spectral norm, "
+                "orthogonal, ...), which computes its weight from other tensors: remove it first "
+                "(torch.nn.utils.parametrize.remove_parametrizations) to adapt the layer"
+            )
         raise TypeError(
             f"{what} is a {class_label(type(linear))}; only nn.Linear layers, transformers' Conv1D (GPT-2) and "
             "FalconLinear, and bitsandbytes' Linear4bit / Linear8bitLt can be adapted"
