@@ -246,6 +246,32 @@ def test_load_errors(tmp_path):
         load_tied_lora(frozen, tmp_path / "vera")
 
 
+def test_load_says_what_a_folder_holds_instead_of_an_adapter(tmp_path):
+    """Folders that are not a ``save_tied_lora`` adapter are refused by what they hold: a whole model (TRL scripts
+    end with ``trainer.save_model()``), a ``Trainer`` checkpoint with the callback's adapter in ``tied_lora/``, a
+    PEFT adapter, nothing."""
+    from tied_lora_kernels import export_peft_lora
+
+    model = apply_tied_lora(tiny_llama(), TiedLoRAConfig(rank=4))
+    model.save_pretrained(tmp_path / "whole")
+    save_tied_lora(model, tmp_path / "checkpoint-2" / "tied_lora")
+    export_peft_lora(model, tmp_path / "peft")
+    (tmp_path / "empty").mkdir()
+    cases = [
+        ("whole", FileNotFoundError, "holds a whole model .*: load it with from_pretrained, or save the adapter"),
+        ("checkpoint-2", FileNotFoundError, r"SaveTiedLoRACallback saved its adapter in .*checkpoint-2/tied_lora: "),
+        ("peft", ValueError, r"is a PEFT adapter \(LORA\): bring it over with load_peft_adapter"),
+        ("empty", FileNotFoundError, "holds no adapter_config.json: it is not a save_tied_lora adapter"),
+        ("nowhere", FileNotFoundError, "nowhere is not a folder"),
+    ]
+    for folder, error, match in cases:
+        bare = tiny_llama()
+        with pytest.raises(error, match=match):
+            load_tied_lora(bare, tmp_path / folder)
+        assert not tied_lora_layers(bare)
+    assert tied_lora_layers(load_tied_lora(tiny_llama(), tmp_path / "checkpoint-2" / "tied_lora"))
+
+
 def test_save_refuses_a_submodule_adapted_apart(tmp_path):
     # the file holds one config, which does not target what a second apply_tied_lora on a submodule adapted:
     # loading it would adapt the first set of layers only, so saving refuses (the submodule saves on its own)

@@ -32,13 +32,9 @@ from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from tied_lora_kernels.model import _unwrapped, tied_lora_layers
-from tied_lora_kernels.save_load import CONFIG_NAME, FORMAT, load_tied_lora, save_tied_lora
+from tied_lora_kernels.save_load import CHECKPOINT_SUBFOLDER, CONFIG_NAME, FORMAT, load_tied_lora, save_tied_lora
 
 __all__ = ["SaveTiedLoRACallback", "TiedLoRATrainer"]
-
-
-CHECKPOINT_SUBFOLDER = "tied_lora"
-"""Where in a ``Trainer`` checkpoint the callback puts the adapter."""
 
 
 class SaveTiedLoRACallback(TrainerCallback):

@@ -39,6 +39,8 @@ __all__ = ["save_tied_lora", "load_tied_lora", "tied_lora_state_dict"]
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
 FORMAT = "tied_lora_kernels/1"
+CHECKPOINT_SUBFOLDER = "tied_lora"
+"""Where in a ``Trainer`` checkpoint ``SaveTiedLoRACallback`` puts the adapter (hf.py)."""
 
 
 def tied_lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -135,10 +137,7 @@ def load_tied_lora(
     if backend == "triton" and any(layer.quantized for layer in tied_lora_layers(model).values()):
         raise ValueError("backend='triton' needs plain weights; this model's adapted layers include quantized ones")
 
-    with open(os.path.join(directory, CONFIG_NAME)) as f:
-        meta = json.load(f)
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{directory} is not a tied_lora_kernels adapter (format {meta.get('format')!r})")
+    meta = _read_meta(directory)
     layout = meta["layout"]
     state = load_file(os.path.join(directory, WEIGHTS_NAME))
     layers = tied_lora_layers(model)
@@ -218,6 +217,37 @@ def load_tied_lora(
             kind = next((k for end, k in _FACTOR_OF.items() if name.endswith(end)), None)
             params[name].requires_grad_(trainable and (kind is None or kind in trained))
     return model
+
+
+def _read_meta(directory: str | os.PathLike) -> dict:
+    """An adapter file's ``adapter_config.json``; a folder that holds something else is refused, naming what it
+    holds and where its adapter is."""
+    path = os.path.join(directory, CONFIG_NAME)
+    if not os.path.isfile(path):
+        if not os.path.isdir(directory):
+            raise FileNotFoundError(f"{directory} is not a folder")
+        if os.path.isfile(os.path.join(directory, CHECKPOINT_SUBFOLDER, CONFIG_NAME)):
+            raise FileNotFoundError(
+                f"{directory} is a checkpoint of the whole model; SaveTiedLoRACallback saved its adapter in "
+                f"{os.path.join(directory, CHECKPOINT_SUBFOLDER)}: load that"
+            )
+        if os.path.isfile(os.path.join(directory, "config.json")):
+            raise FileNotFoundError(
+                f"{directory} holds a whole model (save_pretrained, or Trainer.save_model of an adapted model), not "
+                "an adapter: load it with from_pretrained, or save the adapter with save_tied_lora "
+                "(SaveTiedLoRACallback writes {output_dir}/adapter-final; TiedLoRATrainer's save_model, the adapter)"
+            )
+        raise FileNotFoundError(f"{directory} holds no {CONFIG_NAME}: it is not a save_tied_lora adapter")
+    with open(path) as f:
+        meta = json.load(f)
+    if meta.get("format") != FORMAT:
+        if "peft_type" in meta:
+            raise ValueError(
+                f"{directory} is a PEFT adapter ({meta['peft_type']}): bring it over with "
+                "load_peft_adapter(model, directory)"
+            )
+        raise ValueError(f"{directory} is not a tied_lora_kernels adapter (format {meta.get('format')!r})")
+    return meta
 
 
 def _check_state(state: dict[str, torch.Tensor], model: nn.Module) -> None:
