@@ -68,8 +68,9 @@ def check_linear_type(linear: nn.Module, what: str) -> None:
     (``nn.MultiheadAttention``'s ``out_proj`` is not even called)."""
     if type(linear) not in adaptable_types():
         if torch.nn.utils.parametrize.is_parametrized(linear):  # (the class is ParametrizedLinear)
+            parametrized: Any = linear.parametrizations  # (a ModuleDict by the parametrized tensors' names)
             raise TypeError(
-                f"{what} has a parametrization of {', '.join(linear.parametrizations)} (weight norm, spectral norm, "
+                f"{what} has a parametrization of {', '.join(parametrized)} (weight norm, spectral norm, "
                 "orthogonal, ...), which computes its weight from other tensors: remove it first "
                 "(torch.nn.utils.parametrize.remove_parametrizations) to adapt the layer"
             )
