@@ -17,6 +17,7 @@ from tied_lora_kernels import (
     disable_tied_lora,
     load_tied_lora,
     merge_tied_lora,
+    save_tied_lora,
     tied_lora_layers,
     tied_lora_state_dict,
 )
@@ -318,3 +319,105 @@ def test_tied_lora_trainer_checkpoints_hold_the_adapter_alone(tmp_path):
         TiedLoRATrainer(model=whole, args=args("hub", push_to_hub=True), train_dataset=data)
     with pytest.raises(ValueError, match="this model has no Tied-LoRA adapter"):
         TiedLoRATrainer(model=tiny_llama(), args=args("bare", save_strategy="no"), train_dataset=data).save_model()
+
+
+def test_trainers_combined_with_tied_lora_trainer_checkpoint_the_adapter_alone(tmp_path):
+    """``class MyTrainer(TiedLoRATrainer, OtherTrainer)`` (TRL's SFTTrainer, DPOTrainer, ... in the README): the other
+    trainer's loss and its own ``_save`` give way to TiedLoRATrainer's checkpoints (the adapter alone), which resume
+    bit for bit; ``save_model`` writes an adapter that ``load_tied_lora`` reads."""
+    pytest.importorskip("accelerate", reason="transformers' Trainer needs accelerate")
+    from tied_lora_kernels.hf import TiedLoRATrainer
+
+    class OtherTrainer(transformers.Trainer):  # (a subclass with a loss and a save of its own, as TRL's)
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss = model(**inputs).loss * 2
+            return (loss, None) if return_outputs else loss
+
+        def _save(self, output_dir=None, state_dict=None):
+            raise AssertionError("OtherTrainer._save runs: TiedLoRATrainer's should")
+
+    class Combined(TiedLoRATrainer, OtherTrainer):
+        pass
+
+    config = TiedLoRAConfig(rank=4, preset="tl6")
+    ids = torch.randint(0, 97, (8, 9), generator=torch.Generator().manual_seed(7))
+    data = [{"input_ids": row, "labels": row} for row in ids]
+    kwargs = dict(max_steps=4, per_device_train_batch_size=2, report_to=[], use_cpu=True, learning_rate=1e-2)
+
+    def args(out, **more):
+        return transformers.TrainingArguments(str(tmp_path / out), **{**kwargs, **more})
+
+    whole = apply_tied_lora(tiny_llama(), config)
+    trainer = Combined(model=whole, args=args("whole", save_strategy="steps", save_steps=2), train_dataset=data)
+    trainer.train()
+    files = {p.name for p in (tmp_path / "whole/checkpoint-2").iterdir()}
+    assert {"adapter_model.safetensors", "adapter_config.json", "optimizer.pt"} <= files
+    assert not [f for f in files if f.startswith("model")]
+    trainer.save_model(str(tmp_path / "final"))
+    resumed = apply_tied_lora(tiny_llama(), config)
+    Combined(model=resumed, args=args("resumed", save_strategy="no"), train_dataset=data).train(
+        resume_from_checkpoint=str(tmp_path / "whole/checkpoint-2")
+    )
+    final = load_tied_lora(tiny_llama(), tmp_path / "final")
+    for model in (resumed, final):
+        theirs = tied_lora_state_dict(model)
+        assert all(torch.equal(theirs[k], t) for k, t in tied_lora_state_dict(whole).items())
+    untrained = tied_lora_state_dict(apply_tied_lora(tiny_llama(), config))
+    assert all(not torch.equal(tied_lora_state_dict(whole)[k], t) for k, t in untrained.items())
+
+
+def test_a_run_in_which_the_adapter_would_not_train_is_refused_before_the_first_step(tmp_path):
+    """SaveTiedLoRACallback and TiedLoRATrainer refuse to start (and save_tied_lora to save) when PEFT wraps the
+    adapted model — what a trainer given a ``peft_config`` does (TRL's): PEFT freezes the Tied-LoRA adapter — and
+    when the output layer is adapted but the model's forward was patched with TRL's fused LM head, which reads
+    ``lm_head.weight`` itself (a stand-in for ``trl.trainer.utils.add_fused_lm_head`` here: the same wrapping, a
+    ``fused_lm_head`` argument). Training the head in full (``modules_to_save``) under that patch is fine."""
+    pytest.importorskip("accelerate", reason="transformers' Trainer needs accelerate")
+    peft = pytest.importorskip("peft")
+    import functools
+    import types
+
+    from tied_lora_kernels.hf import SaveTiedLoRACallback, TiedLoRATrainer
+
+    ids = torch.randint(0, 97, (4, 9), generator=torch.Generator().manual_seed(7))
+    data = [{"input_ids": row, "labels": row} for row in ids]
+    kwargs = dict(max_steps=1, per_device_train_batch_size=2, report_to=[], use_cpu=True, save_strategy="no")
+
+    def runs(model, out):
+        args = transformers.TrainingArguments(str(tmp_path / out), **kwargs)
+        yield lambda: transformers.Trainer(model, args, train_dataset=data, callbacks=[SaveTiedLoRACallback()]).train()
+        yield lambda: TiedLoRATrainer(model, args, train_dataset=data).train()
+
+    wrapped = peft.get_peft_model(
+        apply_tied_lora(tiny_llama(), TiedLoRAConfig(rank=4)), peft.LoraConfig(r=2, target_modules=["q_proj"])
+    )
+    for run in runs(wrapped, "peft"):
+        with pytest.raises(ValueError, match=r"has PEFT in it \(.*\): PEFT freezes .* pass none"):
+            run()
+    with pytest.raises(ValueError, match="has PEFT in it"):
+        save_tied_lora(wrapped, tmp_path / "peft_save")
+
+    def fused_head(model):
+        forward = model.forward
+
+        @functools.wraps(type(model).forward)
+        def patched(self, *args, fused_lm_head=False, **kwargs):
+            return forward(*args, **kwargs)
+
+        model.forward = types.MethodType(patched, model)
+        return model
+
+    head = apply_tied_lora(tiny_llama(), TiedLoRAConfig(rank=4, target_modules=("q_proj", "lm_head"), groups=()))
+    start = {k: t.clone() for k, t in tied_lora_state_dict(head).items()}
+    for run in runs(fused_head(head), "head"):
+        with pytest.raises(ValueError, match="the output layer is adapted, but .* fused LM head"):
+            run()
+    assert all(torch.equal(t, start[k]) for k, t in tied_lora_state_dict(head).items())  # before the first step
+    in_full = apply_tied_lora(tiny_llama(), TiedLoRAConfig(rank=4, modules_to_save=("lm_head",)))
+    before = in_full.lm_head.weight.detach().clone()
+    for run in runs(fused_head(in_full), "in_full"):
+        run()
+    assert not torch.equal(in_full.lm_head.weight, before)
+    unpatched = apply_tied_lora(tiny_llama(), TiedLoRAConfig(rank=4, target_modules=("q_proj", "lm_head"), groups=()))
+    for run in runs(unpatched, "unpatched"):
+        run()

@@ -22,8 +22,10 @@ training ends::
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
+from typing import Any
 
 import torch
 from torch import nn
@@ -31,7 +33,8 @@ from transformers import PreTrainedModel, Trainer, TrainerCallback
 from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from tied_lora_kernels.model import _unwrapped, tied_lora_layers
+from tied_lora_kernels.layer import TiedLoRALinear
+from tied_lora_kernels.model import _refuse_peft_inside, _unwrapped, tied_lora_layers
 from tied_lora_kernels.save_load import CHECKPOINT_SUBFOLDER, CONFIG_NAME, FORMAT, load_tied_lora, save_tied_lora
 
 __all__ = ["SaveTiedLoRACallback", "TiedLoRATrainer"]
@@ -40,7 +43,9 @@ __all__ = ["SaveTiedLoRACallback", "TiedLoRATrainer"]
 class SaveTiedLoRACallback(TrainerCallback):
     """Save the adapter into each checkpoint ``Trainer`` writes (``{output_dir}/checkpoint-{step}/tied_lora``),
     to ``{output_dir}/adapter-{step}`` every ``every`` steps (None: never) and to ``{output_dir}/adapter-final``
-    when training ends; only the main process writes."""
+    when training ends; only the main process writes. Refuses at the start of training a run in which the
+    adapter would not train (``_check_trains``: PEFT in the model, an adapted output layer behind TRL's fused LM
+    head)."""
 
     def __init__(self, every: int | None = None):
         if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every <= 0):
@@ -50,6 +55,8 @@ class SaveTiedLoRACallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         saves = str(getattr(args.save_strategy, "value", args.save_strategy)) != "no"
+        if model is not None:
+            _check_trains(model)
         if self.checkpoints_hold_adapter:
             return
         if saves and model is not None and not isinstance(_unwrapped(model), PreTrainedModel):
@@ -93,7 +100,11 @@ class TiedLoRATrainer(Trainer):
     writes its ``adapter-N/`` snapshots and ``adapter-final/`` during ``train()``, and no ``tied_lora/`` subfolder
     (the checkpoint is the adapter). Refused when built: FSDP, DeepSpeed or tensor-parallel loading (the adapter
     would be saved from sharded parameters; untested) and ``push_to_hub`` (the pushed ``adapter_config.json`` would
-    be read as PEFT's: push ``export_peft_lora``'s folder instead)."""
+    be read as PEFT's: push ``export_peft_lora``'s folder instead). Refused when training starts, as by
+    ``SaveTiedLoRACallback``: a run in which the adapter would not train (``_check_trains``).
+
+    Another ``Trainer`` subclass (TRL's ``SFTTrainer``, ``DPOTrainer``, ...) gets these checkpoints by coming second:
+    ``class TiedSFTTrainer(TiedLoRATrainer, SFTTrainer): pass``."""
 
     def __init__(self, *args, **kwargs):
         training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
@@ -124,6 +135,7 @@ class TiedLoRATrainer(Trainer):
         ]
         for callback in marked:
             callback.checkpoints_hold_adapter = True
+        _check_trains(self._adapted())
         try:
             return super().train(*args, **kwargs)
         finally:
@@ -162,6 +174,31 @@ class TiedLoRATrainer(Trainer):
             super()._load_best_model()
             return
         load_tied_lora(self._adapted(), best)
+
+
+def _check_trains(model: nn.Module) -> None:
+    """Refuse, before the first step, a run in which the adapter would not train: PEFT in the model (a trainer's
+    ``peft_config``), or an adapted output layer that the model's forward bypasses — TRL's trainers patch it with
+    a fused LM head (a ``fused_lm_head`` argument) that reads ``lm_head.weight`` itself, so the adapter there gets
+    no gradient, while ``generate`` still runs it."""
+    model = _unwrapped(model)
+    if not tied_lora_layers(model):
+        return
+    _refuse_peft_inside(model)
+    output_layer: Any = getattr(model, "get_output_embeddings", None)  # (a PreTrainedModel's)
+    try:
+        head = output_layer() if callable(output_layer) else None
+    except NotImplementedError:
+        head = None
+    if (
+        isinstance(head, TiedLoRALinear)
+        and "fused_lm_head" in inspect.signature(model.forward, follow_wrapped=False).parameters
+    ):
+        raise ValueError(
+            "the output layer is adapted, but this model's forward was patched with a fused LM head (TRL's "
+            "trainers do so) that reads its weight without calling it: that adapter would get no gradient. Leave "
+            "the output layer out of target_modules, or train it in full with modules_to_save"
+        )
 
 
 def _holds_adapter(directory: str) -> bool:

@@ -205,6 +205,20 @@ def _peft_layer(model: nn.Module) -> tuple[str, str] | None:
     return None
 
 
+def _refuse_peft_inside(model: nn.Module) -> None:
+    """Refuse an adapted model with PEFT in it: PEFT freezes every parameter but its own, so the Tied-LoRA adapter
+    would not train beside it, and its names (``base_model.model.``, ``base_layer``) would not fit the model
+    without PEFT. A trainer given a ``peft_config`` (TRL's) wraps the model that way, silently."""
+    found = _peft_layer(model)
+    if found is not None:
+        name, cls = found
+        raise ValueError(
+            f"this Tied-LoRA model has PEFT in it ({f'{name!r}: ' if name else ''}{cls}): PEFT freezes every "
+            "parameter but its own, so the Tied-LoRA adapter would not train. A trainer given a peft_config (TRL's "
+            "SFTTrainer, DPOTrainer, GRPOTrainer, ...) wraps the model with PEFT: pass none"
+        )
+
+
 def _fill_tied_aliases(module: nn.Module, state_dict: dict, prefix: str, *_) -> None:
     """``load_state_dict`` pre-hook of an adapted model: an adapter tensor that several layers share (``A``,
     ``B``, a group's ``u``) needs only one of its names in the state dict — ``save_pretrained``, hence

@@ -27,6 +27,7 @@ from tied_lora_kernels.model import (
     _input_dtype,
     _is_adapter_tensor,
     _read_by_parent,
+    _refuse_peft_inside,
     _require_layers,
     _saved_modules,
     _undone_on_error,
@@ -82,6 +83,7 @@ def save_tied_lora(model: nn.Module, directory: str | os.PathLike) -> None:
 
     model = _unwrapped(model)
     state = {k: v.contiguous().cpu() for k, v in tied_lora_state_dict(model).items()}
+    _refuse_peft_inside(model)
     config = getattr(model, "tied_lora_config", None)
     nested = [
         name
