@@ -7,7 +7,7 @@ from tied_lora_kernels import reference
 from tied_lora_kernels.config import ALL_LINEAR, PRESETS, QKV, TiedLoRAConfig
 from tied_lora_kernels.export import export_peft_lora
 from tied_lora_kernels.functional import tied_lora_linear
-from tied_lora_kernels.layer import TiedLoRAConv1D, TiedLoRALinear
+from tied_lora_kernels.layer import TiedLoRAConv1D, TiedLoRAFalconLinear, TiedLoRALinear
 from tied_lora_kernels.model import (
     ParameterCount,
     apply_tied_lora,
@@ -31,6 +31,7 @@ __all__ = [
     "ParameterCount",
     "TiedLoRAConfig",
     "TiedLoRAConv1D",
+    "TiedLoRAFalconLinear",
     "TiedLoRALinear",
     "TiedLoRAShared",
     "apply_tied_lora",
