@@ -4,6 +4,9 @@
 
 from __future__ import annotations
 
+import itertools
+import warnings
+
 import pytest
 import torch
 import transformers
@@ -421,3 +424,40 @@ def test_a_run_in_which_the_adapter_would_not_train_is_refused_before_the_first_
     unpatched = apply_tied_lora(tiny_llama(), TiedLoRAConfig(rank=4, target_modules=("q_proj", "lm_head"), groups=()))
     for run in runs(unpatched, "unpatched"):
         run()
+
+
+def test_adapter_tensors_without_a_gradient_at_the_first_step_are_named(tmp_path):
+    """SaveTiedLoRACallback and TiedLoRATrainer warn, once, at the first optimizer step, naming the trainable adapter
+    tensors that got no gradient: here a model that computes its logits from ``lm_head.weight`` without calling
+    the adapted head (as a fused loss does). A model whose adapted layers are all called trains without it."""
+    pytest.importorskip("accelerate", reason="transformers' Trainer needs accelerate")
+    from tied_lora_kernels.hf import SaveTiedLoRACallback, TiedLoRATrainer
+
+    class ReadsTheHeadsWeight(torch.nn.Module):
+        def __init__(self, read):
+            super().__init__()
+            self.llama = apply_tied_lora(tiny_llama(), TiedLoRAConfig(rank=4, target_modules=("q_proj", "lm_head")))
+            self.read = read
+
+        def forward(self, input_ids, labels):
+            h = self.llama.model(input_ids).last_hidden_state
+            logits = torch.nn.functional.linear(h, self.llama.lm_head.weight) if self.read else self.llama.lm_head(h)
+            return {"loss": torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten())}
+
+    ids = torch.randint(0, 97, (4, 9), generator=torch.Generator().manual_seed(7))
+    data = [{"input_ids": row, "labels": row} for row in ids]
+    kwargs = dict(max_steps=2, per_device_train_batch_size=2, report_to=[], use_cpu=True, save_strategy="no")
+    for read, trainer in itertools.product((True, False), (transformers.Trainer, TiedLoRATrainer)):
+        args = transformers.TrainingArguments(str(tmp_path / f"{trainer.__name__}-{read}"), **kwargs)
+        run = trainer(ReadsTheHeadsWeight(read), args, train_dataset=data, callbacks=[SaveTiedLoRACallback()])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            run.train()
+        ours = [str(w.message) for w in caught if "got no gradient" in str(w.message)]
+        if read:
+            assert len(ours) == 1, ours  # once, whatever the callbacks and steps
+            assert ours[0].startswith("4 trainable adapter tensors got no gradient in the first optimizer step")
+            named = ("lora_v", "shared.A", "shared.B", "lora_scale.u")
+            assert str([f"llama.lm_head.{name}" for name in named]) in ours[0]
+        else:
+            assert not ours

@@ -25,6 +25,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import warnings
 from typing import Any
 
 import torch
@@ -34,18 +35,34 @@ from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from tied_lora_kernels.layer import TiedLoRALinear
-from tied_lora_kernels.model import _refuse_peft_inside, _unwrapped, tied_lora_layers
+from tied_lora_kernels.model import _adapter_params, _refuse_peft_inside, _unwrapped, tied_lora_layers
 from tied_lora_kernels.save_load import CHECKPOINT_SUBFOLDER, CONFIG_NAME, FORMAT, load_tied_lora, save_tied_lora
 
 __all__ = ["SaveTiedLoRACallback", "TiedLoRATrainer"]
 
 
-class SaveTiedLoRACallback(TrainerCallback):
+class _GradientCheck(TrainerCallback):
+    """Warn once, at the first optimizer step, about trainable adapter tensors that got no gradient
+    (``_warn_ungraded``); part of ``SaveTiedLoRACallback`` and of ``TiedLoRATrainer``."""
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.checked = False
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if not getattr(self, "checked", True) and model is not None and self._checks():
+            _warn_ungraded(args, model)
+        self.checked = True
+
+    def _checks(self) -> bool:
+        return True
+
+
+class SaveTiedLoRACallback(_GradientCheck):
     """Save the adapter into each checkpoint ``Trainer`` writes (``{output_dir}/checkpoint-{step}/tied_lora``),
     to ``{output_dir}/adapter-{step}`` every ``every`` steps (None: never) and to ``{output_dir}/adapter-final``
     when training ends; only the main process writes. Refuses at the start of training a run in which the
     adapter would not train (``_check_trains``: PEFT in the model, an adapted output layer behind TRL's fused LM
-    head)."""
+    head), and warns at the first optimizer step about adapter tensors that got no gradient (``_warn_ungraded``)."""
 
     def __init__(self, every: int | None = None):
         if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every <= 0):
@@ -54,6 +71,7 @@ class SaveTiedLoRACallback(TrainerCallback):
         self.checkpoints_hold_adapter = False  # set by TiedLoRATrainer: its checkpoints are the adapter
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        super().on_train_begin(args, state, control, model=model, **kwargs)
         saves = str(getattr(args.save_strategy, "value", args.save_strategy)) != "no"
         if model is not None:
             _check_trains(model)
@@ -66,6 +84,9 @@ class SaveTiedLoRACallback(TrainerCallback):
                 "TiedLoRATrainer, whose checkpoints hold the adapter alone, or set TrainingArguments(save_strategy="
                 "'no') and let SaveTiedLoRACallback(every=...) save the adapter"
             )
+
+    def _checks(self) -> bool:
+        return not self.checkpoints_hold_adapter  # (TiedLoRATrainer, which checks on its own)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if self.every is not None and state.global_step % self.every == 0:
@@ -101,7 +122,8 @@ class TiedLoRATrainer(Trainer):
     (the checkpoint is the adapter). Refused when built: FSDP, DeepSpeed or tensor-parallel loading (the adapter
     would be saved from sharded parameters; untested) and ``push_to_hub`` (the pushed ``adapter_config.json`` would
     be read as PEFT's: push ``export_peft_lora``'s folder instead). Refused when training starts, as by
-    ``SaveTiedLoRACallback``: a run in which the adapter would not train (``_check_trains``).
+    ``SaveTiedLoRACallback``: a run in which the adapter would not train (``_check_trains``); warns as it does
+    about adapter tensors without a gradient at the first optimizer step.
 
     Another ``Trainer`` subclass (TRL's ``SFTTrainer``, ``DPOTrainer``, ...) gets these checkpoints by coming second:
     ``class TiedSFTTrainer(TiedLoRATrainer, SFTTrainer): pass``."""
@@ -114,6 +136,7 @@ class TiedLoRATrainer(Trainer):
                 "PEFT's; push the folder export_peft_lora(model, ...) writes instead"
             )
         super().__init__(*args, **kwargs)
+        self.add_callback(_GradientCheck())
         sharded = [
             name
             for name in ("is_fsdp_enabled", "is_deepspeed_enabled", "is_distributed_loading_by_transformers")
@@ -198,6 +221,26 @@ def _check_trains(model: nn.Module) -> None:
             "the output layer is adapted, but this model's forward was patched with a fused LM head (TRL's "
             "trainers do so) that reads its weight without calling it: that adapter would get no gradient. Leave "
             "the output layer out of target_modules, or train it in full with modules_to_save"
+        )
+
+
+def _warn_ungraded(args, model: nn.Module) -> None:
+    """Warn about the trainable adapter tensors that have no gradient at the first optimizer step: their layers were
+    not called — no token reached an expert yet, or the model (or the trainer) reads the layers' weights without
+    calling them, so that those adapters do nothing. Skipped where gradients are sharded away (DeepSpeed, FSDP)."""
+    if getattr(args, "deepspeed", None) or getattr(args, "fsdp", None):
+        return
+    model = _unwrapped(model)
+    ids = _adapter_params(tied_lora_layers(model))
+    ungraded = [n for n, p in model.named_parameters() if id(p) in ids and p.requires_grad and p.grad is None]
+    if ungraded:
+        warnings.warn(
+            f"{len(ungraded)} trainable adapter tensors got no gradient in the first optimizer step ({ungraded[:4]}"
+            f"{', ...' if len(ungraded) > 4 else ''}): their layers were not called. In a mixture of experts no token "
+            "may have reached an expert yet; otherwise the model or the trainer reads those layers' weights without "
+            "calling them (a fused loss that takes lm_head.weight, fused-QKV code that concatenates weights, ...), "
+            "so their adapters do nothing: leave them out of target_modules",
+            stacklevel=2,
         )
 
 
