@@ -374,7 +374,8 @@ def test_a_run_in_which_the_adapter_would_not_train_is_refused_before_the_first_
     adapted model — what a trainer given a ``peft_config`` does (TRL's): PEFT freezes the Tied-LoRA adapter — and
     when the output layer is adapted but the model's forward was patched with TRL's fused LM head, which reads
     ``lm_head.weight`` itself (a stand-in for ``trl.trainer.utils.add_fused_lm_head`` here: the same wrapping, a
-    ``fused_lm_head`` argument). Training the head in full (``modules_to_save``) under that patch is fine."""
+    ``fused_lm_head`` argument), or with Liger's fused linear cross entropy (a stand-in: a forward of Liger's
+    module). Training the head in full (``modules_to_save``) under that patch is fine."""
     pytest.importorskip("accelerate", reason="transformers' Trainer needs accelerate")
     peft = pytest.importorskip("peft")
     import functools
@@ -410,12 +411,23 @@ def test_a_run_in_which_the_adapter_would_not_train_is_refused_before_the_first_
         model.forward = types.MethodType(patched, model)
         return model
 
-    head = apply_tied_lora(tiny_llama(), TiedLoRAConfig(rank=4, target_modules=("q_proj", "lm_head"), groups=()))
-    start = {k: t.clone() for k, t in tied_lora_state_dict(head).items()}
-    for run in runs(fused_head(head), "head"):
-        with pytest.raises(ValueError, match="the output layer is adapted, but .* fused LM head"):
-            run()
-    assert all(torch.equal(t, start[k]) for k, t in tied_lora_state_dict(head).items())  # before the first step
+    def liger_loss(model):  # (Liger patches in a forward of its own module that takes lm_head.weight to its loss)
+        forward = model.forward
+
+        def lce_forward(self, *args, skip_logits=None, **kwargs):
+            return forward(*args, **kwargs)
+
+        lce_forward.__module__ = "liger_kernel.transformers.model.llama"
+        model.forward = types.MethodType(lce_forward, model)
+        return model
+
+    for patch, why in ((fused_head, "TRL's fused LM head"), (liger_loss, "Liger's fused linear cross entropy")):
+        head = apply_tied_lora(tiny_llama(), TiedLoRAConfig(rank=4, target_modules=("q_proj", "lm_head"), groups=()))
+        start = {k: t.clone() for k, t in tied_lora_state_dict(head).items()}
+        for run in runs(patch(head), "head"):
+            with pytest.raises(ValueError, match=f"the output layer is adapted, but .* with {why}"):
+                run()
+        assert all(torch.equal(t, start[k]) for k, t in tied_lora_state_dict(head).items())  # before the first step
     in_full = apply_tied_lora(tiny_llama(), TiedLoRAConfig(rank=4, modules_to_save=("lm_head",)))
     before = in_full.lm_head.weight.detach().clone()
     for run in runs(fused_head(in_full), "in_full"):

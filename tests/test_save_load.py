@@ -400,7 +400,7 @@ def test_load_backend_override(tmp_path):
 def test_save_after_conversion_freeze_and_wrappers(tmp_path):
     """An adapter saved after ``model.to(bf16)`` loads into a bare bf16 model (the file records the dtype its
     tensors have); a model frozen for inference loads it and keeps its flags; ``torch.compile``'s and DDP's
-    wrappers add no prefix to the file's names and are looked through on load."""
+    wrappers add no prefix to the file's names and are looked through on load; nor does an ``AveragedModel``'s (EMA)."""
     ids = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(6))
     model = apply_tied_lora(tiny_llama(), TiedLoRAConfig(rank=4, preset="tl6", target_modules=QKV + ("o_proj",)))
     randomise_adapters(model)
@@ -420,6 +420,21 @@ def test_save_after_conversion_freeze_and_wrappers(tmp_path):
     assert not any(p.requires_grad for p in frozen.parameters())
     with torch.no_grad():
         assert torch.equal(frozen(ids).logits, expected)
+
+    # an EMA of the adapter (torch.optim.swa_utils.AveragedModel, a deepcopy that keeps the ties): its averaged tensors
+    ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(0.5))
+    ema.update_parameters(model)  # (the first update copies)
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.lora_v.add_(1.0)
+    ema.update_parameters(model)
+    save_tied_lora(ema, tmp_path / "ema")
+    assert not any(k.startswith("module.") for k in load_file_keys(tmp_path / "ema"))
+    averaged = load_tied_lora(tiny_llama().to(torch.bfloat16), tmp_path / "ema")
+    theirs = tied_lora_state_dict(averaged)
+    assert all(torch.equal(theirs[k], t) for k, t in tied_lora_state_dict(ema.module).items())
+    assert not torch.equal(
+        theirs["model.layers.0.self_attn.q_proj.lora_v"], model.model.layers[0].self_attn.q_proj.lora_v
+    )
 
 
 def test_a_16_bit_adapter_file_loads_into_a_float32_model_as_float32(tmp_path):
@@ -524,6 +539,44 @@ def test_save_pretrained_stores_each_tied_tensor_once_and_strict_loading_takes_i
     del saved["untied.layers.1.q_proj.shared.A"]
     missing = pair.load_state_dict(saved, strict=False).missing_keys
     assert missing == ["untied.layers.1.q_proj.shared.A"]
+
+
+def test_accelerate_save_state_and_load_state_resume_an_adapted_model(tmp_path):
+    """accelerate's ``save_state`` / ``load_state`` (a custom training loop's checkpoints): its default safetensors
+    files go through ``save_model`` / ``load_model``, so ``load_state`` takes ``strict=False`` (README); pickled
+    files (``safe_serialization=False``) load strictly. Both give back the adapter and AdamW's state exactly, into
+    the model's own tied parameters."""
+    accelerate = pytest.importorskip("accelerate")
+    config = TiedLoRAConfig(rank=4, preset="tl6")
+    ids = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(1))
+
+    def prepared():
+        accelerator = accelerate.Accelerator(cpu=True)
+        model = apply_tied_lora(tiny_llama(), config)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        return accelerator, *accelerator.prepare(model, opt)
+
+    accelerator, model, opt = prepared()
+    for _ in range(2):
+        accelerator.backward(model(ids, labels=ids).loss)
+        opt.step()
+        opt.zero_grad()
+    for safe, load in ((True, dict(strict=False)), (False, {})):
+        folder = tmp_path / f"safe-{safe}"
+        accelerator.save_state(folder, safe_serialization=safe)
+        again, resumed, resumed_opt = prepared()
+        if safe:  # (what load_model's strict check makes of the names the load hook fills in)
+            with pytest.raises(RuntimeError, match="Unexpected key"):
+                again.load_state(folder)
+        again.load_state(folder, **load)
+        theirs = tied_lora_state_dict(resumed)
+        assert all(torch.equal(theirs[k], t) for k, t in tied_lora_state_dict(model).items())
+        layers = tied_lora_layers(resumed)
+        assert layers["model.layers.0.self_attn.q_proj"].shared.A is layers["model.layers.1.self_attn.v_proj"].shared.A
+        ours, loaded = opt.state_dict()["state"], resumed_opt.state_dict()["state"]
+        assert ours.keys() == loaded.keys() and all(
+            torch.equal(ours[i][k], loaded[i][k]) for i in ours for k in ("exp_avg", "exp_avg_sq")
+        )
 
 
 def test_a_sharded_save_pretrained_loads_through_transformers(tmp_path):

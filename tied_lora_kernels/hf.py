@@ -41,12 +41,16 @@ from tied_lora_kernels.save_load import CHECKPOINT_SUBFOLDER, CONFIG_NAME, FORMA
 __all__ = ["SaveTiedLoRACallback", "TiedLoRATrainer"]
 
 
-class _GradientCheck(TrainerCallback):
-    """Warn once, at the first optimizer step, about trainable adapter tensors that got no gradient
-    (``_warn_ungraded``); part of ``SaveTiedLoRACallback`` and of ``TiedLoRATrainer``."""
+class _TrainingCheck(TrainerCallback):
+    """Refuse a run in which the adapter would not train when it begins (``_check_trains``: after ``Trainer`` has
+    patched the model, with Liger for one), and warn once, at the first optimizer step, about trainable adapter
+    tensors that got no gradient (``_warn_ungraded``); part of ``SaveTiedLoRACallback`` and of
+    ``TiedLoRATrainer``."""
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self.checked = False
+        if model is not None and self._checks():
+            _check_trains(model)
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         if not getattr(self, "checked", True) and model is not None and self._checks():
@@ -57,7 +61,7 @@ class _GradientCheck(TrainerCallback):
         return True
 
 
-class SaveTiedLoRACallback(_GradientCheck):
+class SaveTiedLoRACallback(_TrainingCheck):
     """Save the adapter into each checkpoint ``Trainer`` writes (``{output_dir}/checkpoint-{step}/tied_lora``),
     to ``{output_dir}/adapter-{step}`` every ``every`` steps (None: never) and to ``{output_dir}/adapter-final``
     when training ends; only the main process writes. Refuses at the start of training a run in which the
@@ -73,8 +77,6 @@ class SaveTiedLoRACallback(_GradientCheck):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         super().on_train_begin(args, state, control, model=model, **kwargs)
         saves = str(getattr(args.save_strategy, "value", args.save_strategy)) != "no"
-        if model is not None:
-            _check_trains(model)
         if self.checkpoints_hold_adapter:
             return
         if saves and model is not None and not isinstance(_unwrapped(model), PreTrainedModel):
@@ -136,7 +138,7 @@ class TiedLoRATrainer(Trainer):
                 "PEFT's; push the folder export_peft_lora(model, ...) writes instead"
             )
         super().__init__(*args, **kwargs)
-        self.add_callback(_GradientCheck())
+        self.add_callback(_TrainingCheck())
         sharded = [
             name
             for name in ("is_fsdp_enabled", "is_deepspeed_enabled", "is_distributed_loading_by_transformers")
@@ -158,7 +160,6 @@ class TiedLoRATrainer(Trainer):
         ]
         for callback in marked:
             callback.checkpoints_hold_adapter = True
-        _check_trains(self._adapted())
         try:
             return super().train(*args, **kwargs)
         finally:
@@ -202,8 +203,9 @@ class TiedLoRATrainer(Trainer):
 def _check_trains(model: nn.Module) -> None:
     """Refuse, before the first step, a run in which the adapter would not train: PEFT in the model (a trainer's
     ``peft_config``), or an adapted output layer that the model's forward bypasses — TRL's trainers patch it with
-    a fused LM head (a ``fused_lm_head`` argument) that reads ``lm_head.weight`` itself, so the adapter there gets
-    no gradient, while ``generate`` still runs it."""
+    a fused LM head (a ``fused_lm_head`` argument) that reads ``lm_head.weight`` itself, and so does Liger's fused
+    linear cross entropy (a forward from ``liger_kernel``), so the adapter there gets no gradient, while
+    ``generate`` still runs it."""
     model = _unwrapped(model)
     if not tied_lora_layers(model):
         return
@@ -213,15 +215,20 @@ def _check_trains(model: nn.Module) -> None:
         head = output_layer() if callable(output_layer) else None
     except NotImplementedError:
         head = None
-    if (
-        isinstance(head, TiedLoRALinear)
-        and "fused_lm_head" in inspect.signature(model.forward, follow_wrapped=False).parameters
-    ):
-        raise ValueError(
-            "the output layer is adapted, but this model's forward was patched with a fused LM head (TRL's "
-            "trainers do so) that reads its weight without calling it: that adapter would get no gradient. Leave "
-            "the output layer out of target_modules, or train it in full with modules_to_save"
-        )
+    if not isinstance(head, TiedLoRALinear):
+        return
+    forward = getattr(model.forward, "__func__", model.forward)
+    if "fused_lm_head" in inspect.signature(model.forward, follow_wrapped=False).parameters:
+        patched_by = "TRL's fused LM head (TRL's trainers patch it in)"
+    elif getattr(forward, "__module__", "").startswith("liger_kernel."):
+        patched_by = "Liger's fused linear cross entropy (use_liger_kernel=True)"
+    else:
+        return
+    raise ValueError(
+        f"the output layer is adapted, but this model's forward computes the training loss with {patched_by}, "
+        "which reads the layer's weight without calling it: that adapter would get no gradient. Leave the output "
+        "layer out of target_modules, or train it in full with modules_to_save"
+    )
 
 
 def _warn_ungraded(args, model: nn.Module) -> None:
@@ -239,7 +246,7 @@ def _warn_ungraded(args, model: nn.Module) -> None:
             f"{', ...' if len(ungraded) > 4 else ''}): their layers were not called. In a mixture of experts no token "
             "may have reached an expert yet; otherwise the model or the trainer reads those layers' weights without "
             "calling them (a fused loss that takes lm_head.weight, fused-QKV code that concatenates weights, ...), "
-            "so their adapters do nothing: leave them out of target_modules",
+            "so training leaves their adapters out: leave them out of target_modules",
             stacklevel=2,
         )
 

@@ -589,13 +589,15 @@ def _adapter_params(layers: dict[str, TiedLoRALinear]) -> set[int]:
 
 
 def _unwrapped(model: nn.Module) -> nn.Module:
-    """The model inside ``torch.compile``'s and (Distributed)DataParallel's wrappers, whose names carry a prefix
-    (``_orig_mod.``, ``module.``) that an adapter file must not depend on."""
+    """The model inside ``torch.compile``'s, (Distributed)DataParallel's and ``AveragedModel``'s (an EMA or SWA
+    copy: its averaged tensors) wrappers, whose names carry a prefix (``_orig_mod.``, ``module.``) that an adapter
+    file must not depend on."""
+    wrappers = (nn.DataParallel, nn.parallel.DistributedDataParallel, torch.optim.swa_utils.AveragedModel)
     while True:
         inner = getattr(model, "_orig_mod", None)
         if isinstance(inner, nn.Module):  # torch.compile's OptimizedModule
             model = inner
-        elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        elif isinstance(model, wrappers):
             model = model.module
         else:
             return model
