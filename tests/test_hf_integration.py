@@ -369,16 +369,15 @@ def test_trainers_combined_with_tied_lora_trainer_checkpoint_the_adapter_alone(t
     assert all(not torch.equal(tied_lora_state_dict(whole)[k], t) for k, t in untrained.items())
 
 
-def test_a_run_in_which_the_adapter_would_not_train_is_refused_before_the_first_step(tmp_path):
+def test_a_run_in_which_the_adapter_would_not_train_is_stopped_before_the_first_update(tmp_path):
     """SaveTiedLoRACallback and TiedLoRATrainer refuse to start (and save_tied_lora to save) when PEFT wraps the
     adapted model — what a trainer given a ``peft_config`` does (TRL's): PEFT freezes the Tied-LoRA adapter — and
-    when the output layer is adapted but the model's forward was patched with TRL's fused LM head, which reads
-    ``lm_head.weight`` itself (a stand-in for ``trl.trainer.utils.add_fused_lm_head`` here: the same wrapping, a
-    ``fused_lm_head`` argument), or with Liger's fused linear cross entropy (a stand-in: a forward of Liger's
-    module). Training the head in full (``modules_to_save``) under that patch is fine."""
+    stop at the first optimizer step, before any update, when the adapted output layer got no gradient: a loss
+    that reads ``lm_head.weight`` without calling the layer (TRL's fused LM head, Liger's fused linear cross
+    entropy; a stand-in here), also under bf16 autocast (accelerate then wraps the forward). Training the head in
+    full (``modules_to_save``) under that loss runs, and so does an adapted head the loss calls."""
     pytest.importorskip("accelerate", reason="transformers' Trainer needs accelerate")
     peft = pytest.importorskip("peft")
-    import functools
     import types
 
     from tied_lora_kernels.hf import SaveTiedLoRACallback, TiedLoRATrainer
@@ -387,8 +386,8 @@ def test_a_run_in_which_the_adapter_would_not_train_is_refused_before_the_first_
     data = [{"input_ids": row, "labels": row} for row in ids]
     kwargs = dict(max_steps=1, per_device_train_batch_size=2, report_to=[], use_cpu=True, save_strategy="no")
 
-    def runs(model, out):
-        args = transformers.TrainingArguments(str(tmp_path / out), **kwargs)
+    def runs(model, out, **more):
+        args = transformers.TrainingArguments(str(tmp_path / out), **kwargs, **more)
         yield lambda: transformers.Trainer(model, args, train_dataset=data, callbacks=[SaveTiedLoRACallback()]).train()
         yield lambda: TiedLoRATrainer(model, args, train_dataset=data).train()
 
@@ -401,75 +400,75 @@ def test_a_run_in_which_the_adapter_would_not_train_is_refused_before_the_first_
     with pytest.raises(ValueError, match="has PEFT in it"):
         save_tied_lora(wrapped, tmp_path / "peft_save")
 
-    def fused_head(model):
-        forward = model.forward
+    def fused_loss(model):  # the loss from lm_head.weight, as TRL's fused head and Liger's FLCE compute it
+        def forward(self, input_ids, labels=None, **_):
+            logits = torch.nn.functional.linear(self.model(input_ids).last_hidden_state, self.lm_head.weight)
+            loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+            return transformers.modeling_outputs.CausalLMOutput(loss=loss, logits=logits)
 
-        @functools.wraps(type(model).forward)
-        def patched(self, *args, fused_lm_head=False, **kwargs):
-            return forward(*args, **kwargs)
-
-        model.forward = types.MethodType(patched, model)
+        model.forward = types.MethodType(forward, model)
         return model
 
-    def liger_loss(model):  # (Liger patches in a forward of its own module that takes lm_head.weight to its loss)
-        forward = model.forward
-
-        def lce_forward(self, *args, skip_logits=None, **kwargs):
-            return forward(*args, **kwargs)
-
-        lce_forward.__module__ = "liger_kernel.transformers.model.llama"
-        model.forward = types.MethodType(lce_forward, model)
-        return model
-
-    for patch, why in ((fused_head, "TRL's fused LM head"), (liger_loss, "Liger's fused linear cross entropy")):
-        head = apply_tied_lora(tiny_llama(), TiedLoRAConfig(rank=4, target_modules=("q_proj", "lm_head"), groups=()))
-        start = {k: t.clone() for k, t in tied_lora_state_dict(head).items()}
-        for run in runs(patch(head), "head"):
-            with pytest.raises(ValueError, match=f"the output layer is adapted, but .* with {why}"):
+    adapted_head = TiedLoRAConfig(rank=4, target_modules=("q_proj", "lm_head"), groups=())
+    for mixed in ({}, dict(bf16=True)):
+        head = fused_loss(apply_tied_lora(tiny_llama(), adapted_head))
+        start = {k: t.clone() for k, t in head.state_dict().items()}
+        for run in runs(head, "head", **mixed):
+            with pytest.raises(ValueError, match="the output layer is adapted, but its adapter got no gradient"):
                 run()
-        assert all(torch.equal(t, start[k]) for k, t in tied_lora_state_dict(head).items())  # before the first step
-    in_full = apply_tied_lora(tiny_llama(), TiedLoRAConfig(rank=4, modules_to_save=("lm_head",)))
+        assert all(torch.equal(t, start[k]) for k, t in head.state_dict().items())  # no update
+    in_full = fused_loss(apply_tied_lora(tiny_llama(), TiedLoRAConfig(rank=4, modules_to_save=("lm_head",))))
     before = in_full.lm_head.weight.detach().clone()
-    for run in runs(fused_head(in_full), "in_full"):
+    for run in runs(in_full, "in_full"):
         run()
     assert not torch.equal(in_full.lm_head.weight, before)
-    unpatched = apply_tied_lora(tiny_llama(), TiedLoRAConfig(rank=4, target_modules=("q_proj", "lm_head"), groups=()))
-    for run in runs(unpatched, "unpatched"):
+    called = apply_tied_lora(tiny_llama(), adapted_head)
+    for run in runs(called, "called"):
         run()
 
 
-def test_adapter_tensors_without_a_gradient_at_the_first_step_are_named(tmp_path):
-    """SaveTiedLoRACallback and TiedLoRATrainer warn, once, at the first optimizer step, naming the trainable adapter
-    tensors that got no gradient: here a model that computes its logits from ``lm_head.weight`` without calling
-    the adapted head (as a fused loss does). A model whose adapted layers are all called trains without it."""
+def test_adapter_tensors_without_a_gradient_in_the_first_steps_are_named(tmp_path):
+    """SaveTiedLoRACallback and TiedLoRATrainer warn, once, naming the trainable adapter tensors that got no gradient
+    in any of the first optimizer steps (10, or a shorter run's): here a model that computes its logits from
+    ``lm_head.weight`` without calling the adapted head (as a fused loss does; not a PreTrainedModel, so the head
+    is not known to be the output layer). A layer skipped in the first step only (LayerDrop) is not named, and a
+    model whose adapted layers are all called trains without a warning."""
     pytest.importorskip("accelerate", reason="transformers' Trainer needs accelerate")
     from tied_lora_kernels.hf import SaveTiedLoRACallback, TiedLoRATrainer
 
-    class ReadsTheHeadsWeight(torch.nn.Module):
+    class Model(torch.nn.Module):
         def __init__(self, read):
             super().__init__()
             self.llama = apply_tied_lora(tiny_llama(), TiedLoRAConfig(rank=4, target_modules=("q_proj", "lm_head")))
-            self.read = read
+            self.read, self.calls = read, 0
 
         def forward(self, input_ids, labels):
+            self.calls += 1
+            if self.read == "skip-first" and self.calls == 1:  # LayerDrop: layer 1 skipped at the first step
+                self.llama.model.layers[1].forward = lambda h, *args, **kwargs: h
+            else:
+                vars(self.llama.model.layers[1]).pop("forward", None)
             h = self.llama.model(input_ids).last_hidden_state
-            logits = torch.nn.functional.linear(h, self.llama.lm_head.weight) if self.read else self.llama.lm_head(h)
+            head = self.llama.lm_head
+            logits = torch.nn.functional.linear(h, head.weight) if self.read == "weight" else head(h)
             return {"loss": torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten())}
 
     ids = torch.randint(0, 97, (4, 9), generator=torch.Generator().manual_seed(7))
     data = [{"input_ids": row, "labels": row} for row in ids]
-    kwargs = dict(max_steps=2, per_device_train_batch_size=2, report_to=[], use_cpu=True, save_strategy="no")
-    for read, trainer in itertools.product((True, False), (transformers.Trainer, TiedLoRATrainer)):
+    kwargs = dict(max_steps=3, per_device_train_batch_size=2, report_to=[], use_cpu=True, save_strategy="no")
+    cases = itertools.product(("weight", "skip-first", "call"), (transformers.Trainer, TiedLoRATrainer))
+    for read, trainer in cases:
         args = transformers.TrainingArguments(str(tmp_path / f"{trainer.__name__}-{read}"), **kwargs)
-        run = trainer(ReadsTheHeadsWeight(read), args, train_dataset=data, callbacks=[SaveTiedLoRACallback()])
+        run = trainer(Model(read), args, train_dataset=data, callbacks=[SaveTiedLoRACallback()])
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             run.train()
         ours = [str(w.message) for w in caught if "got no gradient" in str(w.message)]
-        if read:
+        if read == "weight":
             assert len(ours) == 1, ours  # once, whatever the callbacks and steps
-            assert ours[0].startswith("4 trainable adapter tensors got no gradient in the first optimizer step")
-            named = ("lora_v", "shared.A", "shared.B", "lora_scale.u")
+            expected = "4 trainable adapter tensors got no gradient in any of the first 3 optimizer steps"
+            assert ours[0].startswith(expected)
+            named = ("lora_scale.u", "lora_v", "shared.A", "shared.B")
             assert str([f"llama.lm_head.{name}" for name in named]) in ours[0]
         else:
-            assert not ours
+            assert not ours, ours

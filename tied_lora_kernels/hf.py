@@ -22,7 +22,6 @@ training ends::
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import warnings
@@ -35,27 +34,60 @@ from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from tied_lora_kernels.layer import TiedLoRALinear
-from tied_lora_kernels.model import _adapter_params, _refuse_peft_inside, _unwrapped, tied_lora_layers
+from tied_lora_kernels.model import _adapter_params, _factors, _refuse_peft_inside, _unwrapped, tied_lora_layers
 from tied_lora_kernels.save_load import CHECKPOINT_SUBFOLDER, CONFIG_NAME, FORMAT, load_tied_lora, save_tied_lora
 
 __all__ = ["SaveTiedLoRACallback", "TiedLoRATrainer"]
 
 
 class _TrainingCheck(TrainerCallback):
-    """Refuse a run in which the adapter would not train when it begins (``_check_trains``: after ``Trainer`` has
-    patched the model, with Liger for one), and warn once, at the first optimizer step, about trainable adapter
-    tensors that got no gradient (``_warn_ungraded``); part of ``SaveTiedLoRACallback`` and of
-    ``TiedLoRATrainer``."""
+    """Checks that the adapter trains, for ``SaveTiedLoRACallback`` and ``TiedLoRATrainer``: a run with PEFT in
+    the model is refused when it begins; at the first optimizer step (before any update), an adapted output layer
+    whose own trainable tensors got no gradient stops the run (a fused loss reads ``lm_head.weight``: TRL's fused
+    LM head, Liger's fused linear cross entropy); and trainable adapter tensors that get no gradient in any of
+    the first ``WATCHED_STEPS`` optimizer steps are named in a warning (their layers were not called). Gradients,
+    not the patched code, are what is checked: they are exact whatever wraps the forward."""
+
+    WATCHED_STEPS = 10
+    ungraded: set[str] | None  # the tensors without a gradient so far (None: not looked at yet)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self.checked = False
+        self.ungraded = None
+        self.steps = 0
         if model is not None and self._checks():
-            _check_trains(model)
+            _refuse_peft_inside(_unwrapped(model))
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        if not getattr(self, "checked", True) and model is not None and self._checks():
-            _warn_ungraded(args, model)
-        self.checked = True
+        ungraded = getattr(self, "ungraded", set())  # (a callback added after on_train_begin checks nothing)
+        if model is None or not self._checks() or (ungraded is not None and not ungraded) or _sharded(args):
+            return
+        model = _unwrapped(model)
+        now = _ungraded(model)
+        if ungraded is None:  # the first step
+            _refuse_an_ungraded_head(model, now)
+            ungraded = set(now)
+        self.ungraded = ungraded & set(now)
+        self.steps += 1
+        if self.steps == self.WATCHED_STEPS:
+            self._warn()
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        if getattr(self, "steps", 0) < self.WATCHED_STEPS:  # (a run shorter than the watch)
+            self._warn()
+
+    def _warn(self) -> None:
+        ungraded = sorted(getattr(self, "ungraded", None) or ())
+        if ungraded:
+            warnings.warn(
+                f"{len(ungraded)} trainable adapter tensors got no gradient in any of the first {self.steps} "
+                f"optimizer steps ({ungraded[:4]}{', ...' if len(ungraded) > 4 else ''}): their layers were not "
+                "called. In a mixture of experts no token may have reached those experts; otherwise the model or "
+                "the trainer reads those layers' weights without calling them (a fused loss that takes "
+                "lm_head.weight, fused-QKV code that concatenates weights, ...), so training leaves their adapters "
+                "out: leave them out of target_modules",
+                stacklevel=2,
+            )
+        self.ungraded = set()
 
     def _checks(self) -> bool:
         return True
@@ -64,9 +96,7 @@ class _TrainingCheck(TrainerCallback):
 class SaveTiedLoRACallback(_TrainingCheck):
     """Save the adapter into each checkpoint ``Trainer`` writes (``{output_dir}/checkpoint-{step}/tied_lora``),
     to ``{output_dir}/adapter-{step}`` every ``every`` steps (None: never) and to ``{output_dir}/adapter-final``
-    when training ends; only the main process writes. Refuses at the start of training a run in which the
-    adapter would not train (``_check_trains``: PEFT in the model, an adapted output layer behind TRL's fused LM
-    head), and warns at the first optimizer step about adapter tensors that got no gradient (``_warn_ungraded``)."""
+    when training ends; only the main process writes. Checks that the adapter trains (``_TrainingCheck``)."""
 
     def __init__(self, every: int | None = None):
         if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every <= 0):
@@ -101,6 +131,7 @@ class SaveTiedLoRACallback(_TrainingCheck):
             self._save(args, state, model, os.path.join(checkpoint, CHECKPOINT_SUBFOLDER))
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
+        super().on_train_end(args, state, control, model=model, **kwargs)
         self._save(args, state, model, "adapter-final")
 
     @staticmethod
@@ -123,9 +154,8 @@ class TiedLoRATrainer(Trainer):
     writes its ``adapter-N/`` snapshots and ``adapter-final/`` during ``train()``, and no ``tied_lora/`` subfolder
     (the checkpoint is the adapter). Refused when built: FSDP, DeepSpeed or tensor-parallel loading (the adapter
     would be saved from sharded parameters; untested) and ``push_to_hub`` (the pushed ``adapter_config.json`` would
-    be read as PEFT's: push ``export_peft_lora``'s folder instead). Refused when training starts, as by
-    ``SaveTiedLoRACallback``: a run in which the adapter would not train (``_check_trains``); warns as it does
-    about adapter tensors without a gradient at the first optimizer step.
+    be read as PEFT's: push ``export_peft_lora``'s folder instead). Checks that the adapter trains, as
+    ``SaveTiedLoRACallback`` does (``_TrainingCheck``).
 
     Another ``Trainer`` subclass (TRL's ``SFTTrainer``, ``DPOTrainer``, ...) gets these checkpoints by coming second:
     ``class TiedSFTTrainer(TiedLoRATrainer, SFTTrainer): pass``."""
@@ -200,16 +230,27 @@ class TiedLoRATrainer(Trainer):
         load_tied_lora(self._adapted(), best)
 
 
-def _check_trains(model: nn.Module) -> None:
-    """Refuse, before the first step, a run in which the adapter would not train: PEFT in the model (a trainer's
-    ``peft_config``), or an adapted output layer that the model's forward bypasses — TRL's trainers patch it with
-    a fused LM head (a ``fused_lm_head`` argument) that reads ``lm_head.weight`` itself, and so does Liger's fused
-    linear cross entropy (a forward from ``liger_kernel``), so the adapter there gets no gradient, while
-    ``generate`` still runs it."""
-    model = _unwrapped(model)
-    if not tied_lora_layers(model):
-        return
-    _refuse_peft_inside(model)
+def _sharded(args) -> bool:
+    """Whether the gradients live elsewhere than ``.grad`` of the model's parameters (DeepSpeed, FSDP1's flat
+    parameters), set in the arguments or through accelerate."""
+    if getattr(args, "deepspeed", None) or getattr(args, "fsdp", None):
+        return True
+    from accelerate.state import AcceleratorState  # (Trainer's own dependency)
+
+    kind = str(AcceleratorState._shared_state.get("distributed_type", ""))
+    return "DEEPSPEED" in kind or "FSDP" in kind
+
+
+def _ungraded(model: nn.Module) -> list[str]:
+    """The trainable adapter tensors without a gradient (each by its first name)."""
+    ids = _adapter_params(tied_lora_layers(model))
+    return [n for n, p in model.named_parameters() if id(p) in ids and p.requires_grad and p.grad is None]
+
+
+def _refuse_an_ungraded_head(model: nn.Module, ungraded: list[str]) -> None:
+    """Stop the run at its first optimizer step when the output layer is adapted and none of its own trainable
+    tensors (those no other layer shares) got a gradient: the loss reads its weight without calling it. Every
+    batch calls the output layer of a model whose loss uses it, so this cannot be a routed expert's silence."""
     output_layer: Any = getattr(model, "get_output_embeddings", None)  # (a PreTrainedModel's)
     try:
         head = output_layer() if callable(output_layer) else None
@@ -217,37 +258,16 @@ def _check_trains(model: nn.Module) -> None:
         head = None
     if not isinstance(head, TiedLoRALinear):
         return
-    forward = getattr(model.forward, "__func__", model.forward)
-    if "fused_lm_head" in inspect.signature(model.forward, follow_wrapped=False).parameters:
-        patched_by = "TRL's fused LM head (TRL's trainers patch it in)"
-    elif getattr(forward, "__module__", "").startswith("liger_kernel."):
-        patched_by = "Liger's fused linear cross entropy (use_liger_kernel=True)"
-    else:
-        return
-    raise ValueError(
-        f"the output layer is adapted, but this model's forward computes the training loss with {patched_by}, "
-        "which reads the layer's weight without calling it: that adapter would get no gradient. Leave the output "
-        "layer out of target_modules, or train it in full with modules_to_save"
-    )
-
-
-def _warn_ungraded(args, model: nn.Module) -> None:
-    """Warn about the trainable adapter tensors that have no gradient at the first optimizer step: their layers were
-    not called — no token reached an expert yet, or the model (or the trainer) reads the layers' weights without
-    calling them, so that those adapters do nothing. Skipped where gradients are sharded away (DeepSpeed, FSDP)."""
-    if getattr(args, "deepspeed", None) or getattr(args, "fsdp", None):
-        return
-    model = _unwrapped(model)
-    ids = _adapter_params(tied_lora_layers(model))
-    ungraded = [n for n, p in model.named_parameters() if id(p) in ids and p.requires_grad and p.grad is None]
-    if ungraded:
-        warnings.warn(
-            f"{len(ungraded)} trainable adapter tensors got no gradient in the first optimizer step ({ungraded[:4]}"
-            f"{', ...' if len(ungraded) > 4 else ''}): their layers were not called. In a mixture of experts no token "
-            "may have reached an expert yet; otherwise the model or the trainer reads those layers' weights without "
-            "calling them (a fused loss that takes lm_head.weight, fused-QKV code that concatenates weights, ...), "
-            "so training leaves their adapters out: leave them out of target_modules",
-            stacklevel=2,
+    others = {id(p) for layer in tied_lora_layers(model).values() if layer is not head for p in _factors(layer)}
+    own = {id(p) for p in _factors(head) if p is not None and p.requires_grad and id(p) not in others}
+    missing = {id(p) for name, p in model.named_parameters() if name in set(ungraded)}
+    if own and own <= missing:
+        raise ValueError(
+            "the output layer is adapted, but its adapter got no gradient in the first step: the training loss reads "
+            "the layer's weight without calling it (TRL's trainers' fused LM head; Liger's fused linear cross "
+            "entropy, use_liger_kernel=True), so the adapter would never train. Stopped before the first update: "
+            "leave the output layer out of target_modules, or train it in full with modules_to_save (with Liger, "
+            "liger_kernel_config={'fused_linear_cross_entropy': False} keeps the adapter trainable)"
         )
 
 
