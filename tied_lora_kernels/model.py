@@ -12,7 +12,7 @@ import contextlib
 import re
 import sys
 import warnings
-from collections.abc import Iterator, Mapping, Sequence, Set
+from collections.abc import Iterable, Iterator, Mapping, Sequence, Set
 from typing import Any, NamedTuple
 
 import torch
@@ -159,7 +159,7 @@ def _apply(model: nn.Module, config: TiedLoRAConfig, shared_of: dict[str, str] |
 
 
 @contextlib.contextmanager
-def _undone_on_error(model: nn.Module, names: Iterator[str] | Sequence[str]) -> Iterator[None]:
+def _undone_on_error(model: nn.Module, names: Iterable[str]) -> Iterator[None]:
     """Put a bare ``model`` back as it was if the block (``_apply`` on the layers ``names``, then checks that need
     the adapted model) raises: its own modules (their hooks moved back), ``requires_grad`` flags, attributes and
     hooks."""

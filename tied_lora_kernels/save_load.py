@@ -82,7 +82,7 @@ def save_tied_lora(model: nn.Module, directory: str | os.PathLike) -> None:
     from safetensors.torch import save_file
 
     model = _unwrapped(model)
-    state = {k: v.contiguous().cpu() for k, v in tied_lora_state_dict(model).items()}
+    state = {k: v.contiguous().cpu() for k, v in tied_lora_state_dict(model).items()}  # (refuses a bare model)
     _refuse_peft_inside(model)
     config = getattr(model, "tied_lora_config", None)
     nested = [
