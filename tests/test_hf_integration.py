@@ -26,6 +26,18 @@ from tied_lora_kernels import (
 )
 
 
+def token_rows(count: int = 8) -> tuple[torch.Tensor, list[dict]]:
+    """Token ids for the Trainer tests, and the dataset of them (labels = inputs)."""
+    ids = torch.randint(0, 97, (count, 9), generator=torch.Generator().manual_seed(7))
+    return ids, [{"input_ids": row, "labels": row} for row in ids]
+
+
+def training_args(folder, **kwargs) -> transformers.TrainingArguments:
+    """Trainer's arguments for the tests (CPU, 2 rows a step, 4 steps, no reports), ``kwargs`` overriding them."""
+    defaults = dict(max_steps=4, per_device_train_batch_size=2, report_to=[], use_cpu=True, learning_rate=1e-2)
+    return transformers.TrainingArguments(str(folder), **{**defaults, **kwargs})
+
+
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=cpu_triton)])
 @pytest.mark.parametrize("reentrant", [False, True], ids=["non_reentrant", "reentrant"])
 def test_hugging_face_gradient_checkpointing(reentrant, backend):
@@ -166,12 +178,10 @@ def test_hugging_face_trainer_checkpoints_resume_and_carry_the_adapter(tmp_path)
     from tied_lora_kernels.hf import SaveTiedLoRACallback
 
     config = TiedLoRAConfig(rank=4, groups=(("q_proj", "k_proj", "v_proj"),))
-    ids = torch.randint(0, 97, (8, 9), generator=torch.Generator().manual_seed(7))
-    data = [{"input_ids": row, "labels": row} for row in ids]
-    kwargs = dict(max_steps=4, per_device_train_batch_size=2, report_to=[], use_cpu=True, learning_rate=1e-2)
+    ids, data = token_rows()
 
     def trainer(model, out, **more):
-        args = transformers.TrainingArguments(str(tmp_path / out), **kwargs, **more)
+        args = training_args(tmp_path / out, **more)
         return transformers.Trainer(model=model, args=args, train_dataset=data, callbacks=[SaveTiedLoRACallback(3)])
 
     whole = apply_tied_lora(tiny_llama(), config)
@@ -205,7 +215,7 @@ def test_hugging_face_trainer_checkpoints_resume_and_carry_the_adapter(tmp_path)
         SaveTiedLoRACallback(0)
     # a model that is not a PreTrainedModel is saved as a plain state dict, which refuses tied tensors: refused
     # before the first step rather than at the first checkpoint
-    args = transformers.TrainingArguments(str(tmp_path / "toy"), **kwargs, save_strategy="steps", save_steps=2)
+    args = training_args(tmp_path / "toy", save_strategy="steps", save_steps=2)
     toy = apply_tied_lora(Toy(), TiedLoRAConfig(rank=4))
     with pytest.raises(ValueError, match="not a PreTrainedModel"):
         transformers.Trainer(model=toy, args=args, train_dataset=data, callbacks=[SaveTiedLoRACallback()]).train()
@@ -235,12 +245,10 @@ def test_tied_lora_trainer_checkpoints_hold_the_adapter_alone(tmp_path):
     from tied_lora_kernels.hf import SaveTiedLoRACallback, TiedLoRATrainer
 
     config = TiedLoRAConfig(rank=4, groups=(("q_proj", "k_proj", "v_proj"),))
-    ids = torch.randint(0, 97, (8, 9), generator=torch.Generator().manual_seed(7))
-    data = [{"input_ids": row, "labels": row} for row in ids]
-    kwargs = dict(max_steps=4, per_device_train_batch_size=2, report_to=[], use_cpu=True, learning_rate=1e-2)
+    ids, data = token_rows()
 
     def args(out, **more):
-        return transformers.TrainingArguments(str(tmp_path / out), **{**kwargs, **more})
+        return training_args(tmp_path / out, **more)
 
     whole = apply_tied_lora(tiny_llama(), config)
     callback = SaveTiedLoRACallback()
@@ -343,12 +351,10 @@ def test_trainers_combined_with_tied_lora_trainer_checkpoint_the_adapter_alone(t
         pass
 
     config = TiedLoRAConfig(rank=4, preset="tl6")
-    ids = torch.randint(0, 97, (8, 9), generator=torch.Generator().manual_seed(7))
-    data = [{"input_ids": row, "labels": row} for row in ids]
-    kwargs = dict(max_steps=4, per_device_train_batch_size=2, report_to=[], use_cpu=True, learning_rate=1e-2)
+    ids, data = token_rows()
 
     def args(out, **more):
-        return transformers.TrainingArguments(str(tmp_path / out), **{**kwargs, **more})
+        return training_args(tmp_path / out, **more)
 
     whole = apply_tied_lora(tiny_llama(), config)
     trainer = Combined(model=whole, args=args("whole", save_strategy="steps", save_steps=2), train_dataset=data)
@@ -382,12 +388,10 @@ def test_a_run_in_which_the_adapter_would_not_train_is_stopped_before_the_first_
 
     from tied_lora_kernels.hf import SaveTiedLoRACallback, TiedLoRATrainer
 
-    ids = torch.randint(0, 97, (4, 9), generator=torch.Generator().manual_seed(7))
-    data = [{"input_ids": row, "labels": row} for row in ids]
-    kwargs = dict(max_steps=1, per_device_train_batch_size=2, report_to=[], use_cpu=True, save_strategy="no")
+    _, data = token_rows(4)
 
     def runs(model, out, **more):
-        args = transformers.TrainingArguments(str(tmp_path / out), **kwargs, **more)
+        args = training_args(tmp_path / out, max_steps=1, save_strategy="no", **more)
         yield lambda: transformers.Trainer(model, args, train_dataset=data, callbacks=[SaveTiedLoRACallback()]).train()
         yield lambda: TiedLoRATrainer(model, args, train_dataset=data).train()
 
@@ -453,12 +457,10 @@ def test_adapter_tensors_without_a_gradient_in_the_first_steps_are_named(tmp_pat
             logits = torch.nn.functional.linear(h, head.weight) if self.read == "weight" else head(h)
             return {"loss": torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten())}
 
-    ids = torch.randint(0, 97, (4, 9), generator=torch.Generator().manual_seed(7))
-    data = [{"input_ids": row, "labels": row} for row in ids]
-    kwargs = dict(max_steps=3, per_device_train_batch_size=2, report_to=[], use_cpu=True, save_strategy="no")
+    _, data = token_rows(4)
     cases = itertools.product(("weight", "skip-first", "call"), (transformers.Trainer, TiedLoRATrainer))
     for read, trainer in cases:
-        args = transformers.TrainingArguments(str(tmp_path / f"{trainer.__name__}-{read}"), **kwargs)
+        args = training_args(tmp_path / f"{trainer.__name__}-{read}", max_steps=3, save_strategy="no")
         run = trainer(Model(read), args, train_dataset=data, callbacks=[SaveTiedLoRACallback()])
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
