@@ -403,6 +403,10 @@ def test_a_run_in_which_the_adapter_would_not_train_is_stopped_before_the_first_
             run()
     with pytest.raises(ValueError, match="has PEFT in it"):
         save_tied_lora(wrapped, tmp_path / "peft_save")
+    peft_alone = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    TiedLoRATrainer(
+        peft_alone, training_args(tmp_path / "peft_alone", max_steps=1, save_strategy="no"), train_dataset=data
+    ).train()
 
     def fused_loss(model):  # the loss from lm_head.weight, as TRL's fused head and Liger's FLCE compute it
         def forward(self, input_ids, labels=None, **_):
@@ -474,3 +478,32 @@ def test_adapter_tensors_without_a_gradient_in_the_first_steps_are_named(tmp_pat
             assert str([f"llama.lm_head.{name}" for name in named]) in ours[0]
         else:
             assert not ours, ours
+
+
+def test_an_optimizer_that_steps_inside_the_backward_is_not_taken_for_missing_gradients(tmp_path):
+    """Optimizers that update each parameter in the backward and clear its gradient (transformers' layerwise GaLore,
+    LOMO; a stand-in here: post-accumulate-grad hooks) leave no ``.grad`` at the optimizer step: the checks do not
+    take that for an adapted head bypassed by the loss, nor warn, and the adapter trains."""
+    pytest.importorskip("accelerate", reason="transformers' Trainer needs accelerate")
+    from tied_lora_kernels.hf import SaveTiedLoRACallback, TiedLoRATrainer
+
+    _, data = token_rows(4)
+    for trainer in (transformers.Trainer, TiedLoRATrainer):
+        model = apply_tied_lora(tiny_llama(), TiedLoRAConfig(rank=4, target_modules=("q_proj", "lm_head"), groups=()))
+        trained = [p for p in model.parameters() if p.requires_grad]
+
+        def step_in_backward(p):  # SGD inside the backward, then the gradient dropped
+            p.data.add_(p.grad, alpha=-0.1)
+            p.grad = None
+
+        for p in trained:
+            p.register_post_accumulate_grad_hook(step_in_backward)
+        start = {k: t.clone() for k, t in tied_lora_state_dict(model).items()}
+        args = training_args(tmp_path / trainer.__name__, max_steps=3, save_strategy="no")
+        optimizers = (torch.optim.SGD(trained, lr=0.0), None)  # (steps nothing: every .grad is None by then)
+        run = trainer(model, args, train_dataset=data, callbacks=[SaveTiedLoRACallback()], optimizers=optimizers)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            run.train()
+        assert not [w for w in caught if "got no gradient" in str(w.message)]
+        assert not torch.equal(tied_lora_state_dict(model)["lm_head.lora_v"], start["lm_head.lora_v"])

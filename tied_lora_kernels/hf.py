@@ -46,7 +46,8 @@ class _TrainingCheck(TrainerCallback):
     whose own trainable tensors got no gradient stops the run (a fused loss reads ``lm_head.weight``: TRL's fused
     LM head, Liger's fused linear cross entropy); and trainable adapter tensors that get no gradient in any of
     the first ``WATCHED_STEPS`` optimizer steps are named in a warning (their layers were not called). Gradients,
-    not the patched code, are what is checked: they are exact whatever wraps the forward."""
+    not the patched code, are what is checked: they are exact whatever wraps the forward. A step at which no
+    trainable parameter holds a gradient (an optimizer that steps inside the backward) is not looked at."""
 
     WATCHED_STEPS = 10
     ungraded: set[str] | None  # the tensors without a gradient so far (None: not looked at yet)
@@ -54,7 +55,7 @@ class _TrainingCheck(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self.ungraded = None
         self.steps = 0
-        if model is not None and self._checks():
+        if model is not None and self._checks() and tied_lora_layers(_unwrapped(model)):
             _refuse_peft_inside(_unwrapped(model))
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
@@ -62,6 +63,8 @@ class _TrainingCheck(TrainerCallback):
         if model is None or not self._checks() or (ungraded is not None and not ungraded) or _sharded(args):
             return
         model = _unwrapped(model)
+        if not any(p.grad is not None for p in model.parameters() if p.requires_grad):
+            return  # an optimizer that steps in the backward and clears the gradients (GaLore's layerwise, LOMO)
         now = _ungraded(model)
         if ungraded is None:  # the first step
             _refuse_an_ungraded_head(model, now)
@@ -231,8 +234,8 @@ class TiedLoRATrainer(Trainer):
 
 
 def _sharded(args) -> bool:
-    """Whether the gradients live elsewhere than ``.grad`` of the model's parameters (DeepSpeed, FSDP1's flat
-    parameters), set in the arguments or through accelerate."""
+    """Whether the gradients may live elsewhere than ``.grad`` of the model's parameters: DeepSpeed, FSDP (FSDP1's
+    flat parameters; FSDP2's too, untested), set in the arguments or through accelerate."""
     if getattr(args, "deepspeed", None) or getattr(args, "fsdp", None):
         return True
     from accelerate.state import AcceleratorState  # (Trainer's own dependency)
