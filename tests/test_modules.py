@@ -254,6 +254,11 @@ def test_layer_type_errors():
     ):
         with pytest.raises(TypeError, match=match):
             TiedLoRALinear.from_linear(nn.Linear(6, 4), TiedLoRAShared(6, 4, 2), **kwargs)
+    misspelt = r"unexpected keyword argument\(s\) \['trian_u'\]; the adapter takes \['alpha', 'b_rows', 'backend', "
+    with pytest.raises(TypeError, match=misspelt):
+        TiedLoRALinear.from_linear(nn.Linear(6, 4), TiedLoRAShared(6, 4, 2), trian_u=False)
+    with pytest.raises(TypeError, match=misspelt):
+        TiedLoRALinear(6, 4, rank=2, trian_u=False)
     with pytest.raises(TypeError, match="TiedLoRAConv1D.from_linear got a Linear: use TiedLoRALinear.from_linear"):
         TiedLoRAConv1D.from_linear(nn.Linear(6, 6), TiedLoRAShared(6, 6, 2))  # would read W transposed
     linear = nn.Linear(6, 4)

@@ -23,6 +23,7 @@ Forward: ``y = x Wᵀ + b + scale · (v ⊙ ((u ⊙ (x Aᵀ)) Bᵀ))`` with ``sc
 from __future__ import annotations
 
 import importlib
+import inspect
 import math
 import numbers
 import sys
@@ -78,6 +79,14 @@ def check_linear_type(linear: nn.Module, what: str) -> None:
             f"{what} is a {class_label(type(linear))}; only nn.Linear layers, transformers' Conv1D (GPT-2) and "
             "FalconLinear, and bitsandbytes' Linear4bit / Linear8bitLt can be adapted"
         )
+
+
+def _check_adapter_keywords(adapter: dict) -> None:
+    """Refuse a keyword the adapter does not take (a misspelt ``train_u``), naming those it takes."""
+    known = inspect.signature(TiedLoRALinear._init_adapter).parameters.keys() - {"self", "shared"}
+    unknown = sorted(set(adapter) - known)
+    if unknown:
+        raise TypeError(f"unexpected keyword argument(s) {unknown}; the adapter takes {sorted(known)}")
 
 
 def adaptable_types() -> tuple[type[nn.Module], ...]:
@@ -267,6 +276,7 @@ class TiedLoRALinear(nn.Linear):
         if isinstance(bias, numbers.Integral) and not isinstance(bias, bool) and bias not in (0, 1):
             # TiedLoRALinear(16, 8, 4): rank and shared are keywords (nn.Linear takes any truthy bias)
             raise TypeError(f"bias must be True or False, got {bias!r} (rank= and shared= are keyword arguments)")
+        _check_adapter_keywords(adapter)
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         self._init_adapter(_pair(shared, rank, in_features, out_features, device), **adapter)
 
@@ -278,6 +288,7 @@ class TiedLoRALinear(nn.Linear):
         ``TiedLoRAFalconLinear``, or a quantized linear) with the pair ``shared`` or, given ``rank``, a pair of its
         own: its ``weight`` and ``bias`` parameters are reused, not copied, and its forward and backward hooks carry
         over."""
+        _check_adapter_keywords(adapter)
         if isinstance(linear, TiedLoRALinear):
             raise TypeError("this layer already has a Tied-LoRA adapter")
         if not isinstance(linear, nn.Linear) and type(linear) is not conv1d_type():
