@@ -55,8 +55,9 @@ class _TrainingCheck(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self.ungraded = None
         self.steps = 0
-        if model is not None and self._checks() and tied_lora_layers(_unwrapped(model)):
-            _refuse_peft_inside(_unwrapped(model))
+        model = _unwrapped(model) if model is not None else None
+        if model is not None and self._checks() and tied_lora_layers(model):
+            _refuse_peft_inside(model)
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         ungraded = getattr(self, "ungraded", set())  # (a callback added after on_train_begin checks nothing)
@@ -69,7 +70,7 @@ class _TrainingCheck(TrainerCallback):
         if ungraded is None:  # the first step
             _refuse_an_ungraded_head(model, now)
             ungraded = set(now)
-        self.ungraded = ungraded & set(now)
+        self.ungraded = ungraded & now.keys()
         self.steps += 1
         if self.steps == self.WATCHED_STEPS:
             self._warn()
@@ -244,13 +245,13 @@ def _sharded(args) -> bool:
     return "DEEPSPEED" in kind or "FSDP" in kind
 
 
-def _ungraded(model: nn.Module) -> list[str]:
-    """The trainable adapter tensors without a gradient (each by its first name)."""
+def _ungraded(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The trainable adapter tensors without a gradient, each by its first name."""
     ids = _adapter_params(tied_lora_layers(model))
-    return [n for n, p in model.named_parameters() if id(p) in ids and p.requires_grad and p.grad is None]
+    return {n: p for n, p in model.named_parameters() if id(p) in ids and p.requires_grad and p.grad is None}
 
 
-def _refuse_an_ungraded_head(model: nn.Module, ungraded: list[str]) -> None:
+def _refuse_an_ungraded_head(model: nn.Module, ungraded: dict[str, nn.Parameter]) -> None:
     """Stop the run at its first optimizer step when the output layer is adapted and none of its own trainable
     tensors (those no other layer shares) got a gradient: the loss reads its weight without calling it. Every
     batch calls the output layer of a model whose loss uses it, so this cannot be a routed expert's silence."""
@@ -263,8 +264,7 @@ def _refuse_an_ungraded_head(model: nn.Module, ungraded: list[str]) -> None:
         return
     others = {id(p) for layer in tied_lora_layers(model).values() if layer is not head for p in _factors(layer)}
     own = {id(p) for p in _factors(head) if p is not None and p.requires_grad and id(p) not in others}
-    missing = {id(p) for name, p in model.named_parameters() if name in set(ungraded)}
-    if own and own <= missing:
+    if own and own <= {id(p) for p in ungraded.values()}:
         raise ValueError(
             "the output layer is adapted, but its adapter got no gradient in the first step: the training loss reads "
             "the layer's weight without calling it (TRL's trainers' fused LM head; Liger's fused linear cross "
