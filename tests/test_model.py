@@ -480,14 +480,20 @@ def test_adapters_of_a_dtype_that_cannot_run_beside_the_layer_are_refused_up_fro
 def test_config_errors():
     with pytest.raises(ValueError, match="preset must be one of"):
         TiedLoRAConfig(preset="tl9")
-    with pytest.raises(ValueError, match="rank must be a positive int"):
+    with pytest.raises(ValueError, match="rank must be positive"):
         TiedLoRAConfig(rank=0)
+    with pytest.raises(TypeError, match="rank must be an int"):  # as TiedLoRAShared says it
+        TiedLoRAConfig(rank=2.0)
     with pytest.raises(ValueError, match="trains none"):
         TiedLoRAConfig(preset="vera", train_u=False, train_v=False)
     with pytest.raises(ValueError, match="one group only"):
         TiedLoRAConfig(groups=[("q_proj", "k_proj"), ("k_proj", "v_proj")])
     with pytest.raises(TypeError, match="floating-point"):
         TiedLoRAConfig(dtype=torch.int8)
+    with pytest.raises(TypeError, match="floating-point"):
+        TiedLoRAConfig(dtype="bfloat17")
+    # a dtype's name, as the saved JSON writes it
+    assert TiedLoRAConfig(dtype="bfloat16").dtype is TiedLoRAConfig(dtype="torch.bfloat16").dtype is torch.bfloat16
     with pytest.raises(TypeError, match="floating-point"):
         TiedLoRAConfig(dtype="foo")
     with pytest.raises(ValueError, match="alpha must be a positive"):

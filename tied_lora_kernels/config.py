@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -28,7 +27,7 @@ from numbers import Real
 import torch
 from torch import nn
 
-from tied_lora_kernels.functional import BACKENDS, check_dropout, check_seed
+from tied_lora_kernels.functional import BACKENDS, check_dropout, check_rank, check_seed
 from tied_lora_kernels.shared import INITS
 
 __all__ = ["TiedLoRAConfig", "PRESETS", "QKV", "ALL_LINEAR"]
@@ -94,8 +93,7 @@ class TiedLoRAConfig:
     def __post_init__(self):
         if self.preset not in PRESETS:
             raise ValueError(f"preset must be one of {tuple(PRESETS)}, got {self.preset!r}")
-        if isinstance(self.rank, bool) or not isinstance(self.rank, numbers.Integral) or self.rank <= 0:
-            raise ValueError(f"rank must be a positive int, got {self.rank!r}")
+        check_rank(self.rank)  # TiedLoRAShared's check: TypeError for a non-int, ValueError for a non-positive one
         self.rank = int(self.rank)
         if self.alpha is not None and not (_is_number(self.alpha) and math.isfinite(self.alpha) and self.alpha > 0):
             raise ValueError(f"alpha must be a positive finite number or None, got {self.alpha!r}")
@@ -115,8 +113,8 @@ class TiedLoRAConfig:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         check_dropout(self.dropout)
         self.dropout = float(self.dropout)
-        if isinstance(self.dtype, str):
-            self.dtype = getattr(torch, self.dtype, self.dtype)
+        if isinstance(self.dtype, str):  # a name, as the saved JSON writes it ("bfloat16" or "torch.bfloat16")
+            self.dtype = getattr(torch, self.dtype.removeprefix("torch."), self.dtype)
         if not isinstance(self.dtype, torch.dtype) or not self.dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating-point torch.dtype, got {self.dtype!r}")
         for name in ("target_modules", "groups", "modules_to_save"):
