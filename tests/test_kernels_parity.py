@@ -357,11 +357,13 @@ def test_int64_offsets():
 # 2³¹ / stride. Triton's interpreter computes int32 like the GPU (it wraps), so a missing int64 cast reads far
 # outside the tensor: it may crash the process, hence a subprocess. Covered: the row offsets of the fused GEMM
 # (x, dy, and W's rows at prefill and decode), of the shrink and of the reductions over tokens; the column
-# offsets of the reductions (a column-major x); a split-K slice's start (dx at decode over W's rows). The
+# offsets of the reductions (a column-major x); a split-K slice's start (dx at decode over W's rows); K steps
+# that pass 2³¹ (a column-major x and dy: copied to row-major by configs.narrow_k_steps, see there). The
 # offsets of prepare.py and of the split-K sum index [N, R] and [SPLIT, M ≤ 16, N] buffers: int64 there is
 # defensive only, these cannot reach 2³¹.
 _INT64_STRIDE = 2**24 + 2**20  # rows (columns) 121 and up start past 2³¹; BLOCK_K × stride < 2³¹, as for real layers
 _INT64_DECODE_STRIDE = 150_000_000  # decode (M = 16): x's row 15 starts past 2³¹
+_LONG_K_STEPS_STRIDE = 2**26 + 64  # a stride along K that 32 K steps (the shortest tiles' BLOCK_K) take past 2³¹
 _INT64_FORCED = {"two_pass": dict(strategy="two_pass"), "pointers": dict(tma=False), "split": dict(split_k=3)}
 
 
@@ -389,6 +391,10 @@ def int64_case(case: str) -> None:
         M, N, K = 144, 32, 144
         x = _huge_stride_views([(K, M)], stride, g, dtype)[0].t()
         w, dy = torch.randn(N, K, generator=g).to(dtype), torch.randn(M, N, generator=g).to(dtype)
+    elif case.endswith("long_k_steps"):  # column-major x and dy whose K steps pass 2³¹ (configs.narrow_k_steps)
+        M, N, K = 48, 32, 40
+        x, dy = (t.t() for t in _huge_stride_views([(K, M), (N, M)], _LONG_K_STEPS_STRIDE, g, dtype))
+        w = torch.randn(N, K, generator=g).to(dtype)
     else:  # 144 rows of x, dy and W: aligned, so the default case loads through TMA descriptors
         M, N, K = 144, 144, 32
         x, dy, w = _huge_stride_views([(M, K), (M, N), (N, K)], stride, g, dtype)
@@ -414,7 +420,7 @@ def int64_case(case: str) -> None:
 @pytest.mark.skipif(DEVICE.type == "cuda", reason="interpreter check; test_int64_offsets covers the GPU")
 @pytest.mark.parametrize(
     "case", ["prefill", "prefill-two_pass", "prefill-pointers", "prefill-unaligned", "prefill-det",
-             "prefill-column_major", "decode", "decode-split"],
+             "prefill-column_major", "prefill-long_k_steps", "decode", "decode-split"],
 )  # fmt: skip
 def test_int64_offsets_in_the_interpreter(case):
     code = f"from tests.test_kernels_parity import int64_case; int64_case({case!r})"

@@ -474,6 +474,26 @@ def test_split_k_is_capped_where_slice_offsets_would_overflow_int32(monkeypatch)
     assert_close_to_reference(got, tied_lora_forward(x, *args, upcast=True), baseline, "y", torch.bfloat16)
 
 
+def test_narrow_k_steps():
+    # which operands are copied to row-major (test_int64_offsets_in_the_interpreter runs one through the kernels)
+    long_k = -(-(2**31) // configs.MAX_BLOCK_K)  # the shortest stride along K whose longest step passes 2³¹ - 1
+    assert configs.MAX_BLOCK_K == max(
+        c.block_k for _, c, _, _ in configs.all_fused_configs() + configs.all_shrink_configs()
+    )
+    column_major = torch.empty_strided((4, 40), (1, long_k), device="meta")
+    copied = configs.narrow_k_steps(column_major)
+    assert copied.stride() == (40, 1)
+    w = torch.empty_strided((40, 4), (long_k, 1), device="meta")  # w [K, N]: K along dim 0
+    assert configs.narrow_k_steps(w, k_dim=0).stride() == (4, 1) and configs.narrow_k_steps(w) is w
+    for kept in (
+        torch.empty_strided((4, 40), (1, long_k - 1), device="meta"),  # its K steps fit
+        torch.empty_strided((4, 40), (1, 2**31), device="meta"),  # triton passes the stride as an int64
+        torch.empty_strided((4, 40), (40, 1), device="meta"),
+        torch.empty_strided((4, 40), (0, 0), device="meta"),  # expanded
+    ):
+        assert configs.narrow_k_steps(kept) is kept
+
+
 def test_split_k_choice():
     dev = torch.device("cpu")
     cfg = configs.fused_config(1, 16, torch.bfloat16, dev)

@@ -135,6 +135,8 @@ __all__ = [
     "SHARED_MEMORY_LIMIT",
 ]
 
+INT32_MAX = 2**31 - 1
+
 MAX_RANK = 128
 """Largest rank the triton kernels support (the torch backend has no limit)."""
 
@@ -328,6 +330,10 @@ for _arch in ARCHS:
         _SHRINK_DROPOUT[(_arch, True, _br)] = ShrinkConfig(  # (two stages spilled at R = 128)
             f"{_arch}-shrink-fp32-r{_br}-dropout", 32, 32, 8, 1 if _br == 128 else 2
         )
+
+MAX_BLOCK_K = max(c.block_k for t in (_FUSED, _FUSED_UNALIGNED, _FUSED_DROPOUT, _SHRINK, _SHRINK_UNALIGNED,
+                                        _SHRINK_DROPOUT) for c in t.values())  # fmt: skip
+"""The longest K step of any fused-GEMM or shrink config (``narrow_k_steps``)."""
 
 # (arch, is 32-bit, BLOCK_R) -> config
 _RANK_GRAD: dict[tuple[str, bool, int], RankGradConfig] = {}
@@ -567,6 +573,16 @@ def is_aligned(a: Tensor, N: int = 0) -> bool:
     K = a.shape[1]
     widths = N % 16 == 0 and K % 16 == 0 and a.stride(0) % 16 == 0 and a.stride(1) == 1
     return widths and a.data_ptr() % 16 == 0  # (a view at an odd offset loses the pointer's hint)
+
+
+def narrow_k_steps(t: Tensor, k_dim: int = 1) -> Tensor:
+    """A fused-GEMM or shrink operand itself (``a [M, K]``, ``k_dim=1``; ``w [K, N]``, ``k_dim=0``), or a
+    contiguous copy when a K step of it would wrap in int32: the kernels form ``offs_k · stride`` and ``BLOCK_K ·
+    stride`` along K in int32 (their row and column offsets are int64) whenever triton passes the stride as an
+    int32 (below 2³¹), so a stride along K of 2³¹ / ``MAX_BLOCK_K`` or more (a column-major ``x`` or ``dy`` of
+    2²⁴ rows) would read the wrong elements. Row-major inputs and strides passed as int64 are left as they are."""
+    stride = t.stride(k_dim)
+    return t.contiguous() if stride * MAX_BLOCK_K > INT32_MAX >= stride else t
 
 
 def split_k_for(

@@ -556,6 +556,7 @@ def fused_lora_mm(
     has the kernel sum them; one-pass split-K with ``configs.split_rank`` "apart", the default, computes ``t``
     apart and has the sum add the rank-R term).
     """
+    a, w = configs.narrow_k_steps(a), configs.narrow_k_steps(w, k_dim=0)
     M, K = a.shape
     N, R = w.shape[1], down.shape[1]
     block_r = configs.block_r_for(R)

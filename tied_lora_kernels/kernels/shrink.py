@@ -107,6 +107,7 @@ def shrink(
     """``a [M, K] · down [K, R]`` → fp32 ``[M, R]`` (``a`` and ``down`` in one dtype, any strides); with
     ``dropout``, ``(1 / (1 - p)) · (m ⊙ a) · down``, the keep mask ``m`` drawn from its seed (into its bits,
     unless they are None)."""
+    a = configs.narrow_k_steps(a)
     M, K = a.shape
     R = down.shape[1]
     t = torch.empty((M, R), device=a.device, dtype=torch.float32)
