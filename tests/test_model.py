@@ -4,6 +4,8 @@ loading: ``test_save_load.py``; Hugging Face training: ``test_hf_integration.py`
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 import transformers
@@ -389,6 +391,32 @@ def test_layers_whose_weight_the_model_reads_itself_are_left_out_or_refused():
         out = model(**inputs[model])
         (out.logits if hasattr(out, "logits") else out.last_hidden_state).square().sum().backward()
         assert all(layer.lora_v.grad is not None for layer in tied_lora_layers(model).values())
+
+
+def test_falcon_mamba_x_proj_and_out_proj_follow_the_installed_transformers(monkeypatch):
+    """Falcon-Mamba's mixer hands x_proj's and out_proj's weights to its fused training kernel (mamba_inner_fn) in
+    transformers up to 5.24; 5.25 removed that path and calls the layers. They are left out only where the module
+    has the function; dt_proj (a matmul by its weight) always is."""
+    torch.manual_seed(0)
+    shape = dict(vocab_size=50, hidden_size=32, state_size=4, num_hidden_layers=2, expand=2)
+    module = importlib.import_module(transformers.FalconMambaForCausalLM.__module__)
+    with_fused = hasattr(module, "mamba_inner_fn")
+    for fused in (False, True):
+        if fused and not with_fused:  # transformers 5.24 and older, as this one were
+            monkeypatch.setattr(module, "mamba_inner_fn", lambda *args, **kwargs: None, raising=False)
+        elif not fused and with_fused:  # 5.25 and newer
+            monkeypatch.delattr(module, "mamba_inner_fn")
+        model = transformers.FalconMambaForCausalLM(transformers.FalconMambaConfig(**shape))
+        apply_tied_lora(model, TiedLoRAConfig(rank=4, target_modules=ALL_LINEAR))
+        adapted = {name.rpartition(".")[2] for name in tied_lora_layers(model)}
+        assert adapted == ({"in_proj"} if fused else {"in_proj", "x_proj", "out_proj"})
+        if not fused:  # the layers the mixer calls train
+            randomise_adapters(model)
+            model(input_ids=torch.randint(0, 50, (1, 7))).logits.square().sum().backward()
+            assert all(layer.lora_v.grad.abs().sum() > 0 for layer in tied_lora_layers(model).values())
+        with pytest.raises(ValueError, match=r"mixer.dt_proj': its parent FalconMambaMixer reads dt_proj"):
+            apply_tied_lora(transformers.FalconMambaForCausalLM(transformers.FalconMambaConfig(**shape)),
+                            TiedLoRAConfig(rank=4, target_modules=["dt_proj"]))  # fmt: skip
 
 
 def test_all_linear_leaves_out_linears_whose_weight_is_tied_to_another_module():

@@ -324,11 +324,16 @@ _WEIGHT_READ_BY_PARENT = {
     "WavLMAttention": ("q_proj", "k_proj", "v_proj", "out_proj"),
     "LongcatFlashTopkRouter": ("classifier",),
 }
-"""transformers modules (5.24) that read these child linears' weights themselves, instead of calling the layers:
-a matmul of ``dt_proj.weight`` (Mamba, Falcon-Mamba, Jamba), the weights handed to the fused CUDA kernels of
+"""transformers modules (5.24, 5.25) that read these child linears' weights themselves, instead of calling the
+layers: a matmul of ``dt_proj.weight`` (Mamba, Falcon-Mamba, Jamba), the weights handed to the fused CUDA kernels of
 training (the Mamba and Mamba-2 mixers' ``x_proj``/``out_proj``; PEFT refuses ``out_proj`` of Mamba-based models for
 this), ``F.multi_head_attention_forward`` (WavLM) or ``F.linear`` (LongCat-Flash's router). An adapter there would
 be skipped, without an error: ``"all-linear"`` leaves them out and a target naming one is refused."""
+
+_READ_BY_A_FUSED_PATH = {"FalconMambaMixer": ("mamba_inner_fn", ("x_proj", "out_proj"))}
+"""Entries above that hold only while the class's module still defines the fused function that reads them:
+transformers 5.25 removed Falcon-Mamba's fused training path (``mamba_inner_fn``), and its mixer calls ``x_proj``
+and ``out_proj`` since."""
 
 
 def _read_by_parent(model: nn.Module, name: str) -> str | None:
@@ -338,7 +343,12 @@ def _read_by_parent(model: nn.Module, name: str) -> str | None:
     kind = type(model.get_submodule(parent))
     if not kind.__module__.startswith("transformers."):  # (a model's own MambaMixer is not transformers')
         return None
-    return kind.__name__ if attribute in _WEIGHT_READ_BY_PARENT.get(kind.__name__, ()) else None
+    if attribute not in _WEIGHT_READ_BY_PARENT.get(kind.__name__, ()):
+        return None
+    fused, attributes = _READ_BY_A_FUSED_PATH.get(kind.__name__, ("", ()))
+    if attribute in attributes and not hasattr(sys.modules.get(kind.__module__), fused):
+        return None  # (this transformers has no such path)
+    return kind.__name__
 
 
 def _find_targets(model: nn.Module, config: TiedLoRAConfig) -> dict[str, nn.Linear]:
