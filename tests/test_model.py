@@ -402,21 +402,22 @@ def test_falcon_mamba_x_proj_and_out_proj_follow_the_installed_transformers(monk
     module = importlib.import_module(transformers.FalconMambaForCausalLM.__module__)
     with_fused = hasattr(module, "mamba_inner_fn")
     for fused in (False, True):
-        if fused and not with_fused:  # transformers 5.24 and older, as this one were
-            monkeypatch.setattr(module, "mamba_inner_fn", lambda *args, **kwargs: None, raising=False)
-        elif not fused and with_fused:  # 5.25 and newer
-            monkeypatch.delattr(module, "mamba_inner_fn")
-        model = transformers.FalconMambaForCausalLM(transformers.FalconMambaConfig(**shape))
-        apply_tied_lora(model, TiedLoRAConfig(rank=4, target_modules=ALL_LINEAR))
-        adapted = {name.rpartition(".")[2] for name in tied_lora_layers(model)}
-        assert adapted == ({"in_proj"} if fused else {"in_proj", "x_proj", "out_proj"})
-        if not fused:  # the layers the mixer calls train
+        with monkeypatch.context() as patch:
+            if fused and not with_fused:  # as in transformers 5.24 and older
+                patch.setattr(module, "mamba_inner_fn", lambda *args, **kwargs: None, raising=False)
+            elif not fused and with_fused:  # as in 5.25 and newer
+                patch.delattr(module, "mamba_inner_fn")
+            model = transformers.FalconMambaForCausalLM(transformers.FalconMambaConfig(**shape))
+            apply_tied_lora(model, TiedLoRAConfig(rank=4, target_modules=ALL_LINEAR))
+            adapted = {name.rpartition(".")[2] for name in tied_lora_layers(model)}
+            assert adapted == ({"in_proj"} if fused else {"in_proj", "x_proj", "out_proj"})
+            with pytest.raises(ValueError, match=r"mixer.dt_proj': its parent FalconMambaMixer reads dt_proj"):
+                apply_tied_lora(transformers.FalconMambaForCausalLM(transformers.FalconMambaConfig(**shape)),
+                                TiedLoRAConfig(rank=4, target_modules=["dt_proj"]))  # fmt: skip
+        if not fused and not with_fused:  # the layers the mixer calls train (where it has no fused path at all)
             randomise_adapters(model)
             model(input_ids=torch.randint(0, 50, (1, 7))).logits.square().sum().backward()
             assert all(layer.lora_v.grad.abs().sum() > 0 for layer in tied_lora_layers(model).values())
-        with pytest.raises(ValueError, match=r"mixer.dt_proj': its parent FalconMambaMixer reads dt_proj"):
-            apply_tied_lora(transformers.FalconMambaForCausalLM(transformers.FalconMambaConfig(**shape)),
-                            TiedLoRAConfig(rank=4, target_modules=["dt_proj"]))  # fmt: skip
 
 
 def test_all_linear_leaves_out_linears_whose_weight_is_tied_to_another_module():
