@@ -11,6 +11,7 @@ the same tests run the compiled kernels on a GPU.
 
 from __future__ import annotations
 
+import os
 import threading
 
 import numpy as np
@@ -573,6 +574,28 @@ def test_forcing(monkeypatch):
     monkeypatch.delenv(configs.TMA_ENV)
     with configs.forced(split_k=np.int64(3)):  # numpy's ints are ints, passed on as Python's
         assert type(configs.forced_choice()[1]) is int
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["environ-mapping", "fallback"])
+def test_environment_reads_follow_os_environ(monkeypatch, fast):
+    # configs._getenv reads os.environ's own mapping (a dict lookup, not os.environ.get's encode and KeyError);
+    # every change made through os.environ shows at the next read, as with os.environ.get, and so does the
+    # fallback where that mapping is absent
+    if fast:
+        assert configs._ENV_DATA is not None and set(configs._ENV_KEYS) == {
+            env for env, _ in configs._ENVIRONMENT.values()
+        }, "CPython's os.environ should take the fast path"
+    else:
+        monkeypatch.setattr(configs, "_ENV_DATA", None)
+    for env, choices in configs._ENVIRONMENT.values():
+        monkeypatch.delenv(env, raising=False)
+        assert configs._getenv(env) is None
+        for value in ("", "auto", choices[-1], "bogus-value"):
+            monkeypatch.setenv(env, value)
+            assert configs._getenv(env) == value == os.environ.get(env)
+        os.environ.pop(env)
+        assert configs._getenv(env) is None
+    assert configs._getenv("TIED_LORA_NOT_A_CHOICE") == os.environ.get("TIED_LORA_NOT_A_CHOICE")
 
 
 def test_forcing_auto_beats_the_environment_and_none_keeps_the_enclosing_choice(monkeypatch):
