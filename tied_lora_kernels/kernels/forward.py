@@ -102,7 +102,8 @@ def _add_rank_update(
     terms, ``hi = round(t)`` and ``lo = round(t - hi)``, and two tensor-core dots, so each partial keeps ~16
     significant bits (bf16) before the slices are summed in fp32; rounding each partial once would lose what
     cancels between them. (One fp32 dot instead spilled registers at ranks 64 and 128.) In fp16 a partial
-    beyond fp16's range makes ``hi`` infinite and the result NaN, where the unsplit kernel gives inf.
+    beyond fp16's range makes ``hi`` infinite and the result NaN: where the unsplit kernel gives inf, and also
+    where the slices' partials cancel and it gives a finite result.
     """
     if HAS_RSCALE:
         rscale = tl.load(rscale_ptr + offs_r, mask=mask_r, other=0.0).to(tl.float32)
