@@ -167,3 +167,15 @@ def test_eager_table_is_per_projection_against_nn_linear():
         ["triton-host", 16, "20 us", "-", "wall, launches stubbed"],
         ["peft-lora", 16, "50 us", "5", "cuda-events"],
     ]
+
+
+def test_the_command_line_answers_help_and_refuses_an_unknown_command(capsys):
+    from tied_lora_kernels.__main__ import main as cli
+
+    for flag in ("-h", "--help"):
+        assert cli([flag]) == 0
+        out, err = capsys.readouterr()
+        assert "runs the self-check" in out and "bench" in out and not err
+    assert cli(["selftest"]) == 2
+    out, err = capsys.readouterr()
+    assert "runs the self-check" in err and not out

@@ -5,6 +5,7 @@ loading: ``test_save_load.py``; Hugging Face training: ``test_hf_integration.py`
 from __future__ import annotations
 
 import importlib
+import warnings
 
 import pytest
 import torch
@@ -519,8 +520,8 @@ def test_config_errors():
         TiedLoRAConfig(groups=[("q_proj", "k_proj"), ("k_proj", "v_proj")])
     with pytest.raises(TypeError, match="floating-point"):
         TiedLoRAConfig(dtype=torch.int8)
-    with pytest.raises(TypeError, match="floating-point"):
-        TiedLoRAConfig(dtype="bfloat17")
+    with pytest.raises(TypeError, match=r"floating-point torch.dtype or its name \('bfloat16'"):
+        TiedLoRAConfig(dtype="bf16")  # (the error says what names it takes)
     # a dtype's name, as the saved JSON writes it
     assert TiedLoRAConfig(dtype="bfloat16").dtype is TiedLoRAConfig(dtype="torch.bfloat16").dtype is torch.bfloat16
     with pytest.raises(TypeError, match="floating-point"):
@@ -545,6 +546,40 @@ def test_config_errors():
     with pytest.raises(TypeError, match="groups must be a sequence"):
         TiedLoRAConfig(groups=3)
     assert TiedLoRAConfig(groups=(g for g in [QKV])).groups == (QKV,)  # a generator is read once, not used up
+
+
+def test_triton_above_its_largest_rank_is_refused_when_built():
+    # at construction, not at the first forward; "auto" (the torch path above it) and "torch" take any rank
+    from tied_lora_kernels.kernels import configs
+
+    R = configs.MAX_RANK + 1
+    match = rf"backend='triton' supports ranks up to {configs.MAX_RANK}, got rank {R}"
+    with pytest.raises(ValueError, match=match):
+        TiedLoRAConfig(rank=R, backend="triton")
+    with pytest.raises(ValueError, match=match):
+        TiedLoRALinear.from_linear(nn.Linear(8, 8), rank=R, backend="triton")
+    for backend in ("auto", "torch"):
+        assert TiedLoRAConfig(rank=R, backend=backend).rank == R
+        assert TiedLoRALinear.from_linear(nn.Linear(8, 8), rank=R, backend=backend).rank == R
+    assert TiedLoRAConfig(rank=configs.MAX_RANK, backend="triton").rank == configs.MAX_RANK
+
+
+def test_a_target_name_that_matches_nothing_warns_when_others_match():
+    model = Toy()
+    with pytest.warns(UserWarning, match=r"target_modules \['v_prj', 'layers.7.q_proj'\] matched no module"):
+        apply_tied_lora(model, TiedLoRAConfig(target_modules=["q_proj", "v_prj", "layers.0.k_proj", "layers.7.q_proj"]))
+    assert sorted(tied_lora_layers(model)) == sorted(["layers.0.k_proj", *(f"layers.{i}.q_proj" for i in range(3))])
+    # every name matching, a regex, "all-linear" or a callable: no warning
+    configs_without = [
+        TiedLoRAConfig(target_modules=["q_proj", "layers.1.v_proj"]),
+        TiedLoRAConfig(target_modules=r".*\.(q|v)_proj"),
+        TiedLoRAConfig(target_modules="all-linear"),
+        TiedLoRAConfig(target_modules=lambda module, name: name.endswith("o_proj")),
+    ]
+    for config in configs_without:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            apply_tied_lora(Toy(), config)
 
 
 def test_apply_errors():

@@ -298,7 +298,9 @@ def test_save_refuses_a_submodule_adapted_apart(tmp_path):
             except AttributeError:
                 return getattr(self.module, name)
 
-    inner = apply_tied_lora(nn.ModuleDict({"q_proj": nn.Linear(8, 8)}), TiedLoRAConfig(rank=2, target_modules=QKV))
+    inner = apply_tied_lora(
+        nn.ModuleDict({"q_proj": nn.Linear(8, 8)}), TiedLoRAConfig(rank=2, target_modules=("q_proj",))
+    )
     save_tied_lora(Forwarding(inner), tmp_path / "wrapped")  # one adaptation, seen twice: not refused
     loaded = load_tied_lora(Forwarding(nn.ModuleDict({"q_proj": nn.Linear(8, 8)})), tmp_path / "wrapped")
     assert list(tied_lora_layers(loaded)) == ["module.q_proj"]

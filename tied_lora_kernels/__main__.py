@@ -8,6 +8,9 @@ def main(argv: list[str]) -> int:
         from tied_lora_kernels.bench import main as bench_main
 
         return bench_main(argv[1:])
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__.strip())
+        return 0
     if argv and argv[0] not in ("selfcheck",):
         print(__doc__.strip(), file=sys.stderr)
         return 2

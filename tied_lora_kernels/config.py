@@ -27,7 +27,7 @@ from numbers import Real
 import torch
 from torch import nn
 
-from tied_lora_kernels.functional import BACKENDS, check_dropout, check_rank, check_seed
+from tied_lora_kernels.functional import BACKENDS, check_backend_rank, check_dropout, check_rank, check_seed
 from tied_lora_kernels.shared import INITS
 
 __all__ = ["TiedLoRAConfig", "PRESETS", "QKV", "ALL_LINEAR"]
@@ -111,12 +111,16 @@ class TiedLoRAConfig:
         self.seed = int(self.seed)
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        check_backend_rank(self.backend, self.rank)
         check_dropout(self.dropout)
         self.dropout = float(self.dropout)
         if isinstance(self.dtype, str):  # a name, as the saved JSON writes it ("bfloat16" or "torch.bfloat16")
             self.dtype = getattr(torch, self.dtype.removeprefix("torch."), self.dtype)
         if not isinstance(self.dtype, torch.dtype) or not self.dtype.is_floating_point:
-            raise TypeError(f"dtype must be a floating-point torch.dtype, got {self.dtype!r}")
+            raise TypeError(
+                "dtype must be a floating-point torch.dtype or its name ('bfloat16', 'torch.float32'), "
+                f"got {self.dtype!r}"
+            )
         for name in ("target_modules", "groups", "modules_to_save"):
             if getattr(self, name) is None or isinstance(getattr(self, name), (int, float)):
                 raise TypeError(f"{name} must be a sequence (or () for none), got {getattr(self, name)!r}")

@@ -264,6 +264,18 @@ def _is_number(value, kind: type) -> bool:
     return type(value) is int or (not isinstance(value, bool) and isinstance(value, kind))
 
 
+def check_backend_rank(backend: str, rank: int) -> None:
+    """``backend="triton"`` at a rank its kernels support, checked where a layer or config is built rather than
+    at the first forward (``"auto"`` runs the torch path above it)."""
+    from tied_lora_kernels.kernels.configs import MAX_RANK  # (imports torch only)
+
+    if backend == "triton" and rank > MAX_RANK:
+        raise ValueError(
+            f"backend='triton' supports ranks up to {MAX_RANK}, got rank {rank}; use backend='torch' (or 'auto', "
+            "which runs the torch path above it)"
+        )
+
+
 def check_dropout(p: float) -> None:
     """A dropout probability must be a number in [0, 1)."""
     if not _is_number(p, Real) or not 0.0 <= p < 1.0:

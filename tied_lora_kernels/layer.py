@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from tied_lora_kernels import reference
-from tied_lora_kernels.functional import BACKENDS, add_adapter, check_dropout, tied_lora_linear
+from tied_lora_kernels.functional import BACKENDS, add_adapter, check_backend_rank, check_dropout, tied_lora_linear
 from tied_lora_kernels.shared import TiedLoRAShared
 
 __all__ = [
@@ -341,6 +341,7 @@ class TiedLoRALinear(nn.Linear):
             raise TypeError(f"shared must be a TiedLoRAShared, got {type(shared).__name__}")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        check_backend_rank(backend, shared.rank)
         check_dropout(dropout)
         if self.quantized and backend == "triton":
             raise ValueError(

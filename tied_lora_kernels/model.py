@@ -79,7 +79,25 @@ def tied_lora_layers(model: nn.Module) -> dict[str, TiedLoRALinear]:
 def apply_tied_lora(model: nn.Module, config: TiedLoRAConfig) -> nn.Module:
     """Adapt ``model`` in place and return it: targeted ``nn.Linear`` layers become ``TiedLoRALinear``,
     the base model is frozen, and only the adapter parameters the config trains require grad."""
-    return _apply(model, config)
+    names = [n for n, _ in model.named_modules()] if isinstance(model, nn.Module) else []
+    _apply(model, config)
+    _warn_unmatched_names(config, names)
+    return model
+
+
+def _warn_unmatched_names(config: TiedLoRAConfig, names: Sequence[str]) -> None:
+    """A warning naming the entries of a list of ``target_modules`` that matched no module (of ``names``, the
+    model's before it was adapted), where others matched: the layers a misspelt name was meant to adapt would
+    train nothing, silently (no match at all is an error, ``_find_targets``; PEFT warns of neither)."""
+    if callable(config.target_modules) or isinstance(config.target_modules, str):  # ("all-linear", a regex)
+        return
+    unmatched = [t for t in config.target_modules if not any(n == t or n.endswith("." + t) for n in names)]
+    if unmatched:
+        warnings.warn(
+            f"target_modules {unmatched} matched no module of the model and adapt nothing (the other names were "
+            "adapted): a misspelt name? Leave names of other architectures out to silence this",
+            stacklevel=3,
+        )
 
 
 def _apply(model: nn.Module, config: TiedLoRAConfig, shared_of: dict[str, str] | None = None) -> nn.Module:
