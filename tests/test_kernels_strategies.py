@@ -596,6 +596,10 @@ def test_environment_reads_follow_os_environ(monkeypatch, fast):
         os.environ.pop(env)
         assert configs._getenv(env) is None
     assert configs._getenv("TIED_LORA_NOT_A_CHOICE") == os.environ.get("TIED_LORA_NOT_A_CHOICE")
+    # os.environ replaced by another mapping (not modified in place): read from that one
+    env = next(iter(configs._ENVIRONMENT.values()))[0]
+    monkeypatch.setattr(os, "environ", {env: "replaced"})
+    assert configs._getenv(env) == "replaced"
 
 
 def test_forcing_auto_beats_the_environment_and_none_keeps_the_enclosing_choice(monkeypatch):

@@ -499,14 +499,15 @@ def _getenv(name: str) -> str | None:
     KeyError for an unset variable, about a microsecond a read, and a decode step reads up to six (a tenth of
     the library's host time there). Reads the mapping ``os.environ`` keeps in step with every change made
     through it (``os.environ[...] = ``, ``setenv`` in tests), with ``os.environ.get`` as the fallback where
-    that mapping is not there (it is CPython's, ``os._Environ``)."""
+    that mapping is not there (it is CPython's, ``os._Environ``) or ``os.environ`` was replaced."""
     key = _ENV_KEYS.get(name)
-    if key is None or _ENV_DATA is None:
+    if key is None or _ENV_DATA is None or os.environ is not _ENVIRON:
         return os.environ.get(name)
     raw = _ENV_DATA.get(key)
-    return None if raw is None else os.environ.decodevalue(raw)  # type: ignore[attr-defined]
+    return None if raw is None else _ENVIRON.decodevalue(raw)  # type: ignore[attr-defined]
 
 
+_ENVIRON = os.environ
 _ENV_DATA: dict | None = getattr(os.environ, "_data", None)
 _ENV_KEYS = (
     {env: os.environ.encodekey(env) for env, _ in _ENVIRONMENT.values()}  # type: ignore[attr-defined]
