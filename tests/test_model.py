@@ -569,6 +569,17 @@ def test_a_target_name_that_matches_nothing_warns_when_others_match():
     with pytest.warns(UserWarning, match=r"target_modules \['v_prj', 'layers.7.q_proj'\] matched no module"):
         apply_tied_lora(model, TiedLoRAConfig(target_modules=["q_proj", "v_prj", "layers.0.k_proj", "layers.7.q_proj"]))
     assert sorted(tied_lora_layers(model)) == sorted(["layers.0.k_proj", *(f"layers.{i}.q_proj" for i in range(3))])
+    # warned before the model is touched: with warnings as errors the call leaves it as it was
+    model = Toy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(UserWarning, match=r"target_modules \['v_prj'\]"):
+            apply_tied_lora(model, TiedLoRAConfig(target_modules=["q_proj", "v_prj"]))
+    assert not tied_lora_layers(model) and all(p.requires_grad for p in model.parameters())
+    # the default names on a model without one of them: the warning says they are the default's
+    qv = nn.ModuleDict({"q_proj": nn.Linear(8, 8), "v_proj": nn.Linear(8, 8)})
+    with pytest.warns(UserWarning, match=r"target_modules \(TiedLoRAConfig's default\) \['k_proj'\]"):
+        apply_tied_lora(qv, TiedLoRAConfig(rank=2))
     # every name matching, a regex, "all-linear" or a callable: no warning
     configs_without = [
         TiedLoRAConfig(target_modules=["q_proj", "layers.1.v_proj"]),

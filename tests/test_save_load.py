@@ -5,6 +5,7 @@ every file that must be refused before the model is touched."""
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import safetensors.torch as safetensors_torch
@@ -397,6 +398,32 @@ def test_load_backend_override(tmp_path):
     assert count_parameters(frozen).trainable == 0
     load_tied_lora(frozen, tmp_path, trainable=True)  # the config's trained factors train again
     assert count_parameters(frozen).trainable == count_parameters(model).trainable
+
+
+def test_a_file_saying_triton_above_its_largest_rank_still_loads(tmp_path):
+    # saved before configs refused backend='triton' above the kernels' largest rank (its layers switched to torch
+    # once built): a bare model loads it with "auto", and a warning; an adapted one, and an override, without
+    from tied_lora_kernels.kernels.configs import MAX_RANK
+
+    R = MAX_RANK + 2
+    config = TiedLoRAConfig(rank=R, backend="torch")
+    model = apply_tied_lora(tiny_llama(), config)
+    randomise_adapters(model)
+    save_tied_lora(model, tmp_path)
+    meta = json.loads((tmp_path / "adapter_config.json").read_text())
+    meta["config"]["backend"] = "triton"
+    (tmp_path / "adapter_config.json").write_text(json.dumps(meta))
+    with pytest.warns(UserWarning, match=rf"backend='triton' at rank {R}.*loading it with backend='auto'"):
+        bare = load_tied_lora(tiny_llama(), tmp_path)
+    assert {layer.backend for layer in tied_lora_layers(bare).values()} == {"auto"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_tied_lora(apply_tied_lora(tiny_llama(), config), tmp_path) is not None
+        overridden = load_tied_lora(tiny_llama(), tmp_path, backend="torch")
+    assert {layer.backend for layer in tied_lora_layers(overridden).values()} == {"torch"}
+    ids = torch.randint(0, 97, (1, 5))
+    with torch.no_grad():
+        assert torch.equal(bare(ids).logits, overridden(ids).logits)
 
 
 def test_save_after_conversion_freeze_and_wrappers(tmp_path):

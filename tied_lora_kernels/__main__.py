@@ -2,6 +2,12 @@
 
 import sys
 
+USAGE = (
+    "python -m tied_lora_kernels [selfcheck]   the self-check (parity with the float64 reference, parameter counts)\n"
+    "python -m tied_lora_kernels bench [...]   the benchmark report (bench --help for its options)"
+)
+"""What ``--help`` prints (not the docstring, which ``python -OO`` strips)."""
+
 
 def main(argv: list[str]) -> int:
     if argv and argv[0] == "bench":
@@ -9,10 +15,10 @@ def main(argv: list[str]) -> int:
 
         return bench_main(argv[1:])
     if argv and argv[0] in ("-h", "--help"):
-        print(__doc__.strip())
+        print(USAGE)
         return 0
     if argv and argv[0] not in ("selfcheck",):
-        print(__doc__.strip(), file=sys.stderr)
+        print(f"unknown command {argv[0]!r}\n{USAGE}", file=sys.stderr)
         return 2
     from tied_lora_kernels.selfcheck import main as selfcheck_main
 

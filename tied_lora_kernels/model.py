@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from tied_lora_kernels.config import ALL_LINEAR, TiedLoRAConfig
+from tied_lora_kernels.config import ALL_LINEAR, QKV, TiedLoRAConfig
 from tied_lora_kernels.layer import (
     TiedLoRALinear,
     adaptable_types,
@@ -79,10 +79,9 @@ def tied_lora_layers(model: nn.Module) -> dict[str, TiedLoRALinear]:
 def apply_tied_lora(model: nn.Module, config: TiedLoRAConfig) -> nn.Module:
     """Adapt ``model`` in place and return it: targeted ``nn.Linear`` layers become ``TiedLoRALinear``,
     the base model is frozen, and only the adapter parameters the config trains require grad."""
-    names = [n for n, _ in model.named_modules()] if isinstance(model, nn.Module) else []
-    _apply(model, config)
-    _warn_unmatched_names(config, names)
-    return model
+    if isinstance(model, nn.Module) and isinstance(config, TiedLoRAConfig):  # (before: -W error leaves it as it was)
+        _warn_unmatched_names(config, [n for n, _ in model.named_modules()])
+    return _apply(model, config)
 
 
 def _warn_unmatched_names(config: TiedLoRAConfig, names: Sequence[str]) -> None:
@@ -92,10 +91,11 @@ def _warn_unmatched_names(config: TiedLoRAConfig, names: Sequence[str]) -> None:
     if callable(config.target_modules) or isinstance(config.target_modules, str):  # ("all-linear", a regex)
         return
     unmatched = [t for t in config.target_modules if not any(n == t or n.endswith("." + t) for n in names)]
-    if unmatched:
+    if unmatched and len(unmatched) < len(config.target_modules):
+        default = " (TiedLoRAConfig's default)" if config.target_modules == QKV else ""
         warnings.warn(
-            f"target_modules {unmatched} matched no module of the model and adapt nothing (the other names were "
-            "adapted): a misspelt name? Leave names of other architectures out to silence this",
+            f"target_modules{default} {unmatched} matched no module of the model and adapt nothing (the other names "
+            "were adapted): a misspelt name? Leave names of other architectures out to silence this",
             stacklevel=3,
         )
 

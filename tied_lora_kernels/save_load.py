@@ -11,12 +11,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import warnings
 
 import torch
 from torch import nn
 
 from tied_lora_kernels.config import TiedLoRAConfig
 from tied_lora_kernels.functional import BACKENDS
+from tied_lora_kernels.kernels.configs import MAX_RANK
 from tied_lora_kernels.layer import adaptable_types, linear_features
 from tied_lora_kernels.model import (
     _FACTOR_OF,
@@ -152,7 +154,8 @@ def load_tied_lora(
             raise ValueError(f"the adapter in {directory} does not fit this model: {_describe_diff(ours, theirs)}")
         config = getattr(model, "tied_lora_config", None)
         if config is not None and meta["config"] is not None:  # what each config trains, whatever is frozen now
-            mine, saved = _trained(config), _trained(_saved_config(meta, layout))
+            # (the backend plays no part in what trains: "auto", whatever the file says)
+            mine, saved = _trained(config), _trained(_saved_config(meta, layout, backend="auto"))
             if mine != saved:
                 raise ValueError(
                     f"the adapter in {directory} does not fit this model: it was configured to train {saved}, "
@@ -258,11 +261,21 @@ def _check_state(state: dict[str, torch.Tensor], model: nn.Module) -> None:
 
 
 def _saved_config(meta: dict, layout: dict[str, dict], backend: str | None = None) -> TiedLoRAConfig:
-    """The config an adapter file was saved with (``backend`` overriding its own)."""
+    """The config an adapter file was saved with (``backend`` overriding its own). A file that says
+    ``backend="triton"`` at a rank above the kernels' largest (saved before configs refused that pairing, its
+    layers switched to another backend once built) loads with ``"auto"``, which runs the torch path there, and a
+    warning."""
     fields = dict(meta["config"])
     fields["target_modules"] = fields["target_modules"] or list(layout)  # None: a callable, not saved
     if backend is not None:
         fields["backend"] = backend
+    elif fields.get("backend") == "triton" and isinstance(fields.get("rank"), int) and fields["rank"] > MAX_RANK:
+        warnings.warn(
+            f"the adapter's config says backend='triton' at rank {fields['rank']}, above the kernels' largest "
+            f"({MAX_RANK}): loading it with backend='auto', which runs the torch path (pass backend= to choose)",
+            stacklevel=3,
+        )
+        fields["backend"] = "auto"
     return TiedLoRAConfig(**fields)
 
 

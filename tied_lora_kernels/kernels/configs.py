@@ -499,7 +499,8 @@ def _getenv(name: str) -> str | None:
     KeyError for an unset variable, about a microsecond a read, and a decode step reads up to six (a tenth of
     the library's host time there). Reads the mapping ``os.environ`` keeps in step with every change made
     through it (``os.environ[...] = ``, ``setenv`` in tests), with ``os.environ.get`` as the fallback where
-    that mapping is not there (it is CPython's, ``os._Environ``) or ``os.environ`` was replaced."""
+    that mapping is not there (it is CPython's, ``os._Environ``) or ``os.environ`` was replaced. (A mock of
+    ``os.environ.get`` itself is not seen; ``mock.patch.dict(os.environ, ...)`` is.)"""
     key = _ENV_KEYS.get(name)
     if key is None or _ENV_DATA is None or os.environ is not _ENVIRON:
         return os.environ.get(name)
