@@ -40,7 +40,7 @@ def rows(tmp_path_factory):
         env=env,
         capture_output=True,
         text=True,
-        timeout=900,
+        timeout=1800,  # (a bound on a hang: 737 s with its two jobs on one core of the 2-core VM)
     )
     print(proc.stdout)
     assert out.exists(), f"compile check produced no rows (exit {proc.returncode}):\n{proc.stderr[-4000:]}"
