@@ -27,7 +27,14 @@ from numbers import Real
 import torch
 from torch import nn
 
-from tied_lora_kernels.functional import BACKENDS, check_backend_rank, check_dropout, check_rank, check_seed
+from tied_lora_kernels.functional import (
+    BACKENDS,
+    check_backend_rank,
+    check_dropout,
+    check_rank,
+    check_seed,
+    is_number,
+)
 from tied_lora_kernels.shared import INITS
 
 __all__ = ["TiedLoRAConfig", "PRESETS", "QKV", "ALL_LINEAR"]
@@ -95,11 +102,12 @@ class TiedLoRAConfig:
             raise ValueError(f"preset must be one of {tuple(PRESETS)}, got {self.preset!r}")
         check_rank(self.rank)  # TiedLoRAShared's check: TypeError for a non-int, ValueError for a non-positive one
         self.rank = int(self.rank)
-        if self.alpha is not None and not (_is_number(self.alpha) and math.isfinite(self.alpha) and self.alpha > 0):
+        positive = self.alpha is None or (is_number(self.alpha, Real) and math.isfinite(self.alpha) and self.alpha > 0)
+        if not positive:
             raise ValueError(f"alpha must be a positive finite number or None, got {self.alpha!r}")
         if self.alpha is not None and self.alpha / self.rank > torch.finfo(torch.float32).max:
             raise ValueError(f"alpha / rank must be within float32's range, got alpha={self.alpha!r}")
-        if self.u_init is not None and not (_is_number(self.u_init) and math.isfinite(self.u_init)):
+        if self.u_init is not None and not (is_number(self.u_init, Real) and math.isfinite(self.u_init)):
             raise ValueError(f"u_init must be a finite number or None, got {self.u_init!r}")
         # plain floats: a numpy scalar would not go into the saved JSON
         self.alpha = None if self.alpha is None else float(self.alpha)
@@ -196,7 +204,3 @@ class TiedLoRAConfig:
         out["groups"] = [list(g) for g in self.groups]
         out["modules_to_save"] = list(self.modules_to_save)
         return out
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, Real) and not isinstance(value, bool)

@@ -207,7 +207,7 @@ def _check_inputs(x, weight, bias, A, B, u, v, scale: float) -> None:
             raise TypeError(f"{name} is a {kind} tensor: tied_lora_linear takes dense (strided) tensors")
     if not x.is_floating_point():
         raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
-    if not _is_number(scale, Real) or isinstance(scale, Tensor):
+    if not is_number(scale, Real) or isinstance(scale, Tensor):
         raise TypeError(f"scale must be a finite Python number, got {scale!r}")
     # (under torch.compile(dynamic=True) a float argument is symbolic and cannot be tested while tracing)
     if not torch.compiler.is_compiling() and not abs(scale) <= _FLOAT32_MAX:  # also NaN
@@ -255,7 +255,7 @@ _FLOAT32_MAX = torch.finfo(torch.float32).max
 """The kernels and the torch path's ``addmm_`` take ``scale`` as a float32."""
 
 
-def _is_number(value, kind: type) -> bool:
+def is_number(value, kind: type) -> bool:
     """``value`` is a number of ``kind`` (``Real`` or ``Integral``: numpy's too), not a bool. Python's own float
     and int first: an ABC's ``isinstance`` costs a few hundred nanoseconds, and decode checks three numbers per
     call."""
@@ -267,25 +267,22 @@ def _is_number(value, kind: type) -> bool:
 def check_backend_rank(backend: str, rank: int) -> None:
     """``backend="triton"`` at a rank its kernels support, checked where a layer or config is built rather than
     at the first forward (``"auto"`` runs the torch path above it)."""
-    from tied_lora_kernels.kernels.configs import MAX_RANK  # (imports torch only)
+    from tied_lora_kernels.kernels import configs  # (imports torch only)
 
-    if backend == "triton" and rank > MAX_RANK:
-        raise ValueError(
-            f"backend='triton' supports ranks up to {MAX_RANK}, got rank {rank}; use backend='torch' (or 'auto', "
-            "which runs the torch path above it)"
-        )
+    if backend == "triton":
+        configs.check_supported_rank(rank)
 
 
 def check_dropout(p: float) -> None:
     """A dropout probability must be a number in [0, 1)."""
-    if not _is_number(p, Real) or not 0.0 <= p < 1.0:
+    if not is_number(p, Real) or not 0.0 <= p < 1.0:
         raise ValueError(f"dropout must be a number in [0, 1), got {p!r}")
 
 
 def check_seed(seed: int) -> None:
     """A seed must be an int (numpy's too) that ``torch.Generator.manual_seed`` takes, with room for the
     ``apply_tied_lora`` pairs' consecutive seeds."""
-    if isinstance(seed, bool) or not isinstance(seed, Integral):
+    if not is_number(seed, Integral):
         raise TypeError(f"seed must be an int, got {seed!r}")
     if not -(2**63) <= seed < 2**64 - 2**32:
         raise ValueError(f"seed must be within [-2**63, 2**64 - 2**32), got {seed}")
@@ -295,7 +292,7 @@ def check_rank(rank: int) -> None:
     """A rank must be a positive int. One above a layer's width is allowed, as PEFT allows it (a narrow layer such
     as a question-answering head then has a pair like the others'): the update's rank is at most
     ``min(in_features, out_features)``, and the factors train as they would otherwise."""
-    if not _is_number(rank, Integral):
+    if not is_number(rank, Integral):
         raise TypeError(f"rank must be an int, got {rank!r}")
     if rank <= 0:
         raise ValueError(f"rank must be positive, got {rank}")

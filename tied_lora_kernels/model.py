@@ -90,7 +90,7 @@ def _warn_unmatched_names(config: TiedLoRAConfig, names: Sequence[str]) -> None:
     train nothing, silently (no match at all is an error, ``_find_targets``; PEFT warns of neither)."""
     if callable(config.target_modules) or isinstance(config.target_modules, str):  # ("all-linear", a regex)
         return
-    unmatched = [t for t in config.target_modules if not any(n == t or n.endswith("." + t) for n in names)]
+    unmatched = [t for t in config.target_modules if not any(_names(n, t) for n in names)]
     if unmatched and len(unmatched) < len(config.target_modules):
         default = " (TiedLoRAConfig's default)" if config.target_modules == QKV else ""
         warnings.warn(
@@ -98,6 +98,12 @@ def _warn_unmatched_names(config: TiedLoRAConfig, names: Sequence[str]) -> None:
             "were adapted): a misspelt name? Leave names of other architectures out to silence this",
             stacklevel=3,
         )
+
+
+def _names(qualified: str, wanted: str) -> bool:
+    """Whether a module's qualified name is what a name in ``target_modules`` or ``modules_to_save`` means: equal to
+    it, or ending with ``"." + wanted``."""
+    return qualified == wanted or qualified.endswith("." + wanted)
 
 
 def _apply(model: nn.Module, config: TiedLoRAConfig, shared_of: dict[str, str] | None = None) -> nn.Module:
@@ -381,7 +387,7 @@ def _find_targets(model: nn.Module, config: TiedLoRAConfig) -> dict[str, nn.Line
         elif isinstance(config.target_modules, str):  # a regular expression, full-matched as PEFT does
             hit = re.fullmatch(config.target_modules, name) is not None
         else:
-            hit = any(name == t or name.endswith("." + t) for t in config.target_modules)
+            hit = any(_names(name, t) for t in config.target_modules)
         if not hit:
             continue
         reader = _read_by_parent(model, name) if name else None
@@ -443,7 +449,7 @@ def _saved_modules(model: nn.Module, config: TiedLoRAConfig, targets: Mapping[st
     none is or holds an adapted target."""
     found = {}
     for wanted in config.modules_to_save:
-        hits = {n: m for n, m in model.named_modules() if n and (n == wanted or n.endswith("." + wanted))}
+        hits = {n: m for n, m in model.named_modules() if n and _names(n, wanted)}
         if not hits:
             raise ValueError(f"modules_to_save: {wanted!r} matches no module of the model")
         found.update(hits)

@@ -140,6 +140,17 @@ INT32_MAX = 2**31 - 1
 MAX_RANK = 128
 """Largest rank the triton kernels support (the torch backend has no limit)."""
 
+
+def check_supported_rank(rank: int) -> None:
+    """A clear error for a rank above ``MAX_RANK`` (where a layer or config asks for the triton backend, and at
+    its forward)."""
+    if rank > MAX_RANK:
+        raise ValueError(
+            f"backend='triton' supports ranks up to {MAX_RANK}, got rank {rank}; use backend='torch' (or 'auto', "
+            "which runs the torch path above it)"
+        )
+
+
 BLOCK_RS = (16, 32, 64, 128)
 """Every rank tile a launch can use: ranks are padded up to the next of these."""
 

@@ -515,7 +515,7 @@ RANK_SUM_CHUNK = 16
 with unaligned widths, and 32-rank steps spilled 8 bytes (at 96 registers) in dx's unaligned sum on sm_80
 (triton 3.9)."""
 
-SPLIT_ELEMENTS_MAX = 2**31 - 1
+SPLIT_ELEMENTS_MAX = configs.INT32_MAX
 """The GEMM offsets a split-K slice's partials by ``slice · M · N`` in int32: the launcher caps the split below
 that (only a split forced on a huge layer reaches it: M ≤ 16 at decode)."""
 

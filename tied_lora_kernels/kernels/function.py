@@ -44,11 +44,7 @@ def tied_lora_linear_triton(
             f"backend='triton' supports float16, bfloat16 and float32 inputs, got {x2d.dtype}; "
             "use backend='torch' for other dtypes"
         )
-    rank = A.shape[0]
-    if rank > configs.MAX_RANK:
-        raise ValueError(
-            f"backend='triton' supports ranks up to {configs.MAX_RANK}, got rank {rank}; use backend='torch'"
-        )
+    configs.check_supported_rank(A.shape[0])
     dropout = float(dropout)
     if torch.compiler.is_compiling():  # torch.compile: the custom op (dynamo cannot trace the launchers)
         return _compiled_forward(x2d, weight, bias, A, B, u, v, float(scale), bool(deterministic), dropout)
