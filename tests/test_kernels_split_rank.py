@@ -107,6 +107,40 @@ def test_fused_mm_decode_t_and_out(R, dtype, split_rank):
     assert_close_to_reference(out, out_ref, out_base, "out", dtype)
 
 
+@pytest.mark.parametrize(
+    "forced", [dict(split_rank="apart"), dict(split_rank="in_tile"), dict(reduce="kernel")], ids=str
+)
+@pytest.mark.parametrize("R", [1, 16, 64])
+def test_fp16_partials_beyond_its_range(R, forced):
+    # fp16, K slices whose partial t reach 4·10^4 to 1.6·10^5 (x > 0, A offset by +c on slice 0's columns and -c
+    # on slice 1's) and mostly cancel: the complete t stays in fp16's range, so the unsplit kernel, "apart"
+    # (which sums t in fp32 first) and the in-tile forms (each partial a hi + lo pair, scaled by a power of two
+    # per row; the in-kernel sum is one) are finite and within tolerance of float64. Rows 0 and 1 stay under 2^15
+    g = torch.Generator().manual_seed(R)
+    M, K, N, s, c = 5, 300, 140, 0.5, 64.0
+    rows = torch.tensor([0.01, 0.1, 4.0, 8.0, 16.0])[:, None]
+    a = ((1 + 0.5 * torch.rand(M, K, generator=g)) * rows).half()
+    A = torch.randn(R, K, generator=g) * K**-0.5
+    A[:, :128] += c
+    A[:, 128:256] -= c
+    w = (torch.randn(K, N, generator=g) * 0.01 * K**-0.5).half()
+    B, u, v = torch.randn(N, R, generator=g) * 0.01 * R**-0.5, 1 + 0.5 * torch.randn(R, generator=g), torch.randn(N)
+    a, w, A, B, u, v = (t.to(DEVICE) for t in (a, w, A, B, u, v))
+    A_in, svB_in = A.half().double(), (B * (s * v)[:, None]).half().double()  # the operands as rounded
+    partials = torch.stack([a[:, k].double() @ A_in[:, k].t() for k in (slice(0, 128), slice(128, 256))])
+    t_ref = a.double() @ A_in.t()
+    assert partials[:, :2].abs().max() < 2**15 < partials[:, 2:].abs().amax(dim=(0, 2)).min(), partials.abs().max()
+    assert t_ref.abs().max() < 2**15, t_ref.abs().max()
+    out_ref = a.double() @ w.double() + (t_ref * u.double()) @ svB_in.t()
+    t_base = (a @ A.half().t()).float()
+    out_base = a @ w + (t_base * u).half() @ svB_in.t().half()
+    for split_k in (1, 3):
+        with configs.forced(strategy="one_pass", **forced):
+            out, t = fused_lora_mm(a, w, A.t(), B.t(), u, None, scale=s, cscale=v, write_t=True, split_k=split_k)
+        assert_close_to_reference(t, t_ref, t_base, f"t (split {split_k})", torch.float16)
+        assert_close_to_reference(out, out_ref, out_base, f"out (split {split_k})", torch.float16)
+
+
 def test_forcing_split_rank(monkeypatch):
     monkeypatch.delenv(configs.SPLIT_RANK_ENV, raising=False)
     assert configs.split_rank() == configs.DEFAULT_SPLIT_RANK == "apart"  # an estimate from bytes moved

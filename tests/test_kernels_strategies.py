@@ -206,6 +206,30 @@ def test_split_k_partials_that_cancel_are_summed_before_rounding(strategy, split
 
 @pytest.mark.parametrize("split_rank", configs.SPLIT_RANKS)
 @pytest.mark.parametrize("strategy", STRATEGIES)
+def test_fp16_partials_beyond_its_range_that_cancel(strategy, split_rank):
+    # as above in fp16, with partials 76800.5, -76800 and 1.5 (row 0) beyond fp16's 65504: every path must give
+    # t = 2 and y = 2 (a rounded partial or an infinite one gives 1.5, inf or NaN); row 1's partials (0, 0, 3) are
+    # small, in the same tile: one-pass "in_tile" scales each row of its hi + lo pair by its own power of two
+    K, N = 300, 24
+    a = torch.zeros(2, K, dtype=torch.float16, device=DEVICE)
+    a[0] = 1
+    a[1, 256] = 2
+    down = torch.zeros(K, 1, dtype=torch.float16, device=DEVICE)
+    down[:128] = 600
+    down[0] += 0.5
+    down[128:256] = -600
+    down[256] = 1.5
+    w = torch.zeros(K, N, dtype=torch.float16, device=DEVICE)
+    up = torch.ones(1, N, dtype=torch.float16, device=DEVICE)
+    with configs.forced(split_rank=split_rank):
+        out, t = fused_lora_mm(a, w, down, up, None, None, write_t=True, strategy=strategy, split_k=3)
+    assert torch.equal(t, torch.tensor([[2.0], [3.0]], device=DEVICE)), t
+    expected = torch.tensor([[2.0], [3.0]], dtype=torch.float16, device=DEVICE).expand(2, N)
+    assert torch.equal(out, expected), out
+
+
+@pytest.mark.parametrize("split_rank", configs.SPLIT_RANKS)
+@pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("M", [37, 5])
 def test_small_integers_are_exact(strategy, M, split_rank):
     # as in test_kernels_parity: with integer inputs whose every intermediate stays below 256 in magnitude

@@ -43,10 +43,11 @@ specialisation of a compiled row. Adapters kept in the input dtype instead of fp
 change only the element type of the ``A``/``B`` loads; those variants are not compiled here either. A compile
 that fails is reported as an ``ERROR`` row (and a failure), not an exception that loses the other rows.
 
-By default 16-bit configs compile for bf16 (fp16 differs only in the MMA instruction's type) and 32-bit
-ones for exact fp32 (torch's default); ``--full`` adds fp16 and TF32. Must run with ``TRITON_INTERPRET``
-unset (the tests run it as a subprocess): under the interpreter ``triton.jit`` gives objects that cannot
-compile.
+By default 16-bit configs compile for bf16 (fp16 differs only in the MMA instruction's type, except in
+one-pass split-K with the rank-R term in each output tile, which scales its partial ``t`` into fp16's range:
+those variants compile for fp16 as well) and 32-bit ones for exact fp32 (torch's default); ``--full`` adds
+fp16 and TF32. Must run with ``TRITON_INTERPRET`` unset (the tests run it as a subprocess): under the
+interpreter ``triton.jit`` gives objects that cannot compile.
 """
 
 from __future__ import annotations
@@ -190,6 +191,13 @@ def _split_variants(names: list[str], cfg) -> list[str]:
     return out
 
 
+def _fp16_differs(kernel: str, cfg, variant: str) -> bool:
+    """Whether fp16 compiles other code than bf16 for this variant: one-pass split-K with the rank-R term in
+    each output tile (its partial ``t`` scaled per row into fp16's range, ``forward._add_rank_update``)."""
+    in_tile = "-splitk" in variant and "-apart" not in variant
+    return kernel == "fused" and getattr(cfg, "strategy", "") == "one_pass" and in_tile
+
+
 def _tma_table(name: str) -> bool:
     """Whether the launcher loads this config's tiles through TMA on some GPU (``configs.tma_for``): 16-bit
     prefill of a table that a ``TMA_MAJORS`` GPU launches (compiled for those targets only, ``jobs``)."""
@@ -237,7 +245,8 @@ def jobs(full: bool = False, targets: tuple[int, ...] | None = None) -> list[dic
                 for variant in variants_of(kernel, cfg):
                     if variant.endswith("-tma") and cc // 10 not in configs.TMA_MAJORS:
                         continue  # that GPU launches this table with pointer loads
-                    for dtype, precision in dtypes:
+                    fp16 = [("float16", "ieee")] if _fp16_differs(kernel, cfg, variant) and not full else []
+                    for dtype, precision in dtypes + fp16:
                         out.append(
                             dict(
                                 variant=variant,

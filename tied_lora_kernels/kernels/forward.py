@@ -101,9 +101,10 @@ def _add_rank_update(
     ``T_HI_LO`` (split-K one-pass, where ``t`` is one K slice's partial): ``t`` goes in as two input-dtype
     terms, ``hi = round(t)`` and ``lo = round(t - hi)``, and two tensor-core dots, so each partial keeps ~16
     significant bits (bf16) before the slices are summed in fp32; rounding each partial once would lose what
-    cancels between them. (One fp32 dot instead spilled registers at ranks 64 and 128.) In fp16 a partial
-    beyond fp16's range makes ``hi`` infinite and the result NaN: where the unsplit kernel gives inf, and also
-    where the slices' partials cancel and it gives a finite result.
+    cancels between them. (One fp32 dot instead spilled registers at ranks 64 and 128.) In fp16, whose range
+    ends at 65504, each row of ``t`` is first scaled by a power of two that brings it under 2^15 (none for
+    rows already there) and its product scaled back in fp32, so a partial beyond fp16's range stays finite
+    where the slices' partials cancel (the unsplit kernel rounds the complete ``t``, finite there too).
     """
     if HAS_RSCALE:
         rscale = tl.load(rscale_ptr + offs_r, mask=mask_r, other=0.0).to(tl.float32)
@@ -120,11 +121,24 @@ def _add_rank_update(
         up = as_operand(up, DTYPE, UPCAST)
     elif UPCAST:
         up = up.to(tl.float32)
-    hi = as_operand(t, DTYPE, UPCAST)
-    acc = tl.dot(hi, up, acc, input_precision=PRECISION)
-    if T_HI_LO:
+    if T_HI_LO and DTYPE == tl.float16:
+        # fp16's range: each row of t is scaled by 2^-e (exact), e ≥ 0 the least that brings its largest entry
+        # under 2^15, and the row's product scaled back by 2^e in fp32 (exact): a partial beyond 65504 stays
+        # finite, and rows under 2^15 (e = 0) are used as they are
+        big = tl.max(tl.abs(t), axis=1).to(tl.int32, bitcast=True)
+        e = tl.maximum(((big >> 23) & 0xFF) - (127 + 14), 0)  # |t| < 2^(field - 126), field the fp32 exponent
+        t = t * ((127 - e) << 23).to(tl.float32, bitcast=True)[:, None]
+        hi = as_operand(t, DTYPE, UPCAST)
         lo = as_operand(t - hi.to(tl.float32), DTYPE, UPCAST)
-        acc = tl.dot(lo, up, acc, input_precision=PRECISION)
+        rank = tl.dot(hi, up, input_precision=PRECISION)
+        rank = tl.dot(lo, up, rank, input_precision=PRECISION)
+        acc += rank * ((127 + e) << 23).to(tl.float32, bitcast=True)[:, None]
+    else:
+        hi = as_operand(t, DTYPE, UPCAST)
+        acc = tl.dot(hi, up, acc, input_precision=PRECISION)
+        if T_HI_LO:
+            lo = as_operand(t - hi.to(tl.float32), DTYPE, UPCAST)
+            acc = tl.dot(lo, up, acc, input_precision=PRECISION)
     return acc
 
 
