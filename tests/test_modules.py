@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import warnings
 
 import pytest
@@ -18,6 +19,7 @@ from tied_lora_kernels import (
     reference,
     tied_lora_linear,
 )
+from tied_lora_kernels.layer import AdapterOptions
 
 
 def _randomised(shared: TiedLoRAShared, layer: TiedLoRALinear, seed=0) -> None:
@@ -259,6 +261,11 @@ def test_layer_type_errors():
         TiedLoRALinear.from_linear(nn.Linear(6, 4), TiedLoRAShared(6, 4, 2), trian_u=False)
     with pytest.raises(TypeError, match=misspelt):
         TiedLoRALinear(6, 4, rank=2, trian_u=False)
+    # the keywords as typed for IDEs and type checkers (**adapter: Unpack[AdapterOptions]) are those taken
+    taken = inspect.signature(TiedLoRALinear._init_adapter).parameters
+    assert list(AdapterOptions.__annotations__) == [k for k in taken if k not in ("self", "shared")]
+    for method in (TiedLoRALinear.__init__, TiedLoRALinear.from_linear):
+        assert inspect.signature(method).parameters["adapter"].annotation == "Unpack[AdapterOptions]"
     with pytest.raises(TypeError, match="TiedLoRAConv1D.from_linear got a Linear: use TiedLoRALinear.from_linear"):
         TiedLoRAConv1D.from_linear(nn.Linear(6, 6), TiedLoRAShared(6, 6, 2))  # would read W transposed
     linear = nn.Linear(6, 4)

@@ -27,7 +27,8 @@ import inspect
 import math
 import numbers
 import sys
-from typing import Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import torch
 from torch import Tensor, nn
@@ -36,7 +37,11 @@ from tied_lora_kernels import reference
 from tied_lora_kernels.functional import BACKENDS, add_adapter, check_backend_rank, check_dropout, tied_lora_linear
 from tied_lora_kernels.shared import TiedLoRAShared
 
+if TYPE_CHECKING:
+    from typing_extensions import Unpack  # (typing's from Python 3.11)
+
 __all__ = [
+    "AdapterOptions",
     "TiedLoRAConv1D",
     "TiedLoRAFalconLinear",
     "TiedLoRALinear",
@@ -81,7 +86,23 @@ def check_linear_type(linear: nn.Module, what: str) -> None:
         )
 
 
-def _check_adapter_keywords(adapter: dict) -> None:
+class AdapterOptions(TypedDict, total=False):
+    """The adapter keywords of ``TiedLoRALinear(...)`` and ``TiedLoRALinear.from_linear(...)``, typed for IDEs
+    and type checkers (``**adapter: Unpack[AdapterOptions]``); ``_init_adapter`` takes them, with their defaults
+    (a test keeps the two alike)."""
+
+    alpha: float | None
+    train_u: bool
+    train_v: bool
+    u_init: float
+    v_init: float
+    share_u_with: TiedLoRALinear | None
+    b_rows: tuple[int, int] | None
+    backend: str
+    dropout: float
+
+
+def _check_adapter_keywords(adapter: Mapping[str, Any]) -> None:
     """Refuse a keyword the adapter does not take (a misspelt ``train_u``), naming those it takes."""
     known = inspect.signature(TiedLoRALinear._init_adapter).parameters.keys() - {"self", "shared"}
     unknown = sorted(set(adapter) - known)
@@ -271,7 +292,7 @@ class TiedLoRALinear(nn.Linear):
         *,
         shared: TiedLoRAShared | None = None,
         rank: int | None = None,
-        **adapter,
+        **adapter: Unpack[AdapterOptions],
     ):
         if isinstance(bias, numbers.Integral) and not isinstance(bias, bool) and bias not in (0, 1):
             # TiedLoRALinear(16, 8, 4): rank and shared are keywords (nn.Linear takes any truthy bias)
@@ -282,7 +303,12 @@ class TiedLoRALinear(nn.Linear):
 
     @classmethod
     def from_linear(
-        cls, linear: nn.Linear, shared: TiedLoRAShared | None = None, *, rank: int | None = None, **adapter
+        cls,
+        linear: nn.Linear,
+        shared: TiedLoRAShared | None = None,
+        *,
+        rank: int | None = None,
+        **adapter: Unpack[AdapterOptions],
     ) -> TiedLoRALinear:
         """Adapt ``linear`` (an ``nn.Linear``, a transformers ``Conv1D``: a ``TiedLoRAConv1D``, a ``FalconLinear``: a
         ``TiedLoRAFalconLinear``, or a quantized linear) with the pair ``shared`` or, given ``rank``, a pair of its
