@@ -436,8 +436,13 @@ class TiedLoRALinear(nn.Linear):
     @property
     def lora_B(self) -> Tensor:
         """This layer's rows of the shared ``B`` (a view: gradients reach the shared parameter)."""
-        B = self.shared.B
-        return B if self.b_rows is None else B[self.b_rows[0] : self.b_rows[1]]
+        return _own_rows(self.shared.B, self.b_rows)
+
+    def _factors(self) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        """``(shared.A, lora_B, lora_u, lora_v)`` with ``shared`` read once: each submodule or parameter attribute
+        goes through ``nn.Module.__getattr__`` (~0.5 µs), and forward runs at every decode step."""
+        shared = self.shared
+        return shared.A, _own_rows(shared.B, self.b_rows), self.lora_scale.u, self.lora_v
 
     def reset_parameters(self) -> None:
         """``nn.Linear``'s reset of ``weight``/``bias`` (not of a quantized one), then the adapter's (for
@@ -461,17 +466,17 @@ class TiedLoRALinear(nn.Linear):
                 raise RuntimeError("this TiedLoRALinear is disabled but merged (weight holds ΔW): unmerge() it first")
             return self._base_forward(x)
         dropout = self.lora_dropout if self.training else 0.0
+        A, B, u, v = self._factors()
         if self.quantized:
-            A, B, u, v = self.shared.A, self.lora_B, self.lora_u, self.lora_v
             return add_adapter(self._base_forward(x), x, A, B, u, v, self.scale, dropout=dropout)
         y = tied_lora_linear(
             x,
             self.weight.t() if self.fan_in_fan_out else self.weight,
             None if self.bias_apart else self.bias,
-            self.shared.A,
-            self.lora_B,
-            self.lora_u,
-            self.lora_v,
+            A,
+            B,
+            u,
+            v,
             self.scale,
             backend=self.backend,
             dropout=dropout,
@@ -590,6 +595,11 @@ _ADAPTER_ATTRIBUTES = frozenset(
      "disabled", "v_init"}
 )  # fmt: skip
 """What ``_init_adapter`` adds to a layer (``to_base`` leaves it behind)."""
+
+
+def _own_rows(B: Tensor, b_rows: tuple[int, int] | None) -> Tensor:
+    """The rows ``b_rows`` of a shared ``B`` (a view), all of them for None."""
+    return B if b_rows is None else B[b_rows[0] : b_rows[1]]
 
 
 def _pair(shared: TiedLoRAShared | None, rank: int | None, in_features: int, out_features: int, device):

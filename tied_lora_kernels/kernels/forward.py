@@ -587,9 +587,9 @@ def fused_lora_mm(
     if two_pass:  # the rank-R term runs over the rank in chunks of a fixed size
         block_r = cfg.rank_chunk
     if M == 0 or N == 0:  # no output tile to launch for (N = 0: t alone, from the shrink)
-        out = torch.empty((M, N), device=a.device, dtype=a.dtype)
+        out = a.new_empty(M, N)
         if not write_t or M == 0:
-            return out, (torch.empty((0, R), device=a.device, dtype=torch.float32) if write_t else None)
+            return out, (a.new_empty(0, R, dtype=torch.float32) if write_t else None)
         return out, shrink(a, down if down.dtype == a.dtype else down.to(a.dtype))
 
     # split-K partials summed by the GEMM's own programs (configs.split_reduce: "kernel") into y, or by a second
@@ -609,14 +609,16 @@ def fused_lora_mm(
     split = min(split, max(1, SPLIT_ELEMENTS_MAX // (M * N)))  # (int32 slice offsets)
     k_per_split = cdiv(max(1, cdiv(K, cfg.block_k)), split) * cfg.block_k
     split = max(1, cdiv(K, k_per_split))
+    # (outputs made by a.new_empty, on a's device in its dtype unless given: about 0.7 µs less per tensor than
+    # torch.empty's device= and dtype= keywords, at decode a few percent of the call)
     if split > 1:
-        out = torch.empty((split, M, N), device=a.device, dtype=torch.float32)
+        out = a.new_empty(split, M, N, dtype=torch.float32)
     else:
-        out = torch.empty((M, N), device=a.device, dtype=a.dtype)
+        out = a.new_empty(M, N)
     tiles = cdiv(M, cfg.block_m) * cdiv(N, cfg.block_n)
     locks = _split_locks(a.device, tiles) if split > 1 and sums_in_kernel else None
     reduce = locks is not None
-    y = torch.empty((M, N), device=a.device, dtype=a.dtype) if reduce else None
+    y = a.new_empty(M, N) if reduce else None
     apart = split > 1 and apart_if_split
     rank_programs = rank_tiles if apart else 0
     grid = (rank_programs + tiles, split)
@@ -624,7 +626,7 @@ def fused_lora_mm(
         # decode forward, which passes the fp32 master A, casts it here)
         t = shrink(a, down if down.dtype == a.dtype else down.to(a.dtype), dropout=drop_a)
     elif write_t or apart:  # (rank apart: the slices' t, summed by the sum launch)
-        t = torch.empty((split, M, R) if split > 1 else (M, R), device=a.device, dtype=torch.float32)
+        t = a.new_empty((split, M, R) if split > 1 else (M, R), dtype=torch.float32)
     else:
         t = None
 
@@ -692,8 +694,8 @@ def fused_lora_mm(
     if y is not None:  # (reduce) the kernel summed the partials into y
         out = y
     elif apart:  # the partials and t's slices, summed in a fixed order (deterministic), and the rank-R term
-        part, out = out, torch.empty((M, N), device=a.device, dtype=a.dtype)
-        t_part, t = t, (torch.empty((M, R), device=a.device, dtype=torch.float32) if write_t else None)
+        part, out = out, a.new_empty(M, N)
+        t_part, t = t, (a.new_empty(M, R, dtype=torch.float32) if write_t else None)
         assert t_part is not None  # (the slices' t, allocated above whenever the rank term is apart)
         _sum_splits_rank_kernel[(cdiv(M, cfg.block_m) * cdiv(N, cfg.block_n),)](
             part,
@@ -729,7 +731,7 @@ def fused_lora_mm(
             enable_fp_fusion=FP_FUSION,
         )
     elif split > 1:  # the partials, summed in a fixed order (deterministic), rounded once
-        part, out = out, torch.empty((M, N), device=a.device, dtype=a.dtype)
+        part, out = out, a.new_empty(M, N)
         _sum_splits_kernel[(cdiv(M * N, SUM_BLOCK),)](
             part, out, split, M * N, part.stride(0), UPCAST=upcast_bf16(a.dtype), BLOCK=SUM_BLOCK, num_warps=SUM_WARPS,
             enable_fp_fusion=FP_FUSION,
