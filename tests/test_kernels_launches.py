@@ -135,3 +135,17 @@ def test_launches_per_call(case):
     want_forward, want_backward = CASES[case]
     assert sum(forward.values()) == want_forward, dict(forward)
     assert sum(backward.values()) == want_backward, dict(backward)
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+def test_a_tensor_subclass_comes_back_as_it_does_from_the_torch_path(grad):
+    # (as F.linear returns it: the triton path's outputs are made by new_empty, which keeps x's subclass)
+    class Sub(torch.Tensor):
+        pass
+
+    x, params = make_inputs("tl6", M=3, K=40, N=24, R=4, dtype=torch.float32)
+    args = [params[k] for k in ("weight", "bias", "A", "B", "u", "v")]
+    with torch.set_grad_enabled(grad):
+        outs = [tied_lora_linear(x.detach().as_subclass(Sub), *args, backend=b) for b in ("torch", "triton")]
+    assert [type(y) for y in outs] == [Sub, Sub]
+    torch.testing.assert_close(outs[1].as_subclass(torch.Tensor), outs[0].as_subclass(torch.Tensor))

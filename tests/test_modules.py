@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import copy
 import inspect
+import typing
 import warnings
 
 import pytest
 import torch
 from torch import nn
+from typing_extensions import Unpack
 
 from tests.helpers import assert_close_to_reference, cpu_triton
 from tied_lora_kernels import (
+    AdapterOptions,
     TiedLoRAConfig,
     TiedLoRAConv1D,
     TiedLoRALinear,
@@ -19,7 +22,6 @@ from tied_lora_kernels import (
     reference,
     tied_lora_linear,
 )
-from tied_lora_kernels.layer import AdapterOptions
 
 
 def _randomised(shared: TiedLoRAShared, layer: TiedLoRALinear, seed=0) -> None:
@@ -266,6 +268,7 @@ def test_layer_type_errors():
     assert list(AdapterOptions.__annotations__) == [k for k in taken if k not in ("self", "shared")]
     for method in (TiedLoRALinear.__init__, TiedLoRALinear.from_linear):
         assert inspect.signature(method).parameters["adapter"].annotation == "Unpack[AdapterOptions]"
+        assert typing.get_type_hints(method)["adapter"] == Unpack[AdapterOptions]  # (CLI and validation tools)
     with pytest.raises(TypeError, match="TiedLoRAConv1D.from_linear got a Linear: use TiedLoRALinear.from_linear"):
         TiedLoRAConv1D.from_linear(nn.Linear(6, 6), TiedLoRAShared(6, 6, 2))  # would read W transposed
     linear = nn.Linear(6, 4)

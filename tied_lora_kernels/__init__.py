@@ -7,7 +7,7 @@ from tied_lora_kernels import reference
 from tied_lora_kernels.config import ALL_LINEAR, PRESETS, QKV, TiedLoRAConfig
 from tied_lora_kernels.export import export_peft_lora
 from tied_lora_kernels.functional import tied_lora_linear
-from tied_lora_kernels.layer import TiedLoRAConv1D, TiedLoRAFalconLinear, TiedLoRALinear
+from tied_lora_kernels.layer import AdapterOptions, TiedLoRAConv1D, TiedLoRAFalconLinear, TiedLoRALinear
 from tied_lora_kernels.model import (
     ParameterCount,
     apply_tied_lora,
@@ -26,6 +26,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ALL_LINEAR",
+    "AdapterOptions",
     "PRESETS",
     "QKV",
     "ParameterCount",

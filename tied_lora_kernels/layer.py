@@ -28,17 +28,15 @@ import math
 import numbers
 import sys
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, TypedDict
+from typing import Any, TypedDict
 
 import torch
 from torch import Tensor, nn
+from typing_extensions import Unpack  # (typing's from Python 3.11; imported at run time for get_type_hints)
 
 from tied_lora_kernels import reference
 from tied_lora_kernels.functional import BACKENDS, add_adapter, check_backend_rank, check_dropout, tied_lora_linear
 from tied_lora_kernels.shared import TiedLoRAShared
-
-if TYPE_CHECKING:
-    from typing_extensions import Unpack  # (typing's from Python 3.11)
 
 __all__ = [
     "AdapterOptions",

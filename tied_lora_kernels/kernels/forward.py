@@ -104,7 +104,9 @@ def _add_rank_update(
     cancels between them. (One fp32 dot instead spilled registers at ranks 64 and 128.) In fp16, whose range
     ends at 65504, each row of ``t`` is first scaled by a power of two that brings it under 2^15 (none for
     rows already there) and its product scaled back in fp32, so a partial beyond fp16's range stays finite
-    where the slices' partials cancel (the unsplit kernel rounds the complete ``t``, finite there too).
+    where the slices' partials cancel (the unsplit kernel rounds the complete ``t``, finite there too). A row's
+    entries far smaller than its largest (by more than fp16's dynamic range, ~2^30) become subnormal or zero
+    once scaled: only where huge partials cancel exactly do they matter, and the unsplit kernel keeps them.
     """
     if HAS_RSCALE:
         rscale = tl.load(rscale_ptr + offs_r, mask=mask_r, other=0.0).to(tl.float32)
