@@ -549,9 +549,12 @@ def test_no_T_without_autograd():
         shapes = []
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func.overloadpacket.__name__ in ("empty", "empty_strided", "zeros"):
-                self.shapes.append((tuple(args[0]), (kwargs or {}).get("dtype")))
-            return func(*args, **(kwargs or {}))
+            name, kwargs = func.overloadpacket.__name__, kwargs or {}
+            if name in ("empty", "empty_strided", "zeros"):
+                self.shapes.append((tuple(args[0]), kwargs.get("dtype")))
+            elif name in ("new_empty", "new_empty_strided", "new_zeros"):  # (args[0] the tensor it is made like)
+                self.shapes.append((tuple(args[1]), kwargs.get("dtype") or args[0].dtype))
+            return func(*args, **kwargs)
 
     x, params = make_inputs("tl6", M=12, K=40, N=70, R=8, dtype=torch.float32)
     args = [params[k] for k in ("weight", "bias", "A", "B", "u", "v")]
