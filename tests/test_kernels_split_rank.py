@@ -12,6 +12,8 @@ and without bias, u and v; forward, dx (the same kernels) and every adapter grad
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -134,11 +136,15 @@ def test_fp16_partials_beyond_its_range(R, forced):
     out_ref = a.double() @ w.double() + (t_ref * u.double()) @ svB_in.t()
     t_base = (a @ A.half().t()).float()
     out_base = a @ w + (t_base * u).half() @ svB_in.t().half()
-    for split_k in (1, 3):
+    # the decode forward's arguments (fp32 masters, s and v folded in the kernel), then dx's form of them (down
+    # in the input dtype, up an fp32 master with no column scale): the same operands once rounded
+    svB = (B * (s * v)[:, None]).t().contiguous()
+    forms = {"fwd": (A.t(), B.t(), dict(scale=s, cscale=v)), "dx": (A.half().t(), svB, {})}
+    for (form, (down, up, fold)), split_k in itertools.product(forms.items(), (1, 3)):
         with configs.forced(strategy="one_pass", **forced):
-            out, t = fused_lora_mm(a, w, A.t(), B.t(), u, None, scale=s, cscale=v, write_t=True, split_k=split_k)
-        assert_close_to_reference(t, t_ref, t_base, f"t (split {split_k})", torch.float16)
-        assert_close_to_reference(out, out_ref, out_base, f"out (split {split_k})", torch.float16)
+            out, t = fused_lora_mm(a, w, down, up, u, None, **fold, write_t=True, split_k=split_k)
+        assert_close_to_reference(t, t_ref, t_base, f"{form} t (split {split_k})", torch.float16)
+        assert_close_to_reference(out, out_ref, out_base, f"{form} out (split {split_k})", torch.float16)
 
 
 def test_forcing_split_rank(monkeypatch):
