@@ -195,7 +195,7 @@ def _fp16_differs(kernel: str, cfg, variant: str) -> bool:
     """Whether fp16 compiles other code than bf16 for this variant: one-pass split-K with the rank-R term in
     each output tile (its partial ``t`` scaled per row into fp16's range, ``forward._add_rank_update``)."""
     in_tile = "-splitk" in variant and "-apart" not in variant
-    return kernel == "fused" and getattr(cfg, "strategy", "") == "one_pass" and in_tile
+    return kernel == "fused" and cfg.strategy == "one_pass" and in_tile
 
 
 def _tma_table(name: str) -> bool:
