@@ -224,3 +224,71 @@ def test_an_input_modified_in_place_before_backward_is_refused(name, M):
             (x if name == "x" else params[name]).add_(1.0)
         with pytest.raises(RuntimeError, match="modified by an inplace operation"):
             y.sum().backward()
+
+
+@pytest.mark.parametrize("K, N", [(0, 8), (8, 0)], ids=["no_inputs", "no_outputs"])
+def test_a_layer_of_zero_width_has_the_torch_paths_gradients(K, N):
+    """No input or no output features (the functional form takes them; ``TiedLoRALinear`` refuses them): the
+    backward's reductions run over nothing and give zeros (or empty tensors), as the torch path does."""
+    results = {}
+    for backend in ("torch", "triton"):
+        g = torch.Generator().manual_seed(0)
+        shapes = {"x": (5, K), "weight": (N, K), "bias": (N,), "A": (3, K), "B": (N, 3), "u": (3,), "v": (N,)}
+        x, *args = (torch.randn(s, generator=g).to(DEVICE).requires_grad_(True) for s in shapes.values())
+        params = dict(zip(list(shapes)[1:], args, strict=True))
+        y = tied_lora_linear(x, *args, 0.5, backend=backend)
+        assert y.shape == (5, N)
+        y.sum().backward()
+        results[backend] = {"x": x.grad, **{k: params[k].grad for k in ("weight", "bias", "A", "B", "u", "v")}}
+    for name, want in results["torch"].items():
+        got = results["triton"][name]
+        assert got.shape == want.shape and got.dtype == want.dtype and torch.equal(got, want), name
+
+
+@pytest.mark.parametrize("M", [5, 40], ids=["decode", "prefill"])
+@pytest.mark.parametrize("config", ["vera", "v_only", "lora"])
+def test_frozen_tensors_the_backward_does_not_read_are_not_saved(config, M):
+    """``W`` is saved only for dx and ``A`` only for dx and dA, as the torch path's ops save what their backward
+    reads: with a frozen input, a base weight made under ``inference_mode`` trains the adapter, and a frozen ``W``
+    (and, where A is frozen, ``A``) changed in place between forward and backward is no error — the gradients are
+    those of the values the forward saw."""
+    for backend in ("torch", "triton"):
+        x, params = make_inputs(config, M=M, K=48, N=40, R=8, dtype=torch.float32)
+        x.requires_grad_(False)
+        names = ("weight", "bias", "A", "B", "u", "v")
+        trained = [params[k] for k in names if params[k] is not None and params[k].requires_grad]
+        with torch.inference_mode():
+            weight = params["weight"].clone()
+        args = [params[k] for k in names]
+        y = tied_lora_linear(x, *args, 0.5, backend=backend, deterministic=True)
+        want = torch.autograd.grad(y.sum(), trained)
+        ys = [tied_lora_linear(x, *a, 0.5, backend=backend, deterministic=True) for a in ([weight, *args[1:]], args)]
+        with torch.no_grad():  # after the forwards, before their backward
+            for t in [params["weight"]] + ([] if params["A"].requires_grad else [params["A"]]):
+                t.add_(1.0)
+        for y in ys:
+            for g, w in zip(torch.autograd.grad(y.sum(), trained), want, strict=True):
+                assert torch.equal(g, w), backend
+
+
+def test_a_batched_backward_is_refused_by_name():
+    """``torch.autograd.grad(..., is_grads_batched=True)`` and ``jacobian(..., vectorize=True)`` vmap the backward
+    over a batch of output gradients, whose storage the kernels cannot read: refused, naming backend='torch'
+    (which computes them), never a crash inside triton."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 16, generator=g).to(DEVICE).requires_grad_(True)
+    W, B = torch.randn(12, 16, generator=g).to(DEVICE), torch.randn(12, 4, generator=g).to(DEVICE)
+    A = torch.randn(4, 16, generator=g).to(DEVICE).requires_grad_(True)
+    dys = torch.randn(3, 5, 12, generator=g).to(DEVICE)
+
+    def f(backend):
+        return lambda h: tied_lora_linear(h, W, None, A, B, None, None, 0.5, backend=backend)
+
+    (want,) = torch.autograd.grad(f("torch")(x), x, dys, is_grads_batched=True)
+    for i in range(3):  # (the torch path's answer, one gradient at a time on the triton path)
+        (one,) = torch.autograd.grad(f("triton")(x), x, dys[i])
+        torch.testing.assert_close(want[i], one, rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="no batched backward.*backend='torch'"):
+        torch.autograd.grad(f("triton")(x), x, dys, is_grads_batched=True)
+    with pytest.raises(RuntimeError, match="no batched backward.*backend='torch'"):
+        torch.autograd.functional.jacobian(f("triton"), x.detach(), vectorize=True)

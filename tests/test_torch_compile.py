@@ -316,3 +316,28 @@ def test_forced_choice_reaches_the_custom_ops(monkeypatch):
         y = compiled(f, GraphRecorder())(x)
     y.backward(torch.ones_like(y))
     assert seen == [("two_pass", False)] * 2  # forward y, backward dx
+
+
+@pytest.mark.parametrize("M", [5, 37], ids=["decode", "prefill"])
+@pytest.mark.parametrize("config", ["vera", "lora"])
+def test_compiled_with_a_frozen_input(config, M):
+    """x frozen: the custom op saves neither W (dx only) nor, for VeRA, A (dx and dA only), and its backward's
+    fake implementation takes their absence; the compiled gradients equal eager's, also with a base weight made
+    under ``inference_mode`` (which could not be saved)."""
+    x, params = make_inputs(config, M, 40, 24, 6, torch.float32)
+    x.requires_grad_(False)
+    with torch.inference_mode():
+        weight = params["weight"].clone()
+    for W in (params["weight"], weight):
+        args = [W, *(params[k] for k in ("bias", "A", "B", "u", "v"))]
+
+        def f(h, args=args):
+            return tied_lora_linear(h, *args, 0.5, backend="triton", deterministic=True)
+
+        y, grads = run(f, x, args)
+        recorder = GraphRecorder()
+        y_c, grads_c = run(compiled(f, recorder), x, args)
+        assert recorder.graphs == 1 and FORWARD_OP in recorder.targets
+        assert torch.equal(y_c, y) and len(grads_c) == len(grads) > 0
+        for got, want in zip(grads_c, grads, strict=True):
+            assert torch.equal(got, want)

@@ -207,7 +207,7 @@ def rank_grad(
     results = _result_shapes(C, R, write_out=write_out, transpose_out=transpose_out, rowdot=rowdot, coldot=coldot)
     if workspace is not None and (deterministic or workspace.numel() != sum(map(math.prod, results.values()))):
         raise ValueError("a workspace is for atomics only (deterministic=False) and has rank_grad_numel elements")
-    if M == 0 or not results:
+    if M == 0 or C == 0 or not results:  # (C = 0: a layer of no input or output features, nothing to reduce)
         return RankGrads(**{k: a.new_zeros(shape, dtype=torch.float32) for k, shape in results.items()})
     block_r = configs.block_r_for(R)
     cfg = config or configs.rank_grad_config(block_r, a.dtype, a.device)

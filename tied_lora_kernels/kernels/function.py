@@ -218,7 +218,11 @@ class TiedLoRALinearFunction(torch.autograd.Function):
         y, T, bits = forward_impl(
             x, weight, bias, A, B, u, v, scale, keep_t=keep_t, dropout=dropout, keep_mask=keep_mask, **forced
         )
-        ctx.save_for_backward(x if (needs_a or needs_w) else None, T, weight, A, B, u, v, bits)
+        # (W only for dx, A only for dx and dA: frozen tensors the backward does not read are not saved, as the
+        # torch path does not save them — an inference-mode base weight, or one updated in place before the
+        # backward, stays usable)
+        saved_w, saved_a = (weight if needs_x else None), (A if needs_x or needs_a else None)
+        ctx.save_for_backward(x if (needs_a or needs_w) else None, T, saved_w, saved_a, B, u, v, bits)
         ctx.scale = scale
         ctx.dropout = dropout
         ctx.deterministic = deterministic
@@ -233,6 +237,13 @@ class TiedLoRALinearFunction(torch.autograd.Function):
             raise RuntimeError(
                 "backend='triton' computes first-order gradients only; with create_graph=True (double backward: "
                 "gradient penalties, Hessian-vector products) use backend='torch'"
+            )
+        if torch._C._functorch.is_legacy_batchedtensor(dy) or torch._C._functorch.is_batchedtensor(dy):
+            # (torch.autograd.grad(..., is_grads_batched=True), jacobian/hessian(vectorize=True): vmap over the
+            # backward; the kernels read raw storage, which a batched gradient has not)
+            raise RuntimeError(
+                "backend='triton' has no batched backward (is_grads_batched=True, vectorize=True); "
+                "use backend='torch', or loop over the gradients"
             )
         x, T, weight, A, B, u, v, bits = ctx.saved_tensors
         grads = backward_impl(
@@ -303,7 +314,11 @@ def _setup_forward(ctx, inputs, output):
     x, weight, bias, A, B, u, v, scale, deterministic, dropout, seed, keep_t, save_x, *forced = inputs
     _, T, bits = output
     ctx.mark_non_differentiable(T, bits)
-    ctx.save_for_backward(x if save_x else None, T if keep_t else None, weight, A, B, u, v, bits if dropout else None)
+    needs_x, needs_a = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
+    saved_w, saved_a = (weight if needs_x else None), (A if needs_x or needs_a else None)  # (as the Function's)
+    ctx.save_for_backward(
+        x if save_x else None, T if keep_t else None, saved_w, saved_a, B, u, v, bits if dropout else None
+    )
     ctx.args = (scale, deterministic, dropout, *forced)
 
 
@@ -323,8 +338,8 @@ def _backward_op(
     dy: Tensor,
     x: Optional[Tensor],  # noqa: UP045
     T: Optional[Tensor],  # noqa: UP045
-    weight: Tensor,
-    A: Tensor,
+    weight: Optional[Tensor],  # noqa: UP045
+    A: Optional[Tensor],  # noqa: UP045
     B: Tensor,
     u: Optional[Tensor],  # noqa: UP045
     v: Optional[Tensor],  # noqa: UP045
@@ -357,9 +372,12 @@ def _backward_op(
 
 @_backward_op.register_fake
 def _(dy, x, T, weight, A, B, u, v, bits, needs, scale, deterministic, dropout, strategy, split_k, tma):
-    (M, N), (R, K) = dy.shape, A.shape
-    shapes = ((M, K, dy.dtype), (N, K, dy.dtype), (N, dy.dtype), (R, K, A.dtype), (N, R, B.dtype))
-    shapes += ((R, u.dtype if u is not None else A.dtype), (N, v.dtype if v is not None else B.dtype))
+    # (weight is saved for dx only, A for dx and dA, x for dA and dW: K from whichever a needed gradient has)
+    (M, N), R = dy.shape, B.shape[1]
+    K = next((t.shape[1] for t in (weight, A, x) if t is not None), 0)
+    a_dtype = A.dtype if A is not None else B.dtype  # (the adapters' dtype, for dA when A is saved)
+    shapes = ((M, K, dy.dtype), (N, K, dy.dtype), (N, dy.dtype), (R, K, a_dtype), (N, R, B.dtype))
+    shapes += ((R, u.dtype if u is not None else B.dtype), (N, v.dtype if v is not None else B.dtype))
     return [
         dy.new_empty(s[:-1], dtype=s[-1]) if need else dy.new_empty(0) for s, need in zip(shapes, needs, strict=True)
     ]
