@@ -199,7 +199,8 @@ class TiedLoRALinearFunction(torch.autograd.Function):
     first by the shrink kernel), chosen per shape by ``configs.strategy_for``; at decode it may split K.
 
     Saved for backward: ``T`` in fp32 only when ``B``, ``u`` or ``v`` trains, ``x`` only when ``A`` or ``W``
-    trains; the parameters themselves (no casts or copies of them); with adapter dropout the keep mask as bits
+    trains; the parameters themselves (no casts or copies of them: ``W`` only for dx, ``A`` only for dx and dA,
+    as the torch path's ops save what their backward reads); with adapter dropout the keep mask as bits
     (``M·K/8`` bytes; ``dropout.py`` has the math). Work for a frozen input is skipped.
     ``dA``, ``dB``, ``du``, ``dv`` are fp32 per-layer partials returned in the parameter's dtype: with float32
     master adapters autograd sums the partials of tied layers in fp32, in place, and fires each hook once.
