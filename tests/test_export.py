@@ -8,6 +8,7 @@ import warnings
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from tests.models import randomise_adapters, tiny_llama
 from tied_lora_kernels import QKV, TiedLoRAConfig, apply_tied_lora, export_peft_lora, merge_tied_lora, tied_lora_layers
@@ -149,6 +150,25 @@ def test_modules_to_save_are_listed_in_the_peft_config(tmp_path):
     meta = json.loads((tmp_path / "adapter_config.json").read_text())
     assert meta["modules_to_save"] == ["lm_head"]
     _, logits = _peft_logits(tmp_path, ids)
+    torch.testing.assert_close(logits, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_a_tied_module_to_save_goes_in_under_both_names(tmp_path):
+    """With tied embeddings, ``lm_head`` in ``modules_to_save`` needs ``embed_tokens`` there too (README); PEFT looks
+    each saved module up under its own name, so the export writes the one tied weight under both (as PEFT's own
+    ``save_pretrained`` does), and PEFT loads it and computes what the adapted model computes."""
+    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(0))
+    config = TiedLoRAConfig(rank=4, dtype=torch.float64, modules_to_save=("lm_head", "embed_tokens"))
+    model = apply_tied_lora(tiny_llama(tie_word_embeddings=True).double(), config)
+    randomise_adapters(model)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(1.5)  # (trained: the embeddings the file holds differ from the base model's)
+    expected = model(ids).logits
+    export_peft_lora(model, tmp_path)
+    state = load_file(tmp_path / "adapter_model.safetensors")
+    head, embed = "base_model.model.lm_head.weight", "base_model.model.model.embed_tokens.weight"
+    assert torch.equal(state[head], state[embed])
+    _, logits = _peft_logits(tmp_path, ids, tie_word_embeddings=True)
     torch.testing.assert_close(logits, expected, rtol=1e-12, atol=1e-12)
 
 

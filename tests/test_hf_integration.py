@@ -507,3 +507,44 @@ def test_an_optimizer_that_steps_inside_the_backward_is_not_taken_for_missing_gr
             run.train()
         assert not [w for w in caught if "got no gradient" in str(w.message)]
         assert not torch.equal(tied_lora_state_dict(model)["lm_head.lora_v"], start["lm_head.lora_v"])
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non_reentrant", "reentrant"])
+def test_disable_tied_lora_under_checkpointing(reentrant):
+    """A backward recomputes checkpointed layers with the flags of its own moment: called inside the block, the
+    adapter gets no gradient and the others are those of the base model alone; with grad on, entering the block
+    of a checkpointing model warns that a backward after it would recompute with the adapter on (wrong gradients
+    under reentrant checkpointing, PEFT's disable_adapter alike); under no_grad (a reference model) it does not."""
+    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(4))
+    config = TiedLoRAConfig(rank=4, preset="tl6", modules_to_save=("norm",))
+
+    def model_and_grads(checkpointing):
+        model = apply_tied_lora(tiny_llama(), config)
+        randomise_adapters(model)
+        model.train()
+        if checkpointing:
+            enable_checkpointing(model, reentrant)
+        with warnings.catch_warnings(record=True) as caught, disable_tied_lora(model):
+            warnings.simplefilter("always")
+            model(ids, labels=ids).loss.backward()
+        warned = [w for w in caught if "checkpoints activations" in str(w.message)]
+        return model, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}, warned
+
+    _, want, warned = model_and_grads(False)
+    assert not warned
+    model, got, warned = model_and_grads(True)
+    assert len(warned) == 1
+    assert got.keys() == want.keys()
+    for n, grad in got.items():
+        if want[n] is None:  # the adapter: no gradient inside the block, with or without checkpointing
+            assert grad is None, n
+        else:  # the saved norm, trained in full
+            torch.testing.assert_close(grad, want[n], rtol=1e-5, atol=1e-7)
+    assert any(g is None for g in got.values()) and any(g is not None for g in got.values())
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*checkpoints activations")
+        with torch.no_grad(), disable_tied_lora(model):  # a reference model's forward: no warning
+            model(ids)
+        model.eval()
+        with disable_tied_lora(model):  # (evaluation does not checkpoint)
+            model(ids)

@@ -905,3 +905,18 @@ def test_tied_layers_on_several_devices_are_refused():
     assert not tied_lora_layers(model)
     apply_tied_lora(model, TiedLoRAConfig(rank=4, tie=False))  # the way out the message names: a pair per layer
     assert {layer.shared.A.device.type for layer in tied_lora_layers(model).values()} == {"cpu", "meta"}
+
+
+def test_init_weights_after_apply_leaves_the_model_alone():
+    """transformers marks initialised modules (``_is_hf_initialized``) so that ``init_weights()`` skips them:
+    the adapted layers keep the mark of the linears they replace (their base weights are not drawn again), and
+    ``to_base`` gives it back."""
+    model = tiny_llama()
+    apply_tied_lora(model, TiedLoRAConfig(rank=4, preset="tl6"))
+    randomise_adapters(model)
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    model.init_weights()
+    assert [n for n, p in model.named_parameters() if not torch.equal(p, before[n])] == []
+    merge_tied_lora(model, unload=True)
+    assert type(model.model.layers[0].self_attn.q_proj) is nn.Linear
+    assert model.model.layers[0].self_attn.q_proj._is_hf_initialized

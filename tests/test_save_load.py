@@ -667,3 +667,25 @@ def test_a_file_with_adapters_of_mixed_dtypes_is_refused_by_a_bare_model(tmp_pat
     with pytest.raises(TypeError, match="not all torch.float32, its config's dtype"):
         load_tied_lora(bare, tmp_path)
     assert not tied_lora_layers(bare)
+
+
+def test_save_refuses_a_target_replaced_after_apply(tmp_path):
+    """``resize_token_embeddings`` puts a new plain ``lm_head`` in place of the adapted one: its adapter is gone, and
+    a file whose config targets ``lm_head`` without it in the layout would not load into any model. Saving refuses,
+    naming it; a model resized before ``apply_tied_lora`` saves and loads."""
+    config = TiedLoRAConfig(rank=4, target_modules=QKV + ("lm_head",))
+    model = apply_tied_lora(tiny_llama(), config)
+    model.resize_token_embeddings(120, mean_resizing=False)
+    assert "lm_head" not in tied_lora_layers(model)
+    with pytest.raises(ValueError, match=r"\['lm_head'\] match this adapter's target_modules but carry no adapter"):
+        save_tied_lora(model, tmp_path / "resized")
+    assert not (tmp_path / "resized").exists()
+
+    def resized():
+        model = tiny_llama()
+        model.resize_token_embeddings(120, mean_resizing=False)
+        return model
+
+    model = apply_tied_lora(resized(), config)
+    save_tied_lora(model, tmp_path / "ok")
+    assert "lm_head" in tied_lora_layers(load_tied_lora(resized(), tmp_path / "ok"))

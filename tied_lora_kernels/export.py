@@ -21,7 +21,7 @@ import warnings
 import torch
 from torch import nn
 
-from tied_lora_kernels.model import _is_adapter_tensor, _require_layers, _unwrapped
+from tied_lora_kernels.model import _is_adapter_tensor, _names_of_parameters, _require_layers, _unwrapped
 from tied_lora_kernels.save_load import tied_lora_state_dict
 
 __all__ = ["export_peft_lora"]
@@ -101,9 +101,13 @@ def export_peft_lora(
         state[f"base_model.model.{name}.lora_B.weight"] = B.to("cpu", out, copy=True).contiguous()
 
     saved = config.modules_to_save if config is not None else ()
+    # every name of a saved module's tensor: PEFT looks each modules_to_save module up under its own name, so a
+    # weight tied between two of them (lm_head and embed_tokens with tied embeddings) goes in under both
+    aliases = {name: names for names in _names_of_parameters(model).values() for name in names}
     for name, tensor in tied_lora_state_dict(model).items():  # modules trained in full, under their own names
         if not _is_adapter_tensor(name):
-            state[f"base_model.model.{name}"] = tensor.to("cpu", copy=True).contiguous()
+            for alias in aliases.get(name, [name]):
+                state[f"base_model.model.{alias}"] = tensor.to("cpu", copy=True).contiguous()
     targets = _target_names(model, set(layers))
     peft_config = {
         "peft_type": "LORA",

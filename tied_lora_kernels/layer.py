@@ -338,6 +338,8 @@ class TiedLoRALinear(nn.Linear):
         layer.weight = linear.weight
         layer.bias = linear.bias
         layer.training = linear.training
+        if getattr(linear, "_is_hf_initialized", False):  # transformers' mark: init_weights() leaves it alone
+            layer._is_hf_initialized = True  # type: ignore[assignment]  # (torch types attributes Tensor | Module)
         pair = _pair(shared, rank, layer.in_features, layer.out_features, linear.weight.device)
         layer._init_adapter(pair, **adapter)  # its checks before anything of linear's moves
         weight: Any = layer.weight
@@ -507,6 +509,8 @@ class TiedLoRALinear(nn.Linear):
         if getattr(base.weight, "module", None) is self:  # bitsandbytes' Params4bit finds its layer there
             base.weight.module = base
         base.training = self.training
+        if getattr(self, "_is_hf_initialized", False):  # (as from_linear carried it over)
+            base._is_hf_initialized = True
         carry_hooks(self, base)
         return base
 

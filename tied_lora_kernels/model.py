@@ -375,11 +375,18 @@ def _read_by_parent(model: nn.Module, name: str) -> str | None:
     return kind.__name__
 
 
-def _find_targets(model: nn.Module, config: TiedLoRAConfig) -> dict[str, nn.Linear]:
+def _find_targets(model: nn.Module, config: TiedLoRAConfig, *, adapted: bool = False) -> dict[str, nn.Linear]:
+    """The layers ``config`` adapts in ``model``, checked (an error names a target that cannot be adapted, or the
+    absence of any). ``adapted``: ``model`` is adapted already and the answer is the targets left without an
+    adapter (none, unless a layer was replaced after ``apply_tied_lora``), with no error for finding none."""
     targets, owners = {}, _names_of_parameters(model)
     heads = _heads(model) if config.target_modules == ALL_LINEAR else ()
     linear_types = adaptable_types()
+    within: tuple[str, ...] = ()  # (adapted layers and what they hold)
     for name, module in model.named_modules():
+        if adapted and (isinstance(module, TiedLoRALinear) or (within and name.startswith(within))):
+            within += (name + ".",) if isinstance(module, TiedLoRALinear) else ()
+            continue
         if callable(config.target_modules):
             hit = bool(config.target_modules(module, name))
         elif config.target_modules == ALL_LINEAR:  # (other subclasses of nn.Linear are left out)
@@ -422,7 +429,7 @@ def _find_targets(model: nn.Module, config: TiedLoRAConfig) -> dict[str, nn.Line
                 "those too; leave it out of target_modules"
             )
         targets[name] = module
-    if not targets:
+    if not targets and not adapted:
         linears = [n for n, m in model.named_modules() if type(m) in linear_types]
         wanted = config.target_modules
         wanted = f"the callable {getattr(wanted, '__name__', wanted)!r}" if callable(wanted) else repr(wanted)
@@ -590,7 +597,9 @@ def disable_tied_lora(model: nn.Module) -> Iterator[nn.Module]:
     before ``apply_tied_lora`` (bit for bit; ``modules_to_save`` keep their trained values, with a warning) and
     the adapter gets no gradient — e.g. a DPO reference model, or an evaluation without the adapter. Merged
     layers are refused (their weight holds ΔW: ``unmerge_tied_lora`` first). Blocks nest; each layer's previous
-    state returns on exit."""
+    state returns on exit. Under activation checkpointing a backward recomputes the layers' forward with the flags
+    of that moment: call it inside the block (or run the block under ``torch.no_grad()``); one after the block
+    would differentiate the adapter on (a warning says so when grad is on and a Hugging Face model checkpoints)."""
     layers = _require_layers(model)
     merged = [name for name, layer in layers.items() if layer.merged]
     if merged:
@@ -602,6 +611,16 @@ def disable_tied_lora(model: nn.Module) -> Iterator[nn.Module]:
         warnings.warn(
             f"disable_tied_lora: the modules_to_save {list(config.modules_to_save)} keep their trained values inside "
             "the block (no untrained copy is kept, unlike PEFT's disable_adapter)",
+            stacklevel=3,
+        )
+    # (transformers' checkpointing layers carry gradient_checkpointing = True, and checkpoint in training mode)
+    checkpoints = any(getattr(m, "gradient_checkpointing", False) is True and m.training for m in model.modules())
+    if torch.is_grad_enabled() and checkpoints:
+        warnings.warn(
+            "disable_tied_lora with grad enabled on a model that checkpoints activations: a backward after the "
+            "block recomputes the checkpointed layers with the adapter on (PEFT's disable_adapter alike), giving "
+            "wrong gradients (reentrant) or a CheckpointError (non-reentrant). Call backward inside the block, or "
+            "run it under torch.no_grad() (a reference model's forward)",
             stacklevel=3,
         )
     saved = {name: layer.disabled for name, layer in layers.items()}

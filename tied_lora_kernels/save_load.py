@@ -98,6 +98,13 @@ def save_tied_lora(model: nn.Module, directory: str | os.PathLike) -> None:
             f"describe: save it apart (save_tied_lora(model.get_submodule({nested[0]!r}), ...)) or adapt the model "
             "in one call"
         )
+    left = sorted(_find_targets(model, config, adapted=True)) if config is not None else []
+    if left:  # a layer replaced after apply_tied_lora: its adapter is gone, and loading would adapt it again
+        raise ValueError(
+            f"{left[:4]} match this adapter's target_modules but carry no adapter: replaced after apply_tied_lora "
+            "(by resize_token_embeddings, dequantize(), ...)? Their adapter is gone, and no model could load this "
+            "file. Make such changes before apply_tied_lora"
+        )
     dtypes = {str(v.dtype).removeprefix("torch.") for k, v in state.items() if _is_adapter_tensor(k)}
     config = config.to_dict() if config is not None else None
     if config is not None and len(dtypes) == 1:  # the adapters as they are now (e.g. after model.to(bf16))
