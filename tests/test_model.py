@@ -31,6 +31,7 @@ from tied_lora_kernels import (
     reference,
     save_tied_lora,
     tied_lora_layers,
+    tied_lora_state_dict,
     unload_tied_lora,
     unmerge_tied_lora,
 )
@@ -546,6 +547,31 @@ def test_config_errors():
     with pytest.raises(TypeError, match="groups must be a sequence"):
         TiedLoRAConfig(groups=3)
     assert TiedLoRAConfig(groups=(g for g in [QKV])).groups == (QKV,)  # a generator is read once, not used up
+
+
+def test_a_field_set_after_construction_is_checked_and_resolved_again(tmp_path):
+    """``config.train_v = False`` (or ``preset = "vera"``) after construction takes effect in what ``apply_tied_lora``
+    builds, as ``to_dict`` (the saved file) records it: the model saves and loads. An invalid value is refused with
+    the constructor's error and leaves the config as it was."""
+    config = TiedLoRAConfig(rank=4)
+    config.train_v = False
+    assert config == TiedLoRAConfig(rank=4, train_v=False)
+    assert config.resolved == TiedLoRAConfig(rank=4, train_v=False).resolved
+    model = apply_tied_lora(tiny_llama(), config)
+    layer = tied_lora_layers(model)["model.layers.0.self_attn.q_proj"]
+    assert layer.lora_v is None  # frozen at one, not stored: the config's zero start moved to B
+    save_tied_lora(model, tmp_path)
+    assert set(tied_lora_state_dict(load_tied_lora(tiny_llama(), tmp_path))) == set(tied_lora_state_dict(model))
+    config.preset = "vera"
+    assert config.resolved == TiedLoRAConfig(rank=4, preset="vera", train_v=False).resolved
+    config.target_modules = "q_proj"
+    assert config.target_modules == ("q_proj",)  # normalised as by the constructor
+    with pytest.raises(ValueError, match="rank must be positive"):
+        config.rank = 0
+    with pytest.raises(ValueError, match="trains none"):
+        config.train_u = False
+    assert config == TiedLoRAConfig(rank=4, preset="vera", train_v=False, target_modules="q_proj")
+    assert config.resolved["train_u"] and not config.resolved["train_v"]
 
 
 def test_triton_above_its_largest_rank_is_refused_when_built():

@@ -97,7 +97,31 @@ class TiedLoRAConfig:
     # filled by __post_init__: the resolved flags
     resolved: dict = field(init=False, repr=False, compare=False, default_factory=dict)
 
+    def __setattr__(self, name: str, value) -> None:
+        """A field set after construction is checked, normalised and resolved again, as by the constructor (an
+        invalid value is refused and the config left as it was), so that what ``apply_tied_lora`` builds and what
+        ``to_dict`` saves stay one configuration."""
+        settled = "resolved" in self.__dict__ and not self.__dict__.get("_resolving")
+        if not settled or name == "resolved" or name not in _FIELDS:
+            object.__setattr__(self, name, value)
+            return
+        before = dict(self.__dict__)
+        object.__setattr__(self, name, value)
+        try:
+            self.__post_init__()
+        except BaseException:
+            self.__dict__.clear()
+            self.__dict__.update(before)
+            raise
+
     def __post_init__(self):
+        self.__dict__["_resolving"] = True  # (the assignments below are the normalisation itself)
+        try:
+            self._resolve()
+        finally:
+            del self.__dict__["_resolving"]
+
+    def _resolve(self) -> None:
         if self.preset not in PRESETS:
             raise ValueError(f"preset must be one of {tuple(PRESETS)}, got {self.preset!r}")
         check_rank(self.rank)  # TiedLoRAShared's check: TypeError for a non-int, ValueError for a non-positive one
@@ -159,7 +183,7 @@ class TiedLoRAConfig:
         if isinstance(self.groups, str) or any(isinstance(g, str) for g in self.groups):
             raise TypeError(f"groups must be a sequence of tuples of names, e.g. (QKV,), got {self.groups!r}")
         self.groups = tuple(tuple(g) for g in self.groups)
-        seen = set()
+        seen: set[str] = set()
         for g in self.groups:
             if len(g) < 2 or not all(isinstance(t, str) for t in g):
                 raise ValueError(f"a group needs at least two target names, got {g}")
@@ -204,3 +228,6 @@ class TiedLoRAConfig:
         out["groups"] = [list(g) for g in self.groups]
         out["modules_to_save"] = list(self.modules_to_save)
         return out
+
+
+_FIELDS = frozenset(f.name for f in dataclasses.fields(TiedLoRAConfig))
