@@ -318,7 +318,7 @@ def test_meta_init_then_reset_keeps_the_zero_start():
     """The meta-device flow (build on meta, to_empty, reset_parameters) restores every start value."""
     with torch.device("meta"):
         shared = TiedLoRAShared(8, 6, 2, init="kaiming", zero_B=True, seed=0)
-        layer = TiedLoRALinear(8, 6, shared=shared, train_u=True, train_v=True, u_init=0.5, v_init=0.0)
+        layer = TiedLoRALinear(8, 6, shared=shared, train_u=True, train_v=True, u_init=0.5, v_init=0.25)
     layer.to_empty(device="cpu")
     for m in layer.modules():
         if hasattr(m, "reset_parameters"):
@@ -326,7 +326,48 @@ def test_meta_init_then_reset_keeps_the_zero_start():
     assert torch.count_nonzero(shared.B) == 0 and torch.equal(
         shared.A, TiedLoRAShared(8, 6, 2, init="kaiming", seed=0).A
     )
-    assert torch.all(layer.lora_u == 0.5) and torch.all(layer.lora_v == 0)
+    assert torch.all(layer.lora_u == 0.5) and torch.all(layer.lora_v == 0.25)
+
+
+@pytest.mark.parametrize(
+    "adapter",
+    [dict(), dict(train_v=False), dict(train_v=False, train_u=False), dict(v_init=0.5), dict(train_u=False)],
+    ids=["defaults", "frozen_v", "frozen_uv", "v_half", "frozen_u"],
+)
+def test_a_layer_with_a_pair_of_its_own_starts_at_zero_and_trains(adapter):
+    """``rank=``: whatever the layer's flags, it computes its base layer at the start (exactly one factor at zero:
+    v when it starts there, else B) and a step of the trained factors moves it. A frozen v starts at one by
+    default (``v_init=None``), not stored. Before, ``train_v=False`` froze v at zero: no gradient ever."""
+    x = torch.randn(5, 16, generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (no warning that it cannot train)
+        layer = TiedLoRALinear(16, 8, rank=4, backend="torch", **adapter)
+    assert torch.equal(layer(x), nn.functional.linear(x, layer.weight, layer.bias))
+    assert (layer.lora_v is None) == (adapter.get("train_v", True) is False)
+    layer.weight.requires_grad_(False)
+    layer.bias.requires_grad_(False)
+    layer(x).square().sum().backward()
+    trained = [p for p in layer.parameters() if p.requires_grad]
+    assert any(p.grad.abs().sum() > 0 for p in trained)
+
+
+def test_a_start_that_cannot_train_warns():
+    """Each factor's gradient is a product of the other three: two factors at zero, or one frozen at zero, leave
+    every gradient zero for good. Building such a layer warns, naming them; the one-zero starts do not."""
+    lora_pair = TiedLoRAShared(16, 8, 4, init="kaiming", zero_B=True)
+    with pytest.warns(UserWarning, match="B and v start at zero: every gradient of the adapter"):
+        layer = TiedLoRALinear(16, 8, shared=lora_pair)  # a trained v starts at zero too
+    layer(torch.randn(3, 16)).sum().backward()
+    adapter = [p for n, p in layer.named_parameters() if n.startswith(("shared.", "lora_"))]
+    assert len(adapter) == 4 and all(p.grad is not None and not p.grad.any() for p in adapter)
+    with pytest.warns(UserWarning, match="v starts frozen at zero"):
+        TiedLoRALinear(16, 8, rank=4, train_v=False, v_init=0.0)
+    with pytest.warns(UserWarning, match="u starts frozen at zero"):
+        TiedLoRALinear(16, 8, shared=TiedLoRAShared(16, 8, 4), train_u=False, u_init=0.0, v_init=1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        TiedLoRALinear(16, 8, shared=lora_pair, train_u=False, train_v=False)  # LoRA: B alone at zero, trained
+        TiedLoRALinear(16, 8, shared=TiedLoRAShared(16, 8, 4, train_A=False, train_B=False))  # VeRA-like
 
 
 def test_numpy_integers_and_bools_are_accepted():

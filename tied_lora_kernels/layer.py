@@ -26,6 +26,7 @@ import importlib
 import math
 import numbers
 import sys
+import warnings
 from collections.abc import Mapping
 from typing import Any, TypedDict
 
@@ -92,7 +93,7 @@ class AdapterOptions(TypedDict, total=False):
     train_u: bool
     train_v: bool
     u_init: float
-    v_init: float
+    v_init: float | None
     share_u_with: TiedLoRALinear | None
     b_rows: tuple[int, int] | None
     backend: str
@@ -105,6 +106,24 @@ def _check_adapter_keywords(adapter: Mapping[str, Any]) -> None:
     unknown = sorted(set(adapter) - known)
     if unknown:
         raise TypeError(f"unexpected keyword argument(s) {unknown}; the adapter takes {sorted(known)}")
+
+
+def _warn_if_it_cannot_train(shared: TiedLoRAShared, lora_scale: UScale, train_v: bool, v_init: float) -> None:
+    """Warn of a start from which no factor of ``ΔW = s·diag(v)·B·diag(u)·A`` ever gets a gradient: each factor's
+    gradient is a product of the three others, so two factors at zero, or one frozen at zero, leave every gradient
+    zero for good (a hand-built layer; the configs start exactly one trained factor at zero)."""
+    trains = {"A": shared.A.requires_grad, "B": shared.B.requires_grad, "v": train_v}
+    trains["u"] = lora_scale.u is not None and lora_scale.u.requires_grad
+    zero = {"A": shared.zero_A, "B": shared.zero_B, "u": lora_scale.init == 0.0, "v": v_init == 0.0}
+    zeros = [name for name in ("A", "B", "u", "v") if zero[name]]
+    if any(trains.values()) and (len(zeros) > 1 or (zeros and not trains[zeros[0]])):
+        what = " and ".join(zeros) + (" start" if len(zeros) > 1 else " starts frozen")
+        warnings.warn(
+            f"this TiedLoRALinear's {what} at zero: every gradient of the adapter (a product of the other three "
+            "factors) is zero, so it never trains. Start one trained factor only at zero (v_init=1.0 for a frozen "
+            "v, or a pair without zero_A/zero_B)",
+            stacklevel=4,
+        )
 
 
 def adaptable_types() -> tuple[type[nn.Module], ...]:
@@ -296,7 +315,7 @@ class TiedLoRALinear(nn.Linear):
             raise TypeError(f"bias must be True or False, got {bias!r} (rank= and shared= are keyword arguments)")
         _check_adapter_keywords(adapter)
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
-        self._init_adapter(_pair(shared, rank, in_features, out_features, device), **adapter)
+        self._init_adapter(_pair(shared, rank, in_features, out_features, device, adapter), **adapter)
 
     @classmethod
     def from_linear(
@@ -340,7 +359,7 @@ class TiedLoRALinear(nn.Linear):
         layer.training = linear.training
         if getattr(linear, "_is_hf_initialized", False):  # transformers' mark: init_weights() leaves it alone
             layer._is_hf_initialized = True  # type: ignore[assignment]  # (torch types attributes Tensor | Module)
-        pair = _pair(shared, rank, layer.in_features, layer.out_features, linear.weight.device)
+        pair = _pair(shared, rank, layer.in_features, layer.out_features, linear.weight.device, adapter)
         layer._init_adapter(pair, **adapter)  # its checks before anything of linear's moves
         weight: Any = layer.weight
         if getattr(weight, "module", None) is linear:  # bitsandbytes' Params4bit finds its layer there
@@ -356,7 +375,7 @@ class TiedLoRALinear(nn.Linear):
         train_u: bool = True,
         train_v: bool = True,
         u_init: float = 1.0,
-        v_init: float = 0.0,
+        v_init: float | None = None,
         share_u_with: TiedLoRALinear | None = None,
         b_rows: tuple[int, int] | None = None,
         backend: str = "auto",
@@ -378,10 +397,12 @@ class TiedLoRALinear(nn.Linear):
         alpha = float(shared.rank if alpha is None else alpha)
         if not math.isfinite(alpha) or alpha <= 0 or alpha / shared.rank > torch.finfo(torch.float32).max:
             raise ValueError(f"alpha must be a positive finite number (alpha / rank within float32), got {alpha}")
-        if isinstance(v_init, bool) or not isinstance(v_init, numbers.Real) or not math.isfinite(v_init):
-            raise ValueError(f"v_init must be a finite number, got {v_init!r}")
         if not isinstance(train_v, bool):
             raise TypeError(f"train_v must be True or False, got {train_v!r}")
+        if v_init is None:  # a trained v starts at zero (the zero start), a frozen one at one (not stored)
+            v_init = 0.0 if train_v else 1.0
+        if isinstance(v_init, bool) or not isinstance(v_init, numbers.Real) or not math.isfinite(v_init):
+            raise ValueError(f"v_init must be a finite number or None, got {v_init!r}")
         if shared.in_features != self.in_features:
             raise ValueError(
                 f"shared A is [{shared.rank}, {shared.in_features}] but the layer has in_features={self.in_features}"
@@ -426,6 +447,7 @@ class TiedLoRALinear(nn.Linear):
         else:
             self.register_parameter("lora_v", None)
         self.reset_adapter()
+        _warn_if_it_cannot_train(shared, lora_scale, train_v, self.v_init)
 
     @property
     def lora_u(self) -> Tensor | None:
@@ -603,12 +625,17 @@ def _own_rows(B: Tensor, b_rows: tuple[int, int] | None) -> Tensor:
     return B if b_rows is None else B[b_rows[0] : b_rows[1]]
 
 
-def _pair(shared: TiedLoRAShared | None, rank: int | None, in_features: int, out_features: int, device):
-    """``shared``, or a new pair of ``rank`` for one layer: exactly one of them is given."""
+def _pair(
+    shared: TiedLoRAShared | None, rank: int | None, in_features: int, out_features: int, device, adapter: Mapping
+) -> TiedLoRAShared:
+    """``shared``, or a new pair of ``rank`` for one layer: exactly one of them is given. A new pair keeps the zero
+    start: ``B`` starts at zero when the layer's ``v`` does not (a frozen ``v``, at one by default)."""
     if shared is not None and rank is None:
         return shared
     if shared is None and rank is not None:
-        return TiedLoRAShared(in_features, out_features, rank, device=device)
+        v_init = adapter.get("v_init")
+        v_zero = v_init == 0 if v_init is not None else adapter.get("train_v", True) is True
+        return TiedLoRAShared(in_features, out_features, rank, zero_B=not v_zero, device=device)
     raise TypeError("give the layer shared= (a pair tied with other layers) or rank= (a pair of its own)")
 
 
