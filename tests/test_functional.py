@@ -45,9 +45,9 @@ def make_inputs(
 
     t = {
         "x": rnd(*lead, M, K).to(dtype),
-        "weight": rnd(N, K, scale=K**-0.5).to(dtype),
+        "weight": rnd(N, K, scale=max(K, 1) ** -0.5).to(dtype),
         "bias": rnd(N).to(dtype) if bias else None,
-        "A": rnd(R, K, scale=K**-0.5).to(adapter_dtype),
+        "A": rnd(R, K, scale=max(K, 1) ** -0.5).to(adapter_dtype),
         "B": rnd(N, R).to(adapter_dtype),
         "u": rnd(R).to(adapter_dtype) if u else None,
         "v": rnd(N).to(adapter_dtype) if v else None,
@@ -91,7 +91,8 @@ def test_parity_every_configuration(config, bias):
 @pytest.mark.parametrize(
     "M,K,N,R,lead",
     [(0, 8, 6, 2, ()), (1, 8, 6, 1, ()), (5, 17, 19, 17, ()), (4, 9, 7, 3, (2, 3)), (37, 64, 48, 16, ())]
-    + [(6, 4, 9, 8, ()), (6, 9, 3, 8, ())],  # a rank above in_features, above out_features (accepted, as by PEFT)
+    + [(6, 4, 9, 8, ()), (6, 9, 3, 8, ())]  # a rank above in_features, above out_features (accepted, as by PEFT)
+    + [(3, 0, 6, 2, (2,)), (3, 5, 0, 2, (2,))],  # no input or no output features, with a leading dim (as F.linear)
 )
 def test_parity_shapes(M, K, N, R, lead):
     check_parity(make_inputs(M, K, N, R, lead=lead))
@@ -275,3 +276,10 @@ def test_a_float32_base_beside_a_16_bit_input_is_refused_by_name():
         tied_lora_linear(t["x"], t["weight"].float(), t["bias"], *adapters, backend="torch")
     with pytest.raises(TypeError, match="bias is torch.float32 but x is torch.bfloat16"):
         tied_lora_linear(t["x"], t["weight"], t["bias"].float(), *adapters, backend="torch")
+
+
+def test_add_adapter_with_no_input_features():
+    """K = 0 with leading dims: the adapter term is zero (an empty sum), as F.linear's product is."""
+    y = torch.randn(2, 3, 8)
+    out = add_adapter(y, torch.randn(2, 3, 0), torch.randn(4, 0), torch.randn(8, 4), scale=0.5)
+    assert out.shape == y.shape and torch.equal(out, y)

@@ -233,11 +233,11 @@ def test_a_layer_of_zero_width_has_the_torch_paths_gradients(K, N):
     results = {}
     for backend in ("torch", "triton"):
         g = torch.Generator().manual_seed(0)
-        shapes = {"x": (5, K), "weight": (N, K), "bias": (N,), "A": (3, K), "B": (N, 3), "u": (3,), "v": (N,)}
+        shapes = {"x": (1, 5, K), "weight": (N, K), "bias": (N,), "A": (3, K), "B": (N, 3), "u": (3,), "v": (N,)}
         x, *args = (torch.randn(s, generator=g).to(DEVICE).requires_grad_(True) for s in shapes.values())
         params = dict(zip(list(shapes)[1:], args, strict=True))
         y = tied_lora_linear(x, *args, 0.5, backend=backend)
-        assert y.shape == (5, N)
+        assert y.shape == (1, 5, N)  # (3-D: reshaped to [5, K] also for K = 0)
         y.sum().backward()
         results[backend] = {"x": x.grad, **{k: params[k].grad for k in ("weight", "bias", "A", "B", "u", "v")}}
     for name, want in results["torch"].items():

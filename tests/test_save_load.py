@@ -689,3 +689,28 @@ def test_save_refuses_a_target_replaced_after_apply(tmp_path):
     model = apply_tied_lora(resized(), config)
     save_tied_lora(model, tmp_path / "ok")
     assert "lm_head" in tied_lora_layers(load_tied_lora(resized(), tmp_path / "ok"))
+
+
+def test_layers_sized_by_numpy_save_and_a_failed_save_leaves_the_folder_alone(tmp_path, monkeypatch):
+    """``nn.Linear(np.int64(16), ...)`` keeps numpy sizes, which the layout writes as plain ints; and the JSON is
+    made before either file is written, so a save that fails there leaves an adapter already in the folder whole
+    (it wrote the weights, then half the JSON)."""
+    np = pytest.importorskip("numpy")
+    from tied_lora_kernels import save_load
+
+    def model():
+        torch.manual_seed(0)
+        d = np.int64(16)
+        return nn.ModuleDict({"a": nn.ModuleDict({p: nn.Linear(d, d) for p in QKV})})
+
+    adapted = apply_tied_lora(model(), TiedLoRAConfig(rank=4))
+    save_tied_lora(adapted, tmp_path)
+    loaded = load_tied_lora(model(), tmp_path)
+    assert all(torch.equal(loaded.state_dict()[k], t) for k, t in adapted.state_dict().items())
+    files = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    monkeypatch.setattr(save_load, "_layout", lambda m: {"a": object()})  # (not JSON)
+    with torch.no_grad():
+        adapted.a.q_proj.shared.A.add_(1.0)
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        save_tied_lora(adapted, tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == files

@@ -19,6 +19,7 @@ same probability but not the same entries.
 from __future__ import annotations
 
 import functools
+import math
 from numbers import Integral, Real
 
 import torch
@@ -137,7 +138,7 @@ def _cached_reason(device_type: str, index: int | None, interpreting: bool) -> s
 
 def _dispatch(backend, x, weight, bias, A, B, u, v, scale, deterministic, dropout):
     flat = x.dim() == 2  # (a reshape costs as much host time as a check: none for [M, K])
-    x2d = x if flat else x.reshape(-1, x.shape[-1])
+    x2d = x if flat else _rows(x)
     if backend == "triton":
         y2d = kernels.tied_lora_linear_triton(
             x2d, weight, bias, A, B, u, v, scale, deterministic=deterministic, dropout=dropout
@@ -145,6 +146,11 @@ def _dispatch(backend, x, weight, bias, A, B, u, v, scale, deterministic, dropou
     else:
         y2d = _torch_path(x2d, weight, bias, A, B, u, v, scale, dropout)
     return y2d if flat else y2d.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def _rows(x: Tensor) -> Tensor:
+    """``x [..., K]`` as ``[M, K]`` (also for K = 0, where ``reshape(-1, 0)`` cannot infer M)."""
+    return x.reshape(-1 if x.shape[-1] else math.prod(x.shape[:-1]), x.shape[-1])
 
 
 def _torch_path(x2d, weight, bias, A, B, u, v, scale, dropout=0.0):
@@ -184,7 +190,7 @@ def add_adapter(y: Tensor, x: Tensor, A, B, u=None, v=None, scale: float = 1.0, 
     _check_inputs(x, x.new_empty(()).expand(N, K), None, A, B, u, v, scale)
     if y.shape != (*x.shape[:-1], N) or y.device != x.device:
         raise ValueError(f"y must be [..., {N}] with x's leading dims on x's device, got {tuple(y.shape)}, {y.device}")
-    s, b = _rank_factors(x.reshape(-1, K), A, B, u, v, dropout)
+    s, b = _rank_factors(_rows(x), A, B, u, v, dropout)
     return torch.addmm(y.reshape(-1, N), s.to(y.dtype), b.t().to(y.dtype), alpha=scale).reshape(y.shape)
 
 

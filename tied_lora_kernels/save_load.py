@@ -66,8 +66,8 @@ def _layout(model: nn.Module) -> dict[str, dict]:
         shared_names.setdefault(id(p), name.rpartition(".")[0])
     return {
         name: {
-            "in_features": layer.in_features,
-            "out_features": layer.out_features,
+            "in_features": int(layer.in_features),  # (plain ints for JSON: nn.Linear keeps a numpy int as given)
+            "out_features": int(layer.out_features),
             "rank": layer.rank,
             "alpha": layer.alpha,
             "trains": [k for k, p in zip("ABuv", _factors(layer), strict=True) if p is not None and p.requires_grad],
@@ -109,8 +109,6 @@ def save_tied_lora(model: nn.Module, directory: str | os.PathLike) -> None:
     config = config.to_dict() if config is not None else None
     if config is not None and len(dtypes) == 1:  # the adapters as they are now (e.g. after model.to(bf16))
         config["dtype"] = dtypes.pop()
-    os.makedirs(directory, exist_ok=True)
-    save_file(state, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
     meta = {
         "format": FORMAT,
         "tensors": {
@@ -119,8 +117,11 @@ def save_tied_lora(model: nn.Module, directory: str | os.PathLike) -> None:
         "config": config,
         "layout": _layout(model),
     }
+    text = json.dumps(meta, indent=2)  # before either file is written: an error leaves the folder as it was
+    os.makedirs(directory, exist_ok=True)
+    save_file(state, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
     with open(os.path.join(directory, CONFIG_NAME), "w") as f:
-        json.dump(meta, f, indent=2)
+        f.write(text)
 
 
 def load_tied_lora(
