@@ -139,6 +139,35 @@ def test_merge_unmerge():
         layer.unmerge()
 
 
+def test_unmerge_takes_out_what_merge_put_in_after_the_adapter_changed():
+    """One layer of a tied pair merged, the pair trained through another layer (or the layer's vectors reset):
+    unmerge takes out the ΔW that merge added (merge keeps a copy of its factors), not one recomputed from the
+    factors as they are now, which left the difference in the base weight (up to 6.7 in a reviewer's repro). Also
+    after a deepcopy and a dtype conversion of the merged layer."""
+    shared = TiedLoRAShared(12, 8, 3)
+    merged = TiedLoRALinear.from_linear(nn.Linear(12, 8), shared, backend="torch")
+    other = TiedLoRALinear(12, 8, shared=shared, backend="torch")
+    _randomised(shared, merged)
+    _randomised(shared, other)
+    base = merged.weight.detach().clone()
+    atol = 4 * torch.finfo(torch.float32).eps * base.abs().max().item() * 8
+    merged.merge()
+    before = shared.A.detach().clone()
+    optimizer = torch.optim.SGD([shared.A, shared.B, other.lora_v], lr=0.05)
+    other(torch.randn(4, 12)).sum().backward()
+    optimizer.step()
+    assert (shared.A - before).abs().max() > 0.1  # (the ΔW of the factors now differs by that much or more)
+    copied = copy.deepcopy(merged).double()
+    merged.unmerge()
+    torch.testing.assert_close(merged.weight, base, rtol=0, atol=atol)
+    copied.unmerge()
+    torch.testing.assert_close(copied.weight, base.double(), rtol=0, atol=atol)
+    merged.merge()
+    merged.reset_adapter()  # u and v back at their start values
+    merged.unmerge()
+    torch.testing.assert_close(merged.weight, base, rtol=0, atol=atol)
+
+
 def test_torch_jit_trace():
     # torch.jit.trace (and the TorchScript ONNX exporter built on it) records sizes as tensors: the checks take them
     layer = TiedLoRALinear.from_linear(nn.Linear(12, 8), TiedLoRAShared(12, 8, 3)).eval()

@@ -548,16 +548,21 @@ class TiedLoRALinear(nn.Linear):
         if self.merged:
             raise RuntimeError("this TiedLoRALinear is already merged; unmerge() it first")
         self.check_mergeable()
-        self._add_delta(+1.0)
+        # a copy of the factors merged (r·(in + out) + r + out values): unmerge takes out this ΔW, also after the
+        # adapter changed (a tied pair trained through other layers, reset_adapter())
+        factors = tuple(None if t is None else t.detach().clone() for t in self._factors())
+        self._add_delta(+1.0, factors)
+        self._merged_factors = factors
         self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Take ΔW back out of ``weight``: exact up to the rounding of ``weight``'s dtype."""
+        """Take the ΔW that ``merge`` added back out of ``weight``: exact up to the rounding of ``weight``'s dtype,
+        whatever the adapter's factors became since."""
         if not self.merged:
             raise RuntimeError("this TiedLoRALinear is not merged")
         self._check_weight_stored("unmerge")
-        self._add_delta(-1.0)
+        self._add_delta(-1.0, self.__dict__.pop("_merged_factors", None) or self._factors())
         self.merged = False
 
     def check_mergeable(self) -> None:
@@ -583,12 +588,12 @@ class TiedLoRALinear(nn.Linear):
                 "(torch.nn.utils.parametrize.remove_parametrizations, torch.nn.utils.prune.remove)"
             )
 
-    def _add_delta(self, sign: float) -> None:
-        # weight ± ΔW in at least float32, rounded once to weight's dtype
+    def _add_delta(self, sign: float, factors: tuple) -> None:
+        # weight ± ΔW of factors (A, B, u, v) in at least float32, rounded once to weight's dtype
         dtype = torch.promote_types(self.weight.dtype, torch.float32)
-        delta = reference.delta_weight(
-            self.shared.A, self.lora_B, self.lora_u, self.lora_v, sign * self.scale, dtype=dtype
-        )
+        A, B, u, v = (None if t is None else t.to(self.weight.device) for t in factors)  # (moved since: .to())
+        assert A is not None and B is not None
+        delta = reference.delta_weight(A, B, u, v, sign * self.scale, dtype=dtype)
         self.weight.copy_(self.weight.to(dtype) + (delta.t() if self.fan_in_fan_out else delta))
 
     def extra_repr(self) -> str:
