@@ -278,8 +278,11 @@ def test_a_float32_base_beside_a_16_bit_input_is_refused_by_name():
         tied_lora_linear(t["x"], t["weight"], t["bias"].float(), *adapters, backend="torch")
 
 
-def test_add_adapter_with_no_input_features():
-    """K = 0 with leading dims: the adapter term is zero (an empty sum), as F.linear's product is."""
+def test_add_adapter_with_no_input_or_output_features():
+    """K = 0 with leading dims: the adapter term is zero (an empty sum), as F.linear's product is; N = 0: an empty
+    output of the right shape."""
     y = torch.randn(2, 3, 8)
     out = add_adapter(y, torch.randn(2, 3, 0), torch.randn(4, 0), torch.randn(8, 4), scale=0.5)
     assert out.shape == y.shape and torch.equal(out, y)
+    out = add_adapter(torch.randn(2, 3, 0), torch.randn(2, 3, 5), torch.randn(4, 5), torch.randn(0, 4))
+    assert out.shape == (2, 3, 0)

@@ -513,8 +513,8 @@ def test_an_optimizer_that_steps_inside_the_backward_is_not_taken_for_missing_gr
 def test_disable_tied_lora_under_checkpointing(reentrant):
     """A backward recomputes checkpointed layers with the flags of its own moment: called inside the block, the
     adapter gets no gradient and the others are those of the base model alone; with grad on, entering the block
-    of a checkpointing model warns that a backward after it would recompute with the adapter on (wrong gradients
-    under reentrant checkpointing, PEFT's disable_adapter alike); under no_grad (a reference model) it does not."""
+    of a reentrantly checkpointing model warns that a backward after it would recompute with the adapter on (wrong
+    gradients, PEFT's disable_adapter alike); under no_grad (a reference model) it does not."""
     ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(4))
     config = TiedLoRAConfig(rank=4, preset="tl6", modules_to_save=("norm",))
 
@@ -533,7 +533,7 @@ def test_disable_tied_lora_under_checkpointing(reentrant):
     _, want, warned = model_and_grads(False)
     assert not warned
     model, got, warned = model_and_grads(True)
-    assert len(warned) == 1
+    assert len(warned) == reentrant  # (non-reentrant: a backward after the block raises a CheckpointError)
     assert got.keys() == want.keys()
     for n, grad in got.items():
         if want[n] is None:  # the adapter: no gradient inside the block, with or without checkpointing

@@ -572,6 +572,15 @@ def test_a_field_set_after_construction_is_checked_and_resolved_again(tmp_path):
         config.train_u = False
     assert config == TiedLoRAConfig(rank=4, preset="vera", train_v=False, target_modules="q_proj")
     assert config.resolved["train_u"] and not config.resolved["train_v"]
+    # an adapted model keeps a copy: the config changed and applied again elsewhere leaves it as it was adapted
+    config = TiedLoRAConfig(rank=4)
+    model = apply_tied_lora(tiny_llama(), config)
+    config.train_v = False
+    assert model.tied_lora_config == TiedLoRAConfig(rank=4) and model.tied_lora_config.resolved["train_v"]
+    save_tied_lora(model, tmp_path / "first")
+    assert set(tied_lora_state_dict(load_tied_lora(tiny_llama(), tmp_path / "first"))) == set(
+        tied_lora_state_dict(model)
+    )
 
 
 def test_triton_above_its_largest_rank_is_refused_when_built():

@@ -166,6 +166,18 @@ def test_unmerge_takes_out_what_merge_put_in_after_the_adapter_changed():
     merged.reset_adapter()  # u and v back at their start values
     merged.unmerge()
     torch.testing.assert_close(merged.weight, base, rtol=0, atol=atol)
+    # a merged state loaded into a merged layer: its weight holds the loaded factors' ΔW, which unmerge takes out
+    _randomised(shared, merged, seed=1)  # (reset_adapter left v at zero: no ΔW)
+    merged.merge()
+    state = copy.deepcopy(merged.state_dict())
+    merged.unmerge()
+    with torch.no_grad():
+        shared.A.add_(1.0)
+        merged.lora_v.mul_(2.0)
+    merged.merge()
+    merged.load_state_dict(state)
+    merged.unmerge()
+    torch.testing.assert_close(merged.weight, base, rtol=0, atol=atol)
 
 
 def test_torch_jit_trace():
@@ -360,12 +372,13 @@ def test_meta_init_then_reset_keeps_the_zero_start():
 
 @pytest.mark.parametrize(
     "adapter",
-    [dict(), dict(train_v=False), dict(train_v=False, train_u=False), dict(v_init=0.5), dict(train_u=False)],
-    ids=["defaults", "frozen_v", "frozen_uv", "v_half", "frozen_u"],
+    [dict(), dict(train_v=False), dict(train_v=False, train_u=False), dict(v_init=0.5), dict(train_u=False)]
+    + [dict(v_init=0.5, u_init=0.0), dict(train_v=False, u_init=0.0)],
+    ids=["defaults", "frozen_v", "frozen_uv", "v_half", "frozen_u", "u_zero", "frozen_v_u_zero"],
 )
 def test_a_layer_with_a_pair_of_its_own_starts_at_zero_and_trains(adapter):
     """``rank=``: whatever the layer's flags, it computes its base layer at the start (exactly one factor at zero:
-    v when it starts there, else B) and a step of the trained factors moves it. A frozen v starts at one by
+    v or u when it starts there, else B) and its trained factors get a gradient. A frozen v starts at one by
     default (``v_init=None``), not stored. Before, ``train_v=False`` froze v at zero: no gradient ever."""
     x = torch.randn(5, 16, generator=torch.Generator().manual_seed(0))
     with warnings.catch_warnings():

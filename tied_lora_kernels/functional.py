@@ -191,7 +191,7 @@ def add_adapter(y: Tensor, x: Tensor, A, B, u=None, v=None, scale: float = 1.0, 
     if y.shape != (*x.shape[:-1], N) or y.device != x.device:
         raise ValueError(f"y must be [..., {N}] with x's leading dims on x's device, got {tuple(y.shape)}, {y.device}")
     s, b = _rank_factors(_rows(x), A, B, u, v, dropout)
-    return torch.addmm(y.reshape(-1, N), s.to(y.dtype), b.t().to(y.dtype), alpha=scale).reshape(y.shape)
+    return torch.addmm(_rows(y), s.to(y.dtype), b.t().to(y.dtype), alpha=scale).reshape(y.shape)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -259,7 +259,8 @@ class TiedLoRALinear(nn.Linear):
 
     - ``alpha`` (default ``rank``; ``scale = alpha / rank``), ``backend`` (``"auto"``, ``"torch"``,
       ``"triton"``);
-    - ``train_u``, ``train_v`` and their start values ``u_init`` (1), ``v_init`` (0: the zero start);
+    - ``train_u``, ``train_v`` and their start values ``u_init`` (1), ``v_init`` (None: 0 for a trained ``v``, the
+      zero start, 1 for a frozen one, not stored);
     - ``share_u_with``: another ``TiedLoRALinear`` whose ``u`` this layer uses (q, k and v of a layer);
     - ``b_rows=(start, stop)``: the rows of a grouped ``shared.B`` this layer reads;
     - ``dropout``: dropout on the adapter's input in training mode (PEFT's ``lora_dropout``; default 0), on
@@ -565,6 +566,11 @@ class TiedLoRALinear(nn.Linear):
         self._add_delta(-1.0, self.__dict__.pop("_merged_factors", None) or self._factors())
         self.merged = False
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # a merged weight loaded in holds the ΔW of the loaded factors, not of those merge() kept
+        self.__dict__.pop("_merged_factors", None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def check_mergeable(self) -> None:
         """Raise unless ΔW can go into ``weight``: not while disabled (``disable_tied_lora`` promises the base
         model), not into a quantized weight, where it would be rounded away, nor into a computed one."""
@@ -634,13 +640,15 @@ def _pair(
     shared: TiedLoRAShared | None, rank: int | None, in_features: int, out_features: int, device, adapter: Mapping
 ) -> TiedLoRAShared:
     """``shared``, or a new pair of ``rank`` for one layer: exactly one of them is given. A new pair keeps the zero
-    start: ``B`` starts at zero when the layer's ``v`` does not (a frozen ``v``, at one by default)."""
+    start: ``B`` starts at zero when neither of the layer's ``u`` and ``v`` does (a frozen ``v``, at one by
+    default)."""
     if shared is not None and rank is None:
         return shared
     if shared is None and rank is not None:
         v_init = adapter.get("v_init")
         v_zero = v_init == 0 if v_init is not None else adapter.get("train_v", True) is True
-        return TiedLoRAShared(in_features, out_features, rank, zero_B=not v_zero, device=device)
+        u_zero = adapter.get("u_init", 1.0) == 0
+        return TiedLoRAShared(in_features, out_features, rank, zero_B=not (v_zero or u_zero), device=device)
     raise TypeError("give the layer shared= (a pair tied with other layers) or rank= (a pair of its own)")
 
 

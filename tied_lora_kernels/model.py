@@ -9,6 +9,7 @@ numeric parts such as layer indices; per layer instead when ``tie`` is off). Sav
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import re
 import sys
 import warnings
@@ -168,7 +169,8 @@ def _apply(model: nn.Module, config: TiedLoRAConfig, shared_of: dict[str, str] |
             )
             _set_submodule(model, name, layer)
             start, first = stop, first or layer
-    model.tied_lora_config = config  # type: ignore[assignment]  # (torch types module attributes Tensor | Module)
+    # a copy: the config passed in may be changed and applied to another model afterwards (its fields may be set)
+    model.tied_lora_config = dataclasses.replace(config)  # type: ignore[assignment]  # (torch: Tensor | Module)
     if not any(getattr(h, "hook", None) is _fill_tied_aliases for h in model._load_state_dict_pre_hooks.values()):
         # (the private form: the public register_load_state_dict_pre_hook needs torch 2.5)
         model._register_load_state_dict_pre_hook(_fill_tied_aliases, with_module=True)
@@ -599,7 +601,8 @@ def disable_tied_lora(model: nn.Module) -> Iterator[nn.Module]:
     layers are refused (their weight holds ΔW: ``unmerge_tied_lora`` first). Blocks nest; each layer's previous
     state returns on exit. Under activation checkpointing a backward recomputes the layers' forward with the flags
     of that moment: call it inside the block (or run the block under ``torch.no_grad()``); one after the block
-    would differentiate the adapter on (a warning says so when grad is on and a Hugging Face model checkpoints)."""
+    would differentiate the adapter on (a warning says so when grad is on and a Hugging Face model checkpoints
+    reentrantly; the non-reentrant kind raises a ``CheckpointError`` then)."""
     layers = _require_layers(model)
     merged = [name for name, layer in layers.items() if layer.merged]
     if merged:
@@ -613,14 +616,13 @@ def disable_tied_lora(model: nn.Module) -> Iterator[nn.Module]:
             "the block (no untrained copy is kept, unlike PEFT's disable_adapter)",
             stacklevel=3,
         )
-    # (transformers' checkpointing layers carry gradient_checkpointing = True, and checkpoint in training mode)
-    checkpoints = any(getattr(m, "gradient_checkpointing", False) is True and m.training for m in model.modules())
-    if torch.is_grad_enabled() and checkpoints:
+    # (the silent case: the non-reentrant kind raises a CheckpointError instead; it checkpoints in training mode)
+    if torch.is_grad_enabled() and model.training and _reentrant_checkpointing(model):
         warnings.warn(
-            "disable_tied_lora with grad enabled on a model that checkpoints activations: a backward after the "
-            "block recomputes the checkpointed layers with the adapter on (PEFT's disable_adapter alike), giving "
-            "wrong gradients (reentrant) or a CheckpointError (non-reentrant). Call backward inside the block, or "
-            "run it under torch.no_grad() (a reference model's forward)",
+            "disable_tied_lora with grad enabled on a model that checkpoints activations reentrantly: if the "
+            "backward runs after the block, it recomputes the checkpointed layers with the adapter on (PEFT's "
+            "disable_adapter alike) and gives the adapter wrong gradients. Call backward inside the block (then "
+            "this warning does not apply), or run the block under torch.no_grad() (a reference model's forward)",
             stacklevel=3,
         )
     saved = {name: layer.disabled for name, layer in layers.items()}
