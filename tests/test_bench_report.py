@@ -179,3 +179,29 @@ def test_the_command_line_answers_help_and_refuses_an_unknown_command(capsys):
     assert cli(["selftest"]) == 2
     out, err = capsys.readouterr()
     assert "unknown command 'selftest'" in err and "the self-check" in err and not out
+    # the self-check takes no options: --help prints the usage, anything else is refused (it ran the whole check)
+    assert cli(["selfcheck", "--help"]) == 0
+    assert "the self-check" in capsys.readouterr().out
+    assert cli(["selfcheck", "--bogus"]) == 2
+    assert "selfcheck takes no arguments, got ['--bogus']" in capsys.readouterr().err
+
+
+def test_bench_names_a_file_it_cannot_read(tmp_path):
+    """A missing file, one that is not JSON, or a benchmark record without its statistics: an error naming the
+    file, not a traceback from inside the report."""
+    (tmp_path / "not.json").write_text("{")
+    (tmp_path / "nostats.json").write_text(json.dumps({"benchmarks": [dict(name="t", extra_info={"provider": "x"})]}))
+    for name, match in (("missing.json", "No such file"), ("not.json", "Expecting"), ("nostats.json", "has no")):
+        with pytest.raises(SystemExit, match=f"bench: .*{name}.*{match}"):
+            main(["--json", str(tmp_path / name), "--no-plot"])
+
+
+@pytest.mark.parametrize("module", ["tied_lora_kernels", "tied_lora_kernels.kernels.compile_check"])
+def test_the_command_lines_answer_help_under_python_OO(module):
+    """python -OO strips docstrings: the usage and help texts do not come from them (they crashed on None)."""
+    import subprocess
+    import sys
+
+    args = [sys.executable, "-OO", "-m", module] + (["bench"] if module == "tied_lora_kernels" else []) + ["--help"]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=120, cwd=Path(__file__).parent.parent)
+    assert done.returncode == 0 and "usage:" in done.stdout, done.stderr[-2000:]

@@ -83,13 +83,24 @@ def _two_ranks(rank, init, out):
             o_proj_u.grad = None  # a gradient missing on one rank takes part as zeros
         sync_tied_lora_grads(model)
         torch.save(_adapter_grads(model), f"{out}.{rank}")
+        sub = dist.new_group([0])  # (every rank takes part in making it)
+        if rank == 1:  # not in it: refused, gradients untouched (torch skips the all-reduce; they were divided by -1)
+            before = _adapter_grads(model)
+            try:
+                sync_tied_lora_grads(model, group=sub)
+                refused = ""
+            except ValueError as e:
+                refused = str(e)
+            same = all(torch.equal(t, before[n]) for n, t in _adapter_grads(model).items())
+            torch.save((refused, same), f"{out}.refused")
         dist.barrier()  # neither rank tears gloo down while the other may still be finishing the all-reduce
     finally:
         dist.destroy_process_group()
 
 
 def test_two_ranks_average_the_adapter_gradients(tmp_path):
-    """Two ranks, two batches: each rank ends with the mean of the two unsharded gradients."""
+    """Two ranks, two batches: each rank ends with the mean of the two unsharded gradients. A rank outside the
+    group it is given is refused by name, its gradients left as they were."""
     import torch.multiprocessing as mp
 
     mp.spawn(_two_ranks, args=(f"file://{tmp_path / 'pg'}", str(tmp_path / "grads")), nprocs=2)
@@ -106,6 +117,8 @@ def test_two_ranks_average_the_adapter_gradients(tmp_path):
             want = (per_batch[0][n] + per_batch[1][n]) / 2
             where = f"rank {rank} {n}"
             torch.testing.assert_close(grad, want, rtol=1e-5, atol=1e-7, msg=lambda m, w=where: f"{w}: {m}")
+    refused, same = torch.load(tmp_path / "grads.refused")
+    assert "this rank is not in the group given to sync_tied_lora_grads" in refused and same
 
 
 def test_sync_refuses_a_sharded_adapter(process_group):

@@ -56,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m tied_lora_kernels bench",
         description="Run the benchmark suite (or read its JSON) and report it. Arguments after -- go to pytest.",
-        epilog="examples:\n" + __doc__.split("Usage::")[1].split("Prints")[0].rstrip(),
+        epilog="examples:\n" + (__doc__ or "Usage::Prints").split("Usage::")[1].split("Prints")[0].rstrip(),  # (-OO)
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--json", nargs="+", type=Path, help="read these pytest-benchmark JSON files, run nothing")
@@ -109,7 +109,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run_suite(out_dir: Path, pytest_args: list[str]) -> tuple[int, Path]:
-    import pytest
+    try:
+        import pytest
+        import pytest_benchmark  # noqa: F401  (the suite's timer)
+    except ImportError as e:
+        needs = f"bench: running the suite needs pytest and pytest-benchmark ({e}): pip install -e '.[bench]'"
+        raise SystemExit(needs) from None
 
     if not BENCH_DIR.is_dir():
         raise SystemExit(f"bench: no benchmarks folder at {BENCH_DIR} (run from a source checkout)")
@@ -181,7 +186,10 @@ def load(paths: Sequence[Path]) -> list[dict]:
     """Flatten pytest-benchmark JSON files into one record per benchmark (extra_info + stats)."""
     records = []
     for path in paths:
-        data = json.loads(Path(path).read_text())
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as e:  # (a missing file, not JSON)
+            raise SystemExit(f"bench: cannot read {path}: {e}") from None
         machine = data.get("machine_info", {}).get("tied_lora", {})
         lost = []
         for b in data.get("benchmarks", []):
@@ -190,8 +198,12 @@ def load(paths: Sequence[Path]) -> list[dict]:
                 lost.append(b.get("name"))
                 continue
             rec = {**machine, **info, "name": b.get("name"), "datetime": data.get("datetime")}
+            stats = b.get("stats") or {}
+            missing = [stat for stat in ("median", "min", "mean", "stddev", "rounds") if stat not in stats]
+            if missing:
+                raise SystemExit(f"bench: {path}: {b.get('name')} has no {missing} (not a pytest-benchmark file?)")
             for stat in ("median", "min", "mean", "stddev", "rounds"):
-                rec[stat] = b["stats"][stat]
+                rec[stat] = stats[stat]
             rec.setdefault("device_name", rec.get("device", "?"))
             records.append(rec)
         if lost:

@@ -50,6 +50,10 @@ def sync_tied_lora_grads(model: nn.Module, group=None) -> None:
 
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("sync_tied_lora_grads needs an initialised torch.distributed process group")
+    if group is not None and dist.get_rank(group) < 0:  # (torch would skip the all-reduce, and divide by -1)
+        raise ValueError(
+            "this rank is not in the group given to sync_tied_lora_grads: call it on that group's ranks only"
+        )
     params = [p for p in tied_lora_parameters(model) if p.requires_grad]
     if not params:
         return

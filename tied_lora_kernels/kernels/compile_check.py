@@ -475,7 +475,7 @@ def format_table(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").partition("\n")[0])  # (python -OO: no docstring)
     parser.add_argument("--full", action="store_true", help="also compile fp16 and fp32 with TF32")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compile processes")
     parser.add_argument("--json", help="also write the rows as JSON to this path")
