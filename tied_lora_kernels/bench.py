@@ -183,13 +183,16 @@ def _first_line(report) -> str:
 
 
 def load(paths: Sequence[Path]) -> list[dict]:
-    """Flatten pytest-benchmark JSON files into one record per benchmark (extra_info + stats)."""
+    """Flatten pytest-benchmark JSON files into one record per benchmark (extra_info + stats). A file that cannot
+    be read, or a record without its statistics, is left out with a message: the others still make a report (a
+    GPU run whose phase was cut short)."""
     records = []
     for path in paths:
         try:
             data = json.loads(Path(path).read_text())
         except (OSError, ValueError) as e:  # (a missing file, not JSON)
-            raise SystemExit(f"bench: cannot read {path}: {e}") from None
+            print(f"bench: cannot read {path}, left out: {e}", file=sys.stderr)
+            continue
         machine = data.get("machine_info", {}).get("tied_lora", {})
         lost = []
         for b in data.get("benchmarks", []):
@@ -201,7 +204,8 @@ def load(paths: Sequence[Path]) -> list[dict]:
             stats = b.get("stats") or {}
             missing = [stat for stat in ("median", "min", "mean", "stddev", "rounds") if stat not in stats]
             if missing:
-                raise SystemExit(f"bench: {path}: {b.get('name')} has no {missing} (not a pytest-benchmark file?)")
+                print(f"bench: {path}: {b.get('name')} has no {missing}, left out", file=sys.stderr)
+                continue
             for stat in ("median", "min", "mean", "stddev", "rounds"):
                 rec[stat] = stats[stat]
             rec.setdefault("device_name", rec.get("device", "?"))
