@@ -56,7 +56,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m tied_lora_kernels bench",
         description="Run the benchmark suite (or read its JSON) and report it. Arguments after -- go to pytest.",
-        epilog="examples:\n" + (__doc__ or "Usage::Prints").split("Usage::")[1].split("Prints")[0].rstrip(),  # (-OO)
+        # (python -OO strips the docstring the examples come from)
+        epilog="examples:\n" + __doc__.split("Usage::")[1].split("Prints")[0].rstrip() if __doc__ else None,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--json", nargs="+", type=Path, help="read these pytest-benchmark JSON files, run nothing")
@@ -182,6 +183,10 @@ def _first_line(report) -> str:
 # reading results
 
 
+_STATS = ("median", "min", "mean", "stddev", "rounds")
+"""The statistics of a pytest-benchmark record that the report reads."""
+
+
 def load(paths: Sequence[Path]) -> list[dict]:
     """Flatten pytest-benchmark JSON files into one record per benchmark (extra_info + stats). A file that cannot
     be read, or a record without its statistics, is left out with a message: the others still make a report (a
@@ -202,12 +207,11 @@ def load(paths: Sequence[Path]) -> list[dict]:
                 continue
             rec = {**machine, **info, "name": b.get("name"), "datetime": data.get("datetime")}
             stats = b.get("stats") or {}
-            missing = [stat for stat in ("median", "min", "mean", "stddev", "rounds") if stat not in stats]
+            missing = [stat for stat in _STATS if stat not in stats]
             if missing:
                 print(f"bench: {path}: {b.get('name')} has no {missing}, left out", file=sys.stderr)
                 continue
-            for stat in ("median", "min", "mean", "stddev", "rounds"):
-                rec[stat] = stats[stat]
+            rec.update({stat: stats[stat] for stat in _STATS})
             rec.setdefault("device_name", rec.get("device", "?"))
             records.append(rec)
         if lost:

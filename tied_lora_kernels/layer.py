@@ -400,8 +400,7 @@ class TiedLoRALinear(nn.Linear):
             raise ValueError(f"alpha must be a positive finite number (alpha / rank within float32), got {alpha}")
         if not isinstance(train_v, bool):
             raise TypeError(f"train_v must be True or False, got {train_v!r}")
-        if v_init is None:  # a trained v starts at zero (the zero start), a frozen one at one (not stored)
-            v_init = 0.0 if train_v else 1.0
+        v_init = _v_start(v_init, train_v)
         if isinstance(v_init, bool) or not isinstance(v_init, numbers.Real) or not math.isfinite(v_init):
             raise ValueError(f"v_init must be a finite number or None, got {v_init!r}")
         if shared.in_features != self.in_features:
@@ -636,6 +635,12 @@ def _own_rows(B: Tensor, b_rows: tuple[int, int] | None) -> Tensor:
     return B if b_rows is None else B[b_rows[0] : b_rows[1]]
 
 
+def _v_start(v_init: float | None, train_v: bool) -> float:
+    """``v``'s start value: ``v_init``, or by default 0 for a trained ``v`` (the zero start) and 1 for a frozen one
+    (then not stored)."""
+    return (0.0 if train_v else 1.0) if v_init is None else v_init
+
+
 def _pair(
     shared: TiedLoRAShared | None, rank: int | None, in_features: int, out_features: int, device, adapter: Mapping
 ) -> TiedLoRAShared:
@@ -645,8 +650,7 @@ def _pair(
     if shared is not None and rank is None:
         return shared
     if shared is None and rank is not None:
-        v_init = adapter.get("v_init")
-        v_zero = v_init == 0 if v_init is not None else adapter.get("train_v", True) is True
+        v_zero = _v_start(adapter.get("v_init"), adapter.get("train_v", True)) == 0
         u_zero = adapter.get("u_init", 1.0) == 0
         return TiedLoRAShared(in_features, out_features, rank, zero_B=not (v_zero or u_zero), device=device)
     raise TypeError("give the layer shared= (a pair tied with other layers) or rank= (a pair of its own)")

@@ -386,7 +386,7 @@ def _find_targets(model: nn.Module, config: TiedLoRAConfig, *, adapted: bool = F
     linear_types = adaptable_types()
     within: tuple[str, ...] = ()  # (adapted layers and what they hold)
     for name, module in model.named_modules():
-        if adapted and (isinstance(module, TiedLoRALinear) or (within and name.startswith(within))):
+        if adapted and (isinstance(module, TiedLoRALinear) or name.startswith(within)):
             within += (name + ".",) if isinstance(module, TiedLoRALinear) else ()
             continue
         if callable(config.target_modules):

@@ -74,6 +74,13 @@ def _check_no_transform(*tensors: Tensor | None) -> None:
             raise RuntimeError("backend='triton' has no forward-mode AD (an input has a tangent); use backend='torch'")
 
 
+def _read_by_backward(weight: Tensor, A: Tensor, needs_x: bool, needs_a: bool) -> tuple[Tensor | None, Tensor | None]:
+    """``(W, A)`` as the backward reads them, else None: W only for dx, A only for dx and dA. Frozen tensors it does
+    not read are not saved, as the torch path does not save them: an inference-mode base weight, or one updated in
+    place before the backward, stays usable."""
+    return (weight if needs_x else None), (A if needs_x or needs_a else None)
+
+
 def _on_device(t: Tensor):
     """Launch on ``t``'s GPU and its current stream, whatever the current device (triton uses the latter)."""
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
@@ -219,10 +226,7 @@ class TiedLoRALinearFunction(torch.autograd.Function):
         y, T, bits = forward_impl(
             x, weight, bias, A, B, u, v, scale, keep_t=keep_t, dropout=dropout, keep_mask=keep_mask, **forced
         )
-        # (W only for dx, A only for dx and dA: frozen tensors the backward does not read are not saved, as the
-        # torch path does not save them — an inference-mode base weight, or one updated in place before the
-        # backward, stays usable)
-        saved_w, saved_a = (weight if needs_x else None), (A if needs_x or needs_a else None)
+        saved_w, saved_a = _read_by_backward(weight, A, needs_x, needs_a)
         ctx.save_for_backward(x if (needs_a or needs_w) else None, T, saved_w, saved_a, B, u, v, bits)
         ctx.scale = scale
         ctx.dropout = dropout
@@ -315,8 +319,7 @@ def _setup_forward(ctx, inputs, output):
     x, weight, bias, A, B, u, v, scale, deterministic, dropout, seed, keep_t, save_x, *forced = inputs
     _, T, bits = output
     ctx.mark_non_differentiable(T, bits)
-    needs_x, needs_a = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
-    saved_w, saved_a = (weight if needs_x else None), (A if needs_x or needs_a else None)  # (as the Function's)
+    saved_w, saved_a = _read_by_backward(weight, A, ctx.needs_input_grad[0], ctx.needs_input_grad[3])
     ctx.save_for_backward(
         x if save_x else None, T if keep_t else None, saved_w, saved_a, B, u, v, bits if dropout else None
     )
