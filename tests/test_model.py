@@ -690,6 +690,13 @@ def test_a_peft_model_is_refused():
     assert wrapped.base_model.model.layers[0].q_proj.lora_A["default"].weight.requires_grad  # PEFT's, untouched
 
 
+def test_what_is_not_a_model_or_a_config_is_refused_by_name():
+    with pytest.raises(TypeError, match="model must be an nn.Module, got str"):
+        apply_tied_lora("Qwen/Qwen2.5-0.5B", TiedLoRAConfig())
+    with pytest.raises(TypeError, match="config must be a TiedLoRAConfig, got dict"):
+        apply_tied_lora(Toy(), {"rank": 4})
+
+
 def test_callable_targets_and_quick_start_flow(tmp_path):
     """The README's quick start: adapt a Hugging Face model, train, save, load, merge."""
     model = tiny_llama().train()

@@ -78,6 +78,14 @@ def test_a_layer_with_a_pair_of_its_own():
     with pytest.raises(TypeError, match=r"bias must be True or False, got 4 \(rank= and shared= are keyword"):
         TiedLoRALinear(10, 6, 4)
     assert TiedLoRALinear(10, 6, 0, rank=2).bias is None  # what nn.Linear takes still works
+    # refused naming the argument, before nn.Linear's own errors (a negative dimension, an int weight)
+    for args, kwargs, error, match in (
+        ((-1, 6), {}, ValueError, "in_features must be a positive int, got -1"),
+        ((10.0, 6), {}, ValueError, "in_features must be a positive int, got 10.0"),
+        ((10, 6), {"dtype": torch.int32}, TypeError, "dtype must be a floating-point torch.dtype, got torch.int32"),
+    ):
+        with pytest.raises(error, match=match):
+            TiedLoRALinear(*args, rank=2, **kwargs)
     for kwargs in ({}, {"rank": 2, "shared": TiedLoRAShared(10, 6, 2)}):
         with pytest.raises(TypeError, match="give the layer shared= .* or rank="):
             TiedLoRALinear(10, 6, **kwargs)

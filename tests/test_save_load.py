@@ -273,6 +273,52 @@ def test_load_says_what_a_folder_holds_instead_of_an_adapter(tmp_path):
     assert tied_lora_layers(load_tied_lora(tiny_llama(), tmp_path / "checkpoint-2" / "tied_lora"))
 
 
+def test_load_names_what_is_damaged_in_an_adapter_file(tmp_path):
+    """An adapter file edited by hand or cut short is refused naming the file and what is wrong, for a bare and an
+    adapted model, which are left as they were (not a KeyError, AttributeError or safetensors' bare error)."""
+    import json
+    import os
+    import shutil
+
+    save_tied_lora(apply_tied_lora(tiny_llama(), TiedLoRAConfig(rank=4)), tmp_path / "good")
+
+    def edited(fn):
+        def edit(folder):
+            path = folder / "adapter_config.json"
+            meta = json.loads(path.read_text())
+            fn(meta)
+            path.write_text(json.dumps(meta))
+
+        return edit
+
+    def first(section):
+        return lambda meta: next(iter(meta[section].values()))
+
+    cases = {
+        "layout": (edited(lambda m: m.pop("layout")), r"adapter_config.json: 'layout' is missing or not a JSON"),
+        "config": (edited(lambda m: m.pop("config")), r"'config' is missing or not a JSON object; the file is dam"),
+        "tensors": (edited(lambda m: m.update(tensors=[])), r"'tensors' is missing or not a JSON object"),
+        "shared": (edited(lambda m: first("layout")(m).pop("shared")), r"the layout of .* lacks in_features, out"),
+        "dtype": (edited(lambda m: first("tensors")(m).update(dtype="float99")), r"has no shape or no dtype torch k"),
+        "list": (lambda f: (f / "adapter_config.json").write_text("[1, 2]"), r"holds a JSON list, not an adapter"),
+        "text": (lambda f: (f / "adapter_config.json").write_text("{not json"), r"adapter_config.json is not JSON"),
+        "cut": (
+            lambda f: os.truncate(f / "adapter_model.safetensors", 99),
+            r"adapter_model.safetensors is not a readable safetensors file .*: a damaged adapter",
+        ),
+    }
+    for name, (damage, match) in cases.items():
+        folder = tmp_path / name
+        shutil.copytree(tmp_path / "good", folder)
+        damage(folder)
+        for model in (tiny_llama(), apply_tied_lora(tiny_llama(), TiedLoRAConfig(rank=4))):
+            before = {k: v.clone() for k, v in model.state_dict().items()}
+            with pytest.raises(ValueError, match=match):
+                load_tied_lora(model, folder)
+            assert before.keys() == model.state_dict().keys()
+            assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
 def test_save_refuses_a_submodule_adapted_apart(tmp_path):
     # the file holds one config, which does not target what a second apply_tied_lora on a submodule adapted:
     # loading it would adapt the first set of layers only, so saving refuses (the submodule saves on its own)

@@ -36,7 +36,7 @@ from typing_extensions import Unpack  # (typing's from Python 3.11; imported at 
 
 from tied_lora_kernels import reference
 from tied_lora_kernels.functional import BACKENDS, add_adapter, check_backend_rank, check_dropout, tied_lora_linear
-from tied_lora_kernels.shared import TiedLoRAShared
+from tied_lora_kernels.shared import TiedLoRAShared, check_features, check_float_dtype
 
 __all__ = [
     "AdapterOptions",
@@ -315,6 +315,9 @@ class TiedLoRALinear(nn.Linear):
             # TiedLoRALinear(16, 8, 4): rank and shared are keywords (nn.Linear takes any truthy bias)
             raise TypeError(f"bias must be True or False, got {bias!r} (rank= and shared= are keyword arguments)")
         _check_adapter_keywords(adapter)
+        check_features(in_features, out_features)  # (nn.Linear's own errors do not name the argument)
+        if dtype is not None:
+            check_float_dtype(dtype, "dtype")
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         self._init_adapter(_pair(shared, rank, in_features, out_features, device, adapter), **adapter)
 

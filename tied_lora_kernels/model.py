@@ -110,6 +110,8 @@ def _names(qualified: str, wanted: str) -> bool:
 def _apply(model: nn.Module, config: TiedLoRAConfig, shared_of: dict[str, str] | None = None) -> nn.Module:
     """``apply_tied_lora``; ``shared_of`` (layer name -> its pair's name, an adapter file's layout) fixes which
     layers share a pair, instead of the config's rule (files keep loading if that rule changes)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not isinstance(config, TiedLoRAConfig):
         raise TypeError(f"config must be a TiedLoRAConfig, got {type(config).__name__}")
     if tied_lora_layers(model):

@@ -151,7 +151,13 @@ def load_tied_lora(
 
     meta = _read_meta(directory)
     layout = meta["layout"]
-    state = load_file(os.path.join(directory, WEIGHTS_NAME))
+    weights = os.path.join(directory, WEIGHTS_NAME)
+    try:
+        state = load_file(weights)
+    except OSError:
+        raise
+    except Exception as e:  # safetensors' own error for a cut-short or foreign file names neither
+        raise ValueError(f"{weights} is not a readable safetensors file ({e}): a damaged adapter") from None
     layers = tied_lora_layers(model)
     if layers:
         merged = [name for name, layer in layers.items() if layer.merged]
@@ -252,7 +258,12 @@ def _read_meta(directory: str | os.PathLike) -> dict:
             )
         raise FileNotFoundError(f"{directory} holds no {CONFIG_NAME}: it is not a save_tied_lora adapter")
     with open(path) as f:
-        meta = json.load(f)
+        try:
+            meta = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not JSON ({e}): a damaged adapter") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path} holds a JSON {type(meta).__name__}, not an adapter's description")
     if meta.get("format") != FORMAT:
         if "peft_type" in meta:
             raise ValueError(
@@ -260,7 +271,26 @@ def _read_meta(directory: str | os.PathLike) -> dict:
                 "load_peft_adapter(model, directory)"
             )
         raise ValueError(f"{directory} is not a tied_lora_kernels adapter (format {meta.get('format')!r})")
+    _check_meta(meta, path)
     return meta
+
+
+def _check_meta(meta: dict, path: str) -> None:
+    """Refuse an ``adapter_config.json`` that lacks what loading reads (edited by hand, or cut short), naming it."""
+
+    def bad(what: str) -> ValueError:
+        return ValueError(f"{path}: {what}; the file is damaged or was not written by save_tied_lora")
+
+    for key, kinds in (("config", (dict, type(None))), ("layout", dict), ("tensors", dict)):
+        if key not in meta or not isinstance(meta[key], kinds):
+            raise bad(f"{key!r} is missing or not a JSON object")
+    for name, entry in meta["layout"].items():
+        if not isinstance(entry, dict) or not {"in_features", "out_features", "shared"} <= set(entry):
+            raise bad(f"the layout of {name!r} lacks in_features, out_features or shared")
+    for name, d in meta["tensors"].items():
+        dtype = getattr(torch, str(d.get("dtype")), None) if isinstance(d, dict) else None
+        if not isinstance(dtype, torch.dtype) or not isinstance(d.get("shape"), list):
+            raise bad(f"tensor {name!r} has no shape or no dtype torch knows ({d!r})")
 
 
 def _check_state(state: dict[str, torch.Tensor], model: nn.Module) -> None:

@@ -17,11 +17,22 @@ from torch import nn
 
 from tied_lora_kernels.functional import check_rank, check_seed
 
-__all__ = ["TiedLoRAShared", "INITS"]
+__all__ = ["TiedLoRAShared", "INITS", "check_features", "check_float_dtype"]
 
 # How A and B are drawn: "gaussian" N(0, 1) (the Tied-LoRA authors' NeMo code), "kaiming" kaiming-uniform
 # with a = sqrt(5), bound 1/sqrt(fan_in) (LoRA's A in PEFT, and VeRA's A and B).
 INITS = ("gaussian", "kaiming")
+
+
+def check_features(in_features: int, out_features: int) -> None:
+    for name, n in (("in_features", in_features), ("out_features", out_features)):
+        if isinstance(n, bool) or not isinstance(n, Integral) or n <= 0:
+            raise ValueError(f"{name} must be a positive int, got {n!r}")
+
+
+def check_float_dtype(dtype: torch.dtype, what: str) -> None:
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"{what} must be a floating-point torch.dtype, got {dtype!r}")
 
 
 class TiedLoRAShared(nn.Module):
@@ -48,9 +59,7 @@ class TiedLoRAShared(nn.Module):
         dtype=None,
     ):
         super().__init__()
-        for name, n in (("in_features", in_features), ("out_features", out_features)):
-            if isinstance(n, bool) or not isinstance(n, Integral) or n <= 0:
-                raise ValueError(f"{name} must be a positive int, got {n!r}")
+        check_features(in_features, out_features)
         check_rank(rank)
         for name, flag in (("train_A", train_A), ("train_B", train_B), ("zero_A", zero_A), ("zero_B", zero_B)):
             if not isinstance(flag, bool):
@@ -62,8 +71,7 @@ class TiedLoRAShared(nn.Module):
         if init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {init!r}")
         dtype = dtype or torch.float32
-        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise TypeError(f"adapter dtype must be a floating-point torch.dtype, got {dtype!r}")
+        check_float_dtype(dtype, "adapter dtype")
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
         self.init, self.seed, self.zero_A, self.zero_B = init, seed, zero_A, zero_B
         self.A = nn.Parameter(torch.empty(rank, in_features, device=device, dtype=dtype), requires_grad=train_A)
