@@ -395,6 +395,120 @@ def test_layers_whose_weight_the_model_reads_itself_are_left_out_or_refused():
         assert all(layer.lora_v.grad is not None for layer in tied_lora_layers(model).values())
 
 
+# reads of a linear's weight that the scan below finds and that leave the adapter in use on every path a model takes
+# by default (each checked by reading the code): a dtype check beside a call (T5's family), an in-place clamp before
+# the call (Gemma-3n's prediction_coefs), a path behind a config option off by default (BLOOM's pretraining_tp,
+# the Gemma-4 assistants' use_ordered_embeddings: README, Layers a model does not call) or never taken (DeBERTa's
+# z_steps is 0), the Mamba mixers' weight initialisation
+_READS_THAT_KEEP_THE_ADAPTER = {
+    "BloomAttention": {"dense"},
+    "BloomMLP": {"dense_4h_to_h"},
+    "DisentangledSelfAttention": {"in_proj"},
+    "Gemma3nTextAltUp": {"prediction_coefs"},
+    "Gemma4AssistantForCausalLM": {"lm_head"},
+    "Gemma4UnifiedAssistantForCausalLM": {"lm_head"},
+}
+
+
+def _weight_reads(source: str) -> set[tuple[str, str]]:
+    """``(class, attribute)`` for each ``self.<attribute>.weight`` used as a value (not its dtype, device or shape,
+    nor in ``isinstance``) in a method of a class that builds ``self.<attribute>`` as a linear, outside the
+    initialisation methods."""
+    import ast
+    import re
+
+    if not re.search(r"self\.\w+\.weight\b(?!\.(dtype|device|shape)\b)", source):
+        return set()
+    found, tree = set(), ast.parse(source)
+    for cls in (n for n in ast.walk(tree) if isinstance(n, ast.ClassDef)):
+        linears = {
+            t.attr
+            for node in ast.walk(cls)
+            if isinstance(node, ast.Assign) and isinstance(node.value, ast.Call)
+            and getattr(node.value.func, "attr", getattr(node.value.func, "id", "")) in ("Linear", "Conv1D")
+            for t in node.targets
+            if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and t.value.id == "self"
+        }  # fmt: skip
+        for method in (n for n in cls.body if isinstance(n, ast.FunctionDef)):
+            if method.name == "__init__" or "init" in method.name and "weight" in method.name:
+                continue
+            parent = {child: node for node in ast.walk(method) for child in ast.iter_child_nodes(node)}
+            for node in ast.walk(method):
+                owner = getattr(node, "value", None)
+                if not (
+                    isinstance(node, ast.Attribute) and node.attr == "weight" and isinstance(owner, ast.Attribute)
+                    and isinstance(owner.value, ast.Name) and owner.value.id == "self" and owner.attr in linears
+                ):  # fmt: skip
+                    continue
+                up = parent.get(node)
+                if isinstance(up, ast.Attribute) and up.attr in ("dtype", "device", "shape"):
+                    continue
+                if isinstance(up, ast.Call) and getattr(up.func, "id", "") == "isinstance":
+                    continue
+                found.add((cls.name, owner.attr))
+    return found
+
+
+def test_every_linear_whose_weight_transformers_reads_itself_is_listed():
+    """The installed transformers' modeling code, scanned for reads of a linear's weight by the module that holds
+    it: each is in ``_WEIGHT_READ_BY_PARENT`` (an adapter there would be skipped) or checked by hand to keep the
+    adapter in use (``_READS_THAT_KEEP_THE_ADAPTER``). The list was made for transformers 5.24 and 5.25; a later
+    version may add reads, which this test names when run against it (it is skipped there, not failed: CI
+    installs the newest transformers)."""
+    import pathlib
+
+    from tied_lora_kernels.model import _WEIGHT_READ_BY_PARENT
+
+    if not transformers.__version__.startswith(("5.24.", "5.25.")):
+        pytest.skip(f"the list was made for transformers 5.24 and 5.25, this is {transformers.__version__}")
+    root = pathlib.Path(transformers.__file__).parent / "models"
+    reads = {}
+    for path in sorted(root.glob("*/modeling_*.py")):
+        for kind, attribute in _weight_reads(path.read_text()):
+            reads.setdefault((kind, attribute), path.relative_to(root))
+    listed = {(k, a) for k, attrs in _WEIGHT_READ_BY_PARENT.items() for a in attrs}
+    listed |= {(k, a) for k, attrs in _READS_THAT_KEEP_THE_ADAPTER.items() for a in attrs}
+    assert len(reads) > 30  # (the scan sees them: Mamba's, WavLM's, T5's dtype checks, ...)
+    unlisted = {f"{k}.{a} ({path})" for (k, a), path in reads.items() if (k, a) not in listed}
+    assert not unlisted, f"linears whose weight transformers reads itself, not listed: {sorted(unlisted)}"
+
+
+def test_all_linear_leaves_out_the_x_vector_and_mobilebert_weights_read_by_their_parent():
+    """Wav2Vec2ForXVector's TDNN layers hand ``kernel.weight`` to ``F.conv1d`` and MobileBERT's LM head multiplies by
+    ``dense.weight``: "all-linear" leaves them out (an adapter there got no gradient, yet merging folded it in),
+    naming one is refused, and every layer it adapts gets a gradient."""
+    torch.manual_seed(0)
+    xvector = transformers.Wav2Vec2ForXVector(
+        transformers.Wav2Vec2Config(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, conv_dim=(16, 16),
+            conv_stride=(5, 4), conv_kernel=(10, 4), num_conv_pos_embeddings=8, num_conv_pos_embedding_groups=4,
+            tdnn_dim=(16, 16, 24), tdnn_kernel=(3, 1, 1), tdnn_dilation=(1, 1, 1), xvector_output_dim=8,
+        )
+    )  # fmt: skip
+    mobilebert = transformers.MobileBertForMaskedLM(
+        transformers.MobileBertConfig(
+            vocab_size=97, hidden_size=32, embedding_size=16, intra_bottleneck_size=16, true_hidden_size=16,
+            intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, num_feedforward_networks=1,
+            max_position_embeddings=64,
+        )
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=r"'tdnn.0.kernel': its parent TDNNLayer reads kernel.weight itself"):
+        apply_tied_lora(xvector, TiedLoRAConfig(rank=4, target_modules=["kernel"]))
+    with pytest.raises(ValueError, match=r"'cls.predictions.dense': its parent MobileBertLMPredictionHead reads"):
+        apply_tied_lora(mobilebert, TiedLoRAConfig(rank=4, target_modules=["predictions.dense"]))
+    inputs = {
+        xvector: (dict(input_values=torch.randn(2, 800)), lambda out: out.embeddings),
+        mobilebert: (dict(input_ids=torch.randint(0, 97, (2, 7))), lambda out: out.logits),
+    }
+    for model, (kwargs, output) in inputs.items():
+        apply_tied_lora(model, TiedLoRAConfig(rank=4, target_modules=ALL_LINEAR))
+        adapted = tied_lora_layers(model)
+        assert adapted and not any(name.endswith(("kernel", "predictions.dense")) for name in adapted)
+        randomise_adapters(model)
+        output(model(**kwargs)).square().sum().backward()
+        assert all(layer.lora_v.grad is not None for layer in adapted.values())
+
+
 def test_falcon_mamba_x_proj_and_out_proj_follow_the_installed_transformers(monkeypatch):
     """Falcon-Mamba's mixer hands x_proj's and out_proj's weights to its fused training kernel (mamba_inner_fn) in
     transformers up to 5.24; 5.25 removed that path and calls the layers. They are left out only where the module
@@ -626,6 +740,34 @@ def test_a_target_name_that_matches_nothing_warns_when_others_match():
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             apply_tied_lora(Toy(), config)
+
+
+def test_a_peft_recipes_expert_names_on_fused_moe_experts_say_what_the_experts_are():
+    """transformers 5's MoE blocks hold their experts as 3-D parameters (``experts.gate_up_proj``, ...), not linears:
+    a PEFT recipe's gate/up/down names then adapt nothing, and the warning (or, with no other name, the error) says
+    that the experts are fused parameters Tied-LoRA cannot adapt, not only that a name may be misspelt."""
+    shape = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=97, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                 head_dim=8)  # fmt: skip
+    model = transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(**shape))
+    names = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    match = (
+        r"\['gate_proj', 'up_proj', 'down_proj'\] matched no module .* The model's MoE experts are fused 3-D "
+        r"parameters \(\['model.layers.0.mlp.experts.gate_up_proj', 'model.layers.0.mlp.experts.down_proj'\]\.\.\.\), "
+        "not linear layers: Tied-LoRA cannot adapt them"
+    )
+    with pytest.warns(UserWarning, match=match):
+        apply_tied_lora(model, TiedLoRAConfig(rank=2, target_modules=names))
+    assert {name.rpartition(".")[2] for name in tied_lora_layers(model)} == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    match = r"matched no nn.Linear .*; MoE experts fused into 3-D parameters \(\['model.layers.0.mlp.experts.gate_up"
+    with pytest.raises(ValueError, match=match):
+        apply_tied_lora(transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(**shape)),
+                        TiedLoRAConfig(rank=2, target_modules=["down_proj"]))  # fmt: skip
+    with warnings.catch_warnings():  # a model without fused experts: the warning says nothing of them
+        warnings.simplefilter("always")
+        with pytest.warns(UserWarning) as record:
+            apply_tied_lora(Toy(), TiedLoRAConfig(target_modules=["q_proj", "v_prj"]))
+    assert "MoE" not in str(record[0].message)
 
 
 def test_apply_errors():

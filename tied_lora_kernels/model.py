@@ -81,24 +81,38 @@ def apply_tied_lora(model: nn.Module, config: TiedLoRAConfig) -> nn.Module:
     """Adapt ``model`` in place and return it: targeted ``nn.Linear`` layers become ``TiedLoRALinear``,
     the base model is frozen, and only the adapter parameters the config trains require grad."""
     if isinstance(model, nn.Module) and isinstance(config, TiedLoRAConfig):  # (before: -W error leaves it as it was)
-        _warn_unmatched_names(config, [n for n, _ in model.named_modules()])
+        _warn_unmatched_names(config, [n for n, _ in model.named_modules()], _fused_experts(model))
     return _apply(model, config)
 
 
-def _warn_unmatched_names(config: TiedLoRAConfig, names: Sequence[str]) -> None:
+def _warn_unmatched_names(config: TiedLoRAConfig, names: Sequence[str], fused: Sequence[str] = ()) -> None:
     """A warning naming the entries of a list of ``target_modules`` that matched no module (of ``names``, the
     model's before it was adapted), where others matched: the layers a misspelt name was meant to adapt would
-    train nothing, silently (no match at all is an error, ``_find_targets``; PEFT warns of neither)."""
+    train nothing, silently (no match at all is an error, ``_find_targets``; PEFT warns of neither). ``fused``: the
+    model's 3-D parameters, MoE experts fused into one weight (transformers 5's Mixtral, Qwen-MoE, ...: their
+    ``gate_up_proj``/``down_proj`` are such parameters, where a PEFT recipe names linears), which the warning
+    names."""
     if callable(config.target_modules) or isinstance(config.target_modules, str):  # ("all-linear", a regex)
         return
     unmatched = [t for t in config.target_modules if not any(_names(n, t) for n in names)]
     if unmatched and len(unmatched) < len(config.target_modules):
         default = " (TiedLoRAConfig's default)" if config.target_modules == QKV else ""
+        why = (
+            f". The model's MoE experts are fused 3-D parameters ({list(fused[:2])}...), not linear layers: "
+            "Tied-LoRA cannot adapt them"
+            if fused
+            else ""
+        )
         warnings.warn(
             f"target_modules{default} {unmatched} matched no module of the model and adapt nothing (the other names "
-            "were adapted): a misspelt name? Leave names of other architectures out to silence this",
+            f"were adapted): a misspelt name? Leave names of other architectures out to silence this{why}",
             stacklevel=3,
         )
+
+
+def _fused_experts(model: nn.Module) -> list[str]:
+    """The names of ``model``'s 3-D parameters: MoE experts fused into one weight each."""
+    return [n for n, p in model.named_parameters() if p.dim() == 3]
 
 
 def _names(qualified: str, wanted: str) -> bool:
@@ -351,12 +365,28 @@ _WEIGHT_READ_BY_PARENT = {
     "Zamba2MambaMixer": ("out_proj",),
     "WavLMAttention": ("q_proj", "k_proj", "v_proj", "out_proj"),
     "LongcatFlashTopkRouter": ("classifier",),
+    "TDNNLayer": ("kernel",),
+    "MobileBertLMPredictionHead": ("dense", "decoder"),
+    "Gemma3nTextAltUp": ("correction_coefs",),
+    "LSHSelfAttention": ("query_key", "value"),
+    "DetrMHAttentionMap": ("k_proj",),
+    "ConditionalDetrMHAttentionMap": ("k_proj",),
+    "MaskFormerDetrMHAttentionMap": ("k_proj",),
+    "DabDetrMHAttentionMap": ("k_linear",),
+    "LayoutLMv2Encoder": ("rel_pos_bias", "rel_pos_x_bias", "rel_pos_y_bias"),
+    "NeoMMEForMaskedLM": ("unembedding_projection",),
 }
 """transformers modules (5.24, 5.25) that read these child linears' weights themselves, instead of calling the
-layers: a matmul of ``dt_proj.weight`` (Mamba, Falcon-Mamba, Jamba), the weights handed to the fused CUDA kernels of
-training (the Mamba and Mamba-2 mixers' ``x_proj``/``out_proj``; PEFT refuses ``out_proj`` of Mamba-based models for
-this), ``F.multi_head_attention_forward`` (WavLM) or ``F.linear`` (LongCat-Flash's router). An adapter there would
-be skipped, without an error: ``"all-linear"`` leaves them out and a target naming one is refused."""
+layers, in every path or in one that training or generation takes: a matmul of ``dt_proj.weight`` (Mamba,
+Falcon-Mamba, Jamba), the weights handed to the fused CUDA kernels of training (the Mamba and Mamba-2 mixers'
+``x_proj``/``out_proj``; PEFT refuses ``out_proj`` of Mamba-based models for this), ``F.multi_head_attention_forward``
+(WavLM), ``F.linear`` (LongCat-Flash's router; Gemma-3n's AltUp ``correction_coefs`` in training), ``F.conv1d``
+(the x-vector heads' TDNN ``kernel``: Wav2Vec2, WavLM, UniSpeech-SAT, Data2Vec-Audio, Wav2Vec2-Conformer and
+-BERT), ``F.conv2d`` (the DETR family's attention maps), a matmul or an index into the weight (MobileBERT's LM head,
+Reformer's LSH attention at cached decoding, LayoutLMv2's relative-position biases, NeoMME's unembedding). An
+adapter there would be skipped, without an error: ``"all-linear"`` leaves them out and a target naming one is
+refused. ``tests/test_model.py`` scans the installed transformers' modeling code for such reads (a heuristic:
+``self.<linear>.weight`` used as a value in a method of the class that builds the linear)."""
 
 _READ_BY_A_FUSED_PATH = {"FalconMambaMixer": ("mamba_inner_fn", ("x_proj", "out_proj"))}
 """Entries above that hold only while the class's module still defines the fused function that reads them:
@@ -448,6 +478,10 @@ def _find_targets(model: nn.Module, config: TiedLoRAConfig, *, adapted: bool = F
         ]
         if subclasses:
             found += f"; subclasses of nn.Linear cannot be adapted: {subclasses[:4]}"
+        fused = _fused_experts(model)
+        if fused:
+            found += f"; MoE experts fused into 3-D parameters ({fused[:2]}...) are not linear layers and cannot be"
+            found += " adapted"
         raise ValueError(
             f"target_modules={wanted} matched no nn.Linear in the model (a string is a module name unless it holds "
             f"regular-expression characters); {found}"
