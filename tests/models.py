@@ -46,9 +46,11 @@ class Toy(nn.Module):
 def randomise_adapters(model, seed=1):
     """Give every adapter factor non-zero values (a zero start hides gradient bugs)."""
     g = torch.Generator().manual_seed(seed)
+    buffers = {name for name, _ in model.named_buffers()}  # (a saved module's running statistics stay as they are)
     with torch.no_grad():
-        for p in tied_lora_state_dict(model).values():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        for name, p in tied_lora_state_dict(model).items():
+            if name not in buffers:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
 
 
 def tiny_llama(seed=0, **kw):

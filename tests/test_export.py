@@ -9,6 +9,7 @@ import warnings
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch import nn
 
 from tests.models import randomise_adapters, tiny_llama
 from tied_lora_kernels import QKV, TiedLoRAConfig, apply_tied_lora, export_peft_lora, merge_tied_lora, tied_lora_layers
@@ -142,15 +143,34 @@ def test_modules_to_save_are_listed_in_the_peft_config(tmp_path):
     """A trained-in-full module goes into the file under PEFT's name and is listed as PEFT's modules_to_save (so
     PEFT wraps and trains it, and saves it again), and PEFT computes what the adapted model computes."""
     ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(0))
-    config = TiedLoRAConfig(rank=4, dtype=torch.float64, modules_to_save=("lm_head",))
-    model = apply_tied_lora(tiny_llama().double(), config)
-    randomise_adapters(model)
-    expected = model(ids).logits
-    export_peft_lora(model, tmp_path)
-    meta = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert meta["modules_to_save"] == ["lm_head"]
-    _, logits = _peft_logits(tmp_path, ids)
-    torch.testing.assert_close(logits, expected, rtol=1e-12, atol=1e-12)
+    # PEFT takes every module whose name ends with an entry: "norm" would take each layer's input_layernorm too
+    # (PEFT then failed to load the file), so the entries are the saved modules' full names
+    for saved, listed in ((("lm_head",), ["lm_head"]), (("lm_head", "norm"), ["lm_head", "model.norm"])):
+        config = TiedLoRAConfig(rank=4, dtype=torch.float64, modules_to_save=saved)
+        model = apply_tied_lora(tiny_llama().double(), config)
+        randomise_adapters(model)
+        with torch.no_grad():
+            model.model.norm.weight.add_(0.5)  # (trained: differs from the base model's where it is saved)
+        expected = model(ids).logits
+        export_peft_lora(model, tmp_path / saved[-1])
+        meta = json.loads((tmp_path / saved[-1] / "adapter_config.json").read_text())
+        assert meta["modules_to_save"] == listed
+        _, logits = _peft_logits(tmp_path / saved[-1], ids)
+        if "norm" in saved:
+            torch.testing.assert_close(logits, expected, rtol=1e-12, atol=1e-12)
+        else:
+            assert not torch.allclose(logits, expected)  # (the norm's change is not in the file)
+    # a full name that is the end of another module's: PEFT would take both, and the export says so
+    toy = nn.ModuleDict(
+        {
+            "a": nn.ModuleDict({"q_proj": nn.Linear(8, 8), "norm": nn.LayerNorm(8)}),
+            "ba": nn.ModuleDict({"norm": nn.LayerNorm(8)}),
+        }
+    )
+    apply_tied_lora(toy, TiedLoRAConfig(rank=2, target_modules=["q_proj"], modules_to_save=("a.norm",)))
+    with pytest.raises(ValueError, match=r"modules_to_save \['a.norm'\] would also select \['ba.norm'\] in PEFT"):
+        export_peft_lora(toy, tmp_path / "toy")
+    assert not (tmp_path / "toy").exists()
 
 
 def test_a_tied_module_to_save_goes_in_under_both_names(tmp_path):

@@ -228,3 +228,110 @@ def test_lora_on_lm_head_with_its_saved_base_weight(tmp_path):
         with pytest.raises(ValueError, match=match):
             load_peft_adapter(other, tmp_path)
         assert not tied_lora_layers(other) and _unchanged(other, before)
+
+
+def test_initialisations_that_rewrite_the_base_weight_are_refused(tmp_path):
+    """PiSSA and OLoRA (as CorDA, LoftQ, LoRA-GA) take their starting adapter out of the base weight, which PEFT
+    redoes on loading: the file alone is not the update (loaded as a plain LoRA, the logits were off by 3 to 6), so
+    it is refused, pointing at PEFT's conversion to a plain LoRA adapter."""
+    for init in ("pissa", "olora"):  # (PEFT runs them in float32 or narrower)
+        config = peft.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=init)
+        peft.get_peft_model(tiny_llama(), config).save_pretrained(tmp_path / init)
+        model = tiny_llama()
+        before = _state(model)
+        with pytest.raises(ValueError, match=rf"init_lora_weights='{init}', which takes its starting adapter out"):
+            load_peft_adapter(model, tmp_path / init)
+        assert _unchanged(model, before)
+
+
+class _Nested(torch.nn.Module):
+    """Layers ``layers.i.q`` and, inside ``decoder``, ``decoder.layers.i.q``: a name that is the end of another."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = torch.nn.ModuleList(torch.nn.ModuleDict({"q": torch.nn.Linear(8, 8)}) for _ in range(2))
+        self.decoder = torch.nn.Module()
+        self.decoder.layers = torch.nn.ModuleList(torch.nn.ModuleDict({"q": torch.nn.Linear(8, 8)}) for _ in range(2))
+        self.bn = torch.nn.BatchNorm1d(8)
+
+    def forward(self, x):
+        for layer in (*self.layers, *self.decoder.layers):
+            x = torch.tanh(layer["q"](x))
+        return self.bn(x)
+
+
+def test_a_file_loads_exactly_the_layers_and_module_tensors_it_names(tmp_path):
+    """PEFT adapts the outer ``layers.i.q`` only (its regex): the same layers, not those whose names end alike, and
+    a BatchNorm in ``modules_to_save`` with its running statistics (buffers PEFT saves); the outputs are PEFT's."""
+    x = torch.randn(5, 8, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    config = peft.LoraConfig(r=2, target_modules=r"layers\.\d+\.q", modules_to_save=["bn"])
+    wrapped = peft.get_peft_model(_Nested().double(), config)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, t in [*wrapped.named_parameters(), *wrapped.named_buffers()]:
+            if ("lora_" in name or "modules_to_save" in name) and t.is_floating_point():
+                t.copy_(torch.rand(t.shape, generator=g, dtype=torch.float64) + 0.5)
+    wrapped.save_pretrained(tmp_path)
+    with torch.no_grad():
+        expected = peft.PeftModel.from_pretrained(_Nested().double(), tmp_path).eval()(x)
+    model = load_peft_adapter(_Nested().double(), tmp_path, backend="torch").eval()
+    assert sorted(tied_lora_layers(model)) == ["layers.0.q", "layers.1.q"]
+    assert "bn.running_var" in tied_lora_state_dict(model)  # (saved again with the adapter)
+    with torch.no_grad():
+        _same(model(x), expected)
+
+
+def test_tied_embeddings_saved_unchanged_under_both_names_load(tmp_path):
+    """PEFT's save_embedding_layers on a model with tied embeddings (its "auto" after resize_token_embeddings)
+    writes the one tied weight under both names, unchanged: it loads (as one), and the logits are PEFT's. A file
+    whose two copies differ (PEFT untied and trained one) is still refused."""
+    base = lambda: tiny_llama(tie_word_embeddings=True)  # noqa: E731
+    wrapped = peft.get_peft_model(base().double(), peft.LoraConfig(r=4, target_modules=["q_proj"]))
+    wrapped.save_pretrained(tmp_path / "lora", save_embedding_layers=True)
+    with torch.no_grad():
+        expected = peft.PeftModel.from_pretrained(base().double(), tmp_path / "lora").eval()(IDS).logits
+    model = load_peft_adapter(base().double(), tmp_path / "lora", backend="torch").eval()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    with torch.no_grad():
+        _same(model(IDS).logits, expected)
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(tmp_path / "lora", tmp_path / "untied")
+    state = load_file(tmp_path / "untied/adapter_model.safetensors")
+    state["base_model.model.lm_head.weight"] = state["base_model.model.lm_head.weight"] + 1
+    save_file(state, tmp_path / "untied/adapter_model.safetensors")
+    with pytest.raises(ValueError, match="PEFT trained an untied copy"):
+        load_peft_adapter(base().double(), tmp_path / "untied")
+
+
+def test_a_float64_file_on_a_float32_model_gives_float32_adapters(tmp_path):
+    """A float64 file onto a float32 model: float32 adapters (PEFT rounds to the model's dtype too), not float64 ones
+    that the float32 layers cannot run beside."""
+    _peft_adapter(tmp_path, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    model = load_peft_adapter(tiny_llama(), tmp_path, backend="torch").eval()
+    assert {t.dtype for t in tied_lora_state_dict(model).values()} == {torch.float32}
+    with torch.no_grad():
+        expected = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path).eval()(IDS).logits
+        torch.testing.assert_close(model(IDS).logits, expected, rtol=1e-5, atol=1e-5)
+    assert (
+        tied_lora_state_dict(load_peft_adapter(tiny_llama().double(), tmp_path))[
+            "model.layers.0.self_attn.q_proj.shared.A"
+        ].dtype
+        == torch.float64
+    )  # (a float64 model keeps them float64)
+
+
+def test_wrapped_peft_or_foreign_models_are_refused_or_looked_through(tmp_path):
+    """A PeftModel is refused as apply_tied_lora refuses it; a torch.compile wrapper is looked through (as
+    save/load_tied_lora do); a file whose layers this model does not have says so, naming them."""
+    _peft_adapter(tmp_path, peft.LoraConfig(r=4, target_modules=["q_proj"]))
+    wrapped = peft.PeftModel.from_pretrained(tiny_llama().double(), tmp_path)
+    with pytest.raises(ValueError, match=r"the model is a PEFT model or adapter layer \(peft.peft_model.PeftModel\)"):
+        load_peft_adapter(wrapped, tmp_path)
+    compiled = torch.compile(tiny_llama().double(), backend="eager")
+    assert len(tied_lora_layers(load_peft_adapter(compiled, tmp_path))) == 2
+    gpt2 = tiny_gpt2()
+    with pytest.raises(ValueError, match=r"\['model.layers.0.self_attn.q_proj', .*\] are not modules of this GPT2LM"):
+        load_peft_adapter(gpt2, tmp_path)
+    assert not tied_lora_layers(gpt2)

@@ -760,3 +760,33 @@ def test_layers_sized_by_numpy_save_and_a_failed_save_leaves_the_folder_alone(tm
     with pytest.raises(TypeError, match="not JSON serializable"):
         save_tied_lora(adapted, tmp_path)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == files
+
+
+def test_a_saved_module_keeps_its_running_statistics(tmp_path):
+    """A BatchNorm in ``modules_to_save`` is saved with its buffers (running mean and variance, as PEFT saves them):
+    reloaded, and exported to PEFT, the model computes what it did in eval mode (they were lost: 0.19 off)."""
+
+    def net():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8), nn.Linear(8, 4))
+
+    model = apply_tied_lora(net(), TiedLoRAConfig(rank=2, target_modules=["0"], modules_to_save=("1",)))
+    randomise_adapters(model)
+    model.train()(torch.randn(32, 8) * 3 + 1)  # (moves the running statistics)
+    x = torch.randn(4, 8)
+    expected = model.eval()(x)
+    assert {"1.running_mean", "1.running_var", "1.num_batches_tracked"} <= set(tied_lora_state_dict(model))
+    save_tied_lora(model, tmp_path / "ours")
+    adapted = apply_tied_lora(net(), TiedLoRAConfig(rank=2, target_modules=["0"], modules_to_save=("1",)))
+    for loaded in (
+        load_tied_lora(net(), tmp_path / "ours"),
+        load_tied_lora(adapted, tmp_path / "ours", trainable=True),
+    ):
+        assert torch.equal(loaded.eval()(x), expected)
+        assert loaded[1].num_batches_tracked == model[1].num_batches_tracked
+        assert not loaded[1].running_mean.requires_grad and loaded[1].weight.requires_grad
+    from tied_lora_kernels import export_peft_lora
+
+    peft = pytest.importorskip("peft")
+    export_peft_lora(model, tmp_path / "peft")
+    torch.testing.assert_close(peft.PeftModel.from_pretrained(net(), tmp_path / "peft").eval()(x), expected)

@@ -21,7 +21,13 @@ import warnings
 import torch
 from torch import nn
 
-from tied_lora_kernels.model import _is_adapter_tensor, _names_of_parameters, _require_layers, _unwrapped
+from tied_lora_kernels.model import (
+    _is_adapter_tensor,
+    _names_of_parameters,
+    _require_layers,
+    _saved_modules,
+    _unwrapped,
+)
 from tied_lora_kernels.save_load import tied_lora_state_dict
 
 __all__ = ["export_peft_lora"]
@@ -100,7 +106,7 @@ def export_peft_lora(
         state[f"base_model.model.{name}.lora_A.weight"] = A.to("cpu", out, copy=True).contiguous()
         state[f"base_model.model.{name}.lora_B.weight"] = B.to("cpu", out, copy=True).contiguous()
 
-    saved = config.modules_to_save if config is not None else ()
+    saved = _modules_to_save(model, config)
     # every name of a saved module's tensor: PEFT looks each modules_to_save module up under its own name, so a
     # weight tied between two of them (lm_head and embed_tokens with tied embeddings) goes in under both
     aliases = {name: names for names in _names_of_parameters(model).values() for name in names}
@@ -124,7 +130,7 @@ def export_peft_lora(
         "use_dora": False,
         "init_lora_weights": True,
         "inference_mode": True,
-        "modules_to_save": list(saved) or None,
+        "modules_to_save": saved or None,
     }
     problem = _peft_load_problem(model, targets, set(layers))
     if problem:
@@ -137,6 +143,24 @@ def export_peft_lora(
     save_file(state, os.path.join(directory, PEFT_WEIGHTS_NAME), metadata={"format": "pt"})
     with open(os.path.join(directory, PEFT_CONFIG_NAME), "w") as f:
         json.dump(peft_config, f, indent=2)
+
+
+def _modules_to_save(model: nn.Module, config) -> list[str]:
+    """The qualified names of the modules the config saves, as PEFT's ``modules_to_save``: PEFT wraps every module
+    whose name ends with an entry (a plain suffix: ``"norm"`` would take each ``input_layernorm`` too, where
+    Tied-LoRA's ``"norm"`` is a name or a ``.norm`` suffix), so the entries are the full names, refused if they
+    still select another module (``"model.norm"`` within ``"vision_model.norm"``)."""
+    if config is None or not config.modules_to_save:
+        return []
+    saved = sorted(_saved_modules(model, config, {}))
+    names = {n for n, _ in model.named_modules(remove_duplicate=False)}
+    others = sorted({n for n in names for s in saved if n.endswith(s)} - set(saved))
+    if others:
+        raise ValueError(
+            f"modules_to_save {saved} would also select {others[:4]} in PEFT, which takes every module whose name "
+            "ends with one of them: PEFT could not load the file; save those modules too, or leave the others out"
+        )
+    return saved
 
 
 def _peft_load_problem(model: nn.Module, target_modules: list[str] | str, adapted: set[str]) -> str | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import re
 import sys
 import warnings
@@ -130,14 +131,7 @@ def _apply(model: nn.Module, config: TiedLoRAConfig, shared_of: dict[str, str] |
         raise TypeError(f"config must be a TiedLoRAConfig, got {type(config).__name__}")
     if tied_lora_layers(model):
         raise RuntimeError("this model already has Tied-LoRA adapters")
-    peft_layer = _peft_layer(model)
-    if peft_layer is not None:
-        name, cls = peft_layer
-        raise ValueError(
-            f"{f'{name!r}' if name else 'the model'} is a PEFT model or adapter layer ({cls}): apply_tied_lora adapts "
-            "a bare base model. Take PEFT's adapter off first (merge_and_unload() or unload()), or bring a saved PEFT "
-            "LoRA or VeRA adapter over with load_peft_adapter(base_model, path)"
-        )
+    _refuse_peft_model(model)
     targets = _find_targets(model, config)
     saved = _saved_modules(model, config, targets)
     r = config.resolved
@@ -245,6 +239,18 @@ def _peft_layer(model: nn.Module) -> tuple[str, str] | None:
             if isinstance(module, kinds):
                 return name, qualified_name(type(module))
     return None
+
+
+def _refuse_peft_model(model: nn.Module) -> None:
+    """Refuse a model to adapt that is, or holds, a PEFT model or adapter layer."""
+    peft_layer = _peft_layer(model)
+    if peft_layer is not None:
+        name, cls = peft_layer
+        raise ValueError(
+            f"{f'{name!r}' if name else 'the model'} is a PEFT model or adapter layer ({cls}): Tied-LoRA adapts a "
+            "bare base model. Take PEFT's adapter off first (merge_and_unload() or unload()), or bring a saved PEFT "
+            "LoRA or VeRA adapter over with load_peft_adapter(base_model, path)"
+        )
 
 
 def _refuse_peft_inside(model: nn.Module) -> None:
@@ -514,6 +520,23 @@ def _saved_modules(model: nn.Module, config: TiedLoRAConfig, targets: Mapping[st
                     "would train those too; untie them first or save those modules as well"
                 )
     return found
+
+
+def _saved_tensor_ids(modules: Mapping[str, nn.Module]) -> set[int]:
+    """The ids of the tensors of ``modules`` (``_saved_modules``) that their state dicts hold: parameters and
+    persistent buffers (BatchNorm's running statistics, which PEFT's ``modules_to_save`` saves too)."""
+    ids = {id(p) for m in modules.values() for p in m.parameters()}
+    for m in modules.values():
+        for sub in m.modules():
+            ids |= {
+                id(b) for k, b in sub._buffers.items() if b is not None and k not in sub._non_persistent_buffers_set
+            }
+    return ids
+
+
+def _named_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model``'s parameters and buffers by name, each once (a tied one under the first name PyTorch gives it)."""
+    return dict(itertools.chain(model.named_parameters(), model.named_buffers()))
 
 
 _FACTOR_OF = {".shared.A": "A", ".shared.B": "B", ".lora_scale.u": "u", ".lora_v": "v"}

@@ -17,13 +17,22 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 
 import torch
 from torch import nn
 
 from tied_lora_kernels.config import TiedLoRAConfig
 from tied_lora_kernels.layer import linear_features
-from tied_lora_kernels.model import _apply, _find_targets, _names_of_parameters, tied_lora_layers
+from tied_lora_kernels.model import (
+    _apply,
+    _find_targets,
+    _input_dtype,
+    _names_of_parameters,
+    _refuse_peft_model,
+    _unwrapped,
+    tied_lora_layers,
+)
 
 __all__ = ["load_peft_adapter"]
 
@@ -32,6 +41,10 @@ _LORA = (".lora_A.weight", ".lora_B.weight")
 _VERA = (".vera_lambda_d", ".vera_lambda_b")
 
 # PEFT options this mapping cannot represent, with the value that means "not used"
+# PEFT initialisations that subtract their starting adapter from the base weight (PiSSA, OLoRA, CorDA, LoftQ,
+# LoRA-GA): a file saved without PEFT's conversion is the change from that rewritten weight, not from the model's
+_REWRITES_BASE = ("pissa", "olora", "corda", "loftq", "lora_ga")
+
 _UNSUPPORTED = {
     "use_dora": False,
     "lora_bias": False,
@@ -58,21 +71,34 @@ def load_peft_adapter(model: nn.Module, directory: str | os.PathLike, *, backend
     ``modules_to_save`` and embedding layers saved with ``save_embedding_layers`` — go into their modules, which
     become this adapter's ``modules_to_save`` (trained in full and saved with it; PEFT trains the embedding
     layers only if they are in its ``modules_to_save``); the base weight of an adapted layer that
-    ``save_embedding_layers`` wrote (LoRA on ``lm_head``) must equal the model's. Adapters are float32 (float64
-    for a float64 file): widening is exact. Every check runs before the model is touched; refused: an adapted
-    model, other PEFT methods, LoRA variants (DoRA, MiCA, KaSA, ...), LoRA on embedding layers, per-layer ranks
+    ``save_embedding_layers`` wrote (LoRA on ``lm_head``) must equal the model's; a tied weight saved unchanged
+    under each of its names loads as one; a saved module's buffers load too. Exactly the layers the file names are
+    adapted. Adapters are float32 (float64 for a float64 file onto float64 layers): widening is exact. A
+    ``torch.compile`` wrapper is looked through. Every check runs before the model is touched; refused: an adapted
+    or PEFT model, other PEFT methods, LoRA variants (DoRA, MiCA, KaSA, ...), initialisations that take their
+    start out of the base weight (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA), LoRA on embedding layers, per-layer ranks
     or alphas, trained biases, a VeRA file saved without its projections, a saved module whose weight this model
     ties to another (PEFT unties it), and LoRA on a layer whose weight is tied to another (``lm_head`` with tied
     embeddings)."""
+    model = _unwrapped(model)
     if tied_lora_layers(model):
         raise RuntimeError("this model already has Tied-LoRA adapters: load a PEFT adapter onto the bare base model")
+    _refuse_peft_model(model)
     meta, state = _read(directory)
     kind = meta.get("peft_type")
     if kind not in ("LORA", "VERA"):
         raise ValueError(f"{directory} holds a PEFT {kind} adapter; only LORA and VERA map onto Tied-LoRA")
     used = [k for k, off in _UNSUPPORTED.items() if meta.get(k, off) not in (off, None, {}, [], False)]
-    if meta.get("init_lora_weights") == "mica":  # MiCA freezes lora_B
+    init = str(meta.get("init_lora_weights", True)).lower()
+    if init == "mica":  # MiCA freezes lora_B
         used.append("init_lora_weights='mica'")
+    if init.startswith(_REWRITES_BASE):
+        raise ValueError(
+            f"the PEFT adapter was initialised with init_lora_weights={meta['init_lora_weights']!r}, which takes its "
+            "starting adapter out of the base weights (PEFT redoes that when it loads the file): the file alone is "
+            "not the update. Convert it to a plain LoRA adapter with PEFT (save_pretrained(..., "
+            "path_initial_model_for_weight_conversion=...)), then load that"
+        )
     if used:
         why = ""
         if "target_parameters" in used:  # (the user may not have set it: PEFT does, with the patterns)
@@ -115,11 +141,25 @@ def load_peft_adapter(model: nn.Module, directory: str | os.PathLike, *, backend
         if "base_model.vera_A" not in state or "base_model.vera_B" not in state:
             raise ValueError("the VeRA file holds no vera_A/vera_B (saved with save_projection=False): cannot rebuild")
         alpha, preset, tie, dropout = None, "vera", True, meta.get("vera_dropout", 0.0)
-    dtype = torch.float64 if any(t.dtype == torch.float64 for t in state.values()) else torch.float32
+    modules = dict(model.named_modules())
+    absent = [name for name in layers if name not in modules]
+    if absent:
+        raise ValueError(
+            f"the PEFT adapter's layers {absent[:3]} are not modules of this {type(model).__name__} (module names "
+            "must match: the model the adapter was trained on, of the same class; an adapter saved under "
+            "transformers 4's names, such as a LLaVA-style model's language_model.model.layers..., loads in PEFT, "
+            "which renames them: load it there and save_pretrained it again)"
+        )
+    # float64 adapters only where the layers compute in float64: PEFT's float64 file on another model rounds too
+    wide = all(isinstance(getattr(modules[name], "weight", None), torch.Tensor) for name in layers) and all(
+        _input_dtype(modules[name]) == torch.float64 for name in layers
+    )
+    dtype = torch.float64 if wide and any(t.dtype == torch.float64 for t in state.values()) else torch.float32
     config = TiedLoRAConfig(
         rank=rank,
         alpha=alpha,
-        target_modules=tuple(layers),
+        # exactly these layers: a regular expression full-matching their names (a name is also a ".name" suffix)
+        target_modules="|".join(f"(?:{re.escape(name)})" for name in layers),
         preset=preset,
         groups=(),
         tie=tie,
@@ -132,7 +172,7 @@ def load_peft_adapter(model: nn.Module, directory: str | os.PathLike, *, backend
     )
     targets = _find_targets(model, config)  # checks only
     missing = sorted(set(layers) - set(targets))
-    if missing or len(targets) != len(layers):
+    if missing:
         raise ValueError(f"the PEFT adapter's layers {missing[:4]} are not linear layers of this model")
     for (name, what), tensor in bases.items():
         own = getattr(targets[name], what, None)
@@ -142,13 +182,18 @@ def load_peft_adapter(model: nn.Module, directory: str | os.PathLike, *, backend
                 f"{name}.{what}: load the base model the adapter was trained on (e.g. with its resized vocabulary)"
             )
     values = {name: _factors(kind, state, name, *linear_features(targets[name]), rank) for name in layers}
-    params = dict(model.named_parameters(remove_duplicate=False))
+    # the saved modules' parameters and buffers (BatchNorm's running statistics), under every name
+    params: dict[str, torch.Tensor] = dict(model.named_parameters(remove_duplicate=False))
+    params.update(model.named_buffers(remove_duplicate=False))
     names_of = _names_of_parameters(model)
     for name, tensor in saved.items():  # under the base model's own names
         if name not in params or params[name].shape != tensor.shape:
             raise ValueError(f"the PEFT adapter's {name} {tuple(tensor.shape)} does not fit this model")
-        tied = [other for other in names_of[id(params[name])] if other != name]
-        if tied and not meta.get("ensure_weight_tying"):
+        tied = [other for other in names_of.get(id(params[name]), ()) if other != name]
+        # one tied weight saved under each of its names, unchanged between them (save_embedding_layers, as PEFT's
+        # "auto" does after resize_token_embeddings) loads as one; a copy PEFT untied and trained does not
+        one = all(other in saved and torch.equal(saved[other], tensor) for other in tied)
+        if tied and not one and not meta.get("ensure_weight_tying"):
             raise ValueError(
                 f"the PEFT adapter trained {name}, which this model ties to {tied[0]}: PEFT trained an untied copy; "
                 "untie them first (e.g. give the output layer its own weight) to load it"

@@ -28,10 +28,12 @@ from tied_lora_kernels.model import (
     _find_targets,
     _input_dtype,
     _is_adapter_tensor,
+    _named_tensors,
     _read_by_parent,
     _refuse_peft_inside,
     _require_layers,
     _saved_modules,
+    _saved_tensor_ids,
     _undone_on_error,
     _unwrapped,
     tied_lora_layers,
@@ -53,9 +55,9 @@ def tied_lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     model = _unwrapped(model)
     ids = _adapter_params(_require_layers(model))
     config = getattr(model, "tied_lora_config", None)
-    if config is not None and config.modules_to_save:  # trained in full: saved with the adapter
-        ids |= {id(p) for m in _saved_modules(model, config, {}).values() for p in m.parameters()}
-    return {name: p.detach() for name, p in model.named_parameters() if id(p) in ids}
+    if config is not None and config.modules_to_save:  # trained in full: saved with the adapter (buffers too)
+        ids |= _saved_tensor_ids(_saved_modules(model, config, {}))
+    return {name: t.detach() for name, t in _named_tensors(model).items() if id(t) in ids}
 
 
 def _layout(model: nn.Module) -> dict[str, dict]:
@@ -206,8 +208,8 @@ def load_tied_lora(
         # the modules_to_save tensors load into the bare model's own parameters, under the names they will have
         # (tied_lora_state_dict's): the file must hold exactly those, in shapes and dtypes that load, before _apply
         # adapts the model (_saved_modules refuses a module tied to one left out)
-        ids = {id(p) for m in _saved_modules(model, config, targets).values() for p in m.parameters()}
-        own = {name: p for name, p in model.named_parameters() if id(p) in ids}
+        ids = _saved_tensor_ids(_saved_modules(model, config, targets))
+        own = {name: t for name, t in _named_tensors(model).items() if id(t) in ids}
         _check_tensors(
             {k: t for k, t in state.items() if not _is_adapter_tensor(k)},
             {k: (p.shape, p.dtype, p.is_meta) for k, p in own.items()},
@@ -225,16 +227,17 @@ def load_tied_lora(
     if backend is not None:
         for layer in tied_lora_layers(model).values():
             layer.backend = backend
-    params = dict(model.named_parameters())
+    tensors = _named_tensors(model)
     with torch.no_grad():
         for name, tensor in state.items():
-            params[name].copy_(tensor)
+            tensors[name].copy_(tensor)
     if trainable is not None:
         config = getattr(model, "tied_lora_config", None)
         trained = set(_trained(config)) if config else set("ABuv")
         for name in state:  # an adapter tensor trains if its factor is configured to; a saved module always
             kind = next((k for end, k in _FACTOR_OF.items() if name.endswith(end)), None)
-            params[name].requires_grad_(trainable and (kind is None or kind in trained))
+            if isinstance(tensors[name], nn.Parameter):  # (not a saved module's buffer)
+                tensors[name].requires_grad_(trainable and (kind is None or kind in trained))
     return model
 
 
