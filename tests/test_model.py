@@ -832,6 +832,20 @@ def test_a_peft_model_is_refused():
     assert wrapped.base_model.model.layers[0].q_proj.lora_A["default"].weight.requires_grad  # PEFT's, untouched
 
 
+def test_a_warning_made_an_error_while_layers_are_built_leaves_the_model_as_it_was():
+    """A start from which nothing trains warns as each layer is built (u at 0 beside the trained v at 0): with warnings
+    as errors the call fails there, and the model is put back (its layers, requires_grad flags, no config)."""
+    model = Toy()
+    before = {name: module for name, module in model.named_modules()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(UserWarning, match="u and v start at zero: .* so it never trains"):
+            apply_tied_lora(model, TiedLoRAConfig(u_init=0.0))
+    assert dict(model.named_modules()) == before and not hasattr(model, "tied_lora_config")
+    assert all(p.requires_grad for p in model.parameters())
+    assert tied_lora_layers(apply_tied_lora(model, TiedLoRAConfig()))  # (and it can be adapted)
+
+
 def test_what_is_not_a_model_or_a_config_is_refused_by_name():
     with pytest.raises(TypeError, match="model must be an nn.Module, got str"):
         apply_tied_lora("Qwen/Qwen2.5-0.5B", TiedLoRAConfig())

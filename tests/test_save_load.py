@@ -353,6 +353,33 @@ def test_save_refuses_a_submodule_adapted_apart(tmp_path):
     assert list(tied_lora_layers(loaded)) == ["module.q_proj"]
 
 
+def test_a_wrapper_saves_the_modules_its_adapted_part_trains_in_full(tmp_path):
+    """A model with no config around a part adapted with ``modules_to_save`` (TiedLoRATrainer on a non-Hugging Face
+    model) saves that part's trained-in-full modules too (they were left out: the reloaded head was the untrained
+    one, 0.98 off), and the PEFT export lists them under their full names."""
+
+    class Wrapper(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = apply_tied_lora(tiny_llama(), TiedLoRAConfig(rank=4, modules_to_save=("lm_head",)))
+
+        def forward(self, ids):
+            return self.inner(ids).logits
+
+    model = Wrapper()
+    randomise_adapters(model)
+    with torch.no_grad():
+        model.inner.lm_head.weight.add_(0.1)  # (trained)
+    ids = torch.randint(0, 97, (2, 8), generator=torch.Generator().manual_seed(0))
+    assert "inner.lm_head.weight" in tied_lora_state_dict(model)
+    save_tied_lora(model, tmp_path / "ours")
+    assert torch.equal(load_tied_lora(Wrapper(), tmp_path / "ours")(ids), model(ids))
+    from tied_lora_kernels import export_peft_lora
+
+    export_peft_lora(model, tmp_path / "peft")
+    assert json.loads((tmp_path / "peft/adapter_config.json").read_text())["modules_to_save"] == ["inner.lm_head"]
+
+
 def test_load_refuses_other_layouts(tmp_path):
     model = apply_tied_lora(tiny_llama(), TiedLoRAConfig(rank=4, preset="tl6"))
     save_tied_lora(model, tmp_path)

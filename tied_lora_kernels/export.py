@@ -106,7 +106,7 @@ def export_peft_lora(
         state[f"base_model.model.{name}.lora_A.weight"] = A.to("cpu", out, copy=True).contiguous()
         state[f"base_model.model.{name}.lora_B.weight"] = B.to("cpu", out, copy=True).contiguous()
 
-    saved = _modules_to_save(model, config)
+    saved = _modules_to_save(model)
     # every name of a saved module's tensor: PEFT looks each modules_to_save module up under its own name, so a
     # weight tied between two of them (lm_head and embed_tokens with tied embeddings) goes in under both
     aliases = {name: names for names in _names_of_parameters(model).values() for name in names}
@@ -145,14 +145,19 @@ def export_peft_lora(
         json.dump(peft_config, f, indent=2)
 
 
-def _modules_to_save(model: nn.Module, config) -> list[str]:
+def _modules_to_save(model: nn.Module) -> list[str]:
     """The qualified names of the modules the config saves, as PEFT's ``modules_to_save``: PEFT wraps every module
     whose name ends with an entry (a plain suffix: ``"norm"`` would take each ``input_layernorm`` too, where
     Tied-LoRA's ``"norm"`` is a name or a ``.norm`` suffix), so the entries are the full names, refused if they
     still select another module (``"model.norm"`` within ``"vision_model.norm"``)."""
-    if config is None or not config.modules_to_save:
+    saved = []
+    for name, module in model.named_modules():  # (the model's own, and those of parts adapted apart)
+        config = module.__dict__.get("tied_lora_config")
+        if config is not None and config.modules_to_save:
+            saved += [f"{name}.{n}" if name else n for n in _saved_modules(module, config, {})]
+    if not saved:
         return []
-    saved = sorted(_saved_modules(model, config, {}))
+    saved.sort()
     names = {n for n, _ in model.named_modules(remove_duplicate=False)}
     others = sorted({n for n in names for s in saved if n.endswith(s)} - set(saved))
     if others:

@@ -140,57 +140,59 @@ def _apply(model: nn.Module, config: TiedLoRAConfig, shared_of: dict[str, str] |
     listed = {name for name in targets if isinstance(model.get_submodule(name.rpartition(".")[0]), nn.ModuleList)}
     plan = _plan(targets, config, shared_of, listed)  # every check runs before the model is touched
 
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for module in saved.values():  # trained in full, saved with the adapter
-        module.requires_grad_(True)
-    shared_by_key: dict[tuple, TiedLoRAShared] = {}
-    for tie_key, members in plan:
-        linears = [targets[name] for name in members]
-        shared = shared_by_key.get(tie_key)
-        if shared is None:
-            shared = shared_by_key[tie_key] = TiedLoRAShared(
-                *_shape(linears),
-                config.rank,
-                train_A=r["train_A"],
-                train_B=r["train_B"],
-                init=r["init"],
-                zero_A=r["zero_A"],
-                zero_B=r["zero_B"],
-                seed=config.seed + len(shared_by_key),
-                device=linears[0].weight.device,
-                dtype=config.dtype,
-            )
-        start, first = 0, None
-        for name, lin in zip(members, linears, strict=True):
-            stop = start + linear_features(lin)[1]
-            layer = TiedLoRALinear.from_linear(
-                lin,
-                shared,
-                alpha=config.alpha,
-                train_u=r["train_u"],
-                train_v=r["train_v"],
-                u_init=r["u_init"],
-                v_init=r["v_init"],
-                share_u_with=first,
-                b_rows=(start, stop),
-                backend=config.backend,
-                dropout=config.dropout,
-            )
-            _set_submodule(model, name, layer)
-            start, first = stop, first or layer
-    # a copy: the config passed in may be changed and applied to another model afterwards (its fields may be set)
-    model.tied_lora_config = dataclasses.replace(config)  # type: ignore[assignment]  # (torch: Tensor | Module)
-    if not any(getattr(h, "hook", None) is _fill_tied_aliases for h in model._load_state_dict_pre_hooks.values()):
-        # (the private form: the public register_load_state_dict_pre_hook needs torch 2.5)
-        model._register_load_state_dict_pre_hook(_fill_tied_aliases, with_module=True)
-    enable_input_grads = getattr(model, "enable_input_require_grads", None)  # (a transformers PreTrainedModel's)
-    hooked = getattr(model, "_require_grads_hooks", None)  # (what enable_input_require_grads registered)
-    if _reentrant_checkpointing(model) and callable(enable_input_grads) and not hooked:
-        # as PEFT does when it wraps a checkpointing model: reentrant checkpointing gives no gradient to a layer
-        # whose input does not require one, and transformers makes the input embeddings' output require it only
-        # for models whose main input is input_ids (not Whisper's input_features, say)
-        enable_input_grads()
+    # a warning made an error (-W error) while layers are built leaves the model as it was, as a failed check does
+    with _undone_on_error(model, targets):
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for module in saved.values():  # trained in full, saved with the adapter
+            module.requires_grad_(True)
+        shared_by_key: dict[tuple, TiedLoRAShared] = {}
+        for tie_key, members in plan:
+            linears = [targets[name] for name in members]
+            shared = shared_by_key.get(tie_key)
+            if shared is None:
+                shared = shared_by_key[tie_key] = TiedLoRAShared(
+                    *_shape(linears),
+                    config.rank,
+                    train_A=r["train_A"],
+                    train_B=r["train_B"],
+                    init=r["init"],
+                    zero_A=r["zero_A"],
+                    zero_B=r["zero_B"],
+                    seed=config.seed + len(shared_by_key),
+                    device=linears[0].weight.device,
+                    dtype=config.dtype,
+                )
+            start, first = 0, None
+            for name, lin in zip(members, linears, strict=True):
+                stop = start + linear_features(lin)[1]
+                layer = TiedLoRALinear.from_linear(
+                    lin,
+                    shared,
+                    alpha=config.alpha,
+                    train_u=r["train_u"],
+                    train_v=r["train_v"],
+                    u_init=r["u_init"],
+                    v_init=r["v_init"],
+                    share_u_with=first,
+                    b_rows=(start, stop),
+                    backend=config.backend,
+                    dropout=config.dropout,
+                )
+                _set_submodule(model, name, layer)
+                start, first = stop, first or layer
+        # a copy: the config passed in may be changed and applied to another model afterwards (its fields may be set)
+        model.tied_lora_config = dataclasses.replace(config)  # type: ignore[assignment]  # (torch: Tensor | Module)
+        if not any(getattr(h, "hook", None) is _fill_tied_aliases for h in model._load_state_dict_pre_hooks.values()):
+            # (the private form: the public register_load_state_dict_pre_hook needs torch 2.5)
+            model._register_load_state_dict_pre_hook(_fill_tied_aliases, with_module=True)
+        enable_input_grads = getattr(model, "enable_input_require_grads", None)  # (a transformers PreTrainedModel's)
+        hooked = getattr(model, "_require_grads_hooks", None)  # (what enable_input_require_grads registered)
+        if _reentrant_checkpointing(model) and callable(enable_input_grads) and not hooked:
+            # as PEFT does when it wraps a checkpointing model: reentrant checkpointing gives no gradient to a layer
+            # whose input does not require one, and transformers makes the input embeddings' output require it only
+            # for models whose main input is input_ids (not Whisper's input_features, say)
+            enable_input_grads()
     return model
 
 

@@ -50,13 +50,17 @@ CHECKPOINT_SUBFOLDER = "tied_lora"
 
 def tied_lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every adapter tensor once (tied ones under the first name PyTorch gives them) and those of the config's
-    ``modules_to_save``, detached; names are relative to the model inside a ``torch.compile`` or
-    (Distributed)DataParallel wrapper."""
+    ``modules_to_save`` (with their persistent buffers; also those of parts adapted apart inside a model with no
+    config), detached; names are relative to the model inside a ``torch.compile``, (Distributed)DataParallel or
+    ``AveragedModel`` wrapper."""
     model = _unwrapped(model)
     ids = _adapter_params(_require_layers(model))
-    config = getattr(model, "tied_lora_config", None)
-    if config is not None and config.modules_to_save:  # trained in full: saved with the adapter (buffers too)
-        ids |= _saved_tensor_ids(_saved_modules(model, config, {}))
+    # modules_to_save are trained in full: saved with the adapter (buffers too), the model's own and those of parts
+    # adapted apart, inside a wrapper with no config
+    for module in model.modules():
+        config = module.__dict__.get("tied_lora_config")
+        if config is not None and config.modules_to_save:
+            ids |= _saved_tensor_ids(_saved_modules(module, config, {}))
     return {name: t.detach() for name, t in _named_tensors(model).items() if id(t) in ids}
 
 
@@ -82,7 +86,7 @@ def _layout(model: nn.Module) -> dict[str, dict]:
 
 def save_tied_lora(model: nn.Module, directory: str | os.PathLike) -> None:
     """Write ``adapter_model.safetensors`` (each tensor once) and ``adapter_config.json`` to ``directory``
-    (from the model inside a ``torch.compile`` or (Distributed)DataParallel wrapper)."""
+    (from the model inside a ``torch.compile``, (Distributed)DataParallel or ``AveragedModel`` wrapper)."""
     from safetensors.torch import save_file
 
     model = _unwrapped(model)
@@ -138,8 +142,8 @@ def load_tied_lora(
     one must have the same layout (layers, shapes, rank, alpha, ties), adapter dtypes and configured trained
     factors, and keeps its own ``requires_grad`` flags (which factors require grad right now is not compared:
     freezing a model for inference must not stop it loading). Every check runs before the model is touched:
-    a mismatch raises and leaves the model as it was. A ``torch.compile`` or (Distributed)DataParallel wrapper
-    is looked through.
+    a mismatch raises and leaves the model as it was. A ``torch.compile``, (Distributed)DataParallel or
+    ``AveragedModel`` wrapper is looked through.
     """
     from safetensors.torch import load_file
 
