@@ -729,6 +729,10 @@ def test_a_target_name_that_matches_nothing_warns_when_others_match():
     qv = nn.ModuleDict({"q_proj": nn.Linear(8, 8), "v_proj": nn.Linear(8, 8)})
     with pytest.warns(UserWarning, match=r"target_modules \(TiedLoRAConfig's default\) \['k_proj'\]"):
         apply_tied_lora(qv, TiedLoRAConfig(rank=2))
+    # a group set by hand with a name matching nothing (its other member then has a pair of its own) warns too; the
+    # default q/k/v group on a model without k_proj does not (other architectures)
+    with pytest.warns(UserWarning, match=r"groups: \['zz_proj'\] of \('q_proj', 'zz_proj'\) matched no module"):
+        apply_tied_lora(Toy(), TiedLoRAConfig(target_modules=["q_proj", "o_proj"], groups=[("q_proj", "zz_proj")]))
     # every name matching, a regex, "all-linear" or a callable: no warning
     configs_without = [
         TiedLoRAConfig(target_modules=["q_proj", "layers.1.v_proj"]),

@@ -93,6 +93,15 @@ def _warn_unmatched_names(config: TiedLoRAConfig, names: Sequence[str], fused: S
     model's 3-D parameters, MoE experts fused into one weight (transformers 5's Mixtral, Qwen-MoE, ...: their
     ``gate_up_proj``/``down_proj`` are such parameters, where a PEFT recipe names linears), which the warning
     names."""
+    if config.groups != (QKV,):  # a group set by hand of which some names match and others match nothing: a typo?
+        for group in config.groups:
+            missing = [t for t in group if not any(_names(n, t) for n in names)]
+            if missing and len(missing) < len(group):
+                warnings.warn(
+                    f"groups: {missing} of {group} matched no module of the model: a misspelt name? The group's "
+                    "other members are grouped without them",
+                    stacklevel=3,
+                )
     if callable(config.target_modules) or isinstance(config.target_modules, str):  # ("all-linear", a regex)
         return
     unmatched = [t for t in config.target_modules if not any(_names(n, t) for n in names)]
