@@ -413,11 +413,12 @@ _READS_THAT_KEEP_THE_ADAPTER = {
 def _weight_reads(source: str) -> set[tuple[str, str]]:
     """``(class, attribute)`` for each ``self.<attribute>.weight`` used as a value (not its dtype, device or shape,
     nor in ``isinstance``) in a method of a class that builds ``self.<attribute>`` as a linear, outside the
-    initialisation methods."""
+    initialisation methods; also ``<argument>.weight`` in a method that the class calls with ``self.<attribute>``
+    as that argument (LayoutLMv3's relative-position lookup)."""
     import ast
     import re
 
-    if not re.search(r"self\.\w+\.weight\b(?!\.(dtype|device|shape)\b)", source):
+    if not re.search(r"\w\.weight\b(?!\.(dtype|device|shape)\b)", source):
         return set()
     found, tree = set(), ast.parse(source)
     for cls in (n for n in ast.walk(tree) if isinstance(n, ast.ClassDef)):
@@ -429,23 +430,33 @@ def _weight_reads(source: str) -> set[tuple[str, str]]:
             for t in node.targets
             if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and t.value.id == "self"
         }  # fmt: skip
-        for method in (n for n in cls.body if isinstance(n, ast.FunctionDef)):
+        methods = [n for n in cls.body if isinstance(n, ast.FunctionDef)]
+        for method in methods:
             if method.name == "__init__" or "init" in method.name and "weight" in method.name:
                 continue
+            arguments = [a.arg for a in method.args.args]
             parent = {child: node for node in ast.walk(method) for child in ast.iter_child_nodes(node)}
             for node in ast.walk(method):
                 owner = getattr(node, "value", None)
-                if not (
-                    isinstance(node, ast.Attribute) and node.attr == "weight" and isinstance(owner, ast.Attribute)
-                    and isinstance(owner.value, ast.Name) and owner.value.id == "self" and owner.attr in linears
-                ):  # fmt: skip
+                if not (isinstance(node, ast.Attribute) and node.attr == "weight"):
                     continue
                 up = parent.get(node)
                 if isinstance(up, ast.Attribute) and up.attr in ("dtype", "device", "shape"):
                     continue
                 if isinstance(up, ast.Call) and getattr(up.func, "id", "") == "isinstance":
                     continue
-                found.add((cls.name, owner.attr))
+                if isinstance(owner, ast.Attribute) and isinstance(owner.value, ast.Name) and owner.value.id == "self":
+                    if owner.attr in linears:
+                        found.add((cls.name, owner.attr))
+                elif isinstance(owner, ast.Name) and owner.id in arguments[1:]:  # a linear handed to the method
+                    position = arguments.index(owner.id) - 1  # (after self)
+                    for call in ast.walk(cls):
+                        if (
+                            isinstance(call, ast.Call) and getattr(call.func, "attr", "") == method.name
+                            and len(call.args) > position and isinstance(call.args[position], ast.Attribute)
+                            and call.args[position].attr in linears
+                        ):  # fmt: skip
+                            found.add((cls.name, call.args[position].attr))
     return found
 
 
@@ -464,7 +475,7 @@ def test_every_linear_whose_weight_transformers_reads_itself_is_listed():
     root = pathlib.Path(transformers.__file__).parent / "models"
     reads = {}
     for path in sorted(root.glob("*/modeling_*.py")):
-        for kind, attribute in _weight_reads(path.read_text()):
+        for kind, attribute in _weight_reads(path.read_text(encoding="utf-8")):
             reads.setdefault((kind, attribute), path.relative_to(root))
     listed = {(k, a) for k, attrs in _WEIGHT_READ_BY_PARENT.items() for a in attrs}
     listed |= {(k, a) for k, attrs in _READS_THAT_KEEP_THE_ADAPTER.items() for a in attrs}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 
 import pytest
@@ -335,3 +336,50 @@ def test_wrapped_peft_or_foreign_models_are_refused_or_looked_through(tmp_path):
     with pytest.raises(ValueError, match=r"\['model.layers.0.self_attn.q_proj', .*\] are not modules of this GPT2LM"):
         load_peft_adapter(gpt2, tmp_path)
     assert not tied_lora_layers(gpt2)
+
+
+def test_pairs_on_layers_whose_weight_the_parent_reads_are_skipped_as_peft_skips_them(tmp_path):
+    """PEFT's "all-linear" adapts MobileBERT's LM-head ``dense``, whose weight the head multiplies by itself, so PEFT's
+    forward skips that pair: it is left out with a warning (it was refused, by apply_tied_lora's advice to leave it
+    out of target_modules), and the logits are PEFT's."""
+    import transformers
+
+    def base():
+        torch.manual_seed(0)
+        config = transformers.MobileBertConfig(
+            vocab_size=97, hidden_size=32, embedding_size=16, intra_bottleneck_size=16, true_hidden_size=16,
+            intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, num_feedforward_networks=1,
+            max_position_embeddings=64,
+        )  # fmt: skip
+        return transformers.MobileBertForMaskedLM(config)
+
+    expected = _peft_adapter(tmp_path, peft.LoraConfig(r=2, target_modules="all-linear"), base=base)
+    with pytest.warns(UserWarning, match=r"pairs of \['cls.predictions.dense'\] are not loaded: their parent module"):
+        model = load_peft_adapter(base().double(), tmp_path, backend="torch").eval()
+    assert "cls.predictions.dense" not in tied_lora_layers(model) and len(tied_lora_layers(model)) > 5
+    with torch.no_grad():
+        _same(model(IDS).logits, expected)
+
+
+def test_a_damaged_peft_file_is_refused_naming_it(tmp_path):
+    """Not JSON, a JSON list, a cut-short safetensors file, a config without ``r``: a ValueError naming the file
+    (they were a bare JSONDecodeError, AttributeError, SafetensorError, KeyError), the model untouched."""
+    _peft_adapter(tmp_path / "good", peft.LoraConfig(r=4, target_modules=["q_proj"]))
+    config, weights = "adapter_config.json", "adapter_model.safetensors"
+    damage = {
+        "text": (lambda f: (f / config).write_text("{not json"), "adapter_config.json is not JSON"),
+        "list": (lambda f: (f / config).write_text("[1]"), "adapter_config.json holds a JSON list, not an adapter"),
+        "cut": (lambda f: os.truncate(f / weights, 99), "adapter_model.safetensors is not a readable safetensors"),
+        "r": (
+            lambda f: (f / config).write_text(json.dumps({**json.loads((f / config).read_text()), "r": None})),
+            "the PEFT adapter's config has no number 'r'",
+        ),
+    }
+    for name, (spoil, match) in damage.items():
+        shutil.copytree(tmp_path / "good", tmp_path / name)
+        spoil(tmp_path / name)
+        model = tiny_llama().double()
+        before = _state(model)
+        with pytest.raises(ValueError, match=match):
+            load_peft_adapter(model, tmp_path / name)
+        assert _unchanged(model, before), name

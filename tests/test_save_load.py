@@ -300,6 +300,9 @@ def test_load_names_what_is_damaged_in_an_adapter_file(tmp_path):
         "tensors": (edited(lambda m: m.update(tensors=[])), r"'tensors' is missing or not a JSON object"),
         "shared": (edited(lambda m: first("layout")(m).pop("shared")), r"the layout of .* lacks in_features, out"),
         "dtype": (edited(lambda m: first("tensors")(m).update(dtype="float99")), r"has no shape or no dtype torch k"),
+        "shape": (edited(lambda m: first("tensors")(m).update(shape=["x"])), r"has no shape or no dtype torch k"),
+        "targets": (edited(lambda m: m["config"].pop("target_modules")), r"its config has no target_modules"),
+        "newer": (edited(lambda m: m["config"].update(newer_option=1)), r"fields \['newer_option'\] this version"),
         "list": (lambda f: (f / "adapter_config.json").write_text("[1, 2]"), r"holds a JSON list, not an adapter"),
         "text": (lambda f: (f / "adapter_config.json").write_text("{not json"), r"adapter_config.json is not JSON"),
         "cut": (
@@ -812,6 +815,23 @@ def test_a_saved_module_keeps_its_running_statistics(tmp_path):
         assert torch.equal(loaded.eval()(x), expected)
         assert loaded[1].num_batches_tracked == model[1].num_batches_tracked
         assert not loaded[1].running_mean.requires_grad and loaded[1].weight.requires_grad
+    # a file saved before buffers were (it lacks them) still loads, into a bare or adapted model, keeping the model's
+    state, meta = (
+        load_file(tmp_path / "ours/adapter_model.safetensors"),
+        json.loads((tmp_path / "ours/adapter_config.json").read_text()),
+    )
+    for name in ("1.running_mean", "1.running_var", "1.num_batches_tracked"):
+        del state[name], meta["tensors"][name]
+    (tmp_path / "old").mkdir()
+    save_file(state, tmp_path / "old/adapter_model.safetensors")
+    (tmp_path / "old/adapter_config.json").write_text(json.dumps(meta))
+    adapted = apply_tied_lora(net(), TiedLoRAConfig(rank=2, target_modules=["0"], modules_to_save=("1",)))
+    for loaded in (net(), adapted):
+        with pytest.warns(
+            UserWarning, match=r"holds no \['1.num_batches_tracked', '1.running_mean', '1.running_var'\]"
+        ):
+            loaded = load_tied_lora(loaded, tmp_path / "old")
+        assert torch.equal(loaded[1].running_var, torch.ones(8)) and torch.equal(loaded[1].weight, model[1].weight)
     from tied_lora_kernels import export_peft_lora
 
     peft = pytest.importorskip("peft")

@@ -280,4 +280,8 @@ def _holds_adapter(directory: str) -> bool:
     if not os.path.isfile(path):
         return False
     with open(path) as f:
-        return json.load(f).get("format") == FORMAT
+        try:
+            meta = json.load(f)
+        except json.JSONDecodeError:  # (not ours: Trainer's own loading says what is wrong with it)
+            return False
+    return isinstance(meta, dict) and meta.get("format") == FORMAT

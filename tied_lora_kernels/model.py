@@ -121,8 +121,15 @@ def _warn_unmatched_names(config: TiedLoRAConfig, names: Sequence[str], fused: S
 
 
 def _fused_experts(model: nn.Module) -> list[str]:
-    """The names of ``model``'s 3-D parameters: MoE experts fused into one weight each."""
-    return [n for n, p in model.named_parameters() if p.dim() == 3]
+    """The names of the 3-D parameters of ``model``'s MoE expert modules (transformers 5's ``MixtralExperts``,
+    ``Qwen3MoeExperts``, ...: every expert's weight fused into one)."""
+    return [
+        f"{name}.{p_name}" if name else p_name
+        for name, module in model.named_modules()
+        if "experts" in type(module).__name__.lower()
+        for p_name, p in module.named_parameters(recurse=False)
+        if p.dim() == 3
+    ]
 
 
 def _names(qualified: str, wanted: str) -> bool:
@@ -391,6 +398,8 @@ _WEIGHT_READ_BY_PARENT = {
     "MaskFormerDetrMHAttentionMap": ("k_proj",),
     "DabDetrMHAttentionMap": ("k_linear",),
     "LayoutLMv2Encoder": ("rel_pos_bias", "rel_pos_x_bias", "rel_pos_y_bias"),
+    "LayoutLMv3Encoder": ("rel_pos_bias", "rel_pos_x_bias", "rel_pos_y_bias"),
+    "PPDocLayoutV2ReadingOrderEncoder": ("rel_pos_bias", "rel_pos_x_bias", "rel_pos_y_bias"),
     "NeoMMEForMaskedLM": ("unembedding_projection",),
 }
 """transformers modules (5.24, 5.25) that read these child linears' weights themselves, instead of calling the
@@ -400,10 +409,11 @@ Falcon-Mamba, Jamba), the weights handed to the fused CUDA kernels of training (
 (WavLM), ``F.linear`` (LongCat-Flash's router; Gemma-3n's AltUp ``correction_coefs`` in training), ``F.conv1d``
 (the x-vector heads' TDNN ``kernel``: Wav2Vec2, WavLM, UniSpeech-SAT, Data2Vec-Audio, Wav2Vec2-Conformer and
 -BERT), ``F.conv2d`` (the DETR family's attention maps), a matmul or an index into the weight (MobileBERT's LM head,
-Reformer's LSH attention at cached decoding, LayoutLMv2's relative-position biases, NeoMME's unembedding). An
-adapter there would be skipped, without an error: ``"all-linear"`` leaves them out and a target naming one is
-refused. ``tests/test_model.py`` scans the installed transformers' modeling code for such reads (a heuristic:
-``self.<linear>.weight`` used as a value in a method of the class that builds the linear)."""
+Reformer's LSH attention at cached decoding, the relative-position biases of LayoutLMv2, LayoutLMv3 and
+PP-DocLayoutV2, NeoMME's unembedding). An adapter there would be skipped, without an error: ``"all-linear"`` leaves
+them out and a target naming one is refused (``load_peft_adapter`` skips PEFT's, which its forward skips too).
+``tests/test_model.py`` scans the installed transformers' modeling code for such reads (a heuristic: the weight of
+a linear the class builds, read as a value in one of its methods, directly or through an argument)."""
 
 _READ_BY_A_FUSED_PATH = {"FalconMambaMixer": ("mamba_inner_fn", ("x_proj", "out_proj"))}
 """Entries above that hold only while the class's module still defines the fused function that reads them:

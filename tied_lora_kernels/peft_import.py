@@ -18,6 +18,7 @@ import json
 import math
 import os
 import re
+import warnings
 
 import torch
 from torch import nn
@@ -29,6 +30,7 @@ from tied_lora_kernels.model import (
     _find_targets,
     _input_dtype,
     _names_of_parameters,
+    _read_by_parent,
     _refuse_peft_model,
     _unwrapped,
     tied_lora_layers,
@@ -132,6 +134,10 @@ def load_peft_adapter(model: nn.Module, directory: str | os.PathLike, *, backend
             f"the PEFT adapter holds {sorted(set(strange))[:3]}: a LoRA variant or a LoRA layer type (embedding, "
             "convolution) that Tied-LoRA does not represent"
         )
+    numbers = ("r", "lora_alpha") if kind == "LORA" else ("r",)
+    missing = [k for k in numbers if isinstance(meta.get(k), bool) or not isinstance(meta.get(k), (int, float))]
+    if missing:
+        raise ValueError(f"the PEFT adapter's config has no number {missing[0]!r}: a damaged adapter_config.json")
     rank = int(meta["r"])
     if kind == "LORA":
         scaling = meta["lora_alpha"] / (math.sqrt(rank) if meta.get("use_rslora") else rank)
@@ -142,6 +148,10 @@ def load_peft_adapter(model: nn.Module, directory: str | os.PathLike, *, backend
             raise ValueError("the VeRA file holds no vera_A/vera_B (saved with save_projection=False): cannot rebuild")
         alpha, preset, tie, dropout = None, "vera", True, meta.get("vera_dropout", 0.0)
     modules = dict(model.named_modules())
+    why = (
+        "their parent module reads the layer's weight itself instead of calling it, so PEFT's forward skips "
+        "them too (model._WEIGHT_READ_BY_PARENT)"
+    )
     absent = [name for name in layers if name not in modules]
     if absent:
         raise ValueError(
@@ -150,6 +160,12 @@ def load_peft_adapter(model: nn.Module, directory: str | os.PathLike, *, backend
             "transformers 4's names, such as a LLaVA-style model's language_model.model.layers..., loads in PEFT, "
             "which renames them: load it there and save_pretrained it again)"
         )
+    skipped = [name for name in layers if _read_by_parent(model, name)]
+    if skipped:  # (PEFT's "all-linear" adapts them)
+        if len(skipped) == len(layers):
+            raise ValueError(f"every layer of the PEFT adapter {skipped[:3]} has its weight read by its parent: {why}")
+        warnings.warn(f"the PEFT adapter's pairs of {skipped[:3]} are not loaded: {why}", stacklevel=2)
+        layers = [name for name in layers if name not in skipped]
     # float64 adapters only where the layers compute in float64: PEFT's float64 file on another model rounds too
     wide = all(isinstance(getattr(modules[name], "weight", None), torch.Tensor) for name in layers) and all(
         _input_dtype(modules[name]) == torch.float64 for name in layers
@@ -223,7 +239,12 @@ def _read(directory) -> tuple[dict, dict]:
             f"no adapter_config.json in {directory} (PEFT saves a non-default adapter in a subfolder of its name)"
         )
     with open(config) as f:
-        meta = json.load(f)
+        try:
+            meta = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{config} is not JSON ({e}): a damaged adapter") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{config} holds a JSON {type(meta).__name__}, not an adapter's config")
     if str(meta.get("format", "")).startswith("tied_lora_kernels"):
         raise ValueError(f"{directory} holds a tied_lora_kernels adapter: load it with load_tied_lora")
     if not os.path.isfile(weights):
@@ -231,7 +252,12 @@ def _read(directory) -> tuple[dict, dict]:
             f"no adapter_model.safetensors in {directory}: an adapter_model.bin must be loaded with PEFT and saved "
             "again with safe_serialization=True"
         )
-    return meta, load_file(weights)
+    try:
+        return meta, load_file(weights)
+    except OSError:
+        raise
+    except Exception as e:  # safetensors' own error for a cut-short or foreign file names neither
+        raise ValueError(f"{weights} is not a readable safetensors file ({e}): a damaged adapter") from None
 
 
 def _factors(kind: str, state: dict, name: str, in_features: int, out_features: int, rank: int) -> tuple:

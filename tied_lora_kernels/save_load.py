@@ -214,10 +214,9 @@ def load_tied_lora(
         # adapts the model (_saved_modules refuses a module tied to one left out)
         ids = _saved_tensor_ids(_saved_modules(model, config, targets))
         own = {name: t for name, t in _named_tensors(model).items() if id(t) in ids}
-        _check_tensors(
-            {k: t for k, t in state.items() if not _is_adapter_tensor(k)},
-            {k: (p.shape, p.dtype, p.is_meta) for k, p in own.items()},
-        )
+        module_tensors = {k: t for k, t in state.items() if not _is_adapter_tensor(k)}
+        expected = {k: (t.shape, t.dtype, t.is_meta) for k, t in own.items()}
+        _check_tensors(module_tensors, _unsaved_buffers_left_out(module_tensors, expected, model))
         if config.dtype.itemsize < 4 and any(_input_dtype(model.get_submodule(n)) != config.dtype for n in layout):
             # a 16-bit adapter file (saved after model.to(bf16)) onto layers that run in another dtype (a float32
             # model, fp16, a quantized base whose compute dtype differs or is not known yet): float32 adapters,
@@ -291,18 +290,42 @@ def _check_meta(meta: dict, path: str) -> None:
     for key, kinds in (("config", (dict, type(None))), ("layout", dict), ("tensors", dict)):
         if key not in meta or not isinstance(meta[key], kinds):
             raise bad(f"{key!r} is missing or not a JSON object")
+    config = meta["config"]
+    if config is not None:
+        unknown = sorted(set(config) - {f.name for f in dataclasses.fields(TiedLoRAConfig) if f.init})
+        if unknown:
+            raise bad(f"its config has fields {unknown} this version does not know (written by a newer one?)")
+        if "target_modules" not in config:
+            raise bad("its config has no target_modules")
     for name, entry in meta["layout"].items():
         if not isinstance(entry, dict) or not {"in_features", "out_features", "shared"} <= set(entry):
             raise bad(f"the layout of {name!r} lacks in_features, out_features or shared")
     for name, d in meta["tensors"].items():
         dtype = getattr(torch, str(d.get("dtype")), None) if isinstance(d, dict) else None
-        if not isinstance(dtype, torch.dtype) or not isinstance(d.get("shape"), list):
+        shape = d.get("shape") if isinstance(d, dict) else None
+        sizes = isinstance(shape, list) and all(type(n) is int and n >= 0 for n in shape)
+        if not isinstance(dtype, torch.dtype) or not sizes:
             raise bad(f"tensor {name!r} has no shape or no dtype torch knows ({d!r})")
 
 
 def _check_state(state: dict[str, torch.Tensor], model: nn.Module) -> None:
     """A file's tensors against the adapted ``model``'s: the same names, and shapes and dtypes that load."""
-    _check_tensors(state, {k: (t.shape, t.dtype, t.is_meta) for k, t in tied_lora_state_dict(model).items()})
+    expected = {k: (t.shape, t.dtype, t.is_meta) for k, t in tied_lora_state_dict(model).items()}
+    _check_tensors(state, _unsaved_buffers_left_out(state, expected, model))
+
+
+def _unsaved_buffers_left_out(state: dict[str, torch.Tensor], expected: dict[str, tuple], model: nn.Module) -> dict:
+    """``expected`` without the buffers of ``modules_to_save`` that a file saved before they were (version 0.1.0 of
+    12-04 and earlier) lacks: it loads, the model keeping its own, with a warning."""
+    buffers = {name for name, _ in model.named_buffers()}
+    absent = sorted(k for k in expected if k in buffers and k not in state)
+    if absent:
+        warnings.warn(
+            f"the adapter file holds no {absent[:3]} (saved before save_tied_lora saved the buffers of "
+            "modules_to_save): the model keeps its own",
+            stacklevel=4,
+        )
+    return {k: v for k, v in expected.items() if k not in absent}
 
 
 def _saved_config(meta: dict, layout: dict[str, dict], backend: str | None = None) -> TiedLoRAConfig:
