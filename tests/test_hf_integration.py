@@ -328,6 +328,21 @@ def test_tied_lora_trainer_checkpoints_hold_the_adapter_alone(tmp_path):
 
     with pytest.raises(ValueError, match="does not push to the Hub"):
         TiedLoRATrainer(model=whole, args=args("hub", push_to_hub=True), train_dataset=data)
+
+    class ThirdArgs(
+        transformers.Trainer
+    ):  # as TRL's DPOTrainer (model, ref_model, args) and GRPOTrainer (model, reward, args)
+        def __init__(self, model, ref_model, args, **kwargs):
+            super().__init__(model=model, args=args, **kwargs)
+
+    class TiedThird(TiedLoRATrainer, ThirdArgs):
+        pass
+
+    # the arguments are found by type: a reference model second (its push_to_hub is a method) is not refused, and
+    # push_to_hub=True third is (the reverse of what reading the second argument did)
+    TiedThird(whole, tiny_llama(), args("third", save_strategy="no"), train_dataset=data)
+    with pytest.raises(ValueError, match="does not push to the Hub"):
+        TiedThird(whole, tiny_llama(), args("third-hub", push_to_hub=True), train_dataset=data)
     with pytest.raises(ValueError, match="this model has no Tied-LoRA adapter"):
         TiedLoRATrainer(model=tiny_llama(), args=args("bare", save_strategy="no"), train_dataset=data).save_model()
 

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel, Trainer, TrainerCallback
+from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
@@ -165,8 +165,9 @@ class TiedLoRATrainer(Trainer):
     ``class TiedSFTTrainer(TiedLoRATrainer, SFTTrainer): pass``."""
 
     def __init__(self, *args, **kwargs):
-        training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
-        if getattr(training_args, "push_to_hub", False):  # (before Trainer's init, which creates the Hub repo)
+        # by type, wherever it comes: Trainer takes it second, TRL's DPOTrainer and GRPOTrainer third
+        training_args = next((a for a in (*args, *kwargs.values()) if isinstance(a, TrainingArguments)), None)
+        if training_args is not None and training_args.push_to_hub is True:  # (before Trainer's init: Hub repo)
             raise ValueError(
                 "TiedLoRATrainer does not push to the Hub: its checkpoints' adapter_config.json would be read as "
                 "PEFT's; push the folder export_peft_lora(model, ...) writes instead"
@@ -269,8 +270,9 @@ def _refuse_an_ungraded_head(model: nn.Module, ungraded: dict[str, nn.Parameter]
             "the output layer is adapted, but its adapter got no gradient in the first step: the training loss reads "
             "the layer's weight without calling it (TRL's trainers' fused LM head; Liger's fused linear cross "
             "entropy, use_liger_kernel=True), so the adapter would never train. Stopped before the first update: "
-            "leave the output layer out of target_modules, or train it in full with modules_to_save (with Liger, "
-            "liger_kernel_config={'fused_linear_cross_entropy': False} keeps the adapter trainable)"
+            "leave the output layer out of target_modules, or train it in full with modules_to_save (with Liger in a "
+            "plain Trainer, liger_kernel_config={'fused_linear_cross_entropy': False} also keeps the adapter "
+            "trainable; TRL's own fused head stays on)"
         )
 
 

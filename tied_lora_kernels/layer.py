@@ -292,7 +292,6 @@ class TiedLoRALinear(nn.Linear):
     alpha: float
     scale: float
     backend: str
-    lora_dropout: float
     merged: bool
     disabled: bool
     lora_scale: UScale
@@ -484,6 +483,23 @@ class TiedLoRALinear(nn.Linear):
         if self.lora_v is not None and not self.lora_v.is_meta:
             self.lora_v.fill_(self.v_init)
 
+    @property
+    def lora_dropout(self) -> float:
+        """The adapter's dropout probability: ``p`` of an ``nn.Dropout`` child ``dropout`` (none at 0; the kernels
+        read it and draw the mask themselves), so that what sets every ``nn.Dropout``'s ``p`` to 0 reaches it, as
+        it reaches PEFT's ``lora_dropout`` (TRL's ``disable_dropout``, on by default for DPO)."""
+        module = self._modules.get("dropout")
+        return module.p if isinstance(module, nn.Dropout) else 0.0
+
+    @lora_dropout.setter
+    def lora_dropout(self, p: float) -> None:
+        check_dropout(p)
+        module = self._modules.get("dropout")
+        if isinstance(module, nn.Dropout):
+            module.p = float(p)
+        elif p:
+            self.dropout = nn.Dropout(float(p))
+
     def forward(self, x: Tensor) -> Tensor:
         if self.merged or self.disabled:
             if self.merged and self.disabled:
@@ -627,7 +643,7 @@ def _copy_state(src: nn.Module, dst: nn.Module, skip: frozenset = frozenset()) -
 
 
 _ADAPTER_ATTRIBUTES = frozenset(
-    {"shared", "lora_scale", "lora_v", "b_rows", "rank", "alpha", "scale", "backend", "lora_dropout", "merged",
+    {"shared", "lora_scale", "lora_v", "b_rows", "rank", "alpha", "scale", "backend", "dropout", "merged",
      "disabled", "v_init"}
 )  # fmt: skip
 """What ``_init_adapter`` adds to a layer (``to_base`` leaves it behind)."""
