@@ -14,7 +14,6 @@ Both are points of the Tied-LoRA family (``ΔW = s · diag(v) · B · diag(u) ·
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -35,6 +34,7 @@ from tied_lora_kernels.model import (
     _unwrapped,
     tied_lora_layers,
 )
+from tied_lora_kernels.save_load import read_json, read_weights
 
 __all__ = ["load_peft_adapter"]
 
@@ -231,20 +231,12 @@ def load_peft_adapter(model: nn.Module, directory: str | os.PathLike, *, backend
 
 def _read(directory) -> tuple[dict, dict]:
     """The adapter's config and tensors, with errors that say what the directory holds instead."""
-    from safetensors.torch import load_file
-
     config, weights = (os.path.join(directory, name) for name in ("adapter_config.json", "adapter_model.safetensors"))
     if not os.path.isfile(config):
         raise FileNotFoundError(
             f"no adapter_config.json in {directory} (PEFT saves a non-default adapter in a subfolder of its name)"
         )
-    with open(config) as f:
-        try:
-            meta = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{config} is not JSON ({e}): a damaged adapter") from None
-    if not isinstance(meta, dict):
-        raise ValueError(f"{config} holds a JSON {type(meta).__name__}, not an adapter's config")
+    meta = read_json(config)
     if str(meta.get("format", "")).startswith("tied_lora_kernels"):
         raise ValueError(f"{directory} holds a tied_lora_kernels adapter: load it with load_tied_lora")
     if not os.path.isfile(weights):
@@ -252,12 +244,7 @@ def _read(directory) -> tuple[dict, dict]:
             f"no adapter_model.safetensors in {directory}: an adapter_model.bin must be loaded with PEFT and saved "
             "again with safe_serialization=True"
         )
-    try:
-        return meta, load_file(weights)
-    except OSError:
-        raise
-    except Exception as e:  # safetensors' own error for a cut-short or foreign file names neither
-        raise ValueError(f"{weights} is not a readable safetensors file ({e}): a damaged adapter") from None
+    return meta, read_weights(weights)
 
 
 def _factors(kind: str, state: dict, name: str, in_features: int, out_features: int, rank: int) -> tuple:

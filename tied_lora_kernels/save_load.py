@@ -145,8 +145,6 @@ def load_tied_lora(
     a mismatch raises and leaves the model as it was. A ``torch.compile``, (Distributed)DataParallel or
     ``AveragedModel`` wrapper is looked through.
     """
-    from safetensors.torch import load_file
-
     model = _unwrapped(model)
     if trainable is not None and not isinstance(trainable, bool):
         raise TypeError(f"trainable must be True, False or None, got {trainable!r}")
@@ -157,13 +155,7 @@ def load_tied_lora(
 
     meta = _read_meta(directory)
     layout = meta["layout"]
-    weights = os.path.join(directory, WEIGHTS_NAME)
-    try:
-        state = load_file(weights)
-    except OSError:
-        raise
-    except Exception as e:  # safetensors' own error for a cut-short or foreign file names neither
-        raise ValueError(f"{weights} is not a readable safetensors file ({e}): a damaged adapter") from None
+    state = read_weights(os.path.join(directory, WEIGHTS_NAME))
     layers = tied_lora_layers(model)
     if layers:
         merged = [name for name, layer in layers.items() if layer.merged]
@@ -263,13 +255,7 @@ def _read_meta(directory: str | os.PathLike) -> dict:
                 "(SaveTiedLoRACallback writes {output_dir}/adapter-final; TiedLoRATrainer's save_model, the adapter)"
             )
         raise FileNotFoundError(f"{directory} holds no {CONFIG_NAME}: it is not a save_tied_lora adapter")
-    with open(path) as f:
-        try:
-            meta = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not JSON ({e}): a damaged adapter") from None
-    if not isinstance(meta, dict):
-        raise ValueError(f"{path} holds a JSON {type(meta).__name__}, not an adapter's description")
+    meta = read_json(path)
     if meta.get("format") != FORMAT:
         if "peft_type" in meta:
             raise ValueError(
@@ -279,6 +265,31 @@ def _read_meta(directory: str | os.PathLike) -> dict:
         raise ValueError(f"{directory} is not a tied_lora_kernels adapter (format {meta.get('format')!r})")
     _check_meta(meta, path)
     return meta
+
+
+def read_json(path: str) -> dict:
+    """An adapter's JSON config (this library's or PEFT's), refused naming the file if it is not a JSON object."""
+    with open(path) as f:
+        try:
+            meta = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not JSON ({e}): a damaged adapter") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path} holds a JSON {type(meta).__name__}, not an adapter's config")
+    return meta
+
+
+def read_weights(path: str) -> dict[str, torch.Tensor]:
+    """An adapter's safetensors file, refused naming it if safetensors cannot read it (its own error names neither
+    the file nor the problem: a file cut short, or not safetensors)."""
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path)
+    except OSError:
+        raise
+    except Exception as e:
+        raise ValueError(f"{path} is not a readable safetensors file ({e}): a damaged adapter") from None
 
 
 def _check_meta(meta: dict, path: str) -> None:
