@@ -151,6 +151,19 @@ def test_what_turns_every_dropout_off_turns_the_adapters_off():
         layer.lora_dropout = 1.5
 
 
+def test_a_layer_pickled_with_a_float_dropout_keeps_it():
+    """Layers pickled before the probability became an ``nn.Dropout`` child's kept it as a float attribute, which
+    the property would hide (read as 0): unpickling moves it into the child."""
+    import pickle
+
+    layer = _layer(0.0)
+    state = {**layer.__dict__, "lora_dropout": 0.3}  # (as such a layer's __dict__ held it)
+    old = TiedLoRALinear.__new__(TiedLoRALinear)
+    old.__setstate__(state)
+    assert old.lora_dropout == 0.3 and isinstance(old.dropout, nn.Dropout) and "lora_dropout" not in old.__dict__
+    assert pickle.loads(pickle.dumps(old)).lora_dropout == 0.3
+
+
 def test_layer_drops_in_training_mode_only():
     x = torch.randn(7, 12, generator=torch.Generator().manual_seed(2))
     layer, plain = _layer(0.5), _layer(0.0)

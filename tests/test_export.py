@@ -171,6 +171,15 @@ def test_modules_to_save_are_listed_in_the_peft_config(tmp_path):
     with pytest.raises(ValueError, match=r"modules_to_save \['a.norm'\] would also select \['ba.norm'\] in PEFT"):
         export_peft_lora(toy, tmp_path / "toy")
     assert not (tmp_path / "toy").exists()
+    # what counts is PEFT's model: its lora_dropout child of an adapted layer ends with "out" (PEFT itself then fails),
+    # with or without Tied-LoRA's dropout child
+    for dropout in (0.0, 0.1):
+        toy = nn.ModuleDict({"q_proj": nn.Linear(8, 8), "out": nn.Linear(8, 2)})
+        apply_tied_lora(
+            toy, TiedLoRAConfig(rank=2, target_modules=["q_proj"], modules_to_save=("out",), dropout=dropout)
+        )
+        with pytest.raises(ValueError, match=r"\['out'\] would also select \['q_proj.lora_dropout'\] in PEFT"):
+            export_peft_lora(toy, tmp_path / "out")
 
 
 def test_a_tied_module_to_save_goes_in_under_both_names(tmp_path):

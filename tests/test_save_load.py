@@ -827,11 +827,18 @@ def test_a_saved_module_keeps_its_running_statistics(tmp_path):
     (tmp_path / "old/adapter_config.json").write_text(json.dumps(meta))
     adapted = apply_tied_lora(net(), TiedLoRAConfig(rank=2, target_modules=["0"], modules_to_save=("1",)))
     for loaded in (net(), adapted):
-        with pytest.warns(
-            UserWarning, match=r"holds no \['1.num_batches_tracked', '1.running_mean', '1.running_var'\]"
-        ):
+        with pytest.warns(UserWarning) as record:
             loaded = load_tied_lora(loaded, tmp_path / "old")
+        assert len(record) == 1 and record[0].filename == __file__  # (once, at the call)
+        assert "holds no ['1.num_batches_tracked', '1.running_mean', '1.running_var']" in str(record[0].message)
         assert torch.equal(loaded[1].running_var, torch.ones(8)) and torch.equal(loaded[1].weight, model[1].weight)
+    # a file that describes them but lacks them is damaged, not old: refused
+    (tmp_path / "cut").mkdir()
+    save_file(state, tmp_path / "cut/adapter_model.safetensors")
+    (tmp_path / "cut/adapter_config.json").write_text((tmp_path / "ours/adapter_config.json").read_text())
+    for target in (net(), apply_tied_lora(net(), TiedLoRAConfig(rank=2, target_modules=["0"], modules_to_save=("1",)))):
+        with pytest.raises(ValueError, match=r"adapter tensors differ: missing \['1.num_batches_tracked'"):
+            load_tied_lora(target, tmp_path / "cut")
     from tied_lora_kernels import export_peft_lora
 
     peft = pytest.importorskip("peft")

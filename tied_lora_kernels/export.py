@@ -27,6 +27,7 @@ from tied_lora_kernels.model import (
     _require_layers,
     _saved_modules,
     _unwrapped,
+    tied_lora_layers,
 )
 from tied_lora_kernels.save_load import tied_lora_state_dict
 
@@ -145,6 +146,14 @@ def export_peft_lora(
         json.dump(peft_config, f, indent=2)
 
 
+_PEFT_CHILDREN = tuple(
+    f"{kind}{adapter}"
+    for kind in ("base_layer", "lora_A", "lora_B", "lora_dropout", "lora_embedding_A", "lora_embedding_B")
+    for adapter in ("", ".default")
+)
+"""The modules a PEFT LoRA layer holds (its adapter named ``"default"``, as ``PeftModel.from_pretrained`` names it)."""
+
+
 def _modules_to_save(model: nn.Module) -> list[str]:
     """The qualified names of the modules the config saves, as PEFT's ``modules_to_save``: PEFT wraps every module
     whose name ends with an entry (a plain suffix: ``"norm"`` would take each ``input_layernorm`` too, where
@@ -158,7 +167,11 @@ def _modules_to_save(model: nn.Module) -> list[str]:
     if not saved:
         return []
     saved.sort()
-    names = {n for n, _ in model.named_modules(remove_duplicate=False)}
+    # the names PEFT's model has: the base model's, with PEFT's own children in each adapted layer instead of ours
+    layers = set(tied_lora_layers(model))
+    within = tuple(f"{layer}." for layer in layers)
+    names = {n for n, _ in model.named_modules(remove_duplicate=False) if not n.startswith(within)}
+    names |= {f"{layer}.{child}" for layer in layers for child in _PEFT_CHILDREN}
     others = sorted({n for n in names for s in saved if n.endswith(s)} - set(saved))
     if others:
         raise ValueError(

@@ -483,6 +483,12 @@ class TiedLoRALinear(nn.Linear):
         if self.lora_v is not None and not self.lora_v.is_meta:
             self.lora_v.fill_(self.v_init)
 
+    def __setstate__(self, state: dict) -> None:
+        p = state.pop("lora_dropout", None)  # (a float in layers pickled before it became an nn.Dropout child's p)
+        super().__setstate__(state)
+        if p:
+            self.lora_dropout = p
+
     @property
     def lora_dropout(self) -> float:
         """The adapter's dropout probability: ``p`` of an ``nn.Dropout`` child ``dropout`` (none at 0; the kernels
@@ -643,8 +649,8 @@ def _copy_state(src: nn.Module, dst: nn.Module, skip: frozenset = frozenset()) -
 
 
 _ADAPTER_ATTRIBUTES = frozenset(
-    {"shared", "lora_scale", "lora_v", "b_rows", "rank", "alpha", "scale", "backend", "dropout", "merged",
-     "disabled", "v_init"}
+    {"shared", "lora_scale", "lora_v", "b_rows", "rank", "alpha", "scale", "backend", "dropout", "lora_dropout",
+     "merged", "disabled", "v_init"}
 )  # fmt: skip
 """What ``_init_adapter`` adds to a layer (``to_base`` leaves it behind)."""
 
