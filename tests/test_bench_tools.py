@@ -264,3 +264,31 @@ def test_parity_margins_records_each_comparison_and_keeps_the_check(tmp_path):
     lines = parity_margins.summary(rows).splitlines()
     assert lines[0].startswith("parity margins: 2 comparisons") and "float32" in lines[1], lines
     assert "test_outside" in lines[2] and "test_inside" in lines[3], lines  # the closest to its bound first
+
+
+@pytest.mark.parametrize("M", [2, 40])  # decode, prefill
+def test_the_fused_providers_compute_what_the_torch_provider_computes(M):
+    """The benchmark's ratios compare like with like: every fused-kernel provider (the tables' choice and each forced
+    one) gives the torch provider's output and adapter gradients for the same seed (their tensors are drawn alike),
+    on the kernels' device (CPU under the interpreter)."""
+    from benchmarks.shapes import Shape
+    from tests.conftest import DEVICE
+    from tied_lora_kernels import kernels
+
+    if DEVICE.type == "cpu" and not kernels.interpreting():
+        pytest.skip("the fused kernels need a GPU or triton's interpreter")
+    shape = Shape("bench-parity", 64, 48)
+    x = torch.randn(M, 64, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    dy = torch.randn(M, 48, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+
+    def run(provider):
+        built = providers.build(provider, shape, 8, torch.float32, DEVICE)
+        y = built.fn(x)
+        y.backward(dy)
+        return [y.detach(), *(t.grad for t in built.trainable)]
+
+    expected = run("torch")
+    for provider in providers.TRITON_FORCED:
+        for got, want in zip(run(provider), expected, strict=True):
+            scale = want.abs().max().item()
+            torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3 * scale, msg=lambda m, p=provider: f"{p}: {m}")
