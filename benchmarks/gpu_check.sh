@@ -107,7 +107,8 @@ GPU_CHECK_ENV="$OUT_DIR/env.txt" phase env 40 "$PY" -c "$ENV_PY"
 
 PARALLEL=("$PY" -m benchmarks.parallel_pytest ${GPU_CHECK_PROCS:+-n "$GPU_CHECK_PROCS"} --)
 
-# the kernel tests on the GPU (torch.compile's custom-op path included), fail fast (-x: the first failure stops every process); the
+# the kernel tests on the GPU (torch.compile's custom-op path included) and the check that the benchmark's fused
+# providers compute what the torch provider does, fail fast (-x: the first failure stops every process); the
 # ahead-of-time compile test is left to the compile-check phase below. parity_margins.jsonl gets each comparison's
 # error / bound (benchmarks/parity_margins.py): how close the GPU's rounding comes to the tests' bounds
 MARGINS="$OUT_DIR/parity_margins.jsonl"
@@ -116,6 +117,7 @@ PARITY_MARGINS="$MARGINS" TORCHINDUCTOR_COMPILE_THREADS=1 phase parity 170 "${PA
     -p benchmarks.parity_margins tests/test_kernels_parity.py tests/test_kernels_autograd.py \
     tests/test_kernels_memory.py tests/test_kernels_strategies.py tests/test_kernels_split_rank.py \
     tests/test_kernels_launches.py tests/test_torch_compile.py tests/test_kernels_dropout.py tests/test_cuda_graphs.py \
+    "tests/test_bench_tools.py::test_the_fused_providers_compute_what_the_torch_provider_computes" \
     -x -q -p no:cacheprovider
 
 # every benchmark case once, untimed, in parallel: fills the triton and inductor caches for the timed runs.
