@@ -82,17 +82,17 @@ def apply_tied_lora(model: nn.Module, config: TiedLoRAConfig) -> nn.Module:
     """Adapt ``model`` in place and return it: targeted ``nn.Linear`` layers become ``TiedLoRALinear``,
     the base model is frozen, and only the adapter parameters the config trains require grad."""
     if isinstance(model, nn.Module) and isinstance(config, TiedLoRAConfig):  # (before: -W error leaves it as it was)
-        _warn_unmatched_names(config, [n for n, _ in model.named_modules()], _fused_experts(model))
+        _warn_unmatched_names(config, model)
     return _apply(model, config)
 
 
-def _warn_unmatched_names(config: TiedLoRAConfig, names: Sequence[str], fused: Sequence[str] = ()) -> None:
-    """A warning naming the entries of a list of ``target_modules`` that matched no module (of ``names``, the
-    model's before it was adapted), where others matched: the layers a misspelt name was meant to adapt would
-    train nothing, silently (no match at all is an error, ``_find_targets``; PEFT warns of neither). ``fused``: the
-    model's 3-D parameters, MoE experts fused into one weight (transformers 5's Mixtral, Qwen-MoE, ...: their
-    ``gate_up_proj``/``down_proj`` are such parameters, where a PEFT recipe names linears), which the warning
-    names."""
+def _warn_unmatched_names(config: TiedLoRAConfig, model: nn.Module) -> None:
+    """A warning naming the entries of a list of ``target_modules`` that matched no module of ``model`` (before it
+    is adapted), where others matched: the layers a misspelt name was meant to adapt would train nothing, silently
+    (no match at all is an error, ``_find_targets``; PEFT warns of neither). It names the model's fused MoE experts
+    if it has any (transformers 5's Mixtral, Qwen-MoE, ...: their ``gate_up_proj``/``down_proj`` are 3-D
+    parameters, where a PEFT recipe names linears)."""
+    names = [n for n, _ in model.named_modules()]
     if config.groups != (QKV,):  # a group set by hand of which some names match and others match nothing: a typo?
         for group in config.groups:
             missing = [t for t in group if not any(_names(n, t) for n in names)]
@@ -107,6 +107,7 @@ def _warn_unmatched_names(config: TiedLoRAConfig, names: Sequence[str], fused: S
     unmatched = [t for t in config.target_modules if not any(_names(n, t) for n in names)]
     if unmatched and len(unmatched) < len(config.target_modules):
         default = " (TiedLoRAConfig's default)" if config.target_modules == QKV else ""
+        fused = _fused_experts(model)
         why = (
             f". The model's MoE experts are fused 3-D parameters ({list(fused[:2])}...), not linear layers: "
             "Tied-LoRA cannot adapt them"
@@ -507,8 +508,9 @@ def _find_targets(model: nn.Module, config: TiedLoRAConfig, *, adapted: bool = F
             found += f"; subclasses of nn.Linear cannot be adapted: {subclasses[:4]}"
         fused = _fused_experts(model)
         if fused:
-            found += f"; MoE experts fused into 3-D parameters ({fused[:2]}...) are not linear layers and cannot be"
-            found += " adapted"
+            found += (
+                f"; MoE experts fused into 3-D parameters ({fused[:2]}...) are not linear layers and cannot be adapted"
+            )
         raise ValueError(
             f"target_modules={wanted} matched no nn.Linear in the model (a string is a module name unless it holds "
             f"regular-expression characters); {found}"

@@ -42,11 +42,11 @@ _PREFIX = "base_model.model."
 _LORA = (".lora_A.weight", ".lora_B.weight")
 _VERA = (".vera_lambda_d", ".vera_lambda_b")
 
-# PEFT options this mapping cannot represent, with the value that means "not used"
 # PEFT initialisations that subtract their starting adapter from the base weight (PiSSA, OLoRA, CorDA, LoftQ,
 # LoRA-GA): a file saved without PEFT's conversion is the change from that rewritten weight, not from the model's
 _REWRITES_BASE = ("pissa", "olora", "corda", "loftq", "lora_ga")
 
+# PEFT options this mapping cannot represent, with the value that means "not used"
 _UNSUPPORTED = {
     "use_dora": False,
     "lora_bias": False,
@@ -148,10 +148,6 @@ def load_peft_adapter(model: nn.Module, directory: str | os.PathLike, *, backend
             raise ValueError("the VeRA file holds no vera_A/vera_B (saved with save_projection=False): cannot rebuild")
         alpha, preset, tie, dropout = None, "vera", True, meta.get("vera_dropout", 0.0)
     modules = dict(model.named_modules())
-    why = (
-        "their parent module reads the layer's weight itself instead of calling it, so PEFT's forward skips "
-        "them too (model._WEIGHT_READ_BY_PARENT)"
-    )
     absent = [name for name in layers if name not in modules]
     if absent:
         raise ValueError(
@@ -162,13 +158,19 @@ def load_peft_adapter(model: nn.Module, directory: str | os.PathLike, *, backend
         )
     skipped = [name for name in layers if _read_by_parent(model, name)]
     if skipped:  # (PEFT's "all-linear" adapts them)
+        why = (
+            "their parent module reads the layer's weight itself instead of calling it, so PEFT's forward skips "
+            "them too (model._WEIGHT_READ_BY_PARENT)"
+        )
         if len(skipped) == len(layers):
             raise ValueError(f"every layer of the PEFT adapter {skipped[:3]} has its weight read by its parent: {why}")
         warnings.warn(f"the PEFT adapter's pairs of {skipped[:3]} are not loaded: {why}", stacklevel=2)
         layers = [name for name in layers if name not in skipped]
     # float64 adapters only where the layers compute in float64: PEFT's float64 file on another model rounds too
-    wide = all(isinstance(getattr(modules[name], "weight", None), torch.Tensor) for name in layers) and all(
-        _input_dtype(modules[name]) == torch.float64 for name in layers
+    wide = all(
+        isinstance(getattr(modules[name], "weight", None), torch.Tensor)
+        and _input_dtype(modules[name]) == torch.float64
+        for name in layers
     )
     dtype = torch.float64 if wide and any(t.dtype == torch.float64 for t in state.values()) else torch.float32
     config = TiedLoRAConfig(

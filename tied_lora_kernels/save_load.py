@@ -155,7 +155,7 @@ def load_tied_lora(
         raise ValueError("backend='triton' needs plain weights; this model's adapted layers include quantized ones")
 
     meta = _read_meta(directory)
-    layout = meta["layout"]
+    layout, listed = meta["layout"], set(meta["tensors"])
     state = read_weights(os.path.join(directory, WEIGHTS_NAME))
     layers = tied_lora_layers(model)
     if layers:
@@ -174,7 +174,7 @@ def load_tied_lora(
                     f"the adapter in {directory} does not fit this model: it was configured to train {saved}, "
                     f"this model's adapter {mine}"
                 )
-        _check_state(state, model, set(meta["tensors"]))
+        absent = _check_state(state, model, listed)
     else:
         if meta["config"] is None:
             raise ValueError("the adapter was saved without a config: adapt the model first, then load")
@@ -208,10 +208,8 @@ def load_tied_lora(
         ids = _saved_tensor_ids(_saved_modules(model, config, targets))
         own = {name: t for name, t in _named_tensors(model).items() if id(t) in ids}
         module_tensors = {k: t for k, t in state.items() if not _is_adapter_tensor(k)}
-        expected = {k: (t.shape, t.dtype, t.is_meta) for k, t in own.items()}
-        listed = set(meta["tensors"])
-        _check_tensors(
-            module_tensors, _unsaved_buffers_left_out(module_tensors, listed, expected, model, warn=True, stacklevel=3)
+        absent = _check_against(
+            module_tensors, {k: (t.shape, t.dtype, t.is_meta) for k, t in own.items()}, listed, model
         )
         if config.dtype.itemsize < 4 and any(_input_dtype(model.get_submodule(n)) != config.dtype for n in layout):
             # a 16-bit adapter file (saved after model.to(bf16)) onto layers that run in another dtype (a float32
@@ -222,7 +220,13 @@ def load_tied_lora(
         # edited by hand, or written by another version), the model is put back as it was
         with _undone_on_error(model, layout):
             _apply(model, config, shared_of={name: entry["shared"] for name, entry in layout.items()})
-            _check_state(state, model, listed, warn=False)  # (warned above)
+            _check_state(state, model, listed)
+    if absent:
+        warnings.warn(
+            f"the adapter file holds no {absent[:3]} (saved before save_tied_lora saved the buffers of "
+            "modules_to_save): the model keeps its own",
+            stacklevel=2,
+        )
     if backend is not None:
         for layer in tied_lora_layers(model).values():
             layer.backend = backend
@@ -323,27 +327,20 @@ def _check_meta(meta: dict, path: str) -> None:
             raise bad(f"tensor {name!r} has no shape or no dtype torch knows ({d!r})")
 
 
-def _check_state(state: dict[str, torch.Tensor], model: nn.Module, listed: Set[str], *, warn: bool = True) -> None:
-    """A file's tensors against the adapted ``model``'s: the same names, and shapes and dtypes that load
-    (``listed``: the names its ``adapter_config.json`` describes; ``warn``: of buffers it lacks)."""
+def _check_state(state: dict[str, torch.Tensor], model: nn.Module, listed: Set[str]) -> list[str]:
+    """A file's tensors against the adapted ``model``'s (``_check_against``)."""
     expected = {k: (t.shape, t.dtype, t.is_meta) for k, t in tied_lora_state_dict(model).items()}
-    _check_tensors(state, _unsaved_buffers_left_out(state, listed, expected, model, warn=warn, stacklevel=4))
+    return _check_against(state, expected, listed, model)
 
 
-def _unsaved_buffers_left_out(
-    state: dict[str, torch.Tensor], listed: Set[str], expected: dict, model: nn.Module, *, warn: bool, stacklevel: int
-) -> dict:
-    """``expected`` without the buffers of ``modules_to_save`` that a file saved before they were (version 0.1.0 of
-    12-04 and earlier) lacks, and does not describe either: it loads, the model keeping its own, with a warning."""
+def _check_against(state: dict[str, torch.Tensor], expected: dict, listed: Set[str], model: nn.Module) -> list[str]:
+    """``_check_tensors``, less the buffers of ``modules_to_save`` that a file saved before they were (version 0.1.0
+    of 12-04 and earlier) neither holds nor describes (``listed``: the names its ``adapter_config.json`` describes):
+    it loads, the model keeping its own. Returns those buffers' names, for the caller's warning."""
     buffers = {name for name, _ in model.named_buffers()}
     absent = sorted(k for k in expected if k in buffers and k not in state and k not in listed)
-    if absent and warn:
-        warnings.warn(
-            f"the adapter file holds no {absent[:3]} (saved before save_tied_lora saved the buffers of "
-            "modules_to_save): the model keeps its own",
-            stacklevel=stacklevel,
-        )
-    return {k: v for k, v in expected.items() if k not in absent}
+    _check_tensors(state, {k: v for k, v in expected.items() if k not in absent})
+    return absent
 
 
 def _saved_config(meta: dict, layout: dict[str, dict], backend: str | None = None) -> TiedLoRAConfig:
