@@ -4,11 +4,21 @@ gloo process groups."""
 
 from __future__ import annotations
 
+import datetime
+
 import pytest
 import torch
 
 from tests.models import randomise_adapters, tiny_llama
-from tied_lora_kernels import QKV, TiedLoRAConfig, apply_tied_lora
+from tied_lora_kernels import (
+    QKV,
+    TiedLoRAConfig,
+    apply_tied_lora,
+    load_tied_lora,
+    save_tied_lora,
+    tied_lora_layers,
+    tied_lora_state_dict,
+)
 from tied_lora_kernels.distributed import sync_tied_lora_grads, tied_lora_parameters
 
 fsdp = pytest.importorskip("torch.distributed.fsdp")
@@ -16,8 +26,9 @@ if not hasattr(fsdp, "fully_shard"):
     pytest.skip("this torch has no FSDP2 (fully_shard)", allow_module_level=True)
 
 
-def _model():
-    model = apply_tied_lora(tiny_llama(), TiedLoRAConfig(rank=4, preset="tl6", target_modules=QKV + ("o_proj",)))
+def _model(saved=()):
+    config = TiedLoRAConfig(rank=4, preset="tl6", target_modules=QKV + ("o_proj",), modules_to_save=saved)
+    model = apply_tied_lora(tiny_llama(), config)
     randomise_adapters(model)
     return model.train()
 
@@ -41,16 +52,22 @@ def test_tied_lora_parameters_lists_each_adapter_tensor_once():
     # tied A and B once for the q/k/v group and once for o_proj, per-layer u and v
     assert len(params) == 2 * 2 + 2 * (2 + 3 + 1)  # pairs + per layer: u (qkv, o) and v (q, k, v, o)
     assert {id(p) for p in params} == {id(p) for p in model.parameters() if p.requires_grad}
+    # modules_to_save are trained in full and saved with the adapter: replicated and averaged with it
+    model = _model(saved=("lm_head",))
+    params = tied_lora_parameters(model)
+    assert len(params) == 2 * 2 + 2 * (2 + 3 + 1) + 1 and params[-1] is model.lm_head.weight
+    assert {id(p) for p in params} == {id(p) for p in model.parameters() if p.requires_grad}
 
 
-def test_fully_shard_per_block_with_the_adapter_replicated(process_group):
-    """One rank: FSDP's forward and every adapter gradient equal the unsharded model's, twice in a row."""
+def test_fully_shard_per_block_with_the_adapter_replicated(process_group, tmp_path):
+    """One rank: FSDP's forward and every adapter gradient (with a head trained in full, ``modules_to_save``)
+    equal the unsharded model's, twice in a row; the adapter saves and loads."""
     ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(5))
-    plain = _model()
+    plain = _model(saved=("lm_head",))
     plain(ids, labels=ids).loss.backward()
     want = _adapter_grads(plain)
 
-    sharded = _sharded(_model())
+    sharded = _sharded(_model(saved=("lm_head",)))
     for step in range(2):
         for p in tied_lora_parameters(sharded):
             p.grad = None
@@ -68,15 +85,69 @@ def test_fully_shard_per_block_with_the_adapter_replicated(process_group):
     u.grad = None
     sync_tied_lora_grads(sharded)
     assert u.grad is None
+    # every rank holds the adapter and the head whole: saving works, and the file loads into a bare model
+    save_tied_lora(sharded, tmp_path)
+    loaded = tied_lora_state_dict(load_tied_lora(tiny_llama(), tmp_path))
+    for name, tensor in tied_lora_state_dict(sharded).items():
+        assert torch.equal(loaded[name], tensor), name
+
+
+def test_a_sharded_adapter_is_refused_by_name(process_group, tmp_path):
+    """FSDP without ignored_params shards the adapter and the head into DTensors: saving, exporting and loading
+    refuse them by name (they crashed in safetensors or torch)."""
+    from tied_lora_kernels import export_peft_lora
+
+    model = _model(saved=("lm_head",))
+    save_tied_lora(model, tmp_path / "whole")
+    fsdp.fully_shard(model)
+    message = "sharded \\(DTensors\\): pass set\\(tied_lora_parameters\\(model\\)\\)"
+    for call in (
+        lambda: save_tied_lora(model, tmp_path / "sharded"),
+        lambda: export_peft_lora(model, tmp_path / "peft"),
+        lambda: load_tied_lora(model, tmp_path / "whole"),
+        lambda: tied_lora_state_dict(model),
+    ):
+        with pytest.raises(ValueError, match=message):
+            call()
+    # the head alone left out of ignored_params (the recipe before tied_lora_parameters held modules_to_save)
+    model = _model(saved=("lm_head",))
+    adapter = {p for p in tied_lora_parameters(model) if p is not model.lm_head.weight}
+    fsdp.fully_shard(model, ignored_params=adapter)
+    with pytest.raises(ValueError, match="\\['lm_head.weight'\\] are sharded"):
+        save_tied_lora(model, tmp_path / "sharded")
+
+
+def test_adapting_inside_ddp_is_refused(process_group, tmp_path):
+    """DDP takes the parameters it averages when it is built: an adapter created inside it would train apart on
+    each rank. Adapting or loading into a bare model inside DDP is refused, the model left bare; loading into a model
+    adapted before wrapping works."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    model = _model()
+    save_tied_lora(model, tmp_path)
+    bare = tiny_llama()
+    wrapped = DDP(bare)
+    with pytest.raises(ValueError, match="wrapped in DistributedDataParallel"):
+        apply_tied_lora(wrapped, TiedLoRAConfig(rank=4))
+    with pytest.raises(ValueError, match="wrapped in DistributedDataParallel"):
+        load_tied_lora(wrapped, tmp_path)
+    with pytest.raises(ValueError, match="'inner' is wrapped in DistributedDataParallel"):
+        apply_tied_lora(torch.nn.ModuleDict({"inner": wrapped}), TiedLoRAConfig(rank=4))
+    assert not tied_lora_layers(bare) and all(p.requires_grad for p in bare.parameters())
+    adapted = DDP(apply_tied_lora(tiny_llama(), TiedLoRAConfig(rank=4, preset="tl6", target_modules=QKV + ("o_proj",))))
+    load_tied_lora(adapted, tmp_path)
+    for name, tensor in tied_lora_state_dict(model).items():
+        assert torch.equal(tied_lora_state_dict(adapted)[name], tensor), name
 
 
 def _two_ranks(rank, init, out):
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    # a rank that fails leaves the other in a collective: a timeout ends it (and the test) instead of gloo's 30 min
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2, timeout=datetime.timedelta(seconds=60))
     try:
         ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(rank))  # each rank its batch
-        model = _sharded(_model())
+        model = _sharded(_model(saved=("lm_head",)))
         model(ids, labels=ids).loss.backward()
         o_proj_u = model.model.layers[1].self_attn.o_proj.lora_u
         if rank == 1:
@@ -99,7 +170,8 @@ def _two_ranks(rank, init, out):
 
 
 def test_two_ranks_average_the_adapter_gradients(tmp_path):
-    """Two ranks, two batches: each rank ends with the mean of the two unsharded gradients. A rank outside the
+    """Two ranks, two batches: each rank ends with the mean of the two unsharded gradients (the head trained in full
+    with the adapter's, ``modules_to_save``). A rank outside the
     group it is given is refused by name, its gradients left as they were."""
     import torch.multiprocessing as mp
 
@@ -107,7 +179,7 @@ def test_two_ranks_average_the_adapter_gradients(tmp_path):
     per_batch = []
     for rank in range(2):
         ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(rank))
-        model = _model()
+        model = _model(saved=("lm_head",))
         model(ids, labels=ids).loss.backward()
         per_batch.append(_adapter_grads(model))
     per_batch[1]["model.layers.1.self_attn.o_proj.lora_scale.u"] = torch.zeros(4)

@@ -14,8 +14,10 @@ for the base model:
     loss.backward()
     sync_tied_lora_grads(model)        # average the adapter's gradients across ranks, then step
 
-Ignored parameters are left whole on every rank, where they are: move the model to its GPU first. (DDP needs
-none of this: it averages every gradient itself.)
+``tied_lora_parameters`` also holds the parameters of the config's ``modules_to_save`` (an ``lm_head`` trained in
+full): replicated and averaged with the adapter, so that each rank holds and saves them whole. Ignored parameters
+are left whole on every rank, where they are: move the model to its GPU first. (DDP needs none of this: it
+averages every gradient itself; adapt the model before wrapping it in DDP.)
 """
 
 from __future__ import annotations
@@ -23,22 +25,24 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tied_lora_kernels.model import _adapter_params, _require_layers, _unwrapped
+from tied_lora_kernels.model import _adapter_params, _require_layers, _saved_ids, _unwrapped
 
 __all__ = ["tied_lora_parameters", "sync_tied_lora_grads"]
 
 
 def tied_lora_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """Every adapter parameter (``A``, ``B``, ``u``, ``v``; trained or frozen) once, in the order of
-    ``model.named_parameters()``, which is the same on every rank."""
+    """Every adapter parameter (``A``, ``B``, ``u``, ``v``; trained or frozen) and every parameter of the config's
+    ``modules_to_save`` (trained in full, saved with the adapter) once, in the order of ``model.named_parameters()``,
+    which is the same on every rank."""
     model = _unwrapped(model)
-    ids = _adapter_params(_require_layers(model))
+    ids = _adapter_params(_require_layers(model)) | _saved_ids(model)
     return [p for p in model.parameters() if id(p) in ids]
 
 
 @torch.no_grad()
 def sync_tied_lora_grads(model: nn.Module, group=None) -> None:
-    """Average the trained adapter parameters' gradients across ``group`` (default: every rank), in one
+    """Average the gradients of the trained ``tied_lora_parameters`` (the adapter's, the ``modules_to_save``'s) across
+    ``group`` (default: every rank), in one
     all-reduce: call it after the backward of the last micro-batch, before the optimizer step.
 
     A gradient that is ``None`` on this rank takes part as zeros; a parameter whose gradient is ``None`` on every

@@ -149,6 +149,7 @@ def _apply(model: nn.Module, config: TiedLoRAConfig, shared_of: dict[str, str] |
     if tied_lora_layers(model):
         raise RuntimeError("this model already has Tied-LoRA adapters")
     _refuse_peft_model(model)
+    _refuse_ddp(model)
     targets = _find_targets(model, config)
     saved = _saved_modules(model, config, targets)
     r = config.resolved
@@ -270,6 +271,19 @@ def _refuse_peft_model(model: nn.Module) -> None:
             "bare base model. Take PEFT's adapter off first (merge_and_unload() or unload()), or bring a saved PEFT "
             "LoRA or VeRA adapter over with load_peft_adapter(base_model, path)"
         )
+
+
+def _refuse_ddp(model: nn.Module) -> None:
+    """Refuse to create adapter parameters in a model that is, or holds, a ``DistributedDataParallel``: DDP took the
+    parameters it averages when it was built, so new ones would train apart on each rank, silently (the
+    ranks' adapters drift apart from the first step)."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.parallel.DistributedDataParallel):
+            raise ValueError(
+                f"{f'{name!r} is' if name else 'the model is'} wrapped in DistributedDataParallel, which averages only "
+                "the parameters it found when it was built: the adapter's new ones would train apart on each rank. "
+                "Adapt (or load the adapter into) the bare model, then wrap it: DDP(apply_tied_lora(model, config))"
+            )
 
 
 def _refuse_peft_inside(model: nn.Module) -> None:
@@ -554,6 +568,17 @@ def _saved_tensor_ids(modules: Mapping[str, nn.Module]) -> set[int]:
             ids |= {
                 id(b) for k, b in sub._buffers.items() if b is not None and k not in sub._non_persistent_buffers_set
             }
+    return ids
+
+
+def _saved_ids(model: nn.Module) -> set[int]:
+    """The ids of the tensors (``_saved_tensor_ids``) of every config's ``modules_to_save`` in ``model``: the
+    model's own and those of parts adapted apart, inside a wrapper with no config."""
+    ids: set[int] = set()
+    for module in model.modules():
+        config = module.__dict__.get("tied_lora_config")
+        if config is not None and config.modules_to_save:
+            ids |= _saved_tensor_ids(_saved_modules(module, config, {}))
     return ids
 
 

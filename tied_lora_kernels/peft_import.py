@@ -30,6 +30,7 @@ from tied_lora_kernels.model import (
     _input_dtype,
     _names_of_parameters,
     _read_by_parent,
+    _refuse_ddp,
     _refuse_peft_model,
     _unwrapped,
     tied_lora_layers,
@@ -82,10 +83,11 @@ def load_peft_adapter(model: nn.Module, directory: str | os.PathLike, *, backend
     or alphas, trained biases, a VeRA file saved without its projections, a saved module whose weight this model
     ties to another (PEFT unties it), and LoRA on a layer whose weight is tied to another (``lm_head`` with tied
     embeddings)."""
-    model = _unwrapped(model)
+    wrapped, model = model, _unwrapped(model)
     if tied_lora_layers(model):
         raise RuntimeError("this model already has Tied-LoRA adapters: load a PEFT adapter onto the bare base model")
     _refuse_peft_model(model)
+    _refuse_ddp(wrapped)
     meta, state = _read(directory)
     kind = meta.get("peft_type")
     if kind not in ("LORA", "VERA"):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 import warnings
 from collections.abc import Set
 
@@ -31,8 +32,10 @@ from tied_lora_kernels.model import (
     _is_adapter_tensor,
     _named_tensors,
     _read_by_parent,
+    _refuse_ddp,
     _refuse_peft_inside,
     _require_layers,
+    _saved_ids,
     _saved_modules,
     _saved_tensor_ids,
     _undone_on_error,
@@ -55,14 +58,16 @@ def tied_lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     config), detached; names are relative to the model inside a ``torch.compile``, (Distributed)DataParallel or
     ``AveragedModel`` wrapper."""
     model = _unwrapped(model)
-    ids = _adapter_params(_require_layers(model))
-    # modules_to_save are trained in full: saved with the adapter (buffers too), the model's own and those of parts
-    # adapted apart, inside a wrapper with no config
-    for module in model.modules():
-        config = module.__dict__.get("tied_lora_config")
-        if config is not None and config.modules_to_save:
-            ids |= _saved_tensor_ids(_saved_modules(module, config, {}))
-    return {name: t.detach() for name, t in _named_tensors(model).items() if id(t) in ids}
+    ids = _adapter_params(_require_layers(model)) | _saved_ids(model)  # (modules_to_save: trained in full)
+    state = {name: t.detach() for name, t in _named_tensors(model).items() if id(t) in ids}
+    dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+    sharded = [name for name, t in state.items() if dtensor is not None and isinstance(t, dtensor)]
+    if sharded:  # (each rank holds a shard: saving, exporting or loading would crash in safetensors or torch)
+        raise ValueError(
+            f"{sharded[:3]} are sharded (DTensors): pass set(tied_lora_parameters(model)), which holds the adapter "
+            "and the modules_to_save, as ignored_params to every fully_shard call, so that each rank holds them whole"
+        )
+    return state
 
 
 def _layout(model: nn.Module) -> dict[str, dict]:
@@ -144,9 +149,10 @@ def load_tied_lora(
     factors, and keeps its own ``requires_grad`` flags (which factors require grad right now is not compared:
     freezing a model for inference must not stop it loading). Every check runs before the model is touched:
     a mismatch raises and leaves the model as it was. A ``torch.compile``, (Distributed)DataParallel or
-    ``AveragedModel`` wrapper is looked through.
+    ``AveragedModel`` wrapper is looked through; a bare model inside ``DistributedDataParallel`` is refused (adapt
+    it before wrapping: DDP would not average the new parameters).
     """
-    model = _unwrapped(model)
+    wrapped, model = model, _unwrapped(model)
     if trainable is not None and not isinstance(trainable, bool):
         raise TypeError(f"trainable must be True, False or None, got {trainable!r}")
     if backend is not None and backend not in BACKENDS:
@@ -178,6 +184,7 @@ def load_tied_lora(
     else:
         if meta["config"] is None:
             raise ValueError("the adapter was saved without a config: adapt the model first, then load")
+        _refuse_ddp(wrapped)
         _check_base_shapes(model, layout)
         config = _saved_config(meta, layout, backend)
         targets = _find_targets(model, config)
