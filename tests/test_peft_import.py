@@ -383,3 +383,15 @@ def test_a_damaged_peft_file_is_refused_naming_it(tmp_path):
         with pytest.raises(ValueError, match=match):
             load_peft_adapter(model, tmp_path / name)
         assert _unchanged(model, before), name
+
+
+def test_loading_inside_ddp_is_refused(tmp_path, process_group):
+    """DDP averages only the parameters it found when it was built: an adapter created inside it would train apart
+    on each rank."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    _peft_adapter(tmp_path, peft.LoraConfig(r=4, target_modules=["q_proj"]))
+    bare = tiny_llama()
+    with pytest.raises(ValueError, match="wrapped in DistributedDataParallel"):
+        load_peft_adapter(DDP(bare), tmp_path)
+    assert not tied_lora_layers(bare)
