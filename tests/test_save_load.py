@@ -637,6 +637,16 @@ def test_save_pretrained_stores_each_tied_tensor_once_and_strict_loading_takes_i
     full["model.layers.0.self_attn.k_proj.shared.A"] += 1
     with pytest.raises(RuntimeError, match="one tied tensor in this model, but the state dict holds different"):
         other.load_state_dict(full)
+    # NaN is NaN: a diverged run's tied tensor, under each of its names, still loads (and the NaN with it)
+    full = {k: v.clone() for k, v in model.state_dict().items()}
+    for k in full:
+        if k.endswith(".shared.A"):  # every name of the one A (q, k, v of both layers)
+            full[k][0, 0] = float("nan")
+    other.load_state_dict(full)
+    assert other.model.layers[1].self_attn.v_proj.shared.A[0, 0].isnan()
+    full["model.layers.0.self_attn.k_proj.shared.A"][0, 0] = 0.0  # NaN under one name, a number under another
+    with pytest.raises(RuntimeError, match="one tied tensor in this model, but the state dict holds different"):
+        other.load_state_dict(full)
     # each adapted model fills in its own names only: beside an untied one, a missing key stays missing
     pair = nn.ModuleDict({"untied": apply_tied_lora(Toy(), TiedLoRAConfig(rank=2, tie=False, groups=()))})
     pair["tied"] = apply_tied_lora(Toy(), TiedLoRAConfig(rank=2))

@@ -331,9 +331,14 @@ def _input_dtype(linear: nn.Module) -> torch.dtype | None:
 
 
 def _same_values(a, b) -> bool:
+    """Whether two state-dict entries hold the same values, NaN equal to NaN (a diverged run's tied tensor, saved
+    under each of its names, is still one tensor)."""
     if a is b or not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor) or a.is_meta or b.is_meta:
         return True  # nothing to compare: loading reports what is wrong with them
-    return a.shape == b.shape and torch.equal(a, b.to(a.device))
+    if a.shape != b.shape:
+        return False
+    b = b.to(a.device)
+    return bool(((a == b) | (a.isnan() & b.isnan())).all())
 
 
 def _plan(
