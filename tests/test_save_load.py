@@ -854,3 +854,27 @@ def test_a_saved_module_keeps_its_running_statistics(tmp_path):
     peft = pytest.importorskip("peft")
     export_peft_lora(model, tmp_path / "peft")
     torch.testing.assert_close(peft.PeftModel.from_pretrained(net(), tmp_path / "peft").eval()(x), expected)
+
+
+@pytest.mark.parametrize("factor", ["shared.A", "lora_v"])
+def test_a_parametrized_adapter_factor_is_refused_by_name(tmp_path, factor):
+    """A factor under torch.nn.utils.parametrize is computed at each read, no parameter of the model: the adapter's
+    tensors silently lacked it, and save_tied_lora failed with a bare KeyError."""
+    from torch.nn.utils.parametrizations import orthogonal
+
+    from tied_lora_kernels.distributed import tied_lora_parameters
+
+    model = apply_tied_lora(tiny_llama(), TiedLoRAConfig(rank=4, preset="tl6"))
+    owner, _, attr = f"model.layers.1.self_attn.k_proj.{factor}".rpartition(".")
+    if attr == "A":
+        orthogonal(model.get_submodule(owner), attr)
+    else:
+        torch.nn.utils.parametrize.register_parametrization(model.get_submodule(owner), attr, nn.Identity())
+    name = "model.layers.0.self_attn.q_proj.shared.A" if attr == "A" else f"{owner}.{attr}"  # (A: its first name)
+    message = f"\\['{name}'\\] are parametrized"
+    for call in (tied_lora_state_dict, lambda m: save_tied_lora(m, tmp_path), tied_lora_parameters):
+        with pytest.raises(ValueError, match=message):
+            call(model)
+    assert not (tmp_path / "adapter_config.json").exists()
+    torch.nn.utils.parametrize.remove_parametrizations(model.get_submodule(owner), attr)
+    save_tied_lora(model, tmp_path)  # (the values it computed kept)

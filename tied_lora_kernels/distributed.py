@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tied_lora_kernels.model import _adapter_params, _require_layers, _saved_ids, _unwrapped
+from tied_lora_kernels.model import _adapter_params, _refuse_parametrized, _require_layers, _saved_ids, _unwrapped
 
 __all__ = ["tied_lora_parameters", "sync_tied_lora_grads"]
 
@@ -35,7 +35,9 @@ def tied_lora_parameters(model: nn.Module) -> list[nn.Parameter]:
     ``modules_to_save`` (trained in full, saved with the adapter) once, in the order of ``model.named_parameters()``,
     which is the same on every rank."""
     model = _unwrapped(model)
-    ids = _adapter_params(_require_layers(model)) | _saved_ids(model)
+    layers = _require_layers(model)
+    _refuse_parametrized(layers)
+    ids = _adapter_params(layers) | _saved_ids(model)
     return [p for p in model.parameters() if id(p) in ids]
 
 

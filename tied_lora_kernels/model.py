@@ -755,6 +755,28 @@ def _adapter_params(layers: dict[str, TiedLoRALinear]) -> set[int]:
     return {id(p) for layer in layers.values() for p in _factors(layer) if p is not None}
 
 
+def _refuse_parametrized(layers: dict[str, TiedLoRALinear]) -> None:
+    """Refuse adapter factors under ``torch.nn.utils.parametrize`` (``orthogonal(layer.shared, "A")``): each is then
+    computed from another parameter at every read, so it is no parameter of the model to save, load or replicate
+    (the adapter's tensors would silently lack it)."""
+    found: dict[tuple[int, str], str] = {}  # each tensor once, under its first name
+    for name, layer in layers.items():
+        for owner, attr, where in (
+            (layer.shared, "A", ".shared"),
+            (layer.shared, "B", ".shared"),
+            (layer.lora_scale, "u", ".lora_scale"),
+            (layer, "lora_v", ""),
+        ):
+            if torch.nn.utils.parametrize.is_parametrized(owner, attr):
+                found.setdefault((id(owner), attr), f"{name}{where}.{attr}")
+    if found:
+        raise ValueError(
+            f"{list(found.values())[:3]} are parametrized (torch.nn.utils.parametrize): an adapter holds plain "
+            "parameters. Take the parametrization off first: parametrize.remove_parametrizations(module, name) keeps "
+            "the values it computes"
+        )
+
+
 def _unwrapped(model: nn.Module) -> nn.Module:
     """The model inside ``torch.compile``'s, (Distributed)DataParallel's and ``AveragedModel``'s (an EMA or SWA
     copy: its averaged tensors) wrappers, whose names carry a prefix (``_orig_mod.``, ``module.``) that an adapter

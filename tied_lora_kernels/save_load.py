@@ -33,6 +33,7 @@ from tied_lora_kernels.model import (
     _named_tensors,
     _read_by_parent,
     _refuse_ddp,
+    _refuse_parametrized,
     _refuse_peft_inside,
     _require_layers,
     _saved_ids,
@@ -58,7 +59,9 @@ def tied_lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     config), detached; names are relative to the model inside a ``torch.compile``, (Distributed)DataParallel or
     ``AveragedModel`` wrapper."""
     model = _unwrapped(model)
-    ids = _adapter_params(_require_layers(model)) | _saved_ids(model)  # (modules_to_save: trained in full)
+    layers = _require_layers(model)
+    _refuse_parametrized(layers)
+    ids = _adapter_params(layers) | _saved_ids(model)  # (modules_to_save: trained in full)
     state = {name: t.detach() for name, t in _named_tensors(model).items() if id(t) in ids}
     dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
     sharded = [name for name, t in state.items() if dtensor is not None and isinstance(t, dtensor)]
