@@ -5,6 +5,7 @@ loading: ``test_save_load.py``; Hugging Face training: ``test_hf_integration.py`
 from __future__ import annotations
 
 import importlib
+import pickle
 import warnings
 
 import pytest
@@ -223,6 +224,7 @@ def test_merge_unmerge_unload_model():
     assert torch.equal(model.layers[0].q_proj.weight, merged_weight)
     assert not tied_lora_layers(model) and type(model.layers[0].q_proj) is nn.Linear
     assert_close_to_reference(model(x), y.double(), None, "unloaded")
+    assert b"tied_lora_kernels" not in pickle.dumps(model)  # plain again: no load hook of ours left
 
 
 def test_unload_without_merging_gives_the_base_model_back():
@@ -249,6 +251,8 @@ def test_unload_without_merging_gives_the_base_model_back():
     assert not tied_lora_layers(fresh) and not hasattr(fresh, "tied_lora_config")
     with torch.no_grad():
         assert torch.equal(fresh(ids).logits, expected)  # never merged: bit for bit
+    # plain again: its load hook is gone too, so it pickles (torch.save) without this library
+    assert b"tied_lora_kernels" not in pickle.dumps(model) and b"tied_lora_kernels" not in pickle.dumps(fresh)
 
 
 @pytest.mark.parametrize("spelling", ["all-linear", "ALL-LINEAR"])

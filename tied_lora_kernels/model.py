@@ -686,10 +686,18 @@ def _named(name: str, check, *args) -> None:
 
 
 def _unload(model: nn.Module, layers: dict[str, TiedLoRALinear]) -> None:
-    """Put each adapted layer's base (``TiedLoRALinear.to_base``) in its place."""
+    """Put each adapted layer's base (``TiedLoRALinear.to_base``) in its place, and take off the load hook
+    (``_fill_tied_aliases``) of the modules with no adapter left: the model is plain again, and pickles and loads
+    without this library."""
     for name, layer in layers.items():
         _set_submodule(model, name, layer.to_base())
     _unwrapped(model).__dict__.pop("tied_lora_config", None)
+    for module in model.modules():
+        hooks = module._load_state_dict_pre_hooks
+        ours = [key for key, h in hooks.items() if getattr(h, "hook", None) is _fill_tied_aliases]
+        if ours and not tied_lora_layers(module):
+            for key in ours:
+                del hooks[key]
 
 
 def unmerge_tied_lora(model: nn.Module) -> nn.Module:
