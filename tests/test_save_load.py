@@ -397,6 +397,10 @@ def test_load_refuses_other_layouts(tmp_path):
         on_meta = tiny_llama()
     with pytest.raises(ValueError, match="meta device"):
         load_tied_lora(on_meta, tmp_path)
+    apply_tied_lora(on_meta, TiedLoRAConfig(rank=4, preset="tl6"))  # (saving it raised torch's NotImplementedError)
+    with pytest.raises(ValueError, match=r"\['model.layers.0.self_attn.q_proj.lora_v', .* are on the meta device"):
+        save_tied_lora(on_meta, tmp_path / "from_meta")
+    assert not (tmp_path / "from_meta").exists()
     bf16 = apply_tied_lora(tiny_llama().to(torch.bfloat16), TiedLoRAConfig(rank=4, dtype=torch.bfloat16))
     with pytest.raises(TypeError, match="would round it"):
         load_tied_lora(bf16, tmp_path)

@@ -99,7 +99,14 @@ def save_tied_lora(model: nn.Module, directory: str | os.PathLike) -> None:
     from safetensors.torch import save_file
 
     model = _unwrapped(model)
-    state = {k: v.contiguous().cpu() for k, v in tied_lora_state_dict(model).items()}  # (refuses a bare model)
+    state = tied_lora_state_dict(model)  # (refuses a bare model)
+    on_meta = [k for k, v in state.items() if v.is_meta]
+    if on_meta:
+        raise ValueError(
+            f"{on_meta[:3]} are on the meta device (a model built under init_empty_weights or device='meta'): "
+            "materialise the model and load its adapter before saving"
+        )
+    state = {k: v.contiguous().cpu() for k, v in state.items()}
     _refuse_peft_inside(model)
     config = getattr(model, "tied_lora_config", None)
     nested = [
