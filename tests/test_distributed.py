@@ -34,7 +34,11 @@ def _model(saved=()):
 
 
 def _sharded(model):
+    """The README's layout: the adapter left whole on every rank, and a head trained in full (``modules_to_save``)
+    with it, where the model has one."""
     adapter = set(tied_lora_parameters(model))
+    if model.lm_head.weight.requires_grad:
+        adapter |= set(model.lm_head.parameters())
     for block in model.model.layers:
         fsdp.fully_shard(block, ignored_params=adapter)
     fsdp.fully_shard(model, ignored_params=adapter)
@@ -52,16 +56,15 @@ def test_tied_lora_parameters_lists_each_adapter_tensor_once():
     # tied A and B once for the q/k/v group and once for o_proj, per-layer u and v
     assert len(params) == 2 * 2 + 2 * (2 + 3 + 1)  # pairs + per layer: u (qkv, o) and v (q, k, v, o)
     assert {id(p) for p in params} == {id(p) for p in model.parameters() if p.requires_grad}
-    # modules_to_save are trained in full and saved with the adapter: replicated and averaged with it
+    # modules_to_save are the base model's own: sharded with it unless the caller leaves them whole too
     model = _model(saved=("lm_head",))
-    params = tied_lora_parameters(model)
-    assert len(params) == 2 * 2 + 2 * (2 + 3 + 1) + 1 and params[-1] is model.lm_head.weight
-    assert {id(p) for p in params} == {id(p) for p in model.parameters() if p.requires_grad}
+    with_head = tied_lora_parameters(model)
+    assert len(with_head) == len(params) and all(p is not model.lm_head.weight for p in with_head)
 
 
 def test_fully_shard_per_block_with_the_adapter_replicated(process_group, tmp_path):
-    """One rank: FSDP's forward and every adapter gradient (with a head trained in full, ``modules_to_save``)
-    equal the unsharded model's, twice in a row; the adapter saves and loads."""
+    """One rank: FSDP's forward and every adapter gradient (with a head trained in full, ``modules_to_save``, left
+    whole beside the adapter) equal the unsharded model's, twice in a row; the adapter saves and loads."""
     ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(5))
     plain = _model(saved=("lm_head",))
     plain(ids, labels=ids).loss.backward()
@@ -69,7 +72,7 @@ def test_fully_shard_per_block_with_the_adapter_replicated(process_group, tmp_pa
 
     sharded = _sharded(_model(saved=("lm_head",)))
     for step in range(2):
-        for p in tied_lora_parameters(sharded):
+        for p in sharded.parameters():
             p.grad = None
         loss = sharded(ids, labels=ids).loss
         torch.testing.assert_close(loss, plain(ids, labels=ids).loss, rtol=1e-6, atol=0)
@@ -100,7 +103,7 @@ def test_a_sharded_adapter_is_refused_by_name(process_group, tmp_path):
     model = _model(saved=("lm_head",))
     save_tied_lora(model, tmp_path / "whole")
     fsdp.fully_shard(model)
-    message = "sharded \\(DTensors\\): pass set\\(tied_lora_parameters\\(model\\)\\)"
+    message = "are sharded \\(DTensors: each rank holds a shard\\)"
     for call in (
         lambda: save_tied_lora(model, tmp_path / "sharded"),
         lambda: export_peft_lora(model, tmp_path / "peft"),
@@ -109,10 +112,13 @@ def test_a_sharded_adapter_is_refused_by_name(process_group, tmp_path):
     ):
         with pytest.raises(ValueError, match=message):
             call()
-    # the head alone left out of ignored_params (the recipe before tied_lora_parameters held modules_to_save)
+    # the adapter whole, the head sharded with the base (FSDP reduces its gradients): trains, saves nothing
     model = _model(saved=("lm_head",))
-    adapter = {p for p in tied_lora_parameters(model) if p is not model.lm_head.weight}
+    adapter = set(tied_lora_parameters(model))
     fsdp.fully_shard(model, ignored_params=adapter)
+    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(5))
+    model(ids, labels=ids).loss.backward()
+    sync_tied_lora_grads(model)  # (the adapter's; the head's DTensor gradient is FSDP's, left alone)
     with pytest.raises(ValueError, match="\\['lm_head.weight'\\] are sharded"):
         save_tied_lora(model, tmp_path / "sharded")
 

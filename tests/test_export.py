@@ -114,6 +114,12 @@ def test_dtype_and_refusals(tmp_path):
         meta = apply_tied_lora(tiny_llama(), TiedLoRAConfig(rank=4))
     with pytest.raises(ValueError, match="meta device"):
         export_peft_lora(meta, tmp_path / "x")
+    # one layer's own v on meta beside a materialised A (an offloaded layer): named, not a crash inside torch
+    model = apply_tied_lora(tiny_llama(), TiedLoRAConfig(rank=4, preset="tl6"))
+    q = model.model.layers[1].self_attn.q_proj
+    q.lora_v = nn.Parameter(torch.empty_like(q.lora_v, device="meta"))
+    with pytest.raises(ValueError, match=r"\['model.layers.1.self_attn.q_proj.lora_v'\] are on the meta device"):
+        export_peft_lora(model, tmp_path / "x")
 
 
 def test_task_type_and_a_part_of_the_model(tmp_path):

@@ -14,10 +14,12 @@ for the base model:
     loss.backward()
     sync_tied_lora_grads(model)        # average the adapter's gradients across ranks, then step
 
-``tied_lora_parameters`` also holds the parameters of the config's ``modules_to_save`` (an ``lm_head`` trained in
-full): replicated and averaged with the adapter, so that each rank holds and saves them whole. Ignored parameters
-are left whole on every rank, where they are: move the model to its GPU first. (DDP needs none of this: it
-averages every gradient itself; adapt the model before wrapping it in DDP.)
+Ignored parameters are left whole on every rank, where they are: move the model to its GPU first. The config's
+``modules_to_save`` (an ``lm_head`` trained in full) are the base model's own modules: sharded with it, FSDP reduces
+their gradients and casts them under its ``MixedPrecisionPolicy``, but ``save_tied_lora`` then refuses their
+shards. Added to ``ignored_params`` they are left whole (on every rank, with their optimizer state, and outside
+the mixed-precision policy), ``sync_tied_lora_grads`` averages them with the adapter, and the adapter saves.
+(DDP needs none of this: it averages every gradient itself; adapt the model before wrapping it in DDP.)
 """
 
 from __future__ import annotations
@@ -31,21 +33,21 @@ __all__ = ["tied_lora_parameters", "sync_tied_lora_grads"]
 
 
 def tied_lora_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """Every adapter parameter (``A``, ``B``, ``u``, ``v``; trained or frozen) and every parameter of the config's
-    ``modules_to_save`` (trained in full, saved with the adapter) once, in the order of ``model.named_parameters()``,
-    which is the same on every rank."""
+    """Every adapter parameter (``A``, ``B``, ``u``, ``v``; trained or frozen) once, in the order of
+    ``model.named_parameters()``, which is the same on every rank."""
     model = _unwrapped(model)
     layers = _require_layers(model)
     _refuse_parametrized(layers)
-    ids = _adapter_params(layers) | _saved_ids(model)
+    ids = _adapter_params(layers)
     return [p for p in model.parameters() if id(p) in ids]
 
 
 @torch.no_grad()
 def sync_tied_lora_grads(model: nn.Module, group=None) -> None:
-    """Average the gradients of the trained ``tied_lora_parameters`` (the adapter's, the ``modules_to_save``'s) across
-    ``group`` (default: every rank), in one
-    all-reduce: call it after the backward of the last micro-batch, before the optimizer step.
+    """Average the trained adapter parameters' gradients across ``group`` (default: every rank), in one
+    all-reduce: call it after the backward of the last micro-batch, before the optimizer step. The trained
+    parameters of the ``modules_to_save`` that are left whole on each rank (in ``ignored_params``) are averaged
+    with them; those FSDP shards (DTensors) are FSDP's to reduce.
 
     A gradient that is ``None`` on this rank takes part as zeros; a parameter whose gradient is ``None`` on every
     rank keeps ``None`` (so the optimizer skips it, as it would without sharding). Gradients are summed in
@@ -60,16 +62,19 @@ def sync_tied_lora_grads(model: nn.Module, group=None) -> None:
         raise ValueError(
             "this rank is not in the group given to sync_tied_lora_grads: call it on that group's ranks only"
         )
-    params = [p for p in tied_lora_parameters(model) if p.requires_grad]
-    if not params:
-        return
     from torch.distributed.tensor import DTensor
 
-    if any(isinstance(p, DTensor) for p in params):
+    adapter = [p for p in tied_lora_parameters(model) if p.requires_grad]
+    if any(isinstance(p, DTensor) for p in adapter):
         raise ValueError(
             "the adapter's parameters are sharded (DTensors): pass set(tied_lora_parameters(model)) as "
             "ignored_params to every fully_shard call, so that each rank holds the whole adapter"
         )
+    model = _unwrapped(model)
+    ids = {id(p) for p in adapter} | _saved_ids(model)  # (a modules_to_save parameter left whole: averaged too)
+    params = [p for p in model.parameters() if id(p) in ids and p.requires_grad and not isinstance(p, DTensor)]
+    if not params:
+        return
     device = params[0].device
     dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
     # [flattened gradients | one has-a-gradient flag per parameter], so one collective carries both

@@ -29,7 +29,7 @@ from tied_lora_kernels.model import (
     _unwrapped,
     tied_lora_layers,
 )
-from tied_lora_kernels.save_load import tied_lora_state_dict
+from tied_lora_kernels.save_load import _refuse_meta, tied_lora_state_dict
 
 __all__ = ["export_peft_lora"]
 
@@ -73,8 +73,7 @@ def export_peft_lora(
         raise RuntimeError(
             f"cannot export merged layers ({merged[:3]}): their ΔW is in the base weights; unmerge_tied_lora first"
         )
-    if any(layer.shared.A.is_meta for layer in layers.values()):
-        raise ValueError("the adapters are on the meta device: materialise and load them before exporting")
+    _refuse_meta(tied_lora_state_dict(model), "exporting")
     if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
         raise TypeError(f"dtype must be a floating-point torch.dtype or None, got {dtype!r}")
     ranks = {layer.rank for layer in layers.values()}

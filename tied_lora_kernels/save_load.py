@@ -67,8 +67,20 @@ def tied_lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     sharded = [name for name, t in state.items() if dtensor is not None and isinstance(t, dtensor)]
     if sharded:  # (each rank holds a shard: saving, exporting or loading would crash in safetensors or torch)
         raise ValueError(
-            f"{sharded[:3]} are sharded (DTensors): pass set(tied_lora_parameters(model)), which holds the adapter "
-            "and the modules_to_save, as ignored_params to every fully_shard call, so that each rank holds them whole"
+            f"{sharded[:3]} are sharded (DTensors: each rank holds a shard). Leave them whole on every rank: pass "
+            "set(tied_lora_parameters(model)) as ignored_params to every fully_shard call, with the parameters of "
+            "the modules_to_save added (sync_tied_lora_grads then averages them too)"
+        )
+    return state
+
+
+def _refuse_meta(state: dict[str, torch.Tensor], doing: str) -> dict[str, torch.Tensor]:
+    """``state`` (``tied_lora_state_dict``'s), refused if a tensor is on the meta device (no values to write)."""
+    on_meta = [k for k, v in state.items() if v.is_meta]
+    if on_meta:
+        raise ValueError(
+            f"{on_meta[:3]} are on the meta device (a model built under init_empty_weights or device='meta', or "
+            f"offloaded): materialise the model and load its adapter before {doing}"
         )
     return state
 
@@ -99,13 +111,7 @@ def save_tied_lora(model: nn.Module, directory: str | os.PathLike) -> None:
     from safetensors.torch import save_file
 
     model = _unwrapped(model)
-    state = tied_lora_state_dict(model)  # (refuses a bare model)
-    on_meta = [k for k, v in state.items() if v.is_meta]
-    if on_meta:
-        raise ValueError(
-            f"{on_meta[:3]} are on the meta device (a model built under init_empty_weights or device='meta'): "
-            "materialise the model and load its adapter before saving"
-        )
+    state = _refuse_meta(tied_lora_state_dict(model), "saving")  # (refuses a bare model)
     state = {k: v.contiguous().cpu() for k, v in state.items()}
     _refuse_peft_inside(model)
     config = getattr(model, "tied_lora_config", None)
