@@ -142,9 +142,14 @@ class _Allocations(TorchDispatchMode):
         return out
 
 
-def test_torch_path_makes_one_MN_tensor_and_no_weight_copy():
+@pytest.mark.parametrize("layer", [False, True], ids=["tensors", "parameters"])
+def test_torch_path_makes_one_MN_tensor_and_no_weight_copy(layer):
+    """Also for a layer's nn.Parameters with v None (LoRA), whose B reaches the addmm as the Parameter itself."""
     M, K, N, R = 64, 32, 48, 4
     t = make_inputs(M, K, N, R)
+    if layer:
+        t = {k: torch.nn.Parameter(v.detach()) if k in ("weight", "bias", "A", "B", "u") else v for k, v in t.items()}
+        t["v"] = None
     with _Allocations() as mode:
         tied_lora_linear(t["x"], t["weight"], t["bias"], t["A"], t["B"], t["u"], t["v"], 0.5, backend="torch")
     mn = [op for op in mode.ops if op[1] == (M, N)]

@@ -246,29 +246,57 @@ def test_a_layer_of_zero_width_has_the_torch_paths_gradients(K, N):
 
 
 @pytest.mark.parametrize("M", [5, 40], ids=["decode", "prefill"])
-@pytest.mark.parametrize("config", ["vera", "v_only", "lora"])
+@pytest.mark.parametrize("config", ["vera", "v_only", "lora", "base_only"])
 def test_frozen_tensors_the_backward_does_not_read_are_not_saved(config, M):
-    """``W`` is saved only for dx and ``A`` only for dx and dA, as the torch path's ops save what their backward
-    reads: with a frozen input, a base weight made under ``inference_mode`` trains the adapter, and a frozen ``W``
-    (and, where A is frozen, ``A``) changed in place between forward and backward is no error — the gradients are
-    those of the values the forward saw."""
+    """``W`` is saved only for dx, ``A`` only for dx and dA, and ``B``, ``u``, ``v`` only for dx and the adapter's
+    gradients, as the torch path's ops save what their backward reads: with a frozen input, frozen tensors made
+    under ``inference_mode`` (a base weight; the whole adapter where only the base trains) take part, and those
+    changed in place between forward and backward are no error — the gradients are those of the values the
+    forward saw."""
     for backend in ("torch", "triton"):
         x, params = make_inputs(config, M=M, K=48, N=40, R=8, dtype=torch.float32)
         x.requires_grad_(False)
         names = ("weight", "bias", "A", "B", "u", "v")
         trained = [params[k] for k in names if params[k] is not None and params[k].requires_grad]
+        # the frozen tensors the backward does not read: W and a frozen A without dx; everything frozen when
+        # no adapter factor trains (dW = dyᵀx, db = colsum(dy))
+        unread = ["weight", "A"] if config != "base_only" else ["A", "B", "u", "v"]
+        unread = [k for k in unread if not params[k].requires_grad]
         with torch.inference_mode():
-            weight = params["weight"].clone()
+            made = {k: params[k].clone() for k in unread}
         args = [params[k] for k in names]
         y = tied_lora_linear(x, *args, 0.5, backend=backend, deterministic=True)
         want = torch.autograd.grad(y.sum(), trained)
-        ys = [tied_lora_linear(x, *a, 0.5, backend=backend, deterministic=True) for a in ([weight, *args[1:]], args)]
+        in_inference = [made.get(k, params[k]) for k in names]
+        ys = [tied_lora_linear(x, *a, 0.5, backend=backend, deterministic=True) for a in (in_inference, args)]
         with torch.no_grad():  # after the forwards, before their backward
-            for t in [params["weight"]] + ([] if params["A"].requires_grad else [params["A"]]):
-                t.add_(1.0)
+            for k in unread:
+                params[k].add_(1.0)
         for y in ys:
             for g, w in zip(torch.autograd.grad(y.sum(), trained), want, strict=True):
                 assert torch.equal(g, w), backend
+
+
+@pytest.mark.parametrize("name", ["x", "weight", "A", "v"])
+def test_a_dispatching_tensor_subclass_is_refused_by_name_and_auto_runs_torch(name, monkeypatch):
+    """A tensor subclass that dispatches its own ops (DTensor, float8 and quantized wrappers; TwoTensor here) has no
+    memory holding its values, which the kernels read (they crashed with "invalid python storage"): the triton
+    backend names it and the backend that runs it, and "auto" (triton on a GPU) falls back to the torch path, whose
+    ops dispatch to the subclass."""
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    from tied_lora_kernels import functional
+
+    x, params = make_inputs("tl6", M=5, K=16, N=12, R=4, dtype=torch.float32)
+    inputs = {"x": x.detach(), **{k: t.detach() for k, t in params.items()}}
+    plain = tied_lora_linear(*inputs.values(), 0.5, backend="torch")
+    inputs[name] = TwoTensor(inputs[name], inputs[name].clone())
+    with pytest.raises(TypeError, match=f"{name} is a torch.testing._internal.two_tensor.TwoTensor .*backend='torch'"):
+        tied_lora_linear(*inputs.values(), 0.5, backend="triton")
+    monkeypatch.setattr(functional, "resolve_backend", lambda backend, x, rank=1: "triton")  # (what a GPU gives)
+    y = tied_lora_linear(*inputs.values(), 0.5, backend="auto")
+    for values in (y.a, y.b) if type(y) is TwoTensor else (y,):  # (an in-place op on a plain y keeps it plain)
+        torch.testing.assert_close(values, plain, rtol=1e-6, atol=1e-6)
 
 
 def test_a_batched_backward_is_refused_by_name():

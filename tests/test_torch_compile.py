@@ -319,17 +319,18 @@ def test_forced_choice_reaches_the_custom_ops(monkeypatch):
 
 
 @pytest.mark.parametrize("M", [5, 37], ids=["decode", "prefill"])
-@pytest.mark.parametrize("config", ["vera", "lora"])
+@pytest.mark.parametrize("config", ["vera", "lora", "base_only"])
 def test_compiled_with_a_frozen_input(config, M):
-    """x frozen: the custom op saves neither W (dx only) nor, for VeRA, A (dx and dA only), and its backward's
-    fake implementation takes their absence; the compiled gradients equal eager's, also with a base weight made
-    under ``inference_mode`` (which could not be saved)."""
+    """x frozen: the custom op saves neither W (dx only) nor, for VeRA, A (dx and dA only), nor B, u, v where only
+    the base trains, and its backward's fake implementation takes their absence; the compiled gradients equal
+    eager's, also with those frozen tensors made under ``inference_mode`` (which could not be saved)."""
     x, params = make_inputs(config, M, 40, 24, 6, torch.float32)
     x.requires_grad_(False)
+    names = ("weight", "bias", "A", "B", "u", "v")
+    unread = ["weight"] if config != "base_only" else ["A", "B", "u", "v"]
     with torch.inference_mode():
-        weight = params["weight"].clone()
-    for W in (params["weight"], weight):
-        args = [W, *(params[k] for k in ("bias", "A", "B", "u", "v"))]
+        made = {k: params[k].clone() for k in unread}
+    for args in ([params[k] for k in names], [made.get(k, params[k]) for k in names]):
 
         def f(h, args=args):
             return tied_lora_linear(h, *args, 0.5, backend="triton", deterministic=True)

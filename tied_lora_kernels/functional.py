@@ -8,7 +8,7 @@ Both backends compute ``y = x Wᵀ + b + scale · (v ⊙ ((u ⊙ (x Aᵀ)) Bᵀ)
   ``[R, K]`` and an ``[N, R]`` copy, the only copies made).
 - ``"triton"``: the fused kernels of ``tied_lora_kernels.kernels``.
 - ``"auto"``: triton for CUDA tensors the kernels support (an NVIDIA GPU of compute capability ≥ 8.0, triton
-  importable, fp16/bf16/fp32, rank ≤ 128), torch otherwise.
+  importable, fp16/bf16/fp32, rank ≤ 128, no tensor subclass that dispatches its own ops), torch otherwise.
 
 Adapter dropout (``dropout=p``, PEFT's ``lora_dropout``) drops entries of the adapter's input only — the base
 GEMM sees ``x`` as it is. The torch path draws it with ``F.dropout``; the fused kernels draw their own mask
@@ -66,7 +66,16 @@ def tied_lora_linear(
         x, weight, bias = (_autocast(t, autocast) for t in (x, weight, bias))
     _check_inputs(x, weight, bias, A, B, u, v, scale)
     check_dropout(dropout)
-    backend = resolve_backend(backend, x, A.shape[0])
+    requested, backend = backend, resolve_backend(backend, x, A.shape[0])
+    if backend == "triton" and not torch.compiler.is_compiling():  # (compiled: the custom op, dispatched)
+        subclass = _dispatching_subclass(x=x, weight=weight, bias=bias, A=A, B=B, u=u, v=v)
+        if subclass is not None and requested == "triton":
+            raise TypeError(
+                f"{subclass} (a tensor subclass that dispatches its own ops, such as DTensor or a float8 or quantized "
+                "wrapper): the fused kernels read a plain tensor's memory. Use backend='torch' or 'auto'"
+            )
+        if subclass is not None:
+            backend = "torch"  # "auto": the torch path's ops dispatch to the subclass
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
     elif not (isinstance(deterministic, bool) or _is_numpy_bool(deterministic)):
@@ -76,6 +85,24 @@ def tied_lora_linear(
         with torch.autocast(x.device.type, enabled=False):
             return _dispatch(backend, x, weight, bias, A, B, u, v, float(scale), deterministic, dropout)
     return _dispatch(backend, x, weight, bias, A, B, u, v, float(scale), deterministic, dropout)
+
+
+def _dispatching_subclass(**tensors: Tensor | None) -> str | None:
+    """``"name is a Class"`` for the first tensor whose class dispatches its own ops (``__torch_dispatch__``: a
+    wrapper whose memory, if it has any, is not its values), else None. Parameters and plain subclasses pass."""
+    for name, t in tensors.items():
+        if _dispatches(t):
+            return f"{name} is a {type(t).__module__}.{type(t).__qualname__}"
+    return None
+
+
+def _dispatches(t: Tensor | None) -> bool:
+    """Whether ``t``'s class dispatches its own ops (a tensor and a parameter first: a tuple lookup, at decode)."""
+    cls = type(t)
+    return cls not in _PLAIN and getattr(cls, "__torch_dispatch__", None) is not torch._C._disabled_torch_dispatch_impl
+
+
+_PLAIN = (Tensor, torch.nn.Parameter, type(None))
 
 
 def _is_numpy_bool(flag) -> bool:
@@ -156,7 +183,10 @@ def _rows(x: Tensor) -> Tensor:
 def _torch_path(x2d, weight, bias, A, B, u, v, scale, dropout=0.0):
     y = torch.nn.functional.linear(x2d, weight, bias)  # [M, N]  base, the only [M, N] tensor
     s, b = _rank_factors(x2d, A, B, u, v, dropout)
-    if torch._C._functorch.peek_interpreter_stack() is not None:  # vmap has a batching rule for addmm, not addmm_
+    # out of place under vmap (a batching rule for addmm, not addmm_) and where a factor dispatches its own ops and y
+    # does not (an adapter TwoTensor or DTensor beside a plain base output: an in-place op on y cannot hold it)
+    subclass = (_dispatches(s) or _dispatches(b)) and not _dispatches(y)
+    if subclass or torch._C._functorch.peek_interpreter_stack() is not None:
         return torch.addmm(y, s, b.t(), alpha=scale)
     return y.addmm_(s, b.t(), alpha=scale)  # y += scale · S (v ⊙ B)ᵀ, in place
 

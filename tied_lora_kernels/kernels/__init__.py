@@ -6,7 +6,7 @@
 - ``forward.py``: the fused GEMM (forward ``y`` and backward ``dx``; one-pass or two-pass, split-K at
   decode) and its launcher;
 - ``prepare.py``: the adapters as a prefill GEMM reads them (``A`` cast, ``s·v ⊙ B`` folded), one launch;
-- ``shrink.py``: the two-pass strategy's first kernel (``T = x Aᵀ``, ``dS = dy (s·v ⊙ B)`` in fp32);
+- ``shrink.py``: the two-pass strategy's first kernel (``T = x Aᵀ``, ``dS / s = dy (v ⊙ B)`` in fp32);
 - ``dropout.py``: adapter dropout's mask (drawn by the shrink, stored as bits, read by dx and ``dA``);
 - ``backward.py``: the rank-gradient reduction over tokens (``dA = dTᵀx``; ``G = dyᵀS``, finished in its
   epilogue into ``dB``, ``dv``, ``du``);

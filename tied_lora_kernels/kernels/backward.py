@@ -3,7 +3,8 @@
     acc [C, R] = Σ_m a[m, c] · p[m, r]            a [M, C] (input dtype), p [M, R] (fp32, rounded as dot operand)
     out [C, R] = scale · ovec[c] · acc[c, r] · rscale[r]
 
-Backward runs it twice: ``dAᵀ = xᵀ (dS ⊙ u)`` (a = x, p = dS, rscale = u) and ``dB = s·v ⊙ G`` with
+Backward runs it twice: ``dAᵀ = xᵀ (dS ⊙ u)`` (a = x, p = dS / s = dy (v ⊙ B), rscale = u, scale = s) and
+``dB = s·v ⊙ G`` with
 ``G = dyᵀ (T ⊙ u)`` (a = dy, p = T, rscale = u, ovec = v; one pass over dy). With ``rowmat = B`` the second
 also finishes, in its epilogue,
 

@@ -28,7 +28,7 @@ stride is padded to 16 elements by ``prepare.prepare_adapters``, so it carries o
   (``_sum_splits_rank_kernel`` with the GEMM's output tile: partials and ``t`` summed, the rank-R term from the
   fp32 master ``B`` (forward, with bias and ``v``) or ``A`` (dx), ``T`` stored; ``fwd-oddR``: ``t``'s and
   ``B``'s rows without divisibility hints);
-- ``T`` / ``dS``: the two-pass shrink of ``x`` (by ``Aᵀ``) and of ``dy`` (by ``s·v ⊙ B``);
+- ``T`` / ``dS``: the two-pass shrink of ``x`` (by ``Aᵀ``) and of ``dy`` (by ``v ⊙ B``);
 - ``G``: ``dyᵀ S`` with atomics (the default), finished in its epilogue into ``dB``, ``dv`` and ``du`` (every
   switch on: TL6); ``dA``: ``xᵀ dT`` into a transposed output, deterministic;
 - ``prep``: ``A`` cast and ``s·v ⊙ B`` folded for a prefill launch (``prepare.py``), for each input width;
@@ -87,7 +87,7 @@ _VARIANTS = {
         ("N", "K", "stride_am", "stride_wk", "stride_dk", "stride_ur", "stride_om"),
         dict(HAS_RSCALE=True, FOLD_UP=True, HAS_CSCALE=False, HAS_BIAS=False),  # up = A, the fp32 master
     ),
-    # the shrink of x (down = Aᵀ, read transposed) and of dy (down = s·v ⊙ B as stored)
+    # the shrink of x (down = Aᵀ, read transposed) and of dy (down = v ⊙ B as stored)
     "T": ("shrink", ("stride_ak", "stride_dk", "stride_tr"), ("K", "stride_am", "stride_dr"), {}),
     "dS": ("shrink", ("stride_ak", "stride_dr", "stride_tr"), ("K", "stride_am", "stride_dk"), {}),
     "G": (
@@ -398,7 +398,7 @@ def compile_one(job: dict) -> dict:
 def _descriptor_types(job: dict, base: str, tl_dtype: str) -> dict:
     """The TMA descriptors the launcher passes (``forward._descriptors``): ``a`` as ``[BLOCK_M, BLOCK_K]``;
     ``W`` stored ``[N, K]`` (forward) or ``[K, N]`` (dx); one-pass ``down`` stored ``[R, K]`` (``A``,
-    forward) or ``[K, R]`` (``s·v ⊙ B``, dx)."""
+    forward) or ``[K, R]`` (``v ⊙ B``, dx)."""
     cfg, block_r = job["config"], job["block_r"]
     bm, bn, bk = cfg["block_m"], cfg["block_n"], cfg["block_k"]
     fwd = base == "fwd"

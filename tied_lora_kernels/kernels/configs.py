@@ -2,7 +2,7 @@
 same tables).
 
 Three kernels launch: the fused GEMM (forward ``y``, backward ``dx``; ``forward.py``), the shrink (``T = x Aᵀ``
-or ``dS = dy (s·v ⊙ B)``, two-pass only; ``shrink.py``) and the rank-gradient reduction (``G = dyᵀ S`` and
+or ``dS / s = dy (v ⊙ B)``, two-pass only; ``shrink.py``) and the rank-gradient reduction (``G = dyᵀ S`` and
 ``dAᵀ = xᵀ dT``; ``backward.py``). Configs are picked by shape heuristics, not autotuned: no autotune trial
 can run a kernel twice into an accumulated gradient, and CPU runs (the interpreter) see the same choice as
 the GPU.

@@ -4,8 +4,9 @@
           a [M, K], w [K, N], down [K, R], up [R, N], rscale [R], cscale [N] (per column of up), scale a float
 
 Forward:  a = x,  w = Wᵀ, down = Aᵀ,     rscale = u, up = Bᵀ, cscale = v, scale = s; returns T = x Aᵀ (fp32).
-Backward: a = dy, w = W,  down = s·v ⊙ B, rscale = u, up = A;                        returns dS = s·dy(v ⊙ B)
-          (fp32), giving dx = dy W + (dS ⊙ u) A.
+Backward: a = dy, w = W,  down = v ⊙ B,   rscale = s·u, up = A;                      returns dS / s = dy(v ⊙ B)
+          (fp32), giving dx = dy W + (dS ⊙ u) A (s applied in fp32: s·v ⊙ B rounded to fp16 can fall
+          below its normal range).
 
 ``down`` and ``up`` may be stored in fp32 (the adapters' master weights; ``down`` in one-pass only): each tile
 is rounded to the input dtype after it is loaded, exactly as ``tensor.to(dtype)`` rounds, and ``up``'s tile is
@@ -330,7 +331,7 @@ def _fused_lora_mm_kernel(
             else:  # w stored [N, K] (forward: W, read transposed)
                 w = w_ptr.load([pid_n * BLOCK_N, off_k]).T
             if not (LOAD_T or RANK_APART):
-                if DOWN_KR:  # down stored [K, R] (backward: s·v ⊙ B)
+                if DOWN_KR:  # down stored [K, R] (backward: v ⊙ B)
                     d = down_ptr.load([off_k, 0])
                 else:  # down stored [R, K] (forward: A, read transposed)
                     d = down_ptr.load([0, off_k]).T

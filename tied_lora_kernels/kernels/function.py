@@ -74,11 +74,18 @@ def _check_no_transform(*tensors: Tensor | None) -> None:
             raise RuntimeError("backend='triton' has no forward-mode AD (an input has a tangent); use backend='torch'")
 
 
-def _read_by_backward(weight: Tensor, A: Tensor, needs_x: bool, needs_a: bool) -> tuple[Tensor | None, Tensor | None]:
-    """``(W, A)`` as the backward reads them, else None: W only for dx, A only for dx and dA. Frozen tensors it does
-    not read are not saved, as the torch path does not save them: an inference-mode base weight, or one updated in
-    place before the backward, stays usable."""
-    return (weight if needs_x else None), (A if needs_x or needs_a else None)
+def _read_by_backward(needs: tuple[bool, ...], weight: Tensor, A: Tensor, B: Tensor, u, v) -> tuple:
+    """``(W, A, B, u, v)`` as the backward reads them, else None (``needs``: ``needs_input_grad`` of x, W, b, A, B,
+    u, v): W only for dx, A only for dx and dA, B, u and v for dx and any adapter gradient (none when only W or b
+    trains). Frozen tensors it does not read are not saved, as the torch path does not save them: an
+    inference-mode tensor, or one updated in place before the backward, stays usable."""
+    needs_x, _, _, needs_a, needs_b, needs_u, needs_v = needs[:7]
+    adapter = needs_x or needs_a or needs_b or needs_u or needs_v
+    return (
+        weight if needs_x else None,
+        A if needs_x or needs_a else None,
+        *(t if adapter else None for t in (B, u, v)),
+    )
 
 
 def _on_device(t: Tensor):
@@ -97,6 +104,13 @@ def _f32(t: Tensor | None) -> Tensor | None:
     if t is None or (t.dtype == torch.float32 and t.is_contiguous()):  # (fp32 masters: a microsecond less)
         return t
     return t.to(torch.float32).contiguous()
+
+
+def _times(u: Tensor | None, s: float, R: int, device: torch.device) -> Tensor | None:
+    """``s·u`` ``[R]`` in fp32 (``u`` None: ones), None where that is ones."""
+    if s == 1.0:
+        return u
+    return u * s if u is not None else torch.full((R,), s, device=device, dtype=torch.float32)
 
 
 def _as(grad: Tensor | None, param: Tensor | None) -> Tensor | None:
@@ -148,14 +162,18 @@ def backward_impl(
     drop = DropoutMask(dropout, None, bits) if bits is not None else None  # (the seed drew it: not needed again)
 
     with _on_device(dy):
-        dS = None
+        dyvB = None  # dy·(v ⊙ B) [M, R] fp32: dS = s·dyvB, s applied in fp32 (dx's rscale, dA's scale)
         if needs_x or needs_a:
-            _, svB = prepare_adapters(A, B, v, s, dtype, cast_a=False)  # s·v ⊙ B [N, R] in dy's dtype
+            # v ⊙ B [N, R] in dy's dtype, without s: folded in, a small s·v ⊙ B (s = 1/128 beside a VeRA v near its
+            # zero start) fell below fp16's normal range, and dA lost digits the torch path keeps (its addmm applies
+            # s in fp32)
+            _, vB = prepare_adapters(A, B, v, 1.0, dtype, cast_a=False)
             if needs_x:
-                # dx = dy·W + ((dy·svB) ⊙ u)·A, dS = dy·svB in fp32 from the same kernel
-                dx, dS = fused_lora_mm(dy, weight, svB, A, u32, None, write_t=needs_a, **forced, drop_update=drop)
+                # dx = dy·W + (dyvB ⊙ s·u)·A, and dyvB in fp32 from the same kernel
+                su = _times(u32, s, A.shape[0], dy.device)
+                dx, dyvB = fused_lora_mm(dy, weight, vB, A, su, None, write_t=needs_a, **forced, drop_update=drop)
             else:
-                dS = shrink(dy, svB)  # dS = s·dy(v ⊙ B) in fp32, dx not needed
+                dyvB = shrink(dy, vB)  # dx not needed
         g_results = dict(write_out=needs_b, rowdot=needs_v, coldot=needs_u)  # what the pass over dy writes
         ws_a = ws_g = None
         if needs_a and (needs_b or needs_u or needs_v) and not det:
@@ -164,9 +182,9 @@ def backward_impl(
             sizes = [rank_grad_numel(K, R), rank_grad_numel(N, R, **g_results)]
             ws_a, ws_g = torch.zeros(sum(sizes), device=dy.device, dtype=torch.float32).split_with_sizes(sizes)
         if needs_a:
-            # dA = (dS ⊙ u)ᵀ x   [R, K], fp32 (with dropout: c · (dS ⊙ u)ᵀ (m ⊙ x))
-            c = drop.scale if drop is not None else 1.0
-            dA = rank_grad(x, dS, u32, deterministic=det, transpose_out=True, scale=c, workspace=ws_a, dropout=drop)
+            # dA = (dS ⊙ u)ᵀ x = s · (dyvB ⊙ u)ᵀ x   [R, K], fp32 (with dropout: s·c · (dyvB ⊙ u)ᵀ (m ⊙ x))
+            c = s * (drop.scale if drop is not None else 1.0)
+            dA = rank_grad(x, dyvB, u32, deterministic=det, transpose_out=True, scale=c, workspace=ws_a, dropout=drop)
             dA = _as(dA.out, A)
         if needs_b or needs_u or needs_v:
             # one pass over dy: G = dyᵀ (T ⊙ u) [N, R] in fp32, never stored; its epilogue writes dB = s·v ⊙ G,
@@ -191,7 +209,8 @@ class TiedLoRALinearFunction(torch.autograd.Function):
 
     Backward, given ``dy [M, N]``::
 
-        dS = s · dy (v ⊙ B)              [M, R]   fp32, written by the dx kernel (two-pass: by the shrink)
+        dS = s · dy (v ⊙ B)              [M, R]   fp32, written by the dx kernel (two-pass: by the shrink) as
+                                                  dy (v ⊙ B), s applied in fp32 (dx's rscale s·u, dA's scale)
         dT = dS ⊙ u                      [M, R]
         dx = dy W + dT A                 [M, K]   the forward kernel again
         G  = dyᵀ S                       [N, R]   one pass over dy (rank_grad), never stored: its
@@ -207,8 +226,9 @@ class TiedLoRALinearFunction(torch.autograd.Function):
 
     Saved for backward: ``T`` in fp32 only when ``B``, ``u`` or ``v`` trains, ``x`` only when ``A`` or ``W``
     trains; the parameters themselves (no casts or copies of them: ``W`` only for dx, ``A`` only for dx and dA,
-    as the torch path's ops save what their backward reads); with adapter dropout the keep mask as bits
-    (``M·K/8`` bytes; ``dropout.py`` has the math). Work for a frozen input is skipped.
+    ``B``, ``u``, ``v`` for dx and the adapter's gradients, as the torch path's ops save what their backward
+    reads); with adapter dropout the keep mask as bits (``M·K/8`` bytes; ``dropout.py`` has the math). Work for a
+    frozen input is skipped.
     ``dA``, ``dB``, ``du``, ``dv`` are fp32 per-layer partials returned in the parameter's dtype: with float32
     master adapters autograd sums the partials of tied layers in fp32, in place, and fires each hook once.
     """
@@ -226,8 +246,8 @@ class TiedLoRALinearFunction(torch.autograd.Function):
         y, T, bits = forward_impl(
             x, weight, bias, A, B, u, v, scale, keep_t=keep_t, dropout=dropout, keep_mask=keep_mask, **forced
         )
-        saved_w, saved_a = _read_by_backward(weight, A, needs_x, needs_a)
-        ctx.save_for_backward(x if (needs_a or needs_w) else None, T, saved_w, saved_a, B, u, v, bits)
+        read = _read_by_backward(ctx.needs_input_grad, weight, A, B, u, v)
+        ctx.save_for_backward(x if (needs_a or needs_w) else None, T, *read, bits)
         ctx.scale = scale
         ctx.dropout = dropout
         ctx.deterministic = deterministic
@@ -319,10 +339,8 @@ def _setup_forward(ctx, inputs, output):
     x, weight, bias, A, B, u, v, scale, deterministic, dropout, seed, keep_t, save_x, *forced = inputs
     _, T, bits = output
     ctx.mark_non_differentiable(T, bits)
-    saved_w, saved_a = _read_by_backward(weight, A, ctx.needs_input_grad[0], ctx.needs_input_grad[3])
-    ctx.save_for_backward(
-        x if save_x else None, T if keep_t else None, saved_w, saved_a, B, u, v, bits if dropout else None
-    )
+    read = _read_by_backward(ctx.needs_input_grad, weight, A, B, u, v)
+    ctx.save_for_backward(x if save_x else None, T if keep_t else None, *read, bits if dropout else None)
     ctx.args = (scale, deterministic, dropout, *forced)
 
 
@@ -344,7 +362,7 @@ def _backward_op(
     T: Optional[Tensor],  # noqa: UP045
     weight: Optional[Tensor],  # noqa: UP045
     A: Optional[Tensor],  # noqa: UP045
-    B: Tensor,
+    B: Optional[Tensor],  # noqa: UP045
     u: Optional[Tensor],  # noqa: UP045
     v: Optional[Tensor],  # noqa: UP045
     bits: Optional[Tensor],  # noqa: UP045
@@ -376,12 +394,14 @@ def _backward_op(
 
 @_backward_op.register_fake
 def _(dy, x, T, weight, A, B, u, v, bits, needs, scale, deterministic, dropout, strategy, split_k, tma):
-    # (weight is saved for dx only, A for dx and dA, x for dA and dW: K from whichever a needed gradient has)
-    (M, N), R = dy.shape, B.shape[1]
+    # (weight is saved for dx only, A for dx and dA, x for dA and dW: K from whichever a needed gradient has; B, u
+    # and v for dx and the adapter's gradients, where B gives R)
+    (M, N), R = dy.shape, (B.shape[1] if B is not None else 0)
     K = next((t.shape[1] for t in (weight, A, x) if t is not None), 0)
-    a_dtype = A.dtype if A is not None else B.dtype  # (the adapters' dtype, for dA when A is saved)
-    shapes = ((M, K, dy.dtype), (N, K, dy.dtype), (N, dy.dtype), (R, K, a_dtype), (N, R, B.dtype))
-    shapes += ((R, u.dtype if u is not None else B.dtype), (N, v.dtype if v is not None else B.dtype))
+    b_dtype = B.dtype if B is not None else dy.dtype  # (unused: no adapter gradient is needed without B)
+    a_dtype = A.dtype if A is not None else b_dtype  # (the adapters' dtype, for dA when A is saved)
+    shapes = ((M, K, dy.dtype), (N, K, dy.dtype), (N, dy.dtype), (R, K, a_dtype), (N, R, b_dtype))
+    shapes += ((R, u.dtype if u is not None else b_dtype), (N, v.dtype if v is not None else b_dtype))
     return [
         dy.new_empty(s[:-1], dtype=s[-1]) if need else dy.new_empty(0) for s, need in zip(shapes, needs, strict=True)
     ]

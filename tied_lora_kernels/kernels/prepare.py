@@ -5,8 +5,9 @@
 
 The forward's one-pass GEMM and the shrinks read both in the input dtype (docs/design.md §7: folding ``s·v`` into
 ``B`` inside the GEMM costs registers its prefill tiles do not have), and the backward's ``dx`` GEMM reads
-``s·v ⊙ B``. Done with torch these were three launches in the forward and two in the backward, each a few
-microseconds on a GPU for a few kilobytes; this kernel is one. It rounds exactly as the torch expressions
+``v ⊙ B`` (``scale`` 1: the backward applies ``s`` in fp32, since a small ``s·v ⊙ B`` rounded to fp16 can fall
+below its normal range). Done with torch these were three launches in the forward and two in the backward, each a
+few microseconds on a GPU for a few kilobytes; this kernel is one. It rounds exactly as the torch expressions
 ``A.to(dtype)`` and ``torch.mul(B.float(), s * v.float()[:, None], out=b_out)`` do (a test checks bit equality).
 
 ``b_out`` is a view whose row stride is padded to a multiple of 16 elements: the JIT then specialises the
