@@ -505,13 +505,19 @@ def test_falcon_linear_keeps_its_bias_apart(backend):
     with torch.no_grad():
         base.bias.mul_(10)
     x = torch.randn(3, 64, 256)
+    one_rounding_differs = []
     for dtype in (torch.bfloat16, torch.float32):
         linear = copy.deepcopy(base).to(dtype)
         layer = TiedLoRALinear.from_linear(copy.deepcopy(linear), rank=4, backend="torch")
         assert type(layer).__name__ == "TiedLoRAFalconLinear" and layer.lora_v is not None
         expected = linear(x.to(dtype))
         assert torch.equal(layer(x.to(dtype)), expected)
-        assert not torch.equal(torch.nn.functional.linear(x.to(dtype), linear.weight, linear.bias), expected)
+        one_rounding_differs.append(
+            not torch.equal(torch.nn.functional.linear(x.to(dtype), linear.weight, linear.bias), expected)
+        )
+    # the data tells the two apart in some dtype: in bf16 (on a Xeon with AMX, torch 2.13's float32 F.linear was
+    # seen adding the bias after the product is rounded too, so there float32 cannot)
+    assert any(one_rounding_differs)
 
     layer = TiedLoRALinear.from_linear(copy.deepcopy(base), rank=4, backend=backend)
     _randomised(layer.shared, layer)
