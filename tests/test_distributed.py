@@ -209,3 +209,25 @@ def test_sync_refuses_a_sharded_adapter(process_group):
 def test_sync_needs_a_process_group():
     with pytest.raises(RuntimeError, match="initialised torch.distributed process group"):
         sync_tied_lora_grads(_model())
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_dtensor_inputs_run_the_torch_path_under_auto(process_group, monkeypatch, compiled):
+    """DTensors (tensor parallelism) have no plain memory for the fused kernels: "auto", which picks triton on a GPU,
+    runs the torch path on them, also under torch.compile (which traces the check; the custom op has no sharding
+    rule), and backend="triton" refuses them by name."""
+    from torch.distributed.tensor import DeviceMesh, Replicate, distribute_tensor
+
+    from tied_lora_kernels import functional
+    from tied_lora_kernels.functional import tied_lora_linear
+
+    g = torch.Generator().manual_seed(0)
+    plain = [torch.randn(*shape, generator=g) for shape in [(5, 16), (12, 16), (12,), (4, 16), (12, 4), (4,), (12,)]]
+    mesh = DeviceMesh("cpu", [0])
+    inputs = [distribute_tensor(t, mesh, [Replicate()]) for t in plain]
+    with pytest.raises(TypeError, match="x is a torch.distributed.tensor.DTensor .*backend='torch' or 'auto'"):
+        tied_lora_linear(*inputs, 0.5, backend="triton")
+    monkeypatch.setattr(functional, "resolve_backend", lambda backend, x, rank=1: "triton")  # (what a GPU gives)
+    run = torch.compile(tied_lora_linear, backend="eager") if compiled else tied_lora_linear
+    y = run(*inputs, 0.5, backend="auto")
+    torch.testing.assert_close(y.full_tensor(), tied_lora_linear(*plain, 0.5, backend="torch"), rtol=1e-6, atol=1e-6)

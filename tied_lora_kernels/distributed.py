@@ -47,11 +47,12 @@ def sync_tied_lora_grads(model: nn.Module, group=None) -> None:
     """Average the trained adapter parameters' gradients across ``group`` (default: every rank), in one
     all-reduce: call it after the backward of the last micro-batch, before the optimizer step. The trained
     parameters of the ``modules_to_save`` that are left whole on each rank (in ``ignored_params``) are averaged
-    with them; those FSDP shards (DTensors) are FSDP's to reduce.
+    with them; those FSDP shards (DTensors) are FSDP's to reduce. Buffers (a BatchNorm's running statistics in a
+    saved module) are left as they are on each rank: DDP would broadcast rank 0's.
 
     A gradient that is ``None`` on this rank takes part as zeros; a parameter whose gradient is ``None`` on every
     rank keeps ``None`` (so the optimizer skips it, as it would without sharding). Gradients are summed in
-    float32 (float64 if an adapter is float64) and divided by the group's size, as FSDP averages the sharded
+    float32 (float64 if one of the parameters is float64) and divided by the group's size, as FSDP averages the sharded
     gradients.
     """
     import torch.distributed as dist

@@ -67,12 +67,12 @@ def tied_lora_linear(
     _check_inputs(x, weight, bias, A, B, u, v, scale)
     check_dropout(dropout)
     requested, backend = backend, resolve_backend(backend, x, A.shape[0])
-    if backend == "triton" and not torch.compiler.is_compiling():  # (compiled: the custom op, dispatched)
-        subclass = _dispatching_subclass(x=x, weight=weight, bias=bias, A=A, B=B, u=u, v=v)
+    if backend == "triton":  # (also while torch.compile traces: it sees the subclass's type)
+        subclass = _dispatching_subclass(x, weight, bias, A, B, u, v)
         if subclass is not None and requested == "triton":
             raise TypeError(
-                f"{subclass} (a tensor subclass that dispatches its own ops, such as DTensor or a float8 or quantized "
-                "wrapper): the fused kernels read a plain tensor's memory. Use backend='torch' or 'auto'"
+                f"{subclass} (a tensor subclass that dispatches its own ops: DTensor, a float8 or quantized wrapper, "
+                "a fake tensor): the fused kernels read a plain tensor's memory. Use backend='torch' or 'auto'"
             )
         if subclass is not None:
             backend = "torch"  # "auto": the torch path's ops dispatch to the subclass
@@ -87,13 +87,20 @@ def tied_lora_linear(
     return _dispatch(backend, x, weight, bias, A, B, u, v, float(scale), deterministic, dropout)
 
 
-def _dispatching_subclass(**tensors: Tensor | None) -> str | None:
-    """``"name is a Class"`` for the first tensor whose class dispatches its own ops (``__torch_dispatch__``: a
-    wrapper whose memory, if it has any, is not its values), else None. Parameters and plain subclasses pass."""
-    for name, t in tensors.items():
-        if _dispatches(t):
+def _dispatching_subclass(*tensors: Tensor | None) -> str | None:
+    """``"name is a Class"`` for the first of ``x, weight, bias, A, B, u, v`` whose class dispatches its own ops
+    (``__torch_dispatch__``: a wrapper whose memory, if it has any, is not its values), else None. Parameters and
+    plain subclasses pass. (Positional: keywords cost as much again, at decode.)"""
+    for name, t in zip(_INPUTS, tensors, strict=True):
+        # (a fake or functional tensor while torch.export or torch.compile traces stands in for a plain one: the
+        # custom op runs on those)
+        if _dispatches(t) and not (isinstance(t, _TRACING) and torch.compiler.is_compiling()):
             return f"{name} is a {type(t).__module__}.{type(t).__qualname__}"
     return None
+
+
+_INPUTS = ("x", "weight", "bias", "A", "B", "u", "v")
+_TRACING = (torch._subclasses.fake_tensor.FakeTensor, torch._subclasses.functional_tensor.FunctionalTensor)
 
 
 def _dispatches(t: Tensor | None) -> bool:
