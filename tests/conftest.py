@@ -1,9 +1,21 @@
 """Test session set-up: without a GPU, triton kernels run in triton's CPU interpreter.
 
 TRITON_INTERPRET must be set before triton is first imported, hence here, at collection time.
+
+The ahead-of-time compile check (``tests/test_kernels_compile.py``: every kernel config for every GPU target,
+~7 minutes of two processes on the 2-core CI machine, over half the suite) starts in the background as soon as
+collection shows the run needs it, and the tests that read its rows go last: the rest of the suite runs
+meanwhile.
 """
 
+import json
 import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
 from importlib import metadata
 
 import numpy
@@ -38,6 +50,82 @@ def pytest_configure(config):
             "install numpy<2.4 (or triton>=3.8) to run the kernel tests without a GPU",
             returncode=4,
         )
+
+
+class _CompileCheck:
+    """``python -m tied_lora_kernels.kernels.compile_check`` running in a subprocess of its own (its own session:
+    stopping it stops its compile workers too), ``TRITON_INTERPRET`` unset (the interpreter cannot compile)."""
+
+    TIMEOUT_S = 1800  # a bound on a hang: 737 s with its two jobs on one core of the 2-core VM
+
+    def __init__(self):
+        self.dir = tempfile.mkdtemp(prefix="tied-lora-compile-check-")
+        self.json, self.partial = (os.path.join(self.dir, name) for name in ("rows.json", "partial.jsonl"))
+        self.stdout, self.stderr = (open(os.path.join(self.dir, name), "w+") for name in ("stdout", "stderr"))
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        command = ["--jobs", "2", "--json", self.json, "--partial", self.partial]
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tied_lora_kernels.kernels.compile_check", *command],
+            env=env,
+            stdout=self.stdout,
+            stderr=self.stderr,
+            start_new_session=True,
+        )
+
+    def rows(self) -> list[dict]:
+        try:
+            returncode = self.proc.wait(timeout=max(0.0, self.TIMEOUT_S - (time.monotonic() - self.started)))
+        except subprocess.TimeoutExpired:
+            self.stop()
+            pytest.fail(f"the compile check ran past {self.TIMEOUT_S} s")
+        self.stdout.seek(0)
+        print(self.stdout.read())
+        self.stderr.seek(0)
+        assert os.path.exists(self.json), (
+            f"compile check produced no rows (exit {returncode}):\n{self.stderr.read()[-4000:]}"
+        )
+        with open(self.json) as f:
+            rows = json.load(f)
+        # --partial: the same rows, one line each as its compile finished (what a time limit leaves)
+        with open(self.partial) as f:
+            finished = [json.loads(line) for line in f.read().splitlines()]
+        assert sorted(map(json.dumps, finished)) == sorted(map(json.dumps, rows))
+        return rows
+
+    def stop(self):
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        self.stdout.close()
+        self.stderr.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+_COMPILE_CHECK = pytest.StashKey[_CompileCheck]()
+
+
+@pytest.hookimpl(trylast=True)  # after -k/-m deselection: a run that keeps no compile-check test starts none
+def pytest_collection_modifyitems(config, items):
+    reading = [item for item in items if "compile_check_rows" in getattr(item, "fixturenames", ())]
+    if reading and not config.option.collectonly:
+        items[:] = [item for item in items if item not in reading] + reading
+        config.stash[_COMPILE_CHECK] = _CompileCheck()
+
+
+def pytest_sessionfinish(session):
+    check = session.config.stash.get(_COMPILE_CHECK, None)
+    if check is not None:
+        check.stop()
+
+
+@pytest.fixture(scope="session")
+def compile_check_rows(request):
+    """The compile check's rows, one per (config, launch variant, target), waiting for the background run."""
+    check = request.config.stash.get(_COMPILE_CHECK, None)
+    if check is None:  # (started at collection: only a run that never collected, e.g. --setup-plan, gets here)
+        check = request.config.stash[_COMPILE_CHECK] = _CompileCheck()
+    return check.rows()
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ For each config of ``configs.py``, each GPU its table is launched on (``configs.
 Hopper sm_90 and datacenter Blackwell sm_100, the sm80 table on Ampere sm_80 and consumer Blackwell sm_120;
 Ada's sm_89 runs sm_80's instructions and is not compiled separately), each launch variant and each dtype,
 compiles with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))`` and prints registers and
-spills (triton's bundled ``ptxas -v``), shared memory and which tensor-core instruction the PTX uses
+spills (the ``ptxas -v`` log of triton's own build), shared memory and which tensor-core instruction the PTX uses
 (``wgmma`` on Hopper, ``tcgen05`` on datacenter Blackwell, ``mma`` (mma.sync) elsewhere, ``-`` for none).
 Launch variants mirror what the launchers pass, with the JIT's specialisations: unit strides
 become constants and pointers, sizes and long strides carry 16-byte divisibility hints (``s·v ⊙ B``'s row
@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import json
 import os
 import re
@@ -261,13 +262,44 @@ def jobs(full: bool = False, targets: tuple[int, ...] | None = None) -> list[dic
     return out
 
 
-def _ptxas_path(arch: int) -> str:
+_PRINT_PTXAS_LOG = {"TRITON_DUMP_PTXAS_LOG": "1", "TRITON_ALWAYS_COMPILE": "1"}
+
+
+@contextlib.contextmanager
+def _triton_ptxas_log():
+    """Capture the ``ptxas -v`` log of triton's own cubin build, which ``TRITON_DUMP_PTXAS_LOG`` prints (triton
+    >= 3.6): the registers and spills of the very code the JIT builds, with its ptxas options, for no second
+    ptxas run (which took ~15 % of this check). ``TRITON_ALWAYS_COMPILE``: a kernel found in triton's cache would
+    skip ptxas and print nothing."""
+    saved = {name: os.environ.get(name) for name in _PRINT_PTXAS_LOG}
+    os.environ.update(_PRINT_PTXAS_LOG)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()) as printed:
+            yield printed
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name)
+            else:
+                os.environ[name] = value
+
+
+def _ptxas_log(ptx: str, arch: int) -> str:
+    """``ptxas -v``'s log for ``ptx`` (for a triton that does not print its own)."""
     from triton.backends.nvidia import compiler
 
     try:
-        return compiler.get_ptxas(arch).path  # triton >= 3.5
+        ptxas = compiler.get_ptxas(arch).path  # triton >= 3.5
     except TypeError:
-        return compiler.get_ptxas().path
+        ptxas = compiler.get_ptxas().path
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+        cubin = os.path.join(tmp, "kernel.cubin")
+        command = [ptxas, "-lineinfo", "-v", f"--gpu-name={gpu}", path, "-o", cubin]
+        return subprocess.run(command, capture_output=True, text=True, check=True).stderr
 
 
 def compile_one(job: dict) -> dict:
@@ -358,23 +390,15 @@ def compile_one(job: dict) -> dict:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     arch = int(job["target"].removeprefix("sm_"))
     stages = 1 if rank_sum else cfg["num_stages"]  # (the rank-apart sum has no dot to pipeline: forward.py)
-    compiled = triton.compile(
-        ASTSource(fn, signature, constexprs, attrs),
-        target=GPUTarget("cuda", arch, 32),
-        options=dict(num_warps=cfg["num_warps"], num_stages=stages, enable_fp_fusion=FP_FUSION),
-    )
-    ptx = compiled.asm["ptx"]
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "kernel.ptx")
-        with open(path, "w") as f:
-            f.write(ptx)
-        gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
-        log = subprocess.run(
-            [_ptxas_path(arch), "-v", f"--gpu-name={gpu}", path, "-o", os.path.join(tmp, "kernel.cubin")],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stderr
+    with _triton_ptxas_log() as printed:
+        compiled = triton.compile(
+            ASTSource(fn, signature, constexprs, attrs),
+            target=GPUTarget("cuda", arch, 32),
+            options=dict(num_warps=cfg["num_warps"], num_stages=stages, enable_fp_fusion=FP_FUSION),
+        )
+    ptx, log, log_from = compiled.asm["ptx"], printed.getvalue(), "triton"
+    if not re.search(r"Used \d+ registers", log):  # triton before 3.6 prints no ptxas log: run ptxas -v here
+        log, log_from = _ptxas_log(ptx, arch), "ptxas -v"
     used = re.search(r"Used (\d+) registers", log)
     if used is None:
         raise RuntimeError(f"ptxas -v printed no register count for {job['config']['name']}:\n{log[-2000:]}")
@@ -392,6 +416,7 @@ def compile_one(job: dict) -> dict:
         tcgen05=ptx.count("tcgen05.mma"),
         mma=_mma_kind(ptx),
         serialized_wgmma="C7515" in log,
+        ptxas_log=log_from,
     )
 
 
@@ -414,7 +439,8 @@ def _compile_or_error(job: dict) -> dict:
     except Exception as e:  # noqa: BLE001 (one failing compile must not lose the other rows)
         reason = " ".join(f"{type(e).__name__}: {e}".split())[:300]
         return dict(job, name=job["config"]["name"], registers=0, spill_bytes=0, shared=0, wgmma=0, tma=0, tcgen05=0,
-                    shared_limit=_shared_limit(job["arch"]), mma="-", serialized_wgmma=False, error=reason)  # fmt: skip
+                    shared_limit=_shared_limit(job["arch"]), mma="-", serialized_wgmma=False, ptxas_log="-",
+                    error=reason)  # fmt: skip
 
 
 def _reads_masters(job: dict) -> bool:

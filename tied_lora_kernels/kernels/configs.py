@@ -265,15 +265,19 @@ for _arch in ARCHS:
         # layer at decode, so no split-K
         for _regime in REGIMES:
             _add_fused(_arch, _regime, True, BLOCK_RS, 32, 32, 32, 8, 2, two_pass=_two_pass)
-# fp32 one-pass at R = 128 on sm_80: no software pipelining (two stages use 252-255 registers and spill once
-# the JIT knows s·v ⊙ B's row stride is aligned; one stage uses ~120)
+# fp32 one-pass at the larger ranks, whose t accumulator adds registers: 4 warps at R = 64 (8 spilled 32-48 bytes
+# at 80 registers under triton 3.9's ptxas options, for sm_90 and sm_120, and 8 without software pipelining 40
+# bytes on triton 3.6); on sm_80 at R = 128 8 warps without pipelining (two stages use 252-255 registers and spill
+# once the JIT knows s·v ⊙ B's row stride is aligned; one uses ~120)
 for _regime in REGIMES:
+    for _arch in ARCHS:
+        _add_fused(_arch, _regime, True, (64,), 32, 32, 32, 4, 2)
     _add_fused("sm80", _regime, True, (128,), 32, 32, 32, 8, 1)
 # one-pass prefill / training, M > 16. docs/design.md §7: 128x256x64, 8 warps at small ranks on sm_90; narrower as
 # R grows (the t accumulator is live through the K loop)
 _add_fused("sm90", "prefill", False, (16, 32), 128, 256, 64, 8, 3)
 _add_fused("sm90", "prefill", False, (64,), 128, 128, 64, 8, 3)
-_add_fused("sm90", "prefill", False, (128,), 128, 128, 32, 8, 3)
+_add_fused("sm90", "prefill", False, (128,), 128, 64, 32, 8, 3)  # (128x128 spills 40-48 bytes, triton 3.9)
 _add_fused("sm80", "prefill", False, (16, 32, 64), 128, 128, 32, 8, 3)
 _add_fused("sm80", "prefill", False, (128,), 128, 64, 32, 8, 3)
 # two-pass prefill: no t in the K loop, so the widest tiles at every rank
@@ -285,7 +289,9 @@ _add_fused("sm80", "prefill", False, BLOCK_RS, 128, 128, 32, 8, 3, two_pass=True
 # these compile without spills unhinted on triton 3.6 and 3.9 (compile_check's "-unaligned" variants)
 for _arch in ARCHS:
     for _two_pass in (False, True):
-        _add_fused(_arch, "decode", False, BLOCK_RS, 16, 64, 32, 4, 2, two_pass=_two_pass, aligned=False)
+        # (4 stages: with 2, the in-kernel split-K sum spilled 8 bytes at R = 16 for sm_100 under triton 3.9's
+        # ptxas options; with 3, for sm_120)
+        _add_fused(_arch, "decode", False, BLOCK_RS, 16, 64, 32, 4, 4, two_pass=_two_pass, aligned=False)
     _add_fused(_arch, "prefill", False, (16, 32), 128, 64, 32, 8, 3, aligned=False)
     _add_fused(_arch, "prefill", False, (64, 128), 64, 64, 32, 8, 3, aligned=False)
     _add_fused(_arch, "prefill", False, BLOCK_RS, 128, 64, 32, 8, 3, two_pass=True, aligned=False)
@@ -310,14 +316,15 @@ for _arch in ARCHS:
         _STRATEGY[(_arch, "prefill", True, _br)] = "two_pass"
 
 # (arch, is 32-bit, BLOCK_R) -> shrink config. A read of a (x or dy) with a tiny rank-wide output: 64-row
-# tiles (one wgmma / mma per warp group), K steps as long as shared memory allows at large ranks; on sm_80
-# at R = 128 shorter K steps (16-bit) and no pipelining (fp32), which used 244-255 registers otherwise.
+# tiles, K steps as long as shared memory allows at large ranks; on sm_80 at R = 128 shorter K steps (16-bit)
+# and no pipelining (fp32), which used 244-255 registers otherwise. 16-bit with 8 warps: with 4, triton 3.9's
+# ptxas options spilled 8 bytes at R = 16 (sm_100, sm_120) and 32 at R = 64 (sm_120).
 _SHRINK: dict[tuple[str, bool, int], ShrinkConfig] = {}
 for _arch in ARCHS:
     for _br in BLOCK_RS:
         _big = _arch == "sm80" and _br == 128
         _SHRINK[(_arch, False, _br)] = ShrinkConfig(
-            f"{_arch}-shrink-16bit-r{_br}", 64, 128 if _br <= 32 else (32 if _big else 64), 4, 3
+            f"{_arch}-shrink-16bit-r{_br}", 64, 128 if _br <= 32 else (32 if _big else 64), 8, 3
         )
         _SHRINK[(_arch, True, _br)] = ShrinkConfig(f"{_arch}-shrink-fp32-r{_br}", 32, 32, 4, 1 if _big else 2)
 
@@ -353,9 +360,10 @@ for _arch in ARCHS:
         _RANK_GRAD[(_arch, False, _br)] = RankGradConfig(
             f"{_arch}-rankgrad-16bit-r{_br}", 128 if _br <= 32 else 64, 64, 8 if _br == 128 else 4, 3
         )
-        # fp32: 8 warps at R = 128, and on sm_80 from R = 32 up (with 4, ptxas spilled 20-28 bytes at 96
-        # registers); 3 stages on sm_80 at R = 128 (2 spilled 8 bytes for sm_120)
-        _warps = 8 if _br == 128 or (_arch == "sm80" and _br >= 32) else 4
+        # fp32: 8 warps from R = 32 up (with 4, ptxas spilled 20-28 bytes at 96 registers on sm_80, and 8 bytes
+        # at R = 32 for sm_100 under triton 3.9's options); 3 stages on sm_80 at R = 128 (2 spilled 8 bytes for
+        # sm_120)
+        _warps = 8 if _br >= 32 else 4
         _stages = 3 if (_arch, _br) == ("sm80", 128) else 2
         _RANK_GRAD[(_arch, True, _br)] = RankGradConfig(
             f"{_arch}-rankgrad-fp32-r{_br}", 64 if _br <= 32 else 32, 16, _warps, _stages
