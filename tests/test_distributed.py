@@ -112,6 +112,13 @@ def test_a_sharded_adapter_is_refused_by_name(process_group, tmp_path):
     ):
         with pytest.raises(ValueError, match=message):
             call()
+    with pytest.raises(ValueError, match="load the adapter into the model before fully_shard"):
+        load_tied_lora(model, tmp_path / "whole")
+    # gather=True gathers the shards (one rank: its shard is the whole tensor; two ranks below)
+    whole = tied_lora_state_dict(_model(saved=("lm_head",)))
+    gathered = tied_lora_state_dict(model, gather=True)
+    assert gathered.keys() == whole.keys()
+    assert all(type(t) is torch.Tensor and torch.equal(t, whole[n]) for n, t in gathered.items())
     # the adapter whole, the head sharded with the base (FSDP reduces its gradients): trains, saves nothing
     model = _model(saved=("lm_head",))
     adapter = set(tied_lora_parameters(model))
@@ -173,6 +180,45 @@ def _two_ranks(rank, init, out):
         dist.barrier()  # neither rank tears gloo down while the other may still be finishing the all-reduce
     finally:
         dist.destroy_process_group()
+
+
+def _two_ranks_save(rank, init, out):
+    import torch.distributed as dist
+
+    from tied_lora_kernels import export_peft_lora
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2, timeout=datetime.timedelta(seconds=60))
+    try:
+        model = _model(saved=("lm_head",))
+        fsdp.fully_shard(model)  # every tensor sharded over the two ranks: lm_head's 97 rows as 49 and 48
+        assert model.lm_head.weight.to_local().shape[0] == (49, 48)[rank]
+        save_tied_lora(model, f"{out}/tied{rank}", gather=True)  # every rank calls; rank 0 alone writes
+        export_peft_lora(model, f"{out}/peft{rank}", gather=True)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_save_sharded_tensors_gathered(tmp_path):
+    """FSDP2 shards the adapter and a head trained in full: ``gather=True`` saves and exports them whole, every rank
+    calling and rank 0 alone writing, the same files as the unsharded model's."""
+    import torch.multiprocessing as mp
+    from safetensors.torch import load_file
+
+    from tied_lora_kernels import export_peft_lora
+
+    mp.spawn(_two_ranks_save, args=(f"file://{tmp_path / 'pg'}", str(tmp_path)), nprocs=2)
+    assert not (tmp_path / "tied1").exists() and not (tmp_path / "peft1").exists()
+    whole = _model(saved=("lm_head",))
+    loaded = tied_lora_state_dict(load_tied_lora(tiny_llama(), tmp_path / "tied0"))
+    want = tied_lora_state_dict(whole)
+    assert loaded.keys() == want.keys() and all(torch.equal(loaded[n], t) for n, t in want.items())
+    export_peft_lora(whole, tmp_path / "peft-whole")
+    got, want = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("peft0", "peft-whole"))
+    assert got.keys() == want.keys() and all(torch.equal(got[n], t) for n, t in want.items())
+    assert (tmp_path / "peft0" / "adapter_config.json").read_text() == (
+        tmp_path / "peft-whole" / "adapter_config.json"
+    ).read_text()
 
 
 def test_two_ranks_average_the_adapter_gradients(tmp_path):

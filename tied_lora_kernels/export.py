@@ -21,15 +21,17 @@ import warnings
 import torch
 from torch import nn
 
+from tied_lora_kernels.layer import _own_rows
 from tied_lora_kernels.model import (
     _is_adapter_tensor,
+    _named_tensors,
     _names_of_parameters,
     _require_layers,
     _saved_modules,
     _unwrapped,
     tied_lora_layers,
 )
-from tied_lora_kernels.save_load import _refuse_meta, tied_lora_state_dict
+from tied_lora_kernels.save_load import _refuse_meta, _writes, tied_lora_state_dict
 
 __all__ = ["export_peft_lora"]
 
@@ -44,6 +46,7 @@ def export_peft_lora(
     base_model_name_or_path: str | None = None,
     dtype: torch.dtype | None = None,
     task_type: str | None = "auto",
+    gather: bool = False,
 ) -> None:
     """Write ``directory/adapter_model.safetensors`` and ``adapter_config.json`` in PEFT's LoRA format.
 
@@ -62,7 +65,8 @@ def export_peft_lora(
     did not adapt itself, such as the ``.model`` inside an adapted ``LlamaForCausalLM``, gets a warning: its names
     lack the prefix the full model's have, so PEFT would load nothing into the full model. So do adapted layers
     that PEFT's loader would leave out of this model, or a file it would refuse (``_peft_load_problem``: some MoE
-    models' dense MLPs).
+    models' dense MLPs). ``gather=True`` (FSDP2 with tensors of the adapter or of ``modules_to_save`` sharded):
+    every rank calls it, the shards are gathered (``tied_lora_state_dict``) and rank 0 alone writes.
     """
     from safetensors.torch import save_file
 
@@ -73,7 +77,12 @@ def export_peft_lora(
         raise RuntimeError(
             f"cannot export merged layers ({merged[:3]}): their ΔW is in the base weights; unmerge_tied_lora first"
         )
-    _refuse_meta(tied_lora_state_dict(model), "exporting")
+    whole = _refuse_meta(tied_lora_state_dict(model, gather=gather), "exporting")
+    name_of = {id(t): name for name, t in _named_tensors(model).items()}  # (the state's names)
+
+    def value(t: torch.Tensor) -> torch.Tensor:  # the tensor as saved: gathered whole where FSDP sharded it
+        return whole.get(name_of.get(id(t), ""), t).detach()
+
     if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
         raise TypeError(f"dtype must be a floating-point torch.dtype or None, got {dtype!r}")
     ranks = {layer.rank for layer in layers.values()}
@@ -95,12 +104,12 @@ def export_peft_lora(
 
     state = {}
     for name, layer in layers.items():
-        A = layer.shared.A.detach()
-        B = layer.lora_B.detach().double() * layer.scale
+        A = value(layer.shared.A)
+        B = _own_rows(value(layer.shared.B), layer.b_rows).double() * layer.scale
         if layer.lora_v is not None:
-            B = B * layer.lora_v.detach().double()[:, None]
+            B = B * value(layer.lora_v).double()[:, None]
         if layer.lora_u is not None:
-            B = B * layer.lora_u.detach().double()[None, :]
+            B = B * value(layer.lora_u).double()[None, :]
         out = dtype or A.dtype
         # own copies: safetensors refuses tensors that share memory (the tied A of every layer)
         state[f"base_model.model.{name}.lora_A.weight"] = A.to("cpu", out, copy=True).contiguous()
@@ -110,7 +119,7 @@ def export_peft_lora(
     # every name of a saved module's tensor: PEFT looks each modules_to_save module up under its own name, so a
     # weight tied between two of them (lm_head and embed_tokens with tied embeddings) goes in under both
     aliases = {name: names for names in _names_of_parameters(model).values() for name in names}
-    for name, tensor in tied_lora_state_dict(model).items():  # modules trained in full, under their own names
+    for name, tensor in whole.items():  # modules trained in full, under their own names
         if not _is_adapter_tensor(name):
             for alias in aliases.get(name, [name]):
                 state[f"base_model.model.{alias}"] = tensor.to("cpu", copy=True).contiguous()
@@ -139,6 +148,8 @@ def export_peft_lora(
             "for adapters trained with transformers 4); for PEFT, adapt without those layers, or merge_tied_lora",
             stacklevel=2,
         )
+    if not _writes(gather):
+        return
     os.makedirs(directory, exist_ok=True)
     save_file(state, os.path.join(directory, PEFT_WEIGHTS_NAME), metadata={"format": "pt"})
     with open(os.path.join(directory, PEFT_CONFIG_NAME), "w") as f:
@@ -215,16 +226,17 @@ def _peft_load_problem(model: nn.Module, target_modules: list[str] | str, adapte
 
 def _task_type(model: nn.Module) -> str | None:
     """PEFT's task type for the model's class, from transformers' auto-class tables: causal LMs and text seq2seq
-    LMs only (a speech seq2seq model's forward does not fit PEFT's ``PeftModelForSeq2SeqLM``)."""
+    LMs only (a speech seq2seq model's forward does not fit PEFT's ``PeftModelForSeq2SeqLM``). The class's bases
+    count: FSDP2 makes an ``FSDPLlamaForCausalLM`` of a ``LlamaForCausalLM`` it shards."""
     try:
         from transformers.models.auto import modeling_auto as auto
     except ImportError:
         return None
-    name = type(model).__name__
-    if name in set(auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()):
+    names = {cls.__name__ for cls in type(model).__mro__}
+    if names & set(auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()):
         return "CAUSAL_LM"
     text = getattr(model, "main_input_name", "input_ids") == "input_ids"
-    if text and name in set(auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES.values()):
+    if text and names & set(auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES.values()):
         return "SEQ_2_SEQ_LM"
     return None
 

@@ -53,25 +53,51 @@ CHECKPOINT_SUBFOLDER = "tied_lora"
 """Where in a ``Trainer`` checkpoint ``SaveTiedLoRACallback`` puts the adapter (hf.py)."""
 
 
-def tied_lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+def tied_lora_state_dict(model: nn.Module, *, gather: bool = False) -> dict[str, torch.Tensor]:
     """Every adapter tensor once (tied ones under the first name PyTorch gives them) and those of the config's
     ``modules_to_save`` (with their persistent buffers; also those of parts adapted apart inside a model with no
     config), detached; names are relative to the model inside a ``torch.compile``, (Distributed)DataParallel or
-    ``AveragedModel`` wrapper."""
+    ``AveragedModel`` wrapper.
+
+    Tensors sharded by FSDP2 (DTensors, e.g. a ``modules_to_save`` head sharded with the base model) are refused by
+    name; ``gather=True`` gathers them whole instead, a collective: every rank of their mesh must make the call.
+    """
+    if not isinstance(gather, bool):
+        raise TypeError(f"gather must be True or False, got {gather!r}")
+    state = _state(model)
+    sharded = _sharded(state)
+    if sharded and not gather:  # (each rank holds a shard: saving, exporting or loading would crash in safetensors)
+        raise ValueError(
+            f"{sharded[:3]} are sharded (DTensors: each rank holds a shard). Gather them with gather=True on every "
+            "rank (save_tied_lora and export_peft_lora take it too, and write on rank 0 alone), or leave them whole "
+            "on every rank: pass set(tied_lora_parameters(model)) as ignored_params to every fully_shard call, with "
+            "the parameters of the modules_to_save added (sync_tied_lora_grads then averages them too)"
+        )
+    for name in sharded:  # (DTensors, in the same order on every rank: each is one all-gather)
+        state[name] = state[name].full_tensor()  # type: ignore[attr-defined]
+    return state
+
+
+def _state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``tied_lora_state_dict``'s tensors, as they are (DTensors sharded)."""
     model = _unwrapped(model)
     layers = _require_layers(model)
     _refuse_parametrized(layers)
     ids = _adapter_params(layers) | _saved_ids(model)  # (modules_to_save: trained in full)
-    state = {name: t.detach() for name, t in _named_tensors(model).items() if id(t) in ids}
+    return {name: t.detach() for name, t in _named_tensors(model).items() if id(t) in ids}
+
+
+def _sharded(state: dict[str, torch.Tensor]) -> list[str]:
+    """The names of ``state``'s DTensors (FSDP2's shards)."""
     dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
-    sharded = [name for name, t in state.items() if dtensor is not None and isinstance(t, dtensor)]
-    if sharded:  # (each rank holds a shard: saving, exporting or loading would crash in safetensors or torch)
-        raise ValueError(
-            f"{sharded[:3]} are sharded (DTensors: each rank holds a shard). Leave them whole on every rank: pass "
-            "set(tied_lora_parameters(model)) as ignored_params to every fully_shard call, with the parameters of "
-            "the modules_to_save added (sync_tied_lora_grads then averages them too)"
-        )
-    return state
+    return [name for name, t in state.items() if dtensor is not None and isinstance(t, dtensor)]
+
+
+def _writes(gather: bool) -> bool:
+    """Whether this process writes a file: with ``gather=True`` every rank calls, and rank 0 alone writes."""
+    import torch.distributed as dist
+
+    return not gather or not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def _refuse_meta(state: dict[str, torch.Tensor], doing: str) -> dict[str, torch.Tensor]:
@@ -105,13 +131,16 @@ def _layout(model: nn.Module) -> dict[str, dict]:
     }
 
 
-def save_tied_lora(model: nn.Module, directory: str | os.PathLike) -> None:
+def save_tied_lora(model: nn.Module, directory: str | os.PathLike, *, gather: bool = False) -> None:
     """Write ``adapter_model.safetensors`` (each tensor once) and ``adapter_config.json`` to ``directory``
-    (from the model inside a ``torch.compile``, (Distributed)DataParallel or ``AveragedModel`` wrapper)."""
+    (from the model inside a ``torch.compile``, (Distributed)DataParallel or ``AveragedModel`` wrapper).
+
+    ``gather=True`` (FSDP2 with tensors of the adapter or of ``modules_to_save`` sharded): every rank calls it, the
+    shards are gathered (``tied_lora_state_dict``) and rank 0 alone writes."""
     from safetensors.torch import save_file
 
     model = _unwrapped(model)
-    state = _refuse_meta(tied_lora_state_dict(model), "saving")  # (refuses a bare model)
+    state = _refuse_meta(tied_lora_state_dict(model, gather=gather), "saving")  # (refuses a bare model)
     state = {k: v.contiguous().cpu() for k, v in state.items()}
     _refuse_peft_inside(model)
     config = getattr(model, "tied_lora_config", None)
@@ -146,6 +175,8 @@ def save_tied_lora(model: nn.Module, directory: str | os.PathLike) -> None:
         "layout": _layout(model),
     }
     text = json.dumps(meta, indent=2)  # before either file is written: an error leaves the folder as it was
+    if not _writes(gather):
+        return
     os.makedirs(directory, exist_ok=True)
     save_file(state, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
     with open(os.path.join(directory, CONFIG_NAME), "w") as f:
@@ -352,7 +383,14 @@ def _check_meta(meta: dict, path: str) -> None:
 
 def _check_state(state: dict[str, torch.Tensor], model: nn.Module, listed: Set[str]) -> list[str]:
     """A file's tensors against the adapted ``model``'s (``_check_against``)."""
-    expected = {k: (t.shape, t.dtype, t.is_meta) for k, t in tied_lora_state_dict(model).items()}
+    current = _state(model)
+    sharded = _sharded(current)
+    if sharded:  # (their copy_ from a whole tensor would fail, after other tensors were written)
+        raise ValueError(
+            f"{sharded[:3]} are sharded (DTensors: each rank holds a shard): load the adapter into the model before "
+            "fully_shard"
+        )
+    expected = {k: (t.shape, t.dtype, t.is_meta) for k, t in current.items()}
     return _check_against(state, expected, listed, model)
 
 
