@@ -63,7 +63,10 @@ class _CompileCheck:
         self.json, self.partial = (os.path.join(self.dir, name) for name in ("rows.json", "partial.jsonl"))
         self.stdout, self.stderr = (open(os.path.join(self.dir, name), "w+") for name in ("stdout", "stderr"))
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        command = ["--jobs", "2", "--json", self.json, "--partial", self.partial]
+        # one per core, 2 at least (the check is the suite's long pole), 8 at most (a container may count the host's
+        # cores, and each job holds its own torch and triton)
+        jobs = min(8, max(2, os.cpu_count() or 1))
+        command = ["--jobs", str(jobs), "--json", self.json, "--partial", self.partial]
         self.started = time.monotonic()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tied_lora_kernels.kernels.compile_check", *command],

@@ -317,14 +317,16 @@ for _arch in ARCHS:
 
 # (arch, is 32-bit, BLOCK_R) -> shrink config. A read of a (x or dy) with a tiny rank-wide output: 64-row
 # tiles, K steps as long as shared memory allows at large ranks; on sm_80 at R = 128 shorter K steps (16-bit)
-# and no pipelining (fp32), which used 244-255 registers otherwise. 16-bit with 8 warps: with 4, triton 3.9's
-# ptxas options spilled 8 bytes at R = 16 (sm_100, sm_120) and 32 at R = 64 (sm_120).
+# and no pipelining (fp32), which used 244-255 registers otherwise. 16-bit with 8 warps at R = 16, and on sm_80 at
+# R = 64: with 4, triton 3.9's ptxas options spilled 8 bytes at R = 16 (sm_100, sm_120) and 32 at R = 64 (sm_120);
+# 4 elsewhere: with 8, triton 3.6 serialized sm_90's wgmma at R = 32 (ptxas C7515)
 _SHRINK: dict[tuple[str, bool, int], ShrinkConfig] = {}
 for _arch in ARCHS:
     for _br in BLOCK_RS:
         _big = _arch == "sm80" and _br == 128
+        _warps = 8 if _br == 16 or (_arch, _br) == ("sm80", 64) else 4
         _SHRINK[(_arch, False, _br)] = ShrinkConfig(
-            f"{_arch}-shrink-16bit-r{_br}", 64, 128 if _br <= 32 else (32 if _big else 64), 8, 3
+            f"{_arch}-shrink-16bit-r{_br}", 64, 128 if _br <= 32 else (32 if _big else 64), _warps, 3
         )
         _SHRINK[(_arch, True, _br)] = ShrinkConfig(f"{_arch}-shrink-fp32-r{_br}", 32, 32, 4, 1 if _big else 2)
 
