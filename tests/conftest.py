@@ -8,6 +8,7 @@ collection shows the run needs it, and the tests that read its rows go last: the
 meanwhile.
 """
 
+import functools
 import json
 import os
 import shutil
@@ -53,12 +54,16 @@ def pytest_configure(config):
 
 
 class _CompileCheck:
-    """``python -m tied_lora_kernels.kernels.compile_check`` running in a subprocess of its own (its own session:
-    stopping it stops its compile workers too), ``TRITON_INTERPRET`` unset (the interpreter cannot compile)."""
+    """``python -m tied_lora_kernels.kernels.compile_check`` running in a subprocess of its own (its own session, so
+    that ``stop`` stops its compile workers too; it and they are killed when their parent dies, however it dies),
+    ``TRITON_INTERPRET`` unset (the interpreter cannot compile)."""
 
     TIMEOUT_S = 1800  # a bound on a hang: 737 s with its two jobs on one core of the 2-core VM
 
     def __init__(self):
+        from tied_lora_kernels.kernels.compile_check import _die_with_parent
+
+        self.proc = None
         self.dir = tempfile.mkdtemp(prefix="tied-lora-compile-check-")
         self.json, self.partial = (os.path.join(self.dir, name) for name in ("rows.json", "partial.jsonl"))
         self.stdout, self.stderr = (open(os.path.join(self.dir, name), "w+") for name in ("stdout", "stderr"))
@@ -68,15 +73,21 @@ class _CompileCheck:
         jobs = min(8, max(2, os.cpu_count() or 1))
         command = ["--jobs", str(jobs), "--json", self.json, "--partial", self.partial]
         self.started = time.monotonic()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tied_lora_kernels.kernels.compile_check", *command],
-            env=env,
-            stdout=self.stdout,
-            stderr=self.stderr,
-            start_new_session=True,
-        )
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "tied_lora_kernels.kernels.compile_check", *command],
+                env=env,
+                stdout=self.stdout,
+                stderr=self.stderr,
+                start_new_session=True,
+                preexec_fn=functools.partial(_die_with_parent, os.getpid()),
+            )
+        except BaseException:
+            self.stop()
+            raise
 
     def rows(self) -> list[dict]:
+        assert self.proc is not None
         try:
             returncode = self.proc.wait(timeout=max(0.0, self.TIMEOUT_S - (time.monotonic() - self.started)))
         except subprocess.TimeoutExpired:
@@ -97,7 +108,7 @@ class _CompileCheck:
         return rows
 
     def stop(self):
-        if self.proc.poll() is None:
+        if self.proc is not None and self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
         self.stdout.close()
@@ -105,20 +116,30 @@ class _CompileCheck:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-_COMPILE_CHECK = pytest.StashKey[_CompileCheck]()
+_COMPILE_CHECK = pytest.StashKey["_CompileCheck | Exception"]()
 
 
-@pytest.hookimpl(trylast=True)  # after -k/-m deselection: a run that keeps no compile-check test starts none
-def pytest_collection_modifyitems(config, items):
-    reading = [item for item in items if "compile_check_rows" in getattr(item, "fixturenames", ())]
-    if reading and not config.option.collectonly:
-        items[:] = [item for item in items if item not in reading] + reading
-        config.stash[_COMPILE_CHECK] = _CompileCheck()
+def pytest_collection_finish(session):
+    # session.items as they will run, after every hook that selects or orders them (-k, -m, --lf, --ff, ...): the
+    # tests that read the compile check go last, and it starts now, so that the rest of the suite runs alongside it.
+    # Not for a run that runs no test (--collect-only, --setup-plan), nor in a process that runs a share of the
+    # tests (pytest-xdist's workers; benchmarks/parallel_pytest.py's): there a test that needs it starts it
+    reading = [item for item in session.items if "compile_check_rows" in getattr(item, "fixturenames", ())]
+    option = session.config.option
+    if not reading or option.collectonly or getattr(option, "setupplan", False):
+        return
+    if os.environ.get("PYTEST_XDIST_WORKER") or os.environ.get("PYTEST_QUEUE"):
+        return
+    session.items[:] = [item for item in session.items if item not in reading] + reading
+    try:
+        session.config.stash[_COMPILE_CHECK] = _CompileCheck()
+    except Exception as e:  # noqa: BLE001 (the tests that need it fail with this, not the whole session)
+        session.config.stash[_COMPILE_CHECK] = e
 
 
 def pytest_sessionfinish(session):
     check = session.config.stash.get(_COMPILE_CHECK, None)
-    if check is not None:
+    if isinstance(check, _CompileCheck):
         check.stop()
 
 
@@ -126,8 +147,10 @@ def pytest_sessionfinish(session):
 def compile_check_rows(request):
     """The compile check's rows, one per (config, launch variant, target), waiting for the background run."""
     check = request.config.stash.get(_COMPILE_CHECK, None)
-    if check is None:  # (started at collection: only a run that never collected, e.g. --setup-plan, gets here)
+    if check is None:  # (not started at collection: see pytest_collection_finish)
         check = request.config.stash[_COMPILE_CHECK] = _CompileCheck()
+    if isinstance(check, Exception):
+        pytest.fail(f"the compile check did not start: {type(check).__name__}: {check}")
     return check.rows()
 
 

@@ -5,6 +5,7 @@ gloo process groups."""
 from __future__ import annotations
 
 import datetime
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -130,6 +131,27 @@ def test_a_sharded_adapter_is_refused_by_name(process_group, tmp_path):
         save_tied_lora(model, tmp_path / "sharded")
 
 
+def test_adapting_a_sharded_model_is_refused(process_group, tmp_path):
+    """A model FSDP2 already sharded is refused by apply_tied_lora and by load_tied_lora of a bare model (the adapted
+    layers' forward failed, mixing the sharded base weights with the new plain adapter), left as it was."""
+    from tied_lora_kernels import load_peft_adapter
+
+    save_tied_lora(_model(), tmp_path)
+    model = tiny_llama()
+    fsdp.fully_shard(model)
+    message = "are sharded \\(DTensors: fully_shard or tensor parallelism\\): adapt \\(or load the adapter into\\)"
+    for call in (
+        lambda: apply_tied_lora(model, TiedLoRAConfig(rank=4)),
+        lambda: load_tied_lora(model, tmp_path),
+        lambda: load_peft_adapter(model, tmp_path / "absent"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            call()
+    assert not tied_lora_layers(model)
+    with pytest.raises(TypeError, match="gather must be True or False"):
+        tied_lora_state_dict(_model(), gather=1)
+
+
 def test_adapting_inside_ddp_is_refused(process_group, tmp_path):
     """DDP takes the parameters it averages when it is built: an adapter created inside it would train apart on
     each rank. Adapting or loading into a bare model inside DDP is refused, the model left bare; loading into a model
@@ -186,6 +208,7 @@ def _two_ranks_save(rank, init, out):
     import torch.distributed as dist
 
     from tied_lora_kernels import export_peft_lora
+    from tied_lora_kernels.hf import SaveTiedLoRACallback
 
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2, timeout=datetime.timedelta(seconds=60))
     try:
@@ -194,6 +217,10 @@ def _two_ranks_save(rank, init, out):
         assert model.lm_head.weight.to_local().shape[0] == (49, 48)[rank]
         save_tied_lora(model, f"{out}/tied{rank}", gather=True)  # every rank calls; rank 0 alone writes
         export_peft_lora(model, f"{out}/peft{rank}", gather=True)
+        # Trainer calls its callbacks on every process: the main one writes
+        args = SimpleNamespace(output_dir=f"{out}/callback{rank}")
+        state = SimpleNamespace(global_step=3, is_world_process_zero=rank == 0)
+        SaveTiedLoRACallback().on_train_end(args, state, None, model=model)
         dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -201,18 +228,19 @@ def _two_ranks_save(rank, init, out):
 
 def test_two_ranks_save_sharded_tensors_gathered(tmp_path):
     """FSDP2 shards the adapter and a head trained in full: ``gather=True`` saves and exports them whole, every rank
-    calling and rank 0 alone writing, the same files as the unsharded model's."""
+    calling and rank 0 alone writing, the same files as the unsharded model's; so does ``SaveTiedLoRACallback``."""
     import torch.multiprocessing as mp
     from safetensors.torch import load_file
 
     from tied_lora_kernels import export_peft_lora
 
     mp.spawn(_two_ranks_save, args=(f"file://{tmp_path / 'pg'}", str(tmp_path)), nprocs=2)
-    assert not (tmp_path / "tied1").exists() and not (tmp_path / "peft1").exists()
+    assert not any((tmp_path / f"{kind}1").exists() for kind in ("tied", "peft", "callback"))
     whole = _model(saved=("lm_head",))
-    loaded = tied_lora_state_dict(load_tied_lora(tiny_llama(), tmp_path / "tied0"))
     want = tied_lora_state_dict(whole)
-    assert loaded.keys() == want.keys() and all(torch.equal(loaded[n], t) for n, t in want.items())
+    for saved in (tmp_path / "tied0", tmp_path / "callback0" / "adapter-final"):  # (SaveTiedLoRACallback's)
+        loaded = tied_lora_state_dict(load_tied_lora(tiny_llama(), saved))
+        assert loaded.keys() == want.keys() and all(torch.equal(loaded[n], t) for n, t in want.items()), saved
     export_peft_lora(whole, tmp_path / "peft-whole")
     got, want = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("peft0", "peft-whole"))
     assert got.keys() == want.keys() and all(torch.equal(got[n], t) for n, t in want.items())

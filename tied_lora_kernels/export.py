@@ -102,6 +102,8 @@ def export_peft_lora(
     elif task_type is not None:
         _check_task_type(task_type)
 
+    if not _writes(gather):  # (gathered and checked as on rank 0)
+        return
     state = {}
     for name, layer in layers.items():
         A = value(layer.shared.A)
@@ -148,8 +150,6 @@ def export_peft_lora(
             "for adapters trained with transformers 4); for PEFT, adapt without those layers, or merge_tied_lora",
             stacklevel=2,
         )
-    if not _writes(gather):
-        return
     os.makedirs(directory, exist_ok=True)
     save_file(state, os.path.join(directory, PEFT_WEIGHTS_NAME), metadata={"format": "pt"})
     with open(os.path.join(directory, PEFT_CONFIG_NAME), "w") as f:

@@ -149,7 +149,7 @@ def _apply(model: nn.Module, config: TiedLoRAConfig, shared_of: dict[str, str] |
     if tied_lora_layers(model):
         raise RuntimeError("this model already has Tied-LoRA adapters")
     _refuse_peft_model(model)
-    _refuse_ddp(model)
+    _refuse_distributed(model)
     targets = _find_targets(model, config)
     saved = _saved_modules(model, config, targets)
     r = config.resolved
@@ -273,10 +273,11 @@ def _refuse_peft_model(model: nn.Module) -> None:
         )
 
 
-def _refuse_ddp(model: nn.Module) -> None:
-    """Refuse to create adapter parameters in a model that is, or holds, a ``DistributedDataParallel``: DDP took the
-    parameters it averages when it was built, so new ones would train apart on each rank, silently (the
-    ranks' adapters drift apart from the first step)."""
+def _refuse_distributed(model: nn.Module) -> None:
+    """Refuse to create adapter parameters in a model that is, or holds, a ``DistributedDataParallel`` (DDP took the
+    parameters it averages when it was built, so new ones would train apart on each rank, silently: the ranks'
+    adapters drift apart from the first step), or whose parameters are sharded (DTensors: ``fully_shard`` or tensor
+    parallelism; the adapted layers' forward failed, mixing DTensors and plain tensors)."""
     for name, module in model.named_modules():
         if isinstance(module, nn.parallel.DistributedDataParallel):
             raise ValueError(
@@ -284,6 +285,13 @@ def _refuse_ddp(model: nn.Module) -> None:
                 "the parameters it found when it was built: the adapter's new ones would train apart on each rank. "
                 "Adapt (or load the adapter into) the bare model, then wrap it: DDP(apply_tied_lora(model, config))"
             )
+    dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+    sharded = [name for name, p in model.named_parameters() if dtensor is not None and isinstance(p, dtensor)]
+    if sharded:
+        raise ValueError(
+            f"{sharded[:3]} are sharded (DTensors: fully_shard or tensor parallelism): adapt (or load the adapter "
+            "into) the model before sharding it"
+        )
 
 
 def _refuse_peft_inside(model: nn.Module) -> None:

@@ -30,7 +30,7 @@ from tied_lora_kernels.model import (
     _input_dtype,
     _names_of_parameters,
     _read_by_parent,
-    _refuse_ddp,
+    _refuse_distributed,
     _refuse_peft_model,
     _unwrapped,
     tied_lora_layers,
@@ -87,7 +87,7 @@ def load_peft_adapter(model: nn.Module, directory: str | os.PathLike, *, backend
     if tied_lora_layers(model):
         raise RuntimeError("this model already has Tied-LoRA adapters: load a PEFT adapter onto the bare base model")
     _refuse_peft_model(model)
-    _refuse_ddp(wrapped)
+    _refuse_distributed(wrapped)
     meta, state = _read(directory)
     kind = meta.get("peft_type")
     if kind not in ("LORA", "VERA"):

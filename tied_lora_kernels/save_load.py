@@ -32,7 +32,7 @@ from tied_lora_kernels.model import (
     _is_adapter_tensor,
     _named_tensors,
     _read_by_parent,
-    _refuse_ddp,
+    _refuse_distributed,
     _refuse_parametrized,
     _refuse_peft_inside,
     _require_layers,
@@ -136,12 +136,17 @@ def save_tied_lora(model: nn.Module, directory: str | os.PathLike, *, gather: bo
     (from the model inside a ``torch.compile``, (Distributed)DataParallel or ``AveragedModel`` wrapper).
 
     ``gather=True`` (FSDP2 with tensors of the adapter or of ``modules_to_save`` sharded): every rank calls it, the
-    shards are gathered (``tied_lora_state_dict``) and rank 0 alone writes."""
+    shards are gathered (``tied_lora_state_dict``) and rank 0 alone writes (the others return at once: put a barrier
+    before another rank reads the files)."""
+    _save(model, directory, gather=gather, write=_writes(gather))
+
+
+def _save(model: nn.Module, directory: str | os.PathLike, *, gather: bool, write: bool) -> None:
+    """``save_tied_lora``, writing the files only if ``write`` (every process checks, and gathers if ``gather``)."""
     from safetensors.torch import save_file
 
     model = _unwrapped(model)
     state = _refuse_meta(tied_lora_state_dict(model, gather=gather), "saving")  # (refuses a bare model)
-    state = {k: v.contiguous().cpu() for k, v in state.items()}
     _refuse_peft_inside(model)
     config = getattr(model, "tied_lora_config", None)
     nested = [
@@ -175,9 +180,10 @@ def save_tied_lora(model: nn.Module, directory: str | os.PathLike, *, gather: bo
         "layout": _layout(model),
     }
     text = json.dumps(meta, indent=2)  # before either file is written: an error leaves the folder as it was
-    if not _writes(gather):
+    if not write:
         return
     os.makedirs(directory, exist_ok=True)
+    state = {k: v.contiguous().cpu() for k, v in state.items()}
     save_file(state, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
     with open(os.path.join(directory, CONFIG_NAME), "w") as f:
         f.write(text)
@@ -231,7 +237,7 @@ def load_tied_lora(
     else:
         if meta["config"] is None:
             raise ValueError("the adapter was saved without a config: adapt the model first, then load")
-        _refuse_ddp(wrapped)
+        _refuse_distributed(wrapped)
         _check_base_shapes(model, layout)
         config = _saved_config(meta, layout, backend)
         targets = _find_targets(model, config)

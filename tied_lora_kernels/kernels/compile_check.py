@@ -500,6 +500,20 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _die_with_parent(parent: int) -> None:
+    """Have this process killed when ``parent``, the process that started it, dies (Linux; elsewhere nothing): a
+    compile worker of a check that was killed, or a check started by a test session that was, stops at once."""
+    if sys.platform != "linux":
+        return
+    import ctypes
+    import signal
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # (it died before the call above)
+        os._exit(1)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").partition("\n")[0])  # (python -OO: no docstring)
     parser.add_argument("--full", action="store_true", help="also compile fp16 and fp32 with TF32")
@@ -525,7 +539,9 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     with contextlib.ExitStack() as stack:
         partial = stack.enter_context(open(args.partial, "a", buffering=1)) if args.partial else None
-        pool = stack.enter_context(ProcessPoolExecutor(max_workers=max(1, args.jobs)))
+        pool = stack.enter_context(
+            ProcessPoolExecutor(max_workers=max(1, args.jobs), initializer=_die_with_parent, initargs=(os.getpid(),))
+        )
         futures = {pool.submit(_compile_or_error, same[0]): key for key, same in named.items()}
         for done in as_completed(futures):
             key = futures[done]
