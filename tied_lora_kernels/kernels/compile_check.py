@@ -46,8 +46,9 @@ that fails is reported as an ``ERROR`` row (and a failure), not an exception tha
 By default 16-bit configs compile for bf16 (fp16 differs only in the MMA instruction's type, except in
 one-pass split-K with the rank-R term in each output tile, which scales its partial ``t`` into fp16's range:
 those variants compile for fp16 as well) and 32-bit ones for exact fp32 (torch's default); ``--full`` adds
-fp16 and TF32. Must run with ``TRITON_INTERPRET`` unset (the tests run it as a subprocess): under the
-interpreter ``triton.jit`` gives objects that cannot compile.
+fp16 and TF32. Every run compiles afresh (``TRITON_ALWAYS_COMPILE``: a kernel found in triton's cache runs no
+ptxas, and its ``ptxas -v`` log is what gives the registers). Must run with ``TRITON_INTERPRET`` unset (the tests
+run it as a subprocess): under the interpreter ``triton.jit`` gives objects that cannot compile.
 """
 
 from __future__ import annotations
@@ -497,6 +498,11 @@ def format_table(rows: list[dict]) -> str:
             + ("  (tf32)" if r["precision"] == "tf32" else "")
             + ("  ERROR (see FAIL below)" if r.get("error") else "")
         )
+    sources = {source: sum(r.get("ptxas_log") == source for r in rows) for source in ("triton", "ptxas -v")}
+    lines.append(
+        f"registers and spills from the ptxas -v log of triton's own build: {sources['triton']} rows; from a separate "
+        f"ptxas -v run with its default options (a triton that prints no log): {sources['ptxas -v']} rows"
+    )
     return "\n".join(lines)
 
 
