@@ -8,7 +8,6 @@ collection shows the run needs it, and the tests that read its rows go last: the
 meanwhile.
 """
 
-import functools
 import json
 import os
 import shutil
@@ -80,7 +79,7 @@ class _CompileCheck:
                 stdout=self.stdout,
                 stderr=self.stderr,
                 start_new_session=True,
-                preexec_fn=functools.partial(_die_with_parent, os.getpid()),
+                preexec_fn=_die_with_parent,
             )
         except BaseException:
             self.stop()

@@ -19,7 +19,10 @@ spills, shared memory, tensor-core instruction, loads) is printed; run pytest wi
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -151,6 +154,21 @@ def test_registers_are_those_of_the_jit_build(rows):
     if tuple(int(p) for p in re.findall(r"\d+", __version__)[:2]) < (3, 6):
         pytest.skip(f"triton {__version__} does not print its ptxas log")
     assert {r["ptxas_log"] for r in rows if not r.get("error")} == {"triton"}
+
+
+@pytest.mark.parametrize("start_method", ["forkserver", "spawn"])
+def test_the_check_runs_under_every_start_method(start_method):
+    # its compile workers die with their parent: under forkserver (Python 3.14's default) that parent is the fork
+    # server, not the check (a first version took the check's pid for theirs, and every worker exited at once)
+    code = (
+        f"import multiprocessing, sys; multiprocessing.set_start_method({start_method!r}, force=True); "
+        "from tied_lora_kernels.kernels import compile_check; "
+        "sys.exit(compile_check.main(['--only', 'sm80-prepare', '--targets', '80', '--jobs', '2']))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "from the ptxas -v log of triton's own build: 2 rows" in proc.stdout
 
 
 def test_no_register_spills(rows):

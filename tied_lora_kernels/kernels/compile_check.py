@@ -506,14 +506,16 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _die_with_parent(parent: int) -> None:
-    """Have this process killed when ``parent``, the process that started it, dies (Linux; elsewhere nothing): a
-    compile worker of a check that was killed, or a check started by a test session that was, stops at once."""
+def _die_with_parent() -> None:
+    """Have this process killed when its parent dies (Linux; elsewhere nothing): a compile worker of a check that was
+    killed, or a check started by a test session that was, stops at once. (A worker's parent is the check, or
+    under the forkserver start method, Python 3.14's default, the fork server, which exits with the check.)"""
     if sys.platform != "linux":
         return
     import ctypes
     import signal
 
+    parent = os.getppid()
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     if os.getppid() != parent:  # (it died before the call above)
@@ -545,9 +547,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     with contextlib.ExitStack() as stack:
         partial = stack.enter_context(open(args.partial, "a", buffering=1)) if args.partial else None
-        pool = stack.enter_context(
-            ProcessPoolExecutor(max_workers=max(1, args.jobs), initializer=_die_with_parent, initargs=(os.getpid(),))
-        )
+        pool = stack.enter_context(ProcessPoolExecutor(max_workers=max(1, args.jobs), initializer=_die_with_parent))
         futures = {pool.submit(_compile_or_error, same[0]): key for key, same in named.items()}
         for done in as_completed(futures):
             key = futures[done]
