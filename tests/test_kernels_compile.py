@@ -19,6 +19,7 @@ spills, shared memory, tensor-core instruction, loads) is printed; run pytest wi
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -169,6 +170,21 @@ def test_the_check_runs_under_every_start_method(start_method):
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "from the ptxas -v log of triton's own build: 2 rows" in proc.stdout
+
+
+def test_switches_can_be_compiled_off(tmp_path):
+    # --off: the specialisations of a layer without a bias, u or v (run by hand: benchmarks/results/README.md)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    command = [sys.executable, "-m", "tied_lora_kernels.kernels.compile_check", "--jobs", "2", "--targets", "80"]
+    out = tmp_path / "rows.json"
+    off = ["--off", "HAS_BIAS,HAS_RSCALE,HAS_CSCALE", "--json", str(out), "--only", "sm80-decode-fp32-r16"]
+    proc = subprocess.run([*command, *off], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out.read_text())
+    assert {r["variant"] for r in rows} == {"fwd", "fwd-oddR", "dx"}
+    assert all(r["switches"] == dict.fromkeys(("HAS_BIAS", "HAS_RSCALE", "HAS_CSCALE"), False) for r in rows)
+    proc = subprocess.run([*command, "--off", "HAS_U"], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "--off takes HAS_BIAS, HAS_RSCALE, HAS_CSCALE, got 'HAS_U'" in proc.stderr
 
 
 def test_no_register_spills(rows):

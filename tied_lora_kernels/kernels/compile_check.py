@@ -1,7 +1,7 @@
 """Ahead-of-time compile of every shipped kernel config for every GPU it runs on, no GPU needed (docs/design.md §6-§7).
 
     python -m tied_lora_kernels.kernels.compile_check [--full] [--jobs N] [--json PATH] [--partial PATH]
-        [--targets 90,80] [--only NAME]
+        [--targets 90,80] [--only NAME] [--off HAS_BIAS,HAS_RSCALE,HAS_CSCALE]
 
 For each config of ``configs.py``, each GPU its table is launched on (``configs.arch_of``: the sm90 table on
 Hopper sm_90 and datacenter Blackwell sm_100, the sm80 table on Ampere sm_80 and consumer Blackwell sm_120;
@@ -38,8 +38,11 @@ stride is padded to 16 elements by ``prepare.prepare_adapters``, so it carries o
   (``ceil(K/8)``) carries no divisibility hint.
 
 Switches that only remove work are compiled on: the bias, ``u`` and ``v`` (``HAS_BIAS``, ``HAS_RSCALE``,
-``HAS_CSCALE``), so a layer without them (the LoRA preset has neither ``u`` nor ``v``) runs a lighter
-specialisation of a compiled row. Adapters kept in the input dtype instead of fp32 (allowed, not the default)
+``HAS_CSCALE``). A layer without them (Llama's projections have no bias, the LoRA preset neither ``u`` nor ``v``)
+runs a specialisation of its own, lighter but not always spill-free: under triton 3.9's ptxas options a few
+spilled where the row with every switch on did not (8 bytes to 1.3 KB). ``--off HAS_BIAS,HAS_RSCALE`` compiles
+every row with those switches off: the tests compile the default; the ``--off`` sweeps are run by hand (their
+results: benchmarks/results/README.md). Adapters kept in the input dtype instead of fp32 (allowed, not the default)
 change only the element type of the ``A``/``B`` loads; those variants are not compiled here either. A compile
 that fails is reported as an ``ERROR`` row (and a failure), not an exception that loses the other rows.
 
@@ -68,10 +71,14 @@ from typing import Any
 
 from . import interpreting
 from .common import FP_FUSION
-from .forward import RANK_APART_BLOCK_R, RANK_SUM_CHUNK, SUM_BLOCK, SUM_WARPS
+from .forward import RANK_APART_BLOCK_R, RANK_SUM_CHUNK, RANK_SUM_WARPS, SUM_BLOCK, SUM_WARPS
 from .prepare import PREPARE_BLOCK, PREPARE_WARPS
 
 TARGETS = {"sm90": (90, 100), "sm80": (80, 120)}
+
+SWITCHES = ("HAS_BIAS", "HAS_RSCALE", "HAS_CSCALE")
+"""Constexpr switches the compile check turns on (the bias, ``u``, ``v``) and ``--off`` turns off: each is a
+specialisation of its own, as the JIT compiles it for a layer without that tensor."""
 """Compute capabilities each config table is compiled for: the GPUs ``configs.arch_of`` gives it to."""
 
 # variant -> (kernel, args equal to 1, args with divisibility 16, constexpr switches). The fused variants'
@@ -367,6 +374,9 @@ def compile_one(job: dict) -> dict:
         fn, constexprs = _sum_splits_kernel, dict(UPCAST=False, BLOCK=cfg["block"])
     else:  # the adapters' preparation: no dot, no rank
         fn, constexprs = _prepare_kernel, dict(switches, UPCAST=False, BLOCK=cfg["block"])
+    for switch, on in job.get("switches", {}).items():  # --off: a layer without a bias, u or v
+        if switch in constexprs:
+            constexprs[switch] = on
     descriptors = _descriptor_types(job, base, tl_dtype) if tma else {}
     signature, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
@@ -391,11 +401,12 @@ def compile_one(job: dict) -> dict:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     arch = int(job["target"].removeprefix("sm_"))
     stages = 1 if rank_sum else cfg["num_stages"]  # (the rank-apart sum has no dot to pipeline: forward.py)
+    warps = RANK_SUM_WARPS if rank_sum else cfg["num_warps"]
     with _triton_ptxas_log() as printed:
         compiled = triton.compile(
             ASTSource(fn, signature, constexprs, attrs),
             target=GPUTarget("cuda", arch, 32),
-            options=dict(num_warps=cfg["num_warps"], num_stages=stages, enable_fp_fusion=FP_FUSION),
+            options=dict(num_warps=warps, num_stages=stages, enable_fp_fusion=FP_FUSION),
         )
     ptx, log, log_from = compiled.asm["ptx"], printed.getvalue(), "triton"
     if not re.search(r"Used \d+ registers", log):  # triton before 3.6 prints no ptxas log: run ptxas -v here
@@ -534,12 +545,22 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--only", help="compile only configs whose name contains this string")
     parser.add_argument("--targets", help="compile only for these compute capabilities, e.g. 90,80 (default: all)")
+    parser.add_argument(
+        "--off",
+        default="",
+        help=f"compile with these switches off, e.g. HAS_BIAS,HAS_RSCALE (of {', '.join(SWITCHES)}; default: all on)",
+    )
     args = parser.parse_args(argv)
     targets = tuple(int(t) for t in args.targets.split(",")) if args.targets else None
+    off = [s for s in args.off.split(",") if s]
+    if set(off) - set(SWITCHES):
+        parser.error(f"--off takes {', '.join(SWITCHES)}, got {args.off!r}")
     if interpreting():
         print("compile_check: unset TRITON_INTERPRET (the interpreter cannot compile)", file=sys.stderr)
         return 2
     todo = [j for j in jobs(args.full, targets) if not args.only or args.only in j["config"]["name"]]
+    if off:
+        todo = [dict(j, switches=dict.fromkeys(off, False)) for j in todo]
     # configs with equal tiles (e.g. fp32 decode and prefill) compile once; every name gets its row
     named: dict[tuple, list[dict]] = {}
     for job in todo:

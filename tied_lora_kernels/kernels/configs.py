@@ -265,14 +265,15 @@ for _arch in ARCHS:
         # layer at decode, so no split-K
         for _regime in REGIMES:
             _add_fused(_arch, _regime, True, BLOCK_RS, 32, 32, 32, 8, 2, two_pass=_two_pass)
-# fp32 one-pass at the larger ranks, whose t accumulator adds registers: 4 warps at R = 64 (8 spilled 32-48 bytes
+# fp32 one-pass at the larger ranks, whose t accumulator adds registers: at R = 64 4 warps (8 spilled 32-48 bytes
 # at 80 registers under triton 3.9's ptxas options, for sm_90 and sm_120, and 8 without software pipelining 40
-# bytes on triton 3.6); on sm_80 at R = 128 8 warps without pipelining (two stages use 252-255 registers and spill
-# once the JIT knows s·v ⊙ B's row stride is aligned; one uses ~120)
+# bytes on triton 3.6); at R = 128 16-long K steps (with 32-long ones triton 3.9's options spilled on sm_80 8 bytes
+# in dx with two stages, 1,284 bytes in dx without u with one, ~500 bytes in the forward with 4 warps; 16 bytes
+# with TF32 for sm_100)
 for _regime in REGIMES:
     for _arch in ARCHS:
         _add_fused(_arch, _regime, True, (64,), 32, 32, 32, 4, 2)
-    _add_fused("sm80", _regime, True, (128,), 32, 32, 32, 8, 1)
+        _add_fused(_arch, _regime, True, (128,), 32, 32, 16, 8, 2)
 # one-pass prefill / training, M > 16. docs/design.md §7: 128x256x64, 8 warps at small ranks on sm_90; narrower as
 # R grows (the t accumulator is live through the K loop)
 _add_fused("sm90", "prefill", False, (16, 32), 128, 256, 64, 8, 3)
@@ -289,9 +290,10 @@ _add_fused("sm80", "prefill", False, BLOCK_RS, 128, 128, 32, 8, 3, two_pass=True
 # these compile without spills unhinted on triton 3.6 and 3.9 (compile_check's "-unaligned" variants)
 for _arch in ARCHS:
     for _two_pass in (False, True):
-        # (4 stages: with 2, the in-kernel split-K sum spilled 8 bytes at R = 16 for sm_100 under triton 3.9's
-        # ptxas options; with 3, for sm_120)
-        _add_fused(_arch, "decode", False, BLOCK_RS, 16, 64, 32, 4, 4, two_pass=_two_pass, aligned=False)
+        # (under triton 3.9's ptxas options sm_90's split-K forward at R = 16 spilled 8 bytes with 2 stages (in-kernel
+        # sum, sm_100), 3 (without v) and 4 (without a bias or u), not with 1; sm_80's with 2 and 3 (sm_120))
+        _stages = 1 if _arch == "sm90" else 4
+        _add_fused(_arch, "decode", False, BLOCK_RS, 16, 64, 32, 4, _stages, two_pass=_two_pass, aligned=False)
     _add_fused(_arch, "prefill", False, (16, 32), 128, 64, 32, 8, 3, aligned=False)
     _add_fused(_arch, "prefill", False, (64, 128), 64, 64, 32, 8, 3, aligned=False)
     _add_fused(_arch, "prefill", False, BLOCK_RS, 128, 64, 32, 8, 3, two_pass=True, aligned=False)

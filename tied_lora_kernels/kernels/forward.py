@@ -532,6 +532,12 @@ RANK_SUM_CHUNK = 16
 with unaligned widths, and 32-rank steps spilled 8 bytes (at 96 registers) in dx's unaligned sum on sm_80
 (triton 3.9)."""
 
+RANK_SUM_WARPS = 8
+"""Warps of the rank-apart sum (of the GEMM's output tile, 16x64 at decode): with the GEMM's 4, triton 3.9's ptxas
+options spilled 8-16 bytes in the forward of a layer without ``v`` (``HAS_CSCALE`` off: sm_90, and sm_120
+unaligned); with 8 it uses 48-64 registers there, but triton 3.6 spills 12 bytes in dx's sum for sm_100 (with 2
+warps, triton 3.9 spilled 12 bytes in 3 of 60 rows). No count is clean on both: 8 favours triton 3.9."""
+
 SPLIT_ELEMENTS_MAX = configs.INT32_MAX
 """The GEMM offsets a split-K slice's partials by ``slice · M · N`` in int32: the launcher caps the split below
 that (only a split forced on a huge layer reaches it: M ≤ 16 at decode)."""
@@ -729,7 +735,7 @@ def fused_lora_mm(
             BLOCK_M=cfg.block_m,
             BLOCK_N=cfg.block_n,
             BLOCK_R=RANK_SUM_CHUNK,
-            num_warps=cfg.num_warps,
+            num_warps=RANK_SUM_WARPS,
             num_stages=1,  # (no dot in its loops: nothing to pipeline)
             enable_fp_fusion=FP_FUSION,
         )
