@@ -535,8 +535,9 @@ with unaligned widths, and 32-rank steps spilled 8 bytes (at 96 registers) in dx
 RANK_SUM_WARPS = 8
 """Warps of the rank-apart sum (of the GEMM's output tile, 16x64 at decode): with the GEMM's 4, triton 3.9's ptxas
 options spilled 8-16 bytes in the forward of a layer without ``v`` (``HAS_CSCALE`` off: sm_90, and sm_120
-unaligned); with 8 it uses 48-64 registers there, but triton 3.6 spills 12 bytes in dx's sum for sm_100 (with 2
-warps, triton 3.9 spilled 12 bytes in 3 of 60 rows). No count is clean on both: 8 favours triton 3.9."""
+unaligned); with 8 it uses 48-64 registers there, but triton 3.6 spills 8-12 bytes with every switch on (dx's sum
+for sm_100, the forward of an odd rank for sm_80; 8 of its 280 decode rows); with 2, triton 3.9 spilled 12 bytes in
+3 of 60 sampled rows. No count was clean on both: 8 favours triton 3.9 (torch 2.13's) and layers without ``v``."""
 
 SPLIT_ELEMENTS_MAX = configs.INT32_MAX
 """The GEMM offsets a split-K slice's partials by ``slice · M · N`` in int32: the launcher caps the split below
