@@ -58,10 +58,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import io
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -517,18 +519,26 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _libc_prctl() -> Any:
+    try:
+        return ctypes.CDLL(None).prctl if sys.platform == "linux" else None
+    except (OSError, AttributeError):
+        return None
+
+
+_PRCTL = _libc_prctl()
+"""libc's ``prctl``, looked up at import: ``_die_with_parent`` also runs between a fork and an exec (``preexec_fn``),
+where loading a library or importing a module could deadlock on a lock another thread held at the fork."""
+
+
 def _die_with_parent() -> None:
     """Have this process killed when its parent dies (Linux; elsewhere nothing): a compile worker of a check that was
     killed, or a check started by a test session that was, stops at once. (A worker's parent is the check, or
     under the forkserver start method, Python 3.14's default, the fork server, which exits with the check.)"""
-    if sys.platform != "linux":
+    if _PRCTL is None:
         return
-    import ctypes
-    import signal
-
     parent = os.getppid()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    _PRCTL(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     if os.getppid() != parent:  # (it died before the call above)
         os._exit(1)
 
