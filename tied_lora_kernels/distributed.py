@@ -65,15 +65,18 @@ def sync_tied_lora_grads(model: nn.Module, group=None) -> None:
         )
     from torch.distributed.tensor import DTensor
 
-    adapter = [p for p in tied_lora_parameters(model) if p.requires_grad]
-    if any(isinstance(p, DTensor) for p in adapter):
+    model = _unwrapped(model)
+    layers = _require_layers(model)
+    _refuse_parametrized(layers)
+    adapter = _adapter_params(layers)
+    saved = _saved_ids(model)  # (a modules_to_save parameter left whole: averaged too)
+    trained = [p for p in model.parameters() if p.requires_grad and (id(p) in adapter or id(p) in saved)]
+    if any(isinstance(p, DTensor) for p in trained if id(p) in adapter):
         raise ValueError(
             "the adapter's parameters are sharded (DTensors): pass set(tied_lora_parameters(model)) as "
             "ignored_params to every fully_shard call, so that each rank holds the whole adapter"
         )
-    model = _unwrapped(model)
-    ids = {id(p) for p in adapter} | _saved_ids(model)  # (a modules_to_save parameter left whole: averaged too)
-    params = [p for p in model.parameters() if id(p) in ids and p.requires_grad and not isinstance(p, DTensor)]
+    params = [p for p in trained if not isinstance(p, DTensor)]  # (saved modules' shards: FSDP reduces them)
     if not params:
         return
     device = params[0].device

@@ -285,13 +285,18 @@ def _refuse_distributed(model: nn.Module) -> None:
                 "the parameters it found when it was built: the adapter's new ones would train apart on each rank. "
                 "Adapt (or load the adapter into) the bare model, then wrap it: DDP(apply_tied_lora(model, config))"
             )
-    dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
-    sharded = [name for name, p in model.named_parameters() if dtensor is not None and isinstance(p, dtensor)]
+    sharded = _sharded(model.named_parameters())
     if sharded:
         raise ValueError(
             f"{sharded[:3]} are sharded (DTensors: fully_shard or tensor parallelism): adapt (or load the adapter "
             "into) the model before sharding it"
         )
+
+
+def _sharded(named: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
+    """The names of the DTensors (FSDP2's or tensor parallelism's shards) among ``(name, tensor)`` pairs."""
+    dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)  # (not imported if never used)
+    return [name for name, t in named if dtensor is not None and isinstance(t, dtensor)]
 
 
 def _refuse_peft_inside(model: nn.Module) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import sys
 import warnings
 from collections.abc import Set
 
@@ -39,6 +38,7 @@ from tied_lora_kernels.model import (
     _saved_ids,
     _saved_modules,
     _saved_tensor_ids,
+    _sharded,
     _undone_on_error,
     _unwrapped,
     tied_lora_layers,
@@ -65,7 +65,7 @@ def tied_lora_state_dict(model: nn.Module, *, gather: bool = False) -> dict[str,
     if not isinstance(gather, bool):
         raise TypeError(f"gather must be True or False, got {gather!r}")
     state = _state(model)
-    sharded = _sharded(state)
+    sharded = _sharded(state.items())
     if sharded and not gather:  # (each rank holds a shard: saving, exporting or loading would crash in safetensors)
         raise ValueError(
             f"{sharded[:3]} are sharded (DTensors: each rank holds a shard). Gather them with gather=True on every "
@@ -85,12 +85,6 @@ def _state(model: nn.Module) -> dict[str, torch.Tensor]:
     _refuse_parametrized(layers)
     ids = _adapter_params(layers) | _saved_ids(model)  # (modules_to_save: trained in full)
     return {name: t.detach() for name, t in _named_tensors(model).items() if id(t) in ids}
-
-
-def _sharded(state: dict[str, torch.Tensor]) -> list[str]:
-    """The names of ``state``'s DTensors (FSDP2's shards)."""
-    dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
-    return [name for name, t in state.items() if dtensor is not None and isinstance(t, dtensor)]
 
 
 def _writes(gather: bool) -> bool:
@@ -390,7 +384,7 @@ def _check_meta(meta: dict, path: str) -> None:
 def _check_state(state: dict[str, torch.Tensor], model: nn.Module, listed: Set[str]) -> list[str]:
     """A file's tensors against the adapted ``model``'s (``_check_against``)."""
     current = _state(model)
-    sharded = _sharded(current)
+    sharded = _sharded(current.items())
     if sharded:  # (their copy_ from a whole tensor would fail, after other tensors were written)
         raise ValueError(
             f"{sharded[:3]} are sharded (DTensors: each rank holds a shard): load the adapter into the model before "
