@@ -5,7 +5,10 @@ gloo process groups."""
 from __future__ import annotations
 
 import datetime
+import os
+import time
 from types import SimpleNamespace
+from unittest import mock
 
 import pytest
 import torch
@@ -205,6 +208,7 @@ def _two_ranks(rank, init, out):
 
 
 def _two_ranks_save(rank, init, out):
+    import safetensors.torch
     import torch.distributed as dist
 
     from tied_lora_kernels import export_peft_lora
@@ -221,6 +225,27 @@ def _two_ranks_save(rank, init, out):
         args = SimpleNamespace(output_dir=f"{out}/callback{rank}")
         state = SimpleNamespace(global_step=3, is_world_process_zero=rank == 0)
         SaveTiedLoRACallback().on_train_end(args, state, None, model=model)
+        # rank 0 slow to write, then failing: no rank returns before the files are there, and a failure reaches all
+        real, seen = safetensors.torch.save_file, {}
+
+        def slow(*args, **kwargs):
+            time.sleep(1.0)
+            real(*args, **kwargs)
+
+        def full(*args, **kwargs):
+            raise OSError("No space left on device")
+
+        for kind, save in (("tied", save_tied_lora), ("peft", export_peft_lora)):
+            with mock.patch("safetensors.torch.save_file", slow):
+                save(model, f"{out}/{kind}-shared", gather=True)
+                seen[kind] = sorted(os.listdir(f"{out}/{kind}-shared")) if os.path.isdir(f"{out}/{kind}-shared") else []
+            with mock.patch("safetensors.torch.save_file", full):
+                try:
+                    save(model, f"{out}/{kind}-full", gather=True)
+                    seen[f"{kind}-full"] = None
+                except Exception as e:  # noqa: BLE001 (checked by the test)
+                    seen[f"{kind}-full"] = f"{type(e).__name__}: {e}"
+        torch.save(seen, f"{out}/seen.{rank}")
         dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -228,7 +253,9 @@ def _two_ranks_save(rank, init, out):
 
 def test_two_ranks_save_sharded_tensors_gathered(tmp_path):
     """FSDP2 shards the adapter and a head trained in full: ``gather=True`` saves and exports them whole, every rank
-    calling and rank 0 alone writing, the same files as the unsharded model's; so does ``SaveTiedLoRACallback``."""
+    calling and rank 0 alone writing, the same files as the unsharded model's; so does ``SaveTiedLoRACallback``.
+    Every rank returns once rank 0 has written (the files are there, however slow the writing), and each raises
+    when rank 0 failed to write."""
     import torch.multiprocessing as mp
     from safetensors.torch import load_file
 
@@ -247,6 +274,15 @@ def test_two_ranks_save_sharded_tensors_gathered(tmp_path):
     assert (tmp_path / "peft0" / "adapter_config.json").read_text() == (
         tmp_path / "peft-whole" / "adapter_config.json"
     ).read_text()
+    for rank in range(2):
+        seen = torch.load(tmp_path / f"seen.{rank}")
+        assert seen["tied"] == ["adapter_config.json", "adapter_model.safetensors"], (rank, seen)
+        assert seen["peft"] == ["adapter_config.json", "adapter_model.safetensors"], (rank, seen)
+        for kind in ("tied", "peft"):
+            want = "OSError: No space left on device"
+            if rank == 1:
+                want = f"RuntimeError: rank 0 failed to write '{tmp_path}/{kind}-full': {want}"
+            assert seen[f"{kind}-full"] == want, (rank, seen)
 
 
 def test_two_ranks_average_the_adapter_gradients(tmp_path):

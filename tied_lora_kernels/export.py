@@ -31,7 +31,7 @@ from tied_lora_kernels.model import (
     _unwrapped,
     tied_lora_layers,
 )
-from tied_lora_kernels.save_load import _refuse_meta, _writes, tied_lora_state_dict
+from tied_lora_kernels.save_load import _refuse_meta, _write_on_rank0, tied_lora_state_dict
 
 __all__ = ["export_peft_lora"]
 
@@ -66,7 +66,8 @@ def export_peft_lora(
     lack the prefix the full model's have, so PEFT would load nothing into the full model. So do adapted layers
     that PEFT's loader would leave out of this model, or a file it would refuse (``_peft_load_problem``: some MoE
     models' dense MLPs). ``gather=True`` (FSDP2 with tensors of the adapter or of ``modules_to_save`` sharded):
-    every rank calls it, the shards are gathered (``tied_lora_state_dict``) and rank 0 alone writes.
+    every rank calls it, the shards are gathered (``tied_lora_state_dict``) and rank 0 alone writes; every rank
+    returns once it has written (or raises if it failed).
     """
     from safetensors.torch import save_file
 
@@ -102,58 +103,60 @@ def export_peft_lora(
     elif task_type is not None:
         _check_task_type(task_type)
 
-    if not _writes(gather):  # (gathered and checked as on rank 0)
-        return
-    state = {}
-    for name, layer in layers.items():
-        A = value(layer.shared.A)
-        B = _own_rows(value(layer.shared.B), layer.b_rows).double() * layer.scale
-        if layer.lora_v is not None:
-            B = B * value(layer.lora_v).double()[:, None]
-        if layer.lora_u is not None:
-            B = B * value(layer.lora_u).double()[None, :]
-        out = dtype or A.dtype
-        # own copies: safetensors refuses tensors that share memory (the tied A of every layer)
-        state[f"base_model.model.{name}.lora_A.weight"] = A.to("cpu", out, copy=True).contiguous()
-        state[f"base_model.model.{name}.lora_B.weight"] = B.to("cpu", out, copy=True).contiguous()
+    def write() -> None:  # (on rank 0 alone with gather=True: the others have gathered and checked as it has)
+        state = {}
+        for name, layer in layers.items():
+            A = value(layer.shared.A)
+            B = _own_rows(value(layer.shared.B), layer.b_rows).double() * layer.scale
+            if layer.lora_v is not None:
+                B = B * value(layer.lora_v).double()[:, None]
+            if layer.lora_u is not None:
+                B = B * value(layer.lora_u).double()[None, :]
+            out = dtype or A.dtype
+            # own copies: safetensors refuses tensors that share memory (the tied A of every layer)
+            state[f"base_model.model.{name}.lora_A.weight"] = A.to("cpu", out, copy=True).contiguous()
+            state[f"base_model.model.{name}.lora_B.weight"] = B.to("cpu", out, copy=True).contiguous()
 
-    saved = _modules_to_save(model)
-    # every name of a saved module's tensor: PEFT looks each modules_to_save module up under its own name, so a
-    # weight tied between two of them (lm_head and embed_tokens with tied embeddings) goes in under both
-    aliases = {name: names for names in _names_of_parameters(model).values() for name in names}
-    for name, tensor in whole.items():  # modules trained in full, under their own names
-        if not _is_adapter_tensor(name):
-            for alias in aliases.get(name, [name]):
-                state[f"base_model.model.{alias}"] = tensor.to("cpu", copy=True).contiguous()
-    targets = _target_names(model, set(layers))
-    peft_config = {
-        "peft_type": "LORA",
-        "task_type": task_type,
-        "base_model_name_or_path": base_model_name_or_path,
-        "r": rank,
-        "lora_alpha": rank,  # scaling 1: s is folded into lora_B
-        "lora_dropout": config.dropout if config is not None else 0.0,
-        "target_modules": targets,
-        "bias": "none",
-        # PEFT's flag for GPT-2's Conv1D (weight stored [in, out]); lora_A/lora_B are [r, in]/[out, r] either way
-        "fan_in_fan_out": all(layer.fan_in_fan_out for layer in layers.values()),
-        "use_rslora": False,
-        "use_dora": False,
-        "init_lora_weights": True,
-        "inference_mode": True,
-        "modules_to_save": saved or None,
-    }
-    problem = _peft_load_problem(model, targets, set(layers))
-    if problem:
-        warnings.warn(
-            f"export_peft_lora: {problem}. The file is written as for any model (PEFT's loader converts these names "
-            "for adapters trained with transformers 4); for PEFT, adapt without those layers, or merge_tied_lora",
-            stacklevel=2,
-        )
-    os.makedirs(directory, exist_ok=True)
-    save_file(state, os.path.join(directory, PEFT_WEIGHTS_NAME), metadata={"format": "pt"})
-    with open(os.path.join(directory, PEFT_CONFIG_NAME), "w") as f:
-        json.dump(peft_config, f, indent=2)
+        saved = _modules_to_save(model)
+        # every name of a saved module's tensor: PEFT looks each modules_to_save module up under its own name, so a
+        # weight tied between two of them (lm_head and embed_tokens with tied embeddings) goes in under both
+        aliases = {name: names for names in _names_of_parameters(model).values() for name in names}
+        for name, tensor in whole.items():  # modules trained in full, under their own names
+            if not _is_adapter_tensor(name):
+                for alias in aliases.get(name, [name]):
+                    state[f"base_model.model.{alias}"] = tensor.to("cpu", copy=True).contiguous()
+        targets = _target_names(model, set(layers))
+        peft_config = {
+            "peft_type": "LORA",
+            "task_type": task_type,
+            "base_model_name_or_path": base_model_name_or_path,
+            "r": rank,
+            "lora_alpha": rank,  # scaling 1: s is folded into lora_B
+            "lora_dropout": config.dropout if config is not None else 0.0,
+            "target_modules": targets,
+            "bias": "none",
+            # PEFT's flag for GPT-2's Conv1D (weight stored [in, out]); lora_A/lora_B are [r, in]/[out, r] either way
+            "fan_in_fan_out": all(layer.fan_in_fan_out for layer in layers.values()),
+            "use_rslora": False,
+            "use_dora": False,
+            "init_lora_weights": True,
+            "inference_mode": True,
+            "modules_to_save": saved or None,
+        }
+        problem = _peft_load_problem(model, targets, set(layers))
+        if problem:
+            warnings.warn(
+                f"export_peft_lora: {problem}. The file is written as for any model (PEFT's loader converts these "
+                "names for adapters trained with transformers 4); for PEFT, adapt without those layers, or "
+                "merge_tied_lora",
+                stacklevel=2,
+            )
+        os.makedirs(directory, exist_ok=True)
+        save_file(state, os.path.join(directory, PEFT_WEIGHTS_NAME), metadata={"format": "pt"})
+        with open(os.path.join(directory, PEFT_CONFIG_NAME), "w") as f:
+            json.dump(peft_config, f, indent=2)
+
+    _write_on_rank0(gather, write, directory)
 
 
 _PEFT_CHILDREN = tuple(

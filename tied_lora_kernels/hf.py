@@ -35,7 +35,14 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from tied_lora_kernels.layer import TiedLoRALinear
 from tied_lora_kernels.model import _adapter_params, _factors, _refuse_peft_inside, _unwrapped, tied_lora_layers
-from tied_lora_kernels.save_load import CHECKPOINT_SUBFOLDER, CONFIG_NAME, FORMAT, _save, load_tied_lora, save_tied_lora
+from tied_lora_kernels.save_load import (
+    CHECKPOINT_SUBFOLDER,
+    CONFIG_NAME,
+    FORMAT,
+    _saver,
+    load_tied_lora,
+    save_tied_lora,
+)
 
 __all__ = ["SaveTiedLoRACallback", "TiedLoRATrainer"]
 
@@ -141,7 +148,9 @@ class SaveTiedLoRACallback(_TrainingCheck):
     @staticmethod
     def _save(args, state, model, name: str) -> None:
         # on every process (tensors that FSDP2 sharded are gathered: a collective); the main process writes
-        _save(model, os.path.join(args.output_dir, name), gather=True, write=state.is_world_process_zero)
+        write = _saver(model, os.path.join(args.output_dir, name), gather=True)
+        if state.is_world_process_zero:
+            write()
 
 
 class TiedLoRATrainer(Trainer):

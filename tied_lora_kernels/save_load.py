@@ -12,7 +12,7 @@ import dataclasses
 import json
 import os
 import warnings
-from collections.abc import Set
+from collections.abc import Callable, Set
 
 import torch
 from torch import nn
@@ -87,11 +87,34 @@ def _state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: t.detach() for name, t in _named_tensors(model).items() if id(t) in ids}
 
 
-def _writes(gather: bool) -> bool:
-    """Whether this process writes a file: with ``gather=True`` every rank calls, and rank 0 alone writes."""
+def _collective(gather: bool) -> bool:
+    """Whether a call with this ``gather`` is made by every rank of an initialised process group."""
     import torch.distributed as dist
 
-    return not gather or not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    return gather and dist.is_available() and dist.is_initialized()
+
+
+def _write_on_rank0(gather: bool, write: Callable[[], None], directory: str | os.PathLike) -> None:
+    """Call ``write``. With ``gather=True`` under torch.distributed (every rank calls) rank 0 alone calls it, and
+    every rank returns once it has written or raises if it failed (rank 0 its own error): no rank reads the files
+    before they are there, nor trains on past a save that failed."""
+    import torch.distributed as dist
+
+    if not _collective(gather):
+        write()
+        return
+    error = None
+    if dist.get_rank() == 0:
+        try:
+            write()
+        except Exception as e:  # noqa: BLE001 (told to every rank below, then raised)
+            error = e
+    outcome = [None if error is None else f"{type(error).__name__}: {error}"]
+    dist.broadcast_object_list(outcome, src=0)
+    if error is not None:
+        raise error
+    if outcome[0] is not None:
+        raise RuntimeError(f"rank 0 failed to write {os.fspath(directory)!r}: {outcome[0]}")
 
 
 def _refuse_meta(state: dict[str, torch.Tensor], doing: str) -> dict[str, torch.Tensor]:
@@ -130,13 +153,14 @@ def save_tied_lora(model: nn.Module, directory: str | os.PathLike, *, gather: bo
     (from the model inside a ``torch.compile``, (Distributed)DataParallel or ``AveragedModel`` wrapper).
 
     ``gather=True`` (FSDP2 with tensors of the adapter or of ``modules_to_save`` sharded): every rank calls it, the
-    shards are gathered (``tied_lora_state_dict``) and rank 0 alone writes (the others return at once: put a barrier
-    before another rank reads the files)."""
-    _save(model, directory, gather=gather, write=_writes(gather))
+    shards are gathered (``tied_lora_state_dict``) and rank 0 alone writes; every rank returns once it has written
+    (or raises if it failed)."""
+    _write_on_rank0(gather, _saver(model, directory, gather=gather), directory)
 
 
-def _save(model: nn.Module, directory: str | os.PathLike, *, gather: bool, write: bool) -> None:
-    """``save_tied_lora``, writing the files only if ``write`` (every process checks, and gathers if ``gather``)."""
+def _saver(model: nn.Module, directory: str | os.PathLike, *, gather: bool) -> Callable[[], None]:
+    """``save_tied_lora``'s checks and gathering (on every process, a collective if ``gather`` finds shards), and the
+    writing of the files, returned to be called where they are written."""
     from safetensors.torch import save_file
 
     model = _unwrapped(model)
@@ -174,13 +198,15 @@ def _save(model: nn.Module, directory: str | os.PathLike, *, gather: bool, write
         "layout": _layout(model),
     }
     text = json.dumps(meta, indent=2)  # before either file is written: an error leaves the folder as it was
-    if not write:
-        return
-    os.makedirs(directory, exist_ok=True)
-    state = {k: v.contiguous().cpu() for k, v in state.items()}
-    save_file(state, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
-    with open(os.path.join(directory, CONFIG_NAME), "w") as f:
-        f.write(text)
+
+    def write() -> None:
+        os.makedirs(directory, exist_ok=True)
+        tensors = {k: v.contiguous().cpu() for k, v in state.items()}
+        save_file(tensors, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
+        with open(os.path.join(directory, CONFIG_NAME), "w") as f:
+            f.write(text)
+
+    return write
 
 
 def load_tied_lora(
