@@ -179,3 +179,22 @@ def test_no_output_columns_still_give_t():
         assert out.shape == (3, 0)
         t_ref = a.double() @ A.to(torch.bfloat16).double().t()
         torch.testing.assert_close(t.double(), t_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_rank_apart_only_where_its_int32_offsets_reach(monkeypatch):
+    # the rank-apart sum indexes t ([M, R]) and up ([R, N] as strided) in int32 (64-bit offsets spilled): past
+    # INT32_MAX the launcher keeps the rank-R term in the tiles (int64 offsets), still within tolerance
+    fits, edge = forward._rank_sum_fits_int32, 2**24  # 2^24 · 128 = 2^31
+    up = torch.empty_strided((128, edge), (1, 128), device="meta")  # B [N, 128] transposed: last offset 2^31 - 1
+    assert fits(1, 128, up) and not fits(1, 128, torch.empty_strided((128, edge + 1), (1, 128), device="meta"))
+    for K, fit in ((16_900_000, True), (17_000_000, False)):  # A [128, K] as dx's up: last offset 127·K + 1
+        assert fits(1, 128, torch.empty_strided((128, 2), (K, 1), device="meta")) == fit
+    assert fits(edge - 1, 128, up) and not fits(edge, 128, up)  # t: M·R elements
+    gemms, sums, rank_sums = (GridSpy(getattr(forward, k)) for k in _KERNELS)
+    for name, spy in zip(_KERNELS, (gemms, sums, rank_sums), strict=True):
+        monkeypatch.setattr(forward, name, spy)
+    monkeypatch.setattr(forward, "_rank_sum_fits_int32", lambda M, R, up: False)  # (a layer too big to build here)
+    x, params = make_inputs("tl6", M=4, K=300, N=140, R=12, dtype=torch.bfloat16)
+    with configs.forced(split_k=3, split_rank="apart"):
+        check_parity(x, params)
+    assert not rank_sums.grids and len(sums.grids) == 2 and gemms.grids == [(3, 3), (5, 3)], (sums.grids, gemms.grids)

@@ -485,13 +485,14 @@ def _sum_splits_rank_kernel(
     ``t``'s slices each summed in slice order (fp32, deterministic), then ``out = Σ part + (t ⊙ rscale)·(up ⊙
     scale·cscale) + bias`` rounded once. ``t`` is complete here, so it is rounded once as the dot operand, as in
     an unsplit launch. The rank is walked ``BLOCK_R`` at a time (``RANK_SUM_CHUNK``). ``WRITE_T``: the
-    column-tile-0 programs also store ``t``'s sum (fp32) in ``tsum``."""
+    column-tile-0 programs also store ``t``'s sum (fp32) in ``tsum``. Offsets are int32 (``_rank_sum_fits_int32``):
+    64-bit ones, a register pair per element of each pointer tile, made ptxas spill 8-12 bytes in some rows."""
     pid = tl.program_id(0)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     pid_m = pid // num_pid_n
     pid_n = pid % num_pid_n
-    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (int32 offsets: the launcher checks they fit)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, BLOCK_R)
     mask_m = offs_m < M
     mask_n = offs_n < N
@@ -533,11 +534,10 @@ with unaligned widths, and 32-rank steps spilled 8 bytes (at 96 registers) in dx
 (triton 3.9)."""
 
 RANK_SUM_WARPS = 8
-"""Warps of the rank-apart sum (of the GEMM's output tile, 16x64 at decode): with the GEMM's 4, triton 3.9's ptxas
-options spilled 8-16 bytes in the forward of a layer without ``v`` (``HAS_CSCALE`` off: sm_90, and sm_120
-unaligned); with 8 it uses 48-64 registers there, but triton 3.6 spills 8-12 bytes with every switch on (dx's sum
-for sm_100, the forward of an odd rank for sm_80; 8 of its 280 decode rows); with 2, triton 3.9 spilled 12 bytes in
-3 of 60 sampled rows. No count was clean on both: 8 favours triton 3.9 (torch 2.13's) and layers without ``v``."""
+"""Warps of the rank-apart sum (of the GEMM's output tile, 16x64 at decode). With its int32 offsets, 8 warps
+compile with no spill on triton 3.6 and 3.9 for every set of the bias, ``u`` and ``v`` switches (80 rows each, at
+most 60 registers); 4 warps spilled 8 bytes on triton 3.9 (its ptxas options) in 4 of 80 rows with every switch
+on. With int64 offsets no count had been clean on both versions."""
 
 SPLIT_ELEMENTS_MAX = configs.INT32_MAX
 """The GEMM offsets a split-K slice's partials by ``slice · M · N`` in int32: the launcher caps the split below
@@ -611,6 +611,7 @@ def fused_lora_mm(
     if cfg.split_k:
         sums_in_kernel = configs.split_reduce() == "kernel"
         apart_if_split = not (two_pass or sums_in_kernel) and configs.split_rank() == "apart"
+        apart_if_split = apart_if_split and _rank_sum_fits_int32(M, R, up)  # (else in the tiles: int64 offsets)
     block_tr = min(block_r, RANK_APART_BLOCK_R)
     rank_tiles = cdiv(M, cfg.block_m) * cdiv(R, block_tr) if apart_if_split else 0
 
@@ -749,6 +750,14 @@ def fused_lora_mm(
     if t is not None and t.dim() == 3:
         t = t.sum(0)
     return out, (t if write_t else None)
+
+
+def _rank_sum_fits_int32(M: int, R: int, up: Tensor) -> bool:
+    """Whether the rank-apart sum's int32 offsets reach every element it reads or writes: ``t``'s slices and sum
+    (``[M, R]`` each, contiguous) and ``up`` (``[R, N]``, as strided); those of the partials and the output stay
+    under ``M·N``, which the split-K cap (``SPLIT_ELEMENTS_MAX``) keeps in int32 when K is split."""
+    last_up = sum((size - 1) * abs(stride) for size, stride in zip(up.shape, up.stride(), strict=True))
+    return M * R <= configs.INT32_MAX and last_up <= configs.INT32_MAX
 
 
 _SPLIT_LOCKS: dict[tuple[torch.device, int], Tensor] = {}
