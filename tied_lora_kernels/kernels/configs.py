@@ -25,7 +25,7 @@ cores and hold their operands in registers.
 
 **The default table is an estimate, not a measurement** (no GPU has timed either strategy yet): two-pass from
 ``BLOCK_R = 32`` up in the 16-bit prefill regime, docs/design.md §7's estimate (one-pass's extra MMA is 12.5 % at
-R = 32 with 256-wide tiles and 50-100 % at R = 64-128 with the narrower tiles it needs, against one extra
+R = 32 with 256-wide tiles, 50 % at R = 64 (128-wide) and 200 % at R = 128 (64-wide), against one extra
 read of x, ~6 % of the GEMM's time at M = 8192, K = N = 4096); one-pass at BLOCK_R = 16 and everywhere in
 decode (a stream over W, where a second launch costs as much as the GEMM); two-pass for fp32 prefill
 (32-wide tiles: one-pass's extra work is BLOCK_R / 32 ≥ 50 %). ``benchmarks/gpu_check.sh`` times both
@@ -574,8 +574,10 @@ def split_rank() -> str:
     expanding it (``down`` read once per column tile, ``up`` once per slice). The two round differently (apart
     rounds the complete ``t`` once, as an unsplit launch does; in-tile each slice's ``t`` as a hi + lo pair),
     so their results are close, not equal. ``forced(split_rank=...)``, else ``TIED_LORA_SPLIT_RANK``, else
-    ``DEFAULT_SPLIT_RANK``: "apart", an estimate from bytes moved (module docstring), unmeasured. Read at
-    every launch, like ``split_reduce``: forward and backward each read it when they run."""
+    ``DEFAULT_SPLIT_RANK``: "apart", an estimate from bytes moved (module docstring), unmeasured. "apart" holds
+    only where the sum launch's int32 offsets reach ``t`` and ``up`` (``forward._rank_sum_fits_int32``; past
+    2³¹ elements the launch keeps the rank-R term in the tiles). Read at every launch, like ``split_reduce``:
+    forward and backward each read it when they run."""
     return _forced_or_env("split_rank") or DEFAULT_SPLIT_RANK
 
 

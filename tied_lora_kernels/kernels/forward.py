@@ -579,7 +579,7 @@ def fused_lora_mm(
     dx's, masks the rank-R term per output entry with a mask drawn before.
     Launches one kernel (two-pass: two; split-K: plus the sum of the slices, unless ``configs.split_reduce``
     has the kernel sum them; one-pass split-K with ``configs.split_rank`` "apart", the default, computes ``t``
-    apart and has the sum add the rank-R term).
+    apart and has the sum add the rank-R term, where that sum's int32 offsets fit: ``_rank_sum_fits_int32``).
     """
     a, w = configs.narrow_k_steps(a), configs.narrow_k_steps(w, k_dim=0)
     M, K = a.shape
