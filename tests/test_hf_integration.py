@@ -236,6 +236,30 @@ def test_only_the_main_process_saves_the_adapter(tmp_path):
     assert (tmp_path / "adapter-final" / "adapter_model.safetensors").is_file()
 
 
+def test_every_process_saves_into_a_checkpoint_alike(tmp_path, monkeypatch):
+    """on_save gathers on every process (a collective when FSDP2 sharded the adapter): every process must take the
+    same branch, whether or not it sees Trainer's checkpoint folder yet (a process other than the main one may get
+    there first, or not share its file system); under a hyperparameter search (checkpoints in a run folder) none
+    saves."""
+    from types import SimpleNamespace
+
+    from tied_lora_kernels import hf
+
+    model = apply_tied_lora(Toy(), TiedLoRAConfig(rank=4))
+    args = SimpleNamespace(output_dir=str(tmp_path))
+    gathered = []
+    saver = hf._saver
+    monkeypatch.setattr(
+        hf, "_saver", lambda model, path, gather: gathered.append(path) or saver(model, path, gather=gather)
+    )
+    for main, search in ((False, False), (True, False), (False, True), (True, True)):
+        state = SimpleNamespace(is_world_process_zero=main, global_step=3, is_hyper_param_search=search)
+        hf.SaveTiedLoRACallback().on_save(args, state, None, model=model)  # (no checkpoint-3 folder yet)
+    path = str(tmp_path / "checkpoint-3" / "tied_lora")
+    assert gathered == [path, path]
+    assert (tmp_path / "checkpoint-3" / "tied_lora" / "adapter_model.safetensors").is_file()
+
+
 def test_tied_lora_trainer_checkpoints_hold_the_adapter_alone(tmp_path):
     """TiedLoRATrainer's checkpoints hold the adapter (save_tied_lora's files) beside Trainer's optimizer and state,
     not the model, and resume from them: 4 steps in one go, or 2 then a resume on a fresh model, end with the

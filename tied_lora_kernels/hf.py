@@ -136,9 +136,11 @@ class SaveTiedLoRACallback(_TrainingCheck):
             self._save(args, state, model, f"adapter-{state.global_step}")
 
     def on_save(self, args, state, control, model=None, **kwargs):
-        # Trainer has just written this checkpoint (under a hyperparameter search, elsewhere: then skipped)
-        checkpoint = f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
-        if not self.checkpoints_hold_adapter and os.path.isdir(os.path.join(args.output_dir, checkpoint)):
+        # Trainer has just written this checkpoint (under a hyperparameter search, in a run folder of its own: then
+        # skipped). Every process takes the same branch, decided by what they all share (the saving gathers shards,
+        # a collective), not by whether a process sees the folder yet
+        if not self.checkpoints_hold_adapter and not state.is_hyper_param_search:
+            checkpoint = f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
             self._save(args, state, model, os.path.join(checkpoint, CHECKPOINT_SUBFOLDER))
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
