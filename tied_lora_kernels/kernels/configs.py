@@ -265,15 +265,16 @@ for _arch in ARCHS:
         # layer at decode, so no split-K
         for _regime in REGIMES:
             _add_fused(_arch, _regime, True, BLOCK_RS, 32, 32, 32, 8, 2, two_pass=_two_pass)
-# fp32 one-pass at the larger ranks, whose t accumulator adds registers: at R = 64 4 warps (8 spilled 32-48 bytes
-# at 80 registers under triton 3.9's ptxas options, for sm_90 and sm_120, and 8 without software pipelining 40
-# bytes on triton 3.6); at R = 128 16-long K steps (with 32-long ones triton 3.9's options spilled on sm_80 8 bytes
-# in dx with two stages, 1,284 bytes in dx without u with one, ~500 bytes in the forward with 4 warps; 16 bytes
-# with TF32 for sm_100)
+# fp32 one-pass at the larger ranks, whose t accumulator adds registers: 16-long K steps and 8 warps. At R = 64,
+# 32-long steps spilled with 4 warps on triton 3.6 in a layer without u (200-308 bytes at 255 registers: sm_90 and
+# sm_100; the LoRA preset) and with 8 under triton 3.9's ptxas options (32-48 bytes at 80 registers, sm_90 and
+# sm_120); 16-long ones compile clean on both for every set of the bias, u and v switches. At R = 128, 32-long
+# steps spilled under triton 3.9's options on sm_80 (8 bytes in dx with two stages, 1,284 bytes in dx without u
+# with one, ~500 bytes in the forward with 4 warps; 16 bytes with TF32 for sm_100). Triton 3.6 still spills R = 128
+# without u (136-192 bytes; no tile of 16 or 32 rows, 16 or 32-long steps, 4 or 8 warps, 1 or 2 stages was clean)
 for _regime in REGIMES:
     for _arch in ARCHS:
-        _add_fused(_arch, _regime, True, (64,), 32, 32, 32, 4, 2)
-        _add_fused(_arch, _regime, True, (128,), 32, 32, 16, 8, 2)
+        _add_fused(_arch, _regime, True, (64, 128), 32, 32, 16, 8, 2)
 # one-pass prefill / training, M > 16. docs/design.md §7: 128x256x64, 8 warps at small ranks on sm_90; narrower as
 # R grows (the t accumulator is live through the K loop)
 _add_fused("sm90", "prefill", False, (16, 32), 128, 256, 64, 8, 3)
