@@ -87,20 +87,13 @@ def _state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: t.detach() for name, t in _named_tensors(model).items() if id(t) in ids}
 
 
-def _collective(gather: bool) -> bool:
-    """Whether a call with this ``gather`` is made by every rank of an initialised process group."""
-    import torch.distributed as dist
-
-    return gather and dist.is_available() and dist.is_initialized()
-
-
 def _write_on_rank0(gather: bool, write: Callable[[], None], directory: str | os.PathLike) -> None:
     """Call ``write``. With ``gather=True`` under torch.distributed (every rank calls) rank 0 alone calls it, and
     every rank returns once it has written or raises if it failed (rank 0 its own error): no rank reads the files
     before they are there, nor trains on past a save that failed."""
     import torch.distributed as dist
 
-    if not _collective(gather):
+    if not (gather and dist.is_available() and dist.is_initialized()):  # (not a collective call)
         write()
         return
     error = None
