@@ -819,7 +819,7 @@ def test_tma_choice_is_kept_for_backward(tma, descriptor_calls):
 
 @pytest.mark.parametrize("config,M,R", [("lora", 20, 100), ("tl6", 1, 65), ("vera", 5, 128)], ids=str)
 def test_exact_fp32_rank_tile_128_runs_in_halves(config, M, R):
-    # one-pass exact fp32 at rank tile 128 expands t as two 64-rank dots (forward._add_rank_update_halves): ranks
+    # one-pass exact fp32 at rank tile 128 expands t as two 64-rank dots (forward._add_rank_update): ranks
     # past R masked in the second half, or in both; with and without u and v
     x, params = make_inputs(config, M=M, K=70, N=45, R=R, dtype=torch.float32, bias=config != "lora")
     assert configs.block_r_for(R) == 128

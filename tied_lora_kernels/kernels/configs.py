@@ -272,7 +272,7 @@ for _arch in ARCHS:
 # steps spilled under triton 3.9's options on sm_80 (8 bytes in dx with two stages, 1,284 bytes in dx without u
 # with one, ~500 bytes in the forward with 4 warps; 16 bytes with TF32 for sm_100). At R = 128 triton 3.6 spilled
 # 136-192 bytes without u with every tile tried (16 or 32 rows, 16- or 32-long K steps, 4 or 8 warps, 1 or 2
-# stages) until the exact-fp32 epilogue ran as two 64-rank dots (forward._add_rank_update_halves)
+# stages) until the exact-fp32 epilogue ran as two 64-rank dots (in forward._add_rank_update)
 for _regime in REGIMES:
     for _arch in ARCHS:
         _add_fused(_arch, _regime, True, (64, 128), 32, 32, 16, 8, 2)

@@ -108,15 +108,53 @@ def _add_rank_update(
     where the slices' partials cancel (the unsplit kernel rounds the complete ``t``, finite there too). A row's
     entries far smaller than its largest (by more than fp16's dynamic range, ~2^30) become subnormal or zero
     once scaled: only where huge partials cancel exactly do they matter, and the unsplit kernel keeps them.
+
+    Exact fp32 (CUDA-core dots) at a 128-rank tile goes as two dots over 64 ranks each, the same multiply-adds in
+    the same order. One dot over all 128 held each thread's 128 ``t`` and ``up`` operands at once and, in a layer
+    without ``u``, spilled 136-192 bytes at 255 registers on triton 3.6 with every tile tried; the halves compile
+    clean on triton 3.6 and 3.9 with every bias/u/v switch.
     """
     if HAS_RSCALE:
         rscale = tl.load(rscale_ptr + offs_r, mask=mask_r, other=0.0).to(tl.float32)
         t = t * rscale[None, :]
     if DTYPE == tl.float32 and PRECISION == "ieee" and t.shape[1] == 128:  # (T_HI_LO: 16-bit only)
-        return _add_rank_update_halves(
-            acc, t, up_ptr, cscale_ptr, scale, offs_r, offs_n, mask_r, mask_n, stride_ur, stride_un, FOLD_UP,
-            HAS_CSCALE, PRECISION,
+        BM: tl.constexpr = t.shape[0]
+        H: tl.constexpr = t.shape[1] // 2
+        t0, t1 = tl.split(tl.permute(tl.reshape(t, (BM, 2, H)), (0, 2, 1)))  # ranks 0..63, 64..127
+        r0, r1 = tl.split(tl.permute(tl.reshape(offs_r, (2, H)), (1, 0)))
+        m0, m1 = tl.split(tl.permute(tl.reshape(mask_r, (2, H)), (1, 0)))
+        acc = _add_rank_dot(
+            acc, t0, up_ptr, cscale_ptr, scale, r0, offs_n, m0, mask_n, stride_ur, stride_un, DTYPE, FOLD_UP,
+            HAS_CSCALE, UPCAST, PRECISION, T_HI_LO,
         )  # fmt: skip
+        t, offs_r, mask_r = t1, r1, m1
+    return _add_rank_dot(
+        acc, t, up_ptr, cscale_ptr, scale, offs_r, offs_n, mask_r, mask_n, stride_ur, stride_un, DTYPE, FOLD_UP,
+        HAS_CSCALE, UPCAST, PRECISION, T_HI_LO,
+    )  # fmt: skip
+
+
+@triton.jit
+def _add_rank_dot(
+    acc,
+    t,
+    up_ptr,
+    cscale_ptr,
+    scale,
+    offs_r,
+    offs_n,
+    mask_r,
+    mask_n,
+    stride_ur,
+    stride_un,
+    DTYPE: tl.constexpr,
+    FOLD_UP: tl.constexpr,
+    HAS_CSCALE: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    T_HI_LO: tl.constexpr,
+):
+    """``acc + t·(up ⊙ scale·cscale)`` over the ranks ``offs_r``: ``_add_rank_update`` after ``rscale``."""
     up_ptrs = up_ptr + offs_r[:, None] * stride_ur + offs_n[None, :] * stride_un  # [BLOCK_R, BLOCK_N]
     up = tl.load(up_ptrs, mask=mask_r[:, None] & mask_n[None, :], other=0.0)
     if FOLD_UP:  # up ⊙ (scale·cscale) in fp32, rounded once (the host's (s·v ⊙ B).to(dtype), same operations)
@@ -148,49 +186,6 @@ def _add_rank_update(
             lo = as_operand(t - hi.to(tl.float32), DTYPE, UPCAST)
             acc = tl.dot(lo, up, acc, input_precision=PRECISION)
     return acc
-
-
-@triton.jit
-def _add_rank_update_halves(
-    acc,
-    t,
-    up_ptr,
-    cscale_ptr,
-    scale,
-    offs_r,
-    offs_n,
-    mask_r,
-    mask_n,
-    stride_ur,
-    stride_un,
-    FOLD_UP: tl.constexpr,
-    HAS_CSCALE: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
-    """``_add_rank_update`` for exact fp32 (CUDA-core dots) at a 128-rank tile: two dots over 64 ranks each, the same
-    multiply-adds in the same order. One dot over all 128 held each thread's 128 ``t`` and ``up`` operands at once
-    and, in a layer without ``u``, spilled 136-192 bytes at 255 registers on triton 3.6 with every tile tried; two
-    halves compile clean on triton 3.6 and 3.9 with every bias/u/v switch (at most 186 registers)."""
-    BM: tl.constexpr = t.shape[0]
-    H: tl.constexpr = t.shape[1] // 2
-    t0, t1 = tl.split(tl.permute(tl.reshape(t, (BM, 2, H)), (0, 2, 1)))  # ranks 0..63, 64..127
-    r0, r1 = tl.split(tl.permute(tl.reshape(offs_r, (2, H)), (1, 0)))
-    m0, m1 = tl.split(tl.permute(tl.reshape(mask_r, (2, H)), (1, 0)))
-    col = scale
-    if HAS_CSCALE:
-        col = scale * tl.load(cscale_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    acc = _add_half(acc, t0, up_ptr, r0, m0, offs_n, mask_n, stride_ur, stride_un, col, FOLD_UP, PRECISION)
-    return _add_half(acc, t1, up_ptr, r1, m1, offs_n, mask_n, stride_ur, stride_un, col, FOLD_UP, PRECISION)
-
-
-@triton.jit
-def _add_half(acc, t, up_ptr, offs_r, mask_r, offs_n, mask_n, stride_ur, stride_un, col, FOLD_UP: tl.constexpr,
-              PRECISION: tl.constexpr):  # fmt: skip
-    up_ptrs = up_ptr + offs_r[:, None] * stride_ur + offs_n[None, :] * stride_un
-    up = tl.load(up_ptrs, mask=mask_r[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
-    if FOLD_UP:
-        up = up * col
-    return tl.dot(t, up, acc, input_precision=PRECISION)
 
 
 @triton.jit
