@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime
 import os
 import time
+import warnings
 from types import SimpleNamespace
 from unittest import mock
 
@@ -221,6 +222,10 @@ def _two_ranks_save(rank, init, out):
         assert model.lm_head.weight.to_local().shape[0] == (49, 48)[rank]
         save_tied_lora(model, f"{out}/tied{rank}", gather=True)  # every rank calls; rank 0 alone writes
         export_peft_lora(model, f"{out}/peft{rank}", gather=True)
+        with warnings.catch_warnings(record=True) as caught:  # a warning about the model: once, from the writer
+            warnings.simplefilter("always")
+            export_peft_lora(model.model, f"{out}/headless{rank}", gather=True)
+        warned = [str(w.message)[:40] for w in caught]
         # Trainer calls its callbacks on every process: the main one writes
         args = SimpleNamespace(output_dir=f"{out}/callback{rank}")
         state = SimpleNamespace(global_step=3, is_world_process_zero=rank == 0)
@@ -245,6 +250,7 @@ def _two_ranks_save(rank, init, out):
                     seen[f"{kind}-full"] = None
                 except Exception as e:  # noqa: BLE001 (checked by the test)
                     seen[f"{kind}-full"] = f"{type(e).__name__}: {e}"
+        seen["warned"] = warned
         torch.save(seen, f"{out}/seen.{rank}")
         dist.barrier()
     finally:
@@ -276,6 +282,7 @@ def test_two_ranks_save_sharded_tensors_gathered(tmp_path):
     ).read_text()
     for rank in range(2):
         seen = torch.load(tmp_path / f"seen.{rank}")
+        assert seen["warned"] == ["export_peft_lora: this LlamaModel has no"] * (rank == 0), (rank, seen)
         for kind in ("tied", "peft"):
             assert seen[kind] == ["adapter_config.json", "adapter_model.safetensors"], (rank, seen)
             want = "OSError: No space left on device"

@@ -141,8 +141,9 @@ def test_task_type_and_a_part_of_the_model(tmp_path):
     assert type(loaded).__name__ == "PeftModelForCausalLM"
     with torch.no_grad():
         torch.testing.assert_close(logits, model(ids).logits, rtol=1e-12, atol=1e-12)
-    with pytest.warns(UserWarning, match="has no head and is not the model apply_tied_lora adapted"):
+    with pytest.warns(UserWarning, match="has no head and is not the model apply_tied_lora adapted") as caught:
         export_peft_lora(model.model, tmp_path / "part")
+    assert [w.filename for w in caught] == [__file__]  # (pointing at the caller's line)
 
 
 def test_modules_to_save_are_listed_in_the_peft_config(tmp_path):
@@ -231,6 +232,7 @@ def test_layers_peft_would_read_as_moe_experts_are_named_in_a_warning(tmp_path):
         loaded = peft.PeftModel.from_pretrained(deepseek(), tmp_path)
     left_out = sorted(set(tied_lora_layers(model)) - set(loaded.base_model.targeted_module_names))
     message = next(str(w.message) for w in caught if "reads the names" in str(w.message))
+    assert {w.filename for w in caught if "reads the names" in str(w.message)} == {__file__}
     assert len(left_out) == 6 and f"of {len(left_out)} adapted layers ({', '.join(left_out[:3])}, ...)" in message
     # a part of a fused pair alone (gate_proj without up_proj): PEFT refuses the file, and the export says so
     model = apply_tied_lora(deepseek(), TiedLoRAConfig(rank=4, preset="lora", target_modules=["gate_proj"]))

@@ -91,19 +91,21 @@ def export_peft_lora(
         raise ValueError(f"the adapted layers have several ranks {sorted(ranks)}: PEFT's LoRA config has one")
     rank = ranks.pop()
     config = getattr(model, "tied_lora_config", None)
-    if config is None and getattr(model, "base_model", None) is model:  # a headless transformers model
-        warnings.warn(
-            f"export_peft_lora: this {type(model).__name__} has no head and is not the model apply_tied_lora "
-            "adapted: if it is the .model of an adapted ForCausalLM (or the like), the file's names do not fit the "
-            "full model and PEFT loads nothing into it; export the adapted model itself",
-            stacklevel=2,
-        )
+    headless = config is None and getattr(model, "base_model", None) is model  # a headless transformers model
     if task_type == "auto":
         task_type = _task_type(model)
     elif task_type is not None:
         _check_task_type(task_type)
 
     def write() -> None:  # (on rank 0 alone with gather=True: the others have gathered and checked as it has)
+        # its warnings too, once per save (stacklevel 4: write, _write_on_rank0, export_peft_lora, the caller)
+        if headless:
+            warnings.warn(
+                f"export_peft_lora: this {type(model).__name__} has no head and is not the model apply_tied_lora "
+                "adapted: if it is the .model of an adapted ForCausalLM (or the like), the file's names do not fit "
+                "the full model and PEFT loads nothing into it; export the adapted model itself",
+                stacklevel=4,
+            )
         state = {}
         for name, layer in layers.items():
             A = value(layer.shared.A)
@@ -149,7 +151,7 @@ def export_peft_lora(
                 f"export_peft_lora: {problem}. The file is written as for any model (PEFT's loader converts these "
                 "names for adapters trained with transformers 4); for PEFT, adapt without those layers, or "
                 "merge_tied_lora",
-                stacklevel=2,
+                stacklevel=4,
             )
         os.makedirs(directory, exist_ok=True)
         save_file(state, os.path.join(directory, PEFT_WEIGHTS_NAME), metadata={"format": "pt"})
