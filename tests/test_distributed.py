@@ -240,7 +240,11 @@ def _two_ranks_save(rank, init, out):
         def full(*args, **kwargs):
             raise OSError("No space left on device")
 
-        for kind, save in (("tied", save_tied_lora), ("peft", export_peft_lora)):
+        def by_callback(model, directory, gather):  # Trainer's path: every process calls, the main one writes
+            done = SimpleNamespace(output_dir=os.path.dirname(directory))
+            SaveTiedLoRACallback._save(done, state, model, os.path.basename(directory))
+
+        for kind, save in (("tied", save_tied_lora), ("peft", export_peft_lora), ("callback", by_callback)):
             with mock.patch("safetensors.torch.save_file", slow):
                 save(model, f"{out}/{kind}-shared", gather=True)
                 seen[kind] = sorted(os.listdir(f"{out}/{kind}-shared")) if os.path.isdir(f"{out}/{kind}-shared") else []
@@ -261,7 +265,7 @@ def test_two_ranks_save_sharded_tensors_gathered(tmp_path):
     """FSDP2 shards the adapter and a head trained in full: ``gather=True`` saves and exports them whole, every rank
     calling and rank 0 alone writing, the same files as the unsharded model's; so does ``SaveTiedLoRACallback``.
     Every rank returns once rank 0 has written (the files are there, however slow the writing), and each raises
-    when rank 0 failed to write."""
+    when rank 0 failed to write; the callback's saves too."""
     import torch.multiprocessing as mp
     from safetensors.torch import load_file
 
@@ -283,7 +287,7 @@ def test_two_ranks_save_sharded_tensors_gathered(tmp_path):
     for rank in range(2):
         seen = torch.load(tmp_path / f"seen.{rank}")
         assert seen["warned"] == ["export_peft_lora: this LlamaModel has no"] * (rank == 0), (rank, seen)
-        for kind in ("tied", "peft"):
+        for kind in ("tied", "peft", "callback"):
             assert seen[kind] == ["adapter_config.json", "adapter_model.safetensors"], (rank, seen)
             want = "OSError: No space left on device"
             if rank == 1:

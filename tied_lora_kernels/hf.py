@@ -40,6 +40,7 @@ from tied_lora_kernels.save_load import (
     CONFIG_NAME,
     FORMAT,
     _saver,
+    _write_on_rank0,
     load_tied_lora,
     save_tied_lora,
 )
@@ -149,9 +150,14 @@ class SaveTiedLoRACallback(_TrainingCheck):
 
     @staticmethod
     def _save(args, state, model, name: str) -> None:
-        # on every process (tensors that FSDP2 sharded are gathered: a collective); the main process writes
-        write = _saver(model, os.path.join(args.output_dir, name), gather=True)
-        if state.is_world_process_zero:
+        # on every process (tensors that FSDP2 sharded are gathered: a collective); the main process writes. Under
+        # torch.distributed every process returns once rank 0 has written, or raises if it failed (as
+        # save_tied_lora(gather=True)): none trains on past a failed save, nor waits in its next collective
+        directory = os.path.join(args.output_dir, name)
+        write = _saver(model, directory, gather=True)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            _write_on_rank0(True, write, directory)
+        elif state.is_world_process_zero:
             write()
 
 
