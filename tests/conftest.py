@@ -30,23 +30,24 @@ from tied_lora_kernels import kernels  # noqa: E402 (after TRITON_INTERPRET; imp
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _version(text: str) -> tuple[int, ...]:
-    return tuple(int(p) for p in text.split("+")[0].split(".")[:2] if p.isdigit())
-
-
 def pytest_configure(config):
-    # triton 3.6's interpreter converts size-1 arrays to Python ints, which numpy 2.4 turned into an error
-    # (loops with a runtime bound crash in every kernel); triton 3.8 fixed it. Say so instead of failing
-    # hundreds of tests with a TypeError deep in the interpreter.
-    if not kernels.interpreting():
-        return
+    # the kernels need MIN_TRITON (unavailable_reason refuses older ones): say so once, rather than in each of
+    # hundreds of kernel tests. And triton 3.6's interpreter converts size-1 arrays to Python ints, which numpy 2.4
+    # turned into an error (loops with a runtime bound crash in every kernel); triton 3.8 fixed it
     try:
-        triton = _version(metadata.version("triton"))
+        installed = metadata.version("triton")
     except metadata.PackageNotFoundError:
         return
-    if triton < (3, 8) and _version(numpy.__version__) >= (2, 4):
+    triton = kernels.release(installed)
+    if triton < kernels.MIN_TRITON:
         pytest.exit(
-            f"triton {metadata.version('triton')}'s CPU interpreter crashes with numpy {numpy.__version__}: "
+            f"triton {installed} cannot compile the kernels: install triton>="
+            f"{'.'.join(map(str, kernels.MIN_TRITON))} to run the tests",
+            returncode=4,
+        )
+    if kernels.interpreting() and triton < (3, 8) and kernels.release(numpy.__version__) >= (2, 4):
+        pytest.exit(
+            f"triton {installed}'s CPU interpreter crashes with numpy {numpy.__version__}: "
             "install numpy<2.4 (or triton>=3.8) to run the kernel tests without a GPU",
             returncode=4,
         )

@@ -239,6 +239,28 @@ def test_rocm_is_refused_by_name(monkeypatch):
     assert kernels.unavailable_reason(torch.device("cuda", 0)) is None
 
 
+def test_a_triton_too_old_for_the_kernels_is_refused_by_name(monkeypatch):
+    # triton 3.3 fails to compile the kernels (UnsupportedLanguageConstruct deep in the first launch): refused up
+    # front, naming the version needed; "auto" then runs the torch path
+    import triton
+
+    from tied_lora_kernels import kernels
+    from tied_lora_kernels.functional import _cached_reason
+
+    monkeypatch.setattr(triton, "__version__", "3.3.1")
+    _cached_reason.cache_clear()
+    try:
+        with pytest.raises(RuntimeError, match=r"triton 3.3.1 is installed and the kernels need triton >= 3.4"):
+            _call(backend="triton")
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+        assert "triton >= 3.4" in kernels.unavailable_reason(torch.device("cuda", 0))
+        monkeypatch.setattr(triton, "__version__", "3.4.0+git1234")
+        assert kernels.unavailable_reason(torch.device("cuda", 0)) is None
+    finally:
+        _cached_reason.cache_clear()
+
+
 def test_auto_backend_on_cpu_is_torch():
     from tied_lora_kernels.functional import resolve_backend
 

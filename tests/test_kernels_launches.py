@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 
 import pytest
 import torch
@@ -55,26 +56,33 @@ def count_launches():
     from triton.runtime.jit import JITFunction
 
     mode = _Launches()
+
+    def counted(self, launch, *args, **kwargs):
+        mode.counts[f"triton.{self.fn.__name__ if hasattr(self, 'fn') else self.__name__}"] += 1
+        mode.in_triton = True
+        try:
+            return launch(*args, **kwargs)
+        finally:
+            mode.in_triton = False
+
+    def run(self, *args, _original, **kwargs):
+        return counted(self, functools.partial(_original, self), *args, **kwargs)
+
+    def getitem(self, grid, _original):  # (triton < 3.6's interpreter launches from __getitem__, without run)
+        return functools.partial(counted, self, _original(self, grid))
+
     patched = []
     for cls in (JITFunction, InterpretedFunction):
-        original = cls.run
-
-        def run(self, *args, _original=original, **kwargs):
-            mode.counts[f"triton.{self.fn.__name__ if hasattr(self, 'fn') else self.__name__}"] += 1
-            mode.in_triton = True
-            try:
-                return _original(self, *args, **kwargs)
-            finally:
-                mode.in_triton = False
-
-        cls.run = run
-        patched.append((cls, original))
+        name, wrapper = ("run", run) if "run" in vars(cls) else ("__getitem__", getitem)
+        original = vars(cls)[name]
+        setattr(cls, name, functools.partialmethod(wrapper, _original=original))
+        patched.append((cls, name, original))
     try:
         with mode:
             yield mode.counts
     finally:
-        for cls, original in patched:
-            cls.run = original
+        for cls, name, original in patched:
+            setattr(cls, name, original)
 
 
 def _launches(

@@ -24,7 +24,13 @@ import os
 
 import torch
 
-__all__ = ["unavailable_reason", "interpreting", "tied_lora_linear_triton"]
+__all__ = ["unavailable_reason", "interpreting", "tied_lora_linear_triton", "MIN_TRITON", "release"]
+
+MIN_TRITON = (3, 4)
+"""The oldest triton the kernels run on: triton 3.3 cannot compile them (it rejects their language constructs and
+has no tensor descriptors); 3.4 and 3.5 compile every config (a few spill registers) and pass the kernel tests
+under the interpreter (checked once, 2026-12-05); 3.6 (the GPU image's) and 3.9 (CI's) are checked on every change,
+zero spills included (README, Install)."""
 
 
 def interpreting() -> bool:
@@ -36,12 +42,26 @@ def interpreting() -> bool:
 _TRUE = ("1", "true", "on", "yes", "y")
 
 
+def release(version: str) -> tuple[int, ...]:
+    """``"3.6.0"``, ``"3.4.0+git1a2b"`` or ``"3.5.0.post21"`` as ``(3, 6)``, ``(3, 4)``, ``(3, 5)``: major and minor."""
+    parts = []
+    for part in version.split("+")[0].split(".")[:2]:
+        digits = part[: len(part) - len(part.lstrip("0123456789"))]
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
+
+
 def unavailable_reason(device: torch.device) -> str | None:
     """Why the fused kernels cannot run on ``device``, or None when they can."""
     try:
-        import triton  # noqa: F401
+        import triton
     except ImportError:
         return "triton is not installed"
+    if release(triton.__version__) < MIN_TRITON:
+        return (
+            f"triton {triton.__version__} is installed and the kernels need triton >= {'.'.join(map(str, MIN_TRITON))} "
+            "(older versions cannot compile them): upgrade triton"
+        )
     if device.type == "cuda":
         if not torch.cuda.is_available():
             return "no CUDA device is available"
