@@ -190,9 +190,10 @@ def _rows(x: Tensor) -> Tensor:
 def _torch_path(x2d, weight, bias, A, B, u, v, scale, dropout=0.0):
     y = torch.nn.functional.linear(x2d, weight, bias)  # [M, N]  base, the only [M, N] tensor
     s, b = _rank_factors(x2d, A, B, u, v, dropout)
-    # out of place under vmap (a batching rule for addmm, not addmm_) and where a factor dispatches its own ops and y
-    # does not (an adapter TwoTensor or DTensor beside a plain base output: an in-place op on y cannot hold it)
-    subclass = (_dispatches(s) or _dispatches(b)) and not _dispatches(y)
+    # out of place under vmap (a batching rule for addmm, not addmm_) and where any of them dispatches its own ops:
+    # an adapter TwoTensor or DTensor beside a plain base output (an in-place op on y cannot hold it), and DTensors
+    # throughout (torch 2.8's DTensor has no sharding rule for addmm_, only for addmm)
+    subclass = _dispatches(s) or _dispatches(b) or _dispatches(y)
     if subclass or torch._C._functorch.peek_interpreter_stack() is not None:
         return torch.addmm(y, s, b.t(), alpha=scale)
     return y.addmm_(s, b.t(), alpha=scale)  # y += scale · S (v ⊙ B)ᵀ, in place

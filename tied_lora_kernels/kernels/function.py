@@ -78,13 +78,16 @@ def _read_by_backward(needs: tuple[bool, ...], weight: Tensor, A: Tensor, B: Ten
     """``(W, A, B, u, v)`` as the backward reads them, else None (``needs``: ``needs_input_grad`` of x, W, b, A, B,
     u, v): W only for dx, A only for dx and dA, B, u and v for dx and any adapter gradient (none when only W or b
     trains). Frozen tensors it does not read are not saved, as the torch path does not save them: an
-    inference-mode tensor, or one updated in place before the backward, stays usable."""
+    inference-mode tensor, or one updated in place before the backward, stays usable. Those it reads are saved
+    detached (the same storage and version counter, so an in-place change before the backward is still caught):
+    torch 2.8 skipped the tensor hooks (``register_hook``) of a tied ``A`` or ``B`` saved as the leaf itself by the
+    layers of two non-reentrant checkpointed regions (its later versions fire them; the torch path's did)."""
     needs_x, _, _, needs_a, needs_b, needs_u, needs_v = needs[:7]
     adapter = needs_x or needs_a or needs_b or needs_u or needs_v
     return (
-        weight if needs_x else None,
-        A if needs_x or needs_a else None,
-        *(t if adapter else None for t in (B, u, v)),
+        weight.detach() if needs_x else None,
+        A.detach() if needs_x or needs_a else None,
+        *(t.detach() if adapter and t is not None else None for t in (B, u, v)),
     )
 
 
