@@ -45,8 +45,13 @@ class Recorder:
         self.keys.setdefault(item.nodeid, set())
 
     def install(self) -> None:
+        import triton
         from triton.runtime import interpreter
 
+        if "run" not in vars(interpreter.InterpretedFunction):  # (triton < 3.6 launches from __getitem__)
+            raise SystemExit(
+                f"count_specialisations needs triton >= 3.6's interpreter, not triton {triton.__version__}"
+            )
         run, recorder = interpreter.InterpretedFunction.run, self
 
         def recording_run(fn, *args, grid, warmup, **kwargs):

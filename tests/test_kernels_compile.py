@@ -28,6 +28,7 @@ import sys
 import pytest
 import torch
 
+from tied_lora_kernels import kernels
 from tied_lora_kernels.kernels import compile_check, configs
 
 pytest.importorskip("triton.backends.nvidia", reason="triton's NVIDIA backend (bundled ptxas) is not installed")
@@ -152,7 +153,7 @@ def test_registers_are_those_of_the_jit_build(rows):
     # Triton prints that log from 3.6 on; before, the check runs ptxas itself
     from triton import __version__
 
-    if tuple(int(p) for p in re.findall(r"\d+", __version__)[:2]) < (3, 6):
+    if kernels.release(__version__) < (3, 6):
         pytest.skip(f"triton {__version__} does not print its ptxas log")
     assert {r["ptxas_log"] for r in rows if not r.get("error")} == {"triton"}
 
@@ -169,7 +170,9 @@ def test_the_check_runs_under_every_start_method(start_method):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "from the ptxas -v log of triton's own build: 2 rows" in proc.stdout
+    # both rows compiled, their registers read from triton's own log (triton >= 3.6) or from a ptxas run of the check's
+    counted = re.search(r"triton's own build: (\d+) rows; .*: (\d+) rows", proc.stdout)
+    assert counted and int(counted[1]) + int(counted[2]) == 2, proc.stdout[-2000:]
 
 
 def test_switches_can_be_compiled_off(tmp_path):
