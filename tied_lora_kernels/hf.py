@@ -154,11 +154,7 @@ class SaveTiedLoRACallback(_TrainingCheck):
         # torch.distributed every process returns once rank 0 has written, or raises if it failed (as
         # save_tied_lora(gather=True)): none trains on past a failed save, nor waits in its next collective
         directory = os.path.join(args.output_dir, name)
-        write = _saver(model, directory, gather=True)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            _write_on_rank0(True, write, directory)
-        elif state.is_world_process_zero:
-            write()
+        _write_on_rank0(True, _saver(model, directory, gather=True), directory, main=state.is_world_process_zero)
 
 
 class TiedLoRATrainer(Trainer):

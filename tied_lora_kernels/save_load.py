@@ -87,14 +87,18 @@ def _state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: t.detach() for name, t in _named_tensors(model).items() if id(t) in ids}
 
 
-def _write_on_rank0(gather: bool, write: Callable[[], None], directory: str | os.PathLike) -> None:
+def _write_on_rank0(
+    gather: bool, write: Callable[[], None], directory: str | os.PathLike, *, main: bool = True
+) -> None:
     """Call ``write``. With ``gather=True`` under torch.distributed (every rank calls) rank 0 alone calls it, and
     every rank returns once it has written or raises if it failed (rank 0 its own error): no rank reads the files
-    before they are there, nor trains on past a save that failed."""
+    before they are there, nor trains on past a save that failed. Otherwise it is called where ``main`` (a caller
+    that knows its main process without a process group: ``Trainer``'s ``is_world_process_zero``)."""
     import torch.distributed as dist
 
     if not (gather and dist.is_available() and dist.is_initialized()):  # (not a collective call)
-        write()
+        if main:
+            write()
         return
     error = None
     if dist.get_rank() == 0:
