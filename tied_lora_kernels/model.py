@@ -202,8 +202,7 @@ def _apply(model: nn.Module, config: TiedLoRAConfig, shared_of: dict[str, str] |
         # a copy: the config passed in may be changed and applied to another model afterwards (its fields may be set)
         model.tied_lora_config = dataclasses.replace(config)  # type: ignore[assignment]  # (torch: Tensor | Module)
         if not any(getattr(h, "hook", None) is _fill_tied_aliases for h in model._load_state_dict_pre_hooks.values()):
-            # (the private form: the public register_load_state_dict_pre_hook needs torch 2.5)
-            model._register_load_state_dict_pre_hook(_fill_tied_aliases, with_module=True)
+            model.register_load_state_dict_pre_hook(_fill_tied_aliases)
         enable_input_grads = getattr(model, "enable_input_require_grads", None)  # (a transformers PreTrainedModel's)
         hooked = getattr(model, "_require_grads_hooks", None)  # (what enable_input_require_grads registered)
         if _reentrant_checkpointing(model) and callable(enable_input_grads) and not hooked:
