@@ -150,10 +150,10 @@ def test_every_compile_succeeded(rows):
 def test_registers_are_those_of_the_jit_build(rows):
     # the registers and spills must come from the ptxas -v log of triton's own build, as the JIT runs it: triton 3.9
     # passes --regAllocOptLevel=2, under which 11 rows spilled 8-48 bytes that a separate ptxas run passed.
-    # Triton prints that log from 3.6 on; before, the check runs ptxas itself
+    # Triton prints that log from 3.5 on; before, the check runs ptxas itself
     from triton import __version__
 
-    if kernels.release(__version__) < (3, 6):
+    if kernels.release(__version__) < compile_check.PRINTS_PTXAS_LOG:
         pytest.skip(f"triton {__version__} does not print its ptxas log")
     assert {r["ptxas_log"] for r in rows if not r.get("error")} == {"triton"}
 
@@ -170,11 +170,11 @@ def test_the_check_runs_under_every_start_method(start_method):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    # both rows compiled, their registers read from triton's own log (triton >= 3.6), else from the check's ptxas run
+    # both rows compiled, their registers read from triton's own log (triton >= 3.5), else from the check's ptxas run
     from triton import __version__
 
     counted = re.search(r"triton's own build: (\d+) rows; .*: (\d+) rows", proc.stdout)
-    expected = (2, 0) if kernels.release(__version__) >= (3, 6) else (0, 2)
+    expected = (2, 0) if kernels.release(__version__) >= compile_check.PRINTS_PTXAS_LOG else (0, 2)
     assert counted and (int(counted[1]), int(counted[2])) == expected, proc.stdout[-2000:]
 
 

@@ -273,12 +273,15 @@ def jobs(full: bool = False, targets: tuple[int, ...] | None = None) -> list[dic
 
 
 _PRINT_PTXAS_LOG = {"TRITON_DUMP_PTXAS_LOG": "1", "TRITON_ALWAYS_COMPILE": "1"}
+PRINTS_PTXAS_LOG = (3, 5)
+"""The first triton release that prints the ``ptxas -v`` log of its own build under ``TRITON_DUMP_PTXAS_LOG``
+(3.4 does not: the check runs ptxas itself there)."""
 
 
 @contextlib.contextmanager
 def _triton_ptxas_log():
     """Capture the ``ptxas -v`` log of triton's own cubin build, which ``TRITON_DUMP_PTXAS_LOG`` prints (triton
-    >= 3.6): the registers and spills of the very code the JIT builds, with its ptxas options, for no second
+    >= 3.5): the registers and spills of the very code the JIT builds, with its ptxas options, for no second
     ptxas run (which took ~15 % of this check). ``TRITON_ALWAYS_COMPILE``: a kernel found in triton's cache would
     skip ptxas and print nothing."""
     saved = {name: os.environ.get(name) for name in _PRINT_PTXAS_LOG}
@@ -411,7 +414,7 @@ def compile_one(job: dict) -> dict:
             options=dict(num_warps=warps, num_stages=stages, enable_fp_fusion=FP_FUSION),
         )
     ptx, log, log_from = compiled.asm["ptx"], printed.getvalue(), "triton"
-    if not re.search(r"Used \d+ registers", log):  # triton before 3.6 prints no ptxas log: run ptxas -v here
+    if not re.search(r"Used \d+ registers", log):  # triton < PRINTS_PTXAS_LOG prints no log: run ptxas -v here
         log, log_from = _ptxas_log(ptx, arch), "ptxas -v"
     used = re.search(r"Used (\d+) registers", log)
     if used is None:
@@ -426,6 +429,7 @@ def compile_one(job: dict) -> dict:
         shared=int(compiled.metadata.shared),
         shared_limit=_shared_limit(job["arch"]),
         wgmma=ptx.count("wgmma.mma_async"),
+        wgmma_register_a=len(_REGISTER_A_WGMMA.findall(ptx)),
         tma=ptx.count("cp.async.bulk.tensor"),
         tcgen05=ptx.count("tcgen05.mma"),
         mma=_mma_kind(ptx),
@@ -453,13 +457,18 @@ def _compile_or_error(job: dict) -> dict:
     except Exception as e:  # noqa: BLE001 (one failing compile must not lose the other rows)
         reason = " ".join(f"{type(e).__name__}: {e}".split())[:300]
         return dict(job, name=job["config"]["name"], registers=0, spill_bytes=0, shared=0, wgmma=0, tma=0, tcgen05=0,
-                    shared_limit=_shared_limit(job["arch"]), mma="-", serialized_wgmma=False, ptxas_log="-",
-                    error=reason)  # fmt: skip
+                    wgmma_register_a=0, shared_limit=_shared_limit(job["arch"]), mma="-", serialized_wgmma=False,
+                    ptxas_log="-", error=reason)  # fmt: skip
 
 
 def _reads_masters(job: dict) -> bool:
     """The decode forward reads the fp32 master ``A`` and ``B`` (``function.py``); prefill gets them cast."""
     return job["variant"].startswith("fwd") and _regime(job["config"]["name"]) == "decode"
+
+
+_REGISTER_A_WGMMA = re.compile(r"wgmma\.mma_async[^;{]*\{[^}]*\}\s*,\s*\{")
+"""A ``wgmma`` whose ``A`` operand is a register vector (``{d...}, {a...}, descB``) rather than a shared-memory
+descriptor (``{d...}, descA, descB``): the epilogue dot of a tile whose ``t`` is computed in registers."""
 
 
 def _mma_kind(ptx: str) -> str:
