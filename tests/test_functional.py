@@ -261,6 +261,91 @@ def test_a_triton_too_old_for_the_kernels_is_refused_by_name(monkeypatch):
         _cached_reason.cache_clear()
 
 
+class _Ptxas:  # triton's NvidiaTool
+    def __init__(self, path, version):
+        self.path, self.version = path, version
+
+
+@pytest.fixture
+def fake_ptxas(monkeypatch):
+    """``kernels.hopper_ptxas`` over a fake triton: call it with the versions of the ptxas triton assembles Hopper
+    kernels with and of its newer bundled one (None: none); each call resets the process-wide decision."""
+    pytest.importorskip("triton.backends.nvidia")
+    from triton.backends.nvidia import compiler
+
+    from tied_lora_kernels import kernels
+    from tied_lora_kernels.kernels import configs
+
+    monkeypatch.delenv("TRITON_PTXAS_PATH", raising=False)  # (restored, or removed again, after the test)
+    cleared = []
+
+    class Version:  # triton's cached get_ptxas_version, part of its cache key
+        def __call__(self, arch=80):
+            return "ptxas"
+
+        def cache_clear(self):
+            cleared.append(True)
+
+    def set_versions(hopper, bundled):
+        monkeypatch.setattr(compiler, "get_ptxas", lambda arch=80: _Ptxas("/triton/bin/ptxas", hopper))
+        monkeypatch.setattr(compiler, "get_ptxas_version", Version())
+        fixed = None if bundled is None else _Ptxas("/triton/bin/ptxas-blackwell", bundled)
+        monkeypatch.setattr(kernels, "_bundled_ptxas", lambda: fixed)
+        kernels._hopper_ptxas.cache_clear()
+        configs._cuda_capability.cache_clear()
+        return cleared
+
+    yield set_versions
+    kernels._hopper_ptxas.cache_clear()
+    configs._cuda_capability.cache_clear()
+
+
+def test_hopper_kernels_are_assembled_by_a_ptxas_that_does_not_corrupt_them(fake_ptxas, monkeypatch):
+    # ptxas 12.9 (triton 3.8's for Hopper) can corrupt a wgmma reading A from registers, as the fused GEMMs' rank-R
+    # dot does: triton's bundled newer ptxas takes over, with a warning naming the user's line, once per process
+    import os
+    import warnings
+
+    from tied_lora_kernels import kernels
+    from tied_lora_kernels.kernels import configs
+
+    for unaffected in ("12.8", "13.3", "13.4"):
+        fake_ptxas(unaffected, "13.3")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert kernels.hopper_ptxas() is None
+        assert "TRITON_PTXAS_PATH" not in os.environ
+
+    cleared = fake_ptxas("12.9", "13.3")
+    with pytest.warns(UserWarning, match=r"ptxas 12\.9, which can corrupt .* bundled ptxas 13\.3") as caught:
+        assert kernels.hopper_ptxas() is None
+    assert caught[0].filename == __file__
+    assert os.environ["TRITON_PTXAS_PATH"] == "/triton/bin/ptxas-blackwell"
+    assert cleared  # triton's cache key names the ptxas that builds from now on
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert kernels.hopper_ptxas() is None  # decided once
+
+    # a fixed ptxas cannot be had: the kernels are refused on Hopper, by name ("auto" runs the torch path)
+    for bundled in (None, "13.1"):
+        fake_ptxas("12.9", bundled)
+        monkeypatch.delenv("TRITON_PTXAS_PATH", raising=False)
+        assert "set TRITON_PTXAS_PATH to a ptxas >= 13.3" in kernels.hopper_ptxas()
+        assert "TRITON_PTXAS_PATH" not in os.environ
+    fake_ptxas("12.9", "13.3")
+    monkeypatch.setenv("TRITON_PTXAS_PATH", "/cuda-12.9/bin/ptxas")  # the user's choice is not overridden
+    reason = kernels.hopper_ptxas()
+    assert "TRITON_PTXAS_PATH chose it" in reason and os.environ["TRITON_PTXAS_PATH"] == "/cuda-12.9/bin/ptxas"
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert kernels.unavailable_reason(torch.device("cuda", 0)) == reason
+    with pytest.raises(RuntimeError, match=r"the triton kernels cannot run on cuda:0: triton .* ptxas 12\.9"):
+        configs._capability(torch.device("cuda", 0))  # (launches that skip the dispatcher)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert kernels.unavailable_reason(torch.device("cuda", 0)) is None  # Ampere runs no wgmma
+
+
 def test_auto_backend_on_cpu_is_torch():
     from tied_lora_kernels.functional import resolve_backend
 

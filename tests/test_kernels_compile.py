@@ -158,6 +158,41 @@ def test_registers_are_those_of_the_jit_build(rows):
     assert {r["ptxas_log"] for r in rows if not r.get("error")} == {"triton"}
 
 
+def test_hopper_rows_are_assembled_as_a_launch_will(monkeypatch):
+    # where triton's Hopper ptxas can corrupt the rank-R term's register-input wgmma (triton 3.8's 12.9), a launch
+    # assembles with triton's bundled newer one (kernels.hopper_ptxas): so do the check's sm_90 rows, and only those
+    from triton.backends.nvidia import compiler
+
+    class Tool:  # triton's NvidiaTool
+        def __init__(self, path, version):
+            self.path, self.version = path, version
+
+    def get_ptxas(arch=80):
+        chosen = os.environ.get("TRITON_PTXAS_PATH")
+        return Tool(chosen, "13.3") if chosen else Tool("/triton/bin/ptxas", "12.9")
+
+    monkeypatch.delenv("TRITON_PTXAS_PATH", raising=False)
+    monkeypatch.setattr(compiler, "get_ptxas", get_ptxas)
+    monkeypatch.setattr(
+        kernels, "_hopper_ptxas_choice", lambda: ("risk", Tool("/triton/bin/ptxas-blackwell", "13.3"), None)
+    )
+    with compile_check._assembler(90) as version:
+        assert version == "13.3" and os.environ["TRITON_PTXAS_PATH"] == "/triton/bin/ptxas-blackwell"
+    assert "TRITON_PTXAS_PATH" not in os.environ
+    for arch in (80, 100, 120):
+        with compile_check._assembler(arch) as version:
+            assert version == "12.9" and "TRITON_PTXAS_PATH" not in os.environ
+    monkeypatch.setattr(kernels, "_hopper_ptxas_choice", lambda: (None, None, None))  # a safe ptxas: nothing changes
+    with compile_check._assembler(90) as version:
+        assert version == "12.9" and "TRITON_PTXAS_PATH" not in os.environ
+
+
+def test_the_rows_name_their_assembler(rows):
+    for target, arch in (("sm_80", 80), ("sm_90", 90)):
+        with compile_check._assembler(arch) as version:
+            assert {r["ptxas"] for r in rows if r["target"] == target and not r.get("error")} == {version}
+
+
 @pytest.mark.parametrize("start_method", ["forkserver", "spawn"])
 def test_the_check_runs_under_every_start_method(start_method):
     # its compile workers die with their parent: under forkserver (Python 3.14's default) that parent is the fork

@@ -1,6 +1,7 @@
 """Fused Triton kernels for Tied-LoRA (docs/design.md §3-§7).
 
-``unavailable_reason(device)`` says why the kernels cannot run on a device (None when they can);
+``unavailable_reason(device)`` says why the kernels cannot run on a device (None when they can; on Hopper it
+first makes triton assemble them with a ptxas that does not corrupt them: ``hopper_ptxas``);
 ``tied_lora_linear_triton`` is what ``tied_lora_linear(..., backend="triton")`` calls.
 
 - ``forward.py``: the fused GEMM (forward ``y`` and backward ``dx``; one-pass or two-pass, split-K at
@@ -20,11 +21,23 @@
 
 from __future__ import annotations
 
+import functools
 import os
+import sys
+import warnings
+from typing import Any
 
 import torch
 
-__all__ = ["unavailable_reason", "interpreting", "tied_lora_linear_triton", "MIN_TRITON", "release"]
+__all__ = [
+    "unavailable_reason",
+    "interpreting",
+    "tied_lora_linear_triton",
+    "MIN_TRITON",
+    "release",
+    "hopper_ptxas",
+    "FIXED_HOPPER_PTXAS",
+]
 
 MIN_TRITON = (3, 4)
 """The oldest triton the kernels run on: triton 3.3 cannot compile them (it rejects their language constructs and
@@ -70,10 +83,103 @@ def unavailable_reason(device: torch.device) -> str | None:
         major, minor = torch.cuda.get_device_capability(device)
         if major < 8:
             return f"the kernels need compute capability 8.0 or newer, {device} has {major}.{minor}"
-        return None
+        return hopper_ptxas() if major == 9 else None
     if device.type == "cpu" and interpreting():
         return None
     return f"the kernels run on CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), got a {device.type} tensor"
+
+
+FIXED_HOPPER_PTXAS = (13, 3)
+"""ptxas 12.9 (and, until NVIDIA's fix in CUDA 13.3, the releases after it) can reuse the registers of a Hopper
+``wgmma`` whose ``A`` operand comes from registers before the asynchronous ``wgmma`` has read them, corrupting the
+product (triton PR 11781). Every 16-bit prefill GEMM here has such a ``wgmma``: the rank-R term's dot, whose ``t``
+is computed in registers (``compile_check``'s ``wgmma_register_a`` counts them). Triton 3.8 assembles Hopper
+kernels with ptxas 12.9; 3.9 with its newer bundled ``ptxas-blackwell``; 3.4-3.7 with 12.8 (not known to be
+affected; the GPU parity tests check it on the GPU image's triton 3.6)."""
+
+
+def hopper_ptxas() -> str | None:
+    """Make sure the kernels are assembled for Hopper (sm_90) by a ptxas that does not corrupt them
+    (``FIXED_HOPPER_PTXAS``); the first call decides, for the whole process. When triton would use an affected
+    ptxas and bundles a fixed one (triton 3.8: ``ptxas-blackwell`` 13.3), that one is made triton's ``ptxas``
+    (``TRITON_PTXAS_PATH``, as triton 3.9 does for Hopper), with a warning. Returns why the kernels cannot run on
+    Hopper when it cannot do that (``TRITON_PTXAS_PATH`` set to an affected ptxas, or no fixed one at hand), else
+    None. ``unavailable_reason`` calls it for a Hopper device, before any kernel is compiled there."""
+    return _hopper_ptxas()
+
+
+@functools.cache
+def _hopper_ptxas() -> str | None:
+    risk, newer, problem = _hopper_ptxas_choice()
+    if newer is None:
+        return problem
+    from triton.backends.nvidia import compiler
+
+    os.environ["TRITON_PTXAS_PATH"] = newer.path
+    # triton's cached ptxas version is part of its cache key: from now on the new one's
+    clear = getattr(getattr(compiler, "get_ptxas_version", None), "cache_clear", None)
+    if callable(clear):
+        clear()
+    warnings.warn(
+        f"tied_lora_kernels: {risk}. This process now assembles with triton's bundled ptxas {newer.version} "
+        f"(TRITON_PTXAS_PATH={newer.path}), as triton 3.9 does for Hopper; set TRITON_PTXAS_PATH to choose "
+        "another",
+        stacklevel=_user_stacklevel(),
+    )
+    return None
+
+
+def _hopper_ptxas_choice() -> tuple[str | None, Any, str | None]:
+    """``(risk, newer, problem)`` for ``hopper_ptxas``, changing nothing (the compile check assembles its sm_90 rows
+    as a launch will): ``risk`` says how the ptxas triton would assemble Hopper kernels with can corrupt them (all
+    three None when it cannot); ``newer`` is the bundled ptxas to use instead (a ``NvidiaTool``), else None and
+    ``problem`` says why the kernels cannot run on Hopper."""
+    import triton
+    from triton.backends.nvidia import compiler
+
+    current = _ptxas(compiler, 90)
+    if not (12, 9) <= release(current.version) < FIXED_HOPPER_PTXAS:
+        return None, None, None
+    risk = (
+        f"triton {triton.__version__} assembles Hopper kernels with ptxas {current.version}, which can corrupt a "
+        "wgmma whose A operand comes from registers, as the fused GEMMs' rank-R term is (triton PR 11781; fixed "
+        f"in CUDA {'.'.join(map(str, FIXED_HOPPER_PTXAS))})"
+    )
+    fixed = f"ptxas >= {'.'.join(map(str, FIXED_HOPPER_PTXAS))}"
+    if os.environ.get("TRITON_PTXAS_PATH"):
+        return risk, None, f"{risk}, and TRITON_PTXAS_PATH chose it: point TRITON_PTXAS_PATH at a {fixed}, or unset it"
+    newer = _bundled_ptxas()
+    if newer is None or release(newer.version) < FIXED_HOPPER_PTXAS:
+        return risk, None, f"{risk}: set TRITON_PTXAS_PATH to a {fixed} (CUDA's), or install triton >= 3.9"
+    return risk, newer, None
+
+
+def _user_stacklevel() -> int:
+    """``stacklevel`` for a ``warnings.warn`` in the function calling this one that names the first frame outside
+    this package and torch: the user's line (the dispatcher, ``nn.Module`` or a launcher may be between)."""
+    inside = (os.path.dirname(os.path.dirname(__file__)) + os.sep, os.path.dirname(torch.__file__) + os.sep)
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(inside):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _ptxas(compiler: Any, arch: int) -> Any:
+    """The ptxas triton assembles for ``arch`` with (a ``NvidiaTool``: ``path``, ``version`` as ``"12.9"``)."""
+    try:
+        return compiler.get_ptxas(arch)  # triton >= 3.6
+    except TypeError:
+        return compiler.get_ptxas()
+
+
+def _bundled_ptxas() -> Any:
+    """Triton's newer bundled ptxas (``ptxas-blackwell``, triton >= 3.6), or None."""
+    from triton import knobs
+
+    try:
+        return knobs.nvidia.ptxas_blackwell
+    except (AttributeError, RuntimeError):  # (RuntimeError: triton's "Cannot find ptxas-blackwell")
+        return None
 
 
 def tied_lora_linear_triton(x2d, weight, bias, A, B, u, v, scale: float, *, deterministic: bool, dropout: float = 0.0):

@@ -67,6 +67,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from typing import Any
@@ -407,7 +408,7 @@ def compile_one(job: dict) -> dict:
     arch = int(job["target"].removeprefix("sm_"))
     stages = 1 if rank_sum else cfg["num_stages"]  # (the rank-apart sum has no dot to pipeline: forward.py)
     warps = RANK_SUM_WARPS if rank_sum else cfg["num_warps"]
-    with _triton_ptxas_log() as printed:
+    with _assembler(arch) as ptxas_version, _triton_ptxas_log() as printed:
         compiled = triton.compile(
             ASTSource(fn, signature, constexprs, attrs),
             target=GPUTarget("cuda", arch, 32),
@@ -435,7 +436,27 @@ def compile_one(job: dict) -> dict:
         mma=_mma_kind(ptx),
         serialized_wgmma="C7515" in log,
         ptxas_log=log_from,
+        ptxas=ptxas_version,
     )
+
+
+@contextlib.contextmanager
+def _assembler(arch: int) -> Iterator[str]:
+    """Assemble as a launch on that GPU will: on Hopper with the ptxas ``kernels.hopper_ptxas`` makes triton use
+    there (triton 3.8: its bundled 13.3, not its 12.9, which can corrupt the rank-R term's register-input wgmma);
+    yields that ptxas's version."""
+    from triton.backends.nvidia import compiler
+
+    from . import _hopper_ptxas_choice, _ptxas
+
+    newer = _hopper_ptxas_choice()[1] if arch == 90 else None  # (only when TRITON_PTXAS_PATH is not set)
+    if newer is not None:
+        os.environ["TRITON_PTXAS_PATH"] = newer.path
+    try:
+        yield _ptxas(compiler, arch).version
+    finally:
+        if newer is not None:
+            del os.environ["TRITON_PTXAS_PATH"]
 
 
 def _descriptor_types(job: dict, base: str, tl_dtype: str) -> dict:
@@ -520,6 +541,8 @@ def format_table(rows: list[dict]) -> str:
             + ("  (tf32)" if r["precision"] == "tf32" else "")
             + ("  ERROR (see FAIL below)" if r.get("error") else "")
         )
+    assembled = sorted({(int(r["target"].removeprefix("sm_")), r["ptxas"]) for r in rows if r.get("ptxas")})
+    lines.append("assembled by ptxas " + ", ".join(f"{version} (sm_{arch})" for arch, version in assembled))
     sources = {source: sum(r.get("ptxas_log") == source for r in rows) for source in ("triton", "ptxas -v")}
     lines.append(
         f"registers and spills from the ptxas -v log of triton's own build: {sources['triton']} rows; from a separate "

@@ -421,6 +421,12 @@ def _capability(device: torch.device) -> tuple[int, int]:
 def _cuda_capability(index: int) -> tuple[int, int]:
     # cached: a launch asks for its table several times, and a decode GEMM lasts microseconds
     major, minor = torch.cuda.get_device_capability(index)
+    if major == 9:  # before the first kernel is compiled for Hopper (also for launches that skip the dispatcher)
+        from . import hopper_ptxas
+
+        problem = hopper_ptxas()
+        if problem is not None:
+            raise RuntimeError(f"the triton kernels cannot run on cuda:{index}: {problem}")
     return major, minor
 
 
