@@ -236,6 +236,7 @@ def test_rocm_is_refused_by_name(monkeypatch):
     monkeypatch.setattr(torch.version, "hip", "6.2.0", raising=False)
     assert "ROCm is not supported" in kernels.unavailable_reason(torch.device("cuda", 0))
     monkeypatch.setattr(torch.version, "hip", None, raising=False)
+    monkeypatch.setattr(kernels, "hopper_ptxas", lambda: None)  # (the installed triton's Hopper ptxas: not this test's)
     assert kernels.unavailable_reason(torch.device("cuda", 0)) is None
 
 
@@ -248,6 +249,7 @@ def test_a_triton_too_old_for_the_kernels_is_refused_by_name(monkeypatch):
     from tied_lora_kernels.functional import _cached_reason
 
     monkeypatch.setattr(triton, "__version__", "3.3.1")
+    monkeypatch.setattr(kernels, "hopper_ptxas", lambda: None)  # (the installed triton's Hopper ptxas: not this test's)
     _cached_reason.cache_clear()
     try:
         with pytest.raises(RuntimeError, match=r"triton 3.3.1 is installed and the kernels need triton >= 3.4"):
