@@ -543,6 +543,8 @@ def format_table(rows: list[dict]) -> str:
         )
     assembled = sorted({(int(r["target"].removeprefix("sm_")), r["ptxas"]) for r in rows if r.get("ptxas")})
     lines.append("assembled by ptxas " + ", ".join(f"{version} (sm_{arch})" for arch, version in assembled))
+    register_a = sum(bool(r.get("wgmma_register_a")) for r in rows)
+    lines.append(f"rows with a wgmma reading A from registers (kernels.FIXED_HOPPER_PTXAS): {register_a}")
     sources = {source: sum(r.get("ptxas_log") == source for r in rows) for source in ("triton", "ptxas -v")}
     lines.append(
         f"registers and spills from the ptxas -v log of triton's own build: {sources['triton']} rows; from a separate "
