@@ -299,3 +299,27 @@ def test_the_fused_providers_compute_what_the_torch_provider_computes(M):
         for got, want in zip(run(provider), expected, strict=True):
             scale = want.abs().max().item()
             torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2 * scale, msg=lambda m, p=provider: f"{p}: {m}")
+
+
+def test_the_ptxas_probe_runs_the_tests_under_the_ptxas_it_names(tmp_path, monkeypatch):
+    """gpu_check's ptxas probe (``benchmarks/ptxas_probe.py``): its children assemble Hopper kernels with the ptxas it
+    names, the guard (``kernels.hopper_ptxas``) off, and it reports the tests that were not exact. Here on the CPU
+    interpreter, with a ptxas 12.9-13.2 that triton bundles (triton 3.9's own ``ptxas``), and a test that fails."""
+    from benchmarks import ptxas_probe
+    from tied_lora_kernels import kernels
+
+    if not kernels.interpreting():
+        pytest.skip("on a GPU, gpu_check.sh runs the probe itself")
+    monkeypatch.delenv("TRITON_PTXAS_PATH", raising=False)
+    monkeypatch.delenv("TRITON_PTXAS_BLACKWELL_PATH", raising=False)
+    tool = ptxas_probe._affected_ptxas()
+    if tool is None:
+        pytest.skip("this triton bundles no ptxas 12.9-13.2")
+    failing = tmp_path / "test_not_exact.py"
+    failing.write_text("def test_not_exact():\n    assert False\n")
+    exact = "tests/test_kernels_parity.py::test_small_integers_are_exact[torch.bfloat16]"
+    monkeypatch.chdir(ROOT)
+    result = ptxas_probe.probe(tool, [exact, str(failing)])
+    assert result["assembled_by"] == [tool.version], result
+    assert len(result["failed"]) == 1 and result["failed"][0].endswith("::test_not_exact"), result
+    assert result["result"] == "CORRUPT: 1 tests not exact", result

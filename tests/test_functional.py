@@ -272,6 +272,8 @@ class _Ptxas:  # triton's NvidiaTool
 def fake_ptxas(monkeypatch):
     """``kernels.hopper_ptxas`` over a fake triton: call it with the versions of the ptxas triton assembles Hopper
     kernels with and of its newer bundled one (None: none); each call resets the process-wide decision."""
+    import os
+
     pytest.importorskip("triton.backends.nvidia")
     from triton.backends.nvidia import compiler
 
@@ -289,7 +291,10 @@ def fake_ptxas(monkeypatch):
             cleared.append(True)
 
     def set_versions(hopper, bundled):
-        monkeypatch.setattr(compiler, "get_ptxas", lambda arch=80: _Ptxas("/triton/bin/ptxas", hopper))
+        def get_ptxas(arch=80):  # (the one TRITON_PTXAS_PATH names, else triton's)
+            return _Ptxas(os.environ.get("TRITON_PTXAS_PATH", "/triton/bin/ptxas"), hopper)
+
+        monkeypatch.setattr(compiler, "get_ptxas", get_ptxas)
         monkeypatch.setattr(compiler, "get_ptxas_version", Version())
         fixed = None if bundled is None else _Ptxas("/triton/bin/ptxas-blackwell", bundled)
         monkeypatch.setattr(kernels, "_bundled_ptxas", lambda: fixed)

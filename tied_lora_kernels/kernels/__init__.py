@@ -146,8 +146,9 @@ def _hopper_ptxas_choice() -> tuple[str | None, Any, str | None]:
         f"in CUDA {'.'.join(map(str, FIXED_HOPPER_PTXAS))})"
     )
     fixed = f"ptxas >= {'.'.join(map(str, FIXED_HOPPER_PTXAS))}"
-    if os.environ.get("TRITON_PTXAS_PATH"):
-        return risk, None, f"{risk}, and TRITON_PTXAS_PATH chose it: point TRITON_PTXAS_PATH at a {fixed}, or unset it"
+    for name in ("TRITON_PTXAS_PATH", "TRITON_PTXAS_BLACKWELL_PATH"):  # (triton >= 3.9 takes Hopper's from the second)
+        if os.environ.get(name) and os.path.realpath(os.environ[name]) == os.path.realpath(current.path):
+            return risk, None, f"{risk}, and {name} chose it: point {name} at a {fixed}, or unset it"
     newer = _bundled_ptxas()
     if newer is None or release(newer.version) < FIXED_HOPPER_PTXAS:
         return risk, None, f"{risk}: set TRITON_PTXAS_PATH to a {fixed} (CUDA's), or install triton >= 3.9"
