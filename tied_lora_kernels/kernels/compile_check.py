@@ -9,6 +9,9 @@ Ada's sm_89 runs sm_80's instructions and is not compiled separately), each laun
 compiles with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))`` and prints registers and
 spills (the ``ptxas -v`` log of triton's own build), shared memory and which tensor-core instruction the PTX uses
 (``wgmma`` on Hopper, ``tcgen05`` on datacenter Blackwell, ``mma`` (mma.sync) elsewhere, ``-`` for none).
+Each row also records the ptxas that assembled it (``ptxas``: for sm_90 the one a launch will use,
+``kernels.hopper_ptxas``) and counts its ``wgmma`` instructions that read ``A`` from registers
+(``wgmma_register_a``: what ptxas 12.9 can corrupt, ``kernels.FIXED_HOPPER_PTXAS``).
 Launch variants mirror what the launchers pass, with the JIT's specialisations: unit strides
 become constants and pointers, sizes and long strides carry 16-byte divisibility hints (``s·v ⊙ B``'s row
 stride is padded to 16 elements by ``prepare.prepare_adapters``, so it carries one too).
