@@ -7,8 +7,8 @@
 # Writes OUT_DIR/gpu_check.log (everything printed), env.txt, bench_linear.json, bench_e2e.json,
 # bench_eager.json, bench.md, bench.png (when matplotlib is installed), compile_check.txt,
 # compile_check.partial.jsonl, parity_margins.jsonl and ptxas_probe.json. Each phase runs under `timeout`, so one
-# that hangs or runs long costs its limit and no more (the limits add up to 610 s, plus 20 s for the summary and up
-# to 10 s of grace per phase killed: ~720 s if every phase ran out; a warm run takes far less; the CPU dry run,
+# that hangs or runs long costs its limit and no more (the limits add up to 595 s, plus 20 s for the summary and up
+# to 10 s of grace per phase killed: ~705 s if every phase ran out; a warm run takes far less; the CPU dry run,
 # GPU_CHECK_PROCS=2, ~6 minutes).
 # A cold run JIT-compiles about a thousand kernel specialisations, about a second each on one core, so the
 # parity tests and an untimed warm-up of every benchmark case run as GPU_CHECK_PROCS parallel pytest
@@ -179,7 +179,7 @@ fi
 
 # last, where a time limit cuts first: does ptxas 12.9 corrupt the kernels on this GPU? (kernels.hopper_ptxas keeps
 # them from it; the small-integer exactness tests assembled by the 12.9 that triton bundles, benchmarks/ptxas_probe.py)
-phase ptxas-probe 60 "$PY" -m benchmarks.ptxas_probe "$OUT_DIR/ptxas_probe.json"
+phase ptxas-probe 45 "$PY" -m benchmarks.ptxas_probe "$OUT_DIR/ptxas_probe.json"
 
 echo
 echo "=== gpu_check summary ($(date -u +%H:%M:%SZ))"
