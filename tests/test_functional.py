@@ -290,7 +290,7 @@ def fake_ptxas(monkeypatch):
         def cache_clear(self):
             cleared.append(True)
 
-    def set_versions(hopper, bundled):
+    def set_versions(hopper, bundled, driver=(13, 0)):
         def get_ptxas(arch=80):  # (the one TRITON_PTXAS_PATH names, else triton's)
             return _Ptxas(os.environ.get("TRITON_PTXAS_PATH", "/triton/bin/ptxas"), hopper)
 
@@ -298,6 +298,7 @@ def fake_ptxas(monkeypatch):
         monkeypatch.setattr(compiler, "get_ptxas_version", Version())
         fixed = None if bundled is None else _Ptxas("/triton/bin/ptxas-blackwell", bundled)
         monkeypatch.setattr(kernels, "_bundled_ptxas", lambda: fixed)
+        monkeypatch.setattr(kernels, "_driver_cuda", lambda: driver)  # (the CUDA version the driver supports)
         kernels._hopper_ptxas.cache_clear()
         configs._cuda_capability.cache_clear()
         return cleared
@@ -333,15 +334,22 @@ def test_hopper_kernels_are_assembled_by_a_ptxas_that_does_not_corrupt_them(fake
         warnings.simplefilter("error")
         assert kernels.hopper_ptxas() is None  # decided once
 
-    # a fixed ptxas cannot be had: the kernels are refused on Hopper, by name ("auto" runs the torch path)
-    for bundled in (None, "13.1"):
-        fake_ptxas("12.9", bundled)
-        monkeypatch.delenv("TRITON_PTXAS_PATH", raising=False)
-        assert "set TRITON_PTXAS_PATH to a ptxas >= 13.3" in kernels.hopper_ptxas()
-        assert "TRITON_PTXAS_PATH" not in os.environ
+    # a fixed ptxas cannot be had, or this driver cannot load what it builds: the kernels are refused on Hopper, by
+    # name, and said once ("auto" runs the torch path)
+    for bundled, driver, why in (
+        (None, (13, 0), "set TRITON_PTXAS_PATH to a ptxas >= 13.3"),
+        ("13.1", (13, 0), "set TRITON_PTXAS_PATH to a ptxas >= 13.3"),
+        ("13.3", (12, 8), "need a driver for CUDA 13 and this NVIDIA driver is for CUDA 12.8: update the driver"),
+    ):
+        fake_ptxas("12.9", bundled, driver)
+        monkeypatch.delenv("TRITON_PTXAS_PATH", raising=False)  # (set by the switch above)
+        with pytest.warns(UserWarning, match="the fused kernels do not run on Hopper in this process") as caught:
+            assert why in kernels.hopper_ptxas()
+        assert len(caught) == 1 and "TRITON_PTXAS_PATH" not in os.environ
     fake_ptxas("12.9", "13.3")
     monkeypatch.setenv("TRITON_PTXAS_PATH", "/cuda-12.9/bin/ptxas")  # the user's choice is not overridden
-    reason = kernels.hopper_ptxas()
+    with pytest.warns(UserWarning, match="TRITON_PTXAS_PATH chose it"):
+        reason = kernels.hopper_ptxas()
     assert "TRITON_PTXAS_PATH chose it" in reason and os.environ["TRITON_PTXAS_PATH"] == "/cuda-12.9/bin/ptxas"
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

@@ -110,8 +110,14 @@ def hopper_ptxas() -> str | None:
 
 @functools.cache
 def _hopper_ptxas() -> str | None:
-    risk, newer, problem = _hopper_ptxas_choice()
+    risk, newer, problem = _hopper_ptxas_choice(_driver_cuda())
     if newer is None:
+        if problem is not None:  # (said once: backend="auto" runs the torch path on Hopper without a word otherwise)
+            warnings.warn(
+                f"tied_lora_kernels: {problem}. Until then the fused kernels do not run on Hopper in this process "
+                "(backend='auto' runs the torch path)",
+                stacklevel=_user_stacklevel(),
+            )
         return problem
     from triton.backends.nvidia import compiler
 
@@ -129,11 +135,13 @@ def _hopper_ptxas() -> str | None:
     return None
 
 
-def _hopper_ptxas_choice() -> tuple[str | None, Any, str | None]:
+def _hopper_ptxas_choice(driver: tuple[int, ...] | None) -> tuple[str | None, Any, str | None]:
     """``(risk, newer, problem)`` for ``hopper_ptxas``, changing nothing (the compile check assembles its sm_90 rows
     as a launch will): ``risk`` says how the ptxas triton would assemble Hopper kernels with can corrupt them (all
     three None when it cannot); ``newer`` is the bundled ptxas to use instead (a ``NvidiaTool``), else None and
-    ``problem`` says why the kernels cannot run on Hopper."""
+    ``problem`` says why the kernels cannot run on Hopper. ``driver``: the CUDA version the NVIDIA driver supports
+    (``_driver_cuda``), which must be of the newer ptxas's major version to load what it builds (None: not
+    checked)."""
     import triton
     from triton.backends.nvidia import compiler
 
@@ -152,7 +160,30 @@ def _hopper_ptxas_choice() -> tuple[str | None, Any, str | None]:
     newer = _bundled_ptxas()
     if newer is None or release(newer.version) < FIXED_HOPPER_PTXAS:
         return risk, None, f"{risk}: set TRITON_PTXAS_PATH to a {fixed} (CUDA's), or install triton >= 3.9"
+    needs = release(newer.version)[0]
+    if driver is not None and driver[0] < needs:
+        old_driver = (
+            f"triton's fixed ptxas {newer.version} builds kernels that need a driver for CUDA {needs} and this "
+            f"NVIDIA driver is for CUDA {'.'.join(map(str, driver))}: update the driver (R580 or newer for CUDA "
+            "13), or install triton <= 3.7 (ptxas 12.8)"
+        )
+        return risk, None, f"{risk}: {old_driver}"
     return risk, newer, None
+
+
+def _driver_cuda() -> tuple[int, ...] | None:
+    """The CUDA version the NVIDIA driver supports (``cuDriverGetVersion``: ``(12, 8)``), or None where there is no
+    driver to ask."""
+    import ctypes
+
+    try:
+        libcuda = ctypes.CDLL("libcuda.so.1" if sys.platform == "linux" else "nvcuda.dll")
+        version = ctypes.c_int()
+        if libcuda.cuDriverGetVersion(ctypes.byref(version)) != 0:
+            return None
+    except (OSError, AttributeError):
+        return None
+    return version.value // 1000, version.value % 1000 // 10
 
 
 def _user_stacklevel() -> int:

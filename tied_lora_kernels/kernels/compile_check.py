@@ -452,7 +452,8 @@ def _assembler(arch: int) -> Iterator[str]:
 
     from . import _hopper_ptxas_choice, _ptxas
 
-    newer = _hopper_ptxas_choice()[1] if arch == 90 else None  # (only when TRITON_PTXAS_PATH is not set)
+    # (only when TRITON_PTXAS_PATH is not set; as on a machine whose driver loads what the newer ptxas builds)
+    newer = _hopper_ptxas_choice(None)[1] if arch == 90 else None
     if newer is not None:
         os.environ["TRITON_PTXAS_PATH"] = newer.path
     try:
