@@ -280,7 +280,7 @@ def fake_ptxas(monkeypatch):
     from tied_lora_kernels import kernels
     from tied_lora_kernels.kernels import configs
 
-    monkeypatch.delenv("TRITON_PTXAS_PATH", raising=False)  # (restored, or removed again, after the test)
+    saved = os.environ.pop("TRITON_PTXAS_PATH", None)  # (put back after the test: hopper_ptxas sets it)
     cleared = []
 
     class Version:  # triton's cached get_ptxas_version, part of its cache key
@@ -306,6 +306,9 @@ def fake_ptxas(monkeypatch):
     yield set_versions
     kernels._hopper_ptxas.cache_clear()
     configs._cuda_capability.cache_clear()
+    os.environ.pop("TRITON_PTXAS_PATH", None)
+    if saved is not None:
+        os.environ["TRITON_PTXAS_PATH"] = saved
 
 
 def test_hopper_kernels_are_assembled_by_a_ptxas_that_does_not_corrupt_them(fake_ptxas, monkeypatch):
@@ -342,12 +345,12 @@ def test_hopper_kernels_are_assembled_by_a_ptxas_that_does_not_corrupt_them(fake
         ("13.3", (12, 8), "need a driver for CUDA 13 and this NVIDIA driver is for CUDA 12.8: update the driver"),
     ):
         fake_ptxas("12.9", bundled, driver)
-        monkeypatch.delenv("TRITON_PTXAS_PATH", raising=False)  # (set by the switch above)
+        os.environ.pop("TRITON_PTXAS_PATH", None)  # (set by the switch above)
         with pytest.warns(UserWarning, match="the fused kernels do not run on Hopper in this process") as caught:
             assert why in kernels.hopper_ptxas()
         assert len(caught) == 1 and "TRITON_PTXAS_PATH" not in os.environ
     fake_ptxas("12.9", "13.3")
-    monkeypatch.setenv("TRITON_PTXAS_PATH", "/cuda-12.9/bin/ptxas")  # the user's choice is not overridden
+    os.environ["TRITON_PTXAS_PATH"] = "/cuda-12.9/bin/ptxas"  # the user's choice is not overridden
     with pytest.warns(UserWarning, match="TRITON_PTXAS_PATH chose it"):
         reason = kernels.hopper_ptxas()
     assert "TRITON_PTXAS_PATH chose it" in reason and os.environ["TRITON_PTXAS_PATH"] == "/cuda-12.9/bin/ptxas"
