@@ -94,7 +94,7 @@ lines.append(f"python {platform.python_version()} | torch {torch.__version__} | 
 try:
     import triton
     lines.append(f"triton {triton.__version__}")
-    from tied_lora_kernels.kernels import _ptxas  # the assemblers of sm_80 and sm_90 kernels (kernels.hopper_ptxas)
+    from tied_lora_kernels.kernels.ptxas import _ptxas  # the assemblers of sm_80 and sm_90 kernels (kernels.hopper_ptxas)
     from triton.backends.nvidia import compiler
     lines[-1] += f" | ptxas {_ptxas(compiler, 80).version} (sm_80), {_ptxas(compiler, 90).version} (sm_90)"
 except ImportError:

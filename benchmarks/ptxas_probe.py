@@ -41,7 +41,7 @@ def pytest_configure(config) -> None:
 def pytest_sessionfinish(session) -> None:
     from triton.backends.nvidia import compiler
 
-    from tied_lora_kernels.kernels import _ptxas
+    from tied_lora_kernels.kernels.ptxas import _ptxas
 
     print(f"\nptxas_probe: sm_90 assembled by ptxas {_ptxas(compiler, 90).version}", flush=True)
 

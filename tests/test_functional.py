@@ -297,14 +297,14 @@ def fake_ptxas(monkeypatch):
         monkeypatch.setattr(compiler, "get_ptxas", get_ptxas)
         monkeypatch.setattr(compiler, "get_ptxas_version", Version())
         fixed = None if bundled is None else _Ptxas("/triton/bin/ptxas-blackwell", bundled)
-        monkeypatch.setattr(kernels, "_bundled_ptxas", lambda: fixed)
-        monkeypatch.setattr(kernels, "_driver_cuda", lambda: driver)  # (the CUDA version the driver supports)
-        kernels._hopper_ptxas.cache_clear()
+        monkeypatch.setattr(kernels.ptxas, "_bundled_ptxas", lambda: fixed)
+        monkeypatch.setattr(kernels.ptxas, "_driver_cuda", lambda: driver)  # (the CUDA version the driver supports)
+        kernels.ptxas._hopper_ptxas.cache_clear()
         configs._cuda_capability.cache_clear()
         return cleared
 
     yield set_versions
-    kernels._hopper_ptxas.cache_clear()
+    kernels.ptxas._hopper_ptxas.cache_clear()
     configs._cuda_capability.cache_clear()
     os.environ.pop("TRITON_PTXAS_PATH", None)
     if saved is not None:

@@ -175,14 +175,14 @@ def test_hopper_rows_are_assembled_as_a_launch_will(monkeypatch):
     monkeypatch.delenv("TRITON_PTXAS_PATH", raising=False)
     monkeypatch.setattr(compiler, "get_ptxas", get_ptxas)
     bundled = Tool("/triton/bin/ptxas-blackwell", "13.3")
-    monkeypatch.setattr(kernels, "_hopper_ptxas_choice", lambda driver: ("risk", bundled, None))
+    monkeypatch.setattr(kernels.ptxas, "_hopper_ptxas_choice", lambda driver: ("risk", bundled, None))
     with compile_check._assembler(90) as version:
         assert version == "13.3" and os.environ["TRITON_PTXAS_PATH"] == "/triton/bin/ptxas-blackwell"
     assert "TRITON_PTXAS_PATH" not in os.environ
     for arch in (80, 100, 120):
         with compile_check._assembler(arch) as version:
             assert version == "12.9" and "TRITON_PTXAS_PATH" not in os.environ
-    monkeypatch.setattr(kernels, "_hopper_ptxas_choice", lambda driver: (None, None, None))  # a safe one: no change
+    monkeypatch.setattr(kernels.ptxas, "_hopper_ptxas_choice", lambda driver: (None, None, None))  # safe: no change
     with compile_check._assembler(90) as version:
         assert version == "12.9" and "TRITON_PTXAS_PATH" not in os.environ
 

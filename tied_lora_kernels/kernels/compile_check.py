@@ -450,7 +450,7 @@ def _assembler(arch: int) -> Iterator[str]:
     yields that ptxas's version."""
     from triton.backends.nvidia import compiler
 
-    from . import _hopper_ptxas_choice, _ptxas
+    from .ptxas import _hopper_ptxas_choice, _ptxas
 
     # (only when TRITON_PTXAS_PATH is not set; as on a machine whose driver loads what the newer ptxas builds)
     newer = _hopper_ptxas_choice(None)[1] if arch == 90 else None
