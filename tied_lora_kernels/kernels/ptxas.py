@@ -32,8 +32,9 @@ def hopper_ptxas() -> str | None:
     (``FIXED_HOPPER_PTXAS``); the first call decides, for the whole process. When triton would use an affected
     ptxas and bundles a fixed one (triton 3.8: ``ptxas-blackwell`` 13.3), that one is made triton's ``ptxas``
     (``TRITON_PTXAS_PATH``, as triton 3.9 does for Hopper), with a warning. Returns why the kernels cannot run on
-    Hopper when it cannot do that (``TRITON_PTXAS_PATH`` set to an affected ptxas, or no fixed one at hand), else
-    None. ``unavailable_reason`` calls it for a Hopper device, before any kernel is compiled there."""
+    Hopper when it cannot do that (``TRITON_PTXAS_PATH`` set to an affected ptxas, no fixed one at hand, or an NVIDIA
+    driver too old to load what the fixed one builds), also said once in a warning; else None. ``unavailable_reason``
+    calls it for a Hopper device, before any kernel is compiled there (and ``configs`` before a launch)."""
     return _hopper_ptxas()
 
 
@@ -79,7 +80,7 @@ def _hopper_ptxas_choice(driver: tuple[int, ...] | None) -> tuple[str | None, An
         return None, None, None
     risk = (
         f"triton {triton.__version__} assembles Hopper kernels with ptxas {current.version}, which can corrupt a "
-        "wgmma whose A operand comes from registers, as the fused GEMMs' rank-R term is (triton PR 11781; fixed "
+        "wgmma whose A operand comes from registers, such as the fused GEMMs' rank-R dot (triton PR 11781; fixed "
         f"in CUDA {'.'.join(map(str, FIXED_HOPPER_PTXAS))})"
     )
     fixed = f"ptxas >= {'.'.join(map(str, FIXED_HOPPER_PTXAS))}"
