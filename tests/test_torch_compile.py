@@ -153,7 +153,9 @@ def test_compiling_warns_nothing():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         run(compiled(f, GraphRecorder()), x, [x, *args])
-    assert [str(w.message) for w in caught if "_dynamo" in w.filename] == []
+    # (not dynamo's advice about the interpreter itself: "Guards may run slower on Python 3.13.0 ...")
+    said = [str(w.message) for w in caught if "_dynamo" in w.filename]
+    assert [m for m in said if not m.startswith("Guards may run slower on Python")] == []
 
 
 @pytest.mark.parametrize("autocast", [False, True], ids=["plain", "autocast"])
