@@ -186,6 +186,23 @@ def test_the_command_line_answers_help_and_refuses_an_unknown_command(capsys):
     assert "selfcheck takes no arguments, got ['--bogus']" in capsys.readouterr().err
 
 
+def test_the_self_check_says_why_the_kernels_cannot_run_on_this_gpu(monkeypatch, capsys):
+    # a GPU the kernels refuse (Hopper with an unsafe ptxas, ROCm, compute capability < 8): a line that says why,
+    # rather than no triton row at all; the torch rows still run there
+    import torch
+
+    from tied_lora_kernels import kernels, selfcheck
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(kernels, "unavailable_reason", lambda device: "the driver is too old")
+    checked = []
+    monkeypatch.setattr(selfcheck, "parity", lambda backend, device, dtype: checked.append((backend, device)) or 0.0)
+    assert selfcheck.main() == 0
+    out = capsys.readouterr().out
+    assert ("torch", "cuda") in checked and ("triton", "cuda") not in checked
+    assert "triton                 cuda   -                 -  skipped: the driver is too old" in out
+
+
 def test_bench_names_a_file_it_cannot_read_and_reports_the_others(tmp_path, capsys):
     """A missing file, one that is not JSON (a GPU phase cut short), or a record without its statistics is left
     out with a message naming it, not a traceback; the readable files still make the report (exit 1 if none)."""

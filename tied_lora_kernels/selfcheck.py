@@ -80,9 +80,10 @@ def main() -> int:
         print(", triton not installed")
 
     rows = [("torch", "cpu", torch.float32)]
+    gpu_reason = kernels.unavailable_reason(torch.device("cuda")) if torch.cuda.is_available() else None
     if torch.cuda.is_available():
         rows += [("torch", "cuda", dt) for dt in (torch.float32, torch.bfloat16)]
-        if kernels.unavailable_reason(torch.device("cuda")) is None:
+        if gpu_reason is None:
             rows += [("triton", "cuda", dt) for dt in (torch.float32, torch.float16, torch.bfloat16)]
     failures = 0
     print("\nparity against the float64 reference (output and all 7 gradients, max relative error)")
@@ -92,6 +93,8 @@ def main() -> int:
         ok = err <= TOLERANCE[dtype]
         failures += not ok
         print(f"  {backend:<22} {device:<6} {str(dtype)[6:]:<9} {err:>9.2e}  {'ok' if ok else 'FAIL'}")
+    if gpu_reason is not None:  # (a GPU the kernels cannot run on: said, not hidden)
+        print(f"  {'triton':<22} {'cuda':<6} {'-':<9} {'-':>9}  skipped: {gpu_reason}")
     if not torch.cuda.is_available():
         reason = kernels.unavailable_reason(torch.device("cuda"))
         label = f"  {'triton (interpreter)':<22} {'cpu':<6} {'float32':<9}"
