@@ -6,11 +6,13 @@
 registers of a ``wgmma`` reading its ``A`` operand from registers before the ``wgmma`` has read them (triton PR
 11781): every 16-bit prefill GEMM has one, the rank-R term's dot. Whether it actually corrupts these kernels is
 unknown. This runs the small-integer exactness tests (every output and gradient must equal float64 bit for bit)
-in child pytest processes whose triton assembles with such a ptxas bundled with triton (triton 3.6's
-``ptxas-blackwell`` is 12.9, triton 3.8's ``ptxas``), with the guard off (this module is also the children's pytest
-plugin) and an empty triton cache, and records what happened: ``exact`` or ``CORRUPT`` (the failing tests).
-A measurement, not a check: the exit status is 0 either way (and on a GPU that is not a Hopper, or with no such
-ptxas at hand, it says so and stops).
+in child pytest processes (``GPU_CHECK_PROCS`` of them, as gpu_check's other phases) whose triton assembles with
+such a ptxas bundled with triton (triton 3.6's ``ptxas-blackwell`` is 12.9, triton 3.8's ``ptxas``), with the guard
+off (this module is also the children's pytest plugin) and an empty triton cache, and records what happened:
+``exact`` or ``CORRUPT`` (the failing tests), with the triton version whose code was assembled. Only ``CORRUPT``
+settles anything: a register race may pass a run, and triton 3.6's code is not triton 3.8's. A measurement, not a
+check: the exit status is 0 either way (and on a GPU that is not a Hopper, or with no such ptxas at hand, it says
+so and stops).
 """
 
 from __future__ import annotations
@@ -21,9 +23,6 @@ import re
 import subprocess
 import sys
 import tempfile
-
-AFFECTED = ((12, 9), (13, 3))
-"""ptxas releases [from, to) that can corrupt a register-input ``wgmma`` (``kernels.FIXED_HOPPER_PTXAS``)."""
 
 TESTS = [
     "tests/test_kernels_parity.py::test_small_integers_are_exact",
@@ -47,17 +46,18 @@ def pytest_sessionfinish(session) -> None:
 
 
 def _affected_ptxas():
-    """A ptxas bundled with triton whose release is in ``AFFECTED`` (a ``NvidiaTool``), or None."""
+    """A ptxas bundled with triton that can corrupt a register-input ``wgmma`` (``kernels.ptxas``), or None."""
     from triton import knobs
 
     from tied_lora_kernels.kernels import release
+    from tied_lora_kernels.kernels.ptxas import FIRST_AFFECTED_PTXAS, FIXED_HOPPER_PTXAS
 
     for name in ("ptxas", "ptxas_blackwell"):
         try:
             tool = getattr(knobs.nvidia, name)
         except (AttributeError, RuntimeError):
             continue
-        if AFFECTED[0] <= release(tool.version) < AFFECTED[1]:
+        if FIRST_AFFECTED_PTXAS <= release(tool.version) < FIXED_HOPPER_PTXAS:
             return tool
     return None
 
@@ -68,7 +68,9 @@ def probe(tool, tests: list[str] = TESTS) -> dict:
     with tempfile.TemporaryDirectory() as cache:
         # (triton < 3.9 takes Hopper's ptxas from the first, 3.9 from the second)
         env = {**os.environ, "TRITON_PTXAS_PATH": tool.path, "TRITON_PTXAS_BLACKWELL_PATH": tool.path}
-        command = [sys.executable, "-m", "benchmarks.parallel_pytest", "--", "-p", "benchmarks.ptxas_probe", *tests]
+        procs = ["-n", os.environ["GPU_CHECK_PROCS"]] if os.environ.get("GPU_CHECK_PROCS") else []
+        command = [sys.executable, "-m", "benchmarks.parallel_pytest", *procs, "--", "-p", "benchmarks.ptxas_probe"]
+        command += tests
         proc = subprocess.run([*command, "-q", "-p", "no:cacheprovider"], env={**env, "TRITON_CACHE_DIR": cache},
                               capture_output=True, text=True)  # fmt: skip
     print(proc.stdout[-6000:], proc.stderr[-2000:], sep="\n")
@@ -103,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
             result["result"] = "skipped: triton bundles no ptxas 12.9-13.2"
         else:
             result.update(probe(tool), device=torch.cuda.get_device_name())
-    print(f"ptxas probe ({result.get('ptxas', '-')} for sm_90): {result['result']}")
+    print(f"ptxas probe (ptxas {result.get('ptxas', '-')} on triton {result['triton']}'s code): {result['result']}")
     with open(out, "w") as f:
         json.dump(result, f, indent=1)
     return 0

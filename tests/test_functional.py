@@ -340,8 +340,8 @@ def test_hopper_kernels_are_assembled_by_a_ptxas_that_does_not_corrupt_them(fake
     # a fixed ptxas cannot be had, or this driver cannot load what it builds: the kernels are refused on Hopper, by
     # name, and said once ("auto" runs the torch path)
     for bundled, driver, why in (
-        (None, (13, 0), "set TRITON_PTXAS_PATH to a ptxas >= 13.3"),
-        ("13.1", (13, 0), "set TRITON_PTXAS_PATH to a ptxas >= 13.3"),
+        (None, (13, 0), "set TRITON_PTXAS_PATH to a ptxas outside 12.9-13.2 (CUDA 12.8's, or 13.3 or newer)"),
+        ("13.1", (13, 0), "set TRITON_PTXAS_PATH to a ptxas outside 12.9-13.2"),
         ("13.3", (12, 8), "need a driver for CUDA 13 and this NVIDIA driver is for CUDA 12.8: update the driver"),
     ):
         fake_ptxas("12.9", bundled, driver)
@@ -362,6 +362,22 @@ def test_hopper_kernels_are_assembled_by_a_ptxas_that_does_not_corrupt_them(fake
         configs._capability(torch.device("cuda", 0))  # (launches that skip the dispatcher)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     assert kernels.unavailable_reason(torch.device("cuda", 0)) is None  # Ampere runs no wgmma
+
+
+def test_the_fixed_ptxas_is_the_one_triton_ships(monkeypatch):
+    # TRITON_PTXAS_BLACKWELL_PATH may point triton's knob elsewhere (an older ptxas): the file triton ships is the fix
+    pytest.importorskip("triton.backends.nvidia")
+    import os
+
+    import triton
+
+    from tied_lora_kernels.kernels import ptxas
+
+    shipped = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas-blackwell")
+    if not os.path.isfile(shipped):
+        pytest.skip(f"triton {triton.__version__} ships no ptxas-blackwell")
+    monkeypatch.setenv("TRITON_PTXAS_BLACKWELL_PATH", os.path.join(os.path.dirname(shipped), "ptxas"))
+    assert ptxas._bundled_ptxas().path == shipped
 
 
 def test_auto_backend_on_cpu_is_torch():

@@ -452,15 +452,18 @@ def _assembler(arch: int) -> Iterator[str]:
 
     from .ptxas import _hopper_ptxas_choice, _ptxas
 
-    # (only when TRITON_PTXAS_PATH is not set; as on a machine whose driver loads what the newer ptxas builds)
+    # (as on a machine whose driver loads what the newer ptxas builds)
     newer = _hopper_ptxas_choice(None)[1] if arch == 90 else None
+    saved = os.environ.get("TRITON_PTXAS_PATH")  # (one triton could not use and fell back from, say)
     if newer is not None:
         os.environ["TRITON_PTXAS_PATH"] = newer.path
     try:
         yield _ptxas(compiler, arch).version
     finally:
         if newer is not None:
-            del os.environ["TRITON_PTXAS_PATH"]
+            os.environ.pop("TRITON_PTXAS_PATH")
+            if saved is not None:
+                os.environ["TRITON_PTXAS_PATH"] = saved
 
 
 def _descriptor_types(job: dict, base: str, tl_dtype: str) -> dict:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
+import threading
 import warnings
 from typing import Any
 
@@ -19,12 +20,16 @@ import torch
 
 from . import release
 
-__all__ = ["hopper_ptxas", "FIXED_HOPPER_PTXAS"]
+__all__ = ["hopper_ptxas", "FIRST_AFFECTED_PTXAS", "FIXED_HOPPER_PTXAS"]
 
 
+FIRST_AFFECTED_PTXAS = (12, 9)
 FIXED_HOPPER_PTXAS = (13, 3)
-"""The first ptxas release that does not corrupt a register-input ``wgmma`` (12.9 does; earlier releases are not
-known to: the GPU parity tests check triton 3.6's 12.8)."""
+"""ptxas releases from ``FIRST_AFFECTED_PTXAS`` up to, not including, ``FIXED_HOPPER_PTXAS`` can corrupt a
+register-input ``wgmma``; earlier ones are not known to (the GPU parity tests check triton 3.6's 12.8)."""
+
+_SAFE = "a ptxas outside 12.9-13.2 (CUDA 12.8's, or 13.3 or newer)"
+_DECIDING = threading.Lock()
 
 
 def hopper_ptxas() -> str | None:
@@ -35,7 +40,8 @@ def hopper_ptxas() -> str | None:
     Hopper when it cannot do that (``TRITON_PTXAS_PATH`` set to an affected ptxas, no fixed one at hand, or an NVIDIA
     driver too old to load what the fixed one builds), also said once in a warning; else None. ``unavailable_reason``
     calls it for a Hopper device, before any kernel is compiled there (and ``configs`` before a launch)."""
-    return _hopper_ptxas()
+    with _DECIDING:  # (two threads' first launches: one decision, one warning)
+        return _hopper_ptxas()
 
 
 @functools.cache
@@ -76,26 +82,25 @@ def _hopper_ptxas_choice(driver: tuple[int, ...] | None) -> tuple[str | None, An
     from triton.backends.nvidia import compiler
 
     current = _ptxas(compiler, 90)
-    if not (12, 9) <= release(current.version) < FIXED_HOPPER_PTXAS:
+    if not FIRST_AFFECTED_PTXAS <= release(current.version) < FIXED_HOPPER_PTXAS:
         return None, None, None
     risk = (
         f"triton {triton.__version__} assembles Hopper kernels with ptxas {current.version}, which can corrupt a "
         "wgmma whose A operand comes from registers, such as the fused GEMMs' rank-R dot (triton PR 11781; fixed "
         f"in CUDA {'.'.join(map(str, FIXED_HOPPER_PTXAS))})"
     )
-    fixed = f"ptxas >= {'.'.join(map(str, FIXED_HOPPER_PTXAS))}"
     for name in ("TRITON_PTXAS_PATH", "TRITON_PTXAS_BLACKWELL_PATH"):  # (triton >= 3.9 takes Hopper's from the second)
         if os.environ.get(name) and os.path.realpath(os.environ[name]) == os.path.realpath(current.path):
-            return risk, None, f"{risk}, and {name} chose it: point {name} at a {fixed}, or unset it"
+            return risk, None, f"{risk}, and {name} chose it: point {name} at {_SAFE}, or unset it"
     newer = _bundled_ptxas()
     if newer is None or release(newer.version) < FIXED_HOPPER_PTXAS:
-        return risk, None, f"{risk}: set TRITON_PTXAS_PATH to a {fixed} (CUDA's), or install triton >= 3.9"
+        return risk, None, f"{risk}: set TRITON_PTXAS_PATH to {_SAFE}"
     needs = release(newer.version)[0]
     if driver is not None and driver[0] < needs:
         old_driver = (
             f"triton's fixed ptxas {newer.version} builds kernels that need a driver for CUDA {needs} and this "
             f"NVIDIA driver is for CUDA {'.'.join(map(str, driver))}: update the driver (R580 or newer for CUDA "
-            "13), or install triton <= 3.7 (ptxas 12.8)"
+            "13), or set TRITON_PTXAS_PATH to CUDA 12.8's ptxas"
         )
         return risk, None, f"{risk}: {old_driver}"
     return risk, newer, None
@@ -135,10 +140,10 @@ def _ptxas(compiler: Any, arch: int) -> Any:
 
 
 def _bundled_ptxas() -> Any:
-    """Triton's newer bundled ptxas (``ptxas-blackwell``, triton >= 3.6), or None."""
-    from triton import knobs
+    """The newer ptxas triton ships (``bin/ptxas-blackwell``, triton >= 3.6) as a ``NvidiaTool``, or None: the file
+    itself, not what ``TRITON_PTXAS_BLACKWELL_PATH`` may point triton's knob at."""
+    import triton
+    from triton.knobs import NvidiaTool
 
-    try:
-        return knobs.nvidia.ptxas_blackwell
-    except (AttributeError, RuntimeError):  # (RuntimeError: triton's "Cannot find ptxas-blackwell")
-        return None
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas-blackwell")
+    return NvidiaTool.from_path(path) if os.path.isfile(path) else None  # (triton 3.4's from_path raises there)
