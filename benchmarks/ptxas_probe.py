@@ -49,15 +49,14 @@ def _affected_ptxas():
     """A ptxas bundled with triton that can corrupt a register-input ``wgmma`` (``kernels.ptxas``), or None."""
     from triton import knobs
 
-    from tied_lora_kernels.kernels import release
-    from tied_lora_kernels.kernels.ptxas import FIRST_AFFECTED_PTXAS, FIXED_HOPPER_PTXAS
+    from tied_lora_kernels.kernels.ptxas import affected
 
     for name in ("ptxas", "ptxas_blackwell"):
         try:
             tool = getattr(knobs.nvidia, name)
         except (AttributeError, RuntimeError):
             continue
-        if FIRST_AFFECTED_PTXAS <= release(tool.version) < FIXED_HOPPER_PTXAS:
+        if affected(tool.version):
             return tool
     return None
 

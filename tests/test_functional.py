@@ -263,11 +263,6 @@ def test_a_triton_too_old_for_the_kernels_is_refused_by_name(monkeypatch):
         _cached_reason.cache_clear()
 
 
-class _Ptxas:  # triton's NvidiaTool
-    def __init__(self, path, version):
-        self.path, self.version = path, version
-
-
 @pytest.fixture
 def fake_ptxas(monkeypatch):
     """``kernels.hopper_ptxas`` over a fake triton: call it with the versions of the ptxas triton assembles Hopper
@@ -276,6 +271,7 @@ def fake_ptxas(monkeypatch):
 
     pytest.importorskip("triton.backends.nvidia")
     from triton.backends.nvidia import compiler
+    from triton.knobs import NvidiaTool
 
     from tied_lora_kernels import kernels
     from tied_lora_kernels.kernels import configs
@@ -292,11 +288,11 @@ def fake_ptxas(monkeypatch):
 
     def set_versions(hopper, bundled, driver=(13, 0)):
         def get_ptxas(arch=80):  # (the one TRITON_PTXAS_PATH names, else triton's)
-            return _Ptxas(os.environ.get("TRITON_PTXAS_PATH", "/triton/bin/ptxas"), hopper)
+            return NvidiaTool(os.environ.get("TRITON_PTXAS_PATH", "/triton/bin/ptxas"), hopper)
 
         monkeypatch.setattr(compiler, "get_ptxas", get_ptxas)
         monkeypatch.setattr(compiler, "get_ptxas_version", Version())
-        fixed = None if bundled is None else _Ptxas("/triton/bin/ptxas-blackwell", bundled)
+        fixed = None if bundled is None else NvidiaTool("/triton/bin/ptxas-blackwell", bundled)
         monkeypatch.setattr(kernels.ptxas, "_bundled_ptxas", lambda: fixed)
         monkeypatch.setattr(kernels.ptxas, "_driver_cuda", lambda: driver)  # (the CUDA version the driver supports)
         kernels.ptxas._hopper_ptxas.cache_clear()

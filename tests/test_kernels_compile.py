@@ -163,18 +163,15 @@ def test_hopper_rows_are_assembled_as_a_launch_will(monkeypatch):
     # where triton's Hopper ptxas can corrupt the rank-R term's register-input wgmma (triton 3.8's 12.9), a launch
     # assembles with triton's bundled newer one (kernels.hopper_ptxas): so do the check's sm_90 rows, and only those
     from triton.backends.nvidia import compiler
-
-    class Tool:  # triton's NvidiaTool
-        def __init__(self, path, version):
-            self.path, self.version = path, version
+    from triton.knobs import NvidiaTool
 
     def get_ptxas(arch=80):
         chosen = os.environ.get("TRITON_PTXAS_PATH")
-        return Tool(chosen, "13.3") if chosen else Tool("/triton/bin/ptxas", "12.9")
+        return NvidiaTool(chosen, "13.3") if chosen else NvidiaTool("/triton/bin/ptxas", "12.9")
 
     monkeypatch.delenv("TRITON_PTXAS_PATH", raising=False)
     monkeypatch.setattr(compiler, "get_ptxas", get_ptxas)
-    bundled = Tool("/triton/bin/ptxas-blackwell", "13.3")
+    bundled = NvidiaTool("/triton/bin/ptxas-blackwell", "13.3")
     monkeypatch.setattr(kernels.ptxas, "_hopper_ptxas_choice", lambda driver: ("risk", bundled, None))
     with compile_check._assembler(90) as version:
         assert version == "13.3" and os.environ["TRITON_PTXAS_PATH"] == "/triton/bin/ptxas-blackwell"

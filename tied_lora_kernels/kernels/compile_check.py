@@ -305,10 +305,9 @@ def _ptxas_log(ptx: str, arch: int) -> str:
     """``ptxas -v``'s log for ``ptx`` (for a triton that does not print its own)."""
     from triton.backends.nvidia import compiler
 
-    try:
-        ptxas = compiler.get_ptxas(arch).path  # triton >= 3.5
-    except TypeError:
-        ptxas = compiler.get_ptxas().path
+    from .ptxas import _ptxas
+
+    ptxas = _ptxas(compiler, arch).path
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "kernel.ptx")
         with open(path, "w") as f:

@@ -20,13 +20,19 @@ import torch
 
 from . import release
 
-__all__ = ["hopper_ptxas", "FIRST_AFFECTED_PTXAS", "FIXED_HOPPER_PTXAS"]
+__all__ = ["hopper_ptxas", "affected", "FIRST_AFFECTED_PTXAS", "FIXED_HOPPER_PTXAS"]
 
 
 FIRST_AFFECTED_PTXAS = (12, 9)
 FIXED_HOPPER_PTXAS = (13, 3)
 """ptxas releases from ``FIRST_AFFECTED_PTXAS`` up to, not including, ``FIXED_HOPPER_PTXAS`` can corrupt a
 register-input ``wgmma``; earlier ones are not known to (the GPU parity tests check triton 3.6's 12.8)."""
+
+
+def affected(version: str) -> bool:
+    """Whether a ptxas release (``"12.9"``) can corrupt a register-input ``wgmma``."""
+    return FIRST_AFFECTED_PTXAS <= release(version) < FIXED_HOPPER_PTXAS
+
 
 _SAFE = "a ptxas outside 12.9-13.2 (CUDA 12.8's, or 13.3 or newer)"
 _DECIDING = threading.Lock()
@@ -82,7 +88,7 @@ def _hopper_ptxas_choice(driver: tuple[int, ...] | None) -> tuple[str | None, An
     from triton.backends.nvidia import compiler
 
     current = _ptxas(compiler, 90)
-    if not FIRST_AFFECTED_PTXAS <= release(current.version) < FIXED_HOPPER_PTXAS:
+    if not affected(current.version):
         return None, None, None
     risk = (
         f"triton {triton.__version__} assembles Hopper kernels with ptxas {current.version}, which can corrupt a "
