@@ -265,7 +265,10 @@ for _arch in ARCHS:
         # layer at decode, so no split-K
         for _regime in REGIMES:
             _add_fused(_arch, _regime, True, BLOCK_RS, 32, 32, 32, 8, 2, two_pass=_two_pass)
-# fp32 one-pass at the larger ranks, whose t accumulator adds registers: 16-long K steps and 8 warps. At R = 64,
+# fp32 one-pass at R = 16, 64 and 128: 16-long K steps and 8 warps. At R = 16, 32-long steps spilled 8-28 bytes at
+# 64 registers on triton 3.7.1 (dx, sm_100) and 3.8 (the forward without u and v, LoRA's layer: sm_90, sm_80);
+# 16-long ones compile clean on triton 3.6, 3.7.1, 3.8 and 3.9 for every set of the switches, with --full. R = 32
+# keeps the 32-long steps above: 16-long ones spilled 8 bytes in dx without u (sm_100, triton 3.7.1). At R = 64,
 # 32-long steps spilled with 4 warps on triton 3.6 in a layer without u (200-308 bytes at 255 registers: sm_90 and
 # sm_100; the LoRA preset) and with 8 under triton 3.9's ptxas options (32-48 bytes at 80 registers, sm_90 and
 # sm_120); 16-long ones compile clean on both for every set of the bias, u and v switches. At R = 128, 32-long
@@ -275,7 +278,7 @@ for _arch in ARCHS:
 # stages) until the exact-fp32 epilogue ran as two 64-rank dots (in forward._add_rank_update)
 for _regime in REGIMES:
     for _arch in ARCHS:
-        _add_fused(_arch, _regime, True, (64, 128), 32, 32, 16, 8, 2)
+        _add_fused(_arch, _regime, True, (16, 64, 128), 32, 32, 16, 8, 2)
 # one-pass prefill / training, M > 16. docs/design.md §7: 128x256x64, 8 warps at small ranks on sm_90; narrower as
 # R grows (the t accumulator is live through the K loop)
 _add_fused("sm90", "prefill", False, (16, 32), 128, 256, 64, 8, 3)
@@ -335,10 +338,12 @@ for _arch in ARCHS:
         _SHRINK[(_arch, True, _br)] = ShrinkConfig(f"{_arch}-shrink-fp32-r{_br}", 32, 32, 4, 1 if _big else 2)
 
 # 16-bit shrinks of an ``a`` whose K or row stride is not a multiple of 16 (``is_aligned``): the tiles above
-# spilled up to ~2 KB unhinted (triton 3.6); these compile without spills with no divisibility hints at all
+# spilled up to ~2 KB unhinted (triton 3.6); these compile without spills with no divisibility hints at all. 8 warps
+# at R = 32: with 4, the dropout shrink (which these serve too) spilled 8-16 bytes at 168 registers for sm_100 on
+# triton 3.7.1 and 3.8 (clean with 8 on 3.6-3.9, every switch, --full; one stage also clean but unpipelined)
 _SHRINK_UNALIGNED: dict[tuple[str, bool, int], ShrinkConfig] = {
     (_arch, False, _br): ShrinkConfig(
-        f"{_arch}-shrink-16bit-r{_br}-unaligned", 64, 32, 8 if _br == 128 else 4, 2, aligned=False
+        f"{_arch}-shrink-16bit-r{_br}-unaligned", 64, 32, 8 if _br in (32, 128) else 4, 2, aligned=False
     )
     for _arch in ARCHS
     for _br in BLOCK_RS
