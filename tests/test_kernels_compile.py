@@ -19,11 +19,13 @@ spills, shared memory, tensor-core instruction, loads) is printed; run pytest wi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -188,6 +190,36 @@ def test_the_rows_name_their_assembler(rows):
     for target, arch in (("sm_80", 80), ("sm_90", 90)):
         with compile_check._assembler(arch) as version:
             assert {r["ptxas"] for r in rows if r["target"] == target and not r.get("error")} == {version}
+
+
+def test_jobs_compiled_once_are_given_the_same_compile(monkeypatch):
+    # the check compiles each key's first job and gives every job of the key its row: the jobs of one key must
+    # be given the same triton.compile inputs, and jobs of two keys different ones (or a compile is repeated)
+    import triton.compiler
+
+    given = []
+
+    def compile(source, target, options):
+        given.append(repr((source, target, sorted(options.items()))))
+        print("ptxas info    : Used 1 registers")  # (what compile_one reads from the ptxas log)
+        return SimpleNamespace(asm={"ptx": ""}, metadata=SimpleNamespace(shared=0))
+
+    monkeypatch.setattr(triton.compiler, "ASTSource", lambda *args: (args[0].__name__, *map(sorted_items, args[1:])))
+    monkeypatch.setattr(triton, "compile", compile)
+    monkeypatch.setattr(compile_check, "_assembler", lambda arch: contextlib.nullcontext("-"))
+    jobs = compile_check.jobs(full=True)
+    jobs += [dict(job, switches=dict.fromkeys(compile_check.SWITCHES, False)) for job in jobs[::5]]  # (--off)
+    for job in jobs:
+        compile_check.compile_one(job)
+    by_key: dict[tuple, set[str]] = {}
+    for job, inputs in zip(jobs, given, strict=True):
+        by_key.setdefault(compile_check._key(job), set()).add(inputs)
+    assert all(len(inputs) == 1 for inputs in by_key.values())
+    assert len(by_key) == len(set(given)) < len(jobs)
+
+
+def sorted_items(mapping: dict) -> list:
+    return sorted(mapping.items(), key=repr)
 
 
 @pytest.mark.parametrize("start_method", ["forkserver", "spawn"])

@@ -73,7 +73,7 @@ import tempfile
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from . import interpreting
 from .common import FP_FUSION
@@ -318,12 +318,21 @@ def _ptxas_log(ptx: str, arch: int) -> str:
         return subprocess.run(command, capture_output=True, text=True, check=True).stderr
 
 
-def compile_one(job: dict) -> dict:
-    """Compile one job; returns the job with registers, spill bytes, shared memory and wgmma count."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+class _Inputs(NamedTuple):
+    """What ``triton.compile`` is given for one job: the kernel, its signature, constexprs and argument attributes,
+    the target's compute capability and the launch options."""
 
+    fn: Any
+    signature: dict
+    constexprs: dict
+    attrs: dict
+    arch: int
+    num_warps: int
+    num_stages: int
+
+
+def _compile_inputs(job: dict) -> _Inputs:
+    """The compile of one job, as the launchers' JIT specialises it (see the module docstring)."""
     from .backward import _rank_grad_kernel
     from .forward import _fused_lora_mm_kernel, _sum_splits_kernel, _sum_splits_rank_kernel
     from .prepare import _prepare_kernel
@@ -410,6 +419,16 @@ def compile_one(job: dict) -> dict:
     arch = int(job["target"].removeprefix("sm_"))
     stages = 1 if rank_sum else cfg["num_stages"]  # (the rank-apart sum has no dot to pipeline: forward.py)
     warps = RANK_SUM_WARPS if rank_sum else cfg["num_warps"]
+    return _Inputs(fn, signature, constexprs, attrs, arch, warps, stages)
+
+
+def compile_one(job: dict) -> dict:
+    """Compile one job; returns the job with registers, spill bytes, shared memory and wgmma count."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn, signature, constexprs, attrs, arch, warps, stages = _compile_inputs(job)
     with _assembler(arch) as ptxas_version, _triton_ptxas_log() as printed:
         compiled = triton.compile(
             ASTSource(fn, signature, constexprs, attrs),
@@ -426,7 +445,7 @@ def compile_one(job: dict) -> dict:
     spills = sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", log))
     return dict(
         job,
-        name=cfg["name"],
+        name=job["config"]["name"],
         registers=registers,
         spill_bytes=spills,
         shared=int(compiled.metadata.shared),
@@ -506,12 +525,20 @@ def _mma_kind(ptx: str) -> str:
 
 
 def _key(job: dict) -> tuple:
-    # split_k only decides which variants a config has: equal tiles compile once
-    tiles = tuple(sorted((k, v) for k, v in job["config"].items() if k not in ("name", "split_k")))
+    """What the compile of ``job`` depends on: jobs with equal keys are given the same ``triton.compile`` inputs
+    (configs with equal tiles; the rank-apart sum after GEMMs whose output tiles are equal, whatever their K
+    steps), so they compile once and each gets its row. With the table, which sets the shared-memory limit."""
+    try:
+        fn, signature, constexprs, attrs, arch, warps, stages = _compile_inputs(job)
+    except Exception:  # noqa: BLE001 (a job of its own: its compile fails and is reported as an ERROR row)
+        return ("unkeyed", id(job))
     return (
-        job["variant"], tiles, job["block_r"], job["dtype"], job["precision"], job["arch"], job["target"],
-        _reads_masters(job),
+        job["arch"], fn.__name__, _sorted(signature), _sorted(constexprs), _sorted(attrs), arch, warps, stages
     )  # fmt: skip
+
+
+def _sorted(mapping: dict) -> tuple:
+    return tuple(sorted((repr(k), repr(v)) for k, v in mapping.items()))
 
 
 def _shared_limit(arch: str) -> int:
@@ -611,10 +638,11 @@ def main(argv: list[str] | None = None) -> int:
     todo = [j for j in jobs(args.full, targets) if not args.only or args.only in j["config"]["name"]]
     if off:
         todo = [dict(j, switches=dict.fromkeys(off, False)) for j in todo]
-    # configs with equal tiles (e.g. fp32 decode and prefill) compile once; every name gets its row
+    # jobs given the same compile inputs (e.g. fp32 decode and prefill configs with equal tiles) compile once
+    keys = [_key(job) for job in todo]
     named: dict[tuple, list[dict]] = {}
-    for job in todo:
-        named.setdefault(_key(job), []).append(job)
+    for key, job in zip(keys, todo, strict=True):
+        named.setdefault(key, []).append(job)
     results = {}
     with contextlib.ExitStack() as stack:
         partial = stack.enter_context(open(args.partial, "a", buffering=1)) if args.partial else None
@@ -625,7 +653,7 @@ def main(argv: list[str] | None = None) -> int:
             results[key] = done.result()
             if partial is not None:
                 partial.writelines(json.dumps(_row(results[key], job)) + "\n" for job in named[key])
-    rows = [_row(results[_key(j)], j) for j in todo]
+    rows = [_row(results[key], job) for key, job in zip(keys, todo, strict=True)]
     print(format_table(rows))
     if args.json:
         with open(args.json, "w") as f:
