@@ -16,8 +16,10 @@ reference bit for bit, in the interpreter and on the GPU alike (docs/design.md Â
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+import traceback
 import warnings
 from pathlib import Path
 
@@ -445,16 +447,52 @@ def int64_case(case: str) -> None:
         assert_close_to_reference(got[name], ref[name], base[name], f"d{name} {case}", dtype)
 
 
+_INT64_CASES = ["prefill", "prefill-two_pass", "prefill-pointers", "prefill-unaligned", "prefill-det",
+                "prefill-column_major", "prefill-long_k_steps", "decode", "decode-split"]  # fmt: skip
+
+
+def int64_cases(cases: list[str]) -> None:
+    """``int64_case`` for each of ``cases`` in turn (in a subprocess), each reported on stdout as it starts and
+    ends: ``int64 start CASE``, then ``int64 passed CASE`` or ``int64 failed CASE <traceback as JSON>``."""
+    for case in cases:
+        print(f"int64 start {case}", flush=True)
+        try:
+            int64_case(case)
+        except Exception:  # noqa: BLE001 (reported; the next case runs)
+            print(f"int64 failed {case} {json.dumps(traceback.format_exc())}", flush=True)
+        else:
+            print(f"int64 passed {case}", flush=True)
+
+
+@pytest.fixture(scope="module")
+def int64_failures() -> dict[str, str | None]:
+    """Each int64 case's failure (``None``: passed). One subprocess runs every case (a new one costs seconds of
+    imports); a case that kills it is failed with its exit code, and a fresh subprocess runs the cases after it."""
+    failures: dict[str, str | None] = {}
+    todo, root = list(_INT64_CASES), Path(__file__).resolve().parents[1]
+    while todo:
+        code = f"from tests.test_kernels_parity import int64_cases; int64_cases({todo!r})"
+        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=root)
+        running = None
+        for line in run.stdout.splitlines():
+            if not line.startswith("int64 "):
+                continue
+            _, status, case, detail = (line + " ").split(" ", 3)
+            if status == "start":
+                running = case
+            else:
+                failures[case], running = (json.loads(detail) if status == "failed" else None), None
+        died = f"the subprocess died, exit code {run.returncode}:\n{run.stdout[-2000:]}\n{run.stderr[-3000:]}"
+        for case in [running] if running is not None else [c for c in todo if c not in failures]:
+            failures[case] = died  # (the case it died in; or, dead before the first or after the last, all left)
+        todo = [case for case in todo if case not in failures]
+    return failures
+
+
 @pytest.mark.skipif(DEVICE.type == "cuda", reason="interpreter check; test_int64_offsets covers the GPU")
-@pytest.mark.parametrize(
-    "case", ["prefill", "prefill-two_pass", "prefill-pointers", "prefill-unaligned", "prefill-det",
-             "prefill-column_major", "prefill-long_k_steps", "decode", "decode-split"],
-)  # fmt: skip
-def test_int64_offsets_in_the_interpreter(case):
-    code = f"from tests.test_kernels_parity import int64_case; int64_case({case!r})"
-    root = Path(__file__).resolve().parents[1]
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=root)
-    assert run.returncode == 0, f"{case}: exit code {run.returncode}\n{run.stdout}\n{run.stderr[-3000:]}"
+@pytest.mark.parametrize("case", _INT64_CASES)
+def test_int64_offsets_in_the_interpreter(case, int64_failures):
+    assert int64_failures[case] is None, f"{case}: {int64_failures[case]}"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

@@ -374,7 +374,7 @@ _REDUCE_SHAPES = {"ragged": dict(K=300, N=140), "aligned": dict(K=320, N=192)}  
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("strategy", STRATEGIES)
-@pytest.mark.parametrize("M", [1, 5, 16])
+@pytest.mark.parametrize("M", [1, 16])  # a partial row tile (decode's BLOCK_M is 16) and a full one
 @pytest.mark.parametrize("shape", list(_REDUCE_SHAPES))
 @pytest.mark.parametrize("order", ["in_order", "reversed"])
 def test_split_k_summed_in_kernel_equals_the_sum_launch(monkeypatch, order, shape, M, strategy, dtype):
