@@ -373,9 +373,10 @@ for _arch in ARCHS:
         )
         # fp32: 8 warps from R = 32 up (with 4, ptxas spilled 20-28 bytes at 96 registers on sm_80, and 8 bytes
         # at R = 32 for sm_100 under triton 3.9's options); 3 stages on sm_80 at R = 128 (2 spilled 8 bytes for
-        # sm_120)
+        # sm_120); 1 stage on sm90 at R = 128 (with 2, G spilled 8 bytes at 80 registers with TF32 for sm_90 under
+        # triton 3.7.1; 32-token steps instead spilled 8 bytes for sm_100 under 3.8 in a layer without u)
         _warps = 8 if _br >= 32 else 4
-        _stages = 3 if (_arch, _br) == ("sm80", 128) else 2
+        _stages = {("sm80", 128): 3, ("sm90", 128): 1}.get((_arch, _br), 2)
         _RANK_GRAD[(_arch, True, _br)] = RankGradConfig(
             f"{_arch}-rankgrad-fp32-r{_br}", 64 if _br <= 32 else 32, 16, _warps, _stages
         )
