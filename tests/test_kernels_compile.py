@@ -199,13 +199,13 @@ def test_jobs_compiled_once_are_given_the_same_compile(monkeypatch):
 
     given = []
 
-    def compile(source, target, options):
+    def fake_compile(source, target, options):
         given.append(repr((source, target, sorted(options.items()))))
         print("ptxas info    : Used 1 registers")  # (what compile_one reads from the ptxas log)
         return SimpleNamespace(asm={"ptx": ""}, metadata=SimpleNamespace(shared=0))
 
-    monkeypatch.setattr(triton.compiler, "ASTSource", lambda *args: (args[0].__name__, *map(sorted_items, args[1:])))
-    monkeypatch.setattr(triton, "compile", compile)
+    monkeypatch.setattr(triton.compiler, "ASTSource", lambda *args: (args[0].__name__, *map(_sorted_items, args[1:])))
+    monkeypatch.setattr(triton, "compile", fake_compile)
     monkeypatch.setattr(compile_check, "_assembler", lambda arch: contextlib.nullcontext("-"))
     jobs = compile_check.jobs(full=True)
     jobs += [dict(job, switches=dict.fromkeys(compile_check.SWITCHES, False)) for job in jobs[::5]]  # (--off)
@@ -218,7 +218,7 @@ def test_jobs_compiled_once_are_given_the_same_compile(monkeypatch):
     assert len(by_key) == len(set(given)) < len(jobs)
 
 
-def sorted_items(mapping: dict) -> list:
+def _sorted_items(mapping: dict) -> list:
     return sorted(mapping.items(), key=repr)
 
 
