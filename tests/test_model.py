@@ -640,6 +640,8 @@ def test_adapters_of_a_dtype_that_cannot_run_beside_the_layer_are_refused_up_fro
 def test_config_errors():
     with pytest.raises(ValueError, match="preset must be one of"):
         TiedLoRAConfig(preset="tl9")
+    with pytest.raises(ValueError, match="preset must be one of"):
+        TiedLoRAConfig(preset=["tl6"])  # (not a TypeError from hashing it)
     with pytest.raises(ValueError, match="rank must be positive"):
         TiedLoRAConfig(rank=0)
     with pytest.raises(TypeError, match="rank must be an int"):  # as TiedLoRAShared says it
@@ -660,6 +662,10 @@ def test_config_errors():
         TiedLoRAConfig(alpha=0)
     with pytest.raises(ValueError, match="u_init must be a finite"):
         TiedLoRAConfig(u_init=float("nan"))
+    with pytest.raises(ValueError, match="alpha must be a positive"):
+        TiedLoRAConfig(alpha=10**400)  # (an int beyond any float: not an OverflowError)
+    with pytest.raises(ValueError, match="u_init must be a finite"):
+        TiedLoRAConfig(u_init=10**400)
     with pytest.raises(TypeError, match="groups must be a sequence of tuples"):
         TiedLoRAConfig(groups=QKV)
     with pytest.raises(TypeError, match="train_A must be True, False or None"):

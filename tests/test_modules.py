@@ -277,6 +277,10 @@ def test_layers_sharing_one_pair_stay_tied_through_conversions():
         ({"v_init": float("inf")}, "v_init must be a finite number"),
         ({"u_init": float("nan")}, "u_init must be a finite number"),
         ({"u_init": "1"}, "u_init must be a finite number"),
+        # ints beyond any float: refused by name, not an OverflowError from their conversion
+        ({"alpha": 10**400}, "alpha must be a positive finite number"),
+        ({"v_init": 10**400}, "v_init must be a finite number"),
+        ({"u_init": -(10**400)}, "u_init must be a finite number"),
     ],
 )
 def test_layer_bad_arguments(kwargs, match):

@@ -18,7 +18,6 @@ fused kernel's base GEMM may round differently from cuBLAS.
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ from tied_lora_kernels.functional import (
     check_dropout,
     check_rank,
     check_seed,
+    is_finite,
     is_number,
 )
 from tied_lora_kernels.shared import INITS
@@ -123,16 +123,16 @@ class TiedLoRAConfig:
             del self.__dict__["_resolving"]
 
     def _resolve(self) -> None:
-        if self.preset not in PRESETS:
+        if not isinstance(self.preset, str) or self.preset not in PRESETS:
             raise ValueError(f"preset must be one of {tuple(PRESETS)}, got {self.preset!r}")
         check_rank(self.rank)  # TiedLoRAShared's check: TypeError for a non-int, ValueError for a non-positive one
         self.rank = int(self.rank)
-        positive = self.alpha is None or (is_number(self.alpha, Real) and math.isfinite(self.alpha) and self.alpha > 0)
+        positive = self.alpha is None or (is_number(self.alpha, Real) and is_finite(self.alpha) and self.alpha > 0)
         if not positive:
             raise ValueError(f"alpha must be a positive finite number or None, got {self.alpha!r}")
         if self.alpha is not None and self.alpha / self.rank > torch.finfo(torch.float32).max:
             raise ValueError(f"alpha / rank must be within float32's range, got alpha={self.alpha!r}")
-        if self.u_init is not None and not (is_number(self.u_init, Real) and math.isfinite(self.u_init)):
+        if self.u_init is not None and not (is_number(self.u_init, Real) and is_finite(self.u_init)):
             raise ValueError(f"u_init must be a finite number or None, got {self.u_init!r}")
         # plain floats: a numpy scalar would not go into the saved JSON
         self.alpha = None if self.alpha is None else float(self.alpha)

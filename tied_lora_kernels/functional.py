@@ -299,6 +299,15 @@ _FLOAT32_MAX = torch.finfo(torch.float32).max
 """The kernels and the torch path's ``addmm_`` take ``scale`` as a float32."""
 
 
+def is_finite(value) -> bool:
+    """``math.isfinite`` for a real number; an int too large for any float is not finite (instead of an
+    ``OverflowError`` from its conversion)."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def is_number(value, kind: type) -> bool:
     """``value`` is a number of ``kind`` (``Real`` or ``Integral``: numpy's too), not a bool. Python's own float
     and int first: an ABC's ``isinstance`` costs a few hundred nanoseconds, and decode checks three numbers per

@@ -23,7 +23,6 @@ Forward: ``y = x Wᵀ + b + scale · (v ⊙ ((u ⊙ (x Aᵀ)) Bᵀ))`` with ``sc
 from __future__ import annotations
 
 import importlib
-import math
 import numbers
 import sys
 import warnings
@@ -35,7 +34,14 @@ from torch import Tensor, nn
 from typing_extensions import Unpack  # (typing's from Python 3.11; imported at run time for get_type_hints)
 
 from tied_lora_kernels import reference
-from tied_lora_kernels.functional import BACKENDS, add_adapter, check_backend_rank, check_dropout, tied_lora_linear
+from tied_lora_kernels.functional import (
+    BACKENDS,
+    add_adapter,
+    check_backend_rank,
+    check_dropout,
+    is_finite,
+    tied_lora_linear,
+)
 from tied_lora_kernels.shared import TiedLoRAShared, check_features, check_float_dtype
 
 __all__ = [
@@ -235,7 +241,7 @@ class UScale(nn.Module):
         super().__init__()
         if not isinstance(train, bool):
             raise TypeError(f"train_u must be True or False, got {train!r}")
-        if isinstance(init, bool) or not isinstance(init, numbers.Real) or not math.isfinite(init):
+        if isinstance(init, bool) or not isinstance(init, numbers.Real) or not is_finite(init):
             raise ValueError(f"u_init must be a finite number, got {init!r}")
         self.init = float(init)
         if train or init != 1.0:
@@ -397,13 +403,14 @@ class TiedLoRALinear(nn.Linear):
             )
         if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, numbers.Real)):
             raise TypeError(f"alpha must be a number or None, got {alpha!r}")
-        alpha = float(shared.rank if alpha is None else alpha)
-        if not math.isfinite(alpha) or alpha <= 0 or alpha / shared.rank > torch.finfo(torch.float32).max:
+        alpha = shared.rank if alpha is None else alpha
+        if not is_finite(alpha) or alpha <= 0 or alpha / shared.rank > torch.finfo(torch.float32).max:
             raise ValueError(f"alpha must be a positive finite number (alpha / rank within float32), got {alpha}")
+        alpha = float(alpha)
         if not isinstance(train_v, bool):
             raise TypeError(f"train_v must be True or False, got {train_v!r}")
         v_init = _v_start(v_init, train_v)
-        if isinstance(v_init, bool) or not isinstance(v_init, numbers.Real) or not math.isfinite(v_init):
+        if isinstance(v_init, bool) or not isinstance(v_init, numbers.Real) or not is_finite(v_init):
             raise ValueError(f"v_init must be a finite number or None, got {v_init!r}")
         if shared.in_features != self.in_features:
             raise ValueError(
