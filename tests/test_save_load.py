@@ -18,6 +18,8 @@ from tests.models import Toy, enable_checkpointing, randomise_adapters, tiny_lla
 from tied_lora_kernels import (
     QKV,
     TiedLoRAConfig,
+    TiedLoRALinear,
+    TiedLoRAShared,
     apply_tied_lora,
     count_parameters,
     disable_tied_lora,
@@ -745,6 +747,23 @@ def test_trainable_true_trains_only_the_configured_factors(tmp_path):
     layer = model.layers[0].q_proj
     assert not layer.shared.A.requires_grad and not layer.shared.B.requires_grad
     assert layer.lora_u.requires_grad and layer.lora_v.requires_grad
+
+
+def test_trainable_true_on_layers_built_by_hand_trains_what_trained_when_saved(tmp_path):
+    """Layers built by hand have no config: trainable=True makes the factors that trained when the file was saved
+    require grad again (a VeRA-style pair built frozen stays frozen), after a freeze for inference too."""
+
+    def build():
+        shared = TiedLoRAShared(8, 4, 2, train_A=False, train_B=False, init="kaiming")
+        return nn.Sequential(TiedLoRALinear(8, 4, shared=shared, u_init=0.1), TiedLoRALinear(8, 4, shared=shared))
+
+    save_tied_lora(build(), tmp_path)
+    model = build()
+    model.requires_grad_(False)
+    load_tied_lora(model, tmp_path, trainable=True)
+    for layer in model:
+        assert not layer.shared.A.requires_grad and not layer.shared.B.requires_grad
+        assert layer.lora_u.requires_grad and layer.lora_v.requires_grad
 
 
 def test_a_file_with_adapters_of_mixed_dtypes_is_refused_by_a_bare_model(tmp_path):

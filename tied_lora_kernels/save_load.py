@@ -212,7 +212,8 @@ def load_tied_lora(
     """Load an adapter saved by ``save_tied_lora``; ``backend`` overrides the saved one. ``trainable``: None keeps
     the flags (a bare model's adapter trains what its config trains, so that training continues; an adapted
     model keeps its own); False freezes the loaded tensors (for inference: PEFT's ``is_trainable=False``, its
-    default); True makes the config's trained factors and ``modules_to_save`` require grad again.
+    default); True makes the config's trained factors and ``modules_to_save`` require grad again (a model whose
+    layers were built by hand has no config: the factors that trained when the file was saved).
 
     A model without adapters is adapted first with the saved config (same targets, groups, flags); an adapted
     one must have the same layout (layers, shapes, rank, alpha, ties), adapter dtypes and configured trained
@@ -312,13 +313,23 @@ def load_tied_lora(
         for name, tensor in state.items():
             tensors[name].copy_(tensor)
     if trainable is not None:
-        config = getattr(model, "tied_lora_config", None)
-        trained = set(_trained(config)) if config else set("ABuv")
+        trained = _trained_tensors(model, layout)
         for name in state:  # an adapter tensor trains if its factor is configured to; a saved module always
             kind = next((k for end, k in _FACTOR_OF.items() if name.endswith(end)), None)
             if isinstance(tensors[name], nn.Parameter):  # (not a saved module's buffer)
-                tensors[name].requires_grad_(trainable and (kind is None or kind in trained))
+                tensors[name].requires_grad_(trainable and (kind is None or id(tensors[name]) in trained))
     return model
+
+
+def _trained_tensors(model: nn.Module, layout: dict[str, dict]) -> set[int]:
+    """The ids of the adapter tensors configured to train: the factors the model's config trains or, for layers
+    built by hand (no config), those of each layer that trained when the file was saved (its layout's "trains")."""
+    config = getattr(model, "tied_lora_config", None)
+    out = set()
+    for name, layer in tied_lora_layers(model).items():
+        kinds = _trained(config) if config is not None else layout[name]["trains"]
+        out |= {id(p) for k, p in zip("ABuv", _factors(layer), strict=True) if p is not None and k in kinds}
+    return out
 
 
 def _read_meta(directory: str | os.PathLike) -> dict:
