@@ -300,7 +300,10 @@ for _arch in ARCHS:
         _stages = 1 if _arch == "sm90" else 4
         _add_fused(_arch, "decode", False, BLOCK_RS, 16, 64, 32, 4, _stages, two_pass=_two_pass, aligned=False)
     _add_fused(_arch, "prefill", False, (16, 32), 128, 64, 32, 8, 3, aligned=False)
-    _add_fused(_arch, "prefill", False, (64, 128), 64, 64, 32, 8, 3, aligned=False)
+    # (sm_80's at R = 64 takes 16-long K steps: with 32, dx sat at 255 registers and spilled 8 bytes for sm_120
+    # under triton 3.7.1 in a layer without a bias, u or v; with 16 it needs ~160)
+    _add_fused(_arch, "prefill", False, (64,), 64, 64, 16 if _arch == "sm80" else 32, 8, 3, aligned=False)
+    _add_fused(_arch, "prefill", False, (128,), 64, 64, 32, 8, 3, aligned=False)
     _add_fused(_arch, "prefill", False, BLOCK_RS, 128, 64, 32, 8, 3, two_pass=True, aligned=False)
 
 # two-pass dx with adapter dropout (forward.py, DROPOUT): the rank-R term is summed apart from the GEMM's
