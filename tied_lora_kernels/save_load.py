@@ -22,7 +22,6 @@ from tied_lora_kernels.functional import BACKENDS
 from tied_lora_kernels.kernels.configs import MAX_RANK
 from tied_lora_kernels.layer import adaptable_types, linear_features
 from tied_lora_kernels.model import (
-    _FACTOR_OF,
     _adapter_params,
     _apply,
     _factors,
@@ -315,9 +314,9 @@ def load_tied_lora(
     if trainable is not None:
         trained = _trained_tensors(model, layout)
         for name in state:  # an adapter tensor trains if its factor is configured to; a saved module always
-            kind = next((k for end, k in _FACTOR_OF.items() if name.endswith(end)), None)
             if isinstance(tensors[name], nn.Parameter):  # (not a saved module's buffer)
-                tensors[name].requires_grad_(trainable and (kind is None or id(tensors[name]) in trained))
+                adapter = _is_adapter_tensor(name)
+                tensors[name].requires_grad_(trainable and (not adapter or id(tensors[name]) in trained))
     return model
 
 
