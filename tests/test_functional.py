@@ -8,7 +8,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from tests.helpers import assert_close_to_reference
-from tied_lora_kernels import reference, tied_lora_linear
+from tied_lora_kernels import TiedLoRAConfig, TiedLoRALinear, TiedLoRAShared, kernels, reference, tied_lora_linear
 from tied_lora_kernels.functional import add_adapter
 
 # (u, v, A trains, B trains): the paper's configurations as they reach the functional form
@@ -218,6 +218,44 @@ def test_more_bad_input():
     fp16 = {k: t[k].detach().half() for k in ("x", "weight", "A", "B")}
     with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(TypeError, match="autocast's torch.bfloat16"):
         tied_lora_linear(fp16["x"], fp16["weight"], None, fp16["A"], fp16["B"])
+
+
+_HUGE = 10**5000  # more digits than Python prints (4,300): an error that printed it would fail in its own message
+
+
+def _enter_forced(**kwargs):
+    with kernels.configs.forced(**kwargs):
+        pass
+
+
+@pytest.mark.parametrize(
+    "build,match",
+    [
+        (lambda: TiedLoRAConfig(alpha=_HUGE), "alpha must be a positive finite number"),
+        (lambda: TiedLoRAConfig(alpha=-_HUGE), "alpha must be a positive finite number"),
+        (lambda: TiedLoRAConfig(u_init=_HUGE), "u_init must be a finite number"),
+        (lambda: TiedLoRAConfig(rank=_HUGE), "rank must be below 2"),
+        (lambda: TiedLoRAConfig(rank=-_HUGE), "rank must be positive"),
+        (lambda: TiedLoRAConfig(seed=-_HUGE), "seed must be within"),
+        (lambda: TiedLoRAConfig(dropout=_HUGE), "dropout must be a number"),
+        (lambda: TiedLoRAShared(8, 8, rank=_HUGE), "rank must be below 2"),
+        (lambda: TiedLoRAShared(_HUGE, 8, rank=2), "in_features must be below 2"),
+        (lambda: TiedLoRALinear(8, -_HUGE, rank=2), "out_features must be a positive int"),
+        (lambda: TiedLoRALinear(8, 8, rank=2, alpha=_HUGE), "alpha must be a positive finite number"),
+        (lambda: TiedLoRALinear(8, 8, rank=2, u_init=-_HUGE), "u_init must be a finite number"),
+        (lambda: TiedLoRALinear(8, 8, rank=2, v_init=_HUGE), "v_init must be a finite number"),
+        (lambda: TiedLoRALinear(8, 8, rank=2, dropout=_HUGE), "dropout must be a number"),
+        (lambda: _call(scale=_HUGE), "scale must be a finite Python number"),
+        (lambda: _enter_forced(split_k=-_HUGE), "split_k must be >= 1"),
+    ],
+)
+def test_huge_ints_are_refused_by_name(build, match):
+    """An int of 5,000 digits is refused by the check it fails, the number given by its size. Before, the
+    message's own formatting raised Python's "Exceeds the limit (4300 digits)" ValueError, and a huge rank or
+    width went on to torch's allocator (a TypeError about unpacking a long long) or was accepted by the config."""
+    with pytest.raises((ValueError, TypeError), match=match) as info:
+        build()
+    assert "an int of 16610 bits" in str(info.value)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only error")

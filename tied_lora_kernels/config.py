@@ -34,6 +34,7 @@ from tied_lora_kernels.functional import (
     check_seed,
     is_finite,
     is_number,
+    shown,
 )
 from tied_lora_kernels.shared import INITS
 
@@ -129,11 +130,11 @@ class TiedLoRAConfig:
         self.rank = int(self.rank)
         positive = self.alpha is None or (is_number(self.alpha, Real) and is_finite(self.alpha) and self.alpha > 0)
         if not positive:
-            raise ValueError(f"alpha must be a positive finite number or None, got {self.alpha!r}")
+            raise ValueError(f"alpha must be a positive finite number or None, got {shown(self.alpha)}")
         if self.alpha is not None and self.alpha / self.rank > torch.finfo(torch.float32).max:
-            raise ValueError(f"alpha / rank must be within float32's range, got alpha={self.alpha!r}")
+            raise ValueError(f"alpha / rank must be within float32's range, got alpha={shown(self.alpha)}")
         if self.u_init is not None and not (is_number(self.u_init, Real) and is_finite(self.u_init)):
-            raise ValueError(f"u_init must be a finite number or None, got {self.u_init!r}")
+            raise ValueError(f"u_init must be a finite number or None, got {shown(self.u_init)}")
         # plain floats: a numpy scalar would not go into the saved JSON
         self.alpha = None if self.alpha is None else float(self.alpha)
         self.u_init = None if self.u_init is None else float(self.u_init)

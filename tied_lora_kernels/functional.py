@@ -255,7 +255,7 @@ def _check_inputs(x, weight, bias, A, B, u, v, scale: float) -> None:
         raise TypeError(f"scale must be a finite Python number, got {scale!r}")
     # (under torch.compile(dynamic=True) a float argument is symbolic and cannot be tested while tracing)
     if not torch.compiler.is_compiling() and not abs(scale) <= _FLOAT32_MAX:  # also NaN
-        raise TypeError(f"scale must be a finite Python number within float32's range, got {scale!r}")
+        raise TypeError(f"scale must be a finite Python number within float32's range, got {shown(scale)}")
 
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D [out_features, in_features], got shape {tuple(weight.shape)}")
@@ -308,6 +308,14 @@ def is_finite(value) -> bool:
         return False
 
 
+def shown(value) -> str:
+    """``repr(value)`` for an error message; an int of more than 128 bits as its size (Python refuses to print
+    one of more than 4,300 digits, and a user's 10**5000 would read as that refusal, not as the check)."""
+    if type(value) is int and value.bit_length() > 128:
+        return f"an int of {value.bit_length()} bits"
+    return repr(value)
+
+
 def is_number(value, kind: type) -> bool:
     """``value`` is a number of ``kind`` (``Real`` or ``Integral``: numpy's too), not a bool. Python's own float
     and int first: an ABC's ``isinstance`` costs a few hundred nanoseconds, and decode checks three numbers per
@@ -329,7 +337,7 @@ def check_backend_rank(backend: str, rank: int) -> None:
 def check_dropout(p: float) -> None:
     """A dropout probability must be a number in [0, 1)."""
     if not is_number(p, Real) or not 0.0 <= p < 1.0:
-        raise ValueError(f"dropout must be a number in [0, 1), got {p!r}")
+        raise ValueError(f"dropout must be a number in [0, 1), got {shown(p)}")
 
 
 def check_seed(seed: int) -> None:
@@ -338,7 +346,7 @@ def check_seed(seed: int) -> None:
     if not is_number(seed, Integral):
         raise TypeError(f"seed must be an int, got {seed!r}")
     if not -(2**63) <= seed < 2**64 - 2**32:
-        raise ValueError(f"seed must be within [-2**63, 2**64 - 2**32), got {seed}")
+        raise ValueError(f"seed must be within [-2**63, 2**64 - 2**32), got {shown(seed)}")
 
 
 def check_rank(rank: int) -> None:
@@ -348,4 +356,6 @@ def check_rank(rank: int) -> None:
     if not is_number(rank, Integral):
         raise TypeError(f"rank must be an int, got {rank!r}")
     if rank <= 0:
-        raise ValueError(f"rank must be positive, got {rank}")
+        raise ValueError(f"rank must be positive, got {shown(rank)}")
+    if rank >= 2**63:
+        raise ValueError(f"rank must be below 2**63 (a tensor's size), got {shown(rank)}")

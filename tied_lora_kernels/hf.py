@@ -33,6 +33,7 @@ from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArgu
 from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from tied_lora_kernels.functional import shown
 from tied_lora_kernels.layer import TiedLoRALinear
 from tied_lora_kernels.model import _adapter_params, _factors, _refuse_peft_inside, _unwrapped, tied_lora_layers
 from tied_lora_kernels.save_load import (
@@ -112,7 +113,7 @@ class SaveTiedLoRACallback(_TrainingCheck):
 
     def __init__(self, every: int | None = None):
         if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every <= 0):
-            raise ValueError(f"every must be a positive int or None, got {every!r}")
+            raise ValueError(f"every must be a positive int or None, got {shown(every)}")
         self.every = every
         self.checkpoints_hold_adapter = False  # set by TiedLoRATrainer: its checkpoints are the adapter
 

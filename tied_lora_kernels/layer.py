@@ -40,6 +40,7 @@ from tied_lora_kernels.functional import (
     check_backend_rank,
     check_dropout,
     is_finite,
+    shown,
     tied_lora_linear,
 )
 from tied_lora_kernels.shared import TiedLoRAShared, check_features, check_float_dtype
@@ -242,7 +243,7 @@ class UScale(nn.Module):
         if not isinstance(train, bool):
             raise TypeError(f"train_u must be True or False, got {train!r}")
         if isinstance(init, bool) or not isinstance(init, numbers.Real) or not is_finite(init):
-            raise ValueError(f"u_init must be a finite number, got {init!r}")
+            raise ValueError(f"u_init must be a finite number, got {shown(init)}")
         self.init = float(init)
         if train or init != 1.0:
             self.u = nn.Parameter(torch.empty(rank, device=device, dtype=dtype), requires_grad=train)
@@ -405,13 +406,15 @@ class TiedLoRALinear(nn.Linear):
             raise TypeError(f"alpha must be a number or None, got {alpha!r}")
         alpha = shared.rank if alpha is None else alpha
         if not is_finite(alpha) or alpha <= 0 or alpha / shared.rank > torch.finfo(torch.float32).max:
-            raise ValueError(f"alpha must be a positive finite number (alpha / rank within float32), got {alpha}")
+            raise ValueError(
+                f"alpha must be a positive finite number (alpha / rank within float32), got {shown(alpha)}"
+            )
         alpha = float(alpha)
         if not isinstance(train_v, bool):
             raise TypeError(f"train_v must be True or False, got {train_v!r}")
         v_init = _v_start(v_init, train_v)
         if isinstance(v_init, bool) or not isinstance(v_init, numbers.Real) or not is_finite(v_init):
-            raise ValueError(f"v_init must be a finite number or None, got {v_init!r}")
+            raise ValueError(f"v_init must be a finite number or None, got {shown(v_init)}")
         if shared.in_features != self.in_features:
             raise ValueError(
                 f"shared A is [{shared.rank}, {shared.in_features}] but the layer has in_features={self.in_features}"

@@ -145,9 +145,11 @@ def check_supported_rank(rank: int) -> None:
     """A clear error for a rank above ``MAX_RANK`` (where a layer or config asks for the triton backend, and at
     its forward)."""
     if rank > MAX_RANK:
+        from tied_lora_kernels.functional import shown  # (a cold path: configs imports torch only)
+
         raise ValueError(
-            f"backend='triton' supports ranks up to {MAX_RANK}, got rank {rank}; use backend='torch' (or 'auto', "
-            "which runs the torch path above it)"
+            f"backend='triton' supports ranks up to {MAX_RANK}, got rank {shown(rank)}; use backend='torch' "
+            "(or 'auto', which runs the torch path above it)"
         )
 
 
@@ -497,7 +499,9 @@ def forced(
         if isinstance(split_k, bool) or not isinstance(split_k, Integral):  # (numpy's ints are Integral)
             raise TypeError(f"split_k must be an int or None, got {split_k!r}")
         if split_k < 1:
-            raise ValueError(f"split_k must be >= 1, got {split_k}")
+            from tied_lora_kernels.functional import shown
+
+            raise ValueError(f"split_k must be >= 1, got {shown(split_k)}")
         given["split_k"] = int(split_k)
     if tma is not None:
         if not isinstance(tma, bool) and tma != _AUTO:
