@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -445,6 +446,33 @@ def test_split_k_counts_are_made_by_a_thread_of_their_own(monkeypatch):
     assert len(made_by) == 1 and made_by[0] != threading.get_ident()
     with pytest.raises(ZeroDivisionError):
         forward._in_own_thread(lambda: 1 // 0)
+
+
+def test_threads_launching_at_once_share_one_split_k_count_buffer(monkeypatch):
+    """Two threads' first in-kernel-sum launches on one stream get the same buffer: with one each, the dropped
+    buffer would be freed while its kernel may still run (on a GPU, memory the allocator then hands to other work).
+    The buffer's making is slowed so that both threads look for it before either has stored it."""
+    made = forward._in_own_thread
+    arrived = threading.Barrier(2)
+
+    def slow(make):
+        time.sleep(0.2)
+        return made(make)
+
+    monkeypatch.setattr(forward, "_SPLIT_LOCKS", {})
+    monkeypatch.setattr(forward, "_in_own_thread", slow)
+    got = [None, None]
+
+    def launch(i):
+        arrived.wait()
+        got[i] = forward._split_locks(DEVICE, 3)
+
+    threads = [threading.Thread(target=launch, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got[0] is not None and got[0] is got[1] and list(forward._SPLIT_LOCKS.values()) == [got[0]]
 
 
 @pytest.mark.gpu

@@ -804,6 +804,9 @@ def _rank_sum_fits_int32(M: int, R: int, up: Tensor) -> bool:
 
 
 _SPLIT_LOCKS: dict[tuple[torch.device, int], Tensor] = {}
+_SPLIT_LOCKS_MADE = threading.Lock()
+"""Held while a shared buffer is made: two threads' first launches on one stream must not make one each (the
+dropped one, freed while its kernel may still run, goes back to the allocator for other work on another stream)."""
 _SPLIT_LOCK_COUNT = 4096
 """Arrival counts per device and stream: output tiles of one split-K launch (``cdiv(M, 16) · cdiv(N, BLOCK_N)``;
 the default split reaches ~260 tiles, a forced one on a layer wider than 262,144 falls back to the sum launch)."""
@@ -827,10 +830,13 @@ def _split_locks(device: torch.device, tiles: int) -> Tensor | None:
     key = (device, torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0)
     locks = _SPLIT_LOCKS.get(key)
     if locks is None:
-        locks = _in_own_thread(lambda: torch.zeros(_SPLIT_LOCK_COUNT, device=device, dtype=torch.int32))
+        with _SPLIT_LOCKS_MADE:
+            locks = _SPLIT_LOCKS.get(key)  # (another thread's, made while this one waited)
+            if locks is None:
+                locks = _in_own_thread(lambda: torch.zeros(_SPLIT_LOCK_COUNT, device=device, dtype=torch.int32))
+                _SPLIT_LOCKS[key] = locks
         if device.type == "cuda":  # (a new thread's current stream is the default stream)
             torch.cuda.current_stream(device).wait_stream(torch.cuda.default_stream(device))
-        _SPLIT_LOCKS[key] = locks
     return locks
 
 
