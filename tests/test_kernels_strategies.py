@@ -557,6 +557,8 @@ def test_split_k_choice():
     assert configs.split_k_for(16, 1024, 4096, cfg, dev) == 16  # 16 N tiles: capped at 4 K steps per slice
     assert configs.split_k_for(1, 4096, 128, cfg, dev) == 1  # too short to split
     assert configs.split_k_for(1, 64, 4096, cfg, dev, forced=3) == 3
+    # a forced split beyond CUDA's grid y limit (reachable at K > 65,535 K steps) is capped, not a launch error
+    assert configs.split_k_for(1, 64, 2**23, cfg, dev, forced=70_000) == configs.GRID_Y_MAX == 65_535
     for M, dtype in ((4096, torch.bfloat16), (1, torch.float32)):  # prefill and fp32 never split
         other = configs.fused_config(M, 16, dtype, dev)
         assert configs.split_k_for(M, 64, 4096, other, dev) == configs.split_k_for(M, 64, 4096, other, dev, 3) == 1

@@ -486,12 +486,12 @@ def forced(
     split_rank: str | None = None,
 ) -> Iterator[None]:
     """Within the block, launches use ``strategy`` ("one_pass" / "two_pass"), in the decode regime ``split_k`` K
-    slices, TMA loads where ``tma`` is True and they can run (False: pointer loads), split-K partials summed
-    by ``reduce`` ("launch" / "kernel") and one-pass split-K's rank-R term computed ``split_rank`` ("apart" /
-    "in_tile"). ``"auto"`` (``strategy``, ``tma``, ``reduce``, ``split_rank``) means the tables' default,
-    whatever the environment or an enclosing ``forced`` says; None leaves that choice as it is outside the block
-    (an enclosing ``forced``, else the environment, else the default; ``split_k``: ``split_k_for``'s choice).
-    Not thread-safe."""
+    slices (at most ``GRID_Y_MAX``), TMA loads where ``tma`` is True and they can run (False: pointer loads),
+    split-K partials summed by ``reduce`` ("launch" / "kernel") and one-pass split-K's rank-R term computed
+    ``split_rank`` ("apart" / "in_tile"). ``"auto"`` (``strategy``, ``tma``, ``reduce``, ``split_rank``) means
+    the tables' default, whatever the environment or an enclosing ``forced`` says; None leaves that choice as it
+    is outside the block (an enclosing ``forced``, else the environment, else the default; ``split_k``:
+    ``split_k_for``'s choice). Not thread-safe."""
     given: dict[str, object] = {}
     if strategy is not None:
         given["strategy"] = _check_choice(strategy, STRATEGIES, "strategy") or _AUTO
@@ -659,6 +659,10 @@ def narrow_k_steps(t: Tensor, k_dim: int = 1) -> Tensor:
     return t.contiguous() if stride * MAX_BLOCK_K > INT32_MAX >= stride else t
 
 
+GRID_Y_MAX = 65535
+"""CUDA's limit on a grid's second dimension, the fused GEMM's K slices (a forced ``split_k`` is capped at it)."""
+
+
 def split_k_for(
     M: int,
     N: int,
@@ -676,7 +680,7 @@ def split_k_for(
     if not cfg.split_k:
         return 1
     if forced is not None:
-        return max(1, forced)
+        return max(1, min(forced, GRID_Y_MAX))
     per_slice = -(-M // cfg.block_m) * -(-N // cfg.block_n) + rank_programs
     want = -(-target_programs(device) // per_slice)
     most = max(1, K // (cfg.block_k * _MIN_K_STEPS))
