@@ -13,6 +13,11 @@
 - Timed CUDA runs start with a second of matmuls (``_gpu_busy_first``), so that the GPU's clocks are up.
 - SIGTERM (``timeout`` ending a phase of gpu_check.sh) interrupts the session like Ctrl-C, so pytest finishes
   it and pytest-benchmark still writes the JSON of what ran (killed outright, it writes nothing).
+- A CUDA test that fails and leaves the process's CUDA context broken (an illegal memory access is sticky: every
+  later test would fail, the baselines too) ends the session after it (exit code 2, the JSON written); in
+  gpu_check.sh's parallel warm-up the other processes carry on.
+- ``BENCH_FAILED_LOG=<file>``: each failed test's id is appended to it (gpu_check.sh deselects the warm-up's
+  failures from the timed runs).
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from benchmarks import pytest_queue
 
 HERE = Path(__file__).resolve().parent
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -86,6 +93,26 @@ def _gpu_busy_first(request):
 @pytest.fixture(scope="session")
 def device() -> torch.device:
     return DEVICE
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if not report.failed or call.when == "teardown":
+        return
+    failed_log = os.environ.get("BENCH_FAILED_LOG")
+    if failed_log:
+        with open(failed_log, "a") as f:
+            f.write(item.nodeid + "\n")
+    if DEVICE.type == "cuda":
+        try:
+            torch.cuda.synchronize(DEVICE)
+        except RuntimeError as e:  # (torch.AcceleratorError is a RuntimeError)
+            # after this test (its failure reported): pytest's loop stops at shouldstop, and a queue of processes
+            # stops this one only (pytest_queue.PROCESS_ONLY)
+            item.session.shouldstop = f"the CUDA context is broken after {item.nodeid} ({str(e).splitlines()[0]})"
+            setattr(item.session, pytest_queue.PROCESS_ONLY, True)
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):

@@ -74,9 +74,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("path", help="the JSON lines a run wrote")
     p.add_argument("--worst", type=int, default=10, help="how many of the closest comparisons to list")
     args = p.parse_args(argv)
+    rows, cut = [], 0
     with open(args.path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # a line a killed process left half-written
+                cut += bool(line.strip())
     print(summary(rows, args.worst))
+    if cut:
+        print(f"({cut} unreadable line{'s' * (cut > 1)} skipped)")
     return 0
 
 

@@ -18,7 +18,8 @@ finished by ``DIR/<its index>.done``; each process takes the test after the one 
 module's fixtures at most once. A test taken and never finished (a process killed or crashed, e.g. by a
 time limit, an abort or the OOM killer) is named by ``unfinished``. With ``-x`` (or ``--maxfail``, counted
 per process) a process that stops creates ``DIR/stop``; the others finish at most the test they run and the
-one they have taken, and take nothing more.
+one they have taken, and take nothing more. A process that stops alone (``PROCESS_ONLY``) gives back the test
+it has taken and leaves the others running.
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ ENV = "PYTEST_QUEUE"
 COLLECTION = "collection"
 STOP = "stop"
 DONE = ".done"
+PROCESS_ONLY = "pytest_queue_process_only"
+"""A session attribute: True where ``shouldstop`` stops this process and not the others (benchmarks/conftest.py,
+a broken CUDA context)."""
 
 
 def collected(queue: Path) -> list[str] | None:
@@ -122,7 +126,8 @@ def pytest_runtestloop(session):
         )
         (queue / f"{index}{DONE}").touch()
         if session.shouldfail or session.shouldstop:
-            (queue / STOP).touch()
+            if session.shouldfail or not getattr(session, PROCESS_ONLY, False):
+                (queue / STOP).touch()
             if following is not None:  # taken but not run: give it back (no other process takes more anyway)
                 (queue / str(following)).unlink()
             if session.shouldfail:

@@ -270,6 +270,50 @@ def test_parity_margins_records_each_comparison_and_keeps_the_check(tmp_path):
     lines = parity_margins.summary(rows).splitlines()
     assert lines[0].startswith("parity margins: 2 comparisons") and "float32" in lines[1], lines
     assert "test_outside" in lines[2] and "test_inside" in lines[3], lines  # the closest to its bound first
+    # a line a killed process left half-written is skipped, and said so, rather than ending the summary
+    log.write_text(log.read_text() + '{"test": "cut')
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.parity_margins", str(log)], capture_output=True, text=True, cwd=ROOT
+    )
+    assert done.returncode == 0 and "2 comparisons" in done.stdout and "(1 unreadable line skipped)" in done.stdout
+
+
+def test_benchmark_failures_are_logged_for_the_timed_runs_to_leave_out(tmp_path):
+    """``BENCH_FAILED_LOG`` (benchmarks/conftest.py): gpu_check.sh's warm-up appends each failed test's id, which
+    its timed runs then deselect (a failure that breaks the CUDA context would fail every later test, the baselines
+    too)."""
+    (tmp_path / "test_x.py").write_text("def test_ok():\n    pass\ndef test_bad():\n    assert False\n")
+    log = tmp_path / "failed.txt"
+    proc = _pytest("-q", "-p", "benchmarks.conftest", str(tmp_path), env={"BENCH_FAILED_LOG": str(log)}, cwd=tmp_path)
+    assert proc.returncode == 1 and "1 failed, 1 passed" in proc.stdout, proc.stdout + proc.stderr
+    assert log.read_text().splitlines() == ["test_x.py::test_bad"]
+    # a failure that leaves the CUDA context broken ends the session (here faked: CUDA device, synchronize raising)
+    (tmp_path / "test_x.py").write_text(
+        "import torch\n"
+        "import benchmarks.conftest as c\n"
+        "def test_broken(monkeypatch):\n"
+        "    def synchronize(device=None):\n"
+        "        raise RuntimeError('CUDA error: an illegal memory access was encountered\\nmore')\n"
+        "    monkeypatch.setattr(c, 'DEVICE', torch.device('cuda'))\n"
+        "    monkeypatch.setattr(torch.cuda, 'synchronize', synchronize)\n"
+        "    assert False\n"
+        "def test_after():\n"
+        "    pass\n"
+    )
+    proc = _pytest("-q", "-p", "benchmarks.conftest", str(tmp_path), cwd=tmp_path)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2 and "1 failed in" in out and "passed" not in out, out
+    assert "the CUDA context is broken after test_x.py::test_broken (CUDA error: an illegal memory access" in out
+    assert "FAILED test_x.py::test_broken" in out  # (its failure reported before the session stops)
+    # in a queue, that process stops alone: it gives back the test it took, which the next process runs
+    queue = tmp_path / "queue"
+    queue.mkdir()
+    first = _queued(tmp_path, queue, "-p", "benchmarks.conftest")
+    assert first.returncode == 2 and "1 failed" in first.stdout, first.stdout + first.stderr
+    assert not (queue / pytest_queue.STOP).exists()
+    second = _queued(tmp_path, queue, "-p", "benchmarks.conftest")
+    assert second.returncode == 0 and "1 passed" in second.stdout, second.stdout + second.stderr
+    assert pytest_queue.unfinished(queue) == []
 
 
 @pytest.mark.parametrize("M", [2, 40])  # decode, prefill
