@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tied_lora_kernels.bench import _headline, _write_markdown, choice_rows, load, main, target_rows
+from tied_lora_kernels.bench import _headline, _summary_tables, _write_markdown, choice_rows, load, main, target_rows
 
 RESULTS = sorted((Path(__file__).parent.parent / "benchmarks" / "results").glob("cpu-*.json"))
 
@@ -58,6 +58,10 @@ def test_targets_table_reads_each_target_against_its_bound():
     assert rows[0][7:] == ["1.1 MISS (eager)", "0/1 met"]
     headers, rows = target_rows(floors + failed[:1])  # one decode M of two, eager: both said
     assert rows[0][7:] == ["1.01 (1 of 2 M) (eager)", "0/0 met"]
+    # its title names the GPU the ratios come from (the targets are an H100's; a run may land on an H200)
+    h200 = [dict(r, device_name="NVIDIA H200") for r in floors + ours]
+    titles = [title for title, _, _ in _summary_tables(h200, "median")]
+    assert any(t.startswith("targets (issue 3, set for an H100) on NVIDIA H200 at K = N") for t in titles), titles
 
 
 def test_an_eager_floor_gives_no_ratios_and_the_markdown_says_so(tmp_path):

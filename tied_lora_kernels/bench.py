@@ -372,7 +372,12 @@ def _summary_tables(records, stat, wide=True):
         yield from _headline(records, stat, provs)
         headers, rows = target_rows(records, stat)
         if rows:
-            title = f"targets (issue 3) at K = N = {TARGET_K}: M = {TARGET_M}, decode = worst M <= {DECODE_MAX_M}"
+            # (the targets are set for an H100; a run may land on another GPU, an H200 for one)
+            devices = ", ".join(sorted({r["device_name"] for r in records if r.get("kind") == "linear"}))
+            title = (
+                f"targets (issue 3, set for an H100) on {devices} at K = N = {TARGET_K}: M = {TARGET_M}, "
+                f"decode = worst M <= {DECODE_MAX_M}"
+            )
             yield title, headers, rows
         headers, rows = choice_rows(records, stat)
         if rows:
