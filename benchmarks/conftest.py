@@ -16,8 +16,9 @@
 - A CUDA test that fails and leaves the process's CUDA context broken (an illegal memory access is sticky: every
   later test would fail, the baselines too) ends the session after it (exit code 2, the JSON written); in
   gpu_check.sh's parallel warm-up the other processes carry on.
-- ``BENCH_FAILED_LOG=<file>``: each failed test's id is appended to it (gpu_check.sh deselects the warm-up's
-  failures from the timed runs).
+- ``BENCH_BROKEN_LOG=<file>``: the id of each test after which the CUDA context was broken is appended to it
+  (gpu_check.sh's timed runs leave out those of its warm-up; other failures, an out-of-memory among its parallel
+  processes say, are timed again).
 """
 
 from __future__ import annotations
@@ -101,10 +102,6 @@ def pytest_runtest_makereport(item, call):
     report = outcome.get_result()
     if not report.failed or call.when == "teardown":
         return
-    failed_log = os.environ.get("BENCH_FAILED_LOG")
-    if failed_log:
-        with open(failed_log, "a") as f:
-            f.write(item.nodeid + "\n")
     if DEVICE.type == "cuda":
         try:
             torch.cuda.synchronize(DEVICE)
@@ -113,6 +110,10 @@ def pytest_runtest_makereport(item, call):
             # stops this one only (pytest_queue.PROCESS_ONLY)
             item.session.shouldstop = f"the CUDA context is broken after {item.nodeid} ({str(e).splitlines()[0]})"
             setattr(item.session, pytest_queue.PROCESS_ONLY, True)
+            broken_log = os.environ.get("BENCH_BROKEN_LOG")
+            if broken_log:
+                with open(broken_log, "a") as f:
+                    f.write(item.nodeid + "\n")
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):
