@@ -4,7 +4,8 @@ Modes: ``forward`` (inference, under no_grad; the only mode at decode M <= 16), 
 backward of a training step alone; its forward runs untimed before each round), ``fwd+bwd`` (frozen
 base, trainable adapter, ``x`` requires grad as inside a network). Each result's ``extra_info`` carries
 provider, shape, tokens, FLOPs, bytes, memory, dtype, device and versions, so ``python -m
-tied_lora_kernels bench`` can read it as TFLOP/s, GB/s and a ratio to ``nn.Linear``.
+tied_lora_kernels bench`` can read it as TFLOP/s, GB/s and a ratio to ``nn.Linear``; on CUDA at the targets'
+K = N = 4096 also the SM clock and throttle reasons right after the timed rounds (``timing.gpu_clocks``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 from benchmarks import providers, timing
 from benchmarks.conftest import DEVICE
 from benchmarks.shapes import DECODE_MAX_M, flops, linear_cases, min_bytes
+from tied_lora_kernels.bench import TARGET_K
 
 CASES = {case.id: case for case in linear_cases(DEVICE.type)}
 
@@ -86,6 +88,9 @@ def test_linear(benchmark, provider: str, case_id: str):
 
     benchmark.group = f"{shape.name} {str(dtype).removeprefix('torch.')} {mode} M={M}"  # read by run()
     how, floor_s = timing.run(benchmark, fn, setup, DEVICE, graph=graph, paired=paired, calls=copies)
+    # the SM clock right after the timed rounds, at the targets' shape (nvidia-smi, ~30 ms a call)
+    at_target = shape.K == shape.N == TARGET_K and not benchmark.disabled
+    clocks = timing.gpu_clocks(DEVICE) if at_target else {}
     one_setup, one_fn = _mode_fns(single, x, dy, mode)
     peak = timing.cuda_peak_bytes(one_fn, one_setup, DEVICE)  # one projection's
 
@@ -109,5 +114,6 @@ def test_linear(benchmark, provider: str, case_id: str):
         weight_copies=copies,
         paired_floor=floor_s,
         tier="slow" if case.slow else "default",
+        **clocks,
         **timing.device_info(DEVICE.type),
     )

@@ -20,13 +20,14 @@ import importlib.metadata
 import math
 import platform
 import statistics
+import subprocess
 import time
 from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor
 
-__all__ = ["run", "weight_copies", "saved_bytes", "cuda_peak_bytes", "device_info"]
+__all__ = ["run", "weight_copies", "saved_bytes", "cuda_peak_bytes", "device_info", "gpu_clocks"]
 
 CPU_TARGET_S = 0.25  # time spent measuring one CPU case
 CUDA_TARGET_S = 0.10  # time spent measuring one CUDA case
@@ -249,6 +250,23 @@ def device_info(device_type: str) -> dict:
         info["device_name"] = _cpu_name()
         info["threads"] = torch.get_num_threads()
     return info
+
+
+def gpu_clocks(device: torch.device) -> dict:
+    """CUDA: the SM clock (MHz) and the active throttle reasons (a bit mask, 0x0 for none) right after a case's
+    timed rounds, from ``nvidia-smi`` (the GPU of ``device``'s index, 0 by default: one-GPU machines); empty
+    elsewhere, or where it is missing, slow or unreadable. Nothing is pinned (the machine's clocks are left as
+    they are): a ratio near a target's bound can be a clock's drift between nn.Linear's case and ours."""
+    if device.type != "cuda":
+        return {}
+    query = "--query-gpu=clocks.sm,clocks_throttle_reasons.active"
+    cmd = ["nvidia-smi", f"--id={device.index or 0}", query, "--format=csv,noheader,nounits"]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=2).stdout
+        clock, reasons = (field.strip() for field in out.strip().split(","))
+        return {"sm_clock_mhz": int(clock), "throttle_reasons": reasons}
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return {}
 
 
 def _cpu_name() -> str:

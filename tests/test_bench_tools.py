@@ -278,6 +278,31 @@ def test_parity_margins_records_each_comparison_and_keeps_the_check(tmp_path):
     assert done.returncode == 0 and "2 comparisons" in done.stdout and "(1 unreadable line skipped)" in done.stdout
 
 
+def test_gpu_clocks_reads_nvidia_smi_and_never_fails(monkeypatch):
+    """``timing.gpu_clocks`` (each CUDA case at the targets' shape records the SM clock after its timed rounds):
+    nvidia-smi's CSV parsed; empty on CPU, and where nvidia-smi is missing, hangs or prints something else."""
+    calls = []
+
+    def fake(out=None, error=None):
+        def run(cmd, **kwargs):
+            calls.append(cmd)
+            if error:
+                raise error
+            return subprocess.CompletedProcess(cmd, 0, stdout=out, stderr="")
+
+        return run
+
+    cuda = torch.device("cuda", 1)
+    assert timing.gpu_clocks(torch.device("cpu")) == {}
+    monkeypatch.setattr(subprocess, "run", fake("1755, 0x0000000000000004\n"))
+    assert timing.gpu_clocks(cuda) == {"sm_clock_mhz": 1755, "throttle_reasons": "0x0000000000000004"}
+    assert calls[-1][:2] == ["nvidia-smi", "--id=1"]
+    for broken in (fake(error=FileNotFoundError()), fake(error=subprocess.TimeoutExpired("nvidia-smi", 2)),
+                   fake("[N/A], [N/A]\n"), fake("")):  # fmt: skip
+        monkeypatch.setattr(subprocess, "run", broken)
+        assert timing.gpu_clocks(cuda) == {}
+
+
 def test_a_benchmark_that_breaks_the_cuda_context_stops_its_process_only(tmp_path):
     """benchmarks/conftest.py: a failure after which the CUDA context is broken (an illegal memory access is sticky:
     every later case would fail, the baselines too) stops the session once the failure is reported, and
