@@ -200,13 +200,26 @@ def test_same_seed_same_result_and_fresh_draws():
 @pytest.mark.parametrize("x_grad", [True, False])
 def test_mask_kept_only_for_dx_and_da(x_grad):
     """The bits are kept for a backward that computes dx or dA (their readers) and only then: VeRA (A frozen)
-    keeps them while x needs a gradient, and keeps nothing but T without."""
+    keeps them while x needs a gradient, and keeps nothing but T without; TL6 (A trains) keeps x and them either
+    way."""
     from tests.test_kernels_memory import saved_activation_bytes
 
     x, params = make_inputs("vera", M=33, K=40, N=24, R=4, dtype=torch.bfloat16)
     x.requires_grad_(x_grad)
     nbytes, saved = saved_activation_bytes(x, params, dropout=0.3)
     assert nbytes == 4 * 33 * 4 + (33 * 5 if x_grad else 0), saved  # T in fp32, then the bits [33, ceil(40/8)]
+    x, params = make_inputs("tl6", M=33, K=40, N=24, R=4, dtype=torch.bfloat16)
+    x.requires_grad_(x_grad)
+    nbytes, saved = saved_activation_bytes(x, params, dropout=0.3)
+    assert nbytes == 4 * 33 * 4 + 33 * 40 * 2 + 33 * 5, saved  # T, x (bf16) and the bits
+
+
+@pytest.mark.parametrize("config", ["lora", "tl6", "full"])
+def test_frozen_input_with_a_trained_a(config):
+    """The first adapted layer of a frozen model (x needs no gradient) with A trained: dA still reads the mask
+    (``m ⊙ x``, scaled by ``1/(1-p)``), kept for it alone, where no dx kernel asks for it."""
+    x, params = make_inputs(config, M=37, K=40, N=24, R=4, dtype=torch.float32, bias=config != "lora")
+    check_dropout_parity(x.detach(), params, 0.3)
 
 
 def test_no_grad_forward_keeps_no_mask(monkeypatch):

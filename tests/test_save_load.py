@@ -388,7 +388,9 @@ def test_a_wrapper_saves_the_modules_its_adapted_part_trains_in_full(tmp_path):
 def test_load_refuses_other_layouts(tmp_path):
     model = apply_tied_lora(tiny_llama(), TiedLoRAConfig(rank=4, preset="tl6"))
     save_tied_lora(model, tmp_path)
-    for config in (TiedLoRAConfig(rank=4, groups=()), TiedLoRAConfig(rank=4, tie=False)):
+    # (the last: the group's projections in another order, every shape and tie alike, q's rows of B elsewhere)
+    reordered = TiedLoRAConfig(rank=4, preset="tl6", groups=(("v_proj", "k_proj", "q_proj"),))
+    for config in (TiedLoRAConfig(rank=4, groups=()), TiedLoRAConfig(rank=4, tie=False), reordered):
         with pytest.raises(ValueError, match="does not fit this model"):
             load_tied_lora(apply_tied_lora(tiny_llama(), config), tmp_path)
     deeper = tiny_llama(num_hidden_layers=3)
