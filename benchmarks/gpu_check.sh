@@ -19,10 +19,11 @@
 # (benchmarks/parallel_pytest.py; benchmarks/count_specialisations.py estimates on a CPU how long the parity
 # phase compiles); the timed benchmarks then run alone, from a warm triton and inductor
 # cache, with BENCH_TIME_BUDGET_S so they skip what is left and still write their JSON.
-# GPU_CHECK_BENCH_ARGS (e.g. "-k llama3") is passed to every benchmark run; GPU_CHECK_ONLY="bench-linear
-# report" runs only the phases it names (a short rerun); GPU_CHECK_SANITIZE=1 (or GPU_CHECK_ONLY="sanitize")
-# adds a compute-sanitizer memcheck of the kernel tests; GPU_CHECK_COMPILE=1 (or GPU_CHECK_ONLY="compile-check")
-# the ahead-of-time compile check of this GPU's family (the CPU machine compiles the same with the same ptxas).
+# GPU_CHECK_BENCH_ARGS (e.g. "-k llama3", split as a shell would: "-k 'llama3 and M16'") is passed to every
+# benchmark run; GPU_CHECK_ONLY="bench-linear report" runs only the phases it names (a short rerun);
+# GPU_CHECK_SANITIZE=1 (or GPU_CHECK_ONLY="sanitize") adds a compute-sanitizer memcheck of the kernel tests;
+# GPU_CHECK_COMPILE=1 (or GPU_CHECK_ONLY="compile-check") the ahead-of-time compile check of this GPU's family (the
+# CPU machine compiles the same rows with the same ptxas).
 set -euo pipefail
 T0=$(date +%s)
 DEADLINE_S="${GPU_CHECK_DEADLINE_S:-570}"
@@ -49,6 +50,13 @@ finish() {
 
 # the GPU image's interpreter is python3 (a plain "python" may not exist there)
 PY="${PYTHON:-$(command -v python3 || echo python)}"
+# GPU_CHECK_BENCH_ARGS split as a shell would (quotes kept together); a quote left open stops the check here
+BENCH_ARGS=()
+if [ -n "${GPU_CHECK_BENCH_ARGS:-}" ]; then
+    "$PY" -c 'import os, shlex, sys; sys.stdout.write("\0".join(shlex.split(os.environ["GPU_CHECK_BENCH_ARGS"])))' \
+        >"$WORK/bench_args"
+    mapfile -d '' -t BENCH_ARGS <"$WORK/bench_args"
+fi
 STATUS=()
 FAILED=0
 
@@ -110,8 +118,9 @@ echo "commit: ${GPU_CHECK_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo "unkn
 # clocks, power and throttling, before and after the timed runs (a ratio near a bound can be a clock's drift)
 gpu_state() {
     echo "--- GPU state ($1):"
-    timeout 10 nvidia-smi --query-gpu=name,driver_version,compute_mode,power.limit,power.draw,temperature.gpu,clocks.sm,clocks.max.sm,clocks.mem,clocks_throttle_reasons.active \
-        --format=csv 2>&1 || echo "nvidia-smi: not available"
+    local query=name,driver_version,compute_mode,power.limit,power.draw,temperature.gpu
+    query+=,clocks.sm,clocks.max.sm,clocks.mem,clocks_throttle_reasons.active
+    timeout 10 nvidia-smi --query-gpu="$query" --format=csv 2>&1 || echo "nvidia-smi: not available"
 }
 
 ENV_PY='
@@ -170,24 +179,26 @@ PARITY_MARGINS="$MARGINS" TORCHINDUCTOR_COMPILE_THREADS=1 phase parity 170 "${PA
 BROKEN="$WORK/broken.txt"
 : >"$BROKEN"
 BENCH_BROKEN_LOG="$BROKEN" TORCHINDUCTOR_COMPILE_THREADS=1 phase bench-warmup 75 "${PARALLEL[@]}" benchmarks -q \
-    -p no:cacheprovider --benchmark-disable ${GPU_CHECK_BENCH_ARGS:-}
+    -p no:cacheprovider --benchmark-disable ${BENCH_ARGS[@]+"${BENCH_ARGS[@]}"}
 DESELECT=()
 while read -r id; do [ -z "$id" ] || DESELECT+=(--deselect "$id"); done <"$BROKEN"
-[ "${#DESELECT[@]}" -eq 0 ] || echo "=== left out of the timed runs (the CUDA context broke after them): $(tr '\n' ' ' <"$BROKEN")"
+if [ "${#DESELECT[@]}" -gt 0 ]; then
+    echo "=== left out of the timed runs (the CUDA context broke after them): $(tr '\n' ' ' <"$BROKEN")"
+fi
 
 BENCH_TIME_BUDGET_S=105 phase bench-linear 135 "$PY" -m pytest benchmarks/test_bench_linear.py -q \
     -p no:cacheprovider --benchmark-json="$OUT_DIR/bench_linear.json" --benchmark-columns=min,median,rounds \
-    ${DESELECT[@]+"${DESELECT[@]}"} ${GPU_CHECK_BENCH_ARGS:-}
+    ${DESELECT[@]+"${DESELECT[@]}"} ${BENCH_ARGS[@]+"${BENCH_ARGS[@]}"}
 gpu_state "after bench-linear"
 
 BENCH_TIME_BUDGET_S=35 phase bench-e2e 45 "$PY" -m pytest benchmarks/test_bench_e2e.py -q \
     -p no:cacheprovider --benchmark-json="$OUT_DIR/bench_e2e.json" --benchmark-columns=min,median,rounds \
-    ${DESELECT[@]+"${DESELECT[@]}"} ${GPU_CHECK_BENCH_ARGS:-}
+    ${DESELECT[@]+"${DESELECT[@]}"} ${BENCH_ARGS[@]+"${BENCH_ARGS[@]}"}
 
 # eager decode (no CUDA graph): the host launch path per projection, ours against nn.Linear and PEFT
 BENCH_TIME_BUDGET_S=15 phase bench-eager 25 "$PY" -m pytest benchmarks/test_bench_eager.py -q \
     -p no:cacheprovider --benchmark-json="$OUT_DIR/bench_eager.json" --benchmark-columns=min,median,rounds \
-    ${DESELECT[@]+"${DESELECT[@]}"} ${GPU_CHECK_BENCH_ARGS:-}
+    ${DESELECT[@]+"${DESELECT[@]}"} ${BENCH_ARGS[@]+"${BENCH_ARGS[@]}"}
 
 # opt-in (GPU_CHECK_COMPILE=1, or GPU_CHECK_ONLY="compile-check"): the CPU machine compiles the same rows with
 # the same triton and ptxas; here it would cost 40 s of the deadline
