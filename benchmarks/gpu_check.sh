@@ -4,15 +4,16 @@
 #
 #     bash benchmarks/gpu_check.sh OUT_DIR        # or: OUT=OUT_DIR bash benchmarks/gpu_check.sh
 #
-# Writes 7 files, OUT_DIR/gpu_check.log (everything printed), parity_margins.jsonl, bench_linear.json,
-# bench_e2e.json, bench_eager.json, bench.md and ptxas_probe.json (the device tool brings back at most 8 files; the
-# plot is drawn later from the JSON: python -m tied_lora_kernels.bench --json ... --plot F). Each phase runs under
-# `timeout`, so one that hangs or runs long costs its limit and no more, and within GPU_CHECK_DEADLINE_S (default
-# 570 s) of the start: a phase gets at most the time left before it less 50 s (the summary's 40 s and 10 s of
-# grace), and is skipped with under 15 s. The limits add up to 510 s before the summary (up to 40 s) and 45 s
-# after it (on a Hopper GPU, the ptxas probe); a warm run takes far less; the CPU dry run, GPU_CHECK_PROCS=2, ~6
-# minutes. Give it a tool time limit of at least the deadline plus 20 s (a killed phase's grace), e.g. `run` with
-# timeout_s 595, and GPU_CHECK_COMMIT=<hash> (the copied tree may have no .git): the log names the code it ran.
+# Writes 7 files (8 with the opt-in compile check), OUT_DIR/gpu_check.log (everything printed), parity_margins.jsonl,
+# bench_linear.json, bench_e2e.json, bench_eager.json, bench.md and ptxas_probe.json (the device tool brings back at
+# most 8 files; the plot is drawn later from the JSON: python -m tied_lora_kernels.bench --json ... --plot F). Each
+# phase runs under `timeout`, so one that hangs or runs long costs its limit and no more, and within
+# GPU_CHECK_DEADLINE_S (default 570 s) of the start: a phase gets at most the time left before it less 50 s (the
+# summary's 40 s and 10 s of grace), and is skipped with under 15 s. The limits add up to 510 s before the summary (up
+# to 40 s) and 45 s after it (on a Hopper GPU, the ptxas probe); a warm run takes far less; the CPU dry run,
+# GPU_CHECK_PROCS=2, ~6 minutes. Give it a tool time limit of at least the deadline plus 20 s (a killed phase's grace),
+# e.g. `run` with timeout_s 595, and GPU_CHECK_COMMIT=<hash> (the copied tree may have no .git): the log names the code
+# it ran.
 # A cold run JIT-compiles about a thousand kernel specialisations, about a second each on one core, so the
 # parity tests and an untimed warm-up of every benchmark case run as GPU_CHECK_PROCS parallel pytest
 # processes (default one per core, at most 16) taking the tests from a shared queue
@@ -160,9 +161,9 @@ PARALLEL=("$PY" -m benchmarks.parallel_pytest ${GPU_CHECK_PROCS:+-n "$GPU_CHECK_
 
 # the kernel tests on the GPU (torch.compile's custom-op path included) and the check that the benchmark's fused
 # providers compute what the torch provider does, fail fast (--maxfail=3: the first process with three failures
-# stops every process, so a first run on hardware shows a pattern, not one failure); the
-# ahead-of-time compile test is left to the compile-check phase below. parity_margins.jsonl gets each comparison's
-# error / bound (benchmarks/parity_margins.py): how close the GPU's rounding comes to the tests' bounds
+# stops every process, so a first run on hardware shows a pattern, not one failure); the ahead-of-time compile
+# test is left to the CPU machine's CI (and the opt-in compile-check phase). parity_margins.jsonl gets each
+# comparison's error / bound (benchmarks/parity_margins.py): how close the GPU's rounding comes to the tests' bounds
 MARGINS="$OUT_DIR/parity_margins.jsonl"
 rm -f "$MARGINS"
 PARITY_MARGINS="$MARGINS" TORCHINDUCTOR_COMPILE_THREADS=1 phase parity 170 "${PARALLEL[@]}" \
@@ -185,20 +186,21 @@ while read -r id; do [ -z "$id" ] || DESELECT+=(--deselect "$id"); done <"$BROKE
 if [ "${#DESELECT[@]}" -gt 0 ]; then
     echo "=== left out of the timed runs (the CUDA context broke after them): $(tr '\n' ' ' <"$BROKEN")"
 fi
+TIMED_ARGS=(${DESELECT[@]+"${DESELECT[@]}"} ${BENCH_ARGS[@]+"${BENCH_ARGS[@]}"}) # every timed benchmark run's
 
 BENCH_TIME_BUDGET_S=105 phase bench-linear 135 "$PY" -m pytest benchmarks/test_bench_linear.py -q \
     -p no:cacheprovider --benchmark-json="$OUT_DIR/bench_linear.json" --benchmark-columns=min,median,rounds \
-    ${DESELECT[@]+"${DESELECT[@]}"} ${BENCH_ARGS[@]+"${BENCH_ARGS[@]}"}
+    ${TIMED_ARGS[@]+"${TIMED_ARGS[@]}"}
 gpu_state "after bench-linear"
 
 BENCH_TIME_BUDGET_S=35 phase bench-e2e 45 "$PY" -m pytest benchmarks/test_bench_e2e.py -q \
     -p no:cacheprovider --benchmark-json="$OUT_DIR/bench_e2e.json" --benchmark-columns=min,median,rounds \
-    ${DESELECT[@]+"${DESELECT[@]}"} ${BENCH_ARGS[@]+"${BENCH_ARGS[@]}"}
+    ${TIMED_ARGS[@]+"${TIMED_ARGS[@]}"}
 
 # eager decode (no CUDA graph): the host launch path per projection, ours against nn.Linear and PEFT
 BENCH_TIME_BUDGET_S=15 phase bench-eager 25 "$PY" -m pytest benchmarks/test_bench_eager.py -q \
     -p no:cacheprovider --benchmark-json="$OUT_DIR/bench_eager.json" --benchmark-columns=min,median,rounds \
-    ${DESELECT[@]+"${DESELECT[@]}"} ${BENCH_ARGS[@]+"${BENCH_ARGS[@]}"}
+    ${TIMED_ARGS[@]+"${TIMED_ARGS[@]}"}
 
 # opt-in (GPU_CHECK_COMPILE=1, or GPU_CHECK_ONLY="compile-check"): the CPU machine compiles the same rows with
 # the same triton and ptxas; here it would cost 40 s of the deadline
