@@ -389,8 +389,8 @@ def test_int64_offsets():
 # (x, dy, and W's rows at prefill and decode), of the shrink and of the reductions over tokens; the column
 # offsets of the reductions (a column-major x); a split-K slice's start (dx at decode over W's rows); K steps
 # that pass 2³¹ (a column-major x and dy: copied to row-major by configs.narrow_k_steps, see there). The
-# offsets of prepare.py and of the split-K sum index [N, R] and [SPLIT, M ≤ 16, N] buffers: int64 there is
-# defensive only, these cannot reach 2³¹.
+# offsets of prepare.py and of the split-K sum index [R, K], [N, R] and [SPLIT, M ≤ 16, N] buffers: int64 there
+# is defensive only, these do not reach 2³¹ in real layers (prepare.py's bounds: test_prepare_bounds_past_int32).
 _INT64_STRIDE = 2**24 + 2**20  # rows (columns) 121 and up start past 2³¹; BLOCK_K × stride < 2³¹, as for real layers
 _INT64_DECODE_STRIDE = 150_000_000  # decode (M = 16): x's row 15 starts past 2³¹
 _LONG_K_STEPS_STRIDE = 2**26 + 64  # a stride along K that 32 K steps (the shortest tiles' BLOCK_K) take past 2³¹

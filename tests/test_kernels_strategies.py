@@ -23,7 +23,7 @@ from tests.conftest import DEVICE
 from tests.helpers import GridSpy, assert_close_to_reference
 from tests.test_kernels_parity import CONFIGS, check_parity, grads_of, make_inputs
 from tied_lora_kernels.functional import tied_lora_linear
-from tied_lora_kernels.kernels import backward, configs, forward, function
+from tied_lora_kernels.kernels import backward, configs, forward, function, prepare
 from tied_lora_kernels.kernels.forward import fused_lora_mm
 from tied_lora_kernels.kernels.prepare import prepare_adapters
 from tied_lora_kernels.kernels.shrink import shrink
@@ -155,6 +155,24 @@ def test_prepare_zeroes_the_padding_of_sv_B(monkeypatch, R):
         _, svB = prepare_adapters(A.to(DEVICE), B.to(DEVICE), v.to(DEVICE), 0.5, dtype, cast_a=False)
         rows = svB.as_strided((48, svB.stride(0)), (svB.stride(0), 1))  # the padded storage
         assert torch.equal(rows[:, :R], svB) and not rows[:, R:].isnan().any() and not rows[:, R:].any()
+
+
+def test_prepare_bounds_past_int32():
+    # the first program of a launch over R·K or N·R ≥ 2³¹ elements writes its block: the bounds, passed by the
+    # launcher (int64 past 2³¹), do not wrap (computed as int32 products in the kernel, R·K = 2³¹ gave an empty mask:
+    # nothing written). Called on one block with stride-0 rows, so that A [128, 2²⁴] and B [2²⁴, 128] cost a row of
+    # memory each; the outputs hold that block only
+    R, K, N, block = 128, 2**24, 2**24, prepare.PREPARE_BLOCK
+    assert R * K >= 2**31 and N * R >= 2**31
+    g = torch.Generator().manual_seed(3)
+    a_row, b_row = torch.randn(K, generator=g).to(DEVICE), torch.randn(R, generator=g).to(DEVICE)
+    A, B = a_row.as_strided((R, K), (0, 1)), b_row.as_strided((N, R), (0, 1))
+    v = torch.randn(block // R, generator=g).to(DEVICE)  # the block's rows of v
+    a_out, b_out = (torch.full((block,), float("nan"), device=DEVICE) for _ in range(2))
+    prepare._prepare_kernel[(1,)](A, B, v, a_out, b_out, R, K, R * K, N * R, *A.stride(), *B.stride(), R, 0.5,
+                                  CAST_A=True, HAS_V=True, UPCAST=False, BLOCK=block)  # fmt: skip
+    assert torch.equal(a_out, a_row[:block])
+    assert torch.equal(b_out.view(-1, R), b_row * (0.5 * v[:, None]))
 
 
 @pytest.mark.parametrize("M", [4, 40], ids=["decode", "prefill"])

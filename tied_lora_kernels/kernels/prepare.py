@@ -45,7 +45,8 @@ def _prepare_kernel(
     # sizes
     R,
     K,
-    N,
+    size_a,
+    size_b,
     # strides
     stride_ar,
     stride_ak,
@@ -62,14 +63,16 @@ def _prepare_kernel(
 ):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     DTYPE = b_out_ptr.dtype.element_ty
+    # the bounds R·K and N·stride_bon come from the host: an int32 product here would wrap at 2³¹ (the JIT passes a
+    # size past 2³¹ as int64)
     if CAST_A:  # a_out = A.to(dtype), contiguous [R, K]
-        mask_a = offs < R * K
+        mask_a = offs < size_a
         a = tl.load(a_ptr + (offs // K) * stride_ar + (offs % K) * stride_ak, mask=mask_a, other=0.0)
         tl.store(a_out_ptr + offs, as_operand(a.to(tl.float32), DTYPE, UPCAST), mask=mask_a)
     # b_out = s·v ⊙ B: (s·v) first, then the product, both in fp32, rounded once (torch's order); over the padded
     # rows (stride_bon wide), the padding columns R.. set to zero
     n, r = offs // stride_bon, offs % stride_bon
-    mask_b = offs < N * stride_bon
+    mask_b = offs < size_b
     mask_r = mask_b & (r < R)
     b = tl.load(b_ptr + n * stride_bn + r * stride_br, mask=mask_r, other=0.0).to(tl.float32)
     if HAS_V:
@@ -103,7 +106,8 @@ def prepare_adapters(
         b_out,
         R,
         K,
-        N,
+        R * K,
+        padded.numel(),
         A.stride(0),
         A.stride(1),
         B.stride(0),
