@@ -159,8 +159,8 @@ gpu_state "at the start"
 
 PARALLEL=("$PY" -m benchmarks.parallel_pytest ${GPU_CHECK_PROCS:+-n "$GPU_CHECK_PROCS"} --)
 
-# the kernel tests on the GPU (torch.compile's custom-op path included) and the check that the benchmark's fused
-# providers compute what the torch provider does, fail fast (--maxfail=3: the first process with three failures
+# the kernel tests on the GPU (torch.compile's custom-op path included), the check that the benchmark's fused
+# providers compute what the torch provider does and that the launches they record are what ran, fail fast (--maxfail=3: the first process with three failures
 # stops every process, so a first run on hardware shows a pattern, not one failure); the ahead-of-time compile
 # test is left to the CPU machine's CI (and the opt-in compile-check phase). parity_margins.jsonl gets each
 # comparison's error / bound (benchmarks/parity_margins.py): how close the GPU's rounding comes to the tests' bounds
@@ -171,6 +171,7 @@ PARITY_MARGINS="$MARGINS" TORCHINDUCTOR_COMPILE_THREADS=1 phase parity 170 "${PA
     tests/test_kernels_memory.py tests/test_kernels_strategies.py tests/test_kernels_split_rank.py \
     tests/test_kernels_launches.py tests/test_torch_compile.py tests/test_kernels_dropout.py tests/test_cuda_graphs.py \
     "tests/test_bench_tools.py::test_the_fused_providers_compute_what_the_torch_provider_computes" \
+    "tests/test_bench_tools.py::test_kernel_launches_record_the_strategy_split_and_sum_that_ran" \
     --maxfail=3 -q -p no:cacheprovider
 
 # every benchmark case once, untimed, in parallel: fills the triton and inductor caches for the timed runs.

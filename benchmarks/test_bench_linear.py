@@ -5,7 +5,9 @@ backward of a training step alone; its forward runs untimed before each round), 
 base, trainable adapter, ``x`` requires grad as inside a network). Each result's ``extra_info`` carries
 provider, shape, tokens, FLOPs, bytes, memory, dtype, device and versions, so ``python -m
 tied_lora_kernels bench`` can read it as TFLOP/s, GB/s and a ratio to ``nn.Linear``; on CUDA at the targets'
-K = N = 4096 also the SM clock and throttle reasons right after the timed rounds (``timing.gpu_clocks``).
+K = N = 4096 also the SM clock and throttle reasons right after the timed rounds (``timing.gpu_clocks``). The fused
+providers' also carry the triton kernels one projection launched (``launches``, and ``plan`` in a line:
+``timing.kernel_launches``), which the report checks its strategy, loads and split-K comparisons against.
 """
 
 from __future__ import annotations
@@ -93,6 +95,9 @@ def test_linear(benchmark, provider: str, case_id: str):
     clocks = timing.gpu_clocks(DEVICE) if at_target else {}
     one_setup, one_fn = _mode_fns(single, x, dy, mode)
     peak = timing.cuda_peak_bytes(one_fn, one_setup, DEVICE)  # one projection's
+    # the fused providers: the kernels one (untimed) projection launches, with their tiles and switches
+    ours = provider in providers.TRITON_FORCED or provider == "triton-dropout"
+    launches = timing.kernel_launches(one_fn, one_setup) if ours and not benchmark.disabled else None
 
     benchmark.extra_info.update(
         kind="linear",
@@ -113,6 +118,8 @@ def test_linear(benchmark, provider: str, case_id: str):
         timing=how,
         weight_copies=copies,
         paired_floor=floor_s,
+        launches=launches,
+        plan=timing.plan_of(launches) if launches is not None else None,
         tier="slow" if case.slow else "default",
         **clocks,
         **timing.device_info(DEVICE.type),

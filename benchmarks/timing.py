@@ -11,10 +11,13 @@
   times and read the same as CPU results.
 - Memory: bytes saved for backward (saved-tensor hooks, unique storages, parameters and buffers excluded),
   on any device; on CUDA also the peak allocated above what was live before the call.
+- What ran: the triton kernels one untimed call launches, with their grids, tiles and switches
+  (``kernel_launches``), so that a time can be read against the strategy, loads and split it measured.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.metadata
 import math
@@ -27,7 +30,9 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import Tensor
 
-__all__ = ["run", "weight_copies", "saved_bytes", "cuda_peak_bytes", "device_info", "gpu_clocks"]
+__all__ = [
+    "run", "weight_copies", "saved_bytes", "cuda_peak_bytes", "kernel_launches", "plan_of", "device_info", "gpu_clocks",
+]  # fmt: skip
 
 CPU_TARGET_S = 0.25  # time spent measuring one CPU case
 CUDA_TARGET_S = 0.10  # time spent measuring one CUDA case
@@ -223,6 +228,70 @@ def cuda_peak_bytes(fn: Callable[[], object], setup: Callable[[], object] | None
     fn()
     torch.cuda.synchronize(device)
     return torch.cuda.max_memory_allocated(device) - before
+
+
+LAUNCH_KEYS = (
+    "BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_R", "BLOCK_C", "num_warps", "num_stages",
+    "TMA", "SPLIT_K", "REDUCE", "RANK_APART", "LOAD_T", "WRITE_T", "USE_ATOMIC", "DROPOUT", "PRECISION",
+)  # fmt: skip
+"""The keyword arguments of a launch that ``kernel_launches`` keeps: tiles, warps and stages, and the switches
+that say which strategy (``LOAD_T``: two-pass), loads (``TMA``) and split-K sum (``SPLIT_K``, ``REDUCE``,
+``RANK_APART``) it ran."""
+
+
+def kernel_launches(fn: Callable[[], object], setup: Callable[[], object] | None = None) -> list[dict]:
+    """The triton kernels one ``fn()`` call launches (after ``setup()``, not recorded), in order: each as
+    ``{"kernel": name, "grid": [...], key: value}`` for the ``LAUNCH_KEYS`` it passed. Compiled kernels and the
+    interpreter's alike; the call runs as it would (a first call compiles)."""
+    from triton.runtime.jit import JITFunction
+
+    classes: list[type] = [JITFunction]
+    with contextlib.suppress(ImportError):
+        from triton.runtime.interpreter import InterpretedFunction
+
+        classes.append(InterpretedFunction)
+    launches: list[dict] = []
+
+    def recorded(original):
+        def run(self, *args, grid, warmup, **kwargs):
+            if not warmup:
+                fn_name = getattr(getattr(self, "fn", self), "__name__", "?")
+                shown = list(grid) if isinstance(grid, tuple | list) else "callable"
+                kept = {k: kwargs[k] for k in LAUNCH_KEYS if k in kwargs}
+                launches.append({"kernel": fn_name, "grid": shown, **kept})
+            return original(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+        return run
+
+    if setup:
+        setup()
+    patched = [(cls, vars(cls)["run"]) for cls in classes if "run" in vars(cls)]
+    for cls, original in patched:
+        cls.run = recorded(original)  # type: ignore[attr-defined]
+    try:
+        fn()
+    finally:
+        for cls, original in patched:
+            cls.run = original  # type: ignore[attr-defined]
+    return launches
+
+
+_PLAN_SWITCHES = ("TMA", "LOAD_T", "SPLIT_K", "REDUCE", "RANK_APART", "USE_ATOMIC", "DROPOUT")
+
+
+def plan_of(launches: list[dict]) -> str:
+    """``kernel_launches``' record in a line: each launch as ``name[tiles warps stages SWITCHES grid]``, e.g.
+    ``fused_lora_mm[M128 N256 K64 R16 w8 s3 TMA grid 64x1]`` (the tiles by their ``BLOCK_`` letter)."""
+    parts = []
+    for launch in launches:
+        name = launch["kernel"].strip("_").removesuffix("_kernel")
+        fields = [f"{k.removeprefix('BLOCK_')}{v}" for k, v in launch.items() if k.startswith("BLOCK_")]
+        fields += [f"{letter}{launch[k]}" for k, letter in (("num_warps", "w"), ("num_stages", "s")) if k in launch]
+        fields += [k for k in _PLAN_SWITCHES if launch.get(k)]
+        grid = launch["grid"]
+        fields.append("grid " + ("x".join(map(str, grid)) if isinstance(grid, list) else str(grid)))
+        parts.append(f"{name}[{' '.join(fields)}]")
+    return " · ".join(parts)
 
 
 def _version(dist: str) -> str | None:

@@ -135,6 +135,47 @@ def test_choice_table_compares_the_forced_providers():
     assert choice_rows(recs)[1][0][4:6] == [2, "0.949"]  # the geometric mean of 1.2 and 0.75
 
 
+def _launched(**switches):
+    return [{"kernel": "_prepare_kernel", "grid": [1]}, {"kernel": "_fused_lora_mm_kernel", "grid": [4, 1], **switches}]
+
+
+def test_choice_table_leaves_out_pairs_whose_launches_did_not_run_the_choice():
+    # the default's prefill without TMA (its operands could not be described), a decode that split no K: the times
+    # would compare two runs of the same kernels, and read as a tie or as noise
+    recs = [
+        _record("triton", "forward", 8192, 1.0, rank=64) | {"launches": _launched(TMA=False)},
+        _record("triton-ptr", "forward", 8192, 1.2, rank=64) | {"launches": _launched(TMA=False)},
+        _record("triton-1pass", "forward", 8192, 1.1, rank=64) | {"launches": _launched(LOAD_T=False)},
+        _record("triton-2pass", "forward", 8192, 0.99, rank=64) | {"launches": _launched(LOAD_T=True)},
+        _record("triton", "forward", 1, 1.0, rank=8) | {"launches": _launched(SPLIT_K=False, RANK_APART=False)},
+        _record("triton-1launch", "forward", 1, 0.8, rank=8) | {"launches": _launched(REDUCE=False)},
+        _record("triton-intile", "forward", 1, 1.25, rank=8) | {"launches": _launched(RANK_APART=False)},
+    ]
+    _, rows = choice_rows(recs)
+    assert rows == [
+        ["bfloat16", "prefill", 64, "forward", "1 (1 pairs left out)", "0.9", "two_pass", "-", "-", "-", "-"],
+    ]  # (the decode row: every pair left out, no column left)
+    recs[0]["launches"] = _launched(TMA=True)  # as the default runs on Hopper: the pair counts
+    recs[4]["launches"] = _launched(SPLIT_K=True, RANK_APART=True)
+    recs[5]["launches"] = _launched(SPLIT_K=True, REDUCE=True)
+    recs[6]["launches"] = _launched(SPLIT_K=True)
+    _, rows = choice_rows(recs)
+    assert [row[4:6] + row[7:10] for row in rows] == [[1, "-", "-", "0.8", "0.8"], [1, "0.9", "0.833", "-", "-"]]
+
+
+def test_markdown_lists_what_the_default_fused_provider_launched(tmp_path):
+    plan = "prepare[w4 grid 3] · fused_lora_mm[M128 N256 K64 R16 w8 s3 TMA grid 32x1]"
+    recs = [
+        _record("nn.Linear", "forward", 8192, 1.0),
+        _record("triton", "forward", 8192, 1.02) | {"plan": plan},
+        _record("triton-ptr", "forward", 8192, 1.1) | {"plan": "not the default's"},
+    ]
+    _write_markdown(recs, tmp_path / "report.md", "median", None)
+    text = (tmp_path / "report.md").read_text()
+    assert "## kernels launched by the default fused provider (triton) at K = N = 4096" in text
+    assert f"| llama2-7b.qkvo | bfloat16 | 16 | forward | 8192 | {plan} |" in text and "not the default's" not in text
+
+
 def test_choice_table_names_the_defaults_the_times_contradict():
     recs = [
         _record("triton-1pass", "forward", 8192, 1.0, rank=8),

@@ -369,6 +369,45 @@ def test_the_fused_providers_compute_what_the_torch_provider_computes(M):
             torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2 * scale, msg=lambda m, p=provider: f"{p}: {m}")
 
 
+def test_kernel_launches_record_the_strategy_split_and_sum_that_ran():
+    """The record the report checks its comparisons against (``bench._ran``): each launch of one call, in order,
+    with the switches that say which strategy (``LOAD_T``), split (``SPLIT_K``, the grid's second axis) and split-K
+    sum (``REDUCE``) ran; a setup's launches and those after the call are not recorded."""
+    from triton.runtime.jit import JITFunction
+
+    from tests.conftest import DEVICE
+    from tied_lora_kernels import kernels, tied_lora_linear
+    from tied_lora_kernels.kernels import configs
+
+    if DEVICE.type == "cpu" and not kernels.interpreting():
+        pytest.skip("the fused kernels need a GPU or triton's interpreter")
+    g = torch.Generator().manual_seed(0)  # bf16 (decode splits K in 16-bit only); K = 300 has steps for 3 slices
+    x, w = (torch.randn(*size, generator=g).to(DEVICE, torch.bfloat16) for size in ((40, 300), (48, 300)))
+    A, B = torch.randn(8, 300, generator=g).to(DEVICE), torch.randn(48, 8, generator=g).to(DEVICE)
+    u, v = torch.randn(8, generator=g).to(DEVICE), torch.randn(48, generator=g).to(DEVICE)
+
+    def call(M=40):
+        with torch.no_grad():
+            return tied_lora_linear(x[:M], w, None, A, B, u, v, backend="triton")
+
+    def launches(M, setup=None, **forced):
+        with configs.forced(**forced):
+            return timing.kernel_launches(lambda: call(M), setup)
+
+    run = vars(JITFunction)["run"]
+    one, two = launches(40, strategy="one_pass"), launches(40, setup=call, strategy="two_pass")
+    assert [launch["kernel"] for launch in one] == ["_prepare_kernel", "_fused_lora_mm_kernel"]
+    assert [launch["kernel"] for launch in two] == ["_prepare_kernel", "_shrink_kernel", "_fused_lora_mm_kernel"]
+    assert not one[-1]["LOAD_T"] and two[-1]["LOAD_T"] and not one[-1]["SPLIT_K"]
+    split = launches(2, split_k=3, reduce="kernel")  # decode: the GEMM alone, its slices summed in its launch
+    assert [launch["kernel"] for launch in split] == ["_fused_lora_mm_kernel"]
+    assert split[0]["SPLIT_K"] and split[0]["REDUCE"] and split[0]["grid"][1] == 3
+    assert vars(JITFunction)["run"] is run  # (put back)
+    plan = timing.plan_of(split)
+    assert plan.startswith("fused_lora_mm[M16 ") and plan.endswith(" SPLIT_K REDUCE grid 1x3]"), plan
+    assert timing.plan_of(two).startswith("prepare[w4 grid 3] · shrink[M")  # (A: 2,400 elements, 3 blocks)
+
+
 def test_the_ptxas_probe_runs_the_tests_under_the_ptxas_it_names(tmp_path, monkeypatch):
     """gpu_check's ptxas probe (``benchmarks/ptxas_probe.py``): its children assemble Hopper kernels with the ptxas it
     names, the guard (``kernels.hopper_ptxas``) off, and it reports the tests that were not exact. Here on the CPU

@@ -385,12 +385,30 @@ def _summary_tables(records, stat, wide=True):
             yield title, headers, rows
     if wide:
         yield from _memory_table(records)
+        headers, rows = plan_rows(records)
+        if rows:
+            yield f"kernels launched by the default fused provider (triton) at K = N = {TARGET_K}", headers, rows
     e2e = [r for r in records if r.get("kind") == "e2e"]
     if e2e:
         for title, h, rs in _e2e_tables(e2e, stat):
             yield "summary: " + title, h, rs
     for title, h, rs in _eager_tables(records, stat):
         yield "summary: " + title, h, rs
+
+
+def plan_rows(records):
+    """What one projection of the ``triton`` provider launched in each case at the targets' shape (its record's
+    ``plan``, ``benchmarks/timing.py``'s ``plan_of``): the strategy, tiles, loads and split its times measured."""
+    rows = [
+        [r["shape"], r["dtype"], r["rank"], r["mode"], r["M"], r["plan"]]
+        for r in records
+        if r.get("kind") == "linear"
+        and r["provider"] == "triton"
+        and r.get("plan")
+        and r.get("K") == r.get("N") == TARGET_K
+    ]
+    rows.sort(key=lambda row: (*row[:3], MODES.index(row[3]), row[4]))
+    return ["shape", "dtype", "rank", "mode", "M", "kernels launched"], rows
 
 
 def _memory_table(records):
@@ -484,13 +502,16 @@ def choice_rows(records, stat="median"):
     computed apart (the default, ``configs.split_rank``) over in every output tile (``triton-intile``; below 1:
     apart wins). Each cell is one shape, M and rank (ranks 8 and 16 share a rank tile). The last column names each
     default the row's times contradict by more than ``_NOISE`` (what to change in ``configs.py``: ``_STRATEGY``,
-    ``TMA_MAJORS``, ``DEFAULT_SPLIT_REDUCE``, ``DEFAULT_SPLIT_RANK``), "-" when none."""
+    ``TMA_MAJORS``, ``DEFAULT_SPLIT_REDUCE``, ``DEFAULT_SPLIT_RANK``), "-" when none. A pair is left out of a
+    column (and counted in "cases") when its recorded launches (``launches``, ``_ran``) show that a side did not
+    run what the column compares: the default's prefill without TMA loads (an operand TMA cannot describe), a
+    decode that split no K (nothing to sum in the kernel or to compute apart)."""
     times = defaultdict(dict)  # (dtype, regime, BLOCK_R, mode, device, shape, M, rank) -> provider -> time
     for r in records:
         if r.get("kind") == "linear" and r["provider"] in _FORCED_PROVIDERS:
             block_r = configs.block_r_for(r["rank"])  # the fused kernels' ranks are 1..MAX_RANK
             key = (r["dtype"], configs.regime_of(r["M"]), block_r, r["mode"], r["device_name"], r["shape"], r["M"])
-            times[key + (r["rank"],)][r["provider"]] = r[stat]  # (ranks 8 and 16 share BLOCK_R 16: two cells)
+            times[key + (r["rank"],)][r["provider"]] = r  # (ranks 8 and 16 share BLOCK_R 16: two cells)
     groups = defaultdict(list)
     for key, cell in times.items():
         groups[key[:4]].append(cell)
@@ -503,19 +524,44 @@ def choice_rows(records, stat="median"):
     for (dtype, regime, block_r, mode), cells in sorted(
         groups.items(), key=lambda kv: (*kv[0][:3], MODES.index(kv[0][3]))
     ):
-        passes = _geomean(
-            c["triton-2pass"] / c["triton-1pass"] for c in cells if "triton-1pass" in c and "triton-2pass" in c
-        )
-        loads = _geomean(c["triton"] / c["triton-ptr"] for c in cells if "triton" in c and "triton-ptr" in c)
-        sums = _geomean(c["triton-1launch"] / c["triton"] for c in cells if "triton" in c and "triton-1launch" in c)
-        apart = _geomean(c["triton"] / c["triton-intile"] for c in cells if "triton" in c and "triton-intile" in c)
+        columns = [_pair_ratio(cells, *pair, stat) for pair in _CHOICE_PAIRS]
+        (passes, _), (loads, _), (sums, _), (apart, _) = columns
         if passes is None and loads is None and sums is None and apart is None:
             continue
         M = DECODE_MAX_M if regime == "decode" else DECODE_MAX_M + 1
         picks = configs.table_strategy("sm90", M, block_r, dtype == "float32")
-        row = [dtype, regime, block_r, mode, len(cells), _fmt(passes), picks, _fmt(loads), _fmt(sums), _fmt(apart)]
+        unlike = sum(left_out for _, left_out in columns)
+        count = f"{len(cells)} ({unlike} pairs left out)" if unlike else len(cells)
+        row = [dtype, regime, block_r, mode, count, _fmt(passes), picks, _fmt(loads), _fmt(sums), _fmt(apart)]
         rows.append([*row, ", ".join(_contradicted(passes, picks, loads, sums, apart)) or "-"])
     return headers, rows
+
+
+_CHOICE_PAIRS = (
+    ("triton-2pass", "triton-1pass", "LOAD_T"),
+    ("triton", "triton-ptr", "TMA"),
+    ("triton-1launch", "triton", "REDUCE"),
+    ("triton", "triton-intile", "RANK_APART"),
+)
+"""``choice_rows``' comparisons: the provider timed over the one it is divided by, and the fused GEMM's switch that
+the first must have run with and the second without (``LOAD_T``: the GEMM reads the shrink's ``t``, two-pass)."""
+
+
+def _pair_ratio(cells, num: str, den: str, switch: str, stat: str) -> tuple[float | None, int]:
+    """The geometric mean of ``num``'s time over ``den``'s over ``cells``, and how many pairs were left out because
+    their launches show ``num`` without ``switch`` or ``den`` with it."""
+    pairs = [(c[num], c[den]) for c in cells if num in c and den in c]
+    kept = [(n, d) for n, d in pairs if _ran(n, switch) is not False and _ran(d, switch) is not True]
+    return _geomean(n[stat] / d[stat] for n, d in kept), len(pairs) - len(kept)
+
+
+def _ran(r, switch: str) -> bool | None:
+    """Whether a fused provider's record shows a fused-GEMM launch with ``switch`` set (``LOAD_T``: two-pass,
+    ``TMA``, ``REDUCE``, ``RANK_APART``); None when it recorded no launches (older JSON, other providers)."""
+    launches = r.get("launches")
+    if launches is None:
+        return None
+    return any(launch.get(switch) for launch in launches if launch.get("kernel") == "_fused_lora_mm_kernel")
 
 
 _NOISE = 1.03
