@@ -189,9 +189,9 @@ def _call(**overrides):
         ({"A": torch.randn(2, 8, device="meta")}, ValueError, "A is on meta but x is on cpu"),
         ({"x": None}, TypeError, "x is required"),
         ({"u": [1.0, 2.0]}, TypeError, "u must be a torch.Tensor"),
-        ({"scale": float("nan")}, TypeError, "scale must be a finite"),
+        ({"scale": float("nan")}, ValueError, "scale must be a finite"),  # (the right type, a wrong value)
         ({"scale": torch.tensor(1.0)}, TypeError, "scale must be a finite"),
-        ({"scale": 1e39}, TypeError, "within float32's range"),
+        ({"scale": 1e39}, ValueError, "within float32's range"),
         ({"scale": True}, TypeError, "scale must be a finite"),
         ({"weight": torch.randn(6, 8).to_sparse()}, TypeError, "weight is a sparse_coo tensor"),
         ({"A": torch.randn(2, 8).to_sparse()}, TypeError, "A is a sparse_coo tensor"),

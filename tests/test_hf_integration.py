@@ -23,6 +23,7 @@ from tied_lora_kernels import (
     save_tied_lora,
     tied_lora_layers,
     tied_lora_state_dict,
+    unmerge_tied_lora,
 )
 
 
@@ -472,6 +473,35 @@ def test_a_run_in_which_the_adapter_would_not_train_is_stopped_before_the_first_
     called = apply_tied_lora(tiny_llama(), adapted_head)
     for run in runs(called, "called"):
         run()
+
+
+def test_a_run_with_a_merged_or_frozen_adapter_is_refused_by_name(tmp_path):
+    """A merged adapter (merge_tied_lora) and a frozen one with nothing else to train (load_tied_lora(...,
+    trainable=False)) are refused when the run begins, naming the cause, rather than failing in the first backward
+    with PyTorch's "element 0 of tensors does not require grad". Unmerged, or loaded to train, both run."""
+    pytest.importorskip("accelerate", reason="transformers' Trainer needs accelerate")
+    from tied_lora_kernels.hf import SaveTiedLoRACallback, TiedLoRATrainer
+
+    _, data = token_rows(4)
+    saved = apply_tied_lora(tiny_llama(), TiedLoRAConfig(rank=4))
+    save_tied_lora(saved, tmp_path / "adapter")
+    merged = merge_tied_lora(apply_tied_lora(tiny_llama(), TiedLoRAConfig(rank=4)))
+    frozen = load_tied_lora(tiny_llama(), tmp_path / "adapter", trainable=False)
+    for model, match in ((merged, r"adapted layers are merged \(\['model.layers.0"), (frozen, "adapter is frozen")):
+        for trainer in (
+            lambda m, a: transformers.Trainer(m, a, train_dataset=data, callbacks=[SaveTiedLoRACallback()]),
+            lambda m, a: TiedLoRATrainer(m, a, train_dataset=data),
+        ):
+            with pytest.raises(ValueError, match=match):
+                trainer(model, training_args(tmp_path / "run", max_steps=1, save_strategy="no")).train()
+    unmerge_tied_lora(merged)
+    TiedLoRATrainer(
+        merged, training_args(tmp_path / "unmerged", max_steps=1, save_strategy="no"), train_dataset=data
+    ).train()
+    trainable = load_tied_lora(tiny_llama(), tmp_path / "adapter", trainable=True)
+    TiedLoRATrainer(
+        trainable, training_args(tmp_path / "loaded", max_steps=1, save_strategy="no"), train_dataset=data
+    ).train()
 
 
 def test_adapter_tensors_without_a_gradient_in_the_first_steps_are_named(tmp_path):

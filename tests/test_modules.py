@@ -86,10 +86,10 @@ def test_a_layer_with_a_pair_of_its_own():
     ):
         with pytest.raises(error, match=match):
             TiedLoRALinear(*args, rank=2, **kwargs)
-    for kwargs in ({}, {"rank": 2, "shared": TiedLoRAShared(10, 6, 2)}):
-        with pytest.raises(TypeError, match="give the layer shared= .* or rank="):
+    for kwargs, given in (({}, "got neither"), ({"rank": 2, "shared": TiedLoRAShared(10, 6, 2)}, "not both")):
+        with pytest.raises(TypeError, match=f"give the layer shared= .* or rank=.*, {given}"):
             TiedLoRALinear(10, 6, **kwargs)
-        with pytest.raises(TypeError, match="give the layer shared= .* or rank="):
+        with pytest.raises(TypeError, match=f"give the layer shared= .* or rank=.*, {given}"):
             TiedLoRALinear.from_linear(nn.Linear(10, 6), **kwargs)
 
 

@@ -255,7 +255,7 @@ def _check_inputs(x, weight, bias, A, B, u, v, scale: float) -> None:
         raise TypeError(f"scale must be a finite Python number, got {scale!r}")
     # (under torch.compile(dynamic=True) a float argument is symbolic and cannot be tested while tracing)
     if not torch.compiler.is_compiling() and not abs(scale) <= _FLOAT32_MAX:  # also NaN
-        raise TypeError(f"scale must be a finite Python number within float32's range, got {shown(scale)}")
+        raise ValueError(f"scale must be a finite Python number within float32's range, got {shown(scale)}")
 
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D [out_features, in_features], got shape {tuple(weight.shape)}")

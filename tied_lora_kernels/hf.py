@@ -51,10 +51,11 @@ __all__ = ["SaveTiedLoRACallback", "TiedLoRATrainer"]
 
 class _TrainingCheck(TrainerCallback):
     """Checks that the adapter trains, for ``SaveTiedLoRACallback`` and ``TiedLoRATrainer``: a run with PEFT in
-    the model is refused when it begins; at the first optimizer step (before any update), an adapted output layer
-    whose own trainable tensors got no gradient stops the run (a fused loss reads ``lm_head.weight``: TRL's fused
-    LM head, Liger's fused linear cross entropy); and trainable adapter tensors that get no gradient in any of
-    the first ``WATCHED_STEPS`` optimizer steps are named in a warning (their layers were not called). Gradients,
+    the model, merged adapters, or nothing trainable at all is refused when it begins; at the first optimizer step
+    (before any update), an adapted output layer whose own trainable tensors got no gradient stops the run (a fused
+    loss reads ``lm_head.weight``: TRL's fused LM head, Liger's fused linear cross entropy); and trainable adapter
+    tensors that get no gradient in any of the first ``WATCHED_STEPS`` optimizer steps are named in a warning
+    (their layers were not called). Gradients,
     not the patched code, are what is checked: they are exact whatever wraps the forward. A step at which no
     trainable parameter holds a gradient (an optimizer that steps inside the backward) is not looked at."""
 
@@ -65,8 +66,10 @@ class _TrainingCheck(TrainerCallback):
         self.ungraded = None
         self.steps = 0
         model = _unwrapped(model) if model is not None else None
-        if model is not None and self._checks() and tied_lora_layers(model):
+        layers = tied_lora_layers(model) if model is not None and self._checks() else {}
+        if layers:
             _refuse_peft_inside(model)
+            _refuse_a_model_that_cannot_train(model, layers)
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         ungraded = getattr(self, "ungraded", set())  # (a callback added after on_train_begin checks nothing)
@@ -287,6 +290,24 @@ def _refuse_an_ungraded_head(model: nn.Module, ungraded: dict[str, nn.Parameter]
             "leave the output layer out of target_modules, or train it in full with modules_to_save (with Liger in a "
             "plain Trainer, liger_kernel_config={'fused_linear_cross_entropy': False} also keeps the adapter "
             "trainable; TRL's own fused head stays on)"
+        )
+
+
+def _refuse_a_model_that_cannot_train(model: nn.Module, layers: dict[str, TiedLoRALinear]) -> None:
+    """Refuse, when a run begins, merged adapters (a merged layer computes with ``weight`` alone: its adapter gets no
+    gradient) and a model with no parameter that requires grad (its adapter frozen): either way the first backward
+    would fail with PyTorch's "element 0 of tensors does not require grad", which names neither cause."""
+    merged = [name for name, layer in layers.items() if layer.merged]
+    if merged:
+        raise ValueError(
+            f"{len(merged)} adapted layers are merged ({merged[:3]}{', ...' if len(merged) > 3 else ''}): a merged "
+            "adapter does not train; unmerge_tied_lora(model) before training"
+        )
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError(
+            "no parameter of this model requires grad: its Tied-LoRA adapter is frozen (loaded with "
+            "load_tied_lora(..., trainable=False), or requires_grad turned off), so there is nothing to train; "
+            "load it with trainable=True"
         )
 
 

@@ -688,7 +688,8 @@ def _pair(
         v_zero = _v_start(adapter.get("v_init"), adapter.get("train_v", True)) == 0
         u_zero = adapter.get("u_init", 1.0) == 0
         return TiedLoRAShared(in_features, out_features, rank, zero_B=not (v_zero or u_zero), device=device)
-    raise TypeError("give the layer shared= (a pair tied with other layers) or rank= (a pair of its own)")
+    given = "not both: got shared= and rank=" if shared is not None else "got neither"
+    raise TypeError(f"give the layer shared= (a pair tied with other layers) or rank= (a pair of its own), {given}")
 
 
 class TiedLoRAConv1D(TiedLoRALinear):

@@ -267,10 +267,11 @@ def load_tied_lora(
                 if read
                 else ""
             )
-            raise ValueError(
-                f"the adapter in {directory} does not fit this model: its targets also match {extra[:4]} "
-                f"(missing {missing[:4]}){why}"
+            found = [f"its targets also match {extra[:4]}{', ...' if len(extra) > 4 else ''}"] if extra else []
+            found += (
+                [f"its targets no longer match {missing[:4]}{', ...' if len(missing) > 4 else ''}"] if missing else []
             )
+            raise ValueError(f"the adapter in {directory} does not fit this model: {'; '.join(found)}{why}")
         # the file must match its own description, and the description the config: then the adapter that
         # apply_tied_lora builds from the same config on the same targets is the one that was saved
         described = {k: (torch.Size(d["shape"]), getattr(torch, d["dtype"]), False) for k, d in meta["tensors"].items()}
