@@ -277,6 +277,35 @@ def test_frozen_tensors_the_backward_does_not_read_are_not_saved(config, M):
                 assert torch.equal(g, w), backend
 
 
+@pytest.mark.parametrize("unpack", ["column_major", "negative_view"])
+def test_saved_tensors_unpacked_in_another_form_give_the_same_gradients(unpack):
+    """A saved-tensor hook may give a saved tensor back in another layout (a column-major copy) or as a lazily
+    negated view of the negated values (``torch._neg_view``, as ``-z.conj().imag`` makes): the same values, which
+    the backward must read as such, the dropout mask and ``T`` too (the kernels read raw storage: a column-major
+    mask was read as row-major, and ``T``'s negative bit was ignored, negating dB, du and dv)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 40, generator=g).to(DEVICE).requires_grad_()
+    W = (torch.randn(24, 40, generator=g) * 40**-0.5).to(DEVICE)
+    A, B = torch.randn(8, 40, generator=g) * 40**-0.5, torch.randn(24, 8, generator=g) * 8**-0.5
+    u, v = 1.0 + 0.3 * torch.randn(8, generator=g), torch.randn(24, generator=g)
+    adapter = [t.to(DEVICE).requires_grad_() for t in (A, B, u, v)]
+    dy = torch.randn(5, 24, generator=g).to(DEVICE)
+
+    def unpacked(t):
+        if unpack == "column_major":
+            return t.t().contiguous().t() if t.dim() == 2 else t
+        return torch._neg_view(-t) if t.is_floating_point() else t
+
+    def grads(hooked):
+        torch.manual_seed(1)  # the same dropout draw
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: t, unpacked if hooked else lambda t: t):
+            y = tied_lora_linear(x, W, None, *adapter, 0.5, backend="triton", dropout=0.5)
+        return torch.autograd.grad(y, (x, *adapter), dy)
+
+    for name, got, want in zip("x A B u v".split(), grads(True), grads(False), strict=True):
+        torch.testing.assert_close(got, want, msg=lambda m, name=name: f"d{name}: {m}")
+
+
 @pytest.mark.parametrize("name", ["x", "weight", "A", "v"])
 def test_a_dispatching_tensor_subclass_is_refused_by_name_and_auto_runs_torch(name, monkeypatch):
     """A tensor subclass that dispatches its own ops (DTensor, float8 and quantized wrappers; TwoTensor here) has no

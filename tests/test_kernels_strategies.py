@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -155,6 +156,17 @@ def test_prepare_zeroes_the_padding_of_sv_B(monkeypatch, R):
         _, svB = prepare_adapters(A.to(DEVICE), B.to(DEVICE), v.to(DEVICE), 0.5, dtype, cast_a=False)
         rows = svB.as_strided((48, svB.stride(0)), (svB.stride(0), 1))  # the padded storage
         assert torch.equal(rows[:, :R], svB) and not rows[:, R:].isnan().any() and not rows[:, R:].any()
+
+
+def test_prepare_of_a_zero_width_a_divides_nothing_by_zero():
+    # K = 0 (a layer of zero width): A [R, 0] cast to nothing, no lane dividing by K (the interpreter's numpy warned
+    # "divide by zero"; a GPU's masked lanes compute it too); s·v ⊙ B still written
+    A, B, v = torch.zeros(8, 0, device=DEVICE), torch.randn(40, 8, device=DEVICE), torch.randn(40, device=DEVICE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        A_cast, svB = prepare_adapters(A, B, v, 0.5, torch.bfloat16, cast_a=True)
+    assert A_cast.shape == (8, 0) and A_cast.dtype == torch.bfloat16
+    assert torch.equal(svB, (B * (0.5 * v[:, None])).to(torch.bfloat16))
 
 
 def test_prepare_bounds_past_int32():

@@ -157,11 +157,14 @@ def backward_impl(
     backward of ``TiedLoRALinearFunction`` (and of the custom op). ``x`` may be None unless A or W trains,
     ``T`` unless B, u or v trains; ``bits``: the forward's dropout mask (with its ``dropout``), else None."""
     needs_x, needs_w, needs_bias, needs_a, needs_b, needs_u, needs_v = needs
-    dy, x, weight, A, B, u, v = _resolved(dy, x, weight, A, B, u, v)
+    # (saved tensors come back as a saved-tensor hook gives them: a negated view, another layout)
+    dy, x, T, weight, A, B, u, v = _resolved(dy, x, T, weight, A, B, u, v)
     s, det, dtype = scale, deterministic, dy.dtype
     forced = dict(strategy=strategy, split_k=split_k, tma=tma)
     dx = dw = dbias = dA = dB = du = dv = None
     u32 = _f32(u)
+    if bits is not None and bits.shape[1] > 1 and bits.stride(1) != 1:  # the kernels read a row's bytes unit-strided
+        bits = bits.contiguous()
     drop = DropoutMask(dropout, None, bits) if bits is not None else None  # (the seed drew it: not needed again)
 
     with _on_device(dy):

@@ -95,6 +95,7 @@ def prepare_adapters(
     b_out = padded[:, :R]
     cast = cast_a and A.dtype != dtype
     a_out = torch.empty((R, K), device=A.device, dtype=dtype) if cast else A
+    cast = cast and K > 0  # (nothing to copy; the kernel's offs // K would divide by zero)
     numel = max(padded.numel(), R * K if cast else 0)
     if numel == 0:
         return a_out, b_out
