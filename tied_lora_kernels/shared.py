@@ -15,7 +15,7 @@ from numbers import Integral
 import torch
 from torch import nn
 
-from tied_lora_kernels.functional import check_rank, check_seed, shown
+from tied_lora_kernels.functional import check_rank, check_seed, is_number, shown
 
 __all__ = ["TiedLoRAShared", "INITS", "check_features", "check_float_dtype"]
 
@@ -26,7 +26,7 @@ INITS = ("gaussian", "kaiming")
 
 def check_features(in_features: int, out_features: int) -> None:
     for name, n in (("in_features", in_features), ("out_features", out_features)):
-        if isinstance(n, bool) or not isinstance(n, Integral) or n <= 0:
+        if not is_number(n, Integral) or n <= 0:
             raise ValueError(f"{name} must be a positive int, got {shown(n)}")
         if n >= 2**63:
             raise ValueError(f"{name} must be below 2**63 (a tensor's size), got {shown(n)}")
