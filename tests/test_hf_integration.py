@@ -478,7 +478,9 @@ def test_a_run_in_which_the_adapter_would_not_train_is_stopped_before_the_first_
 def test_a_run_with_a_merged_or_frozen_adapter_is_refused_by_name(tmp_path):
     """A merged adapter (merge_tied_lora) and a frozen one with nothing else to train (load_tied_lora(...,
     trainable=False)) are refused when the run begins, naming the cause, rather than failing in the first backward
-    with PyTorch's "element 0 of tensors does not require grad". Unmerged, or loaded to train, both run."""
+    with PyTorch's "element 0 of tensors does not require grad". Unmerged, or loaded to train, both run. A run that
+    saves checkpoints of a model whose blocks were replaced by their torch.compile wrappers is refused when it
+    begins, not at its first checkpoint."""
     pytest.importorskip("accelerate", reason="transformers' Trainer needs accelerate")
     from tied_lora_kernels.hf import SaveTiedLoRACallback, TiedLoRATrainer
 
@@ -494,6 +496,11 @@ def test_a_run_with_a_merged_or_frozen_adapter_is_refused_by_name(tmp_path):
         ):
             with pytest.raises(ValueError, match=match):
                 trainer(model, training_args(tmp_path / "run", max_steps=1, save_strategy="no")).train()
+    compiled = apply_tied_lora(tiny_llama(), TiedLoRAConfig(rank=4))  # blocks replaced by their compile wrappers
+    for i, block in enumerate(compiled.model.layers):
+        compiled.model.layers[i] = torch.compile(block)
+    with pytest.raises(ValueError, match="saving checkpoints of a model with parts replaced by their torch.compile"):
+        TiedLoRATrainer(compiled, training_args(tmp_path / "compiled", max_steps=1), train_dataset=data).train()
     unmerge_tied_lora(merged)
     TiedLoRATrainer(
         merged, training_args(tmp_path / "unmerged", max_steps=1, save_strategy="no"), train_dataset=data

@@ -551,6 +551,47 @@ def test_save_after_conversion_freeze_and_wrappers(tmp_path):
     )
 
 
+def test_parts_replaced_by_their_compile_wrappers_are_refused_by_name_and_compiled_in_place_work(tmp_path):
+    """Regional compilation that replaces each block by ``torch.compile(block)`` puts ``_orig_mod.`` in every name
+    below it: the file saved from it loaded into no bare model, and PEFT read the export as an adapter of no layer
+    (a warning, then the base model's logits). Saving, exporting and loading such a model are refused by name;
+    ``block.compile()``, in place, keeps the names and round-trips. Nothing is traced (no forward is run)."""
+    from tied_lora_kernels import export_peft_lora, load_peft_adapter
+
+    config = TiedLoRAConfig(rank=4, preset="tl6", target_modules=QKV + ("o_proj",))
+    model = apply_tied_lora(tiny_llama(), config)
+    randomise_adapters(model)
+    save_tied_lora(model, tmp_path / "plain")
+    export_peft_lora(model, tmp_path / "peft")
+    for i, block in enumerate(model.model.layers):
+        model.model.layers[i] = torch.compile(block)
+    match = r"torch.compile wrappers \(\['model.layers.0', 'model.layers.1'\]\).*layer.compile\(\)"
+    for call in (
+        lambda: save_tied_lora(model, tmp_path / "wrapped"),
+        lambda: tied_lora_state_dict(model),
+        lambda: export_peft_lora(model, tmp_path / "wrapped_peft"),
+        lambda: load_tied_lora(model, tmp_path / "plain"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            call()
+    bare = tiny_llama()
+    for i, block in enumerate(bare.model.layers):
+        bare.model.layers[i] = torch.compile(block)
+    for call in (lambda: load_tied_lora(bare, tmp_path / "plain"), lambda: load_peft_adapter(bare, tmp_path / "peft")):
+        with pytest.raises(ValueError, match="loading .* into a model with parts replaced by their torch.compile"):
+            call()
+    assert not tied_lora_layers(bare)
+
+    in_place = apply_tied_lora(tiny_llama(), config)
+    for block in in_place.model.layers:
+        block.compile()
+    load_tied_lora(in_place, tmp_path / "plain")
+    save_tied_lora(in_place, tmp_path / "in_place")
+    assert load_file_keys(tmp_path / "in_place") == load_file_keys(tmp_path / "plain")
+    model.model.layers = nn.ModuleList(block._orig_mod for block in model.model.layers)
+    assert all(torch.equal(t, tied_lora_state_dict(in_place)[k]) for k, t in tied_lora_state_dict(model).items())
+
+
 def test_a_16_bit_adapter_file_loads_into_a_float32_model_as_float32(tmp_path):
     """An adapter saved after ``model.to(bf16)`` loads into a float32 model as float32 adapters holding exactly
     the saved values (bf16 adapters cannot run beside float32 activations), bare or already adapted; a float32

@@ -35,7 +35,14 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from tied_lora_kernels.functional import shown
 from tied_lora_kernels.layer import TiedLoRALinear
-from tied_lora_kernels.model import _adapter_params, _factors, _refuse_peft_inside, _unwrapped, tied_lora_layers
+from tied_lora_kernels.model import (
+    _adapter_params,
+    _factors,
+    _refuse_inner_compile_wrappers,
+    _refuse_peft_inside,
+    _unwrapped,
+    tied_lora_layers,
+)
 from tied_lora_kernels.save_load import (
     CHECKPOINT_SUBFOLDER,
     CONFIG_NAME,
@@ -70,6 +77,8 @@ class _TrainingCheck(TrainerCallback):
         if layers:
             _refuse_peft_inside(model)
             _refuse_a_model_that_cannot_train(model, layers)
+            if getattr(args.save_strategy, "value", args.save_strategy) != "no":  # (not at the first checkpoint)
+                _refuse_inner_compile_wrappers(model, "saving checkpoints of")
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         ungraded = getattr(self, "ungraded", set())  # (a callback added after on_train_begin checks nothing)

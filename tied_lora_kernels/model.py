@@ -812,6 +812,22 @@ def _unwrapped(model: nn.Module) -> nn.Module:
             return model
 
 
+def _refuse_inner_compile_wrappers(model: nn.Module, doing: str) -> None:
+    """Refuse ``doing`` (saving, loading, exporting) on a model with a part replaced by its ``torch.compile``
+    wrapper (``model.layers[i] = torch.compile(layer)``, regional compilation): the wrapper registers the part as
+    its child ``_orig_mod``, which every name below it would carry into the adapter's file, where the same model
+    uncompiled (or PEFT, reading an export) would find none of them. A wrapper around the whole model is looked
+    through (``_unwrapped``); ``layer.compile()`` compiles a part in place and keeps the names."""
+    inner = [name for name, module in model.named_modules() if name and "_orig_mod" in module._modules]
+    if inner:
+        raise ValueError(
+            f"{doing} a model with parts replaced by their torch.compile wrappers ({inner[:3]}"
+            f"{', ...' if len(inner) > 3 else ''}): their names carry '_orig_mod.', which an adapter's file must "
+            "not depend on. Compile those parts in place instead (layer.compile(): the same compiled code, names "
+            "unchanged), or do this with the uncompiled parts"
+        )
+
+
 def count_parameters(model: nn.Module) -> ParameterCount:
     """Trainable and total parameters, each tensor counted once however many layers share it (a bitsandbytes
     4-bit weight as the values it packs, two per byte of storage)."""

@@ -31,6 +31,7 @@ from tied_lora_kernels.model import (
     _names_of_parameters,
     _read_by_parent,
     _refuse_distributed,
+    _refuse_inner_compile_wrappers,
     _refuse_peft_model,
     _unwrapped,
     tied_lora_layers,
@@ -84,6 +85,7 @@ def load_peft_adapter(model: nn.Module, directory: str | os.PathLike, *, backend
     ties to another (PEFT unties it), and LoRA on a layer whose weight is tied to another (``lm_head`` with tied
     embeddings)."""
     wrapped, model = model, _unwrapped(model)
+    _refuse_inner_compile_wrappers(model, "loading a PEFT adapter into")
     if tied_lora_layers(model):
         raise RuntimeError("this model already has Tied-LoRA adapters: load a PEFT adapter onto the bare base model")
     _refuse_peft_model(model)

@@ -31,6 +31,7 @@ from tied_lora_kernels.model import (
     _named_tensors,
     _read_by_parent,
     _refuse_distributed,
+    _refuse_inner_compile_wrappers,
     _refuse_parametrized,
     _refuse_peft_inside,
     _require_layers,
@@ -82,6 +83,7 @@ def _state(model: nn.Module) -> dict[str, torch.Tensor]:
     model = _unwrapped(model)
     layers = _require_layers(model)
     _refuse_parametrized(layers)
+    _refuse_inner_compile_wrappers(model, "taking the adapter of")
     ids = _adapter_params(layers) | _saved_ids(model)  # (modules_to_save: trained in full)
     return {name: t.detach() for name, t in _named_tensors(model).items() if id(t) in ids}
 
@@ -223,6 +225,7 @@ def load_tied_lora(
     it before wrapping: DDP would not average the new parameters).
     """
     wrapped, model = model, _unwrapped(model)
+    _refuse_inner_compile_wrappers(model, "loading an adapter into")
     if trainable is not None and not isinstance(trainable, bool):
         raise TypeError(f"trainable must be True, False or None, got {trainable!r}")
     if backend is not None and backend not in BACKENDS:
