@@ -208,6 +208,27 @@ def test_a_tied_module_to_save_goes_in_under_both_names(tmp_path):
     torch.testing.assert_close(logits, expected, rtol=1e-12, atol=1e-12)
 
 
+def test_a_mamba_out_proj_that_peft_refuses_is_named_in_a_warning(tmp_path):
+    """PEFT refuses LoRA on a Mamba model's ``out_proj`` (and ``conv1d``) when it loads the file; Falcon-Mamba calls
+    its ``out_proj``, so "all-linear" adapts it: the export says PEFT will refuse the file, and PEFT does."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("peft.tuners.tuners_utils", reason="PEFT's Mamba check")
+
+    def falcon_mamba():
+        torch.manual_seed(0)
+        shape = dict(hidden_size=32, num_hidden_layers=2, vocab_size=100, state_size=4, expand=2, conv_kernel=4,
+                     time_step_rank=4)  # fmt: skip
+        return transformers.FalconMambaForCausalLM(transformers.FalconMambaConfig(**shape))
+
+    model = apply_tied_lora(falcon_mamba(), TiedLoRAConfig(rank=4, preset="lora", target_modules="all-linear"))
+    assert any(name.endswith(".out_proj") for name in tied_lora_layers(model))
+    with pytest.warns(UserWarning, match="PEFT would refuse to load it into this falcon_mamba model .*'out_proj'"):
+        export_peft_lora(model, tmp_path)
+    with pytest.raises(ValueError, match="incompatible with Mamba"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft.PeftModel.from_pretrained(falcon_mamba(), tmp_path)
+
+
 def test_layers_peft_would_read_as_moe_experts_are_named_in_a_warning(tmp_path):
     """Under transformers 5, PEFT rewrites ``gate_proj``/``up_proj``/``down_proj`` of Qwen2-MoE-like model types
     (DeepSeek-V3 here) into the fused experts' parameters, also where they name a dense MLP's or a shared expert's

@@ -65,9 +65,9 @@ def export_peft_lora(
     did not adapt itself, such as the ``.model`` inside an adapted ``LlamaForCausalLM``, gets a warning: its names
     lack the prefix the full model's have, so PEFT would load nothing into the full model. So do adapted layers
     that PEFT's loader would leave out of this model, or a file it would refuse (``_peft_load_problem``: some MoE
-    models' dense MLPs). ``gather=True`` (FSDP2 with tensors of the adapter or of ``modules_to_save`` sharded):
-    every rank calls it, the shards are gathered (``tied_lora_state_dict``) and rank 0 alone writes; every rank
-    returns once it has written (or raises if it failed).
+    models' dense MLPs, a Mamba model's ``out_proj``). ``gather=True`` (FSDP2 with tensors of the adapter or of
+    ``modules_to_save`` sharded): every rank calls it, the shards are gathered (``tied_lora_state_dict``) and rank
+    0 alone writes; every rank returns once it has written (or raises if it failed).
     """
     from safetensors.torch import save_file
 
@@ -210,6 +210,17 @@ def _peft_load_problem(model: nn.Module, target_modules: list[str] | str, adapte
         return None
     probe = peft.LoraConfig(r=1, target_modules=target_modules)
     kind = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+    try:  # LoRA on Mamba models' out_proj and conv1d (falcon_mamba's out_proj is a linear the model calls)
+        from peft.tuners.tuners_utils import _check_lora_target_modules_mamba as check_mamba
+    except ImportError:
+        check_mamba = None
+    for short in sorted({n.rpartition(".")[2] for n in adapted}) if check_mamba else ():
+        try:
+            check_mamba(probe, model, short)
+        except ValueError as e:
+            return f"PEFT would refuse to load it into this {kind} model ({e})"
+        except Exception:  # (a private function of PEFT's, as below)
+            break
     try:
         convert_peft_config_for_transformers(probe, model=model, conversions=None)
     except ValueError as e:  # PEFT's refusal, which from_pretrained would raise
