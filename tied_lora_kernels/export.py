@@ -17,6 +17,7 @@ import json
 import os
 import re
 import warnings
+from typing import Any
 
 import torch
 from torch import nn
@@ -205,16 +206,15 @@ def _peft_load_problem(model: nn.Module, target_modules: list[str] | str, adapte
     pair alone (``gate_proj`` without ``up_proj``); no spelling of ``target_modules`` escapes it."""
     try:
         import peft
+        import peft.tuners.tuners_utils as tuners_utils
         from peft.utils.transformers_weight_conversion import convert_peft_config_for_transformers
     except ImportError:  # (no PEFT, or one from before transformers 5)
         return None
     probe = peft.LoraConfig(r=1, target_modules=target_modules)
     kind = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
-    try:  # LoRA on Mamba models' out_proj and conv1d (falcon_mamba's out_proj is a linear the model calls)
-        from peft.tuners.tuners_utils import _check_lora_target_modules_mamba as check_mamba
-    except ImportError:
-        check_mamba = None
-    for short in sorted({n.rpartition(".")[2] for n in adapted}) if check_mamba else ():
+    # LoRA on Mamba models' out_proj and conv1d (falcon_mamba's out_proj is a linear the model calls)
+    check_mamba: Any = getattr(tuners_utils, "_check_lora_target_modules_mamba", None)
+    for short in sorted({n.rpartition(".")[2] for n in adapted}) if check_mamba is not None else ():
         try:
             check_mamba(probe, model, short)
         except ValueError as e:

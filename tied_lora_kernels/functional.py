@@ -316,6 +316,11 @@ def shown(value) -> str:
     return repr(value)
 
 
+def first_names(names: list, most: int) -> str:
+    """The first ``most`` of ``names`` for an error message, as a list, ``, ...`` after it when there are more."""
+    return f"{names[:most]}{', ...' if len(names) > most else ''}"
+
+
 def is_number(value, kind: type) -> bool:
     """``value`` is a number of ``kind`` (``Real`` or ``Integral``: numpy's too), not a bool. Python's own float
     and int first: an ABC's ``isinstance`` costs a few hundred nanoseconds, and decode checks three numbers per

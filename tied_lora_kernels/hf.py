@@ -33,7 +33,7 @@ from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArgu
 from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from tied_lora_kernels.functional import shown
+from tied_lora_kernels.functional import first_names, shown
 from tied_lora_kernels.layer import TiedLoRALinear
 from tied_lora_kernels.model import (
     _adapter_params,
@@ -62,9 +62,10 @@ class _TrainingCheck(TrainerCallback):
     (before any update), an adapted output layer whose own trainable tensors got no gradient stops the run (a fused
     loss reads ``lm_head.weight``: TRL's fused LM head, Liger's fused linear cross entropy); and trainable adapter
     tensors that get no gradient in any of the first ``WATCHED_STEPS`` optimizer steps are named in a warning
-    (their layers were not called). Gradients,
-    not the patched code, are what is checked: they are exact whatever wraps the forward. A step at which no
-    trainable parameter holds a gradient (an optimizer that steps inside the backward) is not looked at."""
+    (their layers were not called). Gradients, not the patched code, are what is checked: they are exact whatever
+    wraps the forward. A step at which no trainable parameter holds a gradient (an optimizer that steps inside the
+    backward) is not looked at. A run that saves checkpoints of a model with parts replaced by their
+    ``torch.compile`` wrappers is refused when it begins, rather than at its first checkpoint."""
 
     WATCHED_STEPS = 10
     ungraded: set[str] | None  # the tensors without a gradient so far (None: not looked at yet)
@@ -105,7 +106,7 @@ class _TrainingCheck(TrainerCallback):
         if ungraded:
             warnings.warn(
                 f"{len(ungraded)} trainable adapter tensors got no gradient in any of the first {self.steps} "
-                f"optimizer steps ({ungraded[:4]}{', ...' if len(ungraded) > 4 else ''}): their layers were not "
+                f"optimizer steps ({first_names(ungraded, 4)}): their layers were not "
                 "called. In a mixture of experts no token may have reached those experts; otherwise the model or "
                 "the trainer reads those layers' weights without calling them (a fused loss that takes "
                 "lm_head.weight, fused-QKV code that concatenates weights, ...), so training leaves their adapters "
@@ -309,7 +310,7 @@ def _refuse_a_model_that_cannot_train(model: nn.Module, layers: dict[str, TiedLo
     merged = [name for name, layer in layers.items() if layer.merged]
     if merged:
         raise ValueError(
-            f"{len(merged)} adapted layers are merged ({merged[:3]}{', ...' if len(merged) > 3 else ''}): a merged "
+            f"{len(merged)} adapted layers are merged ({first_names(merged, 3)}): a merged "
             "adapter does not train; unmerge_tied_lora(model) before training"
         )
     if not any(p.requires_grad for p in model.parameters()):

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from tied_lora_kernels.config import ALL_LINEAR, QKV, TiedLoRAConfig
+from tied_lora_kernels.functional import first_names
 from tied_lora_kernels.layer import (
     TiedLoRALinear,
     adaptable_types,
@@ -821,10 +822,9 @@ def _refuse_inner_compile_wrappers(model: nn.Module, doing: str) -> None:
     inner = [name for name, module in model.named_modules() if name and "_orig_mod" in module._modules]
     if inner:
         raise ValueError(
-            f"{doing} a model with parts replaced by their torch.compile wrappers ({inner[:3]}"
-            f"{', ...' if len(inner) > 3 else ''}): their names carry '_orig_mod.', which an adapter's file must "
-            "not depend on. Compile those parts in place instead (layer.compile(): the same compiled code, names "
-            "unchanged), or do this with the uncompiled parts"
+            f"{doing} a model with parts replaced by their torch.compile wrappers ({first_names(inner, 3)}): their "
+            "names carry '_orig_mod.', which an adapter's file must not depend on. Compile those parts in place "
+            "instead (layer.compile(): the same compiled code, names unchanged), or do this with the uncompiled parts"
         )
 
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from tied_lora_kernels.config import TiedLoRAConfig
-from tied_lora_kernels.functional import BACKENDS
+from tied_lora_kernels.functional import BACKENDS, first_names
 from tied_lora_kernels.kernels.configs import MAX_RANK
 from tied_lora_kernels.layer import adaptable_types, linear_features
 from tied_lora_kernels.model import (
@@ -270,10 +270,8 @@ def load_tied_lora(
                 if read
                 else ""
             )
-            found = [f"its targets also match {extra[:4]}{', ...' if len(extra) > 4 else ''}"] if extra else []
-            found += (
-                [f"its targets no longer match {missing[:4]}{', ...' if len(missing) > 4 else ''}"] if missing else []
-            )
+            found = [f"its targets also match {first_names(extra, 4)}"] if extra else []
+            found += [f"its targets no longer match {first_names(missing, 4)}"] if missing else []
             raise ValueError(f"the adapter in {directory} does not fit this model: {'; '.join(found)}{why}")
         # the file must match its own description, and the description the config: then the adapter that
         # apply_tied_lora builds from the same config on the same targets is the one that was saved
