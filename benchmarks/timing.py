@@ -252,27 +252,43 @@ def kernel_launches(fn: Callable[[], object], setup: Callable[[], object] | None
         classes.append(InterpretedFunction)
     launches: list[dict] = []
 
-    def recorded(original):
+    def record(kernel, grid, kwargs) -> None:
+        fn_name = getattr(getattr(kernel, "fn", kernel), "__name__", "?")
+        shown = list(grid) if isinstance(grid, tuple | list) else "callable"
+        launches.append({"kernel": fn_name, "grid": shown, **{k: kwargs[k] for k in LAUNCH_KEYS if k in kwargs}})
+
+    def recorded_run(original):
         def run(self, *args, grid, warmup, **kwargs):
             if not warmup:
-                fn_name = getattr(getattr(self, "fn", self), "__name__", "?")
-                shown = list(grid) if isinstance(grid, tuple | list) else "callable"
-                kept = {k: kwargs[k] for k in LAUNCH_KEYS if k in kwargs}
-                launches.append({"kernel": fn_name, "grid": shown, **kept})
+                record(self, grid, kwargs)
             return original(self, *args, grid=grid, warmup=warmup, **kwargs)
 
         return run
 
+    def recorded_getitem(original):  # (triton < 3.6's interpreter launches from __getitem__, without run)
+        def getitem(self, grid):
+            launch = original(self, grid)
+
+            def call(*args, **kwargs):
+                record(self, grid, kwargs)
+                return launch(*args, **kwargs)
+
+            return call
+
+        return getitem
+
     if setup:
         setup()
-    patched = [(cls, vars(cls)["run"]) for cls in classes if "run" in vars(cls)]
-    for cls, original in patched:
-        cls.run = recorded(original)  # type: ignore[attr-defined]
+    patched = []
+    for cls in classes:
+        name, wrap = ("run", recorded_run) if "run" in vars(cls) else ("__getitem__", recorded_getitem)
+        patched.append((cls, name, vars(cls)[name]))
+        setattr(cls, name, wrap(vars(cls)[name]))
     try:
         fn()
     finally:
-        for cls, original in patched:
-            cls.run = original  # type: ignore[attr-defined]
+        for cls, name, original in patched:
+            setattr(cls, name, original)
     return launches
 
 
