@@ -42,26 +42,56 @@ def test_targets_table_reads_each_target_against_its_bound():
         _record("triton-2pass", "forward", 8192, 1.04),  # nothing else measured: 1 of 1
     ]
     headers, rows = target_rows(floors + ours)
-    assert headers[-1] == "met" and len(rows) == 2
-    assert rows[0][:4] == ["llama2-7b.qkvo", "bfloat16", 16, "triton"]
-    assert rows[0][4:] == ["1.02 ok", "1.2 MISS", "1.5 ok", "1.1 MISS", "2/4 met"]
-    assert rows[1][3:] == ["triton-2pass", "1.04 ok", "-", "-", "-", "1/1 met"]
+    rows = {(row[2], row[3]): row for row in rows}
+    assert headers[-1] == "met" and list(rows) == [(8, "triton"), (16, "triton"), (16, "triton-2pass"), (64, "triton")]
+    assert rows[16, "triton"][:4] == ["llama2-7b.qkvo", "bfloat16", 16, "triton"]
+    assert rows[16, "triton"][4:] == ["1.02 ok", "1.2 MISS", "1.5 ok", "1.1 MISS", "2/4 met"]
+    assert rows[16, "triton-2pass"][4:] == ["1.04 ok", "-", "-", "-", "1/4 met, 3 unmeasured"]
+    # the issue's ranks not timed (skipped, failed, out of time) are rows of unmeasured targets, not left out
+    assert rows[8, "triton"][4:] == rows[64, "triton"][4:] == ["-", "-", "-", "-", "0/4 met, 4 unmeasured"]
     # decode measured at M = 1 only, where the floor has 1 and 16: marked, and an "ok" there is not counted as met
     headers, rows = target_rows(floors + [_record("triton-1pass", "forward", 1, 1.01)] + ours[:1])
-    assert rows[1][3:] == ["triton-1pass", "-", "-", "-", "1.01 (1 of 2 M)", "0/0 met"]
+    assert rows[2][3:] == ["triton-1pass", "-", "-", "-", "1.01 (1 of 2 M)", "0/4 met, 4 unmeasured"]
     headers, rows = target_rows(floors + [_record("triton-1pass", "forward", 1, 1.0523)])
-    assert rows[0][7:] == ["1.052 MISS (1 of 2 M)", "0/1 met"]  # a miss is one whatever else was measured
+    assert rows[2][7:] == ["1.052 MISS (1 of 2 M)", "0/4 met, 3 unmeasured"]  # a miss is one whatever else ran
     # a decode whose graph capture failed ran eagerly, against a floor timed as a graph: the cell says so
     failed = [dict(r, timing="cuda-events (graph capture failed: RuntimeError: ...)") for r in ours[3:5]]
     headers, rows = target_rows(floors + failed)
     assert headers[7] == "decode fwd / nn.Linear, CUDA graph (<= 1.05)"
-    assert rows[0][7:] == ["1.1 MISS (eager)", "0/1 met"]
+    assert rows[1][7:] == ["1.1 MISS (eager)", "0/4 met, 3 unmeasured"]
     headers, rows = target_rows(floors + failed[:1])  # one decode M of two, eager: both said
-    assert rows[0][7:] == ["1.01 (1 of 2 M) (eager)", "0/0 met"]
+    assert rows[1][7:] == ["1.01 (1 of 2 M) (eager)", "0/4 met, 4 unmeasured"]
     # its title names the GPU the ratios come from (the targets are an H100's; a run may land on an H200)
     h200 = [dict(r, device_name="NVIDIA H200") for r in floors + ours]
     titles = [title for title, _, _ in _summary_tables(h200, "median")]
     assert any(t.startswith("targets (issue 3, set for an H100) on NVIDIA H200 at K = N") for t in titles), titles
+
+
+def test_targets_do_not_lean_on_a_missing_floor_or_round_to_their_bound():
+    floors = [_record("nn.Linear", mode, M, 1.0) for mode, M in (("forward", 8192), ("fwd+bwd", 8192))]
+    floors += [_record("nn.Linear", "forward", M, 1.0) for M in (1, 16)]
+    ours = [_record("triton", "forward", 1, 1.01), _record("triton", "forward", 16, 1.06)]
+    # the floor's M = 16 failed: ours was timed there too, so the decode verdict covers 1 of 2 Ms, not all
+    headers, rows = target_rows(floors[:3] + ours)
+    assert rows[1][7:] == ["1.01 (1 of 2 M)", "0/4 met, 4 unmeasured"]
+    # torch / ours needs no floor: of the two fwd+bwd times when the floor's is missing
+    both = [_record("torch", "fwd+bwd", 8192, 1.495), _record("triton", "fwd+bwd", 8192, 1.15)]
+    headers, rows = target_rows(floors[:1] + both)
+    assert rows[1][4:] == ["-", "-", "1.3 ok", "-", "1/4 met, 3 unmeasured"]
+    # a ratio just past its bound is printed with the digits that tell it from the bound
+    headers, rows = target_rows(floors + [_record("triton", "forward", 8192, 1.05004)])
+    assert rows[1][4] == "1.05004 MISS"
+    headers, rows = target_rows(floors + [_record("triton", "forward", 8192, 1.05)])
+    assert rows[1][4] == "1.05 ok"
+
+
+def test_headline_says_when_a_provider_covers_fewer_cases_than_its_row():
+    floors = [dict(_record("nn.Linear", "forward", 8192, 1.0), shape=s) for s in ("a", "b")]
+    ours = [dict(_record("torch", "forward", 8192, 1.2), shape=s) for s in ("a", "b")]
+    ours.append(dict(_record("triton", "forward", 8192, 1.1), shape="a"))  # its case "b" missing (failed)
+    ((_, headers, rows),) = _headline(floors + ours, "median", ["torch", "triton"])
+    assert headers[3:5] == ["torch / nn.Linear", "triton / nn.Linear"]
+    assert rows[0][:5] == ["forward", 16, 2, "1.2", "1.1 (1 of 2)"]
 
 
 def test_an_eager_floor_gives_no_ratios_and_the_markdown_says_so(tmp_path):
@@ -71,9 +101,9 @@ def test_an_eager_floor_gives_no_ratios_and_the_markdown_says_so(tmp_path):
     ours = [_record("triton", "forward", 1, 1.01), _record("triton", "forward", 16, 0.5)]
     records = [dict(r, name=f"test_linear[{r['provider']}-M{r['M']}]") for r in floors + ours]
     headers, rows = target_rows(records)
-    assert rows[0][7:] == ["1.01 (1 of 2 M)", "0/0 met"]  # M = 16 has no ratio: neither met nor known
+    assert rows[1][7:] == ["1.01 (1 of 2 M)", "0/4 met, 4 unmeasured"]  # M = 16 has no ratio: neither met nor known
     ((_, headers, rows),) = _headline(records, "median", ["triton"])
-    assert rows[0][:4] == ["decode", 16, 2, "1.01"]
+    assert rows[0][:4] == ["decode", 16, 2, "1.01 (1 of 2)"]  # (the M = 16 case has no ratio)
     path = tmp_path / "bench.md"
     _write_markdown(records, path, "median", None)
     assert f"test_linear[nn.Linear-M16] was timed without a CUDA graph: {failed}" in path.read_text()
