@@ -188,6 +188,79 @@ def test_unmerge_takes_out_what_merge_put_in_after_the_adapter_changed():
     torch.testing.assert_close(merged.weight, base, rtol=0, atol=atol)
 
 
+def test_a_load_without_the_weight_keeps_what_merge_put_in():
+    """A state dict without the layer's weight (its adapter factors alone, a key of another module) loaded while
+    merged leaves the weight as merge made it, so unmerge takes out that ΔW: the copy merge kept was dropped at any
+    load, and unmerge then took out the ΔW of the factors as they were (0.14-0.25 left in the base weights of a
+    reviewer's tiny LLaMA)."""
+    shared = TiedLoRAShared(12, 8, 3)
+    layer = TiedLoRALinear.from_linear(nn.Linear(12, 8), shared, backend="torch")
+    _randomised(shared, layer)
+    base = layer.weight.detach().clone()
+    atol = 4 * torch.finfo(torch.float32).eps * base.abs().max().item() * 8
+    other = TiedLoRALinear(12, 8, shared=TiedLoRAShared(12, 8, 3), backend="torch")
+    _randomised(other.shared, other, seed=1)
+    adapter = {k: v for k, v in other.state_dict().items() if k not in ("weight", "bias")}
+    for load in ({}, adapter):
+        layer.merge()
+        layer.reset_adapter()
+        layer.load_state_dict(load, strict=False)
+        layer.unmerge()
+        torch.testing.assert_close(layer.weight, base, rtol=0, atol=atol)
+    torch.testing.assert_close(layer.shared.A, other.shared.A)  # (the adapter was loaded)
+
+
+def test_alpha_can_be_changed_and_scale_follows_it(tmp_path):
+    """``alpha`` set after construction changes the scale that forward, merge, save and export use (it was a plain
+    attribute: the output kept the old scale while saves recorded the new alpha); ``scale`` is read-only; a merge
+    keeps its scale, so unmerge after a new alpha takes out what merge put in."""
+    import pickle
+
+    shared = TiedLoRAShared(12, 8, 4)
+    layer = TiedLoRALinear.from_linear(nn.Linear(12, 8), shared, backend="torch")
+    _randomised(shared, layer)
+    x = torch.randn(3, 12)
+    base_out = nn.functional.linear(x, layer.weight, layer.bias)
+    term = layer(x) - base_out  # alpha = rank: scale 1
+    layer.alpha = 8.0
+    assert layer.scale == 2.0 and "alpha=8" in repr(layer)
+    torch.testing.assert_close(layer(x) - base_out, 2 * term)
+    base = layer.weight.detach().clone()
+    layer.merge()
+    layer.alpha = 2.0
+    layer.unmerge()
+    torch.testing.assert_close(layer.weight, base, rtol=0, atol=1e-5)
+    assert layer.scale == 0.5
+    layer.alpha = None  # the constructor's default: the rank
+    assert (layer.alpha, layer.scale) == (4.0, 1.0)
+    with pytest.raises(AttributeError, match="set alpha instead"):
+        layer.scale = 3.0
+    for bad, error in ((0.0, ValueError), (float("nan"), ValueError), ("2", TypeError), (True, TypeError)):
+        with pytest.raises(error, match="alpha must be"):
+            layer.alpha = bad
+    assert layer.alpha == 4.0
+    layer.alpha = 6
+    assert pickle.loads(pickle.dumps(layer)).scale == 1.5 and copy.deepcopy(layer).alpha == 6.0
+    # a layer pickled before alpha became a property (alpha and scale in its __dict__) unpickles with its alpha
+    state = {k: v for k, v in layer.__dict__.items() if k != "_alpha"}
+    old = TiedLoRALinear.__new__(TiedLoRALinear)
+    old.__setstate__({**state, "alpha": 2.0, "scale": 0.5})
+    assert (old.alpha, old.scale) == (2.0, 0.5) and "scale" not in old.__dict__
+
+
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_setting_the_dropout_child_to_a_number_names_lora_dropout(p):
+    """``dropout`` is the constructor's keyword but the layer's attribute of that name is its ``nn.Dropout`` child
+    (there while p > 0): a number assigned to it was kept as an unused attribute (p = 0: no dropout, silently) or
+    refused by ``nn.Module`` as "cannot assign 'float' as child module"; it now names ``lora_dropout``."""
+    layer = TiedLoRALinear(16, 8, rank=4, dropout=p, backend="torch")
+    with pytest.raises(TypeError, match=r"layer\.lora_dropout = 0\.5"):
+        layer.dropout = 0.5
+    assert layer.lora_dropout == p
+    layer.lora_dropout = 0.5
+    assert layer.lora_dropout == 0.5 and isinstance(layer.dropout, nn.Dropout)
+
+
 def test_torch_jit_trace():
     # torch.jit.trace (and the TorchScript ONNX exporter built on it) records sizes as tensors: the checks take them
     layer = TiedLoRALinear.from_linear(nn.Linear(12, 8), TiedLoRAShared(12, 8, 3)).eval()

@@ -296,8 +296,7 @@ class TiedLoRALinear(nn.Linear):
     shared: TiedLoRAShared
     b_rows: tuple[int, int] | None
     rank: int
-    alpha: float
-    scale: float
+    _alpha: float
     backend: str
     merged: bool
     disabled: bool
@@ -402,14 +401,7 @@ class TiedLoRALinear(nn.Linear):
                 f"backend='triton' needs a plain weight; this layer's base is a quantized {self.base_class.__name__}, "
                 "which runs its own forward with the adapter on the torch path: use backend='auto' or 'torch'"
             )
-        if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, numbers.Real)):
-            raise TypeError(f"alpha must be a number or None, got {alpha!r}")
-        alpha = shared.rank if alpha is None else alpha
-        if not is_finite(alpha) or alpha <= 0 or alpha / shared.rank > torch.finfo(torch.float32).max:
-            raise ValueError(
-                f"alpha must be a positive finite number (alpha / rank within float32), got {shown(alpha)}"
-            )
-        alpha = float(alpha)
+        alpha = _checked_alpha(shared.rank if alpha is None else alpha, shared.rank)
         if not isinstance(train_v, bool):
             raise TypeError(f"train_v must be True or False, got {train_v!r}")
         v_init = _v_start(v_init, train_v)
@@ -433,7 +425,7 @@ class TiedLoRALinear(nn.Linear):
             )
         self.shared = shared
         self.b_rows = None if (start, stop) == (0, shared.out_features) else (start, stop)
-        self.rank, self.alpha, self.scale = shared.rank, alpha, alpha / shared.rank
+        self.rank, self._alpha = shared.rank, alpha
         self.backend = backend
         self.lora_dropout = float(dropout)
         self.merged = False
@@ -493,8 +485,36 @@ class TiedLoRALinear(nn.Linear):
         if self.lora_v is not None and not self.lora_v.is_meta:
             self.lora_v.fill_(self.v_init)
 
+    @property
+    def alpha(self) -> float:
+        """``scale = alpha / rank``; set it to change the scale (checked as the constructor checks it, None: the
+        rank): forward, merging, saving and exporting then use the new one."""
+        return self._alpha
+
+    @alpha.setter
+    def alpha(self, alpha: float | None) -> None:
+        self._alpha = _checked_alpha(self.rank if alpha is None else alpha, self.rank)
+
+    @property
+    def scale(self) -> float:
+        """``alpha / rank``, the factor of the adapter term (read-only: set ``alpha``)."""
+        return self._alpha / self.rank
+
+    @scale.setter
+    def scale(self, scale: float) -> None:
+        raise AttributeError(f"scale is alpha / rank: set alpha instead (layer.alpha = scale * {self.rank})")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "dropout" and value is not None and not isinstance(value, nn.Module):
+            # (the constructor's keyword; the attribute is the nn.Dropout child, which exists only while p > 0)
+            raise TypeError(f"set the adapter's dropout probability with layer.lora_dropout = {value!r}")
+        super().__setattr__(name, value)
+
     def __setstate__(self, state: dict) -> None:
         p = state.pop("lora_dropout", None)  # (a float in layers pickled before it became an nn.Dropout child's p)
+        if "alpha" in state:  # (layers pickled before alpha became a property, scale computed from it)
+            state["_alpha"] = state.pop("alpha")
+            state.pop("scale", None)
         super().__setstate__(state)
         if p:
             self.lora_dropout = p
@@ -583,11 +603,11 @@ class TiedLoRALinear(nn.Linear):
         if self.merged:
             raise RuntimeError("this TiedLoRALinear is already merged; unmerge() it first")
         self.check_mergeable()
-        # a copy of the factors merged (r·(in + out) + r + out values): unmerge takes out this ΔW, also after the
-        # adapter changed (a tied pair trained through other layers, reset_adapter())
+        # a copy of the factors merged (r·(in + out) + r + out values) and the scale: unmerge takes out this ΔW, also
+        # after the adapter changed (a tied pair trained through other layers, reset_adapter(), a new alpha)
         factors = tuple(None if t is None else t.detach().clone() for t in self._factors())
-        self._add_delta(+1.0, factors)
-        self._merged_factors = factors
+        self._add_delta(+1.0, factors, self.scale)
+        self._merged_factors, self._merged_scale = factors, self.scale
         self.merged = True
 
     @torch.no_grad()
@@ -597,12 +617,16 @@ class TiedLoRALinear(nn.Linear):
         if not self.merged:
             raise RuntimeError("this TiedLoRALinear is not merged")
         self._check_weight_stored("unmerge")
-        self._add_delta(-1.0, self.__dict__.pop("_merged_factors", None) or self._factors())
+        factors, scale = self.__dict__.pop("_merged_factors", None), self.__dict__.pop("_merged_scale", self.scale)
+        self._add_delta(-1.0, factors or self._factors(), scale)
         self.merged = False
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # a merged weight loaded in holds the ΔW of the loaded factors, not of those merge() kept
-        self.__dict__.pop("_merged_factors", None)
+        # a merged weight loaded in holds the ΔW of the loaded factors, not of those merge() kept; any other load
+        # (the adapter's factors alone, a key of another module) leaves the weight as merge() made it
+        if prefix + "weight" in state_dict:
+            self.__dict__.pop("_merged_factors", None)
+            self.__dict__.pop("_merged_scale", None)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def check_mergeable(self) -> None:
@@ -628,12 +652,12 @@ class TiedLoRALinear(nn.Linear):
                 "(torch.nn.utils.parametrize.remove_parametrizations, torch.nn.utils.prune.remove)"
             )
 
-    def _add_delta(self, sign: float, factors: tuple) -> None:
+    def _add_delta(self, sign: float, factors: tuple, scale: float) -> None:
         # weight ± ΔW of factors (A, B, u, v) in at least float32, rounded once to weight's dtype
         dtype = torch.promote_types(self.weight.dtype, torch.float32)
         A, B, u, v = (None if t is None else t.to(self.weight.device) for t in factors)  # (moved since: .to())
         assert A is not None and B is not None
-        delta = reference.delta_weight(A, B, u, v, sign * self.scale, dtype=dtype)
+        delta = reference.delta_weight(A, B, u, v, sign * scale, dtype=dtype)
         self.weight.copy_(self.weight.to(dtype) + (delta.t() if self.fan_in_fan_out else delta))
 
     def extra_repr(self) -> str:
@@ -659,10 +683,18 @@ def _copy_state(src: nn.Module, dst: nn.Module, skip: frozenset = frozenset()) -
 
 
 _ADAPTER_ATTRIBUTES = frozenset(
-    {"shared", "lora_scale", "lora_v", "b_rows", "rank", "alpha", "scale", "backend", "dropout", "lora_dropout",
-     "merged", "disabled", "v_init"}
+    {"shared", "lora_scale", "lora_v", "b_rows", "rank", "_alpha", "backend", "dropout", "lora_dropout", "merged",
+     "disabled", "v_init", "_merged_factors", "_merged_scale"}
 )  # fmt: skip
 """What ``_init_adapter`` adds to a layer (``to_base`` leaves it behind)."""
+
+
+def _checked_alpha(alpha: float, rank: int) -> float:
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
+        raise TypeError(f"alpha must be a number or None, got {alpha!r}")
+    if not is_finite(alpha) or alpha <= 0 or alpha / rank > torch.finfo(torch.float32).max:
+        raise ValueError(f"alpha must be a positive finite number (alpha / rank within float32), got {shown(alpha)}")
+    return float(alpha)
 
 
 def _own_rows(B: Tensor, b_rows: tuple[int, int] | None) -> Tensor:
