@@ -220,19 +220,22 @@ def test_small_integers_are_exact(dtype):
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # (numpy, in the interpreter)
-@pytest.mark.parametrize("where", ["x", "dy", "dy-deterministic", "A", "B", "weight"])
+@pytest.mark.parametrize("where", ["x", "dy", "dy-deterministic", "A", "A-nan-payload", "B", "weight"])
 @pytest.mark.parametrize("M,split", [(37, None), (5, 3)], ids=["prefill", "decode-split"])
 @pytest.mark.parametrize("config", ["tl6", "vera"])
 def test_non_finite_values_land_where_the_float64_reference_puts_them(config, M, split, where):
-    """A NaN or an inf in x, dy, A, B or W (a diverging run) gives NaN and inf in exactly the outputs and
-    gradients where the float64 reference (the torch path on float64 copies) gives them: no masked or padded lane
-    hides one, and none leaks into another row. B's reach y through the rank-R term alone, W's through the base
-    GEMM alone (x's and dy's through both). (Not the torch path in bf16: on a CPU with AMX, torch 2.13's bf16 GEMM
-    spreads a NaN of dy's row 2 into rows 1 and 3 of dy·W.)"""
+    """A NaN or an inf in x, dy, A (also a float32 master's NaN of any payload), B or W (a diverging run) gives NaN
+    and inf in exactly the outputs and gradients where the float64 reference (the torch path on float64 copies)
+    gives them: no masked or padded lane hides one, and none leaks into another row. B's reach y through the rank-R
+    term alone, W's through the base GEMM alone (x's and dy's through both). (Not the torch path in bf16: on a CPU
+    with AMX, torch 2.13's bf16 GEMM spreads a NaN of dy's row 2 into rows 1 and 3 of dy·W.)"""
     x, params = make_inputs(config, M=M, K=96, N=80, R=16, dtype=torch.bfloat16)
     x, dy = x.detach().clone(), torch.ones(M, 80, dtype=torch.bfloat16, device=DEVICE)
     if where == "x":
         x[3, 7], x[4, 2] = float("nan"), float("inf")
+    elif where == "A-nan-payload":  # a NaN of the fp32 master with high payload bits, rounded to bf16 in the kernel
+        params["A"] = params["A"].detach().float().clone().requires_grad_(params["A"].requires_grad)
+        params["A"].data.view(torch.int32)[1, 3] = 0x7FFFFFFF  # (the interpreter's rounding made it -0.0)
     elif where in ("A", "B", "weight"):
         params[where] = params[where].detach().clone().requires_grad_(params[where].requires_grad)
         params[where].data[1, 3] = float("inf") if where == "A" else float("nan")

@@ -29,10 +29,11 @@ keeps the kernels' numerics and register counts what the tests and the compile c
 def as_operand(x, DTYPE: tl.constexpr, UPCAST: tl.constexpr):
     """``x`` (fp32) rounded to ``DTYPE``; with ``UPCAST`` rounded to bf16 but kept as fp32 (interpreter)."""
     if UPCAST:
-        # round to nearest even at bit 16, then drop the low 16 bits: a bf16 value held in fp32
+        # round to nearest even at bit 16, then drop the low 16 bits: a bf16 value held in fp32. A NaN stays NaN
+        # (the sum wraps for payloads with high bits: 0x7FFFFFFF became -0.0)
         bits = x.to(tl.uint32, bitcast=True)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        return bits.to(tl.float32, bitcast=True)
+        return tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
     else:
         return x.to(DTYPE)
 
