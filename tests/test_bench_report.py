@@ -23,6 +23,18 @@ def test_report_from_committed_json(tmp_path, capsys):
     assert "torch / peft-lora" in capsys.readouterr().out
 
 
+@pytest.mark.skipif(not RESULTS, reason="no committed CPU results")
+def test_out_places_the_plot_of_a_report_read_from_json(tmp_path, monkeypatch, capsys):
+    """``--out`` with ``--json`` is the plot's folder (it was ignored: the plot went next to the JSON)."""
+    from tied_lora_kernels import bench
+
+    where = []
+    monkeypatch.setattr(bench, "_plot", lambda records, path, *args: where.append(path))
+    assert main(["--json", str(RESULTS[-1]), "--out", str(tmp_path), "--summary"]) == 0
+    assert main(["--json", str(RESULTS[-1]), "--summary"]) == 0
+    assert where == [tmp_path / "bench.png", RESULTS[-1].parent / "bench.png"]
+
+
 def _record(provider, mode, M, seconds, rank=16):
     return dict(
         kind="linear", provider=provider, shape="llama2-7b.qkvo", K=4096, N=4096, dtype="bfloat16",

@@ -511,6 +511,33 @@ def test_a_file_saying_triton_above_its_largest_rank_still_loads(tmp_path):
         assert torch.equal(bare(ids).logits, overridden(ids).logits)
 
 
+def test_each_layers_alpha_and_dropout_set_after_apply_are_saved_and_loaded(tmp_path):
+    """A layer's ``alpha`` and ``lora_dropout`` set after ``apply_tied_lora`` (the config's applied to every layer)
+    load into a bare model as they were saved, so its outputs are the saved model's bit for bit (the bare load
+    rebuilt every layer from the config: a new alpha was lost, 0.25 off in a reviewer's repro, and so was the
+    dropout). An adapted model must have the file's alphas, and keeps its own dropout."""
+    x = torch.randn(2, 5, 24, generator=torch.Generator().manual_seed(0))
+    model = apply_tied_lora(Toy(), TiedLoRAConfig(rank=4, backend="torch"))
+    randomise_adapters(model)
+    layers = tied_lora_layers(model)
+    first, second = sorted(layers)[:2]
+    layers[first].alpha, layers[second].lora_dropout = 8.0, 0.25
+    save_tied_lora(model, tmp_path)
+    fresh = load_tied_lora(Toy(), tmp_path).eval()
+    loaded = tied_lora_layers(fresh)
+    assert (loaded[first].alpha, loaded[second].lora_dropout) == (8.0, 0.25)
+    assert {loaded[n].alpha for n in loaded if n != first} == {4.0}
+    assert {loaded[n].lora_dropout for n in loaded if n != second} == {0.0}
+    with torch.no_grad():
+        assert torch.equal(fresh(x), model.eval()(x))
+    other = apply_tied_lora(Toy(), TiedLoRAConfig(rank=4, backend="torch"))
+    with pytest.raises(ValueError, match="alpha"):
+        load_tied_lora(other, tmp_path)
+    tied_lora_layers(other)[first].alpha = 8.0
+    load_tied_lora(other, tmp_path)  # (its dropout differs: kept, not refused)
+    assert tied_lora_layers(other)[second].lora_dropout == 0.0
+
+
 def test_save_after_conversion_freeze_and_wrappers(tmp_path):
     """An adapter saved after ``model.to(bf16)`` loads into a bare bf16 model (the file records the dtype its
     tensors have); a model frozen for inference loads it and keeps its flags; ``torch.compile``'s and DDP's
@@ -530,7 +557,8 @@ def test_save_after_conversion_freeze_and_wrappers(tmp_path):
     config = TiedLoRAConfig(rank=4, target_modules=QKV + ("o_proj",), dtype=torch.bfloat16)
     frozen = apply_tied_lora(tiny_llama().to(torch.bfloat16), config)
     frozen.requires_grad_(False)
-    load_tied_lora(torch.compile(frozen), tmp_path)
+    compiled = torch.compile(frozen)
+    assert load_tied_lora(compiled, tmp_path) is compiled  # (the model as given: model = load_tied_lora(model, ...))
     assert not any(p.requires_grad for p in frozen.parameters())
     with torch.no_grad():
         assert torch.equal(frozen(ids).logits, expected)

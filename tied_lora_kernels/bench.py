@@ -62,8 +62,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--json", nargs="+", type=Path, help="read these pytest-benchmark JSON files, run nothing")
-    p.add_argument("--out", type=Path, default=Path("bench-out"), help="folder for JSON, plot, log")
-    p.add_argument("--plot", type=Path, help="PNG path (default <out>/bench.png, or next to --json)")
+    p.add_argument(
+        "--out", type=Path, help="folder for the run's JSON, plot and log (default bench-out; with --json: the plot's)"
+    )
+    p.add_argument("--plot", type=Path, help="PNG path (default <out>/bench.png; with --json and no --out, next to it)")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--markdown", type=Path, help="also write a markdown report here")
     p.add_argument("--summary", action="store_true", help="print only the summary tables")
@@ -75,9 +77,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     rc = 0
     if args.json:
         paths = args.json
-        out_dir = args.json[0].parent
+        out_dir = args.out or args.json[0].parent
     else:
-        out_dir = args.out
+        out_dir = args.out or Path("bench-out")
         rc, path = _run_suite(out_dir, pytest_args)
         if not path.exists():
             print(f"bench: pytest exited with {rc} and wrote no results (see {out_dir / 'pytest.log'})")

@@ -71,12 +71,12 @@ class TiedLoRAConfig:
     and stack their ``B`` and ``v`` (q, k and v of a layer: the paper's fused-QKV setup). ``tie``: one ``A``/``B``
     across all layers of a group or target (per shape: the layers whose names differ only in their numeric parts)
     instead of one per layer. ``train_*``, ``tie``, ``init`` and ``u_init`` default to the preset's; ``dtype`` is
-    the adapters' dtype (float32 master weights by default, which run beside any model dtype; another dtype must be
-    the one each targeted layer computes in, or ``apply_tied_lora`` refuses it; the first forward does, for a
-    quantized layer whose compute dtype bitsandbytes sets only then). ``dropout``: dropout on each
-    adapter's input in training mode (PEFT's ``lora_dropout``), on either backend. ``modules_to_save`` (PEFT's):
-    names of base modules, matched as targets are, that train in full and are saved with the adapter, such as a new
-    classification head (``("score",)``).
+    the adapters' dtype (a torch.dtype or its name, "bfloat16"; float32 master weights by default, which run beside
+    any model dtype; another dtype must be the one each targeted layer computes in, or ``apply_tied_lora`` refuses
+    it; the first forward does, for a quantized layer whose compute dtype bitsandbytes sets only then). ``dropout``:
+    dropout on each adapter's input in training mode (PEFT's ``lora_dropout``), on either backend.
+    ``modules_to_save`` (PEFT's): names of base modules, matched as targets are, that train in full and are saved
+    with the adapter, such as a new classification head (``("score",)``).
     """
 
     rank: int = 8

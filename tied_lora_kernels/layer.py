@@ -471,7 +471,7 @@ class TiedLoRALinear(nn.Linear):
 
     def reset_parameters(self) -> None:
         """``nn.Linear``'s reset of ``weight``/``bias`` (not of a quantized one), then the adapter's (for
-        meta-device init flows)."""
+        meta-device init flows): its shared pair is redrawn for every layer that shares it."""
         if not self.quantized:
             super().reset_parameters()
         if "lora_scale" in self._modules:  # nn.Linear.__init__ calls this before the adapter exists
@@ -480,7 +480,8 @@ class TiedLoRALinear(nn.Linear):
 
     @torch.no_grad()
     def reset_adapter(self) -> None:
-        """Put ``u`` and ``v`` back at their start values (``shared`` has its own ``reset_parameters``)."""
+        """Put ``u`` and ``v`` back at their start values (``u`` for every layer of the group that shares it;
+        ``shared`` has its own ``reset_parameters``)."""
         self.lora_scale.reset_parameters()
         if self.lora_v is not None and not self.lora_v.is_meta:
             self.lora_v.fill_(self.v_init)

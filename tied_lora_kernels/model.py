@@ -81,7 +81,10 @@ def tied_lora_layers(model: nn.Module) -> dict[str, TiedLoRALinear]:
 
 def apply_tied_lora(model: nn.Module, config: TiedLoRAConfig) -> nn.Module:
     """Adapt ``model`` in place and return it: targeted ``nn.Linear`` layers become ``TiedLoRALinear``,
-    the base model is frozen, and only the adapter parameters the config trains require grad."""
+    the base model is frozen, and only the adapter parameters the config trains and its ``modules_to_save``
+    (trained in full) require grad. Also sets ``model.tied_lora_config``, registers a ``load_state_dict`` pre-hook
+    (a state dict may hold a shared tensor under one of its names: ``_fill_tied_aliases``) and, on a Hugging Face
+    model with reentrant gradient checkpointing on, calls ``enable_input_require_grads()`` (as PEFT does)."""
     if isinstance(model, nn.Module) and isinstance(config, TiedLoRAConfig):  # (before: -W error leaves it as it was)
         _warn_unmatched_names(config, model)
     return _apply(model, config)

@@ -78,12 +78,12 @@ def load_peft_adapter(model: nn.Module, directory: str | os.PathLike, *, backend
     ``save_embedding_layers`` wrote (LoRA on ``lm_head``) must equal the model's; a tied weight saved unchanged
     under each of its names loads as one; a saved module's buffers load too. Exactly the layers the file names are
     adapted. Adapters are float32 (float64 for a float64 file onto float64 layers): widening is exact. A
-    ``torch.compile`` wrapper is looked through. Every check runs before the model is touched; refused: an adapted
-    or PEFT model, other PEFT methods, LoRA variants (DoRA, MiCA, KaSA, ...), initialisations that take their
-    start out of the base weight (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA), LoRA on embedding layers, per-layer ranks
-    or alphas, trained biases, a VeRA file saved without its projections, a saved module whose weight this model
-    ties to another (PEFT unties it), and LoRA on a layer whose weight is tied to another (``lm_head`` with tied
-    embeddings)."""
+    ``torch.compile`` wrapper is looked through (and returned: the model as given). Every check runs before the
+    model is touched; refused: an adapted or PEFT model, other PEFT methods, LoRA variants (DoRA, MiCA, KaSA, ...),
+    initialisations that take their start out of the base weight (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA), LoRA on
+    embedding layers, per-layer ranks or alphas, trained biases, a VeRA file saved without its projections, a saved
+    module whose weight this model ties to another (PEFT unties it), and LoRA on a layer whose weight is tied to
+    another (``lm_head`` with tied embeddings)."""
     wrapped, model = model, _unwrapped(model)
     _refuse_inner_compile_wrappers(model, "loading a PEFT adapter into")
     if tied_lora_layers(model):
@@ -232,7 +232,7 @@ def load_peft_adapter(model: nn.Module, directory: str | os.PathLike, *, backend
                     param.copy_(value)
         for name, tensor in saved.items():
             params[name].copy_(tensor)
-    return model
+    return wrapped  # (the model as given: a wrapper looked through is kept)
 
 
 def _read(directory) -> tuple[dict, dict]:

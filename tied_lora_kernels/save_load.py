@@ -138,6 +138,7 @@ def _layout(model: nn.Module) -> dict[str, dict]:
             "out_features": int(layer.out_features),
             "rank": layer.rank,
             "alpha": layer.alpha,
+            "dropout": layer.lora_dropout,
             "trains": [k for k, p in zip("ABuv", _factors(layer), strict=True) if p is not None and p.requires_grad],
             "shared": shared_names[id(layer.shared.A)],
             "b_rows": list(layer.b_rows) if layer.b_rows else None,
@@ -216,13 +217,14 @@ def load_tied_lora(
     default); True makes the config's trained factors and ``modules_to_save`` require grad again (a model whose
     layers were built by hand has no config: the factors that trained when the file was saved).
 
-    A model without adapters is adapted first with the saved config (same targets, groups, flags); an adapted
-    one must have the same layout (layers, shapes, rank, alpha, ties), adapter dtypes and configured trained
-    factors, and keeps its own ``requires_grad`` flags (which factors require grad right now is not compared:
+    A model without adapters is adapted first with the saved config (same targets, groups, flags; each layer's
+    alpha and dropout as saved); an adapted one must have the same layout (layers, shapes, rank, alpha, ties),
+    adapter dtypes the file's values convert to exactly and the same configured trained factors, and keeps its own
+    dropout and ``requires_grad`` flags (which factors require grad right now is not compared:
     freezing a model for inference must not stop it loading). Every check runs before the model is touched:
     a mismatch raises and leaves the model as it was. A ``torch.compile``, (Distributed)DataParallel or
-    ``AveragedModel`` wrapper is looked through; a bare model inside ``DistributedDataParallel`` is refused (adapt
-    it before wrapping: DDP would not average the new parameters).
+    ``AveragedModel`` wrapper is looked through (and returned: the model as given); a bare model inside
+    ``DistributedDataParallel`` is refused (adapt it before wrapping: DDP would not average the new parameters).
     """
     wrapped, model = model, _unwrapped(model)
     _refuse_inner_compile_wrappers(model, "loading an adapter into")
@@ -299,6 +301,10 @@ def load_tied_lora(
         # edited by hand, or written by another version), the model is put back as it was
         with _undone_on_error(model, layout):
             _apply(model, config, shared_of={name: entry["shared"] for name, entry in layout.items()})
+            for name, entry in layout.items():  # each layer's alpha and dropout as saved, set since apply or not
+                layer = model.get_submodule(name)
+                layer.alpha = entry.get("alpha", layer.alpha)
+                layer.lora_dropout = entry.get("dropout", layer.lora_dropout)  # (files before it: the config's)
             _check_state(state, model, listed)
     if absent:
         warnings.warn(
@@ -319,7 +325,7 @@ def load_tied_lora(
             if isinstance(tensors[name], nn.Parameter):  # (not a saved module's buffer)
                 adapter = _is_adapter_tensor(name)
                 tensors[name].requires_grad_(trainable and (not adapter or id(tensors[name]) in trained))
-    return model
+    return wrapped  # (the model as given: a wrapper looked through is kept)
 
 
 def _trained_tensors(model: nn.Module, layout: dict[str, dict]) -> set[int]:
@@ -464,8 +470,9 @@ def _trained(config: TiedLoRAConfig) -> list[str]:
 
 
 def _fit(layout: dict[str, dict]) -> dict[str, dict]:
-    """What must match for an adapter to load into an adapted model: the layout less what trains."""
-    return {name: {k: v for k, v in entry.items() if k != "trains"} for name, entry in layout.items()}
+    """What must match for an adapter to load into an adapted model: the layout less what trains and the dropout
+    (the model's own is kept)."""
+    return {name: {k: v for k, v in entry.items() if k not in ("trains", "dropout")} for name, entry in layout.items()}
 
 
 def _check_tensors(state: dict[str, torch.Tensor], expected: dict[str, tuple]) -> None:
