@@ -212,8 +212,8 @@ def test_a_load_without_the_weight_keeps_what_merge_put_in():
 
 def test_alpha_can_be_changed_and_scale_follows_it(tmp_path):
     """``alpha`` set after construction changes the scale that forward, merge, save and export use (it was a plain
-    attribute: the output kept the old scale while saves recorded the new alpha); ``scale`` is read-only; a merge
-    keeps its scale, so unmerge after a new alpha takes out what merge put in."""
+    attribute: the output kept the old scale while saves recorded the new alpha); ``scale`` is read-only; not while
+    merged (the weight holds ΔW at the old scale)."""
     import pickle
 
     shared = TiedLoRAShared(12, 8, 4)
@@ -225,11 +225,12 @@ def test_alpha_can_be_changed_and_scale_follows_it(tmp_path):
     layer.alpha = 8.0
     assert layer.scale == 2.0 and "alpha=8" in repr(layer)
     torch.testing.assert_close(layer(x) - base_out, 2 * term)
-    base = layer.weight.detach().clone()
-    layer.merge()
-    layer.alpha = 2.0
+    layer.merge()  # weight holds ΔW at scale 2: a new alpha is refused until unmerge
+    with pytest.raises(RuntimeError, match="merged .* unmerge"):
+        layer.alpha = 2.0
+    layer.alpha = 8  # (the same alpha passes)
     layer.unmerge()
-    torch.testing.assert_close(layer.weight, base, rtol=0, atol=1e-5)
+    layer.alpha = 2.0
     assert layer.scale == 0.5
     layer.alpha = None  # the constructor's default: the rank
     assert (layer.alpha, layer.scale) == (4.0, 1.0)
@@ -241,11 +242,13 @@ def test_alpha_can_be_changed_and_scale_follows_it(tmp_path):
     assert layer.alpha == 4.0
     layer.alpha = 6
     assert pickle.loads(pickle.dumps(layer)).scale == 1.5 and copy.deepcopy(layer).alpha == 6.0
-    # a layer pickled before alpha became a property (alpha and scale in its __dict__) unpickles with its alpha
+    # a layer pickled before alpha became a property (alpha and scale in its __dict__) unpickles with the scale it
+    # ran with: alpha / rank, or a scale set by hand (forward read scale alone)
     state = {k: v for k, v in layer.__dict__.items() if k != "_alpha"}
-    old = TiedLoRALinear.__new__(TiedLoRALinear)
-    old.__setstate__({**state, "alpha": 2.0, "scale": 0.5})
-    assert (old.alpha, old.scale) == (2.0, 0.5) and "scale" not in old.__dict__
+    for alpha, scale, now in ((2.0, 0.5, 2.0), (4.0, 3.0, 12.0)):
+        old = TiedLoRALinear.__new__(TiedLoRALinear)
+        old.__setstate__({**state, "alpha": alpha, "scale": scale})
+        assert (old.alpha, old.scale) == (now, scale) and "scale" not in old.__dict__
 
 
 @pytest.mark.parametrize("p", [0.0, 0.2])

@@ -536,6 +536,22 @@ def test_each_layers_alpha_and_dropout_set_after_apply_are_saved_and_loaded(tmp_
     tied_lora_layers(other)[first].alpha = 8.0
     load_tied_lora(other, tmp_path)  # (its dropout differs: kept, not refused)
     assert tied_lora_layers(other)[second].lora_dropout == 0.0
+    # the layout keeps the keys readers before the dropouts compare (the dropouts beside it): they load the file
+    meta = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert {k for entry in meta["layout"].values() for k in entry} == {
+        "in_features", "out_features", "rank", "alpha", "trains", "shared", "b_rows"
+    }  # fmt: skip
+    # a file written before it saved the dropouts ran the config's alpha whatever its layout says (an alpha set on a
+    # layer changed nothing then): loaded with the config's, its outputs are what that model computed
+    del meta["layer_dropout"]
+    (tmp_path / "adapter_config.json").write_text(json.dumps(meta))
+    layers[first].alpha, layers[second].lora_dropout = 4.0, 0.0
+    with torch.no_grad():
+        assert torch.equal(load_tied_lora(Toy(), tmp_path).eval()(x), model(x))
+    meta["layer_dropout"] = {"nope": 0.1}
+    (tmp_path / "adapter_config.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="layer_dropout is not a JSON object of the layout's layers"):
+        load_tied_lora(Toy(), tmp_path)
 
 
 def test_save_after_conversion_freeze_and_wrappers(tmp_path):

@@ -489,12 +489,16 @@ class TiedLoRALinear(nn.Linear):
     @property
     def alpha(self) -> float:
         """``scale = alpha / rank``; set it to change the scale (checked as the constructor checks it, None: the
-        rank): forward, merging, saving and exporting then use the new one."""
+        rank; not while merged, ``weight`` holding ΔW at the old one): forward, merging, saving and exporting then
+        use the new one."""
         return self._alpha
 
     @alpha.setter
     def alpha(self, alpha: float | None) -> None:
-        self._alpha = _checked_alpha(self.rank if alpha is None else alpha, self.rank)
+        alpha = _checked_alpha(self.rank if alpha is None else alpha, self.rank)
+        if self.merged and alpha != self._alpha:
+            raise RuntimeError("this TiedLoRALinear is merged (weight holds ΔW at its alpha): unmerge() it first")
+        self._alpha = alpha
 
     @property
     def scale(self) -> float:
@@ -513,9 +517,10 @@ class TiedLoRALinear(nn.Linear):
 
     def __setstate__(self, state: dict) -> None:
         p = state.pop("lora_dropout", None)  # (a float in layers pickled before it became an nn.Dropout child's p)
-        if "alpha" in state:  # (layers pickled before alpha became a property, scale computed from it)
-            state["_alpha"] = state.pop("alpha")
-            state.pop("scale", None)
+        if "alpha" in state:  # (layers pickled before alpha became a property, scale computed from it): the scale
+            # they ran with, which a scale set by hand made other than alpha / rank
+            alpha, scale = state.pop("alpha"), state.pop("scale")
+            state["_alpha"] = alpha if scale == alpha / state["rank"] else scale * state["rank"]
         super().__setstate__(state)
         if p:
             self.lora_dropout = p
@@ -604,11 +609,11 @@ class TiedLoRALinear(nn.Linear):
         if self.merged:
             raise RuntimeError("this TiedLoRALinear is already merged; unmerge() it first")
         self.check_mergeable()
-        # a copy of the factors merged (r·(in + out) + r + out values) and the scale: unmerge takes out this ΔW, also
-        # after the adapter changed (a tied pair trained through other layers, reset_adapter(), a new alpha)
+        # a copy of the factors merged (r·(in + out) + r + out values): unmerge takes out this ΔW, also after the
+        # adapter changed (a tied pair trained through other layers, reset_adapter())
         factors = tuple(None if t is None else t.detach().clone() for t in self._factors())
-        self._add_delta(+1.0, factors, self.scale)
-        self._merged_factors, self._merged_scale = factors, self.scale
+        self._add_delta(+1.0, factors)
+        self._merged_factors = factors
         self.merged = True
 
     @torch.no_grad()
@@ -618,8 +623,7 @@ class TiedLoRALinear(nn.Linear):
         if not self.merged:
             raise RuntimeError("this TiedLoRALinear is not merged")
         self._check_weight_stored("unmerge")
-        factors, scale = self.__dict__.pop("_merged_factors", None), self.__dict__.pop("_merged_scale", self.scale)
-        self._add_delta(-1.0, factors or self._factors(), scale)
+        self._add_delta(-1.0, self.__dict__.pop("_merged_factors", None) or self._factors())
         self.merged = False
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -627,7 +631,6 @@ class TiedLoRALinear(nn.Linear):
         # (the adapter's factors alone, a key of another module) leaves the weight as merge() made it
         if prefix + "weight" in state_dict:
             self.__dict__.pop("_merged_factors", None)
-            self.__dict__.pop("_merged_scale", None)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def check_mergeable(self) -> None:
@@ -653,12 +656,12 @@ class TiedLoRALinear(nn.Linear):
                 "(torch.nn.utils.parametrize.remove_parametrizations, torch.nn.utils.prune.remove)"
             )
 
-    def _add_delta(self, sign: float, factors: tuple, scale: float) -> None:
+    def _add_delta(self, sign: float, factors: tuple) -> None:
         # weight ± ΔW of factors (A, B, u, v) in at least float32, rounded once to weight's dtype
         dtype = torch.promote_types(self.weight.dtype, torch.float32)
         A, B, u, v = (None if t is None else t.to(self.weight.device) for t in factors)  # (moved since: .to())
         assert A is not None and B is not None
-        delta = reference.delta_weight(A, B, u, v, sign * scale, dtype=dtype)
+        delta = reference.delta_weight(A, B, u, v, sign * self.scale, dtype=dtype)
         self.weight.copy_(self.weight.to(dtype) + (delta.t() if self.fan_in_fan_out else delta))
 
     def extra_repr(self) -> str:
@@ -685,7 +688,7 @@ def _copy_state(src: nn.Module, dst: nn.Module, skip: frozenset = frozenset()) -
 
 _ADAPTER_ATTRIBUTES = frozenset(
     {"shared", "lora_scale", "lora_v", "b_rows", "rank", "_alpha", "backend", "dropout", "lora_dropout", "merged",
-     "disabled", "v_init", "_merged_factors", "_merged_scale"}
+     "disabled", "v_init", "_merged_factors"}
 )  # fmt: skip
 """What ``_init_adapter`` adds to a layer (``to_base`` leaves it behind)."""
 

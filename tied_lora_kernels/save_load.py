@@ -138,7 +138,6 @@ def _layout(model: nn.Module) -> dict[str, dict]:
             "out_features": int(layer.out_features),
             "rank": layer.rank,
             "alpha": layer.alpha,
-            "dropout": layer.lora_dropout,
             "trains": [k for k, p in zip("ABuv", _factors(layer), strict=True) if p is not None and p.requires_grad],
             "shared": shared_names[id(layer.shared.A)],
             "b_rows": list(layer.b_rows) if layer.b_rows else None,
@@ -195,6 +194,8 @@ def _saver(model: nn.Module, directory: str | os.PathLike, *, gather: bool) -> C
         },
         "config": config,
         "layout": _layout(model),
+        # (beside the layout, which an adapted model must match: a reader before it ignores it)
+        "layer_dropout": {name: layer.lora_dropout for name, layer in tied_lora_layers(model).items()},
     }
     text = json.dumps(meta, indent=2)  # before either file is written: an error leaves the folder as it was
 
@@ -301,10 +302,11 @@ def load_tied_lora(
         # edited by hand, or written by another version), the model is put back as it was
         with _undone_on_error(model, layout):
             _apply(model, config, shared_of={name: entry["shared"] for name, entry in layout.items()})
-            for name, entry in layout.items():  # each layer's alpha and dropout as saved, set since apply or not
+            # each layer's alpha and dropout as saved, set since apply or not. (A file written before it saved the
+            # dropouts ran the config's alpha, whatever its layout recorded: an alpha set on a layer had no effect)
+            for name, p in meta.get("layer_dropout", {}).items():
                 layer = model.get_submodule(name)
-                layer.alpha = entry.get("alpha", layer.alpha)
-                layer.lora_dropout = entry.get("dropout", layer.lora_dropout)  # (files before it: the config's)
+                layer.alpha, layer.lora_dropout = layout[name]["alpha"], p
             _check_state(state, model, listed)
     if absent:
         warnings.warn(
@@ -414,6 +416,11 @@ def _check_meta(meta: dict, path: str) -> None:
     for name, entry in meta["layout"].items():
         if not isinstance(entry, dict) or not {"in_features", "out_features", "shared"} <= set(entry):
             raise bad(f"the layout of {name!r} lacks in_features, out_features or shared")
+    dropouts = meta.get("layer_dropout", {})
+    if not isinstance(dropouts, dict) or not set(dropouts) <= set(meta["layout"]):
+        raise bad("its layer_dropout is not a JSON object of the layout's layers")
+    if dropouts and not all("alpha" in meta["layout"][name] for name in dropouts):
+        raise bad("its layout lacks a layer's alpha")
     for name, d in meta["tensors"].items():
         dtype = getattr(torch, str(d.get("dtype")), None) if isinstance(d, dict) else None
         shape = d.get("shape") if isinstance(d, dict) else None
@@ -470,9 +477,8 @@ def _trained(config: TiedLoRAConfig) -> list[str]:
 
 
 def _fit(layout: dict[str, dict]) -> dict[str, dict]:
-    """What must match for an adapter to load into an adapted model: the layout less what trains and the dropout
-    (the model's own is kept)."""
-    return {name: {k: v for k, v in entry.items() if k not in ("trains", "dropout")} for name, entry in layout.items()}
+    """What must match for an adapter to load into an adapted model: the layout less what trains."""
+    return {name: {k: v for k, v in entry.items() if k != "trains"} for name, entry in layout.items()}
 
 
 def _check_tensors(state: dict[str, torch.Tensor], expected: dict[str, tuple]) -> None:
@@ -527,5 +533,5 @@ def _describe_diff(ours: dict, theirs: dict) -> str:
     if missing or extra:
         return f"layers only in the adapter {missing[:4]}, only in the model {extra[:4]}"
     name = next(n for n in ours if ours[n] != theirs[n])
-    key = next(k for k in ours[name] if ours[name][k] != theirs[name].get(k))
-    return f"layer {name!r} has {key}={ours[name][key]!r}, the adapter {key}={theirs[name][key]!r}"
+    key = next(k for k in {**ours[name], **theirs[name]} if ours[name].get(k) != theirs[name].get(k))
+    return f"layer {name!r} has {key}={ours[name].get(key)!r}, the adapter {key}={theirs[name].get(key)!r}"
