@@ -132,6 +132,46 @@ def test_tied_gradients(scenario, dtype):
         assert_close_to_reference(got[name], ref[name], base[name], f"d{name}", dtype)
 
 
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_tied_partials_of_bf16_layers_are_summed_in_fp32(deterministic):
+    """Each bf16 layer's contribution to the tied fp32 ``A.grad`` and ``B.grad`` is an fp32 partial, summed in fp32:
+    with small-integer inputs every partial is an integer of up to ~10⁴, exact in fp32 but not in bf16 (8 bits of
+    mantissa), so the gradients equal the float64 reference bit for bit only if no partial (nor the sum) was rounded
+    to bf16 on the way. (test_tied_gradients' bf16 tolerance would let such a rounding through.)"""
+    Lr, Mr, K, N, Rr = 4, 64, 32, 24, 4
+    g = torch.Generator().manual_seed(0)
+
+    def ints(*shape, lo=-2, hi=3, dt=torch.bfloat16):
+        return torch.randint(lo, hi, shape, generator=g).to(dt).to(DEVICE)
+
+    def sign(n):
+        return 2 * ints(n, lo=0, hi=2, dt=torch.float32) - 1
+
+    A, B = ints(Rr, K, dt=torch.float32).requires_grad_(True), ints(N, Rr, dt=torch.float32).requires_grad_(True)
+    layers = [
+        dict(x=ints(Mr, K), w=ints(N, K), u=sign(Rr), v=sign(N) * ints(N, lo=1, dt=torch.float32), dy=ints(Mr, N))
+        for _ in range(Lr)
+    ]  # fmt: skip
+
+    def grads(backend, dtype, master):  # layers in dtype, the tied pair and u, v in master
+        a, b = (t.detach().to(master).requires_grad_(True) for t in (A, B))
+        partials = []
+        for p in layers:
+            x, w, u, v, dy = p["x"].to(dtype), p["w"].to(dtype), p["u"].to(master), p["v"].to(master), p["dy"]
+            y = tied_lora_linear(x, w, None, a, b, u, v, 1.0, backend=backend, deterministic=deterministic)
+            partials.append(torch.autograd.grad(y, (a, b), dy.to(dtype), retain_graph=True))
+            y.backward(dy.to(dtype))
+        return a.grad, b.grad, partials
+
+    dA, dB, _ = grads("triton", torch.bfloat16, torch.float32)
+    ref_A, ref_B, ref_partials = grads("torch", torch.float64, torch.float64)
+    assert dA.dtype == dB.dtype == torch.float32
+    # (the case can fail: partials that bf16 cannot hold, whose sum it cannot hold either)
+    for t in (*ref_partials[0], ref_A, ref_B):
+        assert t.abs().max() > 256 and not torch.equal(t.to(torch.bfloat16).double(), t)
+    assert torch.equal(dA.double(), ref_A) and torch.equal(dB.double(), ref_B)
+
+
 def test_hooks_fire_once_per_backward():
     shared, layers = make_model(torch.float32, torch.float32)
     x = torch.randn(M, D).to(DEVICE)

@@ -66,3 +66,29 @@ def test_saved_for_backward(train, bound, dtype, dropout):
     limit = {"x+T": x_bytes + t_bytes, "T": t_bytes, "none": 0}[bound]
     limit += M * -(-K // 8) if dropout else 0
     assert nbytes <= limit, f"saved {nbytes} bytes > {limit} ({saved})"
+    if {"B", "u", "v"} & set(train):  # T = x Aᵀ, kept in fp32 whatever x's dtype (issue 3)
+        assert ((M, R), torch.float32) in saved, saved
+
+
+@pytest.mark.parametrize("train,kept", [(("A", "B", "u", "v"), True), (("u", "v"), False), (("B",), False)])
+def test_x_is_kept_only_when_a_trains(train, kept):
+    """The bound above counts what ``save_for_backward`` keeps; this also catches ``x`` kept any other way (a tensor
+    stashed on the autograd context, a closure): with ``A`` frozen nothing may hold it once the caller lets go."""
+    import gc
+    import weakref
+
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(M, K, generator=g).to(DEVICE).requires_grad_(True)
+    params = {"weight": torch.randn(N, K, generator=g).to(DEVICE), "bias": None}
+    params.update(A=torch.randn(R, K, generator=g), B=torch.randn(N, R, generator=g))
+    params.update(u=torch.randn(R, generator=g), v=torch.randn(N, generator=g))
+    for name in ("A", "B", "u", "v"):
+        params[name] = params[name].to(DEVICE).requires_grad_(name in train)
+    x = x0 * 2.0  # (a non-leaf: its own graph node keeps nothing of it)
+    alive = weakref.ref(x)
+    y = tied_lora_linear(x, *(params[k] for k in ("weight", "bias", "A", "B", "u", "v")), backend="triton")
+    del x
+    gc.collect()
+    assert (alive() is not None) == kept
+    y.sum().backward()
+    assert all(params[name].grad is not None for name in train)
