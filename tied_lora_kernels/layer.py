@@ -519,7 +519,8 @@ class TiedLoRALinear(nn.Linear):
         p = state.pop("lora_dropout", None)  # (a float in layers pickled before it became an nn.Dropout child's p)
         if "alpha" in state:  # (layers pickled before alpha became a property, scale computed from it): the scale
             # they ran with, which a scale set by hand made other than alpha / rank
-            alpha, scale = state.pop("alpha"), state.pop("scale")
+            alpha = state.pop("alpha")
+            scale = state.pop("scale", alpha / state["rank"])
             state["_alpha"] = alpha if scale == alpha / state["rank"] else scale * state["rank"]
         super().__setstate__(state)
         if p:
