@@ -160,7 +160,7 @@ SHAPES = {
 }
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", list(SHAPES))
 def test_shapes(case, dtype):
     x, params = make_inputs("tl6", dtype=dtype, **SHAPES[case])
@@ -178,10 +178,13 @@ def test_deterministic_parity():
     check_parity(x, params, deterministic=True)
 
 
-def test_autocast():
+@pytest.mark.parametrize("autocast_dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("M", [5, 29], ids=["decode", "prefill"])
+@pytest.mark.parametrize("config", ["full", "vera"])
+def test_autocast(config, M, autocast_dtype):
     # fp32 layer and fp32 master adapters under autocast: x, W, b run in the autocast dtype
-    x, params = make_inputs("full", M=29, K=40, N=70, R=8, dtype=torch.float32)
-    check_parity(x, params, autocast_dtype=torch.bfloat16)
+    x, params = make_inputs(config, M=M, K=40, N=70, R=8, dtype=torch.float32)
+    check_parity(x, params, autocast_dtype=autocast_dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
