@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -158,11 +159,12 @@ def test_specialisations_are_counted_under_the_interpreter():
     if kernels.release(triton.__version__) < (3, 6):
         pytest.skip(f"the counter hooks triton >= 3.6's interpreter, not {triton.__version__}'s")
     cmd = [sys.executable, "-m", "benchmarks.count_specialisations", "-n", "1,2", "--", "-p", "no:cacheprovider"]
-    cmd += ["tests/test_kernels_parity.py", "-k", "test_shapes and (M1 or M0)"]
+    cmd += ["tests/test_kernels_parity.py", "-k", "test_shapes and (M1 or M0)"]  # (3 dtypes)
     out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT)
     assert out.returncode == 0, out.stdout + out.stderr
-    counts = out.stdout.split("4 tests, ")[1].split()
-    launches, distinct = int(counts[0]), int(counts[2])
+    counted = re.search(r"(\d+) tests, (\d+) launches, (\d+) distinct", out.stdout)
+    assert counted is not None and counted[1] == "6", out.stdout
+    launches, distinct = int(counted[2]), int(counted[3])
     assert 0 < distinct < launches and "_fused_lora_mm_kernel" in out.stdout
     assert "busiest of 1 queue processes" in out.stdout and "busiest of 2 queue processes" in out.stdout
 
