@@ -35,6 +35,24 @@ def saved_activation_bytes(x, params, dropout=0.0) -> tuple[int, list]:
     return nbytes, saved
 
 
+def layer_inputs(dtype: torch.dtype, train) -> tuple[torch.Tensor, dict]:
+    """``x [M, K]`` (requiring grad) and the layer's ``weight, bias`` in ``dtype``, fp32 ``A, B, u, v``; the factors
+    named in ``train`` require grad."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(M, K, generator=g).to(dtype).to(DEVICE).requires_grad_(True)
+    params = {
+        "weight": torch.randn(N, K, generator=g).to(dtype).to(DEVICE),
+        "bias": torch.randn(N, generator=g).to(dtype).to(DEVICE),
+        "A": torch.randn(R, K, generator=g).to(DEVICE),
+        "B": torch.randn(N, R, generator=g).to(DEVICE),
+        "u": torch.randn(R, generator=g).to(DEVICE),
+        "v": torch.randn(N, generator=g).to(DEVICE),
+    }
+    for name in train:
+        params[name].requires_grad_(True)
+    return x, params
+
+
 @pytest.mark.parametrize(
     "train,bound",
     [
@@ -49,18 +67,7 @@ def saved_activation_bytes(x, params, dropout=0.0) -> tuple[int, list]:
 @pytest.mark.parametrize("dropout", [0.0, 0.25])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 def test_saved_for_backward(train, bound, dtype, dropout):
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(M, K, generator=g).to(dtype).to(DEVICE).requires_grad_(True)
-    params = {
-        "weight": torch.randn(N, K, generator=g).to(dtype).to(DEVICE),
-        "bias": torch.randn(N, generator=g).to(dtype).to(DEVICE),
-        "A": torch.randn(R, K, generator=g).to(DEVICE),
-        "B": torch.randn(N, R, generator=g).to(DEVICE),
-        "u": torch.randn(R, generator=g).to(DEVICE),
-        "v": torch.randn(N, generator=g).to(DEVICE),
-    }
-    for name in train:
-        params[name].requires_grad_(True)
+    x, params = layer_inputs(dtype, train)
     nbytes, saved = saved_activation_bytes(x, params, dropout)
     x_bytes, t_bytes = x.numel() * x.element_size(), 4 * M * R
     limit = {"x+T": x_bytes + t_bytes, "T": t_bytes, "none": 0}[bound]
@@ -77,13 +84,7 @@ def test_x_is_kept_only_when_a_trains(train, kept):
     import gc
     import weakref
 
-    g = torch.Generator().manual_seed(0)
-    x0 = torch.randn(M, K, generator=g).to(DEVICE).requires_grad_(True)
-    params = {"weight": torch.randn(N, K, generator=g).to(DEVICE), "bias": None}
-    params.update(A=torch.randn(R, K, generator=g), B=torch.randn(N, R, generator=g))
-    params.update(u=torch.randn(R, generator=g), v=torch.randn(N, generator=g))
-    for name in ("A", "B", "u", "v"):
-        params[name] = params[name].to(DEVICE).requires_grad_(name in train)
+    x0, params = layer_inputs(torch.float32, train)
     x = x0 * 2.0  # (a non-leaf: its own graph node keeps nothing of it)
     alive = weakref.ref(x)
     y = tied_lora_linear(x, *(params[k] for k in ("weight", "bias", "A", "B", "u", "v")), backend="triton")

@@ -554,27 +554,17 @@ def test_strided_bias():
     check_parity(x, params)
 
 
-def test_fp32_with_tf32_allowed():
+def test_fp32_with_tf32_allowed(monkeypatch):
     """With TF32 allowed for matmuls (torch's switch, either API) fp32 runs the kernels' TF32 dots, held to the rule
     against plain PyTorch with TF32 on: the other fp32 tests hold exact fp32 (torch's default) to IEEE fp32's
     error. On the CPU interpreter, which has no TF32, it is the exact path again; on a GPU it is the TF32 check.
     (One test for both regimes: gpu_check's parity phase stops after three failures.)"""
     matmul = torch.backends.cuda.matmul
-    legacy = not hasattr(matmul, "fp32_precision")
-    old = matmul.allow_tf32 if legacy else matmul.fp32_precision
-    try:
-        if legacy:
-            matmul.allow_tf32 = True
-        else:
-            matmul.fp32_precision = "tf32"
-        for M in (5, 40):  # decode, prefill
-            x, params = make_inputs("tl6", M=M, K=80, N=72, R=16, dtype=torch.float32)
-            check_parity(x, params)
-    finally:
-        if legacy:
-            matmul.allow_tf32 = old
-        else:
-            matmul.fp32_precision = old
+    switch = ("fp32_precision", "tf32") if hasattr(matmul, "fp32_precision") else ("allow_tf32", True)
+    monkeypatch.setattr(matmul, *switch)  # (put back as it was after the test)
+    for M in (5, 40):  # decode, prefill
+        x, params = make_inputs("tl6", M=M, K=80, N=72, R=16, dtype=torch.float32)
+        check_parity(x, params)
 
 
 def test_tf32_setting_read_through_either_api():
