@@ -12,7 +12,15 @@ from safetensors.torch import load_file
 from torch import nn
 
 from tests.models import randomise_adapters, tiny_llama
-from tied_lora_kernels import QKV, TiedLoRAConfig, apply_tied_lora, export_peft_lora, merge_tied_lora, tied_lora_layers
+from tied_lora_kernels import (
+    QKV,
+    TiedLoRAConfig,
+    TiedLoRALinear,
+    apply_tied_lora,
+    export_peft_lora,
+    merge_tied_lora,
+    tied_lora_layers,
+)
 
 peft = pytest.importorskip("peft")
 
@@ -107,6 +115,10 @@ def test_dtype_and_refusals(tmp_path):
         export_peft_lora(model, tmp_path / "x", dtype="bf16")
     with pytest.raises(ValueError, match="no Tied-LoRA adapters"):
         export_peft_lora(tiny_llama(), tmp_path / "x")
+    # layers adapted by hand at two ranks: PEFT's config has one r
+    mixed = nn.Sequential(*(TiedLoRALinear.from_linear(nn.Linear(8, 8), rank=r) for r in (2, 4)))
+    with pytest.raises(ValueError, match=r"the adapted layers have several ranks \[2, 4\]: PEFT's LoRA config has one"):
+        export_peft_lora(mixed, tmp_path / "x")
     merge_tied_lora(model)
     with pytest.raises(RuntimeError, match="cannot export merged layers"):
         export_peft_lora(model, tmp_path / "x")

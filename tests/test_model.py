@@ -682,6 +682,16 @@ def test_config_errors():
     with pytest.raises(TypeError, match="groups must be a sequence"):
         TiedLoRAConfig(groups=3)
     assert TiedLoRAConfig(groups=(g for g in [QKV])).groups == (QKV,)  # a generator is read once, not used up
+    with pytest.raises(ValueError, match="alpha / rank must be within float32's range"):
+        TiedLoRAConfig(rank=1, alpha=1e39)  # (finite as a Python float, inf as the float32 scale)
+    with pytest.raises(ValueError, match=r"backend must be one of \('auto', 'torch', 'triton'\), got 'cuda'"):
+        TiedLoRAConfig(backend="cuda")
+    with pytest.raises(ValueError, match="target_modules is empty"):
+        TiedLoRAConfig(target_modules=[])
+    with pytest.raises(ValueError, match=r"a group needs at least two target names, got \('q_proj',\)"):
+        TiedLoRAConfig(groups=[("q_proj",)])
+    with pytest.raises(ValueError, match=r"init must be one of \('gaussian', 'kaiming'\), got 'xavier'"):
+        TiedLoRAConfig(init="xavier")
 
 
 def test_a_field_set_after_construction_is_checked_and_resolved_again(tmp_path):
@@ -812,6 +822,11 @@ def test_apply_errors():
 
     with pytest.raises(ValueError, match=r"subclasses of nn.Linear cannot be adapted: \['q_proj \(Router\)'\]"):
         apply_tied_lora(nn.ModuleDict({"q_proj": Router(4, 4)}), TiedLoRAConfig(target_modules=ALL_LINEAR))
+    # one A is every member's: a group of layers with different inputs is named with their widths
+    mlp = TiedLoRAConfig(target_modules=["gate_proj", "down_proj"], groups=[("gate_proj", "down_proj")])
+    named = r"grouped layers \['model.layers.0.mlp.gate_proj', 'model.layers.0.mlp.down_proj'\] must share in_features"
+    with pytest.raises(ValueError, match=named + r", got \[32, 64\]"):
+        apply_tied_lora(tiny_llama(), mlp)
     with pytest.raises(ValueError, match="the model itself matched"):
         apply_tied_lora(nn.Linear(8, 8), TiedLoRAConfig(target_modules=lambda m, name: isinstance(m, nn.Linear)))
     model = apply_tied_lora(Toy(), TiedLoRAConfig())

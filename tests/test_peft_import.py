@@ -10,6 +10,7 @@ import shutil
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from tests.models import tiny_llama
 from tests.test_conv1d import tiny_gpt2
@@ -162,6 +163,23 @@ def test_refusals_leave_the_model_untouched(tmp_path):
     shutil.copytree(tmp_path / "lora", tmp_path / "bin")
     (tmp_path / "bin/adapter_model.safetensors").rename(tmp_path / "bin/adapter_model.bin")
     save_tied_lora(apply_tied_lora(tiny_llama(), TiedLoRAConfig(rank=4)), tmp_path / "ours")
+    _peft_adapter(tmp_path / "vera", peft.VeraConfig(r=4, target_modules=["q_proj"]))
+    _peft_adapter(tmp_path / "unprojected", peft.VeraConfig(r=4, target_modules=["q_proj"], save_projection=False))
+
+    def edited(source, name, config=lambda c: None, tensors=lambda s: s):  # a copy of a file, changed
+        shutil.copytree(tmp_path / source, tmp_path / name)
+        meta = json.loads((tmp_path / name / "adapter_config.json").read_text())
+        config(meta)
+        (tmp_path / name / "adapter_config.json").write_text(json.dumps(meta))
+        weights = tmp_path / name / "adapter_model.safetensors"
+        save_file(tensors(load_file(weights)), weights)
+
+    edited("lora", "bias", config=lambda c: c.update(bias="all"))
+    edited("lora", "foreign", tensors=lambda s: {**s, "classifier.weight": torch.zeros(2)})
+    edited("lora", "no-layers", tensors=lambda s: {"base_model.model.lm_head.weight": torch.zeros(97, 32)})
+    q_b = "base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight"
+    edited("lora", "no-lora-B", tensors=lambda s: {k: t for k, t in s.items() if k != q_b})
+    edited("vera", "short-lambda", tensors=lambda s: {k: t[:3] if "lambda_d" in k else t for k, t in s.items()})
     cases = [
         ("dora", tiny_llama, ValueError, r"uses \['use_dora'\]"),
         ("parameters", tiny_llama, ValueError, r"uses \['target_parameters'\].*PEFT adds by itself for 'all-linear'"),
@@ -172,6 +190,13 @@ def test_refusals_leave_the_model_untouched(tmp_path):
         ("bin", tiny_llama, FileNotFoundError, "an adapter_model.bin must be loaded with PEFT and saved again"),
         ("ours", tiny_llama, ValueError, "holds a tied_lora_kernels adapter: load it with load_tied_lora"),
         ("lora", lambda: tiny_llama(hidden_size=48), ValueError, r"A is \(4, 32\), this layer needs \(4, 48\)"),
+        ("bias", tiny_llama, ValueError, r"trains biases \(bias='all'\), which Tied-LoRA does not"),
+        ("foreign", tiny_llama, ValueError, "unexpected tensor names in .*foreign: not a PEFT model's adapter file"),
+        ("no-layers", tiny_llama, ValueError, "no-layers holds no LORA layers"),
+        ("no-lora-B", tiny_llama, ValueError, f"the PEFT adapter file lacks {q_b}"),
+        ("short-lambda", tiny_llama, ValueError, r"q_proj: the PEFT adapter's u is \(3,\), this layer needs \(4,\)"),
+        ("vera", lambda: tiny_llama(hidden_size=48), ValueError, r"vera_A/vera_B are too small for a \[48, 48\] layer"),
+        ("unprojected", tiny_llama, ValueError, r"no vera_A/vera_B \(saved with save_projection=False\)"),
     ]
     for name, base, error, match in cases:
         model = base().double()

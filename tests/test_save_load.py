@@ -305,6 +305,8 @@ def test_load_names_what_is_damaged_in_an_adapter_file(tmp_path):
         "shape": (edited(lambda m: first("tensors")(m).update(shape=["x"])), r"has no shape or no dtype torch k"),
         "targets": (edited(lambda m: m["config"].pop("target_modules")), r"its config has no target_modules"),
         "newer": (edited(lambda m: m["config"].update(newer_option=1)), r"fields \['newer_option'\] this version"),
+        "alpha": (edited(lambda m: first("layout")(m).pop("alpha")), r"json: its layout lacks a layer's alpha; the f"),
+        "format": (edited(lambda m: m.update(format="x")), r"format is not a tied_lora_kernels adapter \(format 'x'\)"),
         "list": (lambda f: (f / "adapter_config.json").write_text("[1, 2]"), r"holds a JSON list, not an adapter"),
         "text": (lambda f: (f / "adapter_config.json").write_text("{not json"), r"adapter_config.json is not JSON"),
         "cut": (
@@ -322,6 +324,13 @@ def test_load_names_what_is_damaged_in_an_adapter_file(tmp_path):
                 load_tied_lora(model, folder)
             assert before.keys() == model.state_dict().keys()
             assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    # a file without a config (saved from layers adapted by hand) loads into a model adapted alike, not a bare one
+    shutil.copytree(tmp_path / "good", tmp_path / "by-hand")
+    edited(lambda m: m.update(config=None))(tmp_path / "by-hand")
+    with pytest.raises(ValueError, match=r"by-hand was saved without a config \(from layers adapted by hand\)"):
+        load_tied_lora(bare := tiny_llama(), tmp_path / "by-hand")
+    assert not tied_lora_layers(bare) and all(p.requires_grad for p in bare.parameters())
+    load_tied_lora(apply_tied_lora(tiny_llama(), TiedLoRAConfig(rank=4)), tmp_path / "by-hand")
 
 
 def test_save_refuses_a_submodule_adapted_apart(tmp_path):

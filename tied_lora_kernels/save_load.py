@@ -259,7 +259,10 @@ def load_tied_lora(
         absent = _check_state(state, model, listed)
     else:
         if meta["config"] is None:
-            raise ValueError("the adapter was saved without a config: adapt the model first, then load")
+            raise ValueError(
+                f"the adapter in {directory} was saved without a config (from layers adapted by hand): adapt the "
+                "model the same way first, then load"
+            )
         _refuse_distributed(wrapped)
         _check_base_shapes(model, layout)
         config = _saved_config(meta, layout, backend)
