@@ -372,6 +372,31 @@ def test_tied_lora_trainer_checkpoints_hold_the_adapter_alone(tmp_path):
         TiedLoRATrainer(model=tiny_llama(), args=args("bare", save_strategy="no"), train_dataset=data).save_model()
 
 
+def test_tied_lora_trainer_saves_the_tokenizer_beside_the_adapter(tmp_path):
+    """As Trainer does: the ``processing_class`` given (here a tokenizer) is saved in every checkpoint and by
+    ``save_model``, beside the adapter, and loads back from there."""
+    pytest.importorskip("accelerate", reason="transformers' Trainer needs accelerate")
+    tokenizers = pytest.importorskip("tokenizers")
+    from tied_lora_kernels.hf import TiedLoRATrainer
+
+    words = tokenizers.Tokenizer(tokenizers.models.WordLevel({f"w{i}": i for i in range(97)}, unk_token="w0"))
+    words.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=words, pad_token="w0")
+    _, data = token_rows()
+    model = apply_tied_lora(tiny_llama(), TiedLoRAConfig(rank=4))
+    args = training_args(tmp_path, save_strategy="steps", save_steps=2)
+    trainer = TiedLoRATrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
+    trainer.train()
+    trainer.save_model(str(tmp_path / "final"))
+    for folder in (tmp_path / "checkpoint-2", tmp_path / "checkpoint-4", tmp_path / "final"):
+        files = {p.name for p in folder.iterdir()}
+        assert {"adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= files, folder
+        assert transformers.AutoTokenizer.from_pretrained(folder)("w5 w7 w96").input_ids == [5, 7, 96]
+    with torch.no_grad():
+        assert torch.equal(load_tied_lora(tiny_llama(), tmp_path / "final")(data[0]["input_ids"][None]).logits,
+                           model.eval()(data[0]["input_ids"][None]).logits)  # fmt: skip
+
+
 def test_trainers_combined_with_tied_lora_trainer_checkpoint_the_adapter_alone(tmp_path):
     """``class MyTrainer(TiedLoRATrainer, OtherTrainer)`` (TRL's SFTTrainer, DPOTrainer, ... in the README): the other
     trainer's loss and its own ``_save`` give way to TiedLoRATrainer's checkpoints (the adapter alone), which resume
