@@ -332,14 +332,20 @@ def test_all_linear_adapts_a_layer_narrower_than_the_rank():
 def test_falcon_adapts_trains_merges_and_goes_to_peft_and_back(tmp_path):
     """Falcon's linears are transformers' FalconLinear (bias added apart, see test_modules): "all-linear" adapts all
     four kinds; the adapted model computes what its merged weights do and what PEFT computes with the exported
-    adapter, a PEFT LoRA loads onto it, and unloading or merging with unload gives FalconLinear layers back."""
+    adapter, a PEFT LoRA loads onto it, and unloading or merging with unload gives FalconLinear layers back. Disabled,
+    it computes FalconLinear's own product-then-bias bit for bit (biases made non-zero so that the order shows)."""
     peft = pytest.importorskip("peft")
     falcon_linear = pytest.importorskip("transformers.models.falcon.modeling_falcon").FalconLinear
 
     def falcon():
         torch.manual_seed(0)
         shape = dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, bias=True)
-        return transformers.FalconForCausalLM(transformers.FalconConfig(**shape)).double().eval()
+        model = transformers.FalconForCausalLM(transformers.FalconConfig(**shape)).double().eval()
+        with torch.no_grad():  # (biases start at zero: a bias added in the product's place would go unseen)
+            for name, p in model.named_parameters():
+                if name.endswith(".bias"):
+                    p.normal_()
+        return model
 
     ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(0))
     model = apply_tied_lora(falcon(), TiedLoRAConfig(rank=4, target_modules=ALL_LINEAR, dtype=torch.float64))
@@ -360,6 +366,11 @@ def test_falcon_adapts_trains_merges_and_goes_to_peft_and_back(tmp_path):
         loaded = load_peft_adapter(falcon(), tmp_path / "lora")
         torch.testing.assert_close(loaded(ids).logits, lora(ids).logits, rtol=1e-12, atol=1e-12)
 
+        with disable_tied_lora(model):  # FalconLinear's own computation, bit for bit; merged, its merged weights'
+            assert torch.equal(model(ids).logits, falcon()(ids).logits)
+        merge_tied_lora(model)
+        torch.testing.assert_close(model(ids).logits, expected, rtol=1e-12, atol=1e-12)
+        unmerge_tied_lora(model)
         merge_tied_lora(model, unload=True)
         torch.testing.assert_close(model(ids).logits, expected, rtol=1e-12, atol=1e-12)
     kinds = {type(m) for name, m in model.named_modules() if "dense" in name or "query_key_value" in name}
