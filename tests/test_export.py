@@ -278,3 +278,36 @@ def test_layers_peft_would_read_as_moe_experts_are_named_in_a_warning(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         export_peft_lora(apply_tied_lora(tiny_llama(), TiedLoRAConfig(rank=4, target_modules="all-linear")), tmp_path)
+
+
+def test_a_text_seq2seq_model_exports_as_seq_2_seq_lm(tmp_path):
+    """A T5's export records PEFT's SEQ_2_SEQ_LM (PeftModel.from_pretrained then builds a PeftModelForSeq2SeqLM, which
+    computes the adapted model's logits); a speech seq2seq model's (Whisper, whose forward does not fit that class:
+    it is not in transformers' table of text seq2seq LMs) records none."""
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+
+    def t5():
+        torch.manual_seed(0)
+        shape = dict(vocab_size=97, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, decoder_start_token_id=0)
+        return transformers.T5ForConditionalGeneration(transformers.T5Config(**shape)).double().eval()
+
+    model = apply_tied_lora(t5(), TiedLoRAConfig(rank=4, target_modules=["q", "k", "v"], dtype=torch.float64))
+    randomise_adapters(model)
+    ids = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(1))
+    export_peft_lora(model, tmp_path / "t5")
+    assert json.loads((tmp_path / "t5" / "adapter_config.json").read_text())["task_type"] == "SEQ_2_SEQ_LM"
+    served = peft.PeftModel.from_pretrained(t5(), tmp_path / "t5")
+    assert isinstance(served, peft.PeftModelForSeq2SeqLM)
+    with torch.no_grad():
+        expected = model(input_ids=ids, decoder_input_ids=ids[:, :5]).logits
+        actual = served(input_ids=ids, decoder_input_ids=ids[:, :5]).logits
+    torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-12)
+
+    speech = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1, num_mel_bins=8)
+    layers = dict(encoder_layers=1, decoder_layers=1, encoder_attention_heads=4, decoder_attention_heads=4)
+    widths = dict(d_model=32, encoder_ffn_dim=64, decoder_ffn_dim=64, max_source_positions=16, max_target_positions=16)
+    config = transformers.WhisperConfig(vocab_size=97, **speech, **layers, **widths)
+    whisper = apply_tied_lora(transformers.WhisperForConditionalGeneration(config), TiedLoRAConfig(rank=4))
+    export_peft_lora(whisper, tmp_path / "whisper")
+    assert json.loads((tmp_path / "whisper" / "adapter_config.json").read_text())["task_type"] is None
