@@ -579,6 +579,15 @@ def test_adapter_tensors_without_a_gradient_in_the_first_steps_are_named(tmp_pat
             assert str([f"llama.lm_head.{name}" for name in named]) in ours[0]
         else:
             assert not ours, ours
+    # a run longer than the watch warns at its 10th step, once (not again when it ends)
+    args = training_args(tmp_path / "long", max_steps=12, save_strategy="no")
+    run = TiedLoRATrainer(Model("weight"), args, train_dataset=data)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run.train()
+    ours = [str(w.message) for w in caught if "got no gradient" in str(w.message)]
+    assert len(ours) == 1, ours
+    assert ours[0].startswith("4 trainable adapter tensors got no gradient in any of the first 10 optimizer steps")
 
 
 def test_an_optimizer_that_steps_inside_the_backward_is_not_taken_for_missing_gradients(tmp_path):
