@@ -311,3 +311,30 @@ def test_a_text_seq2seq_model_exports_as_seq_2_seq_lm(tmp_path):
     whisper = apply_tied_lora(transformers.WhisperForConditionalGeneration(config), TiedLoRAConfig(rank=4))
     export_peft_lora(whisper, tmp_path / "whisper")
     assert json.loads((tmp_path / "whisper" / "adapter_config.json").read_text())["task_type"] is None
+
+
+def test_the_layers_dropout_goes_into_peft_config(tmp_path):
+    """PEFT's config holds one lora_dropout: the layers' when they agree, whatever the config said (set after
+    apply_tied_lora, or turned off as TRL's disable_dropout does); when they differ, the config's, with a warning
+    naming the layers that do not use it."""
+    model = apply_tied_lora(tiny_llama(), TiedLoRAConfig(rank=4, dropout=0.1))
+    layers = tied_lora_layers(model)
+
+    def exported(folder):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # (no warning when the layers agree)
+            export_peft_lora(model, tmp_path / folder)
+        return json.loads((tmp_path / folder / "adapter_config.json").read_text())["lora_dropout"]
+
+    assert exported("config") == 0.1
+    for layer in layers.values():
+        layer.lora_dropout = 0.05
+    assert exported("set-after") == 0.05
+    for module in model.modules():  # TRL's disable_dropout
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    assert exported("disabled") == 0.0
+    layers["model.layers.1.self_attn.k_proj"].lora_dropout = 0.2
+    with pytest.warns(UserWarning, match=r"the file says 0.1 \(the config.s\), which \[.model.layers.0.self_attn.q"):
+        export_peft_lora(model, tmp_path / "mixed")
+    assert json.loads((tmp_path / "mixed" / "adapter_config.json").read_text())["lora_dropout"] == 0.1

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from tied_lora_kernels.functional import first_names
 from tied_lora_kernels.layer import _own_rows
 from tied_lora_kernels.model import (
     _is_adapter_tensor,
@@ -54,11 +55,12 @@ def export_peft_lora(
     Load it with ``peft.PeftModel.from_pretrained(base, directory)`` where ``base`` is the model ``model`` was
     adapted from (the same class: module names must match), or serve it as a LoRA adapter. ``dtype``: the
     tensors' dtype (default: the adapters'). ``base_model_name_or_path`` is recorded in the config, as PEFT
-    does. ``modules_to_save`` go in as PEFT writes them (full tensors, in their own dtype). ``target_modules``
-    holds the layers' short names (``q_proj``, ...) when every module of the model with those names is adapted,
-    else a regular expression that matches exactly their qualified names (PEFT matches a list of names as
-    suffixes, a string as a full-match regex). Refuses merged layers, whose ΔW is in the base weights already,
-    and meta-device adapters. ``task_type`` (PEFT's: ``"CAUSAL_LM"``, ``"SEQ_CLS"``, ...; what
+    does. ``lora_dropout``: the layers' dropout when they all use one, else the config's, with a warning (PEFT's
+    config has one). ``modules_to_save`` go in as PEFT writes them (full tensors, in their own dtype).
+    ``target_modules`` holds the layers' short names (``q_proj``, ...) when every module of the model with those
+    names is adapted, else a regular expression that matches exactly their qualified names (PEFT matches a list
+    of names as suffixes, a string as a full-match regex). Refuses merged layers, whose ΔW is in the base weights
+    already, and meta-device adapters. ``task_type`` (PEFT's: ``"CAUSAL_LM"``, ``"SEQ_CLS"``, ...; what
     ``AutoPeftModel...`` needs; None writes none): ``"auto"`` takes ``"CAUSAL_LM"`` for the classes transformers
     maps as causal LMs (``LlamaForCausalLM``, ``GPT2LMHeadModel``, ...) and ``"SEQ_2_SEQ_LM"`` for its text
     seq2seq LMs; other models get none (PEFT's classifier task types expect their head in the file, as
@@ -129,13 +131,26 @@ def export_peft_lora(
                 for alias in aliases.get(name, [name]):
                     state[f"base_model.model.{alias}"] = tensor.to("cpu", copy=True).contiguous()
         targets = _target_names(model, set(layers))
+        # PEFT's config has one dropout: the layers' when they agree (set after apply_tied_lora, or turned off by
+        # TRL's disable_dropout), else the config's, with a warning
+        dropouts = {name: layer.lora_dropout for name, layer in layers.items()}
+        dropout = next(iter(dropouts.values())) if len(set(dropouts.values())) == 1 else None
+        if dropout is None:
+            dropout = config.dropout if config is not None else 0.0
+            others = [name for name, p in dropouts.items() if p != dropout]
+            warnings.warn(
+                f"export_peft_lora: the adapted layers train with different dropouts, and PEFT's config holds one "
+                f"lora_dropout: the file says {dropout} (the config's), which {first_names(others, 3)} do not use "
+                "(this changes training after loading into PEFT, not what the adapter computes)",
+                stacklevel=4,
+            )
         peft_config = {
             "peft_type": "LORA",
             "task_type": task_type,
             "base_model_name_or_path": base_model_name_or_path,
             "r": rank,
             "lora_alpha": rank,  # scaling 1: s is folded into lora_B
-            "lora_dropout": config.dropout if config is not None else 0.0,
+            "lora_dropout": dropout,
             "target_modules": targets,
             "bias": "none",
             # PEFT's flag for GPT-2's Conv1D (weight stored [in, out]); lora_A/lora_B are [r, in]/[out, r] either way
