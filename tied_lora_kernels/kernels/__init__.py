@@ -5,17 +5,20 @@ first makes triton assemble them with a ptxas that does not corrupt them: ``hopp
 ``tied_lora_linear_triton`` is what ``tied_lora_linear(..., backend="triton")`` calls.
 
 - ``forward.py``: the fused GEMM (forward ``y`` and backward ``dx``; one-pass or two-pass, split-K at
-  decode) and its launcher;
+  decode), the two kernels that sum split-K partials (the rank-R term apart or not) and their launcher, with
+  the arrival counts of the in-kernel sum;
 - ``prepare.py``: the adapters as a prefill GEMM reads them (``A`` cast, ``s·v ⊙ B`` folded), one launch;
 - ``shrink.py``: the two-pass strategy's first kernel (``T = x Aᵀ``, ``dS / s = dy (v ⊙ B)`` in fp32);
 - ``dropout.py``: adapter dropout's mask (drawn by the shrink, stored as bits, read by dx and ``dA``);
 - ``backward.py``: the rank-gradient reduction over tokens (``dA = dTᵀx``; ``G = dyᵀS``, finished in its
   epilogue into ``dB``, ``dv``, ``du``);
-- ``function.py``: the ``autograd.Function`` joining them (all the math in its docstring);
+- ``function.py``: the ``autograd.Function`` joining them (all the math in its docstring), and the custom ops
+  ``torch.compile`` and ``torch.export`` see in its place;
 - ``configs.py``: every block config and strategy a launch can pick (and how to force one:
   ``TIED_LORA_STRATEGY``, ``TIED_LORA_TMA``, ``TIED_LORA_SPLIT_REDUCE``, ``TIED_LORA_SPLIT_RANK``,
   ``configs.forced``);
-  ``compile_check.py`` compiles each for the GPUs its table serves (sm_90 and sm_100; sm_80 and sm_120);
+- ``compile_check.py``: compiles each ahead of time for the GPUs its table serves (sm_90 and sm_100; sm_80
+  and sm_120) and reports registers, spills, shared memory and wgmma;
 - ``common.py``: dot precision, the interpreter's bf16 workaround, the host ``cdiv``;
 - ``ptxas.py``: which ptxas assembles the kernels for Hopper (``hopper_ptxas``: not one that corrupts them).
 """

@@ -81,11 +81,11 @@ from .forward import RANK_APART_BLOCK_R, RANK_SUM_CHUNK, RANK_SUM_WARPS, SUM_BLO
 from .prepare import PREPARE_BLOCK, PREPARE_WARPS
 
 TARGETS = {"sm90": (90, 100), "sm80": (80, 120)}
+"""Compute capabilities each config table is compiled for: the GPUs ``configs.arch_of`` gives it to."""
 
 SWITCHES = ("HAS_BIAS", "HAS_RSCALE", "HAS_CSCALE")
 """Constexpr switches the compile check turns on (the bias, ``u``, ``v``) and ``--off`` turns off: each is a
 specialisation of its own, as the JIT compiles it for a layer without that tensor."""
-"""Compute capabilities each config table is compiled for: the GPUs ``configs.arch_of`` gives it to."""
 
 # variant -> (kernel, args equal to 1, args with divisibility 16, constexpr switches). The fused variants'
 # LOAD_T / WRITE_T follow the config's strategy (``_fused_switches``); "-splitk" adds SPLIT_K (decode only).

@@ -1,11 +1,12 @@
 """Every block configuration and strategy the launchers can pick, in one place (the compile check walks the
 same tables).
 
-Three kernels launch: the fused GEMM (forward ``y``, backward ``dx``; ``forward.py``), the shrink (``T = x Aᵀ``
-or ``dS / s = dy (v ⊙ B)``, two-pass only; ``shrink.py``) and the rank-gradient reduction (``G = dyᵀ S`` and
-``dAᵀ = xᵀ dT``; ``backward.py``). Configs are picked by shape heuristics, not autotuned: no autotune trial
-can run a kernel twice into an accumulated gradient, and CPU runs (the interpreter) see the same choice as
-the GPU.
+Three kernels have tiles here: the fused GEMM (forward ``y``, backward ``dx``; ``forward.py``), the shrink
+(``T = x Aᵀ`` or ``dS / s = dy (v ⊙ B)``, two-pass only; ``shrink.py``) and the rank-gradient reduction
+(``G = dyᵀ S`` and ``dAᵀ = xᵀ dT``; ``backward.py``); the other three launch fixed blocks of their own (the
+split-K sums in ``forward.py``, the adapters' preparation in ``prepare.py``). Configs are picked by shape
+heuristics, not autotuned: no autotune trial can run a kernel twice into an accumulated gradient, and CPU runs
+(the interpreter) see the same choice as the GPU.
 
 Each table is keyed by architecture ("sm90" / "sm80", see ``arch_of``), token regime (decode: M ≤ 16,
 prefill: larger), input width (16-bit or fp32) and the rank tile ``BLOCK_R = max(16, next_pow2(R))``, which

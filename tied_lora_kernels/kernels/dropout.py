@@ -44,6 +44,43 @@ from .common import cdiv
 __all__ = ["DropoutMask", "new_mask", "draw_seed", "keep_threshold"]
 
 
+@triton.jit
+def draw_keep(seed, offs_m, k0, K, threshold, BLOCK_K: tl.constexpr):
+    """The keep mask of rows ``offs_m`` (int64) and columns ``[k0, k0 + BLOCK_K)`` (``k0`` a multiple of 4):
+    ``[len(offs_m), BLOCK_K]`` bool, four entries per Philox call (module docstring)."""
+    groups = tl.cdiv(K, 4)
+    counter = offs_m[:, None] * groups + (k0 // 4 + tl.arange(0, BLOCK_K // 4))[None, :]
+    r0, r1, r2, r3 = tl.randint4x(seed, counter)
+    # columns 4g + j take output j: join(join(r0, r2), join(r1, r3)) reshapes to r0 r1 r2 r3 along each row
+    r = tl.join(tl.join(r0 >> 1, r2 >> 1), tl.join(r1 >> 1, r3 >> 1))
+    r = tl.reshape(r, (offs_m.shape[0], BLOCK_K)).to(tl.int32)  # (31-bit values: the cast keeps them)
+    return r >= threshold
+
+
+@triton.jit
+def pack_bits(keep, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``keep [BLOCK_M, BLOCK_K]`` as bytes ``[BLOCK_M, BLOCK_K // 8]``:
+    column ``8j + b`` is bit ``b`` of byte ``j``."""
+    bits = tl.reshape(keep.to(tl.int32), (BLOCK_M, BLOCK_K // 8, 8)) << tl.arange(0, 8)[None, None, :]
+    return tl.sum(bits, axis=2).to(tl.uint8)
+
+
+@triton.jit
+def load_keep(bits_ptr, stride_bm, offs_m, mask_m, k0, K, BLOCK_K: tl.constexpr, TRANSPOSED: tl.constexpr):
+    """The stored keep mask of rows ``offs_m`` and columns ``[k0, k0 + BLOCK_K)`` (``k0`` a multiple of 8):
+    ``[len(offs_m), BLOCK_K]`` bool, or ``[BLOCK_K, len(offs_m)]`` when ``TRANSPOSED``. Loads the tile's bytes
+    ``[M, BLOCK_K // 8]`` (an eighth of its entries: a gather of one byte per entry spilled registers) and expands
+    their bits to ``[M, BLOCK_K // 8, 8]``, then ``[M, BLOCK_K]``; transposed last (expanding along the other
+    dimension spilled 32 bytes for sm_100 with triton 3.6)."""
+    offs_byte = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+    byte_ptrs = bits_ptr + offs_m[:, None] * stride_bm + offs_byte[None, :]
+    byte = tl.load(byte_ptrs, mask=mask_m[:, None] & (offs_byte < tl.cdiv(K, 8))[None, :], other=0).to(tl.int32)
+    bits = tl.reshape((byte[:, :, None] >> tl.arange(0, 8)[None, None, :]) & 1, (offs_m.shape[0], BLOCK_K))
+    if TRANSPOSED:
+        bits = tl.trans(bits.to(tl.int8))
+    return bits != 0
+
+
 class DropoutMask(NamedTuple):
     """One forward's dropout: probability ``p``, the ``seed`` it draws with (int64 ``[1]`` on the device) and
     the ``bits`` the shrink writes (uint8 ``[M, ceil(K/8)]``; None when no backward will read them)."""
@@ -82,40 +119,3 @@ def keep_threshold(p: float) -> int:
     """The 31-bit threshold an entry's draw must reach to be kept: ``round(p · 2³¹)`` (2³¹, dropping every entry,
     only for ``p > 1 - 2⁻³²``; 0, keeping every entry, for ``p < 2⁻³²``: the keep rate is ``1 - p`` within 2⁻³²)."""
     return round(p * 2**31)
-
-
-@triton.jit
-def draw_keep(seed, offs_m, k0, K, threshold, BLOCK_K: tl.constexpr):
-    """The keep mask of rows ``offs_m`` (int64) and columns ``[k0, k0 + BLOCK_K)`` (``k0`` a multiple of 4):
-    ``[len(offs_m), BLOCK_K]`` bool, four entries per Philox call (module docstring)."""
-    groups = tl.cdiv(K, 4)
-    counter = offs_m[:, None] * groups + (k0 // 4 + tl.arange(0, BLOCK_K // 4))[None, :]
-    r0, r1, r2, r3 = tl.randint4x(seed, counter)
-    # columns 4g + j take output j: join(join(r0, r2), join(r1, r3)) reshapes to r0 r1 r2 r3 along each row
-    r = tl.join(tl.join(r0 >> 1, r2 >> 1), tl.join(r1 >> 1, r3 >> 1))
-    r = tl.reshape(r, (offs_m.shape[0], BLOCK_K)).to(tl.int32)  # (31-bit values: the cast keeps them)
-    return r >= threshold
-
-
-@triton.jit
-def pack_bits(keep, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """``keep [BLOCK_M, BLOCK_K]`` as bytes ``[BLOCK_M, BLOCK_K // 8]``:
-    column ``8j + b`` is bit ``b`` of byte ``j``."""
-    bits = tl.reshape(keep.to(tl.int32), (BLOCK_M, BLOCK_K // 8, 8)) << tl.arange(0, 8)[None, None, :]
-    return tl.sum(bits, axis=2).to(tl.uint8)
-
-
-@triton.jit
-def load_keep(bits_ptr, stride_bm, offs_m, mask_m, k0, K, BLOCK_K: tl.constexpr, TRANSPOSED: tl.constexpr):
-    """The stored keep mask of rows ``offs_m`` and columns ``[k0, k0 + BLOCK_K)`` (``k0`` a multiple of 8):
-    ``[len(offs_m), BLOCK_K]`` bool, or ``[BLOCK_K, len(offs_m)]`` when ``TRANSPOSED``. Loads the tile's bytes
-    ``[M, BLOCK_K // 8]`` (an eighth of its entries: a gather of one byte per entry spilled registers) and expands
-    their bits to ``[M, BLOCK_K // 8, 8]``, then ``[M, BLOCK_K]``; transposed last (expanding along the other
-    dimension spilled 32 bytes for sm_100 with triton 3.6)."""
-    offs_byte = k0 // 8 + tl.arange(0, BLOCK_K // 8)
-    byte_ptrs = bits_ptr + offs_m[:, None] * stride_bm + offs_byte[None, :]
-    byte = tl.load(byte_ptrs, mask=mask_m[:, None] & (offs_byte < tl.cdiv(K, 8))[None, :], other=0).to(tl.int32)
-    bits = tl.reshape((byte[:, :, None] >> tl.arange(0, 8)[None, None, :]) & 1, (offs_m.shape[0], BLOCK_K))
-    if TRANSPOSED:
-        bits = tl.trans(bits.to(tl.int8))
-    return bits != 0
