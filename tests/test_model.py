@@ -483,7 +483,7 @@ def test_every_linear_whose_weight_transformers_reads_itself_is_listed():
     installs the newest transformers)."""
     import pathlib
 
-    from tied_lora_kernels.model import _WEIGHT_READ_BY_PARENT
+    from tied_lora_kernels.targets import _WEIGHT_READ_BY_PARENT
 
     if not transformers.__version__.startswith(("5.24.", "5.25.")):
         pytest.skip(f"the list was made for transformers 5.24 and 5.25, this is {transformers.__version__}")

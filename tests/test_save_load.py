@@ -687,7 +687,7 @@ def test_load_names_a_missing_module(tmp_path):
 def test_a_file_that_adapted_a_layer_whose_weight_its_parent_reads_says_why_it_no_longer_loads(tmp_path, monkeypatch):
     """A file saved before apply_tied_lora learnt which layers their parent reads the weight of (Mamba's dt_proj,
     x_proj, out_proj under "all-linear"): the refusal to load it names those layers and the reason."""
-    from tied_lora_kernels import model as model_module
+    from tied_lora_kernels import targets
 
     def mamba():
         torch.manual_seed(0)
@@ -695,7 +695,7 @@ def test_a_file_that_adapted_a_layer_whose_weight_its_parent_reads_says_why_it_n
         return transformers.MambaForCausalLM(transformers.MambaConfig(**shape))
 
     with monkeypatch.context() as patch:
-        patch.setattr(model_module, "_WEIGHT_READ_BY_PARENT", {})
+        patch.setattr(targets, "_WEIGHT_READ_BY_PARENT", {})
         save_tied_lora(apply_tied_lora(mamba(), TiedLoRAConfig(rank=4, target_modules="all-linear")), tmp_path)
     with pytest.raises(ValueError, match=r"no longer match \['backbone.layers.0.mixer.dt_proj', .*\]; \['backbone"):
         load_tied_lora(mamba(), tmp_path)

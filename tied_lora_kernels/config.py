@@ -66,7 +66,7 @@ class TiedLoRAConfig:
     ``nn.Linear``, transformers' ``Conv1D`` (GPT-2) and ``FalconLinear``, and bitsandbytes quantized linear, other
     subclasses left out, except the output layer a Hugging Face model's ``get_output_embeddings()`` names or else
     its ``score``/``classifier`` head, the layers whose weight their parent reads itself
-    (``model._WEIGHT_READ_BY_PARENT``) and those whose weight is tied to another module's; only those layer types
+    (``targets._WEIGHT_READ_BY_PARENT``) and those whose weight is tied to another module's; only those layer types
     are adapted. ``groups``: tuples of target names that, within one parent module, share one ``A`` and one ``u``
     and stack their ``B`` and ``v`` (q, k and v of a layer: the paper's fused-QKV setup). ``tie``: one ``A``/``B``
     across all layers of a group or target (per shape: the layers whose names differ only in their numeric parts)

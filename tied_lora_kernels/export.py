@@ -26,14 +26,16 @@ from tied_lora_kernels.functional import first_names
 from tied_lora_kernels.layer import _own_rows
 from tied_lora_kernels.model import (
     _is_adapter_tensor,
-    _named_tensors,
-    _names_of_parameters,
     _require_layers,
-    _saved_modules,
     _unwrapped,
     tied_lora_layers,
 )
 from tied_lora_kernels.save_load import _refuse_meta, _write_on_rank0, tied_lora_state_dict
+from tied_lora_kernels.targets import (
+    _named_tensors,
+    _names_of_parameters,
+    _saved_modules,
+)
 
 __all__ = ["export_peft_lora"]
 

@@ -26,10 +26,6 @@ from tied_lora_kernels.config import TiedLoRAConfig
 from tied_lora_kernels.layer import linear_features
 from tied_lora_kernels.model import (
     _apply,
-    _find_targets,
-    _input_dtype,
-    _names_of_parameters,
-    _read_by_parent,
     _refuse_distributed,
     _refuse_inner_compile_wrappers,
     _refuse_peft_model,
@@ -37,6 +33,12 @@ from tied_lora_kernels.model import (
     tied_lora_layers,
 )
 from tied_lora_kernels.save_load import read_json, read_weights
+from tied_lora_kernels.targets import (
+    _find_targets,
+    _input_dtype,
+    _names_of_parameters,
+    _read_by_parent,
+)
 
 __all__ = ["load_peft_adapter"]
 
@@ -164,7 +166,7 @@ def load_peft_adapter(model: nn.Module, directory: str | os.PathLike, *, backend
     if skipped:  # (PEFT's "all-linear" adapts them)
         why = (
             "their parent module reads the layer's weight itself instead of calling it, so PEFT's forward skips "
-            "them too (model._WEIGHT_READ_BY_PARENT)"
+            "them too (targets._WEIGHT_READ_BY_PARENT)"
         )
         if len(skipped) == len(layers):
             raise ValueError(f"every layer of the PEFT adapter {skipped[:3]} has its weight read by its parent: {why}")

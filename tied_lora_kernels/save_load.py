@@ -25,23 +25,25 @@ from tied_lora_kernels.model import (
     _adapter_params,
     _apply,
     _factors,
-    _find_targets,
-    _input_dtype,
     _is_adapter_tensor,
-    _named_tensors,
-    _read_by_parent,
     _refuse_distributed,
     _refuse_inner_compile_wrappers,
     _refuse_parametrized,
     _refuse_peft_inside,
     _require_layers,
-    _saved_ids,
-    _saved_modules,
-    _saved_tensor_ids,
     _sharded,
     _undone_on_error,
     _unwrapped,
     tied_lora_layers,
+)
+from tied_lora_kernels.targets import (
+    _find_targets,
+    _input_dtype,
+    _named_tensors,
+    _read_by_parent,
+    _saved_ids,
+    _saved_modules,
+    _saved_tensor_ids,
 )
 
 __all__ = ["save_tied_lora", "load_tied_lora", "tied_lora_state_dict"]
@@ -272,7 +274,7 @@ def load_tied_lora(
             read = [n for n in missing if _read_by_parent(model, n)]  # (_check_base_shapes found each of them)
             why = (
                 f"; {read[:4]} are layers whose weight their parent reads itself, which apply_tied_lora no longer "
-                "adapts (model._WEIGHT_READ_BY_PARENT: the adapter was skipped there on some paths)"
+                "adapts (targets._WEIGHT_READ_BY_PARENT: the adapter was skipped there on some paths)"
                 if read
                 else ""
             )
