@@ -36,8 +36,8 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from tied_lora_kernels.functional import first_names, shown
 from tied_lora_kernels.layer import TiedLoRALinear
 from tied_lora_kernels.model import (
+    _adapter_parameters,
     _adapter_params,
-    _factors,
     _refuse_inner_compile_wrappers,
     _refuse_peft_inside,
     _unwrapped,
@@ -290,8 +290,10 @@ def _refuse_an_ungraded_head(model: nn.Module, ungraded: dict[str, nn.Parameter]
         head = None
     if not isinstance(head, TiedLoRALinear):
         return
-    others = {id(p) for layer in tied_lora_layers(model).values() if layer is not head for p in _factors(layer)}
-    own = {id(p) for p in _factors(head) if p is not None and p.requires_grad and id(p) not in others}
+    others = {
+        id(p) for layer in tied_lora_layers(model).values() if layer is not head for p in _adapter_parameters(layer)
+    }
+    own = {id(p) for p in _adapter_parameters(head) if p is not None and p.requires_grad and id(p) not in others}
     if own and own <= {id(p) for p in ungraded.values()}:
         raise ValueError(
             "the output layer is adapted, but its adapter got no gradient in the first step: the training loss reads "

@@ -434,12 +434,14 @@ def disable_tied_lora(model: nn.Module) -> Iterator[nn.Module]:
             layer.disabled = saved[name]
 
 
-def _factors(layer: TiedLoRALinear) -> tuple:
+def _adapter_parameters(layer: TiedLoRALinear) -> tuple:
+    """``(A, B, u, v)`` as the parameters the layer uses: the shared pair whole (a grouped layer's ``B`` holds the
+    rows of every member: ``TiedLoRALinear._factors`` gives this layer's), ``u`` and ``v`` None where frozen at one."""
     return layer.shared.A, layer.shared.B, layer.lora_u, layer.lora_v
 
 
 def _adapter_params(layers: dict[str, TiedLoRALinear]) -> set[int]:
-    return {id(p) for layer in layers.values() for p in _factors(layer) if p is not None}
+    return {id(p) for layer in layers.values() for p in _adapter_parameters(layer) if p is not None}
 
 
 def _refuse_parametrized(layers: dict[str, TiedLoRALinear]) -> None:

@@ -22,9 +22,9 @@ from tied_lora_kernels.functional import BACKENDS, first_names
 from tied_lora_kernels.kernels.configs import MAX_RANK
 from tied_lora_kernels.layer import adaptable_types, linear_features
 from tied_lora_kernels.model import (
+    _adapter_parameters,
     _adapter_params,
     _apply,
-    _factors,
     _is_adapter_tensor,
     _refuse_distributed,
     _refuse_inner_compile_wrappers,
@@ -140,7 +140,9 @@ def _layout(model: nn.Module) -> dict[str, dict]:
             "out_features": int(layer.out_features),
             "rank": layer.rank,
             "alpha": layer.alpha,
-            "trains": [k for k, p in zip("ABuv", _factors(layer), strict=True) if p is not None and p.requires_grad],
+            "trains": [
+                k for k, p in zip("ABuv", _adapter_parameters(layer), strict=True) if p is not None and p.requires_grad
+            ],
             "shared": shared_names[id(layer.shared.A)],
             "b_rows": list(layer.b_rows) if layer.b_rows else None,
         }
@@ -342,7 +344,7 @@ def _trained_tensors(model: nn.Module, layout: dict[str, dict]) -> set[int]:
     out = set()
     for name, layer in tied_lora_layers(model).items():
         kinds = _trained(config) if config is not None else layout[name]["trains"]
-        out |= {id(p) for k, p in zip("ABuv", _factors(layer), strict=True) if p is not None and k in kinds}
+        out |= {id(p) for k, p in zip("ABuv", _adapter_parameters(layer), strict=True) if p is not None and k in kinds}
     return out
 
 
