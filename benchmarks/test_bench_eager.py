@@ -47,7 +47,7 @@ pytestmark = [pytest.mark.gpu] if DEVICE.type == "cuda" else []
 def _no_launches():
     """The triton backend on CPU tensors with every kernel launch a no-op (outputs stay uninitialised)."""
     from tied_lora_kernels import functional
-    from tied_lora_kernels.kernels import backward, forward, prepare, shrink
+    from tied_lora_kernels.kernels import backward, forward, prepare, shrink, split_sum
 
     class _NoLaunch:
         def __getitem__(self, grid):
@@ -55,7 +55,8 @@ def _no_launches():
 
     kernels = [
         (forward, "_fused_lora_mm_kernel"),
-        (forward, "_sum_splits_kernel"),
+        (split_sum, "_sum_splits_kernel"),
+        (split_sum, "_sum_splits_rank_kernel"),
         (shrink, "_shrink_kernel"),
         (prepare, "_prepare_kernel"),
         (backward, "_rank_grad_kernel"),

@@ -21,7 +21,7 @@ from tests.conftest import DEVICE
 from tests.helpers import GridSpy, assert_close_to_reference
 from tests.test_kernels_parity import check_parity, make_inputs
 from tied_lora_kernels.functional import tied_lora_linear
-from tied_lora_kernels.kernels import configs, forward
+from tied_lora_kernels.kernels import configs, forward, split_sum
 from tied_lora_kernels.kernels.common import cdiv
 from tied_lora_kernels.kernels.forward import fused_lora_mm
 
@@ -53,9 +53,9 @@ def test_rank_apart_is_the_default_and_what_it_launches(monkeypatch, R):
     # forward y and backward dx both split: apart, the GEMM's grid has cdiv(R, 32) rank programs per K slice
     # before its 3 column tiles (N = 140; dx: K = 300, 5 tiles) and the rank sum follows it; the in-kernel
     # sum and a forced "in_tile" keep every program's t and the plain sum launch
-    gemms, sums, rank_sums = (GridSpy(getattr(forward, k)) for k in _KERNELS)
-    for name, spy in zip(_KERNELS, (gemms, sums, rank_sums), strict=True):
-        monkeypatch.setattr(forward, name, spy)
+    gemms, sums, rank_sums = (GridSpy(getattr(module, k)) for module, k in _KERNELS)
+    for (module, name), spy in zip(_KERNELS, (gemms, sums, rank_sums), strict=True):
+        monkeypatch.setattr(module, name, spy)
     x, params = make_inputs("tl6", M=4, K=300, N=140, R=R, dtype=torch.bfloat16)
     args = [params[k] for k in ("weight", "bias", "A", "B", "u", "v")]
     rank_programs = cdiv(R, min(configs.block_r_for(R), forward.RANK_APART_BLOCK_R))
@@ -79,7 +79,11 @@ def test_rank_apart_is_the_default_and_what_it_launches(monkeypatch, R):
     assert configs.DEFAULT_SPLIT_RANK == "apart"
 
 
-_KERNELS = ("_fused_lora_mm_kernel", "_sum_splits_kernel", "_sum_splits_rank_kernel")
+_KERNELS = (
+    (forward, "_fused_lora_mm_kernel"),
+    (split_sum, "_sum_splits_kernel"),
+    (split_sum, "_sum_splits_rank_kernel"),
+)
 
 
 @pytest.mark.parametrize("split_rank", configs.SPLIT_RANKS)
@@ -140,11 +144,11 @@ def test_fp16_partials_beyond_its_range(R, forced):
     # in the input dtype, up an fp32 master with no column scale): the same operands once rounded
     svB = (B * (s * v)[:, None]).t().contiguous()
     forms = {"fwd": (A.t(), B.t(), dict(scale=s, cscale=v)), "dx": (A.half().t(), svB, {})}
-    for (form, (down, up, fold)), split_k in itertools.product(forms.items(), (1, 3)):
+    for (form, (down, up, fold)), split in itertools.product(forms.items(), (1, 3)):
         with configs.forced(strategy="one_pass", **forced):
-            out, t = fused_lora_mm(a, w, down, up, u, None, **fold, write_t=True, split_k=split_k)
-        assert_close_to_reference(t, t_ref, t_base, f"{form} t (split {split_k})", torch.float16)
-        assert_close_to_reference(out, out_ref, out_base, f"{form} out (split {split_k})", torch.float16)
+            out, t = fused_lora_mm(a, w, down, up, u, None, **fold, write_t=True, split_k=split)
+        assert_close_to_reference(t, t_ref, t_base, f"{form} t (split {split})", torch.float16)
+        assert_close_to_reference(out, out_ref, out_base, f"{form} out (split {split})", torch.float16)
 
 
 def test_forcing_split_rank(monkeypatch):
@@ -184,16 +188,16 @@ def test_no_output_columns_still_give_t():
 def test_rank_apart_only_where_its_int32_offsets_reach(monkeypatch):
     # the rank-apart sum indexes t ([M, R]) and up ([R, N] as strided) in int32 (64-bit offsets spilled): past
     # INT32_MAX the launcher keeps the rank-R term in the tiles (int64 offsets), still within tolerance
-    fits, edge = forward._rank_sum_fits_int32, 2**24  # 2^24 · 128 = 2^31
+    fits, edge = split_sum.rank_sum_fits_int32, 2**24  # 2^24 · 128 = 2^31
     up = torch.empty_strided((128, edge), (1, 128), device="meta")  # B [N, 128] transposed: last offset 2^31 - 1
     assert fits(1, 128, up) and not fits(1, 128, torch.empty_strided((128, edge + 1), (1, 128), device="meta"))
     for K, fit in ((16_900_000, True), (17_000_000, False)):  # A [128, K] as dx's up: last offset 127·K + 1
         assert fits(1, 128, torch.empty_strided((128, 2), (K, 1), device="meta")) == fit
     assert fits(edge - 1, 128, up) and not fits(edge, 128, up)  # t: M·R elements
-    gemms, sums, rank_sums = (GridSpy(getattr(forward, k)) for k in _KERNELS)
-    for name, spy in zip(_KERNELS, (gemms, sums, rank_sums), strict=True):
-        monkeypatch.setattr(forward, name, spy)
-    monkeypatch.setattr(forward, "_rank_sum_fits_int32", lambda M, R, up: False)  # (a layer too big to build here)
+    gemms, sums, rank_sums = (GridSpy(getattr(module, k)) for module, k in _KERNELS)
+    for (module, name), spy in zip(_KERNELS, (gemms, sums, rank_sums), strict=True):
+        monkeypatch.setattr(module, name, spy)
+    monkeypatch.setattr(split_sum, "rank_sum_fits_int32", lambda M, R, up: False)  # (a layer too big to build here)
     x, params = make_inputs("tl6", M=4, K=300, N=140, R=12, dtype=torch.bfloat16)
     with configs.forced(split_k=3, split_rank="apart"):
         check_parity(x, params)

@@ -24,7 +24,7 @@ from tests.conftest import DEVICE
 from tests.helpers import GridSpy, assert_close_to_reference
 from tests.test_kernels_parity import CONFIGS, check_parity, grads_of, make_inputs
 from tied_lora_kernels.functional import tied_lora_linear
-from tied_lora_kernels.kernels import backward, configs, forward, function, prepare
+from tied_lora_kernels.kernels import backward, configs, forward, function, prepare, split_sum
 from tied_lora_kernels.kernels.forward import fused_lora_mm
 from tied_lora_kernels.kernels.prepare import prepare_adapters
 from tied_lora_kernels.kernels.shrink import shrink
@@ -196,10 +196,10 @@ def test_decode_forward_launches_no_host_casts(monkeypatch, M):
     real_mm, real_prepare = function.fused_lora_mm, function.prepare_adapters
     monkeypatch.setattr(function, "fused_lora_mm", lambda *a, **k: calls.append((a, k)) or real_mm(*a, **k))
     monkeypatch.setattr(function, "prepare_adapters", lambda *a, **k: host_folds.append(1) or real_prepare(*a, **k))
-    sums = GridSpy(forward._sum_splits_kernel)
-    monkeypatch.setattr(forward, "_sum_splits_kernel", sums)
-    rank_sums = GridSpy(forward._sum_splits_rank_kernel)  # (configs.split_rank "apart", the default)
-    monkeypatch.setattr(forward, "_sum_splits_rank_kernel", rank_sums)
+    sums = GridSpy(split_sum._sum_splits_kernel)
+    monkeypatch.setattr(split_sum, "_sum_splits_kernel", sums)
+    rank_sums = GridSpy(split_sum._sum_splits_rank_kernel)  # (configs.split_rank "apart", the default)
+    monkeypatch.setattr(split_sum, "_sum_splits_rank_kernel", rank_sums)
     x, params = make_inputs("tl6", M=M, K=300, N=140, R=12, dtype=torch.bfloat16)
     args = [params[k] for k in ("weight", "bias", "A", "B", "u", "v")]
     with torch.no_grad(), configs.forced(split_k=3):
@@ -425,8 +425,8 @@ def test_split_k_summed_in_kernel_equals_the_sum_launch(monkeypatch, order, shap
     args = [params[k] for k in ("weight", "bias", "A", "B", "u", "v")]
     inputs = {"x": x, **params}
     dy = torch.randn(M, N, generator=torch.Generator().manual_seed(3)).to(dtype).to(DEVICE)
-    sums = GridSpy(forward._sum_splits_kernel)
-    monkeypatch.setattr(forward, "_sum_splits_kernel", sums)
+    sums = GridSpy(split_sum._sum_splits_kernel)
+    monkeypatch.setattr(split_sum, "_sum_splits_kernel", sums)
     results = {}
     for reduce in configs.SPLIT_REDUCES:
         sums.grids.clear()
@@ -438,7 +438,7 @@ def test_split_k_summed_in_kernel_equals_the_sum_launch(monkeypatch, order, shap
     assert torch.equal(y0, y1)
     for name in g0:
         assert torch.equal(g0[name], g1[name]), name
-    assert all(int(locks.count_nonzero()) == 0 for locks in forward._SPLIT_LOCKS.values())
+    assert all(int(locks.count_nonzero()) == 0 for locks in split_sum._SPLIT_LOCKS.values())
     if order == "in_order" and shape == "ragged":
         with configs.forced(strategy=strategy, split_k=3, reduce="kernel"):
             check_parity(x, params)
@@ -448,11 +448,11 @@ def test_split_k_sum_falls_back_to_a_launch_past_the_counts(monkeypatch):
     # more output tiles than arrival counts: the launched sum, the same result
     x, params = make_inputs("tl6", M=2, K=320, N=192, R=12, dtype=torch.bfloat16)
     args = [params[k] for k in ("weight", "bias", "A", "B", "u", "v")]
-    sums = GridSpy(forward._sum_splits_kernel)
-    monkeypatch.setattr(forward, "_sum_splits_kernel", sums)
+    sums = GridSpy(split_sum._sum_splits_kernel)
+    monkeypatch.setattr(split_sum, "_sum_splits_kernel", sums)
     with torch.no_grad(), configs.forced(split_k=3, reduce="kernel"):
         want = tied_lora_linear(x, *args, backend="triton")
-        monkeypatch.setattr(forward, "_SPLIT_LOCK_COUNT", 2)  # 3 tiles of 64 columns
+        monkeypatch.setattr(split_sum, "_SPLIT_LOCK_COUNT", 2)  # 3 tiles of 64 columns
         got = tied_lora_linear(x, *args, backend="triton")
     assert len(sums.grids) == 1 and torch.equal(got, want)
 
@@ -468,41 +468,41 @@ def test_split_k_counts_are_made_by_a_thread_of_their_own(monkeypatch):
         made_by.append(threading.get_ident())
         return zeros(*args, **kwargs)
 
-    monkeypatch.setattr(forward, "_SPLIT_LOCKS", {})
+    monkeypatch.setattr(split_sum, "_SPLIT_LOCKS", {})
     monkeypatch.setattr(torch, "zeros", spy)
-    locks = forward._split_locks(DEVICE, 3)
+    locks = split_sum.split_locks(DEVICE, 3)
     monkeypatch.undo()
     assert locks.dtype == torch.int32 and int(locks.count_nonzero()) == 0
     assert len(made_by) == 1 and made_by[0] != threading.get_ident()
     with pytest.raises(ZeroDivisionError):
-        forward._in_own_thread(lambda: 1 // 0)
+        split_sum._in_own_thread(lambda: 1 // 0)
 
 
 def test_threads_launching_at_once_share_one_split_k_count_buffer(monkeypatch):
     """Two threads' first in-kernel-sum launches on one stream get the same buffer: with one each, the dropped
     buffer would be freed while its kernel may still run (on a GPU, memory the allocator then hands to other work).
     The buffer's making is slowed so that both threads look for it before either has stored it."""
-    made = forward._in_own_thread
+    made = split_sum._in_own_thread
     arrived = threading.Barrier(2)
 
     def slow(make):
         time.sleep(0.2)
         return made(make)
 
-    monkeypatch.setattr(forward, "_SPLIT_LOCKS", {})
-    monkeypatch.setattr(forward, "_in_own_thread", slow)
+    monkeypatch.setattr(split_sum, "_SPLIT_LOCKS", {})
+    monkeypatch.setattr(split_sum, "_in_own_thread", slow)
     got = [None, None]
 
     def launch(i):
         arrived.wait()
-        got[i] = forward._split_locks(DEVICE, 3)
+        got[i] = split_sum.split_locks(DEVICE, 3)
 
     threads = [threading.Thread(target=launch, args=(i,)) for i in range(2)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert got[0] is not None and got[0] is got[1] and list(forward._SPLIT_LOCKS.values()) == [got[0]]
+    assert got[0] is not None and got[0] is got[1] and list(split_sum._SPLIT_LOCKS.values()) == [got[0]]
 
 
 @pytest.mark.gpu
@@ -538,7 +538,7 @@ def test_split_k_summed_in_kernel_is_stable_on_gpu():
         torch.cuda.synchronize()
         for i, y, dx in got:
             assert torch.equal(y, refs[i][0]) and torch.equal(dx, refs[i][1]), (M, K, N, split, i)
-    assert all(int(locks.count_nonzero()) == 0 for locks in forward._SPLIT_LOCKS.values())
+    assert all(int(locks.count_nonzero()) == 0 for locks in split_sum._SPLIT_LOCKS.values())
 
 
 def test_split_k_is_capped_where_slice_offsets_would_overflow_int32(monkeypatch):
@@ -879,7 +879,7 @@ def test_tma_choice_is_kept_for_backward(tma, descriptor_calls):
 
 @pytest.mark.parametrize("config,M,R", [("lora", 20, 100), ("tl6", 1, 65), ("vera", 5, 128)], ids=str)
 def test_exact_fp32_rank_tile_128_runs_in_halves(config, M, R):
-    # one-pass exact fp32 at rank tile 128 expands t as two 64-rank dots (forward._add_rank_update): ranks
+    # one-pass exact fp32 at rank tile 128 expands t as two 64-rank dots (rank_terms._add_rank_update): ranks
     # past R masked in the second half, or in both; with and without u and v
     x, params = make_inputs(config, M=M, K=70, N=45, R=R, dtype=torch.float32, bias=config != "lora")
     assert configs.block_r_for(R) == 128

@@ -5,8 +5,10 @@ first makes triton assemble them with a ptxas that does not corrupt them: ``hopp
 ``tied_lora_linear_triton`` is what ``tied_lora_linear(..., backend="triton")`` calls.
 
 - ``forward.py``: the fused GEMM (forward ``y`` and backward ``dx``; one-pass or two-pass, split-K at
-  decode), the two kernels that sum split-K partials (the rank-R term apart or not) and their launcher, with
-  the arrival counts of the in-kernel sum;
+  decode) and its launcher;
+- ``rank_terms.py``: the rank-R term an output tile adds (the fused GEMM's epilogue, and the split-K sum's);
+- ``split_sum.py``: the sums of the split-K partials (with the rank-R term apart or not) and their launchers,
+  and the arrival counts with which the GEMM sums them itself;
 - ``prepare.py``: the adapters as a prefill GEMM reads them (``A`` cast, ``s·v ⊙ B`` folded), one launch;
 - ``shrink.py``: the two-pass strategy's first kernel (``T = x Aᵀ``, ``dS / s = dy (v ⊙ B)`` in fp32);
 - ``dropout.py``: adapter dropout's mask (drawn by the shrink, stored as bits, read by dx and ``dA``);

@@ -77,8 +77,9 @@ from typing import Any, NamedTuple
 
 from . import interpreting
 from .common import FP_FUSION
-from .forward import RANK_APART_BLOCK_R, RANK_SUM_CHUNK, RANK_SUM_WARPS, SUM_BLOCK, SUM_WARPS
+from .forward import RANK_APART_BLOCK_R
 from .prepare import PREPARE_BLOCK, PREPARE_WARPS
+from .split_sum import RANK_SUM_CHUNK, RANK_SUM_WARPS, SUM_BLOCK, SUM_WARPS
 
 TARGETS = {"sm90": (90, 100), "sm80": (80, 120)}
 """Compute capabilities each config table is compiled for: the GPUs ``configs.arch_of`` gives it to."""
@@ -149,7 +150,7 @@ _TL_NAME = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 @dataclass(frozen=True)
 class _ElementwiseConfig:
     """The launch configuration of an elementwise kernel as a config row: the split-K sum
-    (``forward.SUM_BLOCK``, ``forward.SUM_WARPS``) or the adapters' preparation (``prepare.PREPARE_*``)."""
+    (``split_sum.SUM_BLOCK``, ``split_sum.SUM_WARPS``) or the adapters' preparation (``prepare.PREPARE_*``)."""
 
     name: str
     block: int
@@ -208,7 +209,7 @@ def _split_variants(names: list[str], cfg) -> list[str]:
 
 def _fp16_differs(kernel: str, cfg, variant: str) -> bool:
     """Whether fp16 compiles other code than bf16 for this variant: one-pass split-K with the rank-R term in
-    each output tile (its partial ``t`` scaled per row into fp16's range, ``forward._add_rank_update``)."""
+    each output tile (its partial ``t`` scaled per row into fp16's range, ``rank_terms._add_rank_update``)."""
     in_tile = "-splitk" in variant and "-apart" not in variant
     return kernel == "fused" and cfg.strategy == "one_pass" and in_tile
 
@@ -334,9 +335,10 @@ class _Inputs(NamedTuple):
 def _compile_inputs(job: dict) -> _Inputs:
     """The compile of one job, as the launchers' JIT specialises it (see the module docstring)."""
     from .backward import _rank_grad_kernel
-    from .forward import _fused_lora_mm_kernel, _sum_splits_kernel, _sum_splits_rank_kernel
+    from .forward import _fused_lora_mm_kernel
     from .prepare import _prepare_kernel
     from .shrink import _shrink_kernel
+    from .split_sum import _sum_splits_kernel, _sum_splits_rank_kernel
 
     variant, tma = job["variant"].removesuffix("-tma"), job["variant"].endswith("-tma")
     variant, rank_sum = variant.removesuffix("-apart-sum"), variant.endswith("-apart-sum")

@@ -4,7 +4,7 @@ same tables).
 Three kernels have tiles here: the fused GEMM (forward ``y``, backward ``dx``; ``forward.py``), the shrink
 (``T = x Aᵀ`` or ``dS / s = dy (v ⊙ B)``, two-pass only; ``shrink.py``) and the rank-gradient reduction
 (``G = dyᵀ S`` and ``dAᵀ = xᵀ dT``; ``backward.py``); the other three launch fixed blocks of their own (the
-split-K sums in ``forward.py``, the adapters' preparation in ``prepare.py``). Configs are picked by shape
+split-K sums in ``split_sum.py``, the adapters' preparation in ``prepare.py``). Configs are picked by shape
 heuristics, not autotuned: no autotune trial can run a kernel twice into an accumulated gradient, and CPU runs
 (the interpreter) see the same choice as the GPU.
 
@@ -278,7 +278,7 @@ for _arch in ARCHS:
 # steps spilled under triton 3.9's options on sm_80 (8 bytes in dx with two stages, 1,284 bytes in dx without u
 # with one, ~500 bytes in the forward with 4 warps; 16 bytes with TF32 for sm_100). At R = 128 triton 3.6 spilled
 # 136-192 bytes without u with every tile tried (16 or 32 rows, 16- or 32-long K steps, 4 or 8 warps, 1 or 2
-# stages) until the exact-fp32 epilogue ran as two 64-rank dots (in forward._add_rank_update)
+# stages) until the exact-fp32 epilogue ran as two 64-rank dots (in rank_terms._add_rank_update)
 for _regime in REGIMES:
     for _arch in ARCHS:
         _add_fused(_arch, _regime, True, (16, 64, 128), 32, 32, 16, 8, 2)
@@ -597,7 +597,7 @@ def split_rank() -> str:
     rounds the complete ``t`` once, as an unsplit launch does; in-tile each slice's ``t`` as a hi + lo pair),
     so their results are close, not equal. ``forced(split_rank=...)``, else ``TIED_LORA_SPLIT_RANK``, else
     ``DEFAULT_SPLIT_RANK``: "apart", an estimate from bytes moved (module docstring), unmeasured. "apart" holds
-    only where the sum launch's int32 offsets reach ``t`` and ``up`` (``forward._rank_sum_fits_int32``; past
+    only where the sum launch's int32 offsets reach ``t`` and ``up`` (``split_sum.rank_sum_fits_int32``; past
     2³¹ elements the launch keeps the rank-R term in the tiles). Read at every launch, like ``split_reduce``:
     forward and backward each read it when they run."""
     return _forced_or_env("split_rank") or DEFAULT_SPLIT_RANK

@@ -28,7 +28,7 @@ Each program owns one ``[BLOCK_M, BLOCK_N]`` tile of ``out``. Two strategies (``
 
 Split-K (``SPLIT_K``, decode): a second grid axis cuts K into slices; each program stores its fp32 partial
 of ``out`` (and, one-pass, of ``t``) in a ``[SPLIT, ...]`` workspace, summed afterwards in a fixed order: by
-``_sum_splits_kernel``, or (``REDUCE``, ``configs.split_reduce``) by the last of each output tile's slices to
+``split_sum.sum_splits``, or (``REDUCE``, ``configs.split_reduce``) by the last of each output tile's slices to
 arrive at its count, in the same launch and the same order.
 Everything is linear in the K partials (``Σ_k (t_k ⊙ rscale)·up = (t ⊙ rscale)·up``); the bias (and the
 two-pass rank-R term) goes into slice 0 only. One-pass split-K passes each slice's partial ``t_k`` to the rank-R
@@ -38,7 +38,7 @@ Rank apart (``RANK_APART``, one-pass split-K summed by a launch; ``configs.split
 slice's first ``cdiv(M, BLOCK_M)·cdiv(R, BLOCK_TR)`` programs are rank programs, which compute that slice's
 ``t_k = a_k·down_k`` alone and store it in fp32 (``[SPLIT, M, R]``); the others run the plain K loop and store
 base partials. ``down`` is then read once per launch instead of once per column tile, and ``up`` once (by
-``_sum_splits_rank_kernel``, which sums the partials and ``t``'s slices per output tile in slice order and adds
+``split_sum.sum_splits_rank``, which sums the partials and ``t``'s slices per output tile in slice order and adds
 ``(t ⊙ rscale)·up`` and the bias) instead of once per slice. ``t`` is complete when it is rounded, so there is
 no hi + lo pair. Still two launches (the sum also writes ``T`` for the backward: no separate sum of its slices).
 
@@ -57,135 +57,18 @@ columns hold zeros (``prepare.py``), so a load that fetched them rather than fil
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import configs
+from . import configs, split_sum
 from .common import FP_FUSION, as_operand, cdiv, dot_precision, to_operand, upcast_bf16
 from .dropout import DropoutMask, load_keep
+from .rank_terms import _add_rank_update
 from .shrink import shrink
 
 __all__ = ["fused_lora_mm"]
-
-
-@triton.jit
-def _add_rank_update(
-    acc,
-    t,
-    rscale_ptr,
-    up_ptr,
-    cscale_ptr,
-    scale,
-    offs_r,
-    offs_n,
-    mask_r,
-    mask_n,
-    stride_ur,
-    stride_un,
-    DTYPE: tl.constexpr,
-    HAS_RSCALE: tl.constexpr,
-    FOLD_UP: tl.constexpr,
-    HAS_CSCALE: tl.constexpr,
-    UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr,
-    T_HI_LO: tl.constexpr,
-):
-    """``acc + (t ⊙ rscale)·(up ⊙ scale·cscale)``: the rank-R expansion, ``t`` and the scaled ``up`` rounded to
-    the input dtype ``DTYPE`` as dot operands. Without ``FOLD_UP`` (``up`` already in ``DTYPE``, scale 1, no
-    ``cscale``: the prefill forward's host-folded ``s·v ⊙ B``) the tile is used as loaded.
-
-    ``T_HI_LO`` (split-K one-pass, where ``t`` is one K slice's partial): ``t`` goes in as two input-dtype
-    terms, ``hi = round(t)`` and ``lo = round(t - hi)``, and two tensor-core dots, so each partial keeps ~16
-    significant bits (bf16) before the slices are summed in fp32; rounding each partial once would lose what
-    cancels between them. (One fp32 dot instead spilled registers at ranks 64 and 128.) In fp16, whose range
-    ends at 65504, each row of ``t`` is first scaled by a power of two that brings it under 2^15 (none for
-    rows already there) and its product scaled back in fp32, so a partial beyond fp16's range stays finite
-    where the slices' partials cancel (the unsplit kernel rounds the complete ``t``, finite there too). A row's
-    entries far smaller than its largest (by more than fp16's dynamic range, ~2^30) become subnormal or zero
-    once scaled: only where huge partials cancel exactly do they matter, and the unsplit kernel keeps them.
-
-    Exact fp32 (CUDA-core dots) at a 128-rank tile goes as two dots over 64 ranks each, the same multiply-adds in
-    the same order. One dot over all 128 held each thread's 128 ``t`` and ``up`` operands at once and, in a layer
-    without ``u``, spilled 136-192 bytes at 255 registers on triton 3.6 with every tile tried; the halves compile
-    clean on triton 3.6 and 3.9 with every bias/u/v switch.
-    """
-    if HAS_RSCALE:
-        rscale = tl.load(rscale_ptr + offs_r, mask=mask_r, other=0.0).to(tl.float32)
-        t = t * rscale[None, :]
-    if DTYPE == tl.float32 and PRECISION == "ieee" and t.shape[1] == 128:  # (T_HI_LO: 16-bit only)
-        BM: tl.constexpr = t.shape[0]
-        H: tl.constexpr = t.shape[1] // 2
-        t0, t1 = tl.split(tl.permute(tl.reshape(t, (BM, 2, H)), (0, 2, 1)))  # ranks 0..63, 64..127
-        r0, r1 = tl.split(tl.permute(tl.reshape(offs_r, (2, H)), (1, 0)))
-        m0, m1 = tl.split(tl.permute(tl.reshape(mask_r, (2, H)), (1, 0)))
-        acc = _add_rank_dot(
-            acc, t0, up_ptr, cscale_ptr, scale, r0, offs_n, m0, mask_n, stride_ur, stride_un, DTYPE, FOLD_UP,
-            HAS_CSCALE, UPCAST, PRECISION, T_HI_LO,
-        )  # fmt: skip
-        t, offs_r, mask_r = t1, r1, m1
-    return _add_rank_dot(
-        acc, t, up_ptr, cscale_ptr, scale, offs_r, offs_n, mask_r, mask_n, stride_ur, stride_un, DTYPE, FOLD_UP,
-        HAS_CSCALE, UPCAST, PRECISION, T_HI_LO,
-    )  # fmt: skip
-
-
-@triton.jit
-def _add_rank_dot(
-    acc,
-    t,
-    up_ptr,
-    cscale_ptr,
-    scale,
-    offs_r,
-    offs_n,
-    mask_r,
-    mask_n,
-    stride_ur,
-    stride_un,
-    DTYPE: tl.constexpr,
-    FOLD_UP: tl.constexpr,
-    HAS_CSCALE: tl.constexpr,
-    UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr,
-    T_HI_LO: tl.constexpr,
-):
-    """``acc + t·(up ⊙ scale·cscale)`` over the ranks ``offs_r``: ``_add_rank_update`` after ``rscale``."""
-    up_ptrs = up_ptr + offs_r[:, None] * stride_ur + offs_n[None, :] * stride_un  # [BLOCK_R, BLOCK_N]
-    up = tl.load(up_ptrs, mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-    if FOLD_UP:  # up ⊙ (scale·cscale) in fp32, rounded once (the host's (s·v ⊙ B).to(dtype), same operations)
-        up = up.to(tl.float32)
-        if HAS_CSCALE:
-            cscale = tl.load(cscale_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-            up = up * (scale * cscale)[None, :]
-        else:
-            up = up * scale
-        up = as_operand(up, DTYPE, UPCAST)
-    elif UPCAST:
-        up = up.to(tl.float32)
-    if T_HI_LO and DTYPE == tl.float16:
-        # fp16's range: each row of t is scaled by 2^-e (exact), e ≥ 0 the least that brings its largest entry
-        # under 2^15, and the row's product scaled back by 2^e in fp32 (exact): a partial beyond 65504 stays
-        # finite, and rows under 2^15 (e = 0) are used as they are
-        big = tl.max(tl.abs(t), axis=1).to(tl.int32, bitcast=True)
-        e = tl.maximum(((big >> 23) & 0xFF) - (127 + 14), 0)  # |t| < 2^(field - 126), field the fp32 exponent
-        t = t * ((127 - e) << 23).to(tl.float32, bitcast=True)[:, None]
-        hi = as_operand(t, DTYPE, UPCAST)
-        lo = as_operand(t - hi.to(tl.float32), DTYPE, UPCAST)
-        rank = tl.dot(hi, up, input_precision=PRECISION)
-        rank = tl.dot(lo, up, rank, input_precision=PRECISION)
-        acc += rank * ((127 + e) << 23).to(tl.float32, bitcast=True)[:, None]
-    else:
-        hi = as_operand(t, DTYPE, UPCAST)
-        acc = tl.dot(hi, up, acc, input_precision=PRECISION)
-        if T_HI_LO:
-            lo = as_operand(t - hi.to(tl.float32), DTYPE, UPCAST)
-            acc = tl.dot(lo, up, acc, input_precision=PRECISION)
-    return acc
 
 
 @triton.jit
@@ -443,7 +326,7 @@ def _fused_lora_mm_kernel(
         if REDUCE:
             # every thread's partial is stored before this program's count is released (acq_rel: the last
             # program then sees all partials); the last of the tile's slices to arrive sums them in slice order,
-            # as _sum_splits_kernel does (the same result, bit for bit), and resets the count for the next launch.
+            # as split_sum.sum_splits does (the same result, bit for bit), and resets the count for the next launch.
             # The barrier is needed: triton 3.6 emits none before the atomic (3.9 adds its own), and one thread
             # performs it. (CUTLASS's split-K semaphore: __syncthreads, then one thread's gpu-scope release.)
             tl.debug_barrier()
@@ -459,128 +342,6 @@ def _fused_lora_mm_kernel(
         out = as_operand(acc, out_ptr.dtype.element_ty, UPCAST)
         tl.store(out_ptrs, out, mask=mask_out)
 
-
-@triton.jit
-def _sum_splits_kernel(
-    # pointers
-    part_ptr,
-    out_ptr,
-    # sizes
-    SPLIT,
-    NUMEL,
-    # strides
-    stride_ps,
-    # compile-time switches and tiles
-    UPCAST: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    """``out = Σ_s part[s]`` over the split-K partials, in slice order (deterministic), rounded once."""
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < NUMEL
-    part_ptrs = part_ptr + offs
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for _ in range(0, SPLIT):
-        acc += tl.load(part_ptrs, mask=mask, other=0.0)
-        part_ptrs += stride_ps
-    tl.store(out_ptr + offs, as_operand(acc, out_ptr.dtype.element_ty, UPCAST), mask=mask)
-
-
-@triton.jit
-def _sum_splits_rank_kernel(
-    # pointers
-    part_ptr,
-    t_ptr,
-    rscale_ptr,
-    up_ptr,
-    cscale_ptr,
-    bias_ptr,
-    out_ptr,
-    tsum_ptr,
-    # sizes
-    M,
-    N,
-    R,
-    SPLIT,
-    # strides (the launcher's workspaces and outputs are contiguous: unit strides along N and R)
-    stride_ps,
-    stride_pm,
-    stride_ts,
-    stride_tm,
-    stride_ur,
-    stride_un,
-    stride_om,
-    stride_sm,
-    # scalars
-    scale,
-    # compile-time switches and tiles
-    HAS_RSCALE: tl.constexpr,
-    FOLD_UP: tl.constexpr,
-    HAS_CSCALE: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    WRITE_T: tl.constexpr,
-    UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-):
-    """The split-K sum of ``RANK_APART``, per ``[BLOCK_M, BLOCK_N]`` tile of ``out``: the base partials and
-    ``t``'s slices each summed in slice order (fp32, deterministic), then ``out = Σ part + (t ⊙ rscale)·(up ⊙
-    scale·cscale) + bias`` rounded once. ``t`` is complete here, so it is rounded once as the dot operand, as in
-    an unsplit launch. The rank is walked ``BLOCK_R`` at a time (``RANK_SUM_CHUNK``). ``WRITE_T``: the
-    column-tile-0 programs also store ``t``'s sum (fp32) in ``tsum``. Offsets are int32 (``_rank_sum_fits_int32``):
-    64-bit ones, a register pair per element of each pointer tile, made ptxas spill 8-12 bytes in some rows."""
-    pid = tl.program_id(0)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    pid_m = pid // num_pid_n
-    pid_n = pid % num_pid_n
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (int32 offsets: the launcher checks they fit)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_r = tl.arange(0, BLOCK_R)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
-    mask_out = mask_m[:, None] & mask_n[None, :]
-    part_ptrs = part_ptr + offs_m[:, None] * stride_pm + offs_n[None, :]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for _ in range(0, SPLIT):
-        acc += tl.load(part_ptrs, mask=mask_out, other=0.0)
-        part_ptrs += stride_ps
-    DTYPE = out_ptr.dtype.element_ty
-    for r0 in range(0, R, BLOCK_R):  # ranks r0 .. r0 + BLOCK_R: t's slices summed, then expanded
-        offs_rc = r0 + offs_r
-        mask_rc = offs_rc < R
-        mask_t = mask_m[:, None] & mask_rc[None, :]
-        t_ptrs = t_ptr + offs_m[:, None] * stride_tm + offs_rc[None, :]
-        t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        for _ in range(0, SPLIT):
-            t += tl.load(t_ptrs, mask=mask_t, other=0.0)
-            t_ptrs += stride_ts
-        if WRITE_T:
-            if pid_n == 0:
-                tl.store(tsum_ptr + offs_m[:, None] * stride_sm + offs_rc[None, :], t, mask=mask_t)
-        acc = _add_rank_update(
-            acc, t, rscale_ptr, up_ptr, cscale_ptr, scale, offs_rc, offs_n, mask_rc, mask_n, stride_ur, stride_un,
-            DTYPE, HAS_RSCALE, FOLD_UP, HAS_CSCALE, UPCAST, PRECISION, False,
-        )  # fmt: skip
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    out = as_operand(acc, DTYPE, UPCAST)
-    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], out, mask=mask_out)
-
-
-SUM_BLOCK, SUM_WARPS = 1024, 4
-"""The split-K sum's tile (elements per program) and warps: a memory-bound copy-like kernel."""
-
-RANK_SUM_CHUNK = 16
-"""Ranks per step of the rank-apart sum's rank-R term: a whole-rank ``up`` tile held up to 242 registers at R = 128
-with unaligned widths, and 32-rank steps spilled 8 bytes (at 96 registers) in dx's unaligned sum on sm_80
-(triton 3.9)."""
-
-RANK_SUM_WARPS = 8
-"""Warps of the rank-apart sum (of the GEMM's output tile, 16x64 at decode). With its int32 offsets, 8 warps
-compile with no spill on triton 3.6 and 3.9 for every set of the bias, ``u`` and ``v`` switches (80 rows each, at
-most 60 registers); 4 warps spilled 8 bytes on triton 3.9 (its ptxas options) in 4 of 80 rows with every switch
-on. With int64 offsets no count had been clean on both versions."""
 
 SPLIT_ELEMENTS_MAX = configs.INT32_MAX
 """The GEMM offsets a split-K slice's partials by ``slice · M · N`` in int32: the launcher caps the split below
@@ -622,7 +383,7 @@ def fused_lora_mm(
     dx's, masks the rank-R term per output entry with a mask drawn before.
     Launches one kernel (two-pass: two; split-K: plus the sum of the slices, unless ``configs.split_reduce``
     has the kernel sum them; one-pass split-K with ``configs.split_rank`` "apart", the default, computes ``t``
-    apart and has the sum add the rank-R term, where that sum's int32 offsets fit: ``_rank_sum_fits_int32``).
+    apart and has the sum add the rank-R term, where that sum's int32 offsets fit: ``split_sum.rank_sum_fits_int32``).
     """
     a, w = configs.narrow_k_steps(a), configs.narrow_k_steps(w, k_dim=0)
     M, K = a.shape
@@ -654,7 +415,8 @@ def fused_lora_mm(
     if cfg.split_k:
         sums_in_kernel = configs.split_reduce() == "kernel"
         apart_if_split = not (two_pass or sums_in_kernel) and configs.split_rank() == "apart"
-        apart_if_split = apart_if_split and _rank_sum_fits_int32(M, R, up)  # (else in the tiles: int64 offsets)
+        # (else in the tiles, with int64 offsets)
+        apart_if_split = apart_if_split and split_sum.rank_sum_fits_int32(M, R, up)
     block_tr = min(block_r, RANK_APART_BLOCK_R)
     rank_tiles = cdiv(M, cfg.block_m) * cdiv(R, block_tr) if apart_if_split else 0
 
@@ -670,7 +432,7 @@ def fused_lora_mm(
     else:
         out = a.new_empty(M, N)
     tiles = cdiv(M, cfg.block_m) * cdiv(N, cfg.block_n)
-    locks = _split_locks(a.device, tiles) if split > 1 and sums_in_kernel else None
+    locks = split_sum.split_locks(a.device, tiles) if split > 1 and sums_in_kernel else None
     reduce = locks is not None
     y = a.new_empty(M, N) if reduce else None
     apart = split > 1 and apart_if_split
@@ -751,113 +513,16 @@ def fused_lora_mm(
         part, out = out, a.new_empty(M, N)
         t_part, t = t, (a.new_empty(M, R, dtype=torch.float32) if write_t else None)
         assert t_part is not None  # (the slices' t, allocated above whenever the rank term is apart)
-        _sum_splits_rank_kernel[(cdiv(M, cfg.block_m) * cdiv(N, cfg.block_n),)](
-            part,
-            t_part,
-            rscale if rscale is not None else part,  # never read when HAS_RSCALE is False
-            up,
-            cscale if cscale is not None else part,  # never read when HAS_CSCALE is False
-            bias if bias is not None else out,  # never read when HAS_BIAS is False
-            out,
-            t if t is not None else part,  # never written when WRITE_T is False
-            M,
-            N,
-            R,
-            split,
-            *part.stride()[:2],
-            *t_part.stride()[:2],
-            *up.stride(),
-            out.stride(0),
-            R,
-            float(scale),
-            HAS_RSCALE=rscale is not None,
-            FOLD_UP=fold_up,
-            HAS_CSCALE=cscale is not None,
-            HAS_BIAS=bias is not None,
-            WRITE_T=write_t,
-            UPCAST=upcast_bf16(a.dtype),
-            PRECISION=dot_precision(a.dtype),
-            BLOCK_M=cfg.block_m,
-            BLOCK_N=cfg.block_n,
-            BLOCK_R=RANK_SUM_CHUNK,
-            num_warps=RANK_SUM_WARPS,
-            num_stages=1,  # (no dot in its loops: nothing to pipeline)
-            enable_fp_fusion=FP_FUSION,
-        )
+        split_sum.sum_splits_rank(
+            part, t_part, rscale, up, cscale, bias, out, t, scale=scale, fold_up=fold_up, upcast=upcast_bf16(a.dtype),
+            precision=dot_precision(a.dtype), block_m=cfg.block_m, block_n=cfg.block_n,
+        )  # fmt: skip
     elif split > 1:  # the partials, summed in a fixed order (deterministic), rounded once
         part, out = out, a.new_empty(M, N)
-        _sum_splits_kernel[(cdiv(M * N, SUM_BLOCK),)](
-            part, out, split, M * N, part.stride(0), UPCAST=upcast_bf16(a.dtype), BLOCK=SUM_BLOCK, num_warps=SUM_WARPS,
-            enable_fp_fusion=FP_FUSION,
-        )  # fmt: skip
+        split_sum.sum_splits(part, out, upcast=upcast_bf16(a.dtype))
     if t is not None and t.dim() == 3:
         t = t.sum(0)
     return out, (t if write_t else None)
-
-
-def _rank_sum_fits_int32(M: int, R: int, up: Tensor) -> bool:
-    """Whether the rank-apart sum's int32 offsets reach every element it reads or writes: ``t``'s slices and sum
-    (``[M, R]`` each, contiguous) and ``up`` (``[R, N]``, as strided); those of the partials and the output stay
-    under ``M·N``, which the split-K cap (``SPLIT_ELEMENTS_MAX``) keeps in int32 when K is split."""
-    last_up = sum((size - 1) * abs(stride) for size, stride in zip(up.shape, up.stride(), strict=True))
-    return M * R <= configs.INT32_MAX and last_up <= configs.INT32_MAX
-
-
-_SPLIT_LOCKS: dict[tuple[torch.device, int], Tensor] = {}
-_SPLIT_LOCKS_MADE = threading.Lock()
-"""Held while a shared buffer is made: two threads' first launches on one stream must not make one each (the
-dropped one, freed while its kernel may still run, goes back to the allocator for other work on another stream)."""
-_SPLIT_LOCK_COUNT = 4096
-"""Arrival counts per device and stream: output tiles of one split-K launch (``cdiv(M, 16) · cdiv(N, BLOCK_N)``;
-the default split reaches ~260 tiles, a forced one on a layer wider than 262,144 falls back to the sum launch)."""
-
-
-def _split_locks(device: torch.device, tiles: int) -> Tensor | None:
-    """Zeroed int32 arrival counts, one per output tile, for split-K partials summed in the kernel (``REDUCE``),
-    or None when there are more tiles than counts. Eager launches share one buffer per device and stream (launches
-    on a stream run in order, and each leaves its counts at zero); it is created once and never replaced, so no
-    launch still in flight loses it. A launch being captured into a CUDA graph gets a buffer of its own, zeroed
-    inside the graph at each replay: a graph replays on whatever stream is current, beside other graphs and eager
-    launches, so it shares counts with none of them. The shared buffer is allocated by a thread of its own, on the
-    device's default stream, which the current one then waits for: ``torch.compile(mode="reduce-overhead")`` warms
-    a graph up eagerly with every allocation of the warming thread routed to the graph's memory pool (torch ≥ 2.8
-    routes by thread; earlier versions by stream), which must not hold a buffer that outlives the graph (its checks
-    refuse one; unchecked, the pool could hand the memory out again)."""
-    if tiles > _SPLIT_LOCK_COUNT:
-        return None
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return torch.zeros(tiles, device=device, dtype=torch.int32)
-    key = (device, torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0)
-    locks = _SPLIT_LOCKS.get(key)
-    if locks is None:
-        with _SPLIT_LOCKS_MADE:
-            locks = _SPLIT_LOCKS.get(key)  # (another thread's, made while this one waited)
-            if locks is None:
-                locks = _in_own_thread(lambda: torch.zeros(_SPLIT_LOCK_COUNT, device=device, dtype=torch.int32))
-                _SPLIT_LOCKS[key] = locks
-        if device.type == "cuda":  # (a new thread's current stream is the default stream)
-            torch.cuda.current_stream(device).wait_stream(torch.cuda.default_stream(device))
-    return locks
-
-
-def _in_own_thread(make: Callable[[], Tensor]) -> Tensor:
-    """``make()`` run by a new thread, whose allocations no CUDA-graph memory pool claims; its exception is raised
-    here."""
-    result: list[Tensor] = []
-    error: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            result.append(make())
-        except BaseException as e:  # (raised again in the calling thread)
-            error.append(e)
-
-    worker = threading.Thread(target=run, name="tied_lora_kernels-split-locks")
-    worker.start()
-    worker.join()
-    if error:
-        raise error[0]
-    return result[0]
 
 
 def _strides3(t: Tensor) -> tuple[int, ...]:
