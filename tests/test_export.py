@@ -4,6 +4,7 @@ it must compute what the adapted model computes."""
 from __future__ import annotations
 
 import json
+import re
 import warnings
 
 import pytest
@@ -334,7 +335,16 @@ def test_the_layers_dropout_goes_into_peft_config(tmp_path):
         if isinstance(module, nn.Dropout):
             module.p = 0.0
     assert exported("disabled") == 0.0
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"):
+        layers[name].lora_dropout = 0.1  # the config's: not named
     layers["model.layers.1.self_attn.k_proj"].lora_dropout = 0.2
-    with pytest.warns(UserWarning, match=r"the file says 0.1 \(the config.s\), which \[.model.layers.0.self_attn.q"):
+    others = ["model.layers.0.self_attn.k_proj", "model.layers.0.self_attn.v_proj", "model.layers.1.self_attn.k_proj"]
+    said = f"the file says 0.1 (the config's), which {others}, ... do not use"  # (4 layers: 3 named)
+    with pytest.warns(UserWarning, match=re.escape(said)):
         export_peft_lora(model, tmp_path / "mixed")
     assert json.loads((tmp_path / "mixed" / "adapter_config.json").read_text())["lora_dropout"] == 0.1
+    # layers adapted by hand, no config: the dropout most of them use
+    by_hand = nn.Sequential(*(TiedLoRALinear.from_linear(nn.Linear(8, 8), rank=2, dropout=p) for p in (0.1, 0.0, 0.0)))
+    with pytest.warns(UserWarning, match=re.escape("the file says 0.0 (the most common), which ['0'] do not use")):
+        export_peft_lora(by_hand, tmp_path / "by-hand")
+    assert json.loads((tmp_path / "by-hand" / "adapter_config.json").read_text())["lora_dropout"] == 0.0

@@ -17,6 +17,7 @@ import json
 import os
 import re
 import warnings
+from collections import Counter
 from typing import Any
 
 import torch
@@ -57,8 +58,9 @@ def export_peft_lora(
     Load it with ``peft.PeftModel.from_pretrained(base, directory)`` where ``base`` is the model ``model`` was
     adapted from (the same class: module names must match), or serve it as a LoRA adapter. ``dtype``: the
     tensors' dtype (default: the adapters'). ``base_model_name_or_path`` is recorded in the config, as PEFT
-    does. ``lora_dropout``: the layers' dropout when they all use one, else the config's, with a warning (PEFT's
-    config has one). ``modules_to_save`` go in as PEFT writes them (full tensors, in their own dtype).
+    does. ``lora_dropout``: the layers' dropout when they all use one, else the config's (without a config, the one
+    most layers use), with a warning (PEFT's config has one). ``modules_to_save`` go in as PEFT writes them (full
+    tensors, in their own dtype).
     ``target_modules`` holds the layers' short names (``q_proj``, ...) when every module of the model with those
     names is adapted, else a regular expression that matches exactly their qualified names (PEFT matches a list
     of names as suffixes, a string as a full-match regex). Refuses merged layers, whose ΔW is in the base weights
@@ -134,16 +136,21 @@ def export_peft_lora(
                     state[f"base_model.model.{alias}"] = tensor.to("cpu", copy=True).contiguous()
         targets = _target_names(model, set(layers))
         # PEFT's config has one dropout: the layers' when they agree (set after apply_tied_lora, or turned off by
-        # TRL's disable_dropout), else the config's, with a warning
+        # TRL's disable_dropout), else the config's (layers adapted by hand: the one most of them use), with a warning
         dropouts = {name: layer.lora_dropout for name, layer in layers.items()}
-        dropout = next(iter(dropouts.values())) if len(set(dropouts.values())) == 1 else None
-        if dropout is None:
-            dropout = config.dropout if config is not None else 0.0
+        counts = Counter(dropouts.values())
+        dropout = next(iter(counts))
+        if len(counts) > 1:
+            dropout, source = (
+                (config.dropout, "the config's")
+                if config is not None
+                else (counts.most_common(1)[0][0], "the most common")
+            )
             others = [name for name, p in dropouts.items() if p != dropout]
             warnings.warn(
                 f"export_peft_lora: the adapted layers train with different dropouts, and PEFT's config holds one "
-                f"lora_dropout: the file says {dropout} (the config's), which {first_names(others, 3)} do not use "
-                "(this changes training after loading into PEFT, not what the adapter computes)",
+                f"lora_dropout: the file says {dropout} ({source}), which {first_names(others, 3)} do not use (this "
+                "changes training after loading into PEFT, not what the adapter computes)",
                 stacklevel=4,
             )
         peft_config = {

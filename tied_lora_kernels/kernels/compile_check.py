@@ -361,7 +361,7 @@ def _compile_inputs(job: dict) -> _Inputs:
     cfg, tl_dtype = job["config"], _TL_NAME[job["dtype"]]
     fp32_pointers = _FP32_POINTERS[kernel]
     constexprs = dict(switches, UPCAST=False, PRECISION=job["precision"], BLOCK_R=job["block_r"], DROPOUT=dropout)
-    if rank_sum:  # it walks the rank in fixed chunks (forward.py's launcher)
+    if rank_sum:  # it walks the rank in fixed chunks (split_sum.sum_splits_rank)
         constexprs.update(BLOCK_R=RANK_SUM_CHUNK)
     if kernel == "fused":
         constexprs.update(BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"])
@@ -419,7 +419,7 @@ def _compile_inputs(job: dict) -> _Inputs:
             if name in divisible:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     arch = int(job["target"].removeprefix("sm_"))
-    stages = 1 if rank_sum else cfg["num_stages"]  # (the rank-apart sum has no dot to pipeline: forward.py)
+    stages = 1 if rank_sum else cfg["num_stages"]  # (the rank-apart sum has no dot to pipeline: split_sum.py)
     warps = RANK_SUM_WARPS if rank_sum else cfg["num_warps"]
     return _Inputs(fn, signature, constexprs, attrs, arch, warps, stages)
 

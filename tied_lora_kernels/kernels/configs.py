@@ -3,8 +3,9 @@ same tables).
 
 Three kernels have tiles here: the fused GEMM (forward ``y``, backward ``dx``; ``forward.py``), the shrink
 (``T = x Aᵀ`` or ``dS / s = dy (v ⊙ B)``, two-pass only; ``shrink.py``) and the rank-gradient reduction
-(``G = dyᵀ S`` and ``dAᵀ = xᵀ dT``; ``backward.py``); the other three launch fixed blocks of their own (the
-split-K sums in ``split_sum.py``, the adapters' preparation in ``prepare.py``). Configs are picked by shape
+(``G = dyᵀ S`` and ``dAᵀ = xᵀ dT``; ``backward.py``); of the other three, the split-K sum with the rank-R term
+apart takes the GEMM's output tile, the plain split-K sum and the adapters' preparation fixed blocks of their own
+(``split_sum.py``, ``prepare.py``). Configs are picked by shape
 heuristics, not autotuned: no autotune trial can run a kernel twice into an accumulated gradient, and CPU runs
 (the interpreter) see the same choice as the GPU.
 

@@ -1,4 +1,4 @@
-"""The sums of split-K partials (docs/design.md §3): at decode the fused GEMM (``forward.py``) may cut K into slices,
+"""The sums of split-K partials (docs/design.md §7): at decode the fused GEMM (``forward.py``) may cut K into slices,
 each storing its fp32 partial of ``out`` (and, one-pass, of ``t``) in a ``[SPLIT, ...]`` workspace; they are summed in
 a fixed order, slice 0 first, so the result does not depend on which slice finished first (deterministic).
 
