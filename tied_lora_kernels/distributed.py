@@ -27,15 +27,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tied_lora_kernels.model import (
-    _adapter_params,
-    _refuse_parametrized,
-    _require_layers,
-    _unwrapped,
-)
-from tied_lora_kernels.targets import (
-    _saved_ids,
-)
+from tied_lora_kernels.model import _adapter_params, _refuse_parametrized, _require_layers, _unwrapped
+from tied_lora_kernels.targets import _saved_ids
 
 __all__ = ["tied_lora_parameters", "sync_tied_lora_grads"]
 
