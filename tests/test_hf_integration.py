@@ -237,6 +237,23 @@ def test_only_the_main_process_saves_the_adapter(tmp_path):
     assert (tmp_path / "adapter-final" / "adapter_model.safetensors").is_file()
 
 
+def test_tied_lora_trainer_saves_on_the_processes_that_should_save_only(tmp_path, monkeypatch):
+    """TiedLoRATrainer's save writes nothing where Trainer's ``args.should_save`` is False (a process other than the
+    main one), and the adapter where it is True."""
+    pytest.importorskip("accelerate", reason="transformers' Trainer needs accelerate")
+    from tied_lora_kernels.hf import TiedLoRATrainer
+
+    _, data = token_rows()
+    model = apply_tied_lora(tiny_llama(), TiedLoRAConfig(rank=4))
+    trainer = TiedLoRATrainer(model=model, args=training_args(tmp_path / "out", save_strategy="no"), train_dataset=data)
+    monkeypatch.setattr(transformers.TrainingArguments, "should_save", property(lambda self: False))
+    trainer._save(str(tmp_path / "other-process"))
+    assert not (tmp_path / "other-process").exists()
+    monkeypatch.setattr(transformers.TrainingArguments, "should_save", property(lambda self: True))
+    trainer._save(str(tmp_path / "main-process"))
+    assert (tmp_path / "main-process" / "adapter_model.safetensors").is_file()
+
+
 def test_every_process_saves_into_a_checkpoint_alike(tmp_path, monkeypatch):
     """on_save gathers on every process (a collective when FSDP2 sharded the adapter): every process must take the
     same branch, whether or not it sees Trainer's checkpoint folder yet (a process other than the main one may get
