@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from benchmarks.shapes import DECODE_MAX_M, Case, Shape
 from tied_lora_kernels import tied_lora_linear
-from tied_lora_kernels.bench import TARGET_K
+from tied_lora_kernels.bench_tables import TARGET_K
 
 __all__ = ["PROVIDERS", "FLOOR", "Built", "schedule", "unavailable", "build", "rotating"]
 

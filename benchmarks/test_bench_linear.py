@@ -18,7 +18,7 @@ import torch
 from benchmarks import providers, timing
 from benchmarks.conftest import DEVICE
 from benchmarks.shapes import DECODE_MAX_M, flops, linear_cases, min_bytes
-from tied_lora_kernels.bench import TARGET_K
+from tied_lora_kernels.bench_tables import TARGET_K
 
 CASES = {case.id: case for case in linear_cases(DEVICE.type)}
 

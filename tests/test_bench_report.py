@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from tied_lora_kernels.bench import _headline, _summary_tables, _write_markdown, choice_rows, load, main, target_rows
+from tied_lora_kernels.bench import _write_markdown, load, main
+from tied_lora_kernels.bench_tables import _headline, _summary_tables, choice_rows, target_rows
 
 RESULTS = sorted((Path(__file__).parent.parent / "benchmarks" / "results").glob("cpu-*.json"))
 
@@ -234,7 +235,7 @@ def test_choice_table_names_the_defaults_the_times_contradict():
 
 
 def test_eager_table_is_per_projection_against_nn_linear():
-    from tied_lora_kernels.bench import _eager_tables
+    from tied_lora_kernels.bench_tables import _eager_tables
 
     def eager(provider, seconds):
         return dict(
