@@ -372,20 +372,38 @@ def test_every_rank_grad_config(arch, cfg, block_r, wide):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a 4 GB activation on a GPU")
 def test_int64_offsets():
-    # M·K passes 2³¹: row offsets must be computed in int64 (only the last rows would go wrong)
-    K, N, R = 4096, 32, 8
-    M = 2**31 // K + 100
+    # M·K passes 2³¹: row offsets must be computed in int64 (only the last rows would go wrong), forward and backward
+    K = 4096
+    check_last_rows(2**31 // K + 100, K)
+
+
+def check_last_rows(M: int, K: int, N: int = 32, R: int = 8, tail: int = 300) -> None:
+    """Forward and every gradient of a bf16 layer on ``x [M, K]``, checked on the last ``tail`` rows, where the
+    offsets are largest. ``dy`` is zero on the other rows: ``dx`` must be exactly zero there, and the reductions
+    over tokens (``dW``, ``dA``, ``dB``, ``du``, ``dv``), which still walk every row, must give the reference's
+    gradients of the last rows alone."""
     g = torch.Generator(device=DEVICE).manual_seed(0)
     x = torch.randn(M, K, device=DEVICE, dtype=torch.bfloat16, generator=g)
     w = torch.randn(N, K, device=DEVICE, dtype=torch.bfloat16, generator=g) * K**-0.5
     A = torch.randn(R, K, device=DEVICE, generator=g) * K**-0.5
     B, u, v = (torch.randn(*s, device=DEVICE, generator=g) for s in ((N, R), (R,), (N,)))
-    with torch.no_grad():
-        y = tied_lora_linear(x, w, None, A, B, u, v, backend="triton")
-        tail = x[-300:]
-        expected = tied_lora_forward(tail, w, None, A, B, u, v, upcast=True)
-        baseline = tied_lora_forward(tail, w, None, A, B, u, v)
-    assert_close_to_reference(y[-300:], expected, baseline, "y (last rows)", torch.bfloat16)
+    dy = torch.zeros(M, N, device=DEVICE, dtype=torch.bfloat16)
+    dy[-tail:] = torch.randn(tail, N, device=DEVICE, generator=g)
+    params = {"weight": w, "A": A, "B": B, "u": u, "v": v}
+    for t in (x, *params.values()):
+        t.requires_grad_(True)
+    y = tied_lora_linear(x, w, None, A, B, u, v, backend="triton")
+    got = grads_of(y, dy, {"x": x, **params})
+    assert torch.count_nonzero(got["x"][:-tail]) == 0, "dx is not zero on the rows whose dy is zero"
+    x_tail = x.detach()[-tail:].requires_grad_(True)
+    inputs = {"x": x_tail, **params}
+    expected = tied_lora_forward(x_tail, w, None, A, B, u, v, upcast=True)
+    baseline = tied_lora_forward(x_tail, w, None, A, B, u, v)
+    assert_close_to_reference(y[-tail:], expected, baseline, "y (last rows)", torch.bfloat16)
+    ref, base = grads_of(expected, dy[-tail:].double(), inputs), grads_of(baseline, dy[-tail:], inputs)
+    got["x"] = got["x"][-tail:]
+    for name in inputs:
+        assert_close_to_reference(got[name], ref[name], base[name], f"d{name} (last rows)", torch.bfloat16)
 
 
 # Offsets past 2³¹ elements without 4 GB of data: x, dy and W are views with a huge stride into allocations that
