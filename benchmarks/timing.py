@@ -31,7 +31,8 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "run", "weight_copies", "saved_bytes", "cuda_peak_bytes", "kernel_launches", "plan_of", "device_info", "gpu_clocks",
+    "run", "weight_copies", "saved_bytes", "cuda_peak_bytes", "kernel_launches", "launches_through", "kernel_name",
+    "plan_of", "device_info", "gpu_clocks",
 ]  # fmt: skip
 
 CPU_TARGET_S = 0.25  # time spent measuring one CPU case
@@ -243,6 +244,32 @@ def kernel_launches(fn: Callable[[], object], setup: Callable[[], object] | None
     """The triton kernels one ``fn()`` call launches (after ``setup()``, not recorded), in order: each as
     ``{"kernel": name, "grid": [...], key: value}`` for the ``LAUNCH_KEYS`` it passed. Compiled kernels and the
     interpreter's alike; the call runs as it would (a first call compiles)."""
+    launches: list[dict] = []
+
+    def record(kernel, grid, kwargs, launch: Callable[[], object]) -> object:
+        shown = list(grid) if isinstance(grid, tuple | list) else "callable"
+        launches.append(
+            {"kernel": kernel_name(kernel), "grid": shown, **{k: kwargs[k] for k in LAUNCH_KEYS if k in kwargs}}
+        )
+        return launch()
+
+    if setup:
+        setup()
+    with launches_through(record):
+        fn()
+    return launches
+
+
+def kernel_name(kernel) -> str:
+    """The name of a ``@triton.jit`` function's kernel (its Python function's)."""
+    return getattr(getattr(kernel, "fn", kernel), "__name__", "?")
+
+
+@contextlib.contextmanager
+def launches_through(around: Callable[[object, object, dict, Callable[[], object]], object]):
+    """In the block, each triton launch runs as ``around(kernel, grid, kwargs, launch)``, where ``launch()``
+    launches it and returns what it returns: compiled kernels and the interpreter's alike (a warm-up compile,
+    which launches nothing, is left alone). Not thread-safe: it patches triton's classes."""
     from triton.runtime.jit import JITFunction
 
     classes: list[type] = [JITFunction]
@@ -250,46 +277,32 @@ def kernel_launches(fn: Callable[[], object], setup: Callable[[], object] | None
         from triton.runtime.interpreter import InterpretedFunction
 
         classes.append(InterpretedFunction)
-    launches: list[dict] = []
 
-    def record(kernel, grid, kwargs) -> None:
-        fn_name = getattr(getattr(kernel, "fn", kernel), "__name__", "?")
-        shown = list(grid) if isinstance(grid, tuple | list) else "callable"
-        launches.append({"kernel": fn_name, "grid": shown, **{k: kwargs[k] for k in LAUNCH_KEYS if k in kwargs}})
-
-    def recorded_run(original):
-        def run(self, *args, grid, warmup, **kwargs):
-            if not warmup:
-                record(self, grid, kwargs)
-            return original(self, *args, grid=grid, warmup=warmup, **kwargs)
+    def through_run(original):
+        def run(self, *args, **kwargs):
+            if kwargs.get("warmup"):
+                return original(self, *args, **kwargs)
+            return around(self, kwargs.get("grid"), kwargs, functools.partial(original, self, *args, **kwargs))
 
         return run
 
-    def recorded_getitem(original):  # (triton < 3.6's interpreter launches from __getitem__, without run)
+    def through_getitem(original):  # (triton < 3.6's interpreter launches from __getitem__, without run)
         def getitem(self, grid):
             launch = original(self, grid)
-
-            def call(*args, **kwargs):
-                record(self, grid, kwargs)
-                return launch(*args, **kwargs)
-
-            return call
+            return lambda *args, **kwargs: around(self, grid, kwargs, functools.partial(launch, *args, **kwargs))
 
         return getitem
 
-    if setup:
-        setup()
     patched = []
     for cls in classes:
-        name, wrap = ("run", recorded_run) if "run" in vars(cls) else ("__getitem__", recorded_getitem)
+        name, wrap = ("run", through_run) if "run" in vars(cls) else ("__getitem__", through_getitem)
         patched.append((cls, name, vars(cls)[name]))
         setattr(cls, name, wrap(vars(cls)[name]))
     try:
-        fn()
+        yield
     finally:
         for cls, name, original in patched:
             setattr(cls, name, original)
-    return launches
 
 
 _PLAN_SWITCHES = ("TMA", "LOAD_T", "SPLIT_K", "REDUCE", "RANK_APART", "USE_ATOMIC", "DROPOUT")

@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import functools
 
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from benchmarks import timing
 from tests.test_kernels_parity import make_inputs
 from tied_lora_kernels.functional import tied_lora_linear
 from tied_lora_kernels.kernels import configs
@@ -52,37 +52,18 @@ class _Launches(TorchDispatchMode):
 @contextlib.contextmanager
 def count_launches():
     """Counter of the kernels launched in the block (``triton.<kernel>`` and ``aten.<op>``)."""
-    from triton.runtime.interpreter import InterpretedFunction
-    from triton.runtime.jit import JITFunction
-
     mode = _Launches()
 
-    def counted(self, launch, *args, **kwargs):
-        mode.counts[f"triton.{self.fn.__name__ if hasattr(self, 'fn') else self.__name__}"] += 1
+    def counted(kernel, grid, kwargs, launch):
+        mode.counts[f"triton.{timing.kernel_name(kernel)}"] += 1
         mode.in_triton = True
         try:
-            return launch(*args, **kwargs)
+            return launch()
         finally:
             mode.in_triton = False
 
-    def run(self, *args, _original, **kwargs):
-        return counted(self, functools.partial(_original, self), *args, **kwargs)
-
-    def getitem(self, grid, _original):  # (triton < 3.6's interpreter launches from __getitem__, without run)
-        return functools.partial(counted, self, _original(self, grid))
-
-    patched = []
-    for cls in (JITFunction, InterpretedFunction):
-        name, wrapper = ("run", run) if "run" in vars(cls) else ("__getitem__", getitem)
-        original = vars(cls)[name]
-        setattr(cls, name, functools.partialmethod(wrapper, _original=original))
-        patched.append((cls, name, original))
-    try:
-        with mode:
-            yield mode.counts
-    finally:
-        for cls, name, original in patched:
-            setattr(cls, name, original)
+    with timing.launches_through(counted), mode:
+        yield mode.counts
 
 
 def _launches(
