@@ -213,7 +213,8 @@ def test_merge_unmerge_unload_model():
     base_weight = model.layers[0].q_proj.weight.detach().clone()
     y = model(x)
     merge_tied_lora(model)
-    assert_close_to_reference(model(x), y.double(), None, "merged")
+    with torch.no_grad():  # (a training forward of merged layers warns)
+        assert_close_to_reference(model(x), y.double(), None, "merged")
     with pytest.raises(RuntimeError, match="already merged"):
         merge_tied_lora(model)
     unmerge_tied_lora(model)

@@ -137,7 +137,8 @@ def test_merge_unmerge():
     unmerged = layer(x)
     layer.merge()
     assert layer.merged
-    assert_close_to_reference(layer(x), unmerged.double(), None, "merged forward")
+    with torch.no_grad():  # (a training forward of a merged layer warns)
+        assert_close_to_reference(layer(x), unmerged.double(), None, "merged forward")
     torch.testing.assert_close(layer.weight, base + layer.delta_weight(), rtol=0, atol=1e-6)
     with pytest.raises(RuntimeError, match="already merged"):
         layer.merge()
@@ -145,6 +146,30 @@ def test_merge_unmerge():
     torch.testing.assert_close(layer.weight, base, rtol=0, atol=4 * torch.finfo(torch.float32).eps * 8)
     with pytest.raises(RuntimeError, match="not merged"):
         layer.unmerge()
+
+
+def test_a_merged_layer_in_training_warns_that_its_adapter_gets_no_gradient():
+    """A training forward of a merged layer gives its adapter no gradient: with nothing else trained, backward fails
+    with PyTorch's generic error; with a trained head beside it, training would go on without the adapter. The
+    layer says so. Evaluating merged (eval mode or no_grad), an unmerged layer, or a frozen adapter do not warn."""
+    shared = TiedLoRAShared(12, 8, 3)
+    layer = TiedLoRALinear.from_linear(nn.Linear(12, 8), shared)
+    x = torch.randn(4, 12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layer(x)
+        layer.merge()
+        with torch.no_grad():
+            layer(x)
+        layer.eval()
+        layer(x)
+        layer.train()
+    with pytest.warns(UserWarning, match="merged TiedLoRALinear runs in training mode .* unmerge_tied_lora"):
+        layer(x)
+    layer.requires_grad_(False)  # (the adapter frozen: weight and bias too, which the check does not read)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layer(x)
 
 
 def test_unmerge_takes_out_what_merge_put_in_after_the_adapter_changed():

@@ -547,6 +547,8 @@ class TiedLoRALinear(nn.Linear):
         if self.merged or self.disabled:
             if self.merged and self.disabled:
                 raise RuntimeError("this TiedLoRALinear is disabled but merged (weight holds ΔW): unmerge() it first")
+            if self.merged and self.training and torch.is_grad_enabled():
+                self._warn_if_adapter_trains()
             return self._base_forward(x)
         dropout = self.lora_dropout if self.training else 0.0
         A, B, u, v = self._factors()
@@ -565,6 +567,17 @@ class TiedLoRALinear(nn.Linear):
             dropout=dropout,
         )
         return y + self.bias if self.bias_apart and self.bias is not None else y
+
+    def _warn_if_adapter_trains(self) -> None:
+        # a training step on merged layers trains nothing of the adapter: with nothing else trained, backward fails
+        # with PyTorch's "does not require grad"; with a trained head beside it, training goes on without it
+        if any(t is not None and t.requires_grad for t in self._factors()):
+            warnings.warn(
+                "a merged TiedLoRALinear runs in training mode with gradients enabled, and its adapter's factors, "
+                "which its weight now holds as ΔW, get no gradient from it: unmerge_tied_lora(model) (or layer."
+                "unmerge()) before training, model.eval() or torch.no_grad() to evaluate merged",
+                stacklevel=2,
+            )
 
     def _base_forward(self, x: Tensor) -> Tensor:
         return super().forward(x)  # nn.Linear's, or the quantized layer's own
