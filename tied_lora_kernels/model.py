@@ -20,14 +20,10 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from tied_lora_kernels.base_layers import carry_hooks, linear_features, qualified_name
 from tied_lora_kernels.config import TiedLoRAConfig
 from tied_lora_kernels.functional import first_names
-from tied_lora_kernels.layer import (
-    TiedLoRALinear,
-    carry_hooks,
-    linear_features,
-    qualified_name,
-)
+from tied_lora_kernels.layer import TiedLoRALinear
 from tied_lora_kernels.shared import TiedLoRAShared
 from tied_lora_kernels.targets import (
     _find_targets,

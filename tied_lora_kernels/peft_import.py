@@ -22,8 +22,8 @@ import warnings
 import torch
 from torch import nn
 
+from tied_lora_kernels.base_layers import linear_features
 from tied_lora_kernels.config import TiedLoRAConfig
-from tied_lora_kernels.layer import linear_features
 from tied_lora_kernels.model import (
     _apply,
     _refuse_distributed,

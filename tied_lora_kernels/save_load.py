@@ -17,10 +17,10 @@ from collections.abc import Callable, Set
 import torch
 from torch import nn
 
+from tied_lora_kernels.base_layers import adaptable_types, linear_features
 from tied_lora_kernels.config import TiedLoRAConfig
 from tied_lora_kernels.functional import BACKENDS, first_names
 from tied_lora_kernels.kernels.configs import MAX_RANK
-from tied_lora_kernels.layer import adaptable_types, linear_features
 from tied_lora_kernels.model import (
     _adapter_parameters,
     _adapter_params,

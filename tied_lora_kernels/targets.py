@@ -17,15 +17,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from tied_lora_kernels.config import ALL_LINEAR, QKV, TiedLoRAConfig
-from tied_lora_kernels.layer import (
-    TiedLoRALinear,
+from tied_lora_kernels.base_layers import (
     adaptable_types,
     check_linear_type,
     check_plain_weight,
     linear_features,
     quantized_linear_types,
 )
+from tied_lora_kernels.config import ALL_LINEAR, QKV, TiedLoRAConfig
+from tied_lora_kernels.layer import TiedLoRALinear
 
 
 def _warn_unmatched_names(config: TiedLoRAConfig, model: nn.Module) -> None:
