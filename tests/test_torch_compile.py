@@ -19,7 +19,7 @@ from torch._dynamo.backends.registry import lookup_backend
 from tests.conftest import DEVICE
 from tests.models import Toy
 from tests.test_kernels_parity import make_inputs
-from tied_lora_kernels import TiedLoRAConfig, TiedLoRAShared, apply_tied_lora
+from tied_lora_kernels import TiedLoRAConfig, TiedLoRALinear, TiedLoRAShared, apply_tied_lora
 from tied_lora_kernels.functional import tied_lora_linear
 from tied_lora_kernels.kernels import function
 
@@ -156,6 +156,17 @@ def test_compiling_warns_nothing():
     # (not dynamo's advice about the interpreter itself: "Guards may run slower on Python 3.13.0 ...")
     said = [str(w.message) for w in caught if "_dynamo" in w.filename]
     assert [m for m in said if not m.startswith("Guards may run slower on Python")] == []
+
+
+def test_a_merged_layer_in_training_compiles_in_one_graph():
+    """The warning of a merged layer's training forward is eager's: under torch.compile it would break the graph
+    (fullgraph fails on it)."""
+    layer = TiedLoRALinear.from_linear(torch.nn.Linear(12, 8), TiedLoRAShared(12, 8, 3)).to(DEVICE)
+    layer.merge()
+    x = torch.randn(4, 12, device=DEVICE)
+    with torch.no_grad():
+        expected = layer(x)
+    assert torch.equal(torch.compile(layer, fullgraph=True, backend="eager")(x), expected)
 
 
 @pytest.mark.parametrize("autocast", [False, True], ids=["plain", "autocast"])

@@ -443,8 +443,8 @@ class TiedLoRALinear(nn.Linear):
         if self.merged or self.disabled:
             if self.merged and self.disabled:
                 raise RuntimeError("this TiedLoRALinear is disabled but merged (weight holds ΔW): unmerge() it first")
-            if self.merged and self.training and torch.is_grad_enabled():
-                self._warn_if_adapter_trains()
+            if self.merged and self.training and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+                self._warn_if_adapter_trains()  # (eager only: a warning breaks torch.compile's fullgraph)
             return self._base_forward(x)
         dropout = self.lora_dropout if self.training else 0.0
         A, B, u, v = self._factors()
