@@ -11,6 +11,8 @@ import torch
 from torch import nn
 
 __all__ = [
+    "MODULE_HOOKS",
+    "QUANTIZED_NAMES",
     "adaptable_types",
     "carry_hooks",
     "check_linear_type",
@@ -24,7 +26,7 @@ __all__ = [
 ]
 
 
-_MODULE_HOOKS = (
+MODULE_HOOKS = (
     "_forward_pre_hooks",
     "_forward_pre_hooks_with_kwargs",
     "_forward_hooks",
@@ -34,6 +36,7 @@ _MODULE_HOOKS = (
     "_backward_hooks",
     "_is_full_backward_hook",
 )
+"""The attributes of ``nn.Module`` that hold its forward and backward hooks (``carry_hooks`` moves them)."""
 
 
 def check_linear_type(linear: nn.Module, what: str) -> None:
@@ -64,7 +67,7 @@ def adaptable_types() -> tuple[type[nn.Module], ...]:
 def class_label(cls: type) -> str:
     """A class's name for an error message: qualified with its module when the bare name is one of the classes
     that can be adapted (PEFT's LoRA layer is a ``Linear`` too)."""
-    return qualified_name(cls) if cls.__name__ in ("Linear", "Conv1D", *_QUANTIZED_NAMES) else cls.__name__
+    return qualified_name(cls) if cls.__name__ in ("Linear", "Conv1D", *QUANTIZED_NAMES) else cls.__name__
 
 
 def qualified_name(cls: type) -> str:
@@ -105,7 +108,8 @@ def check_plain_weight(linear: nn.Linear, what: str) -> None:
         )
 
 
-_QUANTIZED_NAMES = ("Linear4bit", "LinearNF4", "LinearFP4", "Linear8bitLt")
+QUANTIZED_NAMES = ("Linear4bit", "LinearNF4", "LinearFP4", "Linear8bitLt")
+"""The bitsandbytes linears an adapter can run beside, by class name (``TiedLoRA`` + the name is its adapted kind)."""
 
 
 def quantized_linear_types() -> tuple[type, ...]:
@@ -113,13 +117,13 @@ def quantized_linear_types() -> tuple[type, ...]:
     (QLoRA; with its ``LinearNF4``/``LinearFP4``) and ``Linear8bitLt``, once bitsandbytes is imported (a model
     holding such layers has imported it; this never imports it)."""
     bnb_nn = getattr(sys.modules.get("bitsandbytes"), "nn", None)
-    return tuple(t for t in (getattr(bnb_nn, name, None) for name in _QUANTIZED_NAMES) if isinstance(t, type))
+    return tuple(t for t in (getattr(bnb_nn, name, None) for name in QUANTIZED_NAMES) if isinstance(t, type))
 
 
 def carry_hooks(src: nn.Module, dst: nn.Module) -> None:
     """Move the forward and backward hooks registered on ``src`` to ``dst`` (the same dicts, so the handles that
     registered them still remove them; ``src`` gets empty ones), as a module that replaces ``src`` should."""
-    for name in _MODULE_HOOKS:
+    for name in MODULE_HOOKS:
         if name in vars(src):
             hooks = getattr(src, name)
             setattr(dst, name, hooks)

@@ -34,8 +34,8 @@ from typing_extensions import Unpack  # (typing's from Python 3.11; imported at 
 
 from tied_lora_kernels import reference
 from tied_lora_kernels.base_layers import (
-    _MODULE_HOOKS,
-    _QUANTIZED_NAMES,
+    MODULE_HOOKS,
+    QUANTIZED_NAMES,
     carry_hooks,
     check_linear_type,
     check_plain_weight,
@@ -117,7 +117,7 @@ def _quantized_class(base: type) -> type[TiedLoRALinear]:
 
 def __getattr__(name: str) -> type:
     """``TiedLoRALinear4bit`` and the like, made on first use: what a pickled adapted quantized layer names."""
-    if name.startswith("TiedLoRA") and name.removeprefix("TiedLoRA") in _QUANTIZED_NAMES:
+    if name.startswith("TiedLoRA") and name.removeprefix("TiedLoRA") in QUANTIZED_NAMES:
         try:
             import bitsandbytes  # noqa: F401  (the pickle holds bitsandbytes objects anyway)
         except ImportError:
@@ -590,7 +590,7 @@ def _copy_state(src: nn.Module, dst: nn.Module, skip: frozenset = frozenset()) -
     """A quantized layer's own state (compute dtype, quantisation state, state-dict hooks, buffers) from ``src``
     onto the freshly made ``dst``; not its parameters, submodules and forward/backward hooks (the caller's), nor
     what is bound to ``src`` itself: an instance-level forward (a patch) or ``module.compile()``'s call."""
-    own = {"_parameters", "_buffers", "_non_persistent_buffers_set", "_modules", *_MODULE_HOOKS, *skip}
+    own = {"_parameters", "_buffers", "_non_persistent_buffers_set", "_modules", *MODULE_HOOKS, *skip}
     dst.__dict__.update({k: v for k, v in vars(src).items() if k not in own and not callable(v)})
     for name, buffer in src._buffers.items():
         dst.register_buffer(name, buffer, persistent=name not in src._non_persistent_buffers_set)
