@@ -87,10 +87,10 @@ def apply_tied_lora(model: nn.Module, config: TiedLoRAConfig) -> nn.Module:
     model with reentrant gradient checkpointing on, calls ``enable_input_require_grads()`` (as PEFT does)."""
     if isinstance(model, nn.Module) and isinstance(config, TiedLoRAConfig):  # (before: -W error leaves it as it was)
         _warn_unmatched_names(config, model)
-    return _apply(model, config)
+    return _adapt(model, config)
 
 
-def _apply(model: nn.Module, config: TiedLoRAConfig, shared_of: dict[str, str] | None = None) -> nn.Module:
+def _adapt(model: nn.Module, config: TiedLoRAConfig, shared_of: dict[str, str] | None = None) -> nn.Module:
     """``apply_tied_lora``; ``shared_of`` (layer name -> its pair's name, an adapter file's layout) fixes which
     layers share a pair, instead of the config's rule (files keep loading if that rule changes)."""
     if not isinstance(model, nn.Module):
@@ -166,7 +166,7 @@ def _apply(model: nn.Module, config: TiedLoRAConfig, shared_of: dict[str, str] |
 
 @contextlib.contextmanager
 def _undone_on_error(model: nn.Module, names: Iterable[str]) -> Iterator[None]:
-    """Put a bare ``model`` back as it was if the block (``_apply`` on the layers ``names``, then checks that need
+    """Put a bare ``model`` back as it was if the block (``_adapt`` on the layers ``names``, then checks that need
     the adapted model) raises: its own modules (their hooks moved back), ``requires_grad`` flags, attributes and
     hooks."""
     originals = {name: model.get_submodule(name) for name in names}
@@ -187,7 +187,7 @@ def _undone_on_error(model: nn.Module, names: Iterable[str]) -> Iterator[None]:
         for p, flag in flags:
             p.requires_grad_(flag)
         if model.__dict__.get("_require_grads_hooks") is not before.get("_require_grads_hooks"):
-            for handle in model.__dict__["_require_grads_hooks"]:  # (enable_input_require_grads, called by _apply)
+            for handle in model.__dict__["_require_grads_hooks"]:  # (enable_input_require_grads, called by _adapt)
                 handle.remove()
         for k in attributes:
             model.__dict__.pop(k, None)

@@ -25,7 +25,7 @@ from torch import nn
 from tied_lora_kernels.base_layers import linear_features
 from tied_lora_kernels.config import TiedLoRAConfig
 from tied_lora_kernels.model import (
-    _apply,
+    _adapt,
     _refuse_distributed,
     _refuse_inner_compile_wrappers,
     _refuse_peft_model,
@@ -223,7 +223,7 @@ def load_peft_adapter(model: nn.Module, directory: str | os.PathLike, *, backend
                 "untie them first (e.g. give the output layer its own weight) to load it"
             )
 
-    _apply(model, config)
+    _adapt(model, config)
     adapted = tied_lora_layers(model)
     with torch.no_grad():
         for name, (A, B, u, v) in values.items():

@@ -22,9 +22,9 @@ from tied_lora_kernels.config import TiedLoRAConfig
 from tied_lora_kernels.functional import BACKENDS, first_names
 from tied_lora_kernels.kernels.configs import MAX_RANK
 from tied_lora_kernels.model import (
+    _adapt,
     _adapter_parameters,
     _adapter_params,
-    _apply,
     _is_adapter_tensor,
     _refuse_distributed,
     _refuse_inner_compile_wrappers,
@@ -292,7 +292,7 @@ def load_tied_lora(
         if any(model.get_submodule(name).weight.is_meta for name in layout):
             raise ValueError("the model is on the meta device: materialise it (to_empty) before loading")
         # the modules_to_save tensors load into the bare model's own parameters, under the names they will have
-        # (tied_lora_state_dict's): the file must hold exactly those, in shapes and dtypes that load, before _apply
+        # (tied_lora_state_dict's): the file must hold exactly those, in shapes and dtypes that load, before _adapt
         # adapts the model (_saved_modules refuses a module tied to one left out)
         ids = _saved_tensor_ids(_saved_modules(model, config, targets))
         own = {name: t for name, t in _named_tensors(model).items() if id(t) in ids}
@@ -308,7 +308,7 @@ def load_tied_lora(
         # the file's tensors are checked against the adapter that apply_tied_lora builds: if they do not fit (a file
         # edited by hand, or written by another version), the model is put back as it was
         with _undone_on_error(model, layout):
-            _apply(model, config, shared_of={name: entry["shared"] for name, entry in layout.items()})
+            _adapt(model, config, shared_of={name: entry["shared"] for name, entry in layout.items()})
             # each layer's alpha and dropout as saved, set since apply or not. (A file written before it saved the
             # dropouts ran the config's alpha, whatever its layout recorded: an alpha set on a layer had no effect)
             for name, p in meta.get("layer_dropout", {}).items():
