@@ -172,6 +172,22 @@ def test_a_merged_layer_in_training_warns_that_its_adapter_gets_no_gradient():
         layer(x)
 
 
+def test_a_merged_layer_in_training_is_traced_without_the_warning():
+    """torch.fx and torch.jit.trace trace a merged layer in training mode as before the warning came (fx failed on
+    testing a traced parameter's requires_grad; jit.trace warned)."""
+    layer = TiedLoRALinear.from_linear(nn.Linear(12, 8), TiedLoRAShared(12, 8, 3))
+    layer.merge()
+    x = torch.randn(4, 12)
+    with torch.no_grad():
+        expected = layer(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        traced = torch.fx.symbolic_trace(layer)
+        jitted = torch.jit.trace(layer, x, check_trace=False)
+    torch.testing.assert_close(traced(x), expected, rtol=0, atol=0)
+    torch.testing.assert_close(jitted(x), expected, rtol=0, atol=0)
+
+
 def test_unmerge_takes_out_what_merge_put_in_after_the_adapter_changed():
     """One layer of a tied pair merged, the pair trained through another layer (or the layer's vectors reset):
     unmerge takes out the ΔW that merge added (merge keeps a copy of its factors), not one recomputed from the

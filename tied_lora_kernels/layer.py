@@ -443,8 +443,8 @@ class TiedLoRALinear(nn.Linear):
         if self.merged or self.disabled:
             if self.merged and self.disabled:
                 raise RuntimeError("this TiedLoRALinear is disabled but merged (weight holds ΔW): unmerge() it first")
-            if self.merged and self.training and torch.is_grad_enabled() and not torch.compiler.is_compiling():
-                self._warn_if_adapter_trains()  # (eager only: a warning breaks torch.compile's fullgraph)
+            if self.merged and self.training and torch.is_grad_enabled() and not _tracing():
+                self._warn_if_adapter_trains()
             return self._base_forward(x)
         dropout = self.lora_dropout if self.training else 0.0
         A, B, u, v = self._factors()
@@ -584,6 +584,12 @@ class TiedLoRALinear(nn.Linear):
             + (f", dropout={self.lora_dropout:g}" if self.lora_dropout else "")
             + (", disabled=True" if self.disabled else "")
         )
+
+
+def _tracing() -> bool:
+    """Whether torch.compile (or torch.export), torch.jit.trace or torch.fx traces the call: a warning breaks the
+    first's graph, and torch.fx cannot test a traced parameter's ``requires_grad``."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.fx._symbolic_trace.is_fx_tracing()
 
 
 def _copy_state(src: nn.Module, dst: nn.Module, skip: frozenset = frozenset()) -> None:
