@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 import warnings
 
 import pytest
@@ -233,7 +234,13 @@ def test_a_mamba_out_proj_that_peft_refuses_is_named_in_a_warning(tmp_path):
                      time_step_rank=4)  # fmt: skip
         return transformers.FalconMambaForCausalLM(transformers.FalconMambaConfig(**shape))
 
-    model = apply_tied_lora(falcon_mamba(), TiedLoRAConfig(rank=4, preset="lora", target_modules="all-linear"))
+    model = falcon_mamba()
+    if hasattr(sys.modules[type(model).__module__], "mamba_inner_fn"):  # (targets._READ_BY_A_FUSED_PATH)
+        pytest.skip(
+            f"transformers {transformers.__version__} reads Falcon-Mamba's out_proj weight in its fused training path "
+            "(mamba_inner_fn, removed in 5.25): 'all-linear' leaves out_proj out, so no export has it"
+        )
+    model = apply_tied_lora(model, TiedLoRAConfig(rank=4, preset="lora", target_modules="all-linear"))
     assert any(name.endswith(".out_proj") for name in tied_lora_layers(model))
     with pytest.warns(UserWarning, match="PEFT would refuse to load it into this falcon_mamba model .*'out_proj'"):
         export_peft_lora(model, tmp_path)
