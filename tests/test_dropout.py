@@ -136,7 +136,7 @@ def _layer(dropout):
 
 def test_what_turns_every_dropout_off_turns_the_adapters_off():
     """TRL's ``disable_dropout`` (DPO's default) sets ``p = 0`` on every ``nn.Dropout``, which reaches PEFT's
-    ``lora_dropout``: the adapter's probability is such a child's ``p`` (none at 0), so it reaches this one's too
+    ``lora_dropout``: the adapter's probability is such a child's ``p`` (no child at 0), so it reaches this one's too
     (it stayed on: a DPO policy equal to its reference gave a first loss of 0.68, not log 2)."""
     x = torch.randn(7, 12, generator=torch.Generator().manual_seed(2))
     layer, plain = _layer(0.5), _layer(0.0)
@@ -147,6 +147,8 @@ def test_what_turns_every_dropout_off_turns_the_adapters_off():
     assert layer.lora_dropout == 0.0 and torch.equal(layer.train()(x), plain.train()(x))
     layer.lora_dropout = 0.25
     assert layer.dropout.p == 0.25 and "dropout=0.25" in repr(layer)
+    layer.lora_dropout = 0.0  # the child stays, at p = 0 (README: absent only until a non-zero p is set)
+    assert isinstance(layer.dropout, nn.Dropout) and layer.dropout.p == 0.0 and layer.lora_dropout == 0.0
     with pytest.raises(ValueError, match="dropout"):
         layer.lora_dropout = 1.5
 

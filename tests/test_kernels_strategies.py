@@ -855,7 +855,9 @@ def test_unaligned_widths_get_their_own_tiles(M, monkeypatch):
 def test_tma_policy(monkeypatch):
     cpu, bf16 = torch.device("cpu"), torch.bfloat16  # the interpreter gets the sm90 table
     assert configs.tma_for(4096, bf16, cpu, split=1)  # 16-bit prefill: on by default
-    assert not configs.tma_for(8, bf16, cpu, split=1) and configs.tma_for(8, bf16, cpu, split=1, forced=True)
+    # decode: never, forced or not (the compile check compiles TMA variants of the prefill configs only)
+    assert not configs.tma_for(8, bf16, cpu, split=1) and not configs.tma_for(8, bf16, cpu, split=1, forced=True)
+    assert configs.tma_for(17, bf16, cpu, split=1, forced=True)
     assert not configs.tma_for(4096, bf16, cpu, split=1, forced=False)
     assert not configs.tma_for(4096, torch.float32, cpu, split=1, forced=True)  # fp32: never
     assert not configs.tma_for(8, bf16, cpu, split=3, forced=True)  # split-K: never
@@ -875,6 +877,22 @@ def test_tma_choice_is_kept_for_backward(tma, descriptor_calls):
         y = tied_lora_linear(x, *args, backend="triton")
     y.backward(torch.randn_like(y))  # outside the block: the backward keeps the forward's choice
     assert descriptor_calls == ([True, True] if tma is None else [])  # forward y, backward dx
+
+
+def test_forced_tma_leaves_decode_on_pointer_loads(descriptor_calls):
+    # TIED_LORA_TMA=1 (or forced(tma=True)) set for a training run also reaches generate's decode steps: they keep
+    # pointer loads, as no decode TMA variant is compile-checked. K = 128 is not split at M = 4, so only the
+    # regime decides; the backward's dx at decode, and a prefill forward, beside it
+    x, params = make_inputs("tl6", M=4, K=128, N=48, R=8, dtype=torch.bfloat16)
+    args = [params[k] for k in ("weight", "bias", "A", "B", "u", "v")]
+    cfg = configs.fused_config(4, 16, x.dtype, x.device, "one_pass")
+    assert cfg.split_k and configs.split_k_for(4, 48, 128, cfg, x.device) == 1
+    with configs.forced(tma=True):
+        y = tied_lora_linear(x, *args, backend="triton")
+        y.backward(torch.randn_like(y))
+        assert descriptor_calls == []
+        tied_lora_linear(torch.cat([x] * 5), *args, backend="triton")  # M = 20: prefill takes them
+    assert descriptor_calls == [True]
 
 
 @pytest.mark.parametrize("config,M,R", [("lora", 20, 100), ("tl6", 1, 65), ("vera", 5, 128)], ids=str)

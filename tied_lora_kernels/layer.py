@@ -424,9 +424,10 @@ class TiedLoRALinear(nn.Linear):
 
     @property
     def lora_dropout(self) -> float:
-        """The adapter's dropout probability: ``p`` of an ``nn.Dropout`` child ``dropout`` (none at 0; the kernels
-        read it and draw the mask themselves), so that what sets every ``nn.Dropout``'s ``p`` to 0 reaches it, as
-        it reaches PEFT's ``lora_dropout`` (TRL's ``disable_dropout``, on by default for DPO)."""
+        """The adapter's dropout probability: ``p`` of an ``nn.Dropout`` child ``dropout`` (absent until a non-zero
+        ``p`` is set, then kept, also at 0; the kernels read it and draw the mask themselves), so that what sets
+        every ``nn.Dropout``'s ``p`` to 0 reaches it, as it reaches PEFT's ``lora_dropout`` (TRL's
+        ``disable_dropout``, on by default for DPO)."""
         module = self._modules.get("dropout")
         return module.p if isinstance(module, nn.Dropout) else 0.0
 

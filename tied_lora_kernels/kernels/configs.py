@@ -691,15 +691,14 @@ def split_k_for(
 
 def tma_for(M: int, dtype: torch.dtype, device: torch.device, split: int, forced: bool | None = None) -> bool:
     """Whether the fused GEMM loads its tiles through TMA descriptors (the launcher also needs the operands
-    16-byte aligned with a unit-stride dim, else it uses pointers): ``forced`` if given (True still needs a
-    16-bit input, no split-K and a GPU of ``TMA_MAJORS``), else the default, UNMEASURED like the strategy
-    table: on for 16-bit prefill on Hopper (Triton's Hopper GEMMs run faster with TMA) and under the
-    interpreter (CPU tensors: it reads descriptors, so the CPU tests cover the path), off elsewhere."""
+    16-byte aligned with a unit-stride dim, else it uses pointers): only 16-bit prefill (M > 16) without split-K
+    on a GPU of ``TMA_MAJORS`` or under the interpreter (CPU tensors: it reads descriptors, so the CPU tests cover
+    the path) can; there ``forced`` if given, else the default, UNMEASURED like the strategy table: on (Triton's
+    Hopper GEMMs run faster with TMA). Decode never does, forced or not: the compile check compiles TMA variants of
+    the prefill configs only."""
     has_tma = device.type != "cuda" or _capability(device)[0] in TMA_MAJORS
-    possible = not _is_wide(dtype) and split == 1 and has_tma
-    if forced is not None:
-        return forced and possible
-    return possible and regime_of(M) == "prefill"
+    possible = not _is_wide(dtype) and split == 1 and has_tma and regime_of(M) == "prefill"
+    return possible if forced is None else forced and possible
 
 
 def shrink_config(

@@ -47,12 +47,12 @@ entry, ``out = a·w + c · m ⊙ ((t ⊙ rscale)·up)``, from the keep bits the 
 apart from ``acc`` and added once (so these tiles hold two accumulators: ``configs.fused_config`` gives the
 dropout launch narrower tiles where the widest would spill). The forward's dropout is all in the shrink.
 
-TMA (``TMA``, ``configs.tma_for``; never with split-K): ``a``, ``w`` and (one-pass) ``down`` arrive as host
-TensorDescriptors of the matrices as stored, so ``w`` is ``W [N, K]`` in the forward and ``W [K, N]`` in dx
-(``W_KN``), ``down`` is ``A [R, K]`` or ``s·v ⊙ B [K, R]`` (``DOWN_KR``); a transposed tile is a view for the
-dot. The copy engine fills out-of-bounds rows and columns with zeros, so these loads need no masks. Only
-``down``'s rows can be narrower than 16 bytes (``s·v ⊙ B`` at ranks that are not multiples of 8): its padding
-columns hold zeros (``prepare.py``), so a load that fetched them rather than filling would read zeros as well.
+TMA (``TMA``, ``configs.tma_for``; 16-bit prefill only, never with split-K): ``a``, ``w`` and (one-pass) ``down``
+arrive as host TensorDescriptors of the matrices as stored, so ``w`` is ``W [N, K]`` in the forward and ``W [K, N]``
+in dx (``W_KN``), ``down`` is ``A [R, K]`` or ``s·v ⊙ B [K, R]`` (``DOWN_KR``); a transposed tile is a view for the
+dot. The copy engine fills out-of-bounds rows and columns with zeros, so these loads need no masks. Only ``down``'s
+rows can be narrower than 16 bytes (``s·v ⊙ B`` at ranks that are not multiples of 8): its padding columns hold
+zeros (``prepare.py``), so a load that fetched them rather than filling would read zeros as well.
 """
 
 from __future__ import annotations
