@@ -126,6 +126,22 @@ def test_launches_per_call(case):
     assert sum(backward.values()) == want_backward, dict(backward)
 
 
+@pytest.mark.parametrize("setting", [False, True], ids=["torch-default", "torch-deterministic"])
+def test_deterministic_none_follows_torch(setting):
+    # deterministic=None (tied_lora_linear's default) is torch.are_deterministic_algorithms_enabled(): TL6 prefill's
+    # backward reduces with atomics (5 launches) or per-program partials and their sums (7), as CASES counts them
+    before, warn_only = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
+    torch.use_deterministic_algorithms(setting)
+    try:
+        forward, backward = _launches("tl6", 40, deterministic=None)
+    finally:
+        torch.use_deterministic_algorithms(before, warn_only=warn_only)
+    assert (sum(forward.values()), sum(backward.values())) == CASES[("tl6", 40, ("deterministic",) if setting else ())]
+
+
 @pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
 def test_a_tensor_subclass_comes_back_as_it_does_from_the_torch_path(grad):
     # (as F.linear returns it: the triton path's outputs are made by new_empty, which keeps x's subclass)

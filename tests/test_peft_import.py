@@ -175,6 +175,8 @@ def test_refusals_leave_the_model_untouched(tmp_path):
         save_file(tensors(load_file(weights)), weights)
 
     edited("lora", "bias", config=lambda c: c.update(bias="all"))
+    edited("lora", "rank-pattern", config=lambda c: c.update(rank_pattern={"q_proj": 2}))
+    edited("lora", "alpha-pattern", config=lambda c: c.update(alpha_pattern={"q_proj": 16}))
     edited("lora", "foreign", tensors=lambda s: {**s, "classifier.weight": torch.zeros(2)})
     edited("lora", "no-layers", tensors=lambda s: {"base_model.model.lm_head.weight": torch.zeros(97, 32)})
     q_b = "base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight"
@@ -191,6 +193,8 @@ def test_refusals_leave_the_model_untouched(tmp_path):
         ("ours", tiny_llama, ValueError, "holds a tied_lora_kernels adapter: load it with load_tied_lora"),
         ("lora", lambda: tiny_llama(hidden_size=48), ValueError, r"A is \(4, 32\), this layer needs \(4, 48\)"),
         ("bias", tiny_llama, ValueError, r"trains biases \(bias='all'\), which Tied-LoRA does not"),
+        ("rank-pattern", tiny_llama, ValueError, r"uses \['rank_pattern'\]"),  # (per-layer ranks and alphas)
+        ("alpha-pattern", tiny_llama, ValueError, r"uses \['alpha_pattern'\]"),
         ("foreign", tiny_llama, ValueError, "unexpected tensor names in .*foreign: not a PEFT model's adapter file"),
         ("no-layers", tiny_llama, ValueError, "no-layers holds no LORA layers"),
         ("no-lora-B", tiny_llama, ValueError, f"the PEFT adapter file lacks {q_b}"),
