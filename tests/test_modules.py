@@ -157,10 +157,14 @@ def test_merge_unmerge():
         layer.unmerge()
 
 
-def test_a_merged_layer_in_training_warns_that_its_adapter_gets_no_gradient():
+def test_a_merged_layer_in_training_warns_that_its_adapter_gets_no_gradient(monkeypatch):
     """A training forward of a merged layer gives its adapter no gradient: with nothing else trained, backward fails
     with PyTorch's generic error; with a trained head beside it, training would go on without the adapter. The
-    layer says so. Evaluating merged (eval mode or no_grad), an unmerged layer, or a frozen adapter do not warn."""
+    layer says so. Evaluating merged (eval mode or no_grad), an unmerged layer, or a frozen adapter do not warn.
+    Nor does torch log its own warning: torch.fx's ``is_fx_tracing`` logs one at its first call (``_tracing``)."""
+    fx_logged = []
+    if hasattr(torch.fx._symbolic_trace, "is_fx_tracing_warning"):  # (where torch has it: logs once per process)
+        monkeypatch.setattr(torch.fx._symbolic_trace, "is_fx_tracing_warning", lambda: fx_logged.append(1))
     shared = TiedLoRAShared(12, 8, 3)
     layer = TiedLoRALinear.from_linear(nn.Linear(12, 8), shared)
     x = torch.randn(4, 12)
@@ -179,6 +183,7 @@ def test_a_merged_layer_in_training_warns_that_its_adapter_gets_no_gradient():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         layer(x)
+    assert not fx_logged, "torch.fx logged that is_fx_tracing also covers torch.export"
 
 
 def test_a_merged_layer_in_training_is_traced_without_the_warning():

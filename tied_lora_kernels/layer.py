@@ -590,7 +590,14 @@ class TiedLoRALinear(nn.Linear):
 def _tracing() -> bool:
     """Whether torch.compile (or torch.export), torch.jit.trace or torch.fx traces the call: a warning breaks the
     first's graph, and torch.fx cannot test a traced parameter's ``requires_grad``."""
-    return torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.fx._symbolic_trace.is_fx_tracing()
+    return torch.compiler.is_compiling() or torch.jit.is_tracing() or _fx_symbolic_tracing()
+
+
+_fx_symbolic_tracing = getattr(torch.fx._symbolic_trace, "is_fx_symbolic_tracing", None) or (
+    lambda: torch.fx._symbolic_trace._is_fx_tracing_flag
+)
+"""torch.fx's own test for ``symbolic_trace`` (``is_fx_tracing``, which also covers torch.export, logs a warning to
+use this one at its first call)."""
 
 
 def _copy_state(src: nn.Module, dst: nn.Module, skip: frozenset = frozenset()) -> None:
