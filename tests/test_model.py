@@ -228,6 +228,30 @@ def test_merge_unmerge_unload_model():
     assert b"tied_lora_kernels" not in pickle.dumps(model)  # plain again: no load hook of ours left
 
 
+def test_merge_copies_each_tied_tensor_once():
+    """merge keeps a copy of the factors it merged, for unmerge; merge_tied_lora copies a tensor its layers share (a
+    tied A and B, a group's u) once for all of them, not once per layer (11x the adapter's own size at LLaMA-2-7B,
+    all-linear, r = 8): the copies take what the adapter takes. Unmerge still takes out the ΔW merged after the
+    shared pair changed."""
+    model = apply_tied_lora(tiny_llama(), TiedLoRAConfig(rank=4, preset="tl6", target_modules="all-linear"))
+    randomise_adapters(model)
+    layers = tied_lora_layers(model)
+    adapter = sum(t.numel() * t.element_size() for t in tied_lora_state_dict(model).values())
+    weights = {name: layer.weight.detach().clone() for name, layer in layers.items()}
+    deltas = {name: layer.delta_weight().detach() for name, layer in layers.items()}
+    merge_tied_lora(model)
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for layer in layers.values() for t in layer._merged_factors if t is not None}  # fmt: skip
+    assert sum(storages.values()) == adapter, (sum(storages.values()), adapter)
+    with torch.no_grad():
+        for shared in {id(layer.shared): layer.shared for layer in layers.values()}.values():
+            shared.A.add_(1.0)  # (trained through layers merged; unmerge takes out what merge put in)
+    unmerge_tied_lora(model)
+    for name, layer in layers.items():
+        atol = 4 * torch.finfo(torch.float32).eps * (weights[name].abs().max().item() + deltas[name].abs().max().item())
+        torch.testing.assert_close(layer.weight, weights[name], rtol=0, atol=atol, msg=name)
+
+
 def test_unload_without_merging_gives_the_base_model_back():
     """PEFT's unload(): plain nn.Linear layers holding the base weights as they were (bit for bit the base model),
     the same parameter objects; merged layers are refused."""

@@ -329,9 +329,11 @@ def merge_tied_lora(model: nn.Module, *, unload: bool = False) -> nn.Module:
             _named(name, layer._check_weight_stored, "unload it")
         else:
             _named(name, layer.check_mergeable)
+    copies: dict = {}  # (each tensor the layers share copied once for their unmerge)
     for layer in layers.values():
         if not (unload and layer.merged):
-            layer.merge()
+            with torch.no_grad():
+                layer._merge(copies)
     if unload:
         _unload(model, layers)
     return model
