@@ -132,6 +132,7 @@ def test_gpt2_conv1d_lora(tmp_path):
     model = load_peft_adapter(tiny_gpt2().double(), tmp_path, backend="torch").eval()
     with torch.no_grad():
         _same(model(IDS).logits, expected)
+    _same(_round_trip(model, tmp_path / "tied", tiny_gpt2), expected)
 
 
 def _state(model):
