@@ -518,6 +518,13 @@ def test_a_file_saying_triton_above_its_largest_rank_still_loads(tmp_path):
     ids = torch.randint(0, 97, (1, 5))
     with torch.no_grad():
         assert torch.equal(bare(ids).logits, overridden(ids).logits)
+    # an override to triton at that rank is refused as a layer or config built with it is, before touching the
+    # model (on an adapted model it used to set every layer's backend, to fail at the first forward on a GPU)
+    adapted = apply_tied_lora(tiny_llama(), config)
+    for model in (tiny_llama(), adapted):
+        with pytest.raises(ValueError, match=rf"backend='triton' supports ranks up to {MAX_RANK}, got rank {R}"):
+            load_tied_lora(model, tmp_path, backend="triton")
+    assert {layer.backend for layer in tied_lora_layers(adapted).values()} == {"torch"}
 
 
 def test_each_layers_alpha_and_dropout_set_after_apply_are_saved_and_loaded(tmp_path):

@@ -19,7 +19,7 @@ from torch import nn
 
 from tied_lora_kernels.base_layers import adaptable_types, linear_features
 from tied_lora_kernels.config import TiedLoRAConfig
-from tied_lora_kernels.functional import BACKENDS, first_names
+from tied_lora_kernels.functional import BACKENDS, check_backend_rank, first_names
 from tied_lora_kernels.kernels.configs import MAX_RANK
 from tied_lora_kernels.model import (
     _adapt,
@@ -239,6 +239,9 @@ def load_tied_lora(
         raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
     if backend == "triton" and any(layer.quantized for layer in tied_lora_layers(model).values()):
         raise ValueError("backend='triton' needs plain weights; this model's adapted layers include quantized ones")
+    if backend == "triton":  # (as a layer or config built with it refuses it; a bare model's config does below)
+        for layer in tied_lora_layers(model).values():
+            check_backend_rank(backend, layer.rank)
 
     meta = _read_meta(directory)
     layout, listed = meta["layout"], set(meta["tensors"])
