@@ -12,7 +12,8 @@ Presets (the paper's Table 1 and its two neighbours; any other combination is se
 Zero start, for every combination of flags: a trained ``v`` starts at 0; otherwise ``v`` is 1 and the first
 trained of ``B``, ``u``, ``A`` starts at 0. A model right after ``apply_tied_lora`` computes what the
 base model computed: bit for bit on the torch path; on the triton path the adapter term is exactly zero, but the
-fused kernel's base GEMM may round differently from cuBLAS.
+fused kernel's base GEMM may round differently from cuBLAS. Except in fp16 on either path, where ``u ⊙ x Aᵀ``
+past fp16's 65504 is inf and inf times the zero start NaN (README, Configurations).
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ _REGEX_CHARS = set("*+?()[]{}|^$\\")
 
 QKV = ("q_proj", "k_proj", "v_proj")
 ALL_LINEAR = "all-linear"
-"""``target_modules`` shorthand (PEFT's): every ``nn.Linear`` but the model's output layer or classification head."""
+"""``target_modules`` shorthand (PEFT's): every linear layer but the model's output layer or classification head
+(which layers count as linear, and which are left out: ``TiedLoRAConfig``)."""
 
 # preset -> (tie, train_A, train_B, train_u, train_v, init, u_init)
 PRESETS: dict[str, tuple[bool, bool, bool, bool, bool, str, float]] = {
@@ -75,8 +77,15 @@ class TiedLoRAConfig:
     any model dtype; another dtype must be the one each targeted layer computes in, or ``apply_tied_lora`` refuses
     it; the first forward does, for a quantized layer whose compute dtype bitsandbytes sets only then). ``dropout``:
     dropout on each adapter's input in training mode (PEFT's ``lora_dropout``), on either backend.
-    ``modules_to_save`` (PEFT's): names of base modules, matched as targets are, that train in full and are saved
-    with the adapter, such as a new classification head (``("score",)``).
+    ``modules_to_save`` (PEFT's): names of base modules, matched by name or ``"." + name`` suffix as a list of
+    target names is (no regular expression or callable), that train in full and are saved with the adapter, such
+    as a new classification head (``("score",)``).
+
+    ``rank``: of every pair; ``alpha``: the scale is ``alpha / rank`` (None: ``rank``, scale 1, as in the paper);
+    ``preset``: ``"lora"``, ``"tl5"``, ``"tl6"`` or ``"vera"`` (the table above), whose flags the None fields take;
+    ``seed``: the pairs' initial draw; ``backend``: each layer's (``tied_lora_linear``'s ``"auto"``, ``"torch"``,
+    ``"triton"``; ``"triton"`` above rank 128 is refused). A field set after construction is checked and resolved
+    again, as by the constructor.
     """
 
     rank: int = 8

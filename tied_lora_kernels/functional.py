@@ -5,7 +5,8 @@ Both backends compute ``y = x Wᵀ + b + scale · (v ⊙ ((u ⊙ (x Aᵀ)) Bᵀ)
 - ``"torch"``: plain PyTorch, what CPU users run. No copy of W, no ``[M, N]`` temporary beyond the output:
   the rank-R product is accumulated into the base output in place (``addmm_``), with ``v`` folded into the
   ``[N, R]`` matrix B. Adapters stored in float32 (master weights) are cast to the compute dtype (an
-  ``[R, K]`` and an ``[N, R]`` copy, the only copies made).
+  ``[R, K]`` and an ``[N, R]`` copy); besides them, only small ``[N, R]`` and ``[M, R]`` products and, with
+  dropout, ``F.dropout``'s mask and dropped copy of ``x``.
 - ``"triton"``: the fused kernels of ``tied_lora_kernels.kernels``.
 - ``"auto"``: triton for CUDA tensors the kernels support (an NVIDIA GPU of compute capability ≥ 8.0, triton
   importable, fp16/bf16/fp32, rank ≤ 128, no tensor subclass that dispatches its own ops), torch otherwise.
@@ -51,12 +52,15 @@ def tied_lora_linear(
     Shapes: ``x [..., K]``, ``weight [N, K]``, ``bias [N]`` or None, ``A [R, K]``, ``B [N, R]``,
     ``u [R]`` or None (ones, frozen), ``v [N]`` or None (ones, frozen). ``weight`` and ``bias`` have
     ``x``'s dtype; each of ``A, B, u, v`` has ``x``'s dtype or float32 (master weights). Gradients flow
-    to every input that requires them. ``deterministic`` (triton only) picks per-program partial sums
+    to every input that requires them (the triton path: first-order only; ``create_graph``, ``torch.func`` and
+    forward-mode AD raise and name ``backend='torch'``; it takes fp16, bf16 and fp32 at rank ≤ 128, refusing
+    others by name). ``deterministic`` (triton only) picks per-program partial sums
     over atomics for the reductions over tokens; ``None`` follows
     ``torch.are_deterministic_algorithms_enabled()``. ``dropout`` (in [0, 1)) zeroes entries of the adapter's
     input with that probability and scales the rest by ``1 / (1 - dropout)``, as ``F.dropout`` does, whatever
     the module's mode: pass 0 for evaluation. Both backends support it (their masks differ; the triton
-    forward then runs its two-pass strategy and keeps the mask as bits, ``M·K/8`` bytes, for the backward).
+    forward then runs its two-pass strategy and keeps the mask as bits, ``M·⌈K/8⌉`` bytes, for the backward
+    when it computes ``dx`` or ``dA``).
     """
     autocast = _autocast_dtype(x)
     if autocast is not None:
@@ -133,7 +137,8 @@ def _autocast(t, dtype: torch.dtype):
 
 
 def resolve_backend(backend: str, x: Tensor, rank: int = 1) -> str:
-    """The backend ``"auto"`` stands for on ``x``, after checking the requested one can run.
+    """The backend ``"auto"`` stands for on ``x``, after checking that triton, where requested, can run on
+    ``x``'s device (its dtype and the rank are checked by the kernels' entry point).
 
     ``"auto"`` is triton for CUDA tensors the kernels support (their dtypes, rank ≤ their maximum), torch
     otherwise (also under ``torch.jit.trace``); it never picks triton's CPU interpreter, which is for tests.

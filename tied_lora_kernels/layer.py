@@ -61,8 +61,8 @@ __all__ = ["AdapterOptions", "TiedLoRAConv1D", "TiedLoRAFalconLinear", "TiedLoRA
 
 class AdapterOptions(TypedDict, total=False):
     """The adapter keywords of ``TiedLoRALinear(...)`` and ``TiedLoRALinear.from_linear(...)``, typed for IDEs
-    and type checkers (``**adapter: Unpack[AdapterOptions]``); ``_init_adapter`` takes them, with their defaults
-    (a test keeps the two alike)."""
+    and type checkers (``**adapter: Unpack[AdapterOptions]``); their meanings and defaults are in
+    ``TiedLoRALinear``'s docstring (``_init_adapter`` takes them; a test keeps the two alike)."""
 
     alpha: float | None
     train_u: bool
@@ -162,8 +162,8 @@ class TiedLoRALinear(nn.Linear):
 
     - ``alpha`` (default ``rank``; ``scale = alpha / rank``), ``backend`` (``"auto"``, ``"torch"``,
       ``"triton"``);
-    - ``train_u``, ``train_v`` and their start values ``u_init`` (1), ``v_init`` (None: 0 for a trained ``v``, the
-      zero start, 1 for a frozen one, not stored);
+    - ``train_u``, ``train_v`` (both True) and their start values ``u_init`` (1), ``v_init`` (None: 0 for a trained
+      ``v``, the zero start, 1 for a frozen one, not stored);
     - ``share_u_with``: another ``TiedLoRALinear`` whose ``u`` this layer uses (q, k and v of a layer);
     - ``b_rows=(start, stop)``: the rows of a grouped ``shared.B`` this layer reads;
     - ``dropout``: dropout on the adapter's input in training mode (PEFT's ``lora_dropout``; default 0), on
@@ -234,7 +234,8 @@ class TiedLoRALinear(nn.Linear):
         """Adapt ``linear`` (an ``nn.Linear``, a transformers ``Conv1D``: a ``TiedLoRAConv1D``, a ``FalconLinear``: a
         ``TiedLoRAFalconLinear``, or a quantized linear) with the pair ``shared`` or, given ``rank``, a pair of its
         own: its ``weight`` and ``bias`` parameters are reused, not copied, and its forward and backward hooks carry
-        over."""
+        over. Refused (TypeError or ValueError, naming why): a layer adapted already, other ``nn.Linear``
+        subclasses, a weight computed by a parametrization or pruning, a layer accelerate offloads."""
         _check_adapter_keywords(adapter)
         if isinstance(linear, TiedLoRALinear):
             raise TypeError("this layer already has a Tied-LoRA adapter")
@@ -516,7 +517,8 @@ class TiedLoRALinear(nn.Linear):
     @torch.no_grad()
     def merge(self) -> None:
         """Fold ΔW into ``weight`` (computed in float32, or float64 for a float64 weight, and rounded once);
-        forward then costs a plain linear."""
+        forward then costs a plain linear. Keeps a copy of the factors merged (``r·(in + out) + r + out`` values)
+        until ``unmerge``. Refused (RuntimeError): merged already, disabled, a quantized or computed weight."""
         self._merge(None)
 
     def _merge(self, copies: dict[int, Tensor] | None) -> None:
@@ -545,7 +547,8 @@ class TiedLoRALinear(nn.Linear):
     @torch.no_grad()
     def unmerge(self) -> None:
         """Take the ΔW that ``merge`` added back out of ``weight``: exact up to the rounding of ``weight``'s dtype,
-        whatever the adapter's factors became since."""
+        whatever the adapter's factors became since; except after a ``load_state_dict`` that loaded ``weight``,
+        which is then taken to hold the ΔW of the factors as they are now."""
         if not self.merged:
             raise RuntimeError("this TiedLoRALinear is not merged")
         self._check_weight_stored("unmerge")

@@ -84,7 +84,13 @@ def apply_tied_lora(model: nn.Module, config: TiedLoRAConfig) -> nn.Module:
     the base model is frozen, and only the adapter parameters the config trains and its ``modules_to_save``
     (trained in full) require grad. Also sets ``model.tied_lora_config``, registers a ``load_state_dict`` pre-hook
     (a state dict may hold a shared tensor under one of its names: ``_fill_tied_aliases``) and, on a Hugging Face
-    model with reentrant gradient checkpointing on, calls ``enable_input_require_grads()`` (as PEFT does)."""
+    model with reentrant gradient checkpointing on, calls ``enable_input_require_grads()`` (as PEFT does).
+
+    Every check runs first, so a refused call leaves the model as it was: a model adapted already
+    (RuntimeError); a PEFT model, a model inside ``DistributedDataParallel`` or with sharded (DTensor) parameters,
+    a config that matches no module, a target whose weight is tied to another module's or that accelerate
+    offloads, layers on several devices sharing a pair (ValueError, naming the layers); names of a list that
+    match no module are warned about."""
     if isinstance(model, nn.Module) and isinstance(config, TiedLoRAConfig):  # (before: -W error leaves it as it was)
         _warn_unmatched_names(config, model)
     return _adapt(model, config)
@@ -320,7 +326,9 @@ def _require_layers(model: nn.Module) -> dict[str, TiedLoRALinear]:
 def merge_tied_lora(model: nn.Module, *, unload: bool = False) -> nn.Module:
     """Fold every adapter into its base weight. ``unload=True`` then puts the base layers (``nn.Linear``,
     ``Conv1D``, ``FalconLinear``; sharing the merged weights) back in place, for export (layers merged already are
-    unloaded as they are); otherwise ``unmerge_tied_lora`` undoes it, and merging a merged layer again raises."""
+    unloaded as they are); otherwise ``unmerge_tied_lora`` undoes it, and merging a merged layer again raises. All
+    or none: every layer is checked first (merged already without ``unload``, disabled, a quantized or computed
+    weight: RuntimeError naming the layer). Each tensor the layers share is copied once for their unmerge."""
     layers = _require_layers(model)
     for name, layer in layers.items():  # before touching any layer
         if layer.merged and not unload:
@@ -378,7 +386,8 @@ def _unload(model: nn.Module, layers: dict[str, TiedLoRALinear]) -> None:
 
 
 def unmerge_tied_lora(model: nn.Module) -> nn.Module:
-    """Take every adapter back out of its base weight."""
+    """Take every adapter back out of its base weight (``TiedLoRALinear.unmerge``); all or none: a layer that is
+    not merged is refused (RuntimeError) before any is touched."""
     layers = _require_layers(model)
     unmerged = [name for name, layer in layers.items() if not layer.merged]
     if unmerged:  # before touching any layer
@@ -392,14 +401,14 @@ def unmerge_tied_lora(model: nn.Module) -> nn.Module:
 
 @contextlib.contextmanager
 def disable_tied_lora(model: nn.Module) -> Iterator[nn.Module]:
-    """Within the block every adapted layer runs its base linear alone: the model computes what it computed
-    before ``apply_tied_lora`` (bit for bit; ``modules_to_save`` keep their trained values, with a warning) and
-    the adapter gets no gradient — e.g. a DPO reference model, or an evaluation without the adapter. Merged
-    layers are refused (their weight holds ΔW: ``unmerge_tied_lora`` first). Blocks nest; each layer's previous
-    state returns on exit. Under activation checkpointing a backward recomputes the layers' forward with the flags
-    of that moment: call it inside the block (or run the block under ``torch.no_grad()``); one after the block
-    would differentiate the adapter on (a warning says so when grad is on and a Hugging Face model checkpoints
-    reentrantly; the non-reentrant kind raises a ``CheckpointError`` then)."""
+    """Within the block every adapted layer runs its base linear alone: the model computes what it computed before
+    ``apply_tied_lora`` (bit for bit, unless a merge and unmerge rounded the weights since; ``modules_to_save`` keep
+    their trained values, with a warning) and the adapter gets no gradient — e.g. a DPO reference model, or an
+    evaluation without the adapter. Merged layers are refused (their weight holds ΔW: ``unmerge_tied_lora`` first).
+    Blocks nest; each layer's previous state returns on exit. Under activation checkpointing a backward recomputes the
+    layers' forward with the flags of that moment: call it inside the block (or run the block under
+    ``torch.no_grad()``); one after the block would differentiate the adapter on (a warning says so when grad is on and
+    a Hugging Face model checkpoints reentrantly; the non-reentrant kind raises a ``CheckpointError`` then)."""
     layers = _require_layers(model)
     merged = [name for name, layer in layers.items() if layer.merged]
     if merged:

@@ -85,7 +85,7 @@ def load_peft_adapter(model: nn.Module, directory: str | os.PathLike, *, backend
     initialisations that take their start out of the base weight (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA), LoRA on
     embedding layers, per-layer ranks or alphas, trained biases, a VeRA file saved without its projections, a saved
     module whose weight this model ties to another (PEFT unties it), and LoRA on a layer whose weight is tied to
-    another (``lm_head`` with tied embeddings)."""
+    another (``lm_head`` with tied embeddings). ``backend``: the adapted layers' (``tied_lora_linear``'s)."""
     wrapped, model = model, _unwrapped(model)
     _refuse_inner_compile_wrappers(model, "loading a PEFT adapter into")
     if tied_lora_layers(model):

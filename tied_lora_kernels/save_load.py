@@ -156,7 +156,9 @@ def save_tied_lora(model: nn.Module, directory: str | os.PathLike, *, gather: bo
 
     ``gather=True`` (FSDP2 with tensors of the adapter or of ``modules_to_save`` sharded): every rank calls it, the
     shards are gathered (``tied_lora_state_dict``) and rank 0 alone writes; every rank returns once it has written
-    (or raises if it failed)."""
+    (or raises if it failed). Refused (naming why), before writing: a model without adapters, one holding PEFT, a
+    part adapted by an ``apply_tied_lora`` call of its own (the file's one config would not describe it), a
+    targeted layer replaced since ``apply_tied_lora``, shards without ``gather=True``, meta tensors."""
     _write_on_rank0(gather, _saver(model, directory, gather=gather), directory)
 
 
@@ -240,8 +242,8 @@ def load_tied_lora(
     if backend == "triton" and any(layer.quantized for layer in tied_lora_layers(model).values()):
         raise ValueError("backend='triton' needs plain weights; this model's adapted layers include quantized ones")
     if backend == "triton":  # (as a layer or config built with it refuses it; a bare model's config does below)
-        for layer in tied_lora_layers(model).values():
-            check_backend_rank(backend, layer.rank)
+        for adapted in tied_lora_layers(model).values():
+            check_backend_rank(backend, adapted.rank)
 
     meta = _read_meta(directory)
     layout, listed = meta["layout"], set(meta["tensors"])

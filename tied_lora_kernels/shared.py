@@ -41,8 +41,10 @@ class TiedLoRAShared(nn.Module):
     """Owns ``A [rank, in_features]`` and ``B [out_features, rank]`` for one tie group.
 
     ``init`` draws both matrices (see ``INITS``); ``zero_B=True`` starts B at zero instead (the zero start of
-    configurations whose ``v`` is frozen at one). ``seed`` makes the draw reproducible on any device (it is
-    made on the CPU with its own generator, then copied). Adapters default to float32 master weights.
+    configurations whose ``v`` is frozen at one), ``zero_A=True`` starts A at zero (the zero start where A alone
+    trains). ``train_A`` and ``train_B`` (both True) set which of them require grad. ``seed`` makes the draw
+    reproducible on any device (it is made on the CPU with its own generator, then copied). Adapters default to
+    float32 master weights.
     """
 
     def __init__(

@@ -95,7 +95,9 @@ def unavailable_reason(device: torch.device) -> str | None:
 
 
 def tied_lora_linear_triton(x2d, weight, bias, A, B, u, v, scale: float, *, deterministic: bool, dropout: float = 0.0):
-    """The triton backend of ``tied_lora_linear`` on 2-D ``x`` (see ``function.py``; imports triton lazily)."""
+    """The triton backend of ``tied_lora_linear`` on 2-D ``x`` (see ``function.py``; imports triton lazily). It
+    checks the dtype and the rank only: call ``tied_lora_linear``, which checks the shapes, dtypes and devices
+    first (a mismatched shape here reads outside a tensor)."""
     impl = _triton_impl if _triton_impl is not None else _import_triton_impl()
     return impl(x2d, weight, bias, A, B, u, v, scale, deterministic=deterministic, dropout=dropout)
 

@@ -487,13 +487,13 @@ def forced(
     reduce: str | None = None,
     split_rank: str | None = None,
 ) -> Iterator[None]:
-    """Within the block, launches use ``strategy`` ("one_pass" / "two_pass"), in the decode regime ``split_k`` K
-    slices (at most ``GRID_Y_MAX``), TMA loads where ``tma`` is True and they can run (False: pointer loads),
-    split-K partials summed by ``reduce`` ("launch" / "kernel") and one-pass split-K's rank-R term computed
-    ``split_rank`` ("apart" / "in_tile"). ``"auto"`` (``strategy``, ``tma``, ``reduce``, ``split_rank``) means
-    the tables' default, whatever the environment or an enclosing ``forced`` says; None leaves that choice as it
-    is outside the block (an enclosing ``forced``, else the environment, else the default; ``split_k``:
-    ``split_k_for``'s choice). Not thread-safe."""
+    """Within the block, launches use ``strategy`` ("one_pass" / "two_pass"), in 16-bit decode at most ``split_k`` K
+    slices (at most ``GRID_Y_MAX``; fewer where slices of whole ``BLOCK_K`` steps need fewer; ignored elsewhere), TMA
+    loads where ``tma`` is True and they can run (False: pointer loads), split-K partials summed by ``reduce`` ("launch"
+    / "kernel") and one-pass split-K's rank-R term computed ``split_rank`` ("apart" / "in_tile"). ``"auto"``
+    (``strategy``, ``tma``, ``reduce``, ``split_rank``) means the tables' default, whatever the environment or an
+    enclosing ``forced`` says; None leaves that choice as it is outside the block (an enclosing ``forced``, else the
+    environment, else the default; ``split_k``: ``split_k_for``'s choice). Not thread-safe."""
     given: dict[str, object] = {}
     if strategy is not None:
         given["strategy"] = _check_choice(strategy, STRATEGIES, "strategy") or _AUTO
