@@ -77,3 +77,17 @@ def enable_checkpointing(model, reentrant: bool, input_grads: bool = True) -> No
     if reentrant and input_grads:
         model.enable_input_require_grads()  # transformers 5 did it already for token ids; 4.x did not
     assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+
+
+def transformers_4_input_grad_hook(monkeypatch):
+    """``enable_input_require_grads`` as transformers 4 has it: one handle in ``_require_grads_hook`` (5 keeps the
+    list ``_require_grads_hooks`` too)."""
+
+    def enable(self):
+        hook = self.get_input_embeddings().register_forward_hook(lambda module, args, out: out.requires_grad_(True))
+        self._require_grads_hook = hook
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "enable_input_require_grads", enable)
+    monkeypatch.setattr(
+        transformers.PreTrainedModel, "disable_input_require_grads", lambda s: s._require_grads_hook.remove()
+    )

@@ -112,6 +112,15 @@ def test_conv1d_merge_unmerge_disable_and_errors():
         TiedLoRALinear.from_linear(layer, TiedLoRAShared(24, 40, 4))
 
 
+def test_a_conv1d_without_nx_adapts():
+    """Conv1D has ``nx`` from transformers 4.45 on (``nf`` always): its sizes come from its weight, ``[in, out]``."""
+    conv = Conv1D(40, 24)
+    del conv.nx
+    layer = TiedLoRALinear.from_linear(conv, TiedLoRAShared(24, 40, 4))
+    assert (layer.shared.A.shape, layer.shared.B.shape) == ((4, 24), (40, 4))
+    assert layer(torch.randn(3, 24)).shape == (3, 40)
+
+
 def test_gpt2_adapts_ties_merges_and_unloads_to_conv1d():
     """ "all-linear" takes GPT-2's four Conv1D roles (not lm_head), one tied pair each; at the zero start the
     model is the base bit for bit; merge and unload give back Conv1D layers computing the adapted model."""

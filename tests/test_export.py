@@ -222,9 +222,12 @@ def test_a_tied_module_to_save_goes_in_under_both_names(tmp_path):
     torch.testing.assert_close(logits, expected, rtol=1e-12, atol=1e-12)
 
 
-def test_a_mamba_out_proj_that_peft_refuses_is_named_in_a_warning(tmp_path):
+@pytest.mark.parametrize("conversion", [True, False], ids=["peft", "peft-without-expert-renaming"])
+def test_a_mamba_out_proj_that_peft_refuses_is_named_in_a_warning(tmp_path, monkeypatch, conversion):
     """PEFT refuses LoRA on a Mamba model's ``out_proj`` (and ``conv1d``) when it loads the file; Falcon-Mamba calls
-    its ``out_proj``, so "all-linear" adapts it: the export says PEFT will refuse the file, and PEFT does."""
+    its ``out_proj``, so "all-linear" adapts it: the export says PEFT will refuse the file, and PEFT does. Also with
+    a PEFT from before its expert renaming (``peft.utils.transformers_weight_conversion``, 0.19), whose Mamba check
+    is older (0.16): the export asked that module first and said nothing without it."""
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("peft.tuners.tuners_utils", reason="PEFT's Mamba check")
 
@@ -242,7 +245,12 @@ def test_a_mamba_out_proj_that_peft_refuses_is_named_in_a_warning(tmp_path):
         )
     model = apply_tied_lora(model, TiedLoRAConfig(rank=4, preset="lora", target_modules="all-linear"))
     assert any(name.endswith(".out_proj") for name in tied_lora_layers(model))
-    with pytest.warns(UserWarning, match="PEFT would refuse to load it into this falcon_mamba model .*'out_proj'"):
+    with (
+        monkeypatch.context() as patch,
+        pytest.warns(UserWarning, match="PEFT would refuse .* falcon_mamba .*'out_proj'"),
+    ):
+        if not conversion:
+            patch.setitem(sys.modules, "peft.utils.transformers_weight_conversion", None)  # (an ImportError)
         export_peft_lora(model, tmp_path)
     with pytest.raises(ValueError, match="incompatible with Mamba"), warnings.catch_warnings():
         warnings.simplefilter("ignore")

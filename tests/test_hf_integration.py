@@ -12,7 +12,7 @@ import torch
 import transformers
 
 from tests.helpers import cpu_triton
-from tests.models import Toy, enable_checkpointing, randomise_adapters, tiny_llama
+from tests.models import Toy, enable_checkpointing, randomise_adapters, tiny_llama, transformers_4_input_grad_hook
 from tied_lora_kernels import (
     QKV,
     TiedLoRAConfig,
@@ -108,6 +108,19 @@ def test_reentrant_checkpointing_of_a_model_whose_input_is_not_token_ids():
     model = whisper()  # non-reentrant checkpointing needs no such hook, and gets none
     enable_checkpointing(model, reentrant=False)
     assert not getattr(apply_tied_lora(model, TiedLoRAConfig(rank=4)), "_require_grads_hooks", None)
+
+
+def test_a_model_that_transformers_4_hooked_is_not_hooked_twice(monkeypatch):
+    """transformers 4 keeps the input-grad hook as ``_require_grads_hook`` alone: a model that reentrant
+    checkpointing hooked already gets no second hook from apply_tied_lora."""
+    transformers_4_input_grad_hook(monkeypatch)
+    model = tiny_llama()
+    enable_checkpointing(model, reentrant=True, input_grads=False)
+    if not model.model.embed_tokens._forward_hooks:  # (transformers 5 hooks a token-id model itself, else we do)
+        model.enable_input_require_grads()
+    assert len(model.model.embed_tokens._forward_hooks) == 1 and not hasattr(model, "_require_grads_hooks")
+    apply_tied_lora(model, TiedLoRAConfig(rank=4))
+    assert len(model.model.embed_tokens._forward_hooks) == 1
 
 
 @cpu_triton
@@ -455,6 +468,23 @@ def test_trainers_combined_with_tied_lora_trainer_checkpoint_the_adapter_alone(t
         assert all(torch.equal(theirs[k], t) for k, t in tied_lora_state_dict(whole).items())
     untrained = tied_lora_state_dict(apply_tied_lora(tiny_llama(), config))
     assert all(not torch.equal(tied_lora_state_dict(whole)[k], t) for k, t in untrained.items())
+
+
+def test_a_transformers_without_the_pre_optimizer_step_event_says_the_gradient_checks_do_not_run(monkeypatch):
+    """The checks that the adapter gets gradients run at ``on_pre_optimizer_step``, an event from transformers 4.45 on;
+    before it they would silently not run, so the start of a run says so."""
+    import types
+
+    from tied_lora_kernels.hf import SaveTiedLoRACallback
+
+    model = apply_tied_lora(tiny_llama(), TiedLoRAConfig(rank=4))
+    args = types.SimpleNamespace(save_strategy="no")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        SaveTiedLoRACallback().on_train_begin(args, None, None, model=model)
+    monkeypatch.delattr(transformers.TrainerCallback, "on_pre_optimizer_step")
+    with pytest.warns(UserWarning, match="no on_pre_optimizer_step event .* do not run"):
+        SaveTiedLoRACallback().on_train_begin(args, None, None, model=model)
 
 
 def test_a_run_in_which_the_adapter_would_not_train_is_stopped_before_the_first_update(tmp_path):

@@ -91,11 +91,12 @@ def falcon_linear_type() -> type | None:
 
 
 def linear_features(linear: nn.Module) -> tuple[int, int]:
-    """``(in_features, out_features)`` of an ``nn.Linear`` (or subclass) or a ``Conv1D`` (``nx``, ``nf``)."""
+    """``(in_features, out_features)`` of an ``nn.Linear`` (or subclass) or a ``Conv1D`` (its weight is stored
+    ``[in, out]``; its ``nx`` attribute exists from transformers 4.45 on, ``nf`` in every version)."""
     if isinstance(linear, nn.Linear):
         return linear.in_features, linear.out_features
-    conv1d: Any = linear  # (nn.Module's attribute lookup is typed Tensor | Module)
-    return conv1d.nx, conv1d.nf
+    weight: Any = linear.weight  # (nn.Module's attribute lookup is typed Tensor | Module)
+    return weight.shape[0], weight.shape[1]
 
 
 def check_plain_weight(linear: nn.Linear, what: str) -> None:

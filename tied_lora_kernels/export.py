@@ -13,6 +13,7 @@ not kept: the file holds a pair per layer (the tied ``A`` once per layer), so it
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import re
@@ -231,9 +232,12 @@ def _peft_load_problem(model: nn.Module, target_modules: list[str] | str, adapte
     try:
         import peft
         import peft.tuners.tuners_utils as tuners_utils
-        from peft.utils.transformers_weight_conversion import convert_peft_config_for_transformers
-    except ImportError:  # (no PEFT, or one from before transformers 5)
+    except ImportError:  # (no PEFT)
         return None
+    try:
+        conversion: Any = importlib.import_module("peft.utils.transformers_weight_conversion")
+    except ImportError:  # (a PEFT before 0.19, which does not rewrite expert names)
+        conversion = None
     probe = peft.LoraConfig(r=1, target_modules=target_modules)
     kind = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
     # LoRA on Mamba models' out_proj and conv1d (falcon_mamba's out_proj is a linear the model calls)
@@ -245,8 +249,10 @@ def _peft_load_problem(model: nn.Module, target_modules: list[str] | str, adapte
             return f"PEFT would refuse to load it into this {kind} model ({e})"
         except Exception:  # (a private function of PEFT's, as below)
             break
+    if conversion is None:
+        return None
     try:
-        convert_peft_config_for_transformers(probe, model=model, conversions=None)
+        conversion.convert_peft_config_for_transformers(probe, model=model, conversions=None)
     except ValueError as e:  # PEFT's refusal, which from_pretrained would raise
         return f"PEFT would refuse to load it into this {kind} model ({e})"
     except Exception:  # a private function of PEFT's: if it changed, there is nothing to say

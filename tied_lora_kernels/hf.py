@@ -78,6 +78,13 @@ class _TrainingCheck(TrainerCallback):
         if layers:
             _refuse_peft_inside(model)
             _refuse_a_model_that_cannot_train(model, layers)
+            if not hasattr(TrainerCallback, "on_pre_optimizer_step"):
+                warnings.warn(
+                    "this transformers has no on_pre_optimizer_step event (it came in 4.45): the checks that the "
+                    "adapter's tensors get gradients (an adapted output layer a fused loss skips, layers never "
+                    "called) do not run; upgrade transformers for them",
+                    stacklevel=2,
+                )
             if getattr(args.save_strategy, "value", args.save_strategy) != "no":  # (not at the first checkpoint)
                 _refuse_inner_compile_wrappers(model, "saving checkpoints of")
 

@@ -161,7 +161,8 @@ def _adapt(model: nn.Module, config: TiedLoRAConfig, shared_of: dict[str, str] |
         if not any(getattr(h, "hook", None) is _fill_tied_aliases for h in model._load_state_dict_pre_hooks.values()):
             model.register_load_state_dict_pre_hook(_fill_tied_aliases)
         enable_input_grads = getattr(model, "enable_input_require_grads", None)  # (a transformers PreTrainedModel's)
-        hooked = getattr(model, "_require_grads_hooks", None)  # (what enable_input_require_grads registered)
+        # (what enable_input_require_grads registered: a list from transformers 5 on, one handle before)
+        hooked = getattr(model, "_require_grads_hooks", None) or getattr(model, "_require_grads_hook", None)
         if _reentrant_checkpointing(model) and callable(enable_input_grads) and not hooked:
             # as PEFT does when it wraps a checkpointing model: reentrant checkpointing gives no gradient to a layer
             # whose input does not require one, and transformers makes the input embeddings' output require it only
@@ -192,9 +193,11 @@ def _undone_on_error(model: nn.Module, names: Iterable[str]) -> Iterator[None]:
                 _set_submodule(model, name, original)
         for p, flag in flags:
             p.requires_grad_(flag)
-        if model.__dict__.get("_require_grads_hooks") is not before.get("_require_grads_hooks"):
-            for handle in model.__dict__["_require_grads_hooks"]:  # (enable_input_require_grads, called by _adapt)
-                handle.remove()
+        for name in ("_require_grads_hooks", "_require_grads_hook"):  # (enable_input_require_grads, by _adapt)
+            handles = model.__dict__.get(name)
+            if handles is not None and handles is not before.get(name):
+                for handle in handles if isinstance(handles, list) else [handles]:
+                    handle.remove()  # (transformers 5 sets both, the one handle among the list: twice is fine)
         for k in attributes:
             model.__dict__.pop(k, None)
         model.__dict__.update(before)
