@@ -9,7 +9,8 @@
 # most 8 files; the plot is drawn later from the JSON: python -m tied_lora_kernels.bench --json ... --plot F). Each
 # phase runs under `timeout`, so one that hangs or runs long costs its limit and no more, and within
 # GPU_CHECK_DEADLINE_S (default 570 s) of the start: a phase gets at most the time left before it less 50 s (the
-# summary's 40 s and 10 s of grace), and is skipped with under 15 s. The limits add up to 510 s before the summary (up
+# summary's 40 s and 10 s of grace; the timed benchmarks less 80 s, so that the report still runs), and is skipped
+# with under 15 s. The limits add up to 510 s before the summary (up
 # to 40 s) and 45 s after it (on a Hopper GPU, the ptxas probe); a warm run takes far less; the CPU dry run,
 # GPU_CHECK_PROCS=2, ~6 minutes. Give it a tool time limit of at least the deadline plus 20 s (a killed phase's grace),
 # e.g. `run` with timeout_s 595, and GPU_CHECK_COMMIT=<hash> (the copied tree may have no .git): the log names the code
@@ -21,7 +22,8 @@
 # phase compiles); the timed benchmarks then run alone, from a warm triton and inductor
 # cache, with BENCH_TIME_BUDGET_S so they skip what is left and still write their JSON.
 # GPU_CHECK_BENCH_ARGS (e.g. "-k llama3", split as a shell would: "-k 'llama3 and M16'") is passed to every
-# benchmark run; GPU_CHECK_ONLY="bench-linear report" runs only the phases it names (a short rerun);
+# benchmark run; GPU_CHECK_ONLY="bench-warmup bench-linear report" runs only the phases it names (a short rerun;
+# a fresh machine's caches are cold, hence the warm-up);
 # GPU_CHECK_SANITIZE=1 (or GPU_CHECK_ONLY="sanitize") adds a compute-sanitizer memcheck of the kernel tests;
 # GPU_CHECK_COMPILE=1 (or GPU_CHECK_ONLY="compile-check") the ahead-of-time compile check of this GPU's family (the
 # CPU machine compiles the same rows with the same ptxas).
@@ -189,18 +191,21 @@ if [ "${#DESELECT[@]}" -gt 0 ]; then
 fi
 TIMED_ARGS=(${DESELECT[@]+"${DESELECT[@]}"} ${BENCH_ARGS[@]+"${BENCH_ARGS[@]}"}) # every timed benchmark run's
 
-BENCH_TIME_BUDGET_S=105 phase bench-linear 135 "$PY" -m pytest benchmarks/test_bench_linear.py -q \
+# the timed phases leave 80 s (RESERVE_S): the report's 20, the summary's 40, a killed phase's 10 of grace and 10
+# more, so that a short deadline still writes bench.md
+BENCH_TIME_BUDGET_S=105 RESERVE_S=80 phase bench-linear 135 "$PY" -m pytest benchmarks/test_bench_linear.py -q \
     -p no:cacheprovider --benchmark-json="$OUT_DIR/bench_linear.json" --benchmark-columns=min,median,rounds \
     ${TIMED_ARGS[@]+"${TIMED_ARGS[@]}"}
 gpu_state "after bench-linear"
 
-BENCH_TIME_BUDGET_S=35 phase bench-e2e 45 "$PY" -m pytest benchmarks/test_bench_e2e.py -q \
-    -p no:cacheprovider --benchmark-json="$OUT_DIR/bench_e2e.json" --benchmark-columns=min,median,rounds \
+# eager decode (no CUDA graph): the host launch path per projection, ours against nn.Linear and PEFT; before the
+# end-to-end step, which takes longer, so that a short deadline cuts that one
+BENCH_TIME_BUDGET_S=15 RESERVE_S=80 phase bench-eager 25 "$PY" -m pytest benchmarks/test_bench_eager.py -q \
+    -p no:cacheprovider --benchmark-json="$OUT_DIR/bench_eager.json" --benchmark-columns=min,median,rounds \
     ${TIMED_ARGS[@]+"${TIMED_ARGS[@]}"}
 
-# eager decode (no CUDA graph): the host launch path per projection, ours against nn.Linear and PEFT
-BENCH_TIME_BUDGET_S=15 phase bench-eager 25 "$PY" -m pytest benchmarks/test_bench_eager.py -q \
-    -p no:cacheprovider --benchmark-json="$OUT_DIR/bench_eager.json" --benchmark-columns=min,median,rounds \
+BENCH_TIME_BUDGET_S=35 RESERVE_S=80 phase bench-e2e 45 "$PY" -m pytest benchmarks/test_bench_e2e.py -q \
+    -p no:cacheprovider --benchmark-json="$OUT_DIR/bench_e2e.json" --benchmark-columns=min,median,rounds \
     ${TIMED_ARGS[@]+"${TIMED_ARGS[@]}"}
 
 # opt-in (GPU_CHECK_COMPILE=1, or GPU_CHECK_ONLY="compile-check"): the CPU machine compiles the same rows with
@@ -242,7 +247,14 @@ for f in "$OUT_DIR/bench_linear.json" "$OUT_DIR/bench_e2e.json" "$OUT_DIR/bench_
     [ -s "$f" ] && JSONS+=("$f")
 done
 if [ "${#JSONS[@]}" -gt 0 ]; then
-    phase report 20 "$PY" -m tied_lora_kernels.bench --json "${JSONS[@]}" --no-plot --markdown "$OUT_DIR/bench.md"
+    # bench.md opens with the commit and the phases' outcomes: read parity's line before any timing
+    {
+        echo "gpu_check $(date -u +%Y-%m-%dT%H:%M:%SZ), commit ${GPU_CHECK_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}"
+        [ -s "$WORK/env.txt" ] && cat "$WORK/env.txt"
+        printf '%s\n' "${STATUS[@]}"
+    } >"$WORK/note.txt"
+    phase report 20 "$PY" -m tied_lora_kernels.bench --json "${JSONS[@]}" --no-plot --markdown "$OUT_DIR/bench.md" \
+        --note "$WORK/note.txt"
 fi
 
 echo
@@ -267,6 +279,10 @@ RESERVE_S=10 phase ptxas-probe 45 "$PY" -m benchmarks.ptxas_probe "$OUT_DIR/ptxa
 FAILED="$KEEP_FAILED"
 FILES=$(find "$OUT_DIR" -type f | wc -l)
 [ "$FILES" -le 8 ] || echo "WARNING: $FILES files under $OUT_DIR; the device tool brings back at most 8"
+# the phases once more, last: the device tool's reply keeps only the end of what is printed
+echo
+echo "=== phases"
+printf '%s\n' "${STATUS[@]}"
 echo "=== gpu_check done in $(($(date +%s) - T0))s"
 rm -rf "$WORK"
 finish "$FAILED"

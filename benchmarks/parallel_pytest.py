@@ -99,9 +99,13 @@ def main(argv: list[str] | None = None) -> int:
     lost = pytest_queue.unfinished(queue)
     if ids is not None:  # (None: nothing was published, e.g. --collect-only)
         print(f"parallel_pytest: {run} of {len(ids)} collected tests run")
-    if lost:  # what a time limit stopped, or a process died in (an abort, the OOM killer) or before
-        print(f"parallel_pytest: {len(lost)} taken but never finished:")
+    if lost:  # what a time limit stopped, or a process died in (an abort, the OOM killer)
+        print(f"parallel_pytest: {len(lost)} started but never finished:")
         print("\n".join(f"    {nodeid}" for nodeid in lost))
+    queued = pytest_queue.not_started(queue)
+    if queued:  # (each the next test of a process that stopped in the one before: not run, not to blame)
+        print(f"parallel_pytest: {len(queued)} taken next by those processes, never started:")
+        print("\n".join(f"    {nodeid}" for nodeid in queued))
     shutil.rmtree(work, ignore_errors=True)
     if stopped:
         print(f"parallel_pytest: stopped by signal {stopped[0]}")

@@ -72,10 +72,11 @@ def probe(tool, tests: list[str] = TESTS) -> dict:
         command += tests
         proc = subprocess.run([*command, "-q", "-p", "no:cacheprovider"], env={**env, "TRITON_CACHE_DIR": cache},
                               capture_output=True, text=True)  # fmt: skip
-    print(proc.stdout[-6000:], proc.stderr[-2000:], sep="\n")
+    # (the children's output goes into the JSON, not the log's end: the device tool's reply keeps only that)
     used = sorted(set(re.findall(r"ptxas_probe: sm_90 assembled by ptxas (\S+)", proc.stdout)))
     failed = sorted(set(re.findall(r"FAILED (\S+)", proc.stdout)))
     result = {"ptxas": tool.version, "path": tool.path, "assembled_by": used, "rc": proc.returncode, "failed": failed}
+    result.update(stdout_tail=proc.stdout[-6000:], stderr_tail=proc.stderr[-2000:])
     if used != [tool.version]:
         result["result"] = f"inconclusive: the children assembled with {used}"
     elif proc.returncode == 0:

@@ -13,10 +13,11 @@ others load.
 Every process must collect the same tests in the same order (no random-order plugin): the first to collect
 writes the list to ``DIR/collection``, the others check theirs against it and stop with an error if it
 differs. A test is taken by creating ``DIR/<its index>`` (exclusive create: one process wins) and marked
-finished by ``DIR/<its index>.done``; each process takes the test after the one it runs before running it
-(pytest tears fixtures down towards the next test), and walks forward through the list, so it sets up a
-module's fixtures at most once. A test taken and never finished (a process killed or crashed, e.g. by a
-time limit, an abort or the OOM killer) is named by ``unfinished``. With ``-x`` (or ``--maxfail``, counted
+started by ``DIR/<its index>.run`` and finished by ``DIR/<its index>.done``; each process takes the test after
+the one it runs before running it (pytest tears fixtures down towards the next test), and walks forward through
+the list, so it sets up a module's fixtures at most once. A test started and never finished (a process killed or
+crashed in it, e.g. by a time limit, an abort or the OOM killer) is named by ``unfinished``, the one that
+process had taken next by ``not_started``. With ``-x`` (or ``--maxfail``, counted
 per process) a process that stops creates ``DIR/stop``; the others finish at most the test they run and the
 one they have taken, and take nothing more. A process that stops alone (``PROCESS_ONLY``) gives back the test
 it has taken and leaves the others running.
@@ -33,6 +34,7 @@ ENV = "PYTEST_QUEUE"
 COLLECTION = "collection"
 STOP = "stop"
 DONE = ".done"
+STARTED = ".run"
 PROCESS_ONLY = "pytest_queue_process_only"
 """A session attribute: True where ``shouldstop`` stops this process and not the others (benchmarks/conftest.py,
 a broken CUDA context)."""
@@ -54,10 +56,21 @@ def finished(queue: Path) -> set[int]:
     return {int(p.name.removesuffix(DONE)) for p in queue.iterdir() if p.name.endswith(DONE)}
 
 
+def started(queue: Path) -> set[int]:
+    """The indices of the tests some process has begun to run."""
+    return {int(p.name.removesuffix(STARTED)) for p in queue.iterdir() if p.name.endswith(STARTED)}
+
+
 def unfinished(queue: Path) -> list[str]:
-    """The tests taken but never finished: a process died running them or before it could."""
+    """The tests started but never finished: a process died (or was stopped) running them."""
     ids = collected(queue) or []
-    return [ids[i] for i in sorted(taken(queue) - finished(queue))]
+    return [ids[i] for i in sorted(started(queue) - finished(queue))]
+
+
+def not_started(queue: Path) -> list[str]:
+    """The tests taken but never started: the next test of a process that died in the one before."""
+    ids = collected(queue) or []
+    return [ids[i] for i in sorted(taken(queue) - started(queue))]
 
 
 def _publish(queue: Path, ids: list[str]) -> None:
@@ -121,6 +134,7 @@ def pytest_runtestloop(session):
     index = _take(queue, 0, len(items))
     while index is not None:
         following = _take(queue, index + 1, len(items))
+        (queue / f"{index}{STARTED}").touch()
         items[index].config.hook.pytest_runtest_protocol(
             item=items[index], nextitem=items[following] if following is not None else None
         )

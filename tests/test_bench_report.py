@@ -22,6 +22,12 @@ def test_report_from_committed_json(tmp_path, capsys):
     assert "## headline" in text and "| fwd+bwd | 8 |" in text
     assert main(["--json", str(RESULTS[-1]), "--headline", "--no-plot"]) == 0
     assert "torch / peft-lora" in capsys.readouterr().out
+    # gpu_check's --note (the commit and the phases' outcomes) heads the report, before any table
+    note = tmp_path / "note.txt"
+    note.write_text("gpu_check 2026-12-06, commit abc1234\nparity         FAILED (rc=1)     90s\n")
+    assert main(["--json", str(RESULTS[-1]), "--no-plot", "--markdown", str(markdown), "--note", str(note)]) == 0
+    text = markdown.read_text()
+    assert text.index("commit abc1234") < text.index("parity         FAILED") < text.index("## headline")
 
 
 @pytest.mark.skipif(not RESULTS, reason="no committed CPU results")

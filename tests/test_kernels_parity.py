@@ -197,10 +197,12 @@ def test_adapter_weights_in_the_input_dtype(config, M, dtype):
     check_parity(x, params)
 
 
+@pytest.mark.parametrize("N", [24, 48], ids=["unaligned", "aligned"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_small_integers_are_exact(dtype):
-    # |every intermediate| <= 160 < 256: exactly representable in bf16 and fp16 and in fp32 accumulation
-    M, K, N, R = 37, 32, 24, 4
+def test_small_integers_are_exact(dtype, N):
+    # |every intermediate| <= 4·N + N < 256: exactly representable in bf16 and fp16 and in fp32 accumulation. N = 48
+    # takes the tables' aligned tiles (and TMA loads on Hopper), what LLM widths run; N = 24 the unaligned ones
+    M, K, R = 37, 32, 4
     g = torch.Generator().manual_seed(0)
 
     def ints(*shape, lo=-1, hi=2, dt=dtype):
@@ -212,6 +214,7 @@ def test_small_integers_are_exact(dtype):
     u = (2 * ints(R, lo=0, dt=torch.float32) - 1).requires_grad_(True)  # ±1
     v = (2 * ints(N, lo=0, dt=torch.float32) - 1).requires_grad_(True)
     dy = ints(M, N)
+    assert configs.is_aligned(x, N) == (N == 48) and configs.is_aligned(dy, K) == (N == 48)
     inputs = {"x": x, "weight": weight, "bias": bias, "A": A, "B": B, "u": u, "v": v}
     for deterministic in (False, True):
         y = tied_lora_linear(x, weight, bias, A, B, u, v, 1.0, backend="triton", deterministic=deterministic)

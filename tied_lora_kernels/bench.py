@@ -59,6 +59,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--plot", type=Path, help="PNG path (default <out>/bench.png; with --json and no --out, next to it)")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--markdown", type=Path, help="also write a markdown report here")
+    p.add_argument(
+        "--note", type=Path, help="a text file whose lines head the markdown report (gpu_check: commit, phase status)"
+    )
     p.add_argument("--summary", action="store_true", help="print only the summary tables")
     p.add_argument("--headline", action="store_true", help="print only the headline, end-to-end and eager tables")
     p.add_argument("--stat", choices=("median", "min", "mean"), default="median", help="time statistic")
@@ -94,7 +97,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         except Exception as e:
             print(f"bench: the plot failed, none written: {type(e).__name__}: {e}", file=sys.stderr)
     if args.markdown:
-        _write_markdown(records, args.markdown, args.stat, plot)
+        note = args.note.read_text().splitlines() if args.note and args.note.is_file() else []
+        _write_markdown(records, args.markdown, args.stat, plot, note)
         print(f"\nbench: wrote {args.markdown}")
     return rc
 
@@ -264,12 +268,15 @@ def _plot(records, path: Path, stat: str, rank: int | None) -> Path | None:
     return path
 
 
-def _write_markdown(records, path: Path, stat: str, plot: Path | None) -> None:
+def _write_markdown(records, path: Path, stat: str, plot: Path | None, note: Sequence[str] = ()) -> None:
+    """The report: what ran where, then every summary table; ``note``'s lines (the run's commit and phase
+    status, from gpu_check) in a block after the title."""
     r0 = records[0]
     devs = sorted({r["device_name"] for r in records})
-    lines = [
-        "# Benchmark results",
-        "",
+    lines = ["# Benchmark results", ""]
+    if note:
+        lines += ["```", *note, "```", ""]
+    lines += [
         f"- device: {', '.join(devs)}" + (f" ({r0['threads']} CPU thread(s) used)" if r0.get("threads") else ""),
         f"- torch {r0.get('torch')}, triton {r0.get('triton')}, peft {r0.get('peft')}, "
         f"transformers {r0.get('transformers')}, python {r0.get('python')}",
