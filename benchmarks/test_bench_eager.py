@@ -125,6 +125,8 @@ def test_eager_decode(benchmark, provider: str):
     benchmark.group = f"eager decode {SHAPE.name} {str(DTYPE).removeprefix('torch.')} x{LAYERS}"
     with _no_launches() if host_only else configs.forced(**providers.TRITON_FORCED.get(provider, {})):
         how, _ = timing.run(benchmark, _step(layers, x), None, DEVICE, idle_start=True)
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()  # (a fault of this case's kernels is this case's, not the next one's: warm-up)
     benchmark.extra_info.update(
         kind="eager",
         provider=provider,
