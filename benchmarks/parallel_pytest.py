@@ -7,12 +7,12 @@ which is most of a parity run's time; N processes on N cores compile in parallel
 on disk). The tests share the GPU, which parity tests do not mind — never use this for timings. The default
 is one process per core, at most 16: compiling is one core's work per process.
 
-Each process writes its own log; when all have finished (or on SIGTERM/SIGINT, e.g. from ``timeout``, which
-stops them all) the logs are printed in process order, with one summary line per process, a count of the
-tests run against those collected, and the tests taken but never finished (what a time limit interrupted, or
-what a process died in). Exit status: 0 when every process passed or had nothing to run (pytest's 5) and
-every collected test ran, else the first failing process's status (1 when tests were not run, 124 when
-stopped).
+Each process writes its own log; when all have finished (or on SIGTERM/SIGINT, e.g. from ``timeout``, which stops
+them all) the logs are printed in process order, with one summary line per process, a count of the tests run against
+those collected, the tests started but never finished (what a time limit interrupted, or what a process died in),
+and apart from them the ones those processes had taken next and never started. Exit status: 0 when every process
+passed or had nothing to run (pytest's 5) and every collected test ran, else the first failing process's status (1
+when tests were not run, 124 when stopped).
 """
 
 from __future__ import annotations

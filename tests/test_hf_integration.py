@@ -112,13 +112,23 @@ def test_reentrant_checkpointing_of_a_model_whose_input_is_not_token_ids():
 
 def test_a_model_that_transformers_4_hooked_is_not_hooked_twice(monkeypatch):
     """transformers 4 keeps the input-grad hook as ``_require_grads_hook`` alone: a model that reentrant
-    checkpointing hooked already gets no second hook from apply_tied_lora."""
+    checkpointing hooked already gets no second hook from apply_tied_lora, and one whose hook was removed gets one."""
     transformers_4_input_grad_hook(monkeypatch)
     model = tiny_llama()
     enable_checkpointing(model, reentrant=True, input_grads=False)
     if not model.model.embed_tokens._forward_hooks:  # (transformers 5 hooks a token-id model itself, else we do)
         model.enable_input_require_grads()
     assert len(model.model.embed_tokens._forward_hooks) == 1 and not hasattr(model, "_require_grads_hooks")
+    apply_tied_lora(model, TiedLoRAConfig(rank=4))
+    assert len(model.model.embed_tokens._forward_hooks) == 1
+    # transformers 4's disable_input_require_grads removes the hook and keeps the handle: a model unhooked so is
+    # hooked (reentrant checkpointing gives its adapters no gradient otherwise)
+    model = tiny_llama()
+    enable_checkpointing(model, reentrant=True, input_grads=False)
+    if not model.model.embed_tokens._forward_hooks:
+        model.enable_input_require_grads()
+    model.disable_input_require_grads()
+    assert not model.model.embed_tokens._forward_hooks and hasattr(model, "_require_grads_hook")
     apply_tied_lora(model, TiedLoRAConfig(rank=4))
     assert len(model.model.embed_tokens._forward_hooks) == 1
 

@@ -252,6 +252,30 @@ def test_merge_copies_each_tied_tensor_once():
         torch.testing.assert_close(layer.weight, weights[name], rtol=0, atol=atol, msg=name)
 
 
+def test_merge_of_factors_a_parametrization_computes_merges_each_layer_s_own():
+    """A factor computed at each access (a parametrization on the pair) is a new tensor each time: merge_tied_lora's
+    shared copies must not hand one layer's copy to another whose temporary got the freed one's id (B merged as A:
+    off by 19, or a shape error)."""
+    import torch.nn.utils.parametrize as parametrize
+
+    class Twice(nn.Module):
+        def forward(self, t):
+            return t * 2.0
+
+    for d, R in ((8, 8), (24, 4)):
+        model = nn.Sequential(nn.Linear(d, d), nn.Linear(d, d))
+        model = apply_tied_lora(model, TiedLoRAConfig(rank=R, preset="lora", target_modules=["0", "1"]))
+        randomise_adapters(model)
+        for layer in tied_lora_layers(model).values():
+            parametrize.register_parametrization(layer.shared, "A", Twice())
+            parametrize.register_parametrization(layer.shared, "B", Twice())
+        x = torch.randn(3, d, generator=torch.Generator().manual_seed(d))
+        with torch.no_grad():
+            y = model(x)
+            merge_tied_lora(model)
+            torch.testing.assert_close(model(x), y, rtol=1e-5, atol=1e-5)
+
+
 def test_unload_without_merging_gives_the_base_model_back():
     """PEFT's unload(): plain nn.Linear layers holding the base weights as they were (bit for bit the base model),
     the same parameter objects; merged layers are refused."""

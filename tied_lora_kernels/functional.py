@@ -60,7 +60,7 @@ def tied_lora_linear(
     input with that probability and scales the rest by ``1 / (1 - dropout)``, as ``F.dropout`` does, whatever
     the module's mode: pass 0 for evaluation. Both backends support it (their masks differ; the triton
     forward then runs its two-pass strategy and keeps the mask as bits, ``M·⌈K/8⌉`` bytes, for the backward
-    when it computes ``dx`` or ``dA``).
+    when it computes ``dx`` or ``dA``; under torch.compile whenever the graph trains).
     """
     autocast = _autocast_dtype(x)
     if autocast is not None:

@@ -408,7 +408,7 @@ class TiedLoRALinear(nn.Linear):
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name == "dropout" and value is not None and not isinstance(value, nn.Module):
-            # (the constructor's keyword; the attribute is the nn.Dropout child, which exists only while p > 0)
+            # (the constructor's keyword; the attribute is the nn.Dropout child, made when a non-zero p is set)
             raise TypeError(f"set the adapter's dropout probability with layer.lora_dropout = {value!r}")
         super().__setattr__(name, value)
 
@@ -521,7 +521,7 @@ class TiedLoRALinear(nn.Linear):
         until ``unmerge``. Refused (RuntimeError): merged already, disabled, a quantized or computed weight."""
         self._merge(None)
 
-    def _merge(self, copies: dict[int, Tensor] | None) -> None:
+    def _merge(self, copies: dict[int, tuple[Tensor, Tensor]] | None) -> None:
         # keeps a copy of the factors merged: unmerge takes out this ΔW, also after the adapter changed (a tied pair
         # trained through other layers, reset_adapter()). Alone: this layer's (r·(in + out) + r + out values);
         # merge_tied_lora passes one dict of copies to all its layers, so a tensor they share (a tied A, B, a
@@ -643,11 +643,12 @@ def _checked_alpha(alpha: float, rank: int) -> float:
     return float(alpha)
 
 
-def _copy(t: Tensor, copies: dict[int, Tensor]) -> Tensor:
-    """A copy of ``t``, made once per ``copies`` (keyed by the tensor, alive while its layers merge)."""
+def _copy(t: Tensor, copies: dict[int, tuple[Tensor, Tensor]]) -> Tensor:
+    """A copy of ``t``, made once per ``copies``, which holds ``t`` too: a factor computed at each access (a
+    parametrization) is a new tensor each time, and one freed could hand its id to the next."""
     if id(t) not in copies:
-        copies[id(t)] = t.detach().clone()
-    return copies[id(t)]
+        copies[id(t)] = (t, t.detach().clone())
+    return copies[id(t)][1]
 
 
 def _own_rows(B: Tensor, b_rows: tuple[int, int] | None) -> Tensor:

@@ -15,7 +15,7 @@ import dataclasses
 import sys
 import warnings
 from collections.abc import Iterable, Iterator
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -161,14 +161,27 @@ def _adapt(model: nn.Module, config: TiedLoRAConfig, shared_of: dict[str, str] |
         if not any(getattr(h, "hook", None) is _fill_tied_aliases for h in model._load_state_dict_pre_hooks.values()):
             model.register_load_state_dict_pre_hook(_fill_tied_aliases)
         enable_input_grads = getattr(model, "enable_input_require_grads", None)  # (a transformers PreTrainedModel's)
-        # (what enable_input_require_grads registered: a list from transformers 5 on, one handle before)
-        hooked = getattr(model, "_require_grads_hooks", None) or getattr(model, "_require_grads_hook", None)
+        hooked = _input_grads_hooked(model)
         if _reentrant_checkpointing(model) and callable(enable_input_grads) and not hooked:
             # as PEFT does when it wraps a checkpointing model: reentrant checkpointing gives no gradient to a layer
             # whose input does not require one, and transformers makes the input embeddings' output require it only
             # for models whose main input is input_ids (not Whisper's input_features, say)
             enable_input_grads()
     return model
+
+
+def _input_grads_hooked(model: nn.Module) -> bool:
+    """Whether ``enable_input_require_grads`` has a hook registered on the model: its handles are a list from
+    transformers 5 on, one handle before (which transformers 4's ``disable_input_require_grads`` removes but
+    leaves in place)."""
+    handles = list(getattr(model, "_require_grads_hooks", None) or ())
+    handles.append(getattr(model, "_require_grads_hook", None))
+    return any(_registered(h) for h in handles if h is not None)
+
+
+def _registered(handle: Any) -> bool:
+    hooks = handle.hooks_dict_ref() if callable(getattr(handle, "hooks_dict_ref", None)) else None
+    return hooks is not None and getattr(handle, "id", None) in hooks
 
 
 @contextlib.contextmanager
