@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from tied_lora_kernels.bench import _write_markdown, load, main
-from tied_lora_kernels.bench_tables import _headline, _summary_tables, choice_rows, target_rows
+from tied_lora_kernels.bench_tables import _headline, _summary_tables, choice_rows, summary_rows, target_rows
 
 RESULTS = sorted((Path(__file__).parent.parent / "benchmarks" / "results").glob("cpu-*.json"))
 
@@ -102,6 +102,18 @@ def test_targets_do_not_lean_on_a_missing_floor_or_round_to_their_bound():
     assert rows[1][4] == "1.05004 MISS"
     headers, rows = target_rows(floors + [_record("triton", "forward", 8192, 1.05)])
     assert rows[1][4] == "1.05 ok"
+
+
+def test_ratios_divide_times_of_one_run():
+    """A report read from a run's JSON and a partial rerun's (``--json a b``) divides each time by the floor of its
+    own run (issue 3: ratios measured in one process): a rerun's floor no longer rescales the first run's times."""
+    run = [dict(r, datetime="2026-12-06T10:00") for r in
+           (_record("nn.Linear", "forward", 8192, 1.00), _record("triton", "forward", 8192, 1.04))]  # fmt: skip
+    rerun = [dict(_record("nn.Linear", "forward", 8192, 0.95), datetime="2026-12-06T10:30")]
+    for records in (run, run + rerun, rerun + run):
+        headers, rows = target_rows(records)
+        assert {(row[2], row[3]): row[4] for row in rows}[16, "triton"] == "1.04 ok"
+        assert summary_rows(records)[1][0][6] == "1.04"
 
 
 def test_headline_says_when_a_provider_covers_fewer_cases_than_its_row():

@@ -35,13 +35,18 @@ TARGETS = (
 
 
 def _floor_times(records, stat) -> dict:
-    """nn.Linear's time per case, leaving out a decode floor timed eagerly after its graph capture failed: every
-    ratio to it would read faster than it is (the others' decodes are graphs), so its cases have none."""
+    """nn.Linear's time per case of each run (``_case``), leaving out a decode floor timed eagerly after its graph
+    capture failed: every ratio to it would read faster than it is (the others' decodes are graphs), so its cases
+    have none."""
     return {
-        (r["device_name"], r["dtype"], r["shape"], r["mode"], r["M"]): r[stat]
-        for r in records
-        if r.get("kind") == "linear" and r["provider"] == FLOOR and not _fell_back(r)
+        _case(r): r[stat] for r in records if r.get("kind") == "linear" and r["provider"] == FLOOR and not _fell_back(r)
     }
+
+
+def _case(r) -> tuple:
+    """A benchmark case of one run: a ratio divides times of one process only (issue 3: "measured in one
+    process"), so reports read from several runs' JSON (a run and a partial rerun) never mix their floors."""
+    return (r.get("datetime"), r["device_name"], r["dtype"], r["shape"], r["mode"], r["M"])
 
 
 def _fell_back(r) -> bool:
@@ -59,7 +64,7 @@ def _ratio(r, floors, stat) -> float | None:
     paired = r.get("paired_floor")
     if paired and paired.get(stat):
         return r[stat] / paired[stat]
-    floor = floors.get((r["device_name"], r["dtype"], r["shape"], r["mode"], r["M"]))
+    floor = floors.get(_case(r))
     return r[stat] / floor if floor else None
 
 
@@ -167,6 +172,7 @@ def summary_rows(records, stat="median"):
     lin = [r for r in records if r.get("kind") == "linear"]
     provs = sorted({r["provider"] for r in lin if r["provider"] != FLOOR}, key=_provider_key)
     cells = defaultdict(dict)
+    shown = {case[1:]: time for case, time in floors.items()}  # (the floor of the last run read, for its column)
     for r in lin:
         if r["provider"] != FLOOR:
             key = (r["device_name"], r["shape"], r["dtype"], r["rank"], r["mode"], r["M"])
@@ -174,7 +180,7 @@ def summary_rows(records, stat="median"):
     rows = []
     for key in sorted(cells, key=lambda k: (k[0], k[1], k[2], k[3], MODES.index(k[4]), k[5])):
         dev, shape, dtype, rank, mode, M = key
-        floor = floors.get((dev, dtype, shape, mode, M))
+        floor = shown.get((dev, dtype, shape, mode, M))
         rows.append([shape, dtype, rank, mode, M, _fmt_time(floor)] + [_fmt(cells[key].get(p), 3) for p in provs])
     return ["shape", "dtype", "rank", "mode", "M", "nn.Linear"] + [f"x {p}" for p in provs], rows, provs
 
