@@ -191,13 +191,35 @@ def _grads(deterministic: bool, M: int, K: int, N: int, R: int, dtype: torch.dty
     return torch.autograd.grad(y, (x, A, B, u, v), torch.randn(y.shape, generator=g).to(dtype).to(DEVICE))
 
 
-def test_deterministic_runs_are_identical():
-    # On CPU the interpreter runs programs one after another (atomics never race): this proves the
-    # deterministic path runs and agrees with itself; the GPU test below is the real bitwise check.
-    first = _grads(True, 70, 40, 36, 8, torch.float32)
-    second = _grads(True, 70, 40, 36, 8, torch.float32)
-    for a, b in zip(first, second, strict=True):
-        assert torch.equal(a, b)
+def _programs_reversed(monkeypatch) -> None:
+    """Make the interpreter run every grid's programs last to first along each axis (it runs them one at a time,
+    in order; a GPU runs them in any order)."""
+    from triton.runtime import interpreter
+
+    builder = getattr(interpreter, "interpreter_builder", None)
+    if not hasattr(type(builder), "set_grid_idx"):
+        pytest.skip("this triton's interpreter has no grid-index hook to reverse")
+    original = type(builder).set_grid_idx
+
+    def reversed_index(b, x, y, z):
+        gx, gy, gz = b.grid_dim
+        return original(b, gx - 1 - x, gy - 1 - y, gz - 1 - z)
+
+    monkeypatch.setattr(type(builder), "set_grid_idx", reversed_index)
+
+
+def test_deterministic_gradients_do_not_depend_on_the_order_programs_run(monkeypatch):
+    """deterministic=True sums per-program partials in a fixed order, so no gradient depends on the order in which
+    the token reduction's programs finish (on a GPU, any); the interpreter runs them in order, then reversed. The
+    atomics of the default do depend on it here (fp32 sums of 11 token blocks in another order): what shows the
+    reversal reaches the reduction. The GPU's own test: test_deterministic_runs_are_bitwise_identical_on_gpu."""
+    if DEVICE.type == "cuda":
+        pytest.skip("the programs' order is the GPU's own there (the GPU test below)")
+    in_order = {d: _grads(d, 700, 40, 36, 8, torch.float32) for d in (True, False)}
+    _programs_reversed(monkeypatch)
+    backwards = {d: _grads(d, 700, 40, 36, 8, torch.float32) for d in (True, False)}
+    assert all(torch.equal(a, b) for a, b in zip(in_order[True], backwards[True], strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(in_order[False], backwards[False], strict=True))
 
 
 @pytest.mark.parametrize("deterministic", [True, False])
