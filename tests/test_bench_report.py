@@ -84,6 +84,8 @@ def test_targets_table_reads_each_target_against_its_bound():
     h200 = [dict(r, device_name="NVIDIA H200") for r in floors + ours]
     titles = [title for title, _, _ in _summary_tables(h200, "median")]
     assert any(t.startswith("targets (issue 3, set for an H100) on NVIDIA H200 at K = N") for t in titles), titles
+    # and the decode Ms it was timed at (the issue's decode is every M <= 16)
+    assert any(t.endswith("decode = worst of M = 1, 16 (of M <= 16)") for t in titles), titles
 
 
 def test_targets_do_not_lean_on_a_missing_floor_or_round_to_their_bound():
