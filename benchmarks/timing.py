@@ -9,6 +9,9 @@
   ``calls``: one projection at decode lasts a few microseconds, near the events' resolution (~0.5 µs). The
   event times are then handed to pytest-benchmark through a replay clock, so the JSON's ``stats`` are GPU
   times and read the same as CPU results.
+- Pairing (``run``'s ``paired``): a round of the reference (nn.Linear of the same case) right before each round,
+  on CPU (a busy shared machine) and for CUDA's eager rounds (clocks that drift over a run); its statistics go
+  into the record as ``paired_floor``, which the report's ratios prefer.
 - Memory: bytes saved for backward (saved-tensor hooks, unique storages, parameters and buffers excluded),
   on any device; on CUDA also the peak allocated above what was live before the call.
 - What ran: the triton kernels one untimed call launches, with their grids, tiles and switches
@@ -55,25 +58,26 @@ def run(
 ) -> tuple[str, dict | None]:
     """Time ``fn`` (``setup`` runs untimed before each round) and record it in ``benchmark``.
 
-    ``paired = (setup, fn)`` of a reference (the floor): on CPU one reference round is timed right before
-    every round of ``fn``, so both see the same machine load and their ratio survives a busy shared
-    machine. Returns how it was timed (``"wall"``, ``"cuda-events"``, ``"cuda-graph"``, ``"disabled"``; a
-    failed graph capture gives ``"cuda-events (graph capture failed: <error>)"``)
-    and the reference's ``{"median", "min", "mean"}`` seconds (None when not paired). ``target_s``: time
-    to spend measuring (default CPU_TARGET_S / CUDA_TARGET_S). ``idle_start`` (CUDA): each round starts on an
-    idle GPU, after the L2 flush has finished, so that host time the GPU waits for shows in the round's time
-    (eager decode); otherwise the host queues the round while the flush runs, as a busy model would.
-    ``calls`` (CUDA): how many projections one ``fn()`` runs; each round's time is divided by it.
+    ``paired = (setup, fn)`` of a reference (the floor): one reference round is timed right before every round of
+    ``fn``, so both see the same machine load (CPU) or the same clocks (CUDA, whose clocks drift over a run) and
+    their ratio holds; on CUDA for eager rounds only (a CUDA graph's reference would need its own capture and
+    weights: decode's floor stays its own benchmark). Returns how it was timed (``"wall"``, ``"cuda-events"``,
+    ``"cuda-graph"``, ``"disabled"``; a failed graph capture gives ``"cuda-events (graph capture failed:
+    <error>)"``) and the reference's ``{"median", "min", "mean"}`` seconds (None when not paired). ``target_s``:
+    time to spend measuring (default CPU_TARGET_S / CUDA_TARGET_S). ``idle_start`` (CUDA): each round starts on an
+    idle GPU, after the L2 flush has finished, so that host time the GPU waits for shows in the round's time (eager
+    decode); otherwise the host queues the round while the flush runs, as a busy model would. ``calls`` (CUDA): how
+    many projections one ``fn()`` runs; each round's time is divided by it.
     """
     if calls != 1 and device.type != "cuda":
         raise ValueError("calls > 1 (a round of several projections) is timed on CUDA only")
     if benchmark.disabled:  # --benchmark-disable: pedantic makes one untimed call, a smoke test
         benchmark.pedantic(fn, setup=setup, rounds=1)
         return "disabled", None
-    if device.type == "cuda":  # CUDA times are stable: no pairing, the floor is its own benchmark
-        times, how = _cuda_times(fn, setup, device, graph, target_s or CUDA_TARGET_S, idle_start)
+    if device.type == "cuda":
+        times, how, reference = _cuda_times(fn, setup, device, graph, target_s or CUDA_TARGET_S, idle_start, paired)
         _replay(benchmark, [t / calls for t in times])
-        return how, None
+        return how, _stats([t / calls for t in reference]) if reference else None
     # warm-up (and compile) outside the timer, then size the run from one timed call
     for _ in range(2):
         _call(setup, fn)
@@ -92,8 +96,11 @@ def run(
     benchmark.pedantic(fn, setup=paired_setup if paired else setup, rounds=rounds, warmup_rounds=1)
     if not reference:
         return "wall", None
-    reference = reference[1:]  # the warm-up round's
-    return "wall", {"median": statistics.median(reference), "min": min(reference), "mean": statistics.mean(reference)}
+    return "wall", _stats(reference[1:])  # (the warm-up round's left out)
+
+
+def _stats(seconds: list[float]) -> dict:
+    return {"median": statistics.median(seconds), "min": min(seconds), "mean": statistics.mean(seconds)}
 
 
 def _call(setup, fn):
@@ -155,10 +162,16 @@ def _evict_l2(flush: Tensor) -> None:
     flush.sum()
 
 
-def _cuda_times(fn, setup, device, graph: bool, target_s: float, idle_start: bool) -> tuple[list[float], str]:
+def _cuda_times(
+    fn, setup, device, graph: bool, target_s: float, idle_start: bool, paired=None
+) -> tuple[list[float], str, list[float]]:
+    """Each round's seconds, how they were timed, and the reference's rounds (``paired``: one before each round,
+    eager rounds only; else empty)."""
     flush = _flush_buffer(device)
     for _ in range(3):  # warm-up: compile, autotune, cuBLAS heuristics
         _call(setup, fn)
+        if paired:
+            _call(*paired)
     torch.cuda.synchronize(device)
     how, target = "cuda-events", fn
     if graph and setup is None:
@@ -179,25 +192,29 @@ def _cuda_times(fn, setup, device, graph: bool, target_s: float, idle_start: boo
             torch.cuda.set_stream(stream)
             torch.cuda.synchronize(device)
             target, how = fn, f"cuda-events (graph capture failed: {type(e).__name__}: {e})"[:300]
+    # (a graph's reference would need a capture of its own: decode's floor stays its own benchmark)
+    steps = [paired, (setup, target)] if paired and target is fn else [(setup, target)]
 
-    def rounds(n: int) -> list[float]:
-        starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
-        ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
-        for s, e in zip(starts, ends, strict=True):
-            if setup:
-                setup()
-            _evict_l2(flush)
-            if idle_start:
-                torch.cuda.synchronize(device)
-            s.record()
-            target()
-            e.record()
+    def rounds(n: int) -> list[list[float]]:
+        events = [[(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in steps]
+                  for _ in range(n)]  # fmt: skip
+        for pairs in events:
+            for (step_setup, step), (s, e) in zip(steps, pairs, strict=True):
+                if step_setup:
+                    step_setup()
+                _evict_l2(flush)
+                if idle_start:
+                    torch.cuda.synchronize(device)
+                s.record()
+                step()
+                e.record()
         torch.cuda.synchronize(device)
-        return [s.elapsed_time(e) / 1e3 for s, e in zip(starts, ends, strict=True)]
+        return [[s.elapsed_time(e) / 1e3 for s, e in pairs] for pairs in events]
 
-    estimate = min(rounds(5))
+    estimate = min(sum(r) for r in rounds(5))
     n = int(min(max(target_s / max(estimate, 1e-7), 10), 200))
-    return rounds(n), how
+    timed = rounds(n)
+    return [r[-1] for r in timed], how, [r[0] for r in timed] if len(steps) == 2 else []
 
 
 def saved_bytes(forward: Callable[[], object], exclude: Iterable[Tensor]) -> int:

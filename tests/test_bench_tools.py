@@ -183,11 +183,56 @@ def test_replayed_event_times_become_the_benchmark_statistics(benchmark):
 def test_a_round_of_several_projections_is_recorded_per_projection(benchmark, monkeypatch):
     if benchmark.disabled:
         pytest.skip("--benchmark-disable records no statistics")
-    monkeypatch.setattr(timing, "_cuda_times", lambda *args: ([8e-6, 4e-6, 6e-6], "cuda-graph"))
-    how, _ = timing.run(benchmark, lambda: None, None, torch.device("cuda"), graph=True, calls=4)
-    assert how == "cuda-graph" and benchmark.stats.stats.median == pytest.approx(1.5e-6)
+    monkeypatch.setattr(timing, "_cuda_times", lambda *args: ([8e-6, 4e-6, 6e-6], "cuda-graph", []))
+    how, reference = timing.run(benchmark, lambda: None, None, torch.device("cuda"), graph=True, calls=4)
+    assert how == "cuda-graph" and benchmark.stats.stats.median == pytest.approx(1.5e-6) and reference is None
     with pytest.raises(ValueError, match="CUDA only"):
         timing.run(benchmark, lambda: None, None, torch.device("cpu"), calls=2)
+
+
+def test_cuda_rounds_are_paired_with_the_floor_s(benchmark, monkeypatch):
+    """On CUDA too, a round of the reference (nn.Linear) is timed right before each eager round (a GPU's clocks
+    drift over a run; a ratio of cases timed apart would carry it), each after its own L2 flush, and run() returns
+    the reference's statistics. Faked here: CUDA events that read the host's clock."""
+    if benchmark.disabled:
+        pytest.skip("--benchmark-disable records no statistics")
+    import time
+
+    class Event:
+        def __init__(self, enable_timing):
+            self.t = None
+
+        def record(self):
+            self.t = time.perf_counter()
+
+        def elapsed_time(self, end):
+            return (end.t - self.t) * 1e3  # (milliseconds, as CUDA's)
+
+    order = []
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(timing, "_flush_buffer", lambda device: torch.zeros(4))
+    monkeypatch.setattr(timing, "_evict_l2", lambda flush: order.append("flush"))
+
+    def ours():
+        order.append("ours")
+        time.sleep(2e-3)
+
+    def floor():
+        order.append("floor")
+        time.sleep(1e-3)
+
+    cuda = torch.device("cuda")
+    times, how, reference = timing._cuda_times(ours, None, cuda, False, 0.05, False, (None, floor))
+    assert how == "cuda-events" and len(times) == len(reference) >= 10
+    timed = order[order.index("flush") :]
+    assert timed[:6] == ["flush", "floor", "flush", "ours", "flush", "floor"]
+    assert min(times) > min(reference) > 0.9e-3
+    how, floor_s = timing.run(benchmark, ours, None, cuda, paired=(None, floor), target_s=0.05)
+    assert how == "cuda-events" and 0.9e-3 < floor_s["min"] < benchmark.stats.stats.min
+    # without a reference, none (as for a CUDA graph's rounds, whose reference would need a capture of its own)
+    times, how, reference = timing._cuda_times(ours, None, cuda, False, 0.02, False, None)
+    assert reference == [] and len(times) >= 10
 
 
 def test_decode_rotates_through_weights_that_fill_several_l2_caches(monkeypatch):
