@@ -192,8 +192,9 @@ def _cuda_times(
             torch.cuda.set_stream(stream)
             torch.cuda.synchronize(device)
             target, how = fn, f"cuda-events (graph capture failed: {type(e).__name__}: {e})"[:300]
-    # (a graph's reference would need a capture of its own: decode's floor stays its own benchmark)
-    steps = [paired, (setup, target)] if paired and target is fn else [(setup, target)]
+    # (a graph's reference would need a capture of its own: decode's floor stays its own benchmark, also when the
+    # capture failed, whose eager round may run several projections against the reference's one)
+    steps = [paired, (setup, target)] if paired and not graph else [(setup, target)]
 
     def rounds(n: int) -> list[list[float]]:
         events = [[(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in steps]

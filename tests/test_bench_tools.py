@@ -233,6 +233,30 @@ def test_cuda_rounds_are_paired_with_the_floor_s(benchmark, monkeypatch):
     # without a reference, none (as for a CUDA graph's rounds, whose reference would need a capture of its own)
     times, how, reference = timing._cuda_times(ours, None, cuda, False, 0.02, False, None)
     assert reference == [] and len(times) >= 10
+    # a graph whose capture fails is timed eagerly, still unpaired: its round may run several projections (calls)
+    # against the reference's one, which run() would then have divided by calls
+    import contextlib
+
+    class Stream:
+        def __init__(self, *args):
+            pass
+
+        def wait_stream(self, other):
+            pass
+
+    @contextlib.contextmanager
+    def failed_capture(graph):
+        raise RuntimeError("capture failed")
+        yield
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "set_stream", lambda stream: None)
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: None)
+    monkeypatch.setattr(torch.cuda, "graph", failed_capture)
+    times, how, reference = timing._cuda_times(ours, None, cuda, True, 0.02, False, (None, floor))
+    assert how.startswith("cuda-events (graph capture failed: RuntimeError") and reference == []
 
 
 def test_decode_rotates_through_weights_that_fill_several_l2_caches(monkeypatch):

@@ -59,8 +59,9 @@ def _fallback_notes(records) -> list[str]:
 
 
 def _ratio(r, floors, stat) -> float | None:
-    """Time / time of nn.Linear: against the floor timed round by round beside it when there is one
-    (CPU runs, robust to a busy machine), else against the floor's own benchmark."""
+    """Time / time of nn.Linear: against the floor timed round by round beside it when there is one (CPU runs,
+    robust to a busy machine, and CUDA's eager rounds, robust to drifting clocks), else against the floor's own
+    benchmark of the same run."""
     paired = r.get("paired_floor")
     if paired and paired.get(stat):
         return r[stat] / paired[stat]
