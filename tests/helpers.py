@@ -63,3 +63,20 @@ class GridSpy:
     def __getitem__(self, grid):
         self.grids.append(grid)
         return self.kernel[grid]
+
+
+def programs_reversed(monkeypatch, axes: tuple[int, ...] = (0, 1, 2)) -> None:
+    """Make triton's interpreter run every grid's programs last to first along ``axes`` (it runs them one at a time,
+    in order; a GPU runs them in any order). Skips where the interpreter has no grid-index hook."""
+    from triton.runtime import interpreter
+
+    builder = getattr(interpreter, "interpreter_builder", None)
+    if not hasattr(type(builder), "set_grid_idx"):
+        pytest.skip("this triton's interpreter has no grid-index hook to reverse")
+    original = type(builder).set_grid_idx
+
+    def reversed_index(b, *index):
+        sizes = b.grid_dim
+        return original(b, *(sizes[axis] - 1 - i if axis in axes else i for axis, i in enumerate(index)))
+
+    monkeypatch.setattr(type(builder), "set_grid_idx", reversed_index)

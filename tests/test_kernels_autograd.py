@@ -14,7 +14,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from tests.conftest import DEVICE
-from tests.helpers import assert_close_to_reference
+from tests.helpers import assert_close_to_reference, programs_reversed
 from tests.test_kernels_parity import make_inputs
 from tied_lora_kernels.functional import tied_lora_linear
 
@@ -191,23 +191,6 @@ def _grads(deterministic: bool, M: int, K: int, N: int, R: int, dtype: torch.dty
     return torch.autograd.grad(y, (x, A, B, u, v), torch.randn(y.shape, generator=g).to(dtype).to(DEVICE))
 
 
-def _programs_reversed(monkeypatch) -> None:
-    """Make the interpreter run every grid's programs last to first along each axis (it runs them one at a time,
-    in order; a GPU runs them in any order)."""
-    from triton.runtime import interpreter
-
-    builder = getattr(interpreter, "interpreter_builder", None)
-    if not hasattr(type(builder), "set_grid_idx"):
-        pytest.skip("this triton's interpreter has no grid-index hook to reverse")
-    original = type(builder).set_grid_idx
-
-    def reversed_index(b, x, y, z):
-        gx, gy, gz = b.grid_dim
-        return original(b, gx - 1 - x, gy - 1 - y, gz - 1 - z)
-
-    monkeypatch.setattr(type(builder), "set_grid_idx", reversed_index)
-
-
 def test_deterministic_gradients_do_not_depend_on_the_order_programs_run(monkeypatch):
     """deterministic=True sums per-program partials in a fixed order, so no gradient depends on the order in which
     the token reduction's programs finish (on a GPU, any); the interpreter runs them in order, then reversed. The
@@ -216,7 +199,7 @@ def test_deterministic_gradients_do_not_depend_on_the_order_programs_run(monkeyp
     if DEVICE.type == "cuda":
         pytest.skip("the programs' order is the GPU's own there (the GPU test below)")
     in_order = {d: _grads(d, 700, 40, 36, 8, torch.float32) for d in (True, False)}
-    _programs_reversed(monkeypatch)
+    programs_reversed(monkeypatch)
     backwards = {d: _grads(d, 700, 40, 36, 8, torch.float32) for d in (True, False)}
     assert all(torch.equal(a, b) for a, b in zip(in_order[True], backwards[True], strict=True))
     assert not all(torch.equal(a, b) for a, b in zip(in_order[False], backwards[False], strict=True))

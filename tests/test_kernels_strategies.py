@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from tests.conftest import DEVICE
-from tests.helpers import GridSpy, assert_close_to_reference
+from tests.helpers import GridSpy, assert_close_to_reference, programs_reversed
 from tests.test_kernels_parity import CONFIGS, check_parity, grads_of, make_inputs
 from tied_lora_kernels.functional import tied_lora_linear
 from tied_lora_kernels.kernels import backward, configs, forward, function, prepare, split_sum
@@ -393,15 +393,9 @@ def test_default_table():
 
 
 def _arrivals_reversed(monkeypatch) -> None:
-    """Make the interpreter run a grid's K slices last to first, so that slice 0 arrives last at each tile's count
-    (it runs programs one at a time, slice split-1 last otherwise; on a GPU any slice may be last)."""
-    from triton.runtime import interpreter
-
-    builder = getattr(interpreter, "interpreter_builder", None)
-    if not hasattr(type(builder), "set_grid_idx"):
-        pytest.skip("this triton's interpreter has no grid-index hook to reverse")
-    original = type(builder).set_grid_idx
-    monkeypatch.setattr(type(builder), "set_grid_idx", lambda b, x, y, z: original(b, x, b.grid_dim[1] - 1 - y, z))
+    """Make the interpreter run a grid's K slices (axis 1) last to first, so that slice 0 arrives last at each tile's
+    count (it runs programs one at a time, slice split-1 last otherwise; on a GPU any slice may be last)."""
+    programs_reversed(monkeypatch, axes=(1,))
 
 
 _REDUCE_SHAPES = {"ragged": dict(K=300, N=140), "aligned": dict(K=320, N=192)}  # unaligned tiles, then aligned
