@@ -168,10 +168,13 @@ def _cuda_times(
     """Each round's seconds, how they were timed, and the reference's rounds (``paired``: one before each round,
     eager rounds only; else empty)."""
     flush = _flush_buffer(device)
+    # (a graph's reference would need a capture of its own: decode's floor stays its own benchmark, also when the
+    # capture fails, whose eager round may run several projections against the reference's one)
+    reference = None if graph else paired
     for _ in range(3):  # warm-up: compile, autotune, cuBLAS heuristics
         _call(setup, fn)
-        if paired:
-            _call(*paired)
+        if reference:
+            _call(*reference)
     torch.cuda.synchronize(device)
     how, target = "cuda-events", fn
     if graph and setup is None:
@@ -192,9 +195,7 @@ def _cuda_times(
             torch.cuda.set_stream(stream)
             torch.cuda.synchronize(device)
             target, how = fn, f"cuda-events (graph capture failed: {type(e).__name__}: {e})"[:300]
-    # (a graph's reference would need a capture of its own: decode's floor stays its own benchmark, also when the
-    # capture failed, whose eager round may run several projections against the reference's one)
-    steps = [paired, (setup, target)] if paired and not graph else [(setup, target)]
+    steps = [reference, (setup, target)] if reference else [(setup, target)]
 
     def rounds(n: int) -> list[list[float]]:
         events = [[(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in steps]
