@@ -39,7 +39,7 @@ def _model(saved=()):
 
 
 def _sharded(model):
-    """The README's layout: the adapter left whole on every rank, and a head trained in full (``modules_to_save``)
+    """docs/guide.md's layout: the adapter left whole on every rank, and a head trained in full (``modules_to_save``)
     with it, where the model has one."""
     adapter = set(tied_lora_parameters(model))
     if model.lm_head.weight.requires_grad:

@@ -147,7 +147,7 @@ def test_what_turns_every_dropout_off_turns_the_adapters_off():
     assert layer.lora_dropout == 0.0 and torch.equal(layer.train()(x), plain.train()(x))
     layer.lora_dropout = 0.25
     assert layer.dropout.p == 0.25 and "dropout=0.25" in repr(layer)
-    layer.lora_dropout = 0.0  # the child stays, at p = 0 (README: absent only until a non-zero p is set)
+    layer.lora_dropout = 0.0  # the child stays, at p = 0 (docs/api.md: absent only until a non-zero p is set)
     assert isinstance(layer.dropout, nn.Dropout) and layer.dropout.p == 0.0 and layer.lora_dropout == 0.0
     with pytest.raises(ValueError, match="dropout"):
         layer.lora_dropout = 1.5

@@ -204,9 +204,9 @@ def test_modules_to_save_are_listed_in_the_peft_config(tmp_path):
 
 
 def test_a_tied_module_to_save_goes_in_under_both_names(tmp_path):
-    """With tied embeddings, ``lm_head`` in ``modules_to_save`` needs ``embed_tokens`` there too (README); PEFT looks
-    each saved module up under its own name, so the export writes the one tied weight under both (as PEFT's own
-    ``save_pretrained`` does), and PEFT loads it and computes what the adapted model computes."""
+    """With tied embeddings, ``lm_head`` in ``modules_to_save`` needs ``embed_tokens`` there too (docs/api.md);
+    PEFT looks each saved module up under its own name, so the export writes the one tied weight under both (as
+    PEFT's own ``save_pretrained`` does), and PEFT loads it and computes what the adapted model computes."""
     ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(0))
     config = TiedLoRAConfig(rank=4, dtype=torch.float64, modules_to_save=("lm_head", "embed_tokens"))
     model = apply_tied_lora(tiny_llama(tie_word_embeddings=True).double(), config)

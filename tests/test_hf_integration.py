@@ -167,7 +167,7 @@ def test_hugging_face_generate_with_the_kv_cache():
 def test_ddp_with_tied_adapters_and_checkpointing(process_group):
     """DDP over a model whose A and B are tied across layers: gradients equal the plain run's, also under
     non-reentrant checkpointing. Reentrant checkpointing fires a tied parameter's hook once per layer, which
-    DDP refuses by default and accepts with ``static_graph=True`` (what the README says)."""
+    DDP refuses by default and accepts with ``static_graph=True`` (what docs/guide.md says)."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(5))
@@ -438,9 +438,9 @@ def test_tied_lora_trainer_saves_the_tokenizer_beside_the_adapter(tmp_path):
 
 
 def test_trainers_combined_with_tied_lora_trainer_checkpoint_the_adapter_alone(tmp_path):
-    """``class MyTrainer(TiedLoRATrainer, OtherTrainer)`` (TRL's SFTTrainer, DPOTrainer, ... in the README): the other
-    trainer's loss and its own ``_save`` give way to TiedLoRATrainer's checkpoints (the adapter alone), which resume
-    bit for bit; ``save_model`` writes an adapter that ``load_tied_lora`` reads."""
+    """``class MyTrainer(TiedLoRATrainer, OtherTrainer)`` (TRL's SFTTrainer, DPOTrainer, ... in docs/guide.md): the
+    other trainer's loss and its own ``_save`` give way to TiedLoRATrainer's checkpoints (the adapter alone), which
+    resume bit for bit; ``save_model`` writes an adapter that ``load_tied_lora`` reads."""
     pytest.importorskip("accelerate", reason="transformers' Trainer needs accelerate")
     from tied_lora_kernels.hf import TiedLoRATrainer
 

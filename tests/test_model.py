@@ -130,7 +130,7 @@ def test_tying_is_real():
 
 def test_functional_call_with_untied_weights_leaves_the_model_intact():
     # every layer of a tie group registers one TiedLoRAShared module; torch.func.functional_call's default
-    # tie_weights=True then restores the wrong tensors (pytorch#164759), so the README says tie_weights=False:
+    # tie_weights=True then restores the wrong tensors (pytorch#164759), so docs/api.md says tie_weights=False:
     # one name per tied tensor computes with it in every layer, and the model keeps its parameters
     from torch.func import functional_call
 
@@ -462,7 +462,7 @@ def test_layers_whose_weight_the_model_reads_itself_are_left_out_or_refused():
 # reads of a linear's weight that the scan below finds and that leave the adapter in use on every path a model takes
 # by default (each checked by reading the code): a dtype check beside a call (T5's family), an in-place clamp before
 # the call (Gemma-3n's prediction_coefs), a path behind a config option off by default (BLOOM's pretraining_tp,
-# the Gemma-4 assistants' use_ordered_embeddings: README, Layers a model does not call) or never taken (DeBERTa's
+# the Gemma-4 assistants' use_ordered_embeddings: docs/guide.md, Layers a model does not call) or never taken (DeBERTa's
 # z_steps is 0), the Mamba mixers' weight initialisation
 _READS_THAT_KEEP_THE_ADAPTER = {
     "BloomAttention": {"dense"},

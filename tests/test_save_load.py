@@ -739,7 +739,7 @@ def test_save_pretrained_stores_each_tied_tensor_once_and_strict_loading_takes_i
     assert len(missing) == 6  # every name of that A: 3 projections x 2 layers
 
     # safetensors' own save_model / load_model: load_model expects the names save_model left out to come back
-    # missing, which the hook fills in, so it takes strict=False on an adapted model (README)
+    # missing, which the hook fills in, so it takes strict=False on an adapted model (docs/api.md)
     safetensors_torch.save_model(model, tmp_path / "st.safetensors")
     third = apply_tied_lora(tiny_llama(seed=3), config)
     safetensors_torch.load_model(third, tmp_path / "st.safetensors", strict=False)
@@ -772,7 +772,7 @@ def test_save_pretrained_stores_each_tied_tensor_once_and_strict_loading_takes_i
 
 def test_accelerate_save_state_and_load_state_resume_an_adapted_model(tmp_path):
     """accelerate's ``save_state`` / ``load_state`` (a custom training loop's checkpoints): its default safetensors
-    files go through ``save_model`` / ``load_model``, so ``load_state`` takes ``strict=False`` (README); pickled
+    files go through ``save_model`` / ``load_model``, so ``load_state`` takes ``strict=False`` (docs/api.md); pickled
     files (``safe_serialization=False``) load strictly. Both give back the adapter and AdamW's state exactly, into
     the model's own tied parameters."""
     accelerate = pytest.importorskip("accelerate")
@@ -811,7 +811,7 @@ def test_accelerate_save_state_and_load_state_resume_an_adapted_model(tmp_path):
 def test_a_sharded_save_pretrained_loads_through_transformers(tmp_path):
     """A checkpoint in shards (save_pretrained's max_shard_size, as large models and Trainer write them) loads the
     adapter bit for bit through transformers' load_sharded_checkpoint (Trainer's resume), which lists the tied
-    tensors' other names as missing: it compares the index with the model's keys before loading (README)."""
+    tensors' other names as missing: it compares the index with the model's keys before loading (docs/guide.md)."""
     from transformers.trainer_utils import load_sharded_checkpoint
 
     config = TiedLoRAConfig(rank=4)

@@ -13,7 +13,7 @@ Zero start, for every combination of flags: a trained ``v`` starts at 0; otherwi
 trained of ``B``, ``u``, ``A`` starts at 0. A model right after ``apply_tied_lora`` computes what the
 base model computed: bit for bit on the torch path; on the triton path the adapter term is exactly zero, but the
 fused kernel's base GEMM may round differently from cuBLAS. Except in fp16 on either path, where ``u ⊙ x Aᵀ``
-past fp16's 65504 is inf and inf times the zero start NaN (README, Configurations).
+past fp16's 65504 is inf and inf times the zero start NaN (docs/backends.md, Numerics).
 """
 
 from __future__ import annotations

@@ -45,7 +45,7 @@ MIN_TRITON = (3, 4)
 """The oldest triton the kernels run on: triton 3.3 cannot compile them (it rejects their language constructs and
 has no tensor descriptors); 3.4 and 3.5 compile every config (a few spill registers) and pass the kernel tests
 under the interpreter (checked once, 2026-12-05); 3.6 (the GPU image's) and 3.9 (CI's) are checked on every change,
-zero spills included (README, Install)."""
+zero spills included (docs/testing.md, Versions tested)."""
 
 
 def interpreting() -> bool:
