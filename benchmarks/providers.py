@@ -15,9 +15,9 @@ dtype and a trainable adapter at the same rank:
 - ``triton-ptr``: the same with pointer loads forced where the default loads through TMA descriptors (16-bit
   prefill on Hopper; prefill cases only, decode never uses TMA), to measure what TMA buys;
 - ``triton-1launch``: the same with split-K partials summed inside the GEMM's launch by each tile's last K
-  slice instead of by a second launch (``configs.split_reduce``; decode cases only, prefill never splits K);
+  slice instead of by a second launch (``forcing.split_reduce``; decode cases only, prefill never splits K);
 - ``triton-intile``: the same with one-pass split-K computing its rank-R term in every output tile's programs
-  instead of apart (``configs.split_rank``: ``t`` per K slice by programs of its own, expanded by the sum
+  instead of apart (``forcing.split_rank``: ``t`` per K slice by programs of its own, expanded by the sum
   launch); decode cases only, to measure what computing ``t`` apart buys;
 - ``triton-dropout`` / ``peft-lora-dropout``: ``triton`` and ``peft-lora`` with adapter dropout ``DROPOUT``
   (the kernels draw their mask in the forward's shrink; PEFT runs ``nn.Dropout`` on ``x``), training modes only.
@@ -48,7 +48,7 @@ TRITON_FORCED = {
     "triton-1launch": dict(reduce="kernel"),
     "triton-intile": dict(split_rank="in_tile"),
 }
-"""Each fused-kernel provider and what it forces (``configs.forced``; nothing: the tables' choices)."""
+"""Each fused-kernel provider and what it forces (``forcing.forced``; nothing: the tables' choices)."""
 PREFILL_ONLY = ("triton-ptr",)
 """Providers that decode cases skip (they would run the same kernel as ``triton`` there)."""
 DECODE_ONLY = ("triton-1launch", "triton-intile")
@@ -175,13 +175,13 @@ def _build_tied(provider: str, weight: Tensor, rank: int, gen: torch.Generator) 
     dropout = DROPOUT if provider in TRAINING_ONLY else 0.0
     fn = _compiled_tied() if provider == "torch.compile" else tied_lora_linear
     if TRITON_FORCED.get(provider):
-        from tied_lora_kernels.kernels import configs
+        from tied_lora_kernels.kernels import forcing
 
         def forward(x: Tensor) -> Tensor:
             # the autograd Function keeps a forced strategy, split and loads for its backward (kernels/function.py);
             # the split-K sum and split_rank are read at each launch (triton-1launch and triton-intile run decode
             # cases, forward only)
-            with configs.forced(**TRITON_FORCED[provider]):
+            with forcing.forced(**TRITON_FORCED[provider]):
                 return fn(x, weight, None, A, B, u, v, 1.0, backend=backend)
     else:
 

@@ -28,7 +28,7 @@ from torch import nn
 from benchmarks import providers, timing
 from benchmarks.conftest import DEVICE
 from benchmarks.shapes import SHAPES
-from tied_lora_kernels.kernels import configs
+from tied_lora_kernels.kernels import forcing
 
 LAYERS = 8
 RANK = 16
@@ -36,7 +36,7 @@ SHAPE = SHAPES["llama2-7b.qkvo"] if DEVICE.type == "cuda" else SHAPES["llama2-7b
 DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
 HOST_ONLY = "triton-host"
 # the fused kernels first after the floor: a phase that runs out of time (BENCH_TIME_BUDGET_S) skips the last
-# providers. On CUDA also with the split-K partials summed inside the GEMM's launch (configs.split_reduce)
+# providers. On CUDA also with the split-K partials summed inside the GEMM's launch (forcing.split_reduce)
 FUSED = ("triton", "triton-1launch") if DEVICE.type == "cuda" else (HOST_ONLY,)
 EAGER_PROVIDERS = (providers.FLOOR, *FUSED, "torch", "peft-lora", "peft-vera")
 
@@ -123,7 +123,7 @@ def test_eager_decode(benchmark, provider: str):
     owner, layers = _stack(provider)
     x = torch.randn(1, SHAPE.K, generator=torch.Generator(device=DEVICE).manual_seed(1), device=DEVICE, dtype=DTYPE)
     benchmark.group = f"eager decode {SHAPE.name} {str(DTYPE).removeprefix('torch.')} x{LAYERS}"
-    with _no_launches() if host_only else configs.forced(**providers.TRITON_FORCED.get(provider, {})):
+    with _no_launches() if host_only else forcing.forced(**providers.TRITON_FORCED.get(provider, {})):
         how, _ = timing.run(benchmark, _step(layers, x), None, DEVICE, idle_start=True)
     if DEVICE.type == "cuda":
         torch.cuda.synchronize()  # (a fault of this case's kernels is this case's, not the next one's: warm-up)

@@ -448,7 +448,7 @@ def test_kernel_launches_record_the_strategy_split_and_sum_that_ran():
 
     from tests.conftest import DEVICE
     from tied_lora_kernels import kernels, tied_lora_linear
-    from tied_lora_kernels.kernels import configs
+    from tied_lora_kernels.kernels import forcing
 
     if DEVICE.type == "cpu" and not kernels.interpreting():
         pytest.skip("the fused kernels need a GPU or triton's interpreter")
@@ -462,7 +462,7 @@ def test_kernel_launches_record_the_strategy_split_and_sum_that_ran():
             return tied_lora_linear(x[:M], w, None, A, B, u, v, backend="triton")
 
     def launches(M, setup=None, **forced):
-        with configs.forced(**forced):
+        with forcing.forced(**forced):
             return timing.kernel_launches(lambda: call(M), setup)
 
     run = vars(JITFunction)["run"]

@@ -11,7 +11,7 @@ import torch
 from tests.conftest import DEVICE
 from tests.test_kernels_parity import make_inputs
 from tied_lora_kernels.functional import tied_lora_linear
-from tied_lora_kernels.kernels import configs, dropout
+from tied_lora_kernels.kernels import dropout, forcing
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(DEVICE.type != "cuda", reason="CUDA graphs need a GPU")]
 
@@ -22,7 +22,7 @@ def _decode_layer() -> list:
     return [params[k].detach() if params[k] is not None else None for k in ("weight", "bias", "A", "B", "u", "v")]
 
 
-@pytest.mark.parametrize("reduce", configs.SPLIT_REDUCES)
+@pytest.mark.parametrize("reduce", forcing.SPLIT_REDUCES)
 def test_cuda_graph_replays_a_split_decode_as_eager_runs_it(reduce):
     """A split-K decode forward captured in a CUDA graph (the decode benchmarks' timing, a user's graphed
     generate) computes at each replay, for the inputs copied in, what an eager launch computes: bit for bit (the
@@ -30,7 +30,7 @@ def test_cuda_graph_replays_a_split_decode_as_eager_runs_it(reduce):
     args = _decode_layer()
     inputs = [torch.randn(1, 4096, generator=torch.Generator().manual_seed(i)).to(torch.bfloat16) for i in range(3)]
     inputs = [x.to(DEVICE) for x in inputs]
-    with torch.no_grad(), configs.forced(reduce=reduce):
+    with torch.no_grad(), forcing.forced(reduce=reduce):
         want = [tied_lora_linear(x, *args, backend="triton") for x in inputs]
         x = inputs[0].clone()
         side = torch.cuda.Stream()
@@ -48,7 +48,7 @@ def test_cuda_graph_replays_a_split_decode_as_eager_runs_it(reduce):
             assert torch.equal(y, want[i]), (reduce, i)
 
 
-@pytest.mark.parametrize("reduce", configs.SPLIT_REDUCES)
+@pytest.mark.parametrize("reduce", forcing.SPLIT_REDUCES)
 def test_reduce_overhead_mode_runs_a_split_decode(reduce):
     """``torch.compile(mode="reduce-overhead")`` (CUDA graphs of the compiled graph) over a split-K decode: its
     warm-up, capture and replays run the custom op and give eager's result. The in-kernel sum's shared arrival
@@ -56,7 +56,7 @@ def test_reduce_overhead_mode_runs_a_split_decode(reduce):
     args = _decode_layer()
     torch._dynamo.reset()
     layer = torch.compile(lambda x: tied_lora_linear(x, *args, backend="triton"), mode="reduce-overhead")
-    with torch.no_grad(), configs.forced(reduce=reduce):
+    with torch.no_grad(), forcing.forced(reduce=reduce):
         for i in range(4):
             x = torch.randn(1, 4096, generator=torch.Generator().manual_seed(i)).to(torch.bfloat16).to(DEVICE)
             got = layer(x).clone()

@@ -8,8 +8,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from tests.helpers import assert_close_to_reference
-from tied_lora_kernels import TiedLoRAConfig, TiedLoRALinear, TiedLoRAShared, kernels, reference, tied_lora_linear
+from tied_lora_kernels import TiedLoRAConfig, TiedLoRALinear, TiedLoRAShared, reference, tied_lora_linear
 from tied_lora_kernels.functional import add_adapter
+from tied_lora_kernels.kernels import forcing
 
 # (u, v, A trains, B trains): the paper's configurations as they reach the functional form (u, v: False for None,
 # True for a trained vector, "frozen" for one that does not train; TL5's u and v, frozen at one, are None as LoRA's)
@@ -227,7 +228,7 @@ _HUGE = 10**5000  # more digits than Python prints (4,300): an error that printe
 
 
 def _enter_forced(**kwargs):
-    with kernels.configs.forced(**kwargs):
+    with forcing.forced(**kwargs):
         pass
 
 

@@ -69,7 +69,7 @@ DEVICE = torch.device("cpu")  # (arch_of is patched: the device only has to exis
 
 def _split_variants(cfg, variants: list[str]) -> list[str]:
     """Split-K forms: partials summed by the sum launch, or in the kernel by each tile's last slice; one-pass
-    also with the rank-R term apart (``configs.split_rank``): the GEMM and its sum launch."""
+    also with the rank-R term apart (``forcing.split_rank``): the GEMM and its sum launch."""
     out = [f"{v}-splitk{r}" for r in ("", "-reduce") for v in variants]
     if cfg.strategy == "one_pass":
         out += [f"{v}-splitk-apart{r}" for r in ("", "-sum") for v in variants]

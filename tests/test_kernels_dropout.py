@@ -18,7 +18,7 @@ from tests.helpers import assert_close_to_reference
 from tests.test_kernels_parity import DTYPES, grads_of, make_inputs
 from tied_lora_kernels import reference
 from tied_lora_kernels.functional import tied_lora_linear
-from tied_lora_kernels.kernels import configs
+from tied_lora_kernels.kernels import configs, forcing
 from tied_lora_kernels.kernels.dropout import draw_seed, new_mask
 from tied_lora_kernels.kernels.shrink import shrink
 
@@ -171,13 +171,13 @@ def test_three_d_strided_and_deterministic(deterministic):
 def test_forced_one_pass_still_drops(strategy):
     """A dropout forward runs two-pass whatever is forced (the shrink draws the mask); the backward likewise."""
     x, params = make_inputs("tl6", M=37, K=40, N=70, R=8, dtype=torch.float16)
-    with configs.forced(strategy=strategy, split_k=2):
+    with forcing.forced(strategy=strategy, split_k=2):
         check_dropout_parity(x, params, 0.3)
 
 
 def test_split_k_decode_with_in_kernel_sum():
     x, params = make_inputs("tl6", M=3, K=128, N=64, R=8, dtype=torch.bfloat16)
-    with configs.forced(split_k=4, reduce="kernel"):
+    with forcing.forced(split_k=4, reduce="kernel"):
         check_dropout_parity(x, params, 0.4)
 
 

@@ -7,7 +7,7 @@ allocations excluded). The structure these numbers pin down (backward.py, prepar
 
 - prefill forward: ``A`` cast and ``s·v ⊙ B`` folded in one launch, then the fused GEMM (two-pass: the
   shrink first); decode forward: the fused GEMM alone, plus, with K split, the sum of y's slices, which also
-  sums T's (``configs.split_rank`` "apart", the default); with "in_tile" T's slices are summed by a launch
+  sums T's (``forcing.split_rank`` "apart", the default); with "in_tile" T's slices are summed by a launch
   of their own, and when the kernel sums y's (in-tile) that launch is the only one after it;
 - backward: ``s·v ⊙ B`` (one launch), the dx GEMM (writing ``dS`` only when ``A`` trains), ``dA``'s reduction,
   and one pass over ``dy`` whose epilogue writes ``dB``, ``dv`` and ``du`` — both reductions adding into one
@@ -26,7 +26,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from benchmarks import timing
 from tests.test_kernels_parity import make_inputs
 from tied_lora_kernels.functional import tied_lora_linear
-from tied_lora_kernels.kernels import configs
+from tied_lora_kernels.kernels import forcing
 
 # operators that launch nothing: views, metadata, allocation
 _FREE = {
@@ -73,7 +73,7 @@ def _launches(
     x, params = make_inputs(preset, M=M, K=320, N=96, R=12, dtype=torch.bfloat16)
     x.requires_grad_(x_grad)
     args = [params[k] for k in ("weight", "bias", "A", "B", "u", "v")]
-    with configs.forced(strategy=strategy, split_k=split_k, reduce=reduce, split_rank=split_rank):
+    with forcing.forced(strategy=strategy, split_k=split_k, reduce=reduce, split_rank=split_rank):
         # once before counting: the in-kernel split-K sum zeroes its stream's arrival counts at its first launch
         warm = tied_lora_linear(x, *args, backend="triton", deterministic=deterministic, dropout=dropout)
         warm.backward(torch.ones_like(warm))

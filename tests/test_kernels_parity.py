@@ -29,7 +29,7 @@ import torch
 from tests.conftest import DEVICE
 from tests.helpers import assert_close_to_reference, max_error
 from tied_lora_kernels.functional import tied_lora_linear
-from tied_lora_kernels.kernels import configs
+from tied_lora_kernels.kernels import configs, forcing
 from tied_lora_kernels.kernels.backward import rank_grad
 from tied_lora_kernels.kernels.forward import fused_lora_mm
 from tied_lora_kernels.reference import tied_lora_forward
@@ -253,7 +253,7 @@ def test_non_finite_values_land_where_the_float64_reference_puts_them(config, M,
         xs = x.to(dtype or x.dtype, copy=True).requires_grad_(True)
         ps = {k: t if t is None else t.detach().to(dtype or t.dtype, copy=True).requires_grad_(t.requires_grad)
               for k, t in params.items()}  # fmt: skip
-        with configs.forced(split_k=split):
+        with forcing.forced(split_k=split):
             y = tied_lora_linear(xs, *ps.values(), 0.5, backend=backend, deterministic=deterministic)
         inputs = {"x": xs, **ps}
         return {"y": y.detach(), **grads_of(y, dy.to(y.dtype), inputs)}
@@ -277,7 +277,7 @@ def test_fp16_with_a_small_adapter_term(config, M, strategy):
     x, params = make_inputs(config, M=M, K=96, N=80, R=8, dtype=torch.float16)
     small = "v" if config == "tl6" else "B"
     params[small] = (params[small].detach() * 3e-4).requires_grad_(params[small].requires_grad)
-    with configs.forced(strategy=strategy):
+    with forcing.forced(strategy=strategy):
         check_parity(x, params, scale=1 / 128)
         # the rule's atol takes magnitudes of at least 1, which these gradients (~1e-3) are far below: here each
         # error is measured against the gradient's own largest value
@@ -464,7 +464,7 @@ def int64_case(case: str) -> None:
         "v": torch.randn(N, generator=g),
     }
     inputs = {"x": x.requires_grad_(True), **{k: t.requires_grad_(True) for k, t in params.items()}}
-    with configs.forced(**_INT64_FORCED.get(case.split("-")[-1], {})):
+    with forcing.forced(**_INT64_FORCED.get(case.split("-")[-1], {})):
         y = tied_lora_linear(x, w, None, *params.values(), 0.5, backend="triton", deterministic="det" in case)
     expected = tied_lora_forward(x, w, None, *params.values(), 0.5, upcast=True)
     baseline = tied_lora_forward(x, w, None, *params.values(), 0.5)

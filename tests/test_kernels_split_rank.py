@@ -1,4 +1,4 @@
-"""Where one-pass split-K decode computes its rank-R term (``configs.split_rank``), against the float64 reference.
+"""Where one-pass split-K decode computes its rank-R term (``forcing.split_rank``), against the float64 reference.
 
 "apart" (the default): rank programs in the GEMM's launch compute each K slice's ``t = a_s·down_s`` once, the
 other programs only the base partials ``a_s·w_s``, and the sum launch adds the partials and ``t``'s slices in
@@ -21,7 +21,7 @@ from tests.conftest import DEVICE
 from tests.helpers import GridSpy, assert_close_to_reference
 from tests.test_kernels_parity import check_parity, make_inputs
 from tied_lora_kernels.functional import tied_lora_linear
-from tied_lora_kernels.kernels import configs, forward, split_sum
+from tied_lora_kernels.kernels import configs, forcing, forward, split_sum
 from tied_lora_kernels.kernels.common import cdiv
 from tied_lora_kernels.kernels.forward import fused_lora_mm
 
@@ -40,11 +40,11 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("split_rank", configs.SPLIT_RANKS)
+@pytest.mark.parametrize("split_rank", forcing.SPLIT_RANKS)
 @pytest.mark.parametrize("M,R,dtype,split,preset", CASES, ids=str)
 def test_decode_parity(M, R, dtype, split, preset, split_rank):
     x, params = make_inputs(preset, M=M, K=300, N=140, R=R, dtype=dtype, bias=preset != "lora")
-    with configs.forced(split_k=split, split_rank=split_rank):
+    with forcing.forced(split_k=split, split_rank=split_rank):
         check_parity(x, params)
 
 
@@ -68,7 +68,7 @@ def test_rank_apart_is_the_default_and_what_it_launches(monkeypatch, R):
         for spy in (gemms, sums, rank_sums):
             spy.grids.clear()
         counted.clear()
-        with configs.forced(split_k=3, **forced):
+        with forcing.forced(split_k=3, **forced):
             y = tied_lora_linear(x, *args, backend="triton")
             y.sum().backward()
         extra = rank_programs if apart else 0
@@ -76,7 +76,7 @@ def test_rank_apart_is_the_default_and_what_it_launches(monkeypatch, R):
         assert counted == [extra, extra], forced
         assert len(rank_sums.grids) == (2 if apart else 0), forced
         assert len(sums.grids) == (0 if apart or "reduce" in forced else 2), forced
-    assert configs.DEFAULT_SPLIT_RANK == "apart"
+    assert forcing.DEFAULT_SPLIT_RANK == "apart"
 
 
 _KERNELS = (
@@ -86,7 +86,7 @@ _KERNELS = (
 )
 
 
-@pytest.mark.parametrize("split_rank", configs.SPLIT_RANKS)
+@pytest.mark.parametrize("split_rank", forcing.SPLIT_RANKS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("R", [1, 12, 64, 128])
 def test_fused_mm_decode_t_and_out(R, dtype, split_rank):
@@ -101,7 +101,7 @@ def test_fused_mm_decode_t_and_out(R, dtype, split_rank):
     a, w, bias = randn(M, K), randn(K, N, std=K**-0.5), randn(N)
     A, B = randn(R, K, dt=torch.float32, std=K**-0.5), randn(N, R, dt=torch.float32, std=R**-0.5)
     u, v = 1 + randn(R, dt=torch.float32, std=0.5), randn(N, dt=torch.float32)
-    with configs.forced(split_rank=split_rank):
+    with forcing.forced(split_rank=split_rank):
         out, t = fused_lora_mm(a, w, A.t(), B.t(), u, bias, scale=s, cscale=v, write_t=True, split_k=3)
     A_in, svB_in = A.to(dtype).double(), (B * (s * v)[:, None]).to(dtype).double()  # the operands as rounded
     t_ref = a.double() @ A_in.t()
@@ -145,28 +145,28 @@ def test_fp16_partials_beyond_its_range(R, forced):
     svB = (B * (s * v)[:, None]).t().contiguous()
     forms = {"fwd": (A.t(), B.t(), dict(scale=s, cscale=v)), "dx": (A.half().t(), svB, {})}
     for (form, (down, up, fold)), split in itertools.product(forms.items(), (1, 3)):
-        with configs.forced(strategy="one_pass", **forced):
+        with forcing.forced(strategy="one_pass", **forced):
             out, t = fused_lora_mm(a, w, down, up, u, None, **fold, write_t=True, split_k=split)
         assert_close_to_reference(t, t_ref, t_base, f"{form} t (split {split})", torch.float16)
         assert_close_to_reference(out, out_ref, out_base, f"{form} out (split {split})", torch.float16)
 
 
 def test_forcing_split_rank(monkeypatch):
-    monkeypatch.delenv(configs.SPLIT_RANK_ENV, raising=False)
-    assert configs.split_rank() == configs.DEFAULT_SPLIT_RANK == "apart"  # an estimate from bytes moved
-    monkeypatch.setenv(configs.SPLIT_RANK_ENV, "in_tile")
-    assert configs.split_rank() == "in_tile"
-    with configs.forced(split_rank="apart"):  # the context manager beats the environment
-        assert configs.split_rank() == "apart"
-        with configs.forced(split_k=2):  # None keeps the enclosing choice
-            assert configs.split_rank() == "apart"
-    with configs.forced(split_rank="auto"):  # "auto": the default, whatever the environment says
-        assert configs.split_rank() == "apart"
-    monkeypatch.setenv(configs.SPLIT_RANK_ENV, "sometimes")
+    monkeypatch.delenv(forcing.SPLIT_RANK_ENV, raising=False)
+    assert forcing.split_rank() == forcing.DEFAULT_SPLIT_RANK == "apart"  # an estimate from bytes moved
+    monkeypatch.setenv(forcing.SPLIT_RANK_ENV, "in_tile")
+    assert forcing.split_rank() == "in_tile"
+    with forcing.forced(split_rank="apart"):  # the context manager beats the environment
+        assert forcing.split_rank() == "apart"
+        with forcing.forced(split_k=2):  # None keeps the enclosing choice
+            assert forcing.split_rank() == "apart"
+    with forcing.forced(split_rank="auto"):  # "auto": the default, whatever the environment says
+        assert forcing.split_rank() == "apart"
+    monkeypatch.setenv(forcing.SPLIT_RANK_ENV, "sometimes")
     with pytest.raises(ValueError, match="TIED_LORA_SPLIT_RANK"):
-        configs.split_rank()
+        forcing.split_rank()
     with pytest.raises(ValueError, match="split_rank"):
-        configs.forced(split_rank="both").__enter__()
+        forcing.forced(split_rank="both").__enter__()
 
 
 def test_no_output_columns_still_give_t():
@@ -176,8 +176,8 @@ def test_no_output_columns_still_give_t():
     g = torch.Generator().manual_seed(0)
     a = torch.randn(3, 256, generator=g).to(torch.bfloat16).to(DEVICE)
     A = (torch.randn(16, 256, generator=g) / 16).to(DEVICE)
-    for split_rank in configs.SPLIT_RANKS:
-        with configs.forced(split_rank=split_rank):
+    for split_rank in forcing.SPLIT_RANKS:
+        with forcing.forced(split_rank=split_rank):
             out, t = fused_lora_mm(a, a.new_empty(256, 0), A.t(), a.new_empty(16, 0).float(), None, None,
                                    write_t=True, split_k=2)  # fmt: skip
         assert out.shape == (3, 0)
@@ -199,6 +199,6 @@ def test_rank_apart_only_where_its_int32_offsets_reach(monkeypatch):
         monkeypatch.setattr(module, name, spy)
     monkeypatch.setattr(split_sum, "rank_sum_fits_int32", lambda M, R, up: False)  # (a layer too big to build here)
     x, params = make_inputs("tl6", M=4, K=300, N=140, R=12, dtype=torch.bfloat16)
-    with configs.forced(split_k=3, split_rank="apart"):
+    with forcing.forced(split_k=3, split_rank="apart"):
         check_parity(x, params)
     assert not rank_sums.grids and len(sums.grids) == 2 and gemms.grids == [(3, 3), (5, 3)], (sums.grids, gemms.grids)

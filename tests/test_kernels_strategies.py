@@ -2,7 +2,7 @@
 
 ``kernels/configs.py`` picks one-pass or two-pass per shape from an (unmeasured) table and splits K at
 decode; ``test_kernels_parity.py`` runs whatever the table picks. Here each strategy is forced
-(``configs.forced``) through ``tied_lora_linear`` — forward and every gradient, every configuration, fp32,
+(``forcing.forced``) through ``tied_lora_linear`` — forward and every gradient, every configuration, fp32,
 fp16 and bf16, ragged shapes, M = 0 and 1, ranks 1, 16 and 128 — and split-K with 3 slices is forced on
 small decode shapes (K and N both cut into three slices, the last ragged, so both ``y`` and ``dx`` split). The
 kernels run in triton's interpreter without a GPU, with bf16 covered as ``test_kernels_parity.py`` explains;
@@ -24,7 +24,7 @@ from tests.conftest import DEVICE
 from tests.helpers import GridSpy, assert_close_to_reference, programs_reversed
 from tests.test_kernels_parity import CONFIGS, check_parity, grads_of, make_inputs
 from tied_lora_kernels.functional import tied_lora_linear
-from tied_lora_kernels.kernels import backward, configs, forward, function, prepare, split_sum
+from tied_lora_kernels.kernels import backward, configs, forcing, forward, function, prepare, split_sum
 from tied_lora_kernels.kernels.forward import fused_lora_mm
 from tied_lora_kernels.kernels.prepare import prepare_adapters
 from tied_lora_kernels.kernels.shrink import shrink
@@ -44,7 +44,7 @@ _CONFIG_CASES = [(c, torch.bfloat16) for c in CONFIGS] + [
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_configurations(strategy, config, dtype):
     x, params = make_inputs(config, M=37, K=40, N=70, R=8, dtype=dtype, bias=config != "lora")
-    with configs.forced(strategy=strategy):
+    with forcing.forced(strategy=strategy):
         check_parity(x, params)
 
 
@@ -64,7 +64,7 @@ SHAPES = {
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_shapes(strategy, case, dtype):
     x, params = make_inputs("tl6", dtype=dtype, **SHAPES[case])
-    with configs.forced(strategy=strategy):
+    with forcing.forced(strategy=strategy):
         check_parity(x, params)
 
 
@@ -78,7 +78,7 @@ def test_shapes(strategy, case, dtype):
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_split_k_decode(strategy, M, config, dtype):
     x, params = make_inputs(config, M=M, K=300, N=140, R=12, dtype=dtype, bias=config != "lora")
-    with configs.forced(strategy=strategy, split_k=3):
+    with forcing.forced(strategy=strategy, split_k=3):
         check_parity(x, params)
 
 
@@ -90,7 +90,7 @@ def test_forced_choice_is_applied_and_kept_for_backward(monkeypatch, strategy):
     monkeypatch.setattr(forward, "shrink", lambda *a, **k: shrinks.append(1) or shrink(*a, **k))
     x, params = make_inputs("tl6", M=4, K=300, N=140, R=12, dtype=torch.bfloat16)
     args = [params[k] for k in ("weight", "bias", "A", "B", "u", "v")]
-    with configs.forced(strategy=strategy, split_k=3):
+    with forcing.forced(strategy=strategy, split_k=3):
         y = tied_lora_linear(x, *args, backend="triton")
     y.sum().backward()  # outside the block: the backward keeps the forward's choice
     assert [g[1] for g in spy.grids] == [3, 3], spy.grids  # forward y and backward dx, both split
@@ -107,7 +107,7 @@ def test_split_k_is_deterministic(monkeypatch):
     for run in range(2):
         if run == 1 and DEVICE.type != "cuda":
             _arrivals_reversed(monkeypatch)
-        with configs.forced(split_k=3):
+        with forcing.forced(split_k=3):
             y = tied_lora_linear(x, *args, backend="triton", deterministic=True)
         dy = torch.ones_like(y)
         runs.append([y, *grads_of(y, dy, inputs).values()])
@@ -202,11 +202,11 @@ def test_decode_forward_launches_no_host_casts(monkeypatch, M):
     monkeypatch.setattr(function, "prepare_adapters", lambda *a, **k: host_folds.append(1) or real_prepare(*a, **k))
     sums = GridSpy(split_sum._sum_splits_kernel)
     monkeypatch.setattr(split_sum, "_sum_splits_kernel", sums)
-    rank_sums = GridSpy(split_sum._sum_splits_rank_kernel)  # (configs.split_rank "apart", the default)
+    rank_sums = GridSpy(split_sum._sum_splits_rank_kernel)  # (forcing.split_rank "apart", the default)
     monkeypatch.setattr(split_sum, "_sum_splits_rank_kernel", rank_sums)
     x, params = make_inputs("tl6", M=M, K=300, N=140, R=12, dtype=torch.bfloat16)
     args = [params[k] for k in ("weight", "bias", "A", "B", "u", "v")]
-    with torch.no_grad(), configs.forced(split_k=3):
+    with torch.no_grad(), forcing.forced(split_k=3):
         tied_lora_linear(x, *args, backend="triton")
     ((a, k),) = calls
     down, up = a[2], a[3]
@@ -218,7 +218,7 @@ def test_decode_forward_launches_no_host_casts(monkeypatch, M):
         assert not sums.grids and not rank_sums.grids  # prefill never splits K
 
 
-@pytest.mark.parametrize("split_rank", configs.SPLIT_RANKS)
+@pytest.mark.parametrize("split_rank", forcing.SPLIT_RANKS)
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_split_k_partials_that_cancel_are_summed_before_rounding(strategy, split_rank):
     # y = t·up with W = 0, t = x·Aᵀ cut into K slices 128 + 128 + 44 whose partials are 129.5, -128 and 0:
@@ -233,13 +233,13 @@ def test_split_k_partials_that_cancel_are_summed_before_rounding(strategy, split
     down[128:256] = -1
     w = torch.zeros(K, N, dtype=torch.bfloat16, device=DEVICE)
     up = torch.ones(1, N, dtype=torch.bfloat16, device=DEVICE)
-    with configs.forced(split_rank=split_rank):
+    with forcing.forced(split_rank=split_rank):
         out, t = fused_lora_mm(a, w, down, up, None, None, write_t=True, strategy=strategy, split_k=3)
     assert torch.equal(t, torch.full((1, 1), 1.5, device=DEVICE))
     assert torch.equal(out, torch.full((1, N), 1.5, dtype=torch.bfloat16, device=DEVICE)), out
 
 
-@pytest.mark.parametrize("split_rank", configs.SPLIT_RANKS)
+@pytest.mark.parametrize("split_rank", forcing.SPLIT_RANKS)
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_fp16_partials_beyond_its_range_that_cancel(strategy, split_rank):
     # as above in fp16, with partials 76800.5, -76800 and 1.5 (row 0) beyond fp16's 65504: every path must give
@@ -256,14 +256,14 @@ def test_fp16_partials_beyond_its_range_that_cancel(strategy, split_rank):
     down[256] = 1.5
     w = torch.zeros(K, N, dtype=torch.float16, device=DEVICE)
     up = torch.ones(1, N, dtype=torch.float16, device=DEVICE)
-    with configs.forced(split_rank=split_rank):
+    with forcing.forced(split_rank=split_rank):
         out, t = fused_lora_mm(a, w, down, up, None, None, write_t=True, strategy=strategy, split_k=3)
     assert torch.equal(t, torch.tensor([[2.0], [3.0]], device=DEVICE)), t
     expected = torch.tensor([[2.0], [3.0]], dtype=torch.float16, device=DEVICE).expand(2, N)
     assert torch.equal(out, expected), out
 
 
-@pytest.mark.parametrize("split_rank", configs.SPLIT_RANKS)
+@pytest.mark.parametrize("split_rank", forcing.SPLIT_RANKS)
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("M", [37, 5])
 def test_small_integers_are_exact(strategy, M, split_rank):
@@ -290,7 +290,7 @@ def test_small_integers_are_exact(strategy, M, split_rank):
     for name, t in (("T", T), ("dS", dS), ("y", x64 @ w64.t() + T @ B64.t()), ("dx", dy64 @ w64 + dS @ A64)):
         assert t.abs().max() + N < 256, f"test inputs too large: |{name}| reaches {t.abs().max()}"
     inputs = {"x": x, "bias": bias, "A": A, "B": B, "u": u, "v": v}
-    with configs.forced(strategy=strategy, split_k=2, split_rank=split_rank):
+    with forcing.forced(strategy=strategy, split_k=2, split_rank=split_rank):
         y = tied_lora_linear(x, weight, bias, A, B, u, v, 1.0, backend="triton")
         got = grads_of(y, dy, inputs)
     expected = tied_lora_forward(x, weight, bias, A, B, u, v, 1.0, upcast=True)
@@ -340,8 +340,8 @@ def test_every_split_k_config(arch, cfg, block_r, wide):
     dtype = _family_dtype(wide)
     R = block_r - 3 if cfg.strategy == "one_pass" else 37  # two-pass: 3 rank chunks
     inputs, (t_ref, out_ref), (t_base, out_base) = _fused_case(dtype, 9, 4 * cfg.block_k + 5, 150, R, block_r)
-    for split_rank in configs.SPLIT_RANKS if cfg.strategy == "one_pass" else ("auto",):
-        with configs.forced(split_rank=split_rank):
+    for split_rank in forcing.SPLIT_RANKS if cfg.strategy == "one_pass" else ("auto",):
+        with forcing.forced(split_rank=split_rank):
             out, t = fused_lora_mm(*inputs, write_t=True, split_k=3, config=cfg)
         assert_close_to_reference(t, t_ref, t_base, f"t ({split_rank})", dtype)
         assert_close_to_reference(out, out_ref, out_base, f"out ({split_rank})", dtype)
@@ -407,8 +407,8 @@ _REDUCE_SHAPES = {"ragged": dict(K=300, N=140), "aligned": dict(K=320, N=192)}  
 @pytest.mark.parametrize("shape", list(_REDUCE_SHAPES))
 @pytest.mark.parametrize("order", ["in_order", "reversed"])
 def test_split_k_summed_in_kernel_equals_the_sum_launch(monkeypatch, order, shape, M, strategy, dtype):
-    """configs.split_reduce "kernel": the last K slice of each output tile to finish sums the partials in the
-    GEMM's own launch, in slice order as the sum kernel does after the in-tile GEMM (configs.split_rank
+    """forcing.split_reduce "kernel": the last K slice of each output tile to finish sums the partials in the
+    GEMM's own launch, in slice order as the sum kernel does after the in-tile GEMM (forcing.split_rank
     "in_tile"; the in-kernel sum is always in-tile). Forward and every gradient (dx splits too) equal
     the launched sum's bit for bit and float64's within tolerance, the sum kernel never launches, and every
     arrival count is back at zero for the next launch; with the slices arriving in either order (interpreter).
@@ -426,9 +426,9 @@ def test_split_k_summed_in_kernel_equals_the_sum_launch(monkeypatch, order, shap
     sums = GridSpy(split_sum._sum_splits_kernel)
     monkeypatch.setattr(split_sum, "_sum_splits_kernel", sums)
     results = {}
-    for reduce in configs.SPLIT_REDUCES:
+    for reduce in forcing.SPLIT_REDUCES:
         sums.grids.clear()
-        with configs.forced(strategy=strategy, split_k=3, reduce=reduce, split_rank="in_tile"):
+        with forcing.forced(strategy=strategy, split_k=3, reduce=reduce, split_rank="in_tile"):
             y = tied_lora_linear(x, *args, 0.5, backend="triton")
             results[reduce] = (y, grads_of(y, dy, inputs))
         assert (len(sums.grids) == 0) == (reduce == "kernel"), (reduce, sums.grids)
@@ -438,7 +438,7 @@ def test_split_k_summed_in_kernel_equals_the_sum_launch(monkeypatch, order, shap
         assert torch.equal(g0[name], g1[name]), name
     assert all(int(locks.count_nonzero()) == 0 for locks in split_sum._SPLIT_LOCKS.values())
     if order == "in_order" and shape == "ragged":
-        with configs.forced(strategy=strategy, split_k=3, reduce="kernel"):
+        with forcing.forced(strategy=strategy, split_k=3, reduce="kernel"):
             check_parity(x, params)
 
 
@@ -448,7 +448,7 @@ def test_split_k_sum_falls_back_to_a_launch_past_the_counts(monkeypatch):
     args = [params[k] for k in ("weight", "bias", "A", "B", "u", "v")]
     sums = GridSpy(split_sum._sum_splits_kernel)
     monkeypatch.setattr(split_sum, "_sum_splits_kernel", sums)
-    with torch.no_grad(), configs.forced(split_k=3, reduce="kernel"):
+    with torch.no_grad(), forcing.forced(split_k=3, reduce="kernel"):
         want = tied_lora_linear(x, *args, backend="triton")
         monkeypatch.setattr(split_sum, "_SPLIT_LOCK_COUNT", 2)  # 3 tiles of 64 columns
         got = tied_lora_linear(x, *args, backend="triton")
@@ -515,7 +515,7 @@ def test_split_k_summed_in_kernel_is_stable_on_gpu():
         xs, refs = [], []
         _, params = make_inputs("tl6", M=M, K=K, N=N, R=16, dtype=torch.bfloat16)
         args = [params[k] for k in ("weight", "bias", "A", "B", "u", "v")]
-        with configs.forced(split_k=split, reduce="launch", split_rank="in_tile"):  # (as the in-kernel sum)
+        with forcing.forced(split_k=split, reduce="launch", split_rank="in_tile"):  # (as the in-kernel sum)
             for seed in range(3):
                 x = torch.randn(M, K, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16).to(DEVICE)
                 x.requires_grad_(True)
@@ -526,7 +526,7 @@ def test_split_k_summed_in_kernel_is_stable_on_gpu():
         streams = [torch.cuda.current_stream(), torch.cuda.Stream()]
         streams[1].wait_stream(streams[0])  # the inputs and parameters are ready
         got = []
-        with configs.forced(split_k=split, reduce="kernel"):
+        with forcing.forced(split_k=split, reduce="kernel"):
             for i in range(60):
                 x = xs[i % 3]
                 with torch.cuda.stream(streams[i % 2]):
@@ -546,7 +546,7 @@ def test_split_k_is_capped_where_slice_offsets_would_overflow_int32(monkeypatch)
     monkeypatch.setattr(forward, "_fused_lora_mm_kernel", gemms)
     x, params = make_inputs("tl6", M=4, K=768, N=70, R=8, dtype=torch.bfloat16)
     args = [params[k] for k in ("weight", "bias", "A", "B", "u", "v")]
-    with torch.no_grad(), configs.forced(split_k=6):
+    with torch.no_grad(), forcing.forced(split_k=6):
         tied_lora_linear(x, *args, backend="triton")
         monkeypatch.setattr(forward, "SPLIT_ELEMENTS_MAX", 3 * 4 * 70 + 1)
         got = tied_lora_linear(x, *args, backend="triton")
@@ -625,114 +625,114 @@ def test_rank_grad_token_split_follows_target_programs(monkeypatch, deterministi
 
 
 def test_forcing(monkeypatch):
-    monkeypatch.delenv(configs.STRATEGY_ENV, raising=False)
-    monkeypatch.delenv(configs.TMA_ENV, raising=False)
-    assert configs.forced_choice() == (None, None, None)
-    monkeypatch.setenv(configs.STRATEGY_ENV, "two_pass")
-    monkeypatch.setenv(configs.TMA_ENV, "0")
-    assert configs.forced_choice() == ("two_pass", None, False)
-    with configs.forced(strategy="one_pass", split_k=2, tma=True):  # the context manager beats the environment
-        assert configs.forced_choice() == ("one_pass", 2, True)
-    assert configs.forced_choice() == ("two_pass", None, False)
-    monkeypatch.setenv(configs.STRATEGY_ENV, "auto")
-    monkeypatch.setenv(configs.TMA_ENV, "auto")
-    assert configs.forced_choice() == (None, None, None)
-    monkeypatch.setenv(configs.STRATEGY_ENV, "three_pass")
+    monkeypatch.delenv(forcing.STRATEGY_ENV, raising=False)
+    monkeypatch.delenv(forcing.TMA_ENV, raising=False)
+    assert forcing.forced_choice() == (None, None, None)
+    monkeypatch.setenv(forcing.STRATEGY_ENV, "two_pass")
+    monkeypatch.setenv(forcing.TMA_ENV, "0")
+    assert forcing.forced_choice() == ("two_pass", None, False)
+    with forcing.forced(strategy="one_pass", split_k=2, tma=True):  # the context manager beats the environment
+        assert forcing.forced_choice() == ("one_pass", 2, True)
+    assert forcing.forced_choice() == ("two_pass", None, False)
+    monkeypatch.setenv(forcing.STRATEGY_ENV, "auto")
+    monkeypatch.setenv(forcing.TMA_ENV, "auto")
+    assert forcing.forced_choice() == (None, None, None)
+    monkeypatch.setenv(forcing.STRATEGY_ENV, "three_pass")
     with pytest.raises(ValueError, match="TIED_LORA_STRATEGY"):
-        configs.forced_choice()
-    monkeypatch.delenv(configs.STRATEGY_ENV)
-    monkeypatch.setenv(configs.TMA_ENV, "yes")
+        forcing.forced_choice()
+    monkeypatch.delenv(forcing.STRATEGY_ENV)
+    monkeypatch.setenv(forcing.TMA_ENV, "yes")
     with pytest.raises(ValueError, match="TIED_LORA_TMA"):
-        configs.forced_choice()
+        forcing.forced_choice()
     with pytest.raises(ValueError, match="strategy"):
-        configs.forced(strategy="fast").__enter__()
+        forcing.forced(strategy="fast").__enter__()
     with pytest.raises(TypeError, match="tma must be True, False, 'auto' or None"):
-        configs.forced(tma="on").__enter__()
+        forcing.forced(tma="on").__enter__()
     for bad in (2.5, "3", True, torch.tensor(3)):  # (each used to fail deep in a launcher, or True to mean 1)
         with pytest.raises(TypeError, match="split_k must be an int or None"):
-            configs.forced(split_k=bad).__enter__()
+            forcing.forced(split_k=bad).__enter__()
     with pytest.raises(ValueError, match="split_k must be >= 1"):
-        configs.forced(split_k=0).__enter__()
-    monkeypatch.delenv(configs.TMA_ENV)
-    with configs.forced(split_k=np.int64(3)):  # numpy's ints are ints, passed on as Python's
-        assert type(configs.forced_choice()[1]) is int
+        forcing.forced(split_k=0).__enter__()
+    monkeypatch.delenv(forcing.TMA_ENV)
+    with forcing.forced(split_k=np.int64(3)):  # numpy's ints are ints, passed on as Python's
+        assert type(forcing.forced_choice()[1]) is int
 
 
 @pytest.mark.parametrize("fast", [True, False], ids=["environ-mapping", "fallback"])
 def test_environment_reads_follow_os_environ(monkeypatch, fast):
-    # configs._getenv reads os.environ's own mapping (a dict lookup, not os.environ.get's encode and KeyError);
+    # forcing._getenv reads os.environ's own mapping (a dict lookup, not os.environ.get's encode and KeyError);
     # every change made through os.environ shows at the next read, as with os.environ.get, and so does the
     # fallback where that mapping is absent
     if fast:
-        assert configs._ENV_DATA is not None and set(configs._ENV_KEYS) == {
-            env for env, _ in configs._ENVIRONMENT.values()
+        assert forcing._ENV_DATA is not None and set(forcing._ENV_KEYS) == {
+            env for env, _ in forcing._ENVIRONMENT.values()
         }, "CPython's os.environ should take the fast path"
     else:
-        monkeypatch.setattr(configs, "_ENV_DATA", None)
-    for env, choices in configs._ENVIRONMENT.values():
+        monkeypatch.setattr(forcing, "_ENV_DATA", None)
+    for env, choices in forcing._ENVIRONMENT.values():
         monkeypatch.delenv(env, raising=False)
-        assert configs._getenv(env) is None
+        assert forcing._getenv(env) is None
         for value in ("", "auto", choices[-1], "bogus-value"):
             monkeypatch.setenv(env, value)
-            assert configs._getenv(env) == value == os.environ.get(env)
+            assert forcing._getenv(env) == value == os.environ.get(env)
         os.environ.pop(env)
-        assert configs._getenv(env) is None
-    assert configs._getenv("TIED_LORA_NOT_A_CHOICE") == os.environ.get("TIED_LORA_NOT_A_CHOICE")
+        assert forcing._getenv(env) is None
+    assert forcing._getenv("TIED_LORA_NOT_A_CHOICE") == os.environ.get("TIED_LORA_NOT_A_CHOICE")
     # os.environ replaced by another mapping (not modified in place): read from that one
-    env = next(iter(configs._ENVIRONMENT.values()))[0]
+    env = next(iter(forcing._ENVIRONMENT.values()))[0]
     monkeypatch.setattr(os, "environ", {env: "replaced"})
-    assert configs._getenv(env) == "replaced"
+    assert forcing._getenv(env) == "replaced"
 
 
 def test_forcing_auto_beats_the_environment_and_none_keeps_the_enclosing_choice(monkeypatch):
     """``forced(strategy="auto")`` means the table's default even where the environment forces another; None
     leaves a choice as it is outside the block, so a nested ``forced(split_k=...)`` keeps the outer strategy."""
-    monkeypatch.setenv(configs.STRATEGY_ENV, "two_pass")
-    monkeypatch.setenv(configs.TMA_ENV, "0")
-    monkeypatch.setenv(configs.SPLIT_REDUCE_ENV, "kernel")
-    with configs.forced(strategy="auto", tma="auto", reduce="auto"):
-        assert configs.forced_choice() == (None, None, None)
-        assert configs.split_reduce() == configs.DEFAULT_SPLIT_REDUCE
-    with configs.forced(split_k=2):  # the environment still decides what is not given
-        assert configs.forced_choice() == ("two_pass", 2, False)
-        assert configs.split_reduce() == "kernel"
-    with configs.forced(strategy="one_pass", tma=True, reduce="launch"):
-        with configs.forced(split_k=3):
-            assert configs.forced_choice() == ("one_pass", 3, True)
-            assert configs.split_reduce() == "launch"
-        with configs.forced(strategy="auto"):
-            assert configs.forced_choice() == (None, None, True)
-        assert configs.forced_choice() == ("one_pass", None, True)
-    assert configs.forced_choice() == ("two_pass", None, False)
+    monkeypatch.setenv(forcing.STRATEGY_ENV, "two_pass")
+    monkeypatch.setenv(forcing.TMA_ENV, "0")
+    monkeypatch.setenv(forcing.SPLIT_REDUCE_ENV, "kernel")
+    with forcing.forced(strategy="auto", tma="auto", reduce="auto"):
+        assert forcing.forced_choice() == (None, None, None)
+        assert forcing.split_reduce() == forcing.DEFAULT_SPLIT_REDUCE
+    with forcing.forced(split_k=2):  # the environment still decides what is not given
+        assert forcing.forced_choice() == ("two_pass", 2, False)
+        assert forcing.split_reduce() == "kernel"
+    with forcing.forced(strategy="one_pass", tma=True, reduce="launch"):
+        with forcing.forced(split_k=3):
+            assert forcing.forced_choice() == ("one_pass", 3, True)
+            assert forcing.split_reduce() == "launch"
+        with forcing.forced(strategy="auto"):
+            assert forcing.forced_choice() == (None, None, True)
+        assert forcing.forced_choice() == ("one_pass", None, True)
+    assert forcing.forced_choice() == ("two_pass", None, False)
 
 
 def test_split_reduce_choice(monkeypatch):
-    monkeypatch.delenv(configs.SPLIT_REDUCE_ENV, raising=False)
-    assert configs.split_reduce() == configs.DEFAULT_SPLIT_REDUCE == "launch"  # until a GPU has timed both
-    monkeypatch.setenv(configs.SPLIT_REDUCE_ENV, "kernel")
-    assert configs.split_reduce() == "kernel"
-    with configs.forced(reduce="launch"):  # the context manager beats the environment
-        assert configs.split_reduce() == "launch"
-    monkeypatch.setenv(configs.SPLIT_REDUCE_ENV, "auto")
-    assert configs.split_reduce() == "launch"
-    monkeypatch.setenv(configs.SPLIT_REDUCE_ENV, "atomics")
+    monkeypatch.delenv(forcing.SPLIT_REDUCE_ENV, raising=False)
+    assert forcing.split_reduce() == forcing.DEFAULT_SPLIT_REDUCE == "launch"  # until a GPU has timed both
+    monkeypatch.setenv(forcing.SPLIT_REDUCE_ENV, "kernel")
+    assert forcing.split_reduce() == "kernel"
+    with forcing.forced(reduce="launch"):  # the context manager beats the environment
+        assert forcing.split_reduce() == "launch"
+    monkeypatch.setenv(forcing.SPLIT_REDUCE_ENV, "auto")
+    assert forcing.split_reduce() == "launch"
+    monkeypatch.setenv(forcing.SPLIT_REDUCE_ENV, "atomics")
     with pytest.raises(ValueError, match="TIED_LORA_SPLIT_REDUCE"):
-        configs.split_reduce()
+        forcing.split_reduce()
     # every triton call checks it (forced_choice), not only a launch that splits K: an fp32 prefill too
     x, params = make_inputs("tl6", M=40, K=32, N=24, R=4, dtype=torch.float32)
     args = [params[k] for k in ("weight", "bias", "A", "B", "u", "v")]
     with pytest.raises(ValueError, match="TIED_LORA_SPLIT_REDUCE"):
         tied_lora_linear(x, *args, backend="triton")
-    monkeypatch.delenv(configs.SPLIT_REDUCE_ENV)
-    monkeypatch.setenv(configs.SPLIT_RANK_ENV, "both")
+    monkeypatch.delenv(forcing.SPLIT_REDUCE_ENV)
+    monkeypatch.setenv(forcing.SPLIT_RANK_ENV, "both")
     with pytest.raises(ValueError, match="TIED_LORA_SPLIT_RANK"):
         tied_lora_linear(x, *args, backend="triton")
-    monkeypatch.delenv(configs.SPLIT_RANK_ENV)
-    monkeypatch.setenv(configs.SPLIT_REDUCE_ENV, "atomics")
-    with configs.forced(reduce="kernel"):  # forcing wins over the environment, whatever it holds
-        assert configs.split_reduce() == "kernel"
+    monkeypatch.delenv(forcing.SPLIT_RANK_ENV)
+    monkeypatch.setenv(forcing.SPLIT_REDUCE_ENV, "atomics")
+    with forcing.forced(reduce="kernel"):  # forcing wins over the environment, whatever it holds
+        assert forcing.split_reduce() == "kernel"
     with pytest.raises(ValueError, match="reduce"):
-        configs.forced(reduce="atomics").__enter__()
+        forcing.forced(reduce="atomics").__enter__()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -871,7 +871,7 @@ def test_tma_policy(monkeypatch):
 def test_tma_choice_is_kept_for_backward(tma, descriptor_calls):
     x, params = make_inputs("tl6", M=40, K=64, N=48, R=8, dtype=torch.bfloat16)
     args = [params[k] for k in ("weight", "bias", "A", "B", "u", "v")]
-    with configs.forced(tma=tma):
+    with forcing.forced(tma=tma):
         y = tied_lora_linear(x, *args, backend="triton")
     y.backward(torch.randn_like(y))  # outside the block: the backward keeps the forward's choice
     assert descriptor_calls == ([True, True] if tma is None else [])  # forward y, backward dx
@@ -885,7 +885,7 @@ def test_forced_tma_leaves_decode_on_pointer_loads(descriptor_calls):
     args = [params[k] for k in ("weight", "bias", "A", "B", "u", "v")]
     cfg = configs.fused_config(4, 16, x.dtype, x.device, "one_pass")
     assert cfg.split_k and configs.split_k_for(4, 48, 128, cfg, x.device) == 1
-    with configs.forced(tma=True):
+    with forcing.forced(tma=True):
         y = tied_lora_linear(x, *args, backend="triton")
         y.backward(torch.randn_like(y))
         assert descriptor_calls == []
@@ -899,5 +899,5 @@ def test_exact_fp32_rank_tile_128_runs_in_halves(config, M, R):
     # past R masked in the second half, or in both; with and without u and v
     x, params = make_inputs(config, M=M, K=70, N=45, R=R, dtype=torch.float32, bias=config != "lora")
     assert configs.block_r_for(R) == 128
-    with configs.forced(strategy="one_pass"):
+    with forcing.forced(strategy="one_pass"):
         check_parity(x, params)

@@ -309,7 +309,7 @@ def test_opcheck():
 
 def test_forced_choice_reaches_the_custom_ops(monkeypatch):
     """A forced strategy and pointer loads (read while tracing) reach the kernels of both custom ops."""
-    from tied_lora_kernels.kernels import configs
+    from tied_lora_kernels.kernels import forcing
 
     seen = []
     real = function.fused_lora_mm
@@ -325,7 +325,7 @@ def test_forced_choice_reaches_the_custom_ops(monkeypatch):
     def f(h):
         return tied_lora_linear(h, *args, 0.5, backend="triton")
 
-    with configs.forced(strategy="two_pass", tma=False):
+    with forcing.forced(strategy="two_pass", tma=False):
         y = compiled(f, GraphRecorder())(x)
     y.backward(torch.ones_like(y))
     assert seen == [("two_pass", False)] * 2  # forward y, backward dx

@@ -16,9 +16,9 @@ first makes triton assemble them with a ptxas that does not corrupt them: ``hopp
   epilogue into ``dB``, ``dv``, ``du``);
 - ``function.py``: the ``autograd.Function`` joining them (all the math in its docstring), and the custom ops
   ``torch.compile`` and ``torch.export`` see in its place;
-- ``configs.py``: every block config and strategy a launch can pick (and how to force one:
-  ``TIED_LORA_STRATEGY``, ``TIED_LORA_TMA``, ``TIED_LORA_SPLIT_REDUCE``, ``TIED_LORA_SPLIT_RANK``,
-  ``configs.forced``);
+- ``configs.py``: every block config and strategy a launch can pick;
+- ``forcing.py``: how benchmarks, tests and the environment force a choice (``TIED_LORA_STRATEGY``,
+  ``TIED_LORA_TMA``, ``TIED_LORA_SPLIT_REDUCE``, ``TIED_LORA_SPLIT_RANK``, ``forcing.forced``);
 - ``compile_check.py``: compiles each ahead of time for the GPUs its table serves (sm_90 and sm_100; sm_80
   and sm_120) and reports registers, spills, shared memory and wgmma;
 - ``common.py``: dot precision, the interpreter's bf16 workaround, the host ``cdiv``;

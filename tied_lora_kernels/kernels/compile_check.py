@@ -24,9 +24,9 @@ stride is padded to 16 elements by ``prepare.prepare_adapters``, so it carries o
 - ``dx``: the backward ``dx = dy W + …`` (W read as stored, ``A`` the fp32 master), no bias;
 - ``fwd-splitk`` / ``dx-splitk``: the same with split-K (fp32 partial outputs), 16-bit decode configs only,
   and ``sum``: the split-K sum of the partials; ``-splitk-reduce``: split-K with the partials summed by each
-  tile's last slice in the same launch (``configs.split_reduce``: "kernel"; ``lock_ptr`` is typed int32 and
+  tile's last slice in the same launch (``forcing.split_reduce``: "kernel"; ``lock_ptr`` is typed int32 and
   ``y_ptr`` as the input in every row, where the launcher passes the output for those unused pointers);
-  ``-splitk-apart`` (one-pass configs): the rank-apart GEMM (``configs.split_rank``: "apart", the default),
+  ``-splitk-apart`` (one-pass configs): the rank-apart GEMM (``forcing.split_rank``: "apart", the default),
   base partials and per-slice ``t`` from rank programs, no bias, and ``-splitk-apart-sum`` its sum launch
   (``_sum_splits_rank_kernel`` with the GEMM's output tile: partials and ``t`` summed, the rank-R term from the
   fp32 master ``B`` (forward, with bias and ``v``) or ``A`` (dx), ``T`` stored; ``fwd-oddR``: ``t``'s and

@@ -7,7 +7,8 @@ Three kernels have tiles here: the fused GEMM (forward ``y``, backward ``dx``; `
 apart takes the GEMM's output tile, the plain split-K sum and the adapters' preparation fixed blocks of their own
 (``split_sum.py``, ``prepare.py``). Configs are picked by shape
 heuristics, not autotuned: no autotune trial can run a kernel twice into an accumulated gradient, and CPU runs
-(the interpreter) see the same choice as the GPU.
+(the interpreter) see the same choice as the GPU. Benchmarks, tests and the environment override the choices
+made here through ``forcing.py``.
 
 Each table is keyed by architecture ("sm90" / "sm80", see ``arch_of``), token regime (decode: M ≤ 16,
 prefill: larger), input width (16-bit or fp32) and the rank tile ``BLOCK_R = max(16, next_pow2(R))``, which
@@ -33,13 +34,13 @@ decode (a stream over W, where a second launch costs as much as the GEMM); two-p
 (32-wide tiles: one-pass's extra work is BLOCK_R / 32 ≥ 50 %). ``benchmarks/gpu_check.sh`` times both
 (providers ``triton-1pass`` / ``triton-2pass``); replace the table with what it measures.
 
-Decode's one-pass is not free, though, when every output tile computes its own ``t`` (``split_rank()`` "in_tile"):
-each of the ``N / BLOCK_N`` output tiles (``BLOCK_N`` = 64) recomputes its K slice's ``t``, so an fp32 master
-``A`` (read as it is, see ``function.py``) is read ``N / 64`` times, from L2 (it is 0.25-2 MB at K = 4096):
+Decode's one-pass is not free, though, when every output tile computes its own ``t`` (``forcing.split_rank()``
+"in_tile"): each of the ``N / BLOCK_N`` output tiles (``BLOCK_N`` = 64) recomputes its K slice's ``t``, so an fp32
+master ``A`` (read as it is, see ``function.py``) is read ``N / 64`` times, from L2 (it is 0.25-2 MB at K = 4096):
 ``2·BLOCK_R / BLOCK_N`` bytes of ``A`` per byte of a 16-bit ``W``, 0.5× at BLOCK_R = 16 and 2× at 64; and each
 slice's programs read their ``up`` tile (``s·v ⊙ B`` from the fp32 master ``B``) again. Against H100's
 ~3.3 TB/s HBM and roughly twice that from L2, the first probably hides behind W's read and the second
-probably does not (~1.5× W's time at r = 64). Hence the default, ``split_rank()`` "apart" (``forward.py``,
+probably does not (~1.5× W's time at r = 64). Hence the default, ``forcing.split_rank()`` "apart" (``forward.py``,
 ``RANK_APART``): when a launch sums the split-K partials, ``t`` is computed once per K slice by rank programs of
 its own in the GEMM's launch (``A`` read once in all; each reads 32 fp32 ranks per K row, as many bytes as a
 base program's 64-wide tile of ``W``) and expanded by the sum launch, which reads ``B`` once; still two
@@ -61,18 +62,11 @@ launch takes the ``-unaligned`` tiles (``_FUSED_UNALIGNED``: narrower, shallower
 ``_SHRINK_UNALIGNED``), which compile without spills with no divisibility hints at all; the tables' tiles
 spilled up to ~5 KB there.
 
-**Forcing** (benchmarks, tests): ``TIED_LORA_STRATEGY=one_pass|two_pass|auto``, ``TIED_LORA_TMA=0|1|auto``,
-``TIED_LORA_SPLIT_REDUCE=launch|kernel|auto`` and ``TIED_LORA_SPLIT_RANK=apart|in_tile|auto`` in the environment,
-or the ``forced(strategy=..., split_k=..., tma=..., reduce=..., split_rank=...)`` context manager (it beats the
-environment). The autograd Function reads the forced strategy, split and loads when its forward runs and uses
-them again in its backward (the split-K sum and ``split_rank`` are read at each launch: the first does not
-change results, the second only their rounding).
-
 **Split-K at decode** (docs/design.md §7): with M ≤ 16 the GEMM has only ``cdiv(N, BLOCK_N)`` output tiles (64
 on a 4096-wide layer against 132 SMs). ``split_k_for`` splits K until about ``target_programs`` programs run
 (at least ``_MIN_K_STEPS`` K steps each); the fp32 partials are summed afterwards in a fixed order, so the
 result is deterministic: by a second launch (the default; one-pass: with the rank-R term apart, above) or, with
-``split_reduce() == "kernel"``, by the last of each output tile's slices to finish, in the GEMM's own launch
+``forcing.split_reduce() == "kernel"``, by the last of each output tile's slices to finish, in the GEMM's own launch
 (in-tile, and bit for bit the in-tile launch's result, a launch fewer; unmeasured, like the tables). Split-K is
 used by the 16-bit decode configs only (forced values too; fp32's 32-wide decode tiles already launch 128
 programs on a 4096-wide layer).
@@ -85,13 +79,8 @@ configs a launch with and without dropout can get).
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import os
-from collections.abc import Iterator
 from dataclasses import dataclass
-from numbers import Integral
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -101,15 +90,7 @@ __all__ = [
     "BLOCK_RS",
     "DECODE_MAX_M",
     "STRATEGIES",
-    "STRATEGY_ENV",
     "TMA_MAJORS",
-    "TMA_ENV",
-    "SPLIT_REDUCES",
-    "SPLIT_REDUCE_ENV",
-    "DEFAULT_SPLIT_REDUCE",
-    "SPLIT_RANKS",
-    "SPLIT_RANK_ENV",
-    "DEFAULT_SPLIT_RANK",
     "FusedConfig",
     "ShrinkConfig",
     "RankGradConfig",
@@ -123,10 +104,6 @@ __all__ = [
     "tma_for",
     "shrink_config",
     "rank_grad_config",
-    "forced",
-    "forced_choice",
-    "split_reduce",
-    "split_rank",
     "all_fused_configs",
     "all_shrink_configs",
     "all_rank_grad_configs",
@@ -162,26 +139,10 @@ DECODE_MAX_M = 16
 """Up to this many tokens a launch uses the decode tiles (a read of W, M padded to 16)."""
 
 STRATEGIES = ("one_pass", "two_pass")
-STRATEGY_ENV = "TIED_LORA_STRATEGY"
-"""Environment variable forcing the strategy: ``one_pass``, ``two_pass`` or ``auto`` (the table; default)."""
 TMA_MAJORS = (9,)
 """Compute-capability majors whose 16-bit prefill loads through TMA: Hopper. Datacenter Blackwell has TMA too,
 but triton 3.6 lacks the driver workaround 3.9 carries for small non-dense tensors (the padded ``s·v ⊙ B``
 view is one), and nothing has been measured there."""
-TMA_ENV = "TIED_LORA_TMA"
-"""Environment variable forcing the fused GEMM's loads: ``1`` TMA where possible, ``0`` pointers, ``auto``."""
-SPLIT_REDUCES = ("launch", "kernel")
-SPLIT_REDUCE_ENV = "TIED_LORA_SPLIT_REDUCE"
-"""Environment variable choosing who sums split-K partials: ``launch``, ``kernel`` or ``auto`` (``split_reduce``)."""
-DEFAULT_SPLIT_REDUCE = "launch"
-"""Split-K partials are summed by a second launch unless forced: the in-kernel sum is unmeasured (``split_reduce``)."""
-SPLIT_RANKS = ("apart", "in_tile")
-SPLIT_RANK_ENV = "TIED_LORA_SPLIT_RANK"
-"""Environment variable choosing where one-pass split-K computes the rank-R term: ``apart``, ``in_tile`` or
-``auto`` (``split_rank``)."""
-DEFAULT_SPLIT_RANK = "apart"
-"""One-pass split-K summed by a launch computes ``t`` apart unless forced: estimated from bytes moved
-(``split_rank``)."""
 
 
 @dataclass(frozen=True)
@@ -463,145 +424,15 @@ def regime_of(M: int) -> str:
     return "decode" if M <= DECODE_MAX_M else "prefill"
 
 
-# ---------------------------------------------------------------------------------------------------------
-# forcing a strategy, a split or the loads (benchmarks, tests)
-
-_FORCED: dict[str, Any] = {"strategy": None, "split_k": None, "tma": None, "reduce": None, "split_rank": None}
-
-
 def _check_choice(value: str | None, choices: tuple[str, ...], what: str) -> str | None:
     """``value`` when it is one of ``choices``, None for "auto" or unset (the default decides), else an error naming
-    ``what`` (an argument or an environment variable)."""
+    ``what`` (an argument or an environment variable): ``strategy_for``'s ``forced`` and everything ``forcing.py``
+    is given."""
     if value in (None, "", "auto"):
         return None
     if value not in choices:
         raise ValueError(f"{what} must be one of {choices} or 'auto', got {value!r}")
     return value
-
-
-@contextlib.contextmanager
-def forced(
-    strategy: str | None = None,
-    split_k: int | None = None,
-    tma: bool | str | None = None,
-    reduce: str | None = None,
-    split_rank: str | None = None,
-) -> Iterator[None]:
-    """Within the block, launches use ``strategy`` ("one_pass" / "two_pass"), in 16-bit decode at most ``split_k`` K
-    slices (at most ``GRID_Y_MAX``; fewer where slices of whole ``BLOCK_K`` steps need fewer; ignored elsewhere), TMA
-    loads where ``tma`` is True and they can run (False: pointer loads), split-K partials summed by ``reduce`` ("launch"
-    / "kernel") and one-pass split-K's rank-R term computed ``split_rank`` ("apart" / "in_tile"). ``"auto"``
-    (``strategy``, ``tma``, ``reduce``, ``split_rank``) means the tables' default, whatever the environment or an
-    enclosing ``forced`` says; None leaves that choice as it is outside the block (an enclosing ``forced``, else the
-    environment, else the default; ``split_k``: ``split_k_for``'s choice). Not thread-safe."""
-    given: dict[str, object] = {}
-    if strategy is not None:
-        given["strategy"] = _check_choice(strategy, STRATEGIES, "strategy") or _AUTO
-    if split_k is not None:
-        if isinstance(split_k, bool) or not isinstance(split_k, Integral):  # (numpy's ints are Integral)
-            raise TypeError(f"split_k must be an int or None, got {split_k!r}")
-        if split_k < 1:
-            from tied_lora_kernels.functional import shown
-
-            raise ValueError(f"split_k must be >= 1, got {shown(split_k)}")
-        given["split_k"] = int(split_k)
-    if tma is not None:
-        if not isinstance(tma, bool) and tma != _AUTO:
-            raise TypeError(f"tma must be True, False, 'auto' or None, got {tma!r}")
-        given["tma"] = tma
-    if reduce is not None:
-        given["reduce"] = _check_choice(reduce, SPLIT_REDUCES, "reduce") or _AUTO
-    if split_rank is not None:
-        given["split_rank"] = _check_choice(split_rank, SPLIT_RANKS, "split_rank") or _AUTO
-    saved = dict(_FORCED)
-    _FORCED.update(given)
-    try:
-        yield
-    finally:
-        _FORCED.update(saved)
-
-
-_AUTO = "auto"
-"""What ``forced`` records for an explicit "auto": the default, beating the environment."""
-
-
-_ENVIRONMENT = {
-    "strategy": (STRATEGY_ENV, STRATEGIES),
-    "tma": (TMA_ENV, ("0", "1")),
-    "reduce": (SPLIT_REDUCE_ENV, SPLIT_REDUCES),
-    "split_rank": (SPLIT_RANK_ENV, SPLIT_RANKS),
-}
-"""Each forcible choice's environment variable and the values it takes (besides "auto")."""
-
-
-def _forced_or_env(name: str) -> Any:
-    """A choice forced now (None for a forced "auto"), else its environment variable's value (None: unset or
-    "auto")."""
-    value = _FORCED[name]
-    if value is None:
-        env, choices = _ENVIRONMENT[name]
-        return _check_choice(_getenv(env), choices, env)
-    return None if value == _AUTO else value
-
-
-def _getenv(name: str) -> str | None:
-    """``os.environ.get(name)`` at a dict lookup's cost: ``os.environ`` encodes the key and raises and catches a
-    KeyError for an unset variable, about a microsecond a read, and a decode step reads up to six (a tenth of
-    the library's host time there). Reads the mapping ``os.environ`` keeps in step with every change made
-    through it (``os.environ[...] = ``, ``setenv`` in tests), with ``os.environ.get`` as the fallback where
-    that mapping is not there (it is CPython's, ``os._Environ``) or ``os.environ`` was replaced. (A mock of
-    ``os.environ.get`` itself is not seen; ``mock.patch.dict(os.environ, ...)`` is.)"""
-    key = _ENV_KEYS.get(name)
-    if key is None or _ENV_DATA is None or os.environ is not _ENVIRON:
-        return os.environ.get(name)
-    raw = _ENV_DATA.get(key)
-    return None if raw is None else _ENVIRON.decodevalue(raw)  # type: ignore[attr-defined]
-
-
-_ENVIRON = os.environ
-_ENV_DATA: dict | None = getattr(os.environ, "_data", None)
-_ENV_KEYS = (
-    {env: os.environ.encodekey(env) for env, _ in _ENVIRONMENT.values()}  # type: ignore[attr-defined]
-    if _ENV_DATA is not None and hasattr(os.environ, "encodekey") and hasattr(os.environ, "decodevalue")
-    else {}
-)
-
-
-def forced_choice() -> tuple[str | None, int | None, bool | None]:
-    """``(strategy, split_k, tma)`` forced now, None where the tables decide: ``forced()`` beats the environment
-    (``TIED_LORA_STRATEGY``, ``TIED_LORA_TMA``). Also checks the split-K settings (``split_reduce``,
-    ``split_rank``, read only by a launch that splits K), so that a bad value in the environment fails every
-    triton call, not only a 16-bit decode."""
-    for checked_only in ("reduce", "split_rank"):
-        _forced_or_env(checked_only)
-    tma = _forced_or_env("tma")
-    return _forced_or_env("strategy"), _FORCED["split_k"], tma == "1" if isinstance(tma, str) else tma
-
-
-def split_reduce() -> str:
-    """Who sums the fused GEMM's split-K partials (decode): ``"launch"``, a second kernel over the partials, or
-    ``"kernel"``, the last of each output tile's K slices to finish (an arrival count per tile), in the GEMM's
-    own launch. Both add the partials in slice order, so their results are equal bit for bit; "kernel" saves
-    a launch per decode GEMM. ``forced(reduce=...)``, else ``TIED_LORA_SPLIT_REDUCE``, else
-    ``DEFAULT_SPLIT_REDUCE``: "launch" until a GPU has timed both (provider ``triton-1launch``) and run the
-    in-kernel sum's GPU tests. Read at every launch (forward and backward each read it when they run; under
-    ``torch.compile``, when the compiled graph runs), which is safe since the results do not depend on it."""
-    return _forced_or_env("reduce") or DEFAULT_SPLIT_REDUCE
-
-
-def split_rank() -> str:
-    """Where one-pass split-K (decode) computes its rank-R term when a second launch sums the partials
-    (``split_reduce() == "launch"``; the in-kernel sum always has it in the tiles): ``"apart"``, ``t`` computed
-    once per K slice by programs of their own in the GEMM's launch and expanded by the sum launch, which reads
-    ``down`` and ``up`` once; or ``"in_tile"``, each output tile's programs computing their slice's ``t`` and
-    expanding it (``down`` read once per column tile, ``up`` once per slice). The two round differently (apart
-    rounds the complete ``t`` once, as an unsplit launch does; in-tile each slice's ``t`` as a hi + lo pair),
-    so their results are close, not equal. ``forced(split_rank=...)``, else ``TIED_LORA_SPLIT_RANK``, else
-    ``DEFAULT_SPLIT_RANK``: "apart", an estimate from bytes moved (module docstring), unmeasured. "apart" holds
-    only where the sum launch's int32 offsets reach ``t`` and ``up`` (``split_sum.rank_sum_fits_int32``; past
-    2³¹ elements the launch keeps the rank-R term in the tiles). Read at every launch, like ``split_reduce``:
-    forward and backward each read it when they run."""
-    return _forced_or_env("split_rank") or DEFAULT_SPLIT_RANK
 
 
 # ---------------------------------------------------------------------------------------------------------

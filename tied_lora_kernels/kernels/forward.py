@@ -28,13 +28,13 @@ Each program owns one ``[BLOCK_M, BLOCK_N]`` tile of ``out``. Two strategies (``
 
 Split-K (``SPLIT_K``, decode): a second grid axis cuts K into slices; each program stores its fp32 partial
 of ``out`` (and, one-pass, of ``t``) in a ``[SPLIT, ...]`` workspace, summed afterwards in a fixed order: by
-``split_sum.sum_splits``, or (``REDUCE``, ``configs.split_reduce``) by the last of each output tile's slices to
+``split_sum.sum_splits``, or (``REDUCE``, ``forcing.split_reduce``) by the last of each output tile's slices to
 arrive at its count, in the same launch and the same order.
 Everything is linear in the K partials (``Σ_k (t_k ⊙ rscale)·up = (t ⊙ rscale)·up``); the bias (and the
 two-pass rank-R term) goes into slice 0 only. One-pass split-K passes each slice's partial ``t_k`` to the rank-R
 dot as a hi + lo pair (``T_HI_LO``): rounding each ``t_k`` once before the sum would lose what cancels.
 
-Rank apart (``RANK_APART``, one-pass split-K summed by a launch; ``configs.split_rank``, the default): each K
+Rank apart (``RANK_APART``, one-pass split-K summed by a launch; ``forcing.split_rank``, the default): each K
 slice's first ``cdiv(M, BLOCK_M)·cdiv(R, BLOCK_TR)`` programs are rank programs, which compute that slice's
 ``t_k = a_k·down_k`` alone and store it in fp32 (``[SPLIT, M, R]``); the others run the plain K loop and store
 base partials. ``down`` is then read once per launch instead of once per column tile, and ``up`` once (by
@@ -62,7 +62,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import configs, split_sum
+from . import configs, forcing, split_sum
 from .common import FP_FUSION, as_operand, cdiv, dot_precision, to_operand, upcast_bf16
 from .dropout import DropoutMask, load_keep
 from .rank_terms import _add_rank_update
@@ -381,8 +381,8 @@ def fused_lora_mm(
     Adapter dropout (``dropout.py``; either makes the launch two-pass, whatever is forced): ``drop_a``, the
     forward's, has the shrink draw its mask over ``a`` and compute ``t = c · (m ⊙ a)·down``; ``drop_update``,
     dx's, masks the rank-R term per output entry with a mask drawn before.
-    Launches one kernel (two-pass: two; split-K: plus the sum of the slices, unless ``configs.split_reduce``
-    has the kernel sum them; one-pass split-K with ``configs.split_rank`` "apart", the default, computes ``t``
+    Launches one kernel (two-pass: two; split-K: plus the sum of the slices, unless ``forcing.split_reduce``
+    has the kernel sum them; one-pass split-K with ``forcing.split_rank`` "apart", the default, computes ``t``
     apart and has the sum add the rank-R term, where that sum's int32 offsets fit: ``split_sum.rank_sum_fits_int32``).
     """
     a, w = configs.narrow_k_steps(a), configs.narrow_k_steps(w, k_dim=0)
@@ -406,15 +406,15 @@ def fused_lora_mm(
             return out, (a.new_empty(0, R, dtype=torch.float32) if write_t else None)
         return out, shrink(a, down if down.dtype == a.dtype else down.to(a.dtype))
 
-    # split-K partials summed by the GEMM's own programs (configs.split_reduce: "kernel") into y, or by a second
-    # launch (also when the tiles outnumber the arrival counts). Rank apart (configs.split_rank): one-pass
+    # split-K partials summed by the GEMM's own programs (forcing.split_reduce: "kernel") into y, or by a second
+    # launch (also when the tiles outnumber the arrival counts). Rank apart (forcing.split_rank): one-pass
     # split-K summed by a launch has t computed once per K slice by rank programs of its own, and the rank-R
     # term, with the bias, added by the sum launch (not where the in-kernel sum falls back to a launch: that one
     # gives the in-kernel sum's result)
     sums_in_kernel = apart_if_split = False  # (both settings read only by the configs that may split K)
     if cfg.split_k:
-        sums_in_kernel = configs.split_reduce() == "kernel"
-        apart_if_split = not (two_pass or sums_in_kernel) and configs.split_rank() == "apart"
+        sums_in_kernel = forcing.split_reduce() == "kernel"
+        apart_if_split = not (two_pass or sums_in_kernel) and forcing.split_rank() == "apart"
         # (else in the tiles, with int64 offsets)
         apart_if_split = apart_if_split and split_sum.rank_sum_fits_int32(M, R, up)
     block_tr = min(block_r, RANK_APART_BLOCK_R)

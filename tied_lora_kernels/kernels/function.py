@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import configs
+from . import configs, forcing
 from .backward import rank_grad, rank_grad_numel
 from .dropout import DropoutMask, draw_seed, new_mask
 from .forward import fused_lora_mm
@@ -52,7 +52,7 @@ def tied_lora_linear_triton(
     if not torch.is_grad_enabled():
         # no backward can follow (inference, generate): the kernels alone, without an autograd node, which
         # costs as much host time as the whole launch path of a decode step
-        strategy, split_k, tma = configs.forced_choice()
+        strategy, split_k, tma = forcing.forced_choice()
         y, _, _ = forward_impl(
             x2d, weight, bias, A, B, u, v, float(scale), keep_t=False, dropout=dropout, keep_mask=False,
             strategy=strategy, split_k=split_k, tma=tma,
@@ -242,9 +242,9 @@ class TiedLoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, A, B, u, v, scale, deterministic, dropout):
         needs_x, needs_w, _, needs_a, needs_b, needs_u, needs_v = ctx.needs_input_grad[:7]
-        # a forced strategy / split / load (configs.forced, TIED_LORA_STRATEGY, TIED_LORA_TMA) holds for the
+        # a forced strategy / split / load (forcing.forced, TIED_LORA_STRATEGY, TIED_LORA_TMA) holds for the
         # backward too
-        strategy, split_k, tma = configs.forced_choice()
+        strategy, split_k, tma = forcing.forced_choice()
         # (applied with grad enabled only: tied_lora_linear_triton runs the kernels alone under no_grad)
         keep_t = needs_b or needs_u or needs_v
         forced = dict(strategy=strategy, split_k=split_k, tma=tma)
@@ -297,7 +297,7 @@ class TiedLoRALinearFunction(torch.autograd.Function):
 
 
 def _compiled_forward(x, weight, bias, A, B, u, v, scale, deterministic, dropout):
-    strategy, split_k, tma = configs.forced_choice()
+    strategy, split_k, tma = forcing.forced_choice()
     grad = torch.is_grad_enabled()
     keep_t = grad and any(t is not None and t.requires_grad for t in (B, u, v))
     save_x = grad and (A.requires_grad or weight.requires_grad)

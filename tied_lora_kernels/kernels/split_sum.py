@@ -3,11 +3,11 @@ each storing its fp32 partial of ``out`` (and, one-pass, of ``t``) in a ``[SPLIT
 a fixed order, slice 0 first, so the result does not depend on which slice finished first (deterministic).
 
 - ``sum_splits``: ``out = Σ_s part[s]``, rounded once (``_sum_splits_kernel``).
-- ``sum_splits_rank`` (``RANK_APART``, ``configs.split_rank`` "apart"): per output tile, the base partials and
+- ``sum_splits_rank`` (``RANK_APART``, ``forcing.split_rank`` "apart"): per output tile, the base partials and
   ``t``'s slices summed, then ``(t ⊙ rscale)·(up ⊙ scale·cscale)`` and the bias added (``_sum_splits_rank_kernel``),
   so that ``up`` is read once per launch, not once per slice; it also writes ``T`` for the backward.
 - ``split_locks``: the arrival counts with which the GEMM's own programs sum the slices instead (``REDUCE``,
-  ``configs.split_reduce`` "kernel"; the last slice of each output tile to arrive sums them in the same order).
+  ``forcing.split_reduce`` "kernel"; the last slice of each output tile to arrive sums them in the same order).
 """
 
 from __future__ import annotations
