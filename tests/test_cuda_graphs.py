@@ -11,7 +11,7 @@ import torch
 from tests.conftest import DEVICE
 from tests.test_kernels_parity import make_inputs
 from tied_lora_kernels.functional import tied_lora_linear
-from tied_lora_kernels.kernels import dropout, forcing
+from tied_lora_kernels.kernels import configs, dropout, forcing
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(DEVICE.type != "cuda", reason="CUDA graphs need a GPU")]
 
@@ -22,7 +22,7 @@ def _decode_layer() -> list:
     return [params[k].detach() if params[k] is not None else None for k in ("weight", "bias", "A", "B", "u", "v")]
 
 
-@pytest.mark.parametrize("reduce", forcing.SPLIT_REDUCES)
+@pytest.mark.parametrize("reduce", configs.SPLIT_REDUCES)
 def test_cuda_graph_replays_a_split_decode_as_eager_runs_it(reduce):
     """A split-K decode forward captured in a CUDA graph (the decode benchmarks' timing, a user's graphed
     generate) computes at each replay, for the inputs copied in, what an eager launch computes: bit for bit (the
@@ -48,7 +48,7 @@ def test_cuda_graph_replays_a_split_decode_as_eager_runs_it(reduce):
             assert torch.equal(y, want[i]), (reduce, i)
 
 
-@pytest.mark.parametrize("reduce", forcing.SPLIT_REDUCES)
+@pytest.mark.parametrize("reduce", configs.SPLIT_REDUCES)
 def test_reduce_overhead_mode_runs_a_split_decode(reduce):
     """``torch.compile(mode="reduce-overhead")`` (CUDA graphs of the compiled graph) over a split-K decode: its
     warm-up, capture and replays run the custom op and give eager's result. The in-kernel sum's shared arrival

@@ -40,7 +40,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("split_rank", forcing.SPLIT_RANKS)
+@pytest.mark.parametrize("split_rank", configs.SPLIT_RANKS)
 @pytest.mark.parametrize("M,R,dtype,split,preset", CASES, ids=str)
 def test_decode_parity(M, R, dtype, split, preset, split_rank):
     x, params = make_inputs(preset, M=M, K=300, N=140, R=R, dtype=dtype, bias=preset != "lora")
@@ -76,7 +76,7 @@ def test_rank_apart_is_the_default_and_what_it_launches(monkeypatch, R):
         assert counted == [extra, extra], forced
         assert len(rank_sums.grids) == (2 if apart else 0), forced
         assert len(sums.grids) == (0 if apart or "reduce" in forced else 2), forced
-    assert forcing.DEFAULT_SPLIT_RANK == "apart"
+    assert configs.DEFAULT_SPLIT_RANK == "apart"
 
 
 _KERNELS = (
@@ -86,7 +86,7 @@ _KERNELS = (
 )
 
 
-@pytest.mark.parametrize("split_rank", forcing.SPLIT_RANKS)
+@pytest.mark.parametrize("split_rank", configs.SPLIT_RANKS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("R", [1, 12, 64, 128])
 def test_fused_mm_decode_t_and_out(R, dtype, split_rank):
@@ -153,7 +153,7 @@ def test_fp16_partials_beyond_its_range(R, forced):
 
 def test_forcing_split_rank(monkeypatch):
     monkeypatch.delenv(forcing.SPLIT_RANK_ENV, raising=False)
-    assert forcing.split_rank() == forcing.DEFAULT_SPLIT_RANK == "apart"  # an estimate from bytes moved
+    assert forcing.split_rank() == configs.DEFAULT_SPLIT_RANK == "apart"  # an estimate from bytes moved
     monkeypatch.setenv(forcing.SPLIT_RANK_ENV, "in_tile")
     assert forcing.split_rank() == "in_tile"
     with forcing.forced(split_rank="apart"):  # the context manager beats the environment
@@ -176,7 +176,7 @@ def test_no_output_columns_still_give_t():
     g = torch.Generator().manual_seed(0)
     a = torch.randn(3, 256, generator=g).to(torch.bfloat16).to(DEVICE)
     A = (torch.randn(16, 256, generator=g) / 16).to(DEVICE)
-    for split_rank in forcing.SPLIT_RANKS:
+    for split_rank in configs.SPLIT_RANKS:
         with forcing.forced(split_rank=split_rank):
             out, t = fused_lora_mm(a, a.new_empty(256, 0), A.t(), a.new_empty(16, 0).float(), None, None,
                                    write_t=True, split_k=2)  # fmt: skip

@@ -218,7 +218,7 @@ def test_decode_forward_launches_no_host_casts(monkeypatch, M):
         assert not sums.grids and not rank_sums.grids  # prefill never splits K
 
 
-@pytest.mark.parametrize("split_rank", forcing.SPLIT_RANKS)
+@pytest.mark.parametrize("split_rank", configs.SPLIT_RANKS)
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_split_k_partials_that_cancel_are_summed_before_rounding(strategy, split_rank):
     # y = t·up with W = 0, t = x·Aᵀ cut into K slices 128 + 128 + 44 whose partials are 129.5, -128 and 0:
@@ -239,7 +239,7 @@ def test_split_k_partials_that_cancel_are_summed_before_rounding(strategy, split
     assert torch.equal(out, torch.full((1, N), 1.5, dtype=torch.bfloat16, device=DEVICE)), out
 
 
-@pytest.mark.parametrize("split_rank", forcing.SPLIT_RANKS)
+@pytest.mark.parametrize("split_rank", configs.SPLIT_RANKS)
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_fp16_partials_beyond_its_range_that_cancel(strategy, split_rank):
     # as above in fp16, with partials 76800.5, -76800 and 1.5 (row 0) beyond fp16's 65504: every path must give
@@ -263,7 +263,7 @@ def test_fp16_partials_beyond_its_range_that_cancel(strategy, split_rank):
     assert torch.equal(out, expected), out
 
 
-@pytest.mark.parametrize("split_rank", forcing.SPLIT_RANKS)
+@pytest.mark.parametrize("split_rank", configs.SPLIT_RANKS)
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("M", [37, 5])
 def test_small_integers_are_exact(strategy, M, split_rank):
@@ -340,7 +340,7 @@ def test_every_split_k_config(arch, cfg, block_r, wide):
     dtype = _family_dtype(wide)
     R = block_r - 3 if cfg.strategy == "one_pass" else 37  # two-pass: 3 rank chunks
     inputs, (t_ref, out_ref), (t_base, out_base) = _fused_case(dtype, 9, 4 * cfg.block_k + 5, 150, R, block_r)
-    for split_rank in forcing.SPLIT_RANKS if cfg.strategy == "one_pass" else ("auto",):
+    for split_rank in configs.SPLIT_RANKS if cfg.strategy == "one_pass" else ("auto",):
         with forcing.forced(split_rank=split_rank):
             out, t = fused_lora_mm(*inputs, write_t=True, split_k=3, config=cfg)
         assert_close_to_reference(t, t_ref, t_base, f"t ({split_rank})", dtype)
@@ -426,7 +426,7 @@ def test_split_k_summed_in_kernel_equals_the_sum_launch(monkeypatch, order, shap
     sums = GridSpy(split_sum._sum_splits_kernel)
     monkeypatch.setattr(split_sum, "_sum_splits_kernel", sums)
     results = {}
-    for reduce in forcing.SPLIT_REDUCES:
+    for reduce in configs.SPLIT_REDUCES:
         sums.grids.clear()
         with forcing.forced(strategy=strategy, split_k=3, reduce=reduce, split_rank="in_tile"):
             y = tied_lora_linear(x, *args, 0.5, backend="triton")
@@ -692,7 +692,7 @@ def test_forcing_auto_beats_the_environment_and_none_keeps_the_enclosing_choice(
     monkeypatch.setenv(forcing.SPLIT_REDUCE_ENV, "kernel")
     with forcing.forced(strategy="auto", tma="auto", reduce="auto"):
         assert forcing.forced_choice() == (None, None, None)
-        assert forcing.split_reduce() == forcing.DEFAULT_SPLIT_REDUCE
+        assert forcing.split_reduce() == configs.DEFAULT_SPLIT_REDUCE
     with forcing.forced(split_k=2):  # the environment still decides what is not given
         assert forcing.forced_choice() == ("two_pass", 2, False)
         assert forcing.split_reduce() == "kernel"
@@ -708,7 +708,7 @@ def test_forcing_auto_beats_the_environment_and_none_keeps_the_enclosing_choice(
 
 def test_split_reduce_choice(monkeypatch):
     monkeypatch.delenv(forcing.SPLIT_REDUCE_ENV, raising=False)
-    assert forcing.split_reduce() == forcing.DEFAULT_SPLIT_REDUCE == "launch"  # until a GPU has timed both
+    assert forcing.split_reduce() == configs.DEFAULT_SPLIT_REDUCE == "launch"  # until a GPU has timed both
     monkeypatch.setenv(forcing.SPLIT_REDUCE_ENV, "kernel")
     assert forcing.split_reduce() == "kernel"
     with forcing.forced(reduce="launch"):  # the context manager beats the environment

@@ -1,7 +1,7 @@
 """The benchmark report's tables, from the records ``bench.load`` flattens (one per benchmark: its ``extra_info`` and
 statistics): per shape and mode each provider's time, throughput and ratio to ``nn.Linear`` (the floor), the
 end-to-end and eager tables, the summary, the memory kept for backward, issue 3's speed targets (``target_rows``)
-and what the forced-choice providers say about the defaults of ``configs.py`` and ``forcing.py`` (``choice_rows``).
+and what the forced-choice providers say about the defaults in ``configs.py`` (``choice_rows``).
 ``bench.py`` runs the suite, reads its JSON and prints or writes these.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 
-from .kernels import configs, forcing
+from .kernels import configs
 from .kernels.configs import DECODE_MAX_M
 
 __all__ = ["summary_rows", "target_rows", "choice_rows", "plan_rows"]
@@ -347,7 +347,7 @@ _FORCED_PROVIDERS = ("triton", "triton-1pass", "triton-2pass", "triton-ptr", "tr
 
 
 def choice_rows(records, stat="median"):
-    """What the forced-choice providers say about the defaults (``configs.py``, ``forcing.py``), per dtype, regime, rank
+    """What the forced-choice providers say about the defaults (``configs.py``), per dtype, regime, rank
     tile and mode: two-pass over one-pass time (below 1: two-pass wins) beside the strategy the sm90 table picks, the
     default (TMA loads on Hopper's 16-bit prefill) over pointer loads (below 1: TMA wins), and split-K partials summed
     in the GEMM's launch, which computes the rank-R term in every output tile, over the default (a second launch, the
@@ -356,7 +356,7 @@ def choice_rows(records, stat="median"):
     default, ``forcing.split_rank``) over in every output tile (``triton-intile``; below 1: apart wins). Each cell is
     one shape, M and rank (ranks 8 and 16 share a rank tile). The last column names each default the row's times
     contradict by more than ``_NOISE`` (what to change: ``configs._STRATEGY``, ``configs.TMA_MAJORS``,
-    ``forcing.DEFAULT_SPLIT_REDUCE``, ``forcing.DEFAULT_SPLIT_RANK``), "-" when none. A pair is left out of a column
+    ``configs.DEFAULT_SPLIT_REDUCE``, ``configs.DEFAULT_SPLIT_RANK``), "-" when none. A pair is left out of a column
     (and counted in "cases") when its recorded launches (``launches``, ``_ran``) show that a side did not run what the
     column compares: the default's prefill without TMA loads (an operand TMA cannot describe), a decode that split no K
     (nothing to sum in the kernel or to compute apart)."""
@@ -431,9 +431,9 @@ def _contradicted(passes, picks, loads, sums, apart) -> list[str]:
             out.append(won)
     if loads is not None and loads > _NOISE:  # the default's loads (TMA on Hopper's 16-bit prefill) lost
         out.append("pointer loads")
-    if sums is not None and sums < 1 / _NOISE and forcing.DEFAULT_SPLIT_REDUCE == "launch":
+    if sums is not None and sums < 1 / _NOISE and configs.DEFAULT_SPLIT_REDUCE == "launch":
         out.append("reduce=kernel")
-    if apart is not None and apart > _NOISE and forcing.DEFAULT_SPLIT_RANK == "apart":
+    if apart is not None and apart > _NOISE and configs.DEFAULT_SPLIT_RANK == "apart":
         out.append("split_rank=in_tile")
     return out
 

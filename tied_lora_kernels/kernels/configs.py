@@ -91,6 +91,10 @@ __all__ = [
     "DECODE_MAX_M",
     "STRATEGIES",
     "TMA_MAJORS",
+    "SPLIT_REDUCES",
+    "DEFAULT_SPLIT_REDUCE",
+    "SPLIT_RANKS",
+    "DEFAULT_SPLIT_RANK",
     "FusedConfig",
     "ShrinkConfig",
     "RankGradConfig",
@@ -143,6 +147,14 @@ TMA_MAJORS = (9,)
 """Compute-capability majors whose 16-bit prefill loads through TMA: Hopper. Datacenter Blackwell has TMA too,
 but triton 3.6 lacks the driver workaround 3.9 carries for small non-dense tensors (the padded ``s·v ⊙ B``
 view is one), and nothing has been measured there."""
+SPLIT_REDUCES = ("launch", "kernel")
+DEFAULT_SPLIT_REDUCE = "launch"
+"""Split-K partials are summed by a second launch unless forced: the in-kernel sum is unmeasured
+(``forcing.split_reduce``)."""
+SPLIT_RANKS = ("apart", "in_tile")
+DEFAULT_SPLIT_RANK = "apart"
+"""One-pass split-K summed by a launch computes ``t`` apart unless forced: estimated from bytes moved
+(``forcing.split_rank``)."""
 
 
 @dataclass(frozen=True)

@@ -17,17 +17,13 @@ from collections.abc import Iterator
 from numbers import Integral
 from typing import Any
 
-from .configs import STRATEGIES, _check_choice
+from .configs import DEFAULT_SPLIT_RANK, DEFAULT_SPLIT_REDUCE, SPLIT_RANKS, SPLIT_REDUCES, STRATEGIES, _check_choice
 
 __all__ = [
     "STRATEGY_ENV",
     "TMA_ENV",
-    "SPLIT_REDUCES",
     "SPLIT_REDUCE_ENV",
-    "DEFAULT_SPLIT_REDUCE",
-    "SPLIT_RANKS",
     "SPLIT_RANK_ENV",
-    "DEFAULT_SPLIT_RANK",
     "forced",
     "forced_choice",
     "split_reduce",
@@ -38,18 +34,11 @@ STRATEGY_ENV = "TIED_LORA_STRATEGY"
 """Environment variable forcing the strategy: ``one_pass``, ``two_pass`` or ``auto`` (the table; default)."""
 TMA_ENV = "TIED_LORA_TMA"
 """Environment variable forcing the fused GEMM's loads: ``1`` TMA where possible, ``0`` pointers, ``auto``."""
-SPLIT_REDUCES = ("launch", "kernel")
 SPLIT_REDUCE_ENV = "TIED_LORA_SPLIT_REDUCE"
 """Environment variable choosing who sums split-K partials: ``launch``, ``kernel`` or ``auto`` (``split_reduce``)."""
-DEFAULT_SPLIT_REDUCE = "launch"
-"""Split-K partials are summed by a second launch unless forced: the in-kernel sum is unmeasured (``split_reduce``)."""
-SPLIT_RANKS = ("apart", "in_tile")
 SPLIT_RANK_ENV = "TIED_LORA_SPLIT_RANK"
 """Environment variable choosing where one-pass split-K computes the rank-R term: ``apart``, ``in_tile`` or
 ``auto`` (``split_rank``)."""
-DEFAULT_SPLIT_RANK = "apart"
-"""One-pass split-K summed by a launch computes ``t`` apart unless forced: estimated from bytes moved
-(``split_rank``)."""
 
 
 # ---------------------------------------------------------------------------------------------------------
