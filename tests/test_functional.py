@@ -470,3 +470,116 @@ def test_add_adapter_with_no_input_or_output_features():
     assert out.shape == y.shape and torch.equal(out, y)
     out = add_adapter(torch.randn(2, 3, 0), torch.randn(2, 3, 5), torch.randn(4, 5), torch.randn(0, 4))
     assert out.shape == (2, 3, 0)
+
+
+@pytest.fixture
+def per_arch_ptxas(monkeypatch):
+    """``fake_ptxas`` with a per-architecture ``get_ptxas(arch)``, as triton >= 3.9 answers (sm_90 and newer from
+    ``TRITON_PTXAS_BLACKWELL_PATH`` / the bundled ``ptxas-blackwell``, older ones from ``TRITON_PTXAS_PATH`` /
+    ``ptxas``). ``set_versions({path: version}, bundled, driver)``; each call resets the process-wide decision."""
+    import os
+
+    pytest.importorskip("triton.backends.nvidia")
+    from triton.backends.nvidia import compiler
+    from triton.knobs import NvidiaTool
+
+    from tied_lora_kernels.kernels import configs, ptxas
+
+    saved = {k: os.environ.pop(k, None) for k in ("TRITON_PTXAS_PATH", "TRITON_PTXAS_BLACKWELL_PATH")}
+    versions = {}
+
+    def get_ptxas(arch):
+        if arch >= 90:
+            path = os.environ.get("TRITON_PTXAS_BLACKWELL_PATH", "/triton/bin/ptxas-blackwell")
+        else:
+            path = os.environ.get("TRITON_PTXAS_PATH", "/triton/bin/ptxas")
+        return NvidiaTool(path, versions[path])
+
+    def set_versions(paths: dict[str, str], bundled: str | None, driver=(13, 0)):
+        versions.clear()
+        versions.update(paths)
+        monkeypatch.setattr(compiler, "get_ptxas", get_ptxas)
+        fixed = None if bundled is None else NvidiaTool("/triton/bin/ptxas-blackwell", bundled)
+        monkeypatch.setattr(ptxas, "_bundled_ptxas", lambda: fixed)
+        monkeypatch.setattr(ptxas, "_driver_cuda", lambda: driver)
+        ptxas._hopper_ptxas.cache_clear()
+        configs._cuda_capability.cache_clear()
+
+    yield set_versions
+    ptxas._hopper_ptxas.cache_clear()
+    configs._cuda_capability.cache_clear()
+    for k, v in saved.items():
+        os.environ.pop(k, None)
+        if v is not None:
+            os.environ[k] = v
+
+
+def test_hopper_ptxas_asks_triton_for_the_sm90_assembler(per_arch_ptxas):
+    # triton 3.9 assembles sm_80 with its ptxas 12.9 and sm_90 with ptxas-blackwell 13.4: Hopper is safe, so nothing
+    # changes and nothing is said (catches: current = _ptxas(compiler, 80))
+    import os
+    import warnings
+
+    from tied_lora_kernels import kernels
+
+    per_arch_ptxas({"/triton/bin/ptxas": "12.9", "/triton/bin/ptxas-blackwell": "13.4"}, "13.4")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert kernels.hopper_ptxas() is None
+    assert "TRITON_PTXAS_PATH" not in os.environ
+
+
+def test_an_affected_ptxas_chosen_through_the_blackwell_knob_is_refused(per_arch_ptxas):
+    # triton >= 3.9 takes Hopper's ptxas from TRITON_PTXAS_BLACKWELL_PATH: a 12.9 chosen there is the user's choice,
+    # refused by name; setting TRITON_PTXAS_PATH would not change what assembles sm_90 (catches: the loop over
+    # the two variables reduced to TRITON_PTXAS_PATH)
+    import os
+
+    from tied_lora_kernels import kernels
+
+    per_arch_ptxas(
+        {"/triton/bin/ptxas": "12.9", "/triton/bin/ptxas-blackwell": "13.4", "/cuda-12.9/bin/ptxas": "12.9"}, "13.4"
+    )
+    os.environ["TRITON_PTXAS_BLACKWELL_PATH"] = "/cuda-12.9/bin/ptxas"
+    with pytest.warns(UserWarning, match="the fused kernels do not run on Hopper"):
+        reason = kernels.hopper_ptxas()
+    assert reason is not None and "TRITON_PTXAS_BLACKWELL_PATH chose it" in reason
+    assert "TRITON_PTXAS_PATH" not in os.environ
+
+
+class _FakeLibcuda:
+    def __init__(self, version: int, status: int = 0):
+        self.version, self.status = version, status
+
+    def cuDriverGetVersion(self, ref):  # noqa: N802 (the driver API's name)
+        ref._obj.value = self.version
+        return self.status
+
+
+@pytest.mark.parametrize("raw, expected", [(12080, (12, 8)), (13000, (13, 0)), (12090, (12, 9)), (13020, (13, 2))])
+def test_the_driver_cuda_version_is_read_as_major_minor(monkeypatch, raw, expected):
+    # cuDriverGetVersion reports 1000·major + 10·minor (catches: // 100, a success read as failure)
+    import ctypes
+
+    from tied_lora_kernels.kernels import ptxas
+
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: _FakeLibcuda(raw))
+    assert ptxas._driver_cuda() == expected
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: _FakeLibcuda(raw, status=100))  # CUDA_ERROR_NO_DEVICE
+    assert ptxas._driver_cuda() is None
+
+
+def test_blackwell_launches_do_not_depend_on_hoppers_ptxas(per_arch_ptxas, monkeypatch):
+    # only sm_90 runs the register-input wgmma: a Blackwell GPU launches whatever Hopper's ptxas is (catches:
+    # configs._cuda_capability asking hopper_ptxas for major >= 9)
+    import os
+    import warnings
+
+    from tied_lora_kernels.kernels import configs
+
+    per_arch_ptxas({"/triton/bin/ptxas-blackwell": "12.9"}, None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (10, 0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert configs._capability(torch.device("cuda", 0)) == (10, 0)
+    assert "TRITON_PTXAS_PATH" not in os.environ

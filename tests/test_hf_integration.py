@@ -715,3 +715,97 @@ def test_disable_tied_lora_under_checkpointing(reentrant):
         model.eval()
         with disable_tied_lora(model):  # (evaluation does not checkpoint)
             model(ids)
+
+
+@pytest.mark.parametrize("every", [True, False, 0, -2, 2.0])
+def test_save_callback_refuses_an_every_that_is_not_a_positive_int(every):
+    # (catches: a bool taken for the int it subclasses)
+    from tied_lora_kernels.hf import SaveTiedLoRACallback
+
+    with pytest.raises(ValueError, match="every must be a positive int or None"):
+        SaveTiedLoRACallback(every=every)
+
+
+def _no_save(strategy: str = "no"):
+    import types
+
+    return types.SimpleNamespace(save_strategy=strategy, output_dir="/nonexistent")
+
+
+def _grads(model, without=()):
+    """A gradient on every trainable parameter of ``model`` but those in ``without`` (by name)."""
+    for name, p in model.named_parameters():
+        p.grad = torch.zeros_like(p) if p.requires_grad and name not in without else None
+
+
+def test_a_tensor_graded_in_an_earlier_watched_step_is_not_named():
+    # the warning names tensors that got no gradient in ANY of the watched steps: a layer skipped at the last step
+    # only (LayerDrop, an expert no token reached) was called before (catches: ungraded = the last step's alone)
+    from tied_lora_kernels.hf import _TrainingCheck
+
+    model = apply_tied_lora(Toy(), TiedLoRAConfig(rank=4))
+    check = _TrainingCheck()
+    check.on_train_begin(_no_save(), None, None, model=model)
+    never, last_skipped = "layers.2.q_proj.lora_v", "layers.1.q_proj.lora_v"
+    _grads(model, without={never})
+    check.on_pre_optimizer_step(_no_save(), None, None, model=model)
+    _grads(model, without={never, last_skipped})
+    check.on_pre_optimizer_step(_no_save(), None, None, model=model)
+    with pytest.warns(UserWarning, match="got no gradient") as caught:
+        check.on_train_end(_no_save(), None, None, model=model)
+    ours = [str(w.message) for w in caught if "got no gradient" in str(w.message)]
+    assert len(ours) == 1 and ours[0].startswith("1 trainable adapter tensors got no gradient") and never in ours[0]
+
+
+def test_a_frozen_adapted_head_is_not_taken_for_a_head_the_loss_bypasses():
+    # an adapted output layer whose adapter the user froze has no trainable tensor of its own: nothing to miss, no
+    # refusal (catches: "own and" dropped, an empty set being a subset of any)
+    from tied_lora_kernels.hf import _TrainingCheck
+
+    model = apply_tied_lora(tiny_llama(), TiedLoRAConfig(rank=4, target_modules=("q_proj", "lm_head"), groups=()))
+    for name, p in model.named_parameters():
+        if name.startswith("lm_head."):
+            p.requires_grad_(False)
+    check = _TrainingCheck()
+    check.on_train_begin(_no_save(), None, None, model=model)
+    _grads(model)
+    check.on_pre_optimizer_step(_no_save(), None, None, model=model)  # (no ValueError)
+    assert check.steps == 1
+
+
+def test_a_run_that_saves_no_checkpoint_may_hold_compiled_parts():
+    # the refusal of torch.compile wrappers inside the model is about checkpoints' names: a run with
+    # save_strategy="no" trains (catches: the save_strategy condition dropped)
+    from tied_lora_kernels.hf import _TrainingCheck
+
+    model = apply_tied_lora(Toy(), TiedLoRAConfig(rank=4))
+    model.layers[0] = torch.compile(model.layers[0])
+    _TrainingCheck().on_train_begin(_no_save("no"), None, None, model=model)
+    with pytest.raises(ValueError, match="saving checkpoints of a model with parts replaced"):
+        _TrainingCheck().on_train_begin(_no_save("steps"), None, None, model=model)
+
+
+def test_save_callback_looks_through_a_whole_model_compile_wrapper():
+    # Trainer(model=torch.compile(model)): a PreTrainedModel inside, which Trainer saves as one (catches: the
+    # isinstance check on the wrapper itself)
+    from tied_lora_kernels.hf import SaveTiedLoRACallback
+
+    compiled = torch.compile(apply_tied_lora(tiny_llama(), TiedLoRAConfig(rank=4)))
+    SaveTiedLoRACallback().on_train_begin(_no_save("steps"), None, None, model=compiled)  # (no ValueError)
+    with pytest.raises(ValueError, match="not a PreTrainedModel"):
+        SaveTiedLoRACallback().on_train_begin(_no_save("steps"), None, None, model=torch.compile(Toy()))
+
+
+@pytest.mark.parametrize("kind", ["DEEPSPEED", "FSDP"])
+def test_gradient_checks_stand_aside_under_accelerate_sharding(monkeypatch, kind):
+    # FSDP or DeepSpeed set up through accelerate (not TrainingArguments) keep gradients away from .grad: the checks
+    # must not read them (catches: FSDP dropped from _sharded)
+    accelerate_state = pytest.importorskip("accelerate.state")
+    from accelerate.utils import DistributedType
+
+    from tied_lora_kernels.hf import _sharded
+
+    monkeypatch.setitem(accelerate_state.AcceleratorState._shared_state, "distributed_type", DistributedType[kind])
+    assert _sharded(_no_save())
+    monkeypatch.setitem(accelerate_state.AcceleratorState._shared_state, "distributed_type", DistributedType.NO)
+    assert not _sharded(_no_save())

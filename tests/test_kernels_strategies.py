@@ -901,3 +901,29 @@ def test_exact_fp32_rank_tile_128_runs_in_halves(config, M, R):
     assert configs.block_r_for(R) == 128
     with forcing.forced(strategy="one_pass"):
         check_parity(x, params)
+
+
+def test_a_k_stride_of_int32_max_is_narrowed():
+    # triton passes 2^31 - 1 as an int32, and every K step past the first would wrap: copied (catches: "> stride")
+    t = torch.empty_strided((4, 40), (1, configs.INT32_MAX), device="meta")
+    assert configs.narrow_k_steps(t) is not t and configs.narrow_k_steps(t).stride() == (40, 1)
+
+
+def test_unaligned_dropout_launches_keep_the_unaligned_tiles():
+    # the dropout tiles are aligned-only (compiled with divisibility hints): an unaligned 16-bit dropout launch gets
+    # the unaligned two-pass tiles (catches: "aligned and" dropped from fused_config's dropout branch)
+    cpu, bf16 = torch.device("cpu"), torch.bfloat16
+    aligned = configs.fused_config(40, 16, bf16, cpu, "two_pass", True, dropout=True)
+    unaligned = configs.fused_config(40, 16, bf16, cpu, "two_pass", False, dropout=True)
+    assert aligned.name.endswith("-dropout") and unaligned.aligned is False
+    assert unaligned == configs.fused_config(40, 16, bf16, cpu, "two_pass", False)
+
+
+def test_unaligned_dropout_shrinks_keep_the_unaligned_tiles():
+    # likewise the shrink that draws the mask: the unaligned tiles serve unaligned dropout launches (catches: the
+    # unaligned branch of shrink_config skipped for dropout)
+    cpu, bf16 = torch.device("cpu"), torch.bfloat16
+    for block_r in configs.BLOCK_RS:
+        cfg = configs.shrink_config(block_r, bf16, cpu, aligned=False, dropout=True)
+        assert cfg.aligned is False and cfg == configs.shrink_config(block_r, bf16, cpu, aligned=False)
+        assert configs.shrink_config(block_r, bf16, cpu, dropout=True).name.endswith("-dropout")

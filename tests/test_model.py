@@ -1218,3 +1218,62 @@ def test_init_weights_after_apply_leaves_the_model_alone():
     merge_tied_lora(model, unload=True)
     assert type(model.model.layers[0].self_attn.q_proj) is nn.Linear
     assert model.model.layers[0].self_attn.q_proj._is_hf_initialized
+
+
+def test_all_linear_leaves_out_the_linears_inside_a_classification_head():
+    # a head made of several layers (RoBERTa's classifier: dense, then out_proj) is left out whole, as PEFT leaves
+    # it out (catches: only a module named exactly as the head left out)
+    class Classifier(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Linear(16, 16)
+            self.classifier = nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 2))
+
+        def forward(self, h):
+            return self.classifier(self.body(h))
+
+    model = apply_tied_lora(Classifier(), TiedLoRAConfig(rank=2, target_modules=ALL_LINEAR))
+    assert set(tied_lora_layers(model)) == {"body"}
+
+
+class MambaMixer(nn.Module):  # a model's own class that happens to share a name with transformers' mixer
+    def __init__(self):
+        super().__init__()
+        self.in_proj, self.out_proj = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, h):
+        return self.out_proj(torch.relu(self.in_proj(h)))
+
+
+def test_a_models_own_class_named_as_a_transformers_mixer_is_adapted():
+    # _WEIGHT_READ_BY_PARENT names transformers' classes: a model's own MambaMixer calls its out_proj and is adapted,
+    # by name and by "all-linear" (catches: the transformers-module check dropped)
+    for targets in (["out_proj"], ALL_LINEAR):
+        model = apply_tied_lora(nn.Sequential(MambaMixer()), TiedLoRAConfig(rank=2, target_modules=targets))
+        assert "0.out_proj" in tied_lora_layers(model)
+
+
+def test_modules_to_save_naming_a_target_itself_is_refused():
+    # a target trained in full and adapted at once: refused as a module holding targets is (catches: the
+    # "t == name" half of the check dropped)
+    with pytest.raises(ValueError, match="is or holds adapted targets"):
+        apply_tied_lora(Toy(), TiedLoRAConfig(rank=4, modules_to_save=("layers.0.q_proj",)))
+
+
+def test_unmerge_takes_out_the_merged_delta_after_v_changed():
+    # merge_tied_lora keeps a copy of each layer's v too (its own, never shared): unmerge is exact whatever v became
+    # since, as after reset_adapter() or a load of the factors (catches: v kept as a view of the live parameter)
+    model = apply_tied_lora(tiny_llama(), TiedLoRAConfig(rank=4, preset="tl6", target_modules="all-linear"))
+    randomise_adapters(model)
+    layers = tied_lora_layers(model)
+    assert all(layer.lora_v is not None for layer in layers.values())
+    weights = {name: layer.weight.detach().clone() for name, layer in layers.items()}
+    deltas = {name: layer.delta_weight().detach() for name, layer in layers.items()}
+    merge_tied_lora(model)
+    with torch.no_grad():
+        for layer in layers.values():
+            layer.lora_v.add_(1.0)
+    unmerge_tied_lora(model)
+    for name, layer in layers.items():
+        atol = 4 * torch.finfo(torch.float32).eps * (weights[name].abs().max().item() + deltas[name].abs().max().item())
+        torch.testing.assert_close(layer.weight, weights[name], rtol=0, atol=atol, msg=name)

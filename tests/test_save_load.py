@@ -1009,3 +1009,17 @@ def test_a_parametrized_adapter_factor_is_refused_by_name(tmp_path, factor):
     assert not (tmp_path / "adapter_config.json").exists()
     torch.nn.utils.parametrize.remove_parametrizations(model.get_submodule(owner), attr)
     save_tied_lora(model, tmp_path)  # (the values it computed kept)
+
+
+def test_a_triton_adapter_at_the_largest_rank_loads_as_triton(tmp_path):
+    # rank MAX_RANK is the kernels' own: the file's backend="triton" stands, without the warning meant for ranks
+    # above it (catches: "> MAX_RANK" read as ">=")
+    from tied_lora_kernels.kernels.configs import MAX_RANK
+
+    rank = MAX_RANK
+    save_tied_lora(apply_tied_lora(Toy(), TiedLoRAConfig(rank=rank, backend="triton")), tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = load_tied_lora(Toy(), tmp_path)
+    assert {layer.backend for layer in tied_lora_layers(model).values()} == {"triton"}
+    assert model.tied_lora_config.backend == "triton" and model.tied_lora_config.rank == rank
