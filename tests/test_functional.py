@@ -307,8 +307,12 @@ def test_a_triton_too_old_for_the_kernels_is_refused_by_name(monkeypatch):
 
 @pytest.fixture
 def fake_ptxas(monkeypatch):
-    """``kernels.hopper_ptxas`` over a fake triton: call it with the versions of the ptxas triton assembles Hopper
-    kernels with and of its newer bundled one (None: none); each call resets the process-wide decision."""
+    """``kernels.hopper_ptxas`` over a fake triton: ``fake_ptxas(versions, bundled, driver)``. ``versions`` is the
+    version of the one ptxas triton assembles every architecture with (a string: triton 3.8 and older), or a version
+    per ptxas path (a dict: triton >= 3.9, which takes sm_90 and newer's from ``TRITON_PTXAS_BLACKWELL_PATH`` or its
+    ``ptxas-blackwell`` and older ones' from ``TRITON_PTXAS_PATH`` or its ``ptxas``); ``bundled`` is the version of
+    triton's newer bundled one (None: none), ``driver`` the CUDA version the driver supports. Each call resets the
+    process-wide decision and returns the list that records clears of triton's ptxas-version cache."""
     import os
 
     pytest.importorskip("triton.backends.nvidia")
@@ -318,7 +322,8 @@ def fake_ptxas(monkeypatch):
     from tied_lora_kernels import kernels
     from tied_lora_kernels.kernels import configs
 
-    saved = os.environ.pop("TRITON_PTXAS_PATH", None)  # (put back after the test: hopper_ptxas sets it)
+    knobs = ("TRITON_PTXAS_PATH", "TRITON_PTXAS_BLACKWELL_PATH")
+    saved = {k: os.environ.pop(k, None) for k in knobs}  # (put back after the test: hopper_ptxas sets the first)
     cleared = []
 
     class Version:  # triton's cached get_ptxas_version, part of its cache key
@@ -328,15 +333,21 @@ def fake_ptxas(monkeypatch):
         def cache_clear(self):
             cleared.append(True)
 
-    def set_versions(hopper, bundled, driver=(13, 0)):
-        def get_ptxas(arch=80):  # (the one TRITON_PTXAS_PATH names, else triton's)
-            return NvidiaTool(os.environ.get("TRITON_PTXAS_PATH", "/triton/bin/ptxas"), hopper)
+    def set_versions(versions: str | dict[str, str], bundled: str | None, driver=(13, 0)):
+        def get_ptxas(arch=80):
+            if isinstance(versions, str):  # (the one TRITON_PTXAS_PATH names, else triton's)
+                return NvidiaTool(os.environ.get("TRITON_PTXAS_PATH", "/triton/bin/ptxas"), versions)
+            if arch >= 90:
+                path = os.environ.get("TRITON_PTXAS_BLACKWELL_PATH", "/triton/bin/ptxas-blackwell")
+            else:
+                path = os.environ.get("TRITON_PTXAS_PATH", "/triton/bin/ptxas")
+            return NvidiaTool(path, versions[path])
 
         monkeypatch.setattr(compiler, "get_ptxas", get_ptxas)
         monkeypatch.setattr(compiler, "get_ptxas_version", Version())
         fixed = None if bundled is None else NvidiaTool("/triton/bin/ptxas-blackwell", bundled)
         monkeypatch.setattr(kernels.ptxas, "_bundled_ptxas", lambda: fixed)
-        monkeypatch.setattr(kernels.ptxas, "_driver_cuda", lambda: driver)  # (the CUDA version the driver supports)
+        monkeypatch.setattr(kernels.ptxas, "_driver_cuda", lambda: driver)
         kernels.ptxas._hopper_ptxas.cache_clear()
         configs._cuda_capability.cache_clear()
         return cleared
@@ -344,9 +355,10 @@ def fake_ptxas(monkeypatch):
     yield set_versions
     kernels.ptxas._hopper_ptxas.cache_clear()
     configs._cuda_capability.cache_clear()
-    os.environ.pop("TRITON_PTXAS_PATH", None)
-    if saved is not None:
-        os.environ["TRITON_PTXAS_PATH"] = saved
+    for k, v in saved.items():
+        os.environ.pop(k, None)
+        if v is not None:
+            os.environ[k] = v
 
 
 def test_hopper_kernels_are_assembled_by_a_ptxas_that_does_not_corrupt_them(fake_ptxas, monkeypatch):
@@ -472,49 +484,7 @@ def test_add_adapter_with_no_input_or_output_features():
     assert out.shape == (2, 3, 0)
 
 
-@pytest.fixture
-def per_arch_ptxas(monkeypatch):
-    """``fake_ptxas`` with a per-architecture ``get_ptxas(arch)``, as triton >= 3.9 answers (sm_90 and newer from
-    ``TRITON_PTXAS_BLACKWELL_PATH`` / the bundled ``ptxas-blackwell``, older ones from ``TRITON_PTXAS_PATH`` /
-    ``ptxas``). ``set_versions({path: version}, bundled, driver)``; each call resets the process-wide decision."""
-    import os
-
-    pytest.importorskip("triton.backends.nvidia")
-    from triton.backends.nvidia import compiler
-    from triton.knobs import NvidiaTool
-
-    from tied_lora_kernels.kernels import configs, ptxas
-
-    saved = {k: os.environ.pop(k, None) for k in ("TRITON_PTXAS_PATH", "TRITON_PTXAS_BLACKWELL_PATH")}
-    versions = {}
-
-    def get_ptxas(arch):
-        if arch >= 90:
-            path = os.environ.get("TRITON_PTXAS_BLACKWELL_PATH", "/triton/bin/ptxas-blackwell")
-        else:
-            path = os.environ.get("TRITON_PTXAS_PATH", "/triton/bin/ptxas")
-        return NvidiaTool(path, versions[path])
-
-    def set_versions(paths: dict[str, str], bundled: str | None, driver=(13, 0)):
-        versions.clear()
-        versions.update(paths)
-        monkeypatch.setattr(compiler, "get_ptxas", get_ptxas)
-        fixed = None if bundled is None else NvidiaTool("/triton/bin/ptxas-blackwell", bundled)
-        monkeypatch.setattr(ptxas, "_bundled_ptxas", lambda: fixed)
-        monkeypatch.setattr(ptxas, "_driver_cuda", lambda: driver)
-        ptxas._hopper_ptxas.cache_clear()
-        configs._cuda_capability.cache_clear()
-
-    yield set_versions
-    ptxas._hopper_ptxas.cache_clear()
-    configs._cuda_capability.cache_clear()
-    for k, v in saved.items():
-        os.environ.pop(k, None)
-        if v is not None:
-            os.environ[k] = v
-
-
-def test_hopper_ptxas_asks_triton_for_the_sm90_assembler(per_arch_ptxas):
+def test_hopper_ptxas_asks_triton_for_the_sm90_assembler(fake_ptxas):
     # triton 3.9 assembles sm_80 with its ptxas 12.9 and sm_90 with ptxas-blackwell 13.4: Hopper is safe, so nothing
     # changes and nothing is said (catches: current = _ptxas(compiler, 80))
     import os
@@ -522,14 +492,14 @@ def test_hopper_ptxas_asks_triton_for_the_sm90_assembler(per_arch_ptxas):
 
     from tied_lora_kernels import kernels
 
-    per_arch_ptxas({"/triton/bin/ptxas": "12.9", "/triton/bin/ptxas-blackwell": "13.4"}, "13.4")
+    fake_ptxas({"/triton/bin/ptxas": "12.9", "/triton/bin/ptxas-blackwell": "13.4"}, "13.4")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert kernels.hopper_ptxas() is None
     assert "TRITON_PTXAS_PATH" not in os.environ
 
 
-def test_an_affected_ptxas_chosen_through_the_blackwell_knob_is_refused(per_arch_ptxas):
+def test_an_affected_ptxas_chosen_through_the_blackwell_knob_is_refused(fake_ptxas):
     # triton >= 3.9 takes Hopper's ptxas from TRITON_PTXAS_BLACKWELL_PATH: a 12.9 chosen there is the user's choice,
     # refused by name; setting TRITON_PTXAS_PATH would not change what assembles sm_90 (catches: the loop over
     # the two variables reduced to TRITON_PTXAS_PATH)
@@ -537,7 +507,7 @@ def test_an_affected_ptxas_chosen_through_the_blackwell_knob_is_refused(per_arch
 
     from tied_lora_kernels import kernels
 
-    per_arch_ptxas(
+    fake_ptxas(
         {"/triton/bin/ptxas": "12.9", "/triton/bin/ptxas-blackwell": "13.4", "/cuda-12.9/bin/ptxas": "12.9"}, "13.4"
     )
     os.environ["TRITON_PTXAS_BLACKWELL_PATH"] = "/cuda-12.9/bin/ptxas"
@@ -569,7 +539,7 @@ def test_the_driver_cuda_version_is_read_as_major_minor(monkeypatch, raw, expect
     assert ptxas._driver_cuda() is None
 
 
-def test_blackwell_launches_do_not_depend_on_hoppers_ptxas(per_arch_ptxas, monkeypatch):
+def test_blackwell_launches_do_not_depend_on_hoppers_ptxas(fake_ptxas, monkeypatch):
     # only sm_90 runs the register-input wgmma: a Blackwell GPU launches whatever Hopper's ptxas is (catches:
     # configs._cuda_capability asking hopper_ptxas for major >= 9)
     import os
@@ -577,7 +547,7 @@ def test_blackwell_launches_do_not_depend_on_hoppers_ptxas(per_arch_ptxas, monke
 
     from tied_lora_kernels.kernels import configs
 
-    per_arch_ptxas({"/triton/bin/ptxas-blackwell": "12.9"}, None)
+    fake_ptxas({"/triton/bin/ptxas-blackwell": "12.9"}, None)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (10, 0))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
