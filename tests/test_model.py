@@ -1222,7 +1222,7 @@ def test_init_weights_after_apply_leaves_the_model_alone():
 
 def test_all_linear_leaves_out_the_linears_inside_a_classification_head():
     # a head made of several layers (RoBERTa's classifier: dense, then out_proj) is left out whole, as PEFT leaves
-    # it out (catches: only a module named exactly as the head left out)
+    # it out with task_type="SEQ_CLS" (catches: only a module named exactly as the head left out)
     class Classifier(nn.Module):
         def __init__(self):
             super().__init__()

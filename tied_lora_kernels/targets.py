@@ -342,8 +342,9 @@ def _named_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _heads(model: nn.Module) -> list[str]:
-    """The modules ``"all-linear"`` leaves out, with what they contain, as PEFT does: a Hugging Face model's output
-    embeddings (lm_head), else its classification head (``score`` or ``classifier``)."""
+    """The modules ``"all-linear"`` leaves out, with what they contain: a Hugging Face model's output embeddings
+    (lm_head), else its classification head (``score`` or ``classifier``), as PEFT does for the head with
+    ``task_type="SEQ_CLS"`` (without a task type PEFT 0.21 adapts a classifier's linears)."""
     get = getattr(model, "get_output_embeddings", None)
     output = get() if callable(get) else None
     heads = [output] if output is not None else [getattr(model, name, None) for name in ("score", "classifier")]
