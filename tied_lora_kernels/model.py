@@ -170,13 +170,20 @@ def _adapt(model: nn.Module, config: TiedLoRAConfig, shared_of: dict[str, str] |
     return model
 
 
+_INPUT_GRAD_HOOKS = ("_require_grads_hooks", "_require_grads_hook")
+"""Where ``enable_input_require_grads`` keeps its hook handles: a list from transformers 5 on (which also sets the
+second to the list's one handle), one handle before."""
+
+
+def _handles(value: Any) -> list:
+    """The hook handles one of ``_INPUT_GRAD_HOOKS`` holds: a list, one handle, or none."""
+    return [] if value is None else value if isinstance(value, list) else [value]
+
+
 def _input_grads_hooked(model: nn.Module) -> bool:
-    """Whether ``enable_input_require_grads`` has a hook registered on the model: its handles are a list from
-    transformers 5 on, one handle before (which transformers 4's ``disable_input_require_grads`` removes but
-    leaves in place)."""
-    handles = list(getattr(model, "_require_grads_hooks", None) or ())
-    handles.append(getattr(model, "_require_grads_hook", None))
-    return any(_registered(h) for h in handles if h is not None)
+    """Whether ``enable_input_require_grads`` has a hook registered on the model (transformers 4's
+    ``disable_input_require_grads`` removes its handle but leaves it in place)."""
+    return any(_registered(h) for name in _INPUT_GRAD_HOOKS for h in _handles(getattr(model, name, None)))
 
 
 def _registered(handle: Any) -> bool:
@@ -206,10 +213,10 @@ def _undone_on_error(model: nn.Module, names: Iterable[str]) -> Iterator[None]:
                 _set_submodule(model, name, original)
         for p, flag in flags:
             p.requires_grad_(flag)
-        for name in ("_require_grads_hooks", "_require_grads_hook"):  # (enable_input_require_grads, by _adapt)
+        for name in _INPUT_GRAD_HOOKS:  # (enable_input_require_grads, by _adapt)
             handles = model.__dict__.get(name)
             if handles is not None and handles is not before.get(name):
-                for handle in handles if isinstance(handles, list) else [handles]:
+                for handle in _handles(handles):
                     handle.remove()  # (transformers 5 sets both, the one handle among the list: twice is fine)
         for k in attributes:
             model.__dict__.pop(k, None)
