@@ -16,6 +16,7 @@ reference bit for bit, in the interpreter and on the GPU alike (docs/design.md Â
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -118,6 +119,31 @@ def check_parity(x, params, scale=0.5, *, deterministic=False, autocast_dtype=No
 @pytest.mark.parametrize("config", list(CONFIGS))
 def test_configurations(config, dtype):
     x, params = make_inputs(config, M=37, K=40, N=70, R=8, dtype=dtype, bias=config != "lora")
+    check_parity(x, params)
+
+
+# (trained adapter tensors, whether x asks for its gradient): each of the 16 subsets of A, B, u, v, with and
+# without dx, but the one where nothing asks for a gradient
+_SUBSETS = [
+    (subset, x_grad)
+    for n in range(5)
+    for subset in itertools.combinations(("A", "B", "u", "v"), n)
+    for x_grad in (True, False)
+    if subset or x_grad
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("M", [5, 40], ids=["decode", "prefill"])
+@pytest.mark.parametrize(
+    "train,x_grad", _SUBSETS, ids=["".join(s or ("frozen",)) + ("-dx" if dx else "") for s, dx in _SUBSETS]
+)
+def test_every_trained_subset_of_the_adapter(train, x_grad, M, dtype, monkeypatch):
+    """Each set of trained A, B, u, v (the named configurations are 5 of the 16), with and without dx: what the
+    forward keeps and which backward launches run follow each gradient asked for."""
+    monkeypatch.setitem(CONFIGS, "subset", dict(train=train, uv="trained"))
+    x, params = make_inputs("subset", M=M, K=40, N=70, R=8, dtype=dtype)
+    x.requires_grad_(x_grad)
     check_parity(x, params)
 
 
