@@ -335,3 +335,154 @@ def test_the_command_lines_answer_help_under_python_OO(module):
     args = [sys.executable, "-OO", "-m", module] + (["bench"] if module == "tied_lora_kernels" else []) + ["--help"]
     done = subprocess.run(args, capture_output=True, text=True, timeout=120, cwd=Path(__file__).parent.parent)
     assert done.returncode == 0 and "usage:" in done.stdout, done.stderr[-2000:]
+
+
+def test_ratios_divide_by_the_floor_paired_with_them_for_the_statistic_read():
+    """On CUDA a prefill round of ours follows a round of nn.Linear's (``timing._cuda_times``) and the record carries
+    that floor's statistics (``paired_floor``): every ratio divides by it, in the statistic the report reads, not by
+    the floor's own benchmark, timed 20-30 s apart on clocks that drift."""
+    floors = [dict(_record("nn.Linear", "forward", 8192, 1.0), min=1.0)]
+    paired = {"median": 0.96, "min": 0.90, "mean": 0.97}
+    ours = [dict(_record("triton", "forward", 8192, 1.04), min=0.99, paired_floor=paired)]
+    assert target_rows(floors + ours)[1][1][4] == "1.083 MISS"  # 1.04 / 0.96 (its own floor's: 1.04 ok)
+    assert target_rows(floors + ours, "min")[1][1][4] == "1.1 MISS"  # 0.99 / 0.90
+
+
+def test_each_ratio_divides_by_the_floor_of_its_own_dtype_mode_and_M():
+    """nn.Linear's times differ by dtype, mode and M (a fwd+bwd about three times a forward): a floor looked up
+    under a key missing one of them would divide a case by another case's floor."""
+    cases = [(dtype, mode, M) for dtype in ("bfloat16", "float16") for mode, M in
+             (("forward", 8192), ("fwd+bwd", 8192), ("forward", 1), ("forward", 16))]  # fmt: skip
+    records = []
+    for i, (dtype, mode, M) in enumerate(cases):
+        floor = 1.0 + i  # each case's floor its own
+        records += [dict(_record("nn.Linear", mode, M, floor), dtype=dtype),
+                    dict(_record("triton", mode, M, 1.02 * floor), dtype=dtype)]  # fmt: skip
+    headers, rows, provs = summary_rows(records)
+    assert provs == ["triton"] and len(rows) == len(cases)
+    assert {row[-1] for row in rows} == {"1.02"}
+    rows = {tuple(row[1:4]): row for row in target_rows(records)[1]}
+    assert rows["bfloat16", 16, "triton"][4:] == rows["float16", 16, "triton"][4:] == [
+        "1.02 ok", "1.02 ok", "-", "1.02 ok", "3/4 met, 1 unmeasured"
+    ]  # fmt: skip
+
+
+def test_torch_over_ours_divides_ratios_each_against_its_own_paired_floor():
+    """The third target, torch / ours at fwd+bwd: each side's time over the floor timed beside it (a clock drift
+    between the two cases cancels), the raw times only where a ratio is missing."""
+    floors = [_record("nn.Linear", "fwd+bwd", 8192, 1.0)]
+    ours = [
+        dict(_record("torch", "fwd+bwd", 8192, 1.5), paired_floor={"median": 1.0}),
+        dict(_record("triton", "fwd+bwd", 8192, 1.3), paired_floor={"median": 1.2}),  # its clocks ran slower
+    ]
+    rows = {(row[2], row[3]): row for row in target_rows(floors + ours)[1]}
+    assert rows[16, "triton"][6] == "1.385 ok"  # (1.5 / 1.0) / (1.3 / 1.2); of the raw times 1.154, a miss
+
+
+def test_targets_table_has_rows_for_the_targets_shape_and_without_dropout_only():
+    """Issue 3's targets are for K = N = 4096 without adapter dropout: another shape's cases (the GPU grid times
+    three at M = 8192) and ``triton-dropout`` get no row of targets."""
+    floors = [_record("nn.Linear", "fwd+bwd", 8192, 1.0)]
+    kv = [dict(_record(p, "fwd+bwd", 8192, t), shape="llama3-8b.kv", N=1024) for p, t in
+          (("nn.Linear", 0.3), ("triton", 0.5), ("torch", 0.6))]  # fmt: skip
+    dropout = [_record("triton-dropout", "fwd+bwd", 8192, 1.4)]
+    _, rows = target_rows(floors + kv + dropout + [_record("triton", "fwd+bwd", 8192, 1.1)])
+    assert [(row[0], row[2], row[3]) for row in rows] == [
+        ("llama2-7b.qkvo", 8, "triton"), ("llama2-7b.qkvo", 16, "triton"), ("llama2-7b.qkvo", 64, "triton")
+    ]  # fmt: skip
+
+
+def test_choice_table_divides_times_of_one_shape():
+    """A cell holds one shape, M and rank: where a provider is missing at one shape (failed, cut by the time budget),
+    its time at another shape is not set against the other provider's (the GPU grid runs the forced providers at
+    four shapes at M = 8192 and rank 16)."""
+    recs = [
+        _record("triton-1pass", "forward", 8192, 1.0),
+        _record("triton-2pass", "forward", 8192, 1.1),
+        dict(_record("triton-1pass", "forward", 8192, 4.0), shape="llama2-7b.gate_up", N=11008),  # 2pass cut
+    ]
+    _, rows = choice_rows(recs)
+    assert [row[4:6] for row in rows] == [[2, "1.1"]]  # two cells; one pair: 1.1 / 1.0, not 1.1 / 4.0
+
+
+def test_headline_divides_ours_by_peft_at_the_same_case():
+    """The headline's "triton / peft-lora" column: ours over PEFT's (each against its floor), below 1 = ours faster."""
+    floors = [_record("nn.Linear", "fwd+bwd", 8192, 1.0)]
+    ours = [_record("triton", "fwd+bwd", 8192, 1.2), _record("peft-lora", "fwd+bwd", 8192, 1.6)]
+    ((_, headers, rows),) = _headline(floors + ours, "median", ["triton", "peft-lora"])
+    assert headers[5:] == ["triton / peft-lora"] and rows[0][5:] == ["0.75"]
+
+
+def test_shape_tables_give_throughput_in_tflops_and_gbs():
+    from tied_lora_kernels.bench_tables import _shape_tables
+
+    rec = dict(_record("triton", "forward", 8192, 2e-3), flops=4e9, bytes=6e6)
+    (_, headers, rows), *_ = _shape_tables([rec], "median")
+    assert headers[3:6] == ["time (median)", "TFLOP/s", "GB/s"] and rows[0][3:6] == ["2 ms", "2", "3"]
+
+
+def test_load_keeps_each_file_s_run_and_statistics(tmp_path):
+    """Two runs' JSON (a run and a partial rerun, ``--json a b``): each record keeps its file's datetime, so that a
+    ratio divides by the floor of its own run, and each statistic its own value."""
+    stats = dict(median=1.0, min=0.9, mean=1.1, stddev=0.1, rounds=20)
+    for name, when, seconds in (("a.json", "2026-12-06T10:00", 1.0), ("b.json", "2026-12-06T10:30", 0.9)):
+        bench = [dict(name="f", stats=dict(stats, median=seconds), extra_info=_record("nn.Linear", "forward", 8192, 0))]
+        if name == "a.json":
+            bench.append(
+                dict(name="t", stats=dict(stats, median=1.04), extra_info=_record("triton", "forward", 8192, 0))
+            )
+        (tmp_path / name).write_text(json.dumps({"datetime": when, "benchmarks": bench}))
+    records = load([tmp_path / "a.json", tmp_path / "b.json"])
+    assert [r["datetime"] for r in records] == ["2026-12-06T10:00"] * 2 + ["2026-12-06T10:30"]
+    assert [(r["median"], r["min"], r["mean"], r["rounds"]) for r in records[:2]] == [
+        (1.0, 0.9, 1.1, 20),
+        (1.04, 0.9, 1.1, 20),
+    ]
+    assert {(row[2], row[3]): row[4] for row in target_rows(records)[1]}[16, "triton"] == "1.04 ok"
+
+
+@pytest.mark.skipif(not RESULTS, reason="no committed CPU results")
+def test_the_report_reads_medians_unless_told(capsys):
+    assert main(["--json", str(RESULTS[-1]), "--headline", "--no-plot"]) == 0
+    assert (
+        "headline: geometric mean of time ratios over shapes and M (median; below 1 = faster)"
+        in capsys.readouterr().out
+    )
+
+
+def test_choice_table_leaves_out_a_forced_provider_that_ran_the_default_s_choice():
+    """The divisor's side too: ``triton-ptr`` whose launches show TMA loads (its forcing lost), ``triton-1pass``
+    that ran two-pass, would compare the default with itself and read as a tie: the pair is left out."""
+    recs = [
+        _record("triton", "forward", 8192, 1.0, rank=64) | {"launches": _launched(TMA=True)},
+        _record("triton-ptr", "forward", 8192, 1.01, rank=64) | {"launches": _launched(TMA=True)},  # left out
+        _record("triton-2pass", "forward", 8192, 0.99, rank=64) | {"launches": _launched(LOAD_T=True)},
+        _record("triton-1pass", "forward", 8192, 1.0, rank=64) | {"launches": _launched(LOAD_T=False)},
+        _record("triton", "forward", 8192, 1.0, rank=8) | {"launches": _launched(TMA=True)},
+        _record("triton-ptr", "forward", 8192, 1.1, rank=8) | {"launches": _launched(TMA=False)},
+        _record("triton-2pass", "forward", 8192, 0.99, rank=8) | {"launches": _launched(LOAD_T=True)},
+        _record("triton-1pass", "forward", 8192, 1.0, rank=8) | {"launches": _launched(LOAD_T=True)},  # left out
+    ]
+    _, rows = choice_rows(recs)
+    assert rows == [
+        ["bfloat16", "prefill", 16, "forward", "1 (1 pairs left out)", "-", "one_pass", "0.909", "-", "-", "-"],
+        ["bfloat16", "prefill", 64, "forward", "1 (1 pairs left out)", "0.99", "two_pass", "-", "-", "-", "-"],
+    ]
+
+
+def test_choice_table_takes_ratios_within_3_percent_as_ties():
+    """No default is named for a change on a difference within ``_NOISE`` (3 %), in either direction, in any column."""
+    recs = [
+        _record("triton-1pass", "forward", 8192, 1.0, rank=8),
+        _record("triton-2pass", "forward", 8192, 0.98, rank=8),  # 2 % for two-pass, where the table picks one-pass
+        _record("triton", "forward", 8192, 1.02, rank=8),
+        _record("triton-ptr", "forward", 8192, 1.0, rank=8),  # 2 % for pointer loads
+        _record("triton", "forward", 1, 1.0, rank=8),
+        _record("triton-1launch", "forward", 1, 0.98, rank=8),  # 2 % for the in-kernel sum
+        _record("triton-intile", "forward", 1, 0.98, rank=8),  # 2 % for the rank-R term in every tile
+    ]
+    _, rows = choice_rows(recs)
+    assert [row[5:] for row in rows] == [
+        ["-", "one_pass", "-", "0.98", "1.02", "-"],
+        ["0.98", "one_pass", "1.02", "-", "-", "-"],
+    ]

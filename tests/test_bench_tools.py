@@ -502,3 +502,183 @@ def test_the_ptxas_probe_runs_the_tests_under_the_ptxas_it_names(tmp_path, monke
     assert len(result["failed"]) == 1 and result["failed"][0].endswith("::test_not_exact"), result
     assert result["result"] == "CORRUPT: 1 tests not exact", result
     assert "test_not_exact" in result["stdout_tail"]  # (the children's output is kept in the JSON, not printed)
+
+
+def test_each_forced_provider_runs_what_the_choice_table_compares():
+    """``bench_tables.choice_rows`` keeps a pair only where the recorded launches (``timing.kernel_launches``) show
+    that each side ran what its column compares (``_ran``): a provider forcing the wrong choice or nothing (the torch
+    backend, or a ``forcing.forced`` block left before the call), or a switch the record does not keep, would leave
+    every pair of a column out of the GPU run's table. Each provider here as ``test_bench_linear`` builds it, bf16."""
+    from benchmarks.shapes import Shape
+    from tests.conftest import DEVICE
+    from tied_lora_kernels import kernels
+    from tied_lora_kernels.bench_tables import _CHOICE_PAIRS, _ran
+    from tied_lora_kernels.kernels import configs, forcing
+
+    if DEVICE.type == "cpu" and not kernels.interpreting():
+        pytest.skip("the fused kernels need a GPU or triton's interpreter")
+    shape = Shape("bench-launches", 320, 48)  # K = 320: rows of 16 bytes (TMA), K steps for 3 slices (split-K)
+    x = torch.randn(40, 320, generator=torch.Generator().manual_seed(0)).to(DEVICE, torch.bfloat16)
+
+    def record(provider, M):
+        built = providers.build(provider, shape, 8, torch.bfloat16, DEVICE)
+
+        def forward():
+            with torch.no_grad():
+                built.fn(x[:M])
+
+        with forcing.forced(split_k=3):  # (decode: three K slices; prefill never splits)
+            return {"launches": timing.kernel_launches(forward)}
+
+    prefill = {p: record(p, 40) for p in ("triton", "triton-1pass", "triton-2pass", "triton-ptr")}
+    decode = {p: record(p, 2) for p in ("triton", "triton-1launch", "triton-intile")}
+    for num, den, switch in _CHOICE_PAIRS:
+        if switch == "TMA" and not configs.tma_for(40, torch.bfloat16, DEVICE, 1):
+            continue  # (a GPU without TMA loads: the default's prefill runs pointer loads too)
+        runs = prefill if num in prefill and den in prefill else decode
+        assert (_ran(runs[num], switch), _ran(runs[den], switch)) == (True, False), (num, den, switch)
+
+
+def test_the_dropout_providers_train_with_dropout():
+    """``triton-dropout`` and ``peft-lora-dropout`` (the headline's last column) run adapter dropout ``DROPOUT``:
+    the kernels draw their mask in the forward's shrink, PEFT runs ``nn.Dropout``."""
+    from benchmarks.shapes import Shape
+    from tests.conftest import DEVICE
+    from tied_lora_kernels import kernels
+
+    shape = Shape("bench-dropout", 64, 48)
+    x = torch.randn(40, 64, generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    if DEVICE.type != "cpu" or kernels.interpreting():
+        built = providers.build("triton-dropout", shape, 8, torch.float32, DEVICE)
+        launches = timing.kernel_launches(lambda: built.fn(x))
+        assert any(launch.get("DROPOUT") for launch in launches), launches
+    pytest.importorskip("peft")
+    layer = providers.build("peft-lora-dropout", shape, 8, torch.float32, DEVICE).fn
+    assert layer.lora_dropout["default"].p == providers.DROPOUT
+
+
+def test_flops_and_bytes_of_one_call():
+    """The per-shape tables' TFLOP/s and GB/s: the base GEMM and the rank-R path (backward: dx and the adapter's
+    four rank-R products), fp32 master A and B read once per pass."""
+    from benchmarks.shapes import flops, min_bytes
+
+    M, K, N, R = 8, 32, 16, 4
+    assert flops(M, K, N, R, "forward") == 2 * M * N * K + 2 * M * R * (K + N) == 11264
+    assert flops(M, K, N, R, "backward") == 2 * M * N * K + 4 * M * R * (K + N) == 14336
+    assert flops(M, K, N, R, "fwd+bwd") == 11264 + 14336
+    assert flops(M, K, N, R, "forward", adapter=False) == 2 * M * N * K
+    fwd = (M * K + N * K + M * N) * 2 + R * (K + N) * 4
+    bwd = (M * N + N * K + M * K) * 2 + M * K * 2 + R * (K + N) * 4
+    assert min_bytes(M, K, N, R, "forward", 2) == fwd and min_bytes(M, K, N, R, "backward", 2) == bwd
+    assert min_bytes(M, K, N, R, "fwd+bwd", 2) == fwd + bwd
+    assert min_bytes(M, K, N, R, "forward", 2, adapter=False) == (M * K + N * K + M * N) * 2
+
+
+def test_parity_margins_summary_gives_each_dtype_s_largest_ratio():
+    """The summary gpu_check prints (and the results README compares with the CPU baseline): per dtype the largest
+    error / bound, then the comparisons closest to their bounds, by that ratio (not by the error alone)."""
+    rows = [dict(test=f"t{i}", name="y", dtype="bfloat16", err=err, ratio=ratio)
+            for i, (err, ratio) in enumerate(((1e-3, 0.31), (5e-2, 0.05), (1e-3, 0.12)))]  # fmt: skip
+    rows.append(dict(test="t3", name="dx", dtype="float32", err=1e-7, ratio=0.2))
+    lines = parity_margins.summary(rows, worst=2).splitlines()
+    assert lines[1].split() == ["bfloat16", "3", "comparisons,", "largest", "0.31"]
+    assert lines[2].split() == ["float32", "1", "comparisons,", "largest", "0.20"]
+    assert [line.split()[-1] for line in lines[3:]] == ["t0", "t3"]
+
+
+def test_parity_margins_records_the_dtype_the_comparison_is_for(tmp_path):
+    """A comparison made for another dtype than the tensor's (an fp32 adapter gradient of a bf16 run, ``dtype=``)
+    is recorded under that dtype, against the bound the check applies (its dtype's atol)."""
+    from tests.helpers import ATOL
+
+    (tmp_path / "test_cmp.py").write_text(
+        "import torch\n"
+        "from tests.helpers import assert_close_to_reference\n"
+        "def test_bf16_run():\n"
+        "    ref = torch.ones(3, dtype=torch.float64)\n"
+        "    assert_close_to_reference(torch.ones(3) + 1e-3, ref, torch.ones(3), 'dA', torch.bfloat16)\n"
+    )
+    log = tmp_path / "margins.jsonl"
+    proc = _pytest(
+        "-p", "benchmarks.parity_margins", "-q", str(tmp_path), env={"PARITY_MARGINS": str(log)}, cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (row,) = [json.loads(line) for line in log.read_text().splitlines()]
+    assert row["dtype"] == "bfloat16" and row["bound"] == pytest.approx(ATOL[torch.bfloat16])
+    assert row["ratio"] == pytest.approx(1e-3 / ATOL[torch.bfloat16], rel=0.01)
+
+
+def test_the_linear_benchmark_pairs_cuda_prefill_rounds_with_the_floor(monkeypatch):
+    """``benchmarks/test_bench_linear.py`` on CUDA (faked: tensors on the CPU, ``timing.run`` recorded): a prefill
+    case's rounds are paired with nn.Linear's of the same mode, whose statistics the record keeps as
+    ``paired_floor`` (the report's ratios prefer it); a decode forward (M <= 16) is a CUDA graph, unpaired; the floor
+    itself is unpaired, at rank 0."""
+    import signal
+    import types
+
+    threads, handler = torch.get_num_threads(), signal.getsignal(signal.SIGTERM)
+    try:  # (benchmarks/conftest.py sets one CPU thread and a SIGTERM handler when imported)
+        from benchmarks import test_bench_linear as bench_linear
+    finally:
+        torch.set_num_threads(threads)
+        signal.signal(signal.SIGTERM, handler)
+    cpu, stats = torch.device("cpu"), {"median": 2.0, "min": 1.0, "mean": 3.0}
+
+    class Torch:  # torch, with every tensor made on the CPU
+        def __getattr__(self, name):
+            return getattr(torch, name)
+
+        Generator = staticmethod(lambda device=None: torch.Generator())
+        randn = staticmethod(lambda *size, device=None, **kwargs: torch.randn(*size, **kwargs))
+
+    runs = []
+
+    def run(benchmark, fn, setup, device, graph=False, paired=None, target_s=None, idle_start=False, calls=1):
+        runs.append(dict(graph=graph, paired=paired, setup=setup))
+        return ("cuda-graph", None) if graph else ("cuda-events", stats if paired else None)
+
+    build = providers.build
+    monkeypatch.setattr(bench_linear, "DEVICE", types.SimpleNamespace(type="cuda"))
+    monkeypatch.setattr(bench_linear, "torch", Torch())
+    monkeypatch.setattr(
+        providers, "build", lambda provider, shape, rank, dtype, device: build(provider, shape, rank, dtype, cpu)
+    )
+    monkeypatch.setattr(providers, "unavailable", lambda provider, device: None)
+    monkeypatch.setattr(timing, "run", run)
+    monkeypatch.setattr(timing, "weight_copies", lambda weight_bytes, device: 1)
+    monkeypatch.setattr(timing, "cuda_peak_bytes", lambda fn, setup, device: None)
+    monkeypatch.setattr(timing, "gpu_clocks", lambda device: {})
+    monkeypatch.setattr(timing, "device_info", lambda device_type: {"device": device_type})
+    case = next(c for c in bench_linear.CASES.values() if c.M > DECODE_MAX_M and c.mode == "fwd+bwd")
+    decode = next(c for c in bench_linear.CASES.values() if c.M == DECODE_MAX_M and c.mode == "forward")
+    records = []
+    for provider, c in (("torch", case), ("torch", decode), (providers.FLOOR, case)):
+        benchmark = types.SimpleNamespace(disabled=False, extra_info={}, group=None)
+        bench_linear.test_linear(benchmark, provider, c.id)
+        records.append(benchmark.extra_info)
+    prefill, graph, floor = runs
+    assert not prefill["graph"] and prefill["setup"] is not None  # fwd+bwd: the gradients cleared before each round
+    assert prefill["paired"] is not None and prefill["paired"][0] is not None  # the floor's fwd+bwd, not its forward
+    assert records[0]["paired_floor"] == stats and records[0]["rank"] == case.rank
+    assert graph["graph"] and graph["paired"] is None and records[1]["paired_floor"] is None
+    assert floor["paired"] is None and records[2]["rank"] == 0 and records[2]["paired_floor"] is None
+
+
+def test_a_time_budget_skips_what_is_left(tmp_path):
+    """benchmarks/conftest.py: once a session has run ``BENCH_TIME_BUDGET_S``, the remaining tests are skipped (so a
+    gpu_check phase still writes its JSON); before that they run."""
+    (tmp_path / "test_b.py").write_text("def test_one():\n    pass\n")
+    for budget, outcome in (("0", "1 skipped"), ("3600", "1 passed")):
+        env = {"BENCH_TIME_BUDGET_S": budget}
+        proc = _pytest("-q", "-p", "benchmarks.conftest", str(tmp_path), env=env, cwd=tmp_path)
+        assert outcome in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_the_default_tier_collects_the_default_cases_only():
+    """Without ``-m slow`` the benchmarks' slow tier is left out (gpu_check times the default tier), and no default
+    case with it."""
+    proc = _pytest("--collect-only", "-q", "benchmarks/test_bench_linear.py")
+    ids = {line.split("[", 1)[1].rstrip("]") for line in proc.stdout.splitlines() if "::test_linear[" in line}
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    default = {test_id for _, case, test_id in providers.schedule(linear_cases(device)) if not case.slow}
+    assert ids == default, proc.stdout[-2000:]
